@@ -1,0 +1,74 @@
+"""Exceptions raised by atomds.
+
+Every error atomds raises on purpose is an :class:`AtomdsError`; the subclasses also derive from
+the matching built-in exception (``ValueError``, ``FileNotFoundError``, ...) so that generic
+handlers keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AtomdsError",
+    "FileMissingError",
+    "UnreadableFileError",
+    "UnsupportedFormatError",
+    "DimensionError",
+    "InvalidImageError",
+    "InvalidParameterError",
+    "MissingVariableError",
+    "MissingStepError",
+    "NoAtomsFoundError",
+    "SchemaValidationError",
+    "SpectrumRegistrationError",
+]
+
+
+class AtomdsError(Exception):
+    """Base class of all errors raised by atomds."""
+
+
+class FileMissingError(AtomdsError, FileNotFoundError):
+    """The path does not exist."""
+
+
+class UnreadableFileError(AtomdsError, OSError):
+    """The file exists but could not be read (corrupt, truncated, wrong content)."""
+
+
+class UnsupportedFormatError(AtomdsError, ValueError):
+    """The file extension is not a format atomds reads."""
+
+
+class DimensionError(AtomdsError, ValueError):
+    """An array or Dataset has the wrong number or names of dimensions."""
+
+
+class InvalidImageError(AtomdsError, ValueError):
+    """Image values that cannot be analysed: NaN/inf pixels, empty or constant images."""
+
+
+class InvalidParameterError(AtomdsError, ValueError):
+    """A parameter is out of its valid range (pixel_size <= 0, k >= atom count, ...)."""
+
+
+class MissingVariableError(AtomdsError, KeyError):
+    """A Dataset lacks a variable atomds needs (for example ``image``)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingStepError(MissingVariableError):
+    """A step was called before the step that produces its inputs."""
+
+
+class NoAtomsFoundError(AtomdsError, RuntimeError):
+    """Atom finding found no atoms."""
+
+
+class SchemaValidationError(AtomdsError, ValueError):
+    """A Dataset does not follow the atomds layout; the message lists every violation."""
+
+
+class SpectrumRegistrationError(AtomdsError, ValueError):
+    """A spectrum image is wrongly shaped or does not overlap the atoms."""
