@@ -1,0 +1,474 @@
+"""Reading images into atomds Datasets and writing/reading NetCDF atomically.
+
+Files are untrusted input: NumPy files are read with ``allow_pickle=False``, shapes are checked
+before anything large is allocated, and no pickle-based format is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from . import __version__
+from .errors import (
+    DimensionError,
+    FileMissingError,
+    InvalidImageError,
+    InvalidParameterError,
+    UnreadableFileError,
+    UnsupportedFormatError,
+)
+
+__all__ = [
+    "from_array",
+    "open_image",
+    "open_dataset",
+    "to_netcdf",
+    "atomic_write",
+    "normalize_length_units",
+    "check_image_values",
+    "SUPPORTED_EXTENSIONS",
+    "MAX_PIXELS",
+]
+
+#: Largest number of pixels (frames x height x width) a file may declare before it is refused.
+MAX_PIXELS = 1 << 30
+
+#: File extensions and the reader that handles them.
+SUPPORTED_EXTENSIONS = {
+    ".dm3": "digitalmicrograph",
+    ".dm4": "digitalmicrograph",
+    ".emd": "emd",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".mrc": "mrc",
+    ".hspy": "hspy",
+    ".hdf5": "hspy",
+    ".npy": "numpy",
+    ".nc": "netcdf",
+    ".nc4": "netcdf",
+}
+
+# factor that converts a length in the given unit to Ångström
+_TO_ANGSTROM = {
+    "å": 1.0,
+    "a": 1.0,
+    "angstrom": 1.0,
+    "ångström": 1.0,
+    "ang": 1.0,
+    "nm": 10.0,
+    "pm": 0.01,
+    "µm": 1e4,
+    "um": 1e4,
+    "μm": 1e4,
+    "m": 1e10,
+}
+_PIXEL_UNITS = {"px", "pixel", "pixels", "", "<undefined>", "undefined", "none"}
+
+
+def normalize_length_units(pixel_size: float, units: str | None) -> tuple[float, str]:
+    """Convert a pixel size to atomds's conventions: lengths in Å (``"Å"``), or ``"px"`` if uncalibrated.
+
+    Parameters
+    ----------
+    pixel_size : float
+        Size of one pixel in ``units``.
+    units : str or None
+        ``"nm"``, ``"Å"``/``"A"``/``"angstrom"``, ``"pm"``, ``"µm"`` or ``"px"`` (None means px).
+
+    Returns
+    -------
+    (pixel_size, units) with units ``"Å"`` or ``"px"``.
+    """
+    try:
+        ps = float(pixel_size)
+    except (TypeError, ValueError) as exc:
+        raise InvalidParameterError(f"pixel_size must be a number, got {pixel_size!r}.") from exc
+    if not np.isfinite(ps) or ps <= 0:
+        raise InvalidParameterError(f"pixel_size must be a positive finite number, got {pixel_size!r}.")
+    u = "px" if units is None else str(units).strip()
+    key = u.lower()
+    if key in _PIXEL_UNITS:
+        return ps, "px"
+    if key in _TO_ANGSTROM:
+        return ps * _TO_ANGSTROM[key], "Å"
+    raise InvalidParameterError(
+        f"unknown length unit {units!r}: use 'nm', 'Å' (or 'A', 'angstrom'), 'pm', 'µm' or 'px'."
+    )
+
+
+def check_image_values(array: np.ndarray, *, name: str = "image") -> None:
+    """Raise :class:`InvalidImageError` for an empty image, NaN/inf pixels, or a constant image.
+
+    Only eager (NumPy) arrays are checked; Dask arrays are checked by the step that computes them.
+    """
+    if array.size == 0:
+        raise InvalidImageError(f"the {name} is empty (shape {tuple(array.shape)}).")
+    finite = np.isfinite(array)
+    if not finite.all():
+        n_nan = int(np.isnan(array).sum())
+        n_inf = int((~finite).sum()) - n_nan
+        raise InvalidImageError(
+            f"the {name} has {n_nan} NaN and {n_inf} infinite pixels: replace or crop them before analysis."
+        )
+    if np.ptp(array) == 0:
+        raise InvalidImageError(f"the {name} is constant (every pixel is {array.flat[0]!r}): there is nothing to find.")
+
+
+def _is_dask_array(array: Any) -> bool:
+    return hasattr(array, "__dask_graph__") and hasattr(array, "chunks")
+
+
+def _length_coord(n: int, ps: float, units: str, axis: str) -> xr.DataArray:
+    return xr.DataArray(
+        np.arange(n, dtype=np.float64) * ps,
+        dims=(axis,),
+        attrs={"units": units, "long_name": f"{axis} position (pixel centre)"},
+    )
+
+
+def from_array(
+    array: Any,
+    *,
+    pixel_size: float = 1.0,
+    units: str = "px",
+    chunks: Any = None,
+    metadata: Mapping[str, Any] | None = None,
+    source: str | None = None,
+) -> xr.Dataset:
+    """Wrap a 2-D image or a 3-D stack of frames in an atomds Dataset.
+
+    Parameters
+    ----------
+    array : array_like or dask.array.Array, shape (y, x) or (frame, y, x)
+        Intensities. A 2-D array becomes ``image(y, x)``, a 3-D array ``frames(frame, y, x)``;
+        values are stored as float32. Dask arrays stay lazy.
+    pixel_size : float
+        Size of one pixel in ``units`` (> 0).
+    units : str
+        Length unit of ``pixel_size``: ``"Å"``, ``"nm"`` (converted to Å), ``"pm"`` or ``"px"``.
+    chunks : optional
+        If given, the data are wrapped in (or rechunked to) a Dask array with these chunks.
+    metadata : mapping, optional
+        Original metadata, stored as a JSON string attribute ``original_metadata``.
+    source : str, optional
+        Where the data came from (file name), stored as attribute ``source``.
+
+    Returns
+    -------
+    xarray.Dataset
+        With coords ``y``, ``x`` at pixel centres (``x[j] = j * pixel_size``) and attributes
+        ``pixel_size``, ``units``.
+    """
+    ps, u = normalize_length_units(pixel_size, units)
+    if not _is_dask_array(array):
+        array = np.asarray(array)
+        if array.dtype.kind not in "biuf":
+            raise InvalidImageError(f"image data must be real numbers, got dtype {array.dtype}.")
+    if array.ndim not in (2, 3):
+        raise DimensionError(
+            f"an image must be 2-D (y, x) or a 3-D stack (frame, y, x); got {array.ndim}-D with shape {tuple(array.shape)}."
+        )
+    if any(int(s) == 0 for s in array.shape):
+        raise InvalidImageError(f"the image is empty (shape {tuple(array.shape)}).")
+    if not _is_dask_array(array):
+        check_image_values(array, name="image" if array.ndim == 2 else "frame stack")
+        data = array.astype(np.float32, copy=False)
+        if chunks is not None:
+            import dask.array as da
+
+            data = da.from_array(data, chunks=chunks)
+    else:
+        if array.dtype.kind not in "biuf":
+            raise InvalidImageError(f"image data must be real numbers, got dtype {array.dtype}.")
+        data = array.astype(np.float32)
+        if chunks is not None:
+            data = data.rechunk(chunks)
+    ny, nx = int(array.shape[-2]), int(array.shape[-1])
+    coords = {"y": _length_coord(ny, ps, u, "y"), "x": _length_coord(nx, ps, u, "x")}
+    if array.ndim == 2:
+        var = xr.DataArray(data, dims=("y", "x"), attrs={"units": "counts", "long_name": "intensity"})
+        ds = xr.Dataset({"image": var}, coords=coords)
+    else:
+        nf = int(array.shape[0])
+        coords["frame"] = xr.DataArray(
+            np.arange(nf, dtype=np.int64), dims=("frame",), attrs={"units": "1", "long_name": "frame number"}
+        )
+        var = xr.DataArray(data, dims=("frame", "y", "x"), attrs={"units": "counts", "long_name": "intensity"})
+        ds = xr.Dataset({"frames": var}, coords=coords)
+    ds.attrs = {
+        "pixel_size": ps,
+        "units": u,
+        "atomds_version": __version__,
+        "schema_version": "1",
+    }
+    if source is not None:
+        ds.attrs["source"] = str(source)
+    if metadata:
+        ds.attrs["original_metadata"] = json.dumps(_jsonable(metadata), sort_keys=True, default=str)
+    return ds
+
+
+def _jsonable(obj: Any) -> Any:
+    """Best-effort conversion of reader metadata (nested dicts, numpy values) to JSON values."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist() if obj.size <= 256 else f"<array shape={list(obj.shape)} dtype={obj.dtype}>"
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", "replace")
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def _check_shape(shape: tuple[int, ...], path: Path) -> None:
+    n = int(np.prod([int(s) for s in shape], dtype=np.float64))
+    if n > MAX_PIXELS:
+        raise UnreadableFileError(
+            f"{path.name} declares {n} pixels (shape {tuple(shape)}), more than atomds reads at once "
+            f"({MAX_PIXELS}); crop or bin it first."
+        )
+
+
+def _read_npy(path: Path) -> tuple[Any, dict]:
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, _fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            else:
+                shape, _fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    except Exception as exc:  # noqa: BLE001 - any header problem means unreadable
+        raise UnreadableFileError(f"{path.name} is not a valid .npy file: {exc}") from exc
+    if dtype.hasobject:
+        raise UnreadableFileError(f"{path.name} holds Python objects; atomds never unpickles files.")
+    _check_shape(shape, path)
+    try:
+        data = np.load(path, allow_pickle=False, mmap_mode="r")
+    except Exception as exc:  # noqa: BLE001
+        raise UnreadableFileError(f"could not read {path.name}: {exc}") from exc
+    return data, {}
+
+
+_UNIT_ALIASES = {"Å": "Å", "A": "Å"}
+
+
+def _pick_signal(signals: list[dict], path: Path) -> dict:
+    """Choose the image (2 signal dims) among the signals a rosettasciio reader returned."""
+    candidates = []
+    for sig in signals:
+        axes = sig.get("axes", [])
+        shape = tuple(getattr(sig.get("data"), "shape", ()))
+        n_sig = sum(1 for a in axes if not a.get("navigate", False))
+        if len(shape) in (2, 3) and (n_sig == 2 or len(shape) == 2):
+            candidates.append(sig)
+    if not candidates:
+        shapes = [tuple(getattr(s.get("data"), "shape", ())) for s in signals]
+        raise DimensionError(
+            f"{path.name} holds no 2-D image or 3-D frame stack (signal shapes: {shapes}); "
+            "spectrum images are attached with ds.lcx.attach_spectra()."
+        )
+    return max(candidates, key=lambda s: int(np.prod(s["data"].shape)))
+
+
+def _calibration(sig: dict) -> tuple[float, str]:
+    axes = sig.get("axes", [])
+    spatial = [a for a in axes if not a.get("navigate", False)] or axes
+    ax = spatial[-1] if spatial else {}
+    scale = ax.get("scale", 1.0) or 1.0
+    units = ax.get("units", None)
+    if isinstance(units, bytes):
+        units = units.decode("utf-8", "replace")
+    units = None if units in (None, "", "<undefined>", "t.b.d.") else str(units)
+    units = _UNIT_ALIASES.get(units, units) if units else units
+    try:
+        return normalize_length_units(float(scale), units)
+    except InvalidParameterError:
+        # a reciprocal or non-length unit: keep pixel units
+        return 1.0, "px"
+
+
+def _read_rsciio(path: Path, reader: str) -> tuple[Any, dict, float, str]:
+    import importlib
+
+    mod = importlib.import_module(f"rsciio.{reader}")
+    try:
+        try:
+            signals = mod.file_reader(str(path), lazy=True)
+        except TypeError:
+            signals = mod.file_reader(str(path))
+    except (OSError, ValueError, KeyError, IndexError, EOFError, TypeError, AttributeError, RuntimeError) as exc:
+        raise UnreadableFileError(f"could not read {path.name} as {reader}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - readers raise many types on corrupt files
+        raise UnreadableFileError(f"could not read {path.name} as {reader}: {type(exc).__name__}: {exc}") from exc
+    if not signals:
+        raise UnreadableFileError(f"{path.name} contains no data.")
+    sig = _pick_signal(signals, path)
+    data = sig["data"]
+    _check_shape(tuple(data.shape), path)
+    ps, units = _calibration(sig)
+    meta = {"metadata": sig.get("metadata", {}), "original_metadata": sig.get("original_metadata", {})}
+    return data, meta, ps, units
+
+
+def open_image(
+    path: str | os.PathLike,
+    *,
+    pixel_size: float | None = None,
+    units: str | None = None,
+    chunks: Any = None,
+) -> xr.Dataset:
+    """Open an image file as an atomds Dataset.
+
+    Reads DM3/DM4, EMD (Velox and Berkeley), TIFF, MRC and HSPY through rosettasciio, plain
+    ``.npy`` (never unpickled), and NetCDF files written by atomds.
+
+    Parameters
+    ----------
+    path : path-like
+        The file.
+    pixel_size : float, optional
+        Overrides the file's calibration (in ``units``).
+    units : str, optional
+        Length unit of ``pixel_size`` (or of the file's calibration when only units is given).
+        Lengths are stored in Å; nm and pm are converted.
+    chunks : optional
+        Dask chunks: the image is read lazily and stays Dask-backed.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``image(y, x)`` for an image, ``frames(frame, y, x)`` for a stack, with the calibration
+        in attributes ``pixel_size`` and ``units`` and the file's metadata as a JSON string
+        attribute ``original_metadata``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileMissingError(f"no such file: {path}")
+    if path.is_dir():
+        raise UnreadableFileError(f"{path} is a directory, not an image file.")
+    ext = path.suffix.lower()
+    reader = SUPPORTED_EXTENSIONS.get(ext)
+    if reader is None:
+        raise UnsupportedFormatError(
+            f"{path.name}: unsupported format {ext or '(no extension)'!r}; atomds reads "
+            f"{', '.join(sorted(SUPPORTED_EXTENSIONS))}."
+        )
+    if reader == "netcdf":
+        ds = open_dataset(path, chunks=chunks)
+        if pixel_size is not None:
+            ps, u = normalize_length_units(pixel_size, units)
+            ds = ds.assign_coords(
+                x=_length_coord(ds.sizes["x"], ps, u, "x"), y=_length_coord(ds.sizes["y"], ps, u, "y")
+            )
+            ds.attrs.update(pixel_size=ps, units=u)
+        return ds
+    if reader == "numpy":
+        data, meta = _read_npy(path)
+        file_ps, file_units = 1.0, "px"
+    else:
+        data, meta, file_ps, file_units = _read_rsciio(path, reader)
+    if pixel_size is not None:
+        ps, u = pixel_size, units if units is not None else "px"
+    elif units is not None and file_units == "px":
+        ps, u = file_ps, units
+    else:
+        ps, u = file_ps, file_units
+    if chunks is None:
+        try:
+            data = np.asarray(data.compute() if _is_dask_array(data) else data)
+        except Exception as exc:  # noqa: BLE001
+            raise UnreadableFileError(f"could not read the pixels of {path.name}: {exc}") from exc
+    elif not _is_dask_array(data):
+        import dask.array as da
+
+        data = da.from_array(np.asarray(data), chunks=chunks)
+    return from_array(data, pixel_size=ps, units=u, chunks=chunks, metadata=meta, source=path.name)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, *, suffix: str = ".tmp"):
+    """Yield a temporary path in the folder of ``path``; on success rename it over ``path``.
+
+    An exception (or an interrupted process) leaves ``path`` as it was: a file is either the
+    old one or the complete new one, never a partial write.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.exists():
+        raise FileMissingError(f"the folder {folder} does not exist.")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _check_attrs_writable(ds: xr.Dataset) -> None:
+    def bad(attrs: Mapping) -> list[str]:
+        out = []
+        for k, v in attrs.items():
+            if isinstance(v, (bool, np.bool_)) or v is None or isinstance(v, (dict, list)) and not v:
+                out.append(k)
+            elif isinstance(v, dict):
+                out.append(k)
+        return out
+
+    problems = [f"Dataset attr {k!r}" for k in bad(ds.attrs)]
+    for name, var in ds.variables.items():
+        problems += [f"{name}.attrs[{k!r}]" for k in bad(var.attrs)]
+    if problems:
+        raise InvalidParameterError(
+            "NetCDF attributes must be strings or numbers (store nested metadata as a JSON string); "
+            f"cannot write: {', '.join(problems)}."
+        )
+
+
+def to_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> Path:
+    """Write ``ds`` to NetCDF-4 at ``path`` atomically (temporary file in the same folder, then rename).
+
+    Returns the path written.
+    """
+    _check_attrs_writable(ds)
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4")
+    return path
+
+
+def open_dataset(path: str | os.PathLike, *, chunks: Any = None) -> xr.Dataset:
+    """Read a Dataset written by atomds (:func:`to_netcdf`).
+
+    Without ``chunks`` the data are loaded into memory and the file is closed; with ``chunks``
+    they stay lazy (Dask-backed).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileMissingError(f"no such file: {path}")
+    try:
+        if chunks is None:
+            return xr.load_dataset(path, engine="netcdf4")
+        return xr.open_dataset(path, engine="netcdf4", chunks=chunks)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise UnreadableFileError(f"could not read {path.name} as an atomds NetCDF file: {exc}") from exc

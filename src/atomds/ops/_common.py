@@ -1,0 +1,129 @@
+"""Helpers shared by the ops modules: checks, units and parameter records."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from ..errors import DimensionError, InvalidParameterError, MissingStepError, MissingVariableError
+
+__all__ = [
+    "require_vars",
+    "pixel_size",
+    "length_units",
+    "image_dataarray",
+    "annotate",
+    "record_params",
+    "step_params",
+    "drop_dim_vars",
+    "is_dask",
+    "to_jsonable",
+]
+
+
+def require_vars(ds: xr.Dataset, names: str | Iterable[str], *, step: str, hint: str) -> None:
+    """Raise :class:`MissingStepError` when any of ``names`` is missing from ``ds``.
+
+    ``step`` is the operation being called, ``hint`` what to call first (``"find_atoms()"``).
+    """
+    if isinstance(names, str):
+        names = [names]
+    missing = [n for n in names if n not in ds.variables]
+    if missing:
+        raise MissingStepError(
+            f"{step} needs {', '.join(repr(m) for m in missing)}, which the Dataset does not have: "
+            f"call {hint} first."
+        )
+
+
+def pixel_size(ds: xr.Dataset) -> float:
+    """The Dataset's pixel size (physical units per pixel), validated > 0."""
+    ps = ds.attrs.get("pixel_size", None)
+    if ps is None:
+        if "x" in ds.coords and ds.sizes.get("x", 0) > 1:
+            ps = float(ds["x"].values[1] - ds["x"].values[0])
+        else:
+            ps = 1.0
+    ps = float(ps)
+    if not np.isfinite(ps) or ps <= 0:
+        raise InvalidParameterError(f"pixel_size must be a positive finite number, got {ps!r}.")
+    return ps
+
+
+def length_units(ds: xr.Dataset) -> str:
+    """Units of lengths in ``ds`` (the ``units`` attribute, ``"px"`` when absent)."""
+    return str(ds.attrs.get("units", "px"))
+
+
+def image_dataarray(ds: xr.Dataset, *, name: str = "image") -> xr.DataArray:
+    """Return ``ds[name]`` after checking it exists and is 2-D ``(y, x)``."""
+    if not isinstance(ds, xr.Dataset):
+        raise TypeError(f"expected an xarray.Dataset, got {type(ds).__name__}")
+    if name not in ds.data_vars:
+        if name == "image" and "frames" in ds.data_vars:
+            raise DimensionError(
+                "the Dataset holds a stack 'frames(frame, y, x)' but no single 'image': "
+                "call atomds.align_frames(ds) first to align and sum the frames."
+            )
+        raise MissingVariableError(f"the Dataset has no {name!r} variable (it has: {sorted(ds.data_vars)}).")
+    da = ds[name]
+    if da.dims != ("y", "x"):
+        raise DimensionError(f"{name!r} must have dims ('y', 'x'), got {da.dims}.")
+    return da
+
+
+def annotate(da: xr.DataArray, units: str, long_name: str, **attrs: Any) -> xr.DataArray:
+    """Return ``da`` with ``units`` and ``long_name`` (and any extra) attributes set."""
+    out = da.copy(deep=False)
+    out.attrs = {**da.attrs, "units": units, "long_name": long_name, **attrs}
+    return out
+
+
+def to_jsonable(value: Any) -> Any:
+    """Convert numpy scalars/arrays, tuples and ranges to JSON-serialisable values."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, range)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        if value.size > 64:
+            return f"<array shape={list(value.shape)} dtype={value.dtype}>"
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def record_params(ds: xr.Dataset, step: str, params: Mapping[str, Any]) -> xr.Dataset:
+    """Return ``ds`` with the parameters of ``step`` stored as a JSON string attribute ``{step}_params``."""
+    out = ds.copy(deep=False)
+    out.attrs = {**ds.attrs, f"{step}_params": json.dumps(to_jsonable(dict(params)), sort_keys=True)}
+    return out
+
+
+def step_params(ds: xr.Dataset, step: str) -> dict | None:
+    """The parameters recorded for ``step`` (``None`` when the step has not run)."""
+    raw = ds.attrs.get(f"{step}_params")
+    return None if raw is None else json.loads(raw)
+
+
+def drop_dim_vars(ds: xr.Dataset, dims: str | Iterable[str]) -> xr.Dataset:
+    """Drop every variable (and coordinate) that uses any of ``dims``."""
+    if isinstance(dims, str):
+        dims = [dims]
+    dims = set(dims)
+    names = [n for n, v in ds.variables.items() if dims & set(v.dims)]
+    return ds.drop_vars(names)
+
+
+def is_dask(da: xr.DataArray) -> bool:
+    """True when ``da`` is backed by a Dask array."""
+    return getattr(da.data, "__dask_graph__", None) is not None and da.chunks is not None
