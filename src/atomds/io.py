@@ -296,14 +296,27 @@ def _calibration(sig: dict) -> tuple[float, str]:
         units = units.decode("utf-8", "replace")
     units = None if units in (None, "", "<undefined>", "t.b.d.") else str(units)
     units = _UNIT_ALIASES.get(units, units) if units else units
-    try:
-        return normalize_length_units(float(scale), units)
-    except InvalidParameterError:
-        # a reciprocal or non-length unit: keep pixel units
-        return 1.0, "px"
+    return float(scale), units
 
 
-def _read_rsciio(path: Path, reader: str) -> tuple[Any, dict, float, str]:
+def _resolve_calibration(
+    file_scale: float, file_units: str | None, pixel_size: float | None, units: str | None
+) -> tuple[float, str]:
+    """Pixel size and units from the user's override, else the file's length calibration, else px."""
+    if pixel_size is not None:
+        return normalize_length_units(pixel_size, units if units is not None else "px")
+    if file_units is not None:
+        try:
+            return normalize_length_units(file_scale, file_units)
+        except InvalidParameterError:
+            pass  # a reciprocal or non-length unit: not a real-space calibration
+    elif units is not None:
+        # the file has a scale but no unit: the user says which unit it is in
+        return normalize_length_units(file_scale, units)
+    return 1.0, "px"
+
+
+def _read_rsciio(path: Path, reader: str) -> tuple[Any, dict, float, str | None]:
     import importlib
 
     mod = importlib.import_module(f"rsciio.{reader}")
@@ -380,15 +393,10 @@ def open_image(
         return ds
     if reader == "numpy":
         data, meta = _read_npy(path)
-        file_ps, file_units = 1.0, "px"
+        file_ps, file_units = 1.0, None
     else:
         data, meta, file_ps, file_units = _read_rsciio(path, reader)
-    if pixel_size is not None:
-        ps, u = pixel_size, units if units is not None else "px"
-    elif units is not None and file_units == "px":
-        ps, u = file_ps, units
-    else:
-        ps, u = file_ps, file_units
+    ps, u = _resolve_calibration(file_ps, file_units, pixel_size, units)
     if chunks is None:
         try:
             data = np.asarray(data.compute() if _is_dask_array(data) else data)

@@ -44,8 +44,10 @@ def _pandera_problems(schema, ds: xr.Dataset) -> list[str]:
     except pe.SchemaErrors as exc:
         out = []
         for err in exc.schema_errors:
-            msg = str(getattr(err, "args", [err])[0]) if getattr(err, "args", None) else str(err)
-            out.append(f"[{schema.name}] {msg}")
+            msg = str(err.args[0]) if getattr(err, "args", None) else str(err)
+            var = getattr(getattr(err, "schema", None), "name", None)
+            where = f"variable {var!r}: " if var and repr(var) not in msg else ""
+            out.append(f"[{schema.name}] {where}{msg}")
         return out or [f"[{schema.name}] {exc}"]
     except pe.SchemaError as exc:
         return [f"[{schema.name}] {exc}"]
