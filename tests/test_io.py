@@ -169,6 +169,20 @@ def test_open_hspy(tmp_path, rng):
     assert "test" in ds.attrs["original_metadata"]
 
 
+def test_open_emd_berkeley_stack(tmp_path, rng):
+    from rsciio.emd import file_writer
+
+    arr = rng.normal(50, 5, size=(3, 10, 12)).astype(np.float32)
+    axes = [{"name": "frame", "size": 3, "scale": 1, "offset": 0, "units": "", "navigate": True}] + [
+        {"name": n, "size": s, "scale": 0.05, "offset": 0, "units": "nm", "navigate": False}
+        for n, s in zip("yx", arr.shape[1:])
+    ]
+    file_writer(str(tmp_path / "a.emd"), {"data": arr, "axes": axes, "metadata": {"General": {"title": "t"}, "Signal": {}}, "original_metadata": {}})
+    ds = atomds.open_image(tmp_path / "a.emd")
+    np.testing.assert_allclose(ds["frames"].values, arr)
+    assert ds.attrs["pixel_size"] == pytest.approx(0.5) and ds.attrs["units"] == "Å"
+
+
 def test_open_netcdf_written_by_atomds(tmp_path, rng):
     ds = atomds.from_array(_img(rng), pixel_size=0.3, units="Å")
     ds.lcx.to_netcdf(tmp_path / "a.nc")

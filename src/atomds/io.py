@@ -274,8 +274,10 @@ def _pick_signal(signals: list[dict], path: Path) -> dict:
     for sig in signals:
         axes = sig.get("axes", [])
         shape = tuple(getattr(sig.get("data"), "shape", ()))
-        n_sig = sum(1 for a in axes if not a.get("navigate", False))
-        if len(shape) in (2, 3) and (n_sig == 2 or len(shape) == 2):
+        signal_axes = [a for a in axes if not a.get("navigate", False)]
+        # a spectrum image has one signal axis (energy/bias) behind navigation axes
+        spectral = len(shape) == 3 and len(signal_axes) == 1 and len(axes) == 3
+        if len(shape) in (2, 3) and not spectral:
             candidates.append(sig)
     if not candidates:
         shapes = [tuple(getattr(s.get("data"), "shape", ())) for s in signals]
@@ -288,8 +290,7 @@ def _pick_signal(signals: list[dict], path: Path) -> dict:
 
 def _calibration(sig: dict) -> tuple[float, str]:
     axes = sig.get("axes", [])
-    spatial = [a for a in axes if not a.get("navigate", False)] or axes
-    ax = spatial[-1] if spatial else {}
+    ax = axes[-1] if axes else {}  # the x axis of (y, x) or (frame, y, x)
     scale = ax.get("scale", 1.0) or 1.0
     units = ax.get("units", None)
     if isinstance(units, bytes):
