@@ -1,0 +1,484 @@
+"""Bundled synthetic samples with ground truth.
+
+Every generator is seeded and deterministic and returns an image Dataset (made by
+:func:`atomds.from_array`: ``image(y, x)`` float32 in counts, coords ``y``, ``x`` in Å at pixel
+centres) plus the ground truth on its own dimension ``true_atom``:
+
+==============  ==========  =================================================================
+``true_x``      Å           column centre (the rendered position, displacement included)
+``true_y``      Å
+``true_label``  1           class of the column (CF ``flag_values`` / ``flag_meanings`` attrs)
+``true_counts`` counts      integrated counts of the column
+``true_sigma``  Å           Gaussian width of the column
+``true_dx``     Å           displacement from the ideal lattice site (0 where none)
+``true_dy``     Å
+``true_domain`` 1           side of a boundary (polar sample only)
+==============  ==========  =================================================================
+
+Positions follow the image's convention: physical = pixel * pixel_size, so ``true_x / pixel_size``
+is the column index. Only columns whose centre lies in the image area are in the truth. The
+generator's arguments are in ``ds.attrs["sample_params"]`` (JSON) and, flat, in ``sample_*``
+attributes (``sample_dose``, ``sample_sigma_px``, ``sample_spacing_px``,
+``sample_background_level`` (counts per pixel), ``sample_read_noise``, ``sample_seed``).
+
+All lengths given to the generators (``spacing``, ``sigma``, ``displacement``) are in pixels;
+``dose`` is the integrated counts per column; ``background`` is the background level as a fraction
+of a full column's peak height; ``read_noise`` is in counts. See :mod:`atomds.core.samples`.
+
+>>> from atomds import datasets
+>>> ds = datasets.two_phase(seed=1)
+>>> ds.sizes["true_atom"] > 1000
+True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .core import samples as _core
+from .errors import DimensionError, InvalidParameterError, MissingVariableError
+from .io import from_array
+
+__all__ = [
+    "hexagonal",
+    "two_phase",
+    "perovskite",
+    "polar",
+    "spectrum_image",
+    "list_samples",
+    "load",
+    "score_positions",
+    "match_positions",
+    "to_dataset",
+]
+
+match_positions = _core.match_positions
+
+_DEFAULT_PIXEL_SIZE = 0.25  # Å
+
+
+def to_dataset(sample: _core.Sample, *, pixel_size: float = _DEFAULT_PIXEL_SIZE) -> xr.Dataset:
+    """Wrap a :class:`atomds.core.samples.Sample` as an image Dataset with ground truth (see module docs)."""
+    ds = from_array(sample.image, pixel_size=pixel_size, units="Å")
+    ps = float(ds.attrs["pixel_size"])
+    u = str(ds.attrs["units"])
+    dim = "true_atom"
+
+    def var(values, units, long_name, **attrs):
+        return xr.DataArray(values, dims=(dim,), attrs={"units": units, "long_name": long_name, **attrs})
+
+    names = sample.label_names
+    flags = np.arange(len(names), dtype=np.int64)
+    ds["true_x"] = var(sample.x * ps, u, "true column centre x")
+    ds["true_y"] = var(sample.y * ps, u, "true column centre y")
+    ds["true_label"] = var(
+        sample.label.astype(np.int64), "1", f"true column class ({', '.join(f'{i} = {n}' for i, n in enumerate(names))})",
+        flag_values=flags, flag_meanings=" ".join(names),
+    )
+    ds["true_counts"] = var(sample.counts, "counts", "true integrated counts of the column")
+    ds["true_sigma"] = var(sample.sigma * ps, u, "true Gaussian width of the column")
+    ds["true_dx"] = var(sample.dx * ps, u, "true displacement from the ideal site, x")
+    ds["true_dy"] = var(sample.dy * ps, u, "true displacement from the ideal site, y")
+    if sample.name == "polar":
+        ds["true_domain"] = var(
+            sample.domain.astype(np.int64), "1", "true domain (side of the antiphase boundary)",
+            flag_values=np.array([0, 1], dtype=np.int64), flag_meanings="domain_0 domain_1",
+        )
+    if sample.vacuum_mask is not None:
+        ds["true_vacuum"] = xr.DataArray(
+            sample.vacuum_mask.astype(np.int8), dims=("y", "x"),
+            attrs={"units": "1", "long_name": "true vacuum hole (1 = no atoms)", "flag_values": np.array([0, 1], dtype=np.int8),
+                   "flag_meanings": "specimen vacuum"},
+        )
+    p = sample.params
+    ds.attrs.update(
+        {
+            "sample": sample.name,
+            "sample_params": json.dumps(p, sort_keys=True),
+            "sample_dose": float(p["dose"]),
+            "sample_sigma_px": float(p["sigma"]),
+            "sample_spacing_px": float(p["spacing"]),
+            "sample_background_level": float(sample.background_level),
+            "sample_read_noise": float(p["read_noise"]),
+            "sample_seed": int(p["seed"]),
+            "sample_label_names": " ".join(names),
+        }
+    )
+    return ds
+
+
+def _pixel_size(value: float) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidParameterError(f"pixel_size must be a number, got {value!r}.") from exc
+    if not math.isfinite(v) or v <= 0:
+        raise InvalidParameterError(f"pixel_size must be a positive finite number (Å), got {value!r}.")
+    return v
+
+
+def hexagonal(
+    *,
+    shape: int | tuple[int, int] = (256, 256),
+    dose: float = 2000.0,
+    sigma: float = 2.0,
+    spacing: float = 12.0,
+    angle: float = 0.0,
+    jitter: float = 0.0,
+    read_noise: float = 1.0,
+    background: float = 0.1,
+    vacuum: bool = False,
+    vacuum_center: tuple[float, float] | None = None,
+    vacuum_radius: float = 0.15,
+    pixel_size: float = _DEFAULT_PIXEL_SIZE,
+    seed: int = 0,
+) -> xr.Dataset:
+    """A hexagonal lattice of identical columns (``true_label`` 0 everywhere).
+
+    Parameters are those of :func:`atomds.core.samples.hexagonal_sample` (lengths in pixels) plus
+    ``pixel_size`` in Å. ``vacuum=True`` cuts a hole with no atoms (dark background and an amorphous
+    rim of dim random blobs that are not atoms); the hole is also given as ``true_vacuum(y, x)``.
+    """
+    ps = _pixel_size(pixel_size)
+    s = _core.hexagonal_sample(
+        shape=shape, dose=dose, sigma=sigma, spacing=spacing, angle=angle, jitter=jitter, read_noise=read_noise,
+        background=background, vacuum=vacuum, vacuum_center=vacuum_center, vacuum_radius=vacuum_radius, seed=seed,
+    )
+    return to_dataset(s, pixel_size=ps)
+
+
+def two_phase(
+    *,
+    shape: int | tuple[int, int] = (512, 512),
+    dose: float = 2000.0,
+    sigma: float = 2.0,
+    spacing: float = 12.0,
+    angle: float = 0.0,
+    grain_lattice: str = "square",
+    grain_spacing: float | None = None,
+    grain_angle: float = 20.0,
+    grain_radius: float = 0.28,
+    vacancy_grain: bool = False,
+    vacancy_pattern: str = "sqrt3",
+    boundary_width: float = 2.0,
+    boundary_min_distance: float = 0.75,
+    boundary_occupancy: float = 0.9,
+    read_noise: float = 1.0,
+    background: float = 0.1,
+    vacuum: bool = False,
+    vacuum_center: tuple[float, float] | None = None,
+    vacuum_radius: float = 0.11,
+    pixel_size: float = _DEFAULT_PIXEL_SIZE,
+    seed: int = 0,
+) -> xr.Dataset:
+    """A hexagonal matrix holding a rotated grain of a second lattice, with a disordered boundary band.
+
+    ``true_label``: 0 matrix, 1 grain, 2 boundary. By default the grain is a square lattice of the
+    same spacing rotated by 20°; ``vacancy_grain=True`` makes it instead the matrix lattice with an
+    ordered subset of its sites missing (``vacancy_pattern="sqrt3"``: every third site, a honeycomb;
+    ``"2x2"``: every fourth site, a kagome lattice). ``vacuum=True`` adds a hole in a corner of the
+    matrix (no atoms; dark background and an amorphous rim; ``true_vacuum(y, x)``).
+    Parameters as in :func:`atomds.core.samples.two_phase_sample` (lengths in pixels), plus
+    ``pixel_size`` in Å.
+    """
+    ps = _pixel_size(pixel_size)
+    s = _core.two_phase_sample(
+        shape=shape, dose=dose, sigma=sigma, spacing=spacing, angle=angle, grain_lattice=grain_lattice,
+        grain_spacing=grain_spacing, grain_angle=grain_angle, grain_radius=grain_radius, vacancy_grain=vacancy_grain,
+        vacancy_pattern=vacancy_pattern, boundary_width=boundary_width, boundary_min_distance=boundary_min_distance,
+        boundary_occupancy=boundary_occupancy, read_noise=read_noise, background=background, vacuum=vacuum,
+        vacuum_center=vacuum_center, vacuum_radius=vacuum_radius, seed=seed,
+    )
+    return to_dataset(s, pixel_size=ps)
+
+
+def perovskite(
+    *,
+    shape: int | tuple[int, int] = (256, 256),
+    dose: float = 2000.0,
+    sigma: float = 2.0,
+    sigma_b: float | None = None,
+    spacing: float = 16.0,
+    angle: float = 0.0,
+    dim_ratio: float = 0.4,
+    read_noise: float = 1.0,
+    background: float = 0.1,
+    vacuum: bool = False,
+    vacuum_center: tuple[float, float] | None = None,
+    vacuum_radius: float = 0.15,
+    pixel_size: float = _DEFAULT_PIXEL_SIZE,
+    seed: int = 0,
+) -> xr.Dataset:
+    """Bright A columns on a square lattice and dim B columns at the cell centres.
+
+    ``true_label``: 0 = A, 1 = B. A B column's peak is ``dim_ratio`` (default 0.4) of an A column's.
+    ``spacing`` is the A-A distance in px (default 16 px = 4 Å at the default pixel size).
+    Parameters as in :func:`atomds.core.samples.perovskite_sample`, plus ``pixel_size`` in Å.
+    """
+    ps = _pixel_size(pixel_size)
+    s = _core.perovskite_sample(
+        shape=shape, dose=dose, sigma=sigma, sigma_b=sigma_b, spacing=spacing, angle=angle, dim_ratio=dim_ratio,
+        read_noise=read_noise, background=background, vacuum=vacuum, vacuum_center=vacuum_center,
+        vacuum_radius=vacuum_radius, seed=seed,
+    )
+    return to_dataset(s, pixel_size=ps)
+
+
+def polar(
+    *,
+    shape: int | tuple[int, int] = (256, 256),
+    dose: float = 4000.0,
+    sigma: float = 2.0,
+    sigma_b: float | None = None,
+    spacing: float = 16.0,
+    angle: float = 0.0,
+    dim_ratio: float = 0.5,
+    displacement: float = 1.2,
+    direction: float = 90.0,
+    antiphase_boundary: bool = True,
+    boundary_angle: float = 80.0,
+    boundary_offset: float = 0.0,
+    wall_width: float = 0.0,
+    boundary_shift: float = 0.0,
+    read_noise: float = 1.0,
+    background: float = 0.1,
+    vacuum: bool = False,
+    vacuum_center: tuple[float, float] | None = None,
+    vacuum_radius: float = 0.15,
+    pixel_size: float = _DEFAULT_PIXEL_SIZE,
+    seed: int = 0,
+) -> xr.Dataset:
+    """A perovskite-like lattice with a polar displacement of the B columns and an antiphase boundary.
+
+    B columns are displaced by ``displacement`` px (default 1.2 px = 0.3 Å) along ``direction``
+    (degrees from +x towards +y; default 90, along +y); across a straight boundary through the
+    image (``boundary_angle``, default 80°) the sign flips. ``true_label`` 0 = A, 1 = B;
+    ``true_dx``, ``true_dy`` the displacement in Å (0 for A); ``true_domain`` 0/1 the side of the
+    boundary (domain 0 displaced along +direction). ``boundary_shift=0.5`` also translates the lattice
+    of domain 1 by half a cell along the boundary. Parameters as in
+    :func:`atomds.core.samples.polar_sample`, plus ``pixel_size`` in Å.
+    """
+    ps = _pixel_size(pixel_size)
+    s = _core.polar_sample(
+        shape=shape, dose=dose, sigma=sigma, sigma_b=sigma_b, spacing=spacing, angle=angle, dim_ratio=dim_ratio,
+        displacement=displacement, direction=direction, antiphase_boundary=antiphase_boundary,
+        boundary_angle=boundary_angle, boundary_offset=boundary_offset, wall_width=wall_width,
+        boundary_shift=boundary_shift, read_noise=read_noise, background=background, vacuum=vacuum,
+        vacuum_center=vacuum_center, vacuum_radius=vacuum_radius, seed=seed,
+    )
+    return to_dataset(s, pixel_size=ps)
+
+
+_SAMPLES: dict[str, Callable[..., xr.Dataset]] = {
+    "hexagonal": hexagonal,
+    "two_phase": two_phase,
+    "perovskite": perovskite,
+    "polar": polar,
+}
+
+
+def list_samples() -> list[str]:
+    """Names of the bundled samples, for :func:`load`."""
+    return list(_SAMPLES)
+
+
+def load(name: str, **kwargs: Any) -> xr.Dataset:
+    """Generate the bundled sample ``name`` (one of :func:`list_samples`) with keyword arguments ``kwargs``."""
+    try:
+        fn = _SAMPLES[name]
+    except (KeyError, TypeError):
+        raise InvalidParameterError(f"unknown sample {name!r}: choose one of {list_samples()}.") from None
+    try:
+        return fn(**kwargs)
+    except TypeError as exc:  # unknown keyword
+        raise InvalidParameterError(f"{name}(): {exc}") from exc
+
+
+def _truth_xy(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, float]:
+    if not isinstance(ds, xr.Dataset):
+        raise TypeError(f"expected an xarray.Dataset, got {type(ds).__name__}")
+    missing = [v for v in ("true_x", "true_y") if v not in ds.variables]
+    if missing:
+        raise MissingVariableError(
+            f"the Dataset has no ground truth ({', '.join(missing)} missing): use a sample from atomds.datasets."
+        )
+    ps = ds.attrs.get("pixel_size")
+    if ps is None:
+        ps = float(ds["x"].values[1] - ds["x"].values[0]) if "x" in ds.coords and ds.sizes.get("x", 0) > 1 else 1.0
+    ps = _pixel_size(ps)
+    xy = np.stack([np.asarray(ds["true_x"].values, float), np.asarray(ds["true_y"].values, float)], axis=1) / ps
+    return xy, (ds["true_label"].values if "true_label" in ds.variables else None), ps
+
+
+def score_positions(ds: xr.Dataset, x: Any, y: Any, *, max_distance: float | None = None) -> dict[str, Any]:
+    """Compare found positions with the sample's ground truth.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A sample from this module (with ``true_x``, ``true_y``).
+    x, y : array-like
+        Found column centres in the image's units (as ``atom_x``, ``atom_y``; DataArrays work).
+    max_distance : float, optional
+        Largest distance of a match, in the image's units; default a third of the smallest
+        nearest-neighbour distance between true columns.
+
+    Returns
+    -------
+    dict
+        ``recall``, ``false_positive_rate``, ``rmse_px`` (pixels), ``n_true``, ``n_found``,
+        ``n_matched``, ``n_false``, ``n_ignored`` (unmatched found positions within
+        ``max_distance`` of the image border, whose column may lie just outside the image and so
+        outside the truth; not counted as false), ``max_distance`` (image units),
+        ``max_distance_px``, and ``recall_by_label``, ``rmse_px_by_label`` keyed by ``true_label``.
+    """
+    txy, lab, ps = _truth_xy(ds)
+    fx = np.asarray(getattr(x, "values", x), dtype=float).ravel()
+    fy = np.asarray(getattr(y, "values", y), dtype=float).ravel()
+    if fx.shape != fy.shape:
+        raise DimensionError(f"x and y must have the same length, got {fx.size} and {fy.size}.")
+    if not (np.isfinite(fx).all() and np.isfinite(fy).all()):
+        raise InvalidParameterError("found positions contain NaN or inf: drop them before scoring.")
+    md = None if max_distance is None else float(max_distance) / ps
+    shape = (int(ds.sizes["y"]), int(ds.sizes["x"])) if "y" in ds.sizes and "x" in ds.sizes else None
+    out = _core.score_positions(
+        txy, np.stack([fx, fy], axis=1) / ps, max_distance=md, shape=shape, true_label=lab
+    )
+    out["max_distance"] = out["max_distance_px"] * ps
+    return out
+
+
+def spectrum_image(
+    ds_or_sample: xr.Dataset | str | None = None,
+    *,
+    energy: Any = None,
+    step: int = 4,
+    extent: tuple[float, float, float, float] | None = None,
+    counts: float = 20.0,
+    seed: int = 0,
+    return_truth: bool = False,
+) -> xr.DataArray | tuple[xr.DataArray, xr.Dataset]:
+    """A co-registered synthetic EELS-like spectrum image whose spectra depend on the local phase.
+
+    Each spectrum pixel takes the expected spectrum of the ``true_label`` of its nearest true
+    column (points farther than the median column spacing from every column, as in a vacuum hole,
+    get a weak flat vacuum spectrum, label -1), with Poisson noise. The spectra of the labels
+    differ in their L2,3-like edge (onset, white-line ratio, splitting) and O K-like pre-peak
+    (:func:`atomds.core.samples.phase_spectra`).
+
+    Parameters
+    ----------
+    ds_or_sample : Dataset or str, optional
+        A sample Dataset from this module (it needs ``true_x``, ``true_y``, ``true_label``), or a
+        sample name for :func:`load`; default ``two_phase()``.
+    energy : array-like, optional
+        Energy-loss axis in eV; default 400-599.5 eV in 0.5 eV channels (400 channels).
+    step : int
+        Spectrum pixel pitch in image pixels (the spectrum grid is coarser by this factor).
+    extent : (x0, x1, y0, y1), optional
+        Region covered, in the image's units (inclusive bounds, snapped to the image grid);
+        default the central 80 % of the image in each direction.
+    counts : float
+        Expected counts per channel where the label-0 spectrum is 1 (its mean over the default
+        range is about 1).
+    seed : int
+        Seed of the Poisson noise.
+    return_truth : bool
+        Also return the ground truth.
+
+    Returns
+    -------
+    cube : xarray.DataArray (y, x, energy), float32, counts
+        Coords ``y``, ``x`` in the image's units and frame (same origin: a spectrum pixel at
+        ``x`` sits on the image pixel ``x / pixel_size``), ``energy`` in eV. attrs: ``pixel_size``
+        (spectrum pitch in image units), ``units``, ``step_px``, ``sample``, ``spectrum_params``.
+    truth : xarray.Dataset, only with ``return_truth=True``
+        ``true_spectrum(label, energy)``: the expected spectrum of each label (counts per channel;
+        the mean of every noisy spectrum of that label estimates it), ``true_label(y, x)``: the
+        label of each spectrum pixel (-1 = vacuum), and ``label`` (coordinate).
+    """
+    if ds_or_sample is None:
+        ds = two_phase()
+    elif isinstance(ds_or_sample, str):
+        ds = load(ds_or_sample)
+    else:
+        ds = ds_or_sample
+    txy, lab, ps = _truth_xy(ds)
+    if lab is None:
+        raise MissingVariableError("the Dataset has no 'true_label': use a sample from atomds.datasets.")
+    if "x" not in ds.sizes or "y" not in ds.sizes:
+        raise DimensionError("the Dataset has no (y, x) image grid to register the spectrum image to.")
+    ny, nx = int(ds.sizes["y"]), int(ds.sizes["x"])
+    try:
+        step = int(step)
+    except (TypeError, ValueError) as exc:
+        raise InvalidParameterError(f"step must be a positive int, got {step!r}.") from exc
+    if step < 1:
+        raise InvalidParameterError(f"step must be a positive int (image pixels per spectrum pixel), got {step}.")
+    if energy is None:
+        e = np.arange(400.0, 600.0, 0.5)
+    else:
+        e = np.asarray(energy, dtype=float).ravel()
+        if e.size < 2 or not np.all(np.isfinite(e)) or not np.all(np.diff(e) > 0):
+            raise InvalidParameterError("energy must be a finite, strictly increasing axis of at least 2 values (eV).")
+    if extent is None:
+        px0, px1 = 0.1 * (nx - 1), 0.9 * (nx - 1)
+        py0, py1 = 0.1 * (ny - 1), 0.9 * (ny - 1)
+    else:
+        try:
+            x0, x1, y0, y1 = (float(v) for v in extent)
+        except (TypeError, ValueError) as exc:
+            raise InvalidParameterError(f"extent must be (x0, x1, y0, y1) in the image's units, got {extent!r}.") from exc
+        px0, px1, py0, py1 = x0 / ps, x1 / ps, y0 / ps, y1 / ps
+    ix0, iy0 = max(int(math.ceil(px0)), 0), max(int(math.ceil(py0)), 0)
+    ix1, iy1 = min(int(math.floor(px1)), nx - 1), min(int(math.floor(py1)), ny - 1)
+    if ix1 < ix0 or iy1 < iy0:
+        raise InvalidParameterError(f"extent {extent!r} does not overlap the image.")
+    gx = np.arange(ix0, ix1 + 1, step, dtype=float)
+    gy = np.arange(iy0, iy1 + 1, step, dtype=float)
+    cube, label_map, labels, spectra = _core.spectrum_cube(txy, lab, gx, gy, e, counts=counts, seed=seed)
+    u = str(ds.attrs.get("units", "px"))
+    coords = {
+        "y": xr.DataArray(gy * ps, dims=("y",), attrs={"units": u, "long_name": "y position (spectrum pixel centre)"}),
+        "x": xr.DataArray(gx * ps, dims=("x",), attrs={"units": u, "long_name": "x position (spectrum pixel centre)"}),
+        "energy": xr.DataArray(e, dims=("energy",), attrs={"units": "eV", "long_name": "energy loss"}),
+    }
+    params = {"step": step, "extent_px": [ix0, ix1, iy0, iy1], "counts": float(counts), "seed": int(seed),
+              "energy_min": float(e[0]), "energy_max": float(e[-1]), "n_energy": int(e.size)}
+    cube_da = xr.DataArray(
+        cube.astype(np.float32), dims=("y", "x", "energy"), coords=coords, name="spectrum_image",
+        attrs={
+            "units": "counts",
+            "long_name": "EELS intensity",
+            "pixel_size": step * ps,
+            "length_units": u,
+            "step_px": step,
+            "sample": str(ds.attrs.get("sample", "")),
+            "spectrum_params": json.dumps(params, sort_keys=True),
+        },
+    )
+    if not return_truth:
+        return cube_da
+    truth = xr.Dataset(
+        {
+            "true_spectrum": xr.DataArray(
+                spectra, dims=("label", "energy"),
+                attrs={"units": "counts", "long_name": "expected spectrum of each label (per spectrum pixel)"},
+            ),
+            "true_label": xr.DataArray(
+                label_map.astype(np.int64), dims=("y", "x"),
+                attrs={"units": "1", "long_name": "label of the nearest column (-1 = vacuum)"},
+            ),
+        },
+        coords={
+            "label": xr.DataArray(labels.astype(np.int64), dims=("label",), attrs={"units": "1", "long_name": "true_label value (-1 = vacuum)"}),
+            **coords,
+        },
+    )
+    return cube_da, truth
