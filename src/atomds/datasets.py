@@ -19,7 +19,8 @@ Positions follow the image's convention: physical = pixel * pixel_size, so ``tru
 is the column index. Only columns whose centre lies in the image area are in the truth. The
 generator's arguments are in ``ds.attrs["sample_params"]`` (JSON) and, flat, in ``sample_*``
 attributes (``sample_dose``, ``sample_sigma_px``, ``sample_spacing_px``,
-``sample_background_level`` (counts per pixel), ``sample_read_noise``, ``sample_seed``).
+``sample_background_level`` (base background in counts per pixel; the smooth background rises
+up to 30 % above it), ``sample_read_noise``, ``sample_seed``).
 
 All lengths given to the generators (``spacing``, ``sigma``, ``displacement``) are in pixels;
 ``dose`` is the integrated counts per column; ``background`` is the background level as a fraction

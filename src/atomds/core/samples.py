@@ -19,9 +19,11 @@ sigma
 spacing
     Nearest-neighbour distance of the (main) lattice, in pixels.
 background
-    Mean level of the smooth background, as a fraction of the peak height of a full column
+    Base level of the smooth background, as a fraction of the peak height of a full column
     (``dose / (2 pi sigma**2)``), so that lowering the dose lowers background and signal together,
-    as a lower beam current does. The level in counts per pixel is ``Sample.background_level``.
+    as a lower beam current does. The base level in counts per pixel is ``Sample.background_level``;
+    a gentle tilt and bump (:func:`atomds.core.synth.smooth_background`, variation 0.3) raise it by
+    up to 30 % (about 15 % on average); the exact field is ``Sample.background``.
 read_noise
     Standard deviation of the Gaussian read noise, in counts per pixel.
 """
@@ -84,7 +86,8 @@ class Sample:
         Domain (side of a boundary) of each column; 0 where a sample has a single domain.
     label_names : tuple of str
     background_level : float
-        Mean background level in counts per pixel before the smooth variation and vacuum.
+        Base background level in counts per pixel (the minimum of the smooth background before the
+        vacuum hole darkens it).
     vacuum_mask : ndarray (ny, nx) bool or None
         Pixels inside the vacuum hole (no atoms there), when the sample has one.
     params : dict
