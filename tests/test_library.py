@@ -1,0 +1,250 @@
+"""Structure–property libraries (atomds.library): layout, exact round trips, library-wide learning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import atomds
+from atomds import library
+from atomds.errors import InvalidParameterError, MissingStepError, SchemaValidationError
+
+ANG = np.arange(6) * np.pi / 3
+
+
+def _image(seed: int, n: int, frac_small: float, *, ny: int = 24, k: int = 6, extra: bool = True) -> xr.Dataset:
+    """An image Dataset with atoms whose neighbourhoods come from two phases (bond 3 Å or 4 Å)."""
+    rng = np.random.default_rng(seed)
+    ds = atomds.from_array(rng.random((ny, 30)), pixel_size=0.25, units="Å", source=f"sample_{seed}.tif")
+    phase = (rng.random(n) < frac_small).astype(np.int64)
+    ang = np.arange(k) * 2 * np.pi / k
+    r = np.where(phase[:, None] == 1, 3.0, 4.0) + 0.05 * rng.normal(size=(n, k))
+    u = {"units": "Å"}
+    ds = ds.assign(
+        atom_x=("atom", rng.random(n) * 7, {**u, "long_name": "atom centre x"}),
+        atom_y=("atom", rng.random(n) * 5, {**u, "long_name": "atom centre y"}),
+        fit_ok=("atom", rng.random(n) > 0.1, {"units": "1", "long_name": "fit converged"}),
+        is_edge=("atom", rng.random(n) < 0.1, {"units": "1", "long_name": "near the border"}),
+        neighbor_dx=(("atom", "neighbor"), r * np.cos(ang), {**u, "long_name": "dx"}),
+        neighbor_dy=(("atom", "neighbor"), r * np.sin(ang), {**u, "long_name": "dy"}),
+        neighbor_index=(("atom", "neighbor"), rng.integers(0, n, size=(n, k)), {"units": "1", "long_name": "index"}),
+        true_phase=("atom", phase, {"units": "1", "long_name": "true phase"}),
+    )
+    ds = ds.assign_coords(neighbor=("neighbor", np.arange(k), {"units": "1", "long_name": "neighbour rank"}))
+    if extra:
+        ds["pca_components"] = xr.DataArray(rng.random((3, 2 * k)), dims=("component", "feature"), attrs={"units": "1", "long_name": "pc"})
+        ds.attrs["find_atoms_params"] = '{"threshold": 0.5}'
+    return ds
+
+
+@pytest.fixture
+def images():
+    return [_image(1, 60, 0.2), _image(2, 45, 0.5, ny=20), _image(3, 70, 0.8)]
+
+
+# ------------------------------------------------------------------------------- layout and round trips
+
+
+def test_layout_is_a_cf_ragged_datatree(images):
+    tree = library.from_datasets(images)
+    assert isinstance(tree, xr.DataTree)
+    assert library.ids(tree) == ["sample_1", "sample_2", "sample_3"]
+    at = library.atoms(tree)
+    np.testing.assert_array_equal(at["atom_count"].values, [60, 45, 70])
+    assert at.sizes["atom"] == 175
+    assert at["atom_count"].attrs["sample_dimension"] == "atom"
+    np.testing.assert_array_equal(at["image_index"].values, np.repeat([0, 1, 2], [60, 45, 70]))
+    # the image coordinate is shared by the root and /atoms
+    assert list(at["image"].values) == library.ids(tree)
+    np.testing.assert_array_equal(at["atom_x"].values[60:105], images[1]["atom_x"].values)
+    # per-image grids stay per image; the image is stored as `pixels`
+    assert tree["images/sample_2"]["pixels"].shape == (20, 30)
+    assert "atom_x" not in tree["images/sample_2"].to_dataset(inherit=False)
+    assert set(tree["status"].values) == {"ok"}
+    library.validate(tree)
+
+
+def test_image_gives_back_each_dataset_exactly(images):
+    tree = library.from_datasets(images)
+    for i, ds in enumerate(images):
+        xr.testing.assert_identical(library.image(tree, library.ids(tree)[i]), ds)
+        xr.testing.assert_identical(library.image(tree, i), ds)
+    with pytest.raises(KeyError):
+        library.image(tree, "nope")
+
+
+def test_netcdf_round_trip_is_exact(images, tmp_path):
+    tree = library.from_datasets(images, properties={"temperature": [300.0, 350.0, 400.0], "batch": ["a", "b", "a"]})
+    path = library.to_netcdf(tree, tmp_path / "lib.nc")
+    back = atomds.open_library(path)
+    xr.testing.assert_identical(back, tree)
+    xr.testing.assert_identical(library.image(back, "sample_3"), images[2])
+    lazy = atomds.open_library(path, chunks={})
+    xr.testing.assert_identical(lazy, tree)
+    lazy.close()
+
+
+def test_variables_that_differ_between_images_stay_per_image(images):
+    odd = _image(4, 30, 0.5, k=4)  # 4 neighbours instead of 6
+    tree = library.from_datasets([*images, odd])
+    at = library.atoms(tree)
+    assert "neighbor_dx" not in at and "atom_x" in at and "fit_ok" in at
+    assert tree["images/sample_4"]["neighbor_dx"].shape == (30, 4)
+    xr.testing.assert_identical(library.image(tree, "sample_4"), odd)
+    xr.testing.assert_identical(library.image(tree, "sample_1"), images[0])
+
+
+def test_failed_images_are_recorded(images, tmp_path):
+    tree = library.from_datasets(
+        {"a": images[0], "bad": None, "c": images[2]}, errors={"bad": "NoAtomsFoundError: no atoms"}
+    )
+    assert list(tree["status"].values) == ["ok", "failed", "ok"]
+    assert tree["error"].values[1] == "NoAtomsFoundError: no atoms" and tree["error"].values[0] == ""
+    assert list(library.atoms(tree)["atom_count"].values) == [60, 0, 70]
+    assert "bad" not in tree["images"].children
+    with pytest.raises(InvalidParameterError, match="no atoms"):
+        library.image(tree, "bad")
+    back = library.open_library(library.to_netcdf(tree, tmp_path / "f.nc"))
+    xr.testing.assert_identical(back, tree)
+
+
+def test_all_failed_library_is_valid(tmp_path):
+    tree = library.from_datasets([None, None], ids=["x", "y"])
+    library.validate(tree)
+    assert library.atoms(tree).sizes["atom"] == 0
+    xr.testing.assert_identical(library.open_library(library.to_netcdf(tree, tmp_path / "e.nc")), tree)
+
+
+def test_images_without_atoms_round_trip():
+    plain = atomds.from_array(np.random.default_rng(0).random((10, 12)), pixel_size=0.5, units="Å")
+    with_atoms = _image(5, 20, 0.5, extra=False)
+    tree = library.from_datasets([plain, with_atoms], ids=["plain", "atoms"])
+    xr.testing.assert_identical(library.image(tree, "plain"), plain)
+    xr.testing.assert_identical(library.image(tree, "atoms"), with_atoms)
+
+
+def test_make_ids_unique_and_safe():
+    assert library.make_ids(["a/img.tif", "b/img.tif", "c/img 1.dm4", "img-2.npy"]) == ["img", "img-2", "img_1", "img-2-2"]
+    assert library.make_ids(["a/img.tif", "b/img.tif"]) == library.make_ids(["a/img.tif", "b/img.tif"])
+    with pytest.raises(InvalidParameterError, match="unique"):
+        library.from_datasets([_image(1, 5, 0.5), _image(2, 5, 0.5)], ids=["same", "same"])
+
+
+def test_mixed_length_units_are_refused(images):
+    px = atomds.from_array(np.random.default_rng(0).random((10, 12)))
+    with pytest.raises(InvalidParameterError, match="units"):
+        library.from_datasets([images[0], px])
+
+
+def test_inputs_not_modified(images):
+    before = [d.copy(deep=True) for d in images]
+    tree = library.from_datasets(images)
+    library.learn(tree, n_clusters=2)
+    for b, d in zip(before, images, strict=True):
+        xr.testing.assert_identical(b, d)
+
+
+# ------------------------------------------------------------------------------- properties
+
+
+def test_properties_from_csv_by_file_name(images, tmp_path):
+    csv = tmp_path / "props.csv"
+    csv.write_text("file,composition,temperature,note\nsample_3.tif,0.8,400,hot\nsample_1.tif,0.2,300,\n", encoding="utf-8")
+    tree = library.from_datasets(images, properties=csv)
+    np.testing.assert_allclose(tree["composition"].values, [0.2, np.nan, 0.8])
+    assert tree["temperature"].dtype == np.float64  # a missing value
+    assert list(tree["note"].values) == ["", "", "hot"]
+    replaced = library.set_properties(tree, {"sample_2": {"composition": 0.5}})
+    np.testing.assert_allclose(replaced["composition"].values, [np.nan, 0.5, np.nan])
+    assert "temperature" not in replaced and "temperature" in tree
+
+
+def test_bad_properties_are_clear_errors(images, tmp_path):
+    with pytest.raises(InvalidParameterError, match="one value per image"):
+        library.from_datasets(images, properties={"t": [1, 2]})
+    with pytest.raises(InvalidParameterError, match="reserved"):
+        library.from_datasets(images, properties={"status": [1, 2, 3]})
+    with pytest.raises(atomds.errors.FileMissingError):
+        library.from_datasets(images, properties=tmp_path / "missing.csv")
+
+
+# ------------------------------------------------------------------------------- validation and writing
+
+
+def test_validate_lists_problems(images):
+    tree = library.from_datasets(images)
+    broken = tree.copy()
+    at = broken["atoms"].to_dataset(inherit=False)
+    at["atom_count"] = at["atom_count"] + 1
+    broken["atoms"].dataset = at
+    with pytest.raises(SchemaValidationError, match="atom_count sums"):
+        library.validate(broken)
+    assert library.problems(xr.Dataset()) == ["expected an xarray.DataTree, got Dataset"]
+
+
+def test_write_is_atomic(images, tmp_path, monkeypatch):
+    path = tmp_path / "lib.nc"
+    tree = library.from_datasets(images)
+    library.to_netcdf(tree, path)
+    before = path.read_bytes()
+
+    def boom(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(xr.DataTree, "to_netcdf", boom)
+    with pytest.raises(OSError, match="disk full"):
+        library.to_netcdf(library.from_datasets(images[:1]), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["lib.nc"]
+
+
+# ------------------------------------------------------------------------------- learning
+
+
+def test_library_wide_learning_shares_labels_across_images(images, tmp_path):
+    tree = library.from_datasets(images, properties={"composition": [0.2, 0.5, 0.8]})
+    K = library.suggest_k(tree)
+    assert K == 2
+    learned = library.learn(tree)
+    at = library.atoms(learned)
+    used = ~at["is_edge"].values
+    lab = at["cluster"].values
+    assert (lab[~used] == -1).all() and (lab[used] >= 0).all()
+    # one label per phase, the same in every image
+    for phase in (0, 1):
+        assert len(np.unique(lab[used & (at["true_phase"].values == phase)])) == 1
+    assert len(np.unique(lab[used])) == 2
+    # per-image summaries follow the composition of each image
+    small = int(np.unique(lab[used & (at["true_phase"].values == 1)])[0])
+    frac = learned["cluster_fraction"].sel(library_cluster=small).values
+    truth = [np.mean(d["true_phase"].values[~d["is_edge"].values]) for d in images]
+    np.testing.assert_allclose(frac, truth)
+    np.testing.assert_allclose(learned["cluster_fraction"].sum("library_cluster"), 1.0)
+    r = library.property_correlation(learned)
+    assert r.sel(summary=f"cluster_fraction[{small}]", property="composition") > 0.95
+    assert r.attrs["n_images"] == 3
+    # modes and loadings: the breathing mode separates the phases
+    assert at["pca_loadings"].dims == ("atom", "component")
+    assert np.isnan(at["pca_loadings"].values[~used]).all()
+    assert float(at["pca_explained_variance_ratio"][0]) > 0.9
+    assert learned["mean_loading"].dims == ("image", "library_component")
+    # the per-image PCA of the inputs is replaced by the library-wide one
+    assert "pca_components" not in learned["images/sample_1"].to_dataset(inherit=False)
+    one = library.image(learned, "sample_2")
+    np.testing.assert_array_equal(one["cluster"].values, lab[60:105])
+    assert one["pca_components"].shape == at["pca_components"].shape
+    # learned libraries round-trip too
+    back = library.open_library(library.to_netcdf(learned, tmp_path / "learned.nc"))
+    xr.testing.assert_identical(back, learned)
+    # and learning again is deterministic
+    xr.testing.assert_identical(library.learn(tree), learned)
+
+
+def test_learning_needs_neighbourhoods():
+    plain = _image(1, 10, 0.5).drop_vars(["neighbor_dx", "neighbor_dy"])
+    tree = library.from_datasets([plain])
+    with pytest.raises(MissingStepError, match="neighborhoods"):
+        library.kmeans(tree, 2)
+    with pytest.raises(MissingStepError, match="learn"):
+        library.property_correlation(tree)
