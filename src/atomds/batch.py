@@ -1,0 +1,624 @@
+"""Many images on dask.distributed, assembled into one library.
+
+:func:`batch` runs the per-image pipeline (:func:`atomds.pipeline.analyze`, or a subset of its
+stages) as one task per image on a dask.distributed cluster: a :class:`~distributed.LocalCluster`
+on 127.0.0.1 when no client or scheduler address is given, any running ``dask scheduler``
+otherwise. Tasks receive only a path and parameters and return a small record; each worker
+writes its image's result atomically to ``work_dir/<id>.nc`` (or ``work_dir/<id>.failed.json``)
+as soon as it is done, so an interrupted batch loses nothing finished and a rerun skips the
+images whose result is already there (same input file, same parameters). The results are then
+assembled into one library (:mod:`atomds.library`), learned on together, and written atomically.
+
+The ``atomds batch`` command (:func:`run_batch_command`) is the command-line front end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import resource
+import sys
+import time
+import types
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+
+from . import __version__
+from .errors import FileMissingError, InvalidParameterError
+from .io import SUPPORTED_EXTENSIONS, atomic_write
+
+__all__ = [
+    "batch",
+    "run_batch",
+    "BatchResult",
+    "DEFAULT_STEPS",
+    "process_image",
+    "add_batch_parser",
+    "run_batch_command",
+]
+
+#: Per-image stages run by default: library-wide k-means and PCA follow on all atoms together.
+DEFAULT_STEPS = ("align", "find", "refine", "neighborhoods")
+_PART_SUFFIX = ".nc"
+_FAIL_SUFFIX = ".failed.json"
+
+
+# --------------------------------------------------------------------------------------------
+# the per-image task (runs on a worker)
+# --------------------------------------------------------------------------------------------
+
+
+def _run_steps(ds: xr.Dataset, steps: Sequence[str], params: Mapping[str, Any]) -> xr.Dataset:
+    from .pipeline import STAGES, analyze
+
+    k = int(params.get("k", 6))
+    sort = params.get("sort", "angle")
+    model = params.get("model", "gaussian")
+    find_kwargs = dict(params.get("find_kwargs") or {})
+    n_clusters = params.get("n_clusters")
+    n_components = params.get("n_components")
+    if tuple(steps) == tuple(STAGES):
+        return analyze(
+            ds, k=k, sort=sort, n_clusters=n_clusters, n_components=n_components, model=model, find_kwargs=find_kwargs
+        )
+    for step in steps:
+        if step == "align":
+            if "image" not in ds.data_vars and "frames" in ds.data_vars:
+                from .ops.preprocess import align_frames
+
+                ds = align_frames(ds)
+        elif step == "find":
+            ds = ds.lcx.find_atoms(**find_kwargs)
+        elif step == "refine":
+            ds = ds.lcx.refine(model=model)
+        elif step == "neighborhoods":
+            ds = ds.lcx.neighborhoods(k=k, sort=sort)
+        elif step == "clusters":
+            K = n_clusters if n_clusters is not None else ds.lcx.suggest_k()
+            ds = ds.lcx.kmeans(K)
+        elif step == "pca":
+            ds = ds.lcx.pca(n_components=n_components)
+    return ds
+
+
+def _write_json(path: Path, record: Mapping[str, Any]) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(record, sort_keys=True, indent=1), encoding="utf-8")
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux, bytes on macOS
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024.0 if sys.platform != "darwin" else r / 2**20
+
+
+def process_image(task: Mapping[str, Any]) -> dict[str, Any]:
+    """Run the per-image pipeline on one file and write its result; never raises for a bad image.
+
+    This is the function each dask task runs. ``task`` holds only small values: ``path``,
+    ``id``, ``part`` (result file), ``failed`` (failure record file), ``steps``, ``params``
+    (keyword arguments of the stages and ``pixel_size``/``units`` of :func:`atomds.open_image`)
+    and ``fingerprint`` (stored in the result so that a rerun can tell whether it is current).
+
+    Returns
+    -------
+    dict
+        ``id``, ``status`` ("ok" or "failed"), ``error``, ``n_atoms``, ``seconds``,
+        ``peak_rss_mb`` (peak resident memory of the worker process so far) and ``pid``.
+    """
+    from .io import open_image, to_netcdf
+
+    t0 = time.perf_counter()
+    part = Path(task["part"])
+    failed = Path(task["failed"])
+    params = dict(task.get("params") or {})
+    out: dict[str, Any] = {"id": task["id"], "status": "ok", "error": "", "n_atoms": 0, "pid": os.getpid()}
+    try:
+        ds = open_image(task["path"], pixel_size=params.get("pixel_size"), units=params.get("units"))
+        ds = _run_steps(ds, task["steps"], params)
+        ds.attrs["batch_source"] = str(task["path"])
+        ds.attrs["batch_fingerprint"] = str(task["fingerprint"])
+        to_netcdf(ds, part)
+        out["n_atoms"] = int(ds.sizes.get("atom", 0))
+        with contextlib.suppress(FileNotFoundError):
+            failed.unlink()
+    except Exception as exc:  # noqa: BLE001 - a failed image is recorded, never fatal
+        message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:2000]
+        out.update(status="failed", error=message)
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+        _write_json(
+            failed,
+            {"id": task["id"], "source": str(task["path"]), "error": message, "fingerprint": task["fingerprint"]},
+        )
+    out["seconds"] = time.perf_counter() - t0
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# bookkeeping on the client
+# --------------------------------------------------------------------------------------------
+
+
+def _expand_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[Path] = ()) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    skip = {p.resolve() for p in exclude}
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = sorted(
+                q for q in p.iterdir()
+                if q.is_file() and q.suffix.lower() in SUPPORTED_EXTENSIONS and not q.name.startswith(".")
+            )
+            out += [q for q in found if q.resolve() not in skip and not any(s in q.resolve().parents for s in skip)]
+        else:
+            out.append(p)
+    if not out:
+        raise InvalidParameterError("no input images given (or the folders given hold no supported image files).")
+    return out
+
+
+def _fingerprint(path: Path, steps: Sequence[str], params: Mapping[str, Any]) -> str:
+    try:
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns]
+    except OSError:
+        stamp = None
+    blob = json.dumps(
+        {"source": str(path.resolve()), "stamp": stamp, "steps": list(steps), "params": params, "version": __version__},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _part_fingerprint(part: Path) -> str | None:
+    """The fingerprint stored in a result file, or None if it is unreadable."""
+    try:
+        import netCDF4
+
+        with netCDF4.Dataset(part, "r") as nc:
+            return str(nc.getncattr("batch_fingerprint")) if "batch_fingerprint" in nc.ncattrs() else None
+    except (OSError, RuntimeError, KeyError, AttributeError):
+        return None
+
+
+def _check_steps(steps: Sequence[str] | str | None) -> tuple[str, ...]:
+    from .pipeline import STAGES
+
+    if steps is None:
+        return DEFAULT_STEPS
+    if isinstance(steps, str):
+        steps = STAGES if steps == "all" else [s.strip() for s in steps.split(",") if s.strip()]
+    steps = tuple(str(s) for s in steps)
+    unknown = [s for s in steps if s not in STAGES]
+    if unknown:
+        raise InvalidParameterError(f"unknown steps {unknown}; choose from {list(STAGES)} (or 'all').")
+    # canonical order, no repeats
+    return tuple(s for s in STAGES if s in steps)
+
+
+@dataclass
+class BatchResult:
+    """What :func:`run_batch` did: the library and per-image bookkeeping."""
+
+    library: xr.DataTree
+    ids: list[str]
+    computed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    output: Path | None = None
+
+
+@contextlib.contextmanager
+def _cluster_client(client, scheduler, n_workers, memory_limit, n_tasks):
+    """Yield a distributed Client: the given one, one connected to ``scheduler``, or a LocalCluster's."""
+    if client is not None:
+        yield client
+        return
+    from distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        c = Client(scheduler, timeout="30s")
+        try:
+            yield c
+        finally:
+            c.close()
+        return
+    n = int(n_workers) if n_workers is not None else max(1, min(os.cpu_count() or 1, n_tasks))
+    if n < 1:
+        raise InvalidParameterError(f"n_workers must be >= 1, got {n_workers!r}.")
+    cluster = LocalCluster(
+        n_workers=n,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        memory_limit=memory_limit,
+        silence_logs=logging.ERROR,
+    )
+    try:
+        c = Client(cluster)
+        try:
+            yield c
+        finally:
+            c.close()
+    finally:
+        cluster.close()
+
+
+def _submit_all(client, tasks, progress, on_result):
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    futures = client.map(process_image, tasks, key=[f"atomds-image-{t['id']}-{t['fingerprint']}" for t in tasks], retries=0)
+    by_key = {f.key: t for f, t in zip(futures, tasks, strict=True)}
+    bar = tqdm(total=len(tasks), desc="atomds batch", unit="image", disable=not progress, file=sys.stderr)
+    try:
+        for fut in as_completed(futures):
+            task = by_key[fut.key]
+            try:
+                rec = fut.result()
+            except Exception as exc:  # noqa: BLE001 - a worker died (KilledWorker), a cancelled task...
+                message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:2000]
+                rec = {"id": task["id"], "status": "failed", "error": message, "n_atoms": 0}
+                _write_json(
+                    Path(task["failed"]),
+                    {"id": task["id"], "source": task["path"], "error": message, "fingerprint": task["fingerprint"]},
+                )
+            on_result(rec)
+            bar.update(1)
+            if rec["status"] != "ok":
+                bar.set_postfix_str(f"{rec['id']} failed")
+            fut.release()
+    except BaseException:
+        client.cancel(futures)
+        raise
+    finally:
+        bar.close()
+
+
+def run_batch(
+    paths: Iterable[str | os.PathLike],
+    *,
+    steps: Sequence[str] | str | None = DEFAULT_STEPS,
+    client: Any = None,
+    scheduler: str | None = None,
+    n_workers: int | None = None,
+    work_dir: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    properties: Any = None,
+    learn: bool | str = "auto",
+    n_clusters: int | None = None,
+    n_components: int | None = None,
+    k: int = 6,
+    sort: str = "angle",
+    model: str = "gaussian",
+    find_kwargs: Mapping[str, Any] | None = None,
+    pixel_size: float | None = None,
+    units: str | None = None,
+    memory_limit: str | float | None = "2GiB",
+    retry_failed: bool = True,
+    progress: bool = True,
+    on_result: Callable[[dict], None] | None = None,
+) -> BatchResult:
+    """:func:`batch` with bookkeeping: returns a :class:`BatchResult` (the library plus which ids were computed, skipped, failed)."""
+    t_start = time.perf_counter()
+    steps_t = _check_steps(steps)
+    if output is None and work_dir is None:
+        raise InvalidParameterError("give output= (the library file) or work_dir= (where per-image results go).")
+    output_p = Path(output) if output is not None else None
+    if output_p is not None and output_p.suffix.lower() not in (".nc", ".nc4"):
+        raise InvalidParameterError(f"the library file must end in .nc, got {output_p.name!r}.")
+    work = Path(work_dir) if work_dir is not None else output_p.with_name(output_p.name + ".parts")
+    if client is not None and scheduler is not None:
+        raise InvalidParameterError("give client= or scheduler=, not both.")
+    inputs = _expand_inputs(paths, exclude=[work])
+    from . import library as lib
+
+    ids = lib.make_ids(inputs)
+    params: dict[str, Any] = {
+        "k": int(k),
+        "sort": sort,
+        "model": model,
+        "find_kwargs": dict(find_kwargs or {}),
+        "n_clusters": n_clusters,
+        "n_components": n_components,
+        "pixel_size": pixel_size,
+        "units": units,
+    }
+    work.mkdir(parents=True, exist_ok=True)
+    if output_p is not None and not output_p.parent.exists():
+        raise FileMissingError(f"the folder {output_p.parent} does not exist.")
+
+    tasks, skipped = [], []
+    for p, iid in zip(inputs, ids, strict=True):
+        fp = _fingerprint(p, steps_t, params)
+        part = work / f"{iid}{_PART_SUFFIX}"
+        failed = work / f"{iid}{_FAIL_SUFFIX}"
+        if part.exists() and _part_fingerprint(part) == fp:
+            skipped.append(iid)
+            continue
+        if not retry_failed and failed.exists():
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(failed.read_text(encoding="utf-8")).get("fingerprint") == fp:
+                    skipped.append(iid)
+                    continue
+        tasks.append(
+            {
+                "path": str(p.resolve()) if p.exists() else str(p.absolute()),
+                "id": iid,
+                "part": str(part.resolve()),
+                "failed": str(failed.resolve()),
+                "steps": list(steps_t),
+                "params": params,
+                "fingerprint": fp,
+            }
+        )
+    records: list[dict[str, Any]] = []
+
+    def collect(rec: dict) -> None:
+        records.append(rec)
+        if on_result is not None:
+            on_result(rec)
+
+    if tasks:
+        with _cluster_client(client, scheduler, n_workers, memory_limit, len(tasks)) as c:
+            _submit_all(c, tasks, progress, collect)
+
+    # a missing input is still a task above: the worker records it as failed like any bad image
+    tree, failed_map, opened = _assemble(work, ids, properties=properties, lazy=output_p is not None)
+    try:
+        do_learn = learn is True or (learn == "auto" and "neighborhoods" in steps_t)
+        if do_learn and any(s == "ok" for s in tree["status"].values):
+            tree = lib.learn(tree, n_clusters=n_clusters, n_components=n_components)
+        if output_p is not None:
+            lib.to_netcdf(tree, output_p)
+    finally:
+        for ds in opened:
+            ds.close()
+    if output_p is not None:
+        tree = lib.open_library(output_p, chunks={})
+    return BatchResult(
+        library=tree,
+        ids=ids,
+        computed=[r["id"] for r in records if r["status"] == "ok"],
+        skipped=skipped,
+        failed=failed_map,
+        records=records,
+        seconds=time.perf_counter() - t_start,
+        output=output_p,
+    )
+
+
+def _assemble(
+    work: Path, ids: Sequence[str], *, properties: Any, lazy: bool
+) -> tuple[xr.DataTree, dict[str, str], list[xr.Dataset]]:
+    """Build the library from the per-image results in ``work`` (lazily when ``lazy``)."""
+    from . import library as lib
+    from .io import open_dataset
+
+    dss: list[xr.Dataset | None] = []
+    errors: dict[str, str] = {}
+    for iid in ids:
+        part = work / f"{iid}{_PART_SUFFIX}"
+        failed = work / f"{iid}{_FAIL_SUFFIX}"
+        if part.exists():
+            ds = open_dataset(part, chunks={}) if lazy else open_dataset(part)
+            ds.attrs.pop("batch_fingerprint", None)
+            dss.append(ds)
+            continue
+        msg = "no result (the batch was interrupted before this image finished)"
+        if failed.exists():
+            with contextlib.suppress(OSError, ValueError):
+                msg = str(json.loads(failed.read_text(encoding="utf-8")).get("error") or msg)
+        errors[iid] = msg
+        dss.append(None)
+    opened = [d for d in dss if d is not None] if lazy else []
+    try:
+        tree = lib.from_datasets(dss, ids=list(ids), properties=properties, errors=errors)
+        if lazy:
+            # per-atom tables are needed whole for learning; the images stay lazy until written
+            tree["atoms"].load()
+    except BaseException:
+        for d in opened:
+            d.close()
+        raise
+    return tree, errors, opened
+
+
+def batch(
+    paths: Iterable[str | os.PathLike],
+    *,
+    steps: Sequence[str] | str | None = DEFAULT_STEPS,
+    client: Any = None,
+    scheduler: str | None = None,
+    n_workers: int | None = None,
+    work_dir: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    properties: Any = None,
+    learn: bool | str = "auto",
+    n_clusters: int | None = None,
+    n_components: int | None = None,
+    k: int = 6,
+    sort: str = "angle",
+    model: str = "gaussian",
+    find_kwargs: Mapping[str, Any] | None = None,
+    pixel_size: float | None = None,
+    units: str | None = None,
+    memory_limit: str | float | None = "2GiB",
+    retry_failed: bool = True,
+    progress: bool = True,
+) -> xr.DataTree:
+    """Analyse many images on dask.distributed and assemble them into one library.
+
+    Each image is one task: the worker opens the file, runs the per-image ``steps`` and writes
+    the result atomically to ``work_dir/<id>.nc`` (id = the file stem, made unique); only the
+    path and parameters travel through the scheduler. A failed image (unreadable file, no atoms,
+    a worker that died) is recorded with its error and never stops the others. Images whose
+    result is already in ``work_dir`` (same file, same parameters) are not recomputed, so
+    rerunning an interrupted batch finishes only the rest.
+
+    Parameters
+    ----------
+    paths : iterable of path-like
+        Image files (any format :func:`atomds.open_image` reads); a folder stands for its image
+        files.
+    steps : sequence of str or "all"
+        Per-image stages of :data:`atomds.pipeline.STAGES`; default ``("align", "find",
+        "refine", "neighborhoods")``, after which k-means and PCA run on all atoms together
+        (``learn``). ``"all"`` runs :func:`atomds.pipeline.analyze` (per-image clusters too).
+    client : distributed.Client, optional
+        Run on this client's cluster.
+    scheduler : str, optional
+        Address of a running ``dask scheduler`` (``tcp://127.0.0.1:8786``); its workers must
+        see the input files and ``work_dir`` at the same paths.
+    n_workers : int, optional
+        Workers of the LocalCluster started when neither ``client`` nor ``scheduler`` is given
+        (one process each, one thread, bound to 127.0.0.1); default: CPU count.
+    work_dir : path-like, optional
+        Folder of the per-image results; default ``<output>.parts`` next to the library.
+    output : path-like, optional
+        Library file (NetCDF) written atomically at the end; the returned tree then reads from
+        it lazily. Without it the library is returned in memory.
+    properties : CSV path, DataFrame or mapping, optional
+        Per-image properties stored along ``image`` (:func:`atomds.library.read_properties`).
+    learn : bool or "auto"
+        Fit k-means and PCA over all atoms together (:func:`atomds.library.learn`); "auto" does
+        so when the steps include neighbourhoods.
+    n_clusters, n_components : int, optional
+        For the learning (K from the library-wide dendrogram when None; all components when None).
+    k, sort, model, find_kwargs
+        Parameters of the per-image stages (see :func:`atomds.pipeline.analyze`).
+    pixel_size, units : optional
+        Calibration override for every input (see :func:`atomds.open_image`).
+    memory_limit : str or float, optional
+        Memory limit per LocalCluster worker (dask's syntax, "2GiB").
+    retry_failed : bool
+        Retry images whose earlier attempt failed (default); else keep their failure.
+    progress : bool
+        Show a progress bar over images (on stderr).
+
+    Returns
+    -------
+    xarray.DataTree
+        The library (:mod:`atomds.library`): ``status(image)`` and ``error(image)`` at the root.
+    """
+    return run_batch(
+        paths,
+        steps=steps,
+        client=client,
+        scheduler=scheduler,
+        n_workers=n_workers,
+        work_dir=work_dir,
+        output=output,
+        properties=properties,
+        learn=learn,
+        n_clusters=n_clusters,
+        n_components=n_components,
+        k=k,
+        sort=sort,
+        model=model,
+        find_kwargs=find_kwargs,
+        pixel_size=pixel_size,
+        units=units,
+        memory_limit=memory_limit,
+        retry_failed=retry_failed,
+        progress=progress,
+    ).library
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+
+def add_batch_parser(subparsers) -> None:
+    """Add the ``batch`` command to the ``atomds`` argument parser."""
+    b = subparsers.add_parser(
+        "batch",
+        help="analyse many images on dask.distributed into one library (DataTree NetCDF)",
+        description=(
+            "Run the per-image pipeline on every input (one dask task per image), write each result to the work "
+            "dir as it finishes, then assemble one library with k-means and PCA over all atoms together. "
+            "Images already done are skipped; failed images are recorded and the command still exits 0."
+        ),
+    )
+    b.add_argument("inputs", nargs="+", metavar="INPUTS", help="image files (or folders of image files)")
+    b.add_argument("-o", "--output", required=True, metavar="LIBRARY.nc", help="library file to write")
+    where = b.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS", help="address of a running dask scheduler")
+    where.add_argument("--workers", type=int, default=None, metavar="N", help="workers of the local cluster (default: CPU count)")
+    b.add_argument("--work-dir", default=None, metavar="DIR", help="per-image results (default: LIBRARY.nc.parts/)")
+    b.add_argument("--properties", default=None, metavar="CSV", help="per-image properties: a CSV with an 'id' column")
+    b.add_argument("--steps", default=",".join(DEFAULT_STEPS), help="per-image stages, comma separated, or 'all' (default: %(default)s)")
+    b.add_argument("--pixel-size", type=float, default=None, help="override the calibration of every input")
+    b.add_argument("--units", default=None, help="units of --pixel-size (nm, Å, pm, px)")
+    b.add_argument("-k", "--neighbors", type=int, default=6, help="neighbours per atom (default 6)")
+    b.add_argument("--sort", choices=["angle", "distance"], default="angle", help="neighbour order")
+    b.add_argument("--clusters", type=int, default=None, help="clusters over the library (default: from the dendrogram)")
+    b.add_argument("--components", type=int, default=None, help="PCA components to keep (default: all)")
+    b.add_argument("--no-learn", action="store_true", help="skip the library-wide k-means and PCA")
+    b.add_argument("--memory-limit", default="2GiB", help="memory limit per local worker (default: %(default)s)")
+    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run_batch_command(args) -> int:
+    """Run ``atomds batch`` from parsed arguments; exit status 0 even when some images failed."""
+    if args.workers is not None and args.workers < 1:
+        raise InvalidParameterError(f"--workers must be >= 1, got {args.workers}.")
+    res = run_batch(
+        args.inputs,
+        steps=args.steps,
+        scheduler=args.scheduler,
+        n_workers=args.workers,
+        work_dir=args.work_dir,
+        output=args.output,
+        properties=args.properties,
+        learn=False if args.no_learn else "auto",
+        n_clusters=args.clusters,
+        n_components=args.components,
+        k=args.neighbors,
+        sort=args.sort,
+        pixel_size=args.pixel_size,
+        units=args.units,
+        memory_limit=args.memory_limit,
+        progress=not args.no_progress,
+    )
+    tree = res.library
+    n = len(res.ids)
+    n_failed = len(res.failed)
+    n_atoms = int(tree["atoms"].sizes.get("atom", 0))
+    print(
+        f"{n} images: {len(res.computed)} analysed, {len(res.skipped)} already done, {n_failed} failed; "
+        f"{n_atoms} atoms -> {res.output}"
+    )
+    for iid, msg in list(res.failed.items())[:20]:
+        print(f"  failed {iid}: {msg}")
+    if n_failed > 20:
+        print(f"  ... and {n_failed - 20} more (see status/error in the library)")
+    tree.close()
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """``atomds.batch(...)`` calls :func:`batch` even after ``import atomds.batch`` has made the
+    package attribute this module instead of the function."""
+
+    def __call__(self, *args, **kwargs):
+        return batch(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
