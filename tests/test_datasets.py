@@ -499,3 +499,142 @@ def test_spectrum_image_extent_and_errors():
         datasets.spectrum_image(ds, energy=[500.0, 400.0])
     with pytest.raises(MissingVariableError):
         datasets.spectrum_image(ds[["image"]])
+
+
+# ------------------------------------------------------------------------------------ frame stacks
+
+
+def test_frames_layout_and_truth_in_units():
+    ds = datasets.frames(n_frames=6, shape=(96, 112), pixel_size=0.2, seed=1)
+    assert ds.frames.dims == ("frame", "y", "x") and ds.frames.shape == (6, 96, 112)
+    assert ds.frames.dtype == np.float32 and "image" not in ds
+    np.testing.assert_array_equal(ds.frame.values, np.arange(6))
+    assert ds.attrs["units"] == "Å" and ds.attrs["pixel_size"] == pytest.approx(0.2)
+    assert ds.attrs["sample"] == "frames" and ds.attrs["sample_lattice"] == "hexagonal"
+    assert ds.attrs["sample_n_frames"] == 6 and ds.attrs["sample_dose"] == 2000.0
+    assert ds.attrs["sample_dose_per_frame"] == pytest.approx(2000.0 / 6)
+    for v in ds.variables:
+        assert "units" in ds[v].attrs and "long_name" in ds[v].attrs, v
+    for v in ("true_shift_x", "true_shift_y", "true_drift_x", "true_drift_y"):
+        assert ds[v].dims == ("frame",) and ds[v].attrs["units"] == "Å"
+        assert ds[v].values[0] == 0.0
+    # truth in Å is the generator's truth in px times the pixel size
+    st = samples.frame_stack_sample(n_frames=6, shape=(96, 112), seed=1)
+    np.testing.assert_allclose(ds.true_shift_x.values, st.shift_x * 0.2)
+    np.testing.assert_allclose(ds.true_shift_y.values, st.shift_y * 0.2)
+    np.testing.assert_allclose(ds.true_x.values, st.reference.x * 0.2)
+    np.testing.assert_array_equal(ds.frames.values, st.frames.astype(np.float32))
+    # the drift is linear from frame 0 to (3, -2) px at the last frame; the jitter is the rest
+    np.testing.assert_allclose(ds.true_drift_x.values / 0.2, np.linspace(0, 3.0, 6))
+    np.testing.assert_allclose(ds.true_drift_y.values / 0.2, np.linspace(0, -2.0, 6))
+    jit = np.concatenate([(ds.true_shift_x - ds.true_drift_x).values[1:], (ds.true_shift_y - ds.true_drift_y).values[1:]])
+    assert 0.05 < np.std(jit / 0.2) < 1.0
+    xy = _xy_px(ds)
+    assert (xy >= -0.5).all() and (xy[:, 0] < 111.5).all() and (xy[:, 1] < 95.5).all()
+    assert ds.true_counts.values == pytest.approx(2000.0 / 6)
+    assert ds.attrs["sample_spacing_px"] == 12.0
+
+
+def test_frames_deterministic_under_seed():
+    a = datasets.frames(n_frames=4, shape=64, seed=3)
+    b = datasets.frames(n_frames=4, shape=64, seed=3)
+    xr.testing.assert_identical(a, b)
+    c = datasets.frames(n_frames=4, shape=64, seed=4)
+    assert not np.array_equal(a.frames.values, c.frames.values)
+    assert not np.allclose(a.true_shift_x.values[1:], c.true_shift_x.values[1:])
+
+
+def test_frames_are_the_specimen_moved_by_the_true_shift():
+    """Sign convention and exactness: frame 0 moved by +shift_i is frame i (noise-free)."""
+    from scipy import ndimage
+
+    st = samples.frame_stack_sample(n_frames=5, shape=(96, 96), drift=(2.5, -1.5), jitter=0.4, seed=2)
+    m = 12
+    for i in range(1, 5):
+        target = st.expected[i][m:-m, m:-m]
+        moved = ndimage.shift(st.expected[0], (st.shift_y[i], st.shift_x[i]), order=3, mode="nearest")[m:-m, m:-m]
+        wrong = ndimage.shift(st.expected[0], (-st.shift_y[i], -st.shift_x[i]), order=3, mode="nearest")[m:-m, m:-m]
+        peak = target.max()
+        assert np.abs(moved - target).max() < 0.005 * peak  # cubic-spline interpolation error only
+        assert np.abs(wrong - target).max() > 0.1 * peak
+    # the shifts are sub-pixel and not all equal
+    assert np.ptp(st.shift_x) > 0.5 and np.any(np.abs(st.shift_x - np.round(st.shift_x)) > 0.1)
+
+
+def test_frames_columns_entering_at_the_edges_are_rendered():
+    """The specimen extends past the frame: the border is as bright as the interior in every frame."""
+    st = samples.frame_stack_sample(n_frames=4, shape=(120, 120), drift=(6.0, 5.0), jitter=0.5, background=0.0, seed=4)
+    for e in st.expected:
+        border = np.concatenate([e[:12].ravel(), e[-12:].ravel(), e[:, :12].ravel(), e[:, -12:].ravel()])
+        assert border.mean() == pytest.approx(e[30:90, 30:90].mean(), rel=0.06)
+
+
+def test_frames_dose_is_split_over_the_frames():
+    n = 10
+    st = samples.frame_stack_sample(n_frames=n, shape=(128, 128), dose=1500.0, background=0.0, read_noise=0.0, seed=5)
+    x0, y0 = st.reference.x, st.reference.y
+    totals = []
+    for i in range(n):
+        xy = np.stack([x0 + st.shift_x[i], y0 + st.shift_y[i]], axis=1)
+        sums = _voronoi_sums(st.frames[i], xy)
+        inner = _interior(xy, (128, 128), 3 * 12.0)
+        assert inner.sum() > 20
+        totals.append(sums[inner].mean())
+        # short dwell: each frame holds dose / n_frames per column, Poisson spread
+        assert sums[inner].std() == pytest.approx(math.sqrt(150.0), rel=0.4)
+    assert np.mean(totals) == pytest.approx(1500.0 / n, rel=0.01)
+    assert np.sum(totals) == pytest.approx(1500.0, rel=0.01)
+
+
+def test_frames_background_and_noise_per_frame():
+    st = samples.frame_stack_sample(n_frames=8, shape=(96, 96), read_noise=2.0, seed=6)
+    level = 0.1 * (2000.0 / 8) / (2 * np.pi * 4.0)
+    assert st.reference.background_level == pytest.approx(level)
+    assert st.reference.background.min() == pytest.approx(level, rel=0.05)
+    # the noise is independent per frame: Poisson on the expected image plus read noise
+    resid = st.frames - st.expected
+    assert np.var(resid) == pytest.approx(np.mean(st.expected) + 4.0, rel=0.05)
+    assert abs(np.corrcoef(resid[0].ravel(), resid[1].ravel())[0, 1]) < 0.05
+    # the mean of the frames is the mean expected intensity
+    assert st.frames.mean() == pytest.approx(st.expected.mean(), rel=0.02)
+
+
+@pytest.mark.parametrize("lattice", ["two_phase", "perovskite", "polar"])
+def test_frames_other_lattices(lattice):
+    ds = datasets.frames(n_frames=3, shape=96, lattice=lattice, dose=3000.0, seed=1)
+    assert ds.attrs["sample_lattice"] == lattice and ds.frames.shape == (3, 96, 96)
+    labels = set(np.unique(ds.true_label.values))
+    assert labels <= set(range(3)) and len(labels) >= 2
+    assert ("true_domain" in ds) == (lattice == "polar")
+    res = datasets.score_positions(ds, ds.true_x, ds.true_y)
+    assert res["recall"] == 1.0 and res["n_false"] == 0
+
+
+def test_frames_netcdf_round_trip(tmp_path):
+    ds = datasets.frames(n_frames=3, shape=64, lattice="polar", lattice_params={"displacement": 1.0})
+    path = tmp_path / "frames.nc"
+    atomds.to_netcdf(ds, path)
+    xr.testing.assert_identical(atomds.open_dataset(path), ds)
+    assert json.loads(ds.attrs["sample_params"])["lattice_params"] == {"displacement": 1.0}
+    np.testing.assert_allclose(np.abs(ds.true_dy.values[ds.true_label.values == 1]), 1.0 * 0.25)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(n_frames=1), "n_frames"),
+        (dict(n_frames=2.5), "n_frames"),
+        (dict(drift=3.0), "drift"),
+        (dict(drift=(1.0, float("nan"))), "drift"),
+        (dict(jitter=-0.1), "jitter"),
+        (dict(dose=0), "dose"),
+        (dict(lattice="cubic"), "lattice"),
+        (dict(lattice_params={"vacuum": True}), "vacuum"),
+        (dict(lattice_params={"dose": 5.0}), "lattice_params"),
+        (dict(lattice_params={"colour": "red"}), "lattice_params"),
+        (dict(pixel_size=-1), "pixel_size"),
+    ],
+)
+def test_frames_bad_parameters(kw, match):
+    with pytest.raises(InvalidParameterError, match=match):
+        datasets.frames(shape=64, **kw)

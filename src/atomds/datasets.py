@@ -26,6 +26,11 @@ All lengths given to the generators (``spacing``, ``sigma``, ``displacement``) a
 ``dose`` is the integrated counts per column; ``background`` is the background level as a fraction
 of a full column's peak height; ``read_noise`` is in counts. See :mod:`atomds.core.samples`.
 
+:func:`frames` is the exception to the image layout: a stack ``frames(frame, y, x)`` of noisy
+short-dwell frames of one drifting specimen, with the true displacement of each frame relative to
+frame 0 as ``true_shift_x(frame)``, ``true_shift_y(frame)`` (Å) and the columns of frame 0 on
+``true_atom``.
+
 >>> from atomds import datasets
 >>> ds = datasets.two_phase(seed=1)
 >>> ds.sizes["true_atom"] > 1000
@@ -52,6 +57,7 @@ __all__ = [
     "perovskite",
     "polar",
     "spectrum_image",
+    "frames",
     "list_samples",
     "load",
     "score_positions",
@@ -274,6 +280,95 @@ def polar(
         vacuum_center=vacuum_center, vacuum_radius=vacuum_radius, seed=seed,
     )
     return to_dataset(s, pixel_size=ps)
+
+
+def frames(
+    *,
+    n_frames: int = 20,
+    shape: int | tuple[int, int] = (256, 256),
+    dose: float = 2000.0,
+    drift: tuple[float, float] = (3.0, -2.0),
+    jitter: float = 0.3,
+    lattice: str = "hexagonal",
+    sigma: float = 2.0,
+    spacing: float | None = None,
+    angle: float = 0.0,
+    read_noise: float = 1.0,
+    background: float = 0.1,
+    lattice_params: dict[str, Any] | None = None,
+    pixel_size: float = _DEFAULT_PIXEL_SIZE,
+    seed: int = 0,
+) -> xr.Dataset:
+    """A stack of noisy short-dwell frames of one drifting specimen, with the true shifts.
+
+    Every frame shows the same specimen (the columns of ``lattice``: ``"hexagonal"``,
+    ``"two_phase"``, ``"perovskite"`` or ``"polar"``) rendered exactly at a sub-pixel shift: a
+    linear drift of ``drift`` = (dx, dy) px from the first to the last frame plus random
+    per-frame jitter of std ``jitter`` px per axis. ``dose`` is the integrated counts per column
+    summed over all frames (each frame holds ``dose / n_frames``; default 100 counts per column
+    per frame), with Poisson and read noise in every frame. See
+    :func:`atomds.core.samples.frame_stack_sample` (lengths in pixels).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``frames(frame, y, x)`` float32 in counts (made by :func:`atomds.from_array`), and the
+        ground truth:
+
+        ``true_shift_x(frame)``, ``true_shift_y(frame)`` (Å)
+            Displacement of the specimen in frame ``i`` relative to frame 0: a column at
+            ``(x, y)`` in frame 0 is at ``(x + true_shift_x[i], y + true_shift_y[i])`` in frame
+            ``i``; ``true_shift_*[0] = 0``. This is what a frame aligner must measure (its
+            ``shift_x``, ``shift_y``); moving frame ``i`` by ``-true_shift`` registers it onto
+            frame 0.
+        ``true_drift_x(frame)``, ``true_drift_y(frame)`` (Å)
+            The smooth (linear) part of the shift; the rest is the jitter.
+        ``true_x``, ``true_y``, ``true_label``, ... on ``true_atom``
+            The columns of frame 0, as in the other samples (module docs); ``true_counts`` is
+            the counts of a column in one frame (``dose / n_frames`` for a full column).
+
+        Attributes as for the other samples (``sample = "frames"``, ``sample_params``;
+        ``sample_dose`` is the total dose), plus ``sample_lattice``, ``sample_n_frames``,
+        ``sample_dose_per_frame``, and ``sample_background_level`` per frame.
+
+    Examples
+    --------
+    >>> ds = frames(n_frames=4, shape=64, seed=1)
+    >>> ds.frames.shape, float(ds.true_shift_x[0])
+    ((4, 64, 64), 0.0)
+    """
+    ps = _pixel_size(pixel_size)
+    st = _core.frame_stack_sample(
+        n_frames=n_frames, shape=shape, dose=dose, drift=drift, jitter=jitter, lattice=lattice, sigma=sigma,
+        spacing=spacing, angle=angle, read_noise=read_noise, background=background, lattice_params=lattice_params,
+        seed=seed,
+    )
+    ref = to_dataset(st.reference, pixel_size=ps)  # frame 0 with its truth on true_atom
+    ds = from_array(st.frames, pixel_size=ps, units="Å")
+    ps = float(ds.attrs["pixel_size"])
+    u = str(ds.attrs["units"])
+    for name, var in ref.data_vars.items():
+        if var.dims == ("true_atom",):
+            ds[name] = var
+    for axis in ("x", "y"):
+        ds[f"true_shift_{axis}"] = xr.DataArray(
+            getattr(st, f"shift_{axis}") * ps, dims=("frame",),
+            attrs={"units": u, "long_name": f"true displacement of the specimen relative to frame 0, {axis}"},
+        )
+        ds[f"true_drift_{axis}"] = xr.DataArray(
+            getattr(st, f"drift_{axis}") * ps, dims=("frame",),
+            attrs={"units": u, "long_name": f"smooth (linear) part of the true displacement, {axis}"},
+        )
+    ds.attrs.update({k: v for k, v in ref.attrs.items() if k.startswith("sample")})
+    ds.attrs.update(
+        {
+            "sample": "frames",
+            "sample_lattice": str(lattice),
+            "sample_n_frames": int(st.n_frames),
+            "sample_dose_per_frame": float(st.params["dose_per_frame"]),
+        }
+    )
+    return ds
 
 
 _SAMPLES: dict[str, Callable[..., xr.Dataset]] = {
