@@ -136,11 +136,6 @@ def test_truncated_dm_is_unreadable(tmp_path, image, ext):
             atomds.open_image(bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rsciio reads the pixels of big-endian DM files (byte-order flag 0) with the native dtype, "
-    "ignoring the flag: values come out byte-swapped (reported to the lead; fix belongs in io.py)",
-)
 def test_big_endian_dm3_pixels(tmp_path, image):
     ds = atomds.open_image(write_dm(tmp_path / "mac.dm3", image, scale=0.05, units="nm", little_endian=False))
     np.testing.assert_array_equal(ds.image.values, image)

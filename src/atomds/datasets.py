@@ -84,9 +84,13 @@ def to_dataset(sample: _core.Sample, *, pixel_size: float = _DEFAULT_PIXEL_SIZE)
     flags = np.arange(len(names), dtype=np.int64)
     ds["true_x"] = var(sample.x * ps, u, "true column centre x")
     ds["true_y"] = var(sample.y * ps, u, "true column centre y")
+    # CF flag attributes; a one-element array attr would come back from NetCDF as a scalar
+    flag_attrs = {"flag_meanings": " ".join(names)}
+    if len(names) > 1:
+        flag_attrs["flag_values"] = flags
     ds["true_label"] = var(
         sample.label.astype(np.int64), "1", f"true column class ({', '.join(f'{i} = {n}' for i, n in enumerate(names))})",
-        flag_values=flags, flag_meanings=" ".join(names),
+        **flag_attrs,
     )
     ds["true_counts"] = var(sample.counts, "counts", "true integrated counts of the column")
     ds["true_sigma"] = var(sample.sigma * ps, u, "true Gaussian width of the column")

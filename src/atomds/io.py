@@ -291,7 +291,19 @@ def _pick_signal(signals: list[dict], path: Path) -> dict:
 def _calibration(sig: dict) -> tuple[float, str]:
     axes = sig.get("axes", [])
     ax = axes[-1] if axes else {}  # the x axis of (y, x) or (frame, y, x)
-    scale = ax.get("scale", 1.0) or 1.0
+    scale = float(ax.get("scale", 1.0) or 1.0)
+    # files often store calibrations as float32 (0.05 nm -> 0.0500000007): keep 7 significant digits
+    scale = float(f"{scale:.7g}")
+    if len(axes) >= 2:
+        sy = float(axes[-2].get("scale", scale) or scale)
+        if abs(sy - scale) > 1e-3 * abs(scale):
+            import warnings
+
+            warnings.warn(
+                f"the file's y pixel size ({sy:g}) differs from its x pixel size ({scale:g}); atomds uses square "
+                "pixels of the x size: resample the image if the difference matters.",
+                stacklevel=3,
+            )
     units = ax.get("units", None)
     if isinstance(units, bytes):
         units = units.decode("utf-8", "replace")
@@ -317,6 +329,20 @@ def _resolve_calibration(
     return 1.0, "px"
 
 
+def _dm_byte_order(sig: dict, data: Any) -> Any:
+    """Pixels of big-endian DM files: rosettasciio reads them in native order, so reinterpret them."""
+    tags = sig.get("original_metadata", {}).get("ImageList", {}).get("TagGroup0", {})
+    endian = tags.get("ImageData", {}).get("Data", {}).get("endian")
+    if endian not in ("big", "little") or data.dtype.itemsize == 1:
+        return data
+    dt = data.dtype.newbyteorder(">" if endian == "big" else "<")
+    if dt == data.dtype:
+        return data
+    if _is_dask_array(data):
+        return data.map_blocks(lambda b: b.view(dt), dtype=dt)
+    return np.asarray(data).view(dt)
+
+
 def _read_rsciio(path: Path, reader: str) -> tuple[Any, dict, float, str | None]:
     import importlib
 
@@ -327,14 +353,20 @@ def _read_rsciio(path: Path, reader: str) -> tuple[Any, dict, float, str | None]
         except TypeError:
             signals = mod.file_reader(str(path))
     except (OSError, ValueError, KeyError, IndexError, EOFError, TypeError, AttributeError, RuntimeError) as exc:
-        raise UnreadableFileError(f"could not read {path.name} as {reader}: {exc}") from exc
+        raise UnreadableFileError(
+            f"could not read {path.name} as {reader} (the file is truncated or corrupt): {exc}"
+        ) from exc
     except Exception as exc:  # noqa: BLE001 - readers raise many types on corrupt files
-        raise UnreadableFileError(f"could not read {path.name} as {reader}: {type(exc).__name__}: {exc}") from exc
+        raise UnreadableFileError(
+            f"could not read {path.name} as {reader} (the file is truncated or corrupt): {type(exc).__name__}: {exc}"
+        ) from exc
     if not signals:
         raise UnreadableFileError(f"{path.name} contains no data.")
     sig = _pick_signal(signals, path)
     data = sig["data"]
     _check_shape(tuple(data.shape), path)
+    if reader == "digitalmicrograph":
+        data = _dm_byte_order(sig, data)
     ps, units = _calibration(sig)
     meta = {"metadata": sig.get("metadata", {}), "original_metadata": sig.get("original_metadata", {})}
     return data, meta, ps, units
