@@ -22,6 +22,8 @@ __all__ = [
     "suggest_k",
     "cut_tree",
     "contact_matrix",
+    "transition_clusters",
+    "dissolve_transitions",
     "merge_sites",
     "vote_labels",
     "fill_labels",
@@ -403,6 +405,91 @@ def merge_sites(labels, index, n_labels: int | None = None) -> np.ndarray:
     remap = np.empty_like(order)
     remap[order] = np.arange(len(order))
     return remap[comp].astype(np.int64)
+
+
+def transition_clusters(centers, labels, index, *, max_offset: float = 1.0 / 3.0, min_contact: float = 0.1):
+    """Clusters that are only the transition between two others (interfaces), and between which.
+
+    Where two regions meet, atoms whose neighbourhoods are part one, part the other form a
+    cluster of their own once K is large enough. Such a cluster c is recognised by two signs:
+
+    * its centre lies on the way between the centres of two other clusters a and b: projected on
+      the segment a-b it falls inside it (0 < t < 1) and lies off it by at most ``max_offset``
+      of the segment's length (a mixture of two kinds of neighbourhood);
+    * in space it touches both: at least ``min_contact`` of its neighbour pairs go to a, and as
+      much to b.
+
+    A distinct phase or a disordered band is not a mixture of its neighbours - its own features
+    (e.g. the disorder score of the "phase" descriptor) put its centre well off such a segment.
+
+    Returns
+    -------
+    ndarray of int64 (K, 2)
+        For each cluster the pair (a, b) it is a transition between (the one it lies closest
+        to the segment of), or (-1, -1).
+    """
+    C = np.asarray(centers, dtype=float)
+    K = len(C)
+    out = np.full((K, 2), -1, dtype=np.int64)
+    if K < 3:
+        return out
+    cont = contact_matrix(labels, index, K)
+    tot = cont.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = cont / tot[:, None]
+    best = np.full(K, np.inf)
+    for a in range(K):  # loops over clusters (K <= a few tens), never over atoms
+        for b in range(a + 1, K):
+            ab = C[b] - C[a]
+            L2 = float(ab @ ab)
+            if L2 <= 0:
+                continue
+            t = (C - C[a]) @ ab / L2
+            off = np.linalg.norm(C - C[a] - t[:, None] * ab[None, :], axis=1) / np.sqrt(L2)
+            ok = (t > 0) & (t < 1) & (off <= max_offset) & (frac[:, a] >= min_contact) & (frac[:, b] >= min_contact)
+            ok[[a, b]] = False
+            better = ok & (off < best)
+            best[better] = off[better]
+            out[better] = (a, b)
+    return out
+
+
+def dissolve_transitions(X, labels, centers, index, **kw):
+    """Give the atoms of transition clusters (:func:`transition_clusters`) to the two clusters
+    they lie between (each atom to the nearer centre), one cluster at a time, until none is left.
+
+    Returns
+    -------
+    labels : ndarray of int64
+        Labels with the dissolved clusters' atoms reassigned (their ids are no longer used).
+    dissolved : list of int
+        The clusters dissolved, in order.
+    """
+    X = np.asarray(X, dtype=float)
+    lab = np.asarray(labels, dtype=np.int64).copy()
+    C = np.asarray(centers, dtype=float)
+    alive = np.ones(len(C), dtype=bool)
+    dissolved = []
+    while alive.sum() >= 3:
+        ids = np.flatnonzero(alive)
+        remap = np.full(len(C), -1, dtype=np.int64)
+        remap[ids] = np.arange(len(ids))
+        sub = np.where(lab >= 0, remap[np.maximum(lab, 0)], -1)
+        pairs = transition_clusters(C[ids], sub, index, **kw)
+        cand = np.flatnonzero(pairs[:, 0] >= 0)
+        if cand.size == 0:
+            break
+        # dissolve the smallest transition cluster first
+        sizes = np.bincount(sub[sub >= 0], minlength=len(ids))
+        c = cand[np.argmin(sizes[cand])]
+        a, b = ids[pairs[c]]
+        members = lab == ids[c]
+        da = ((X[members] - C[a]) ** 2).sum(axis=1)
+        db = ((X[members] - C[b]) ** 2).sum(axis=1)
+        lab[members] = np.where(da <= db, a, b)
+        alive[ids[c]] = False
+        dissolved.append(int(ids[c]))
+    return lab, dissolved
 
 
 def vote_labels(labels, index, *, passes: int = 1) -> np.ndarray:

@@ -1,0 +1,313 @@
+"""Tests of the statistics steps on Datasets (atomds.ops.neighbors/learn/maps): variables, units,
+errors, NumPy == Dask with no early compute, and the science targets on the bundled samples
+(with atom positions = the true ones plus the position error of a good refinement)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+from sklearn.metrics import adjusted_rand_score
+
+from atomds import datasets
+from atomds.errors import InvalidParameterError, MissingStepError
+from atomds.ops import learn, maps
+from atomds.ops.neighbors import neighbor_histogram, neighborhoods
+
+from _dask_utils import raise_if_dask_computes
+
+
+def with_true_atoms(ds: xr.Dataset, noise_px: float | np.ndarray = 0.0, seed: int = 0, chunks=None) -> xr.Dataset:
+    """The sample with atoms at the true positions plus Gaussian noise of ``noise_px`` pixels."""
+    ps = float(ds.attrs["pixel_size"])
+    rng = np.random.default_rng(seed)
+    n = ds.sizes["true_atom"]
+    x = ds["true_x"].values + rng.normal(0, 1, n) * noise_px * ps
+    y = ds["true_y"].values + rng.normal(0, 1, n) * noise_px * ps
+    units = ds.attrs["units"]
+    out = ds.assign(
+        atom_x=xr.DataArray(x, dims="atom", attrs={"units": units, "long_name": "x"}),
+        atom_y=xr.DataArray(y, dims="atom", attrs={"units": units, "long_name": "y"}),
+    )
+    if chunks:
+        out = out.assign(atom_x=out.atom_x.chunk(chunks), atom_y=out.atom_y.chunk(chunks))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hexa():
+    return with_true_atoms(datasets.hexagonal(shape=128, seed=3), 0.1)
+
+
+# ------------------------------------------------------------------------------------------
+# neighbourhoods
+
+
+def test_neighborhoods_variables_and_units(hexa):
+    ds = neighborhoods(hexa, k=6, sort="angle", ref_angle="auto")
+    ps = float(hexa.attrs["pixel_size"])
+    spacing = float(hexa.attrs["sample_spacing_px"]) * ps
+    assert ds["neighbor_index"].dims == ("atom", "neighbor") and ds.sizes["neighbor"] == 6
+    assert ds["descriptor"].dims == ("atom", "feature")
+    assert list(ds["feature"].values[:4]) == ["dx0", "dy0", "dx1", "dy1"]
+    for v in ("neighbor_dx", "neighbor_dy", "neighbor_distance", "descriptor"):
+        assert ds[v].attrs["units"] == "Å" and ds[v].attrs["long_name"]
+    assert ds["neighbor_angle"].attrs["units"] == "rad"
+    inner = ~ds["is_edge"].values
+    d = ds["neighbor_distance"].values[inner]
+    np.testing.assert_allclose(np.median(d), spacing, rtol=0.01)
+    # clockwise (as displayed, y down) from the first neighbour: angles increase modulo 2 pi
+    ang = ds["neighbor_angle"].values[inner]
+    steps = np.diff(np.unwrap(ang, axis=1), axis=1) % (2 * np.pi)
+    np.testing.assert_allclose(steps, np.pi / 3, atol=0.1)
+    # edge atoms: NaN descriptor rows, still neighbours of inner atoms
+    assert np.isnan(ds["descriptor"].values[~inner]).all()
+    assert np.isfinite(ds["descriptor"].values[inner]).all()
+    assert np.isin(np.flatnonzero(~inner), ds["neighbor_index"].values[inner]).any()
+    assert 0 < (~inner).sum() < inner.sum()
+    # the descriptor is the neighbour vectors
+    np.testing.assert_allclose(ds["descriptor"].values[inner][:, 0::2], ds["neighbor_dx"].values[inner])
+    assert "neighborhoods_params" in ds.attrs
+    # inputs are not modified
+    assert "descriptor" not in hexa
+
+
+def test_radius_mode_and_other_descriptors(hexa):
+    ps = float(hexa.attrs["pixel_size"])
+    r = 1.2 * float(hexa.attrs["sample_spacing_px"]) * ps
+    ds = neighborhoods(hexa, k=None, radius=r, descriptor="distance")
+    inner = ~ds["is_edge"].values
+    assert ds.sizes["neighbor"] == 6
+    assert (ds["neighbor_count"].values[inner] == 6).all()
+    assert (ds["neighbor_index"].values[ds["neighbor_distance"].isnull().values] == -1).all()
+    da = neighborhoods(hexa, k=6, sort="angle", descriptor="angle")
+    np.testing.assert_allclose(da["descriptor"].values[~da["is_edge"].values], np.pi / 3, atol=0.1)
+    assert da["descriptor"].attrs["units"] == "rad"
+    rot = neighborhoods(hexa, k=6, sort="angle", rotate=True, ref_angle=0.5)
+    np.testing.assert_allclose(rot["neighbor_angle"].values[:, 0], 0.5, atol=1e-9)
+
+
+def test_rerun_drops_results_of_the_old_neighbourhood(hexa):
+    ds = learn.pca(learn.kmeans(neighborhoods(hexa, k=6), 2))
+    ds2 = neighborhoods(ds, k=4)
+    assert ds2.sizes["neighbor"] == 4
+    for v in ("cluster", "cluster_center", "pca_components", "pca_loadings"):
+        assert v not in ds2
+
+
+def test_neighbor_histogram(hexa):
+    ds = neighborhoods(hexa, k=6)
+    h = neighbor_histogram(ds, bins=33)
+    assert h.dims == ("vy", "vx") and h.attrs["units"] == "1"
+    n_inner = int((~ds["is_edge"]).sum())
+    assert float(h.sum()) == 6 * n_inner
+    assert h["vx"].attrs["units"] == "Å"
+    ds = learn.kmeans(ds, 2)
+    hc = neighbor_histogram(ds, bins=16, extent=5.0, by="cluster")
+    assert hc.dims == ("cluster_id", "vy", "vx") and hc.sizes["cluster_id"] == 2
+    with pytest.raises(MissingStepError, match="neighborhoods"):
+        neighbor_histogram(hexa)
+
+
+# ------------------------------------------------------------------------------------------
+# errors
+
+
+def test_clear_errors(hexa):
+    bare = hexa.drop_vars(["atom_x", "atom_y"])
+    with pytest.raises(MissingStepError, match="find_atoms.*with_atoms"):
+        neighborhoods(bare)
+    n = hexa.sizes["atom"]
+    with pytest.raises(InvalidParameterError, match=f"k={n}.*only {n} atoms"):
+        neighborhoods(hexa, k=n)
+    with pytest.raises(InvalidParameterError, match="descriptor"):
+        neighborhoods(hexa, descriptor="fancy")
+    with pytest.raises(InvalidParameterError, match="sort"):
+        neighborhoods(hexa, sort="size")
+    with pytest.raises(MissingStepError, match="neighborhoods"):
+        learn.kmeans(hexa, 2)
+    with pytest.raises(MissingStepError, match="neighborhoods"):
+        learn.pca(hexa)
+    with pytest.raises(MissingStepError, match="find_atoms"):
+        learn.suggest_k(bare)
+    ds = neighborhoods(hexa, k=6)
+    n_centres = int((~ds["is_edge"]).sum())
+    with pytest.raises(InvalidParameterError, match=f"K={n_centres + 1}.*only {n_centres} atoms are centres"):
+        learn.kmeans(ds, n_centres + 1)
+    with pytest.raises(MissingStepError, match="kmeans"):
+        maps.cluster_fft(ds, 0)
+    with pytest.raises(MissingStepError, match="kmeans"):
+        learn.regions(ds)
+    ds = learn.kmeans(ds, 2)
+    with pytest.raises(InvalidParameterError, match="does not exist"):
+        maps.cluster_fft(ds, 5)
+    with pytest.raises(MissingStepError, match="nope"):
+        maps.to_grid(ds, "nope")
+
+
+def test_nan_descriptor_rows_are_left_out_not_fatal(hexa):
+    ds = neighborhoods(hexa, k=6)
+    ds = ds.assign(descriptor=ds["descriptor"].where(ds["atom"] % 7 != 0))
+    out = learn.kmeans(ds, 2)
+    assert (out["cluster"].values[np.asarray(ds["atom"]) % 7 == 0] == -1).all()
+    out = learn.pca(ds)
+    assert np.isnan(out["pca_loadings"].values[::7]).all()
+
+
+# ------------------------------------------------------------------------------------------
+# lazy and equal
+
+
+@pytest.mark.parametrize("descriptor, sort", [("xy", "angle"), ("phase", "distance")])
+def test_numpy_and_dask_agree_and_stay_lazy(descriptor, sort):
+    base = datasets.two_phase(shape=256, seed=2)
+    eager_in = with_true_atoms(base, 0.1)
+    lazy_in = with_true_atoms(base, 0.1, chunks=97)
+    eager = neighborhoods(eager_in, k=6, sort=sort, ref_angle="auto", descriptor=descriptor)
+    with raise_if_dask_computes(0):
+        lazy = neighborhoods(lazy_in, k=6, sort=sort, ref_angle="auto", descriptor=descriptor)
+        assert lazy["descriptor"].chunks is not None
+        assert lazy["descriptor"].chunks[0] == lazy_in["atom_x"].chunks[0]
+    for v in ("neighbor_index", "neighbor_dx", "neighbor_dy", "neighbor_angle", "is_edge", "descriptor", "neighbor_count"):
+        xr.testing.assert_allclose(eager[v], lazy[v].compute(), rtol=1e-12, atol=1e-12)
+    # fits: one compute each (the descriptor), transforms lazy
+    with raise_if_dask_computes(1) as sched:
+        km = learn.kmeans(lazy, 3, n_init=2)
+    assert sched.total_computes == 1 and km["cluster"].chunks is not None
+    np.testing.assert_array_equal(km["cluster"].values, learn.kmeans(eager, 3, n_init=2)["cluster"].values)
+    with raise_if_dask_computes(1):
+        pl = learn.pca(lazy)
+        assert pl["pca_loadings"].chunks is not None
+    pe = learn.pca(eager)
+    for v in ("pca_mean", "pca_components", "pca_explained_variance", "pca_explained_variance_ratio", "pca_loadings"):
+        xr.testing.assert_allclose(pe[v], pl[v].compute(), rtol=1e-7, atol=1e-9)
+    il = learn.ica(lazy, 2)
+    ie = learn.ica(eager, 2)
+    assert il["ica_loadings"].chunks is not None
+    xr.testing.assert_allclose(ie["ica_loadings"], il["ica_loadings"].compute(), rtol=1e-7, atol=1e-9)
+
+
+def test_to_grid_lazy_image_equals_eager(hexa):
+    ds = learn.kmeans(neighborhoods(hexa, k=6), 2)
+    g = maps.to_grid(ds, "cluster")
+    lazy = ds.assign(image=ds["image"].chunk(50))
+    with raise_if_dask_computes(0):
+        gl = maps.to_grid(lazy, "cluster")
+    assert gl.chunks is not None
+    xr.testing.assert_equal(g, gl.compute())
+
+
+# ------------------------------------------------------------------------------------------
+# learning steps
+
+
+def test_kmeans_scan_linkage_suggest_k(hexa):
+    ds = neighborhoods(hexa, k=6, sort="angle", ref_angle="auto")
+    sc = learn.kmeans_scan(ds, range(2, 5), n_init=2)
+    assert sc["kmeans_inertia"].dims == ("k",) and list(sc["k"].values) == [2, 3, 4]
+    lk = learn.linkage(ds)
+    n_centres = int((~ds["is_edge"]).sum())
+    assert lk.sizes["merge"] == n_centres - 1
+    assert int(lk["linkage_size"].values[-1]) == n_centres
+    assert (lk["linkage_leaf"].values[ds["is_edge"].values] == -1).all()
+    assert learn.suggest_k(lk) == learn.suggest_k(ds)
+    assert isinstance(learn.suggest_k(ds, k_range=range(2, 6)), int)
+
+
+def test_kmedians_and_cluster_centres(hexa):
+    ds = neighborhoods(hexa, k=6, descriptor="distance")
+    km = learn.kmeans(ds, 2, centroid="median", n_init=2)
+    assert km["cluster_center"].dims == ("cluster_id", "feature")
+    assert km["cluster_center"].attrs["units"] == "Å"
+    lab = km["cluster"].values
+    X = ds["descriptor"].values
+    for c in range(2):
+        np.testing.assert_allclose(km["cluster_center"].values[c], np.median(X[lab == c], axis=0))
+
+
+# ------------------------------------------------------------------------------------------
+# science targets
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},  # square grain
+        {"grain_lattice": "hexagonal", "seed": 4},  # the matrix lattice, rotated
+        {"vacancy_grain": True, "seed": 1},  # honeycomb: 1/3 of the matrix sites empty
+        {"vacancy_grain": True, "vacancy_pattern": "2x2", "seed": 2},  # kagome
+    ],
+)
+def test_two_phase_regions_recovered(kwargs):
+    """Matrix, grain and disordered boundary recovered with K from the dendrogram: ARI >= 0.9."""
+    base = datasets.two_phase(**kwargs)
+    ds = with_true_atoms(base, 0.1, seed=7)
+    ds = neighborhoods(ds, descriptor="phase")
+    K = learn.suggest_k(ds)
+    ds = learn.regions(learn.kmeans(ds, K))
+    truth = ds["true_label"].values
+    ari = adjusted_rand_score(truth, ds["region"].values)
+    assert ari >= 0.9, (K, ari)
+    assert (ds["region"].values >= 0).all()  # every atom, edges included
+    # the disordered boundary is the region without periodicity
+    fft = maps.cluster_fft(ds, by="region")
+    assert fft.dims == ("region_id", "freq_y", "freq_x")
+    per = fft["periodicity"].values
+    boundary = np.bincount(ds["region"].values[truth == 2]).argmax()
+    assert per[boundary] < 0.2 and np.delete(per, boundary).min() > 0.5
+
+
+@pytest.mark.parametrize("dose, displacement", [(4000.0, 1.2), (800.0, 0.6)])
+def test_polar_mode_tracks_the_displacement(dose, displacement):
+    """One polar PCA mode whose loadings on the displaced (B) columns follow their displacement."""
+    base = datasets.polar(dose=dose, displacement=displacement, seed=3)
+    sigma = float(base.attrs["sample_sigma_px"])
+    counts = base["true_counts"].values
+    noise = 1.3 * np.sqrt(sigma**2 + 1 / 12) / np.sqrt(counts)  # ~1.3 x the Cramér-Rao bound
+    ds = with_true_atoms(base, noise, seed=11)
+    ds = learn.pca(neighborhoods(ds, k=4, sort="angle", ref_angle="auto"))
+    polar = np.flatnonzero(ds["mode_is_polar"].values)
+    assert polar.size >= 1
+    c = polar[0]
+    assert c == 0  # the polar distortion is the strongest mode
+    B = ds["true_label"].values == 1
+    load = ds["pca_loadings"].values[:, c]
+    ok = B & np.isfinite(load)
+    u = ds["true_dy"].values  # displacement along +y (direction 90 degrees)
+    r = np.corrcoef(load[ok], u[ok])[0, 1]
+    assert abs(r) >= 0.95, r
+    # the antiphase boundary shows in the loading map: opposite signs on its two sides
+    # (the atoms are the true columns in the same order: truth arrays index them directly)
+    polar_b = np.where(B, load, np.nan)
+    grid = maps.to_grid(ds.assign(polar_loading=("atom", polar_b)), "polar_loading")
+    dom = maps.to_grid(ds.assign(dom=("atom", ds["true_domain"].values.astype(float))), "dom")
+    m0 = float(grid.where(dom == 0).mean())
+    m1 = float(grid.where(dom == 1).mean())
+    assert np.sign(m0) == -np.sign(m1)
+
+
+def test_cluster_fft_coords_and_regions_merge_sites(rng):
+    """Honeycomb: its two sites (A: bonds at 0/120/240 degrees, B: at 60/180/300) are two
+    clusters of the angle-sorted vector descriptor, both periodic, joined into one region."""
+    a, ps = 10.0, 0.2
+    i, j = np.meshgrid(np.arange(-10, 40), np.arange(-10, 40), indexing="ij")
+    i, j = i.ravel(), j.ravel()
+    keep = (i - j) % 3 != 0
+    x = (i * a + j * a / 2)[keep] + rng.normal(0, 0.15, keep.sum())
+    y = (j * a * np.sqrt(3) / 2)[keep] + rng.normal(0, 0.15, keep.sum())
+    inside = (x > -0.5) & (x < 199.5) & (y > -0.5) & (y < 199.5)
+    ds = xr.Dataset(
+        coords={"y": np.arange(200) * ps, "x": np.arange(200) * ps}, attrs={"pixel_size": ps, "units": "nm"}
+    ).assign(atom_x=("atom", x[inside] * ps), atom_y=("atom", y[inside] * ps))
+    # reference at 30 degrees: 30 degrees from one bond of either site, never halfway between two
+    ds = learn.kmeans(neighborhoods(ds, k=3, sort="angle", ref_angle=np.pi / 6), 2)
+    site = ((i - j) % 3)[keep][inside]  # 1 or 2: the two sublattices
+    ok = ds["cluster"].values >= 0
+    assert adjusted_rand_score(site[ok], ds["cluster"].values[ok]) == 1.0
+    fft = maps.cluster_fft(ds, 0)
+    assert fft.dims == ("freq_y", "freq_x") and fft["freq_x"].attrs["units"] == "1/nm"
+    np.testing.assert_allclose(fft["freq_x"].values[1] - fft["freq_x"].values[0], 1 / (200 * ps))
+    assert float(fft["periodicity"]) > 0.5
+    reg = learn.regions(ds)
+    assert int(reg["region"].max()) == 0  # sites of one phase -> one region
+    assert reg["region_of_cluster"].values.tolist() == [0, 0]
