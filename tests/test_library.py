@@ -217,10 +217,10 @@ def test_library_wide_learning_shares_labels_across_images(images, tmp_path):
     assert len(np.unique(lab[used])) == 2
     # per-image summaries follow the composition of each image
     small = int(np.unique(lab[used & (at["true_phase"].values == 1)])[0])
-    frac = learned["cluster_fraction"].sel(library_cluster=small).values
+    frac = learned["cluster_fraction"].sel(cluster_id=small).values
     truth = [np.mean(d["true_phase"].values[~d["is_edge"].values]) for d in images]
     np.testing.assert_allclose(frac, truth)
-    np.testing.assert_allclose(learned["cluster_fraction"].sum("library_cluster"), 1.0)
+    np.testing.assert_allclose(learned["cluster_fraction"].sum("cluster_id"), 1.0)
     r = library.property_correlation(learned)
     assert r.sel(summary=f"cluster_fraction[{small}]", property="composition") > 0.95
     assert r.attrs["n_images"] == 3
@@ -228,7 +228,7 @@ def test_library_wide_learning_shares_labels_across_images(images, tmp_path):
     assert at["pca_loadings"].dims == ("atom", "component")
     assert np.isnan(at["pca_loadings"].values[~used]).all()
     assert float(at["pca_explained_variance_ratio"][0]) > 0.9
-    assert learned["mean_loading"].dims == ("image", "library_component")
+    assert learned["mean_loading"].dims == ("image", "component")
     # the per-image PCA of the inputs is replaced by the library-wide one
     assert "pca_components" not in learned["images/sample_1"].to_dataset(inherit=False)
     one = library.image(learned, "sample_2")
@@ -248,3 +248,49 @@ def test_learning_needs_neighbourhoods():
         library.kmeans(tree, 2)
     with pytest.raises(MissingStepError, match="learn"):
         library.property_correlation(tree)
+
+
+# ------------------------------------------------------------------------------- spectra
+
+
+def test_attach_spectra_to_a_library(tmp_path):
+    from atomds import datasets, spectra
+
+    dss, cubes, truths = [], {}, None
+    for i, radius in enumerate((0.2, 0.35)):
+        s = datasets.two_phase(shape=(160, 160), grain_radius=radius, seed=i)
+        cube, truths = datasets.spectrum_image(s, return_truth=True, seed=10 + i)
+        u = s.attrs["units"]
+        d = s.assign(
+            atom_x=("atom", s["true_x"].values, {"units": u, "long_name": "x"}),
+            atom_y=("atom", s["true_y"].values, {"units": u, "long_name": "y"}),
+            cluster=("atom", s["true_label"].values.astype(np.int64), {"units": "1", "long_name": "label"}),
+        ).drop_dims("true_atom")
+        dss.append(d)
+        cubes[f"s{i}"] = cube
+    tree = library.from_datasets(dss, ids=["s0", "s1"])
+    with_spec = library.attach_spectra(tree, {"s1": cubes["s1"], "s0": cubes["s0"]})
+    at = library.atoms(with_spec)
+    assert at["spectrum"].dims == ("atom", "energy")
+    # the same as attaching image by image
+    for i, iid in enumerate(("s0", "s1")):
+        one = spectra.attach_spectra(dss[i], cubes[iid])
+        got = library.image(with_spec, iid)
+        np.testing.assert_array_equal(got["spectrum"].values, one["spectrum"].values)
+        np.testing.assert_array_equal(got["spectrum_image"].values, cubes[iid].values)
+    # cluster-mean spectra over the whole library match the generator's
+    means = spectra.cluster_mean_spectra(at)
+    for lab in (0, 1):
+        n = int(means["atom_count"].sel(cluster=lab))
+        se = means["std_spectrum"].sel(cluster=lab).values / np.sqrt(n)
+        z = (means["mean_spectrum"].sel(cluster=lab).values - truths["true_spectrum"].sel(label=lab).values) / se
+        assert np.mean(z**2) < 2.0
+    back = library.open_library(library.to_netcdf(with_spec, tmp_path / "spec.nc"))
+    xr.testing.assert_identical(back, with_spec)
+    # only one image with a cube: the other gets NaN spectra
+    half = library.attach_spectra(tree, {"s1": cubes["s1"]})
+    n0 = int(library.atoms(half)["atom_count"].values[0])
+    assert np.isnan(library.atoms(half)["spectrum"].values[:n0]).all()
+    assert "spectrum_image" not in half["images/s0"].to_dataset(inherit=False)
+    with pytest.raises(KeyError):
+        library.attach_spectra(tree, {"nope": cubes["s0"]})

@@ -5,7 +5,7 @@ Layout (schema ``atomds-library-v1``)::
     /                 coordinate image(image) = the image ids; status(image) "ok"/"failed",
                       error(image) (empty when ok); per-image properties (composition, temperature,
                       ...) along image; after library-wide learning the per-image summaries
-                      cluster_fraction(image, library_cluster) and mean_loading(image, library_component)
+                      cluster_fraction(image, cluster_id) and mean_loading(image, component)
     /atoms            every atom of every image on one `atom` dim (CF contiguous ragged array):
                       atom_count(image) (attribute sample_dimension = "atom"), image_index(atom),
                       the per-atom variables shared by all images, and the library-wide learning
@@ -64,8 +64,10 @@ __all__ = [
     "pca",
     "summarize",
     "property_correlation",
+    "attach_spectra",
     "LIBRARY_SCHEMA",
     "LEARNED_VARS",
+    "LEARNED_DIMS",
 ]
 
 LIBRARY_SCHEMA = "atomds-library-v1"
@@ -74,9 +76,8 @@ LIBRARY_SCHEMA = "atomds-library-v1"
 PIXELS = "pixels"
 #: Root dims of the per-image summaries (distinct from any per-image dim: DataTree aligns every
 #: dim of the root with the same dim of each node).
-CLUSTER_DIM = "library_cluster"
-COMPONENT_DIM = "library_component"
-_RESERVED_ROOT = {"image", "status", "error", CLUSTER_DIM, COMPONENT_DIM}
+_RESERVED_ROOT = {"image", "status", "error", "cluster_id", "component",
+                  "cluster_fraction", "clustered_count", "mean_loading", "std_loading"}
 _STATUS = ("ok", "failed")
 
 
@@ -217,7 +218,7 @@ def set_properties(tree: xr.DataTree, properties: Any) -> xr.DataTree:
     ids_list = ids(tree)
     props = read_properties(properties, ids_list)
     root = tree.to_dataset(inherit=False)
-    keep = {"status", "error"} | {n for n, v in root.data_vars.items() if CLUSTER_DIM in v.dims or COMPONENT_DIM in v.dims}
+    keep = {"status", "error", *_SUMMARIES}
     root = root.drop_vars([n for n in root.data_vars if n not in keep])
     root = root.assign(props.data_vars)
     out = tree.copy()
@@ -311,7 +312,7 @@ def from_datasets(
         if d is not None and PIXELS in d.variables:
             raise InvalidParameterError(f"image {i!r} has a variable named {PIXELS!r}, which the library layout reserves.")
         if d is not None:
-            clash = sorted(({CLUSTER_DIM, COMPONENT_DIM} & (set(d.variables) | set(d.dims))) | ({"image"} & set(d.dims)))
+            clash = sorted({"image"} & set(d.dims))
             if clash:
                 raise InvalidParameterError(f"image {i!r} uses the names {clash}, which the library layout reserves.")
 
@@ -472,7 +473,8 @@ def image(tree: xr.DataTree, image_id: str | int) -> xr.Dataset:
     if PIXELS in node.variables:
         node = node.rename_vars({PIXELS: "image"})
     start, counts = _offsets(tree)
-    at = tree["atoms"].to_dataset(inherit=False).drop_vars(["atom_count", "image_index"], errors="ignore")
+    # inherited root coordinates (cluster_id, component) come along; the image list does not
+    at = tree["atoms"].to_dataset().drop_vars(["atom_count", "image_index", "image"], errors="ignore")
     if has_atom_dim:
         sl = at.isel(atom=slice(int(start[pos]), int(start[pos] + counts[pos])))
         per_atom = [n for n, v in sl.variables.items() if "atom" in v.dims]
@@ -584,9 +586,9 @@ def problems(tree: Any) -> list[str]:
             expect = np.repeat(np.arange(counts.size), counts)
             if not np.array_equal(np.asarray(at["image_index"].values), expect):
                 out.append("image_index does not match atom_count (atoms must be contiguous per image, in image order)")
-    for name, var in at.variables.items():
+    for name, var in at.data_vars.items():
         for key in ("units", "long_name"):
-            if key not in var.attrs and name not in ("image",):
+            if key not in var.attrs:
                 out.append(f"/atoms variable {name!r} has no {key!r} attribute")
     images_node = tree.children.get("images")
     have = set(images_node.children) if images_node is not None else set()
@@ -615,17 +617,11 @@ def validate(tree: xr.DataTree) -> xr.DataTree:
 # library-wide learning
 # --------------------------------------------------------------------------------------------
 
-#: Variables written by the library-wide learning (per-image versions are dropped when it runs).
-LEARNED_VARS = (
-    "cluster",
-    "cluster_centers",
-    "pca_mean",
-    "pca_components",
-    "pca_loadings",
-    "pca_explained_variance",
-    "pca_explained_variance_ratio",
-)
-_DESCRIPTORS = ("xy", "distance", "angle")
+#: Dims of learning results (per-image ones are dropped from every node when the library learns).
+LEARNED_DIMS = ("cluster_id", "component", "ica_component", "merge", "k", "region_id")
+#: Per-atom learning results (likewise dropped and replaced).
+LEARNED_VARS = ("cluster", "cluster_distance", "linkage_leaf", "region", "pca_loadings", "ica_loadings")
+_SUMMARIES = ("cluster_fraction", "clustered_count", "mean_loading", "std_loading")
 
 
 def _atoms_node(tree: xr.DataTree) -> xr.Dataset:
@@ -634,117 +630,124 @@ def _atoms_node(tree: xr.DataTree) -> xr.Dataset:
     return tree["atoms"].to_dataset(inherit=False)
 
 
-def descriptor(tree: xr.DataTree, *, kind: str = "xy") -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The neighbourhood descriptor of every usable atom of the library.
+def descriptor(tree: xr.DataTree) -> xr.DataArray:
+    """The neighbourhood descriptor ``descriptor(atom, feature)`` of every atom of the library.
 
-    Parameters
-    ----------
-    tree : xarray.DataTree
-        A library whose images ran ``neighborhoods`` (``neighbor_dx``, ``neighbor_dy``, ... in ``/atoms``).
-    kind : {"xy", "distance", "angle"}
-        ``"xy"``: neighbour vectors (dx0, dy0, dx1, dy1, ...) in the length units; ``"distance"``:
-        neighbour distances; ``"angle"``: angular gaps between consecutive neighbours (radians).
-
-    Returns
-    -------
-    X : ndarray, shape (n_used, n_features)
-        Rows of the atoms used: not ``is_edge``, every neighbour present and finite.
-    used : ndarray of bool, shape (n_atom,)
-        Which atoms of ``/atoms`` the rows are.
-    names : list of str
-        Feature names.
+    It is the per-image ``descriptor`` made by ``neighborhoods`` (concatenated in ``/atoms`` when
+    every image used the same descriptor and ``k``). For libraries built from Datasets that only
+    have neighbour vectors, the "xy" descriptor (dx0, dy0, dx1, dy1, ...) is made from
+    ``neighbor_dx``/``neighbor_dy``, with NaN rows for edge atoms (``is_edge``) and incomplete
+    neighbourhoods (``neighbor_index`` -1). Rows that are NaN are left out of every fit.
     """
     from .core import neighbors as cn
 
     at = _atoms_node(tree)
-    if kind not in _DESCRIPTORS:
-        raise InvalidParameterError(f"unknown descriptor {kind!r}; use one of {_DESCRIPTORS}.")
-    need = {"xy": ["neighbor_dx", "neighbor_dy"], "distance": ["neighbor_distance"], "angle": ["neighbor_angle"]}[kind]
-    missing = [n for n in need if n not in at.variables]
-    if missing:
+    if "descriptor" in at.variables:
+        return at["descriptor"]
+    if not {"neighbor_dx", "neighbor_dy"} <= set(at.variables):
         raise MissingStepError(
-            f"library-wide learning needs {missing} in /atoms: run the 'neighborhoods' step on every image "
-            "(atomds.batch(..., steps=(..., 'neighborhoods')) or ds.lcx.neighborhoods()) with the same k."
+            "library-wide learning needs the neighbourhood 'descriptor' of every image in /atoms: run the "
+            "'neighborhoods' step on every image with the same k and descriptor (atomds.batch(..., steps=(..., "
+            "'neighborhoods')) or ds.lcx.neighborhoods())."
         )
-    if kind == "xy":
-        X = cn.descriptor_xy(at["neighbor_dx"].values, at["neighbor_dy"].values)
-    elif kind == "distance":
-        X = cn.descriptor_distance(at["neighbor_distance"].values)
-    else:
-        X = cn.descriptor_angle(at["neighbor_angle"].values)
-    used = np.isfinite(X).all(axis=1)
+    X = cn.descriptor_xy(at["neighbor_dx"].values, at["neighbor_dy"].values)
+    bad = ~np.isfinite(X).all(axis=1)
     if "neighbor_index" in at.variables:
-        used &= (np.asarray(at["neighbor_index"].values) >= 0).all(axis=1)
+        bad |= (np.asarray(at["neighbor_index"].values) < 0).any(axis=1)
     if "is_edge" in at.variables:
-        used &= ~np.asarray(at["is_edge"].values, dtype=bool)
-    k = at.sizes.get("neighbor", X.shape[1])
-    names = cn.feature_names(kind, int(k))
-    return X[used], used, names
+        bad |= np.asarray(at["is_edge"].values, dtype=bool)
+    X[bad] = np.nan
+    names = cn.feature_names("xy", int(at.sizes["neighbor"]))
+    return xr.DataArray(
+        X,
+        dims=("atom", "feature"),
+        coords={"feature": ("feature", np.array(names, dtype=str))},
+        attrs={"units": str(at.attrs.get("units", "px")), "long_name": "neighbourhood descriptor (xy)"},
+        name="descriptor",
+    )
 
 
-def _usable(tree: xr.DataTree, kind: str, min_rows: int = 2):
-    X, used, names = descriptor(tree, kind=kind)
-    if X.shape[0] < min_rows:
-        raise InvalidParameterError(
-            f"only {X.shape[0]} atoms of the library have a complete neighbourhood away from the image edges; "
-            f"learning needs at least {min_rows}."
-        )
-    return X, used, names
+def _learning_input(tree: xr.DataTree) -> xr.Dataset:
+    """The /atoms Dataset with a descriptor, ready for the ops-layer learning functions."""
+    at = _atoms_node(tree)
+    if "descriptor" not in at.variables:
+        D = descriptor(tree)
+        at = at.assign_coords(feature=D["feature"]).assign(descriptor=D.drop_vars("feature"))
+    return at
 
 
-def linkage(
-    tree: xr.DataTree, *, descriptor_kind: str = "xy", max_points: int = 2000, n_micro: int = 256, seed: int = 0
-) -> np.ndarray:
-    """Ward merge tree (dendrogram) of the neighbourhoods of all atoms of the library.
-
-    Uses :func:`atomds.core.learn.ward_linkage` (exact up to ``max_points`` atoms, else built on
-    ``n_micro`` size-weighted k-means micro-clusters). Returns the SciPy linkage matrix.
-    """
-    from .core import learn as cl
-
-    X, _, _ = _usable(tree, descriptor_kind)
-    Z, _ = cl.ward_linkage(X, max_points=max_points, n_micro=n_micro, seed=seed)
-    return Z
-
-
-def suggest_k(
-    tree: xr.DataTree, *, k_range: Iterable[int] = range(2, 11), descriptor_kind: str = "xy", seed: int = 0
-) -> int:
-    """Number of clusters suggested by the library-wide dendrogram (largest drop in merge height)."""
-    from .core import learn as cl
-
-    Z = linkage(tree, descriptor_kind=descriptor_kind, seed=seed)
-    return int(cl.suggest_k(Z, k_range))
-
-
-def _replace_learned(tree: xr.DataTree, names: Iterable[str]) -> xr.DataTree:
-    """Copy of ``tree`` without the given learned variables in /atoms and every /images node."""
-    names = set(names)
+def _without_learned(tree: xr.DataTree, *, dims: Iterable[str], names: Iterable[str]) -> xr.DataTree:
+    """Copy of ``tree`` with every variable using ``dims`` or named in ``names`` dropped from every node."""
+    dims, names = set(dims), set(names)
     out = tree.copy()
-    at = out["atoms"].to_dataset(inherit=False)
-    out["atoms"].dataset = at.drop_vars([n for n in names if n in at.variables])
-    if "images" in out.children:
-        for node in out["images"].children.values():
-            ds = node.to_dataset(inherit=False)
-            drop = [n for n in names if n in ds.data_vars]
-            if drop:
-                node.dataset = ds.drop_vars(drop)
+    for node in out.subtree:
+        ds = node.to_dataset(inherit=False)
+        drop = [n for n, v in ds.variables.items() if (set(v.dims) & dims) or n in names]
+        if node is out:
+            drop += [n for n in _SUMMARIES if n in ds.variables]
+        if drop:
+            node.dataset = ds.drop_vars(sorted(set(drop)))
     return out
 
 
-def _record(at: xr.Dataset, step: str, params: Mapping[str, Any]) -> xr.Dataset:
-    from .ops._common import to_jsonable
+def _with_atoms(tree: xr.DataTree, at: xr.Dataset, coords: Iterable[str]) -> xr.DataTree:
+    """Put ``at`` in /atoms and its coordinates ``coords`` at the root (where the summaries use them)."""
+    root = tree.to_dataset(inherit=False)
+    root = root.assign_coords({c: at[c].variable for c in coords if c in at.coords})
+    out = tree.copy()
+    out.dataset = root
+    out["atoms"].dataset = at
+    return out
 
-    at = at.copy()
-    at.attrs[f"library_{step}_params"] = json.dumps(to_jsonable(dict(params)), sort_keys=True)
-    return at
+
+def _sample_rows(at: xr.Dataset, sample: int | None, seed: int) -> xr.Dataset:
+    """``at`` reduced to a random subset of ``sample`` atoms with a usable descriptor (all when fewer)."""
+    if sample is None:
+        return at
+    if int(sample) < 3:
+        raise InvalidParameterError(f"sample must be at least 3 atoms (or None for all), got {sample!r}.")
+    D = np.asarray(at["descriptor"].values)
+    ok = np.flatnonzero(np.isfinite(D).all(axis=1))
+    if ok.size <= int(sample):
+        return at
+    pick = np.sort(np.random.default_rng(seed).choice(ok, size=int(sample), replace=False))
+    return at[["descriptor"]].isel(atom=pick)
+
+
+def linkage(
+    tree: xr.DataTree, *, max_points: int = 2000, n_micro: int = 256, sample: int | None = 100_000, seed: int = 0
+) -> np.ndarray:
+    """Ward merge tree (dendrogram) of the neighbourhoods of the library's atoms, all images together.
+
+    :func:`atomds.ops.learn.linkage` on ``/atoms`` (exact up to ``max_points`` atoms, else the
+    size-weighted Ward tree of ``n_micro`` k-means micro-clusters). With more than ``sample``
+    usable atoms the tree is built on a random subset of that many (seeded): its top levels, which
+    decide K, are those of all atoms up to sampling noise, at a cost that no longer grows with the
+    library (``sample=None`` uses every atom). Returns the SciPy linkage matrix
+    (``scipy.cluster.hierarchy.dendrogram`` draws it).
+    """
+    from .ops import learn as ol
+
+    at = _sample_rows(_learning_input(tree), sample, seed)
+    res = ol.linkage(at, max_points=max_points, n_micro=n_micro, seed=seed)
+    return np.column_stack(
+        [res[n].values.astype(float) for n in ("linkage_left", "linkage_right", "linkage_height", "linkage_size")]
+    )
+
+
+def suggest_k(
+    tree: xr.DataTree, *, k_range: Iterable[int] = range(2, 11), sample: int | None = 100_000, seed: int = 0
+) -> int:
+    """Number of clusters suggested by the library-wide dendrogram (:func:`linkage`, :func:`atomds.core.learn.suggest_k`)."""
+    from .core import learn as cl
+
+    return int(cl.suggest_k(linkage(tree, sample=sample, seed=seed), k_range))
 
 
 def kmeans(
     tree: xr.DataTree,
     n_clusters: int | None = None,
     *,
-    descriptor_kind: str = "xy",
     centroid: str = "mean",
     n_init: int = 4,
     seed: int = 0,
@@ -752,127 +755,92 @@ def kmeans(
 ) -> xr.DataTree:
     """k-means on the neighbourhoods of all atoms of the library together.
 
+    :func:`atomds.ops.learn.kmeans` on ``/atoms``: one fit over every image, so a label means the
+    same neighbourhood in every image.
+
     Parameters
     ----------
     tree : xarray.DataTree
-        A library with neighbourhoods in ``/atoms``.
+        A library with neighbourhoods (see :func:`descriptor`).
     n_clusters : int, optional
         K; chosen from the library-wide dendrogram (:func:`suggest_k`) when None.
-    descriptor_kind : {"xy", "distance", "angle"}
-        The neighbourhood descriptor (:func:`descriptor`).
     centroid : {"mean", "median"}
-        k-means or k-medians (:func:`atomds.core.learn.kmeans`).
+        k-means or k-medians.
     n_init, seed
         Starts and seed of the fit (results are reproducible).
+    k_range
+        Candidate K for :func:`suggest_k`.
 
     Returns
     -------
     xarray.DataTree
-        A new library with ``cluster(atom)`` (-1 for edge atoms and incomplete neighbourhoods;
-        cluster 0 is the most populated) and ``cluster_centers(library_cluster, feature)`` in
-        ``/atoms``, and the per-image summaries at the root (:func:`summarize`). Labels mean the
-        same in every image.
+        A new library: ``cluster(atom)`` (-1 for edge atoms; cluster 0 the most populated),
+        ``cluster_center(cluster_id, feature)`` and ``cluster_size(cluster_id)`` in ``/atoms``;
+        the per-image summaries at the root (:func:`summarize`). Per-image clustering results of
+        the inputs are dropped.
     """
-    from .core import learn as cl
+    from .ops import learn as ol
 
-    X, used, names = _usable(tree, descriptor_kind)
-    K = int(n_clusters) if n_clusters is not None else suggest_k(tree, k_range=k_range, descriptor_kind=descriptor_kind, seed=seed)
-    labels, centers, inertia = cl.kmeans(X, K, centroid=centroid, n_init=n_init, seed=seed)
-    out = _replace_learned(tree, ["cluster", "cluster_centers"])
-    root = out.to_dataset(inherit=False)
-    root = root.drop_vars([n for n, v in root.variables.items() if CLUSTER_DIM in v.dims])
-    root = root.assign_coords(
-        {CLUSTER_DIM: xr.DataArray(np.arange(K, dtype=np.int64), dims=(CLUSTER_DIM,), attrs={"units": "1", "long_name": "library-wide cluster label"})}
+    at = _learning_input(tree)
+    K = int(n_clusters) if n_clusters is not None else suggest_k(tree, k_range=k_range, seed=seed)
+    fitted = ol.kmeans(at, K, centroid=centroid, n_init=n_init, seed=seed)
+    base = _without_learned(
+        tree,
+        dims=("cluster_id", "region_id", "merge"),
+        names=("cluster", "cluster_center", "cluster_size", "cluster_distance", "region", "linkage_leaf"),
     )
-    out.dataset = root
-    at = out["atoms"].to_dataset(inherit=False)
-    full = np.full(used.size, -1, dtype=np.int64)
-    full[used] = labels
-    lu = str(at.attrs.get("units", "px"))
-    f_units = {"xy": lu, "distance": lu, "angle": "rad"}[descriptor_kind]
-    at["cluster"] = xr.DataArray(
-        full, dims=("atom",), attrs={"units": "1", "long_name": "library-wide k-means cluster (-1 = not clustered)"}
-    )
-    at = at.assign_coords(feature=xr.DataArray(np.array(names, dtype=object), dims=("feature",), attrs={"units": "", "long_name": "descriptor feature"}))
-    at["cluster_centers"] = xr.DataArray(
-        centers, dims=(CLUSTER_DIM, "feature"), attrs={"units": f_units, "long_name": "cluster centre in descriptor space"}
-    )
-    at = _record(
-        at,
-        "kmeans",
-        {"n_clusters": K, "suggested": n_clusters is None, "descriptor": descriptor_kind, "centroid": centroid,
-         "n_init": n_init, "seed": seed, "inertia": float(inertia), "atoms_used": int(used.sum())},
-    )
-    out["atoms"].dataset = at
-    return summarize(out)
+    at = fitted.drop_vars(["image"], errors="ignore")
+    params = json.loads(at.attrs.get("kmeans_params", "{}"))
+    params["suggested"] = n_clusters is None
+    at.attrs["kmeans_params"] = json.dumps(params, sort_keys=True)
+    return summarize(_with_atoms(base, at, ["cluster_id"]))
 
 
-def pca(
-    tree: xr.DataTree, n_components: int | None = None, *, descriptor_kind: str = "xy"
-) -> xr.DataTree:
+def pca(tree: xr.DataTree, n_components: int | None = None) -> xr.DataTree:
     """PCA (deformation modes) of the neighbourhoods of all atoms of the library together.
+
+    :func:`atomds.ops.learn.pca` on ``/atoms``.
 
     Returns
     -------
     xarray.DataTree
         A new library with ``pca_mean(feature)``, ``pca_components(component, feature)``,
-        ``pca_loadings(atom, component)`` (NaN for atoms not used),
-        ``pca_explained_variance(component)`` and ``pca_explained_variance_ratio(component)`` in
-        ``/atoms``, and the per-image mean loadings at the root (:func:`summarize`).
+        ``pca_loadings(atom, component)`` (NaN for edge atoms), ``pca_explained_variance``,
+        ``pca_explained_variance_ratio``, ``mode_polarity`` and ``mode_is_polar`` (component)
+        in ``/atoms``, and the per-image mean loadings at the root (:func:`summarize`).
+        Per-image PCA results of the inputs are dropped.
     """
-    from .core import learn as cl
+    from .ops import learn as ol
 
-    X, used, names = _usable(tree, descriptor_kind)
-    mean, comps, loadings, var, ratio = cl.pca(X, n_components)
-    c = comps.shape[0]
-    out = _replace_learned(tree, [n for n in LEARNED_VARS if n.startswith("pca_")])
-    root = out.to_dataset(inherit=False)
-    root = root.drop_vars([n for n, v in root.variables.items() if COMPONENT_DIM in v.dims])
-    root = root.assign_coords(
-        {COMPONENT_DIM: xr.DataArray(np.arange(c, dtype=np.int64), dims=(COMPONENT_DIM,), attrs={"units": "1", "long_name": "library-wide PCA mode"})}
+    fitted = ol.pca(_learning_input(tree), n_components)
+    base = _without_learned(
+        tree,
+        dims=("component",),
+        names=("pca_mean", "pca_components", "pca_loadings", "pca_explained_variance", "pca_explained_variance_ratio",
+               "mode_polarity", "mode_is_polar"),
     )
-    out.dataset = root
-    at = out["atoms"].to_dataset(inherit=False)
-    if "component" in at.dims:
-        at = at.drop_dims("component")
-    lu = str(at.attrs.get("units", "px"))
-    f_units = {"xy": lu, "distance": lu, "angle": "rad"}[descriptor_kind]
-    full = np.full((used.size, c), np.nan)
-    full[used] = loadings
-    at = at.assign_coords(
-        feature=xr.DataArray(np.array(names, dtype=object), dims=("feature",), attrs={"units": "", "long_name": "descriptor feature"}),
-        component=xr.DataArray(np.arange(c, dtype=np.int64), dims=("component",), attrs={"units": "1", "long_name": "PCA mode"}),
-    )
-    at["pca_mean"] = xr.DataArray(mean, dims=("feature",), attrs={"units": f_units, "long_name": "mean neighbourhood"})
-    at["pca_components"] = xr.DataArray(comps, dims=("component", "feature"), attrs={"units": "1", "long_name": "deformation mode (unit vector)"})
-    at["pca_loadings"] = xr.DataArray(full, dims=("atom", "component"), attrs={"units": f_units, "long_name": "loading of each mode (NaN = not used)"})
-    at["pca_explained_variance"] = xr.DataArray(var, dims=("component",), attrs={"units": f"{f_units}^2", "long_name": "variance along each mode"})
-    at["pca_explained_variance_ratio"] = xr.DataArray(ratio, dims=("component",), attrs={"units": "1", "long_name": "fraction of the total variance"})
-    at = _record(at, "pca", {"n_components": c, "descriptor": descriptor_kind, "atoms_used": int(used.sum())})
-    out["atoms"].dataset = at
-    return summarize(out)
+    return summarize(_with_atoms(base, fitted.drop_vars(["image"], errors="ignore"), ["component"]))
 
 
 def summarize(tree: xr.DataTree) -> xr.DataTree:
     """Per-image summaries of the library-wide learning, as root variables along ``image``.
 
-    ``cluster_fraction(image, library_cluster)``: fraction of each image's clustered atoms in each
-    cluster; ``clustered_count(image)``: how many atoms were clustered; ``mean_loading(image,
-    library_component)`` and ``std_loading(image, library_component)``: mean and spread of the
-    PCA loadings over each image's atoms. NaN for images without usable atoms. Computed without a
-    per-image loop (sparse group sums over the ragged ``atom`` dim).
+    ``cluster_fraction(image, cluster_id)``: fraction of each image's clustered atoms in each
+    cluster; ``clustered_count(image)``: atoms clustered per image; ``mean_loading(image,
+    component)`` and ``std_loading(image, component)``: mean and spread of the PCA loadings
+    over each image's atoms. NaN for images without usable atoms. Computed without a per-image
+    loop (group sums over the ragged ``atom`` dim).
     """
     from scipy import sparse
 
     at = _atoms_node(tree)
-    n_img = tree.sizes["image"] if "image" in tree.dims else len(ids(tree))
+    n_img = len(ids(tree))
     idx = np.asarray(at["image_index"].values, dtype=np.int64)
     out = tree.copy()
     root = out.to_dataset(inherit=False)
-    drop = [n for n in ("cluster_fraction", "clustered_count", "mean_loading", "std_loading") if n in root.variables]
-    root = root.drop_vars(drop)
-    if "cluster" in at.variables and CLUSTER_DIM in root.coords:
-        K = root.sizes[CLUSTER_DIM]
+    root = root.drop_vars([n for n in _SUMMARIES if n in root.variables])
+    if "cluster" in at.variables and "cluster_id" in root.coords:
+        K = root.sizes["cluster_id"]
         lab = np.asarray(at["cluster"].values, dtype=np.int64)
         ok = lab >= 0
         counts = np.zeros((n_img, K))
@@ -881,15 +849,15 @@ def summarize(tree: xr.DataTree) -> xr.DataTree:
         with np.errstate(invalid="ignore", divide="ignore"):
             frac = counts / tot[:, None]
         root["cluster_fraction"] = xr.DataArray(
-            frac, dims=("image", CLUSTER_DIM), attrs={"units": "1", "long_name": "fraction of the image's clustered atoms in each cluster"}
+            frac, dims=("image", "cluster_id"), attrs={"units": "1", "long_name": "fraction of the image's clustered atoms in each cluster"}
         )
         root["clustered_count"] = xr.DataArray(
             tot.astype(np.int64), dims=("image",), attrs={"units": "1", "long_name": "atoms clustered in the image"}
         )
-    if "pca_loadings" in at.variables and COMPONENT_DIM in root.coords:
+    if "pca_loadings" in at.variables and "component" in root.coords:
         L = np.asarray(at["pca_loadings"].values, dtype=float)
         ok = np.isfinite(L).all(axis=1)
-        ind = sparse.csr_matrix((np.ones(ok.sum()), (idx[ok], np.flatnonzero(ok))), shape=(n_img, L.shape[0]))
+        ind = sparse.csr_matrix((np.ones(int(ok.sum())), (idx[ok], np.flatnonzero(ok))), shape=(n_img, L.shape[0]))
         n = np.asarray(ind.sum(axis=1)).ravel()
         Lz = np.where(ok[:, None], L, 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -897,10 +865,11 @@ def summarize(tree: xr.DataTree) -> xr.DataTree:
             var = np.asarray(ind @ Lz**2) / n[:, None] - mean**2
         u = at["pca_loadings"].attrs.get("units", "")
         root["mean_loading"] = xr.DataArray(
-            mean, dims=("image", COMPONENT_DIM), attrs={"units": u, "long_name": "mean PCA loading over the image's atoms"}
+            mean, dims=("image", "component"), attrs={"units": u, "long_name": "mean PCA loading over the image's atoms"}
         )
         root["std_loading"] = xr.DataArray(
-            np.sqrt(np.clip(var, 0, None)), dims=("image", COMPONENT_DIM), attrs={"units": u, "long_name": "standard deviation of the PCA loadings over the image's atoms"}
+            np.sqrt(np.clip(var, 0, None)), dims=("image", "component"),
+            attrs={"units": u, "long_name": "standard deviation of the PCA loadings over the image's atoms"},
         )
     out.dataset = root
     return out
@@ -911,7 +880,6 @@ def learn(
     *,
     n_clusters: int | None = None,
     n_components: int | None = None,
-    descriptor_kind: str = "xy",
     centroid: str = "mean",
     n_init: int = 4,
     seed: int = 0,
@@ -919,11 +887,11 @@ def learn(
 ) -> xr.DataTree:
     """Library-wide k-means (K from the dendrogram unless given) and PCA, plus per-image summaries.
 
-    Equivalent to ``pca(kmeans(tree, n_clusters, ...), n_components)``; see :func:`kmeans`,
-    :func:`pca` and :func:`summarize`.
+    ``pca(kmeans(tree, n_clusters, ...), n_components)``; see :func:`kmeans`, :func:`pca` and
+    :func:`summarize`.
     """
-    out = kmeans(tree, n_clusters, descriptor_kind=descriptor_kind, centroid=centroid, n_init=n_init, seed=seed, k_range=k_range)
-    return pca(out, n_components, descriptor_kind=descriptor_kind)
+    out = kmeans(tree, n_clusters, centroid=centroid, n_init=n_init, seed=seed, k_range=k_range)
+    return pca(out, n_components)
 
 
 def property_correlation(
@@ -950,7 +918,6 @@ def property_correlation(
     from .core.spectra import pearson
 
     root = tree.to_dataset(inherit=False)
-    derived = {"cluster_fraction", "clustered_count", "mean_loading", "std_loading"}
     if summaries is None:
         summaries = [n for n in ("cluster_fraction", "mean_loading") if n in root.data_vars]
         if not summaries:
@@ -958,7 +925,7 @@ def property_correlation(
     if properties is None:
         properties = [
             n for n, v in root.data_vars.items()
-            if v.dims == ("image",) and v.dtype.kind in "biuf" and n not in derived
+            if v.dims == ("image",) and v.dtype.kind in "biuf" and n not in _SUMMARIES
         ]
     if not properties:
         raise InvalidParameterError("the library has no numeric per-image properties to correlate with.")
@@ -970,7 +937,8 @@ def property_correlation(
             cols.append(np.asarray(v.values, dtype=float))
             names.append(s)
         elif len(v.dims) == 2 and v.dims[0] == "image":
-            for j, c in enumerate(v[v.dims[1]].values if v.dims[1] in root.coords else range(v.shape[1])):
+            labels = root[v.dims[1]].values if v.dims[1] in root.coords else range(v.shape[1])
+            for j, c in enumerate(labels):
                 cols.append(np.asarray(v.values[:, j], dtype=float))
                 names.append(f"{s}[{c}]")
         else:
@@ -985,3 +953,101 @@ def property_correlation(
         name="property_correlation",
         attrs={"units": "1", "long_name": "Pearson correlation over images", "n_images": int(n)},
     )
+
+
+# --------------------------------------------------------------------------------------------
+# spectra
+# --------------------------------------------------------------------------------------------
+
+
+def attach_spectra(
+    tree: xr.DataTree,
+    cubes: Mapping[str, Any],
+    *,
+    energy_dim: str = "energy",
+    window: float | None = None,
+    reduce: str = "mean",
+    keep_cube: bool = True,
+) -> xr.DataTree:
+    """Join spectrum images to the atoms of a library (:func:`atomds.spectra.attach_spectra` per image).
+
+    Parameters
+    ----------
+    tree : xarray.DataTree
+        A library.
+    cubes : mapping id -> DataArray or path
+        The spectrum image of each image that has one, co-registered with it (y/x coords in the
+        image's units and frame); images without one get NaN spectra.
+    energy_dim, window, reduce, keep_cube
+        As in :func:`atomds.spectra.attach_spectra` (``window`` None: estimated per image).
+
+    Returns
+    -------
+    xarray.DataTree
+        A new library. When every cube has the same spectral axis, ``spectrum(atom, energy)`` and
+        ``spectrum_coverage(atom)`` join ``/atoms`` (so that cluster-mean spectra and loading
+        correlations run over the whole library: ``atomds.spectra.cluster_mean_spectra(
+        atomds.library.atoms(tree))``); otherwise they stay in each ``/images/<id>``. Each cube
+        is kept in its ``/images/<id>`` on its own grid (``spectrum_image``).
+    """
+    from . import spectra as sp
+
+    all_ids = ids(tree)
+    unknown = sorted(set(map(str, cubes)) - set(all_ids))
+    if unknown:
+        raise KeyError(f"no images {unknown} in the library; ids: {all_ids[:10]}")
+    status = dict(zip(all_ids, (str(s) for s in tree["status"].values), strict=True))
+    failed = sorted(i for i in map(str, cubes) if status[i] != "ok")
+    if failed:
+        raise InvalidParameterError(f"images {failed} failed and have no atoms to attach spectra to.")
+    at = _atoms_node(tree)
+    start, counts = _offsets(tree)
+    units = str(tree.attrs.get("units", at.attrs.get("units", "px")))
+    results: dict[str, xr.Dataset] = {}
+    for iid, cube in cubes.items():
+        pos = all_ids.index(str(iid))
+        sl = slice(int(start[pos]), int(start[pos] + counts[pos]))
+        node_attrs = tree["images"][str(iid)].attrs
+        mini = xr.Dataset(
+            {"atom_x": at["atom_x"].isel(atom=sl), "atom_y": at["atom_y"].isel(atom=sl)},
+            attrs={"units": str(node_attrs.get("units", units)), "pixel_size": node_attrs.get("pixel_size", 1.0)},
+        )
+        results[str(iid)] = sp.attach_spectra(mini, cube, energy_dim=energy_dim, window=window, reduce=reduce, keep_cube=keep_cube)
+    first = next(iter(results.values()), None)
+    shared = first is not None and all(r[energy_dim].identical(first[energy_dim]) for r in results.values()) and all(
+        r["spectrum"].dtype == first["spectrum"].dtype and r["spectrum"].attrs == first["spectrum"].attrs for r in results.values()
+    )
+    spec_vars = ("spectrum", "spectrum_coverage")
+    out = tree.copy()
+    # drop spectra of an earlier attach everywhere
+    for node in out.subtree:
+        ds = node.to_dataset(inherit=False)
+        drop = [n for n in (*spec_vars, "spectrum_image", "spectrum_x", "spectrum_y") if n in ds.variables]
+        if energy_dim in ds.variables and not any(energy_dim in v.dims for n, v in ds.variables.items() if n not in drop and n != energy_dim):
+            drop.append(energy_dim)
+        if drop:
+            node.dataset = ds.drop_vars(drop)
+    for iid, r in results.items():
+        node = out["images"][iid]
+        ds = node.to_dataset(inherit=False)
+        keep = [n for n, v in r.variables.items() if n not in ("atom_x", "atom_y") and (not shared or n not in spec_vars)]
+        extra = r[keep] if keep else xr.Dataset()
+        ds = ds.assign_coords({c: extra[c].variable for c in extra.coords}).assign({n: extra[n] for n in extra.data_vars})
+        ds.attrs["attach_spectra_params"] = r.attrs["attach_spectra_params"]
+        node.dataset = ds
+    if shared:
+        n_atom = at.sizes["atom"]
+        n_e = first.sizes[energy_dim]
+        spec = np.full((n_atom, n_e), np.nan, dtype=first["spectrum"].dtype)
+        cov = np.zeros(n_atom)
+        for iid, r in results.items():
+            pos = all_ids.index(iid)
+            sl = slice(int(start[pos]), int(start[pos] + counts[pos]))
+            spec[sl] = r["spectrum"].values
+            cov[sl] = r["spectrum_coverage"].values
+        at2 = out["atoms"].to_dataset(inherit=False)
+        at2 = at2.assign_coords({energy_dim: first[energy_dim].variable})
+        at2["spectrum"] = xr.DataArray(spec, dims=("atom", energy_dim), attrs=first["spectrum"].attrs)
+        at2["spectrum_coverage"] = xr.DataArray(cov, dims=("atom",), attrs=first["spectrum_coverage"].attrs)
+        out["atoms"].dataset = at2
+    return out
