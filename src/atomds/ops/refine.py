@@ -1,0 +1,324 @@
+"""Sub-pixel refinement of the atoms of a Dataset, and atoms known from elsewhere.
+
+:func:`refine` fits a 2-D Gaussian to every atom at once (:func:`atomds.core.refine.refine_gaussian`)
+and stores the results on dim ``atom`` in the Dataset's physical units. :func:`with_atoms` adds
+atom positions that come from another tool or a simulation, so that refinement and every later
+step run on them.
+
+When the image is a Dask array the refinement stays lazy: one task estimates the fit settings
+(column width, noise model, window) from a sample of atoms, and each chunk of ``atom`` is
+refined in its own task (with the neighbours it needs), so nothing computes until asked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from ..core import refine as cr
+from ..errors import InvalidParameterError
+from ._common import annotate, image_dataarray, is_dask, length_units, pixel_size, record_params, require_vars
+
+__all__ = ["refine", "with_atoms"]
+
+#: Variables :func:`refine` writes (per model), besides ``atom_x``, ``atom_y``.
+_SHAPE_VARS = {"gaussian": ("sigma",), "elliptical": ("sigma_major", "sigma_minor", "theta")}
+_COMMON_VARS = ("amplitude", "intensity", "background", "x_err", "y_err", "fit_ok")
+_DEFAULT_CHUNK = 16384
+
+
+def _seeds(ds: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray]:
+    if "seed_x" in ds.variables and "seed_y" in ds.variables:
+        return ds["seed_x"], ds["seed_y"]
+    require_vars(ds, ["atom_x", "atom_y"], step="refine()", hint="find_atoms() or with_atoms()")
+    return ds["atom_x"], ds["atom_y"]
+
+
+def _derived_names(ds: xr.Dataset) -> list[str]:
+    """Per-atom results that depend on the positions (neighbourhoods and what was built on them)."""
+    from .neighbors import DERIVED_DIMS, DERIVED_VARS
+
+    names = [n for n, v in ds.variables.items() if set(v.dims) & set(DERIVED_DIMS)]
+    names += [n for n in DERIVED_VARS if n in ds.variables]
+    return sorted(set(names))
+
+
+def _fields(model: str) -> tuple[str, ...]:
+    return ("x", "y", *_SHAPE_VARS[model], *_COMMON_VARS[:3], "x_err", "y_err", "fit_ok", "n_iter")
+
+
+def _pack(res: dict, model: str) -> np.ndarray:
+    return np.column_stack([np.asarray(res[f], dtype=float) for f in _fields(model)])
+
+
+def _settings_task(image, x, y, kw):
+    img = np.asarray(image)
+    return cr.estimate_fit_settings(
+        img, np.asarray(x, float), np.asarray(y, float), window=kw["window"], sigma=kw["sigma"],
+        noise=kw["noise"], model=kw["model"], neighbor_subtraction=kw["neighbor_subtraction"], max_iter=kw["max_iter"],
+    )
+
+
+def _refine_block(image, x, y, settings, sl, kw) -> np.ndarray:
+    res = cr.refine_gaussian(np.asarray(image), np.asarray(x, float), np.asarray(y, float), subset=sl, settings=settings, **kw)
+    return _pack(res, kw["model"])
+
+
+def refine(
+    ds: xr.Dataset,
+    *,
+    model: str = "gaussian",
+    window: float | None = None,
+    noise: Any = None,
+    sigma: float | None = None,
+    max_iter: int = 30,
+    neighbor_subtraction: bool = True,
+    n_refits: int | None = None,
+    width_prior: bool | float = True,
+) -> xr.Dataset:
+    """Refine every atom to sub-pixel precision with a 2-D Gaussian fit (all atoms at once).
+
+    Starts from ``seed_x``, ``seed_y`` (from :func:`atomds.ops.find.find_atoms` or
+    :func:`with_atoms`), or from ``atom_x``, ``atom_y`` when there are no seeds. Each column is
+    fitted with a pixel-integrated Gaussian on a local constant background, weighted by the
+    noise model, with its neighbours' fitted models subtracted (see
+    :func:`atomds.core.refine.refine_gaussian` for the method). Lazy over chunks of ``atom``
+    when the image is Dask-backed: nothing computes until the results are asked for.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An image Dataset with atoms.
+    model : {"gaussian", "elliptical"}
+        Isotropic Gaussian (``sigma``) or elliptical Gaussian (``sigma_major``, ``sigma_minor``,
+        ``theta``).
+    window : float, optional
+        Radius of the fit window in the Dataset's length units; default from the
+        nearest-neighbour distance and the information in the columns' tails.
+    noise : None, "uniform" or (gain, read_noise)
+        Noise model of the weights, ``variance = gain * signal + read_noise**2`` in image units;
+        estimated from the fit residuals when None; "uniform" fits unweighted.
+    sigma : float, optional
+        Typical column width in the Dataset's length units; estimated when None.
+    max_iter, neighbor_subtraction, n_refits, width_prior
+        See :func:`atomds.core.refine.refine_gaussian` (``width_prior`` as a spread is in the
+        Dataset's length units).
+
+    Returns
+    -------
+    xarray.Dataset
+        A new Dataset with, on dim ``atom``: ``atom_x``, ``atom_y`` (refined), ``amplitude``
+        (peak height above the background), ``intensity`` (integrated intensity of the column),
+        ``sigma`` or ``sigma_major``, ``sigma_minor``, ``theta``, ``background`` (per pixel),
+        ``x_err``, ``y_err`` (standard errors) and ``fit_ok``. Lengths are in the Dataset's
+        units, intensities in the image's. Where ``fit_ok`` is False the position is the
+        centre of mass and the other values are NaN. Neighbourhood results computed on the
+        old positions are dropped. The parameters (and, when eager, the estimated width, noise
+        model and window) are recorded in ``ds.attrs["refine_params"]``.
+
+    Raises
+    ------
+    MissingStepError
+        When the Dataset has no atoms yet.
+    InvalidParameterError
+        For parameters out of range.
+    """
+    if not isinstance(ds, xr.Dataset):
+        raise TypeError(f"expected an xarray.Dataset, got {type(ds).__name__}")
+    if model not in cr.MODELS:
+        raise InvalidParameterError(f"model must be one of {cr.MODELS}; got {model!r}.")
+    img = image_dataarray(ds)
+    sx, sy = _seeds(ds)
+    if sx.dims != ("atom",) or sy.dims != ("atom",):
+        raise InvalidParameterError(f"atom positions must have dims ('atom',); got {sx.dims} and {sy.dims}.")
+    ps = pixel_size(ds)
+    units = length_units(ds)
+    iunits = str(img.attrs.get("units", "1"))
+    for name, value in (("window", window), ("sigma", sigma)):
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise InvalidParameterError(f"{name} must be a positive length in {units}; got {value!r}.")
+    prior = width_prior
+    if not isinstance(width_prior, bool):
+        if not (np.isfinite(width_prior) and width_prior >= 0):
+            raise InvalidParameterError(f"width_prior must be True, False or a spread >= 0; got {width_prior!r}.")
+        prior = float(width_prior) / ps
+    kw = dict(
+        model=model,
+        window=None if window is None else float(window) / ps,
+        noise=noise,
+        sigma=None if sigma is None else float(sigma) / ps,
+        max_iter=max_iter,
+        neighbor_subtraction=bool(neighbor_subtraction),
+    )
+    fit_kw = dict(kw, n_refits=n_refits, width_prior=prior)
+    n = int(sx.sizes["atom"])
+    lazy = is_dask(img) or is_dask(sx) or is_dask(sy)
+    settings = None
+    if n == 0:
+        packed = np.zeros((0, len(_fields(model))))
+    elif lazy:
+        import dask
+        import dask.array as da
+
+        xd = sx.data if is_dask(sx) else da.from_array(np.asarray(sx.values, float), chunks=min(n, _DEFAULT_CHUNK))
+        yd = sy.data if is_dask(sy) else da.from_array(np.asarray(sy.values, float), chunks=xd.chunks)
+        yd = yd.rechunk(xd.chunks)
+        image_d = dask.delayed(np.asarray, pure=True)(img.data)
+        xp_all = dask.delayed(np.divide, pure=True)(xd, ps)
+        yp_all = dask.delayed(np.divide, pure=True)(yd, ps)
+        settings_d = dask.delayed(_settings_task, pure=True)(image_d, xp_all, yp_all, kw)
+
+        def _chunk(xb, image, x_all, y_all, settings, block_info=None):
+            lo, hi = block_info[0]["array-location"][0]
+            return _refine_block(image, x_all, y_all, settings, slice(lo, hi), fit_kw)
+
+        packed = da.map_blocks(
+            _chunk, xd, image_d, xp_all, yp_all, settings_d, dtype=float, chunks=(xd.chunks[0], (len(_fields(model)),)),
+            new_axis=1, meta=np.empty((0, 0)),
+        )
+    else:
+        image = np.asarray(img.values)
+        xp = np.asarray(sx.values, float) / ps
+        yp = np.asarray(sy.values, float) / ps
+        settings = cr.estimate_fit_settings(
+            image, xp, yp, window=kw["window"], sigma=kw["sigma"], noise=noise, model=model,
+            neighbor_subtraction=kw["neighbor_subtraction"], max_iter=max_iter,
+        )
+        packed = _pack(cr.refine_gaussian(image, xp, yp, settings=settings, **fit_kw), model)
+
+    col = {f: i for i, f in enumerate(_fields(model))}
+
+    def var(name, scale, unit, long_name, dtype=None):
+        data = packed[:, col[name]]
+        if scale != 1.0:
+            data = data * scale
+        if dtype is not None:
+            data = data.astype(dtype)
+        return annotate(xr.DataArray(data, dims=("atom",)), unit, long_name)
+
+    new = {
+        "atom_x": var("x", ps, units, "atom centre x (refined)"),
+        "atom_y": var("y", ps, units, "atom centre y (refined)"),
+        "amplitude": var("amplitude", 1.0, iunits, "peak height of the fitted Gaussian above the background"),
+        "intensity": var("intensity", 1.0, iunits, "integrated intensity of the column (sum over pixels)"),
+        "background": var("background", 1.0, iunits, "local background per pixel under the column"),
+        "x_err": var("x_err", ps, units, "standard error of atom_x"),
+        "y_err": var("y_err", ps, units, "standard error of atom_y"),
+        "fit_ok": var("fit_ok", 1.0, "1", "Gaussian fit converged to a physical column (else centre of mass)", bool),
+    }
+    if model == "gaussian":
+        new["sigma"] = var("sigma", ps, units, "width of the column (Gaussian standard deviation)")
+    else:
+        new["sigma_major"] = var("sigma_major", ps, units, "width of the column along its major axis")
+        new["sigma_minor"] = var("sigma_minor", ps, units, "width of the column along its minor axis")
+        new["theta"] = var("theta", 1.0, "rad", "direction of the major axis, from +x towards +y")
+    stale = [v for m, names in _SHAPE_VARS.items() if m != model for v in names if v in ds.variables]
+    out = ds.drop_vars(stale + _derived_names(ds))
+    if "seed_x" not in out.variables:  # keep the starting positions
+        out = out.assign(
+            seed_x=annotate(sx.copy(), units, "seed position x"),
+            seed_y=annotate(sy.copy(), units, "seed position y"),
+        )
+    out = out.assign(new)
+    params: dict[str, Any] = dict(
+        model=model, window=window, noise=noise, sigma=sigma, max_iter=max_iter,
+        neighbor_subtraction=bool(neighbor_subtraction), n_refits=n_refits, width_prior=width_prior,
+        units=units, lazy=bool(lazy),
+    )
+    if settings is not None:
+        params["estimated"] = {
+            "sigma": settings["sigma"] * ps,
+            "sigma_spread": settings["sigma_spread"] * ps,
+            "window_radius": settings["window_radius"] * ps,
+            "gain": settings["gain"],
+            "read_noise": settings["read_noise"],
+            "variance_offset": settings["variance_offset"],
+        }
+    return record_params(out, "refine", params)
+
+
+def with_atoms(ds: xr.Dataset, x: Any, y: Any, *, units: str | None = None) -> xr.Dataset:
+    """Add atoms known from elsewhere (another tool, a simulation) as the Dataset's atoms.
+
+    They become ``seed_x``, ``seed_y`` and ``atom_x``, ``atom_y`` on a new dim ``atom``, so that
+    :func:`refine` and every later step run on them. Atoms and everything computed on earlier
+    atoms (fits, neighbourhoods, clusters) are replaced.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An image Dataset.
+    x, y : array_like (n,)
+        Positions (NumPy, Dask or DataArray); NaN is not allowed.
+    units : str, optional
+        Units of ``x`` and ``y``: the Dataset's length units (default) or ``"px"`` (pixels,
+        converted with the pixel size).
+
+    Returns
+    -------
+    xarray.Dataset
+
+    Raises
+    ------
+    InvalidParameterError
+        For mismatched shapes, NaN positions, positions outside the image or unknown units.
+    """
+    if not isinstance(ds, xr.Dataset):
+        raise TypeError(f"expected an xarray.Dataset, got {type(ds).__name__}")
+    dunits = length_units(ds)
+    ps = pixel_size(ds)
+    u = dunits if units is None else str(units)
+    if u == dunits:
+        scale = 1.0
+    elif u == "px":
+        scale = ps
+    else:
+        raise InvalidParameterError(f"units must be the Dataset's length units ({dunits!r}) or 'px'; got {units!r}.")
+
+    def as_array(v, name):
+        if isinstance(v, xr.DataArray):
+            v = v.data
+        if getattr(v, "__dask_graph__", None) is None:
+            v = np.asarray(v, dtype=float)
+        if v.ndim != 1:
+            raise InvalidParameterError(f"{name} must be 1-D (one value per atom); got shape {v.shape}.")
+        return v
+
+    xa, ya = as_array(x, "x"), as_array(y, "y")
+    if xa.shape != ya.shape:
+        raise InvalidParameterError(f"x and y must have the same length; got {xa.shape[0]} and {ya.shape[0]}.")
+    lazy = getattr(xa, "__dask_graph__", None) is not None or getattr(ya, "__dask_graph__", None) is not None
+    if not lazy:
+        bad = ~(np.isfinite(xa) & np.isfinite(ya))
+        if bad.any():
+            raise InvalidParameterError(
+                f"{int(bad.sum())} position(s) are NaN or infinite (first at index {int(np.argmax(bad))}); "
+                "drop them first."
+            )
+        if "x" in ds.sizes and "y" in ds.sizes:
+            nx, ny = int(ds.sizes["x"]), int(ds.sizes["y"])
+            xpx, ypx = xa * scale / ps, ya * scale / ps
+            out = (xpx < -0.5) | (xpx > nx - 0.5) | (ypx < -0.5) | (ypx > ny - 0.5)
+            if out.any():
+                i = int(np.argmax(out))
+                raise InvalidParameterError(
+                    f"{int(out.sum())} position(s) lie outside the image (first: index {i} at x={xa[i]:.4g}, "
+                    f"y={ya[i]:.4g} {u}); check the units (the Dataset's are {dunits!r}, or pass units='px')."
+                )
+    xs = xa * scale if scale != 1.0 else xa
+    ys = ya * scale if scale != 1.0 else ya
+    old = [n for n, v in ds.variables.items() if "atom" in v.dims]
+    out = ds.drop_vars(sorted(set(old + _derived_names(ds))))
+
+    def v(data, long_name):
+        return annotate(xr.DataArray(data, dims=("atom",)), dunits, long_name)
+
+    out = out.assign(
+        seed_x=v(xs, "seed position x (given)"),
+        seed_y=v(ys, "seed position y (given)"),
+        atom_x=v(xs, "atom centre x"),
+        atom_y=v(ys, "atom centre y"),
+    )
+    return record_params(out, "with_atoms", {"n_atoms": int(xa.shape[0]), "units": u})
