@@ -291,3 +291,20 @@ def test_neighbours_invariant_to_translation_and_order(n, seed, shift):
     np.testing.assert_allclose(d2, d[perm], rtol=1e-9, atol=1e-9)
     # the same neighbour vectors (as sets: exactly tied neighbours may come in either order)
     np.testing.assert_allclose(np.sort(dx2, axis=1), np.sort(dx[perm], axis=1), atol=1e-9)
+
+
+def test_smooth_same_kind_median_keeps_walls_and_kinds(rng):
+    # a row of atoms of two kinds alternating; kind 0 carries +1 left of x = 50 and -1 right
+    x = np.arange(100.0)
+    y = np.zeros(100)
+    kind = np.arange(100) % 2
+    F = np.where(kind == 0, np.where(x < 50, 1.0, -1.0), 5.0)[:, None] + rng.normal(0, 0.3, (100, 1))
+    F[10] = np.nan
+    out = cn.smooth_same_kind(F, x, y, kind, 4)
+    k0 = (kind == 0) & np.isfinite(F[:, 0])
+    assert np.all(np.sign(out[k0, 0]) == np.where(x[k0] < 50, 1, -1))  # the wall stays sharp
+    assert np.abs(out[kind == 1, 0] - 5).max() < 1.0  # kinds never mixed
+    assert np.isnan(out[10, 0])
+    assert np.std(out[k0 & (x < 40), 0] - 1) < np.std(F[k0 & (x < 40), 0] - 1)
+    part = cn.smooth_same_kind(F, x, y, kind, 4, centers=slice(20, 40))
+    np.testing.assert_array_equal(part, out[20:40])

@@ -127,6 +127,8 @@ def neighborhoods(
     exclude_edge: bool = True,
     descriptor: str = "xy",
     edge_margin: float = 0.25,
+    smooth: int = 0,
+    smooth_by: str = "sublattice",
 ) -> xr.Dataset:
     """Neighbourhood of every atom, edge flags and the descriptor that the learning steps use.
 
@@ -181,6 +183,16 @@ def neighborhoods(
         of its neighbourhood (its farthest neighbour used, or ``radius``) plus this margin
         (columns within it of the border are easily missed or mislocated by atom finding).
         Without an image (no ``y``/``x`` dims) the bounding box of the atoms is the border.
+    smooth : int
+        For noisy positions: replace each atom's descriptor by the component-wise median over it
+        and its ``smooth`` nearest atoms of the same kind (``smooth_by``), which divides the
+        position noise by about ``sqrt(2 (smooth + 1) / pi)`` and keeps domain walls sharp
+        (:func:`atomds.core.neighbors.smooth_same_kind`); 4 suits a square sublattice, 6 a
+        hexagonal one. 0 (default): no smoothing.
+    smooth_by : str
+        Per-atom integer label that says which atoms are of the same kind: "sublattice" (from
+        ``find_atoms``), or e.g. "cluster" from a k-means on an earlier neighbourhood. Atoms of
+        other kinds are never mixed in (their neighbourhoods differ).
 
     Returns
     -------
@@ -216,6 +228,19 @@ def neighborhoods(
         raise InvalidParameterError(f"k must be a positive integer, got {k!r}")
     if not edge_margin >= 0:
         raise InvalidParameterError(f"edge_margin must be >= 0, got {edge_margin!r}")
+    if int(smooth) != smooth or smooth < 0:
+        raise InvalidParameterError(f"smooth must be a non-negative integer, got {smooth!r}")
+    kinds = None
+    if smooth:
+        if smooth_by not in ds.variables:
+            raise MissingStepError(
+                f"neighborhoods(smooth={smooth}) averages over atoms of the same kind, given by {smooth_by!r}, which "
+                "the Dataset does not have: use smooth_by='sublattice' after find_atoms labels sublattices, or "
+                "smooth_by='cluster' after a first kmeans()."
+            )
+        if ds[smooth_by].dims != ("atom",):
+            raise InvalidParameterError(f"smooth_by={smooth_by!r} must be a per-atom label (dim 'atom'), got {ds[smooth_by].dims}")
+        kinds = ds[smooth_by].data
     n_atoms = int(ds.sizes["atom"])
     if k is not None and k >= n_atoms:
         raise InvalidParameterError(
@@ -273,6 +298,22 @@ def neighborhoods(
     D = cols(5 * k + 3, width)
     if descriptor in ("xy", "distance"):
         D = D * ps
+    if smooth:
+        if lazy:
+            import dask
+            import dask.array as da
+
+            kd = kinds if hasattr(kinds, "dask") else np.asarray(kinds)
+
+            def _smooth(block, full, kinds_all, prep, block_info=None):
+                lo, hi = block_info[0]["array-location"][0]
+                return cn.smooth_same_kind(full, prep["x"], prep["y"], kinds_all, int(smooth), centers=slice(lo, hi))
+
+            full = dask.delayed(np.asarray, pure=True)(D)
+            kall = dask.delayed(np.asarray, pure=True)(kd)
+            D = da.map_blocks(_smooth, D, full, kall, prep, dtype=float, meta=np.empty((0, 0)))
+        else:
+            D = cn.smooth_same_kind(D, prep["x"], prep["y"], np.asarray(kinds), int(smooth))
     names = cn.feature_names(descriptor, k)
     feat_units = {"xy": units, "distance": units, "angle": "rad", "phase": "1"}[descriptor]
 
@@ -296,6 +337,7 @@ def neighborhoods(
     params = dict(
         k=k, radius=radius, sort=sort, ref_angle=ref_angle, rotate=bool(rotate), exclude_edge=bool(exclude_edge),
         descriptor=descriptor, edge_margin=float(edge_margin), feature_units=feat_units,
+        smooth=int(smooth), smooth_by=smooth_by if smooth else None,
     )
     if not lazy:
         params["ref_angle_used"] = prep["ref_angle"]
