@@ -95,6 +95,19 @@ def test_rerun_drops_results_of_the_old_neighbourhood(hexa):
         assert v not in ds2
 
 
+def test_results_follow_the_schema_and_round_trip(hexa, tmp_path):
+    import atomds
+
+    ds = neighborhoods(hexa, k=6, sort="angle")
+    ds = learn.linkage(ds)
+    ds = learn.regions(learn.kmeans(ds, learn.suggest_k(ds)))
+    ds = learn.kmeans_scan(learn.ica(learn.pca(ds), 2), range(2, 4), n_init=1)
+    atomds.validate(ds)
+    path = tmp_path / "stats.nc"
+    ds.lcx.to_netcdf(path)
+    xr.testing.assert_identical(atomds.open_dataset(path).load(), ds)
+
+
 def test_neighbor_histogram(hexa):
     ds = neighborhoods(hexa, k=6)
     h = neighbor_histogram(ds, bins=33)

@@ -55,6 +55,11 @@ def _feature_coord(ds: xr.Dataset):
     return ds["feature"] if "feature" in ds.coords else None
 
 
+def _coord(dim: str, values, long_name: str, units: str = "1") -> xr.DataArray:
+    """An index coordinate with its ``units`` and ``long_name``."""
+    return annotate(xr.DataArray(np.asarray(values), dims=(dim,)), units, long_name)
+
+
 def _drop(ds: xr.Dataset, names) -> xr.Dataset:
     return ds.drop_vars([n for n in names if n in ds.variables])
 
@@ -129,7 +134,7 @@ def kmeans(ds: xr.Dataset, K: int, *, centroid: str = "mean", n_init: int = 10, 
         ),
         cluster_size=annotate(xr.DataArray(size, dims=("cluster_id",)), "1", "number of atoms in the cluster"),
     )
-    out = out.assign_coords(cluster_id=("cluster_id", np.arange(K)))
+    out = out.assign_coords(cluster_id=_coord("cluster_id", np.arange(K), "k-means cluster id"))
     return record_params(
         out, "kmeans", dict(K=K, centroid=centroid, n_init=n_init, seed=seed, inertia=float(inertia), n_clustered=int(ok.sum()))
     )
@@ -157,7 +162,7 @@ def kmeans_scan(
         kmeans_inertia=annotate(xr.DataArray(inertia, dims=("k",)), f"({funits})^2", "k-means inertia"),
         kmeans_silhouette=annotate(xr.DataArray(sil, dims=("k",)), "1", "silhouette score"),
     )
-    out = out.assign_coords(k=("k", ks))
+    out = out.assign_coords(k=_coord("k", ks, "number of clusters K"))
     return record_params(out, "kmeans_scan", dict(k_range=list(ks), centroid=centroid, n_init=n_init, seed=seed))
 
 
@@ -313,7 +318,7 @@ def regions(
             xr.DataArray(mapping, dims=(id_dim,)), "1", "region that each cluster joined (-1: dissolved transition cluster)"
         ),
     )
-    out = out.assign_coords(region_id=("region_id", np.arange(R)))
+    out = out.assign_coords(region_id=_coord("region_id", np.arange(R), "region id"))
     return record_params(
         out, "regions",
         dict(by=by, dissolve=bool(dissolve), merge=bool(merge), passes=int(passes), fill=bool(fill), n_regions=R,
@@ -418,7 +423,7 @@ def pca(ds: xr.Dataset, n_components: int | None = None) -> xr.Dataset:
         mode_polarity=annotate(xr.DataArray(pol, dims=("component",)), "1", "|sum of neighbour shifts| / sum of |shifts|"),
         mode_is_polar=annotate(xr.DataArray(polar, dims=("component",)), "1", "mode_polarity above the polar threshold"),
     )
-    out = out.assign_coords(component=("component", np.arange(len(comps))))
+    out = out.assign_coords(component=_coord("component", np.arange(len(comps)), "PCA mode number"))
     return record_params(out, "pca", dict(n_components=n_components, n_kept=int(len(comps)), total_variance=float(total)))
 
 
@@ -459,5 +464,5 @@ def ica(ds: xr.Dataset, n_components: int, *, seed: int = 0, max_iter: int = 100
         ica_polarity=annotate(xr.DataArray(pol, dims=("ica_component",)), "1", "|sum of neighbour shifts| / sum of |shifts|"),
         ica_is_polar=annotate(xr.DataArray(polar, dims=("ica_component",)), "1", "polarity above the polar threshold"),
     )
-    out = out.assign_coords(ica_component=("ica_component", np.arange(c)))
+    out = out.assign_coords(ica_component=_coord("ica_component", np.arange(c), "ICA mode number"))
     return record_params(out, "ica", dict(n_components=int(c), seed=seed))

@@ -164,7 +164,7 @@ def cluster_fft(ds: xr.Dataset, c: int | None = None, *, by: str = "cluster") ->
     if c is None:
         data = np.stack(mags)
         dims = (id_dim, "freq_y", "freq_x")
-        coords[id_dim] = np.arange(n_lab)
+        coords[id_dim] = annotate(xr.DataArray(np.arange(n_lab), dims=(id_dim,)), "1", f"{by} id")
         coords["periodicity"] = annotate(xr.DataArray(np.array(scores), dims=(id_dim,)), "1", "share of Fourier power in peaks")
     else:
         data = mags[0]

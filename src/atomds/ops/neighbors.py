@@ -333,7 +333,9 @@ def neighborhoods(
         "descriptor": av(D, ("atom", "feature"), feat_units, f"neighbourhood descriptor ({descriptor})"),
     }
     out = out.assign(new)
-    out = out.assign_coords(feature=("feature", np.array(names, dtype=str)))
+    out = out.assign_coords(
+        feature=annotate(xr.DataArray(np.array(names, dtype=str), dims=("feature",)), "1", "descriptor feature name")
+    )
     params = dict(
         k=k, radius=radius, sort=sort, ref_angle=ref_angle, rotate=bool(rotate), exclude_edge=bool(exclude_edge),
         descriptor=descriptor, edge_margin=float(edge_margin), feature_units=feat_units,
@@ -407,7 +409,7 @@ def neighbor_histogram(
         h, xe, ye = vector_histogram(dx, dy, bins=bins, extent=extent, labels=labs, n_labels=n_lab)
         iddim = "cluster_id" if by == "cluster" else f"{by}_id"
         dims = (iddim, "vy", "vx")
-        coords = {iddim: np.arange(n_lab)}
+        coords = {iddim: annotate(xr.DataArray(np.arange(n_lab), dims=(iddim,)), "1", f"{by} id")}
     coords["vx"] = annotate(xr.DataArray(0.5 * (xe[:-1] + xe[1:]), dims="vx"), units, "neighbour vector x")
     coords["vy"] = annotate(xr.DataArray(0.5 * (ye[:-1] + ye[1:]), dims="vy"), units, "neighbour vector y (down)")
     out = xr.DataArray(h, dims=dims, coords=coords, name="neighbor_histogram")
