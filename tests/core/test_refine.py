@@ -1,0 +1,243 @@
+"""Batched 2-D Gaussian refinement and Cramér-Rao bounds (core, pixels)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from atomds.core import crb, refine, samples, synth
+from atomds.errors import DimensionError, InvalidParameterError
+
+
+def _jitter(sample, sd, seed=0):
+    rng = np.random.default_rng(seed)
+    ny, nx = sample.shape
+    x = np.clip(sample.x + rng.normal(0, sd, sample.x.size), -0.5, nx - 0.5)
+    y = np.clip(sample.y + rng.normal(0, sd, sample.y.size), -0.5, ny - 0.5)
+    return x, y
+
+
+def _inner(sample, margin=6.0):
+    ny, nx = sample.shape
+    return (sample.x > margin) & (sample.x < nx - 1 - margin) & (sample.y > margin) & (sample.y < ny - 1 - margin)
+
+
+@pytest.fixture(scope="module")
+def hexa():
+    return samples.hexagonal_sample(shape=(160, 160), dose=2000.0, seed=4)
+
+
+def test_refined_positions_beat_seeds(hexa):
+    x0, y0 = _jitter(hexa, 0.4)
+    r = refine.refine_gaussian(hexa.image, x0, y0)
+    assert r["fit_ok"].all()
+    seed_rmse = np.sqrt(np.mean((x0 - hexa.x) ** 2 + (y0 - hexa.y) ** 2))
+    fit_rmse = np.sqrt(np.mean((r["x"] - hexa.x) ** 2 + (r["y"] - hexa.y) ** 2))
+    assert fit_rmse < 0.35 * seed_rmse
+    # the other parameters are those of the generator
+    inner = _inner(hexa)
+    assert np.median(r["sigma"][inner]) == pytest.approx(2.0, rel=0.03)
+    assert np.median(r["intensity"][inner]) == pytest.approx(2000.0, rel=0.03)
+    assert np.median(r["amplitude"][inner]) == pytest.approx(2000.0 / (2 * np.pi * 4.0), rel=0.05)
+    assert np.median(r["background"][inner]) == pytest.approx(hexa.background_level, rel=0.25)
+    assert set(r) >= {"x", "y", "amplitude", "intensity", "sigma", "background", "x_err", "y_err", "fit_ok", "n_iter"}
+    assert (r["n_iter"] >= 2).all()
+
+
+@pytest.mark.parametrize("dose", [400.0, 8000.0])
+def test_rmse_close_to_cramer_rao_bound(dose):
+    s = samples.hexagonal_sample(shape=(176, 176), dose=dose, seed=11)
+    x0, y0 = _jitter(s, 0.3, seed=1)
+    r = refine.refine_gaussian(s.image, x0, y0)
+    bx, by = crb.crb_from_expected(s.expected, s.x, s.y, s.counts, s.sigma, read_noise=s.params["read_noise"])
+    m = _inner(s)
+    assert m.sum() > 150
+    err2 = (r["x"] - s.x)[m] ** 2 + (r["y"] - s.y)[m] ** 2
+    bound2 = bx[m] ** 2 + by[m] ** 2
+    ratio = np.sqrt(err2.mean() / bound2.mean())
+    assert 0.8 < ratio < 1.3
+    # the standard errors describe the actual errors
+    pulls = np.concatenate([((r["x"] - s.x) / r["x_err"])[m], ((r["y"] - s.y) / r["y_err"])[m]])
+    assert 0.8 < pulls.std() < 1.25
+    # and they are themselves close to the bound
+    assert np.median(r["x_err"][m] / bx[m]) == pytest.approx(1.0, abs=0.15)
+
+
+def test_noise_model_is_estimated():
+    s = samples.hexagonal_sample(shape=(160, 160), dose=3000.0, read_noise=3.0, seed=5)
+    for scale in (1.0, 4.0):  # the image in counts, then in units of a quarter count (gain 4)
+        st = refine.estimate_fit_settings(s.image * scale, s.x, s.y)
+        assert st["gain"] == pytest.approx(scale, rel=0.12)
+        assert st["read_noise"] == pytest.approx(3.0 * scale, rel=0.35)
+        assert st["sigma"] == pytest.approx(2.0, rel=0.05)
+        assert 2.5 * 2.0 < st["window_radius"] < 5.0 * 2.0
+
+
+def _render_rotated(shape, x, y, counts, s_major, s_minor, theta, sub=5):
+    """Pixel-integrated (by 5 x 5 sub-sampling) elliptical Gaussians, all columns at once."""
+    ny, nx = shape
+    off = (np.arange(sub) + 0.5) / sub - 0.5
+    yy = (np.arange(ny)[:, None] + off[None, :]).ravel()  # (ny * sub,)
+    xx = (np.arange(nx)[:, None] + off[None, :]).ravel()
+    c, s = np.cos(theta), np.sin(theta)
+    img = np.zeros((ny * sub, nx * sub))
+    for xi, yi in zip(x, y, strict=True):  # a handful of columns in a test helper
+        dx = xx[None, :] - xi
+        dy = yy[:, None] - yi
+        u = c * dx + s * dy
+        v = -s * dx + c * dy
+        img += counts * np.exp(-0.5 * (u**2 / s_major**2 + v**2 / s_minor**2)) / (2 * np.pi * s_major * s_minor)
+    return img.reshape(ny, sub, nx, sub).mean(axis=(1, 3))
+
+
+def test_elliptical_model_recovers_widths_and_angle():
+    rng = np.random.default_rng(3)
+    g = np.arange(10.0, 100.0, 14.0)
+    gx, gy = np.meshgrid(g, g)
+    x = gx.ravel() + rng.uniform(-0.5, 0.5, gx.size)
+    y = gy.ravel() + rng.uniform(-0.5, 0.5, gy.size)
+    theta = 0.6
+    expected = _render_rotated((104, 104), x, y, 6000.0, 2.6, 1.5, theta) + 5.0
+    img = synth.add_noise(expected, read_noise=1.0, seed=2)
+    r = refine.refine_gaussian(img, x + rng.normal(0, 0.3, x.size), y + rng.normal(0, 0.3, x.size), model="elliptical")
+    assert r["fit_ok"].all()
+    assert np.median(r["sigma_major"]) == pytest.approx(2.6, rel=0.04)
+    assert np.median(r["sigma_minor"]) == pytest.approx(1.5, rel=0.04)
+    assert np.median(r["theta"]) == pytest.approx(theta, abs=0.03)
+    assert "sigma" not in r
+    rmse = np.sqrt(np.mean((r["x"] - x) ** 2))
+    assert rmse < 1.3 * np.median(r["x_err"])
+    # an axis-aligned column along y: theta = +-pi/2
+    e2 = synth.render_columns((64, 64), [31.3], [30.8], 8000.0, 1.4, sigma_y=2.4) + 3.0
+    r2 = refine.refine_gaussian(synth.add_noise(e2, seed=3), [31.0], [31.0], model="elliptical", window=9.0)
+    assert abs(abs(r2["theta"][0]) - np.pi / 2) < 0.05
+    assert r2["sigma_major"][0] == pytest.approx(2.4, rel=0.05)
+
+
+def test_neighbor_subtraction_removes_bias_of_close_columns():
+    g = np.arange(12.0, 150.0, 24.0)
+    gx, gy = np.meshgrid(g, g)
+    xa, ya = gx.ravel(), gy.ravel()
+    xb, yb = xa + 6.4, ya + 1.0  # a dim column 4 sigma from a bright one
+    x, y = np.r_[xa, xb], np.r_[ya, yb]
+    counts = np.r_[np.full(xa.size, 20000.0), np.full(xb.size, 4000.0)]
+    expected = synth.render_columns((160, 160), x, y, counts, 1.6) + 5.0
+    dim = slice(xa.size, None)
+    bias, err = {}, {}
+    for sub in (False, True):
+        dx = []
+        for seed in range(3):
+            img = synth.add_noise(expected, read_noise=1.0, seed=seed)
+            r = refine.refine_gaussian(img, x, y, neighbor_subtraction=sub)
+            dx.append(r["x"][dim] - xb)
+            err[sub] = np.median(r["x_err"][dim])
+        dx = np.concatenate(dx)
+        bias[sub] = dx.mean()
+    # without subtraction the bright neighbour's tail pulls the dim column towards it
+    assert bias[False] < -3 * err[True]
+    assert abs(bias[True]) < 0.4 * err[True]
+    assert abs(bias[True]) < 0.15 * abs(bias[False])
+
+
+def test_fallback_to_center_of_mass_where_a_fit_diverges():
+    x = np.array([20.0, 44.2, 31.6])
+    y = np.array([20.0, 21.1, 40.3])
+    expected = synth.render_columns((64, 64), x[:2], y[:2], 3000.0, 1.8) + 40.0
+    expected -= synth.render_columns((64, 64), x[2:], y[2:], 1500.0, 2.0)  # a dark dip: no column
+    img = synth.add_noise(expected, read_noise=1.0, seed=1)
+    r = refine.refine_gaussian(img, x + 0.3, y - 0.2, noise=(1.0, 1.0), sigma=1.8)
+    assert r["fit_ok"].tolist() == [True, True, False]
+    cx, cy = refine.center_of_mass(img, x[2:] + 0.3, y[2:] - 0.2, window=r["window"][2])
+    assert r["x"][2] == pytest.approx(cx[0]) and r["y"][2] == pytest.approx(cy[0])
+    for key in ("sigma", "amplitude", "intensity", "background", "x_err", "y_err"):
+        assert np.isnan(r[key][2]) and np.isfinite(r[key][:2]).all()
+    assert np.hypot(r["x"][:2] - x[:2], r["y"][:2] - y[:2]).max() < 0.2
+
+
+def test_center_of_mass_of_isolated_columns():
+    x = np.array([15.3, 40.7, 27.9])
+    y = np.array([14.6, 18.2, 41.4])
+    img = synth.render_columns((56, 56), x, y, 5000.0, 1.5) + 2.0
+    cx, cy = refine.center_of_mass(img, np.round(x), np.round(y), window=5.0, n_iter=3)
+    assert np.abs(cx - x).max() < 0.05 and np.abs(cy - y).max() < 0.05
+
+
+def test_subset_gives_the_same_numbers_as_the_full_fit(hexa):
+    x0, y0 = _jitter(hexa, 0.3, seed=2)
+    st = refine.estimate_fit_settings(hexa.image, x0, y0)
+    full = refine.refine_gaussian(hexa.image, x0, y0, settings=st)
+    idx = np.arange(5, hexa.x.size, 7)
+    part = refine.refine_gaussian(hexa.image, x0, y0, settings=st, subset=idx)
+    for key in ("x", "y", "sigma", "x_err"):
+        np.testing.assert_allclose(part[key], full[key][idx], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(part["fit_ok"], full["fit_ok"][idx])
+
+
+def test_uniform_weights_and_given_noise(hexa):
+    x0, y0 = _jitter(hexa, 0.3, seed=3)
+    m = _inner(hexa)
+    res = {}
+    for noise in ("uniform", (1.0, 1.0)):
+        r = refine.refine_gaussian(hexa.image, x0, y0, noise=noise)
+        pulls = ((r["x"] - hexa.x) / r["x_err"])[m]
+        assert 0.75 < pulls.std() < 1.3
+        res[str(noise)] = np.sqrt(np.mean((r["x"] - hexa.x)[m] ** 2))
+    assert res["(1.0, 1.0)"] < 1.1 * res["uniform"]
+
+
+def test_bad_inputs_raise_clear_errors(hexa):
+    img, x, y = hexa.image, hexa.x, hexa.y
+    with pytest.raises(DimensionError):
+        refine.refine_gaussian(img[None], x, y)
+    with pytest.raises(InvalidParameterError, match="NaN"):
+        refine.refine_gaussian(img, np.r_[x[:-1], np.nan], y)
+    with pytest.raises(InvalidParameterError, match="outside"):
+        refine.refine_gaussian(img, x + 500.0, y)
+    with pytest.raises(InvalidParameterError, match="same length"):
+        refine.refine_gaussian(img, x, y[:-1])
+    with pytest.raises(InvalidParameterError, match="model"):
+        refine.refine_gaussian(img, x, y, model="lorentzian")
+    with pytest.raises(InvalidParameterError, match="window"):
+        refine.refine_gaussian(img, x, y, window=0.5)
+    with pytest.raises(InvalidParameterError, match="noise"):
+        refine.refine_gaussian(img, x, y, noise="poisson-ish")
+    with pytest.raises(InvalidParameterError, match="sigma"):
+        refine.refine_gaussian(img, x, y, sigma=-1.0)
+    with pytest.raises(InvalidParameterError, match="n_refits"):
+        refine.refine_gaussian(img, x, y, n_refits=0)
+    empty = refine.refine_gaussian(img, x[:0], y[:0])
+    assert empty["x"].shape == (0,) and empty["fit_ok"].dtype == bool
+
+
+# ----------------------------------------------------------------------------------------------
+# Cramér-Rao bounds
+
+
+def test_crb_limit_poisson_without_background():
+    # no background, wide column: the pixelated bound tends to sqrt(sigma^2 + 1/12) / sqrt(N)
+    for n, s in ((1e4, 5.0), (4e4, 8.0)):
+        assert crb.crb_gaussian(n, s) == pytest.approx(np.sqrt(s**2 + 1 / 12) / np.sqrt(n), rel=2e-3)
+
+
+def test_crb_limit_background_dominated():
+    n, s, b = 1e4, 3.0, 1e6
+    s2 = s**2 + 1 / 12  # pixel box
+    assert crb.crb_gaussian(n, s, b) == pytest.approx(np.sqrt(8 * np.pi * b) * s2 / n, rel=0.01)
+    # read noise adds to the variance like background
+    assert crb.crb_gaussian(n, s, 0.0, read_noise=1e3) == pytest.approx(crb.crb_gaussian(n, s, 1e6), rel=2e-3)
+
+
+def test_crb_decreases_with_dose_and_matches_the_per_column_bound():
+    doses = np.array([250.0, 1000.0, 4000.0, 16000.0])
+    bounds = crb.crb_gaussian(doses, 2.0, 0.1 * doses / (8 * np.pi), read_noise=1.0)
+    assert np.all(np.diff(bounds) < 0)
+    # an isolated column in an image: the image-based bound equals the closed-form one
+    x, y = np.array([32.3]), np.array([31.6])
+    expected = synth.render_columns((64, 64), x, y, 2000.0, 2.0) + 8.0
+    bx, by = crb.crb_from_expected(expected, x, y, 2000.0, 2.0, read_noise=1.0, window=14.0)
+    ref = crb.crb_gaussian(2000.0, 2.0, 8.0, read_noise=1.0, offset=(0.3, -0.4), window=14.0)
+    assert bx[0] == pytest.approx(float(ref), rel=5e-3)
+    ref_y = np.sqrt(np.linalg.inv(crb.fisher_gaussian(2000.0, 2.0, 8.0, read_noise=1.0, offset=(0.3, -0.4), window=14.0))[1, 1])
+    assert by[0] == pytest.approx(ref_y, rel=5e-3)
+    with pytest.raises(InvalidParameterError):
+        crb.crb_gaussian(-1.0, 2.0)

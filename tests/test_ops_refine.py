@@ -1,0 +1,139 @@
+"""ops.refine / ops.with_atoms: the xarray layer of the Gaussian refinement."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import atomds  # noqa: F401  (registers the accessor)
+from atomds import datasets
+from atomds.errors import InvalidParameterError, MissingStepError
+from atomds.ops.refine import refine, with_atoms
+
+from _dask_utils import raise_if_dask_computes
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return datasets.hexagonal(shape=(144, 144), dose=3000.0, seed=6)
+
+
+def _seeded(ds, sd_px=0.3, seed=0):
+    ps = ds.attrs["pixel_size"]
+    rng = np.random.default_rng(seed)
+    lim = (ds.sizes["x"] - 0.5) * ps
+    x = np.clip(ds["true_x"].values + rng.normal(0, sd_px * ps, ds.sizes["true_atom"]), 0, lim)
+    y = np.clip(ds["true_y"].values + rng.normal(0, sd_px * ps, ds.sizes["true_atom"]), 0, lim)
+    return with_atoms(ds, x, y)
+
+
+def test_refine_needs_atoms(sample):
+    with pytest.raises(MissingStepError, match=r"find_atoms\(\) or with_atoms\(\)"):
+        refine(sample)
+
+
+def test_with_atoms_then_refine(sample):
+    ds = _seeded(sample)
+    assert ds["seed_x"].dims == ("atom",) and ds["atom_x"].attrs["units"] == "Å"
+    assert json.loads(ds.attrs["with_atoms_params"])["n_atoms"] == sample.sizes["true_atom"]
+    out = ds.lcx.refine()
+    assert out is not ds and "amplitude" not in ds  # a new Dataset, the input untouched
+    ps = sample.attrs["pixel_size"]
+    for name in ("atom_x", "atom_y", "amplitude", "intensity", "sigma", "background", "x_err", "y_err", "fit_ok"):
+        assert out[name].dims == ("atom",)
+        assert out[name].attrs["long_name"] and "units" in out[name].attrs
+    assert out["fit_ok"].dtype == bool and bool(out["fit_ok"].all())
+    assert out["atom_x"].attrs["units"] == "Å" and out["sigma"].attrs["units"] == "Å"
+    assert out["amplitude"].attrs["units"] == "counts"
+    # physical units: the error against the truth is a fraction of a pixel, the width 2 px
+    err_px = np.hypot(out["atom_x"] - sample["true_x"].values, out["atom_y"] - sample["true_y"].values) / ps
+    seed_px = np.hypot(ds["seed_x"] - sample["true_x"].values, ds["seed_y"] - sample["true_y"].values) / ps
+    assert float(np.sqrt((err_px**2).mean())) < 0.4 * float(np.sqrt((seed_px**2).mean()))
+    assert float(out["sigma"].median()) == pytest.approx(2.0 * ps, rel=0.03)
+    assert float((out["x_err"] / ps).median()) < 0.1
+    params = json.loads(out.attrs["refine_params"])
+    assert params["model"] == "gaussian" and params["estimated"]["gain"] == pytest.approx(1.0, rel=0.15)
+    assert params["estimated"]["sigma"] == pytest.approx(2.0 * ps, rel=0.05)
+    # seeds are kept, a second refinement starts from them again
+    np.testing.assert_allclose(out["seed_x"], ds["seed_x"])
+    again = refine(out)
+    np.testing.assert_allclose(again["atom_x"], out["atom_x"])
+
+
+def test_elliptical_model_replaces_the_isotropic_width(sample):
+    out = refine(refine(_seeded(sample)), model="elliptical")
+    assert "sigma" not in out
+    for name in ("sigma_major", "sigma_minor", "theta"):
+        assert out[name].dims == ("atom",)
+    assert out["theta"].attrs["units"] == "rad"
+    ps = sample.attrs["pixel_size"]
+    assert float(out["sigma_major"].median()) == pytest.approx(2.0 * ps, rel=0.06)
+    assert float(out["sigma_minor"].median()) == pytest.approx(2.0 * ps, rel=0.06)
+    back = refine(out)
+    assert "sigma_major" not in back and "sigma" in back
+
+
+def test_with_atoms_units_and_validation(sample):
+    ps = sample.attrs["pixel_size"]
+    xpx, ypx = np.array([10.2, 40.7, 90.1]), np.array([20.3, 60.2, 100.9])
+    a = with_atoms(sample, xpx, ypx, units="px")
+    b = with_atoms(sample, xpx * ps, ypx * ps)
+    np.testing.assert_allclose(a["atom_x"], b["atom_x"])
+    np.testing.assert_allclose(a["seed_y"], ypx * ps)
+    with pytest.raises(InvalidParameterError, match="same length"):
+        with_atoms(sample, xpx, ypx[:2])
+    with pytest.raises(InvalidParameterError, match="NaN"):
+        with_atoms(sample, np.array([1.0, np.nan]), np.array([1.0, 2.0]))
+    with pytest.raises(InvalidParameterError, match="outside the image"):
+        with_atoms(sample, xpx, ypx)  # pixel values taken as Å: the image is only 36 Å wide
+    with pytest.raises(InvalidParameterError, match="units"):
+        with_atoms(sample, xpx, ypx, units="furlong")
+    with pytest.raises(InvalidParameterError, match="1-D"):
+        with_atoms(sample, np.ones((2, 2)), np.ones((2, 2)))
+    # new atoms replace the old ones and everything computed on them
+    c = with_atoms(refine(_seeded(sample)), xpx, ypx, units="px")
+    assert c.sizes["atom"] == 3 and "sigma" not in c and "fit_ok" not in c
+
+
+def test_refine_rejects_bad_parameters(sample):
+    ds = _seeded(sample)
+    with pytest.raises(InvalidParameterError, match="model"):
+        refine(ds, model="moffat")
+    with pytest.raises(InvalidParameterError, match="window"):
+        refine(ds, window=-1.0)
+    with pytest.raises(InvalidParameterError, match="width_prior"):
+        refine(ds, width_prior=-0.5)
+
+
+def test_dask_backed_refine_is_lazy_and_equal(sample):
+    ds = _seeded(sample, seed=3)
+    eager = refine(ds)
+    lazy_in = ds.chunk({"y": 72, "x": 72, "atom": 60})
+    with raise_if_dask_computes():
+        lazy = refine(lazy_in)
+        for name in ("atom_x", "fit_ok", "x_err"):
+            assert lazy[name].chunks is not None and len(lazy[name].chunks[0]) > 1
+    got = lazy.compute()
+    for name in ("atom_x", "atom_y", "sigma", "x_err", "amplitude"):
+        np.testing.assert_allclose(got[name], eager[name], rtol=0, atol=1e-6 * float(np.abs(eager[name]).max()) + 1e-9)
+    np.testing.assert_array_equal(got["fit_ok"], eager["fit_ok"])
+    assert json.loads(lazy.attrs["refine_params"])["lazy"] is True
+
+
+def test_refine_of_the_perovskite_sample_with_the_accessor():
+    ds = datasets.perovskite(shape=(128, 128), dose=4000.0, seed=2)
+    ps = ds.attrs["pixel_size"]
+    out = ds.lcx.with_atoms(ds["true_x"].values, ds["true_y"].values).lcx.refine()
+    assert bool(out["fit_ok"].all())
+    lab = ds["true_label"].values
+    err = np.hypot(out["atom_x"].values - ds["true_x"].values, out["atom_y"].values - ds["true_y"].values) / ps
+    for k in (0, 1):
+        xe = out["x_err"].values[lab == k] / ps
+        assert np.sqrt(np.mean(err[lab == k] ** 2)) < 1.3 * np.sqrt(2) * np.median(xe)
+    # the dim B columns are dimmer
+    amp = out["amplitude"].values
+    assert np.median(amp[lab == 1]) == pytest.approx(0.4 * np.median(amp[lab == 0]), rel=0.1)
+    assert isinstance(out, xr.Dataset)
