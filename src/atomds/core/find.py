@@ -1,0 +1,1074 @@
+"""Atom finding by template correlation (pure NumPy/SciPy/scikit-learn).
+
+The local method of Belianinov et al. (the paper's steps 1-2): a template (one representative
+atomic column with its typical surroundings) is correlated with the whole image; the
+zero-normalised cross-correlation map is thresholded; connected blobs whose size is plausible
+become atoms, at their correlation-weighted centroids.
+
+Everything here is vectorised over pixels and atoms: the correlation uses real FFTs and box sums
+in float32, blobs are labelled once and their statistics are computed with ``bincount``.
+
+Positions are in pixels (``x`` = column index, ``y`` = row index, pixel centres at integers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.fft as sfft
+from scipy import ndimage as ndi
+from scipy import optimize, special
+from scipy.spatial import cKDTree
+
+from ..errors import InvalidImageError, InvalidParameterError, NoAtomsFoundError
+from .preprocess import _central_crop, _parabola, check_image, estimate_spacing, noise_model
+
+__all__ = [
+    "FoundAtoms",
+    "estimate_column_sigma",
+    "default_half_size",
+    "candidate_peaks",
+    "auto_template",
+    "template_from_point",
+    "check_template",
+    "correlation_map",
+    "auto_threshold",
+    "classify_columns",
+    "find_atoms",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# scales and candidate peaks
+# --------------------------------------------------------------------------------------------
+def _odd(v: float, minimum: int = 3) -> int:
+    k = max(minimum, int(round(v)))
+    return k if k % 2 else k + 1
+
+
+def candidate_peaks(image, *, spacing: float, smooth: float | None = None, border: int | None = None):
+    """Local maxima of the lightly smoothed image, with sub-pixel positions and prominence.
+
+    Parameters
+    ----------
+    image : 2-D array
+    spacing : float
+        Nearest-neighbour column spacing, px: maxima closer than about half of it are merged.
+    smooth : float, optional
+        Gaussian smoothing width, px (default ``spacing / 8``, at least 0.7 px).
+    border : int, optional
+        Peaks closer than this to the image edge are dropped (default ``ceil(spacing / 2)``).
+
+    Returns
+    -------
+    x, y : ndarray
+        Sub-pixel peak positions (parabolic interpolation of the smoothed image), px.
+    prominence : ndarray
+        Smoothed peak value minus the minimum of the smoothed image within one spacing.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    s = max(0.7, spacing / 8.0) if smooth is None else float(smooth)
+    sm = ndi.gaussian_filter(img, s)
+    size = _odd(0.5 * spacing)
+    mx = ndi.maximum_filter(sm, size=size, mode="nearest")
+    b = int(np.ceil(spacing / 2)) if border is None else int(border)
+    b = max(b, 1)
+    peak = sm == mx
+    peak[:b] = peak[-b:] = False
+    peak[:, :b] = peak[:, -b:] = False
+    py, px = np.nonzero(peak)
+    lo = ndi.minimum_filter(sm, size=_odd(spacing), mode="nearest")
+    c = sm[py, px]
+    prom = c - lo[py, px]
+    dx = _parabola(sm[py, px - 1], c, sm[py, px + 1])
+    dy = _parabola(sm[py - 1, px], c, sm[py + 1, px])
+    return px + dx, py + dy, prom.astype(np.float64)
+
+
+def _clear_peaks(image, spacing, n_max=2000, smooth=None):
+    """The clearest column peaks: prominence within a factor 2 of the upper decile."""
+    x, y, prom = candidate_peaks(image, spacing=spacing, smooth=smooth)
+    if x.size == 0:
+        return x, y, prom
+    ref = np.quantile(prom, 0.9)
+    keep = prom >= 0.5 * ref
+    x, y, prom = x[keep], y[keep], prom[keep]
+    if x.size > n_max:
+        order = np.argsort(prom)[::-1][:n_max]
+        x, y, prom = x[order], y[order], prom[order]
+    return x, y, prom
+
+
+class _Sampler:
+    """Cubic-spline sampling of a (cropped) image; the spline coefficients are computed once."""
+
+    def __init__(self, image: np.ndarray):
+        self.image = np.asarray(image, dtype=np.float64)
+        self.coeffs = ndi.spline_filter(self.image, order=3, mode="nearest")
+
+    def patches_mean(self, x: np.ndarray, y: np.ndarray, half: int) -> np.ndarray:
+        """Mean of the ``(2 half + 1)^2`` patches centred on sub-pixel positions (x, y)."""
+        off = np.arange(-half, half + 1, dtype=np.float64)
+        yy = y[:, None, None] + off[None, :, None]
+        xx = x[:, None, None] + off[None, None, :]
+        yy, xx = np.broadcast_arrays(yy, xx)
+        vals = ndi.map_coordinates(self.coeffs, [yy.ravel(), xx.ravel()], order=3, mode="nearest", prefilter=False)
+        return vals.reshape(yy.shape).mean(axis=0)
+
+
+def _average_patches(image: np.ndarray, x: np.ndarray, y: np.ndarray, half: int) -> np.ndarray:
+    """Mean of ``(2 half + 1)^2`` patches sampled at sub-pixel centres (x, y) by cubic-spline interpolation."""
+    return _Sampler(image).patches_mean(x, y, half)
+
+
+def _gauss_fit_patch(patch: np.ndarray, radius: float) -> tuple[float, float, float, float, float]:
+    """Fit ``B + A exp(-((x-x0)^2 + (y-y0)^2) / 2 s^2)`` within ``radius`` of the patch centre.
+
+    Returns (s, A, B, x0, y0) with offsets relative to the centre, px.
+    """
+    h = patch.shape[0] // 2
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1].astype(np.float64)
+    inside = xx**2 + yy**2 <= radius**2
+    z, xs, ys = patch[inside], xx[inside], yy[inside]
+    b0 = float(np.min(z))
+    a0 = float(patch[h, h] - b0)
+    w = np.clip(z - b0, 0, None)
+    s0 = float(np.sqrt(max(np.sum(w * (xs**2 + ys**2)) / max(2 * w.sum(), 1e-12), 0.25)))
+
+    def resid(p):
+        s, a, b, x0, y0 = p
+        return b + a * np.exp(-((xs - x0) ** 2 + (ys - y0) ** 2) / (2 * s * s)) - z
+
+    sol = optimize.least_squares(resid, [min(s0, radius / 2), a0, b0, 0.0, 0.0],
+                                 bounds=([0.3, 0, -np.inf, -1.5, -1.5], [max(radius, 0.6), np.inf, np.inf, 1.5, 1.5]))
+    s, a, b, x0, y0 = sol.x
+    return float(s), float(a), float(b), float(x0), float(y0)
+
+
+def _fit_with_neighbours(patch: np.ndarray, spacing: float) -> float:
+    """Width ``s`` (px) of the central Gaussian of an averaged patch, fitted jointly with its neighbours.
+
+    The averaged neighbourhood of a column shows its neighbours as peaks; their tails overlap
+    the central column, so they are modelled too (a Gaussian of the same width and free height
+    at each local maximum of the patch within 1.25 spacings) on a constant background; the fit
+    uses the pixels within 0.75 spacing of the centre.
+    """
+    h = patch.shape[0] // 2
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1].astype(np.float64)
+    rr = np.hypot(xx, yy)
+    mx = ndi.maximum_filter(patch, size=_odd(0.5 * spacing), mode="nearest")
+    pk = (patch == mx) & (rr > 0.5 * spacing) & (rr < 1.25 * spacing)
+    pk[[0, -1], :] = False
+    pk[:, [0, -1]] = False
+    ny_, nx_ = np.nonzero(pk)
+    c = patch[ny_, nx_]
+    ox = nx_ - h + _parabola(patch[ny_, nx_ - 1], c, patch[ny_, nx_ + 1])
+    oy = ny_ - h + _parabola(patch[ny_ - 1, nx_], c, patch[ny_ + 1, nx_])
+    inside = rr <= 0.75 * spacing
+    z, xs, ys = patch[inside], xx[inside], yy[inside]
+    b0 = float(np.min(z))
+    a0 = float(patch[h, h] - b0)
+    w = np.clip(z - b0, 0, None) * (np.hypot(xs, ys) < 0.3 * spacing)
+    s0 = float(np.sqrt(max(np.sum(w * (xs**2 + ys**2)) / max(2 * w.sum(), 1e-12), 0.25)))
+    s0 = min(max(s0, 0.5), 0.3 * spacing)
+    k = ox.size
+
+    def resid(p):
+        s, a, b, x0, y0 = p[:5]
+        inv = 1.0 / (2 * s * s)
+        m = b + a * np.exp(-((xs - x0) ** 2 + (ys - y0) ** 2) * inv)
+        if k:
+            m = m + (p[5:, None] * np.exp(-((xs[None] - ox[:, None]) ** 2 + (ys[None] - oy[:, None]) ** 2) * inv)).sum(0)
+        return m - z
+
+    p0 = np.r_[s0, a0, b0, 0.0, 0.0, np.clip(c - b0, 0, None)]
+    lo = np.r_[0.3, 0.0, -np.inf, -1.5, -1.5, np.zeros(k)]
+    hi = np.r_[max(0.5 * spacing, 0.6), np.inf, np.inf, 1.5, 1.5, np.full(k, np.inf)]
+    sol = optimize.least_squares(resid, np.clip(p0, lo + 1e-9, hi - 1e-9), bounds=(lo, hi))
+    return float(sol.x[0])
+
+
+def estimate_column_sigma(image, *, spacing: float | None = None) -> float:
+    """Gaussian width (standard deviation) of the atomic columns, px.
+
+    The clearest peaks are located, their patches averaged after sub-pixel alignment, and
+    isotropic Gaussians (the central column and its neighbours, one common width) plus a
+    constant are fitted to the average; the width is corrected for pixel integration
+    (``sigma^2 = s^2 - 1/12``). Uses a central crop of at most 1024 x 1024 px.
+    """
+    img = check_image(image)
+    d = estimate_spacing(img) if spacing is None else float(spacing)
+    return _estimate_sigma(_Sampler(_central_crop(img)), d)
+
+
+def _estimate_sigma(samp: _Sampler, d: float) -> float:
+    crop = samp.image
+    x, y, _ = _clear_peaks(crop, d, n_max=500)
+    if x.size < 3:
+        raise InvalidImageError("too few clear peaks to estimate the column width; give the template explicitly.")
+    half = int(np.ceil(1.3 * d))
+    s = _fit_with_neighbours(samp.patches_mean(x, y, half), d)
+    # second pass: pick and align the peaks on the matched-filtered image (smoothing by the
+    # column width), so that noise neither selects nor aligns the average (which would narrow it)
+    x2, y2, _ = _clear_peaks(crop, d, n_max=500, smooth=max(0.7, min(s, 0.25 * d)))
+    if x2.size >= 3:
+        s = _fit_with_neighbours(samp.patches_mean(x2, y2, half), d)
+    return float(np.sqrt(max(s * s - 1.0 / 12.0, 0.09)))
+
+
+def default_half_size(sigma: float, spacing: float) -> int:
+    """Half-size (px) of the automatic template: ``ceil(max(2 sigma, spacing / 2))``, at least 2."""
+    return int(max(2, np.ceil(max(2.0 * sigma, 0.5 * spacing))))
+
+
+# --------------------------------------------------------------------------------------------
+# templates
+# --------------------------------------------------------------------------------------------
+def check_template(template, image_shape=None, *, name: str = "template") -> np.ndarray:
+    """Validate a template array and return it as float64.
+
+    Raises
+    ------
+    InvalidParameterError
+        Not 2-D, not finite, constant (zero variance), or not smaller than the image.
+    """
+    t = np.asarray(template, dtype=np.float64)
+    if t.ndim != 2 or min(t.shape) < 2:
+        raise InvalidParameterError(f"{name} must be a 2-D array of at least 2 x 2 px, got shape {t.shape}.")
+    if not np.isfinite(t).all():
+        raise InvalidParameterError(f"{name} holds NaN or infinite values.")
+    if float(np.ptp(t)) == 0.0:
+        raise InvalidParameterError(
+            f"{name} is constant (zero variance): a correlation with it is undefined. Pass a patch that holds an atom."
+        )
+    if image_shape is not None and (t.shape[0] >= image_shape[0] or t.shape[1] >= image_shape[1]):
+        raise InvalidParameterError(
+            f"{name} ({t.shape[0]}x{t.shape[1]} px) must be smaller than the image "
+            f"({image_shape[0]}x{image_shape[1]} px): pass a patch of about one unit cell."
+        )
+    return t
+
+
+def auto_template(image, *, sigma: float | None = None, spacing: float | None = None,
+                  half_size: int | None = None) -> np.ndarray:
+    """A template built from the image: the average of the clearest columns, aligned sub-pixel.
+
+    Clear peaks (prominence within a factor 2 of the upper decile) are located on a central
+    crop, their ``(2 h + 1)^2`` patches are sampled around the sub-pixel peak positions by
+    cubic-spline interpolation, re-centred once on the fitted centre of their average, and
+    averaged.
+
+    Returns
+    -------
+    ndarray of float64, shape (2 h + 1, 2 h + 1)
+        ``h = half_size`` or :func:`default_half_size`.
+    """
+    img = check_image(image)
+    d = estimate_spacing(img) if spacing is None else float(spacing)
+    samp = _Sampler(_central_crop(img))
+    s = _estimate_sigma(samp, d) if sigma is None else float(sigma)
+    return _auto_template(samp, s, d, default_half_size(s, d) if half_size is None else int(half_size))
+
+
+def _auto_template(samp: _Sampler, s: float, d: float, h: int) -> np.ndarray:
+    x, y, _ = _clear_peaks(samp.image, d, n_max=2000, smooth=max(0.7, min(s, 0.25 * d)))
+    if x.size < 1:
+        raise InvalidImageError("no clear peak to build a template from; pass template=(x, y) or an array.")
+    patch = samp.patches_mean(x, y, h)
+    # re-centre on the fitted centre of the average (removes a common offset of the peak picks)
+    _, _, _, x0, y0 = _gauss_fit_patch(patch, radius=min(h, max(1.5 * s, 2.0)))
+    return samp.patches_mean(x + x0, y + y0, h)
+
+
+def template_from_point(image, x: float, y: float, *, half_size: int | None = None, sigma: float | None = None,
+                        spacing: float | None = None, recentre: bool = True) -> np.ndarray:
+    """The patch of ``image`` around one representative atom at ``(x, y)`` px.
+
+    With ``recentre`` the patch is centred on the column's fitted centre within about one
+    column width of the point (so that seeds found with it are not offset). The patch is sampled
+    by cubic-spline interpolation; its half-size defaults to :func:`default_half_size`.
+    """
+    img = check_image(image)
+    ny, nx = img.shape
+    if not (np.isfinite(x) and np.isfinite(y)) or not (0 <= x <= nx - 1 and 0 <= y <= ny - 1):
+        raise InvalidParameterError(
+            f"the template point ({x!r}, {y!r}) px lies outside the {ny}x{nx} px image."
+        )
+    if half_size is None or (recentre and sigma is None):
+        d = estimate_spacing(img) if spacing is None else float(spacing)
+        s = estimate_column_sigma(img, spacing=d) if sigma is None else float(sigma)
+    else:
+        s = float(sigma) if sigma is not None else 1.0
+        d = float(spacing) if spacing is not None else 4.0 * s
+    h = default_half_size(s, d) if half_size is None else int(half_size)
+    if 2 * h + 1 >= min(ny, nx):
+        raise InvalidParameterError(f"a template of half-size {h} px does not fit in the {ny}x{nx} px image.")
+    xx, yy = float(x), float(y)
+    if recentre:
+        # move to the local maximum of the smoothed image, then to the fitted Gaussian centre
+        r = max(2, int(np.ceil(1.5 * s)))
+        y0, x0 = int(round(yy)), int(round(xx))
+        ys, xs = slice(max(0, y0 - r), min(ny, y0 + r + 1)), slice(max(0, x0 - r), min(nx, x0 + r + 1))
+        sm = ndi.gaussian_filter(img[max(0, y0 - 3 * r):y0 + 3 * r + 1, max(0, x0 - 3 * r):x0 + 3 * r + 1], 0.5 * s)
+        sub = sm[ys.start - max(0, y0 - 3 * r): ys.stop - max(0, y0 - 3 * r), xs.start - max(0, x0 - 3 * r): xs.stop - max(0, x0 - 3 * r)]
+        iy, ix = np.unravel_index(int(np.argmax(sub)), sub.shape)
+        yy, xx = float(ys.start + iy), float(xs.start + ix)
+        patch = _average_patches(img, np.array([xx]), np.array([yy]), h)
+        _, _, _, dx, dy = _gauss_fit_patch(patch, radius=min(h, max(1.5 * s, 2.0)))
+        xx, yy = xx + dx, yy + dy
+    return _average_patches(img, np.array([xx]), np.array([yy]), h)
+
+
+# --------------------------------------------------------------------------------------------
+# correlation
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _CorrelationParts:
+    ncc: np.ndarray  # zero-normalised cross-correlation, float32 (ny, nx)
+    zscore: np.ndarray  # matched-filter amplitude over its noise, float32 (ny, nx)
+
+
+def _spectrum_of_small(kernel: np.ndarray, fy: int, fx: int) -> np.ndarray:
+    """rfft2 of ``kernel`` zero-padded to (fy, fx), computed from its few non-zero rows."""
+    rows = sfft.rfft(kernel.astype(np.float32), n=fx, axis=1)
+    return sfft.fft(rows, n=fy, axis=0)
+
+
+def _window_stats(t: np.ndarray, ny: int, nx: int, rows: np.ndarray, cols: np.ndarray):
+    """Per-position sums of the template over the part of its window inside the image.
+
+    For output pixels ``(rows[k], cols[k])`` (the template centre), returns ``n_in``,
+    ``sum_in t`` and ``sum_in t^2`` over the template pixels that fall inside the image.
+    """
+    th, tw = t.shape
+    hy, hx = th // 2, tw // 2
+    a = np.maximum(0, hy - rows)  # first template row inside
+    b = np.minimum(th - 1, hy + (ny - 1 - rows))  # last
+    c = np.maximum(0, hx - cols)
+    d = np.minimum(tw - 1, hx + (nx - 1 - cols))
+
+    def box(arr):
+        cs = np.zeros((th + 1, tw + 1))
+        cs[1:, 1:] = arr.cumsum(0).cumsum(1)
+        return cs[b + 1, d + 1] - cs[a, d + 1] - cs[b + 1, c] + cs[a, c]
+
+    return box(np.ones_like(t)), box(t), box(t * t)
+
+
+@dataclass
+class _Stats:
+    """FFT products shared by every template of one shape (zero-padded image)."""
+
+    s1: np.ndarray  # sum of (image - mean) over the in-image window, float32
+    var: np.ndarray  # n * local variance over the window (interior definition), float32
+    floor: np.float32  # smallest local variance trusted (float32 round-off of the FFT)
+
+
+def _correlate(image: np.ndarray, templates: list[np.ndarray], noise: tuple[float, float] | None,
+               workers: int | None = None) -> list[_CorrelationParts]:
+    """Zero-normalised cross-correlation of each template with ``image`` (same-size maps).
+
+    The centre of template ``t`` (index ``t.shape // 2``) sits on each pixel. Near the border
+    only the part of the window inside the image counts (a masked correlation: local means,
+    variances and the template's own mean and norm are taken over that part), so columns at
+    the edge correlate as well as interior ones. When ``noise`` = (a, b) is given, also the
+    z-score of the template amplitude, ``sum (p - mean p)(t - mean t) / (|t - mean t| sqrt(a + b
+    mean p))``.
+    """
+    ny, nx = image.shape
+    hy = max(t.shape[0] for t in templates) // 2
+    hx = max(t.shape[1] for t in templates) // 2
+    workers = -1 if workers is None else workers
+    mean = float(np.mean(image, dtype=np.float64))
+    fy = sfft.next_fast_len(ny + 2 * hy, real=True)
+    fx = sfft.next_fast_len(nx + 2 * hx, real=True)
+    # image - mean at the origin, zeros elsewhere: a correlation at offset (oy, ox) puts the
+    # template's first row/col hy/hx pixels before the image
+    pad = np.zeros((fy, fx), dtype=np.float32)
+    pad[hy : hy + ny, hx : hx + nx] = image
+    pad[hy : hy + ny, hx : hx + nx] -= np.float32(mean)
+    spec = sfft.rfft2(pad, workers=workers)
+    np.square(pad, out=pad)
+    spec2 = sfft.rfft2(pad, workers=workers)
+    del pad
+    out = []
+    cache: dict[tuple[int, int], _Stats] = {}
+    for t in templates:
+        th, tw = t.shape
+        oy, ox = hy - th // 2, hx - tw // 2  # offset of this template inside the common halo
+        n = float(th * tw)
+        if (th, tw) not in cache:
+            box = np.ones((th, tw), dtype=np.float32)
+            bspec = np.conj(_spectrum_of_small(box, fy, fx))
+            s1 = sfft.irfft2(spec * bspec, s=(fy, fx), workers=workers)[oy : oy + ny, ox : ox + nx]
+            s2 = sfft.irfft2(spec2 * bspec, s=(fy, fx), workers=workers)[oy : oy + ny, ox : ox + nx]
+            s1 = np.ascontiguousarray(s1)
+            var = s2 - s1 * s1 / np.float32(n)
+            # float32 FFT round-off is ~1e-6 of the largest local energy: flatter windows are flat
+            floor = np.float32(1e-5 * max(float(np.max(s2)), 1e-30))
+            del s2
+            cache[(th, tw)] = _Stats(s1, var, floor)
+        st = cache[(th, tw)]
+        tz = t - t.mean()
+        tnorm = float(np.sqrt(np.sum(tz * tz)))
+        tspec = np.conj(_spectrum_of_small(tz, fy, fx))
+        num = np.ascontiguousarray(sfft.irfft2(spec * tspec, s=(fy, fx), workers=workers)[oy : oy + ny, ox : ox + nx])
+        del tspec
+        var = np.maximum(st.var, st.floor)
+        ncc = num / (np.sqrt(var) * np.float32(tnorm))
+        if noise is not None:
+            a, b = noise
+            lm = st.s1 / np.float32(n)
+            lm += np.float32(mean)
+            lm *= np.float32(b)
+            lm += np.float32(a)
+            np.maximum(lm, np.float32(1e-12 + 1e-6 * a), out=lm)
+            np.sqrt(lm, out=lm)
+            lm *= np.float32(tnorm)
+            z = np.divide(num, lm, out=lm)
+        else:
+            z = np.zeros((0, 0), dtype=np.float32)
+        del var
+        _fix_border(ncc, z, num, st, t, mean, noise, th // 2, tw // 2)
+        del num
+        np.clip(ncc, -1.0, 1.0, out=ncc)
+        out.append(_CorrelationParts(ncc, z))
+    return out
+
+
+def _fix_border(ncc, z, num, st: _Stats, t, mean, noise, hy, hx):
+    """Recompute the masked correlation (and z-score) in the strips where the window leaves the image."""
+    ny, nx = ncc.shape
+    strips = [(slice(0, min(hy, ny)), slice(0, nx)), (slice(max(ny - hy, 0), ny), slice(0, nx)),
+              (slice(0, ny), slice(0, min(hx, nx))), (slice(0, ny), slice(max(nx - hx, 0), nx))]
+    tbar = float(t.mean())
+    for sy, sx in strips:
+        rows, cols = np.mgrid[sy, sx]
+        if rows.size == 0:
+            continue
+        n_in, t_in, t2_in = _window_stats(t, ny, nx, rows.ravel(), cols.ravel())
+        n_in, t_in, t2_in = (v.reshape(rows.shape) for v in (n_in, t_in, t2_in))
+        s1 = st.s1[sy, sx].astype(np.float64)
+        # num was computed with the zero-mean template: add back the part of its mean inside
+        nm = num[sy, sx].astype(np.float64) + s1 * (tbar - t_in / n_in)
+        # s2 from the stored interior variance: var = s2 - s1^2 / n  =>  s2 = var + s1^2 / n
+        n_full = float(t.size)
+        s2 = st.var[sy, sx].astype(np.float64) + s1 * s1 / n_full
+        vp = np.maximum(s2 - s1 * s1 / n_in, float(st.floor))
+        vt = np.maximum(t2_in - t_in * t_in / n_in, 1e-300)
+        ncc[sy, sx] = (nm / np.sqrt(vp * vt)).astype(np.float32)
+        if noise is not None and z.size:
+            a, b = noise
+            lm = s1 / n_in + mean
+            sd = np.sqrt(np.maximum(a + b * lm, 1e-12 + 1e-6 * a))
+            z[sy, sx] = (nm / (np.sqrt(vt) * sd)).astype(np.float32)
+
+
+def correlation_map(image, template) -> np.ndarray:
+    """Zero-normalised cross-correlation of ``template`` with ``image``, values in [-1, 1].
+
+    ``C(p) = sum (I - mean I)(t - mean t) / (|I - mean I| |t - mean t|)`` over the template
+    window centred on pixel ``p`` (the template's centre is ``shape // 2``); the image is
+    reflected beyond its edges. Computed with float32 real FFTs and box sums (the local mean and
+    variance), never pixel by pixel. Where the image is flat to within float32 round-off the
+    correlation is 0.
+
+    Returns
+    -------
+    ndarray of float32, same shape as ``image``
+    """
+    img = check_image(image)
+    t = check_template(template, img.shape)
+    return _correlate(img, [t], None)[0].ncc
+
+
+# --------------------------------------------------------------------------------------------
+# threshold, blobs
+# --------------------------------------------------------------------------------------------
+def auto_threshold(scores: np.ndarray, zscores: np.ndarray, *, z_min: float) -> float:
+    """Correlation threshold from the correlation values at the maxima of the correlation map.
+
+    Maxima whose template amplitude is significant (z-score >= ``z_min``) are mostly columns:
+    the threshold is half their 5th percentile (so that the dimmest columns still form blobs of
+    a few pixels, while neighbouring columns stay apart), but not below the correlation that
+    noise maxima reach (the 99th percentile of maxima with z-score < 3, when there are at least
+    ten, capped at 80 % of that 5th percentile). Clipped to [0.2, 0.8].
+    """
+    good = scores[zscores >= z_min]
+    if good.size == 0:
+        return 0.5
+    lo = float(np.quantile(good, 0.05))
+    thr = 0.5 * lo
+    noise = scores[zscores < 3.0]
+    if noise.size >= 10:
+        thr = max(thr, min(float(np.quantile(noise, 0.99)), 0.8 * lo))
+    return float(np.clip(thr, 0.2, 0.8))
+
+
+def _local_maxima(c: np.ndarray, idx: np.ndarray, nx: int) -> np.ndarray:
+    """Which of the flat indices ``idx`` are 3x3 local maxima of ``c`` (ties: first wins)."""
+    flat = c.ravel()
+    ny = c.shape[0]
+    v = flat[idx]
+    yy, xx = np.divmod(idx, nx)
+    is_max = np.ones(idx.size, dtype=bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy == 0 and dx == 0:
+                continue
+            yy2, xx2 = yy + dy, xx + dx
+            inside = (yy2 >= 0) & (yy2 < ny) & (xx2 >= 0) & (xx2 < nx)
+            w = flat[np.clip(yy2, 0, ny - 1) * nx + np.clip(xx2, 0, nx - 1)]
+            # strict on one side, non-strict on the other: a plateau gives one maximum;
+            # neighbours outside the image do not count
+            if (dy, dx) < (0, 0):
+                is_max &= (v > w) | ~inside
+            else:
+                is_max &= (v >= w) | ~inside
+    return is_max
+
+
+@dataclass
+class FoundAtoms:
+    """Result of :func:`find_atoms` (positions in px)."""
+
+    x: np.ndarray  #: seed x (column index), px
+    y: np.ndarray  #: seed y (row index), px
+    score: np.ndarray  #: peak zero-normalised correlation in the blob, in [-1, 1]
+    area: np.ndarray  #: blob area, px^2 (pixel count)
+    sublattice: np.ndarray  #: sublattice label (0, 1, ...), int
+    zscore: np.ndarray  #: template amplitude at the peak over its noise (dimensionless)
+    amplitude: np.ndarray  #: template-fit amplitude at the peak (intensity units, relative)
+    correlation: np.ndarray  #: correlation map (maximum over the templates), float32 (ny, nx)
+    templates: list = field(default_factory=list)  #: templates used (float arrays)
+    params: dict[str, Any] = field(default_factory=dict)  #: parameters actually used
+
+    def __len__(self) -> int:
+        return int(self.x.size)
+
+
+def _suppress(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Greedy non-maximum suppression over points sorted by decreasing strength.
+
+    ``pairs`` (m, 2) are index pairs closer than the suppression radius. A point is dropped when
+    a stronger *kept* point is among its pairs; resolved level by level, vectorised.
+    """
+    pairs = np.sort(pairs, axis=1)
+    first, second = pairs[:, 0], pairs[:, 1]  # first is the stronger
+    status = np.zeros(n, dtype=np.int8)  # 0 undecided, 1 kept, 2 dropped
+    while True:
+        undecided = status == 0
+        if not undecided.any():
+            break
+        has_kept = np.bincount(second[status[first] == 1], minlength=n) > 0
+        n_open = np.bincount(second[status[first] == 0], minlength=n)
+        status[undecided & has_kept] = 2
+        status[undecided & ~has_kept & (n_open == 0)] = 1
+    return status == 2
+
+
+def _blobs(ncc: np.ndarray, z: np.ndarray, which: np.ndarray | None, thr: float, spacing: float):
+    """Blobs of ``ncc > thr`` split at separate maxima; per-blob statistics."""
+    ny, nx = ncc.shape
+    mask = ncc > np.float32(thr)
+    labels, nlab = ndi.label(mask)
+    idx = np.flatnonzero(mask)
+    del mask
+    lab = labels.ravel()[idx]
+    del labels
+    if idx.size == 0:
+        return None
+    c = ncc.ravel()[idx]
+    # local maxima among blob pixels; merge maxima closer than half a spacing (keep the strongest)
+    ismax = _local_maxima(ncc, idx, nx)
+    mi = idx[ismax]
+    ml = lab[ismax]
+    mv = c[ismax]
+    my, mx = np.divmod(mi, nx)
+    # only blobs with more than one maximum need attention
+    nmax = np.bincount(ml, minlength=nlab + 1)
+    multi = nmax[ml] > 1
+    if np.any(multi):
+        sel = np.flatnonzero(multi)
+        order = sel[np.argsort(-mv[sel], kind="stable")]
+        pts = np.c_[mx[order], my[order], ml[order] * (10.0 * (nx + ny))]
+        tree = cKDTree(pts)
+        r = 0.5 * spacing
+        pairs = tree.query_pairs(r, output_type="ndarray")
+        drop = _suppress(order.size, pairs) if pairs.size else np.zeros(order.size, dtype=bool)
+        keep_multi = np.ones(mv.size, dtype=bool)
+        keep_multi[order[drop]] = False
+        mi, ml, mv, my, mx = mi[keep_multi], ml[keep_multi], mv[keep_multi], my[keep_multi], mx[keep_multi]
+        nmax = np.bincount(ml, minlength=nlab + 1)
+    # new labels: blobs with a single maximum keep theirs; pixels of multi-maximum blobs go to
+    # the nearest maximum of the same blob (a Voronoi split)
+    newlab = lab.astype(np.int64)
+    split_blobs = np.flatnonzero(nmax > 1)
+    nb = nlab + 1
+    if split_blobs.size:
+        msel = np.flatnonzero(nmax[ml] > 1)
+        big = 10.0 * (nx + ny)
+        tree = cKDTree(np.c_[mx[msel], my[msel], ml[msel] * big])
+        psel = np.flatnonzero(nmax[lab] > 1)
+        py, px = np.divmod(idx[psel], nx)
+        _, nearest = tree.query(np.c_[px, py, lab[psel] * big])
+        newlab[psel] = nb + nearest
+        nb = nb + msel.size
+    # blob statistics by bincount
+    w = (c - np.float32(thr)).astype(np.float64)
+    py, px = np.divmod(idx, nx)
+    area = np.bincount(newlab, minlength=nb)
+    sw = np.bincount(newlab, weights=w, minlength=nb)
+    sx = np.bincount(newlab, weights=w * px, minlength=nb)
+    sy = np.bincount(newlab, weights=w * py, minlength=nb)
+    # peak of each blob: its (kept) correlation maximum; every blob holds at least one
+    pk = np.full(nb, -1, dtype=np.int64)
+    single = nmax[ml] == 1
+    pk[ml[single]] = mi[single]
+    if split_blobs.size:
+        pk[nb - msel.size + np.arange(msel.size)] = mi[msel]
+    present = (area > 0) & (pk >= 0)
+    present[0] = False
+    ids = np.flatnonzero(present)
+    peak = pk[ids]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cx = sx[ids] / sw[ids]
+        cy = sy[ids] / sw[ids]
+    # blobs with zero weight (all at the threshold): use the peak pixel
+    bad = ~np.isfinite(cx)
+    cx[bad] = (peak[bad] % nx).astype(np.float64)
+    cy[bad] = (peak[bad] // nx).astype(np.float64)
+    score = ncc.ravel()[peak].astype(np.float64)
+    zs = z.ravel()[peak].astype(np.float64) if z.size else np.full(ids.size, np.inf)
+    which_t = which.ravel()[peak] if which is not None else np.zeros(ids.size, dtype=np.int64)
+    return cx, cy, score, area[ids].astype(np.int64), zs, which_t, peak
+
+
+def _area_bounds(area: np.ndarray, min_area, max_area) -> tuple[int, int]:
+    """Automatic blob-size bounds from the histogram of log areas (robust centre and spread)."""
+    la = np.log(np.maximum(area, 1))
+    med = float(np.median(la))
+    mad = float(np.median(np.abs(la - med))) * 1.4826
+    spread = max(4.0 * mad, np.log(4.0))
+    lo = 1 if min_area is None else int(min_area)
+    hi = int(np.ceil(np.exp(med + spread))) if max_area is None else int(max_area)
+    if min_area is None:
+        lo = int(max(1, np.floor(np.exp(med - spread - np.log(2.0)))))
+    return lo, hi
+
+
+def classify_columns(features, *, fit_mask=None, max_classes: int = 3, min_separation: float = 3.0,
+                     max_fit: int = 2000, seed: int = 0) -> np.ndarray:
+    """Labels 0..k-1 of the distinct classes of columns in ``features`` (n, m); one class unless clearly separated.
+
+    Gaussian mixtures with 1..``max_classes`` components are fitted to the rows selected by
+    ``fit_mask`` (all by default; at most ``max_fit`` of them, a random subset) and compared by
+    BIC; a split is kept only when every pair of components is separated by at least
+    ``min_separation`` (Ashman's D along the line joining their means; 2 is the usual limit of
+    a clean bimodal split, 3 asks for clearly distinct classes) and each holds at least 2 % of the
+    points. Every row is then labelled by the chosen mixture. Labels are ordered by decreasing
+    mean of the first feature (label 0 = brightest).
+    """
+    from sklearn.mixture import GaussianMixture
+
+    f, sel = _standardise(features, fit_mask, max_fit, seed)
+    n = f.shape[0]
+    if sel.size < 20:
+        return np.zeros(n, dtype=np.int64)
+    fs = f[sel]
+    best, best_bic = None, None
+    for k in range(1, max_classes + 1):
+        gm = GaussianMixture(k, covariance_type="full", random_state=seed, n_init=2, init_params="k-means++",
+                             reg_covar=1e-4).fit(fs)
+        bic = gm.bic(fs)
+        if k == 1:
+            best_bic = bic
+            continue
+        frac = np.bincount(gm.predict(fs), minlength=k) / fs.shape[0]
+        if frac.min() < 0.02:
+            continue
+        ok = True
+        for i in range(k):
+            for j in range(i + 1, k):
+                dm = gm.means_[i] - gm.means_[j]
+                u = dm / max(np.linalg.norm(dm), 1e-12)
+                vi = float(u @ gm.covariances_[i] @ u)
+                vj = float(u @ gm.covariances_[j] @ u)
+                ok &= np.sqrt(2.0) * float(np.linalg.norm(dm)) / np.sqrt(vi + vj) >= min_separation
+        if ok and bic < best_bic:
+            best_bic, best = bic, gm
+    if best is None:
+        return np.zeros(n, dtype=np.int64)
+    return _ordered(best.predict(f), best.means_[:, 0])
+
+
+def _standardise(features, fit_mask, max_fit, seed):
+    feats = np.asarray(features, dtype=np.float64)
+    if feats.ndim == 1:
+        feats = feats[:, None]
+    n = feats.shape[0]
+    sel = np.arange(n) if fit_mask is None else np.flatnonzero(fit_mask)
+    if sel.size > max_fit:
+        sel = np.sort(np.random.default_rng(seed).choice(sel, max_fit, replace=False))
+    if sel.size == 0:
+        return feats, sel
+    mu = feats[sel].mean(0)
+    sd = np.maximum(feats[sel].std(0), 1e-12)
+    return (feats - mu) / sd, sel
+
+
+def _ordered(lab: np.ndarray, centre_first_feature: np.ndarray) -> np.ndarray:
+    """Relabel so that label 0 has the largest first-feature centre; drop unused labels."""
+    k = centre_first_feature.size
+    remap = np.empty(k, dtype=np.int64)
+    remap[np.argsort(-centre_first_feature)] = np.arange(k)
+    lab = remap[lab]
+    return np.searchsorted(np.unique(lab), lab).astype(np.int64)
+
+
+def find_atoms(image, *, template=None, threshold: float | None = None, min_area: int | None = None,
+               max_area: int | None = None, sublattices: str | int | None = "auto", sigma: float | None = None,
+               spacing: float | None = None, z_min: float | None = None, min_contrast: float = 0.2,
+               workers: int | None = None) -> FoundAtoms:
+    """Find atomic columns by zero-normalised template correlation.
+
+    Pipeline (every step vectorised over pixels or blobs):
+
+    1. Scales: nearest-neighbour column spacing (:func:`~atomds.core.preprocess.estimate_spacing`)
+       and column width (:func:`estimate_column_sigma`), px, unless given; the noise model
+       ``variance = a + b * intensity`` (:func:`~atomds.core.preprocess.noise_model`).
+    2. Template(s): ``None`` builds one from the image (:func:`auto_template`); an ``(x, y)``
+       pair (px) takes the patch around that atom (:func:`template_from_point`); an array is
+       used as is; a list of those gives several templates, one sublattice each.
+    3. Correlation map (:func:`correlation_map`; with several templates the maximum over them)
+       and the z-score of the template amplitude against the noise model.
+    4. Threshold: ``threshold`` or automatic (:func:`auto_threshold`); connected blobs above
+       it (:func:`scipy.ndimage.label`); a blob holding several correlation maxima more than
+       half a spacing apart is split between them (each pixel to its nearest maximum).
+    5. A blob is an atom when
+       - its amplitude is significant: z-score >= ``z_min`` (default: the one-sided normal
+         quantile at which pure noise gives about 0.5 false blob over the image's independent
+         positions, ``area / (pi sigma^2)``);
+       - its area lies within ``[min_area, max_area]`` px (automatic from the histogram of log
+         areas unless given);
+       - its amplitude is at least ``min_contrast`` of the bright columns around it (the 90th
+         percentile of the amplitudes within three spacings, or half the image-wide one if
+         larger): weak specks of amorphous material are not columns;
+       - it is not broader than a column: the ratio of its correlation with the template to
+         that with the template blurred by the column width (a shape measure that noise hardly
+         changes) is not below the median of its class (step 7) minus max(0.08, 5 robust standard
+         deviations) (diffuse amorphous blobs fail; blobs within half a template of
+         the border, whose window is partial, are not tested).
+    6. Seeds: correlation-weighted centroids of the blobs (weights ``C - threshold``).
+    7. Sublattice: with several templates, the best-matching template; with one template and
+       ``sublattices="auto"``, distinct classes of column intensity (template amplitude relative
+       to the local bright columns) by a Gaussian mixture with a separation test (one class unless
+       clearly distinct, :func:`classify_columns`); an int forces that many classes (k-means);
+       ``None`` gives every atom 0. Label 0 is the brightest class.
+
+    Parameters
+    ----------
+    image : 2-D array
+    template : None, array, (x, y) in px, or list of those
+    threshold : float in (-1, 1), optional
+        Correlation threshold of the blobs.
+    min_area, max_area : int, optional
+        Blob-size bounds, px.
+    sublattices : "auto", int or None
+    sigma, spacing : float, optional
+        Column width and nearest-neighbour spacing, px (estimated when None).
+    z_min : float, optional
+        Significance of a column's amplitude against the noise (in noise standard deviations).
+    min_contrast : float
+        Smallest amplitude of an atom relative to the bright columns around it (0 disables).
+    workers : int, optional
+        Threads for the FFTs (default: all).
+
+    Returns
+    -------
+    FoundAtoms
+
+    Raises
+    ------
+    InvalidImageError
+        The image is not 2-D, holds NaN/inf or is constant.
+    InvalidParameterError
+        A parameter is out of range, or a template is constant or not smaller than the image.
+    NoAtomsFoundError
+        No blob passed; the message gives the threshold used and what to try.
+    """
+    img = check_image(image)
+    ny, nx = img.shape
+    if threshold is not None:
+        if not np.isfinite(threshold) or not (-1.0 < float(threshold) < 1.0):
+            raise InvalidParameterError(
+                f"threshold must lie in (-1, 1) (it applies to a normalised correlation), got {threshold!r}."
+            )
+    for nm, v in (("min_area", min_area), ("max_area", max_area)):
+        if v is not None and (not np.isfinite(v) or v < 1):
+            raise InvalidParameterError(f"{nm} must be >= 1 px, got {v!r}.")
+    if min_area is not None and max_area is not None and min_area > max_area:
+        raise InvalidParameterError(f"min_area ({min_area}) is larger than max_area ({max_area}).")
+    for nm, v in (("sigma", sigma), ("spacing", spacing)):
+        if v is not None and not (np.isfinite(v) and v > 0):
+            raise InvalidParameterError(f"{nm} must be > 0 px, got {v!r}.")
+    if z_min is not None and not np.isfinite(z_min):
+        raise InvalidParameterError(f"z_min must be a finite number, got {z_min!r}.")
+    if not (np.isfinite(min_contrast) and 0 <= min_contrast < 1):
+        raise InvalidParameterError(f"min_contrast must lie in [0, 1), got {min_contrast!r}.")
+    if not (sublattices is None or sublattices == "auto"
+            or (isinstance(sublattices, (int, np.integer)) and not isinstance(sublattices, bool) and sublattices >= 1)):
+        raise InvalidParameterError(f"sublattices must be 'auto', an int >= 1 or None, got {sublattices!r}.")
+
+    # --- templates and scales
+    specs = list(template) if isinstance(template, list) else [template]
+    if len(specs) == 0:
+        raise InvalidParameterError("template is an empty list: pass None, an array, an (x, y) point or a list of those.")
+    for sp in specs:
+        if sp is not None and not _is_point(sp):
+            check_template(sp, img.shape)
+    d = estimate_spacing(img) if spacing is None else float(spacing)
+    samp = _Sampler(_central_crop(img)) if (sigma is None or any(sp is None for sp in specs)) else None
+    s = _estimate_sigma(samp, d) if sigma is None else float(sigma)
+    templates, kinds = [], []
+    for sp in specs:
+        if sp is None:
+            templates.append(_auto_template(samp, s, d, default_half_size(s, d)))
+            kinds.append("auto")
+        elif _is_point(sp):
+            px_, py_ = float(sp[0]), float(sp[1])
+            templates.append(template_from_point(img, px_, py_, sigma=s, spacing=d))
+            kinds.append(f"point({px_:.2f}, {py_:.2f})")
+        else:
+            templates.append(check_template(sp, img.shape))
+            kinds.append("array")
+    noise = noise_model(img)
+
+    # --- correlation (maximum over the templates)
+    parts = _correlate(img, templates, noise, workers=workers)
+    ncc, z = parts[0].ncc, parts[0].zscore
+    which = None
+    if len(parts) > 1:
+        which = np.zeros(ncc.shape, dtype=np.int8)
+        for k, p in enumerate(parts[1:], start=1):
+            better = p.ncc > ncc
+            which[better] = k
+            np.copyto(ncc, p.ncc, where=better)
+            np.copyto(z, p.zscore, where=better)
+    del parts
+
+    # --- significance and threshold
+    n_indep = max(ny * nx / max(np.pi * s * s, 1.0), 10.0)
+    zmin = float(special.ndtri(1.0 - 0.5 / n_indep)) if z_min is None else float(z_min)
+    if threshold is None:
+        c_pk, z_pk = _peak_sample(ncc, z)
+        thr = auto_threshold(c_pk, z_pk, z_min=zmin)
+        auto_thr = True
+    else:
+        thr, auto_thr = float(threshold), False
+
+    res = _blobs(ncc, z, which, thr, d)
+    if res is None:
+        raise NoAtomsFoundError(_no_atoms_msg(thr, auto_thr, "no pixel of the correlation map exceeds it"))
+    cx, cy, score, area, zs, which_t, peak = res
+    counts = {"blobs": int(cx.size)}
+    keep = zs >= zmin
+    counts["not_significant"] = int((~keep).sum())
+    if not np.any(keep):
+        raise NoAtomsFoundError(_no_atoms_msg(
+            thr, auto_thr, f"no blob has an amplitude {zmin:.1f} noise standard deviations above the noise"))
+    lo, hi = _area_bounds(area[keep], min_area, max_area)
+    size_ok = (area >= lo) & (area <= hi)
+    counts["area"] = int((keep & ~size_ok).sum())
+    keep &= size_ok
+    if not np.any(keep):
+        raise NoAtomsFoundError(_no_atoms_msg(thr, auto_thr, f"no significant blob has an area within [{lo}, {hi}] px"))
+    cx, cy, score, area, zs, which_t, peak = (v[keep] for v in (cx, cy, score, area, zs, which_t, peak))
+
+    # --- amplitude and breadth at the peak pixel
+    py, px = np.divmod(peak, nx)
+    amp = np.empty(cx.size)
+    broad = np.empty(cx.size)
+    for k, t in enumerate(templates):
+        sel = np.flatnonzero(which_t == k)
+        if sel.size:
+            c2, a2 = _match_at(img, py[sel], px[sel], [t, ndi.gaussian_filter(t, s, mode="nearest")])
+            amp[sel], broad[sel] = a2[:, 0], c2[:, 1]
+    ok = np.ones(cx.size, dtype=bool)
+    loc_ref, glob_ref = _local_reference(cx, cy, amp, d)
+    if min_contrast > 0:
+        weak = amp < min_contrast * np.maximum(loc_ref, 0.5 * glob_ref)
+        counts["low_contrast"] = int(weak.sum())
+        ok &= ~weak
+    # --- classes of columns (intensity relative to the local bright columns); the blobs near the
+    # border (tails of columns outside, partial windows) are labelled but do not shape the classes
+    rel = amp / np.maximum(loc_ref, 1e-12 * abs(glob_ref) + 1e-300)
+    hmax = max(max(t.shape) for t in templates) // 2
+    interior = (cx >= hmax) & (cx <= nx - 1 - hmax) & (cy >= hmax) & (cy <= ny - 1 - hmax)
+    fit_mask = ok & interior if np.count_nonzero(ok & interior) >= 20 else ok
+    if len(templates) > 1:
+        cls = which_t.astype(np.int64)
+        mode = "templates"
+    elif sublattices == "auto" or sublattices is None:
+        cls = classify_columns(rel, fit_mask=fit_mask)
+        mode = "auto" if sublattices == "auto" else "none"
+    else:
+        cls = _kmeans_labels(rel, int(sublattices), fit_mask=fit_mask)
+        mode = f"{int(sublattices)} classes"
+
+    # --- breadth: a column correlates better with the template than with the template blurred
+    # by the column width; noise lowers both correlations by about the same factor, so their
+    # ratio measures shape. Blobs far below the ratio of their class are diffuse, not columns.
+    # (Near the border the window is partial and the ratio shifts: those blobs are not tested.)
+    ratio = score / np.maximum(broad, 1e-6)
+    too_broad = np.zeros(cx.size, dtype=bool)
+    for k in np.unique(cls):
+        m = cls == k
+        ref_m = m & ok
+        if np.count_nonzero(ref_m) < 5:
+            continue
+        med = float(np.median(ratio[ref_m]))
+        spread = 1.4826 * float(np.median(np.abs(ratio[ref_m] - med)))
+        too_broad |= m & interior & (broad > 0) & (ratio < med - max(5.0 * spread, 0.08))
+    counts["too_broad"] = int((ok & too_broad).sum())
+    ok &= ~too_broad
+    if not np.any(ok):
+        raise NoAtomsFoundError(_no_atoms_msg(thr, auto_thr, "every blob is too weak or too broad to be a column"))
+    cx, cy, score, area, zs, amp, cls = (v[ok] for v in (cx, cy, score, area, zs, amp, cls))
+    if mode == "none":
+        sub = np.zeros(cx.size, dtype=np.int64)
+    else:
+        sub = np.searchsorted(np.unique(cls), cls).astype(np.int64)
+    params = {
+        "threshold": thr,
+        "threshold_auto": auto_thr,
+        "min_area": lo,
+        "max_area": hi,
+        "z_min": zmin,
+        "min_contrast": float(min_contrast),
+        "sigma": s,
+        "spacing": d,
+        "noise_variance": [float(v) for v in noise],
+        "templates": kinds,
+        "template_shape": [list(t.shape) for t in templates],
+        "sublattice_mode": mode,
+        "n_sublattices": int(sub.max()) + 1 if sub.size else 0,
+        "rejected": counts,
+    }
+    return FoundAtoms(x=cx, y=cy, score=score, area=area, sublattice=sub, zscore=zs, amplitude=amp,
+                      correlation=ncc, templates=templates, params=params)
+
+
+def _local_reference(x, y, amp, spacing) -> tuple[np.ndarray, float]:
+    """Amplitude of the bright columns around each blob, and image-wide.
+
+    Returns the 90th percentile of the amplitudes within three spacings of each blob (its own
+    included; at most the 24 nearest) and the image-wide 90th percentile.
+    """
+    n = x.size
+    glob = float(np.quantile(amp, 0.9))
+    tree = cKDTree(np.c_[x, y])
+    k = int(min(n, 24))
+    _, nb = tree.query(np.c_[x, y], k=k, distance_upper_bound=3.0 * spacing)
+    nb = nb.reshape(n, k)
+    valid = nb < n
+    a = np.where(valid, amp[np.minimum(nb, n - 1)], -np.inf)
+    a.sort(axis=1)
+    cnt = valid.sum(1)
+    pos = (k - cnt) + 0.9 * (cnt - 1)  # linear interpolation between order statistics
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, k - 1)
+    frac = pos - lo
+    rows = np.arange(n)
+    loc = a[rows, lo] * (1 - frac) + np.where(frac > 0, a[rows, hi] * frac, 0.0)
+    return loc, glob
+
+
+def _is_point(spec) -> bool:
+    if isinstance(spec, np.ndarray):
+        return spec.ndim == 1 and spec.size == 2
+    return isinstance(spec, (tuple, list)) and len(spec) == 2 and all(np.isscalar(v) for v in spec)
+
+
+def _no_atoms_msg(thr: float, auto: bool, why: str) -> str:
+    how = "automatic" if auto else "given"
+    return (
+        f"no atoms found with the {how} correlation threshold {thr:.3f}: {why}. Try a lower threshold "
+        f"(e.g. threshold={max(thr - 0.2, -0.9):.2f}), a template taken from a clear atom (template=(x, y)), "
+        "wider min_area/max_area, or check that the image shows atomic columns."
+    )
+
+
+def _peak_sample(ncc: np.ndarray, z: np.ndarray, n_max: int = 200_000):
+    """Correlation and z-score at local maxima of the correlation map above 0 (a sample)."""
+    ny, nx = ncc.shape
+    idx = np.flatnonzero(ncc > 0)
+    if idx.size > 4 * n_max:
+        idx = idx[:: idx.size // (4 * n_max)]
+    ismax = _local_maxima(ncc, idx, nx)
+    mi = idx[ismax]
+    return ncc.ravel()[mi].astype(np.float64), z.ravel()[mi].astype(np.float64)
+
+
+def _match_at(img: np.ndarray, py: np.ndarray, px: np.ndarray, templates, *, chunk: int = 8192):
+    """Masked correlation and least-squares amplitude of templates centred on pixels (py, px).
+
+    ``templates`` is one 2-D template or a sequence of templates of one shape. Only the part of
+    the window inside the image counts. Returns ``(ncc, amplitude)``, each (n,) for one template
+    or (n, k) for k: the zero-normalised correlation and the slope ``a`` of ``patch ~ a t + b``.
+    """
+    one = np.ndim(templates) == 2
+    ts = np.asarray([templates] if one else list(templates), dtype=np.float64)
+    k, th, tw = ts.shape
+    ny, nx = img.shape
+    oy = np.arange(th) - th // 2
+    ox = np.arange(tw) - tw // 2
+    tf = ts.reshape(k, -1).T  # (N, k)
+    ncc = np.empty((py.size, k))
+    amp = np.empty((py.size, k))
+    inner = (py >= th // 2) & (py < ny - th // 2) & (px >= tw // 2) & (px < nx - tw // 2)
+    full_t = tf.sum(0)
+    full_t2 = (tf * tf).sum(0)
+    n_full = float(th * tw)
+    for s0 in range(0, py.size, chunk):
+        sl = slice(s0, s0 + chunk)
+        yy = py[sl, None, None] + oy[None, :, None]
+        xx = px[sl, None, None] + ox[None, None, :]
+        pv = img[np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)].reshape(yy.shape[0], -1).astype(np.float64)
+        pv -= pv.mean(1, keepdims=True)  # conditioning: the correlation and slope ignore the offset
+        if np.all(inner[sl]):
+            n = np.full(pv.shape[0], n_full)
+            sp = pv.sum(1)
+            spt = pv @ tf
+            st, st2 = full_t[None, :], full_t2[None, :]
+        else:
+            m = ((yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)).reshape(yy.shape[0], -1)
+            pv = np.where(m, pv, 0.0)
+            mf = m.astype(np.float64)
+            n = mf.sum(1)
+            sp = pv.sum(1)
+            spt = pv @ tf
+            st = mf @ tf
+            st2 = mf @ (tf * tf)
+        vp = (pv * pv).sum(1) - sp * sp / n
+        cov = spt - st * (sp / n)[:, None]
+        vt = np.maximum(st2 - st * st / n[:, None], 1e-300)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ncc[sl] = np.where(vp[:, None] > 0, cov / np.sqrt(vt * np.maximum(vp, 1e-300)[:, None]), 0.0)
+        amp[sl] = cov / vt
+    if one:
+        return ncc[:, 0], amp[:, 0]
+    return ncc, amp
+
+
+def _kmeans_labels(features, k: int, *, fit_mask=None, max_fit: int = 2000, seed: int = 0) -> np.ndarray:
+    """k-means labels (label 0 = the largest first feature), fitted on ``fit_mask`` rows."""
+    from sklearn.cluster import KMeans
+
+    f, sel = _standardise(features, fit_mask, max_fit, seed)
+    if k == 1 or sel.size < k:
+        return np.zeros(f.shape[0], dtype=np.int64)
+    km = KMeans(k, n_init=4, random_state=seed).fit(f[sel])
+    return _ordered(km.predict(f), km.cluster_centers_[:, 0])

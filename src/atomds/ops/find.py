@@ -1,0 +1,214 @@
+"""Atom finding on image Datasets: template correlation, threshold, blobs, seeds.
+
+:func:`find_atoms` is the one step of atomds that computes: the number of atoms must be known
+to build the ``atom`` dimension. A Dask-backed image is computed exactly once.
+Lengths (template points, ``sigma``, ``spacing``) are in the Dataset's units
+(``ds.attrs["units"]``), converted with its ``pixel_size``; per-atom results are in those units.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from ..core import find as core
+from ..errors import InvalidParameterError
+from ._common import annotate, drop_dim_vars, image_dataarray, length_units, pixel_size, record_params
+
+__all__ = ["find_atoms", "correlation_map"]
+
+
+def _image_numpy(ds: xr.Dataset) -> np.ndarray:
+    """The image as a NumPy array (one compute for a Dask-backed image), validated."""
+    da = image_dataarray(ds)
+    return core.check_image(np.asarray(da.values))
+
+
+def _is_point(spec) -> bool:
+    if isinstance(spec, xr.DataArray):
+        return False
+    if isinstance(spec, np.ndarray):
+        return spec.ndim == 1 and spec.size == 2
+    return isinstance(spec, tuple) and len(spec) == 2 and all(np.isscalar(v) for v in spec)
+
+
+def _template_px(spec, ps: float):
+    """One template spec in pixel terms: None, an (x, y) point in px, or a 2-D array."""
+    if spec is None:
+        return None
+    if _is_point(spec):
+        x, y = (float(v) for v in spec)
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise InvalidParameterError(f"a template point must be two finite numbers (x, y), got {spec!r}.")
+        return (x / ps, y / ps)
+    arr = np.asarray(spec.values if isinstance(spec, xr.DataArray) else spec, dtype=np.float64)
+    if arr.ndim != 2:
+        raise InvalidParameterError(
+            f"a template must be None, an (x, y) point in the image's units, a 2-D array, or a list of those; "
+            f"got an array of shape {arr.shape}."
+        )
+    return arr
+
+
+def _templates_px(template, ps: float):
+    if isinstance(template, list):
+        if len(template) == 0:
+            raise InvalidParameterError("template is an empty list: pass None, an array, an (x, y) point or a list.")
+        return [_template_px(t, ps) for t in template]
+    return _template_px(template, ps)
+
+
+def _length_px(value, ps: float, name: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidParameterError(f"{name} must be a number (in the image's units), got {value!r}.") from exc
+    if not math.isfinite(v) or v <= 0:
+        raise InvalidParameterError(f"{name} must be > 0 (in the image's units), got {value!r}.")
+    return v / ps
+
+
+def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None, min_area: float | None = None,
+               max_area: float | None = None, sublattices: str | int | None = "auto", sigma: float | None = None,
+               spacing: float | None = None, z_min: float | None = None, min_contrast: float = 0.2) -> xr.Dataset:
+    """Find the atomic columns of ``image`` by template correlation; the seeds of every later step.
+
+    **This step computes**: the atom count must be known to build the ``atom`` dimension, so a
+    Dask-backed image is computed (exactly once). The method is the local one of Belianinov et
+    al.: a template (one representative column with its surroundings) is correlated with the
+    whole image (zero-normalised cross-correlation by FFT), the correlation map is thresholded,
+    connected blobs of plausible size become atoms at their correlation-weighted centroids.
+    See :func:`atomds.core.find.find_atoms` for every step and the automatic choices.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An atomds image Dataset (``image(y, x)``).
+    template : None, array, (x, y), or list of those
+        ``None``: built from the image (the average of its clearest columns). An ``(x, y)`` tuple
+        in the image's units: the patch around that atom. A 2-D array (or DataArray): used as is.
+        A list of those: several templates, and each atom's ``sublattice`` is the template it
+        matches best.
+    threshold : float in (-1, 1), optional
+        Correlation threshold of the blobs (automatic when None).
+    min_area, max_area : float, optional
+        Blob-size bounds in pixels (automatic from the histogram of blob areas when None).
+    sublattices : "auto", int or None
+        With one template: ``"auto"`` labels distinct classes of column intensity (one class
+        unless clearly distinct), an int forces that many classes, ``None`` labels every atom 0.
+    sigma, spacing : float, optional
+        Column width (Gaussian standard deviation) and nearest-neighbour spacing in the image's
+        units (estimated from the image when None).
+    z_min : float, optional
+        Significance of a column's amplitude in noise standard deviations (default: set so that
+        pure noise gives about 0.5 false blob per image).
+    min_contrast : float
+        Smallest amplitude of an atom relative to the bright columns around it (0 disables).
+
+    Returns
+    -------
+    xarray.Dataset
+        A new Dataset: any previous atoms (every variable on ``atom``) are dropped, and it gains,
+        on dim ``atom`` in the image's units: ``seed_x``, ``seed_y`` (blob centroids),
+        ``atom_x``, ``atom_y`` (equal to the seeds until :func:`~atomds.ops.refine.refine` runs),
+        ``atom_score`` (peak correlation, 1), ``atom_area`` (blob area, units^2),
+        ``sublattice`` (int, 0 = brightest class); and ``correlation(y, x)``, the correlation map.
+        ``find_atoms_params`` records the parameters actually used (threshold, area bounds,
+        sigma, spacing, template shapes, rejected blobs).
+
+    Raises
+    ------
+    NoAtomsFoundError
+        No blob passed; the message names the threshold used and what to try.
+    InvalidParameterError, InvalidImageError
+    """
+    da = image_dataarray(ds)
+    ps = pixel_size(ds)
+    u = length_units(ds)
+    tmpl = _templates_px(template, ps)
+    s_px = _length_px(sigma, ps, "sigma")
+    d_px = _length_px(spacing, ps, "spacing")
+    img = _image_numpy(ds)
+    res = core.find_atoms(img, template=tmpl, threshold=threshold, min_area=min_area, max_area=max_area,
+                          sublattices=sublattices, sigma=s_px, spacing=d_px, z_min=z_min, min_contrast=min_contrast)
+    out = drop_dim_vars(ds, "atom")
+    if "correlation" in out.variables:
+        out = out.drop_vars("correlation")
+    x = res.x * ps
+    y = res.y * ps
+
+    def atom_var(values, units, long_name, **attrs):
+        return annotate(xr.DataArray(values, dims=("atom",)), units, long_name, **attrs)
+
+    out["seed_x"] = atom_var(x.astype(np.float64), u, "seed position x (correlation-weighted blob centroid)")
+    out["seed_y"] = atom_var(y.astype(np.float64), u, "seed position y (correlation-weighted blob centroid)")
+    out["atom_x"] = atom_var(x.astype(np.float64).copy(), u, "atom position x")
+    out["atom_y"] = atom_var(y.astype(np.float64).copy(), u, "atom position y")
+    out["atom_score"] = atom_var(res.score.astype(np.float64), "1", "peak normalised cross-correlation with the template")
+    out["atom_area"] = atom_var(res.area.astype(np.float64) * ps * ps, f"{u}^2" if u != "px" else "px^2",
+                                "area of the correlation blob")
+    n_sub = int(res.sublattice.max()) + 1 if res.sublattice.size else 0
+    out["sublattice"] = atom_var(
+        res.sublattice.astype(np.int64), "1", "sublattice (0 = brightest class)",
+        flag_values=np.arange(n_sub, dtype=np.int64),
+        flag_meanings=" ".join(f"sublattice_{k}" for k in range(n_sub)),
+    )
+    out["correlation"] = annotate(
+        xr.DataArray(res.correlation, dims=("y", "x"), coords={"y": da["y"], "x": da["x"]}),
+        "1", "normalised cross-correlation with the template (maximum over templates)",
+    )
+    return record_params(out, "find_atoms", _params_in_units(res.params, ps, u))
+
+
+def _params_in_units(params: dict[str, Any], ps: float, u: str) -> dict[str, Any]:
+    p = dict(params)
+    p["sigma_px"] = p.pop("sigma")
+    p["spacing_px"] = p.pop("spacing")
+    p["sigma"] = p["sigma_px"] * ps
+    p["spacing"] = p["spacing_px"] * ps
+    p["min_area_px"] = p.pop("min_area")
+    p["max_area_px"] = p.pop("max_area")
+    p["units"] = u
+    return p
+
+
+def correlation_map(ds: xr.Dataset, *, template=None, sigma: float | None = None,
+                    spacing: float | None = None) -> xr.DataArray:
+    """The zero-normalised cross-correlation of a template with ``image``, for inspection.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+    template : None, array or (x, y)
+        As in :func:`find_atoms` (one template): ``None`` builds it from the image, an ``(x, y)``
+        tuple in the image's units takes the patch around that atom.
+    sigma, spacing : float, optional
+        Column width and spacing in the image's units (estimated when needed and None).
+
+    Returns
+    -------
+    xarray.DataArray
+        ``correlation(y, x)``, values in [-1, 1], float32 (computes a Dask-backed image).
+    """
+    da = image_dataarray(ds)
+    ps = pixel_size(ds)
+    t = _template_px(template, ps)
+    if isinstance(template, list):
+        raise InvalidParameterError("correlation_map takes one template; call it once per template.")
+    s_px = _length_px(sigma, ps, "sigma")
+    d_px = _length_px(spacing, ps, "spacing")
+    img = _image_numpy(ds)
+    if t is None:
+        arr = core.auto_template(img, sigma=s_px, spacing=d_px)
+    elif isinstance(t, tuple):
+        arr = core.template_from_point(img, t[0], t[1], sigma=s_px, spacing=d_px)
+    else:
+        arr = t
+    c = core.correlation_map(img, arr)
+    out = xr.DataArray(c, dims=("y", "x"), coords={"y": da["y"], "x": da["x"]}, name="correlation")
+    return annotate(out, "1", "normalised cross-correlation with the template")
