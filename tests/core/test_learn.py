@@ -126,6 +126,18 @@ def test_suggest_k_finds_a_small_distinct_group(rng):
         cl.suggest_k(Z, range(0, 1))
 
 
+def test_suggest_k_takes_the_finest_of_nearly_equal_drops():
+    # merge heights (top first) 44, 20, 9.8, 9.2, 5, ...: log drops 0.79 at K=2, 0.71 at K=3
+    top = np.array([44.0, 20.0, 9.8, 9.2, 5.0, 4.0, 3.5, 3.0, 2.8, 2.6, 2.5])
+    heights = np.concatenate([np.linspace(0.1, 2.0, 20), top[::-1]])
+    Z = np.zeros((len(heights), 4))
+    Z[:, 2] = heights
+    assert cl.suggest_k(Z, tolerance=0.0) == 2
+    assert cl.suggest_k(Z) == 3  # 0.71 is within 20 % of 0.79
+    with pytest.raises(InvalidParameterError, match="tolerance"):
+        cl.suggest_k(Z, tolerance=1.0)
+
+
 # ------------------------------------------------------------------------------------------
 # regions
 

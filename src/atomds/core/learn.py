@@ -379,7 +379,7 @@ def ward_linkage(X, *, method: str = "ward", max_points: int = 2000, n_micro: in
     return Z, leaf
 
 
-def suggest_k(Z, k_range=range(2, 11)) -> int:
+def suggest_k(Z, k_range=range(2, 11), *, tolerance: float = 0.2) -> int:
     """Number of clusters after the largest drop in merge height of a linkage tree.
 
     Cutting the tree into K clusters undoes its top K - 1 merges. With ``h(K)`` the height of the
@@ -387,13 +387,20 @@ def suggest_k(Z, k_range=range(2, 11)) -> int:
     axis, ``log h(K) - log h(K + 1)``: how much higher the K clusters merge than any of them
     splits. Ward heights grow with the size of the clusters merged, so an absolute drop favours
     splitting the largest groups and misses a small but distinct one (a boundary band, a minority
-    phase); the relative drop weighs them alike. The K in ``k_range`` with the largest drop is
-    returned (on a tie, the smallest).
+    phase); the relative drop weighs them alike.
+
+    When several cuts have nearly the largest drop (within ``tolerance`` of it), the finest is
+    returned: nearly equal drops mean nearly equally distinct levels, and the finer keeps a small
+    distinct group that the coarser would merge into a large one (a coarser grouping is recovered
+    afterwards by joining clusters, e.g. :func:`merge_sites`, :func:`dissolve_transitions`;
+    a lost group is not). ``tolerance=0`` returns strictly the largest drop.
     """
     Z = np.asarray(Z, dtype=float)
     ks = np.array(sorted(int(k) for k in k_range))
     if ks.size == 0 or ks[0] < 1:
         raise InvalidParameterError(f"k_range must hold positive integers, got {list(k_range)!r}")
+    if not 0 <= tolerance < 1:
+        raise InvalidParameterError(f"tolerance must lie in [0, 1), got {tolerance!r}")
     n_leaves = len(Z) + 1
     heights = np.sort(Z[:, 2])[::-1]  # heights[K - 2] joins K clusters into K - 1
     ks = ks[(ks >= 2) & (ks < n_leaves)]
@@ -405,7 +412,8 @@ def suggest_k(Z, k_range=range(2, 11)) -> int:
     hk = np.maximum(heights[ks - 2], tiny)
     hk1 = np.maximum(heights[ks - 1], tiny)
     drops = np.log(hk) - np.log(hk1)
-    return int(ks[int(np.argmax(drops))])
+    near = drops >= (1.0 - tolerance) * drops.max()
+    return int(ks[near].max())
 
 
 def contact_matrix(labels, index, n_labels: int | None = None) -> np.ndarray:

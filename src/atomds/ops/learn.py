@@ -213,13 +213,15 @@ def linkage(
     )
 
 
-def suggest_k(ds: xr.Dataset, *, k_range=range(2, 11)) -> int:
+def suggest_k(ds: xr.Dataset, *, k_range=range(2, 11), tolerance: float = 0.2) -> int:
     """The number of clusters after the largest drop in merge height of the dendrogram.
 
     Uses the tree of :func:`linkage` when it has run, else builds it (Ward) without storing it.
-    The drop is measured on the logarithmic height axis (see
-    :func:`atomds.core.learn.suggest_k`), so a small but distinct group - a boundary band, a
-    minority phase - counts as much as a large one.
+    The drop is measured on the logarithmic height axis, so a small but distinct group - a
+    boundary band, a minority phase - counts as much as a large one; of cuts whose drops are
+    within ``tolerance`` of the largest, the finest is taken (see
+    :func:`atomds.core.learn.suggest_k`; :func:`regions` joins clusters that turn out to be sites
+    of one phase or transitions between two regions).
 
     Returns
     -------
@@ -239,7 +241,7 @@ def suggest_k(ds: xr.Dataset, *, k_range=range(2, 11)) -> int:
         if ok.sum() < 3:
             raise InvalidParameterError(f"suggest_k() needs at least 3 centre atoms, got {int(ok.sum())}")
         Z, _ = _linkage_arrays(X, ok, "ward", 2000, 256, 0)
-    return cl.suggest_k(Z, k_range)
+    return cl.suggest_k(Z, k_range, tolerance=tolerance)
 
 
 def regions(
