@@ -442,8 +442,9 @@ def merge_sites(labels, index, n_labels: int | None = None) -> np.ndarray:
     border. So clusters a and b are joined when a-b neighbour pairs are more frequent than a-a
     pairs and than b-b pairs, ``C[a, b] > max(C[a, a], C[b, b])`` with :func:`contact_matrix`
     (both sides count each pair twice); joins are transitive. A boundary band between two
-    regions has most of its neighbours inside itself as soon as it is two atoms thick, so it
-    stays a region of its own.
+    regions shares its atoms' neighbours between itself and the two sides; once it is two atoms
+    thick it has more neighbour pairs inside itself than with either side, so it stays a region
+    of its own.
 
     Returns
     -------

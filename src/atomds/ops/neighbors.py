@@ -177,6 +177,10 @@ def neighborhoods(
           disordered regions (see :func:`atomds.core.neighbors.phase_features`: the 6 nearest
           distances over the typical spacing, the bond-orientational order parameters psi4 and
           psi6, and a translational disorder score). It ignores ``sort``/``rotate``.
+
+        With a ``radius``, the rows of atoms with fewer than ``k`` neighbours hold NaN in the
+        "xy", "distance" and "angle" descriptors (a fixed-length vector needs every slot); such
+        atoms are left out of the fits like edge atoms.
     edge_margin : float
         Extra border allowance for edge flags, in units of the typical nearest-neighbour
         distance: an atom is an edge atom when its distance to the image border is below the reach
