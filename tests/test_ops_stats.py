@@ -325,6 +325,26 @@ def test_same_kind_smoothing_rescues_noisy_low_dose_positions():
         neighborhoods(ds.drop_vars("sublattice"), k=4, smooth=4)
 
 
+def test_pca_without_outliers_keeps_the_polar_mode_first_at_a_structural_boundary():
+    """A structural antiphase boundary (lattice shifted by half a cell) gives a few very atypical
+    neighbourhoods; excluding them from the fit keeps the polar mode first and clean."""
+    base = datasets.polar(boundary_shift=0.5, seed=7)
+    sigma = float(base.attrs["sample_sigma_px"])
+    noise = 1.3 * np.sqrt(sigma**2 + 1 / 12) / np.sqrt(base["true_counts"].values)
+    ds = neighborhoods(with_true_atoms(base, noise, seed=1), k=4, sort="angle", ref_angle="auto")
+    robust = learn.pca(ds, exclude_outliers=True)
+    plain = learn.pca(ds)
+    inl = robust["pca_inlier"].values
+    assert 0.8 < inl.sum() / np.isfinite(ds["descriptor"].values).all(axis=1).sum() < 1.0
+    assert bool(robust["mode_is_polar"].values[0])
+    B = (ds["true_label"].values == 1) & inl
+    u = ds["true_dy"].values[B]
+    r_robust = abs(np.corrcoef(robust["pca_loadings"].values[B, 0], u)[0, 1])
+    r_plain = abs(np.corrcoef(plain["pca_loadings"].values[B, 0], u)[0, 1])
+    assert r_robust >= 0.95 and r_robust > r_plain, (r_robust, r_plain)
+    assert np.isfinite(robust["pca_loadings"].values[~inl & np.isfinite(ds["descriptor"].values).all(axis=1)]).all()
+
+
 def test_cluster_fft_coords_and_regions_merge_sites(rng):
     """Honeycomb: its two sites (A: bonds at 0/120/240 degrees, B: at 60/180/300) are two
     clusters of the angle-sorted vector descriptor, both periodic, joined into one region."""

@@ -190,6 +190,16 @@ def test_pca_matches_sklearn(rng):
         cl.pca(X, 7)
 
 
+def test_robust_inliers_keep_unequal_domains_drop_defects(rng):
+    n = 3000
+    u = np.where(rng.uniform(size=n) < 0.8, 1.0, -1.0)  # two domains, 80 / 20 %
+    X = u[:, None] * np.array([1.0, -0.5, 0.3, 0.0]) + rng.normal(0, 0.1, (n, 4))
+    X[:30] += rng.normal(0, 5.0, (30, 4))  # defects: far from both domains
+    keep = cl.robust_inliers(X)
+    assert keep[30:].mean() > 0.99
+    assert keep[:30].mean() < 0.2
+
+
 def test_polar_mode_found_and_classified(rng):
     # 6 neighbours of a hexagonal site; the centre moves along x by u_i (polar), plus a
     # breathing mode b_i and noise

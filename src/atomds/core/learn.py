@@ -28,6 +28,7 @@ __all__ = [
     "vote_labels",
     "fill_labels",
     "pca",
+    "robust_inliers",
     "svd_flip_components",
     "ica",
     "mode_polarity",
@@ -662,6 +663,34 @@ def pca(X, n_components: int | None = None):
     ratio = var / total if total > 0 else np.zeros_like(var)
     comps = Vt[:c]
     return mean, comps, Xc @ comps.T, var[:c], ratio[:c]
+
+
+def robust_inliers(X, *, quantile: float = 0.999, max_iter: int = 20) -> np.ndarray:
+    """Rows of ``X`` that are typical: not far outliers of the bulk of the data (sigma clipping).
+
+    Each feature is standardised by the mean and standard deviation of the rows kept so far; a
+    row is dropped when its squared standardised distance exceeds the ``quantile`` of the
+    chi-square distribution with one degree of freedom per feature (what Gaussian noise alone
+    passes with probability ``quantile``); this repeats until no row changes side. The standard
+    deviation, unlike the median absolute deviation, spans every population of the bulk - polar
+    domains of any size (rows at +u and -u) stay typical - while the neighbourhoods of defects
+    and structural boundaries, whose neighbours are displaced by a sizeable fraction of the
+    spacing or replaced, are dropped.
+    """
+    from scipy.stats import chi2
+
+    X = check_descriptor(X)
+    limit = chi2.ppf(quantile, df=X.shape[1])
+    keep = np.ones(len(X), dtype=bool)
+    for _ in range(int(max_iter)):
+        mu = X[keep].mean(axis=0)
+        sd = X[keep].std(axis=0)
+        sd = np.where(sd > 0, sd, 1.0)
+        new = (((X - mu) / sd) ** 2).sum(axis=1) <= limit
+        if np.array_equal(new, keep) or new.sum() < 2:
+            break
+        keep = new
+    return keep
 
 
 def _check_components(n_components, n, f):

@@ -340,7 +340,7 @@ def _polarity(ds: xr.Dataset, comps: np.ndarray):
     return pol, pol > cl.polar_threshold(len(names) // 2)
 
 
-def pca(ds: xr.Dataset, n_components: int | None = None) -> xr.Dataset:
+def pca(ds: xr.Dataset, n_components: int | None = None, *, exclude_outliers: bool = False) -> xr.Dataset:
     """Principal components of the neighbourhoods: deformation modes of the mean neighbourhood.
 
     Each descriptor row is the mean neighbourhood ``pca_mean`` plus a sum of modes
@@ -361,6 +361,12 @@ def pca(ds: xr.Dataset, n_components: int | None = None) -> xr.Dataset:
         After :func:`atomds.ops.neighbors.neighborhoods`.
     n_components : int, optional
         Modes kept (default all: min(number of centre atoms, number of features)).
+    exclude_outliers : bool
+        Fit the modes on the typical neighbourhoods only (:func:`atomds.core.learn.robust_inliers`):
+        atypical ones - at defects, structural boundaries - can carry so much variance that they
+        take over the first modes and mix into the distortion of the bulk. Every atom still gets
+        loadings; ``pca_inlier(atom)`` says which atoms the fit used. With Dask-backed data this
+        computes the descriptor for the fit (the loadings stay lazy).
 
     Returns
     -------
@@ -373,7 +379,29 @@ def pca(ds: xr.Dataset, n_components: int | None = None) -> xr.Dataset:
     """
     D = _descriptor(ds, "pca()")
     n_atoms, n_feat = D.shape
-    if is_dask(D):
+    inlier = None
+    if exclude_outliers:
+        X = _values(D)
+        ok = _valid_rows(X, "pca()")
+        if ok.sum() < 2:
+            raise InvalidParameterError(f"pca() needs at least 2 centre atoms, got {int(ok.sum())}")
+        inl = cl.robust_inliers(X[ok])
+        inlier = np.zeros(n_atoms, dtype=bool)
+        inlier[np.flatnonzero(ok)[inl]] = True
+        if inlier.sum() < 2:
+            raise InvalidParameterError("pca(exclude_outliers=True): fewer than 2 typical neighbourhoods are left")
+        mean, comps, _, var, ratio = cl.pca(X[inlier], n_components)
+        c = comps.shape[0]
+        total = float(np.var(X[inlier], axis=0, ddof=1).sum())
+
+        def _load(b):
+            o = np.isfinite(b).all(axis=1)
+            out = np.full((len(b), c), np.nan)
+            out[o] = (b[o] - mean) @ comps.T
+            return out
+
+        loadings = _per_atom(D, _load, dtype=float, extra=c)
+    elif is_dask(D):
         import dask
         import dask.array as da
 
@@ -425,8 +453,15 @@ def pca(ds: xr.Dataset, n_components: int | None = None) -> xr.Dataset:
         mode_polarity=annotate(xr.DataArray(pol, dims=("component",)), "1", "|sum of neighbour shifts| / sum of |shifts|"),
         mode_is_polar=annotate(xr.DataArray(polar, dims=("component",)), "1", "mode_polarity above the polar threshold"),
     )
+    out = _drop(out, ["pca_inlier"])
+    if inlier is not None:
+        out = out.assign(pca_inlier=annotate(xr.DataArray(inlier, dims=("atom",)), "1", "neighbourhood used in the PCA fit"))
     out = out.assign_coords(component=_coord("component", np.arange(len(comps)), "PCA mode number"))
-    return record_params(out, "pca", dict(n_components=n_components, n_kept=int(len(comps)), total_variance=float(total)))
+    return record_params(
+        out, "pca",
+        dict(n_components=n_components, n_kept=int(len(comps)), total_variance=float(total),
+             exclude_outliers=bool(exclude_outliers), n_fitted=None if inlier is None else int(inlier.sum())),
+    )
 
 
 def ica(ds: xr.Dataset, n_components: int, *, seed: int = 0, max_iter: int = 1000) -> xr.Dataset:
