@@ -276,8 +276,8 @@ def main(argv=None):
             acc.append(f"| {case} | {label} | {', '.join(f'{v:.3f}' for v in rs)} | {min(rs):.3f} | "
                        f"{', '.join(str(r[4]) for r in sel)} |")
     acc += ["", "Positions: `crb` = true positions + Gaussian noise of 1.3 x the Cramér-Rao bound of each column; "
-            "`3crb` = three times that; `found` = atoms from `find_atoms().refine()` (the core finder + `refine` while "
-            "`ops.find` is not there), matched to the truth within 0.3 spacing (ARI and r over matched atoms)."]
+            "`3crb` = three times that; `found` = atoms from `ds.lcx.find_atoms().lcx.refine()` (defaults), "
+            "matched to the truth within 0.3 spacing (ARI and r over matched atoms)."]
     print("\n".join(acc), flush=True)
     if not args.no_write:
         write_section("\n".join(lines + acc), Path(__file__).with_name("RESULTS.md"))
