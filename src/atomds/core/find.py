@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage as ndi
-from scipy import optimize, special
+from scipy import optimize
 from scipy.spatial import cKDTree
 
 from ..errors import InvalidImageError, InvalidParameterError, NoAtomsFoundError
@@ -36,6 +36,7 @@ __all__ = [
     "correlation_map",
     "auto_threshold",
     "classify_columns",
+    "noise_z_threshold",
     "find_atoms",
 ]
 
@@ -210,10 +211,12 @@ def _estimate_sigma(samp: _Sampler, d: float) -> float:
         raise InvalidImageError("too few clear peaks to estimate the column width; give the template explicitly.")
     half = int(np.ceil(1.3 * d))
     s = _fit_with_neighbours(samp.patches_mean(x, y, half), d)
-    # second pass: pick and align the peaks on the matched-filtered image (smoothing by the
-    # column width), so that noise neither selects nor aligns the average (which would narrow it)
-    x2, y2, _ = _clear_peaks(crop, d, n_max=500, smooth=max(0.7, min(s, 0.25 * d)))
-    if x2.size >= 3:
+    # two more passes: pick and align the peaks on the image smoothed by 1.5 column widths (at
+    # most 0.3 spacing), so that noise neither selects nor aligns the average (which narrows it)
+    for _ in range(2):
+        x2, y2, _ = _clear_peaks(crop, d, n_max=500, smooth=max(0.7, min(1.5 * s, 0.3 * d)))
+        if x2.size < 3:
+            break
         s = _fit_with_neighbours(samp.patches_mean(x2, y2, half), d)
     return float(np.sqrt(max(s * s - 1.0 / 12.0, 0.09)))
 
@@ -659,17 +662,19 @@ def _area_bounds(area: np.ndarray, min_area, max_area) -> tuple[int, int]:
     return lo, hi
 
 
-def classify_columns(features, *, fit_mask=None, max_classes: int = 3, min_separation: float = 3.0,
-                     max_fit: int = 2000, seed: int = 0) -> np.ndarray:
+def classify_columns(features, *, fit_mask=None, max_classes: int = 3, min_separation: float = 2.5,
+                     max_valley: float = 0.5, max_fit: int = 2000, seed: int = 0) -> np.ndarray:
     """Labels 0..k-1 of the distinct classes of columns in ``features`` (n, m); one class unless clearly separated.
 
     Gaussian mixtures with 1..``max_classes`` components are fitted to the rows selected by
     ``fit_mask`` (all by default; at most ``max_fit`` of them, a random subset) and compared by
-    BIC; a split is kept only when every pair of components is separated by at least
-    ``min_separation`` (Ashman's D along the line joining their means; 2 is the usual limit of
-    a clean bimodal split, 3 asks for clearly distinct classes) and each holds at least 2 % of the
-    points. Every row is then labelled by the chosen mixture. Labels are ordered by decreasing
-    mean of the first feature (label 0 = brightest).
+    BIC. A split is kept only when it describes separate populations, not a broad or skewed one:
+    every pair of components must be separated by at least ``min_separation`` (Ashman's D along
+    the line joining their means) and the density of the pair along that line must dip between
+    them to at most ``max_valley`` times the lower of its two peaks (a uniform spread, such as an
+    intensity gradient, has no dip); each component must hold at least 2 % of the points. Every
+    row is then labelled by the chosen mixture. Labels are ordered by decreasing mean of the
+    first feature (label 0 = brightest).
     """
     from sklearn.mixture import GaussianMixture
 
@@ -689,19 +694,31 @@ def classify_columns(features, *, fit_mask=None, max_classes: int = 3, min_separ
         frac = np.bincount(gm.predict(fs), minlength=k) / fs.shape[0]
         if frac.min() < 0.02:
             continue
-        ok = True
-        for i in range(k):
-            for j in range(i + 1, k):
-                dm = gm.means_[i] - gm.means_[j]
-                u = dm / max(np.linalg.norm(dm), 1e-12)
-                vi = float(u @ gm.covariances_[i] @ u)
-                vj = float(u @ gm.covariances_[j] @ u)
-                ok &= np.sqrt(2.0) * float(np.linalg.norm(dm)) / np.sqrt(vi + vj) >= min_separation
+        ok = all(_distinct(gm, i, j, min_separation, max_valley) for i in range(k) for j in range(i + 1, k))
         if ok and bic < best_bic:
             best_bic, best = bic, gm
     if best is None:
         return np.zeros(n, dtype=np.int64)
     return _ordered(best.predict(f), best.means_[:, 0])
+
+
+def _distinct(gm, i: int, j: int, min_separation: float, max_valley: float) -> bool:
+    """Whether mixture components i and j are separated and their joint density dips between them."""
+    dm = gm.means_[i] - gm.means_[j]
+    dist = float(np.linalg.norm(dm))
+    if dist == 0:
+        return False
+    u = dm / dist
+    vi = float(u @ gm.covariances_[i] @ u)
+    vj = float(u @ gm.covariances_[j] @ u)
+    if np.sqrt(2.0) * dist / np.sqrt(vi + vj) < min_separation:
+        return False
+    # 1-D density of the pair along the line from mean j (t = 0) to mean i (t = dist)
+    t = np.linspace(0.0, dist, 201)
+    dens = gm.weights_[i] * np.exp(-0.5 * (t - dist) ** 2 / vi) / np.sqrt(vi) + gm.weights_[j] * np.exp(
+        -0.5 * t**2 / vj
+    ) / np.sqrt(vj)
+    return float(dens.min()) <= max_valley * float(min(dens[0], dens[-1]))
 
 
 def _standardise(features, fit_mask, max_fit, seed):
@@ -748,9 +765,10 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
        it (:func:`scipy.ndimage.label`); a blob holding several correlation maxima more than
        half a spacing apart is split between them (each pixel to its nearest maximum).
     5. A blob is an atom when
-       - its amplitude is significant: z-score >= ``z_min`` (default: the one-sided normal
-         quantile at which pure noise gives about 0.5 false blob over the image's independent
-         positions, ``area / (pi sigma^2)``);
+       - its amplitude is significant: z-score >= ``z_min`` (default: the level that pure
+         noise exceeds at about 0.5 local maximum over the image, :func:`noise_z_threshold`;
+         the strip within half a template of the border, where windows are partial and real
+         columns score lower, gets its own budget of 0.25 and so a lower threshold);
        - its area lies within ``[min_area, max_area]`` px (automatic from the histogram of log
          areas unless given);
        - its amplitude is at least ``min_contrast`` of the bright columns around it (the 90th
@@ -859,9 +877,16 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
             np.copyto(z, p.zscore, where=better)
     del parts
 
-    # --- significance and threshold
-    n_indep = max(ny * nx / max(np.pi * s * s, 1.0), 10.0)
-    zmin = float(special.ndtri(1.0 - 0.5 / n_indep)) if z_min is None else float(z_min)
+    # --- significance and threshold. The strip within half a template of the border, where the
+    # window is partial and the z-scores of real columns lower, gets its own noise budget.
+    hy_t = max(t.shape[0] for t in templates) // 2
+    hx_t = max(t.shape[1] for t in templates) // 2
+    inner_area = max(ny - 2 * hy_t, 0) * max(nx - 2 * hx_t, 0)
+    if z_min is None:
+        zmin = noise_z_threshold(templates, max(inner_area, 1))
+        zmin_edge = min(zmin, noise_z_threshold(templates, max(ny * nx - inner_area, 1), false_blobs=0.25))
+    else:
+        zmin = zmin_edge = float(z_min)
     if threshold is None:
         c_pk, z_pk = _peak_sample(ncc, z)
         thr = auto_threshold(c_pk, z_pk, z_min=zmin)
@@ -874,7 +899,9 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         raise NoAtomsFoundError(_no_atoms_msg(thr, auto_thr, "no pixel of the correlation map exceeds it"))
     cx, cy, score, area, zs, which_t, peak = res
     counts = {"blobs": int(cx.size)}
-    keep = zs >= zmin
+    py_, px_ = np.divmod(peak, nx)
+    on_edge = (py_ < hy_t) | (py_ >= ny - hy_t) | (px_ < hx_t) | (px_ >= nx - hx_t)
+    keep = zs >= np.where(on_edge, zmin_edge, zmin)
     counts["not_significant"] = int((~keep).sum())
     if not np.any(keep):
         raise NoAtomsFoundError(_no_atoms_msg(
@@ -947,6 +974,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         "min_area": lo,
         "max_area": hi,
         "z_min": zmin,
+        "z_min_border": zmin_edge,
         "min_contrast": float(min_contrast),
         "sigma": s,
         "spacing": d,
@@ -984,6 +1012,35 @@ def _local_reference(x, y, amp, spacing) -> tuple[np.ndarray, float]:
     rows = np.arange(n)
     loc = a[rows, lo] * (1 - frac) + np.where(frac > 0, a[rows, hi] * frac, 0.0)
     return loc, glob
+
+
+def noise_z_threshold(templates, area: float, *, false_blobs: float = 0.5) -> float:
+    """z-score that pure noise exceeds at about ``false_blobs`` local maxima over ``area`` px.
+
+    For white noise, the template-filtered z map is a smooth unit-variance Gaussian field; the
+    expected number of its local maxima above ``u`` is given by the Euler-characteristic
+    density ``area * lambda2 / (2 pi)^(3/2) * u * exp(-u^2 / 2)`` (Adler), with ``lambda2`` the
+    variance of the field's derivative, ``sum(grad t')^2 / sum t'^2`` for the zero-mean template
+    ``t'``. With several templates the area counts once per template.
+    """
+    lam = []
+    for t in templates:
+        tz = np.asarray(t, dtype=np.float64) - np.mean(t)
+        e = float(np.sum(tz * tz))
+        gx = np.diff(tz, axis=1, prepend=0.0, append=0.0)
+        gy = np.diff(tz, axis=0, prepend=0.0, append=0.0)
+        lam.append(0.5 * (float(np.sum(gx * gx)) + float(np.sum(gy * gy))) / max(e, 1e-300))
+    k = float(area) * len(lam) * float(np.mean(lam)) / (2.0 * np.pi) ** 1.5
+    if k * np.exp(-0.5) <= false_blobs:  # even u = 1 gives few maxima: tiny image
+        return 1.0
+    lo, hi = 1.0, 40.0  # f(u) = k u exp(-u^2/2) decreases for u > 1
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if k * mid * np.exp(-0.5 * mid * mid) > false_blobs:
+            lo = mid
+        else:
+            hi = mid
+    return float(0.5 * (lo + hi))
 
 
 def _is_point(spec) -> bool:

@@ -242,7 +242,8 @@ def default_denoise_params(image, method: str) -> dict:
     """Parameters :func:`denoise` uses when they are not given, estimated from ``image``.
 
     gaussian: ``sigma`` = half the column width (px). median: ``size`` = the odd integer nearest
-    to 1.5 column widths (px, at least 3). nlmeans: ``noise`` = the noise level (intensity),
+    to 1.5 column widths (px, at least 3). nlmeans: ``noise`` = the noise standard deviation at
+    the mean intensity (intensity units, from :func:`noise_model`),
     ``patch_size`` = 2 column widths + 1 (odd, px, at least 3), ``patch_distance`` = one spacing (px).
     """
     from .find import estimate_column_sigma  # local import: find depends on this module
@@ -256,8 +257,9 @@ def default_denoise_params(image, method: str) -> dict:
         return {"sigma": round(0.5 * col, 3)}
     if method == "median":
         return {"size": int(max(3, 2 * int(round(0.75 * col)) + 1))}
+    a, b = noise_model(img)
     return {
-        "noise": float(estimate_noise(img)),
+        "noise": float(np.sqrt(a + b * float(np.mean(img)))),
         "patch_size": int(max(3, 2 * int(round(col)) + 1)),
         "patch_distance": int(max(2, round(spacing))),
     }
@@ -275,8 +277,8 @@ def denoise(image, *, method: str = "gaussian", sigma: float | None = None, size
         ``gaussian``: Gaussian filter of width ``sigma`` px (default: half the estimated column
         width). ``median``: median filter of ``size`` x ``size`` px (default: ~1.5 column widths,
         odd, at least 3). ``nlmeans``: non-local means (:func:`skimage.restoration.denoise_nl_means`,
-        fast mode) for a noise level ``noise`` in intensity units (default: estimated,
-        :func:`estimate_noise`), filtering strength ``h`` (default ``0.8 * noise``),
+        fast mode) for a noise level ``noise`` in intensity units (default: estimated at the
+        mean intensity, :func:`noise_model`), filtering strength ``h`` (default ``0.8 * noise``),
         ``patch_size`` and ``patch_distance`` in px (defaults from the column width and spacing).
         Parameters left to None are estimated from the image (:func:`default_denoise_params`).
 
