@@ -147,7 +147,9 @@ def test_fallback_to_center_of_mass_where_a_fit_diverges():
     img = synth.add_noise(expected, read_noise=1.0, seed=1)
     r = refine.refine_gaussian(img, x + 0.3, y - 0.2, noise=(1.0, 1.0), sigma=1.8)
     assert r["fit_ok"].tolist() == [True, True, False]
-    cx, cy = refine.center_of_mass(img, x[2:] + 0.3, y[2:] - 0.2, window=r["window"][2])
+    nn = refine.nearest_neighbor_distance(x + 0.3, y - 0.2)  # the fallback's window: half the NN distance
+    window = 0.5 * min(nn[2], 1.5 * np.median(nn))
+    cx, cy = refine.center_of_mass(img, x[2:] + 0.3, y[2:] - 0.2, window=window)
     assert r["x"][2] == pytest.approx(cx[0]) and r["y"][2] == pytest.approx(cy[0])
     for key in ("sigma", "amplitude", "intensity", "background", "x_err", "y_err"):
         assert np.isnan(r[key][2]) and np.isfinite(r[key][:2]).all()

@@ -62,6 +62,7 @@ MODELS = ("gaussian", "elliptical")
 _SQRT2 = math.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _BOX_VAR = 1.0 / 12.0  # variance of a uniform pixel, px^2
+_FIRST_REACH = 2.5  # first-pass window radius, in sigma (+ half a pixel), once sigma is known
 _NB_REACH = 4.5  # neighbours are subtracted when their centre is within r + 4.5 sigma + 1 px of a patch
 _MIN_SIGMA = 0.2  # px; narrower fits are not physical
 _CHUNK_BYTES = 96e6  # working memory per chunk of atoms
@@ -161,6 +162,38 @@ _AS_P = 0.3275911 / _SQRT2  # in terms of e = sqrt(2) x
 _AS_A = (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592)
 
 
+def _fast_cdf(e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """erf(e / sqrt 2) and exp(-e^2 / 2) for float32 ``e`` (one shared exponential)."""
+    ex = np.square(e)
+    ex *= np.float32(-0.5)
+    np.exp(ex, out=ex)
+    t = np.abs(e)
+    t *= np.float32(_AS_P)
+    t += np.float32(1.0)
+    np.reciprocal(t, out=t)
+    poly = np.full_like(t, np.float32(_AS_A[0]))
+    for a in _AS_A[1:]:
+        poly *= t
+        poly += np.float32(a)
+    poly *= t
+    poly *= ex
+    cdf = np.float32(1.0) - poly
+    np.copysign(cdf, e, out=cdf)
+    return cdf, ex
+
+
+def _fast_profile(centre, sigma, start, w) -> np.ndarray:
+    """Pixel integrals of unit Gaussians (float32), any leading shape; ``start`` broadcasts."""
+    c = np.asarray(centre, dtype=float)
+    inv_s = (1.0 / np.asarray(sigma, dtype=float)).astype(np.float32)[..., None]
+    e = (np.asarray(start, dtype=float) - c).astype(np.float32)[..., None]
+    e = (e + (np.arange(w + 1, dtype=np.float32) - np.float32(0.5))) * inv_s
+    cdf, _ = _fast_cdf(e)
+    g = cdf[..., 1:] - cdf[..., :-1]
+    g *= np.float32(0.5)
+    return g
+
+
 def _fast_factors(centre, sigma, start, w) -> np.ndarray:
     """Pixel-integrated Gaussian profile and its derivatives along one patch axis, float32.
 
@@ -172,21 +205,7 @@ def _fast_factors(centre, sigma, start, w) -> np.ndarray:
     inv_s = (1.0 / np.asarray(sigma, dtype=float)).astype(np.float32)[:, None]
     e = (np.asarray(start, dtype=float)[:, None] - np.asarray(centre, dtype=float)[:, None]).astype(np.float32)
     e = (e + (np.arange(w + 1, dtype=np.float32) - np.float32(0.5))) * inv_s  # (n, w+1) edges in sigma
-    ex = np.square(e)
-    ex *= np.float32(-0.5)
-    np.exp(ex, out=ex)  # exp(-e^2 / 2), shared by the pdf and the erf
-    t = np.abs(e)
-    t *= np.float32(_AS_P)
-    t += np.float32(1.0)
-    np.reciprocal(t, out=t)
-    poly = np.full_like(t, np.float32(_AS_A[0]))
-    for a in _AS_A[1:]:
-        poly *= t
-        poly += np.float32(a)
-    poly *= t
-    poly *= ex
-    cdf = np.float32(1.0) - poly  # erf(|e| / sqrt 2)
-    np.copysign(cdf, e, out=cdf)
+    cdf, ex = _fast_cdf(e)
     pdf = ex * np.float32(_INV_SQRT2PI)
     epdf = e * pdf
     f = np.empty((n, w, 4), dtype=np.float32)
@@ -207,18 +226,26 @@ def _wsum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _solve_batched(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Solve a stack of small linear systems; rows that are singular or non-finite give NaN."""
-    out = np.full(b.shape, np.nan)
-    good = np.isfinite(a).all(axis=(1, 2)) & np.isfinite(b).all(axis=1)
-    if not good.any():
-        return out
-    try:
-        out[good] = np.linalg.solve(a[good], b[good][..., None])[..., 0]
-    except np.linalg.LinAlgError:
-        idx = np.flatnonzero(good)
-        sol = np.linalg.pinv(a[idx]) @ b[idx][..., None]
-        out[idx] = sol[..., 0]
-    return out
+    """Solve a stack of small symmetric positive-definite systems (n, k, k) x = (n, k).
+
+    Gaussian elimination without pivoting, vectorised over the stack (the LM matrices are
+    damped normal matrices); singular or non-finite systems give NaN (the step is rejected).
+    """
+    k = a.shape[1]
+    at = np.ascontiguousarray(a.transpose(1, 2, 0))  # (k, k, n): rows of all systems at once
+    bt = np.array(b.T, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for j in range(k):
+            piv = at[j, j]
+            f = at[j + 1 :, j] / piv  # (k - j - 1, n)
+            at[j + 1 :, j:] -= f[:, None, :] * at[j, j:][None, :, :]
+            bt[j + 1 :] -= f * bt[j]
+        x = np.empty_like(bt)
+        for i in range(k - 1, -1, -1):
+            x[i] = (bt[i] - (at[i, i + 1 :] * x[i + 1 :]).sum(axis=0)) / at[i, i]
+    x = x.T
+    x[~np.isfinite(x).all(axis=1)] = np.nan
+    return x
 
 
 def _invert_batched(a: np.ndarray) -> np.ndarray:
@@ -294,7 +321,7 @@ class _Isotropic:
     def columns(self, p, cache):
         xf, yf = cache
         ny = yf[:, :, 0] * p[:, 2, None].astype(np.float32)
-        return ny[:, :, None] * xf[:, None, :, 0]
+        return np.einsum("ni,nj->nij", ny, xf[:, :, 0])
 
     def value(self, p, cache):
         out = self.columns(p, cache)
@@ -340,7 +367,7 @@ class _Isotropic:
         yprod = yf[:, :, self._FI] * yf[:, :, self._FJ]
         sh = np.matmul(yprod.transpose(0, 2, 1), np.matmul(wt, xprod))  # (n, 10, 10)
         hc = sh[:, self._YPAIR, self._XPAIR].astype(np.float64)
-        hc *= nn[:, None] ** self._POW[None, :]
+        hc *= np.stack([np.ones_like(nn), nn, nn * nn], axis=1)[:, self._POW]
         h = (hc @ self._HMAP).reshape(n, self.k, self.k)
         return g, h
 
@@ -1004,8 +1031,9 @@ class _Plan:
         want = 4.0 * self.sigma + 0.5 if radius is None else float(radius)
         cap = np.where(np.isfinite(self.nn), 0.8 * self.nn, np.inf)
         self.r_final = np.maximum(np.minimum(want, cap), np.minimum(self.r_first, want))
-        # the first pass needs no larger window than the final one
-        self.r_first = np.minimum(self.r_first0, np.maximum(self.r_final, 1.5))
+        # the first pass only provides starting values and neighbour models: a window of
+        # 2.5 sigma (at most the final one) holds most of what it needs
+        self.r_first = np.minimum(self.r_first0, np.maximum(np.minimum(self.r_final, _FIRST_REACH * self.sigma + 0.5), 1.5))
 
     @property
     def sigma_max(self) -> float:
@@ -1087,8 +1115,8 @@ class _NeighborModels:
             # tables padded with a zero column on each side (gathers outside the table hit them)
             gx = np.zeros((p.shape[0] + 1, width + 2), dtype=np.float32)
             gy = np.zeros((p.shape[0] + 1, width + 2), dtype=np.float32)
-            gx[:-1, 1:-1] = _axis_profiles(p[:, 0], p[:, 3], self.x0, width, False) * p[:, 2, None]
-            gy[:-1, 1:-1] = _axis_profiles(p[:, 1], p[:, 3], self.y0, width, False)
+            gx[:-1, 1:-1] = _fast_profile(p[:, 0], p[:, 3], self.x0, width) * p[:, 2, None].astype(np.float32)
+            gy[:-1, 1:-1] = _fast_profile(p[:, 1], p[:, 3], self.y0, width)
             self.gx, self.gy = gx, gy
 
     def patch_sum(self, sl, sx, sy, w):
@@ -1150,8 +1178,8 @@ def estimate_fit_settings(
     noise=None,
     model: str = "gaussian",
     neighbor_subtraction: bool = True,
-    max_atoms: int = 2000,
-    max_noise_atoms: int = 500,
+    max_atoms: int = 1000,
+    max_noise_atoms: int = 250,
     max_iter: int = 30,
 ) -> dict:
     """Estimate the column width, the noise model and the fit window from a sample of atoms.
@@ -1370,7 +1398,7 @@ def _refine(img, x, y, mdl, sel, st, nz, window, neighbor_subtraction, n_refits,
     n_all = x.size
     plan = _Plan(img, x, y, window, neighbor_subtraction)
     if nz is None or any(key not in st for key in ("sigma", "sigma_spread", "window_radius")):
-        est = _estimate(img, x, y, plan, st.get("sigma"), nz, 2000, 500, max_iter, mdl.name)
+        est = _estimate(img, x, y, plan, st.get("sigma"), nz, 1000, 250, max_iter, mdl.name)
         st = {**est, **st}
         nz = nz if nz is not None else _parse_noise(est)
     sigma = float(st["sigma"])
@@ -1422,7 +1450,7 @@ def _refine(img, x, y, mdl, sel, st, nz, window, neighbor_subtraction, n_refits,
     out["y_err"] = y_err
     if not ok.all():
         bad = np.flatnonzero(~ok)
-        cx, cy = center_of_mass(img, x[sel[bad]], y[sel[bad]], window=plan.r_first[sel[bad]])
+        cx, cy = center_of_mass(img, x[sel[bad]], y[sel[bad]], window=plan.r_first0[sel[bad]])
         for key in out:
             out[key][bad] = np.nan
         out["x"][bad] = cx
