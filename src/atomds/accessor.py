@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 
 import xarray as xr
 
@@ -34,6 +35,8 @@ class _Forward:
             return func
         bound = functools.partial(func, obj._ds)
         functools.update_wrapper(bound, func)
+        sig = inspect.signature(func)
+        bound.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])
         return bound
 
 
@@ -71,6 +74,7 @@ class LcxAccessor:
     kmeans_scan = _Forward("ops.learn")
     linkage = _Forward("ops.learn")
     suggest_k = _Forward("ops.learn")
+    regions = _Forward("ops.learn")
     pca = _Forward("ops.learn")
     ica = _Forward("ops.learn")
     to_grid = _Forward("ops.maps")
@@ -78,6 +82,9 @@ class LcxAccessor:
 
     # spectra
     attach_spectra = _Forward("spectra")
+    cluster_mean_spectra = _Forward("spectra")
+    spectral_features = _Forward("spectra")
+    loading_correlation = _Forward("spectra")
 
     @property
     def plot(self):

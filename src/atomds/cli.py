@@ -127,7 +127,8 @@ def _cmd_analyze(args) -> int:
     out = to_netcdf(ds, args.output)
     n_atoms = ds.sizes.get("atom", 0)
     n_clusters = int(ds["cluster"].max()) + 1 if "cluster" in ds else 0
-    print(f"analysed {source}: {n_atoms} atoms, {n_clusters} clusters -> {out}")
+    n_regions = int(ds["region"].max()) + 1 if "region" in ds else 0
+    print(f"analysed {source}: {n_atoms} atoms, {n_clusters} clusters, {n_regions} regions -> {out}")
     if args.report:
         from .report import write_report
 
