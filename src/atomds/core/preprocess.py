@@ -30,6 +30,8 @@ __all__ = [
 
 #: Largest side of the crop used to estimate image scales (spacing, noise): enough for statistics.
 _ESTIMATE_CROP = 1024
+#: Largest side of the crop used to estimate the noise (enough pixels for robust statistics).
+_NOISE_CROP = 512
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,9 +65,30 @@ def check_image(image, *, name: str = "image", min_size: int = 8) -> np.ndarray:
 
 
 def _central_crop(image: np.ndarray, size: int = _ESTIMATE_CROP) -> np.ndarray:
+    """A ``size`` x ``size`` crop for estimating the image's scales: the most structured of nine.
+
+    Images no larger than ``size`` are returned whole. Otherwise the candidate crops sit on a
+    3 x 3 grid (centre, edges, corners); the one with the largest spread of intensities (a
+    lattice rather than vacuum or a flat support) is taken, which is the centre unless another
+    one clearly holds more structure.
+    """
     ny, nx = image.shape
-    y0 = max(0, (ny - size) // 2)
-    x0 = max(0, (nx - size) // 2)
+    if ny <= size and nx <= size:
+        return image
+    ys = sorted({max(0, (ny - size) // 2), 0, max(0, ny - size)})
+    xs = sorted({max(0, (nx - size) // 2), 0, max(0, nx - size)})
+    y0c, x0c = max(0, (ny - size) // 2), max(0, (nx - size) // 2)
+    best, best_score = (y0c, x0c), -1.0
+    step = max(1, size // 128)
+    for y0 in ys:
+        for x0 in xs:
+            tile = np.asarray(image[y0 : y0 + size : step, x0 : x0 + size : step], dtype=np.float64)
+            score = float(np.std(np.diff(tile, axis=1)))
+            if (y0, x0) == (y0c, x0c):
+                score *= 1.25  # prefer the centre unless another crop is clearly richer
+            if score > best_score:
+                best, best_score = (y0, x0), score
+    y0, x0 = best
     return image[y0 : y0 + size, x0 : x0 + size]
 
 
@@ -85,11 +108,11 @@ def estimate_noise(image) -> float:
     """Standard deviation of the pixel noise, in the image's intensity units.
 
     A robust (median-absolute-deviation) estimate from the response to Immerkaer's 3x3 kernel,
-    which removes planes and most of the smooth column signal; computed on a central crop of at
-    most 1024 x 1024 px. For shot-noise-limited data the noise varies with intensity: see
+    which removes planes and most of the smooth column signal; computed on a crop of at most
+    512 x 512 px. For shot-noise-limited data the noise varies with intensity: see
     :func:`noise_model`.
     """
-    img = _central_crop(check_image(image))
+    img = _central_crop(check_image(image), _NOISE_CROP)
     r = _hf_residual(img)
     return float(_MAD_TO_STD * np.median(np.abs(r - np.median(r))))
 
@@ -100,6 +123,7 @@ def noise_model(image, *, smooth: float = 2.0, nbins: int = 12) -> tuple[float, 
     Poisson (shot) noise makes the variance grow with the local intensity; Gaussian read noise
     adds a constant. The local mean is a Gaussian average of width ``smooth`` px; the local
     variance is a robust (MAD) estimate of the high-frequency residual within intensity bins.
+    Computed on a crop of at most 512 x 512 px.
 
     Returns
     -------
@@ -107,7 +131,7 @@ def noise_model(image, *, smooth: float = 2.0, nbins: int = 12) -> tuple[float, 
         Constant variance (intensity units squared) and slope (intensity units); both >= 0.
         ``var(I) = a + b * I`` with ``I`` the local mean intensity.
     """
-    img = _central_crop(check_image(image)).astype(np.float64)
+    img = _central_crop(check_image(image), _NOISE_CROP).astype(np.float64)
     r = _hf_residual(img).ravel()
     m = ndi.gaussian_filter(img, smooth)[1:-1, 1:-1].ravel()
     edges = np.unique(np.quantile(m, np.linspace(0, 1, nbins + 1)))
@@ -164,7 +188,8 @@ def estimate_spacing(image) -> float:
     the estimator's noise (5 / sqrt(effective number of pixels)) and reach at least 35 % of the
     strongest one are the column-to-column vectors (a dim sublattice gives weaker ones); the
     shortest of them, refined to sub-pixel precision (parabolic interpolation, median over the
-    peaks on that ring), is the spacing. Computed on a central crop of at most 1024 x 1024 px.
+    peaks on that ring), is the spacing. Computed on a crop of at most 1024 x 1024 px (the most
+    structured of nine candidates, preferring the centre).
 
     Raises
     ------
@@ -178,11 +203,12 @@ def estimate_spacing(image) -> float:
     win = np.outer(np.hanning(ny), np.hanning(nx))
     img = (img - np.average(img, weights=win)) * win
     n_eff = float(np.sum(win**2) ** 2 / np.sum(win**4))
-    fy, fx = sfft.next_fast_len(2 * ny, real=True), sfft.next_fast_len(2 * nx, real=True)
-    f = sfft.rfft2(img, s=(fy, fx))
-    acf = sfft.irfft2(f.real**2 + f.imag**2, s=(fy, fx))
     rmax = min(ny, nx) / 4.0
     h = int(np.ceil(rmax)) + 2
+    # zero padding by the largest lag read keeps the autocorrelation free of wrap-around there
+    fy, fx = sfft.next_fast_len(ny + h + 1, real=True), sfft.next_fast_len(nx + h + 1, real=True)
+    f = sfft.rfft2(img, s=(fy, fx))
+    acf = sfft.irfft2(f.real**2 + f.imag**2, s=(fy, fx))
     acf = np.roll(np.roll(acf, h, axis=0), h, axis=1)[: 2 * h + 1, : 2 * h + 1]
     acf = acf / acf[h, h]
     # end of the central peak (the columns' own autocorrelation, a Gaussian of width sqrt(2)
