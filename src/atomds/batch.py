@@ -99,6 +99,20 @@ def _peak_rss_mb() -> float:
     return r / 1024.0 if sys.platform != "darwin" else r / 2**20
 
 
+@contextlib.contextmanager
+def _single_threaded():
+    import dask
+
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn depends on it
+        limits = contextlib.nullcontext()
+    else:
+        limits = threadpool_limits(limits=1)
+    with limits, dask.config.set(scheduler="synchronous"):
+        yield
+
+
 def process_image(task: Mapping[str, Any]) -> dict[str, Any]:
     """Run the per-image pipeline on one file and write its result; never raises for a bad image.
 
@@ -122,7 +136,9 @@ def process_image(task: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"id": task["id"], "status": "ok", "error": "", "n_atoms": 0, "pid": os.getpid()}
     try:
         ds = open_image(task["path"], pixel_size=params.get("pixel_size"), units=params.get("units"))
-        ds = _run_steps(ds, task["steps"], params)
+        # one thread per task (parallelism is across images), and the same numerics on any worker
+        with _single_threaded():
+            ds = _run_steps(ds, task["steps"], params)
         ds.attrs["batch_source"] = str(task["path"])
         ds.attrs["batch_fingerprint"] = str(task["fingerprint"])
         to_netcdf(ds, part)
@@ -231,7 +247,7 @@ def _cluster_client(client, scheduler, n_workers, memory_limit, n_tasks):
     from distributed import Client, LocalCluster
 
     if scheduler is not None:
-        c = Client(scheduler, timeout="30s")
+        c = Client(scheduler, timeout="30s", set_as_default=False)
         try:
             yield c
         finally:
@@ -250,7 +266,7 @@ def _cluster_client(client, scheduler, n_workers, memory_limit, n_tasks):
         silence_logs=logging.ERROR,
     )
     try:
-        c = Client(cluster)
+        c = Client(cluster, set_as_default=False)
         try:
             yield c
         finally:
@@ -267,7 +283,7 @@ def _submit_all(client, tasks, progress, on_result):
     by_key = {f.key: t for f, t in zip(futures, tasks, strict=True)}
     bar = tqdm(total=len(tasks), desc="atomds batch", unit="image", disable=not progress, file=sys.stderr)
     try:
-        for fut in as_completed(futures):
+        for fut in as_completed(futures, loop=client.loop):
             task = by_key[fut.key]
             try:
                 rec = fut.result()
@@ -378,19 +394,24 @@ def run_batch(
         with _cluster_client(client, scheduler, n_workers, memory_limit, len(tasks)) as c:
             _submit_all(c, tasks, progress, collect)
 
-    # a missing input is still a task above: the worker records it as failed like any bad image
-    tree, failed_map, opened = _assemble(work, ids, properties=properties, lazy=output_p is not None)
-    try:
-        do_learn = learn is True or (learn == "auto" and "neighborhoods" in steps_t)
-        if do_learn and any(s == "ok" for s in tree["status"].values):
-            tree = lib.learn(tree, n_clusters=n_clusters, n_components=n_components)
+    # a missing input is still a task above: the worker records it as failed like any bad image.
+    # Assembly runs here, on the client's machine, never on the cluster: no array goes through
+    # the scheduler (a distributed Client would otherwise be dask's default scheduler).
+    import dask
+
+    with dask.config.set(scheduler="synchronous"):
+        tree, failed_map, opened = _assemble(work, ids, properties=properties, lazy=output_p is not None)
+        try:
+            do_learn = learn is True or (learn == "auto" and "neighborhoods" in steps_t)
+            if do_learn and any(s == "ok" for s in tree["status"].values):
+                tree = lib.learn(tree, n_clusters=n_clusters, n_components=n_components)
+            if output_p is not None:
+                lib.to_netcdf(tree, output_p)
+        finally:
+            for ds in opened:
+                ds.close()
         if output_p is not None:
-            lib.to_netcdf(tree, output_p)
-    finally:
-        for ds in opened:
-            ds.close()
-    if output_p is not None:
-        tree = lib.open_library(output_p, chunks={})
+            tree = lib.open_library(output_p, chunks={})
     return BatchResult(
         library=tree,
         ids=ids,

@@ -1,0 +1,272 @@
+"""Many images on dask.distributed (atomds.batch, ``atomds batch``).
+
+The images are tiny (96 x 96 px) and few, so that the whole module stays within seconds; the
+external cluster is a real ``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1,
+started and stopped here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import atomds
+from atomds import batch as B
+from atomds import datasets, library
+from atomds.errors import InvalidParameterError
+
+pytest.importorskip("distributed")
+
+STEPS = B.DEFAULT_STEPS
+DASK = str(Path(sys.executable).with_name("dask"))
+
+
+def _write_images(folder: Path, n: int, *, seed0: int = 0, size: int = 96) -> list[Path]:
+    paths = []
+    for i in range(n):
+        ds = datasets.hexagonal(shape=(size, size), seed=seed0 + i)
+        p = folder / f"img{seed0 + i}.npy"
+        np.save(p, ds["image"].values)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    good = _write_images(folder, 3)
+    broken = folder / "broken.npy"
+    broken.write_bytes(b"this is not an image")
+    return good, broken
+
+
+@pytest.fixture(scope="module")
+def client():
+    """An in-process cluster (threads): cheap to start, same code path as any other client."""
+    from distributed import Client, LocalCluster
+
+    # in-process transport (no sockets) for tasks; the status page is bound to 127.0.0.1
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0")
+    c = Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
+def _stop(procs):
+    """SIGTERM the workers, then the scheduler (a worker whose scheduler went first lingers); kill stragglers."""
+    for group in (procs[1:], procs[:1]):
+        for p in group:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in group:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def external(tmp_path_factory):
+    """A ``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1 (random free ports)."""
+    from distributed import Client
+
+    folder = tmp_path_factory.mktemp("cluster")
+    sched_file = folder / "scheduler.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    procs = []
+    log = open(folder / "cluster.log", "w")  # noqa: SIM115 - closed at teardown
+    try:
+        procs.append(
+            subprocess.Popen(
+                [DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
+                 "--scheduler-file", str(sched_file)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder,
+            )
+        )
+        deadline = time.monotonic() + 60
+        while not sched_file.exists():
+            if time.monotonic() > deadline or procs[0].poll() is not None:
+                raise RuntimeError(f"dask scheduler did not start: {(folder / 'cluster.log').read_text()}")
+            time.sleep(0.1)
+        for i in range(2):
+            procs.append(
+                subprocess.Popen(
+                    [DASK, "worker", "--scheduler-file", str(sched_file), "--host", "127.0.0.1", "--nthreads", "1",
+                     "--nworkers", "1", "--no-dashboard", "--memory-limit", "2GiB", "--name", f"w{i}"],
+                    stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder,
+                )
+            )
+        address = json.loads(sched_file.read_text())["address"]
+        assert address.startswith("tcp://127.0.0.1:")
+        with Client(address, timeout="30s") as c:
+            c.wait_for_workers(2, timeout=60)
+        yield address
+    finally:
+        _stop(procs)
+        log.close()
+
+
+def _parts(work: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in work.glob("*.nc")}
+
+
+# ------------------------------------------------------------------------------- runs
+
+
+def test_batch_records_failures_and_skips_finished_images(inputs, client, tmp_path):
+    good, broken = inputs
+    missing = tmp_path / "missing.npy"
+    out = tmp_path / "lib.nc"
+    res = B.run_batch([*good, broken, missing], steps=STEPS, client=client, output=out, progress=False)
+    tree = res.library
+    ids = ["img0", "img1", "img2", "broken", "missing"]
+    assert library.ids(tree) == ids
+    assert list(tree["status"].values) == ["ok", "ok", "ok", "failed", "failed"]
+    err = dict(zip(ids, tree["error"].values, strict=True))
+    assert "broken.npy" in err["broken"] and "missing.npy" in err["missing"]
+    assert err["img0"] == ""
+    assert sorted(res.computed) == ["img0", "img1", "img2"] and sorted(res.failed) == ["broken", "missing"]
+    work = tmp_path / "lib.nc.parts"  # the default work dir
+    assert sorted(_parts(work)) == ["img0.nc", "img1.nc", "img2.nc"]
+    assert (work / "broken.failed.json").exists()
+    library.validate(tree)
+    # each image's result is the pipeline's result on that image
+    one = library.image(tree, "img1")
+    np.testing.assert_array_equal(one["image"].values, np.load(good[1]).astype(np.float32))
+    counts = library.atoms(tree)["atom_count"].values
+    if "find" in STEPS:
+        assert (counts[:3] > 20).all() and (counts[3:] == 0).all()
+        assert "cluster" in library.atoms(tree) and "cluster_fraction" in tree
+    tree.close()
+
+    # rerun: nothing finished is recomputed (same files, same mtimes); failures are retried
+    before = _parts(work)
+    seen = []
+    res2 = B.run_batch([*good, broken, missing], steps=STEPS, client=client, output=out, progress=False, on_result=seen.append)
+    assert sorted(res2.skipped) == ["img0", "img1", "img2"] and res2.computed == []
+    assert sorted(r["id"] for r in seen) == ["broken", "missing"]
+    assert _parts(work) == before
+    xr.testing.assert_identical(res2.library, atomds.open_library(out))
+    res2.library.close()
+
+    # a new image: only it runs; changed parameters: everything reruns
+    extra = _write_images(tmp_path, 1, seed0=7)
+    res3 = B.run_batch([*good, *extra], steps=STEPS, client=client, output=out, progress=False)
+    assert res3.computed == ["img7"] and sorted(res3.skipped) == ["img0", "img1", "img2"]
+    assert {k: v for k, v in _parts(work).items() if k != "img7.nc"} == before
+    res3.library.close()
+    res4 = B.run_batch(good[:1], steps=STEPS, client=client, output=out, progress=False, k=4)
+    assert res4.computed == ["img0"]
+    res4.library.close()
+
+
+def test_same_results_on_separate_scheduler_and_workers(inputs, client, external, tmp_path):
+    good, broken = inputs
+    paths = [*good, broken]
+    local = B.batch(paths, steps=STEPS, client=client, output=tmp_path / "a.nc", progress=False)
+    remote = B.batch(paths, steps=STEPS, scheduler=external, output=tmp_path / "b.nc", progress=False)
+    xr.testing.assert_identical(local, remote)
+    assert list(remote["status"].values) == ["ok", "ok", "ok", "failed"]
+    local.close()
+    remote.close()
+
+
+def test_killed_batch_resumes_without_recomputing(external, tmp_path):
+    paths = _write_images(tmp_path, 3, seed0=20) + _write_images(tmp_path, 2, seed0=30, size=160)
+    out = tmp_path / "lib.nc"
+    work = tmp_path / "lib.nc.parts"
+    cmd = [sys.executable, "-m", "atomds.cli", "batch", *map(str, paths), "-o", str(out), "--scheduler", external,
+           "--no-progress", "--steps", ",".join(STEPS)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(work.glob("*.nc")):
+            assert time.monotonic() < deadline, "no image finished within 60 s"
+            assert proc.poll() is None, "the batch ended before it could be interrupted"
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    done_at_kill = _parts(work)
+    assert done_at_kill and not out.exists()
+    res = B.run_batch(paths, steps=STEPS, scheduler=external, output=out, progress=False)
+    # finished images were not recomputed (tasks still running at the kill may have finished since)
+    assert not set(res.computed) & {Path(n).stem for n in done_at_kill}
+    assert {n: m for n, m in _parts(work).items() if n in done_at_kill} == done_at_kill
+    assert set(res.computed) | set(res.skipped) == {p.stem for p in paths}
+    assert list(res.library["status"].values) == ["ok"] * 5
+    res.library.close()
+
+
+def test_cli_batch_exits_0_with_failures(inputs, tmp_path, capsys):
+    from atomds.cli import main
+
+    good, broken = inputs
+    csv = tmp_path / "props.csv"
+    csv.write_text("id,temperature\nimg0,300\nimg1,350\n", encoding="utf-8")
+    out = tmp_path / "cli.nc"
+    # the default cluster: a LocalCluster of worker processes (images only read and written here, to keep it quick)
+    rc = main(["batch", str(good[0]), str(good[1]), str(broken), "-o", str(out), "--workers", "1", "--no-progress",
+               "--properties", str(csv), "--steps", "align", "--work-dir", str(tmp_path / "w")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "3 images" in text and "1 failed" in text and "failed broken" in text
+    tree = atomds.open_library(out)
+    np.testing.assert_allclose(tree["temperature"].values, [300, 350, np.nan])
+    assert sorted(p.name for p in (tmp_path / "w").glob("*.nc")) == ["img0.nc", "img1.nc"]
+
+
+# ------------------------------------------------------------------------------- contracts
+
+
+def test_tasks_ship_paths_and_parameters_only(inputs, tmp_path, monkeypatch):
+    good, _ = inputs
+    sent = []
+
+    def capture(client, tasks, progress, on_result):
+        sent.extend(tasks)
+        for t in tasks:
+            on_result(B.process_image(t))
+
+    monkeypatch.setattr(B, "_submit_all", capture)
+    # atomds.batch is callable whether it resolves to the function or (once imported) the module
+    tree = atomds.batch(good, steps=("align",), client=object(), work_dir=tmp_path / "w", progress=False)
+    assert len(sent) == 3
+    for t in sent:
+        assert set(t) == {"path", "id", "part", "failed", "steps", "params", "fingerprint"}
+        assert len(pickle.dumps(t)) < 2000
+        json.dumps(t)  # plain values only
+    assert list(tree["status"].values) == ["ok"] * 3
+
+
+def test_process_image_never_raises(tmp_path):
+    task = {"path": str(tmp_path / "nope.tif"), "id": "nope", "part": str(tmp_path / "nope.nc"),
+            "failed": str(tmp_path / "nope.failed.json"), "steps": ["align"], "params": {}, "fingerprint": "x"}
+    rec = B.process_image(task)
+    assert rec["status"] == "failed" and "nope.tif" in rec["error"] and rec["peak_rss_mb"] > 0
+    assert json.loads((tmp_path / "nope.failed.json").read_text())["error"] == rec["error"]
+
+
+def test_bad_arguments(inputs, tmp_path):
+    good, _ = inputs
+    with pytest.raises(InvalidParameterError, match="unknown steps"):
+        B.batch(good, steps=("find", "dance"), work_dir=tmp_path)
+    with pytest.raises(InvalidParameterError, match=r"\.nc"):
+        B.batch(good, output=tmp_path / "lib.zarr")
+    with pytest.raises(InvalidParameterError, match="output= .* work_dir="):
+        B.batch(good)
+    with pytest.raises(InvalidParameterError, match="no input"):
+        B.batch([], work_dir=tmp_path)
