@@ -77,12 +77,38 @@ def _params(ds: xr.Dataset, step: str) -> dict:
     return out if isinstance(out, dict) else {}
 
 
+_FIGURE_CLASS = None
+
+
+def _new_figure(**kwargs):
+    """A new :class:`matplotlib.figure.Figure` (not registered with pyplot) that Jupyter shows as a PNG.
+
+    IPython shows plain Figure objects as PNG only once pyplot's inline backend has been loaded;
+    these figures carry their own ``_repr_png_`` so that a figure returned by a cell is always
+    drawn.
+    """
+    global _FIGURE_CLASS
+    if _FIGURE_CLASS is None:
+        import io
+
+        from matplotlib.figure import Figure
+
+        class AtomdsFigure(Figure):
+            """A matplotlib Figure that renders itself as PNG in Jupyter."""
+
+            def _repr_png_(self):
+                buf = io.BytesIO()
+                self.savefig(buf, format="png", bbox_inches="tight", facecolor="white")
+                return buf.getvalue()
+
+        _FIGURE_CLASS = AtomdsFigure
+    return _FIGURE_CLASS(**kwargs)
+
+
 def _figure(ax, *, figsize: tuple[float, float]):
     """Return ``(fig, ax)``: a new constrained-layout figure with one axes, or ``ax``'s figure."""
     if ax is None:
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=figsize, layout="constrained")
+        fig = _new_figure(figsize=figsize, layout="constrained")
         return fig, fig.add_subplot()
     return _root_figure(ax), ax
 
@@ -184,8 +210,11 @@ def _marker_size(ds: xr.Dataset, ax, n_atoms: int, fraction: float = 0.4) -> flo
     return float(np.clip(d * d, 0.5, 80.0))
 
 
-def _per_atom(ds: xr.Dataset, color, component: int) -> tuple[np.ndarray, str, str]:
-    """Values of a per-atom variable (a name or a DataArray), a 2-D one at ``component``."""
+def _per_atom(ds: xr.Dataset, color, component: int) -> tuple[np.ndarray, str, str, str]:
+    """Values of a per-atom variable (a name or a DataArray), a 2-D one at ``component``.
+
+    Returns the values, a descriptive name (``long_name``), the units and a short name.
+    """
     if isinstance(color, str):
         if color not in ds.variables:
             raise MissingVariableError(
@@ -211,7 +240,8 @@ def _per_atom(ds: xr.Dataset, color, component: int) -> tuple[np.ndarray, str, s
         raise DimensionError(f"cannot colour atoms by {da.name!r} with dims {da.dims}: select one value per atom.")
     units = da.attrs.get("units", "")
     name = str(da.attrs.get("long_name", da.name or "value")) + label_suffix
-    return np.asarray(da.values), name, str(units)
+    short = str(da.name or "value") + label_suffix
+    return np.asarray(da.values), name, str(units), short
 
 
 def _is_categorical(values: np.ndarray) -> bool:
@@ -314,23 +344,23 @@ def atoms(
     matplotlib.figure.Figure
     """
     x, y = _atom_xy(ds)
-    fig, ax = _figure(ax, figsize=_image_figsize(ds, extra=1.2 if color is not None else 0.0))
+    own = ax is None
+    fig, ax = _figure(ax, figsize=_image_figsize(ds, extra=1.6 if color is not None else 0.0))
+    ext = _extent(ds)
     if image:
         _show_image(ds, ax)
     else:
-        ax.set_xlim(_extent(ds)[:2])
-        ax.set_ylim(_extent(ds)[2:])
         ax.set_aspect("equal")
         _label_lengths(ds, ax)
-    s = size if size is not None else _marker_size(ds, ax, x.size)
+    s = size if size is not None else _marker_size(ds, ax, x.size, fraction=0.3)
+    short = "atoms"
     if color is None:
-        ax.scatter(x, y, s=s, c="#ff7f0e", linewidths=0, label="atoms")
-        name = "atoms"
+        ax.scatter(x, y, s=s, c="#ff7f0e", linewidths=0, alpha=0.9, label="atoms")
     else:
-        values, name, units = _per_atom(ds, color, component)
+        values, name, units, short = _per_atom(ds, color, component)
         if _is_categorical(values):
             cats = np.unique(values)
-            key = color if isinstance(color, str) else str(name)
+            key = color if isinstance(color, str) else short
             for i, cat in enumerate(cats):
                 sel = values == cat
                 if values.dtype.kind == "b":
@@ -340,10 +370,11 @@ def atoms(
                 else:
                     col = _category_colors(len(cats))[i]
                 ax.scatter(
-                    x[sel], y[sel], s=s, color=col, linewidths=0, label=f"{_category_label(key, cat)} ({int(sel.sum())})"
+                    x[sel], y[sel], s=s, color=col, linewidths=0, alpha=0.9,
+                    label=f"{_category_label(key, cat)} ({int(sel.sum())})",
                 )
             if legend:
-                ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", markerscale=max(1.0, 4.0 / np.sqrt(s)), frameon=False)
+                _legend(fig, ax, own, markerscale=max(1.0, 5.0 / np.sqrt(s)))
         else:
             v = values.astype(float)
             signed = np.nanmin(v) < 0 < np.nanmax(v) if np.isfinite(v).any() else False
@@ -358,8 +389,23 @@ def atoms(
             if legend:
                 cb = fig.colorbar(sc, ax=ax, shrink=0.8)
                 cb.set_label(f"{name} ({units})" if units else name)
-    ax.set_title(title if title is not None else f"{x.size} atoms" + ("" if color is None else f", coloured by {name}"))
+    ax.set_xlim(ext[:2])
+    ax.set_ylim(ext[2:])
+    ax.set_title(title if title is not None else f"{x.size} atoms" + ("" if color is None else f" by {short}"))
     return fig
+
+
+def _legend(fig, ax, own: bool, *, handles=None, **kwargs):
+    """A legend beside the axes: outside the axes in a figure made here, inside a given axes."""
+    kw = dict(fontsize="small", frameon=False, **kwargs)
+    if handles is not None:
+        kw["handles"] = handles
+    if own:
+        if handles is None:
+            h, labels = ax.get_legend_handles_labels()
+            kw.update(handles=h, labels=labels)
+        return fig.legend(loc="outside right upper", **kw)
+    return ax.legend(loc="best", **{**kw, "frameon": True})
 
 
 def correlation(ds: xr.Dataset, *, ax=None, cmap: str = "magma", show_threshold: bool = True, show_seeds: bool = True):
@@ -367,7 +413,7 @@ def correlation(ds: xr.Dataset, *, ax=None, cmap: str = "magma", show_threshold:
 
     Uses the ``correlation(y, x)`` variable when present, else computes it with
     ``ds.lcx.correlation_map()``. The threshold line is the one recorded in the
-    ``find_atoms_params`` attribute.
+    ``find_atoms_params`` attribute; the green dots are the seeds (blob centroids).
 
     Returns
     -------
@@ -392,17 +438,17 @@ def correlation(ds: xr.Dataset, *, ax=None, cmap: str = "magma", show_threshold:
     im = ax.imshow(img, cmap=cmap, extent=_extent(ds), origin="upper", vmin=vmin, vmax=vmax, interpolation="antialiased")
     _label_lengths(ds, ax)
     cb = fig.colorbar(im, ax=ax, shrink=0.8)
-    cb.set_label(f"{corr.attrs.get('long_name', 'normalised cross-correlation')} ({corr.attrs.get('units', '1')})")
+    cb.set_label(f"normalised cross-correlation ({corr.attrs.get('units', '1')})")
     title = "template correlation"
     threshold = _params(ds, "find_atoms").get("threshold")
     if show_threshold and isinstance(threshold, (int, float)) and np.isfinite(threshold) and vmin < threshold < vmax:
         xc = np.asarray(ds["x"].values, float)
         yc = np.asarray(ds["y"].values, float)
-        ax.contour(xc, yc, img, levels=[float(threshold)], colors="cyan", linewidths=0.6)
+        ax.contour(xc, yc, img, levels=[float(threshold)], colors="cyan", linewidths=0.8)
         cb.ax.axhline(float(threshold), color="cyan", lw=1.5)
         title += f" (threshold {threshold:.3g}, cyan)"
     if show_seeds and "seed_x" in ds.variables:
-        ax.plot(ds["seed_x"].values, ds["seed_y"].values, "+", color="white", ms=3, mew=0.5)
+        ax.plot(ds["seed_x"].values, ds["seed_y"].values, ".", color="#00ff66", ms=1.5, mew=0)
     ax.set_title(title)
     return fig
 
@@ -410,8 +456,14 @@ def correlation(ds: xr.Dataset, *, ax=None, cmap: str = "magma", show_threshold:
 def blob_sizes(ds: xr.Dataset, *, ax=None, bins: int | Sequence[float] | str = "auto"):
     """Histogram of the areas of the correlation blobs kept as atoms, with the size bounds used.
 
-    The bounds come from the ``find_atoms_params`` attribute (``min_area``/``max_area`` or an
-    ``area_bounds`` pair); they are drawn when recorded.
+    The bounds come from the ``find_atoms_params`` attribute (``min_area_px``/``max_area_px``,
+    or ``min_area``/``max_area`` in the units of ``atom_area``); they are drawn when recorded.
+    The area axis is logarithmic.
+
+    Parameters
+    ----------
+    bins : "auto", int or sequence of float
+        Histogram bins: 40 log-spaced bins spanning the areas and the bounds by default.
 
     Returns
     -------
@@ -424,14 +476,16 @@ def blob_sizes(ds: xr.Dataset, *, ax=None, bins: int | Sequence[float] | str = "
     values = values[np.isfinite(values)]
     fig, ax = _figure(ax, figsize=(6.0, 3.6))
     params = _params(ds, "find_atoms")
-    lo, hi = _area_bounds(params)
-    data = [values]
-    if lo is not None or hi is not None:
-        rng = [min([values.min()] + [b for b in (lo, hi) if b is not None]), max([values.max()] + [b for b in (lo, hi) if b is not None])]
-    else:
-        rng = None
-    if values.size:
-        ax.hist(data, bins=bins, range=rng, color="#1f77b4", label=f"kept blobs ({values.size})")
+    px_area = 1.0 if units.startswith("px") else _pixel_size(ds) ** 2
+    lo, hi = _area_bounds(params, to_units=px_area)
+    bounds = [b for b in (lo, hi) if b is not None and b > 0]
+    positive = values[values > 0]
+    if positive.size:
+        # log-spaced bins (the automatic bounds come from the spread of the log areas)
+        a, b = min([positive.min(), *bounds]), max([positive.max(), *bounds])
+        edges = np.geomspace(a / 1.1, b * 1.1, 41) if isinstance(bins, str) else bins
+        ax.hist(positive, bins=edges, color="#1f77b4", label=f"kept blobs ({values.size})")
+        ax.set_xscale("log")
     for bound, label in ((lo, "min_area"), (hi, "max_area")):
         if bound is not None:
             ax.axvline(bound, color="#d62728", ls="--", lw=1.2, label=f"{label} = {bound:.3g}")
@@ -442,12 +496,22 @@ def blob_sizes(ds: xr.Dataset, *, ax=None, bins: int | Sequence[float] | str = "
     return fig
 
 
-def _area_bounds(params: dict) -> tuple[float | None, float | None]:
-    def num(v):
-        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) else None
+def _area_bounds(params: dict, *, to_units: float) -> tuple[float | None, float | None]:
+    """Blob-area bounds recorded by find_atoms, in the units of ``atom_area``.
 
-    lo = num(params.get("min_area_used", params.get("min_area")))
-    hi = num(params.get("max_area_used", params.get("max_area")))
+    ``min_area``/``max_area`` are taken as given in those units; ``min_area_px``/``max_area_px``
+    (pixel counts) are multiplied by ``to_units`` (the pixel area); an ``area_bounds`` pair is
+    read as a fallback. Anything unreadable is ignored.
+    """
+
+    def num(v):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+        return float(v) if ok else None
+
+    lo, hi = num(params.get("min_area")), num(params.get("max_area"))
+    lo_px, hi_px = num(params.get("min_area_px")), num(params.get("max_area_px"))
+    lo = lo if lo is not None else (lo_px * to_units if lo_px is not None else None)
+    hi = hi if hi is not None else (hi_px * to_units if hi_px is not None else None)
     pair = params.get("area_bounds")
     if isinstance(pair, (list, tuple)) and len(pair) == 2:
         lo = lo if lo is not None else num(pair[0])
@@ -531,11 +595,9 @@ def neighbor_histogram(
 def _panel_axes(ax, n: int, *, ncols: int, size: tuple[float, float]):
     """``n`` axes: new ones on a grid, or the ones given."""
     if ax is None:
-        from matplotlib.figure import Figure
-
         ncols = max(1, min(int(ncols), n))
         nrows = int(np.ceil(n / ncols))
-        fig = Figure(figsize=(size[0] * ncols, size[1] * nrows + 0.3), layout="constrained")
+        fig = _new_figure(figsize=(size[0] * ncols, size[1] * nrows + 0.3), layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
         for extra in axes[n:]:
             extra.set_visible(False)
@@ -660,7 +722,8 @@ def cluster_map(ds: xr.Dataset, *, ax=None, by: str = "cluster", alpha: float = 
     grid = np.asarray(ds.lcx.to_grid(by).transpose("y", "x").values, float)
     lab = np.asarray(ds[by].values).astype(np.int64)
     n_labels = int(lab.max(initial=-1)) + 1
-    fig, ax = _figure(ax, figsize=_image_figsize(ds, extra=1.4))
+    own = ax is None
+    fig, ax = _figure(ax, figsize=_image_figsize(ds, extra=1.8))
     if image:
         _show_image(ds, ax)
     ax.imshow(_label_overlay(grid, n_labels, alpha if image else 1.0), extent=_extent(ds), origin="upper",
@@ -671,7 +734,7 @@ def cluster_map(ds: xr.Dataset, *, ax=None, by: str = "cluster", alpha: float = 
     handles = [Patch(color=_label_color(i, n_labels), label=f"{by} {i} ({int((lab == i).sum())})") for i in range(n_labels)]
     if (lab < 0).any():
         handles.append(Patch(facecolor="none", edgecolor="0.5", label=f"no {by} ({int((lab < 0).sum())}, edge)"))
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    _legend(fig, ax, own, handles=handles)
     ax.set_title(f"{n_labels} {by}s (each pixel: its nearest atom's {by})", fontsize="medium")
     return fig
 
@@ -713,9 +776,7 @@ def cluster_panel(
     spacing = _typical_spacing(ds, x.size)
     fmax = 1.6 / spacing
     if ax is None:
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(10.5, 3.2 * len(ids) + 0.3), layout="constrained")
+        fig = _new_figure(figsize=(10.5, 3.2 * len(ids) + 0.3), layout="constrained")
         axes = fig.subplots(len(ids), 3, squeeze=False)
     else:
         axes = np.asarray(ax, dtype=object).reshape(len(ids), 3)
@@ -726,9 +787,9 @@ def cluster_panel(
         a_real, a_fft, a_hist = axes[row]
         col = _label_color(c, n_labels)
         sel = lab == c
-        _show_image(ds, a_real, alpha=0.35)
+        _show_image(ds, a_real, alpha=0.25)
         if s is None:
-            s = _marker_size(ds, a_real, x.size, fraction=0.3)
+            s = _marker_size(ds, a_real, x.size, fraction=0.6)
         a_real.scatter(x[sel], y[sel], s=s, color=col, linewidths=0)
         a_real.set_xlim(ext[:2])
         a_real.set_ylim(ext[2:])
@@ -771,10 +832,26 @@ def _explained_percent(ds: xr.Dataset) -> tuple[np.ndarray, str]:
     return 100.0 * var / max(float(np.nansum(var)), 1e-300), "of the variance of the kept components"
 
 
-def _polar_flags(ds: xr.Dataset) -> np.ndarray | None:
-    if "mode_is_polar" in ds.variables and "component" in ds["mode_is_polar"].dims:
-        return np.asarray(ds["mode_is_polar"].values, bool)
+def _polar_flags(ds: xr.Dataset, method: str = "pca") -> np.ndarray | None:
+    name = "mode_is_polar" if method == "pca" else f"{method}_is_polar"
+    if name in ds.variables and ds[name].ndim == 1:
+        return np.asarray(ds[name].values, bool)
     return None
+
+
+def _polarity_values(ds: xr.Dataset, method: str = "pca") -> np.ndarray | None:
+    name = "mode_polarity" if method == "pca" else f"{method}_polarity"
+    if name in ds.variables and ds[name].ndim == 1:
+        return np.asarray(ds[name].values, float)
+    return None
+
+
+def _mode_dim(da: xr.DataArray) -> str:
+    """The component dimension of a mode variable (``component`` for PCA, ``ica_component`` for ICA)."""
+    others = [d for d in da.dims if d not in ("feature", "atom")]
+    if len(others) != 1:
+        raise DimensionError(f"{da.name!r} should have one component dimension besides feature/atom, got {da.dims}.")
+    return others[0]
 
 
 def scree(ds: xr.Dataset, *, ax=None, n: int | None = None, log: bool = False):
@@ -876,8 +953,9 @@ def modes(
         raise InvalidParameterError(f"method must be 'pca' or 'ica', got {method!r}.")
     comp_name, mean_name = f"{prefix}_components", f"{prefix}_mean"
     _require(ds, [comp_name, mean_name], what="modes", hint=f"ds.lcx.{prefix}()")
-    comps = ds[comp_name].transpose("component", "feature")
-    n_comp = comps.sizes["component"]
+    cdim = _mode_dim(ds[comp_name])
+    comps = ds[comp_name].transpose(cdim, "feature")
+    n_comp = comps.sizes[cdim]
     if components is None:
         idx = list(range(min(6, n_comp)))
     elif isinstance(components, (int, np.integer)):
@@ -900,15 +978,15 @@ def modes(
     reach = float(np.nanmax(np.hypot(mx, my))) if mx.size else 1.0
     # each mode magnified so that its longest arrow is 30 % of the neighbourhood radius
     magnify = [0.3 * reach / max(float(np.nanmax(np.hypot(sx, sy))), 1e-300) for sx, sy in shifts]
-    polarity = np.asarray(ds["mode_polarity"].values, float) if "mode_polarity" in ds.variables else None
-    is_polar = _polar_flags(ds)
+    # modes without variance (numerical noise) get no arrows
+    negligible = [bool(std[c] <= 1e-6 * max(float(std.max()), 1e-300)) for c in idx]
+    polarity = _polarity_values(ds, prefix)
+    is_polar = _polar_flags(ds, prefix)
 
     if ax is None:
-        from matplotlib.figure import Figure
-
         ncols = max(1, min(int(ncols), len(idx)))
         nrows = int(np.ceil(len(idx) / ncols))
-        fig = Figure(figsize=(3.3 * ncols, 3.5 * nrows), layout="constrained")
+        fig = _new_figure(figsize=(3.3 * ncols, 3.5 * nrows), layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
         for extra in axes[len(idx):]:
             extra.set_visible(False)
@@ -918,7 +996,9 @@ def modes(
             raise InvalidParameterError(f"{len(idx)} components need {len(idx)} axes, got {axes.size}.")
         fig = _root_figure(axes[0])
     u = _units(ds)
-    for a, c, (sx, sy), mag in zip(axes, idx, shifts, magnify):
+    for a, c, (sx, sy), mag, empty in zip(axes, idx, shifts, magnify, negligible):
+        if empty:
+            sx, sy, mag = np.zeros_like(sx), np.zeros_like(sy), 0.0
         a.scatter(mx, my, s=40, color="0.6", zorder=2)
         a.scatter([0], [0], s=60, color="black", zorder=3)
         a.quiver(
@@ -941,7 +1021,8 @@ def modes(
         if polarity is not None:
             kind = f"{kind} (P = {polarity[c]:.2f})".strip()
         share = f", {pct[c]:.1f} %" if pct is not None else ""
-        a.set_title(f"mode {c}{share}, arrows x{mag:.3g}\n{kind}", fontsize="medium")
+        scale = "no variance" if empty else f"arrows x{mag:.3g}"
+        a.set_title(f"mode {c}{share}, {scale}\n{kind}", fontsize="medium")
     fig.suptitle(
         f"{prefix.upper()} modes: shifts of the mean neighbourhood by one standard deviation of the loadings "
         "(magnified); red: equivalent shift of the centre atom", fontsize="small",
@@ -983,10 +1064,11 @@ def loading_map(
     name = f"{prefix}_loadings"
     _require(ds, [name, "atom_x", "atom_y"], what="loading-map", hint=f"ds.lcx.{prefix}()")
     load = ds[name]
-    n = load.sizes["component"]
+    cdim = _mode_dim(load)
+    n = load.sizes[cdim]
     if not 0 <= component < n:
         raise InvalidParameterError(f"component={component} is out of range: there are {n} components.")
-    grid = _grid(ds, load.isel(component=component))
+    grid = _grid(ds, load.isel({cdim: component}))
     values = np.asarray(grid.values, float)
     fig, ax = _figure(ax, figsize=_image_figsize(ds, extra=1.2))
     if image:
@@ -1000,8 +1082,8 @@ def loading_map(
     cb = fig.colorbar(im, ax=ax, shrink=0.8)
     cb.set_label(f"loading of mode {component} ({load.attrs.get('units', _units(ds))})")
     kind = ""
-    flags = _polar_flags(ds)
-    if flags is not None and prefix == "pca":
+    flags = _polar_flags(ds, prefix)
+    if flags is not None:
         kind = " (polar)" if flags[component] else " (non-polar)"
     ax.set_title(f"{prefix.upper()} mode {component}{kind}: loading map")
     return fig
@@ -1013,7 +1095,7 @@ def loading_map(
 
 _HOVER_VARS = (
     "amplitude", "sigma", "sigma_major", "sigma_minor", "theta", "background", "x_err", "y_err",
-    "fit_ok", "atom_score", "atom_area", "sublattice", "cluster", "is_edge",
+    "fit_ok", "atom_score", "atom_area", "sublattice", "cluster", "region", "is_edge",
 )
 _MAX_IMAGE_PIXELS = 1024
 
@@ -1054,9 +1136,10 @@ def _atom_table(ds: xr.Dataset, *, n_loadings: int = 3):
     for prefix in ("pca", "ica"):
         name = f"{prefix}_loadings"
         if name in ds.variables:
-            load = ds[name].transpose("atom", "component")
-            for c in range(min(n_loadings, load.sizes["component"])):
-                cols[f"{prefix}_loading_{c}"] = np.asarray(load.isel(component=c).values, float)
+            cdim = _mode_dim(ds[name])
+            load = ds[name].transpose("atom", cdim)
+            for c in range(min(n_loadings, load.sizes[cdim])):
+                cols[f"{prefix}_loading_{c}"] = np.asarray(load.isel({cdim: c}).values, float)
     return pd.DataFrame(cols)
 
 
@@ -1074,7 +1157,7 @@ def _vdims(table, hv, ds: xr.Dataset) -> list:
 
 
 def _default_color(table) -> str | None:
-    for name in ("cluster", "sublattice", "pca_loading_0"):
+    for name in ("region", "cluster", "sublattice", "pca_loading_0"):
         if name in table.columns:
             return name
     return None
@@ -1142,12 +1225,14 @@ def linked_loading_view(ds: xr.Dataset, *, component: int = 0, method: str = "pc
     if prefix is None:
         raise InvalidParameterError(f"method must be 'pca' or 'ica', got {method!r}.")
     _require(ds, f"{prefix}_loadings", what="linked loading", hint=f"ds.lcx.{prefix}()")
-    n = ds[f"{prefix}_loadings"].sizes["component"]
+    load = ds[f"{prefix}_loadings"]
+    cdim = _mode_dim(load)
+    n = load.sizes[cdim]
     if not 0 <= component < n:
         raise InvalidParameterError(f"component={component} is out of range: there are {n} components.")
     table = _atom_table(ds, n_loadings=0)
     col = f"{prefix}_loading_{component}"
-    table[col] = np.asarray(ds[f"{prefix}_loadings"].transpose("atom", "component").isel(component=component).values, float)
+    table[col] = np.asarray(load.transpose("atom", cdim).isel({cdim: component}).values, float)
     table = table[np.isfinite(table[col])].reset_index(drop=True)
     u = _units(ds)
     kdims = [hv.Dimension("atom_x", label="x", unit=u), hv.Dimension("atom_y", label="y", unit=u)]

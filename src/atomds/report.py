@@ -70,7 +70,7 @@ def _figure_specs(ds: xr.Dataset, *, max_components: int) -> list[tuple[str, str
                       lambda: plot.atoms(ds, color=color)))
     if has("correlation") or "find_atoms_params" in ds.attrs:
         specs.append(("Atoms", "Template correlation", "Normalised cross-correlation of the template with the image; "
-                      "the cyan contour is the threshold, the crosses the blob centroids (seeds).",
+                      "the cyan contour is the threshold, the green dots the blob centroids (seeds).",
                       lambda: plot.correlation(ds)))
     if has("atom_area"):
         specs.append(("Atoms", "Blob sizes", "Areas of the thresholded correlation blobs kept as atoms, "
@@ -90,6 +90,11 @@ def _figure_specs(ds: xr.Dataset, *, max_components: int) -> list[tuple[str, str
         specs.append(("Clusters", "Per-cluster view", "For each cluster: where its atoms are, the FFT of their "
                       "positions (sharp spots: a periodic sublattice; diffuse: a disordered region) and its "
                       "neighbour-vector histogram.", lambda: plot.cluster_panel(ds)))
+    if has("region"):
+        specs.append(("Clusters", "Region map", "Regions (phases) formed from the clusters: sites of one phase "
+                      "joined, borders smoothed, edge atoms filled in.", lambda: plot.cluster_map(ds, by="region")))
+        specs.append(("Clusters", "Per-region view", "For each region: its atoms, the FFT of their positions and "
+                      "its neighbour-vector histogram.", lambda: plot.cluster_panel(ds, by="region")))
     if has("pca_explained_variance"):
         specs.append(("Distortion modes", "Scree", "Variance explained by each PCA mode; polar modes in red.",
                       lambda: plot.scree(ds)))
@@ -101,7 +106,7 @@ def _figure_specs(ds: xr.Dataset, *, max_components: int) -> list[tuple[str, str
         shown = list(range(min(max_components, n)))
         if "mode_is_polar" in ds.variables and "component" in ds["mode_is_polar"].dims:
             shown += [int(c) for c in np.flatnonzero(np.asarray(ds["mode_is_polar"].values, bool)) if c not in shown]
-        for c in shown[: max(max_components, 1) + 2]:
+        for c in shown[: max_components + 3]:  # at most 3 polar modes beyond the first ones
             specs.append(("Distortion modes", f"Loading map, mode {c}", f"Loading of mode {c} at each atom "
                           "(Voronoi cells) over the image.", lambda c=c: plot.loading_map(ds, component=c)))
     return specs
@@ -124,7 +129,7 @@ def report_figures(ds: xr.Dataset, folder: str | os.PathLike, *, dpi: int = 100,
         except AtomdsError as exc:
             rec["skipped"] = str(exc)
         else:
-            fig.savefig(folder / name, dpi=dpi, facecolor="white")
+            fig.savefig(folder / name, dpi=dpi, facecolor="white", bbox_inches="tight", pad_inches=0.08)
             del fig
             rec["file"] = name
         records.append(rec)
@@ -175,25 +180,46 @@ def _summary_rows(ds: xr.Dataset, source: str | None) -> list[tuple[str, str]]:
     return rows
 
 
+def _short(value: Any) -> Any:
+    """Floats rounded to 6 significant digits for display (nested lists and dicts too)."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, list):
+        return [_short(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _short(v) for k, v in value.items()}
+    return value
+
+
+_STEP_TITLES = {"sample": "sample (parameters of the synthetic image's generator)"}
+
+
 def _params_html(ds: xr.Dataset) -> str:
     steps = _step_params(ds)
     if not steps:
         return "<p>No step parameters are recorded in this Dataset.</p>"
+    # analysis steps first, in the order they ran; the generator of a synthetic sample last
+    steps = [s for s in steps if s[0] not in _STEP_TITLES] + [s for s in steps if s[0] in _STEP_TITLES]
     parts = []
     for step, params in steps:
+        title = _STEP_TITLES.get(step, step)
         if isinstance(params, dict):
             body = "".join(
-                f"<tr><th>{_esc(k)}</th><td><code>{_esc(json.dumps(v) if not isinstance(v, str) else v)}</code></td></tr>"
+                f"<tr><th>{_esc(k)}</th><td><code>"
+                f"{_esc(v if isinstance(v, str) else json.dumps(_short(v), ensure_ascii=False))}</code></td></tr>"
                 for k, v in params.items()
             )
-            parts.append(f"<h3>{_esc(step)}</h3><table class='params'>{body}</table>")
+            parts.append(f"<h3 id='params-{_esc(step)}'>{_esc(title)}</h3><table class='params'>{body}</table>")
         else:
-            parts.append(f"<h3>{_esc(step)}</h3><pre>{_esc(params)}</pre>")
+            parts.append(f"<h3 id='params-{_esc(step)}'>{_esc(title)}</h3><pre>{_esc(params)}</pre>")
     return "\n".join(parts)
 
 
+#: Figures shown across the whole page width (the others two by two).
+_WIDE = {"Per-cluster view", "Per-region view", "Modes"}
+
 _CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 auto; max-width: 1200px;
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 auto; max-width: 1400px;
        padding: 1.5em; color: #222; background: #fff; line-height: 1.45; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
 .sub { color: #666; margin-top: 0; }
@@ -201,9 +227,12 @@ table { border-collapse: collapse; margin: 0.6em 0; }
 th, td { text-align: left; padding: 0.25em 0.8em; border-bottom: 1px solid #eee; vertical-align: top; }
 th { font-weight: 600; white-space: nowrap; }
 table.params td code { white-space: pre-wrap; word-break: break-all; }
-figure { margin: 1em 0 2em 0; }
-figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption { color: #444; font-size: 0.95em; max-width: 60em; }
+.figures { display: flex; flex-wrap: wrap; gap: 1.2em 2em; align-items: flex-start; }
+figure { margin: 0.6em 0 1em 0; max-width: calc(50% - 1em); display: table; }
+figure.wide { max-width: 100%; }
+figure img { display: block; max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { display: table-caption; caption-side: bottom; color: #444; font-size: 0.92em; padding-top: 0.3em; }
+table.params { min-width: 36em; }
 .skipped { color: #a33; }
 nav a { margin-right: 1em; }
 """
@@ -215,8 +244,9 @@ def _render_html(ds: xr.Dataset, records: list[dict], *, source: str | None, tit
     sections: dict[str, list[str]] = {}
     for rec in records:
         if "file" in rec:
+            cls = " class='wide'" if rec["title"] in _WIDE else ""
             body = (
-                f"<figure><img src=\"{_esc(rec['file'])}\" alt=\"{_esc(rec['title'])}\">"
+                f"<figure{cls}><img src=\"{_esc(rec['file'])}\" alt=\"{_esc(rec['title'])}\">"
                 f"<figcaption><b>{_esc(rec['title'])}.</b> {_esc(rec['caption'])}</figcaption></figure>"
             )
         else:
@@ -224,7 +254,10 @@ def _render_html(ds: xr.Dataset, records: list[dict], *, source: str | None, tit
         sections.setdefault(rec["section"], []).append(body)
     anchors = {name: re.sub(r"[^a-z0-9]+", "-", name.lower()) for name in sections}
     nav = "".join(f"<a href='#{anchors[s]}'>{_esc(s)}</a>" for s in sections) + "<a href='#parameters'>Parameters</a>"
-    body = "\n".join(f"<h2 id='{anchors[s]}'>{_esc(s)}</h2>\n" + "\n".join(items) for s, items in sections.items())
+    body = "\n".join(
+        f"<h2 id='{anchors[s]}'>{_esc(s)}</h2>\n<div class='figures'>\n" + "\n".join(items) + "\n</div>"
+        for s, items in sections.items()
+    )
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
