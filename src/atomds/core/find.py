@@ -679,7 +679,8 @@ def _area_bounds(area: np.ndarray, min_area, max_area) -> tuple[int, int]:
 
 
 def classify_columns(features, *, fit_mask=None, max_classes: int = 3, min_separation: float = 2.5,
-                     max_valley: float = 0.5, max_fit: int = 2000, seed: int = 0) -> np.ndarray:
+                     max_valley: float = 0.5, min_fraction: float = 0.1, max_fit: int = 2000,
+                     seed: int = 0) -> np.ndarray:
     """Labels 0..k-1 of the distinct classes of columns in ``features`` (n, m); one class unless clearly separated.
 
     Gaussian mixtures with 1..``max_classes`` components are fitted to the rows selected by
@@ -688,7 +689,8 @@ def classify_columns(features, *, fit_mask=None, max_classes: int = 3, min_separ
     every pair of components must be separated by at least ``min_separation`` (Ashman's D along
     the line joining their means) and the density of the pair along that line must dip between
     them to at most ``max_valley`` times the lower of its two peaks (a uniform spread, such as an
-    intensity gradient, has no dip); each component must hold at least 2 % of the points. Every
+    intensity gradient, has no dip); each component must hold at least ``min_fraction`` of the
+    points (a handful of odd columns, e.g. at the edge of a hole, is not a sublattice). Every
     row is then labelled by the chosen mixture. Labels are ordered by decreasing mean of the
     first feature (label 0 = brightest).
     """
@@ -708,7 +710,7 @@ def classify_columns(features, *, fit_mask=None, max_classes: int = 3, min_separ
             best_bic = bic
             continue
         frac = np.bincount(gm.predict(fs), minlength=k) / fs.shape[0]
-        if frac.min() < 0.02:
+        if frac.min() < min_fraction:
             continue
         ok = all(_distinct(gm, i, j, min_separation, max_valley) for i in range(k) for j in range(i + 1, k))
         if ok and bic < best_bic:
@@ -764,7 +766,7 @@ def _ordered(lab: np.ndarray, centre_first_feature: np.ndarray) -> np.ndarray:
 def find_atoms(image, *, template=None, threshold: float | None = None, min_area: int | None = None,
                max_area: int | None = None, sublattices: str | int | None = "auto", sigma: float | None = None,
                spacing: float | None = None, z_min: float | None = None, min_contrast: float = 0.2,
-               workers: int | None = None) -> FoundAtoms:
+               workers: int | None = None, refine_templates: bool = True) -> FoundAtoms:
     """Find atomic columns by zero-normalised template correlation.
 
     Pipeline (every step vectorised over pixels or blobs):
@@ -790,17 +792,24 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
        - its amplitude is at least ``min_contrast`` of the bright columns around it (the 90th
          percentile of the amplitudes within three spacings, or half the image-wide one if
          larger): weak specks of amorphous material are not columns;
-       - it is not broader than a column: the ratio of its correlation with the template to
-         that with the template blurred by the column width (a shape measure that noise hardly
-         changes) is not below the median of its class (step 7) minus max(0.08, 5 robust standard
-         deviations) (diffuse amorphous blobs fail; blobs within half a template of
-         the border, whose window is partial, are not tested).
-    6. Seeds: correlation-weighted centroids of the blobs (weights ``C - threshold``).
+       - it is not a weak, broad blob: when its amplitude is below 75 % of its class's median
+         (step 7), the ratio of its correlation with the template to that with the template
+         blurred by the column width (a shape measure that noise hardly changes) must not fall
+         below the class's median ratio minus max(0.08, 5 robust standard deviations). Diffuse
+         amorphous blobs fail; strong columns sitting on diffuse material and blobs within half
+         a template of the border (partial windows) are not tested.
+    6. Seeds: correlation-weighted centroids of the blobs (weights ``C - threshold``). A column
+       centred just outside the image whose visible part correlates well enough is reported at
+       the border (its true centre cannot be told from a partial column at the edge).
     7. Sublattice: with several templates, the best-matching template; with one template and
        ``sublattices="auto"``, distinct classes of column intensity (template amplitude relative
        to the local bright columns) by a Gaussian mixture with a separation test (one class unless
        clearly distinct, :func:`classify_columns`); an int forces that many classes (k-means);
        ``None`` gives every atom 0. Label 0 is the brightest class.
+    8. With the automatic template, ``sublattices="auto"`` and several classes found (and
+       ``refine_templates``), the search runs once more with one template per class, each the
+       average of its class's clearest columns: a dim column is then matched by a template
+       with its own surroundings, which finds the dim sublattice at lower doses.
 
     Parameters
     ----------
@@ -819,6 +828,8 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         Smallest amplitude of an atom relative to the bright columns around it (0 disables).
     workers : int, optional
         Threads for the FFTs (default: all).
+    refine_templates : bool
+        Allow the second pass of step 8.
 
     Returns
     -------
@@ -938,7 +949,9 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         sel = np.flatnonzero(which_t == k)
         if sel.size:
             c2, a2 = _match_at(img, py[sel], px[sel], [t, ndi.gaussian_filter(t, s, mode="nearest")])
-            amp[sel], broad[sel] = a2[:, 0], c2[:, 1]
+            # amplitude in intensity units: the slope times the template's own spread, so that
+            # amplitudes measured with different templates compare
+            amp[sel], broad[sel] = a2[:, 0] * float(np.std(t)), c2[:, 1]
     ok = np.ones(cx.size, dtype=bool)
     loc_ref, glob_ref = _local_reference(cx, cy, amp, d)
     if min_contrast > 0:
@@ -974,7 +987,10 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
             continue
         med = float(np.median(ratio[ref_m]))
         spread = 1.4826 * float(np.median(np.abs(ratio[ref_m] - med)))
-        too_broad |= m & interior & (broad > 0) & (ratio < med - max(5.0 * spread, 0.08))
+        # only blobs clearly weaker than their class are tested: a strong column that looks broad
+        # sits on something diffuse (an amorphous film at a hole's rim), it is still a column
+        weak = amp < 0.75 * float(np.median(amp[ref_m]))
+        too_broad |= m & interior & weak & (broad > 0) & (ratio < med - max(5.0 * spread, 0.08))
     counts["too_broad"] = int((ok & too_broad).sum())
     ok &= ~too_broad
     if not np.any(ok):
@@ -1001,8 +1017,56 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         "n_sublattices": int(sub.max()) + 1 if sub.size else 0,
         "rejected": counts,
     }
-    return FoundAtoms(x=cx, y=cy, score=score, area=area, sublattice=sub, zscore=zs, amplitude=amp,
-                      correlation=ncc, templates=templates, params=params)
+    result = FoundAtoms(x=cx, y=cy, score=score, area=area, sublattice=sub, zscore=zs, amplitude=amp,
+                        correlation=ncc, templates=templates, params=params)
+    if mode == "auto" and params["n_sublattices"] > 1 and kinds == ["auto"] and refine_templates:
+        # second pass: one template per class, built from its own columns, so that the dim
+        # sublattice is matched by a template with its own surroundings
+        class_t = _class_templates(img, cx, cy, score, sub, templates[0].shape)
+        if len(class_t) == params["n_sublattices"]:
+            try:
+                second = find_atoms(img, template=class_t, threshold=threshold, min_area=min_area, max_area=max_area,
+                                    sublattices="auto", sigma=s, spacing=d, z_min=z_min, min_contrast=min_contrast,
+                                    workers=workers, refine_templates=False)
+            except NoAtomsFoundError:
+                return result
+            second.params["templates"] = [f"auto (class {k})" for k in range(len(class_t))]
+            second.params["sublattice_mode"] = "auto (one template per class)"
+            second.params["first_pass"] = {k: params[k] for k in ("threshold", "n_sublattices")}
+            second.params["first_pass"]["n_atoms"] = int(cx.size)
+            return second
+    return result
+
+
+def _class_templates(img: np.ndarray, x, y, score, sub, shape, n_max: int = 2000) -> list[np.ndarray]:
+    """Average patch of each class's clearest columns (at most ``n_max``), centred on the seeds.
+
+    Patches are sampled at the sub-pixel seed positions by bilinear interpolation (exact for
+    linear variations, so the average is centred on the columns).
+    """
+    ny, nx = img.shape
+    th, tw = shape
+    hy, hx = th // 2, tw // 2
+    view = np.lib.stride_tricks.sliding_window_view(np.asarray(img, dtype=np.float32), (th + 1, tw + 1))
+    iy = np.floor(y).astype(np.int64)
+    ix = np.floor(x).astype(np.int64)
+    inner = (iy >= hy) & (iy + 1 < ny - hy) & (ix >= hx) & (ix + 1 < nx - hx)
+    out = []
+    for k in range(int(sub.max()) + 1):
+        m = inner & (sub == k)
+        if np.count_nonzero(m) < 5:
+            return []
+        sel = np.flatnonzero(m)
+        sel = sel[score[sel] >= np.median(score[sel])][:n_max]
+        w = view[iy[sel] - hy, ix[sel] - hx].astype(np.float64)  # (n, th + 1, tw + 1)
+        fy = (y[sel] - iy[sel])[:, None, None]
+        fx = (x[sel] - ix[sel])[:, None, None]
+        patch = ((1 - fy) * ((1 - fx) * w[:, :-1, :-1] + fx * w[:, :-1, 1:])
+                 + fy * ((1 - fx) * w[:, 1:, :-1] + fx * w[:, 1:, 1:])).mean(axis=0)
+        if float(np.ptp(patch)) == 0.0:
+            return []
+        out.append(patch)
+    return out
 
 
 def _local_reference(x, y, amp, spacing) -> tuple[np.ndarray, float]:
