@@ -138,17 +138,30 @@ def _interior(x, y, shape, margin):
 
 
 def score(sample, x, y, bounds, margin=MARGIN):
-    """Scores over the columns at least ``margin`` px inside the image (trackpy skips the border)."""
+    """Recall, false positives, RMSE and RMSE/CRB over the columns at least ``margin`` px inside.
+
+    All found positions are matched to all true ones (one-to-one, within a third of the nearest
+    true spacing); recall counts the interior true columns, false positives the interior found
+    positions left unmatched (trackpy drops features at the border, so the border is left out).
+    """
     x, y = np.asarray(x, float), np.asarray(y, float)
-    keep_t = _interior(sample.x, sample.y, sample.shape, margin)
-    keep_f = _interior(x, y, sample.shape, margin - 1.0)
-    txy = np.column_stack([sample.x, sample.y])[keep_t]
-    fxy = np.column_stack([x, y])[keep_f]
-    label = sample.label[keep_t]
-    sc = samples.score_positions(txy, fxy, true_label=label)
-    i_t, i_f = samples.match_positions(txy, fxy, sc["max_distance_px"])
-    sc["crb_ratio_by_label"] = crb_ratios(txy[i_t] - fxy[i_f], bounds[0][keep_t][i_t], bounds[1][keep_t][i_t], label[i_t])
-    return sc
+    txy = np.column_stack([sample.x, sample.y])
+    fxy = np.column_stack([x, y])
+    md = samples.default_max_distance(txy)
+    i_t, i_f = samples.match_positions(txy, fxy, md)
+    in_t = _interior(sample.x, sample.y, sample.shape, margin)
+    in_f = _interior(x, y, sample.shape, margin)
+    matched_f = np.zeros(fxy.shape[0], bool)
+    matched_f[i_f] = True
+    keep = in_t[i_t]
+    i_t, i_f = i_t[keep], i_f[keep]
+    err = txy[i_t] - fxy[i_f]
+    return {
+        "recall": i_t.size / max(int(in_t.sum()), 1),
+        "false_positive_rate": float((in_f & ~matched_f).sum()) / max(int(in_f.sum()), 1),
+        "rmse_px": float(np.sqrt((err**2).sum(axis=1).mean())) if i_t.size else float("nan"),
+        "crb_ratio_by_label": crb_ratios(err, bounds[0][i_t], bounds[1][i_t], sample.label[i_t]),
+    }
 
 
 def crb_ratios(err, bx, by, label):
