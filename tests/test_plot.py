@@ -201,6 +201,16 @@ def test_dendrogram_marks_suggested_k(analysed):
     assert any(f"K = {k}" in t.get_text() for t in legend.get_texts())
 
 
+def test_dendrogram_of_micro_cluster_tree(analysed):
+    """Above max_points the tree is built on micro-clusters: leaves hold several atoms."""
+    ds = analysed.lcx.linkage(max_points=50, n_micro=40)
+    assert ds["linkage_size"].values[-1] > ds.sizes["merge"] + 1
+    fig = P.dendrogram(ds)
+    check_figure(fig)
+    labels = [int(t.get_text()) for t in fig.axes[0].get_xticklabels()]
+    assert sum(labels) == int(ds["linkage_size"].values[-1])  # leaf labels count atoms
+
+
 def test_dendrogram_computes_linkage_when_missing(analysed):
     ds = analysed.drop_vars([v for v in analysed.variables if v.startswith("linkage_")])
     check_figure(P.dendrogram(ds))

@@ -161,11 +161,38 @@ def _contrast(img: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+#: Images larger than this (pixels along a side) are reduced for display (block means, or every
+#: n-th pixel for labels), which keeps figures of 4096-px images fast to draw and small to store.
+_DISPLAY_MAX = 1600
+
+
+def _display(ds: xr.Dataset, arr: np.ndarray, *, labels: bool = False) -> tuple[np.ndarray, list[float]]:
+    """``arr`` (y, x, ...) on the image grid reduced for display, and its imshow extent.
+
+    Block means of n x n pixels (``labels=False``) or the centre pixel of each block (labels,
+    NaN-holding maps, RGBA overlays), with n the smallest integer that brings the longer side to
+    at most ``_DISPLAY_MAX``; n = 1 (the array itself) for images up to that size.
+    """
+    n = max(1, int(np.ceil(max(arr.shape[0], arr.shape[1]) / _DISPLAY_MAX)))
+    if n == 1:
+        return arr, _extent(ds)
+    ny, nx = (arr.shape[0] // n) * n, (arr.shape[1] // n) * n
+    a = arr[:ny, :nx]
+    if labels:
+        a = a[n // 2 :: n, n // 2 :: n]
+    else:
+        a = a.reshape(ny // n, n, nx // n, n, *a.shape[2:]).mean(axis=(1, 3))
+    ps = _pixel_size(ds)
+    x0 = float(ds["x"].values[0]) - ps / 2
+    y0 = float(ds["y"].values[0]) - ps / 2
+    return a, [x0, x0 + nx * ps, y0 + ny * ps, y0]
+
+
 def _show_image(ds: xr.Dataset, ax, *, name: str = "image", cmap: str = "gray", alpha: float = 1.0):
-    img = _image_array(ds, name)
+    img, ext = _display(ds, _image_array(ds, name))
     vmin, vmax = _contrast(img)
     im = ax.imshow(
-        img, cmap=cmap, extent=_extent(ds), origin="upper", vmin=vmin, vmax=vmax, alpha=alpha, interpolation="antialiased"
+        img, cmap=cmap, extent=ext, origin="upper", vmin=vmin, vmax=vmax, alpha=alpha, interpolation="antialiased"
     )
     _label_lengths(ds, ax)
     return im
@@ -431,19 +458,20 @@ def correlation(ds: xr.Dataset, *, ax=None, cmap: str = "magma", show_threshold:
         corr = res["correlation"] if isinstance(res, xr.Dataset) else res
     work = xr.Dataset({"correlation": corr.transpose("y", "x")}, coords={"x": ds["x"], "y": ds["y"]}, attrs=ds.attrs)
     fig, ax = _figure(ax, figsize=_image_figsize(ds, extra=1.2))
-    img = _image_array(work, "correlation")
+    img, ext = _display(ds, _image_array(work, "correlation"))
     finite = img[np.isfinite(img)]
     vmax = float(finite.max()) if finite.size else 1.0
     vmin = float(np.percentile(finite, 1)) if finite.size else 0.0
-    im = ax.imshow(img, cmap=cmap, extent=_extent(ds), origin="upper", vmin=vmin, vmax=vmax, interpolation="antialiased")
+    im = ax.imshow(img, cmap=cmap, extent=ext, origin="upper", vmin=vmin, vmax=vmax, interpolation="antialiased")
     _label_lengths(ds, ax)
     cb = fig.colorbar(im, ax=ax, shrink=0.8)
     cb.set_label(f"normalised cross-correlation ({corr.attrs.get('units', '1')})")
     title = "template correlation"
     threshold = _params(ds, "find_atoms").get("threshold")
     if show_threshold and isinstance(threshold, (int, float)) and np.isfinite(threshold) and vmin < threshold < vmax:
-        xc = np.asarray(ds["x"].values, float)
-        yc = np.asarray(ds["y"].values, float)
+        xc = np.linspace(ext[0], ext[1], img.shape[1] + 1)
+        yc = np.linspace(ext[3], ext[2], img.shape[0] + 1)
+        xc, yc = 0.5 * (xc[:-1] + xc[1:]), 0.5 * (yc[:-1] + yc[1:])
         ax.contour(xc, yc, img, levels=[float(threshold)], colors="cyan", linewidths=0.8)
         cb.ax.axhline(float(threshold), color="cyan", lw=1.5)
         title += f" (threshold {threshold:.3g}, cyan)"
@@ -613,6 +641,23 @@ def _linkage_matrix(ds: xr.Dataset) -> np.ndarray:
     return np.column_stack([np.asarray(ds[n].values, float) for n in names])
 
 
+def _leaf_count_tree(Z: np.ndarray) -> np.ndarray:
+    """The linkage matrix with column 3 = number of leaves under each node.
+
+    atomds's tree over k-means micro-clusters stores the number of *atoms* under each node;
+    SciPy's drawing needs leaf counts. One pass over the merges (not over atoms).
+    """
+    n_leaves = Z.shape[0] + 1
+    counts = np.ones(2 * n_leaves - 1)
+    left = Z[:, 0].astype(np.int64)
+    right = Z[:, 1].astype(np.int64)
+    for i in range(Z.shape[0]):
+        counts[n_leaves + i] = counts[left[i]] + counts[right[i]]
+    out = Z.copy()
+    out[:, 3] = counts[n_leaves:]
+    return out
+
+
 def dendrogram(ds: xr.Dataset, *, ax=None, k: int | None = None, leaves: int | None = None):
     """The hierarchical merge tree of the neighbourhoods, cut at the suggested number of clusters.
 
@@ -638,8 +683,9 @@ def dendrogram(ds: xr.Dataset, *, ax=None, k: int | None = None, leaves: int | N
     if "linkage_height" not in ds.variables:
         _require(ds, "descriptor", what="dendrogram", hint="ds.lcx.neighborhoods()")
         work = ds.lcx.linkage()
-    Z = _linkage_matrix(work)
-    n_leaves = Z.shape[0] + 1
+    Z_atoms = _linkage_matrix(work)  # column 3: atoms under each node
+    n_leaves = Z_atoms.shape[0] + 1
+    Z = _leaf_count_tree(Z_atoms)  # column 3: leaves under each node, as SciPy requires
     suggested = int(work.lcx.suggest_k()) if n_leaves > 3 else 1
     K = suggested if k is None else int(k)
     used = _params(ds, "kmeans").get("K")
@@ -654,7 +700,7 @@ def dendrogram(ds: xr.Dataset, *, ax=None, k: int | None = None, leaves: int | N
     leaf_atoms = np.bincount(leaf[leaf >= 0], minlength=n_leaves) if leaf is not None else np.ones(n_leaves)
 
     def label(node: int) -> str:
-        size = leaf_atoms[node] if node < n_leaves else Z[node - n_leaves, 3]
+        size = leaf_atoms[node] if node < n_leaves else Z_atoms[node - n_leaves, 3]
         return f"{int(size)}"
 
     p = int(leaves) if leaves is not None else max(12, 3 * K)
@@ -686,7 +732,7 @@ def dendrogram(ds: xr.Dataset, *, ax=None, k: int | None = None, leaves: int | N
     ax.set_xlabel("leaves of the truncated tree (atoms under each)")
     ax.tick_params(axis="x", labelsize="small")
     ax.legend(fontsize="small", frameon=False, loc="upper right")
-    ax.set_title(f"dendrogram of {int(Z[-1, 3])} neighbourhoods", fontsize="medium")
+    ax.set_title(f"dendrogram of {int(Z_atoms[-1, 3])} neighbourhoods", fontsize="medium")
     return fig
 
 
@@ -726,8 +772,8 @@ def cluster_map(ds: xr.Dataset, *, ax=None, by: str = "cluster", alpha: float = 
     fig, ax = _figure(ax, figsize=_image_figsize(ds, extra=1.8))
     if image:
         _show_image(ds, ax)
-    ax.imshow(_label_overlay(grid, n_labels, alpha if image else 1.0), extent=_extent(ds), origin="upper",
-              interpolation="nearest")
+    overlay, ext = _display(ds, _label_overlay(grid, n_labels, alpha if image else 1.0), labels=True)
+    ax.imshow(overlay, extent=ext, origin="upper", interpolation="nearest")
     _label_lengths(ds, ax)
     from matplotlib.patches import Patch
 
@@ -1074,8 +1120,9 @@ def loading_map(
     if image:
         _show_image(ds, ax)
     vmin, vmax = _symmetric_limits(values)
+    shown, ext = _display(ds, values, labels=True)
     im = ax.imshow(
-        np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, extent=_extent(ds), origin="upper",
+        np.ma.masked_invalid(shown), cmap=cmap, vmin=vmin, vmax=vmax, extent=ext, origin="upper",
         alpha=alpha if image else 1.0, interpolation="nearest",
     )
     _label_lengths(ds, ax)
