@@ -78,6 +78,9 @@ def test_report_is_self_contained_and_lists_numbers_and_parameters(analysed, rep
     assert f"<th>atoms</th><td>{n_atoms}</td>" in text
     k = int(np.unique(analysed["cluster"].values[analysed["cluster"].values >= 0]).size)
     assert f"<th>clusters</th><td>{k} " in text
+    if "region" in analysed:
+        r = analysed["region"].values
+        assert f"<th>regions (phases)</th><td>{np.unique(r[r >= 0]).size} " in text
     ratio = analysed["pca_explained_variance_ratio"].values
     assert f"{100 * ratio[0]:.1f} %" in text
     for key in ("find_atoms_params", "refine_params", "neighborhoods_params", "kmeans_params", "pca_params"):

@@ -167,6 +167,10 @@ def _summary_rows(ds: xr.Dataset, source: str | None) -> list[tuple[str, str]]:
         c = np.asarray(ds["cluster"].values)
         sizes = ", ".join(f"{int(i)}: {int((c == i).sum())}" for i in np.unique(c[c >= 0]))
         rows.append(("clusters", f"{k} (atoms per cluster: {sizes})"))
+    if "region" in ds.variables:
+        r = np.asarray(ds["region"].values)
+        sizes = ", ".join(f"{int(i)}: {int((r == i).sum())}" for i in np.unique(r[r >= 0]))
+        rows.append(("regions (phases)", f"{int(np.unique(r[r >= 0]).size)} (atoms per region: {sizes})"))
     if "pca_explained_variance" in ds.variables:
         from .plot import _explained_percent
 
