@@ -277,7 +277,11 @@ def _cluster_client(client, scheduler, n_workers, memory_limit, n_tasks):
 
 def _submit_all(client, tasks, progress, on_result):
     from distributed import as_completed
-    from tqdm.auto import tqdm
+
+    if progress:
+        from tqdm.auto import tqdm
+    else:  # no import of tqdm.auto (it warns in notebooks without ipywidgets)
+        from tqdm import tqdm
 
     futures = client.map(process_image, tasks, key=[f"atomds-image-{t['id']}-{t['fingerprint']}" for t in tasks], retries=0)
     by_key = {f.key: t for f, t in zip(futures, tasks, strict=True)}
@@ -411,7 +415,10 @@ def run_batch(
             for ds in opened:
                 ds.close()
         if output_p is not None:
+            # images stay lazy in the file; the tables (root, /atoms) are loaded
             tree = lib.open_library(output_p, chunks={})
+            tree.dataset = tree.to_dataset(inherit=False).load()
+            tree["atoms"].load()
     return BatchResult(
         library=tree,
         ids=ids,
@@ -536,6 +543,13 @@ def batch(
     -------
     xarray.DataTree
         The library (:mod:`atomds.library`): ``status(image)`` and ``error(image)`` at the root.
+        With ``output`` its tables (root, ``/atoms``) are in memory and the images are read
+        lazily from the file (close it with ``tree.close()``).
+
+    Notes
+    -----
+    With the default LocalCluster (worker processes started by spawning), a script that calls
+    ``batch`` must do so under ``if __name__ == "__main__":``.
     """
     return run_batch(
         paths,
