@@ -527,25 +527,24 @@ def auto_threshold(scores: np.ndarray, zscores: np.ndarray, *, z_min: float) -> 
 
 
 def _local_maxima(c: np.ndarray, idx: np.ndarray, nx: int) -> np.ndarray:
-    """Which of the flat indices ``idx`` are 3x3 local maxima of ``c`` (ties: first wins)."""
-    flat = c.ravel()
+    """Which of the flat indices ``idx`` are 3x3 local maxima of ``c`` (ties: the first in raster order).
+
+    Neighbours outside the image do not count. Strict comparison with the neighbours before
+    the pixel in raster order and non-strict with those after, so a plateau gives one maximum.
+    """
     ny = c.shape[0]
-    v = flat[idx]
+    w = nx + 2
+    padded = np.full((ny + 2, w), -np.inf, dtype=c.dtype)
+    padded[1:-1, 1:-1] = c
+    flat = padded.ravel()
     yy, xx = np.divmod(idx, nx)
+    pidx = (yy + 1) * w + (xx + 1)
+    v = flat[pidx]
     is_max = np.ones(idx.size, dtype=bool)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy == 0 and dx == 0:
-                continue
-            yy2, xx2 = yy + dy, xx + dx
-            inside = (yy2 >= 0) & (yy2 < ny) & (xx2 >= 0) & (xx2 < nx)
-            w = flat[np.clip(yy2, 0, ny - 1) * nx + np.clip(xx2, 0, nx - 1)]
-            # strict on one side, non-strict on the other: a plateau gives one maximum;
-            # neighbours outside the image do not count
-            if (dy, dx) < (0, 0):
-                is_max &= (v > w) | ~inside
-            else:
-                is_max &= (v >= w) | ~inside
+    for off in (-w - 1, -w, -w + 1, -1):
+        is_max &= v > flat[pidx + off]
+    for off in (1, w - 1, w, w + 1):
+        is_max &= v >= flat[pidx + off]
     return is_max
 
 
@@ -1072,31 +1071,28 @@ def _class_templates(img: np.ndarray, x, y, score, sub, shape, n_max: int = 2000
 def _local_reference(x, y, amp, spacing) -> tuple[np.ndarray, float]:
     """Amplitude of the bright columns around each blob, and image-wide.
 
-    The image is divided into square cells of two spacings; each blob's reference is the 90th
-    percentile of the amplitudes in the 3 x 3 cells around its own (a 6-spacing box), found by
-    sorting once. Returns that and the image-wide 90th percentile.
+    The image is divided into square cells of two spacings; the 90th percentile of the
+    amplitudes in each cell is found by sorting once, and each blob's reference is the largest
+    of these over its own cell and the eight around it (a 6-spacing box). Returns that and the
+    image-wide 90th percentile.
     """
-    n = x.size
     glob = float(np.quantile(amp, 0.9))
     cell = 2.0 * spacing
     cx = np.floor((x - x.min()) / cell).astype(np.int64)
     cy = np.floor((y - y.min()) / cell).astype(np.int64)
-    ncx, ncy = int(cx.max()) + 3, int(cy.max()) + 3
-    # every blob is counted in its own cell and the 8 around it (offset by one for the border)
-    offs = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-    cid = np.concatenate([(cy + 1 + dy) * ncx + (cx + 1 + dx) for dy, dx in offs])
-    val = np.tile(amp, len(offs))
-    order = np.lexsort((val, cid))
-    cid, val = cid[order], val[order]
-    starts = np.flatnonzero(np.r_[True, cid[1:] != cid[:-1]])
-    counts = np.diff(np.r_[starts, cid.size])
+    ncx, ncy = int(cx.max()) + 1, int(cy.max()) + 1
+    cid = cy * ncx + cx
+    order = np.lexsort((amp, cid))
+    cs, vs = cid[order], amp[order]
+    starts = np.flatnonzero(np.r_[True, cs[1:] != cs[:-1]])
+    counts = np.diff(np.r_[starts, cs.size])
     pos = starts + 0.9 * (counts - 1)
     lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, cid.size - 1)
-    q = val[lo] + (pos - lo) * (val[hi] - val[lo])
-    table = np.zeros(ncy * ncx)
-    table[cid[starts]] = q
-    return table[(cy + 1) * ncx + (cx + 1)], glob
+    hi = np.minimum(lo + 1, cs.size - 1)
+    grid = np.full((ncy, ncx), -np.inf)
+    grid.ravel()[cs[starts]] = vs[lo] + (pos - lo) * (vs[hi] - vs[lo])
+    grid = ndi.maximum_filter(grid, size=3, mode="constant", cval=-np.inf)
+    return grid[cy, cx], glob
 
 
 def noise_z_threshold(templates, area: float, *, false_blobs: float = 0.5) -> float:
