@@ -338,10 +338,24 @@ class _CorrelationParts:
     zscore: np.ndarray  # matched-filter amplitude over its noise, float32 (ny, nx)
 
 
-def _spectrum_of_small(kernel: np.ndarray, fy: int, fx: int) -> np.ndarray:
-    """rfft2 of ``kernel`` zero-padded to (fy, fx), computed from its few non-zero rows."""
-    rows = sfft.rfft(kernel.astype(np.float32), n=fx, axis=1)
-    return sfft.fft(rows, n=fy, axis=0)
+def _spectrum_of_small(kernel: np.ndarray, fy: int, fx: int, *, out: np.ndarray | None = None,
+                       conjugate: bool = False) -> np.ndarray:
+    """rfft2 of a small ``kernel`` zero-padded to (fy, fx), complex64 (its conjugate if asked).
+
+    The kernel is split into separable terms (singular value decomposition, terms below 1e-7 of
+    the largest dropped), so the 2-D spectrum is a sum of outer products of 1-D spectra: one
+    small matrix product instead of a full-size transform.
+    """
+    k = np.asarray(kernel, dtype=np.float64)
+    u, sv, vt = np.linalg.svd(k, full_matrices=False)
+    r = max(1, int(np.sum(sv > 1e-7 * sv[0]))) if sv[0] > 0 else 1
+    a = sfft.fft(u[:, :r] * sv[:r], n=fy, axis=0).astype(np.complex64)  # (fy, r)
+    b = sfft.rfft(vt[:r], n=fx, axis=1).astype(np.complex64)  # (r, fx // 2 + 1)
+    if conjugate:
+        a, b = np.conj(a), np.conj(b)
+    if out is None:
+        return a @ b
+    return np.matmul(a, b, out=out)
 
 
 def _window_stats(t: np.ndarray, ny: int, nx: int, rows: np.ndarray, cols: np.ndarray):
@@ -434,7 +448,8 @@ def _correlate(image: np.ndarray, templates: list[np.ndarray], noise: tuple[floa
         st = cache[(th, tw)]
         tz = t - t.mean()
         tnorm = np.float32(np.sqrt(np.sum(tz * tz)))
-        np.multiply(spec, np.conj(_spectrum_of_small(tz, fy, fx)), out=buf)
+        _spectrum_of_small(tz, fy, fx, out=buf, conjugate=True)
+        buf *= spec
         num = sfft.irfft2(buf, s=(fy, fx), workers=workers, overwrite_x=True)[oy : oy + ny, ox : ox + nx]
         den = np.maximum(st.var, st.floor)
         np.sqrt(den, out=den)
