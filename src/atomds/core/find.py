@@ -123,11 +123,6 @@ class _Sampler:
         return vals.reshape(yy.shape).mean(axis=0)
 
 
-def _average_patches(image: np.ndarray, x: np.ndarray, y: np.ndarray, half: int) -> np.ndarray:
-    """Mean of ``(2 half + 1)^2`` patches sampled at sub-pixel centres (x, y) by cubic-spline interpolation."""
-    return _Sampler(image).patches_mean(x, y, half)
-
-
 def _gauss_fit_patch(patch: np.ndarray, radius: float) -> tuple[float, float, float, float, float]:
     """Fit ``B + A exp(-((x-x0)^2 + (y-y0)^2) / 2 s^2)`` within ``radius`` of the patch centre.
 
@@ -263,10 +258,10 @@ def auto_template(image, *, sigma: float | None = None, spacing: float | None = 
                   half_size: int | None = None) -> np.ndarray:
     """A template built from the image: the average of the clearest columns, aligned sub-pixel.
 
-    Clear peaks (prominence within a factor 2 of the upper decile) are located on a crop of
-    at most 512 x 512 px, their ``(2 h + 1)^2`` patches are sampled around the sub-pixel peak positions by
-    cubic-spline interpolation, re-centred once on the fitted centre of their average, and
-    averaged.
+    Clear peaks (prominence within a factor 2 of the upper decile, on the image smoothed by
+    the column width) are located on a crop of at most 512 x 512 px; their ``(2 h + 1)^2``
+    patches are sampled around the sub-pixel peak positions by cubic-spline interpolation,
+    re-centred once on the fitted centre of their average, and averaged.
 
     Returns
     -------
@@ -313,20 +308,28 @@ def template_from_point(image, x: float, y: float, *, half_size: int | None = No
     h = default_half_size(s, d) if half_size is None else int(half_size)
     if 2 * h + 1 >= min(ny, nx):
         raise InvalidParameterError(f"a template of half-size {h} px does not fit in the {ny}x{nx} px image.")
-    xx, yy = float(x), float(y)
+    # sample from a window around the point only (the spline prefilter of a whole large image
+    # would cost more than the search)
+    r = max(2, int(np.ceil(1.5 * s)))
+    reach = h + 3 * r + 4
+    iy0, ix0 = int(round(float(y))), int(round(float(x)))
+    wy0, wx0 = max(0, iy0 - reach), max(0, ix0 - reach)
+    win = img[wy0 : iy0 + reach + 1, wx0 : ix0 + reach + 1]
+    samp = _Sampler(win)
+    px, py = float(x) - wx0, float(y) - wy0
     if recentre:
-        # move to the local maximum of the smoothed image, then to the fitted Gaussian centre
-        r = max(2, int(np.ceil(1.5 * s)))
-        y0, x0 = int(round(yy)), int(round(xx))
-        ys, xs = slice(max(0, y0 - r), min(ny, y0 + r + 1)), slice(max(0, x0 - r), min(nx, x0 + r + 1))
-        sm = ndi.gaussian_filter(img[max(0, y0 - 3 * r):y0 + 3 * r + 1, max(0, x0 - 3 * r):x0 + 3 * r + 1], 0.5 * s)
-        sub = sm[ys.start - max(0, y0 - 3 * r): ys.stop - max(0, y0 - 3 * r), xs.start - max(0, x0 - 3 * r): xs.stop - max(0, x0 - 3 * r)]
-        iy, ix = np.unravel_index(int(np.argmax(sub)), sub.shape)
-        yy, xx = float(ys.start + iy), float(xs.start + ix)
-        patch = _average_patches(img, np.array([xx]), np.array([yy]), h)
+        # move to the local maximum of the smoothed image within about a column width, then to
+        # the fitted Gaussian centre of the patch
+        sm = ndi.gaussian_filter(samp.image, 0.5 * s)
+        cy, cx = iy0 - wy0, ix0 - wx0
+        ys, xs = max(0, cy - r), max(0, cx - r)
+        sub = sm[ys : cy + r + 1, xs : cx + r + 1]
+        jy, jx = np.unravel_index(int(np.argmax(sub)), sub.shape)
+        py, px = float(ys + jy), float(xs + jx)
+        patch = samp.patches_mean(np.array([px]), np.array([py]), h)
         _, _, _, dx, dy = _gauss_fit_patch(patch, radius=min(h, max(1.5 * s, 2.0)))
-        xx, yy = xx + dx, yy + dy
-    return _average_patches(img, np.array([xx]), np.array([yy]), h)
+        px, py = px + dx, py + dy
+    return samp.patches_mean(np.array([px]), np.array([py]), h)
 
 
 # --------------------------------------------------------------------------------------------
@@ -803,9 +806,10 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
          columns score lower, gets its own budget of 0.25 and so a lower threshold);
        - its area lies within ``[min_area, max_area]`` px (automatic from the histogram of log
          areas unless given);
-       - its amplitude is at least ``min_contrast`` of the bright columns around it (the 90th
-         percentile of the amplitudes within three spacings, or half the image-wide one if
-         larger): weak specks of amorphous material are not columns;
+       - its amplitude (template fit at the peak, in intensity units) is at least
+         ``min_contrast`` of the bright columns around it (the 90th percentile of the amplitudes
+         in a box of about six spacings, or half the image-wide one if larger): weak specks of
+         amorphous material are not columns;
        - it is not a weak, broad blob: when its amplitude is below 75 % of its class's median
          (step 7), the ratio of its correlation with the template to that with the template
          blurred by the column width (a shape measure that noise hardly changes) must not fall
@@ -851,8 +855,10 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
 
     Raises
     ------
+    DimensionError
+        The image is not 2-D.
     InvalidImageError
-        The image is not 2-D, holds NaN/inf or is constant.
+        The image holds NaN/inf or is constant, or no column spacing can be found in it.
     InvalidParameterError
         A parameter is out of range, or a template is constant or not smaller than the image.
     NoAtomsFoundError
@@ -1012,6 +1018,8 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     cx, cy, score, area, zs, amp, cls = (v[ok] for v in (cx, cy, score, area, zs, amp, cls))
     if mode == "none":
         sub = np.zeros(cx.size, dtype=np.int64)
+    elif mode == "templates":
+        sub = cls  # the index of the best-matching template, as given
     else:
         sub = np.searchsorted(np.unique(cls), cls).astype(np.int64)
     params = {
