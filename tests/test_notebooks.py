@@ -6,6 +6,7 @@ and the traceback.
 """
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,8 @@ def test_notebook_runs(path, tmp_path):
         )
         client.execute()
     except nbclient.exceptions.CellExecutionError as exc:
-        pytest.fail(f"{path.name} failed:\n{exc}", pytrace=False)
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # no terminal colour codes in the log
+        pytest.fail(f"{path.name} failed:\n{message}", pytrace=False)
     finally:
         if env_backend is None:
             os.environ.pop("MPLBACKEND", None)
