@@ -478,8 +478,7 @@ def _upsampled_dft(data: np.ndarray, size: int, upsample: float, offset_y: float
 
 
 def register_translation(reference: np.ndarray, moving: np.ndarray, *, upsample: int = 100,
-                         predicted: tuple[float, float] = (0.0, 0.0), search_radius: float | None = None,
-                         _fref: np.ndarray | None = None) -> np.ndarray:
+                         predicted: tuple[float, float] = (0.0, 0.0), search_radius: float | None = None) -> np.ndarray:
     """Sub-pixel shift (dy, dx) of ``moving`` relative to ``reference``, in px.
 
     ``moving(r) ~= reference(r - shift)``: a feature at ``p`` in ``reference`` is at ``p + shift``
@@ -487,12 +486,14 @@ def register_translation(reference: np.ndarray, moving: np.ndarray, *, upsample:
     filter) is searched within ``search_radius`` px of ``predicted`` (the whole image when None),
     then refined to ``1 / upsample`` px with an upsampled DFT around the integer peak.
     """
+    ref = np.asarray(reference, dtype=np.float64)
+    return _register(sfft.fft2(ref - ref.mean()), moving, upsample=upsample, predicted=predicted,
+                     search_radius=search_radius)
+
+
+def _register(fref: np.ndarray, moving: np.ndarray, *, upsample: int, predicted, search_radius) -> np.ndarray:
+    """:func:`register_translation` against a precomputed (possibly weighted) reference spectrum."""
     mov = np.asarray(moving, dtype=np.float64)
-    if _fref is None:
-        ref = np.asarray(reference, dtype=np.float64)
-        fref = sfft.fft2(ref - ref.mean())
-    else:
-        fref = _fref
     fmov = sfft.fft2(mov - mov.mean())
     cross = fmov * np.conj(fref)
     cc = sfft.ifft2(cross).real
@@ -658,8 +659,8 @@ def align_stack(frames, *, upsample: int = 100, reference: str = "running", max_
             fref, pred = weighted_spectrum(acc / cnt, win), shifts[k - 1]
         else:
             fref, pred = fref0, (0.0, 0.0)
-        shifts[k] = register_translation(None, centred(fk, win), upsample=upsample, predicted=tuple(pred),
-                                         search_radius=radius, _fref=fref)
+        shifts[k] = _register(fref, centred(fk, win), upsample=upsample, predicted=tuple(pred),
+                              search_radius=radius)
         valid = _valid_mask(shape, shifts[k])
         acc += np.where(valid, _shifted(fk, shifts[k]), 0.0)
         cnt += valid
@@ -682,8 +683,8 @@ def align_stack(frames, *, upsample: int = 100, reference: str = "running", max_
             # (a narrow taper: the residual shifts are small, so the window's pull is negligible)
             w = _window(shape, shifts[k], alpha=0.1) * (c > 0)
             fref = sfft.fft2(centred(others, w)) * keep
-            res = register_translation(None, centred(np.where(valid, ak, 0.0), w), upsample=upsample,
-                                       predicted=(0.0, 0.0), search_radius=min(radius, 2.0), _fref=fref)
+            res = _register(fref, centred(np.where(valid, ak, 0.0), w), upsample=upsample,
+                            predicted=(0.0, 0.0), search_radius=min(radius, 2.0))
             new[k] = shifts[k] + res
         shifts = new - new[0]
     total, count = np.zeros(shape), np.zeros(shape)
