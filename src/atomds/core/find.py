@@ -528,20 +528,14 @@ def auto_threshold(scores: np.ndarray, zscores: np.ndarray, *, z_min: float) -> 
     """Correlation threshold from the correlation values at the maxima of the correlation map.
 
     Maxima whose template amplitude is significant (z-score >= ``z_min``) are mostly columns:
-    the threshold is half their 5th percentile (so that the dimmest columns still form blobs of
-    a few pixels, while neighbouring columns stay apart), but not below the correlation that
-    noise maxima reach (the 99th percentile of maxima with z-score < 3, when there are at least
-    ten, capped at 80 % of that 5th percentile). Clipped to [0.2, 0.8].
+    the threshold is half their 2nd percentile, so that the dimmest and noisiest columns still
+    form blobs of a few pixels (noise blobs are rejected later by their z-score, not by the
+    threshold). Clipped to [0.2, 0.8]; 0.5 when no maximum is significant.
     """
     good = scores[zscores >= z_min]
     if good.size == 0:
         return 0.5
-    lo = float(np.quantile(good, 0.05))
-    thr = 0.5 * lo
-    noise = scores[zscores < 3.0]
-    if noise.size >= 10:
-        thr = max(thr, min(float(np.quantile(noise, 0.99)), 0.8 * lo))
-    return float(np.clip(thr, 0.2, 0.8))
+    return float(np.clip(0.5 * float(np.quantile(good, 0.02)), 0.2, 0.8))
 
 
 def _local_maxima(c: np.ndarray, idx: np.ndarray, nx: int) -> np.ndarray:
@@ -782,7 +776,7 @@ def _ordered(lab: np.ndarray, centre_first_feature: np.ndarray) -> np.ndarray:
 
 def find_atoms(image, *, template=None, threshold: float | None = None, min_area: int | None = None,
                max_area: int | None = None, sublattices: str | int | None = "auto", sigma: float | None = None,
-               spacing: float | None = None, z_min: float | None = None, min_contrast: float = 0.2,
+               spacing: float | None = None, z_min: float | None = None, min_contrast: float = 0.25,
                workers: int | None = None, refine_templates: bool = True) -> FoundAtoms:
     """Find atomic columns by zero-normalised template correlation.
 
@@ -801,9 +795,10 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
        half a spacing apart is split between them (each pixel to its nearest maximum).
     5. A blob is an atom when
        - its amplitude is significant: z-score >= ``z_min`` (default: the level that pure
-         noise exceeds at about 0.5 local maximum over the image, :func:`noise_z_threshold`;
-         the strip within half a template of the border, where windows are partial and real
-         columns score lower, gets its own budget of 0.25 and so a lower threshold);
+         noise exceeds at about 0.5 local maximum over the area not taken by clearly
+         significant columns, :func:`noise_z_threshold`; the strip within half a template of
+         the border, where windows are partial and real columns score lower, gets its own
+         budget of 0.25 and so a lower threshold);
        - its area lies within ``[min_area, max_area]`` px (automatic from the histogram of log
          areas unless given);
        - its amplitude (template fit at the peak, in intensity units) is at least
@@ -948,6 +943,18 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     counts = {"blobs": int(cx.size)}
     py_, px_ = np.divmod(peak, nx)
     on_edge = (py_ < hy_t) | (py_ >= ny - hy_t) | (px_ < hx_t) | (px_ >= nx - hx_t)
+    if z_min is None:
+        # noise can only make a false blob where there is no column: the area taken by the
+        # clearly significant columns (a close-packed cell, 0.87 spacing^2, each) is not
+        # searched for noise, so a dense lattice gets a lower threshold than a sparse one
+        cell = 0.866 * d * d
+        n_strong = int(np.count_nonzero(~on_edge & (zs >= zmin)))
+        free = max(inner_area - n_strong * cell, 0.02 * inner_area, 1.0)
+        zmin = min(zmin, noise_z_threshold(templates, free))
+        strip = ny * nx - inner_area
+        n_strong_edge = int(np.count_nonzero(on_edge & (zs >= zmin_edge)))
+        free_edge = max(strip - 0.5 * n_strong_edge * cell, 0.02 * strip, 1.0)
+        zmin_edge = min(zmin_edge, zmin, noise_z_threshold(templates, free_edge, false_blobs=0.25))
     keep = zs >= np.where(on_edge, zmin_edge, zmin)
     counts["not_significant"] = int((~keep).sum())
     if not np.any(keep):

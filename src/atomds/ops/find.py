@@ -75,7 +75,7 @@ def _length_px(value, ps: float, name: str) -> float | None:
 
 def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None, min_area: float | None = None,
                max_area: float | None = None, sublattices: str | int | None = "auto", sigma: float | None = None,
-               spacing: float | None = None, z_min: float | None = None, min_contrast: float = 0.2) -> xr.Dataset:
+               spacing: float | None = None, z_min: float | None = None, min_contrast: float = 0.25) -> xr.Dataset:
     """Find the atomic columns of ``image`` by template correlation; the seeds of every later step.
 
     **This step computes**: the atom count must be known to build the ``atom`` dimension, so a
