@@ -76,6 +76,11 @@ def run_throughput(paths: list[Path], n_workers: int, work: Path, steps) -> dict
         "images_per_s": len(paths) / wall,
         "atoms_per_image": float(np.mean([r["n_atoms"] for r in ok])) if ok else 0.0,
         "task_s_mean": float(np.mean([r["seconds"] for r in recs])),
+        "task_cpu_s_mean": float(np.mean([r["cpu_seconds"] for r in recs])),
+        # share of the workers' time spent inside tasks (1 = no scheduling or assembly idle time)
+        "worker_busy": float(sum(r["seconds"] for r in recs) / (n_workers * wall)),
+        # CPU time the tasks got per second of their wall time (< 1: the cores were shared)
+        "cpu_share": float(sum(r["cpu_seconds"] for r in recs) / sum(r["seconds"] for r in recs)),
         "peak_rss_mb_max": float(max(r["peak_rss_mb"] for r in recs)),
         "errors": sorted({r["error"] for r in recs if r["status"] != "ok"})[:3],
     }
@@ -158,6 +163,7 @@ def main(argv=None) -> int:
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "python": sys.version.split()[0],
     }
+    out["load_before"] = [round(v, 2) for v in os.getloadavg()]
     if not args.skip_batch:
         tmp = Path(tempfile.mkdtemp(prefix="atomds-bench-"))
         try:
@@ -169,16 +175,20 @@ def main(argv=None) -> int:
             out["speedup_2_vs_1"] = runs[1]["images_per_s"] / runs[0]["images_per_s"]
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    out["load_after"] = [round(v, 2) for v in os.getloadavg()]
     if not args.skip_learn:
         out["learn"] = run_learning(200, max(1, args.learn_atoms // 200))
 
     print(f"machine: {out['machine']}")
     if "batch" in out:
-        print(f"\n| workers | images | failed | wall (s) | images/s | atoms/image | task (s) | peak RSS/worker (MB) |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("\n| workers | images | failed | wall (s) | images/s | atoms/image | task wall (s) | task CPU (s) "
+              "| workers busy | CPU share | peak RSS/worker (MB) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in out["batch"]:
             print(f"| {r['workers']} | {r['images']} | {r['failed']} | {r['wall_s']:.1f} | {r['images_per_s']:.3f} | "
-                  f"{r['atoms_per_image']:.0f} | {r['task_s_mean']:.1f} | {r['peak_rss_mb_max']:.0f} |")
+                  f"{r['atoms_per_image']:.0f} | {r['task_s_mean']:.1f} | {r['task_cpu_s_mean']:.1f} | "
+                  f"{r['worker_busy']:.2f} | {r['cpu_share']:.2f} | {r['peak_rss_mb_max']:.0f} |")
+        print(f"load average before/after: {out['load_before']} / {out['load_after']}")
         print(f"\nthroughput 2 workers / 1 worker: {out['speedup_2_vs_1']:.2f}x (target >= 1.7x)")
         for r in out["batch"]:
             if r["errors"]:

@@ -266,3 +266,12 @@ def test_bad_arguments(inputs, tmp_path):
         B.batch(good)
     with pytest.raises(InvalidParameterError, match="no input"):
         B.batch([], work_dir=tmp_path)
+
+
+def test_unreadable_result_file_is_a_failed_image(inputs, tmp_path):
+    good, _ = inputs
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "img0.nc").write_bytes(b"not netcdf")  # e.g. a file copied in by hand
+    tree, errors, _ = B._assemble(work, ["img0"], properties=None, lazy=False)
+    assert list(tree["status"].values) == ["failed"] and "img0.nc" in errors["img0"]

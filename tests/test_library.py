@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -294,3 +296,50 @@ def test_attach_spectra_to_a_library(tmp_path):
     assert "spectrum_image" not in half["images/s0"].to_dataset(inherit=False)
     with pytest.raises(KeyError):
         library.attach_spectra(tree, {"nope": cubes["s0"]})
+
+
+def test_images_in_other_orientations_share_one_frame():
+    """Each image's neighbour vectors are turned by its reference angle before library-wide PCA."""
+    a = _image(11, 80, 0.5, extra=False)
+    theta = 0.7
+    c, s = np.cos(theta), np.sin(theta)
+    b = a.copy()
+    # the same neighbourhoods in an image rotated by theta (display convention: angle = atan2(dy, dx))
+    b["neighbor_dx"] = (c * a["neighbor_dx"] - s * a["neighbor_dy"]).assign_attrs(a["neighbor_dx"].attrs)
+    b["neighbor_dy"] = (s * a["neighbor_dx"] + c * a["neighbor_dy"]).assign_attrs(a["neighbor_dy"].attrs)
+    a.attrs["neighborhoods_params"] = '{"ref_angle_used": 0.0}'
+    b.attrs["neighborhoods_params"] = f'{{"ref_angle_used": {theta}}}'
+    tree = library.from_datasets([a, b], ids=["a", "b"])
+    D = library.descriptor(tree).values
+    np.testing.assert_allclose(D[80:], D[:80], atol=1e-12)
+    learned = library.learn(tree, n_clusters=2)
+    np.testing.assert_allclose(learned["reference_angle"].values, [0.0, theta])
+    at = library.atoms(learned)
+    np.testing.assert_array_equal(at["cluster"].values[80:], at["cluster"].values[:80])
+    np.testing.assert_allclose(learned["mean_loading"].sel(image="a"), learned["mean_loading"].sel(image="b"), atol=1e-9)
+    # without the turn, the rotated image would look like another structure
+    b.attrs["neighborhoods_params"] = '{"ref_angle_used": 0.0}'
+    plain = library.descriptor(library.from_datasets([a, b], ids=["a", "b"])).values
+    assert not np.allclose(plain[80:], plain[:80], atol=0.1)
+
+
+def test_clusters_use_the_phase_descriptor_when_present():
+    imgs = []
+    for seed, frac in ((1, 0.2), (2, 0.7)):
+        d = _image(seed, 60, frac, extra=False)
+        ph = d["true_phase"].values
+        rng = np.random.default_rng(seed)
+        feats = np.column_stack([ph + 0.05 * rng.normal(size=ph.size), 1 - ph + 0.05 * rng.normal(size=ph.size)])
+        d = d.assign_coords(phase_feature=["f0", "f1"]).assign(
+            phase_descriptor=(("atom", "phase_feature"), feats, {"units": "1", "long_name": "phase descriptor"})
+        )
+        imgs.append(d)
+    learned = library.learn(library.from_datasets(imgs), n_clusters=2)
+    at = library.atoms(learned)
+    assert json.loads(at.attrs["kmeans_params"])["descriptor"] == "phase"
+    assert at["cluster_center"].dims == ("cluster_id", "phase_feature")
+    lab, ph = at["cluster"].values, at["true_phase"].values
+    # every atom is clustered (the phase descriptor has no NaN rows here) and by its phase
+    assert (lab >= 0).all()
+    assert len(np.unique(lab[ph == 1])) == 1 and len(np.unique(lab[ph == 0])) == 1
+    assert "pca_components" in at and at["pca_components"].dims == ("component", "feature")

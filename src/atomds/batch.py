@@ -21,6 +21,7 @@ import logging
 import os
 import resource
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,7 +32,7 @@ from typing import Any
 import xarray as xr
 
 from . import __version__
-from .errors import FileMissingError, InvalidParameterError
+from .errors import AtomdsError, FileMissingError, InvalidParameterError
 from .io import SUPPORTED_EXTENSIONS, atomic_write
 
 __all__ = [
@@ -44,8 +45,9 @@ __all__ = [
     "run_batch_command",
 ]
 
-#: Per-image stages run by default: library-wide k-means and PCA follow on all atoms together.
-DEFAULT_STEPS = ("align", "find", "refine", "neighborhoods")
+#: Per-image stages run by default: library-wide k-means (on the phase descriptor) and PCA (on
+#: the neighbour vectors) follow on all atoms together.
+DEFAULT_STEPS = ("align", "find", "refine", "phases", "neighborhoods")
 _PART_SUFFIX = ".nc"
 _FAIL_SUFFIX = ".failed.json"
 
@@ -56,6 +58,14 @@ _FAIL_SUFFIX = ".failed.json"
 
 
 def _run_steps(ds: xr.Dataset, steps: Sequence[str], params: Mapping[str, Any]) -> xr.Dataset:
+    """Run the per-image ``steps`` (in the order of :data:`atomds.pipeline.STAGES`).
+
+    All stages: :func:`atomds.pipeline.analyze`, per-image phases and modes included. A subset,
+    as for a library: the same stages without per-image learning, keeping what the library-wide
+    learning needs: ``phases`` stores the rotation-invariant phase descriptor as
+    ``phase_descriptor(atom, phase_feature)``; ``neighborhoods`` makes the angle-ordered
+    neighbour vectors (reference: the image's most common bond direction, as in ``analyze``).
+    """
     from .pipeline import STAGES, analyze
 
     k = int(params.get("k", 6))
@@ -78,11 +88,18 @@ def _run_steps(ds: xr.Dataset, steps: Sequence[str], params: Mapping[str, Any]) 
             ds = ds.lcx.find_atoms(**find_kwargs)
         elif step == "refine":
             ds = ds.lcx.refine(model=model)
+        elif step == "phases":
+            ph = ds.lcx.neighborhoods(k=k, descriptor="phase")
+            D = ph["descriptor"].rename({"feature": "phase_feature"})
+            ds = ds.drop_vars(["phase_descriptor", "phase_feature"], errors="ignore")
+            ds = ds.assign_coords(phase_feature=D["phase_feature"].values).assign(
+                phase_descriptor=D.drop_vars("phase_feature").assign_attrs(
+                    long_name="phase descriptor (rotation-invariant neighbourhood features)"
+                )
+            )
+            ds.attrs["phase_neighborhoods_params"] = ph.attrs.get("neighborhoods_params", "{}")
         elif step == "neighborhoods":
-            ds = ds.lcx.neighborhoods(k=k, sort=sort)
-        elif step == "clusters":
-            K = n_clusters if n_clusters is not None else ds.lcx.suggest_k()
-            ds = ds.lcx.kmeans(K)
+            ds = ds.lcx.neighborhoods(k=k, sort=sort, ref_angle="auto" if sort == "angle" else 0.0)
         elif step == "pca":
             ds = ds.lcx.pca(n_components=n_components)
     return ds
@@ -99,18 +116,42 @@ def _peak_rss_mb() -> float:
     return r / 1024.0 if sys.platform != "darwin" else r / 2**20
 
 
+_FILE_LOCK = threading.Lock()
+_LIMIT_LOCK = threading.Lock()
+_LIMIT_STATE: dict[str, Any] = {"count": 0, "limiter": None, "dask": None}
+
+
 @contextlib.contextmanager
 def _single_threaded():
+    """Native thread pools (BLAS, OpenMP) at one thread while any task of this process runs.
+
+    The limit is process-wide, so with several task threads in one worker it is set by the first
+    task that starts and lifted by the last that ends (a per-task limit would be lifted under the
+    feet of the others, changing their numerics). Dask inside a task runs synchronously.
+    """
     import dask
 
+    with _LIMIT_LOCK:
+        if _LIMIT_STATE["count"] == 0:
+            try:
+                from threadpoolctl import threadpool_limits
+            except ImportError:  # pragma: no cover - scikit-learn depends on it
+                _LIMIT_STATE["limiter"] = None
+            else:
+                _LIMIT_STATE["limiter"] = threadpool_limits(limits=1)
+            # dask's config is process-wide too: set it once for all running tasks
+            _LIMIT_STATE["dask"] = dask.config.set(scheduler="synchronous")
+        _LIMIT_STATE["count"] += 1
     try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - scikit-learn depends on it
-        limits = contextlib.nullcontext()
-    else:
-        limits = threadpool_limits(limits=1)
-    with limits, dask.config.set(scheduler="synchronous"):
         yield
+    finally:
+        with _LIMIT_LOCK:
+            _LIMIT_STATE["count"] -= 1
+            if _LIMIT_STATE["count"] == 0:
+                if _LIMIT_STATE["limiter"] is not None:
+                    _LIMIT_STATE["limiter"].restore_original_limits()
+                _LIMIT_STATE["dask"].__exit__(None, None, None)
+                _LIMIT_STATE["limiter"] = _LIMIT_STATE["dask"] = None
 
 
 def process_image(task: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,24 +165,30 @@ def process_image(task: Mapping[str, Any]) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``id``, ``status`` ("ok" or "failed"), ``error``, ``n_atoms``, ``seconds``,
-        ``peak_rss_mb`` (peak resident memory of the worker process so far) and ``pid``.
+        ``id``, ``status`` ("ok" or "failed"), ``error``, ``n_atoms``, ``seconds`` (wall),
+        ``cpu_seconds`` (CPU time of the worker process during the task), ``peak_rss_mb`` (peak
+        resident memory of the worker process so far) and ``pid``.
     """
     from .io import open_image, to_netcdf
 
     t0 = time.perf_counter()
+    c0 = time.process_time()
     part = Path(task["part"])
     failed = Path(task["failed"])
     params = dict(task.get("params") or {})
     out: dict[str, Any] = {"id": task["id"], "status": "ok", "error": "", "n_atoms": 0, "pid": os.getpid()}
     try:
-        ds = open_image(task["path"], pixel_size=params.get("pixel_size"), units=params.get("units"))
+        # HDF5 (behind NetCDF, EMD, HSPY) is not thread-safe: one file operation at a time per
+        # worker process, whatever its number of threads
+        with _FILE_LOCK:
+            ds = open_image(task["path"], pixel_size=params.get("pixel_size"), units=params.get("units"))
         # one thread per task (parallelism is across images), and the same numerics on any worker
         with _single_threaded():
             ds = _run_steps(ds, task["steps"], params)
         ds.attrs["batch_source"] = str(task["path"])
         ds.attrs["batch_fingerprint"] = str(task["fingerprint"])
-        to_netcdf(ds, part)
+        with _FILE_LOCK:
+            to_netcdf(ds, part)
         out["n_atoms"] = int(ds.sizes.get("atom", 0))
         with contextlib.suppress(FileNotFoundError):
             failed.unlink()
@@ -155,6 +202,7 @@ def process_image(task: Mapping[str, Any]) -> dict[str, Any]:
             {"id": task["id"], "source": str(task["path"]), "error": message, "fingerprint": task["fingerprint"]},
         )
     out["seconds"] = time.perf_counter() - t0
+    out["cpu_seconds"] = time.process_time() - c0
     out["peak_rss_mb"] = _peak_rss_mb()
     return out
 
@@ -443,12 +491,17 @@ def _assemble(
     for iid in ids:
         part = work / f"{iid}{_PART_SUFFIX}"
         failed = work / f"{iid}{_FAIL_SUFFIX}"
+        msg = "no result (the batch was interrupted before this image finished)"
         if part.exists():
-            ds = open_dataset(part, chunks={}) if lazy else open_dataset(part)
+            try:
+                ds = open_dataset(part, chunks={}) if lazy else open_dataset(part)
+            except (AtomdsError, OSError, ValueError) as exc:
+                errors[iid] = f"its result file {part.name} could not be read ({exc}); delete it and rerun"
+                dss.append(None)
+                continue
             ds.attrs.pop("batch_fingerprint", None)
             dss.append(ds)
             continue
-        msg = "no result (the batch was interrupted before this image finished)"
         if failed.exists():
             with contextlib.suppress(OSError, ValueError):
                 msg = str(json.loads(failed.read_text(encoding="utf-8")).get("error") or msg)
@@ -506,8 +559,9 @@ def batch(
         files.
     steps : sequence of str or "all"
         Per-image stages of :data:`atomds.pipeline.STAGES`; default ``("align", "find",
-        "refine", "neighborhoods")``, after which k-means and PCA run on all atoms together
-        (``learn``). ``"all"`` runs :func:`atomds.pipeline.analyze` (per-image clusters too).
+        "refine", "phases", "neighborhoods")``: atoms, the rotation-invariant phase descriptor and
+        the neighbour vectors, after which k-means and PCA run on all atoms together (``learn``).
+        ``"all"`` runs :func:`atomds.pipeline.analyze` (per-image phases and modes too).
     client : distributed.Client, optional
         Run on this client's cluster.
     scheduler : str, optional

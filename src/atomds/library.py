@@ -77,7 +77,7 @@ PIXELS = "pixels"
 #: Root dims of the per-image summaries (distinct from any per-image dim: DataTree aligns every
 #: dim of the root with the same dim of each node).
 _RESERVED_ROOT = {"image", "status", "error", "cluster_id", "component",
-                  "cluster_fraction", "clustered_count", "mean_loading", "std_loading"}
+                  "cluster_fraction", "clustered_count", "mean_loading", "std_loading", "reference_angle"}
 _STATUS = ("ok", "failed")
 
 
@@ -621,7 +621,7 @@ def validate(tree: xr.DataTree) -> xr.DataTree:
 LEARNED_DIMS = ("cluster_id", "component", "ica_component", "merge", "k", "region_id")
 #: Per-atom learning results (likewise dropped and replaced).
 LEARNED_VARS = ("cluster", "cluster_distance", "linkage_leaf", "region", "pca_loadings", "ica_loadings")
-_SUMMARIES = ("cluster_fraction", "clustered_count", "mean_loading", "std_loading")
+_SUMMARIES = ("cluster_fraction", "clustered_count", "mean_loading", "std_loading", "reference_angle")
 
 
 def _atoms_node(tree: xr.DataTree) -> xr.Dataset:
@@ -630,50 +630,103 @@ def _atoms_node(tree: xr.DataTree) -> xr.Dataset:
     return tree["atoms"].to_dataset(inherit=False)
 
 
-def descriptor(tree: xr.DataTree) -> xr.DataArray:
-    """The neighbourhood descriptor ``descriptor(atom, feature)`` of every atom of the library.
+def _reference_angles(tree: xr.DataTree) -> np.ndarray:
+    """Per image, the reference direction its neighbours were ordered from (``ref_angle_used`` or
+    ``ref_angle`` of ``neighborhoods_params``; 0 where unknown), radians."""
+    out = np.zeros(len(ids(tree)))
+    images = tree.children.get("images")
+    for i, iid in enumerate(ids(tree)):
+        if images is None or iid not in images.children:
+            continue
+        raw = images[iid].attrs.get("neighborhoods_params")
+        try:
+            p = json.loads(raw) if raw else {}
+            ref = p.get("ref_angle_used", p.get("ref_angle", 0.0))
+            out[i] = float(ref) if ref is not None and np.isfinite(float(ref)) else 0.0
+        except (ValueError, TypeError):
+            out[i] = 0.0
+    return out
 
-    It is the per-image ``descriptor`` made by ``neighborhoods`` (concatenated in ``/atoms`` when
-    every image used the same descriptor and ``k``). For libraries built from Datasets that only
-    have neighbour vectors, the "xy" descriptor (dx0, dy0, dx1, dy1, ...) is made from
-    ``neighbor_dx``/``neighbor_dy``, with NaN rows for edge atoms (``is_edge``) and incomplete
-    neighbourhoods (``neighbor_index`` -1). Rows that are NaN are left out of every fit.
+
+def descriptor(tree: xr.DataTree, *, kind: str = "xy") -> xr.DataArray:
+    """A neighbourhood descriptor of every atom of the library, comparable across images.
+
+    Parameters
+    ----------
+    tree : xarray.DataTree
+        A library whose images ran ``neighborhoods`` (and, for ``kind="phase"``, the batch's
+        ``phases`` stage).
+    kind : {"xy", "phase"}
+        ``"xy"``: the neighbour vectors (dx0, dy0, dx1, dy1, ...; length units) of the per-image
+        ``descriptor`` (or made from ``neighbor_dx``/``neighbor_dy``), each image's turned by its
+        reference direction (``neighborhoods_params`` ``ref_angle_used``, stored at the root as
+        ``reference_angle(image)`` by :func:`pca`) so that every image's reference bond lies
+        along +x: images of one structure in different orientations then share modes. ``"phase"``:
+        the rotation-invariant phase descriptor ``phase_descriptor(atom, phase_feature)``.
+
+    Returns
+    -------
+    xarray.DataArray
+        ``(atom, feature)``; NaN rows (edge atoms, incomplete neighbourhoods) are left out of
+        every fit.
     """
     from .core import neighbors as cn
 
     at = _atoms_node(tree)
-    if "descriptor" in at.variables:
-        return at["descriptor"]
-    if not {"neighbor_dx", "neighbor_dy"} <= set(at.variables):
+    if kind == "phase":
+        if "phase_descriptor" not in at.variables:
+            raise MissingStepError(
+                "the library has no 'phase_descriptor': run the 'phases' step on every image "
+                "(atomds.batch(..., steps=(..., 'phases', ...))) or use kind='xy'."
+            )
+        D = at["phase_descriptor"]
+        return D.rename({"phase_feature": "feature"}).rename("descriptor")
+    if kind != "xy":
+        raise InvalidParameterError(f"kind must be 'xy' or 'phase', got {kind!r}.")
+    units = str(at.attrs.get("units", "px"))
+    stored = at.variables.get("descriptor")
+    if stored is not None and "feature" in at.coords and [str(f) for f in at["feature"].values][:2] == ["dx0", "dy0"]:
+        X = np.array(at["descriptor"].values, dtype=float)
+        names = [str(f) for f in at["feature"].values]
+        units = at["descriptor"].attrs.get("units", units)
+    elif {"neighbor_dx", "neighbor_dy"} <= set(at.variables):
+        X = cn.descriptor_xy(at["neighbor_dx"].values, at["neighbor_dy"].values)
+        bad = ~np.isfinite(X).all(axis=1)
+        if "neighbor_index" in at.variables:
+            bad |= (np.asarray(at["neighbor_index"].values) < 0).any(axis=1)
+        if "is_edge" in at.variables:
+            bad |= np.asarray(at["is_edge"].values, dtype=bool)
+        X[bad] = np.nan
+        names = cn.feature_names("xy", int(at.sizes["neighbor"]))
+    else:
         raise MissingStepError(
-            "library-wide learning needs the neighbourhood 'descriptor' of every image in /atoms: run the "
-            "'neighborhoods' step on every image with the same k and descriptor (atomds.batch(..., steps=(..., "
-            "'neighborhoods')) or ds.lcx.neighborhoods())."
+            "library-wide learning needs the neighbour vectors of every image in /atoms: run the "
+            "'neighborhoods' step on every image with the same k (atomds.batch(..., steps=(..., "
+            "'neighborhoods'))) or ds.lcx.neighborhoods(descriptor='xy'))."
         )
-    X = cn.descriptor_xy(at["neighbor_dx"].values, at["neighbor_dy"].values)
-    bad = ~np.isfinite(X).all(axis=1)
-    if "neighbor_index" in at.variables:
-        bad |= (np.asarray(at["neighbor_index"].values) < 0).any(axis=1)
-    if "is_edge" in at.variables:
-        bad |= np.asarray(at["is_edge"].values, dtype=bool)
-    X[bad] = np.nan
-    names = cn.feature_names("xy", int(at.sizes["neighbor"]))
+    theta = _reference_angles(tree)[np.asarray(at["image_index"].values, dtype=np.int64)]
+    c, s_ = np.cos(theta)[:, None], np.sin(theta)[:, None]
+    dx, dy = X[:, 0::2], X[:, 1::2]
+    X = np.empty_like(X)
+    X[:, 0::2] = c * dx + s_ * dy
+    X[:, 1::2] = -s_ * dx + c * dy
     return xr.DataArray(
         X,
         dims=("atom", "feature"),
         coords={"feature": ("feature", np.array(names, dtype=str))},
-        attrs={"units": str(at.attrs.get("units", "px")), "long_name": "neighbourhood descriptor (xy)"},
+        attrs={"units": units, "long_name": "neighbour vectors, each image turned by its reference angle"},
         name="descriptor",
     )
 
 
-def _learning_input(tree: xr.DataTree) -> xr.Dataset:
-    """The /atoms Dataset with a descriptor, ready for the ops-layer learning functions."""
-    at = _atoms_node(tree)
-    if "descriptor" not in at.variables:
-        D = descriptor(tree)
-        at = at.assign_coords(feature=D["feature"]).assign(descriptor=D.drop_vars("feature"))
-    return at
+def _learning_input(tree: xr.DataTree, kind: str) -> xr.Dataset:
+    """A Dataset with ``descriptor(atom, feature)`` (and its coords), ready for the ops-layer learning."""
+    D = descriptor(tree, kind=kind)
+    return xr.Dataset({"descriptor": D}, attrs={"units": str(_atoms_node(tree).attrs.get("units", "px"))})
+
+
+def _default_kind(tree: xr.DataTree) -> str:
+    return "phase" if "phase_descriptor" in _atoms_node(tree).variables else "xy"
 
 
 def _without_learned(tree: xr.DataTree, *, dims: Iterable[str], names: Iterable[str]) -> xr.DataTree:
@@ -683,8 +736,6 @@ def _without_learned(tree: xr.DataTree, *, dims: Iterable[str], names: Iterable[
     for node in out.subtree:
         ds = node.to_dataset(inherit=False)
         drop = [n for n, v in ds.variables.items() if (set(v.dims) & dims) or n in names]
-        if node is out:
-            drop += [n for n in _SUMMARIES if n in ds.variables]
         if drop:
             node.dataset = ds.drop_vars(sorted(set(drop)))
     return out
@@ -715,7 +766,13 @@ def _sample_rows(at: xr.Dataset, sample: int | None, seed: int) -> xr.Dataset:
 
 
 def linkage(
-    tree: xr.DataTree, *, max_points: int = 2000, n_micro: int = 256, sample: int | None = 100_000, seed: int = 0
+    tree: xr.DataTree,
+    *,
+    kind: str | None = None,
+    max_points: int = 2000,
+    n_micro: int = 256,
+    sample: int | None = 100_000,
+    seed: int = 0,
 ) -> np.ndarray:
     """Ward merge tree (dendrogram) of the neighbourhoods of the library's atoms, all images together.
 
@@ -728,7 +785,7 @@ def linkage(
     """
     from .ops import learn as ol
 
-    at = _sample_rows(_learning_input(tree), sample, seed)
+    at = _sample_rows(_learning_input(tree, kind or _default_kind(tree)), sample, seed)
     res = ol.linkage(at, max_points=max_points, n_micro=n_micro, seed=seed)
     return np.column_stack(
         [res[n].values.astype(float) for n in ("linkage_left", "linkage_right", "linkage_height", "linkage_size")]
@@ -736,18 +793,24 @@ def linkage(
 
 
 def suggest_k(
-    tree: xr.DataTree, *, k_range: Iterable[int] = range(2, 11), sample: int | None = 100_000, seed: int = 0
+    tree: xr.DataTree,
+    *,
+    kind: str | None = None,
+    k_range: Iterable[int] = range(2, 11),
+    sample: int | None = 100_000,
+    seed: int = 0,
 ) -> int:
     """Number of clusters suggested by the library-wide dendrogram (:func:`linkage`, :func:`atomds.core.learn.suggest_k`)."""
     from .core import learn as cl
 
-    return int(cl.suggest_k(linkage(tree, sample=sample, seed=seed), k_range))
+    return int(cl.suggest_k(linkage(tree, kind=kind, sample=sample, seed=seed), k_range))
 
 
 def kmeans(
     tree: xr.DataTree,
     n_clusters: int | None = None,
     *,
+    kind: str | None = None,
     centroid: str = "mean",
     n_init: int = 4,
     seed: int = 0,
@@ -755,15 +818,18 @@ def kmeans(
 ) -> xr.DataTree:
     """k-means on the neighbourhoods of all atoms of the library together.
 
-    :func:`atomds.ops.learn.kmeans` on ``/atoms``: one fit over every image, so a label means the
-    same neighbourhood in every image.
+    :func:`atomds.ops.learn.kmeans` on the library's :func:`descriptor`: one fit over every
+    image, so a label means the same neighbourhood in every image.
 
     Parameters
     ----------
     tree : xarray.DataTree
-        A library with neighbourhoods (see :func:`descriptor`).
+        A library with neighbourhoods.
     n_clusters : int, optional
         K; chosen from the library-wide dendrogram (:func:`suggest_k`) when None.
+    kind : {"phase", "xy"}, optional
+        Descriptor (:func:`descriptor`); default "phase" (rotation-invariant: phases, grains,
+        disorder) when the images ran the ``phases`` stage, else "xy".
     centroid : {"mean", "median"}
         k-means or k-medians.
     n_init, seed
@@ -775,51 +841,80 @@ def kmeans(
     -------
     xarray.DataTree
         A new library: ``cluster(atom)`` (-1 for edge atoms; cluster 0 the most populated),
-        ``cluster_center(cluster_id, feature)`` and ``cluster_size(cluster_id)`` in ``/atoms``;
-        the per-image summaries at the root (:func:`summarize`). Per-image clustering results of
-        the inputs are dropped.
+        ``cluster_center(cluster_id, feature)`` (``phase_feature`` for the phase descriptor) and
+        ``cluster_size(cluster_id)`` in ``/atoms``; the per-image summaries at the root
+        (:func:`summarize`). Per-image clustering results of the inputs are dropped.
     """
     from .ops import learn as ol
 
-    at = _learning_input(tree)
-    K = int(n_clusters) if n_clusters is not None else suggest_k(tree, k_range=k_range, seed=seed)
-    fitted = ol.kmeans(at, K, centroid=centroid, n_init=n_init, seed=seed)
+    kind = kind or _default_kind(tree)
+    inp = _learning_input(tree, kind)
+    K = int(n_clusters) if n_clusters is not None else suggest_k(tree, kind=kind, k_range=k_range, seed=seed)
+    fitted = ol.kmeans(inp, K, centroid=centroid, n_init=n_init, seed=seed)
     base = _without_learned(
         tree,
         dims=("cluster_id", "region_id", "merge"),
-        names=("cluster", "cluster_center", "cluster_size", "cluster_distance", "region", "linkage_leaf"),
+        names=("cluster", "cluster_center", "cluster_size", "cluster_distance", "region", "linkage_leaf", "clustered_count"),
     )
-    at = fitted.drop_vars(["image"], errors="ignore")
-    params = json.loads(at.attrs.get("kmeans_params", "{}"))
-    params["suggested"] = n_clusters is None
+    at = base["atoms"].to_dataset(inherit=False)
+    center = fitted["cluster_center"]
+    if kind == "phase":
+        center = center.rename({"feature": "phase_feature"}).drop_vars("phase_feature", errors="ignore")
+    elif "feature" in at.coords:
+        center = center.drop_vars("feature", errors="ignore")
+    at = at.assign(cluster=fitted["cluster"], cluster_center=center, cluster_size=fitted["cluster_size"])
+    at = at.assign_coords(cluster_id=fitted["cluster_id"])
+    params = json.loads(fitted.attrs.get("kmeans_params", "{}"))
+    params.update(suggested=n_clusters is None, descriptor=kind)
     at.attrs["kmeans_params"] = json.dumps(params, sort_keys=True)
     return summarize(_with_atoms(base, at, ["cluster_id"]))
 
 
 def pca(tree: xr.DataTree, n_components: int | None = None) -> xr.DataTree:
-    """PCA (deformation modes) of the neighbourhoods of all atoms of the library together.
+    """PCA (deformation modes) of the neighbour vectors of all atoms of the library together.
 
-    :func:`atomds.ops.learn.pca` on ``/atoms``.
+    :func:`atomds.ops.learn.pca` on the library's "xy" :func:`descriptor` (each image turned by
+    its reference angle, so that the modes are shared by images in different orientations).
 
     Returns
     -------
     xarray.DataTree
-        A new library with ``pca_mean(feature)``, ``pca_components(component, feature)``,
-        ``pca_loadings(atom, component)`` (NaN for edge atoms), ``pca_explained_variance``,
-        ``pca_explained_variance_ratio``, ``mode_polarity`` and ``mode_is_polar`` (component)
-        in ``/atoms``, and the per-image mean loadings at the root (:func:`summarize`).
+        A new library with ``pca_mean(feature)``, ``pca_components(component, feature)`` (in that
+        common frame), ``pca_loadings(atom, component)`` (NaN for edge atoms),
+        ``pca_explained_variance``, ``pca_explained_variance_ratio``, ``mode_polarity`` and
+        ``mode_is_polar`` (component) in ``/atoms``; at the root the per-image mean loadings
+        (:func:`summarize`) and ``reference_angle(image)``, the turn applied to each image.
         Per-image PCA results of the inputs are dropped.
     """
     from .ops import learn as ol
 
-    fitted = ol.pca(_learning_input(tree), n_components)
+    inp = _learning_input(tree, "xy")
+    fitted = ol.pca(inp, n_components)
     base = _without_learned(
         tree,
         dims=("component",),
         names=("pca_mean", "pca_components", "pca_loadings", "pca_explained_variance", "pca_explained_variance_ratio",
-               "mode_polarity", "mode_is_polar"),
+               "mode_polarity", "mode_is_polar", "reference_angle"),
     )
-    return summarize(_with_atoms(base, fitted.drop_vars(["image"], errors="ignore"), ["component"]))
+    at = base["atoms"].to_dataset(inherit=False)
+    names = ["pca_mean", "pca_components", "pca_loadings", "pca_explained_variance", "pca_explained_variance_ratio",
+             "mode_polarity", "mode_is_polar"]
+    res = fitted[[n for n in names if n in fitted.data_vars]]
+    if "feature" in at.coords:
+        res = res.drop_vars("feature", errors="ignore")
+    elif "feature" in res.coords:
+        at = at.assign_coords(feature=res["feature"])
+        res = res.drop_vars("feature")
+    at = at.assign(res.data_vars).assign_coords(component=fitted["component"])
+    at.attrs["pca_params"] = fitted.attrs.get("pca_params", "{}")
+    out = _with_atoms(base, at, ["component"])
+    root = out.to_dataset(inherit=False)
+    root["reference_angle"] = xr.DataArray(
+        _reference_angles(tree), dims=("image",),
+        attrs={"units": "rad", "long_name": "turn applied to the image's neighbour vectors before the library-wide PCA"},
+    )
+    out.dataset = root
+    return summarize(out)
 
 
 def summarize(tree: xr.DataTree) -> xr.DataTree:
@@ -838,7 +933,7 @@ def summarize(tree: xr.DataTree) -> xr.DataTree:
     idx = np.asarray(at["image_index"].values, dtype=np.int64)
     out = tree.copy()
     root = out.to_dataset(inherit=False)
-    root = root.drop_vars([n for n in _SUMMARIES if n in root.variables])
+    root = root.drop_vars([n for n in _SUMMARIES if n in root.variables and n != "reference_angle"])
     if "cluster" in at.variables and "cluster_id" in root.coords:
         K = root.sizes["cluster_id"]
         lab = np.asarray(at["cluster"].values, dtype=np.int64)
@@ -880,6 +975,7 @@ def learn(
     *,
     n_clusters: int | None = None,
     n_components: int | None = None,
+    kind: str | None = None,
     centroid: str = "mean",
     n_init: int = 4,
     seed: int = 0,
@@ -890,7 +986,7 @@ def learn(
     ``pca(kmeans(tree, n_clusters, ...), n_components)``; see :func:`kmeans`, :func:`pca` and
     :func:`summarize`.
     """
-    out = kmeans(tree, n_clusters, centroid=centroid, n_init=n_init, seed=seed, k_range=k_range)
+    out = kmeans(tree, n_clusters, kind=kind, centroid=centroid, n_init=n_init, seed=seed, k_range=k_range)
     return pca(out, n_components)
 
 
