@@ -14,6 +14,7 @@ Usage::
     python benchmarks/bench_batch.py --quick          # 4 images, then the 1M-atom learning
     python benchmarks/bench_batch.py --n-images 40    # more images
     python benchmarks/bench_batch.py --skip-batch     # learning only
+    python benchmarks/bench_batch.py --scale 200      # one full 200-image run on 2 workers
 
 Prints a Markdown table and writes JSON with ``--json PATH``. Timings depend on the machine and
 its load: report ratios measured in the same run.
@@ -86,6 +87,38 @@ def run_throughput(paths: list[Path], n_workers: int, work: Path, steps) -> dict
     }
 
 
+def run_scale(paths: list[Path], n_workers: int, folder: Path) -> dict:
+    """The whole ``atomds batch`` path at scale: tasks, assembly, library-wide learning, atomic write."""
+    import resource
+
+    from atomds import batch as B
+    from atomds import library
+
+    out_file = folder / "library.nc"
+    t0 = time.perf_counter()
+    res = B.run_batch(paths, n_workers=n_workers, output=out_file, memory_limit="2GiB", progress=False)
+    wall = time.perf_counter() - t0
+    recs = res.records
+    tasks_end = wall  # the tasks' share is estimated from their summed wall time
+    tree = res.library
+    info = {
+        "workers": n_workers,
+        "images": len(paths),
+        "failed": len(res.failed),
+        "atoms": int(library.atoms(tree).sizes["atom"]),
+        "K": int(tree.sizes.get("cluster_id", 0)),
+        "wall_s": wall,
+        "images_per_s": len(paths) / wall,
+        "task_s_sum": float(sum(r["seconds"] for r in recs)),
+        "assembly_learn_write_s_est": float(tasks_end - sum(r["seconds"] for r in recs) / n_workers),
+        "peak_rss_mb_worker_max": float(max(r["peak_rss_mb"] for r in recs)),
+        "peak_rss_mb_client": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "library_mb": out_file.stat().st_size / 2**20,
+    }
+    tree.close()
+    return info
+
+
 def synthetic_library(n_images: int = 200, atoms_per_image: int = 5000, k: int = 6, seed: int = 0):
     """A library whose /atoms descriptor mixes three neighbourhood types (no images needed)."""
     import xarray as xr
@@ -154,6 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-batch", action="store_true")
     p.add_argument("--skip-learn", action="store_true")
     p.add_argument("--learn-atoms", type=int, default=1_000_000, help="atoms of the learning benchmark")
+    p.add_argument("--scale", type=int, default=None, metavar="N",
+                   help="instead: one full run (tasks, assembly, learning, write) of N images on 2 workers")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     n = args.n_images or (4 if args.quick else 16)
@@ -164,6 +199,20 @@ def main(argv=None) -> int:
         "python": sys.version.split()[0],
     }
     out["load_before"] = [round(v, 2) for v in os.getloadavg()]
+    if args.scale:
+        tmp = Path(tempfile.mkdtemp(prefix="atomds-scale-"))
+        try:
+            t0 = time.perf_counter()
+            paths = make_images(tmp, args.scale, size=args.size)
+            out["make_images_s"] = time.perf_counter() - t0
+            out["scale"] = run_scale(paths, 2, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        out["load_after"] = [round(v, 2) for v in os.getloadavg()]
+        print(json.dumps(out, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1, default=str), encoding="utf-8")
+        return 0
     if not args.skip_batch:
         tmp = Path(tempfile.mkdtemp(prefix="atomds-bench-"))
         try:
