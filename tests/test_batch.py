@@ -266,6 +266,15 @@ def test_bad_arguments(inputs, tmp_path):
         B.batch(good)
     with pytest.raises(InvalidParameterError, match="no input"):
         B.batch([], work_dir=tmp_path)
+    # a folder stands for its image files, never the library or the work dir inside it
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "a.npy").write_bytes(b"")
+    (folder / "lib.nc").write_bytes(b"")
+    (folder / "lib.nc.parts").mkdir()
+    (folder / "lib.nc.parts" / "a.nc").write_bytes(b"")
+    found = B._expand_inputs([folder], exclude=[folder / "lib.nc.parts", folder / "lib.nc"])
+    assert [p.name for p in found] == ["a.npy"]
 
 
 def test_unreadable_result_file_is_a_failed_image(inputs, tmp_path):

@@ -157,6 +157,8 @@ def test_properties_from_csv_by_file_name(images, tmp_path):
     np.testing.assert_allclose(tree["composition"].values, [0.2, np.nan, 0.8])
     assert tree["temperature"].dtype == np.float64  # a missing value
     assert list(tree["note"].values) == ["", "", "hot"]
+    with pytest.warns(UserWarning, match="not in the library"):
+        library.from_datasets(images, properties={"sample_9": {"composition": 0.1}})
     replaced = library.set_properties(tree, {"sample_2": {"composition": 0.5}})
     np.testing.assert_allclose(replaced["composition"].values, [np.nan, 0.5, np.nan])
     assert "temperature" not in replaced and "temperature" in tree

@@ -393,7 +393,7 @@ def run_batch(
     work = Path(work_dir) if work_dir is not None else output_p.with_name(output_p.name + ".parts")
     if client is not None and scheduler is not None:
         raise InvalidParameterError("give client= or scheduler=, not both.")
-    inputs = _expand_inputs(paths, exclude=[work])
+    inputs = _expand_inputs(paths, exclude=[work] + ([output_p] if output_p is not None else []))
     from . import library as lib
 
     ids = lib.make_ids(inputs)

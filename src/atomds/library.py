@@ -190,6 +190,16 @@ def read_properties(source: Any, image_ids: Sequence[str]) -> xr.Dataset:
             index.append(key if key in ids_list else stem)
         df.index = index
     df.index = [str(i) for i in df.index]
+    unknown = [i for i in df.index if i not in ids_list]
+    if unknown:
+        import warnings
+
+        warnings.warn(
+            f"properties given for {len(unknown)} images that are not in the library (ignored): "
+            f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''}",
+            UserWarning,
+            stacklevel=2,
+        )
     if df.index.duplicated().any():
         dup = sorted(set(df.index[df.index.duplicated()]))
         raise InvalidParameterError(f"properties list images more than once: {dup}.")
