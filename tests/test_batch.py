@@ -91,8 +91,9 @@ def external(tmp_path_factory):
     try:
         procs.append(
             subprocess.Popen(
+                # --idle-timeout / --death-timeout: nothing outlives a test session that died hard
                 [DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
-                 "--scheduler-file", str(sched_file)],
+                 "--scheduler-file", str(sched_file), "--idle-timeout", "300"],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder,
             )
         )
@@ -105,7 +106,8 @@ def external(tmp_path_factory):
             procs.append(
                 subprocess.Popen(
                     [DASK, "worker", "--scheduler-file", str(sched_file), "--host", "127.0.0.1", "--nthreads", "1",
-                     "--nworkers", "1", "--no-dashboard", "--memory-limit", "2GiB", "--name", f"w{i}"],
+                     "--nworkers", "1", "--no-dashboard", "--memory-limit", "2GiB", "--name", f"w{i}",
+                     "--death-timeout", "60"],
                     stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder,
                 )
             )
