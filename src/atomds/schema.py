@@ -111,14 +111,21 @@ def problems(ds: Any) -> list[str]:
     return out
 
 
-def validate(ds: xr.Dataset) -> xr.Dataset:
+def validate(ds: xr.Dataset | xr.DataTree) -> xr.Dataset | xr.DataTree:
     """Check ``ds`` against the atomds layouts; return it unchanged or raise one error listing every violation.
+
+    A :class:`xarray.DataTree` is checked as a structure-property library
+    (:func:`atomds.library.validate`).
 
     Raises
     ------
     SchemaValidationError
         With one line per violation.
     """
+    if isinstance(ds, xr.DataTree):
+        from .library import validate as validate_library
+
+        return validate_library(ds)
     found = problems(ds)
     if found:
         lines = "\n".join(f"  - {p}" for p in found)
