@@ -165,3 +165,10 @@ def test_align_frames(rng):
         opre.align_frames(smp)
     with pytest.raises(DimensionError):
         ofind.find_atoms(ds)
+
+
+def test_pure_noise_image_reports_no_atoms():
+    noise = np.random.default_rng(3).normal(100.0, 5.0, size=(128, 128))
+    ds = atomds.from_array(noise, pixel_size=0.2, units="Å")
+    with pytest.raises(NoAtomsFoundError, match="no atoms found"):
+        ds.lcx.find_atoms()

@@ -889,7 +889,11 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     for sp in specs:
         if sp is not None and not _is_point(sp):
             check_template(sp, img.shape)
-    d = estimate_spacing(img) if spacing is None else float(spacing)
+    try:
+        d = estimate_spacing(img) if spacing is None else float(spacing)
+    except InvalidImageError as exc:
+        # an image with no repeated column spacing (noise, vacuum, amorphous) has no atoms to find
+        raise NoAtomsFoundError(f"no atoms found: {exc}") from exc
     samp = _Sampler(_central_crop(img, _SMALL_CROP)) if (sigma is None or any(sp is None for sp in specs)) else None
     s = _estimate_sigma(samp, d) if sigma is None else float(sigma)
     templates, kinds = [], []
