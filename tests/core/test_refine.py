@@ -243,3 +243,67 @@ def test_crb_decreases_with_dose_and_matches_the_per_column_bound():
     assert by[0] == pytest.approx(ref_y, rel=5e-3)
     with pytest.raises(InvalidParameterError):
         crb.crb_gaussian(-1.0, 2.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# compiled (numba) fit against the batched NumPy fit, neighbour search, batched inverse
+
+
+@pytest.mark.parametrize("noise", [None, "uniform"])
+def test_compiled_fit_equals_numpy_fit(monkeypatch, noise):
+    # close pairs (neighbour subtraction, 3 refits), columns cut by the border, a hole of NaN
+    # pixels, a float64 image, a seed on a dark dip (a fit that fails)
+    s = samples.perovskite_sample(shape=(96, 112), dose=1500.0, seed=8)
+    img = np.array(s.image, dtype=np.float64)
+    img[40:43, 50:54] = np.nan
+    x0, y0 = _jitter(s, 0.3, seed=5)
+    x0, y0 = np.r_[x0, 3.0], np.r_[y0, 90.0]
+    settings = refine.estimate_fit_settings(img, x0, y0)
+    assert refine._COMPILED
+    fast = refine.refine_gaussian(img, x0, y0, noise=noise, settings=settings)
+    monkeypatch.setattr(refine, "_COMPILED", False)
+    ref = refine.refine_gaussian(img, x0, y0, noise=noise, settings=settings)
+    np.testing.assert_array_equal(fast["fit_ok"], ref["fit_ok"])
+    ok = ref["fit_ok"]
+    assert ok.mean() > 0.95
+    np.testing.assert_allclose(fast["x"], ref["x"], rtol=0, atol=2e-4)
+    np.testing.assert_allclose(fast["y"], ref["y"], rtol=0, atol=2e-4)
+    np.testing.assert_allclose(fast["sigma"][ok], ref["sigma"][ok], rtol=1e-3)
+    np.testing.assert_allclose(fast["intensity"][ok], ref["intensity"][ok], rtol=1e-3)
+    np.testing.assert_allclose(fast["x_err"][ok], ref["x_err"][ok], rtol=1e-3)
+    assert np.mean(fast["n_iter"] == ref["n_iter"]) > 0.95
+
+
+def test_neighbor_search_matches_brute_force():
+    rng = np.random.default_rng(7)
+    xy = np.vstack([rng.uniform(0, 60, (300, 2)), [[10.0, 10.0], [10.0, 10.0]], rng.uniform(0, 1, (5, 2)) + 200.0])
+    d = np.hypot(xy[:, None, 0] - xy[None, :, 0], xy[:, None, 1] - xy[None, :, 1])
+    np.fill_diagonal(d, np.inf)
+    np.testing.assert_allclose(refine.nearest_neighbor_distance(xy[:, 0], xy[:, 1]), d.min(axis=1), rtol=1e-14, atol=0)
+    idx = np.arange(0, xy.shape[0], 3)
+    pool = np.zeros(xy.shape[0], bool)
+    pool[rng.permutation(xy.shape[0])[:200]] = True
+    for mask in (None, pool):
+        nb = refine._neighbor_lists(xy, idx, 7.5, mask)
+        for row, i in zip(nb, idx, strict=True):
+            want = np.flatnonzero((d[i] < 7.5) & (True if mask is None else mask))
+            got = row[row >= 0]
+            assert sorted(got) == sorted(want)
+            assert np.all(np.diff(d[i, got]) >= 0)  # nearest first
+    assert refine.nearest_neighbor_distance([3.0], [4.0])[0] == np.inf
+
+
+def test_batched_inverse():
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(50, 5, 5))
+    a = a @ a.transpose(0, 2, 1) + 0.1 * np.eye(5)
+    a[3, 2, 2] = np.nan
+    a[7] = np.outer(np.arange(5.0), np.arange(5.0))  # singular: pseudo-inverse
+    a[9, :, 0] = 0.0
+    a[9, 0, :] = 0.0
+    a[9, 0, 0] = 0.0  # zero first pivot, no row to swap in
+    out = refine._invert_batched(a)
+    assert np.isnan(out[3]).all()
+    good = np.setdiff1d(np.arange(50), [3, 7, 9])
+    np.testing.assert_allclose(out[good], np.linalg.inv(a[good]), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(out[[7, 9]], np.linalg.pinv(a[[7, 9]]), atol=1e-12)

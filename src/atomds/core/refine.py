@@ -1,9 +1,12 @@
 """Sub-pixel refinement of atomic columns: batched 2-D Gaussian fits of all atoms at once.
 
-Pure NumPy/SciPy. Positions are in pixels: ``x`` = column index, ``y`` = row index, pixel centres at
-integer coordinates. Every atom is fitted in the same vectorised Levenberg-Marquardt iteration over
-an ``(n_atoms, w, w)`` stack of patches (processed in chunks of atoms to bound the memory); no
-Python loop runs per atom.
+NumPy/SciPy and numba. Positions are in pixels: ``x`` = column index, ``y`` = row index, pixel
+centres at integer coordinates. No Python loop runs per atom: the isotropic model is fitted by a
+compiled Levenberg-Marquardt (numba) that runs every atom's fit on the cores in parallel, the
+elliptical model (and the residual statistics of the noise estimate) by the same iteration
+vectorised over an ``(n_atoms, w, w)`` stack of patches in NumPy (processed in chunks of atoms to
+bound the memory). Both follow the same rules (starting values, weights, damping, acceptance and
+convergence), and give the same numbers to float32 rounding.
 
 The model of one column is a Gaussian integrated over each pixel (differences of error functions,
 as :func:`atomds.core.synth.render_columns` renders columns) on a local constant background::
@@ -43,20 +46,25 @@ for unweighted fits). Fits that diverge (non-finite, moved by more than a quarte
 nearest-neighbour distance, width outside ``[0.2 px, window]`` or no positive intensity) are
 flagged ``fit_ok = False`` and their position falls back to the centre of mass.
 
-Speed: the patches are float32; the normal equations use the separable structure of the
-pixel-integrated Gaussian (sums over a patch become small batched matrix products), the error
-function comes from one shared exponential, the neighbours' profiles are tabulated once per pass,
-and BLAS runs on one thread (its threads only slow down the many tiny products).
+Speed: the normal equations use the separable structure of the pixel-integrated Gaussian (sums
+over a patch become row sums times products of the per-axis profiles), the error function comes
+from the exponential shared with the density, and the neighbours' profiles are tabulated once per
+pass. In the compiled fit each atom's patch, weights and sums stay in the cache and only the
+pixels of its circular window are visited; neighbours are found on a grid of cells. The NumPy
+code keeps its patches in float32 and BLAS on one thread (its threads only slow down the many
+tiny products). The compiled functions are cached on disk (``cache=True``): the first call after
+installing compiles them once (about 20 s), later processes load them (a fraction of a second).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.spatial import cKDTree
+from numba import njit, parallel_chunksize, prange
 from scipy.special import erf
 
 from ..errors import DimensionError, InvalidImageError, InvalidParameterError
@@ -105,8 +113,8 @@ def nearest_neighbor_distance(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     xy = np.column_stack([np.asarray(x, float).ravel(), np.asarray(y, float).ravel()])
     if xy.shape[0] < 2:
         return np.full(xy.shape[0], np.inf)
-    d, _ = cKDTree(xy).query(xy, k=2)
-    return d[:, 1]
+    with _parallel(blocks=False):
+        return _nb_nearest(xy, _cell_size(xy))
 
 
 @contextmanager
@@ -199,18 +207,6 @@ def _fast_cdf(e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return cdf, ex
 
 
-def _fast_profile(centre, sigma, start, w) -> np.ndarray:
-    """Pixel integrals of unit Gaussians (float32), any leading shape; ``start`` broadcasts."""
-    c = np.asarray(centre, dtype=float)
-    inv_s = (1.0 / np.asarray(sigma, dtype=float)).astype(np.float32)[..., None]
-    e = (np.asarray(start, dtype=float) - c).astype(np.float32)[..., None]
-    e = (e + (np.arange(w + 1, dtype=np.float32) - np.float32(0.5))) * inv_s
-    cdf, _ = _fast_cdf(e)
-    g = cdf[..., 1:] - cdf[..., :-1]
-    g *= np.float32(0.5)
-    return g
-
-
 def _fast_factors(centre, sigma, start, w) -> np.ndarray:
     """Pixel-integrated Gaussian profile and its derivatives along one patch axis, float32.
 
@@ -266,13 +262,14 @@ def _solve_batched(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _invert_batched(a: np.ndarray) -> np.ndarray:
-    out = np.full(a.shape, np.nan)
-    good = np.isfinite(a).all(axis=(1, 2))
-    if good.any():
-        try:
-            out[good] = np.linalg.inv(a[good])
-        except np.linalg.LinAlgError:
-            out[good] = np.linalg.pinv(a[good])
+    """Inverses of a stack of small matrices (n, k, k); NaN where not finite, pseudo-inverse where singular."""
+    a = np.ascontiguousarray(a, dtype=np.float64)
+    out = np.empty(a.shape)
+    singular = np.zeros(a.shape[0], dtype=bool)
+    with _parallel():
+        _nb_invert(a, out, singular)
+    if singular.any():
+        out[singular] = np.linalg.pinv(a[singular])
     return out
 
 
@@ -809,22 +806,16 @@ def _large_step(step: np.ndarray, p: np.ndarray) -> np.ndarray:
     )
 
 
-def _neighbor_lists(tree, xy_all, idx, reach, pool_mask):
-    """Padded neighbour indices (n, K) (-1 = none) within ``reach`` px of atoms ``idx``, from the pool."""
-    if idx.size == 0 or tree.n < 2:
+def _neighbor_lists(xy_all, idx, reach, pool_mask):
+    """Padded neighbour indices (n, K) (-1 = none) within ``reach`` px of atoms ``idx``, from the pool.
+
+    Sorted by distance; found on a grid of cells of at least ``reach`` px.
+    """
+    if idx.size == 0 or xy_all.shape[0] < 2:
         return np.full((idx.size, 1), -1, dtype=np.int64)
-    counts = tree.query_ball_point(xy_all[idx], r=reach, return_length=True)
-    kq = int(min(max(counts.max(), 2), tree.n))
-    _, nb = tree.query(xy_all[idx], k=kq, distance_upper_bound=reach)
-    nb = np.asarray(nb, dtype=np.int64).reshape(idx.size, kq)
-    nb[(nb >= tree.n) | (nb == idx[:, None])] = -1
-    if pool_mask is not None:
-        valid = nb >= 0
-        nb[valid & ~pool_mask[np.where(valid, nb, 0)]] = -1
-    order = np.argsort(nb < 0, axis=1, kind="stable")  # valid entries first, by distance
-    nb = np.take_along_axis(nb, order, axis=1)
-    kk = int(max((nb >= 0).sum(axis=1).max(), 1))
-    return nb[:, :kk]
+    mask = np.zeros(0, dtype=bool) if pool_mask is None else pool_mask
+    with _parallel(blocks=False):
+        return _nb_neighbor_lists(xy_all, idx.astype(np.int64), float(reach), _cell_size(xy_all, reach), mask)
 
 
 def _run_pass(image, idx, p_start, reinit, spec: _PassSpec, nbprev=None, sigma0=None, collect_residuals=False):
@@ -835,6 +826,8 @@ def _run_pass(image, idx, p_start, reinit, spec: _PassSpec, nbprev=None, sigma0=
     from every patch (and adds them to the variance).
     """
     model = spec.model
+    if _COMPILED and model.k == 5 and not collect_residuals and (nbprev is None or nbprev.model.k == 5):
+        return _run_pass_compiled(image, idx, p_start, reinit, spec, nbprev, sigma0)
     n = idx.size
     k = model.k
     w = 2 * spec.half + 1
@@ -896,6 +889,727 @@ def _run_pass(image, idx, p_start, reinit, spec: _PassSpec, nbprev=None, sigma0=
             mu_tot = own + nbsum
             residuals.append((mu_tot[mask], r2[mask], np.repeat(np.arange(c0, sl.stop), m)))
     return out_p, out_chi2, out_h, out_iter, out_m, residuals
+
+
+# ----------------------------------------------------------------------------------------------
+# compiled isotropic passes (numba)
+#
+# The same fit as :func:`_run_pass` + :func:`_lm` for the isotropic model (same starting values,
+# weights, damping, acceptance of a step and convergence rules), one atom after the other in
+# compiled code, the atoms spread over the cores in blocks (``prange``). An atom's fit depends
+# on its own patch only, so the result does not depend on how the atoms are split between
+# threads or on which other atoms are fitted. Sums run in float64 over the pixels of the
+# circular window only (a range of columns per row); J^T W r and J^T W J use the separable
+# structure of the pixel-integrated Gaussian (row sums of the weights times products of the
+# x-factors, then sums over the rows times products of the y-factors).
+
+_NB_BLOCK = 64  # atoms per iteration of the parallel loops over blocks of atoms
+_NB_LOCK = threading.Lock()  # one parallel kernel at a time (numba's workqueue layer is not thread-safe)
+
+
+@contextmanager
+def _parallel(blocks: bool = True):
+    """Run a parallel kernel: one at a time; loops over blocks of atoms are handed out dynamically
+    (4 blocks at a time), so that a core shared with other work does not hold up the others."""
+    with _NB_LOCK, parallel_chunksize(4 if blocks else 0):
+        yield
+
+
+@njit(cache=True)
+def _nb_profiles(c, s, start, w, f, tmp):
+    """Pixel-integrated unit Gaussian on ``w`` pixels from ``start``: f[0] = G, f[1] = dG/dc, f[2] = dG/ds.
+
+    The Gaussian at the ``w + 1`` pixel edges comes from three exponentials (a recurrence outwards
+    from the edge nearest the centre, every factor <= 1: no overflow); the error function from
+    it as in :func:`_fast_cdf` (Abramowitz & Stegun 7.1.26).
+    """
+    inv_s = 1.0 / s
+    e0 = (start - c - 0.5) * inv_s
+    ee = tmp[0]
+    ex = tmp[1]
+    cdf = tmp[2]
+    for j in range(w + 1):
+        ee[j] = e0 + j * inv_s
+    jc = int(math.floor(c - start + 1.0))  # edge j sits at start - 0.5 + j
+    jc = min(max(jc, 0), w)
+    ex[jc] = math.exp(-0.5 * ee[jc] * ee[jc])
+    q2 = math.exp(-inv_s * inv_s)
+    r = math.exp(-ee[jc] * inv_s - 0.5 * inv_s * inv_s)
+    for j in range(jc, w):
+        ex[j + 1] = ex[j] * r
+        r *= q2
+    r = math.exp(ee[jc] * inv_s - 0.5 * inv_s * inv_s)
+    for j in range(jc, 0, -1):
+        ex[j - 1] = ex[j] * r
+        r *= q2
+    for j in range(w + 1):
+        e = ee[j]
+        t = 1.0 / (1.0 + _AS_P * abs(e))
+        poly = t * (_AS_A[4] + t * (_AS_A[3] + t * (_AS_A[2] + t * (_AS_A[1] + t * _AS_A[0])))) * ex[j]
+        cdf[j] = math.copysign(1.0 - poly, e)
+        ex[j] *= _INV_SQRT2PI  # now the density
+    g0 = f[0]
+    g1 = f[1]
+    g2 = f[2]
+    for j in range(w):
+        g0[j] = 0.5 * (cdf[j + 1] - cdf[j])
+        g1[j] = (ex[j] - ex[j + 1]) * inv_s
+        g2[j] = (ee[j] * ex[j] - ee[j + 1] * ex[j + 1]) * inv_s
+
+
+@njit(cache=True)
+def _nb_chi2(d, wt, rlo, rhi, fx, fy, p, g):
+    """Weighted chi-square of the patch at ``p`` and the gradient J^T W r (into ``g``)."""
+    amp, bg = p[2], p[4]
+    x0 = fx[0]
+    x1 = fx[1]
+    x2 = fx[2]
+    chi2 = 0.0
+    gx = 0.0
+    gy = 0.0
+    gn = 0.0
+    gs = 0.0
+    gb = 0.0
+    for q in range(d.shape[0]):
+        lo = rlo[q]
+        hi = rhi[q]
+        if lo >= hi:
+            continue
+        yg = fy[0, q]
+        a = amp * yg
+        dq = d[q, lo:hi]
+        wq = wt[q, lo:hi]
+        g0 = x0[lo:hi]
+        g1 = x1[lo:hi]
+        g2 = x2[lo:hi]
+        r0 = 0.0
+        r1 = 0.0
+        r2 = 0.0
+        r3 = 0.0
+        c2 = 0.0
+        for j in range(hi - lo):
+            res = dq[j] - (a * g0[j] + bg)
+            wr = wq[j] * res
+            c2 += wr * res
+            r0 += wr * g0[j]
+            r1 += wr * g1[j]
+            r2 += wr * g2[j]
+            r3 += wr
+        chi2 += c2
+        gx += yg * r1
+        gy += fy[1, q] * r0
+        gn += yg * r0
+        gs += fy[2, q] * r0 + yg * r2
+        gb += r3
+    g[0] = amp * gx
+    g[1] = amp * gy
+    g[2] = gn
+    g[3] = amp * gs
+    g[4] = gb
+    return chi2
+
+
+@njit(cache=True)
+def _nb_normal(wt, rlo, rhi, fx, fy, p, h):
+    """J^T W J: row sums of the weights times pairs of x-factors, then sums over the rows."""
+    x0 = fx[0]
+    x1 = fx[1]
+    x2 = fx[2]
+    a_xx = a_xy = a_xn = a_xs1 = a_xs2 = a_xb = 0.0
+    a_yy = a_yn = a_ys1 = a_ys2 = a_yb = 0.0
+    a_nn = a_ns1 = a_ns2 = a_nb = 0.0
+    a_ss1 = a_ss2 = a_ss3 = a_sb1 = a_sb2 = a_bb = 0.0
+    for q in range(wt.shape[0]):
+        lo = rlo[q]
+        hi = rhi[q]
+        if lo >= hi:
+            continue
+        wq = wt[q, lo:hi]
+        g0 = x0[lo:hi]
+        g1 = x1[lo:hi]
+        g2 = x2[lo:hi]
+        s_gg = s_gd = s_gs = s_g1 = s_dd = s_ds = s_d1 = s_ss = s_s1 = s_11 = 0.0
+        for j in range(hi - lo):
+            wv = wq[j]
+            u = wv * g0[j]
+            v = wv * g1[j]
+            z = wv * g2[j]
+            s_gg += u * g0[j]
+            s_gd += u * g1[j]
+            s_gs += u * g2[j]
+            s_g1 += u
+            s_dd += v * g1[j]
+            s_ds += v * g2[j]
+            s_d1 += v
+            s_ss += z * g2[j]
+            s_s1 += z
+            s_11 += wv
+        yg = fy[0, q]
+        yd = fy[1, q]
+        ys = fy[2, q]
+        gg = yg * yg
+        a_xx += gg * s_dd
+        a_xy += yg * yd * s_gd
+        a_xn += gg * s_gd
+        a_xs1 += yg * ys * s_gd
+        a_xs2 += gg * s_ds
+        a_xb += yg * s_d1
+        a_yy += yd * yd * s_gg
+        a_yn += yd * yg * s_gg
+        a_ys1 += yd * ys * s_gg
+        a_ys2 += yd * yg * s_gs
+        a_yb += yd * s_g1
+        a_nn += gg * s_gg
+        a_ns1 += yg * ys * s_gg
+        a_ns2 += gg * s_gs
+        a_nb += yg * s_g1
+        a_ss1 += ys * ys * s_gg
+        a_ss2 += ys * yg * s_gs
+        a_ss3 += gg * s_ss
+        a_sb1 += ys * s_g1
+        a_sb2 += yg * s_s1
+        a_bb += s_11
+    n = p[2]
+    n2 = n * n
+    h[0, 0] = n2 * a_xx
+    h[0, 1] = n2 * a_xy
+    h[0, 2] = n * a_xn
+    h[0, 3] = n2 * (a_xs1 + a_xs2)
+    h[0, 4] = n * a_xb
+    h[1, 1] = n2 * a_yy
+    h[1, 2] = n * a_yn
+    h[1, 3] = n2 * (a_ys1 + a_ys2)
+    h[1, 4] = n * a_yb
+    h[2, 2] = a_nn
+    h[2, 3] = n * (a_ns1 + a_ns2)
+    h[2, 4] = a_nb
+    h[3, 3] = n2 * (a_ss1 + 2.0 * a_ss2 + a_ss3)
+    h[3, 4] = n * (a_sb1 + a_sb2)
+    h[4, 4] = a_bb
+    for i in range(5):
+        for j in range(i):
+            h[i, j] = h[j, i]
+
+
+@njit(cache=True)
+def _nb_solve(h, g, lam, a, step):
+    """Damped step: (H + lam diag(max(H_ii, 1e-12 max H_ii))) step = g, Gaussian elimination
+    without pivoting (as :func:`_solve_batched`); False where it is not finite."""
+    k = g.size
+    dmax = -np.inf
+    for i in range(k):
+        if h[i, i] > dmax:
+            dmax = h[i, i]
+    floor = 1e-12 * max(dmax, 1e-300)
+    for i in range(k):
+        for j in range(k):
+            a[i, j] = h[i, j]
+        a[i, i] = h[i, i] + lam * max(h[i, i], floor)
+        step[i] = g[i]
+    for j in range(k):
+        a[j, j] = 1.0 / a[j, j]  # the pivot's reciprocal (one division per row)
+        for i in range(j + 1, k):
+            f = a[i, j] * a[j, j]
+            for m in range(j + 1, k):
+                a[i, m] -= f * a[j, m]
+            step[i] -= f * step[j]
+    for i in range(k - 1, -1, -1):
+        acc = step[i]
+        for m in range(i + 1, k):
+            acc -= a[i, m] * step[m]
+        step[i] = acc * a[i, i]
+    for i in range(k):
+        if not np.isfinite(step[i]):
+            return False
+    return True
+
+
+@njit(cache=True)
+def _nb_clip(v, lo, hi):
+    if v < lo:
+        return lo
+    if v > hi:
+        return hi
+    return v  # NaN stays NaN (as np.clip)
+
+
+@njit(cache=True)
+def _nb_constrain(p, sx, sy, w, smax):
+    """As :meth:`_Isotropic.constrain`: centre inside the patch, width in [0.1 px, smax]."""
+    p[0] = _nb_clip(p[0], sx, sx + w - 1.0)
+    p[1] = _nb_clip(p[1], sy, sy + w - 1.0)
+    p[3] = _nb_clip(p[3], 0.5 * _MIN_SIGMA, smax)
+    for i in range(5):
+        if not np.isfinite(p[i]):
+            return False
+    return True
+
+
+@njit(cache=True)
+def _nb_fit_atom(img, xc, yc, r, half, reinit, p, sigma0, noise, ctrl, max_iter, final_normal, nbrows, tgx, tgy,
+                 tx0, ty0, d, wt, rlo, rhi, fx, fy, fxt, fyt, tmp, g, gt, h, pt, step, a, meat):
+    """Fit one atom (isotropic model), updating ``p`` in place; returns (chi2, iterations, pixels).
+
+    Steps as in :func:`_run_pass` and :func:`_lm`: the patch centred on the rounded start,
+    the circular window (float32 distances, as there), the neighbours' models subtracted, the
+    starting values from the patch's moments where ``reinit``, the weights from the starting
+    model, then Levenberg-Marquardt.
+    """
+    ny, nx = img.shape
+    w = d.shape[0]
+    sx = int(np.rint(xc)) - half
+    sy = int(np.rint(yc)) - half
+    rr = np.float32(r * r)
+    uniform = noise[0] != 0.0
+    # window: a range of columns per row, from the same float32 distances as the NumPy code
+    m = 0
+    for q in range(w):
+        row = sy + q
+        lo, hi = w, 0
+        if row >= 0 and row < ny:
+            dy = np.float32(row - yc)
+            dy2 = dy * dy
+            for j in range(w):
+                dx = np.float32(sx + j - xc)
+                if dy2 + dx * dx <= rr:
+                    if j < lo:
+                        lo = j
+                    hi = j + 1
+            lo = max(lo, -sx)
+            hi = min(hi, nx - sx)
+        if hi <= lo:
+            lo, hi = 0, 0
+        rlo[q] = lo
+        rhi[q] = hi
+        for j in range(lo, hi):
+            v = img[row, sx + j]
+            if np.isfinite(v):
+                d[q, j] = v
+                wt[q, j] = 1.0
+                m += 1
+            else:
+                d[q, j] = 0.0
+                wt[q, j] = 0.0
+    # the neighbours' columns of the previous pass (tables of N * Gx and Gy per column, zero-padded)
+    tw = tgx.shape[1] - 2  # table width
+    for k in range(nbrows.size):
+        t = nbrows[k]
+        if t < 0:
+            continue
+        off_x = sx - tx0[t] + 1  # table column of patch column 0
+        off_y = sy - ty0[t] + 1
+        for q in range(w):
+            iy = q + off_y
+            if iy < 1 or iy > tw:
+                continue
+            gyv = float(tgy[t, iy])
+            lo = max(rlo[q], 1 - off_x)
+            hi = min(rhi[q], tw + 1 - off_x)
+            if hi <= lo:
+                continue
+            dq = d[q, lo:hi]
+            tq = tgx[t, lo + off_x : hi + off_x]
+            for j in range(hi - lo):
+                dq[j] -= gyv * tq[j]
+    if reinit:
+        # moments of the patch (as _initial_guess): background from the outer ring, width from
+        # the second moment of the positive excess
+        ring_r2 = np.float32(0.49 * r * r)
+        nring = 0
+        sring = 0.0
+        bmin = np.inf
+        for q in range(w):
+            dy = np.float32(sy + q - yc)
+            for j in range(rlo[q], rhi[q]):
+                if wt[q, j] == 0.0:
+                    continue
+                dx = np.float32(sx + j - xc)
+                if dy * dy + dx * dx >= ring_r2:
+                    nring += 1
+                    sring += d[q, j]
+                bmin = min(bmin, d[q, j])
+        if nring >= 4:
+            bg = sring / nring
+        elif np.isfinite(bmin):
+            bg = bmin
+        else:
+            bg = 0.0
+        total = 0.0
+        tp = 0.0
+        m2 = 0.0
+        for q in range(w):
+            dy = np.float32(sy + q - yc)
+            for j in range(rlo[q], rhi[q]):
+                if wt[q, j] == 0.0:
+                    continue
+                s = d[q, j] - bg
+                total += s
+                if s > 0.0:
+                    tp += s
+                    dx = np.float32(sx + j - xc)
+                    m2 += s * (dy * dy + dx * dx)
+        if sigma0 > 0.0:
+            sig = sigma0
+        else:
+            sig = math.sqrt(max(0.5 * m2 / max(tp, 1e-300) - _BOX_VAR, 0.0))
+            if not np.isfinite(sig):
+                sig = 0.25 * r
+            sig = min(max(sig, 0.5), max(0.5 * r, 0.5))
+        p[0] = xc
+        p[1] = yc
+        p[2] = total if total > 0.0 else max(tp, 1e-6)
+        p[3] = sig
+        p[4] = bg
+    smax, tol, prior_mu, prior_prec = ctrl[0], ctrl[1], ctrl[2], ctrl[3]
+    has_prior = prior_prec >= 0.0
+    if not uniform:
+        # weights: 1 / variance of the starting model (this column + the neighbours' columns)
+        _nb_profiles(p[0], p[3], sx, w, fx, tmp)
+        _nb_profiles(p[1], p[3], sy, w, fy, tmp)
+        gain, offset, vfloor = noise[1], noise[2], noise[3]
+        for q in range(w):
+            row = sy + q
+            a0 = p[2] * fy[0, q]
+            for j in range(rlo[q], rhi[q]):
+                if wt[q, j] == 0.0:
+                    continue
+                nbv = float(img[row, sx + j]) - d[q, j]  # the neighbours' sum
+                mu = a0 * fx[0, j] + p[4] + nbv
+                wt[q, j] = 1.0 / max(gain * mu + offset, vfloor)
+    _nb_constrain(p, sx, sy, w, smax)
+    _nb_profiles(p[0], p[3], sx, w, fx, tmp)
+    _nb_profiles(p[1], p[3], sy, w, fy, tmp)
+    chi2 = _nb_chi2(d, wt, rlo, rhi, fx, fy, p, g)
+    _nb_normal(wt, rlo, rhi, fx, fy, p, h)
+    if has_prior:
+        dev = prior_mu - p[3]
+        g[3] += prior_prec * dev
+        h[3, 3] += prior_prec
+        chi2 += prior_prec * dev * dev
+    n_iter = 0
+    if np.isfinite(chi2):
+        lam = 1e-3
+        for _ in range(max_iter):
+            valid = _nb_solve(h, g, lam, a, step)
+            pred = abs(g[0] * step[0] + g[1] * step[1] + g[2] * step[2] + g[3] * step[3] + g[4] * step[4])
+            chi2_t = np.nan
+            if valid:
+                for i in range(5):
+                    pt[i] = p[i] + step[i]
+                valid = _nb_constrain(pt, sx, sy, w, smax)
+            if valid:
+                _nb_profiles(pt[0], pt[3], sx, w, fxt, tmp)
+                _nb_profiles(pt[1], pt[3], sy, w, fyt, tmp)
+                chi2_t = _nb_chi2(d, wt, rlo, rhi, fxt, fyt, pt, gt)
+                if has_prior:
+                    dev = prior_mu - pt[3]
+                    chi2_t += prior_prec * dev * dev
+            # float32 data: changes below ~1e-6 of chi2 are rounding, not real
+            slack = _CHI2_RTOL * abs(chi2)
+            better = valid and np.isfinite(chi2_t) and chi2_t <= chi2 + slack
+            n_iter += 1
+            if better:
+                for i in range(5):
+                    p[i] = pt[i]
+                    g[i] = gt[i]
+                chi2 = chi2_t
+                fx, fxt = fxt, fx
+                fy, fyt = fyt, fy
+                if has_prior:
+                    g[3] += prior_prec * (prior_mu - p[3])
+                # large steps refresh the normal matrix (as _large_step), small ones only the gradient
+                if (
+                    abs(step[0]) > 0.05
+                    or abs(step[1]) > 0.05
+                    or abs(step[2]) > 0.02 * abs(p[2])
+                    or abs(step[3]) > 0.02 * abs(p[3])
+                ):
+                    _nb_normal(wt, rlo, rhi, fx, fy, p, h)
+                    if has_prior:
+                        h[3, 3] += prior_prec
+                lam = max(lam * 0.1, 1e-9)
+            else:
+                lam = lam * 10.0
+            small = better and abs(step[0]) < tol and abs(step[1]) < tol and abs(step[3]) < tol * max(1.0, abs(p[3]))
+            small = small or (valid and pred < slack)
+            if small or lam > 1e9:
+                break
+    if final_normal:
+        # normal matrix at the solution (fx, fy hold its profiles), for the covariance
+        _nb_normal(wt, rlo, rhi, fx, fy, p, h)
+        if has_prior:
+            h[3, 3] += prior_prec
+        if uniform:
+            # sandwich "meat" J^T diag(r^2 m / (m - k)) J of an unweighted fit
+            dof = m / max(m - 5.0, 1.0)
+            for q in range(w):
+                a0 = p[2] * fy[0, q]
+                for j in range(rlo[q], rhi[q]):
+                    res = d[q, j] - (a0 * fx[0, j] + p[4])
+                    wt[q, j] = wt[q, j] * res * res * dof
+            _nb_normal(wt, rlo, rhi, fx, fy, p, meat)
+    return chi2, n_iter, m
+
+
+@njit(parallel=True, cache=True)
+def _nb_pass(img, xs, ys, radius, reinit, p, half, sigma0, noise, ctrl, max_iter, final_normal, nbrows, tgx, tgy,
+             tx0, ty0, out_chi2, out_h, out_iter, out_m, out_meat):
+    """Fit every atom (rows of ``p``, updated in place) from its start ``xs``, ``ys``."""
+    n = xs.size
+    w = 2 * half + 1
+    nblk = (n + _NB_BLOCK - 1) // _NB_BLOCK
+    want_meat = out_meat.shape[0] == n
+    for b in prange(nblk):
+        d = np.empty((w, w))
+        wt = np.empty((w, w))
+        rlo = np.empty(w, dtype=np.int64)
+        rhi = np.empty(w, dtype=np.int64)
+        fx = np.empty((3, w))
+        fy = np.empty((3, w))
+        fxt = np.empty((3, w))
+        fyt = np.empty((3, w))
+        tmp = np.empty((3, w + 1))
+        g = np.empty(5)
+        gt = np.empty(5)
+        pt = np.empty(5)
+        step = np.empty(5)
+        a = np.empty((5, 5))
+        meat = np.zeros((5, 5))
+        for i in range(b * _NB_BLOCK, min(n, (b + 1) * _NB_BLOCK)):
+            chi2, it, m = _nb_fit_atom(
+                img, xs[i], ys[i], radius[i], half, reinit[i], p[i], sigma0, noise, ctrl, max_iter, final_normal,
+                nbrows[i], tgx, tgy, tx0, ty0, d, wt, rlo, rhi, fx, fy, fxt, fyt, tmp, g, gt, out_h[i], pt, step, a,
+                meat,
+            )
+            out_chi2[i] = chi2
+            out_iter[i] = it
+            out_m[i] = m
+            if want_meat:
+                out_meat[i] = meat
+
+
+# ----------------------------------------------------------------------------------------------
+# compiled helpers: neighbour search on a grid of cells, batched inverse, neighbour tables
+
+
+@njit(cache=True)
+def _nb_cells(xy, cell):
+    """Atoms sorted into square cells of ``cell`` px: (x min, y min, columns, rows, first, order)."""
+    n = xy.shape[0]
+    xmin = ymin = np.inf
+    xmax = ymax = -np.inf
+    for i in range(n):
+        xmin = min(xmin, xy[i, 0])
+        xmax = max(xmax, xy[i, 0])
+        ymin = min(ymin, xy[i, 1])
+        ymax = max(ymax, xy[i, 1])
+    ncx = int((xmax - xmin) / cell) + 1
+    ncy = int((ymax - ymin) / cell) + 1
+    cid = np.empty(n, dtype=np.int64)
+    first = np.zeros(ncx * ncy + 1, dtype=np.int64)
+    for i in range(n):
+        cx = min(int((xy[i, 0] - xmin) / cell), ncx - 1)
+        cy = min(int((xy[i, 1] - ymin) / cell), ncy - 1)
+        cid[i] = cy * ncx + cx
+        first[cid[i] + 1] += 1
+    for c in range(ncx * ncy):
+        first[c + 1] += first[c]
+    fill = first[:-1].copy()
+    order = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        order[fill[cid[i]]] = i
+        fill[cid[i]] += 1
+    return xmin, ymin, ncx, ncy, first, order
+
+
+def _cell_size(xy: np.ndarray, reach: float = 0.0) -> float:
+    """Cells of at least ``reach`` px, about one atom per cell and never more cells than ~3 atoms."""
+    span = np.ptp(xy, axis=0)
+    n = xy.shape[0]
+    return float(max(reach, math.sqrt(span[0] * span[1] / n), span.max() / n, 1e-6))
+
+
+@njit(parallel=True, cache=True)
+def _nb_nearest(xy, cell):
+    """Distance from every atom to its nearest other atom (rings of cells until none can be closer)."""
+    n = xy.shape[0]
+    xmin, ymin, ncx, ncy, first, order = _nb_cells(xy, cell)
+    out = np.empty(n)
+    for i in prange(n):
+        x, y = xy[i, 0], xy[i, 1]
+        cx = min(int((x - xmin) / cell), ncx - 1)
+        cy = min(int((y - ymin) / cell), ncy - 1)
+        best = np.inf
+        ring = 0
+        while True:
+            for gy in range(max(cy - ring, 0), min(cy + ring, ncy - 1) + 1):
+                edge = gy == cy - ring or gy == cy + ring
+                gx = max(cx - ring, 0)
+                while gx <= min(cx + ring, ncx - 1):
+                    c = gy * ncx + gx
+                    for s in range(first[c], first[c + 1]):
+                        j = order[s]
+                        if j != i:
+                            dx = xy[j, 0] - x
+                            dy = xy[j, 1] - y
+                            best = min(best, dx * dx + dy * dy)
+                    if edge or gx == cx + ring:
+                        gx += 1
+                    else:
+                        gx = cx + ring  # inner rows of the ring: its two end cells only
+            # atoms outside the rings scanned so far are at least ring * cell away
+            if best <= (ring * cell) ** 2 or ring > max(ncx, ncy):
+                break
+            ring += 1
+        out[i] = math.sqrt(best)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _nb_neighbor_lists(xy, idx, reach, cell, pool_mask):
+    """Atoms within ``reach`` (strictly) of atoms ``idx`` (not themselves; only where ``pool_mask``,
+    when it is not empty), padded with -1 and sorted by distance (then index)."""
+    n = idx.size
+    xmin, ymin, ncx, ncy, first, order = _nb_cells(xy, cell)
+    r2 = reach * reach
+    use_pool = pool_mask.size > 0
+    counts = np.zeros(n, dtype=np.int64)
+    for rep in range(2):
+        kk = 1
+        for i in range(n):
+            kk = max(kk, counts[i])
+        out = np.full((n, kk), -1, dtype=np.int64)
+        dist = np.full((n, kk), np.inf)
+        for ii in prange(n):
+            i = idx[ii]
+            x, y = xy[i, 0], xy[i, 1]
+            cx = min(int((x - xmin) / cell), ncx - 1)
+            cy = min(int((y - ymin) / cell), ncy - 1)
+            cnt = 0
+            for gy in range(max(cy - 1, 0), min(cy + 1, ncy - 1) + 1):
+                for gx in range(max(cx - 1, 0), min(cx + 1, ncx - 1) + 1):
+                    c = gy * ncx + gx
+                    for s in range(first[c], first[c + 1]):
+                        j = order[s]
+                        if j == i or (use_pool and not pool_mask[j]):
+                            continue
+                        dx = xy[j, 0] - x
+                        dy = xy[j, 1] - y
+                        d2 = dx * dx + dy * dy
+                        if d2 < r2:
+                            if rep == 1:
+                                # insertion into the sorted row
+                                k = cnt
+                                while k > 0 and (dist[ii, k - 1] > d2 or (dist[ii, k - 1] == d2 and out[ii, k - 1] > j)):
+                                    dist[ii, k] = dist[ii, k - 1]
+                                    out[ii, k] = out[ii, k - 1]
+                                    k -= 1
+                                dist[ii, k] = d2
+                                out[ii, k] = j
+                            cnt += 1
+            counts[ii] = cnt
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _nb_invert(a, out, singular):
+    """Inverses of a stack of small matrices (Gauss-Jordan, partial pivoting); NaN where not finite."""
+    n, k = a.shape[0], a.shape[1]
+    nblk = (n + _NB_BLOCK - 1) // _NB_BLOCK
+    for b in prange(nblk):
+        m = np.empty((k, k))
+        for i in range(b * _NB_BLOCK, min(n, (b + 1) * _NB_BLOCK)):
+            inv = out[i]
+            finite = True
+            for r in range(k):
+                for c in range(k):
+                    m[r, c] = a[i, r, c]
+                    inv[r, c] = 1.0 if r == c else 0.0
+                    finite = finite and np.isfinite(a[i, r, c])
+            singular[i] = False
+            if finite:
+                for c in range(k):
+                    piv = c
+                    for r in range(c + 1, k):
+                        if abs(m[r, c]) > abs(m[piv, c]):
+                            piv = r
+                    if m[piv, c] == 0.0:
+                        singular[i] = True
+                        break
+                    if piv != c:
+                        for cc in range(k):
+                            m[c, cc], m[piv, cc] = m[piv, cc], m[c, cc]
+                            inv[c, cc], inv[piv, cc] = inv[piv, cc], inv[c, cc]
+                    f = 1.0 / m[c, c]
+                    for cc in range(k):
+                        m[c, cc] *= f
+                        inv[c, cc] *= f
+                    for r in range(k):
+                        if r != c and m[r, c] != 0.0:
+                            f = m[r, c]
+                            for cc in range(k):
+                                m[r, cc] -= f * m[c, cc]
+                                inv[r, cc] -= f * inv[c, cc]
+            if not finite or singular[i]:
+                for r in range(k):
+                    for c in range(k):
+                        inv[r, c] = np.nan
+
+
+@njit(parallel=True, cache=True)
+def _nb_tables(p, x0, y0, width, gx, gy):
+    """Rows of the neighbour tables: N * Gx and Gy of every column on ``width`` px from x0, y0."""
+    n = p.shape[0]
+    nblk = (n + _NB_BLOCK - 1) // _NB_BLOCK
+    for b in prange(nblk):
+        f = np.empty((3, width))
+        tmp = np.empty((3, width + 1))
+        for i in range(b * _NB_BLOCK, min(n, (b + 1) * _NB_BLOCK)):
+            _nb_profiles(p[i, 0], p[i, 3], x0[i], width, f, tmp)
+            for j in range(width):
+                gx[i, j + 1] = np.float32(f[0, j] * p[i, 2])
+            _nb_profiles(p[i, 1], p[i, 3], y0[i], width, f, tmp)
+            for j in range(width):
+                gy[i, j + 1] = np.float32(f[0, j])
+
+
+_COMPILED = True  # isotropic passes in compiled code (False: the batched NumPy code, for tests)
+
+
+def _run_pass_compiled(image, idx, p_start, reinit, spec: _PassSpec, nbprev, sigma0):
+    """:func:`_run_pass` for the isotropic model without residuals, in compiled code (numba)."""
+    n = idx.size
+    img = np.ascontiguousarray(image, dtype=np.float32)
+    p = np.array(p_start, dtype=np.float64, order="C", copy=True)
+    xs, ys = p[:, 0].copy(), p[:, 1].copy()
+    nz = spec.noise
+    noise = np.array([1.0, 0.0, 0.0, 0.0]) if nz.uniform else np.array([0.0, nz.gain, nz.offset, nz.floor])
+    prior = (0.0, -1.0) if spec.prior is None else spec.prior
+    ctrl = np.array([spec.sigma_max, spec.tol, prior[0], prior[1]], dtype=np.float64)
+    if nbprev is None:
+        nbrows = np.full((n, 0), -1, dtype=np.int64)
+        tgx = tgy = np.zeros((1, 3), dtype=np.float32)
+        tx0 = ty0 = np.zeros(1, dtype=np.int64)
+    else:
+        nbi = nbprev.nb
+        nbrows = np.ascontiguousarray(nbprev.row[np.where(nbi >= 0, nbi, nbprev.row.size - 1)])
+        tgx, tgy, tx0, ty0 = nbprev.gx, nbprev.gy, nbprev.x0, nbprev.y0
+    want_meat = nz.uniform and spec.final_normal
+    out_chi2 = np.empty(n)
+    out_h = np.zeros((n, 5, 5))
+    out_iter = np.zeros(n, dtype=np.int64)
+    out_m = np.zeros(n, dtype=np.int64)
+    out_meat = np.zeros((n if want_meat else 0, 5, 5))
+    with _parallel():
+        _nb_pass(
+            img, xs, ys, np.ascontiguousarray(spec.radius[idx], dtype=np.float64), np.ascontiguousarray(reinit, bool),
+            p, int(spec.half), -1.0 if sigma0 is None else float(sigma0), noise, ctrl, int(spec.max_iter),
+            bool(spec.final_normal), nbrows, tgx, tgy, tx0, ty0, out_chi2, out_h, out_iter, out_m, out_meat,
+        )
+    if want_meat:  # covariance = H^-1 meat H^-1, stored as its inverse
+        hinv = _invert_batched(out_h)
+        out_h = _invert_batched(hinv @ out_meat @ hinv)
+    return p, out_chi2, out_h, out_iter, out_m, None
 
 
 def _physical(model, p, seed_x, seed_y, max_move, radius):
@@ -1025,13 +1739,12 @@ def _sample_indices(n: int, max_atoms: int) -> np.ndarray:
 
 
 class _Plan:
-    """Geometry shared by every pass: k-d tree, nearest-neighbour distances, windows, reach."""
+    """Geometry shared by every pass: nearest-neighbour distances, windows, reach."""
 
     def __init__(self, image, x, y, window, neighbor_subtraction):
         self.x, self.y = x, y
         self.xy = np.column_stack([x, y])
-        self.tree = cKDTree(self.xy)
-        self.nn = np.full(x.size, np.inf) if x.size < 2 else self.tree.query(self.xy, k=2)[0][:, 1]
+        self.nn = nearest_neighbor_distance(x, y)
         self.r_first0 = _first_radius(x, y, self.nn, window, image.shape)
         self.r_first = self.r_first0
         self.window = window
@@ -1068,7 +1781,7 @@ class _Plan:
         if pool is not None:
             pool_mask = np.zeros(self.x.size, dtype=bool)
             pool_mask[pool] = True
-        return _neighbor_lists(self.tree, self.xy, idx, self.reach, pool_mask)
+        return _neighbor_lists(self.xy, idx, self.reach, pool_mask)
 
     def expand(self, idx: np.ndarray) -> np.ndarray:
         """``idx`` and all atoms within ``reach`` of them."""
@@ -1132,8 +1845,8 @@ class _NeighborModels:
             # tables padded with a zero column on each side (gathers outside the table hit them)
             gx = np.zeros((p.shape[0] + 1, width + 2), dtype=np.float32)
             gy = np.zeros((p.shape[0] + 1, width + 2), dtype=np.float32)
-            gx[:-1, 1:-1] = _fast_profile(p[:, 0], p[:, 3], self.x0, width) * p[:, 2, None].astype(np.float32)
-            gy[:-1, 1:-1] = _fast_profile(p[:, 1], p[:, 3], self.y0, width)
+            with _parallel():
+                _nb_tables(np.ascontiguousarray(p), self.x0, self.y0, width, gx, gy)
             self.gx, self.gy = gx, gy
 
     def patch_sum(self, sl, sx, sy, w):
