@@ -1095,7 +1095,7 @@ def _nb_normal(wt, rlo, rhi, fx, fy, p, h):
 def _nb_solve(h, g, lam, a, step):
     """Damped step: (H + lam diag(max(H_ii, 1e-12 max H_ii))) step = g, Gaussian elimination
     without pivoting (as :func:`_solve_batched`); False where it is not finite."""
-    k = g.size
+    k = 5  # a constant: the loops are unrolled
     dmax = -np.inf
     for i in range(k):
         if h[i, i] > dmax:
@@ -1146,6 +1146,13 @@ def _nb_constrain(p, sx, sy, w, smax):
 
 
 @njit(cache=True)
+def _nb_in(dy2, dx, rr):
+    """A pixel is in the window: float32 dy^2 + dx^2 <= r^2 (as the NumPy code computes it)."""
+    fx = np.float32(dx)
+    return dy2 + fx * fx <= rr
+
+
+@njit(cache=True)
 def _nb_fit_atom(img, xc, yc, r, half, reinit, p, sigma0, noise, ctrl, max_iter, final_normal, nbrows, tgx, tgy,
                  tx0, ty0, d, wt, rlo, rhi, fx, fy, fxt, fyt, tmp, g, gt, h, pt, step, a, meat):
     """Fit one atom (isotropic model), updating ``p`` in place; returns (chi2, iterations, pixels).
@@ -1161,24 +1168,34 @@ def _nb_fit_atom(img, xc, yc, r, half, reinit, p, sigma0, noise, ctrl, max_iter,
     sy = int(np.rint(yc)) - half
     rr = np.float32(r * r)
     uniform = noise[0] != 0.0
-    # window: a range of columns per row, from the same float32 distances as the NumPy code
+    # window: a range of columns per row, from the same float32 distances as the NumPy code (the
+    # column nearest the centre is column ``half``; the edges are found from the exact radius)
     m = 0
     for q in range(w):
         row = sy + q
-        lo, hi = w, 0
-        if row >= 0 and row < ny:
-            dy = np.float32(row - yc)
-            dy2 = dy * dy
-            for j in range(w):
-                dx = np.float32(sx + j - xc)
-                if dy2 + dx * dx <= rr:
-                    if j < lo:
-                        lo = j
-                    hi = j + 1
+        lo, hi = 0, 0
+        dy = np.float32(row - yc)
+        dy2 = dy * dy
+        if row >= 0 and row < ny and _nb_in(dy2, sx + half - xc, rr):
+            hw = math.sqrt(max(float(rr) - float(dy2), 0.0))
+            lo = min(max(int(math.floor(xc - hw)) - sx, 0), half)
+            if _nb_in(dy2, sx + lo - xc, rr):
+                while lo > 0 and _nb_in(dy2, sx + lo - 1 - xc, rr):
+                    lo -= 1
+            else:
+                while not _nb_in(dy2, sx + lo - xc, rr):
+                    lo += 1
+            hi = min(max(int(math.ceil(xc + hw)) - sx, half), w - 1)
+            if _nb_in(dy2, sx + hi - xc, rr):
+                while hi < w - 1 and _nb_in(dy2, sx + hi + 1 - xc, rr):
+                    hi += 1
+            else:
+                while not _nb_in(dy2, sx + hi - xc, rr):
+                    hi -= 1
             lo = max(lo, -sx)
-            hi = min(hi, nx - sx)
-        if hi <= lo:
-            lo, hi = 0, 0
+            hi = min(hi + 1, nx - sx)
+            if hi <= lo:
+                lo, hi = 0, 0
         rlo[q] = lo
         rhi[q] = hi
         for j in range(lo, hi):
@@ -1276,9 +1293,11 @@ def _nb_fit_atom(img, xc, yc, r, half, reinit, p, sigma0, noise, ctrl, max_iter,
                 nbv = float(img[row, sx + j]) - d[q, j]  # the neighbours' sum
                 mu = a0 * fx[0, j] + p[4] + nbv
                 wt[q, j] = 1.0 / max(gain * mu + offset, vfloor)
+    c0, c1, c3 = p[0], p[1], p[3]
     _nb_constrain(p, sx, sy, w, smax)
-    _nb_profiles(p[0], p[3], sx, w, fx, tmp)
-    _nb_profiles(p[1], p[3], sy, w, fy, tmp)
+    if uniform or p[0] != c0 or p[1] != c1 or p[3] != c3:  # else the profiles are those of p already
+        _nb_profiles(p[0], p[3], sx, w, fx, tmp)
+        _nb_profiles(p[1], p[3], sy, w, fy, tmp)
     chi2 = _nb_chi2(d, wt, rlo, rhi, fx, fy, p, g)
     _nb_normal(wt, rlo, rhi, fx, fy, p, h)
     if has_prior:
@@ -1353,8 +1372,8 @@ def _nb_fit_atom(img, xc, yc, r, half, reinit, p, sigma0, noise, ctrl, max_iter,
 
 @njit(parallel=True, cache=True)
 def _nb_pass(img, xs, ys, radius, reinit, p, half, sigma0, noise, ctrl, max_iter, final_normal, nbrows, tgx, tgy,
-             tx0, ty0, out_chi2, out_h, out_iter, out_m, out_meat):
-    """Fit every atom (rows of ``p``, updated in place) from its start ``xs``, ``ys``."""
+             tx0, ty0, order, out_chi2, out_h, out_iter, out_m, out_meat):
+    """Fit every atom (rows of ``p``, updated in place) from its start ``xs``, ``ys``, in ``order``."""
     n = xs.size
     w = 2 * half + 1
     nblk = (n + _NB_BLOCK - 1) // _NB_BLOCK
@@ -1375,7 +1394,8 @@ def _nb_pass(img, xs, ys, radius, reinit, p, half, sigma0, noise, ctrl, max_iter
         step = np.empty(5)
         a = np.empty((5, 5))
         meat = np.zeros((5, 5))
-        for i in range(b * _NB_BLOCK, min(n, (b + 1) * _NB_BLOCK)):
+        for k in range(b * _NB_BLOCK, min(n, (b + 1) * _NB_BLOCK)):
+            i = order[k]
             chi2, it, m = _nb_fit_atom(
                 img, xs[i], ys[i], radius[i], half, reinit[i], p[i], sigma0, noise, ctrl, max_iter, final_normal,
                 nbrows[i], tgx, tgy, tx0, ty0, d, wt, rlo, rhi, fx, fy, fxt, fyt, tmp, g, gt, out_h[i], pt, step, a,
@@ -1594,6 +1614,9 @@ def _run_pass_compiled(image, idx, p_start, reinit, spec: _PassSpec, nbprev, sig
         nbi = nbprev.nb
         nbrows = np.ascontiguousarray(nbprev.row[np.where(nbi >= 0, nbi, nbprev.row.size - 1)])
         tgx, tgy, tx0, ty0 = nbprev.gx, nbprev.gy, nbprev.x0, nbprev.y0
+    # atoms in bands of 16 rows, along x within a band: neighbouring patches share the cache
+    band = np.floor(ys / 16.0).astype(np.int64) * (img.shape[1] + 2) + np.floor(xs).astype(np.int64)
+    order = np.argsort(band, kind="stable")
     want_meat = nz.uniform and spec.final_normal
     out_chi2 = np.empty(n)
     out_h = np.zeros((n, 5, 5))
@@ -1604,7 +1627,7 @@ def _run_pass_compiled(image, idx, p_start, reinit, spec: _PassSpec, nbprev, sig
         _nb_pass(
             img, xs, ys, np.ascontiguousarray(spec.radius[idx], dtype=np.float64), np.ascontiguousarray(reinit, bool),
             p, int(spec.half), -1.0 if sigma0 is None else float(sigma0), noise, ctrl, int(spec.max_iter),
-            bool(spec.final_normal), nbrows, tgx, tgy, tx0, ty0, out_chi2, out_h, out_iter, out_m, out_meat,
+            bool(spec.final_normal), nbrows, tgx, tgy, tx0, ty0, order, out_chi2, out_h, out_iter, out_m, out_meat,
         )
     if want_meat:  # covariance = H^-1 meat H^-1, stored as its inverse
         hinv = _invert_batched(out_h)
