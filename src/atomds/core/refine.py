@@ -114,7 +114,7 @@ def nearest_neighbor_distance(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     if xy.shape[0] < 2:
         return np.full(xy.shape[0], np.inf)
     with _parallel(blocks=False):
-        return _nb_nearest(xy, _cell_size(xy))
+        return _nb_nearest(xy)
 
 
 @contextmanager
@@ -815,7 +815,7 @@ def _neighbor_lists(xy_all, idx, reach, pool_mask):
         return np.full((idx.size, 1), -1, dtype=np.int64)
     mask = np.zeros(0, dtype=bool) if pool_mask is None else pool_mask
     with _parallel(blocks=False):
-        return _nb_neighbor_lists(xy_all, idx.astype(np.int64), float(reach), _cell_size(xy_all, reach), mask)
+        return _nb_neighbor_lists(xy_all, idx.astype(np.int64), float(reach), mask)
 
 
 def _run_pass(image, idx, p_start, reinit, spec: _PassSpec, nbprev=None, sigma0=None, collect_residuals=False):
@@ -1413,8 +1413,12 @@ def _nb_pass(img, xs, ys, radius, reinit, p, half, sigma0, noise, ctrl, max_iter
 
 
 @njit(cache=True)
-def _nb_cells(xy, cell):
-    """Atoms sorted into square cells of ``cell`` px: (x min, y min, columns, rows, first, order)."""
+def _nb_cells(xy, reach):
+    """Atoms sorted into square cells: (cell size, x min, y min, columns, rows, first, order).
+
+    The cells are at least ``reach`` px wide, hold about one atom each otherwise, and are never
+    more than about three times the number of atoms.
+    """
     n = xy.shape[0]
     xmin = ymin = np.inf
     xmax = ymax = -np.inf
@@ -1423,6 +1427,8 @@ def _nb_cells(xy, cell):
         xmax = max(xmax, xy[i, 0])
         ymin = min(ymin, xy[i, 1])
         ymax = max(ymax, xy[i, 1])
+    spx, spy = xmax - xmin, ymax - ymin
+    cell = max(reach, math.sqrt(spx * spy / n), max(spx, spy) / n, 1e-6)
     ncx = int((xmax - xmin) / cell) + 1
     ncy = int((ymax - ymin) / cell) + 1
     cid = np.empty(n, dtype=np.int64)
@@ -1439,21 +1445,14 @@ def _nb_cells(xy, cell):
     for i in range(n):
         order[fill[cid[i]]] = i
         fill[cid[i]] += 1
-    return xmin, ymin, ncx, ncy, first, order
-
-
-def _cell_size(xy: np.ndarray, reach: float = 0.0) -> float:
-    """Cells of at least ``reach`` px, about one atom per cell and never more cells than ~3 atoms."""
-    span = np.ptp(xy, axis=0)
-    n = xy.shape[0]
-    return float(max(reach, math.sqrt(span[0] * span[1] / n), span.max() / n, 1e-6))
+    return cell, xmin, ymin, ncx, ncy, first, order
 
 
 @njit(parallel=True, cache=True)
-def _nb_nearest(xy, cell):
+def _nb_nearest(xy):
     """Distance from every atom to its nearest other atom (rings of cells until none can be closer)."""
     n = xy.shape[0]
-    xmin, ymin, ncx, ncy, first, order = _nb_cells(xy, cell)
+    cell, xmin, ymin, ncx, ncy, first, order = _nb_cells(xy, 0.0)
     out = np.empty(n)
     for i in prange(n):
         x, y = xy[i, 0], xy[i, 1]
@@ -1486,11 +1485,11 @@ def _nb_nearest(xy, cell):
 
 
 @njit(parallel=True, cache=True)
-def _nb_neighbor_lists(xy, idx, reach, cell, pool_mask):
+def _nb_neighbor_lists(xy, idx, reach, pool_mask):
     """Atoms within ``reach`` (strictly) of atoms ``idx`` (not themselves; only where ``pool_mask``,
     when it is not empty), padded with -1 and sorted by distance (then index)."""
     n = idx.size
-    xmin, ymin, ncx, ncy, first, order = _nb_cells(xy, cell)
+    cell, xmin, ymin, ncx, ncy, first, order = _nb_cells(xy, reach)
     r2 = reach * reach
     use_pool = pool_mask.size > 0
     counts = np.zeros(n, dtype=np.int64)
