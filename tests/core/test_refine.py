@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import sys
+
 import numpy as np
 import pytest
 
@@ -307,3 +310,35 @@ def test_batched_inverse():
     good = np.setdiff1d(np.arange(50), [3, 7, 9])
     np.testing.assert_allclose(out[good], np.linalg.inv(a[good]), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(out[[7, 9]], np.linalg.pinv(a[[7, 9]]), atol=1e-12)
+
+
+def test_compiled_fit_is_the_same_on_any_number_of_threads(monkeypatch):
+    hexa = samples.hexagonal_sample(shape=(256, 256), dose=1000.0, seed=9)
+    x0, y0 = _jitter(hexa, 0.3, seed=6)
+    assert x0.size > 512  # several chunks of atoms
+    runs = {}
+    for n in (1, 3):
+        monkeypatch.setattr(refine, "_n_threads", lambda n=n: n)
+        runs[n] = refine.refine_gaussian(hexa.image, x0, y0)
+    # and from several Python threads at once
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        runs["threads"], _ = pool.map(lambda _: refine.refine_gaussian(hexa.image, x0, y0), range(2))
+    for key in ("x", "y", "sigma", "x_err", "n_iter", "fit_ok"):
+        np.testing.assert_array_equal(runs[3][key], runs[1][key])
+        np.testing.assert_array_equal(runs["threads"][key], runs[1][key])
+
+
+def _refined_x(image, x, y):
+    return refine.refine_gaussian(image, x, y)["x"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_compiled_fit_runs_in_a_forked_process(hexa):
+    # the parent has run compiled code; a forked child runs it again (no OpenMP-style pool to inherit)
+    x0, y0 = _jitter(hexa, 0.3, seed=7)
+    want = _refined_x(hexa.image, x0, y0)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(_refined_x, (hexa.image, x0, y0)).get(timeout=120)
+    np.testing.assert_array_equal(got, want)

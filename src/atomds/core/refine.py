@@ -2,11 +2,13 @@
 
 NumPy/SciPy and numba. Positions are in pixels: ``x`` = column index, ``y`` = row index, pixel
 centres at integer coordinates. No Python loop runs per atom: the isotropic model is fitted by a
-compiled Levenberg-Marquardt (numba) that runs every atom's fit on the cores in parallel, the
+compiled Levenberg-Marquardt (numba) that runs the atoms' fits on all cores (threads running
+compiled code that releases the GIL: safe to call from several threads and after ``fork``), the
 elliptical model (and the residual statistics of the noise estimate) by the same iteration
 vectorised over an ``(n_atoms, w, w)`` stack of patches in NumPy (processed in chunks of atoms to
 bound the memory). Both follow the same rules (starting values, weights, damping, acceptance and
-convergence), and give the same numbers to float32 rounding.
+convergence), and give the same numbers to float32 rounding; the result does not depend on the
+number of threads.
 
 The model of one column is a Gaussian integrated over each pixel (differences of error functions,
 as :func:`atomds.core.synth.render_columns` renders columns) on a local constant background::
@@ -53,18 +55,20 @@ pass. In the compiled fit each atom's patch, weights and sums stay in the cache 
 pixels of its circular window are visited; neighbours are found on a grid of cells. The NumPy
 code keeps its patches in float32 and BLAS on one thread (its threads only slow down the many
 tiny products). The compiled functions are cached on disk (``cache=True``): the first call after
-installing compiles them once (about 20 s), later processes load them (a fraction of a second).
+installing compiles them once (about 10 s), later processes load them (a fraction of a second).
 """
 
 from __future__ import annotations
 
 import math
-import threading
+import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, parallel_chunksize, prange
+import numba
+from numba import njit
 from scipy.special import erf
 
 from ..errors import DimensionError, InvalidImageError, InvalidParameterError
@@ -113,8 +117,9 @@ def nearest_neighbor_distance(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     xy = np.column_stack([np.asarray(x, float).ravel(), np.asarray(y, float).ravel()])
     if xy.shape[0] < 2:
         return np.full(xy.shape[0], np.inf)
-    with _parallel(blocks=False):
-        return _nb_nearest(xy)
+    out = np.empty(xy.shape[0])
+    _in_threads(_nb_nearest, xy.shape[0], xy, *_nb_cells(xy, 0.0), out)
+    return out
 
 
 @contextmanager
@@ -266,8 +271,7 @@ def _invert_batched(a: np.ndarray) -> np.ndarray:
     a = np.ascontiguousarray(a, dtype=np.float64)
     out = np.empty(a.shape)
     singular = np.zeros(a.shape[0], dtype=bool)
-    with _parallel():
-        _nb_invert(a, out, singular)
+    _in_threads(_nb_invert, a.shape[0], a, out, singular)
     if singular.any():
         out[singular] = np.linalg.pinv(a[singular])
     return out
@@ -814,8 +818,15 @@ def _neighbor_lists(xy_all, idx, reach, pool_mask):
     if idx.size == 0 or xy_all.shape[0] < 2:
         return np.full((idx.size, 1), -1, dtype=np.int64)
     mask = np.zeros(0, dtype=bool) if pool_mask is None else pool_mask
-    with _parallel(blocks=False):
-        return _nb_neighbor_lists(xy_all, idx.astype(np.int64), float(reach), mask)
+    idx = idx.astype(np.int64)
+    grid = _nb_cells(xy_all, float(reach))
+    counts = np.zeros(idx.size, dtype=np.int64)
+    none = np.zeros((0, 1), dtype=np.int64)
+    _in_threads(_nb_neighbors, idx.size, xy_all, idx, float(reach), mask, *grid, counts, none, none.astype(float))
+    kk = int(max(counts.max(), 1))
+    out = np.full((idx.size, kk), -1, dtype=np.int64)
+    _in_threads(_nb_neighbors, idx.size, xy_all, idx, float(reach), mask, *grid, counts, out, np.empty((idx.size, kk)))
+    return out
 
 
 def _run_pass(image, idx, p_start, reinit, spec: _PassSpec, nbprev=None, sigma0=None, collect_residuals=False):
@@ -896,23 +907,42 @@ def _run_pass(image, idx, p_start, reinit, spec: _PassSpec, nbprev=None, sigma0=
 #
 # The same fit as :func:`_run_pass` + :func:`_lm` for the isotropic model (same starting values,
 # weights, damping, acceptance of a step and convergence rules), one atom after the other in
-# compiled code, the atoms spread over the cores in blocks (``prange``). An atom's fit depends
-# on its own patch only, so the result does not depend on how the atoms are split between
-# threads or on which other atoms are fitted. Sums run in float64 over the pixels of the
+# compiled code that releases the GIL, the atoms split into chunks that a pool of threads hands
+# out to the cores (:func:`_in_threads`; no numba threading layer, so no constraint on forking
+# or on calls from several threads). An atom's fit depends on its own patch only, so the result
+# does not depend on how the atoms are split between threads or on which other atoms are fitted. Sums run in float64 over the pixels of the
 # circular window only (a range of columns per row); J^T W r and J^T W J use the separable
 # structure of the pixel-integrated Gaussian (row sums of the weights times products of the
 # x-factors, then sums over the rows times products of the y-factors).
 
-_NB_BLOCK = 64  # atoms per iteration of the parallel loops over blocks of atoms
-_NB_LOCK = threading.Lock()  # one parallel kernel at a time (numba's workqueue layer is not thread-safe)
 
 
-@contextmanager
-def _parallel(blocks: bool = True):
-    """Run a parallel kernel: one at a time; loops over blocks of atoms are handed out dynamically
-    (4 blocks at a time), so that a core shared with other work does not hold up the others."""
-    with _NB_LOCK, parallel_chunksize(4 if blocks else 0):
-        yield
+def _n_threads() -> int:
+    """Threads for the compiled kernels: the usable cores, at most ``NUMBA_NUM_THREADS``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, int(numba.config.NUMBA_NUM_THREADS)))
+
+
+def _in_threads(kernel, n: int, *args) -> None:
+    """Run ``kernel(start, stop, *args)`` over ``range(n)`` in chunks on a pool of threads.
+
+    The kernels are compiled with ``nogil=True``: the threads run them on all cores at once. About
+    eight chunks per thread are handed out as threads become free, so that a core shared with
+    other work does not hold up the others.
+    """
+    threads = _n_threads()
+    chunk = max(256, -(-n // (8 * threads)))
+    starts = range(0, n, chunk)
+    if threads == 1 or len(starts) < 2:
+        for s in starts:
+            kernel(s, min(s + chunk, n), *args)
+        return
+    with ThreadPoolExecutor(max_workers=min(threads, len(starts))) as pool:
+        for job in [pool.submit(kernel, s, min(s + chunk, n), *args) for s in starts]:
+            job.result()
 
 
 @njit(cache=True)
@@ -1370,42 +1400,38 @@ def _nb_fit_atom(img, xc, yc, r, half, reinit, p, sigma0, noise, ctrl, max_iter,
     return chi2, n_iter, m
 
 
-@njit(parallel=True, cache=True)
-def _nb_pass(img, xs, ys, radius, reinit, p, half, sigma0, noise, ctrl, max_iter, final_normal, nbrows, tgx, tgy,
-             tx0, ty0, order, out_chi2, out_h, out_iter, out_m, out_meat):
-    """Fit every atom (rows of ``p``, updated in place) from its start ``xs``, ``ys``, in ``order``."""
-    n = xs.size
+@njit(cache=True, nogil=True)
+def _nb_pass(start, stop, img, xs, ys, radius, reinit, p, half, sigma0, noise, ctrl, max_iter, final_normal, nbrows,
+             tgx, tgy, tx0, ty0, order, out_chi2, out_h, out_iter, out_m, out_meat):
+    """Fit atoms ``order[start:stop]`` (rows of ``p``, updated in place) from their starts ``xs``, ``ys``."""
     w = 2 * half + 1
-    nblk = (n + _NB_BLOCK - 1) // _NB_BLOCK
-    want_meat = out_meat.shape[0] == n
-    for b in prange(nblk):
-        d = np.empty((w, w))
-        wt = np.empty((w, w))
-        rlo = np.empty(w, dtype=np.int64)
-        rhi = np.empty(w, dtype=np.int64)
-        fx = np.empty((3, w))
-        fy = np.empty((3, w))
-        fxt = np.empty((3, w))
-        fyt = np.empty((3, w))
-        tmp = np.empty((3, w + 1))
-        g = np.empty(5)
-        gt = np.empty(5)
-        pt = np.empty(5)
-        step = np.empty(5)
-        a = np.empty((5, 5))
-        meat = np.zeros((5, 5))
-        for k in range(b * _NB_BLOCK, min(n, (b + 1) * _NB_BLOCK)):
-            i = order[k]
-            chi2, it, m = _nb_fit_atom(
-                img, xs[i], ys[i], radius[i], half, reinit[i], p[i], sigma0, noise, ctrl, max_iter, final_normal,
-                nbrows[i], tgx, tgy, tx0, ty0, d, wt, rlo, rhi, fx, fy, fxt, fyt, tmp, g, gt, out_h[i], pt, step, a,
-                meat,
-            )
-            out_chi2[i] = chi2
-            out_iter[i] = it
-            out_m[i] = m
-            if want_meat:
-                out_meat[i] = meat
+    want_meat = out_meat.shape[0] == xs.size
+    d = np.empty((w, w))
+    wt = np.empty((w, w))
+    rlo = np.empty(w, dtype=np.int64)
+    rhi = np.empty(w, dtype=np.int64)
+    fx = np.empty((3, w))
+    fy = np.empty((3, w))
+    fxt = np.empty((3, w))
+    fyt = np.empty((3, w))
+    tmp = np.empty((3, w + 1))
+    g = np.empty(5)
+    gt = np.empty(5)
+    pt = np.empty(5)
+    step = np.empty(5)
+    a = np.empty((5, 5))
+    meat = np.zeros((5, 5))
+    for k in range(start, stop):
+        i = order[k]
+        chi2, it, m = _nb_fit_atom(
+            img, xs[i], ys[i], radius[i], half, reinit[i], p[i], sigma0, noise, ctrl, max_iter, final_normal,
+            nbrows[i], tgx, tgy, tx0, ty0, d, wt, rlo, rhi, fx, fy, fxt, fyt, tmp, g, gt, out_h[i], pt, step, a, meat,
+        )
+        out_chi2[i] = chi2
+        out_iter[i] = it
+        out_m[i] = m
+        if want_meat:
+            out_meat[i] = meat
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1448,13 +1474,11 @@ def _nb_cells(xy, reach):
     return cell, xmin, ymin, ncx, ncy, first, order
 
 
-@njit(parallel=True, cache=True)
-def _nb_nearest(xy):
-    """Distance from every atom to its nearest other atom (rings of cells until none can be closer)."""
-    n = xy.shape[0]
-    cell, xmin, ymin, ncx, ncy, first, order = _nb_cells(xy, 0.0)
-    out = np.empty(n)
-    for i in prange(n):
+@njit(cache=True, nogil=True)
+def _nb_nearest(start, stop, xy, cell, xmin, ymin, ncx, ncy, first, order, out):
+    """Distance from atoms ``start:stop`` to their nearest other atom (rings of cells of
+    :func:`_nb_cells` until no atom outside them can be closer)."""
+    for i in range(start, stop):
         x, y = xy[i, 0], xy[i, 1]
         cx = min(int((x - xmin) / cell), ncx - 1)
         cy = min(int((y - ymin) / cell), ncy - 1)
@@ -1481,115 +1505,101 @@ def _nb_nearest(xy):
                 break
             ring += 1
         out[i] = math.sqrt(best)
-    return out
 
 
-@njit(parallel=True, cache=True)
-def _nb_neighbor_lists(xy, idx, reach, pool_mask):
-    """Atoms within ``reach`` (strictly) of atoms ``idx`` (not themselves; only where ``pool_mask``,
-    when it is not empty), padded with -1 and sorted by distance (then index)."""
-    n = idx.size
-    cell, xmin, ymin, ncx, ncy, first, order = _nb_cells(xy, reach)
+@njit(cache=True, nogil=True)
+def _nb_neighbors(start, stop, xy, idx, reach, pool_mask, cell, xmin, ymin, ncx, ncy, first, order, counts, out, dist):
+    """Atoms within ``reach`` (strictly) of atoms ``idx[start:stop]`` (not themselves; only where
+    ``pool_mask``, when it is not empty): their number into ``counts``, or where ``out`` has room
+    for them, into ``out`` sorted by distance (then index), with their squared distances."""
     r2 = reach * reach
     use_pool = pool_mask.size > 0
-    counts = np.zeros(n, dtype=np.int64)
-    for rep in range(2):
-        kk = 1
-        for i in range(n):
-            kk = max(kk, counts[i])
-        out = np.full((n, kk), -1, dtype=np.int64)
-        dist = np.full((n, kk), np.inf)
-        for ii in prange(n):
-            i = idx[ii]
-            x, y = xy[i, 0], xy[i, 1]
-            cx = min(int((x - xmin) / cell), ncx - 1)
-            cy = min(int((y - ymin) / cell), ncy - 1)
-            cnt = 0
-            for gy in range(max(cy - 1, 0), min(cy + 1, ncy - 1) + 1):
-                for gx in range(max(cx - 1, 0), min(cx + 1, ncx - 1) + 1):
-                    c = gy * ncx + gx
-                    for s in range(first[c], first[c + 1]):
-                        j = order[s]
-                        if j == i or (use_pool and not pool_mask[j]):
-                            continue
-                        dx = xy[j, 0] - x
-                        dy = xy[j, 1] - y
-                        d2 = dx * dx + dy * dy
-                        if d2 < r2:
-                            if rep == 1:
-                                # insertion into the sorted row
-                                k = cnt
-                                while k > 0 and (dist[ii, k - 1] > d2 or (dist[ii, k - 1] == d2 and out[ii, k - 1] > j)):
-                                    dist[ii, k] = dist[ii, k - 1]
-                                    out[ii, k] = out[ii, k - 1]
-                                    k -= 1
-                                dist[ii, k] = d2
-                                out[ii, k] = j
-                            cnt += 1
-            counts[ii] = cnt
-    return out
+    fill = out.shape[0] > 0
+    for ii in range(start, stop):
+        i = idx[ii]
+        x, y = xy[i, 0], xy[i, 1]
+        cx = min(int((x - xmin) / cell), ncx - 1)
+        cy = min(int((y - ymin) / cell), ncy - 1)
+        cnt = 0
+        for gy in range(max(cy - 1, 0), min(cy + 1, ncy - 1) + 1):
+            for gx in range(max(cx - 1, 0), min(cx + 1, ncx - 1) + 1):
+                c = gy * ncx + gx
+                for s in range(first[c], first[c + 1]):
+                    j = order[s]
+                    if j == i or (use_pool and not pool_mask[j]):
+                        continue
+                    dx = xy[j, 0] - x
+                    dy = xy[j, 1] - y
+                    d2 = dx * dx + dy * dy
+                    if d2 < r2:
+                        if fill:
+                            # insertion into the sorted row
+                            k = cnt
+                            while k > 0 and (dist[ii, k - 1] > d2 or (dist[ii, k - 1] == d2 and out[ii, k - 1] > j)):
+                                dist[ii, k] = dist[ii, k - 1]
+                                out[ii, k] = out[ii, k - 1]
+                                k -= 1
+                            dist[ii, k] = d2
+                            out[ii, k] = j
+                        cnt += 1
+        counts[ii] = cnt
 
 
-@njit(parallel=True, cache=True)
-def _nb_invert(a, out, singular):
-    """Inverses of a stack of small matrices (Gauss-Jordan, partial pivoting); NaN where not finite."""
-    n, k = a.shape[0], a.shape[1]
-    nblk = (n + _NB_BLOCK - 1) // _NB_BLOCK
-    for b in prange(nblk):
-        m = np.empty((k, k))
-        for i in range(b * _NB_BLOCK, min(n, (b + 1) * _NB_BLOCK)):
-            inv = out[i]
-            finite = True
+@njit(cache=True, nogil=True)
+def _nb_invert(start, stop, a, out, singular):
+    """Inverses of matrices ``a[start:stop]`` (Gauss-Jordan, partial pivoting); NaN where not finite."""
+    k = a.shape[1]
+    m = np.empty((k, k))
+    for i in range(start, stop):
+        inv = out[i]
+        finite = True
+        for r in range(k):
+            for c in range(k):
+                m[r, c] = a[i, r, c]
+                inv[r, c] = 1.0 if r == c else 0.0
+                finite = finite and np.isfinite(a[i, r, c])
+        singular[i] = False
+        if finite:
+            for c in range(k):
+                piv = c
+                for r in range(c + 1, k):
+                    if abs(m[r, c]) > abs(m[piv, c]):
+                        piv = r
+                if m[piv, c] == 0.0:
+                    singular[i] = True
+                    break
+                if piv != c:
+                    for cc in range(k):
+                        m[c, cc], m[piv, cc] = m[piv, cc], m[c, cc]
+                        inv[c, cc], inv[piv, cc] = inv[piv, cc], inv[c, cc]
+                f = 1.0 / m[c, c]
+                for cc in range(k):
+                    m[c, cc] *= f
+                    inv[c, cc] *= f
+                for r in range(k):
+                    if r != c and m[r, c] != 0.0:
+                        f = m[r, c]
+                        for cc in range(k):
+                            m[r, cc] -= f * m[c, cc]
+                            inv[r, cc] -= f * inv[c, cc]
+        if not finite or singular[i]:
             for r in range(k):
                 for c in range(k):
-                    m[r, c] = a[i, r, c]
-                    inv[r, c] = 1.0 if r == c else 0.0
-                    finite = finite and np.isfinite(a[i, r, c])
-            singular[i] = False
-            if finite:
-                for c in range(k):
-                    piv = c
-                    for r in range(c + 1, k):
-                        if abs(m[r, c]) > abs(m[piv, c]):
-                            piv = r
-                    if m[piv, c] == 0.0:
-                        singular[i] = True
-                        break
-                    if piv != c:
-                        for cc in range(k):
-                            m[c, cc], m[piv, cc] = m[piv, cc], m[c, cc]
-                            inv[c, cc], inv[piv, cc] = inv[piv, cc], inv[c, cc]
-                    f = 1.0 / m[c, c]
-                    for cc in range(k):
-                        m[c, cc] *= f
-                        inv[c, cc] *= f
-                    for r in range(k):
-                        if r != c and m[r, c] != 0.0:
-                            f = m[r, c]
-                            for cc in range(k):
-                                m[r, cc] -= f * m[c, cc]
-                                inv[r, cc] -= f * inv[c, cc]
-            if not finite or singular[i]:
-                for r in range(k):
-                    for c in range(k):
-                        inv[r, c] = np.nan
+                    inv[r, c] = np.nan
 
 
-@njit(parallel=True, cache=True)
-def _nb_tables(p, x0, y0, width, gx, gy):
-    """Rows of the neighbour tables: N * Gx and Gy of every column on ``width`` px from x0, y0."""
-    n = p.shape[0]
-    nblk = (n + _NB_BLOCK - 1) // _NB_BLOCK
-    for b in prange(nblk):
-        f = np.empty((3, width))
-        tmp = np.empty((3, width + 1))
-        for i in range(b * _NB_BLOCK, min(n, (b + 1) * _NB_BLOCK)):
-            _nb_profiles(p[i, 0], p[i, 3], x0[i], width, f, tmp)
-            for j in range(width):
-                gx[i, j + 1] = np.float32(f[0, j] * p[i, 2])
-            _nb_profiles(p[i, 1], p[i, 3], y0[i], width, f, tmp)
-            for j in range(width):
-                gy[i, j + 1] = np.float32(f[0, j])
+@njit(cache=True, nogil=True)
+def _nb_tables(start, stop, p, x0, y0, width, gx, gy):
+    """Rows ``start:stop`` of the neighbour tables: N * Gx and Gy of a column on ``width`` px from x0, y0."""
+    f = np.empty((3, width))
+    tmp = np.empty((3, width + 1))
+    for i in range(start, stop):
+        _nb_profiles(p[i, 0], p[i, 3], x0[i], width, f, tmp)
+        for j in range(width):
+            gx[i, j + 1] = np.float32(f[0, j] * p[i, 2])
+        _nb_profiles(p[i, 1], p[i, 3], y0[i], width, f, tmp)
+        for j in range(width):
+            gy[i, j + 1] = np.float32(f[0, j])
 
 
 _COMPILED = True  # isotropic passes in compiled code (False: the batched NumPy code, for tests)
@@ -1622,12 +1632,12 @@ def _run_pass_compiled(image, idx, p_start, reinit, spec: _PassSpec, nbprev, sig
     out_iter = np.zeros(n, dtype=np.int64)
     out_m = np.zeros(n, dtype=np.int64)
     out_meat = np.zeros((n if want_meat else 0, 5, 5))
-    with _parallel():
-        _nb_pass(
-            img, xs, ys, np.ascontiguousarray(spec.radius[idx], dtype=np.float64), np.ascontiguousarray(reinit, bool),
-            p, int(spec.half), -1.0 if sigma0 is None else float(sigma0), noise, ctrl, int(spec.max_iter),
-            bool(spec.final_normal), nbrows, tgx, tgy, tx0, ty0, order, out_chi2, out_h, out_iter, out_m, out_meat,
-        )
+    _in_threads(
+        _nb_pass, n, img, xs, ys, np.ascontiguousarray(spec.radius[idx], dtype=np.float64),
+        np.ascontiguousarray(reinit, bool), p, int(spec.half), -1.0 if sigma0 is None else float(sigma0), noise, ctrl,
+        int(spec.max_iter), bool(spec.final_normal), nbrows, tgx, tgy, tx0, ty0, order, out_chi2, out_h, out_iter,
+        out_m, out_meat,
+    )
     if want_meat:  # covariance = H^-1 meat H^-1, stored as its inverse
         hinv = _invert_batched(out_h)
         out_h = _invert_batched(hinv @ out_meat @ hinv)
@@ -1867,8 +1877,7 @@ class _NeighborModels:
             # tables padded with a zero column on each side (gathers outside the table hit them)
             gx = np.zeros((p.shape[0] + 1, width + 2), dtype=np.float32)
             gy = np.zeros((p.shape[0] + 1, width + 2), dtype=np.float32)
-            with _parallel():
-                _nb_tables(np.ascontiguousarray(p), self.x0, self.y0, width, gx, gy)
+            _in_threads(_nb_tables, p.shape[0], np.ascontiguousarray(p), self.x0, self.y0, width, gx, gy)
             self.gx, self.gy = gx, gy
 
     def patch_sum(self, sl, sx, sy, w):
