@@ -910,11 +910,11 @@ def _run_pass(image, idx, p_start, reinit, spec: _PassSpec, nbprev=None, sigma0=
 # compiled code that releases the GIL, the atoms split into chunks that a pool of threads hands
 # out to the cores (:func:`_in_threads`; no numba threading layer, so no constraint on forking
 # or on calls from several threads). An atom's fit depends on its own patch only, so the result
-# does not depend on how the atoms are split between threads or on which other atoms are fitted. Sums run in float64 over the pixels of the
-# circular window only (a range of columns per row); J^T W r and J^T W J use the separable
-# structure of the pixel-integrated Gaussian (row sums of the weights times products of the
-# x-factors, then sums over the rows times products of the y-factors).
-
+# does not depend on how the atoms are split between threads or on which other atoms are fitted.
+# Sums run in float64 over the pixels of the circular window only (a range of columns per row);
+# J^T W r and J^T W J use the separable structure of the pixel-integrated Gaussian (row sums of
+# the weights times products of the x-factors, then sums over the rows times products of the
+# y-factors).
 
 
 def _n_threads() -> int:
@@ -1924,6 +1924,11 @@ def _width_population(sig: np.ndarray, err: np.ndarray) -> tuple[float, float]:
     return float(np.sum(wr * s) / np.sum(wr)), float(math.sqrt(tau2))
 
 
+def _fit_image(img: np.ndarray) -> np.ndarray:
+    """The image the fits read: C-ordered float32 (the precision of the patches), converted once."""
+    return np.ascontiguousarray(img, dtype=np.float32)
+
+
 def _check_sigma(sigma):
     if sigma is not None and not (np.isfinite(sigma) and sigma > 0):
         raise InvalidParameterError(f"sigma must be a positive width in px; got {sigma!r}.")
@@ -1985,9 +1990,9 @@ def estimate_fit_settings(
     _check_sigma(sigma)
     nz = _parse_noise(noise)
     with _blas_single_thread():
+        plan = _Plan(img, x, y, window, neighbor_subtraction)
         return _estimate(
-            img, x, y, _Plan(img, x, y, window, neighbor_subtraction), sigma, nz, max_atoms, max_noise_atoms,
-            max_iter, _validate_model(model).name,
+            _fit_image(img), x, y, plan, sigma, nz, max_atoms, max_noise_atoms, max_iter, _validate_model(model).name
         )
 
 
@@ -2157,9 +2162,10 @@ def refine_gaussian(
 
 def _refine(img, x, y, mdl, sel, st, nz, window, neighbor_subtraction, n_refits, max_iter, tol, width_prior):
     n_all = x.size
+    work = _fit_image(img)
     plan = _Plan(img, x, y, window, neighbor_subtraction)
     if nz is None or any(key not in st for key in ("sigma", "sigma_spread", "window_radius")):
-        est = _estimate(img, x, y, plan, st.get("sigma"), nz, 1000, 250, max_iter, mdl.name)
+        est = _estimate(work, x, y, plan, st.get("sigma"), nz, 1000, 250, max_iter, mdl.name)
         st = {**est, **st}
         nz = nz if nz is not None else _parse_noise(est)
     sigma = float(st["sigma"])
@@ -2185,7 +2191,7 @@ def _refine(img, x, y, mdl, sel, st, nz, window, neighbor_subtraction, n_refits,
         sets.append(sel)
     sets = sets[::-1]
     pool = sets[0]
-    p_cur, ok_cur, it_cur, _ = _first_pass(img, plan, pool, max_iter)
+    p_cur, ok_cur, it_cur, _ = _first_pass(work, plan, pool, max_iter)
     cur = _Isotropic()
     max_move = 0.5 * np.maximum(plan.r_first0, 2.0)
     for idx in sets[1:]:
@@ -2196,7 +2202,7 @@ def _refine(img, x, y, mdl, sel, st, nz, window, neighbor_subtraction, n_refits,
         if mdl.k != cur.k:
             start = mdl.from_isotropic(start)
         nbprev = _NeighborModels(plan, idx, pool, cur, p_cur, ok_cur) if neighbor_subtraction else None
-        p_new, chi2, h, it_new, m, _ = _later_pass(img, plan, idx, mdl, start, reinit, nbprev, nz, max_iter, tol)
+        p_new, chi2, h, it_new, m, _ = _later_pass(work, plan, idx, mdl, start, reinit, nbprev, nz, max_iter, tol)
         ok_cur = _physical(mdl, p_new, x[idx], y[idx], max_move[idx], plan.r_final[idx])
         it_cur = it_cur[pos] + it_new
         p_cur, pool, cur = p_new, idx, mdl
