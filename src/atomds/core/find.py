@@ -13,11 +13,15 @@ Positions are in pixels (``x`` = column index, ``y`` = row index, pixel centres 
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numba
 import numpy as np
 import scipy.fft as sfft
+from numba import njit
 from scipy import ndimage as ndi
 from scipy import optimize
 from scipy.spatial import cKDTree
@@ -382,6 +386,61 @@ def _window_stats(t: np.ndarray, ny: int, nx: int, rows: np.ndarray, cols: np.nd
     return box(np.ones_like(t)), box(t), box(t * t)
 
 
+# ----------------------------------------------------------------------------------------------
+# compiled elementwise passes (numba) for :func:`_correlate`: each fuses several numpy passes over
+# the full-size maps into one, with the same float32 operations in the same order (so the same
+# values); the rows are split between a few threads (kernels release the GIL).
+
+
+def _row_threads(kernel, n: int, *args) -> None:
+    """Run ``kernel(start, stop, *args)`` over rows ``range(n)`` in chunks on a pool of threads."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cores = os.cpu_count() or 1
+    threads = max(1, min(cores, int(numba.config.NUMBA_NUM_THREADS), 8))
+    chunk = max(64, -(-n // (4 * threads)))
+    starts = range(0, n, chunk)
+    if threads == 1 or len(starts) < 2:
+        for s in starts:
+            kernel(s, min(s + chunk, n), *args)
+        return
+    with ThreadPoolExecutor(max_workers=min(threads, len(starts))) as pool:
+        for job in [pool.submit(kernel, s, min(s + chunk, n), *args) for s in starts]:
+            job.result()
+
+
+@njit(cache=True, nogil=True)
+def _k_outer(r0, r1, spec, by, bx, out):  # pragma: no cover - compiled
+    """out = spec * by[:, None] * bx[None, :] (complex64), rows r0:r1."""
+    for i in range(r0, r1):
+        yi = by[i]
+        for j in range(spec.shape[1]):
+            out[i, j] = (spec[i, j] * yi) * bx[j]
+
+
+@njit(cache=True, nogil=True)
+def _k_var(r0, r1, s1, s2, n, var, s1c):  # pragma: no cover - compiled
+    """var = s2 - s1 * s1 / n and a contiguous copy of s1 (float32), rows r0:r1."""
+    for i in range(r0, r1):
+        for j in range(s1.shape[1]):
+            v = s1[i, j]
+            s1c[i, j] = v
+            var[i, j] = s2[i, j] - (v * v) / n
+
+
+@njit(cache=True, nogil=True)
+def _k_ncc(r0, r1, num, var, s1, floor, tnorm, use_z, zb, za, zfloor, ncc, z):  # pragma: no cover
+    """ncc = num / (sqrt(max(var, floor)) tnorm); z = num / (sqrt(max(s1 zb + za, zfloor)) tnorm)."""
+    for i in range(r0, r1):
+        for j in range(num.shape[1]):
+            u = num[i, j]
+            ncc[i, j] = u / (np.sqrt(max(var[i, j], floor)) * tnorm)
+            if use_z:
+                lm = s1[i, j] * zb + za
+                z[i, j] = u / (np.sqrt(max(lm, zfloor)) * tnorm)
+
+
 @dataclass
 class _Stats:
     """FFT products shared by every template of one shape (zero-padded image)."""
@@ -429,45 +488,38 @@ def _correlate(image: np.ndarray, templates: list[np.ndarray], noise: tuple[floa
             # the box kernel is separable: its spectrum is an outer product of two 1-D spectra
             by = np.conj(sfft.fft(np.ones(th, dtype=np.float32), n=fy)).astype(np.complex64)[:, None]
             bx = np.conj(sfft.rfft(np.ones(tw, dtype=np.float32), n=fx)).astype(np.complex64)[None, :]
-            np.multiply(spec, by, out=buf)
-            buf *= bx
+            by, bx = by[:, 0].copy(), bx[0].copy()
+            _row_threads(_k_outer, fy, spec, by, bx, buf)
             s1 = sfft.irfft2(buf, s=(fy, fx), workers=workers, overwrite_x=True)[oy : oy + ny, ox : ox + nx]
-            sq = np.multiply(s1, s1)
-            sq /= n
             if len(cache) == 0 and len({tt.shape for tt in templates}) == 1:
-                spec2 *= by  # last use of spec2: filter in place
-                spec2 *= bx
+                _row_threads(_k_outer, fy, spec2, by, bx, spec2)  # last use of spec2: filter in place
                 s2 = sfft.irfft2(spec2, s=(fy, fx), workers=workers, overwrite_x=True)[oy : oy + ny, ox : ox + nx]
             else:
-                np.multiply(spec2, by, out=buf)
-                buf *= bx
+                _row_threads(_k_outer, fy, spec2, by, bx, buf)
                 s2 = sfft.irfft2(buf, s=(fy, fx), workers=workers, overwrite_x=True)[oy : oy + ny, ox : ox + nx]
             # float32 FFT round-off is ~1e-6 of the largest local energy: flatter windows are flat
             floor = np.float32(1e-5 * max(float(s2.max()), 1e-30))
-            var = np.subtract(s2, sq, out=sq)
-            del s2
-            cache[(th, tw)] = _Stats(np.ascontiguousarray(s1), var, floor)
-            del s1
+            var = np.empty((ny, nx), dtype=np.float32)
+            s1c = np.empty((ny, nx), dtype=np.float32)
+            _row_threads(_k_var, ny, s1, s2, n, var, s1c)
+            del s2, s1
+            cache[(th, tw)] = _Stats(s1c, var, floor)
         st = cache[(th, tw)]
         tz = t - t.mean()
         tnorm = np.float32(np.sqrt(np.sum(tz * tz)))
         _spectrum_of_small(tz, fy, fx, out=buf, conjugate=True)
         buf *= spec
         num = sfft.irfft2(buf, s=(fy, fx), workers=workers, overwrite_x=True)[oy : oy + ny, ox : ox + nx]
-        den = np.maximum(st.var, st.floor)
-        np.sqrt(den, out=den)
-        den *= tnorm
-        ncc = np.divide(num, den, out=den)
+        ncc = np.empty((ny, nx), dtype=np.float32)
         if noise is not None:
             a, b = noise
-            lm = st.s1 * np.float32(b / float(n))
-            lm += np.float32(a + b * mean)
-            np.maximum(lm, np.float32(1e-12 + 1e-6 * a), out=lm)
-            np.sqrt(lm, out=lm)
-            lm *= tnorm
-            z = np.divide(num, lm, out=lm)
+            z = np.empty((ny, nx), dtype=np.float32)
+            zb, za, zfloor = np.float32(b / float(n)), np.float32(a + b * mean), np.float32(1e-12 + 1e-6 * a)
         else:
             z = np.zeros((0, 0), dtype=np.float32)
+            zb = za = zfloor = np.float32(0.0)
+        _row_threads(_k_ncc, ny, num, st.var, st.s1, np.float32(st.floor), tnorm, noise is not None,
+                     zb, za, zfloor, ncc, z if noise is not None else ncc)
         _fix_border(ncc, z, num, st, t, mean, noise, th // 2, tw // 2)
         del num
         np.clip(ncc, -1.0, 1.0, out=ncc)
