@@ -387,9 +387,10 @@ def _window_stats(t: np.ndarray, ny: int, nx: int, rows: np.ndarray, cols: np.nd
 
 
 # ----------------------------------------------------------------------------------------------
-# compiled elementwise passes (numba) for :func:`_correlate`: each fuses several numpy passes over
-# the full-size maps into one, with the same float32 operations in the same order (so the same
-# values); the rows are split between a few threads (kernels release the GIL).
+# compiled passes (numba) for :func:`_correlate`: the window sums of the image and its square by
+# running sums (float64, instead of two full-size FFT filterings), and the NCC / z-score maps in
+# one pass each fusing several numpy passes (same float32 operations in the same order); the rows
+# are split between a few threads (the kernels release the GIL).
 
 
 def _row_threads(kernel, n: int, *args) -> None:
@@ -411,25 +412,6 @@ def _row_threads(kernel, n: int, *args) -> None:
 
 
 @njit(cache=True, nogil=True)
-def _k_outer(r0, r1, spec, by, bx, out):  # pragma: no cover - compiled
-    """out = spec * by[:, None] * bx[None, :] (complex64), rows r0:r1."""
-    for i in range(r0, r1):
-        yi = by[i]
-        for j in range(spec.shape[1]):
-            out[i, j] = (spec[i, j] * yi) * bx[j]
-
-
-@njit(cache=True, nogil=True)
-def _k_var(r0, r1, s1, s2, n, var, s1c):  # pragma: no cover - compiled
-    """var = s2 - s1 * s1 / n and a contiguous copy of s1 (float32), rows r0:r1."""
-    for i in range(r0, r1):
-        for j in range(s1.shape[1]):
-            v = s1[i, j]
-            s1c[i, j] = v
-            var[i, j] = s2[i, j] - (v * v) / n
-
-
-@njit(cache=True, nogil=True)
 def _k_ncc(r0, r1, num, var, s1, floor, tnorm, use_z, zb, za, zfloor, ncc, z):  # pragma: no cover
     """ncc = num / (sqrt(max(var, floor)) tnorm); z = num / (sqrt(max(s1 zb + za, zfloor)) tnorm)."""
     for i in range(r0, r1):
@@ -441,9 +423,83 @@ def _k_ncc(r0, r1, num, var, s1, floor, tnorm, use_z, zb, za, zfloor, ncc, z):  
                 z[i, j] = u / (np.sqrt(max(lm, zfloor)) * tnorm)
 
 
+@njit(cache=True, nogil=True)
+def _k_rowsum(img, r, mean, tw, rs1, rs2):  # pragma: no cover - compiled
+    """Sums of (img[r] - mean) and its square over the windows of ``tw`` columns (zero outside)."""
+    nx = img.shape[1]
+    hx = tw // 2
+    a1 = 0.0
+    a2 = 0.0
+    for c in range(0, min(nx, tw - hx)):
+        d = img[r, c] - mean
+        a1 += d
+        a2 += d * d
+    rs1[0] = a1
+    rs2[0] = a2
+    for j in range(1, nx):
+        c = j - hx + tw - 1
+        if c < nx:
+            d = img[r, c] - mean
+            a1 += d
+            a2 += d * d
+        c = j - hx - 1
+        if c >= 0:
+            d = img[r, c] - mean
+            a1 -= d
+            a2 -= d * d
+        rs1[j] = a1
+        rs2[j] = a2
+
+
+@njit(cache=True, nogil=True)
+def _k_boxstats(r0, r1, img, mean, th, tw, s1, var, smax):  # pragma: no cover - compiled
+    """Window sums of ``img - mean`` (zero outside the image) and ``n`` times the local variance.
+
+    For output rows r0:r1, the (th, tw) window with its centre (th // 2, tw // 2) on the pixel:
+    ``s1 = sum (p - mean)``, ``var = sum (p - mean)^2 - s1^2 / n`` (float64 running sums, stored
+    float32); the largest ``sum (p - mean)^2`` of these rows goes to ``smax[r0]``.
+    """
+    ny, nx = img.shape
+    hy = th // 2
+    n = float(th * tw)
+    acc1 = np.zeros(nx)
+    acc2 = np.zeros(nx)
+    rs1 = np.empty(nx)
+    rs2 = np.empty(nx)
+    top = 0.0
+    for i in range(r0, r1):
+        if i == r0:
+            for r in range(max(0, i - hy), min(ny, i - hy + th)):
+                _k_rowsum(img, r, mean, tw, rs1, rs2)
+                for j in range(nx):
+                    acc1[j] += rs1[j]
+                    acc2[j] += rs2[j]
+        else:
+            r = i - hy + th - 1
+            if r < ny:
+                _k_rowsum(img, r, mean, tw, rs1, rs2)
+                for j in range(nx):
+                    acc1[j] += rs1[j]
+                    acc2[j] += rs2[j]
+            r = i - hy - 1
+            if r >= 0:
+                _k_rowsum(img, r, mean, tw, rs1, rs2)
+                for j in range(nx):
+                    acc1[j] -= rs1[j]
+                    acc2[j] -= rs2[j]
+        for j in range(nx):
+            a1 = acc1[j]
+            a2 = acc2[j]
+            s1[i, j] = a1
+            var[i, j] = a2 - a1 * a1 / n
+            if a2 > top:
+                top = a2
+    smax[r0] = top
+
+
 @dataclass
 class _Stats:
-    """FFT products shared by every template of one shape (zero-padded image)."""
+    """Window sums shared by every template of one shape (zero outside the image)."""
 
     s1: np.ndarray  # sum of (image - mean) over the in-image window, float32
     var: np.ndarray  # n * local variance over the window (interior definition), float32
@@ -474,9 +530,8 @@ def _correlate(image: np.ndarray, templates: list[np.ndarray], noise: tuple[floa
     pad[hy : hy + ny, hx : hx + nx] = image
     pad[hy : hy + ny, hx : hx + nx] -= np.float32(mean)
     spec = sfft.rfft2(pad, workers=workers)
-    np.square(pad, out=pad)
-    spec2 = sfft.rfft2(pad, workers=workers)
     del pad
+    img32 = np.ascontiguousarray(image, dtype=np.float32)
     buf = np.empty_like(spec)  # products of spectra, reused
     out = []
     cache: dict[tuple[int, int], _Stats] = {}
@@ -485,25 +540,15 @@ def _correlate(image: np.ndarray, templates: list[np.ndarray], noise: tuple[floa
         oy, ox = hy - th // 2, hx - tw // 2  # offset of this template inside the common halo
         n = np.float32(th * tw)
         if (th, tw) not in cache:
-            # the box kernel is separable: its spectrum is an outer product of two 1-D spectra
-            by = np.conj(sfft.fft(np.ones(th, dtype=np.float32), n=fy)).astype(np.complex64)[:, None]
-            bx = np.conj(sfft.rfft(np.ones(tw, dtype=np.float32), n=fx)).astype(np.complex64)[None, :]
-            by, bx = by[:, 0].copy(), bx[0].copy()
-            _row_threads(_k_outer, fy, spec, by, bx, buf)
-            s1 = sfft.irfft2(buf, s=(fy, fx), workers=workers, overwrite_x=True)[oy : oy + ny, ox : ox + nx]
-            if len(cache) == 0 and len({tt.shape for tt in templates}) == 1:
-                _row_threads(_k_outer, fy, spec2, by, bx, spec2)  # last use of spec2: filter in place
-                s2 = sfft.irfft2(spec2, s=(fy, fx), workers=workers, overwrite_x=True)[oy : oy + ny, ox : ox + nx]
-            else:
-                _row_threads(_k_outer, fy, spec2, by, bx, buf)
-                s2 = sfft.irfft2(buf, s=(fy, fx), workers=workers, overwrite_x=True)[oy : oy + ny, ox : ox + nx]
-            # float32 FFT round-off is ~1e-6 of the largest local energy: flatter windows are flat
-            floor = np.float32(1e-5 * max(float(s2.max()), 1e-30))
+            # window sums of (p - mean) and (p - mean)^2 by running sums (separable box)
+            s1 = np.empty((ny, nx), dtype=np.float32)
             var = np.empty((ny, nx), dtype=np.float32)
-            s1c = np.empty((ny, nx), dtype=np.float32)
-            _row_threads(_k_var, ny, s1, s2, n, var, s1c)
-            del s2, s1
-            cache[(th, tw)] = _Stats(s1c, var, floor)
+            smax = np.zeros(ny)
+            _row_threads(_k_boxstats, ny, img32, np.float32(mean), th, tw, s1, var, smax)
+            # float32 FFT round-off of the correlation is ~1e-6 of the largest local energy:
+            # flatter windows are flat
+            floor = np.float32(1e-5 * max(float(np.float32(smax.max())), 1e-30))
+            cache[(th, tw)] = _Stats(s1, var, floor)
         st = cache[(th, tw)]
         tz = t - t.mean()
         tnorm = np.float32(np.sqrt(np.sum(tz * tz)))
