@@ -641,20 +641,35 @@ def _local_maxima(c: np.ndarray, idx: np.ndarray, nx: int) -> np.ndarray:
     Neighbours outside the image do not count. Strict comparison with the neighbours before
     the pixel in raster order and non-strict with those after, so a plateau gives one maximum.
     """
-    ny = c.shape[0]
-    w = nx + 2
-    padded = np.full((ny + 2, w), -np.inf, dtype=c.dtype)
-    padded[1:-1, 1:-1] = c
-    flat = padded.ravel()
-    yy, xx = np.divmod(idx, nx)
-    pidx = (yy + 1) * w + (xx + 1)
-    v = flat[pidx]
-    is_max = np.ones(idx.size, dtype=bool)
-    for off in (-w - 1, -w, -w + 1, -1):
-        is_max &= v > flat[pidx + off]
-    for off in (1, w - 1, w, w + 1):
-        is_max &= v >= flat[pidx + off]
+    c2 = np.ascontiguousarray(c).reshape(-1, nx)
+    is_max = np.empty(idx.size, dtype=bool)
+    _k_local_max(c2, np.ascontiguousarray(idx, dtype=np.int64), is_max)
     return is_max
+
+
+@njit(cache=True, nogil=True)
+def _k_local_max(c, idx, is_max):  # pragma: no cover - compiled
+    """:func:`_local_maxima` (neighbours outside the image taken as -inf)."""
+    ny, nx = c.shape
+    ninf = -np.inf
+    for k in range(idx.size):
+        y = idx[k] // nx
+        x = idx[k] - y * nx
+        v = c[y, x]
+        ok = True
+        for dy in range(-1, 2):
+            for dx in range(-1, 2):
+                if dy == 0 and dx == 0:
+                    continue
+                yy = y + dy
+                xx = x + dx
+                u = c[yy, xx] if (0 <= yy < ny and 0 <= xx < nx) else ninf
+                if dy < 0 or (dy == 0 and dx < 0):
+                    if not (v > u):
+                        ok = False
+                elif not (v >= u):
+                    ok = False
+        is_max[k] = ok
 
 
 @dataclass
