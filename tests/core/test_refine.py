@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from atomds.core import crb, refine, samples, synth
+from atomds.core import _threads, crb, refine, samples, synth
 from atomds.errors import DimensionError, InvalidParameterError
 
 
@@ -318,7 +318,7 @@ def test_compiled_fit_is_the_same_on_any_number_of_threads(monkeypatch):
     assert x0.size > 512  # several chunks of atoms
     runs = {}
     for n in (1, 3):
-        monkeypatch.setattr(refine, "_n_threads", lambda n=n: n)
+        monkeypatch.setattr(_threads, "n_threads", lambda n=n: n)
         runs[n] = refine.refine_gaussian(hexa.image, x0, y0)
     # and from several Python threads at once
     from concurrent.futures import ThreadPoolExecutor

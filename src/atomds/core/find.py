@@ -13,8 +13,6 @@ Positions are in pixels (``x`` = column index, ``y`` = row index, pixel centres 
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +25,7 @@ from scipy import optimize
 from scipy.spatial import cKDTree
 
 from ..errors import InvalidImageError, InvalidParameterError, NoAtomsFoundError
+from ._threads import run_chunks
 from .preprocess import _central_crop, _parabola, check_image, estimate_spacing, noise_model
 
 __all__ = [
@@ -395,20 +394,7 @@ def _window_stats(t: np.ndarray, ny: int, nx: int, rows: np.ndarray, cols: np.nd
 
 def _row_threads(kernel, n: int, *args) -> None:
     """Run ``kernel(start, stop, *args)`` over rows ``range(n)`` in chunks on a pool of threads."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        cores = os.cpu_count() or 1
-    threads = max(1, min(cores, int(numba.config.NUMBA_NUM_THREADS), 8))
-    chunk = max(64, -(-n // (4 * threads)))
-    starts = range(0, n, chunk)
-    if threads == 1 or len(starts) < 2:
-        for s in starts:
-            kernel(s, min(s + chunk, n), *args)
-        return
-    with ThreadPoolExecutor(max_workers=min(threads, len(starts))) as pool:
-        for job in [pool.submit(kernel, s, min(s + chunk, n), *args) for s in starts]:
-            job.result()
+    run_chunks(kernel, n, *args, min_chunk=64, chunks_per_thread=4, max_threads=8)
 
 
 @njit(cache=True, nogil=True)

@@ -61,8 +61,6 @@ installing compiles them once (about 10 s), later processes load them (a fractio
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -72,6 +70,7 @@ from numba import njit
 from scipy.special import erf
 
 from ..errors import DimensionError, InvalidImageError, InvalidParameterError
+from ._threads import run_chunks
 
 try:  # a dependency of scikit-learn; BLAS threads only slow down the many tiny matrix products here
     from threadpoolctl import threadpool_limits as _threadpool_limits
@@ -917,32 +916,9 @@ def _run_pass(image, idx, p_start, reinit, spec: _PassSpec, nbprev=None, sigma0=
 # y-factors).
 
 
-def _n_threads() -> int:
-    """Threads for the compiled kernels: the usable cores, at most ``NUMBA_NUM_THREADS``."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, int(numba.config.NUMBA_NUM_THREADS)))
-
-
 def _in_threads(kernel, n: int, *args) -> None:
-    """Run ``kernel(start, stop, *args)`` over ``range(n)`` in chunks on a pool of threads.
-
-    The kernels are compiled with ``nogil=True``: the threads run them on all cores at once. About
-    eight chunks per thread are handed out as threads become free, so that a core shared with
-    other work does not hold up the others.
-    """
-    threads = _n_threads()
-    chunk = max(256, -(-n // (8 * threads)))
-    starts = range(0, n, chunk)
-    if threads == 1 or len(starts) < 2:
-        for s in starts:
-            kernel(s, min(s + chunk, n), *args)
-        return
-    with ThreadPoolExecutor(max_workers=min(threads, len(starts))) as pool:
-        for job in [pool.submit(kernel, s, min(s + chunk, n), *args) for s in starts]:
-            job.result()
+    """Run ``kernel(start, stop, *args)`` over ``range(n)`` in chunks on a pool of threads."""
+    run_chunks(kernel, n, *args, min_chunk=256, chunks_per_thread=8)
 
 
 @njit(cache=True)

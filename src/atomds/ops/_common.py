@@ -15,6 +15,7 @@ __all__ = [
     "require_vars",
     "pixel_size",
     "length_units",
+    "length_to_px",
     "image_dataarray",
     "annotate",
     "record_params",
@@ -52,6 +53,19 @@ def pixel_size(ds: xr.Dataset) -> float:
     if not np.isfinite(ps) or ps <= 0:
         raise InvalidParameterError(f"pixel_size must be a positive finite number, got {ps!r}.")
     return ps
+
+
+def length_to_px(value: Any, ps: float, name: str) -> float | None:
+    """A positive length given in the image's units, converted to pixels (None stays None)."""
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidParameterError(f"{name} must be a number (in the image's units), got {value!r}.") from exc
+    if not np.isfinite(v) or v <= 0:
+        raise InvalidParameterError(f"{name} must be > 0 (in the image's units), got {value!r}.")
+    return v / ps
 
 
 def length_units(ds: xr.Dataset) -> str:

@@ -16,7 +16,7 @@ import xarray as xr
 
 from ..core import find as core
 from ..errors import InvalidParameterError
-from ._common import annotate, drop_dim_vars, image_dataarray, length_units, pixel_size, record_params
+from ._common import annotate, drop_dim_vars, image_dataarray, length_to_px, length_units, pixel_size, record_params
 
 __all__ = ["find_atoms", "correlation_map"]
 
@@ -59,18 +59,6 @@ def _templates_px(template, ps: float):
             raise InvalidParameterError("template is an empty list: pass None, an array, an (x, y) point or a list.")
         return [_template_px(t, ps) for t in template]
     return _template_px(template, ps)
-
-
-def _length_px(value, ps: float, name: str) -> float | None:
-    if value is None:
-        return None
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as exc:
-        raise InvalidParameterError(f"{name} must be a number (in the image's units), got {value!r}.") from exc
-    if not math.isfinite(v) or v <= 0:
-        raise InvalidParameterError(f"{name} must be > 0 (in the image's units), got {value!r}.")
-    return v / ps
 
 
 def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None, min_area: float | None = None,
@@ -131,8 +119,8 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
     ps = pixel_size(ds)
     u = length_units(ds)
     tmpl = _templates_px(template, ps)
-    s_px = _length_px(sigma, ps, "sigma")
-    d_px = _length_px(spacing, ps, "spacing")
+    s_px = length_to_px(sigma, ps, "sigma")
+    d_px = length_to_px(spacing, ps, "spacing")
     img = _image_numpy(ds)
     res = core.find_atoms(img, template=tmpl, threshold=threshold, min_area=min_area, max_area=max_area,
                           sublattices=sublattices, sigma=s_px, spacing=d_px, z_min=z_min, min_contrast=min_contrast)
@@ -200,8 +188,8 @@ def correlation_map(ds: xr.Dataset, *, template=None, sigma: float | None = None
     t = _template_px(template, ps)
     if isinstance(template, list):
         raise InvalidParameterError("correlation_map takes one template; call it once per template.")
-    s_px = _length_px(sigma, ps, "sigma")
-    d_px = _length_px(spacing, ps, "spacing")
+    s_px = length_to_px(sigma, ps, "sigma")
+    d_px = length_to_px(spacing, ps, "spacing")
     img = _image_numpy(ds)
     if t is None:
         arr = core.auto_template(img, sigma=s_px, spacing=d_px)

@@ -24,7 +24,7 @@ from scipy import ndimage as ndi
 
 from ..core import preprocess as core
 from ..errors import DimensionError, InvalidParameterError, MissingVariableError
-from ._common import annotate, image_dataarray, is_dask, length_units, pixel_size, record_params
+from ._common import annotate, image_dataarray, is_dask, length_to_px, length_units, pixel_size, record_params
 
 __all__ = ["denoise", "normalize", "subtract_background", "align_frames"]
 
@@ -38,18 +38,6 @@ def _estimation_image(da: xr.DataArray) -> np.ndarray:
     ny, nx = da.shape
     y0, x0 = max(0, (ny - _CROP) // 2), max(0, (nx - _CROP) // 2)
     return np.asarray(da.data[y0 : y0 + _CROP, x0 : x0 + _CROP].compute())
-
-
-def _length_px(value, ps: float, name: str) -> float | None:
-    if value is None:
-        return None
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as exc:
-        raise InvalidParameterError(f"{name} must be a number (in the image's units), got {value!r}.") from exc
-    if not math.isfinite(v) or v <= 0:
-        raise InvalidParameterError(f"{name} must be > 0 (in the image's units), got {value!r}.")
-    return v / ps
 
 
 def _with_image(ds: xr.Dataset, da: xr.DataArray, data: Any, step: str, params: dict) -> xr.Dataset:
@@ -98,10 +86,10 @@ def denoise(ds: xr.Dataset, *, method: str = "gaussian", sigma: float | None = N
     ps = pixel_size(ds)
     u = length_units(ds)
     kw = {
-        "sigma": _length_px(sigma, ps, "sigma"),
-        "size": _length_px(size, ps, "size"),
-        "patch_size": _length_px(patch_size, ps, "patch_size"),
-        "patch_distance": _length_px(patch_distance, ps, "patch_distance"),
+        "sigma": length_to_px(sigma, ps, "sigma"),
+        "size": length_to_px(size, ps, "size"),
+        "patch_size": length_to_px(patch_size, ps, "patch_size"),
+        "patch_distance": length_to_px(patch_distance, ps, "patch_distance"),
     }
     for name, v in (("noise", noise), ("h", h)):
         if v is not None and not (math.isfinite(float(v)) and float(v) > 0):
@@ -208,7 +196,7 @@ def subtract_background(ds: xr.Dataset, *, method: str = "gaussian", scale: floa
     ps = pixel_size(ds)
     params: dict[str, Any] = {"method": method, "units": length_units(ds)}
     if method == "gaussian":
-        s = _length_px(scale, ps, "scale")
+        s = length_to_px(scale, ps, "scale")
         if s is None:
             s = core.default_background_scale(_estimation_image(da))
         params.update(scale=s * ps, scale_px=s)
@@ -297,7 +285,7 @@ def align_frames(ds: xr.Dataset, *, upsample: int = 100, reference: str = "runni
         raise DimensionError(f"'frames' must have dims ('frame', 'y', 'x'), got {fr.dims}.")
     ps = pixel_size(ds)
     u = length_units(ds)
-    ms = _length_px(max_shift, ps, "max_shift")
+    ms = length_to_px(max_shift, ps, "max_shift")
     stack = np.asarray(fr.values, dtype=np.float32)
     mean, shifts = core.align_stack(stack, upsample=upsample, reference=reference, max_shift=ms,
                                     iterations=iterations)
