@@ -22,6 +22,13 @@ def hexa():
         (lambda: samples.hexagonal_sample(shape=(192, 192), dose=2000.0, sigma=1.5, spacing=7.0, angle=30, seed=2), 7.0),
         # perovskite: the nearest columns are A-B, spacing / sqrt(2)
         (lambda: samples.perovskite_sample(shape=(192, 192), dose=2000.0, spacing=16.0, seed=3), 16.0 / np.sqrt(2)),
+        # a hole with a wide amorphous rim over the centre: the lattice is only around it (a
+        # centre-weighted Hann window read sqrt(3) or 0.9 spacings here)
+        *[
+            (lambda d=d: samples.hexagonal_sample(shape=(512, 512), dose=d, vacuum=True, vacuum_radius=0.4,
+                                                  vacuum_center=(0.5, 0.5), seed=0), 12.0)
+            for d in (250.0, 1000.0)
+        ],
     ],
 )
 def test_estimate_spacing(make, expected):

@@ -40,6 +40,7 @@ __all__ = [
     "auto_threshold",
     "classify_columns",
     "noise_z_threshold",
+    "supported_by_lattice",
     "find_atoms",
 ]
 
@@ -875,7 +876,7 @@ def _ordered(lab: np.ndarray, centre_first_feature: np.ndarray) -> np.ndarray:
 def find_atoms(image, *, template=None, threshold: float | None = None, min_area: int | None = None,
                max_area: int | None = None, sublattices: str | int | None = "auto", sigma: float | None = None,
                spacing: float | None = None, z_min: float | None = None, min_contrast: float = 0.25,
-               workers: int | None = None, refine_templates: bool = True) -> FoundAtoms:
+               workers: int | None = None, refine_templates: bool = True, lattice_check: bool = True) -> FoundAtoms:
     """Find atomic columns by zero-normalised template correlation.
 
     Pipeline (every step vectorised over pixels or blobs):
@@ -903,6 +904,14 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
          ``min_contrast`` of the bright columns around it (the 90th percentile of the amplitudes
          in a box of about six spacings, or half the image-wide one if larger): weak specks of
          amorphous material are not columns;
+       - it is not a faint blob off the lattice (``lattice_check``): a blob whose amplitude
+         relative to the bright columns around it is below half the median of its class must
+         sit where the lattice of its neighbours puts a site, i.e. at least two of the accepted
+         columns within 1.5 spacings must lie at a local lattice vector from it (within 0.15
+         spacing; see :func:`supported_by_lattice`). Amorphous specks and dim blobs in a hole
+         sit anywhere; dim real columns (thin edges, light or partly occupied columns) sit on
+         sites. Blobs within half a template of the border are not tested, and neither are
+         faint blobs that make up more than a tenth of the blobs (a population, not specks).
        - it is not a weak, broad blob: when its amplitude is below 75 % of its class's median
          (step 7), the ratio of its correlation with the template to that with the template
          blurred by the column width (a shape measure that noise hardly changes) must not fall
@@ -941,6 +950,9 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         Threads for the FFTs (default: all).
     refine_templates : bool
         Allow the second pass of step 8.
+    lattice_check : bool
+        Drop faint blobs that no lattice site explains (step 5). Turn it off to keep faint
+        off-lattice features such as adatoms or interstitials of low contrast.
 
     Returns
     -------
@@ -1122,6 +1134,26 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         too_broad |= m & interior & weak & (broad > 0) & (ratio < med - max(5.0 * spread, 0.08))
     counts["too_broad"] = int((ok & too_broad).sum())
     ok &= ~too_broad
+    # --- lattice support of faint blobs: a faint blob (well below the columns of its class around
+    # it) is a column only where the lattice of its neighbours puts a site; a speck of amorphous
+    # material or a dim blob in a hole sits anywhere. Near the border too few neighbours are seen.
+    if lattice_check:
+        off = _outside_lattice(cx, cy, amp, cls, ok & interior, ok, d)
+        counts["no_lattice"] = int(off.sum())
+        ok &= ~off
+        faint = np.zeros(cx.size, dtype=bool)
+        for k in np.unique(cls):
+            m = (cls == k) & ok
+            if np.count_nonzero(m) >= 5:
+                faint |= (cls == k) & (rel < _FAINT * float(np.median(rel[m])))
+        tested = ok & interior & faint
+        # a faint population as large as a class (see classify_columns' min_fraction) is a
+        # sublattice or an intensity spread that the classes did not resolve, not specks: its
+        # sites are not among the bright columns' lattice vectors, so it is not tested
+        if np.count_nonzero(tested) <= _FAINT_MAX_FRACTION * np.count_nonzero(ok & interior):
+            off = tested & ~supported_by_lattice(cx, cy, ok & ~faint, d, candidates=tested)
+            counts["off_lattice"] = int(off.sum())
+            ok &= ~off
     if not np.any(ok):
         raise NoAtomsFoundError(_no_atoms_msg(thr, auto_thr, "every blob is too weak or too broad to be a column"))
     cx, cy, score, area, zs, amp, cls = (v[ok] for v in (cx, cy, score, area, zs, amp, cls))
@@ -1139,6 +1171,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         "z_min": zmin,
         "z_min_border": zmin_edge,
         "min_contrast": float(min_contrast),
+        "lattice_check": bool(lattice_check),
         "sigma": s,
         "spacing": d,
         "noise_variance": [float(v) for v in noise],
@@ -1158,7 +1191,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
             try:
                 second = find_atoms(img, template=class_t, threshold=threshold, min_area=min_area, max_area=max_area,
                                     sublattices="auto", sigma=s, spacing=d, z_min=z_min, min_contrast=min_contrast,
-                                    workers=workers, refine_templates=False)
+                                    workers=workers, refine_templates=False, lattice_check=lattice_check)
             except NoAtomsFoundError:
                 return result
             second.params["templates"] = [f"auto (class {k})" for k in range(len(class_t))]
@@ -1167,6 +1200,134 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
             second.params["first_pass"]["n_atoms"] = int(cx.size)
             return second
     return result
+
+
+#: A blob is weak when its amplitude is below this fraction of its class's median (image-wide).
+_WEAK = 0.75
+#: Weak blobs farther than this (in spacings) from every column that is not weak form a region of
+#: their own, which must be a lattice (a thin area) and not a disordered film.
+_REGION_REACH = 3.0
+#: Fraction of unmatched neighbour vectors above which a neighbourhood is disordered
+#: (:func:`atomds.core.neighbors.phase_features`: 0 in a crystal, 0.5-1 among random positions).
+_DISORDERED = 0.4
+
+
+def _outside_lattice(x, y, amp, cls, tested, ok, spacing: float) -> np.ndarray:
+    """Weak blobs in a disordered region of their own: an amorphous film or support, not a crystal.
+
+    Weak blobs (amplitude below ``_WEAK`` of their class's median) farther than
+    ``_REGION_REACH`` spacings from every column that is not weak are tested; they are dropped
+    when their neighbourhood among the accepted blobs is disordered (translational disorder of
+    :func:`~atomds.core.neighbors.phase_features` above ``_DISORDERED``). A thin area of the
+    crystal, weak but ordered, stays; so do disordered columns near clear ones (a grain boundary).
+    Only the tested blobs are described, so that a clean image costs nothing.
+    """
+    from .neighbors import DISORDER_WEIGHT, phase_features
+
+    weak = np.zeros(x.size, dtype=bool)
+    for k in np.unique(cls[ok]):
+        m = ok & (cls == k)
+        weak |= m & (amp < _WEAK * float(np.median(amp[m])))
+    strong = ok & ~weak
+    out = np.zeros(x.size, dtype=bool)
+    cand = np.flatnonzero(tested & weak)
+    if cand.size == 0 or np.count_nonzero(strong) < 3:
+        return out
+    dist, _ = cKDTree(np.c_[x[strong], y[strong]]).query(np.c_[x[cand], y[cand]])
+    cand = cand[dist > _REGION_REACH * spacing]
+    if cand.size == 0:
+        return out
+    pool = np.flatnonzero(ok)
+    where = np.searchsorted(pool, cand)
+    feats, _ = phase_features(x[pool], y[pool], spacing=spacing, centers=where)
+    disorder = feats[:, -1] / DISORDER_WEIGHT
+    out[cand] = ~(disorder <= _DISORDERED)  # too few neighbours to judge (NaN) counts as disordered
+    return out
+
+
+#: A blob is faint when its amplitude relative to the bright columns around it is below this
+#: fraction of its class's median (then it must be supported by the lattice).
+_FAINT = 0.5
+#: Above this fraction of the interior blobs, faint blobs are a population and are not tested.
+_FAINT_MAX_FRACTION = 0.1
+
+
+def supported_by_lattice(x, y, anchor, spacing: float, *, candidates=None, tol: float = 0.15, reach: float = 1.5,
+                         min_matches: int = 2, max_rounds: int = 5) -> np.ndarray:
+    """Whether each point sits on a site of the local lattice of the ``anchor`` points.
+
+    The local lattice vectors are the neighbour vectors of the anchors (to their anchor
+    neighbours within 1.3 times their nearest-neighbour distance), taken with both signs, so
+    that non-Bravais lattices (honeycomb, perovskite) are covered. A point is supported by an
+    anchor at most ``reach`` spacings away when their offset matches, within ``tol`` spacings,
+    one of the vectors of that anchor or of its own anchor neighbours; a point is on the
+    lattice with at least ``min_matches`` supporting anchors. Supported candidates join the
+    anchors and the test is repeated (at most ``max_rounds`` times), so that a run of dim
+    columns along a thin edge is followed from the bright ones. Vectorised over points.
+
+    Parameters
+    ----------
+    x, y : array (n,)
+        Positions, px.
+    anchor : bool array (n,)
+        Points that define the lattice (clear columns).
+    spacing : float
+        Nearest-neighbour spacing, px.
+    candidates : bool array (n,), optional
+        Points to test (default: those that are not anchors).
+    tol, reach : float
+        Matching tolerance and search radius, in spacings.
+    min_matches : int
+        Supporting anchors needed.
+
+    Returns
+    -------
+    bool array (n,)
+        True for anchors and supported candidates. With fewer than ``min_matches + 3`` anchors
+        nothing can be judged and every point is returned as supported.
+    """
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    anchor = np.asarray(anchor, dtype=bool).copy()
+    cand = ~anchor if candidates is None else np.asarray(candidates, dtype=bool) & ~anchor
+    if np.count_nonzero(anchor) < min_matches + 3:
+        return np.ones(x.size, dtype=bool)
+    xy = np.c_[x, y]
+    for _ in range(max_rounds):
+        todo = np.flatnonzero(cand & ~anchor)
+        if todo.size == 0:
+            break
+        sup = _lattice_matches(xy, np.flatnonzero(anchor), todo, spacing, tol, reach) >= min_matches
+        if not sup.any():
+            break
+        anchor[todo[sup]] = True
+    return anchor | ~cand
+
+
+def _lattice_matches(xy, a_idx, todo, spacing, tol, reach, k: int = 8, chunk: int = 20000) -> np.ndarray:
+    """Number of anchors supporting each point of ``todo`` (see :func:`supported_by_lattice`)."""
+    axy = xy[a_idx]
+    tree = cKDTree(axy)
+    kk = min(k + 1, a_idx.size)
+    dd, nn = tree.query(axy, k=kk)
+    dd, nn = dd[:, 1:], nn[:, 1:]
+    vec = axy[nn] - axy[:, None, :]  # (na, kk - 1, 2)
+    vec[dd >= 1.3 * np.maximum(dd[:, :1], 1e-9)] = np.nan
+    lists = tree.query_ball_point(xy[todo], reach * spacing)
+    cnt = np.fromiter((len(v) for v in lists), dtype=np.int64, count=todo.size)
+    ii = np.repeat(np.arange(todo.size), cnt)
+    jj = np.fromiter((j for v in lists for j in v), dtype=np.int64, count=int(cnt.sum()))
+    out = np.zeros(todo.size, dtype=np.int64)
+    lim = (tol * spacing) ** 2
+    for s0 in range(0, ii.size, chunk):
+        i, j = ii[s0:s0 + chunk], jj[s0:s0 + chunk]
+        v = xy[todo[i]] - axy[j]  # (m, 2)
+        pool = vec[np.concatenate([j[:, None], nn[j]], axis=1)].reshape(j.size, -1, 2)
+        e = np.minimum(((pool - v[:, None]) ** 2).sum(-1), ((pool + v[:, None]) ** 2).sum(-1))
+        hit = np.nanmin(np.where(np.isnan(e), np.inf, e), axis=1) < lim
+        hit &= (v**2).sum(-1) > 1e-12
+        out += np.bincount(i[hit], minlength=todo.size)
+    return out
 
 
 def _class_templates(img: np.ndarray, x, y, score, sub, shape, n_max: int = 2000) -> list[np.ndarray]:

@@ -188,7 +188,7 @@ def _radial_profile(arr: np.ndarray, cy: int, cx: int, rmax: float, step: float 
 def estimate_spacing(image) -> float:
     """Dominant nearest-neighbour distance between atomic columns, in pixels.
 
-    The autocorrelation of the (background-removed, Hann-windowed) image has a peak at every
+    The autocorrelation of the (background-removed, Tukey-windowed) image has a peak at every
     vector that joins two columns. Its local maxima beyond the central peak (twice its
     half-width at half-maximum) that stand out of
     the estimator's noise (5 / sqrt(effective number of pixels)) and reach at least 35 % of the
@@ -206,7 +206,9 @@ def estimate_spacing(image) -> float:
     ny, nx = img.shape
     # remove the large-scale background so that the autocorrelation shows the columns
     img = img - ndi.uniform_filter(img, _odd_int(min(ny, nx) / 4.0), mode="nearest")
-    win = np.outer(np.hanning(ny), np.hanning(nx))
+    # a window flat over most of the image (Tukey, 30 % tapered): a Hann window would weigh the
+    # centre so heavily that a hole or an amorphous patch there hides the lattice around it
+    win = np.outer(_tukey(ny, 0.3), _tukey(nx, 0.3))
     img = (img - np.average(img, weights=win)) * win
     n_eff = float(np.sum(win**2) ** 2 / np.sum(win**4))
     rmax = min(ny, nx) / 4.0
@@ -253,6 +255,13 @@ def estimate_spacing(image) -> float:
     dx = _parabola(acf[py, px - 1], c, acf[py, px + 1])
     dy = _parabola(acf[py - 1, px], c, acf[py + 1, px])
     return float(np.median(np.hypot(py + dy - h, px + dx - h)))
+
+
+def _tukey(n: int, alpha: float) -> np.ndarray:
+    """Tukey (tapered cosine) window of ``n`` points, the outer ``alpha`` fraction tapered."""
+    from scipy.signal.windows import tukey
+
+    return tukey(n, alpha)
 
 
 def _parabola(a, b, c):

@@ -63,7 +63,8 @@ def _templates_px(template, ps: float):
 
 def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None, min_area: float | None = None,
                max_area: float | None = None, sublattices: str | int | None = "auto", sigma: float | None = None,
-               spacing: float | None = None, z_min: float | None = None, min_contrast: float = 0.25) -> xr.Dataset:
+               spacing: float | None = None, z_min: float | None = None, min_contrast: float = 0.25,
+               lattice_check: bool = True) -> xr.Dataset:
     """Find the atomic columns of ``image`` by template correlation; the seeds of every later step.
 
     **This step computes**: the atom count must be known to build the ``atom`` dimension, so a
@@ -97,6 +98,11 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
         pure noise gives about 0.5 false blob per image).
     min_contrast : float
         Smallest amplitude of an atom relative to the bright columns around it (0 disables).
+    lattice_check : bool
+        Drop faint blobs (below half the amplitude of their class, relative to the bright
+        columns around them) that do not sit on a site of the lattice of their neighbours:
+        specks of amorphous material and dim blobs in holes. Turn it off to keep faint
+        off-lattice features (adatoms, interstitials of low contrast).
 
     Returns
     -------
@@ -123,7 +129,8 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
     d_px = length_to_px(spacing, ps, "spacing")
     img = _image_numpy(ds)
     res = core.find_atoms(img, template=tmpl, threshold=threshold, min_area=min_area, max_area=max_area,
-                          sublattices=sublattices, sigma=s_px, spacing=d_px, z_min=z_min, min_contrast=min_contrast)
+                          sublattices=sublattices, sigma=s_px, spacing=d_px, z_min=z_min, min_contrast=min_contrast,
+                          lattice_check=lattice_check)
     out = drop_dim_vars(ds, "atom")
     if "correlation" in out.variables:
         out = out.drop_vars("correlation")
