@@ -1305,24 +1305,36 @@ def supported_by_lattice(x, y, anchor, spacing: float, *, candidates=None, tol: 
 
 
 def _lattice_matches(xy, a_idx, todo, spacing, tol, reach, k: int = 8, chunk: int = 20000) -> np.ndarray:
-    """Number of anchors supporting each point of ``todo`` (see :func:`supported_by_lattice`)."""
+    """Number of anchors supporting each point of ``todo`` (see :func:`supported_by_lattice`).
+
+    Only the anchors near the tested points, and their own neighbours, are described, so that a
+    few faint blobs in a large image cost little.
+    """
     axy = xy[a_idx]
     tree = cKDTree(axy)
     kk = min(k + 1, a_idx.size)
-    dd, nn = tree.query(axy, k=kk)
-    dd, nn = dd[:, 1:], nn[:, 1:]
-    vec = axy[nn] - axy[:, None, :]  # (na, kk - 1, 2)
-    vec[dd >= 1.3 * np.maximum(dd[:, :1], 1e-9)] = np.nan
     lists = tree.query_ball_point(xy[todo], reach * spacing)
     cnt = np.fromiter((len(v) for v in lists), dtype=np.int64, count=todo.size)
     ii = np.repeat(np.arange(todo.size), cnt)
     jj = np.fromiter((j for v in lists for j in v), dtype=np.int64, count=int(cnt.sum()))
     out = np.zeros(todo.size, dtype=np.int64)
+    if jj.size == 0:
+        return out
+    # the anchors next to the points, then their neighbours: the vectors of both are needed
+    near = np.unique(jj)
+    _, nn_near = tree.query(axy[near], k=kk)
+    rows = np.unique(np.concatenate([near, nn_near[:, 1:].ravel()]))
+    dd, nn = tree.query(axy[rows], k=kk)
+    dd, nn = dd[:, 1:], nn[:, 1:]
+    vec = axy[nn] - axy[rows][:, None, :]  # (len(rows), kk - 1, 2)
+    vec[dd >= 1.3 * np.maximum(dd[:, :1], 1e-9)] = np.nan
+    nn_row = np.searchsorted(rows, nn_near[:, 1:])  # rows of the neighbours of each near anchor
     lim = (tol * spacing) ** 2
     for s0 in range(0, ii.size, chunk):
         i, j = ii[s0:s0 + chunk], jj[s0:s0 + chunk]
         v = xy[todo[i]] - axy[j]  # (m, 2)
-        pool = vec[np.concatenate([j[:, None], nn[j]], axis=1)].reshape(j.size, -1, 2)
+        pool_rows = np.concatenate([np.searchsorted(rows, j)[:, None], nn_row[np.searchsorted(near, j)]], axis=1)
+        pool = vec[pool_rows].reshape(j.size, -1, 2)
         e = np.minimum(((pool - v[:, None]) ** 2).sum(-1), ((pool + v[:, None]) ** 2).sum(-1))
         hit = np.nanmin(np.where(np.isnan(e), np.inf, e), axis=1) < lim
         hit &= (v**2).sum(-1) > 1e-12
