@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xarray as xr
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import atomds
@@ -289,6 +289,7 @@ def test_cluster_mean_spectra_ignores_unclustered_and_nan():
     rc=st.floats(0.2, 4),
     rr=st.floats(0.2, 4),
 )
+@example(col=2.5, row=2.5, rc=3.5, rr=3.5)  # centred on a pixel corner: pixel centres alone miss 17 % of the area
 def test_window_weights_properties(col, row, rc, rr):
     w, cov = core.window_weights(np.array([col]), np.array([row]), rc, rr, (10, 10))
     w = w.toarray()[0]
@@ -302,7 +303,7 @@ def test_window_weights_properties(col, row, rc, rr):
         # area of the window that is on the cube, in pixels (sub-sampled estimate)
         area = np.pi * rc * rr
         if min(rc, rr) >= 1 and cov[0] == 1:
-            assert w.sum() == pytest.approx(area, rel=0.15)
+            assert w.sum() == pytest.approx(area, rel=0.05)
 
 
 def test_window_weights_fully_inside_and_at_the_edge():

@@ -44,10 +44,11 @@ def median_nn_distance(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _subsamples(radius_col: float, radius_row: float) -> int:
-    # sub-sample points per pixel side: enough that the smallest window holds tens of points,
-    # one (the pixel centre) when the window spans many pixels
+    # sub-sample points per pixel side: about 12 per window radius, so that the window's area
+    # is right to a few per cent wherever it sits on the pixel grid (counting pixel centres
+    # alone is off by up to 17 % at a radius of 3.5 px); one (the pixel centre) from 12 px
     r = min(radius_col, radius_row)
-    return int(np.clip(np.ceil(3.0 / r), 1, 16))
+    return int(np.clip(np.ceil(12.0 / r), 1, 16))
 
 
 def window_weights(
