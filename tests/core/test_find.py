@@ -333,3 +333,18 @@ def test_supported_by_lattice_follows_a_run_of_dim_columns():
     # too few anchors to judge: everything passes
     few = find.supported_by_lattice(pts[:4, 0], pts[:4, 1], np.array([1, 1, 0, 0], bool), 10.0)
     assert few.all()
+
+
+@pytest.mark.parametrize("dose", [300.0, 2000.0])
+def test_dumbbells_closer_than_the_autocorrelation_resolves_are_found(dose):
+    # pairs of equal columns 6.6 px apart (4.4 sigma) on a 20 x 14 px cell, like the dumbbells of
+    # Si or GaAs [110]: the autocorrelation only shows a shoulder at 6.6 px and a peak at 14 px
+    vec = np.array([[20.0, 0.0], [0.0, 14.0]])
+    xy = samples.lattice_sites(vec, (256, 256), origin=(3.3, 4.1), basis=np.array([[0, 0], [0.33, 0]]),
+                               margin=8.0)[0]
+    image = _render(xy, dose, sigma=1.5)
+    res = find.find_atoms(image)
+    inside = (xy.min(1) >= 0) & (xy.max(1) <= 255)
+    assert res.params["spacing"] == pytest.approx(6.6, rel=0.03)
+    assert _recall(xy[inside], res) >= 0.998
+    assert _false_interior(xy, res) == 0

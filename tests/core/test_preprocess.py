@@ -10,6 +10,13 @@ from atomds.core import samples, synth
 from atomds.errors import DimensionError, InvalidImageError, InvalidParameterError
 
 
+def _dumbbells(sep, sigma=1.5, dose=1000.0):
+    xy = samples.lattice_sites(np.array([[20.0, 0.0], [0.0, 14.0]]), (256, 256), origin=(3.3, 4.1),
+                               basis=np.array([[0.0, 0.0], [sep / 20.0, 0.0]]), margin=8.0)[0]
+    return synth.add_noise(synth.render_columns((256, 256), xy[:, 0], xy[:, 1], dose, sigma) + 2.0, read_noise=1.0,
+                           seed=0)
+
+
 @pytest.fixture(scope="module")
 def hexa():
     return samples.hexagonal_sample(shape=(192, 192), dose=2000.0, sigma=2.0, spacing=12.0, angle=17.0, seed=3)
@@ -29,11 +36,26 @@ def hexa():
                                                   vacuum_center=(0.5, 0.5), seed=0), 12.0)
             for d in (250.0, 1000.0)
         ],
+        # dumbbells 6.6 px apart, pairs 14 px apart: the image shows the pairs resolved
+        (lambda: _dumbbells(6.6), 6.6),
     ],
 )
 def test_estimate_spacing(make, expected):
     s = make()
-    assert pp.estimate_spacing(s.image) == pytest.approx(expected, rel=0.02)
+    image = s if isinstance(s, np.ndarray) else s.image
+    assert pp.estimate_spacing(image) == pytest.approx(expected, rel=0.02)
+
+
+def test_estimate_spacing_keeps_elliptical_columns_and_dim_sublattices_apart_from_pairs(rng):
+    # neither an elongated column nor a dim column near a bright one is a resolved pair
+    xy = samples.lattice_sites(samples.lattice_vectors("hexagonal", 12.0), (256, 256), margin=8.0)[0]
+    ell = synth.add_noise(synth.render_columns((256, 256), xy[:, 0], xy[:, 1], 2000.0, 3.0, sigma_y=1.5) + 2.0,
+                          read_noise=1.0, seed=1)
+    assert pp.estimate_spacing(ell) == pytest.approx(12.0, rel=0.02)
+    xy, _, b = samples.lattice_sites(np.eye(2) * 16.0, (256, 256), basis=np.array([[0, 0], [0.5, 0.5]]), margin=8.0)
+    dim = synth.add_noise(synth.render_columns((256, 256), xy[:, 0], xy[:, 1], np.where(b == 0, 2000.0, 500.0), 2.0)
+                          + 2.0, read_noise=1.0, seed=1)
+    assert pp.estimate_spacing(dim) == pytest.approx(16.0, rel=0.02)
 
 
 def test_estimate_spacing_rejects_pure_noise(rng):
