@@ -898,6 +898,12 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
          significant columns, :func:`noise_z_threshold`; the strip within half a template of
          the border, where windows are partial and real columns score lower, gets its own
          budget of 0.25 and so a lower threshold);
+         A blob below that threshold but still ``_Z_FLOOR`` (2) sd above the noise is kept when
+         it sits on a lattice site surrounded by significant columns (at least three at local
+         lattice vectors, :func:`supported_by_lattice`; only with ``lattice_check`` and the
+         automatic ``z_min``): in a dense lattice near the noise limit real columns fall below
+         a threshold set for empty areas, and the threshold itself is lowered, in up to four
+         rounds, as the accepted columns leave less area where noise alone could make a blob;
        - its area lies within ``[min_area, max_area]`` px (automatic from the histogram of log
          areas unless given);
        - its amplitude (template fit at the peak, in intensity units) is at least
@@ -951,8 +957,9 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     refine_templates : bool
         Allow the second pass of step 8.
     lattice_check : bool
-        Drop faint blobs that no lattice site explains (step 5). Turn it off to keep faint
-        off-lattice features such as adatoms or interstitials of low contrast.
+        Use the lattice of the clear columns (step 5): keep sub-threshold blobs on its sites,
+        drop faint blobs off its sites and weak blobs in disordered regions of their own. Turn
+        it off to keep faint off-lattice features such as adatoms or interstitials.
 
     Returns
     -------
@@ -1061,15 +1068,32 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         # noise can only make a false blob where there is no column: the area taken by the
         # clearly significant columns (a close-packed cell, 0.87 spacing^2, each) is not
         # searched for noise, so a dense lattice gets a lower threshold than a sparse one
+        # (repeated while the threshold falls: in a dense lattice near the noise limit, the
+        # columns accepted at one threshold leave less area for noise at the next)
         cell = 0.866 * d * d
-        n_strong = int(np.count_nonzero(~on_edge & (zs >= zmin)))
-        free = max(inner_area - n_strong * cell, 0.02 * inner_area, 1.0)
-        zmin = min(zmin, noise_z_threshold(templates, free))
+        for _ in range(_Z_ROUNDS):
+            n_strong = int(np.count_nonzero(~on_edge & (zs >= zmin)))
+            free = max(inner_area - n_strong * cell, 0.02 * inner_area, 1.0)
+            z_next = min(zmin, noise_z_threshold(templates, free))
+            if z_next >= zmin - 1e-3:
+                break
+            zmin = z_next
         strip = ny * nx - inner_area
         n_strong_edge = int(np.count_nonzero(on_edge & (zs >= zmin_edge)))
         free_edge = max(strip - 0.5 * n_strong_edge * cell, 0.02 * strip, 1.0)
         zmin_edge = min(zmin_edge, zmin, noise_z_threshold(templates, free_edge, false_blobs=0.25))
     keep = zs >= np.where(on_edge, zmin_edge, zmin)
+    if lattice_check and z_min is None:
+        # in a dense lattice near the noise limit the amplitude of a column is small against the
+        # window's own variation, and real columns fall below the noise threshold; a blob that is
+        # still 2 sd above the noise and sits on a lattice site surrounded by significant columns
+        # (at least three of them at local lattice vectors) is a column. Noise blobs sit off the
+        # sites, and the sites at the edge of a crystal have fewer than three such neighbours.
+        weak_z = ~keep & (zs >= _Z_FLOOR)
+        if weak_z.any() and np.count_nonzero(keep) >= 20:
+            on_site = supported_by_lattice(cx, cy, keep, d, candidates=weak_z, min_matches=3, max_rounds=1)
+            counts["on_lattice_site"] = int(np.count_nonzero(weak_z & on_site))
+            keep |= weak_z & on_site
     counts["not_significant"] = int((~keep).sum())
     if not np.any(keep):
         raise NoAtomsFoundError(_no_atoms_msg(
@@ -1201,6 +1225,12 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
             return second
     return result
 
+
+#: Smallest significance (noise sd) of a blob kept because it sits on a lattice site.
+_Z_FLOOR = 2.0
+
+#: Rounds of the significance threshold's update by the area the accepted columns take.
+_Z_ROUNDS = 4
 
 #: A blob is weak when its amplitude is below this fraction of its class's median (image-wide).
 _WEAK = 0.75

@@ -99,10 +99,11 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
     min_contrast : float
         Smallest amplitude of an atom relative to the bright columns around it (0 disables).
     lattice_check : bool
-        Drop faint blobs (below half the amplitude of their class, relative to the bright
-        columns around them) that do not sit on a site of the lattice of their neighbours:
-        specks of amorphous material and dim blobs in holes. Turn it off to keep faint
-        off-lattice features (adatoms, interstitials of low contrast).
+        Use the lattice of the clear columns: keep blobs just under the noise threshold that sit
+        on its sites (dense lattices near the noise limit), drop faint blobs off its sites
+        (amorphous specks, dim blobs in holes) and weak blobs in disordered regions of their own
+        (amorphous films). Turn it off to keep faint off-lattice features (adatoms,
+        interstitials of low contrast).
 
     Returns
     -------
