@@ -343,13 +343,19 @@ def lattice_table(args, lines, have):
         ("hexagonal 512 px, film r 0.4 (rim 8 spacings wide)", 1 if quick else 2,
          lambda d, k: samples.hexagonal_sample(shape=(512, 512), dose=d, vacuum=True, vacuum_radius=0.4,
                                                vacuum_center=(0.5, 0.5), seed=k)),
+        ("nanoparticle 512 px on amorphous support (hexagonal)", 1 if quick else 2,
+         lambda d, k: samples.nanoparticle_sample(dose=d, seed=k)),
+        ("nanoparticle 512 px on amorphous support (square)", 1 if quick else 2,
+         lambda d, k: samples.nanoparticle_sample(dose=d, lattice="square", seed=k)),
     ]
     lines += [
         "### Regions without a lattice",
         "",
         "Samples with a vacuum hole ringed by dim, broad amorphous blobs (0.55-1 of the hole radius, 3 per "
-        "spacing^2, 10-35 % of a column's counts, 1.5-2.5x its width). `in hole`: found positions that match "
-        "no column and lie in the hole, summed over the seeds (0 .. n-1). atomds with its default "
+        "spacing^2, 10-35 % of a column's counts, 1.5-2.5x its width), and a crystalline particle (radius 0.3 "
+        "of the image) on an amorphous film of such blobs (5-25 % of a column's counts) covering the whole image "
+        "(`atomds.datasets.nanoparticle`). `in hole`: found positions that match no column and lie in the hole "
+        "or outside the particle, summed over the seeds (0 .. n-1). atomds with its default "
         "`find_atoms()` and with `lattice_check=False`; trackpy and scikit-image as in the precision table.",
         "",
         "| sample | dose | seeds | atomds in hole | atomds min recall % | atomds max false pos. % "

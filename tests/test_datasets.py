@@ -21,6 +21,7 @@ SMALL = {
     "two_phase": dict(shape=(256, 256)),
     "perovskite": dict(shape=(128, 128)),
     "polar": dict(shape=(128, 128)),
+    "nanoparticle": dict(shape=(192, 192)),
 }
 
 
@@ -83,7 +84,7 @@ def test_deterministic_under_seed(name):
 
 
 def test_list_and_load():
-    assert datasets.list_samples() == ["hexagonal", "two_phase", "perovskite", "polar"]
+    assert datasets.list_samples() == ["hexagonal", "two_phase", "perovskite", "polar", "nanoparticle"]
     ds = datasets.load("hexagonal", shape=64, dose=500.0)
     assert ds.image.shape == (64, 64) and ds.attrs["sample_dose"] == 500.0
     with pytest.raises(InvalidParameterError, match="unknown sample"):
@@ -638,3 +639,24 @@ def test_frames_netcdf_round_trip(tmp_path):
 def test_frames_bad_parameters(kw, match):
     with pytest.raises(InvalidParameterError, match=match):
         datasets.frames(shape=64, **kw)
+
+
+# ------------------------------------------------------------------------------------------ nanoparticle
+
+
+def test_nanoparticle_columns_in_the_disc_and_support_everywhere():
+    ds = datasets.nanoparticle(shape=256, radius=0.3, spacing=12.0, seed=3)
+    xy = _xy_px(ds)
+    vac = ds.true_vacuum.values.astype(bool)
+    # every column lies in the particle, none in the area marked as having no lattice
+    assert not vac[np.round(xy[:, 1]).astype(int), np.round(xy[:, 0]).astype(int)].any()
+    r = np.hypot(*(xy - xy.mean(0)).T)
+    assert r.max() < 0.3 * 256 + 1.0
+    # the support film is there: outside the particle the image varies well beyond the noise
+    clean = datasets.nanoparticle(shape=256, radius=0.3, spacing=12.0, support=0.0, seed=3)
+    out = vac & (np.hypot(*(np.mgrid[0:256, 0:256] - 128.0)) > 0.3 * 256 + 10)
+    assert ds.image.values[out].std() > 1.3 * clean.image.values[out].std()
+    with pytest.raises(InvalidParameterError, match="radius"):
+        datasets.nanoparticle(radius=0.0)
+    with pytest.raises(InvalidParameterError, match="lattice"):
+        datasets.nanoparticle(lattice="cubic")

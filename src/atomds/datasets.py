@@ -53,6 +53,7 @@ from .io import from_array
 
 __all__ = [
     "hexagonal",
+    "nanoparticle",
     "two_phase",
     "perovskite",
     "polar",
@@ -160,6 +161,35 @@ def hexagonal(
     s = _core.hexagonal_sample(
         shape=shape, dose=dose, sigma=sigma, spacing=spacing, angle=angle, jitter=jitter, read_noise=read_noise,
         background=background, vacuum=vacuum, vacuum_center=vacuum_center, vacuum_radius=vacuum_radius, seed=seed,
+    )
+    return to_dataset(s, pixel_size=ps)
+
+
+def nanoparticle(
+    *,
+    shape: int | tuple[int, int] = (512, 512),
+    dose: float = 2000.0,
+    sigma: float = 2.0,
+    spacing: float = 12.0,
+    lattice: str = "hexagonal",
+    angle: float | None = None,
+    radius: float = 0.3,
+    support: float = 0.15,
+    read_noise: float = 1.0,
+    background: float = 0.1,
+    pixel_size: float = _DEFAULT_PIXEL_SIZE,
+    seed: int = 0,
+) -> xr.Dataset:
+    """A crystalline particle on an amorphous support film (``true_label`` 0 everywhere).
+
+    The film's dense, broad, random blobs cover the whole image and are not atoms; the area
+    outside the particle is ``true_vacuum(y, x)`` (no lattice there). Parameters as in
+    :func:`atomds.core.samples.nanoparticle_sample` (lengths in pixels), plus ``pixel_size`` in Å.
+    """
+    ps = _pixel_size(pixel_size)
+    s = _core.nanoparticle_sample(
+        shape=shape, dose=dose, sigma=sigma, spacing=spacing, lattice=lattice, angle=angle, radius=radius,
+        support=support, read_noise=read_noise, background=background, seed=seed,
     )
     return to_dataset(s, pixel_size=ps)
 
@@ -380,6 +410,7 @@ _SAMPLES: dict[str, Callable[..., xr.Dataset]] = {
     "two_phase": two_phase,
     "perovskite": perovskite,
     "polar": polar,
+    "nanoparticle": nanoparticle,
 }
 
 

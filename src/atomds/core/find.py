@@ -1162,7 +1162,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     # it) is a column only where the lattice of its neighbours puts a site; a speck of amorphous
     # material or a dim blob in a hole sits anywhere. Near the border too few neighbours are seen.
     if lattice_check:
-        off = _outside_lattice(cx, cy, amp, cls, ok & interior, ok, d)
+        off = _outside_lattice(cx, cy, amp, cls, ok & interior, ok, d, border=ok & ~interior)
         counts["no_lattice"] = int(off.sum())
         ok &= ~off
         faint = np.zeros(cx.size, dtype=bool)
@@ -1242,15 +1242,17 @@ _REGION_REACH = 3.0
 _DISORDERED = 0.4
 
 
-def _outside_lattice(x, y, amp, cls, tested, ok, spacing: float) -> np.ndarray:
+def _outside_lattice(x, y, amp, cls, tested, ok, spacing: float, border=None) -> np.ndarray:
     """Weak blobs in a disordered region of their own: an amorphous film or support, not a crystal.
 
-    Weak blobs (amplitude below ``_WEAK`` of their class's median) farther than
-    ``_REGION_REACH`` spacings from every column that is not weak are tested; they are dropped
-    when their neighbourhood among the accepted blobs is disordered (translational disorder of
-    :func:`~atomds.core.neighbors.phase_features` above ``_DISORDERED``). A thin area of the
-    crystal, weak but ordered, stays; so do disordered columns near clear ones (a grain boundary).
-    Only the tested blobs are described, so that a clean image costs nothing.
+    Weak blobs (amplitude below ``_WEAK`` of their class's median) among ``tested``, and every
+    blob in ``border`` (the strip where partial windows make amplitudes unreliable), farther
+    than ``_REGION_REACH`` spacings from every clear column (a tested blob that is not weak) are
+    examined; they are dropped when their neighbourhood among the accepted blobs is disordered
+    (translational disorder of :func:`~atomds.core.neighbors.phase_features` above
+    ``_DISORDERED``). A thin area of the crystal, weak but ordered, stays; so do disordered
+    columns near clear ones (a grain boundary). Only the examined blobs are described, so that a
+    clean image costs nothing.
     """
     from .neighbors import DISORDER_WEIGHT, phase_features
 
@@ -1258,9 +1260,12 @@ def _outside_lattice(x, y, amp, cls, tested, ok, spacing: float) -> np.ndarray:
     for k in np.unique(cls[ok]):
         m = ok & (cls == k)
         weak |= m & (amp < _WEAK * float(np.median(amp[m])))
-    strong = ok & ~weak
+    strong = tested & ~weak
     out = np.zeros(x.size, dtype=bool)
-    cand = np.flatnonzero(tested & weak)
+    examined = tested & weak
+    if border is not None:
+        examined |= border
+    cand = np.flatnonzero(examined)
     if cand.size == 0 or np.count_nonzero(strong) < 3:
         return out
     dist, _ = cKDTree(np.c_[x[strong], y[strong]]).query(np.c_[x[cand], y[cand]])

@@ -47,6 +47,7 @@ __all__ = [
     "two_phase_sample",
     "perovskite_sample",
     "polar_sample",
+    "nanoparticle_sample",
     "lattice_sites",
     "match_positions",
     "score_positions",
@@ -57,7 +58,7 @@ __all__ = [
     "frame_stack_sample",
 ]
 
-SAMPLE_NAMES = ("hexagonal", "two_phase", "perovskite", "polar")
+SAMPLE_NAMES = ("hexagonal", "two_phase", "perovskite", "polar", "nanoparticle")
 
 
 @dataclass(frozen=True)
@@ -357,13 +358,20 @@ def _render(
     vacuum: tuple[float, float, float] | None = None,
     spacing: float,
     geom_rng: np.random.Generator,
+    support: tuple[dict[str, np.ndarray], np.ndarray] | None = None,
 ) -> Sample:
-    """Render ``atoms`` (dict of x, y, label, counts, sigma, dx, dy, domain; may extend past the image)."""
+    """Render ``atoms`` (dict of x, y, label, counts, sigma, dx, dy, domain; may extend past the image).
+
+    ``support``: amorphous blobs (dict of x, y, counts, sigma) that are not atoms, with the mask
+    of the region that holds no lattice (it becomes ``vacuum_mask``).
+    """
     atoms = {k: np.asarray(v) for k, v in atoms.items()}
     level = background * dose / (2.0 * math.pi * sigma**2)
     bg = smooth_background(shape, level, variation=0.3, seed=bg_seed) if level > 0 else np.zeros(shape)
     blobs = None
     mask = None
+    if support is not None:
+        blobs, mask = support
     if vacuum is not None:
         cx, cy, radius = vacuum
         soft, mask, blobs = _hole(shape, (cx, cy), radius, spacing=spacing, sigma=sigma, dose=dose, rng=geom_rng)
@@ -516,6 +524,78 @@ def hexagonal_sample(
         "hexagonal", shape, atoms, dose=dose, sigma=sigma, background=background, read_noise=read_noise,
         bg_seed=bg_seed, noise_rng=noise, label_names=("lattice",), params=params, vacuum=hole,
         spacing=spacing, geom_rng=geom,
+    )
+
+
+def nanoparticle_sample(
+    *,
+    shape: int | tuple[int, int] = (512, 512),
+    dose: float = 2000.0,
+    sigma: float = 2.0,
+    spacing: float = 12.0,
+    lattice: str = "hexagonal",
+    angle: float | None = None,
+    radius: float = 0.3,
+    support: float = 0.15,
+    read_noise: float = 1.0,
+    background: float = 0.1,
+    seed: int = 0,
+) -> Sample:
+    """A crystalline particle on an amorphous support film.
+
+    A disc of a hexagonal or square lattice (randomly rotated unless ``angle`` is given) lies on
+    a film of dense, broad, random blobs that cover the whole image, under the particle too
+    (3 per spacing^2, 1.5-2.5 column widths wide, each ``support`` times 0.33-1.67 of a column's
+    counts on average): the "nanoparticle on amorphous carbon" of everyday HAADF work (Atomap
+    issue #15: peak finding fails on nanoparticles). The support's blobs are not atoms; the area
+    outside the particle is ``vacuum_mask`` (no lattice there).
+
+    Parameters
+    ----------
+    shape, dose, sigma, spacing, read_noise, background, seed
+        As in :func:`hexagonal_sample`.
+    lattice : {"hexagonal", "square"}
+    angle : float, optional
+        Lattice rotation in degrees (random in [0, 90) when None).
+    radius : float
+        Particle radius as a fraction of the smaller image side (0 < radius <= 0.5).
+    support : float
+        Mean counts of a support blob as a fraction of ``dose`` (0 for a clean film).
+
+    Returns
+    -------
+    Sample
+        ``label`` 0 for every column (``label_names = ("particle",)``).
+    """
+    shape = _shape(shape)
+    dose, sigma, spacing, read_noise, background = _check_common(dose, sigma, spacing, read_noise, background)
+    r_frac = _fraction("radius", radius, 0.0, 0.5)
+    if r_frac <= 0:
+        raise InvalidParameterError("radius must be > 0.")
+    sup = _nonnegative("support", support)
+    params = _params(shape=shape, dose=dose, sigma=sigma, spacing=spacing, lattice=lattice, angle=angle,
+                     radius=r_frac, support=sup, read_noise=read_noise, background=background, seed=seed)
+    geom, bg_seed, noise = _seeds(seed)
+    ang = float(geom.uniform(0.0, 90.0)) if angle is None else float(angle)
+    ny, nx = shape
+    centre = np.array([nx / 2.0, ny / 2.0]) + geom.uniform(-0.5, 0.5, 2) * spacing
+    r = r_frac * min(ny, nx)
+    xy, _, _ = lattice_sites(lattice_vectors(lattice, spacing, ang), shape, origin=centre, margin=0.0)
+    xy = xy[np.hypot(xy[:, 0] - centre[0], xy[:, 1] - centre[1]) < r]
+    atoms = _atoms(xy, 0, dose, sigma)
+    n = geom.poisson(3.0 * ny * nx / spacing**2) if sup > 0 else 0
+    blobs = {
+        "x": geom.uniform(-0.5, nx - 0.5, n),
+        "y": geom.uniform(-0.5, ny - 0.5, n),
+        "counts": dose * sup * geom.uniform(1.0 / 3.0, 5.0 / 3.0, n),
+        "sigma": sigma * geom.uniform(1.5, 2.5, n),
+    }
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    mask = np.hypot(xx - centre[0], yy - centre[1]) >= r + 2.0 * sigma
+    return _render(
+        "nanoparticle", shape, atoms, dose=dose, sigma=sigma, background=background, read_noise=read_noise,
+        bg_seed=bg_seed, noise_rng=noise, label_names=("particle",), params=params, spacing=spacing,
+        geom_rng=geom, support=(blobs, mask),
     )
 
 
