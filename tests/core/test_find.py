@@ -375,3 +375,12 @@ def test_nanoparticle_on_amorphous_support_gives_no_atoms_on_the_support(lattice
         assert sc["recall"] >= 0.998
         assert _in_hole(s, res) <= 1
         assert _in_hole(s, find.find_atoms(s.image, lattice_check=False)) >= 5
+
+
+def test_small_image_of_few_widely_spaced_columns():
+    # 96 px wide, 30 px spacing: 12 columns; the autocorrelation is read out to a third of the image
+    xy = samples.lattice_sites(samples.lattice_vectors("hexagonal", 30.0), (96, 96), origin=(10.0, 12.0))[0]
+    image = _render(xy, 2000.0, shape=(96, 96))
+    res = find.find_atoms(image)
+    assert res.params["spacing"] == pytest.approx(30.0, rel=0.03)
+    assert _recall(xy, res) == 1.0 and res.x.size == xy.shape[0]

@@ -212,7 +212,9 @@ def estimate_spacing(image) -> float:
     win = np.outer(_tukey(ny, 0.3), _tukey(nx, 0.3))
     img = (img - np.average(img, weights=win)) * win
     n_eff = float(np.sum(win**2) ** 2 / np.sum(win**4))
-    rmax = min(ny, nx) / 4.0
+    # lags up to a third of the image: a small image of a few widely spaced columns still shows
+    # its first peak (beyond that the overlap of the image with its shifted self is too small)
+    rmax = min(ny, nx) / 3.0
     h = int(np.ceil(rmax)) + 2
     # zero padding by the largest lag read keeps the autocorrelation free of wrap-around there
     fy, fx = sfft.next_fast_len(ny + h + 1, real=True), sfft.next_fast_len(nx + h + 1, real=True)
