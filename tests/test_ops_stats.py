@@ -370,3 +370,24 @@ def test_cluster_fft_coords_and_regions_merge_sites(rng):
     reg = learn.regions(ds)
     assert int(reg["region"].max()) == 0  # sites of one phase -> one region
     assert reg["region_of_cluster"].values.tolist() == [0, 0]
+
+
+def test_surface_atoms_of_a_particle_are_edges_not_centres():
+    import atomds
+
+    ds = atomds.datasets.nanoparticle(shape=384, radius=0.3, seed=2)
+    ds = ds.lcx.find_atoms().lcx.refine()
+    with_s = ds.lcx.neighborhoods(k=6)
+    without = ds.lcx.neighborhoods(k=6, surface=False)
+    ps = ds.attrs["pixel_size"]
+    x, y = ds.atom_x.values / ps, ds.atom_y.values / ps
+    c = np.array([x.mean(), y.mean()])
+    r = np.hypot(x - c[0], y - c[1])
+    outer = r > r.max() - 0.5 * 12.0
+    edge = with_s.is_edge.values
+    assert edge[outer].mean() >= 0.9
+    assert not edge[r < r.max() - 3 * 12.0].any()
+    assert not without.is_edge.values[outer].any()  # the particle is far from the image border
+    assert np.isnan(with_s.descriptor.values[edge]).all()
+    assert '"surface": true' in with_s.attrs["neighborhoods_params"]
+    assert '"surface": false' in without.attrs["neighborhoods_params"]

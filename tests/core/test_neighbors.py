@@ -308,3 +308,29 @@ def test_smooth_same_kind_median_keeps_walls_and_kinds(rng):
     assert np.std(out[k0 & (x < 40), 0] - 1) < np.std(F[k0 & (x < 40), 0] - 1)
     part = cn.smooth_same_kind(F, x, y, kind, 4, centers=slice(20, 40))
     np.testing.assert_array_equal(part, out[20:40])
+
+
+def test_surface_flags_find_free_surfaces_and_spare_the_inside():
+    from atomds.core import samples
+
+    a = samples.lattice_vectors("hexagonal", 10.0, angle=7.0)
+    ij = np.stack(np.meshgrid(np.arange(-30, 31), np.arange(-30, 31), indexing="ij"), -1).reshape(-1, 2)
+    xy = ij @ a
+    # a particle of radius 120: the outermost atoms are on its surface
+    r = np.hypot(xy[:, 0], xy[:, 1])
+    disc = xy[r < 120]
+    f = cn.surface_flags(disc[:, 0], disc[:, 1])
+    rr = np.hypot(disc[:, 0], disc[:, 1])
+    assert f[rr > 120 - 5].mean() >= 0.9  # the outer shell (within half a spacing)
+    assert not f[rr < 120 - 25].any()  # nothing deeper than 2.5 spacings
+    # a hole of radius 60 in the crystal: its rim
+    holed = xy[(r >= 60) & (r < 250)]
+    g = cn.surface_flags(holed[:, 0], holed[:, 1])
+    rh = np.hypot(holed[:, 0], holed[:, 1])
+    assert g[rh < 65].mean() >= 0.7  # a concave rim is caught less often (79 % here, 12 spacings across)
+    assert not g[(rh > 85) & (rh < 200)].any()
+    # random positions (an amorphous region) are seldom taken for a surface
+    p = np.random.default_rng(0).uniform(0, 1000, (5000, 2))
+    h = cn.surface_flags(p[:, 0], p[:, 1])
+    inner = (p.min(1) > 100) & (p.max(1) < 900)
+    assert h[inner].mean() < 0.02

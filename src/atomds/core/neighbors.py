@@ -28,6 +28,7 @@ __all__ = [
     "order_neighbors",
     "auto_reference_angle",
     "edge_flags",
+    "surface_flags",
     "descriptor_xy",
     "descriptor_distance",
     "descriptor_angle",
@@ -311,6 +312,72 @@ def edge_flags(x, y, reach, *, shape=None, margin: float = 0.0) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         inner = border >= reach + margin
     return ~(inner & np.isfinite(border) & np.isfinite(reach))
+
+
+#: Largest angular gap (radians) among an atom's neighbours within reach before it counts as
+#: lying on a free surface (a hole's rim, a particle's surface).
+SURFACE_GAP = np.deg2rad(150.0)
+
+
+def surface_flags(x, y, *, tree=None, reach: float = 2.0, max_gap: float = SURFACE_GAP, k: int = 24) -> np.ndarray:
+    """Atoms on a free surface of the specimen: the rim of a hole, the surface of a particle.
+
+    Every atom's neighbours within ``reach`` times the typical distance to the sixth-nearest
+    atom (the median over the image, so about two shells in any lattice) are taken; when the
+    largest angle between the directions of consecutive neighbours exceeds ``max_gap`` (150
+    degrees by default), one side of the atom is empty: it lies on a surface, and its
+    neighbourhood is not that of the material (the paper's "edge atoms are neighbours but not
+    centres"). Inside a crystal the largest gap is 30-90 degrees; at a straight surface it is 180,
+    at a particle of radius R about 180 - 2 asin(reach / 2R). With twelve or more neighbours in
+    reach, random positions (an amorphous or disordered region) have a gap this large in a few
+    per cent of the atoms at most. Atoms with fewer than three neighbours in reach are surface
+    atoms. Atoms with a non-finite position are flagged too.
+
+    Parameters
+    ----------
+    x, y : array (n,)
+        Positions of all atoms (pixels).
+    tree : optional
+        Prebuilt :func:`build_tree` result.
+    reach : float
+        Radius of the search, in median sixth-neighbour distances.
+    max_gap : float
+        Largest angular gap (radians) of an atom that is not on a surface.
+    k : int
+        Most neighbours looked at per atom.
+
+    Returns
+    -------
+    bool array (n,)
+    """
+    pos = _positions(x, y)
+    if tree is None:
+        tree = build_tree(pos[:, 0], pos[:, 1])
+    t, valid = tree
+    out = np.ones(pos.shape[0], dtype=bool)
+    n = valid.size
+    if n < 8:
+        return out
+    p = pos[valid]
+    d6, _ = t.query(p, k=7, workers=-1)
+    lim = float(reach) * float(np.median(d6[:, 6]))
+    kk = min(int(k) + 1, n)
+    dist, idx = t.query(p, k=kk, distance_upper_bound=lim, workers=-1)
+    dist, idx = dist[:, 1:], idx[:, 1:]
+    found = np.isfinite(dist)
+    safe = np.where(found, idx, 0)
+    ang = np.arctan2(p[safe, 1] - p[:, None, 1], p[safe, 0] - p[:, None, 0])
+    ang = np.sort(np.where(found, ang, np.inf), axis=1)
+    m = found.sum(axis=1)
+    with np.errstate(invalid="ignore"):  # inf - inf past the last neighbour
+        gaps = np.diff(ang, axis=1)
+    gaps = np.where(np.isfinite(gaps), gaps, -np.inf)
+    first = ang[:, 0]
+    last = np.take_along_axis(ang, np.maximum(m - 1, 0)[:, None], axis=1)[:, 0]
+    wrap = first + 2.0 * np.pi - last
+    largest = np.maximum(gaps.max(axis=1) if gaps.shape[1] else np.full(n, -np.inf), wrap)
+    out[valid] = (m < 3) | (largest > max_gap)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

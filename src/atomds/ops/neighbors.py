@@ -63,7 +63,7 @@ def _clear_derived(ds: xr.Dataset) -> xr.Dataset:
     return ds.drop_vars(sorted(set(names)))
 
 
-def _prepare(x, y, *, ps, k, radius, sort, ref_angle, descriptor, need_auto):
+def _prepare(x, y, *, ps, k, radius, sort, ref_angle, descriptor, need_auto, surface=True):
     """Global, per-image quantities (the tree and the spacing), computed once from all atoms."""
     xp = np.asarray(x, dtype=float) / ps
     yp = np.asarray(y, dtype=float) / ps
@@ -82,7 +82,8 @@ def _prepare(x, y, *, ps, k, radius, sort, ref_angle, descriptor, need_auto):
     if need_auto:
         _, dx, dy, _, _ = cn.query_neighbors(xp, yp, k=k, radius=None if radius is None else radius / ps, tree=tree)
         ref = cn.auto_reference_angle(dx, dy)
-    return {"x": xp, "y": yp, "tree": tree, "spacing": spacing, "ref_angle": float(ref)}
+    surf = cn.surface_flags(xp, yp, tree=tree) if surface else np.zeros(xp.size, dtype=bool)
+    return {"x": xp, "y": yp, "tree": tree, "spacing": spacing, "ref_angle": float(ref), "surface": surf}
 
 
 def _block(prep, centers, *, k, radius_px, sort, rotate, descriptor, exclude_edge, shape, margin):
@@ -107,7 +108,7 @@ def _block(prep, centers, *, k, radius_px, sort, rotate, descriptor, exclude_edg
         D = cn.descriptor_distance(dist)
     else:
         D = cn.descriptor_angle(ang)
-    edge = cn.edge_flags(cx, cy, reach, shape=shape, margin=margin * prep["spacing"])
+    edge = cn.edge_flags(cx, cy, reach, shape=shape, margin=margin * prep["spacing"]) | prep["surface"][centers]
     if exclude_edge:
         D = np.where(edge[:, None], np.nan, D)
     return np.concatenate(
@@ -129,6 +130,7 @@ def neighborhoods(
     edge_margin: float = 0.25,
     smooth: int = 0,
     smooth_by: str = "sublattice",
+    surface: bool = True,
 ) -> xr.Dataset:
     """Neighbourhood of every atom, edge flags and the descriptor that the learning steps use.
 
@@ -197,6 +199,10 @@ def neighborhoods(
         Per-atom integer label that says which atoms are of the same kind: "sublattice" (from
         ``find_atoms``), or e.g. "cluster" from a k-means on an earlier neighbourhood. Atoms of
         other kinds are never mixed in (their neighbourhoods differ).
+    surface : bool
+        Atoms on a free surface of the specimen (the rim of a hole, the surface of a particle:
+        one side of them is empty, see :func:`atomds.core.neighbors.surface_flags`) are edge
+        atoms too. Holes smaller than about three spacings across are not always caught.
 
     Returns
     -------
@@ -269,7 +275,8 @@ def neighborhoods(
     n_feat = len(cn.feature_names(descriptor, k))
     width = 5 * k + 3 + n_feat
     pkw = dict(ps=ps, k=k, radius=None if radius is None else float(radius), sort=sort,
-               ref_angle=0.0 if need_auto else float(ref_angle), descriptor=descriptor, need_auto=need_auto)
+               ref_angle=0.0 if need_auto else float(ref_angle), descriptor=descriptor, need_auto=need_auto,
+               surface=bool(surface))
     if lazy:
         import dask
         import dask.array as da
@@ -332,7 +339,8 @@ def neighborhoods(
         "neighbor_distance": av(dist, ("atom", "neighbor"), units, "distance to the neighbour"),
         "neighbor_angle": av(ang, ("atom", "neighbor"), "rad", "direction of the neighbour, clockwise from +x as displayed"),
         "neighbor_count": av(count, ("atom",), "1", "number of neighbours found"),
-        "is_edge": av(edge, ("atom",), "1", "neighbourhood reaches past the image border (not a centre)"),
+        "is_edge": av(edge, ("atom",), "1",
+                      "neighbourhood reaches past the image border or lies on a free surface (not a centre)"),
         "neighborhood_rotation": av(rot, ("atom",), "rad", "angle the neighbourhood was turned by (clockwise)"),
         "descriptor": av(D, ("atom", "feature"), feat_units, f"neighbourhood descriptor ({descriptor})"),
     }
@@ -342,7 +350,7 @@ def neighborhoods(
     )
     params = dict(
         k=k, radius=radius, sort=sort, ref_angle=ref_angle, rotate=bool(rotate), exclude_edge=bool(exclude_edge),
-        descriptor=descriptor, edge_margin=float(edge_margin), feature_units=feat_units,
+        descriptor=descriptor, edge_margin=float(edge_margin), surface=bool(surface), feature_units=feat_units,
         smooth=int(smooth), smooth_by=smooth_by if smooth else None,
     )
     if not lazy:
