@@ -1234,6 +1234,9 @@ _Z_ROUNDS = 4
 
 #: A blob is weak when its amplitude is below this fraction of its class's median (image-wide).
 _WEAK = 0.75
+#: Below this fraction of its class's median amplitude a blob near clear columns must still be
+#: in an ordered neighbourhood.
+_VERY_WEAK = 0.4
 #: Weak blobs farther than this (in spacings) from every column that is not weak form a region of
 #: their own, which must be a lattice (a thin area) and not a disordered film.
 _REGION_REACH = 3.0
@@ -1269,14 +1272,29 @@ def _outside_lattice(x, y, amp, cls, tested, ok, spacing: float, border=None) ->
     if cand.size == 0 or np.count_nonzero(strong) < 3:
         return out
     dist, _ = cKDTree(np.c_[x[strong], y[strong]]).query(np.c_[x[cand], y[cand]])
-    cand = cand[dist > _REGION_REACH * spacing]
+    # near clear columns only the very weak are examined (a disordered column of a grain
+    # boundary is about as bright as the others; a speck of the film is a fraction of that)
+    very_weak = np.zeros(x.size, dtype=bool)
+    for k in np.unique(cls[ok]):
+        m = ok & (cls == k)
+        very_weak |= m & (amp < _VERY_WEAK * float(np.median(amp[m])))
+    cand = cand[(dist > _REGION_REACH * spacing) | very_weak[cand]]
     if cand.size == 0:
         return out
-    pool = np.flatnonzero(ok)
-    where = np.searchsorted(pool, cand)
-    feats, _ = phase_features(x[pool], y[pool], spacing=spacing, centers=where)
-    disorder = feats[:, -1] / DISORDER_WEIGHT
-    out[cand] = ~(disorder <= _DISORDERED)  # too few neighbours to judge (NaN) counts as disordered
+    # a dense film gives its blobs chance matches among each other: the order of the blobs
+    # that remain is judged again without the ones already dropped
+    for _ in range(3):
+        pool = np.flatnonzero(ok & ~out)
+        where = np.searchsorted(pool, cand)
+        feats, _ = phase_features(x[pool], y[pool], spacing=spacing, centers=where)
+        disorder = feats[:, -1] / DISORDER_WEIGHT
+        drop = ~(disorder <= _DISORDERED)  # too few neighbours to judge (NaN) counts as disordered
+        if not drop.any():
+            break
+        out[cand[drop]] = True
+        cand = cand[~drop]
+        if cand.size == 0:
+            break
     return out
 
 
