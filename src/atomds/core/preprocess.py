@@ -269,7 +269,7 @@ def _resolved_pairs(img: np.ndarray, d0: float, r_half: float) -> float | None:
     give the autocorrelation a shoulder on its central peak, not a peak of its own, so the
     autocorrelation reads the distance between pairs. In the image they are two maxima with a
     dip between them. The maxima of the image smoothed by half the column width (estimated from
-    the autocorrelation's central peak) that stand 8 noise standard deviations above the local
+    the autocorrelation's central peak) that stand 6 noise standard deviations above the local
     background are paired with their nearest neighbour; when most of them have one closer than
     0.75 ``d0`` (and at least 2.5 column widths away, so that noise within a column does not
     count), at least half as high, with a dip of 15 % of the lower peak between them, the median
@@ -282,11 +282,16 @@ def _resolved_pairs(img: np.ndarray, d0: float, r_half: float) -> float | None:
     size = 2 * int(round(0.75 * s)) + 1
     py, px = np.nonzero(g == ndi.maximum_filter(g, size=size, mode="nearest"))
     bg = ndi.minimum_filter(ndi.uniform_filter(g, 3), size=_odd_int(2.0 * d0), mode="nearest")
-    a, b = noise_model(img)
-    # noise of the smoothed image (white noise: the variance falls by 4 pi (smoothing width)^2)
-    sd = np.sqrt(np.maximum(a + b * g[py, px], 1e-12) / (4.0 * np.pi * (0.5 * s) ** 2 + 1.0))
+    # pixel noise (Immerkaer, fast) grown with the intensity where the mean is positive (shot
+    # noise: variance in proportion to the intensity; read noise alone is overestimated, which
+    # only makes the test stricter), then reduced by the smoothing (white noise: the variance
+    # falls by 4 pi (smoothing width)^2)
+    var_pix = estimate_noise(img) ** 2
+    g_mean = float(np.mean(g))
+    rel = np.maximum(g[py, px] / g_mean, 1.0) if g_mean > 0 else np.ones(py.size)
+    sd = np.sqrt(np.maximum(var_pix * rel, 1e-12) / (4.0 * np.pi * (0.5 * s) ** 2 + 1.0))
     height = g[py, px] - bg[py, px]
-    sig = height > 8.0 * sd
+    sig = height > 6.0 * sd
     inner = (py > 0) & (py < g.shape[0] - 1) & (px > 0) & (px < g.shape[1] - 1)
     py, px, height = py[sig & inner], px[sig & inner], height[sig & inner]
     if py.size < 20:
