@@ -208,9 +208,13 @@ def estimate_column_sigma(image, *, spacing: float | None = None) -> float:
     return _estimate_sigma(_Sampler(_central_crop(img, _SMALL_CROP)), d)
 
 
+#: Clearest peaks averaged to estimate the column width (their mean patch is what is fitted).
+_SIGMA_PEAKS = 300
+
+
 def _estimate_sigma(samp: _Sampler, d: float) -> float:
     crop = samp.image
-    x, y, _ = _clear_peaks(crop, d, n_max=500)
+    x, y, _ = _clear_peaks(crop, d, n_max=_SIGMA_PEAKS)
     if x.size < 3:
         raise InvalidImageError("too few clear peaks to estimate the column width; give the template explicitly.")
     half = int(np.ceil(1.3 * d))
@@ -218,7 +222,7 @@ def _estimate_sigma(samp: _Sampler, d: float) -> float:
     # two more passes: pick and align the peaks on the image smoothed by 1.5 column widths (at
     # most 0.3 spacing), so that noise neither selects nor aligns the average (which narrows it)
     for _ in range(2):
-        x2, y2, _ = _clear_peaks(crop, d, n_max=500, smooth=max(0.7, min(1.5 * s, 0.3 * d)))
+        x2, y2, _ = _clear_peaks(crop, d, n_max=_SIGMA_PEAKS, smooth=max(0.7, min(1.5 * s, 0.3 * d)))
         if x2.size < 3:
             break
         s = _fit_with_neighbours(samp.patches_mean(x2, y2, half), d)
