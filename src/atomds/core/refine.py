@@ -2035,6 +2035,7 @@ def refine_gaussian(
     width_prior: bool | float = True,
     settings: dict | None = None,
     subset: np.ndarray | slice | None = None,
+    despike: bool = True,
 ) -> dict[str, np.ndarray]:
     """Fit a 2-D Gaussian to every atom at once (batched Levenberg-Marquardt).
 
@@ -2083,6 +2084,9 @@ def refine_gaussian(
     subset : array of int, bool mask or slice, optional
         Fit and return only these atoms. Their neighbours are fitted as far as needed, so the
         result equals that of the full fit given the same ``noise`` and ``sigma``.
+    despike : bool
+        Leave single-pixel spikes (hot and dead pixels, particle hits;
+        :func:`atomds.core.spikes.spike_mask`) out of the fits, as non-finite pixels are.
 
     Returns
     -------
@@ -2132,8 +2136,25 @@ def refine_gaussian(
     else:
         nz = None
     _check_sigma(st.get("sigma"))
+    if despike:
+        img = _without_spikes(img)
     with _blas_single_thread():
         return _refine(img, x, y, mdl, sel, st, nz, window, neighbor_subtraction, n_refits, max_iter, tol, width_prior)
+
+
+def _without_spikes(img: np.ndarray) -> np.ndarray:
+    """``img`` with its single-pixel spikes set to NaN (a copy when there are any)."""
+    from .spikes import _spike_mask
+
+    try:
+        mask = _spike_mask(img, None)
+    except InvalidImageError:  # NaN in the noise-estimation crop, or a constant crop: leave it
+        return img
+    if not mask.any():
+        return img
+    out = np.array(img, dtype=np.float32 if img.dtype == np.float32 else np.float64, copy=True)
+    out[mask] = np.nan
+    return out
 
 
 def _refine(img, x, y, mdl, sel, st, nz, window, neighbor_subtraction, n_refits, max_iter, tol, width_prior):
