@@ -137,3 +137,29 @@ def test_refine_of_the_perovskite_sample_with_the_accessor():
     amp = out["amplitude"].values
     assert np.median(amp[lab == 1]) == pytest.approx(0.4 * np.median(amp[lab == 0]), rel=0.1)
     assert isinstance(out, xr.Dataset)
+
+
+def test_hot_pixels_are_left_out_of_the_fits_eager_and_lazy():
+    import atomds
+
+    ds = atomds.datasets.hexagonal(shape=256, dose=1000.0, seed=1)
+    img = ds.image.values.copy()
+    r = np.random.default_rng(0)
+    iy, ix = r.integers(1, 255, 30), r.integers(1, 255, 30)
+    img[iy, ix] += 20 * img.max()
+    spiky = ds.assign(image=(("y", "x"), img.astype(np.float32)))
+    spiky["image"].attrs = ds.image.attrs
+    clean = ds.lcx.find_atoms().lcx.refine()
+    eager = spiky.lcx.find_atoms().lcx.refine()
+    lazy = spiky.chunk({"y": 128, "x": 128}).lcx.find_atoms().lcx.refine()
+    assert eager.sizes["atom"] == clean.sizes["atom"]
+    ps = ds.attrs["pixel_size"]
+    d = np.hypot(eager.atom_x - clean.atom_x, eager.atom_y - clean.atom_y) / ps
+    assert float(d.max()) < 0.1 and bool(eager.fit_ok.all())
+    np.testing.assert_allclose(lazy.atom_x.values, eager.atom_x.values, atol=1e-9)
+    raw = spiky.lcx.find_atoms()
+    # without leaving them out, the fits that hold a hot pixel go astray
+    from atomds.core.refine import refine_gaussian
+
+    bad = refine_gaussian(img, raw.seed_x.values / ps, raw.seed_y.values / ps, despike=False)
+    assert np.nanmax(np.hypot(bad["x"] - clean.atom_x.values / ps, bad["y"] - clean.atom_y.values / ps)) > 0.5

@@ -66,6 +66,11 @@ def _refine_block(image, x, y, settings, sl, kw) -> np.ndarray:
     return _pack(res, kw["model"])
 
 
+def _despiked(image) -> np.ndarray:
+    """The image with its single-pixel spikes set to NaN (left out of every fit)."""
+    return cr._without_spikes(np.asarray(image))
+
+
 def refine(
     ds: xr.Dataset,
     *,
@@ -152,7 +157,8 @@ def refine(
         max_iter=max_iter,
         neighbor_subtraction=bool(neighbor_subtraction),
     )
-    fit_kw = dict(kw, n_refits=n_refits, width_prior=prior)
+    # spikes (hot pixels) are left out of the fits once, before the settings are estimated
+    fit_kw = dict(kw, n_refits=n_refits, width_prior=prior, despike=False)
     n = int(sx.sizes["atom"])
     lazy = is_dask(img) or is_dask(sx) or is_dask(sy)
     settings = None
@@ -165,7 +171,7 @@ def refine(
         xd = sx.data if is_dask(sx) else da.from_array(np.asarray(sx.values, float), chunks=min(n, _DEFAULT_CHUNK))
         yd = sy.data if is_dask(sy) else da.from_array(np.asarray(sy.values, float), chunks=xd.chunks)
         yd = yd.rechunk(xd.chunks)
-        image_d = dask.delayed(np.asarray, pure=True)(img.data)
+        image_d = dask.delayed(_despiked, pure=True)(img.data)
         xp_all = dask.delayed(np.divide, pure=True)(xd, ps)
         yp_all = dask.delayed(np.divide, pure=True)(yd, ps)
         settings_d = dask.delayed(_settings_task, pure=True)(image_d, xp_all, yp_all, kw)
@@ -179,7 +185,7 @@ def refine(
             new_axis=1, meta=np.empty((0, 0)),
         )
     else:
-        image = np.asarray(img.values)
+        image = _despiked(img.values)
         xp = np.asarray(sx.values, float) / ps
         yp = np.asarray(sy.values, float) / ps
         settings = cr.estimate_fit_settings(
