@@ -163,3 +163,21 @@ def test_hot_pixels_are_left_out_of_the_fits_eager_and_lazy():
 
     bad = refine_gaussian(img, raw.seed_x.values / ps, raw.seed_y.values / ps, despike=False)
     assert np.nanmax(np.hypot(bad["x"] - clean.atom_x.values / ps, bad["y"] - clean.atom_y.values / ps)) > 0.5
+
+
+def test_refine_follows_the_contrast_find_atoms_used():
+    import atomds
+    from atomds.core import samples as cs
+
+    s = cs.hexagonal_sample(shape=(192, 192), dose=4000.0, seed=2)
+    image = cs.add_noise(3 * 4000.0 / (2 * np.pi * 4) - (s.expected - s.background), read_noise=1.0, seed=5)
+    ds = atomds.from_array(image, pixel_size=0.25)
+    out = ds.lcx.find_atoms(contrast="dark").lcx.refine()
+    assert json.loads(out.attrs["refine_params"])["contrast"] == "dark"
+    it, jf = cs.match_positions(np.c_[s.x, s.y], np.c_[out.atom_x.values, out.atom_y.values] / 0.25, 3.0)
+    assert it.size >= 0.99 * s.x.size
+    assert bool(out.fit_ok.mean() > 0.99) and float(np.nanmedian(out.amplitude)) > 0
+    # asked for explicitly, "bright" fits the dips as bright columns: the fits fail (flagged,
+    # centre-of-mass positions; this used to raise an IndexError when every fit failed)
+    wrong = ds.lcx.find_atoms(contrast="dark").lcx.refine(contrast="bright")
+    assert float(wrong.fit_ok.mean()) < 0.5

@@ -384,3 +384,24 @@ def test_small_image_of_few_widely_spaced_columns():
     res = find.find_atoms(image)
     assert res.params["spacing"] == pytest.approx(30.0, rel=0.03)
     assert _recall(xy, res) == 1.0 and res.x.size == xy.shape[0]
+
+
+def test_dark_columns_with_contrast_dark():
+    # ABF-like: dark dips on a bright background; as bright columns nothing right is found
+    from atomds.core.refine import refine_gaussian
+
+    s = samples.hexagonal_sample(shape=(256, 256), dose=4000.0, seed=2)
+    expected = 3 * 4000.0 / (2 * np.pi * 4) - (s.expected - s.background)
+    image = samples.add_noise(expected, read_noise=1.0, seed=5)
+    res = find.find_atoms(image, contrast="dark")
+    sc = _score(s, res)
+    assert sc["recall"] >= 0.998 and sc["false_positive_rate"] <= 0.002
+    assert res.params["contrast"] == "dark"
+    r = refine_gaussian(image, res.x, res.y, contrast="dark")
+    it, jf = samples.match_positions(np.c_[s.x, s.y], np.c_[r["x"], r["y"]], 3.0)
+    assert np.sqrt(np.mean((s.x[it] - r["x"][jf]) ** 2 + (s.y[it] - r["y"][jf]) ** 2)) < 0.2
+    assert np.nanmedian(r["amplitude"]) > 0  # the depth of the dips
+    as_bright = find.find_atoms(image)
+    assert _score(s, as_bright)["recall"] < 0.5
+    with pytest.raises(InvalidParameterError, match="contrast"):
+        find.find_atoms(image, contrast="inverted")

@@ -908,7 +908,8 @@ def _ordered(lab: np.ndarray, centre_first_feature: np.ndarray) -> np.ndarray:
 def find_atoms(image, *, template=None, threshold: float | None = None, min_area: int | None = None,
                max_area: int | None = None, sublattices: str | int | None = "auto", sigma: float | None = None,
                spacing: float | None = None, z_min: float | None = None, min_contrast: float = 0.25,
-               workers: int | None = None, refine_templates: bool = True, lattice_check: bool = True) -> FoundAtoms:
+               workers: int | None = None, refine_templates: bool = True, lattice_check: bool = True,
+               contrast: str = "bright") -> FoundAtoms:
     """Find atomic columns by zero-normalised template correlation.
 
     Pipeline (every step vectorised over pixels or blobs):
@@ -988,6 +989,9 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         Threads for the FFTs (default: all).
     refine_templates : bool
         Allow the second pass of step 8.
+    contrast : {"bright", "dark"}
+        "bright": columns brighter than their surroundings (HAADF, STM topography); "dark":
+        darker (ABF, BF): the image is turned over (``max - image``) before everything else.
     lattice_check : bool
         Use the lattice of the clear columns (step 5): keep sub-threshold blobs on its sites,
         drop faint blobs off its sites and weak blobs in disordered regions of their own. Turn
@@ -1009,6 +1013,10 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         No blob passed; the message gives the threshold used and what to try.
     """
     img = check_image(image)
+    if contrast not in ("bright", "dark"):
+        raise InvalidParameterError(f"contrast must be 'bright' or 'dark', got {contrast!r}.")
+    if contrast == "dark":
+        img = float(img.max()) - img
     ny, nx = img.shape
     noise = noise_model(img)
     # hot and dead pixels would pass for the clearest columns and set the scales: replaced by
@@ -1232,6 +1240,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         "z_min_border": zmin_edge,
         "min_contrast": float(min_contrast),
         "lattice_check": bool(lattice_check),
+        "contrast": contrast,
         "spikes": n_spikes,
         "sigma": s,
         "spacing": d,
@@ -1253,6 +1262,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
                 second = find_atoms(img, template=class_t, threshold=threshold, min_area=min_area, max_area=max_area,
                                     sublattices="auto", sigma=s, spacing=d, z_min=z_min, min_contrast=min_contrast,
                                     workers=workers, refine_templates=False, lattice_check=lattice_check)
+            # (the second pass gets the turned-over image, so it looks for bright columns)
             except NoAtomsFoundError:
                 return result
             second.params["templates"] = [f"auto (class {k})" for k in range(len(class_t))]

@@ -1855,6 +1855,9 @@ class _NeighborModels:
             gy = np.zeros((p.shape[0] + 1, width + 2), dtype=np.float32)
             _in_threads(_nb_tables, p.shape[0], np.ascontiguousarray(p), self.x0, self.y0, width, gx, gy)
             self.gx, self.gy = gx, gy
+            # an origin for the zero row too, so that no neighbour at all (every fit failed) works
+            self.x0 = np.r_[self.x0, 0]
+            self.y0 = np.r_[self.y0, 0]
 
     def patch_sum(self, sl, sx, sy, w):
         """Sum of the neighbours' columns on the patches of rows ``sl`` of ``idx``."""
@@ -1867,8 +1870,8 @@ class _NeighborModels:
         last = self.gx.shape[0] - 1
         rows = np.where(has, rows, last)  # the zero row
         ar = np.arange(w)
-        x0 = np.where(has, self.x0[np.where(has, rows, 0)], 0)
-        y0 = np.where(has, self.y0[np.where(has, rows, 0)], 0)
+        x0 = np.where(has, self.x0[rows], 0)
+        y0 = np.where(has, self.y0[rows], 0)
         tx = np.clip((sx[:, None] - x0)[:, :, None] + ar + 1, 0, self.width + 1)  # (n, K, w)
         ty = np.clip((sy[:, None] - y0)[:, :, None] + ar + 1, 0, self.width + 1)
         gx = self.gx[rows[:, :, None], tx]
@@ -2036,6 +2039,7 @@ def refine_gaussian(
     settings: dict | None = None,
     subset: np.ndarray | slice | None = None,
     despike: bool = True,
+    contrast: str = "bright",
 ) -> dict[str, np.ndarray]:
     """Fit a 2-D Gaussian to every atom at once (batched Levenberg-Marquardt).
 
@@ -2087,6 +2091,10 @@ def refine_gaussian(
     despike : bool
         Leave single-pixel spikes (hot and dead pixels, particle hits;
         :func:`atomds.core.spikes.spike_mask`) out of the fits, as non-finite pixels are.
+    contrast : {"bright", "dark"}
+        "dark" for columns darker than their surroundings (ABF, BF): the image is turned over
+        (``max - image``), so ``amplitude``, ``intensity`` and ``background`` describe the
+        turned-over image (the depth of each dip).
 
     Returns
     -------
@@ -2136,10 +2144,24 @@ def refine_gaussian(
     else:
         nz = None
     _check_sigma(st.get("sigma"))
+    img = turn_over(img, contrast)
     if despike:
         img = _without_spikes(img)
     with _blas_single_thread():
         return _refine(img, x, y, mdl, sel, st, nz, window, neighbor_subtraction, n_refits, max_iter, tol, width_prior)
+
+
+def turn_over(img: np.ndarray, contrast: str) -> np.ndarray:
+    """``img`` for ``contrast="bright"``; ``max - img`` (a float copy) for ``"dark"``."""
+    if contrast == "bright":
+        return img
+    if contrast != "dark":
+        raise InvalidParameterError(f"contrast must be 'bright' or 'dark', got {contrast!r}.")
+    a = np.asarray(img, dtype=np.float32 if np.asarray(img).dtype == np.float32 else np.float64)
+    top = np.nanmax(a)
+    if not np.isfinite(top):
+        raise InvalidImageError("image has no finite pixel.")
+    return top - a
 
 
 def _without_spikes(img: np.ndarray) -> np.ndarray:

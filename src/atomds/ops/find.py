@@ -64,7 +64,7 @@ def _templates_px(template, ps: float):
 def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None, min_area: float | None = None,
                max_area: float | None = None, sublattices: str | int | None = "auto", sigma: float | None = None,
                spacing: float | None = None, z_min: float | None = None, min_contrast: float = 0.25,
-               lattice_check: bool = True) -> xr.Dataset:
+               lattice_check: bool = True, contrast: str = "bright") -> xr.Dataset:
     """Find the atomic columns of ``image`` by template correlation; the seeds of every later step.
 
     **This step computes**: the atom count must be known to build the ``atom`` dimension, so a
@@ -104,6 +104,9 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
         (amorphous specks, dim blobs in holes) and weak blobs in disordered regions of their own
         (amorphous films). Turn it off to keep faint off-lattice features (adatoms,
         interstitials of low contrast).
+    contrast : {"bright", "dark"}
+        "bright": columns brighter than their surroundings (HAADF, STM); "dark": darker (ABF,
+        BF). Recorded, so that :func:`~atomds.ops.refine.refine` fits the same way.
 
     Returns
     -------
@@ -131,7 +134,7 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
     img = _image_numpy(ds)
     res = core.find_atoms(img, template=tmpl, threshold=threshold, min_area=min_area, max_area=max_area,
                           sublattices=sublattices, sigma=s_px, spacing=d_px, z_min=z_min, min_contrast=min_contrast,
-                          lattice_check=lattice_check)
+                          lattice_check=lattice_check, contrast=contrast)
     out = drop_dim_vars(ds, "atom")
     if "correlation" in out.variables:
         out = out.drop_vars("correlation")

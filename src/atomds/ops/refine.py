@@ -12,6 +12,7 @@ refined in its own task (with the neighbours it needs), so nothing computes unti
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -66,9 +67,26 @@ def _refine_block(image, x, y, settings, sl, kw) -> np.ndarray:
     return _pack(res, kw["model"])
 
 
-def _despiked(image) -> np.ndarray:
-    """The image with its single-pixel spikes set to NaN (left out of every fit)."""
-    return cr._without_spikes(np.asarray(image))
+def _prepared(image, contrast: str) -> np.ndarray:
+    """The image turned over for dark columns, with its single-pixel spikes set to NaN (left out of every fit)."""
+    return cr._without_spikes(cr.turn_over(np.asarray(image), contrast))
+
+
+def _contrast(ds: xr.Dataset, contrast: str | None) -> str:
+    """The given contrast, else the one ``find_atoms`` used, else "bright"."""
+    if contrast is not None:
+        if contrast not in ("bright", "dark"):
+            raise InvalidParameterError(f"contrast must be 'bright' or 'dark', got {contrast!r}.")
+        return contrast
+    raw = ds.attrs.get("find_atoms_params")
+    if isinstance(raw, str):
+        try:
+            used = json.loads(raw).get("contrast")
+        except (ValueError, AttributeError):
+            used = None
+        if used in ("bright", "dark"):
+            return used
+    return "bright"
 
 
 def refine(
@@ -82,6 +100,7 @@ def refine(
     neighbor_subtraction: bool = True,
     n_refits: int | None = None,
     width_prior: bool | float = True,
+    contrast: str | None = None,
 ) -> xr.Dataset:
     """Refine every atom to sub-pixel precision with a 2-D Gaussian fit (all atoms at once).
 
@@ -110,6 +129,10 @@ def refine(
     max_iter, neighbor_subtraction, n_refits, width_prior
         See :func:`atomds.core.refine.refine_gaussian` (``width_prior`` as a spread is in the
         Dataset's length units).
+    contrast : {"bright", "dark"}, optional
+        "dark" fits columns darker than their surroundings (ABF, BF) on the turned-over image
+        (``amplitude``, ``intensity`` and ``background`` then describe the dips). Default: the
+        contrast ``find_atoms`` used, else "bright".
 
     Returns
     -------
@@ -159,6 +182,7 @@ def refine(
     )
     # spikes (hot pixels) are left out of the fits once, before the settings are estimated
     fit_kw = dict(kw, n_refits=n_refits, width_prior=prior, despike=False)
+    con = _contrast(ds, contrast)
     n = int(sx.sizes["atom"])
     lazy = is_dask(img) or is_dask(sx) or is_dask(sy)
     settings = None
@@ -171,7 +195,7 @@ def refine(
         xd = sx.data if is_dask(sx) else da.from_array(np.asarray(sx.values, float), chunks=min(n, _DEFAULT_CHUNK))
         yd = sy.data if is_dask(sy) else da.from_array(np.asarray(sy.values, float), chunks=xd.chunks)
         yd = yd.rechunk(xd.chunks)
-        image_d = dask.delayed(_despiked, pure=True)(img.data)
+        image_d = dask.delayed(_prepared, pure=True)(img.data, con)
         xp_all = dask.delayed(np.divide, pure=True)(xd, ps)
         yp_all = dask.delayed(np.divide, pure=True)(yd, ps)
         settings_d = dask.delayed(_settings_task, pure=True)(image_d, xp_all, yp_all, kw)
@@ -185,7 +209,7 @@ def refine(
             new_axis=1, meta=np.empty((0, 0)),
         )
     else:
-        image = _despiked(img.values)
+        image = _prepared(img.values, con)
         xp = np.asarray(sx.values, float) / ps
         yp = np.asarray(sy.values, float) / ps
         settings = cr.estimate_fit_settings(
@@ -231,7 +255,7 @@ def refine(
     params: dict[str, Any] = dict(
         model=model, window=window, noise=noise, sigma=sigma, max_iter=max_iter,
         neighbor_subtraction=bool(neighbor_subtraction), n_refits=n_refits, width_prior=width_prior,
-        units=units, lazy=bool(lazy),
+        units=units, lazy=bool(lazy), contrast=con,
     )
     if settings is not None:
         params["estimated"] = {
