@@ -64,3 +64,17 @@ def test_analyze_bundled_sample_round_trips(tmp_path):
     import xarray as xr
 
     xr.testing.assert_identical(atomds.open_dataset(again), ds)
+
+
+def test_analyze_dark_columns(tmp_path):
+    from atomds.core import samples as cs
+
+    s = cs.hexagonal_sample(shape=(192, 192), dose=4000.0, seed=2)
+    image = cs.add_noise(3 * 4000.0 / (2 * np.pi * 4) - (s.expected - s.background), read_noise=1.0, seed=5)
+    np.save(tmp_path / "abf.npy", image.astype(np.float32))
+    out = tmp_path / "abf.nc"
+    assert main(["analyze", str(tmp_path / "abf.npy"), "-o", str(out), "--contrast", "dark", "--no-progress"]) == 0
+    ds = atomds.open_dataset(out)
+    it, _ = cs.match_positions(np.c_[s.x, s.y], np.c_[ds.atom_x.values, ds.atom_y.values], 2.0)
+    assert it.size >= 0.99 * s.x.size
+    assert '"contrast": "dark"' in ds.attrs["refine_params"]

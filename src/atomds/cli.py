@@ -39,6 +39,8 @@ def _build_parser() -> argparse.ArgumentParser:
     an.add_argument("--clusters", type=int, default=None, help="number of clusters (default: from the dendrogram)")
     an.add_argument("--components", type=int, default=None, help="PCA components to keep (default: all)")
     an.add_argument("--model", choices=["gaussian", "elliptical"], default="gaussian", help="column model")
+    an.add_argument("--contrast", choices=["bright", "dark"], default="bright",
+                    help="columns brighter (HAADF, STM) or darker (ABF, BF) than their surroundings")
     an.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     from .batch import add_batch_parser
@@ -119,6 +121,7 @@ def _cmd_analyze(args) -> int:
             n_clusters=args.clusters,
             n_components=args.components,
             model=args.model,
+            find_kwargs={"contrast": args.contrast},
             on_stage=on_stage,
         )
     finally:
