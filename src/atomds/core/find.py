@@ -1209,11 +1209,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         off = _outside_lattice(cx, cy, amp, cls, ok & interior, ok, d, border=ok & ~interior)
         counts["no_lattice"] = int(off.sum())
         ok &= ~off
-        faint = np.zeros(cx.size, dtype=bool)
-        for k in np.unique(cls):
-            m = (cls == k) & ok
-            if np.count_nonzero(m) >= 5:
-                faint |= (cls == k) & (rel < _FAINT * float(np.median(rel[m])))
+        faint = _below_class_median(rel, cls, ok, _FAINT, min_count=5)
         tested = ok & interior & faint
         # a faint population as large as a class (see classify_columns' min_fraction) is a
         # sublattice or an intensity spread that the classes did not resolve, not specks: its
@@ -1292,6 +1288,19 @@ _REGION_REACH = 3.0
 _DISORDERED = 0.4
 
 
+def _below_class_median(values, cls, ok, fraction: float, min_count: int = 1) -> np.ndarray:
+    """Blobs (of any status) whose ``values`` lie below ``fraction`` of the median over the ``ok`` blobs of their class.
+
+    Classes with fewer than ``min_count`` ``ok`` blobs are not judged.
+    """
+    out = np.zeros(values.size, dtype=bool)
+    for k in np.unique(cls[ok]):
+        ref = ok & (cls == k)
+        if np.count_nonzero(ref) >= min_count:
+            out |= (cls == k) & (values < fraction * float(np.median(values[ref])))
+    return out
+
+
 def _outside_lattice(x, y, amp, cls, tested, ok, spacing: float, border=None) -> np.ndarray:
     """Weak blobs in a disordered region of their own: an amorphous film or support, not a crystal.
 
@@ -1306,10 +1315,7 @@ def _outside_lattice(x, y, amp, cls, tested, ok, spacing: float, border=None) ->
     """
     from .neighbors import DISORDER_WEIGHT, phase_features
 
-    weak = np.zeros(x.size, dtype=bool)
-    for k in np.unique(cls[ok]):
-        m = ok & (cls == k)
-        weak |= m & (amp < _WEAK * float(np.median(amp[m])))
+    weak = _below_class_median(amp, cls, ok, _WEAK) & ok
     strong = tested & ~weak
     out = np.zeros(x.size, dtype=bool)
     examined = tested & weak
@@ -1321,10 +1327,7 @@ def _outside_lattice(x, y, amp, cls, tested, ok, spacing: float, border=None) ->
     dist, _ = cKDTree(np.c_[x[strong], y[strong]]).query(np.c_[x[cand], y[cand]])
     # near clear columns only the very weak are examined (a disordered column of a grain
     # boundary is about as bright as the others; a speck of the film is a fraction of that)
-    very_weak = np.zeros(x.size, dtype=bool)
-    for k in np.unique(cls[ok]):
-        m = ok & (cls == k)
-        very_weak |= m & (amp < _VERY_WEAK * float(np.median(amp[m])))
+    very_weak = _below_class_median(amp, cls, ok, _VERY_WEAK) & ok
     cand = cand[(dist > _REGION_REACH * spacing) | very_weak[cand]]
     if cand.size == 0:
         return out
