@@ -405,3 +405,16 @@ def test_dark_columns_with_contrast_dark():
     assert _score(s, as_bright)["recall"] < 0.5
     with pytest.raises(InvalidParameterError, match="contrast"):
         find.find_atoms(image, contrast="inverted")
+
+
+def test_dark_perovskite_two_passes_keep_the_contrast_and_the_spike_count():
+    # with two classes the search runs twice (one template per class); the second pass must
+    # report the contrast and the spikes of the first, or refinement would fit the wrong way
+    s = samples.perovskite_sample(shape=(192, 192), dose=3000.0, seed=1)
+    image = 2.0 * s.expected.max() - s.expected
+    image = samples.add_noise(image, read_noise=1.0, seed=3)
+    image[50, 60] += 20 * image.max()
+    res = find.find_atoms(image, contrast="dark")
+    assert res.params["sublattice_mode"].startswith("auto (one template")
+    assert res.params["contrast"] == "dark" and res.params["spikes"] == 1
+    assert min(_score(s, res)["recall_by_label"].values()) >= 0.99

@@ -1255,12 +1255,14 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         class_t = _class_templates(img, cx, cy, score, sub, templates[0].shape)
         if len(class_t) == params["n_sublattices"]:
             try:
+                # img is already turned over (dark contrast) and free of spikes: bright columns
                 second = find_atoms(img, template=class_t, threshold=threshold, min_area=min_area, max_area=max_area,
                                     sublattices="auto", sigma=s, spacing=d, z_min=z_min, min_contrast=min_contrast,
                                     workers=workers, refine_templates=False, lattice_check=lattice_check)
-            # (the second pass gets the turned-over image, so it looks for bright columns)
             except NoAtomsFoundError:
                 return result
+            second.params["contrast"] = contrast
+            second.params["spikes"] = n_spikes
             second.params["templates"] = [f"auto (class {k})" for k in range(len(class_t))]
             second.params["sublattice_mode"] = "auto (one template per class)"
             second.params["first_pass"] = {k: params[k] for k in ("threshold", "n_sublattices")}
