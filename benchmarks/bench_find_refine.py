@@ -462,12 +462,14 @@ def _has(mod):
 
 
 def write_section(text: str, path: Path) -> None:
+    """Replace the section of ``path`` whose heading is the first line of ``text`` (append it if new)."""
+    section = text.splitlines()[0]
     old = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = old.find(SECTION)
+    start = old.find(section)
     if start < 0:
         new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
     else:
-        nxt = old.find("\n## ", start + len(SECTION))
+        nxt = old.find("\n## ", start + len(section))
         tail = "" if nxt < 0 else old[nxt:]
         new = old[:start] + text.rstrip("\n") + "\n" + tail
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".RESULTS.", suffix=".md")
