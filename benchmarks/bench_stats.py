@@ -28,7 +28,6 @@ import argparse
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +38,9 @@ from atomds import datasets
 from atomds.core import samples
 from atomds.ops import learn
 from atomds.ops.neighbors import neighborhoods
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_find_refine import write_section  # noqa: E402  (one writer of RESULTS.md sections)
 
 SECTION = "## Statistics"
 
@@ -213,21 +215,6 @@ def accuracy(seeds):
                     r, c = polar_r(*found, smooth=4)
                     prow.append((case, seed, "found, smooth=4", r, c))
     return rows, prow
-
-
-def write_section(text: str, path: Path) -> None:
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        tail = "" if nxt < 0 else old[nxt:]
-        new = old[:start] + text.rstrip("\n") + "\n" + tail
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".RESULTS.", suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
