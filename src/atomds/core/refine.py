@@ -65,7 +65,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-import numba
 from numba import njit
 from scipy.special import erf
 
