@@ -25,7 +25,7 @@ from scipy.spatial import cKDTree
 
 from ..errors import InvalidImageError, InvalidParameterError, NoAtomsFoundError
 from ._threads import run_chunks
-from .preprocess import _central_crop, _parabola, check_image, estimate_spacing, noise_model
+from .preprocess import _central_crop, _parabola, check_image, estimate_spacing, noise_model, turn_over
 from .spikes import _remove_spikes
 
 __all__ = [
@@ -1011,11 +1011,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     NoAtomsFoundError
         No blob passed; the message gives the threshold used and what to try.
     """
-    img = check_image(image)
-    if contrast not in ("bright", "dark"):
-        raise InvalidParameterError(f"contrast must be 'bright' or 'dark', got {contrast!r}.")
-    if contrast == "dark":
-        img = float(img.max()) - img
+    img = turn_over(check_image(image), contrast)
     ny, nx = img.shape
     noise = noise_model(img)
     # hot and dead pixels would pass for the clearest columns and set the scales: replaced by

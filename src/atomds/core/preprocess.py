@@ -18,6 +18,8 @@ from scipy.spatial import cKDTree
 from ..errors import DimensionError, InvalidImageError, InvalidParameterError
 
 __all__ = [
+    "CONTRASTS",
+    "turn_over",
     "check_image",
     "estimate_noise",
     "noise_model",
@@ -343,6 +345,27 @@ def _parabola(a, b, c):
 # --------------------------------------------------------------------------------------------
 def _float(image: np.ndarray) -> np.ndarray:
     return image if image.dtype in (np.float32, np.float64) else image.astype(np.float64)
+
+
+#: Column contrasts: brighter than the surroundings (HAADF, STM topography) or darker (ABF, BF).
+CONTRASTS = ("bright", "dark")
+
+
+def turn_over(image, contrast: str) -> np.ndarray:
+    """The image for ``contrast="bright"``; ``max - image`` (a new float array) for ``"dark"``.
+
+    Dark columns (ABF, BF) become bright ones, so that finding and fitting see peaks either way.
+    Non-finite pixels stay non-finite; the maximum is taken over the finite ones.
+    """
+    if contrast not in CONTRASTS:
+        raise InvalidParameterError(f"contrast must be one of {CONTRASTS}, got {contrast!r}.")
+    if contrast == "bright":
+        return image
+    a = _float(np.asarray(image))
+    top = np.nanmax(a)
+    if not np.isfinite(top):
+        raise InvalidImageError("image has no finite pixel.")
+    return top - a
 
 
 def default_denoise_params(image, method: str) -> dict:

@@ -70,6 +70,8 @@ from scipy.special import erf
 
 from ..errors import DimensionError, InvalidImageError, InvalidParameterError
 from ._threads import run_chunks
+from .preprocess import turn_over
+from .spikes import _remove_spikes
 
 try:  # a dependency of scikit-learn; BLAS threads only slow down the many tiny matrix products here
     from threadpoolctl import threadpool_limits as _threadpool_limits
@@ -2150,32 +2152,12 @@ def refine_gaussian(
         return _refine(img, x, y, mdl, sel, st, nz, window, neighbor_subtraction, n_refits, max_iter, tol, width_prior)
 
 
-def turn_over(img: np.ndarray, contrast: str) -> np.ndarray:
-    """``img`` for ``contrast="bright"``; ``max - img`` (a float copy) for ``"dark"``."""
-    if contrast == "bright":
-        return img
-    if contrast != "dark":
-        raise InvalidParameterError(f"contrast must be 'bright' or 'dark', got {contrast!r}.")
-    a = np.asarray(img, dtype=np.float32 if np.asarray(img).dtype == np.float32 else np.float64)
-    top = np.nanmax(a)
-    if not np.isfinite(top):
-        raise InvalidImageError("image has no finite pixel.")
-    return top - a
-
-
 def _without_spikes(img: np.ndarray) -> np.ndarray:
     """``img`` with its single-pixel spikes set to NaN (a copy when there are any)."""
-    from .spikes import _spike_mask
-
     try:
-        mask = _spike_mask(img, None)
+        return _remove_spikes(img, None, fill="nan")[0]
     except InvalidImageError:  # NaN in the noise-estimation crop, or a constant crop: leave it
         return img
-    if not mask.any():
-        return img
-    out = np.array(img, dtype=np.float32 if img.dtype == np.float32 else np.float64, copy=True)
-    out[mask] = np.nan
-    return out
 
 
 def _refine(img, x, y, mdl, sel, st, nz, window, neighbor_subtraction, n_refits, max_iter, tol, width_prior):

@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ..errors import InvalidParameterError
 from ._threads import run_chunks
-from .preprocess import check_image, estimate_noise, noise_model
+from .preprocess import _float, check_image, estimate_noise, noise_model
 
 __all__ = ["spike_mask", "remove_spikes"]
 
@@ -129,8 +130,6 @@ def spike_mask(image, *, noise: tuple[float, float] | None = None, sigmas: float
     """
     img = check_image(image)
     if not (np.isfinite(sigmas) and sigmas > 0 and np.isfinite(contrast) and contrast > 0):
-        from ..errors import InvalidParameterError
-
         raise InvalidParameterError(f"sigmas and contrast must be positive, got {sigmas!r}, {contrast!r}.")
     return _spike_mask(img, noise, sigmas, contrast)
 
@@ -142,7 +141,7 @@ def _spike_mask(img: np.ndarray, noise, sigmas: float = SPIKE_SIGMAS, contrast: 
     # at the bottom of the shot noise would pass as a dead pixel
     a = max(a, (0.5 * estimate_noise(img)) ** 2)
     out = np.zeros(img.shape, dtype=bool)
-    data = np.ascontiguousarray(img, dtype=np.float64) if img.dtype != np.float32 else np.ascontiguousarray(img)
+    data = np.ascontiguousarray(_float(img))
     run_chunks(_k_spikes, img.shape[0], data, float(a), float(b), float(sigmas), float(contrast), out,
                min_chunk=64, chunks_per_thread=4, max_threads=8)
     _k_spikes_border(data, float(a), float(b), float(sigmas), float(contrast), out)
@@ -173,13 +172,11 @@ def remove_spikes(image, *, noise: tuple[float, float] | None = None, fill: str 
 def _remove_spikes(img: np.ndarray, noise=None, fill: str = "median"):
     """:func:`remove_spikes` of a checked image."""
     if fill not in ("median", "nan"):
-        from ..errors import InvalidParameterError
-
         raise InvalidParameterError(f"fill must be 'median' or 'nan', got {fill!r}.")
     mask = _spike_mask(img, noise)
     if not mask.any():
         return img, mask
-    out = np.array(img, dtype=np.float64 if img.dtype != np.float32 else np.float32, copy=True)
+    out = _float(img).copy()
     iy, ix = np.nonzero(mask)
     if fill == "nan":
         out[iy, ix] = np.nan

@@ -19,6 +19,7 @@ import numpy as np
 import xarray as xr
 
 from ..core import refine as cr
+from ..core.preprocess import CONTRASTS, turn_over
 from ..errors import InvalidParameterError
 from ._common import annotate, image_dataarray, is_dask, length_units, pixel_size, record_params, require_vars
 
@@ -69,14 +70,14 @@ def _refine_block(image, x, y, settings, sl, kw) -> np.ndarray:
 
 def _prepared(image, contrast: str) -> np.ndarray:
     """The image turned over for dark columns, with its single-pixel spikes set to NaN (left out of every fit)."""
-    return cr._without_spikes(cr.turn_over(np.asarray(image), contrast))
+    return cr._without_spikes(turn_over(np.asarray(image), contrast))
 
 
 def _contrast(ds: xr.Dataset, contrast: str | None) -> str:
     """The given contrast, else the one ``find_atoms`` used, else "bright"."""
     if contrast is not None:
-        if contrast not in ("bright", "dark"):
-            raise InvalidParameterError(f"contrast must be 'bright' or 'dark', got {contrast!r}.")
+        if contrast not in CONTRASTS:
+            raise InvalidParameterError(f"contrast must be one of {CONTRASTS}, got {contrast!r}.")
         return contrast
     raw = ds.attrs.get("find_atoms_params")
     if isinstance(raw, str):
@@ -84,7 +85,7 @@ def _contrast(ds: xr.Dataset, contrast: str | None) -> str:
             used = json.loads(raw).get("contrast")
         except (ValueError, AttributeError):
             used = None
-        if used in ("bright", "dark"):
+        if used in CONTRASTS:
             return used
     return "bright"
 
