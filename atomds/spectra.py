@@ -30,7 +30,8 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .io import normalize_length_units
-from .ops._common import annotate, length_units, record_params, require_vars
+from .ops._common import annotate, length_units, require_vars
+from .params import record_params
 
 __all__ = [
     "attach_spectra",

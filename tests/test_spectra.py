@@ -87,7 +87,7 @@ def test_attach_spectra_layout_and_params(sample):
     assert out["energy"].attrs["units"] == "eV"
     for name in ("spectrum", "spectrum_coverage", "spectrum_image", "energy", "spectrum_x"):
         assert {"units", "long_name"} <= set(out[name].attrs)
-    params = atomds.ops._common.step_params(out, "attach_spectra")
+    params = atomds.params.step_params(out, "attach_spectra")
     # default window: half the median nearest-neighbour distance of the atoms
     nn = core.median_nn_distance(ds["atom_x"].values, ds["atom_y"].values)
     assert params["window"] == pytest.approx(nn / 2)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -18,11 +17,8 @@ __all__ = [
     "length_to_px",
     "image_dataarray",
     "annotate",
-    "record_params",
-    "step_params",
     "drop_dim_vars",
     "is_dask",
-    "to_jsonable",
 ]
 
 
@@ -95,38 +91,6 @@ def annotate(da: xr.DataArray, units: str, long_name: str, **attrs: Any) -> xr.D
     out = da.copy(deep=False)
     out.attrs = {**da.attrs, "units": units, "long_name": long_name, **attrs}
     return out
-
-
-def to_jsonable(value: Any) -> Any:
-    """Convert numpy scalars/arrays, tuples and ranges to JSON-serialisable values."""
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, range)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        if value.size > 64:
-            return f"<array shape={list(value.shape)} dtype={value.dtype}>"
-        return to_jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
-
-
-def record_params(ds: xr.Dataset, step: str, params: Mapping[str, Any]) -> xr.Dataset:
-    """Return ``ds`` with the parameters of ``step`` stored as a JSON string attribute ``{step}_params``."""
-    out = ds.copy(deep=False)
-    out.attrs = {**ds.attrs, f"{step}_params": json.dumps(to_jsonable(dict(params)), sort_keys=True)}
-    return out
-
-
-def step_params(ds: xr.Dataset, step: str) -> dict | None:
-    """The parameters recorded for ``step`` (``None`` when the step has not run)."""
-    raw = ds.attrs.get(f"{step}_params")
-    return None if raw is None else json.loads(raw)
 
 
 def drop_dim_vars(ds: xr.Dataset, dims: str | Iterable[str]) -> xr.Dataset:

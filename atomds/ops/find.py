@@ -16,7 +16,8 @@ import xarray as xr
 
 from ..core import find as core
 from ..errors import InvalidParameterError
-from ._common import annotate, drop_dim_vars, image_dataarray, length_to_px, length_units, pixel_size, record_params
+from ..params import record_params
+from ._common import annotate, drop_dim_vars, image_dataarray, length_to_px, length_units, pixel_size
 
 __all__ = ["find_atoms", "correlation_map"]
 

@@ -16,7 +16,8 @@ import xarray as xr
 
 from ..core import learn as cl
 from ..errors import InvalidParameterError, MissingStepError
-from ._common import annotate, is_dask, record_params
+from ..params import record_params
+from ._common import annotate, is_dask
 
 __all__ = ["kmeans", "kmeans_scan", "linkage", "suggest_k", "regions", "pca", "ica"]
 

@@ -15,7 +15,8 @@ import xarray as xr
 from ..core import neighbors as cn
 from ..core.maps import vector_histogram
 from ..errors import InvalidParameterError, MissingStepError
-from ._common import annotate, is_dask, length_units, pixel_size, record_params, require_vars
+from ..params import record_params
+from ._common import annotate, is_dask, length_units, pixel_size, require_vars
 
 __all__ = ["neighborhoods", "neighbor_histogram", "DESCRIPTORS", "DERIVED_DIMS", "DERIVED_VARS"]
 

@@ -24,7 +24,8 @@ from scipy import ndimage as ndi
 
 from ..core import preprocess as core
 from ..errors import DimensionError, InvalidParameterError, MissingVariableError
-from ._common import annotate, image_dataarray, is_dask, length_to_px, length_units, pixel_size, record_params
+from ..params import record_params
+from ._common import annotate, image_dataarray, is_dask, length_to_px, length_units, pixel_size
 
 __all__ = ["denoise", "normalize", "subtract_background", "align_frames"]
 
@@ -148,9 +149,8 @@ def normalize(ds: xr.Dataset, *, low: float = 0.5, high: float = 99.5, clip: boo
     da = image_dataarray(ds)
     params: dict[str, Any] = {"low": float(low), "high": float(high), "clip": bool(clip)}
     if is_dask(da):
-        import dask.array as dsa
-
         import dask
+        import dask.array as dsa
 
         x = da.data.astype(np.float32)
         # exact percentiles of a regular subsample of at most ~4 million pixels, computed lazily

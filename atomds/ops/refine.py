@@ -21,7 +21,8 @@ import xarray as xr
 from ..core import refine as cr
 from ..core.preprocess import CONTRASTS, turn_over
 from ..errors import InvalidParameterError
-from ._common import annotate, image_dataarray, is_dask, length_units, pixel_size, record_params, require_vars
+from ..params import record_params
+from ._common import annotate, image_dataarray, is_dask, length_units, pixel_size, require_vars
 
 __all__ = ["refine", "with_atoms"]
 
