@@ -247,11 +247,13 @@ def kmeans(
         if init is not None:
             labels, C, inertia = _kmedians_once(X, K, rng, max_iter, tol_abs, init=init)
         else:
-            best = None
+            best: tuple[np.ndarray, np.ndarray, float] | None = None
             for _ in range(n_init):
                 res = _kmedians_once(X, K, rng, max_iter, tol_abs)
                 if best is None or res[2] < best[2]:
                     best = res
+            if best is None:
+                raise InvalidParameterError(f"n_init must be at least 1, got {n_init}")
             labels, C, inertia = best
     # canonical order: most populated cluster first (ties by centre coordinates)
     counts = np.bincount(labels, minlength=K)

@@ -151,7 +151,7 @@ def periodicity_score(magnitude, *, spacing: float, fraction: float = 0.01) -> f
     return float(top.sum() / tot)
 
 
-def vector_histogram(dx, dy, *, bins, extent, labels=None, n_labels=None) -> np.ndarray:
+def vector_histogram(dx, dy, *, bins, extent, labels=None, n_labels=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """2-D histogram of neighbour vectors, overall or per label.
 
     Parameters
@@ -174,13 +174,13 @@ def vector_histogram(dx, dy, *, bins, extent, labels=None, n_labels=None) -> np.
     """
     dx = np.asarray(dx, dtype=float).ravel()
     dy = np.asarray(dy, dtype=float).ravel()
-    if np.isscalar(bins):
+    if np.ndim(bins) == 0:
         bx = by = int(bins)
     else:
         bx, by = (int(b) for b in bins)
     if bx < 1 or by < 1:
         raise InvalidParameterError(f"bins must be positive, got {bins!r}")
-    if np.isscalar(extent):
+    if np.ndim(extent) == 0:
         e = float(extent)
         if not e > 0:
             raise InvalidParameterError(f"extent must be positive, got {extent!r}")

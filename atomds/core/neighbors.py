@@ -153,6 +153,8 @@ def query_neighbors(x, y, *, k: int | None = 6, radius: float | None = None, cen
         counts = np.where(cok, counts - 1, 0)
         k = max(int(counts.max(initial=0)), 1)
         k = min(k, n_valid - 1) if n_valid > 1 else 1
+    if k is None:
+        raise InvalidParameterError("give k (neighbours per atom) or radius")
     k = _check_k(k, n_valid)
     m = len(idx_c)
     index = np.full((m, k), -1, dtype=np.int64)

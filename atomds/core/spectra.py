@@ -171,7 +171,7 @@ def integrate_spectra(weights: sparse.spmatrix, cube: np.ndarray, *, reduce: str
         raise InvalidParameterError(
             f"weights cover {w.shape[1]} pixels but the cube has {flat.shape[0]} spectra."
         )
-    good = np.isfinite(flat).all(axis=1)
+    good = np.asarray(np.isfinite(flat).all(axis=1))
     if not good.all():
         flat = np.where(good[:, None], flat, 0.0)
         w = w @ sparse.diags(good.astype(np.float64))

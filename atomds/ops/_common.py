@@ -79,7 +79,7 @@ def image_dataarray(ds: xr.Dataset, *, name: str = "image") -> xr.DataArray:
                 "the Dataset holds a stack 'frames(frame, y, x)' but no single 'image': "
                 "call atomds.align_frames(ds) first to align and sum the frames."
             )
-        raise MissingVariableError(f"the Dataset has no {name!r} variable (it has: {sorted(ds.data_vars)}).")
+        raise MissingVariableError(f"the Dataset has no {name!r} variable (it has: {sorted(map(str, ds.data_vars))}).")
     da = ds[name]
     if da.dims != ("y", "x"):
         raise DimensionError(f"{name!r} must have dims ('y', 'x'), got {da.dims}.")

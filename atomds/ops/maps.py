@@ -4,6 +4,8 @@ and the FFT of each cluster's positions with a periodicity score.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import numpy as np
 import xarray as xr
 
@@ -54,7 +56,7 @@ def to_grid(ds: xr.Dataset, name: str, *, max_distance: float | str | None = "au
     """
     shape = _grid_shape(ds, "to_grid()")
     if name not in ds.variables:
-        raise MissingStepError(f"to_grid() needs the variable {name!r}, which the Dataset does not have (it has: {sorted(ds.data_vars)}).")
+        raise MissingStepError(f"to_grid() needs the variable {name!r}, which the Dataset does not have (it has: {sorted(map(str, ds.data_vars))}).")
     var = ds[name]
     if "atom" not in var.dims:
         raise InvalidParameterError(f"to_grid() maps per-atom variables (dim 'atom'); {name!r} has dims {var.dims}")
@@ -79,7 +81,7 @@ def to_grid(ds: xr.Dataset, name: str, *, max_distance: float | str | None = "au
     planes = []
     for j in range(vals.shape[1]):
         v = vals[:, j]
-        if lazy:
+        if lazy and image is not None:
             import dask.array as da
 
             def _paint(block, v=v, block_info=None):
@@ -98,7 +100,7 @@ def to_grid(ds: xr.Dataset, name: str, *, max_distance: float | str | None = "au
     else:
         data = np.stack(planes) if others else planes[0]
     dims = (*others, "y", "x")
-    coords = {c: ds.coords[c] for c in ("y", "x") if c in ds.coords}
+    coords: dict[Hashable, xr.DataArray] = {c: ds.coords[c] for c in ("y", "x") if c in ds.coords}
     for d in others:
         if d in var.coords:
             coords[d] = var.coords[d]
@@ -163,7 +165,7 @@ def cluster_fft(ds: xr.Dataset, c: int | None = None, *, by: str = "cluster") ->
     id_dim = "cluster_id" if by == "cluster" else f"{by}_id"
     if c is None:
         data = np.stack(mags)
-        dims = (id_dim, "freq_y", "freq_x")
+        dims: tuple[str, ...] = (id_dim, "freq_y", "freq_x")
         coords[id_dim] = annotate(xr.DataArray(np.arange(n_lab), dims=(id_dim,)), "1", f"{by} id")
         coords["periodicity"] = annotate(xr.DataArray(np.array(scores), dims=(id_dim,)), "1", "share of Fourier power in peaks")
     else:

@@ -61,7 +61,7 @@ def _image_shape(ds: xr.Dataset):
 def _clear_derived(ds: xr.Dataset) -> xr.Dataset:
     names = [n for n, v in ds.variables.items() if set(v.dims) & set(DERIVED_DIMS)]
     names += [n for n in DERIVED_VARS if n in ds.variables]
-    return ds.drop_vars(sorted(set(names)))
+    return ds.drop_vars(sorted({str(n) for n in names}))
 
 
 def _prepare(x, y, *, ps, k, radius, sort, ref_angle, descriptor, need_auto, surface=True):
@@ -408,7 +408,7 @@ def neighbor_histogram(
         extent = 1.05 * m
     if by is None:
         h, xe, ye = vector_histogram(dx, dy, bins=bins, extent=extent)
-        dims = ("vy", "vx")
+        dims: tuple[str, ...] = ("vy", "vx")
         coords = {}
     else:
         if by not in ds.variables:
