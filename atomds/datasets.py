@@ -86,7 +86,7 @@ def to_dataset(sample: _core.Sample, *, pixel_size: float = _DEFAULT_PIXEL_SIZE)
     ds["true_x"] = var(sample.x * ps, u, "true column centre x")
     ds["true_y"] = var(sample.y * ps, u, "true column centre y")
     # CF flag attributes; a one-element array attr would come back from NetCDF as a scalar
-    flag_attrs = {"flag_meanings": " ".join(names)}
+    flag_attrs: dict[str, Any] = {"flag_meanings": " ".join(names)}
     if len(names) > 1:
         flag_attrs["flag_values"] = flags
     ds["true_label"] = var(
@@ -431,7 +431,7 @@ def load(name: str, **kwargs: Any) -> xr.Dataset:
         raise InvalidParameterError(f"{name}(): {exc}") from exc
 
 
-def _truth_xy(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, float]:
+def _truth_xy(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray | None, float]:
     if not isinstance(ds, xr.Dataset):
         raise TypeError(f"expected an xarray.Dataset, got {type(ds).__name__}")
     missing = [v for v in ("true_x", "true_y") if v not in ds.variables]
@@ -545,34 +545,16 @@ def spectrum_image(
         raise MissingVariableError("the Dataset has no 'true_label': use a sample from atomds.datasets.")
     if "x" not in ds.sizes or "y" not in ds.sizes:
         raise DimensionError("the Dataset has no (y, x) image grid to register the spectrum image to.")
-    ny, nx = int(ds.sizes["y"]), int(ds.sizes["x"])
-    try:
-        step = int(step)
-    except (TypeError, ValueError) as exc:
-        raise InvalidParameterError(f"step must be a positive int, got {step!r}.") from exc
-    if step < 1:
-        raise InvalidParameterError(f"step must be a positive int (image pixels per spectrum pixel), got {step}.")
-    if energy is None:
-        e = np.arange(400.0, 600.0, 0.5)
-    else:
-        e = np.asarray(energy, dtype=float).ravel()
-        if e.size < 2 or not np.all(np.isfinite(e)) or not np.all(np.diff(e) > 0):
-            raise InvalidParameterError("energy must be a finite, strictly increasing axis of at least 2 values (eV).")
-    if extent is None:
-        px0, px1 = 0.1 * (nx - 1), 0.9 * (nx - 1)
-        py0, py1 = 0.1 * (ny - 1), 0.9 * (ny - 1)
-    else:
+    e = _core.energy_axis(energy)
+    extent_px = None
+    if extent is not None:
         try:
             x0, x1, y0, y1 = (float(v) for v in extent)
         except (TypeError, ValueError) as exc:
             raise InvalidParameterError(f"extent must be (x0, x1, y0, y1) in the image's units, got {extent!r}.") from exc
-        px0, px1, py0, py1 = x0 / ps, x1 / ps, y0 / ps, y1 / ps
-    ix0, iy0 = max(int(math.ceil(px0)), 0), max(int(math.ceil(py0)), 0)
-    ix1, iy1 = min(int(math.floor(px1)), nx - 1), min(int(math.floor(py1)), ny - 1)
-    if ix1 < ix0 or iy1 < iy0:
-        raise InvalidParameterError(f"extent {extent!r} does not overlap the image.")
-    gx = np.arange(ix0, ix1 + 1, step, dtype=float)
-    gy = np.arange(iy0, iy1 + 1, step, dtype=float)
+        extent_px = (x0 / ps, x1 / ps, y0 / ps, y1 / ps)
+    gx, gy, (ix0, ix1, iy0, iy1) = _core.spectrum_grid((int(ds.sizes["y"]), int(ds.sizes["x"])), step=step, extent_px=extent_px)
+    step = int(step)
     cube, label_map, labels, spectra = _core.spectrum_cube(txy, lab, gx, gy, e, counts=counts, seed=seed)
     u = str(ds.attrs.get("units", "px"))
     coords = {

@@ -389,7 +389,7 @@ def test_thinning_equals_sequential_greedy():
     pts = rng.uniform(0, 60, (400, 2))
     fixed = rng.uniform(0, 60, (5, 2))
     prio = rng.uniform(size=400)
-    keep = samples._thin(pts, prio, 4.0, fixed=fixed)
+    keep = samples.thin_points(pts, prio, 4.0, fixed=fixed)
     chosen: list[int] = []
     for i in np.argsort(-prio):
         if np.hypot(*(fixed - pts[i]).T).min() < 4.0:
