@@ -1,0 +1,218 @@
+"""Building a library from image Datasets (:func:`from_datasets`; :func:`atomds.library.image` splits it)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .. import __version__
+from ..errors import InvalidParameterError
+from .layout import LIBRARY_SCHEMA, PIXELS, make_ids
+from .properties import read_properties
+
+__all__ = ["from_datasets"]
+
+#: Length units of a library whose images have none recorded.
+_DEFAULT_UNITS = "px"
+
+
+def _same_layout(vars_: list[xr.Variable]) -> bool:
+    """True when per-atom variables of several images can share one `atom` dim exactly."""
+    first = vars_[0]
+    for v in vars_[1:]:
+        if v.dims != first.dims or v.dtype != first.dtype or v.attrs != first.attrs:
+            return False
+        if any(v.sizes[d] != first.sizes[d] for d in first.dims if d != "atom"):
+            return False
+    return True
+
+
+def _coords_equal(datasets: list[xr.Dataset], dims: Iterable[Any]) -> bool:
+    for d in dims:
+        have = [d in ds.coords for ds in datasets]
+        if any(have) and not all(have):
+            return False
+        if all(have) and not all(datasets[0][d].identical(ds[d]) for ds in datasets[1:]):
+            return False
+    return True
+
+
+def _inputs(
+    datasets: Sequence[xr.Dataset | None] | Mapping[str, xr.Dataset | None], ids: Sequence[str] | None
+) -> tuple[list[str], list[xr.Dataset | None]]:
+    """The image ids and Datasets (None for a failed image), checked against the layout's rules."""
+    if isinstance(datasets, Mapping):
+        if ids is not None:
+            raise InvalidParameterError("give ids either as the mapping's keys or as ids=, not both.")
+        ids_list = [str(k) for k in datasets]
+        dss = list(datasets.values())
+    else:
+        dss = list(datasets)
+        if ids is None:
+            names = [
+                (d.attrs["source"] if d is not None and d.attrs.get("source") else f"image{i}")
+                for i, d in enumerate(dss)
+            ]
+            ids_list = make_ids(names)
+        else:
+            ids_list = [str(i) for i in ids]
+    if len(ids_list) != len(dss):
+        raise InvalidParameterError(f"{len(ids_list)} ids for {len(dss)} datasets.")
+    if len(set(ids_list)) != len(ids_list):
+        raise InvalidParameterError(f"image ids must be unique, got {ids_list}.")
+    bad = [i for i in ids_list if not i or "/" in i or i != i.strip()]
+    if bad:
+        raise InvalidParameterError(f"image ids must be non-empty names without '/' or surrounding spaces: {bad}.")
+    if not ids_list:
+        raise InvalidParameterError("a library needs at least one image.")
+    for i, d in zip(ids_list, dss, strict=True):
+        if d is None:
+            continue
+        if not isinstance(d, xr.Dataset):
+            raise InvalidParameterError(f"image {i!r}: expected an xarray.Dataset or None, got {type(d).__name__}.")
+        if PIXELS in d.variables:
+            raise InvalidParameterError(f"image {i!r} has a variable named {PIXELS!r}, which the library layout reserves.")
+        clash = sorted({"image"} & set(d.dims))
+        if clash:
+            raise InvalidParameterError(f"image {i!r} uses the names {clash}, which the library layout reserves.")
+    return ids_list, dss
+
+
+def _error_messages(ids_list: list[str], errors: Mapping[str, str] | Sequence[str | None] | None) -> dict[str, str]:
+    if errors is None:
+        return {}
+    if isinstance(errors, Mapping):
+        return {str(k): str(v) for k, v in errors.items()}
+    return {i: str(e) for i, e in zip(ids_list, errors, strict=True) if e}
+
+
+def _shared_names(with_atoms: list[tuple[str, xr.Dataset]]) -> list[str]:
+    """Per-atom variables that every image has with the same dims, dtype, attrs and non-atom coords."""
+    if not with_atoms:
+        return []
+    datasets = [d for _, d in with_atoms]
+    shared: list[str] = []
+    for n, v0 in datasets[0].variables.items():
+        if "atom" not in v0.dims:
+            continue
+        vs = [d.variables.get(n) for d in datasets]
+        present = [v for v in vs if v is not None and "atom" in v.dims]
+        if len(present) != len(vs) or not _same_layout(present):
+            continue
+        if not _coords_equal(datasets, [dd for dd in present[0].dims if dd != "atom"]):
+            continue
+        shared.append(str(n))
+    return shared
+
+
+def _atoms_dataset(
+    with_atoms: list[tuple[str, xr.Dataset]], shared: list[str], counts: np.ndarray, units: str
+) -> xr.Dataset:
+    """The ``/atoms`` node: the shared per-atom variables concatenated, ``image_index`` and ``atom_count``."""
+    atoms_vars = {n: xr.Variable.concat([d.variables[n] for _, d in with_atoms], dim="atom") for n in shared}
+    first = with_atoms[0][1] if with_atoms else xr.Dataset()
+    atoms_ds = xr.Dataset({n: xr.DataArray(v) for n, v in atoms_vars.items() if n not in first.coords})
+    coord_names = [n for n in shared if n in first.coords]
+    if coord_names:
+        atoms_ds = atoms_ds.assign_coords({n: xr.DataArray(atoms_vars[n]) for n in coord_names})
+    if with_atoms:
+        extra_dims = {dd for n in shared for dd in first.variables[n].dims if dd != "atom"}
+        for dd in extra_dims:
+            if dd in first.coords and dd not in atoms_ds.coords:
+                atoms_ds = atoms_ds.assign_coords({dd: first[dd].variable})
+    else:
+        for n, ln in (("atom_x", "atom centre x"), ("atom_y", "atom centre y")):
+            atoms_ds[n] = xr.DataArray(np.zeros(0), dims=("atom",), attrs={"units": units, "long_name": ln})
+    image_index = np.repeat(np.arange(counts.size, dtype=np.int32), counts)
+    atoms_ds = atoms_ds.assign_coords(
+        image_index=xr.DataArray(
+            image_index, dims=("atom",), attrs={"units": "1", "long_name": "position of the atom's image along 'image'"}
+        )
+    )
+    atoms_ds["atom_count"] = xr.DataArray(
+        counts,
+        dims=("image",),
+        attrs={"units": "1", "long_name": "number of atoms of each image", "sample_dimension": "atom"},
+    )
+    atoms_ds.attrs = {"units": units, "featureType": "ragged:contiguous"}
+    return atoms_ds
+
+
+def _root_dataset(ids_list: list[str], status: np.ndarray, error: np.ndarray, properties: Any, units: str) -> xr.Dataset:
+    root = xr.Dataset(
+        {
+            "status": xr.DataArray(status, dims=("image",), attrs={"units": "", "long_name": "analysis status (ok or failed)"}),
+            "error": xr.DataArray(error, dims=("image",), attrs={"units": "", "long_name": "error message of a failed image"}),
+        },
+        coords={"image": xr.DataArray(np.array(ids_list, dtype=object), dims=("image",), attrs={"units": "", "long_name": "image id"})},
+    )
+    props = read_properties(properties, ids_list)
+    root = root.assign(props.data_vars)
+    root.attrs = {"schema": LIBRARY_SCHEMA, "atomds_version": __version__, "units": units, "Conventions": "CF-1.8"}
+    return root
+
+
+def from_datasets(
+    datasets: Sequence[xr.Dataset | None] | Mapping[str, xr.Dataset | None],
+    *,
+    ids: Sequence[str] | None = None,
+    properties: Any = None,
+    errors: Mapping[str, str] | Sequence[str | None] | None = None,
+) -> xr.DataTree:
+    """Build a library from image Datasets (the inverse of :func:`atomds.library.image`).
+
+    Parameters
+    ----------
+    datasets : sequence or mapping of xarray.Dataset (or None)
+        One atomds Dataset per image (after ``find_atoms`` / ``neighborhoods`` / ...), or None
+        for an image that failed. A mapping gives the ids as keys.
+    ids : sequence of str, optional
+        Image ids (unique, safe as NetCDF group names; see :func:`make_ids`). Default: the
+        ``source`` attribute's file stem, else ``image0``, ``image1``, ...
+    properties : CSV path, DataFrame or mapping, optional
+        Per-image properties (see :func:`read_properties`).
+    errors : mapping id -> message or sequence, optional
+        Why each ``None`` image failed.
+
+    Returns
+    -------
+    xarray.DataTree
+        The library (layout in :mod:`atomds.library`). Per-atom variables that every image has
+        with the same dims, dtype, attributes and non-atom coordinates are concatenated into
+        ``/atoms``; any other variable stays in ``/images/<id>``. Arrays are not copied or
+        loaded (Dask-backed inputs stay lazy).
+    """
+    ids_list, dss = _inputs(datasets, ids)
+    err_map = _error_messages(ids_list, errors)
+    status = np.array(["ok" if d is not None else "failed" for d in dss], dtype=object)
+    error = np.array(
+        ["" if d is not None else (err_map.get(i) or "no result") for i, d in zip(ids_list, dss, strict=True)],
+        dtype=object,
+    )
+    good = [(i, d) for i, d in zip(ids_list, dss, strict=True) if d is not None]
+    unit_set = {str(d.attrs.get("units", _DEFAULT_UNITS)) for _, d in good}
+    if len(unit_set) > 1:
+        raise InvalidParameterError(
+            f"the images are in different length units {sorted(unit_set)}: calibrate them alike (or pass "
+            "pixel_size/units when opening) before building a library."
+        )
+    units = next(iter(unit_set)) if unit_set else _DEFAULT_UNITS
+    with_atoms = [(i, d) for i, d in good if "atom" in d.dims]
+    counts = np.array([d.sizes["atom"] if (d is not None and "atom" in d.dims) else 0 for d in dss], dtype=np.int64)
+    shared = _shared_names(with_atoms)
+    nodes: dict[str, xr.Dataset] = {
+        "/": _root_dataset(ids_list, status, error, properties, units),
+        "/atoms": _atoms_dataset(with_atoms, shared, counts, units),
+    }
+    shared_set = set(shared)
+    for i, d in good:
+        node = d.drop_vars([n for n in shared_set if n in d.variables])
+        if "image" in node.variables:
+            node = node.rename_vars({"image": PIXELS})
+        node.attrs = dict(d.attrs)
+        node.attrs["library_has_atom_dim"] = int("atom" in d.dims)
+        nodes[f"/images/{i}"] = node
+    return xr.DataTree.from_dict(nodes)
