@@ -26,6 +26,7 @@ from .errors import (
     UnreadableFileError,
     UnsupportedFormatError,
 )
+from .params import note_fallback, record_params
 
 __all__ = [
     "from_array",
@@ -33,6 +34,7 @@ __all__ = [
     "open_dataset",
     "to_netcdf",
     "atomic_write",
+    "check_attrs_writable",
     "normalize_length_units",
     "check_image_values",
     "SUPPORTED_EXTENSIONS",
@@ -288,7 +290,7 @@ def _pick_signal(signals: list[dict], path: Path) -> dict:
     return max(candidates, key=lambda s: int(np.prod(s["data"].shape)))
 
 
-def _calibration(sig: dict) -> tuple[float, str]:
+def _calibration(sig: dict) -> tuple[float, str | None]:
     axes = sig.get("axes", [])
     ax = axes[-1] if axes else {}  # the x axis of (y, x) or (frame, y, x)
     scale = float(ax.get("scale", 1.0) or 1.0)
@@ -314,19 +316,29 @@ def _calibration(sig: dict) -> tuple[float, str]:
 
 def _resolve_calibration(
     file_scale: float, file_units: str | None, pixel_size: float | None, units: str | None
-) -> tuple[float, str]:
-    """Pixel size and units from the user's override, else the file's length calibration, else px."""
+) -> tuple[float, str, str | None]:
+    """Pixel size and units from the user's override, else the file's length calibration, else px.
+
+    The third value is a note when the file's calibration could not be used (a reciprocal or
+    other non-length unit), None otherwise.
+    """
     if pixel_size is not None:
-        return normalize_length_units(pixel_size, units if units is not None else "px")
+        return (*normalize_length_units(pixel_size, units if units is not None else "px"), None)
     if file_units is not None:
         try:
-            return normalize_length_units(file_scale, file_units)
+            return (*normalize_length_units(file_scale, file_units), None)
         except InvalidParameterError:
-            pass  # a reciprocal or non-length unit: not a real-space calibration
+            # a reciprocal or non-length unit: not a real-space calibration
+            note = (
+                f"the file is calibrated in {file_units!r} ({file_scale:g} per pixel), which is not a length "
+                "(a diffraction pattern or an FFT has reciprocal units): the image is analysed in pixels; "
+                "pass pixel_size= and units= to calibrate it in real space"
+            )
+            return 1.0, "px", note
     elif units is not None:
         # the file has a scale but no unit: the user says which unit it is in
-        return normalize_length_units(file_scale, units)
-    return 1.0, "px"
+        return (*normalize_length_units(file_scale, units), None)
+    return 1.0, "px", None
 
 
 def _dm_byte_order(sig: dict, data: Any) -> Any:
@@ -401,7 +413,10 @@ def open_image(
     xarray.Dataset
         ``image(y, x)`` for an image, ``frames(frame, y, x)`` for a stack, with the calibration
         in attributes ``pixel_size`` and ``units`` and the file's metadata as a JSON string
-        attribute ``original_metadata``.
+        attribute ``original_metadata``. When the file's calibration is not a length (``1/nm``
+        of a diffraction pattern or an FFT) the image is in px, the attribute
+        ``calibration_note`` says why and ``open_image_params`` records it under ``fallbacks``
+        (a :class:`~atomds.params.FallbackWarning` is issued once per process).
     """
     path = Path(path)
     if not path.exists():
@@ -429,7 +444,7 @@ def open_image(
         file_ps, file_units = 1.0, None
     else:
         data, meta, file_ps, file_units = _read_rsciio(path, reader)
-    ps, u = _resolve_calibration(file_ps, file_units, pixel_size, units)
+    ps, u, note = _resolve_calibration(file_ps, file_units, pixel_size, units)
     if chunks is None:
         try:
             data = np.asarray(data.compute() if _is_dask_array(data) else data)
@@ -439,7 +454,14 @@ def open_image(
         import dask.array as da
 
         data = da.from_array(np.asarray(data), chunks=chunks)
-    return from_array(data, pixel_size=ps, units=u, chunks=chunks, metadata=meta, source=path.name)
+    ds = from_array(data, pixel_size=ps, units=u, chunks=chunks, metadata=meta, source=path.name)
+    if note is not None:
+        # the file's calibration was not used: say so in the attrs (and warn once per process)
+        params: dict[str, Any] = {"file_pixel_size": file_ps, "file_units": file_units}
+        note_fallback(params, "calibration_not_length", note)
+        ds = record_params(ds, "open_image", params)
+        ds.attrs["calibration_note"] = note
+    return ds
 
 
 @contextlib.contextmanager
@@ -466,7 +488,9 @@ def atomic_write(path: str | os.PathLike, *, suffix: str = ".tmp"):
         raise
 
 
-def _check_attrs_writable(ds: xr.Dataset) -> None:
+def check_attrs_writable(ds: xr.Dataset) -> None:
+    """Raise :class:`InvalidParameterError` for attributes NetCDF cannot store (bool, None, dict, empty list)."""
+
     def bad(attrs: Mapping) -> list[str]:
         out = []
         for k, v in attrs.items():
@@ -491,7 +515,7 @@ def to_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> Path:
 
     Returns the path written.
     """
-    _check_attrs_writable(ds)
+    check_attrs_writable(ds)
     path = Path(path)
     with atomic_write(path) as tmp:
         ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4")

@@ -10,11 +10,11 @@ import json
 
 import numpy as np
 import pytest
+from _dm_writer import write_dm
 
 import atomds
 from atomds.errors import UnreadableFileError
-
-from _dm_writer import write_dm
+from atomds.params import step_params
 
 rsciio_dm = pytest.importorskip("rsciio.digitalmicrograph")
 
@@ -117,6 +117,13 @@ def test_open_image_other_units(tmp_path, image, units, expected_ps, expected_un
     ds = atomds.open_image(write_dm(tmp_path / "u.dm3", image, scale=0.002, units=units))
     assert ds.attrs["units"] == expected_units
     assert ds.attrs["pixel_size"] == pytest.approx(expected_ps, rel=1e-6)
+    # a reciprocal calibration is not silently dropped: the attrs say what was done instead
+    if units == "1/nm":
+        assert "1/nm" in ds.attrs["calibration_note"]
+        fallbacks = step_params(ds, "open_image")["fallbacks"]
+        assert "calibration_not_length" in fallbacks
+    else:
+        assert "calibration_note" not in ds.attrs and step_params(ds, "open_image") is None
 
 
 def test_open_image_override_calibration(tmp_path, image):
