@@ -4,17 +4,18 @@ errors, NumPy == Dask with no early compute, and the science targets on the bund
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import xarray as xr
+from _dask_utils import raise_if_dask_computes
 from sklearn.metrics import adjusted_rand_score
 
 from atomds import datasets
 from atomds.errors import InvalidParameterError, MissingStepError
 from atomds.ops import learn, maps
 from atomds.ops.neighbors import neighbor_histogram, neighborhoods
-
-from _dask_utils import raise_if_dask_computes
 
 
 def with_true_atoms(ds: xr.Dataset, noise_px: float | np.ndarray = 0.0, seed: int = 0, chunks=None) -> xr.Dataset:
@@ -391,3 +392,47 @@ def test_surface_atoms_of_a_particle_are_edges_not_centres():
     assert np.isnan(with_s.descriptor.values[edge]).all()
     assert '"surface": true' in with_s.attrs["neighborhoods_params"]
     assert '"surface": false' in without.attrs["neighborhoods_params"]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: datasets.hexagonal(shape=384, seed=11, angle=17.0),
+        lambda: datasets.perovskite(shape=320, seed=5),
+        lambda: datasets.polar(shape=320, seed=2),  # antiphase domains of one phase
+    ],
+)
+@pytest.mark.parametrize("noise_px", [0.05, 0.25])
+def test_one_phase_is_one_phase(make, noise_px):
+    """A homogeneous crystal gives K = 1 and one region; the test and its threshold are recorded."""
+    ds = learn.linkage(neighborhoods(with_true_atoms(make(), noise_px, seed=3), descriptor="phase"))
+    params = json.loads(ds.attrs["linkage_params"])
+    assert params["valley_threshold"] == pytest.approx(0.5) and params["split_tests"]
+    K = learn.suggest_k(ds)
+    assert K == params["suggested_k"]
+    out = learn.regions(learn.kmeans(ds, K))
+    assert out.sizes["region_id"] == 1, (K, json.loads(out.attrs["regions_params"]))
+    assert (out["region"].values == 0).all()
+
+
+def test_kmeans_one_cluster_and_the_old_rule(hexa):
+    ds = neighborhoods(hexa, descriptor="phase")
+    km = learn.kmeans(ds, 1)
+    assert km.sizes["cluster_id"] == 1 and (km["cluster"].values[~ds["is_edge"].values] == 0).all()
+    assert learn.regions(km).sizes["region_id"] == 1
+    assert learn.suggest_k(ds, method="drop") >= 2  # the largest-drop rule cannot say 1
+    with pytest.raises(InvalidParameterError, match="method"):
+        learn.suggest_k(ds, method="gap")
+
+
+@pytest.mark.parametrize("width, seed", [(3.0, 1), (4.0, 2)])
+def test_disordered_band_is_a_region_of_its_own(width, seed):
+    """A disordered band several columns wide between two phases comes out as its own region."""
+    base = datasets.two_phase(boundary_width=width, seed=seed)
+    ds = neighborhoods(with_true_atoms(base, 0.1, seed=7), descriptor="phase")
+    out = learn.regions(learn.kmeans(ds, learn.suggest_k(ds)))
+    truth, reg = out["true_label"].values, out["region"].values
+    assert adjusted_rand_score(truth, reg) >= 0.9
+    band = truth == 2
+    f1 = max(2 * (band & (reg == r)).sum() / (band.sum() + (reg == r).sum()) for r in np.unique(reg))
+    assert f1 >= 0.8

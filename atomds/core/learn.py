@@ -20,10 +20,16 @@ __all__ = [
     "kmeans_scan",
     "ward_linkage",
     "suggest_k",
+    "valley_ratio",
+    "significant_splits",
+    "VALLEY_RATIO",
     "cut_tree",
     "contact_matrix",
     "transition_clusters",
     "dissolve_transitions",
+    "thin_clusters",
+    "enclosed_strips",
+    "dissolve_thin",
     "merge_sites",
     "vote_labels",
     "fill_labels",
@@ -382,6 +388,182 @@ def ward_linkage(X, *, method: str = "ward", max_points: int = 2000, n_micro: in
     return Z, leaf
 
 
+#: A branch of the merge tree is split into its two children only when the density of the atoms,
+#: projected on the line through the children's means, dips between the children's peaks to at
+#: most this fraction of the lower peak. A unimodal group cut in two by the tree has no dip (ratio
+#: about 1); two equal Gaussian groups reach 0.5 at about 3.4 standard deviations apart.
+VALLEY_RATIO = 0.5
+#: A child smaller than this share of the atoms (or than MIN_GROUP_ATOMS) is not a group of its own.
+MIN_GROUP_FRACTION = 0.01
+MIN_GROUP_ATOMS = 30
+_KDE_BINS = 512  # grid of the projected density
+
+
+def valley_ratio(a, b) -> float:
+    """Depth of the density valley between two groups of descriptor rows.
+
+    Both groups are projected on the line through their means; the density of the projection is
+    estimated on a grid (a histogram smoothed by a Gaussian kernel whose width follows Silverman's
+    rule on the *within-group* spread, so a real gap is not smoothed away). Each group's peak is
+    the highest density within its central 90 %; the valley is the lowest density between the two
+    peaks. The ratio valley / lower peak is about 1 when the tree merely cut one unimodal group in
+    two (a noise split: the lowest density between the peaks is at a peak), and falls towards 0
+    when the groups are separate.
+
+    Parameters
+    ----------
+    a, b : array (n_a, f), (n_b, f)
+        Descriptor rows of the two groups (finite).
+
+    Returns
+    -------
+    float
+        Valley depth in [0, 1]; NaN when a group is empty or the two means coincide.
+    """
+    a = np.asarray(a, dtype=float)
+    b = np.asarray(b, dtype=float)
+    if len(a) == 0 or len(b) == 0:
+        return float("nan")
+    axis = b.mean(axis=0) - a.mean(axis=0)
+    norm = float(np.linalg.norm(axis))
+    if not norm > 0:
+        return float("nan")
+    ta = a @ (axis / norm)
+    tb = b @ (axis / norm)
+    t = np.concatenate([ta, tb])
+    within = np.concatenate([ta - np.median(ta), tb - np.median(tb)])
+    iqr = np.subtract(*np.percentile(within, [75, 25]))
+    spread = min(float(within.std()), iqr / 1.349) if iqr > 0 else float(within.std())
+    if not spread > 0:
+        return 0.0 if np.ptp(t) > 0 else float("nan")
+    h = 0.9 * spread * len(t) ** -0.2
+    lo, hi = float(t.min()) - 3 * h, float(t.max()) + 3 * h
+    step = (hi - lo) / _KDE_BINS
+    from scipy.ndimage import gaussian_filter1d
+
+    dens = gaussian_filter1d(np.histogram(t, bins=_KDE_BINS, range=(lo, hi))[0].astype(float), h / step)
+
+    def peak(g):
+        q0, q1 = np.percentile(g, [5, 95])
+        i0, i1 = int((q0 - lo) / step), int((q1 - lo) / step) + 1
+        i1 = max(i1, i0 + 1)
+        j = i0 + int(np.argmax(dens[i0:i1]))
+        return j, dens[j]
+
+    ja, pa = peak(ta)
+    jb, pb = peak(tb)
+    j0, j1 = min(ja, jb), max(ja, jb)
+    valley = dens[j0 : j1 + 1].min()
+    low = min(pa, pb)
+    return float(valley / low) if low > 0 else float("nan")
+
+
+def _node_members(Z, n_leaves: int):
+    """Children of every internal node and the leaves under it (leaf lists built once, bottom-up)."""
+    Z = np.asarray(Z)
+    kids = Z[:, :2].astype(np.int64)
+    members: list[np.ndarray] = [np.array([i], dtype=np.int64) for i in range(n_leaves)]
+    for left, right in kids:  # one step per merge (at most a few thousand), never per atom
+        members.append(np.concatenate([members[left], members[right]]))
+    return kids, members
+
+
+def significant_splits(
+    Z,
+    X,
+    leaf,
+    *,
+    k_range=range(1, 11),
+    valley: float = VALLEY_RATIO,
+    min_size: int | None = None,
+) -> tuple[int, list[dict]]:
+    """Number of groups in the data: split the merge tree from the top while the splits are real.
+
+    The tree always has a top merge, whatever the data: a homogeneous crystal cut in two by the
+    position noise looks like two clusters to any largest-drop rule. Here a branch is split only
+    when its two children are separate groups in descriptor space (:func:`valley_ratio` at most
+    ``valley``) and both hold at least ``min_size`` atoms. Branches are examined from the highest
+    merge down, so K grows as it would by cutting the tree lower; the count stops at the largest K
+    of ``k_range`` and is raised to its smallest (forced splits are recorded as such). K = 1 means
+    no structure beyond the spread within one group.
+
+    Parameters
+    ----------
+    Z : array (L - 1, 4)
+        Linkage matrix over L leaves (:func:`ward_linkage`).
+    X : array (n, f)
+        Descriptor rows (finite) that the tree was built from.
+    leaf : array of int (n,)
+        Leaf of each row (:func:`ward_linkage`'s second output).
+    k_range : iterable of int
+        Allowed numbers of groups (positive).
+    valley : float
+        Largest valley ratio at which a split counts as real (:data:`VALLEY_RATIO`).
+    min_size : int, optional
+        Smallest group, in rows; default ``max(MIN_GROUP_ATOMS, MIN_GROUP_FRACTION * n)``.
+
+    Returns
+    -------
+    K : int
+        The number of groups.
+    tests : list of dict
+        One record per branch examined: ``node``, ``height``, ``sizes`` (rows of each child),
+        ``valley_ratio`` and ``split`` (``"real"``, ``"forced"``, ``"no"`` or ``"too small"``).
+    """
+    Z = np.asarray(Z, dtype=float)
+    X = check_descriptor(X, min_rows=1)
+    leaf = np.asarray(leaf, dtype=np.int64)
+    if leaf.shape != (len(X),):
+        raise InvalidParameterError(f"leaf must give one leaf per row of X ({len(X)}), got shape {leaf.shape}")
+    ks = sorted(int(k) for k in k_range)
+    if not ks or ks[0] < 1:
+        raise InvalidParameterError(f"k_range must hold positive integers, got {list(k_range)!r}")
+    if not 0 < valley < 1:
+        raise InvalidParameterError(f"valley must lie in (0, 1), got {valley!r}")
+    n_leaves = len(Z) + 1
+    n = len(X)
+    if min_size is None:
+        min_size = max(MIN_GROUP_ATOMS, int(np.ceil(MIN_GROUP_FRACTION * n)))
+    k_min, k_max = ks[0], min(ks[-1], n)
+    if n_leaves < 2:
+        return 1, []
+    kids, members = _node_members(Z, n_leaves)
+    rows_of_leaf = np.argsort(leaf, kind="stable")
+    starts = np.searchsorted(leaf[rows_of_leaf], np.arange(n_leaves + 1))
+
+    def rows(node: int) -> np.ndarray:
+        lv = members[node]
+        return np.concatenate([rows_of_leaf[starts[i] : starts[i + 1]] for i in lv]) if lv.size else lv
+
+    open_nodes = [2 * n_leaves - 2]  # the root
+    final: list[int] = []
+    tests: list[dict] = []
+    while open_nodes and len(open_nodes) + len(final) < k_max:
+        # the highest open branch first, as when the tree is cut lower and lower
+        open_nodes.sort(key=lambda v: Z[v - n_leaves, 2] if v >= n_leaves else -np.inf)
+        node = open_nodes.pop()
+        if node < n_leaves:
+            final.append(node)
+            continue
+        left, right = kids[node - n_leaves]
+        ra, rb = rows(int(left)), rows(int(right))
+        ratio = valley_ratio(X[ra], X[rb]) if min(ra.size, rb.size) > 0 else float("nan")
+        count = len(open_nodes) + len(final) + 1
+        if min(ra.size, rb.size) < min_size:
+            verdict = "forced" if count < k_min else "too small"
+        elif np.isfinite(ratio) and ratio <= valley:
+            verdict = "real"
+        else:
+            verdict = "forced" if count < k_min else "no"
+        tests.append(dict(node=int(node), height=float(Z[node - n_leaves, 2]), sizes=[int(ra.size), int(rb.size)],
+                          valley_ratio=float(ratio), split=verdict))
+        if verdict in ("real", "forced"):
+            open_nodes += [int(left), int(right)]
+        else:
+            final.append(node)
+    return len(open_nodes) + len(final), tests
+
+
 def suggest_k(Z, k_range=range(2, 11), *, tolerance: float = 0.2) -> int:
     """Number of clusters after the largest drop in merge height of a linkage tree.
 
@@ -556,6 +738,119 @@ def dissolve_transitions(X, labels, centers, index, **kw):
         lab[members] = np.where(da <= db, a, b)
         alive[ids[c]] = False
         dissolved.append(int(ids[c]))
+    return lab, dissolved
+
+
+#: A cluster whose atoms have fewer than this share of their neighbour pairs inside the cluster is
+#: a line, not an area: an interface one column wide (antiphase or grain boundary) or scattered
+#: defect sites. A line of columns keeps about 1/3 of its pairs inside, a band two columns wide
+#: about 2/3.
+MIN_INTERNAL_CONTACT = 0.5
+
+
+def thin_clusters(labels, index, n_labels: int | None = None, *, min_internal: float = MIN_INTERNAL_CONTACT):
+    """Clusters that are lines or scattered sites rather than areas (see :data:`MIN_INTERNAL_CONTACT`).
+
+    Returns
+    -------
+    ndarray of bool (n_labels,)
+        True for a cluster with atoms whose share of internal neighbour pairs
+        (``C[c, c] / C[c, :].sum()`` with :func:`contact_matrix`) is below ``min_internal``.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    L = int(labels.max(initial=-1)) + 1 if n_labels is None else int(n_labels)
+    C = contact_matrix(labels, index, L)
+    tot = C.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        internal = np.where(tot > 0, np.diag(C) / tot, 1.0)
+    return internal < float(min_internal)
+
+
+#: A region with fewer than this share of interior atoms (all labelled neighbours inside it) is a
+#: strip: every column of a band two columns wide touches its border.
+MAX_STRIP_INTERIOR = 0.2
+#: ... and it lies inside one other region when at least this share of its outside contacts go there.
+MIN_ENCLOSING_CONTACT = 0.9
+
+
+def enclosed_strips(labels, index, n_labels: int | None = None, *, max_interior: float = MAX_STRIP_INTERIOR,
+                    min_enclosing: float = MIN_ENCLOSING_CONTACT):
+    """Labels that are narrow strips inside one other label: interfaces within one phase.
+
+    An antiphase boundary or a twin boundary puts the columns on both of its sides in
+    neighbourhoods of their own, a strip one or two columns wide with the same phase on either
+    side. A band between two *different* phases touches both and is not enclosed; a grain has
+    interior atoms and is not a strip.
+
+    Returns
+    -------
+    ndarray of bool (n_labels,)
+        True for a label with fewer than ``max_interior`` of its atoms interior (all labelled
+        neighbours of the same label) and at least ``min_enclosing`` of its outside neighbour
+        pairs going to a single other label.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    index = np.asarray(index, dtype=np.int64)
+    L = int(labels.max(initial=-1)) + 1 if n_labels is None else int(n_labels)
+    if L < 2:
+        return np.zeros(L, dtype=bool)
+    lj = np.where(index >= 0, labels[np.maximum(index, 0)], -1)
+    own = labels >= 0
+    border = own & ((lj >= 0) & (lj != labels[:, None])).any(axis=1)
+    n = np.bincount(labels[own], minlength=L).astype(float)
+    interior = np.bincount(labels[own & ~border], minlength=L).astype(float)
+    C = contact_matrix(labels, index, L)
+    np.fill_diagonal(C, 0.0)
+    out_tot = C.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dominant = np.where(out_tot > 0, C.max(axis=1) / out_tot, 0.0)
+        frac_interior = np.where(n > 0, interior / n, 1.0)
+    return (frac_interior < max_interior) & (dominant >= min_enclosing)
+
+
+def dissolve_thin(labels, index, n_labels: int | None = None, *, min_internal: float = MIN_INTERNAL_CONTACT,
+                  max_passes: int = 50):
+    """Give the atoms of thin clusters (:func:`thin_clusters`) and of strips enclosed by one other
+    cluster (:func:`enclosed_strips`) to the clusters around them.
+
+    Each atom of a thin cluster takes the most frequent label among its neighbours that belong to
+    clusters kept, repeated until every such atom has one (a wide patch fills from its rim in).
+    At least one cluster is always kept (the largest, when all are thin).
+
+    Returns
+    -------
+    labels : ndarray of int64
+        Labels with the thin clusters' atoms reassigned where a kept neighbour exists.
+    dissolved : list of int
+        The clusters dissolved.
+    """
+    lab = np.asarray(labels, dtype=np.int64).copy()
+    index = np.asarray(index, dtype=np.int64)
+    L = int(lab.max(initial=-1)) + 1 if n_labels is None else int(n_labels)
+    if L < 2:
+        return lab, []
+    thin = thin_clusters(lab, index, L, min_internal=min_internal) | enclosed_strips(lab, index, L)
+    if thin.all():
+        thin[np.argmax(np.bincount(lab[lab >= 0], minlength=L))] = False
+    dissolved = [int(c) for c in np.flatnonzero(thin)]
+    if not dissolved:
+        return lab, []
+    todo = (lab >= 0) & thin[np.maximum(lab, 0)]
+    lab[todo] = -2  # waiting for a label
+    rows = np.arange(len(lab))
+    for _ in range(int(max_passes)):  # each pass moves the filled rim one neighbour inwards
+        if not todo.any():
+            break
+        lj = np.where(index >= 0, lab[np.maximum(index, 0)], -1)
+        ok = (lj >= 0) & todo[:, None]
+        if not ok.any():
+            break
+        votes = np.zeros((len(lab), L))
+        np.add.at(votes, (np.broadcast_to(rows[:, None], lj.shape)[ok], lj[ok]), 1.0)
+        got = todo & (votes.max(axis=1) > 0)
+        lab[got] = votes[got].argmax(axis=1)
+        todo &= ~got
+    lab[lab == -2] = -1
     return lab, dissolved
 
 

@@ -16,7 +16,7 @@ import xarray as xr
 
 from ..core import learn as cl
 from ..errors import InvalidParameterError, MissingStepError
-from ..params import record_params
+from ..params import record_params, step_params
 from ._common import annotate, is_dask
 
 __all__ = ["kmeans", "kmeans_scan", "linkage", "suggest_k", "regions", "pca", "ica"]
@@ -201,6 +201,7 @@ def linkage(
     if ok.sum() < 2:
         raise InvalidParameterError("linkage() needs at least 2 centre atoms")
     Z, leaf = _linkage_arrays(X, ok, method, max_points, n_micro, seed)
+    split = _split_tests(X, ok, Z, leaf, range(1, 11), cl.VALLEY_RATIO)[1] if ok.sum() >= 3 else {}
     out = _drop(ds, list(_LINKAGE_VARS) + ["merge"])
     out = out.assign(
         linkage_left=annotate(xr.DataArray(Z[:, 0].astype(np.int64), dims=("merge",)), "1", "first merged node"),
@@ -210,39 +211,73 @@ def linkage(
         linkage_leaf=annotate(xr.DataArray(leaf, dims=("atom",)), "1", "leaf of the merge tree holding the atom (-1: none)"),
     )
     return record_params(
-        out, "linkage", dict(method=method, max_points=max_points, n_micro=n_micro, seed=seed, n_leaves=int(len(Z) + 1))
+        out, "linkage",
+        dict(method=method, max_points=max_points, n_micro=n_micro, seed=seed, n_leaves=int(len(Z) + 1), **split),
     )
 
 
-def suggest_k(ds: xr.Dataset, *, k_range=range(2, 11), tolerance: float = 0.2) -> int:
-    """The number of clusters after the largest drop in merge height of the dendrogram.
+def _tree(ds: xr.Dataset) -> np.ndarray | None:
+    names = ("linkage_left", "linkage_right", "linkage_height", "linkage_size")
+    if not all(v in ds.variables for v in names):
+        return None
+    return np.column_stack([np.asarray(ds[v].values, float) for v in names])
+
+
+def _split_tests(X, ok, Z, leaf, k_range, valley):
+    K, tests = cl.significant_splits(Z, X[ok], leaf[ok], k_range=k_range, valley=valley)
+    return K, dict(suggested_k=int(K), k_range=[int(k) for k in k_range], valley_threshold=float(valley),
+                   split_tests=tests, k_rule="valley")
+
+
+def suggest_k(
+    ds: xr.Dataset,
+    *,
+    k_range=range(1, 11),
+    method: str = "valley",
+    valley: float = cl.VALLEY_RATIO,
+    tolerance: float = 0.2,
+) -> int:
+    """The number of groups of neighbourhoods (phases and sites), 1 when there is no structure.
+
+    ``method="valley"`` (default): the merge tree (:func:`linkage`) is split from the top only
+    while a branch's two children are separate groups: the density of their atoms, projected on
+    the line through the children's means, must dip between them to at most ``valley`` of the
+    lower peak (:func:`atomds.core.learn.significant_splits`). A homogeneous crystal, whose tree
+    only cuts the position noise in two, gives K = 1; children smaller than 1 % of the atoms are
+    not split. :func:`linkage` records the tests (valley ratio of every branch examined, the
+    threshold and the K they give) in ``linkage_params``.
+
+    ``method="drop"``: the cut after the largest drop in merge height (on a log axis; of cuts
+    within ``tolerance`` of the largest drop, the finest), the rule of version 0.1. It always finds
+    at least 2 groups.
 
     Uses the tree of :func:`linkage` when it has run, else builds it (Ward) without storing it.
-    The drop is measured on the logarithmic height axis, so a small but distinct group - a
-    boundary band, a minority phase - counts as much as a large one; of cuts whose drops are
-    within ``tolerance`` of the largest, the finest is taken (see
-    :func:`atomds.core.learn.suggest_k`; :func:`regions` joins clusters that turn out to be sites
-    of one phase or transitions between two regions).
+    :func:`regions` then joins clusters that are sites of one phase and dissolves interfaces.
 
     Returns
     -------
     int
     """
-    if all(v in ds.variables for v in ("linkage_left", "linkage_right", "linkage_height", "linkage_size")):
-        Z = np.column_stack([
-            np.asarray(ds["linkage_left"].values, float),
-            np.asarray(ds["linkage_right"].values, float),
-            np.asarray(ds["linkage_height"].values, float),
-            np.asarray(ds["linkage_size"].values, float),
-        ])
+    if method not in ("valley", "drop"):
+        raise InvalidParameterError(f"method must be 'valley' or 'drop', got {method!r}")
+    Z = _tree(ds)
+    if method == "valley":
+        params = step_params(ds, "linkage", default={}) or {}
+        if (Z is not None and params.get("k_rule") == "valley" and params.get("valley_threshold") == float(valley)
+                and params.get("k_range") == [int(k) for k in k_range]):
+            return int(params["suggested_k"])
+    D = _descriptor(ds, "suggest_k()")
+    X = _values(D)
+    ok = _valid_rows(X, "suggest_k()")
+    if ok.sum() < 3:
+        raise InvalidParameterError(f"suggest_k() needs at least 3 centre atoms, got {int(ok.sum())}")
+    if Z is None or "linkage_leaf" not in ds.variables:
+        Z, leaf = _linkage_arrays(X, ok, "ward", 2000, 256, 0)
     else:
-        D = _descriptor(ds, "suggest_k()")
-        X = _values(D)
-        ok = _valid_rows(X, "suggest_k()")
-        if ok.sum() < 3:
-            raise InvalidParameterError(f"suggest_k() needs at least 3 centre atoms, got {int(ok.sum())}")
-        Z, _ = _linkage_arrays(X, ok, "ward", 2000, 256, 0)
-    return cl.suggest_k(Z, k_range, tolerance=tolerance)
+        leaf = np.asarray(ds["linkage_leaf"].values, np.int64)
+    if method == "drop":
+        return cl.suggest_k(Z, [k for k in k_range if k >= 2] or range(2, 3), tolerance=tolerance)
+    return _split_tests(X, ok, Z, leaf, k_range, valley)[0]
 
 
 def regions(
@@ -258,9 +293,13 @@ def regions(
     2. ``merge``: clusters that are different sites of one phase (their atoms are each other's
        neighbours more often than their own) are joined (:func:`atomds.core.learn.merge_sites`);
        clusters of separate regions, which touch only along a border, stay apart.
-    3. ``passes`` rounds of a plurality vote of each atom with its neighbours
+    3. ``dissolve``: a region that is a line rather than an area - an interface one column wide
+       (antiphase or grain boundary) or scattered defect sites, with fewer than half of its
+       neighbour pairs inside it - is given to the regions around it
+       (:func:`atomds.core.learn.dissolve_thin`). A band two or more columns wide stays a region.
+    4. ``passes`` rounds of a plurality vote of each atom with its neighbours
        (:func:`atomds.core.learn.vote_labels`) remove isolated misassignments on borders.
-    4. ``fill``: atoms without a cluster (edge atoms) take the region of their nearest labelled
+    5. ``fill``: atoms without a cluster (edge atoms) take the region of their nearest labelled
        atom, so that every atom has one.
 
     This step reads all labels, neighbour indices and the descriptor (it computes them when they
@@ -301,6 +340,11 @@ def regions(
         mapping = np.arange(L, dtype=np.int64)
         mapping[dissolved] = -1
     reg = np.where(lab >= 0, mapping[np.maximum(lab, 0)], -1)
+    thin: list[int] = []
+    if dissolve and mapping.max(initial=-1) >= 1:
+        # interfaces one column wide and scattered defect sites are lines, not phases
+        reg, thin = cl.dissolve_thin(reg, idx, int(mapping.max()) + 1)
+        mapping = np.where(np.isin(mapping, thin), -1, mapping)
     if passes:
         reg = cl.vote_labels(reg, idx, passes=int(passes))
     if fill:
@@ -325,7 +369,8 @@ def regions(
     return record_params(
         out, "regions",
         dict(by=by, dissolve=bool(dissolve), merge=bool(merge), passes=int(passes), fill=bool(fill), n_regions=R,
-             dissolved=[int(d) for d in dissolved]),
+             dissolved=[int(d) for d in dissolved], thin_dissolved=[int(t) for t in thin],
+             min_internal_contact=cl.MIN_INTERNAL_CONTACT),
     )
 
 

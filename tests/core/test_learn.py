@@ -235,3 +235,56 @@ def test_ica_separates_independent_sources(rng):
     corr = np.abs(np.corrcoef(np.column_stack([load, s1, s2]).T)[:2, 2:])
     assert corr.max(axis=1).min() > 0.99
     np.testing.assert_allclose(np.linalg.norm(comps, axis=1), 1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# one group or several: the valley test
+
+
+def test_valley_ratio_tells_one_group_cut_in_two_from_two_groups(rng):
+    one = rng.normal(0, 1, (2000, 5))
+    cut = one[:, 0] > 0
+    assert cl.valley_ratio(one[~cut], one[cut]) > 0.8  # one Gaussian halved: no valley
+    a = rng.normal(0, 1, (400, 5))
+    b = rng.normal(0, 1, (100, 5)) + [6, 0, 0, 0, 0]
+    assert cl.valley_ratio(a, b) < 0.2  # two groups 6 sd apart, unequal sizes
+    flat = rng.uniform(0, 1, (2000, 2))  # a gradient: no valley either
+    assert cl.valley_ratio(flat[flat[:, 0] < 0.5], flat[flat[:, 0] >= 0.5]) > 0.8
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_significant_splits_says_one_for_one_group_and_finds_real_groups(seed):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(0, 1, (1500, 6)) * [3, 1, 1, 1, 1, 1]  # one anisotropic group
+    Z, leaf = cl.ward_linkage(X)
+    K, tests = cl.significant_splits(Z, X, leaf)
+    assert K == 1, tests
+    assert tests and tests[0]["split"] == "no" and tests[0]["valley_ratio"] > cl.VALLEY_RATIO
+    X3, y3 = blobs(rng, sizes=(600, 300, 80), dim=6, sep=6.0, spread=0.5)
+    Z3, leaf3 = cl.ward_linkage(X3)
+    K3, _ = cl.significant_splits(Z3, X3, leaf3)
+    assert K3 == 3
+    # k_range bounds: forced splits are recorded as such
+    K2, t2 = cl.significant_splits(Z, X, leaf, k_range=range(2, 5))
+    assert K2 == 2 and t2[0]["split"] == "forced"
+
+
+def test_dissolve_thin_gives_a_line_to_the_region_around_it():
+    # a 30 x 30 square grid with one vertical line of its own label: an interface one column wide
+    n = 30
+    yy, xx = np.mgrid[0:n, 0:n]
+    lab = np.where(xx == 15, 1, 0).ravel()
+    idx = np.full((n * n, 4), -1)
+    for k, (dy, dx) in enumerate([(0, 1), (0, -1), (1, 0), (-1, 0)]):
+        ok = (yy + dy >= 0) & (yy + dy < n) & (xx + dx >= 0) & (xx + dx < n)
+        idx[:, k] = np.where(ok, (yy + dy) * n + (xx + dx), -1).ravel()
+    assert cl.thin_clusters(lab, idx).tolist() == [False, True]
+    new, gone = cl.dissolve_thin(lab, idx)
+    assert gone == [1] and (new == 0).all()
+    # a band three columns wide between two different regions stays
+    lab3 = np.select([xx < 12, xx < 15], [0, 1], 2).ravel()
+    new3, gone3 = cl.dissolve_thin(lab3, idx)
+    assert gone3 == [] and (new3 == lab3).all()
+    # a strip two columns wide with the same region on both sides is an interface
+    lab2 = np.where((xx == 14) | (xx == 15), 1, 0).ravel()
+    assert cl.enclosed_strips(lab2, idx).tolist() == [False, True]
