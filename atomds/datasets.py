@@ -4,7 +4,7 @@ Every generator is seeded and deterministic and returns an image Dataset (made b
 :func:`atomds.from_array`: ``image(y, x)`` float32 in counts, coords ``y``, ``x`` in Å at pixel
 centres) plus the ground truth on its own dimension ``true_atom``:
 
-==============  ==========  =================================================================
+=============== ==========  =================================================================
 ``true_x``      Å           column centre (the rendered position, displacement included)
 ``true_y``      Å
 ``true_label``  1           class of the column (CF ``flag_values`` / ``flag_meanings`` attrs)
@@ -13,7 +13,7 @@ centres) plus the ground truth on its own dimension ``true_atom``:
 ``true_dx``     Å           displacement from the ideal lattice site (0 where none)
 ``true_dy``     Å
 ``true_domain`` 1           side of a boundary (polar sample only)
-==============  ==========  =================================================================
+=============== ==========  =================================================================
 
 Positions follow the image's convention: physical = pixel * pixel_size, so ``true_x / pixel_size``
 is the column index. Only columns whose centre lies in the image area are in the truth. The

@@ -115,7 +115,7 @@ def points_fft(x, y, shape) -> np.ndarray:
 def periodicity_score(magnitude, *, spacing: float, fraction: float = 0.01) -> float:
     """How much of a point pattern's Fourier power lies in sharp peaks (0 = none, 1 = all).
 
-    Power |F|^2 is taken in the annulus of spatial frequencies between ``1 / (4 spacing)`` (below:
+    Power ``|F|^2`` is taken in the annulus of spatial frequencies between ``1 / (4 spacing)`` (below:
     the shape of the region the points fill, and the zero frequency) and ``1.5 / spacing``
     (above: higher harmonics only; the first-order peaks of a lattice with nearest-neighbour
     distance ``spacing`` lie at 1 / spacing to 1.15 / spacing, those of its superstructures lower).

@@ -391,7 +391,7 @@ def pca(ds: xr.Dataset, n_components: int | None = None, *, exclude_outliers: bo
 
     Each descriptor row is the mean neighbourhood ``pca_mean`` plus a sum of modes
     ``pca_components`` weighted by the atom's ``pca_loadings``. With the "xy" descriptor each
-    mode is a set of neighbour shifts; its ``mode_polarity`` = |sum of the shifts| / sum of
+    mode is a set of neighbour shifts; its ``mode_polarity`` = ``|sum of the shifts|`` / sum of
     their lengths is 1 for a uniform shift of the whole neighbourhood (the centre atom displaced
     the other way: a polar distortion) and 0 for shifts that cancel (breathing, shear, rotation);
     ``mode_is_polar`` is polarity > (1 + 1/sqrt(k)) / 2 for k neighbours, halfway between a
