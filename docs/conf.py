@@ -72,9 +72,12 @@ html_show_sourcelink = False
 #      ("5. A blob is an atom when" + blank line + "   - its amplitude ...").
 #   2. atomds.plot modes: "|sum of shifts| / sum of |shifts|" reads as reST substitutions; quote it
 #      as ``|sum of shifts| / sum of |shifts|``.
+#   3. atomds.core.samples (package docstring), "Modules": the line of generator names continued on
+#      an indented line is invalid reST; write the block as a simple table or a definition list.
 _DOCSTRING_TODO = {
     "5. A blob is an atom when\n   - its amplitude": "5. A blob is an atom when\n\n   - its amplitude",
     "(``mode_polarity``: |sum of shifts| / sum of |shifts|)": "(``mode_polarity``: ``|sum of shifts| / sum of |shifts|``)",
+    "``frames``\n                  the generators": "``frames``: the generators",
 }
 
 

@@ -64,7 +64,16 @@ def _summary(obj: Any) -> str:
 
 
 def _home(obj: Any) -> str:
-    """Fully qualified name of a function or class where it is defined (and documented)."""
+    """Fully qualified name under which the API reference documents a function or class.
+
+    That is the outermost package below ``atomds`` that lists it in ``__all__`` (autosummary
+    documents a package's ``__all__``), else the module that defines it.
+    """
+    parts = obj.__module__.split(".")
+    for i in range(2, len(parts)):
+        package = importlib.import_module(".".join(parts[:i]))
+        if obj.__name__ in getattr(package, "__all__", ()) and getattr(package, obj.__name__, None) is obj:
+            return f"{package.__name__}.{obj.__qualname__}"
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
