@@ -69,12 +69,13 @@ def _home(obj: Any) -> str:
     That is the outermost package below ``atomds`` that lists it in ``__all__`` (autosummary
     documents a package's ``__all__``), else the module that defines it.
     """
-    parts = obj.__module__.split(".")
+    module, name, qualname = obj.__module__, obj.__name__, obj.__qualname__
+    parts = module.split(".")
     for i in range(2, len(parts)):
         package = importlib.import_module(".".join(parts[:i]))
-        if obj.__name__ in getattr(package, "__all__", ()) and getattr(package, obj.__name__, None) is obj:
-            return f"{package.__name__}.{obj.__qualname__}"
-    return f"{obj.__module__}.{obj.__qualname__}"
+        if name in getattr(package, "__all__", ()) and getattr(package, name, None) is obj:
+            return f"{package.__name__}.{qualname}"
+    return f"{module}.{qualname}"
 
 
 def _role(obj: Any) -> str:
