@@ -1,7 +1,8 @@
 """Many images on dask.distributed, assembled into one library.
 
-:func:`batch` runs the per-image pipeline (:func:`atomds.pipeline.analyze`, or a subset of its
-stages) as one task per image on a dask.distributed cluster: a :class:`~distributed.LocalCluster`
+:func:`batch` runs the per-image stages (:func:`atomds.pipeline.run_stages`: all of them, as
+:func:`atomds.analyze` does, or a subset for a library) with one parameters object
+(:class:`atomds.pipeline.AnalysisParams`) as one task per image on a dask.distributed cluster: a :class:`~distributed.LocalCluster`
 on 127.0.0.1 when no client or scheduler address is given, any running ``dask scheduler``
 otherwise. Tasks receive only a path and parameters and return a small record; each worker
 writes its image's result atomically to ``work_dir/<id>.nc`` (or ``work_dir/<id>.failed.json``)
@@ -34,6 +35,16 @@ import xarray as xr
 from . import __version__
 from .errors import AtomdsError, FileMissingError, InvalidParameterError
 from .io import SUPPORTED_EXTENSIONS, atomic_write
+from .params import record_params
+from .pipeline import (
+    STAGES,
+    AnalysisParams,
+    add_params_arguments,
+    check_stages,
+    params_from_args,
+    resolve_params,
+    run_stages,
+)
 
 __all__ = [
     "batch",
@@ -47,7 +58,7 @@ __all__ = [
 
 #: Per-image stages run by default: library-wide k-means (on the phase descriptor) and PCA (on
 #: the neighbour vectors) follow on all atoms together.
-DEFAULT_STEPS = ("align", "find", "refine", "phases", "neighborhoods")
+DEFAULT_STEPS = ("align", "find", "refine", "neighborhoods", "phases")
 _PART_SUFFIX = ".nc"
 _FAIL_SUFFIX = ".failed.json"
 
@@ -55,54 +66,6 @@ _FAIL_SUFFIX = ".failed.json"
 # --------------------------------------------------------------------------------------------
 # the per-image task (runs on a worker)
 # --------------------------------------------------------------------------------------------
-
-
-def _run_steps(ds: xr.Dataset, steps: Sequence[str], params: Mapping[str, Any]) -> xr.Dataset:
-    """Run the per-image ``steps`` (in the order of :data:`atomds.pipeline.STAGES`).
-
-    All stages: :func:`atomds.pipeline.analyze`, per-image phases and modes included. A subset,
-    as for a library: the same stages without per-image learning, keeping what the library-wide
-    learning needs: ``phases`` stores the rotation-invariant phase descriptor as
-    ``phase_descriptor(atom, phase_feature)``; ``neighborhoods`` makes the angle-ordered
-    neighbour vectors (reference: the image's most common bond direction, as in ``analyze``).
-    """
-    from .pipeline import STAGES, analyze
-
-    k = int(params.get("k", 6))
-    sort = params.get("sort", "angle")
-    model = params.get("model", "gaussian")
-    find_kwargs = dict(params.get("find_kwargs") or {})
-    n_clusters = params.get("n_clusters")
-    n_components = params.get("n_components")
-    if tuple(steps) == tuple(STAGES):
-        return analyze(
-            ds, k=k, sort=sort, n_clusters=n_clusters, n_components=n_components, model=model, find_kwargs=find_kwargs
-        )
-    for step in steps:
-        if step == "align":
-            if "image" not in ds.data_vars and "frames" in ds.data_vars:
-                from .ops.preprocess import align_frames
-
-                ds = align_frames(ds)
-        elif step == "find":
-            ds = ds.lcx.find_atoms(**find_kwargs)
-        elif step == "refine":
-            ds = ds.lcx.refine(model=model)
-        elif step == "phases":
-            ph = ds.lcx.neighborhoods(k=k, descriptor="phase")
-            D = ph["descriptor"].rename({"feature": "phase_feature"})
-            ds = ds.drop_vars(["phase_descriptor", "phase_feature"], errors="ignore")
-            ds = ds.assign_coords(phase_feature=D["phase_feature"].values).assign(
-                phase_descriptor=D.drop_vars("phase_feature").assign_attrs(
-                    long_name="phase descriptor (rotation-invariant neighbourhood features)"
-                )
-            )
-            ds.attrs["phase_neighborhoods_params"] = ph.attrs.get("neighborhoods_params", "{}")
-        elif step == "neighborhoods":
-            ds = ds.lcx.neighborhoods(k=k, sort=sort, ref_angle="auto" if sort == "angle" else 0.0)
-        elif step == "pca":
-            ds = ds.lcx.pca(n_components=n_components)
-    return ds
 
 
 def _write_json(path: Path, record: Mapping[str, Any]) -> None:
@@ -158,9 +121,11 @@ def process_image(task: Mapping[str, Any]) -> dict[str, Any]:
     """Run the per-image pipeline on one file and write its result; never raises for a bad image.
 
     This is the function each dask task runs. ``task`` holds only small values: ``path``,
-    ``id``, ``part`` (result file), ``failed`` (failure record file), ``steps``, ``params``
-    (keyword arguments of the stages and ``pixel_size``/``units`` of :func:`atomds.open_image`)
-    and ``fingerprint`` (stored in the result so that a rerun can tell whether it is current).
+    ``id``, ``part`` (result file), ``failed`` (failure record file), ``steps`` (stage names of
+    :data:`atomds.pipeline.STAGES`), ``params`` (``analysis``: :meth:`AnalysisParams.to_dict
+    <atomds.pipeline.AnalysisParams.to_dict>`; ``pixel_size``/``units`` of
+    :func:`atomds.open_image`) and ``fingerprint`` (stored in the result so that a rerun can tell
+    whether it is current).
 
     Returns
     -------
@@ -180,11 +145,12 @@ def process_image(task: Mapping[str, Any]) -> dict[str, Any]:
     try:
         # HDF5 (behind NetCDF, EMD, HSPY) is not thread-safe: one file operation at a time per
         # worker process, whatever its number of threads
+        analysis = AnalysisParams.from_dict(params.get("analysis") or {})
         with _FILE_LOCK:
             ds = open_image(task["path"], pixel_size=params.get("pixel_size"), units=params.get("units"))
         # one thread per task (parallelism is across images), and the same numerics on any worker
         with _single_threaded():
-            ds = _run_steps(ds, task["steps"], params)
+            ds = run_stages(ds, analysis, task["steps"])
         ds.attrs["batch_source"] = str(task["path"])
         ds.attrs["batch_fingerprint"] = str(task["fingerprint"])
         with _FILE_LOCK:
@@ -233,6 +199,7 @@ def _expand_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[Path] =
 
 
 def _fingerprint(path: Path, steps: Sequence[str], params: Mapping[str, Any]) -> str:
+    """Hash of the input file (path, size, mtime), the steps, the task's parameters and the version."""
     try:
         st = path.stat()
         stamp = [st.st_size, st.st_mtime_ns]
@@ -258,18 +225,7 @@ def _part_fingerprint(part: Path) -> str | None:
 
 
 def _check_steps(steps: Sequence[str] | str | None) -> tuple[str, ...]:
-    from .pipeline import STAGES
-
-    if steps is None:
-        return DEFAULT_STEPS
-    if isinstance(steps, str):
-        steps = STAGES if steps == "all" else [s.strip() for s in steps.split(",") if s.strip()]
-    steps = tuple(str(s) for s in steps)
-    unknown = [s for s in steps if s not in STAGES]
-    if unknown:
-        raise InvalidParameterError(f"unknown steps {unknown}; choose from {list(STAGES)} (or 'all').")
-    # canonical order, no repeats
-    return tuple(s for s in STAGES if s in steps)
+    return DEFAULT_STEPS if steps is None else check_stages(steps)
 
 
 @dataclass
@@ -358,62 +314,13 @@ def _submit_all(client, tasks, progress, on_result):
         bar.close()
 
 
-def run_batch(
-    paths: Iterable[str | os.PathLike],
-    *,
-    steps: Sequence[str] | str | None = DEFAULT_STEPS,
-    client: Any = None,
-    scheduler: str | None = None,
-    n_workers: int | None = None,
-    work_dir: str | os.PathLike | None = None,
-    output: str | os.PathLike | None = None,
-    properties: Any = None,
-    learn: bool | str = "auto",
-    n_clusters: int | None = None,
-    n_components: int | None = None,
-    k: int = 6,
-    sort: str = "angle",
-    model: str = "gaussian",
-    find_kwargs: Mapping[str, Any] | None = None,
-    pixel_size: float | None = None,
-    units: str | None = None,
-    memory_limit: str | float | None = "2GiB",
-    retry_failed: bool = True,
-    progress: bool = True,
-    on_result: Callable[[dict], None] | None = None,
-) -> BatchResult:
-    """:func:`batch` with bookkeeping: returns a :class:`BatchResult` (the library plus which ids were computed, skipped, failed)."""
-    t_start = time.perf_counter()
-    steps_t = _check_steps(steps)
-    if output is None and work_dir is None:
-        raise InvalidParameterError("give output= (the library file) or work_dir= (where per-image results go).")
-    output_p = Path(output) if output is not None else None
-    if output_p is not None and output_p.suffix.lower() not in (".nc", ".nc4"):
-        raise InvalidParameterError(f"the library file must end in .nc, got {output_p.name!r}.")
-    work = Path(work_dir) if work_dir is not None else output_p.with_name(output_p.name + ".parts")
-    if client is not None and scheduler is not None:
-        raise InvalidParameterError("give client= or scheduler=, not both.")
-    inputs = _expand_inputs(paths, exclude=[work] + ([output_p] if output_p is not None else []))
-    from . import library as lib
-
-    ids = lib.make_ids(inputs)
-    params: dict[str, Any] = {
-        "k": int(k),
-        "sort": sort,
-        "model": model,
-        "find_kwargs": dict(find_kwargs or {}),
-        "n_clusters": n_clusters,
-        "n_components": n_components,
-        "pixel_size": pixel_size,
-        "units": units,
-    }
-    work.mkdir(parents=True, exist_ok=True)
-    if output_p is not None and not output_p.parent.exists():
-        raise FileMissingError(f"the folder {output_p.parent} does not exist.")
-
+def _plan(
+    inputs: list[Path], ids: list[str], work: Path, steps: tuple[str, ...], task_params: dict[str, Any], retry_failed: bool
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The tasks to run and the ids skipped (result already in ``work`` with the same fingerprint)."""
     tasks, skipped = [], []
     for p, iid in zip(inputs, ids, strict=True):
-        fp = _fingerprint(p, steps_t, params)
+        fp = _fingerprint(p, steps, task_params)
         part = work / f"{iid}{_PART_SUFFIX}"
         failed = work / f"{iid}{_FAIL_SUFFIX}"
         if part.exists() and _part_fingerprint(part) == fp:
@@ -430,11 +337,99 @@ def run_batch(
                 "id": iid,
                 "part": str(part.resolve()),
                 "failed": str(failed.resolve()),
-                "steps": list(steps_t),
-                "params": params,
+                "steps": list(steps),
+                "params": task_params,
                 "fingerprint": fp,
             }
         )
+    return tasks, skipped
+
+
+def _library(
+    work: Path, ids: list[str], *, properties: Any, output: Path | None, do_learn: bool, params: AnalysisParams,
+    steps: tuple[str, ...],
+) -> tuple[xr.DataTree, dict[str, str]]:
+    """Assemble, learn on and write the library (on the client's machine: no array goes through the scheduler)."""
+    import dask
+
+    from . import library as lib
+
+    # a distributed Client would otherwise be dask's default scheduler
+    with dask.config.set(scheduler="synchronous"):
+        tree, failed_map, opened = _assemble(work, ids, properties=properties, lazy=output is not None)
+        try:
+            if do_learn and any(s == "ok" for s in tree.dataset["status"].values):
+                tree = lib.learn(tree, n_clusters=params.n_clusters, n_components=params.n_components)
+            tree = record_params(tree, "analyze", {"params": params.to_dict(), "stages": list(steps)})
+            if output is not None:
+                lib.to_netcdf(tree, output)
+        finally:
+            for ds in opened:
+                ds.close()
+        if output is not None:
+            # images stay lazy in the file; the tables (root, /atoms) are loaded
+            tree = lib.open_library(output, chunks={})
+            tree.dataset = tree.to_dataset(inherit=False).load()
+            tree.children["atoms"].load()
+    return tree, failed_map
+
+
+def run_batch(
+    paths: Iterable[str | os.PathLike],
+    *,
+    steps: Sequence[str] | str | None = DEFAULT_STEPS,
+    client: Any = None,
+    scheduler: str | None = None,
+    n_workers: int | None = None,
+    work_dir: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    properties: Any = None,
+    learn: bool | str = "auto",
+    n_clusters: int | None = None,
+    n_components: int | None = None,
+    k: int = 6,
+    sort: str = "angle",
+    model: str = "gaussian",
+    contrast: str = "bright",
+    find_kwargs: Mapping[str, Any] | None = None,
+    params: AnalysisParams | None = None,
+    pixel_size: float | None = None,
+    units: str | None = None,
+    memory_limit: str | float | None = "2GiB",
+    retry_failed: bool = True,
+    progress: bool = True,
+    on_result: Callable[[dict], None] | None = None,
+) -> BatchResult:
+    """:func:`batch` with bookkeeping: returns a :class:`BatchResult` (the library plus which ids were computed, skipped, failed)."""
+    t_start = time.perf_counter()
+    steps_t = _check_steps(steps)
+    analysis = resolve_params(
+        params, find_kwargs=find_kwargs,
+        k=k, sort=sort, n_clusters=n_clusters, n_components=n_components, model=model, contrast=contrast,
+    )
+    # all stages: each image is analysed whole (its own phases); a subset builds a library, whose
+    # phases are learned over all images together from each image's phase descriptor
+    analysis = analysis.replace(phases="cluster" if steps_t == STAGES else "descriptor")
+    output_p = Path(output) if output is not None else None
+    if output_p is not None and output_p.suffix.lower() not in (".nc", ".nc4"):
+        raise InvalidParameterError(f"the library file must end in .nc, got {output_p.name!r}.")
+    if work_dir is not None:
+        work = Path(work_dir)
+    elif output_p is not None:
+        work = output_p.with_name(output_p.name + ".parts")
+    else:
+        raise InvalidParameterError("give output= (the library file) or work_dir= (where per-image results go).")
+    if client is not None and scheduler is not None:
+        raise InvalidParameterError("give client= or scheduler=, not both.")
+    inputs = _expand_inputs(paths, exclude=[work] + ([output_p] if output_p is not None else []))
+    from .library import make_ids
+
+    ids = make_ids(inputs)
+    task_params: dict[str, Any] = {"analysis": analysis.to_dict(), "pixel_size": pixel_size, "units": units}
+    work.mkdir(parents=True, exist_ok=True)
+    if output_p is not None and not output_p.parent.exists():
+        raise FileMissingError(f"the folder {output_p.parent} does not exist.")
+    tasks, skipped = _plan(inputs, ids, work, steps_t, task_params, retry_failed)
     records: list[dict[str, Any]] = []
 
     def collect(rec: dict) -> None:
@@ -442,31 +437,14 @@ def run_batch(
         if on_result is not None:
             on_result(rec)
 
+    # a missing input is still a task: the worker records it as failed like any bad image
     if tasks:
         with _cluster_client(client, scheduler, n_workers, memory_limit, len(tasks)) as c:
             _submit_all(c, tasks, progress, collect)
-
-    # a missing input is still a task above: the worker records it as failed like any bad image.
-    # Assembly runs here, on the client's machine, never on the cluster: no array goes through
-    # the scheduler (a distributed Client would otherwise be dask's default scheduler).
-    import dask
-
-    with dask.config.set(scheduler="synchronous"):
-        tree, failed_map, opened = _assemble(work, ids, properties=properties, lazy=output_p is not None)
-        try:
-            do_learn = learn is True or (learn == "auto" and "neighborhoods" in steps_t)
-            if do_learn and any(s == "ok" for s in tree["status"].values):
-                tree = lib.learn(tree, n_clusters=n_clusters, n_components=n_components)
-            if output_p is not None:
-                lib.to_netcdf(tree, output_p)
-        finally:
-            for ds in opened:
-                ds.close()
-        if output_p is not None:
-            # images stay lazy in the file; the tables (root, /atoms) are loaded
-            tree = lib.open_library(output_p, chunks={})
-            tree.dataset = tree.to_dataset(inherit=False).load()
-            tree["atoms"].load()
+    do_learn = learn is True or (learn == "auto" and "neighborhoods" in steps_t)
+    tree, failed_map = _library(
+        work, ids, properties=properties, output=output_p, do_learn=do_learn, params=analysis, steps=steps_t
+    )
     return BatchResult(
         library=tree,
         ids=ids,
@@ -536,7 +514,9 @@ def batch(
     k: int = 6,
     sort: str = "angle",
     model: str = "gaussian",
+    contrast: str = "bright",
     find_kwargs: Mapping[str, Any] | None = None,
+    params: AnalysisParams | None = None,
     pixel_size: float | None = None,
     units: str | None = None,
     memory_limit: str | float | None = "2GiB",
@@ -559,9 +539,10 @@ def batch(
         files.
     steps : sequence of str or "all"
         Per-image stages of :data:`atomds.pipeline.STAGES`; default ``("align", "find",
-        "refine", "phases", "neighborhoods")``: atoms, the rotation-invariant phase descriptor and
-        the neighbour vectors, after which k-means and PCA run on all atoms together (``learn``).
-        ``"all"`` runs :func:`atomds.pipeline.analyze` (per-image phases and modes too).
+        "refine", "neighborhoods", "phases")``: atoms, the neighbour vectors and the
+        rotation-invariant phase descriptor, after which k-means and PCA run on all atoms together
+        (``learn``). ``"all"`` runs every stage as :func:`atomds.pipeline.analyze` does (per-image
+        phases and modes too).
     client : distributed.Client, optional
         Run on this client's cluster.
     scheduler : str, optional
@@ -582,8 +563,12 @@ def batch(
         so when the steps include neighbourhoods.
     n_clusters, n_components : int, optional
         For the learning (K from the library-wide dendrogram when None; all components when None).
-    k, sort, model, find_kwargs
-        Parameters of the per-image stages (see :func:`atomds.pipeline.analyze`).
+    k, sort, model, contrast, find_kwargs
+        Parameters of the per-image stages (see :class:`atomds.pipeline.AnalysisParams`).
+    params : atomds.pipeline.AnalysisParams, optional
+        All the analysis options in one object (then none of the separate ones may be given). Its
+        ``phases`` mode follows ``steps``: "cluster" for all stages, else "descriptor". The
+        parameters are recorded as ``analyze_params`` on every image and at the library's root.
     pixel_size, units : optional
         Calibration override for every input (see :func:`atomds.open_image`).
     memory_limit : str or float, optional
@@ -620,7 +605,9 @@ def batch(
         k=k,
         sort=sort,
         model=model,
+        contrast=contrast,
         find_kwargs=find_kwargs,
+        params=params,
         pixel_size=pixel_size,
         units=units,
         memory_limit=memory_limit,
@@ -655,10 +642,7 @@ def add_batch_parser(subparsers) -> None:
     b.add_argument("--steps", default=",".join(DEFAULT_STEPS), help="per-image stages, comma separated, or 'all' (default: %(default)s)")
     b.add_argument("--pixel-size", type=float, default=None, help="override the calibration of every input")
     b.add_argument("--units", default=None, help="units of --pixel-size (nm, Å, pm, px)")
-    b.add_argument("-k", "--neighbors", type=int, default=6, help="neighbours per atom (default 6)")
-    b.add_argument("--sort", choices=["angle", "distance"], default="angle", help="neighbour order")
-    b.add_argument("--clusters", type=int, default=None, help="clusters over the library (default: from the dendrogram)")
-    b.add_argument("--components", type=int, default=None, help="PCA components to keep (default: all)")
+    add_params_arguments(b)
     b.add_argument("--no-learn", action="store_true", help="skip the library-wide k-means and PCA")
     b.add_argument("--memory-limit", default="2GiB", help="memory limit per local worker (default: %(default)s)")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -677,10 +661,7 @@ def run_batch_command(args) -> int:
         output=args.output,
         properties=args.properties,
         learn=False if args.no_learn else "auto",
-        n_clusters=args.clusters,
-        n_components=args.components,
-        k=args.neighbors,
-        sort=args.sort,
+        params=params_from_args(args),
         pixel_size=args.pixel_size,
         units=args.units,
         memory_limit=args.memory_limit,

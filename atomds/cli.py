@@ -11,11 +11,12 @@ import argparse
 import json
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .pipeline import add_params_arguments
 
     p = argparse.ArgumentParser(prog="atomds", description="Local crystallography of atomically resolved images.")
     p.add_argument("--version", action="version", version=f"atomds {__version__}")
@@ -33,13 +34,7 @@ def _build_parser() -> argparse.ArgumentParser:
     an.add_argument("--report", default=None, metavar="DIR", help="also write DIR/index.html with figures")
     an.add_argument("--pixel-size", type=float, default=None, help="override the calibration")
     an.add_argument("--units", default=None, help="units of --pixel-size (nm, Å, pm, px)")
-    an.add_argument("-k", "--neighbors", type=int, default=6, help="neighbours per atom (default 6)")
-    an.add_argument("--sort", choices=["angle", "distance"], default="angle", help="neighbour order")
-    an.add_argument("--clusters", type=int, default=None, help="number of clusters (default: from the dendrogram)")
-    an.add_argument("--components", type=int, default=None, help="PCA components to keep (default: all)")
-    an.add_argument("--model", choices=["gaussian", "elliptical"], default="gaussian", help="column model")
-    an.add_argument("--contrast", choices=["bright", "dark"], default="bright",
-                    help="columns brighter (HAADF, STM) or darker (ABF, BF) than their surroundings")
+    add_params_arguments(an)
     an.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     from .batch import add_batch_parser
@@ -55,9 +50,9 @@ def _summarise_metadata(raw: str | None, limit: int = 12) -> list[str]:
         meta = json.loads(raw)
     except json.JSONDecodeError:
         return ["metadata: (unparseable)"]
-    lines = []
+    lines: list[str] = []
 
-    def walk(obj, prefix=""):
+    def walk(obj: object, prefix: str = "") -> None:
         if len(lines) >= limit:
             return
         if isinstance(obj, dict):
@@ -94,9 +89,10 @@ def _cmd_analyze(args) -> int:
     from tqdm.auto import tqdm
 
     from .io import open_image, to_netcdf
-    from .pipeline import STAGES, analyze
+    from .pipeline import STAGES, params_from_args, run_stages
     from .schema import validate
 
+    params = params_from_args(args)  # checked before any work
     if args.file is None:
         from .datasets import two_phase
 
@@ -113,16 +109,7 @@ def _cmd_analyze(args) -> int:
         bar.update(1)
 
     try:
-        ds = analyze(
-            ds,
-            k=args.neighbors,
-            sort=args.sort,
-            n_clusters=args.clusters,
-            n_components=args.components,
-            model=args.model,
-            find_kwargs={"contrast": args.contrast},
-            on_stage=on_stage,
-        )
+        ds = run_stages(ds, params, STAGES, on_stage=on_stage)
     finally:
         bar.close()
     validate(ds)
@@ -141,7 +128,7 @@ def _cmd_analyze(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``atomds`` command; returns the exit status."""
-    parser = _build_parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     from .errors import AtomdsError
 

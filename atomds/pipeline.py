@@ -1,88 +1,224 @@
-"""The whole per-image job, shared by ``atomds analyze`` and the batch layer.
+"""The per-image job: named stages over one parameters object, shared by ``analyze``, ``batch``, the CLI and the report.
 
-:func:`analyze` chains the accessor steps (align frames -> find -> refine -> neighbourhoods ->
-K from the dendrogram -> k-means -> PCA) with every parameter estimated from the image unless
-given, and reports progress per stage through an optional callback.
+:class:`AnalysisParams` holds every option of the job (frozen, validated, ``to_dict``/``from_dict``
+for JSON). :data:`STAGE_FUNCTIONS` maps each stage name to a small function ``stage(ds, params)
+-> ds``; :func:`run_stages` runs any of them in the canonical order of :data:`STAGES`, and
+:func:`analyze` runs them all (align frames -> find -> refine -> neighbourhoods -> PCA -> phases,
+K from the dendrogram unless given) and records the parameters as ``analyze_params``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import argparse
+import dataclasses
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import xarray as xr
 
-__all__ = ["analyze", "STAGES"]
+from .core.preprocess import CONTRASTS
+from .core.refine import MODELS
+from .errors import InvalidParameterError
+from .params import record_params
 
-#: Names of the stages :func:`analyze` runs, in order.
-STAGES = ("align", "find", "refine", "phases", "neighborhoods", "pca")
+__all__ = [
+    "AnalysisParams",
+    "STAGES",
+    "STAGE_FUNCTIONS",
+    "SORTS",
+    "PHASE_MODES",
+    "analyze",
+    "run_stages",
+    "check_stages",
+    "resolve_params",
+    "add_params_arguments",
+    "params_from_args",
+]
+
+#: Neighbour orders of the descriptor that PCA decomposes.
+SORTS = ("angle", "distance")
+#: What the ``phases`` stage makes: per-image clusters and regions, or only the rotation-invariant
+#: descriptor that a library clusters over all its images (:func:`atomds.library.kmeans`).
+PHASE_MODES = ("cluster", "descriptor")
 
 # dims of the phase-descriptor table that cannot sit beside the PCA descriptor in one Dataset
 _PHASE_ONLY_DIMS = {"neighbor", "feature"}
 
 
-def analyze(
-    ds: xr.Dataset,
-    *,
-    k: int = 6,
-    sort: str = "angle",
-    n_clusters: int | None = None,
-    n_components: int | None = None,
-    model: str = "gaussian",
-    find_kwargs: dict[str, Any] | None = None,
-    on_stage: Callable[[str], None] | None = None,
-) -> xr.Dataset:
-    """Run the local-crystallography pipeline on one image Dataset.
+def _option(flags: tuple[str, ...], help: str, **kwargs: Any) -> dict[str, Any]:
+    """Field metadata: the command-line flags and help of an option (None flags: not on the command line)."""
+    return {"flags": flags, "help": help, **kwargs}
+
+
+@dataclass(frozen=True)
+class AnalysisParams:
+    """Every option of the per-image job, in one frozen, validated object.
 
     Parameters
     ----------
-    ds : xarray.Dataset
-        An atomds image Dataset (``image(y, x)``, or ``frames(frame, y, x)``, which are aligned
-        and summed first).
     k : int
-        Neighbours per atom.
+        Neighbours per atom (>= 1).
     sort : {"angle", "distance"}
         Neighbour order of the descriptor that PCA decomposes (phases use the rotation-invariant
         ``"phase"`` descriptor whatever the order).
     n_clusters : int, optional
-        Number of k-means clusters; chosen from the dendrogram (:func:`suggest_k`) when None.
+        Number of k-means clusters (>= 1); chosen from the dendrogram when None.
     n_components : int, optional
-        PCA components kept (all when None).
+        PCA components kept (>= 1); all when None.
     model : {"gaussian", "elliptical"}
         Column model of the refinement.
-    find_kwargs : dict, optional
-        Extra arguments of ``find_atoms`` (template, threshold, ...).
-    on_stage : callable, optional
-        Called with each stage name of :data:`STAGES` when it finishes.
+    contrast : {"bright", "dark"}
+        Columns brighter (HAADF, STM) or darker (ABF, BF) than their surroundings; refinement
+        follows finding's choice.
+    find_options : mapping, optional
+        Further keyword arguments of ``find_atoms`` (template, threshold, ...; JSON values).
+    phases : {"cluster", "descriptor"}
+        ``"cluster"``: k-means and regions on each image; ``"descriptor"``: store only the phase
+        descriptor ``phase_descriptor(atom, phase_feature)`` for library-wide learning.
 
-    Returns
-    -------
-    xarray.Dataset
-        With atoms, fit results, the neighbour-vector table and its PCA modes, and the phase
-        clustering: ``cluster`` (k-means on the ``"phase"`` descriptor, K from the dendrogram),
-        ``region`` (clusters joined into phases and regions) and the merge tree.
+    Raises
+    ------
+    InvalidParameterError
+        For a value out of range, naming the option.
     """
-    done = on_stage or (lambda stage: None)
+
+    k: int = field(default=6, metadata=_option(("-k", "--neighbors"), "neighbours per atom (default 6)", type=int))
+    sort: str = field(default="angle", metadata=_option(("--sort",), "neighbour order", choices=SORTS))
+    n_clusters: int | None = field(
+        default=None, metadata=_option(("--clusters",), "number of clusters (default: from the dendrogram)", type=int)
+    )
+    n_components: int | None = field(
+        default=None, metadata=_option(("--components",), "PCA components to keep (default: all)", type=int)
+    )
+    model: str = field(default="gaussian", metadata=_option(("--model",), "column model", choices=MODELS))
+    contrast: str = field(
+        default="bright",
+        metadata=_option(("--contrast",), "columns brighter (HAADF, STM) or darker (ABF, BF) than their surroundings",
+                         choices=CONTRASTS),
+    )
+    find_options: Mapping[str, Any] = field(default_factory=dict, metadata=_option((), "extra find_atoms arguments"))
+    phases: str = field(default="cluster", metadata=_option((), "what the phases stage makes", choices=PHASE_MODES))
+
+    def __post_init__(self) -> None:
+        # frozen: fields are set through object.__setattr__, once, here
+        options = dict(self.find_options or {})
+        if "contrast" in options:
+            raise InvalidParameterError("give the contrast as contrast=, not inside find_options.")
+        object.__setattr__(self, "find_options", MappingProxyType(options))
+        self._validate()
+
+    def _validate(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise InvalidParameterError(f"k (neighbours per atom) must be an integer >= 1, got {self.k!r}.")
+        for name in ("n_clusters", "n_components"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InvalidParameterError(f"{name} must be an integer >= 1 or None, got {value!r}.")
+        for name, allowed in (("sort", SORTS), ("model", MODELS), ("contrast", CONTRASTS), ("phases", PHASE_MODES)):
+            if getattr(self, name) not in allowed:
+                raise InvalidParameterError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.")
+        try:
+            json.dumps(dict(self.find_options))
+        except (TypeError, ValueError) as exc:
+            raise InvalidParameterError(f"find_options must hold JSON values (numbers, strings, lists): {exc}") from None
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The parameters as plain JSON values (``find_options`` as a dict)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["find_options"] = dict(self.find_options)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> AnalysisParams:
+        """Parameters from :meth:`to_dict`'s output (missing keys take their defaults; unknown keys raise)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise InvalidParameterError(f"unknown analysis parameters {unknown}; known: {sorted(names)}.")
+        return cls(**dict(values))
+
+    @classmethod
+    def from_options(cls, *, find_kwargs: Mapping[str, Any] | None = None, **options: Any) -> AnalysisParams:
+        """Parameters from :func:`analyze`'s keywords: ``find_kwargs`` may carry ``contrast`` (as the CLI once did)."""
+        find = dict(find_kwargs or {})
+        if "contrast" in find:
+            contrast = find.pop("contrast")
+            if options.get("contrast", contrast) != contrast:
+                raise InvalidParameterError(
+                    f"contrast given twice: {options['contrast']!r} and find_kwargs['contrast'] = {contrast!r}."
+                )
+            options["contrast"] = contrast
+        return cls.from_dict({**options, "find_options": find})
+
+    def replace(self, **changes: Any) -> AnalysisParams:
+        """A copy with ``changes`` (validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------------------------
+# the stages: each ds -> ds, reading only the parameters object
+# --------------------------------------------------------------------------------------------
+
+
+def align(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
+    """Align and sum a ``frames(frame, y, x)`` stack into ``image(y, x)``; an image passes unchanged."""
     if "image" not in ds.data_vars and "frames" in ds.data_vars:
         from .ops.preprocess import align_frames
 
-        ds = align_frames(ds)
-    done("align")
-    ds = ds.lcx.find_atoms(**(find_kwargs or {}))
-    done("find")
-    ds = ds.lcx.refine(model=model)
-    done("refine")
-    # phases: rotation-invariant "phase" descriptor -> K from the dendrogram -> k-means -> regions
-    phases = ds.lcx.neighborhoods(k=k, descriptor="phase").lcx.linkage()
-    K = n_clusters if n_clusters is not None else phases.lcx.suggest_k()
-    phases = phases.lcx.kmeans(K).lcx.regions()
-    done("phases")
-    # distortions: neighbour vectors in angular order -> PCA modes and loadings
-    ds = ds.lcx.neighborhoods(k=k, sort=sort, ref_angle="auto" if sort == "angle" else 0.0)
-    done("neighborhoods")
-    ds = ds.lcx.pca(n_components=n_components)
-    done("pca")
-    return _merge_phases(ds, phases)
+        return align_frames(ds)
+    return ds
+
+
+def find(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
+    """Find the atomic columns (``find_atoms`` with the contrast and the find options)."""
+    return ds.lcx.find_atoms(contrast=params.contrast, **params.find_options)
+
+
+def refine(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
+    """Refine the atom positions with the column model."""
+    return ds.lcx.refine(model=params.model)
+
+
+def neighborhoods(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
+    """Neighbour vectors in ``sort`` order (angle: from the image's most common bond direction)."""
+    return ds.lcx.neighborhoods(k=params.k, sort=params.sort, ref_angle="auto" if params.sort == "angle" else 0.0)
+
+
+def pca(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
+    """PCA modes and loadings of the neighbour vectors."""
+    return ds.lcx.pca(n_components=params.n_components)
+
+
+def phases(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
+    """Phases from the rotation-invariant ``"phase"`` descriptor of each atom's neighbourhood.
+
+    ``params.phases == "cluster"``: K from the dendrogram (unless ``n_clusters``) -> k-means ->
+    regions, carried into ``ds`` (``cluster``, ``region``, the merge tree) beside its own
+    neighbour table. ``"descriptor"``: only ``phase_descriptor(atom, phase_feature)``, which a
+    library clusters over all its images. The phase table is built from the atoms alone
+    (``neighborhoods`` drops every earlier neighbour-derived result), so this stage gives the same
+    result wherever it runs after ``refine``.
+    """
+    table = ds.lcx.neighborhoods(k=params.k, descriptor="phase")
+    if params.phases == "descriptor":
+        D = table["descriptor"].rename({"feature": "phase_feature"})
+        out = ds.drop_vars(["phase_descriptor", "phase_feature"], errors="ignore")
+        out = out.assign_coords(phase_feature=D["phase_feature"].values).assign(
+            phase_descriptor=D.drop_vars("phase_feature").assign_attrs(
+                long_name="phase descriptor (rotation-invariant neighbourhood features)"
+            )
+        )
+        out.attrs["phase_neighborhoods_params"] = table.attrs.get("neighborhoods_params", "{}")
+        return out
+    table = table.lcx.linkage()
+    K = params.n_clusters if params.n_clusters is not None else table.lcx.suggest_k()
+    return _merge_phases(ds, table.lcx.kmeans(K).lcx.regions())
 
 
 def _merge_phases(ds: xr.Dataset, phases: xr.Dataset) -> xr.Dataset:
@@ -103,3 +239,152 @@ def _merge_phases(ds: xr.Dataset, phases: xr.Dataset) -> xr.Dataset:
             out.attrs.setdefault(key, value)
     out.attrs["phase_neighborhoods_params"] = phases.attrs.get("neighborhoods_params", "{}")
     return out
+
+
+Stage = Callable[[xr.Dataset, AnalysisParams], xr.Dataset]
+
+#: The registry: stage name -> ``stage(ds, params) -> ds``, in the order they run.
+STAGE_FUNCTIONS: Mapping[str, Stage] = MappingProxyType(
+    {"align": align, "find": find, "refine": refine, "neighborhoods": neighborhoods, "pca": pca, "phases": phases}
+)
+#: Names of the stages, in the order they run.
+STAGES = tuple(STAGE_FUNCTIONS)
+
+
+def check_stages(stages: Iterable[str] | str) -> tuple[str, ...]:
+    """Stage names in the canonical order of :data:`STAGES`, without repeats ("all" or a comma list allowed).
+
+    Raises
+    ------
+    InvalidParameterError
+        For an unknown stage name.
+    """
+    if isinstance(stages, str):
+        stages = STAGES if stages == "all" else [s.strip() for s in stages.split(",") if s.strip()]
+    names = tuple(str(s) for s in stages)
+    unknown = [s for s in names if s not in STAGE_FUNCTIONS]
+    if unknown:
+        raise InvalidParameterError(f"unknown steps {unknown}; choose from {list(STAGES)} (or 'all').")
+    return tuple(s for s in STAGES if s in names)
+
+
+def run_stages(
+    ds: xr.Dataset,
+    params: AnalysisParams,
+    stages: Iterable[str] | str = STAGES,
+    *,
+    on_stage: Callable[[str], None] | None = None,
+) -> xr.Dataset:
+    """Run ``stages`` of the registry (in the order of :data:`STAGES`) and record ``analyze_params``.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An atomds image Dataset.
+    params : AnalysisParams
+        The one parameters object every stage reads.
+    stages : iterable of str or str
+        Stage names (or "all", or a comma-separated list).
+    on_stage : callable, optional
+        Called with each stage name when it finishes.
+
+    Returns
+    -------
+    xarray.Dataset
+        The result, with the parameters object recorded as the ``analyze_params`` attribute
+        (``{"params": ..., "stages": [...]}``).
+    """
+    names = check_stages(stages)
+    for name in names:
+        ds = STAGE_FUNCTIONS[name](ds, params)
+        if on_stage is not None:
+            on_stage(name)
+    return record_params(ds, "analyze", {"params": params.to_dict(), "stages": list(names)})
+
+
+def analyze(
+    ds: xr.Dataset,
+    *,
+    k: int = 6,
+    sort: str = "angle",
+    n_clusters: int | None = None,
+    n_components: int | None = None,
+    model: str = "gaussian",
+    contrast: str = "bright",
+    find_kwargs: dict[str, Any] | None = None,
+    params: AnalysisParams | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> xr.Dataset:
+    """Run the local-crystallography pipeline on one image Dataset.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An atomds image Dataset (``image(y, x)``, or ``frames(frame, y, x)``, which are aligned
+        and summed first).
+    k, sort, n_clusters, n_components, model, contrast
+        As in :class:`AnalysisParams`.
+    find_kwargs : dict, optional
+        Extra arguments of ``find_atoms`` (template, threshold, ...): ``find_options``.
+    params : AnalysisParams, optional
+        All the options in one object (then no other option may be given).
+    on_stage : callable, optional
+        Called with each stage name of :data:`STAGES` when it finishes.
+
+    Returns
+    -------
+    xarray.Dataset
+        With atoms, fit results, the neighbour-vector table and its PCA modes, and the phase
+        clustering: ``cluster`` (k-means on the ``"phase"`` descriptor, K from the dendrogram),
+        ``region`` (clusters joined into phases and regions) and the merge tree; the parameters
+        in the ``analyze_params`` attribute.
+    """
+    params = resolve_params(
+        params, find_kwargs=find_kwargs,
+        k=k, sort=sort, n_clusters=n_clusters, n_components=n_components, model=model, contrast=contrast,
+    )
+    return run_stages(ds, params, STAGES, on_stage=on_stage)
+
+
+def resolve_params(
+    params: AnalysisParams | None, *, find_kwargs: Mapping[str, Any] | None = None, **options: Any
+) -> AnalysisParams:
+    """``params``, or the :class:`AnalysisParams` of separate keyword options (not both).
+
+    Raises
+    ------
+    InvalidParameterError
+        When ``params`` is given together with options that differ from their defaults.
+    """
+    if params is None:
+        return AnalysisParams.from_options(find_kwargs=find_kwargs, **options)
+    if not isinstance(params, AnalysisParams):
+        raise InvalidParameterError(f"params must be an AnalysisParams, got {type(params).__name__}.")
+    defaults = AnalysisParams().to_dict()
+    if find_kwargs or any(value != defaults[name] for name, value in options.items()):
+        raise InvalidParameterError("give params= or the separate options, not both.")
+    return params
+
+
+# --------------------------------------------------------------------------------------------
+# the command line: one definition of the options for `atomds analyze` and `atomds batch`
+# --------------------------------------------------------------------------------------------
+
+
+def add_params_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add a command-line option for each field of :class:`AnalysisParams` that has flags."""
+    defaults = AnalysisParams()
+    for f in dataclasses.fields(AnalysisParams):
+        meta = f.metadata
+        if not meta.get("flags"):
+            continue
+        kwargs = {k: v for k, v in meta.items() if k in ("type", "choices")}
+        default = getattr(defaults, f.name)
+        help_text = meta["help"] + (f" (default: {default})" if "default" not in meta["help"] and default is not None else "")
+        parser.add_argument(*meta["flags"], dest=f.name, default=default, help=help_text, **kwargs)
+
+
+def params_from_args(args: argparse.Namespace, **overrides: Any) -> AnalysisParams:
+    """The :class:`AnalysisParams` of parsed arguments (fields with flags), with ``overrides``."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(AnalysisParams) if f.metadata.get("flags")}
+    return AnalysisParams.from_dict({**values, **overrides})

@@ -24,6 +24,7 @@ import atomds
 from atomds import batch as B
 from atomds import datasets, library
 from atomds.errors import InvalidParameterError
+from atomds.params import step_params
 
 pytest.importorskip("distributed")
 
@@ -145,6 +146,10 @@ def test_batch_records_failures_and_skips_finished_images(inputs, client, tmp_pa
     assert sorted(_parts(work)) == ["img0.nc", "img1.nc", "img2.nc"]
     assert (work / "broken.failed.json").exists()
     library.validate(tree)
+    # the one parameters object is recorded on the library and on each image
+    recorded = step_params(tree, "analyze")
+    assert recorded["stages"] == list(STEPS) and recorded["params"]["k"] == 6
+    assert step_params(library.image(tree, "img0"), "analyze") == recorded
     # each image's result is the pipeline's result on that image
     one = library.image(tree, "img1")
     np.testing.assert_array_equal(one["image"].values, np.load(good[1]).astype(np.float32))

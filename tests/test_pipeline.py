@@ -1,0 +1,79 @@
+"""The per-image job: one frozen parameters object, a registry of named stages, one set of CLI options."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+import atomds
+from atomds import pipeline
+from atomds.errors import InvalidParameterError
+from atomds.params import step_params
+from atomds.pipeline import STAGES, AnalysisParams
+
+
+def test_params_round_trip_through_json():
+    p = AnalysisParams(k=4, sort="distance", n_clusters=3, model="elliptical", contrast="dark",
+                       find_options={"threshold": 0.4})
+    back = AnalysisParams.from_dict(json.loads(json.dumps(p.to_dict())))
+    assert back == p and hash(back) == hash(p)
+    assert back.to_dict()["find_options"] == {"threshold": 0.4}
+    with pytest.raises(AttributeError):
+        p.k = 5  # frozen
+
+
+@pytest.mark.parametrize(
+    "bad, word",
+    [({"k": 0}, "k"), ({"k": 2.5}, "k"), ({"sort": "size"}, "sort"), ({"model": "lorentz"}, "model"),
+     ({"contrast": "grey"}, "contrast"), ({"n_clusters": 0}, "n_clusters"), ({"n_components": -1}, "n_components"),
+     ({"phases": "maybe"}, "phases"), ({"find_options": {"contrast": "dark"}}, "contrast"),
+     ({"find_options": {"template": object()}}, "JSON"), ({"kk": 6}, "unknown")],
+)
+def test_invalid_params_name_the_option(bad, word):
+    with pytest.raises(InvalidParameterError, match=word):
+        AnalysisParams.from_dict(bad)
+
+
+def test_analyze_options_build_the_params_object():
+    # contrast inside find_kwargs (as the CLI once passed it) is the contrast option
+    p = pipeline.resolve_params(None, find_kwargs={"contrast": "dark", "threshold": 0.3}, k=5)
+    assert p.contrast == "dark" and dict(p.find_options) == {"threshold": 0.3} and p.k == 5
+    with pytest.raises(InvalidParameterError, match="twice"):
+        pipeline.resolve_params(None, find_kwargs={"contrast": "dark"}, contrast="bright")
+    with pytest.raises(InvalidParameterError, match="not both"):
+        pipeline.resolve_params(AnalysisParams(), k=4)
+    assert pipeline.resolve_params(AnalysisParams(k=4), k=6) == AnalysisParams(k=4)
+
+
+def test_registry_runs_named_stages_in_order():
+    assert set(pipeline.STAGE_FUNCTIONS) == set(STAGES)
+    assert pipeline.check_stages("find,align") == ("align", "find")
+    assert pipeline.check_stages("all") == STAGES
+    with pytest.raises(InvalidParameterError, match="dance"):
+        pipeline.check_stages(["find", "dance"])
+    seen = []
+    ds = atomds.datasets.hexagonal(shape=(96, 96), seed=1)
+    out = pipeline.run_stages(ds, AnalysisParams(), ["find", "align"], on_stage=seen.append)
+    assert seen == ["align", "find"] and "atom_x" in out
+    recorded = step_params(out, "analyze")
+    assert recorded == {"params": AnalysisParams().to_dict(), "stages": ["align", "find"]}
+
+
+def _options(parser: argparse.ArgumentParser, command: str) -> dict[str, tuple]:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return {a.dest: (tuple(a.option_strings), a.default, tuple(a.choices or ())) for a in sub._actions}
+
+
+def test_analyze_and_batch_share_the_parameter_options():
+    from atomds.cli import build_parser
+
+    parser = build_parser()
+    an, ba = _options(parser, "analyze"), _options(parser, "batch")
+    fields = {"k", "sort", "n_clusters", "n_components", "model", "contrast"}
+    assert fields <= set(an) and fields <= set(ba)
+    assert {f: an[f] for f in fields} == {f: ba[f] for f in fields}
+    assert an["contrast"][0] == ("--contrast",) and an["model"][0] == ("--model",)
+    args = parser.parse_args(["batch", "x.npy", "-o", "l.nc", "--contrast", "dark", "-k", "4"])
+    assert pipeline.params_from_args(args) == AnalysisParams(k=4, contrast="dark")
