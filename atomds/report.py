@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import html
 import json
 import os
@@ -26,6 +27,8 @@ import numpy as np
 import xarray as xr
 
 from .errors import AtomdsError, InvalidParameterError
+from .io import atomic_write
+from .params import all_step_params
 
 __all__ = ["write_report", "report_figures"]
 
@@ -35,20 +38,6 @@ _FIGURE_NAME = re.compile(r"^[0-9]{2}_[a-z0-9_]+\.png$")
 
 def _esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
-
-
-def _step_params(ds: xr.Dataset) -> list[tuple[str, Any]]:
-    """``(step, parameters)`` for every ``<step>_params`` attribute, in the order they were recorded."""
-    out = []
-    for key, raw in ds.attrs.items():
-        if not key.endswith("_params"):
-            continue
-        try:
-            value = json.loads(raw) if isinstance(raw, str) else raw
-        except ValueError:
-            value = raw
-        out.append((key[: -len("_params")], value))
-    return out
 
 
 def _n_clusters(ds: xr.Dataset) -> int:
@@ -108,7 +97,7 @@ def _figure_specs(ds: xr.Dataset, *, max_components: int) -> list[tuple[str, str
             shown += [int(c) for c in np.flatnonzero(np.asarray(ds["mode_is_polar"].values, bool)) if c not in shown]
         for c in shown[: max_components + 3]:  # at most 3 polar modes beyond the first ones
             specs.append(("Distortion modes", f"Loading map, mode {c}", f"Loading of mode {c} at each atom "
-                          "(Voronoi cells) over the image.", lambda c=c: plot.loading_map(ds, component=c)))
+                          "(Voronoi cells) over the image.", functools.partial(plot.loading_map, ds, component=c)))
     return specs
 
 
@@ -172,7 +161,7 @@ def _summary_rows(ds: xr.Dataset, source: str | None) -> list[tuple[str, str]]:
         sizes = ", ".join(f"{int(i)}: {int((r == i).sum())}" for i in np.unique(r[r >= 0]))
         rows.append(("regions (phases)", f"{int(np.unique(r[r >= 0]).size)} (atoms per region: {sizes})"))
     if "pca_explained_variance" in ds.variables:
-        from .plot import _explained_percent
+        from .plot.deformation import explained_percent as _explained_percent
 
         pct, of_what = _explained_percent(ds)
         first = ", ".join(f"{p:.1f} %" for p in pct[:5])
@@ -195,11 +184,14 @@ def _short(value: Any) -> Any:
     return value
 
 
-_STEP_TITLES = {"sample": "sample (parameters of the synthetic image's generator)"}
+_STEP_TITLES = {
+    "sample": "sample (parameters of the synthetic image's generator)",
+    "analyze": "analyze (the options of the whole job: atomds.pipeline.AnalysisParams)",
+}
 
 
 def _params_html(ds: xr.Dataset) -> str:
-    steps = _step_params(ds)
+    steps = list(all_step_params(ds))
     if not steps:
         return "<p>No step parameters are recorded in this Dataset.</p>"
     # analysis steps first, in the order they ran; the generator of a synthetic sample last
@@ -296,20 +288,6 @@ def _is_atomds_report(folder: Path) -> bool:
     return False
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_report(
     ds: xr.Dataset,
     report_dir: str | os.PathLike,
@@ -370,7 +348,8 @@ def write_report(
         for rec in records:
             if "file" in rec:
                 os.replace(build / rec["file"], target / rec["file"])
-        _write_text_atomic(target / "index.html", text)
+        with atomic_write(target / "index.html") as tmp:
+            tmp.write_text(text, encoding="utf-8")
         for p in stale:
             with contextlib.suppress(OSError):
                 p.unlink()

@@ -174,7 +174,7 @@ def _prepare_cube(ds: xr.Dataset, cube: Any, energy_dim: str) -> xr.DataArray:
     if isinstance(cube, xr.Dataset):
         if len(cube.data_vars) != 1:
             raise SpectrumRegistrationError(
-                f"pass the spectrum image as a DataArray, not a Dataset with variables {sorted(cube.data_vars)}."
+                f"pass the spectrum image as a DataArray, not a Dataset with variables {sorted(map(str, cube.data_vars))}."
             )
         cube = next(iter(cube.data_vars.values()))
     if not isinstance(cube, xr.DataArray):
@@ -392,7 +392,7 @@ def _spectral_dim(ds: xr.Dataset, spectrum: str) -> str:
     dims = ds[spectrum].dims
     if len(dims) != 2 or dims[0] != "atom":
         raise DimensionError(f"{spectrum!r} must have dims (atom, <spectral axis>), got {dims}.")
-    return dims[1]
+    return str(dims[1])
 
 
 def cluster_mean_spectra(ds: xr.Dataset, *, labels: str = "cluster", spectrum: str = "spectrum") -> xr.Dataset:
@@ -507,7 +507,7 @@ def loading_correlation(
     L = ds[loadings]
     if L.dims[0] != "atom" or L.ndim != 2:
         raise DimensionError(f"{loadings!r} must have dims (atom, component), got {L.dims}.")
-    comp_dim = L.dims[1]
+    comp_dim = str(L.dims[1])
     if features is None:
         edim = _spectral_dim(ds, spectrum)
         B = np.asarray(ds[spectrum].values, dtype=float)
@@ -517,7 +517,8 @@ def loading_correlation(
         for n in names:
             v = features[n]
             if isinstance(v, (tuple, list)) and len(v) == 2 and np.isscalar(v[0]):
-                windows[n] = (float(v[0]), float(v[1]))
+                low, high = v
+                windows[n] = (float(low), float(high))
         if windows:
             fw = spectral_features(ds, windows, spectrum=spectrum)
         for n in names:
