@@ -1,8 +1,11 @@
-"""The ``lcx`` Dataset accessor: one-line, stateless forwarders to :mod:`atomds.ops`.
+"""The ``lcx`` Dataset accessor: one-line, stateless forwarders to :mod:`atomds.ops` and :mod:`atomds.plot`.
 
-``ds.lcx.find_atoms(...)`` is exactly ``atomds.ops.find.find_atoms(ds, ...)``: the method carries
-the function's docstring and signature. The accessor holds no state (xarray caches one accessor
-per object, so state would go stale).
+``ds.lcx.find_atoms(...)`` is exactly ``atomds.ops.find.find_atoms(ds, ...)``, and
+``ds.lcx.plot.atoms(...)`` is exactly ``atomds.plot.atoms(ds, ...)``: each method carries the
+function's docstring and its signature without the Dataset (``inspect.signature`` and ``help()``
+show them). The accessors hold no state (xarray caches one accessor per object, so state would go
+stale). A target module is imported when its method is first looked up, so ``import atomds`` does
+not import matplotlib.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import inspect
 
 import xarray as xr
 
-__all__ = ["LcxAccessor"]
+__all__ = ["LcxAccessor", "PlotAccessor"]
 
 
 class _Forward:
@@ -33,11 +36,16 @@ class _Forward:
         func = self._target()
         if obj is None:
             return func
-        bound = functools.partial(func, obj._ds)
-        functools.update_wrapper(bound, func)
+        ds = obj._ds
+
+        def method(*args, **kwargs):
+            return func(ds, *args, **kwargs)
+
+        # a function (not a functools.partial), so that help() shows the name, signature and docstring
+        functools.update_wrapper(method, func)
         sig = inspect.signature(func)
-        bound.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])
-        return bound
+        method.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])
+        return method
 
 
 @xr.register_dataset_accessor("lcx")
@@ -87,8 +95,37 @@ class LcxAccessor:
     loading_correlation = _Forward("spectra")
 
     @property
-    def plot(self):
+    def plot(self) -> PlotAccessor:
         """Figures of this Dataset: ``ds.lcx.plot.<name>()`` (see :mod:`atomds.plot`)."""
-        from .plot import PlotAccessor
-
         return PlotAccessor(self._ds)
+
+
+class PlotAccessor:
+    """``ds.lcx.plot``: the figure functions of :mod:`atomds.plot` with ``ds`` bound first.
+
+    Every method forwards to the function of the same name in :mod:`atomds.plot`; see that
+    function for the parameters.
+    """
+
+    def __init__(self, ds: xr.Dataset):
+        self._ds = ds
+
+    # atom finding
+    atoms = _Forward("plot")
+    correlation = _Forward("plot")
+    blob_sizes = _Forward("plot")
+
+    # neighbourhoods and clusters
+    neighbor_histogram = _Forward("plot")
+    dendrogram = _Forward("plot")
+    cluster_map = _Forward("plot")
+    cluster_panel = _Forward("plot")
+
+    # deformation modes
+    scree = _Forward("plot")
+    modes = _Forward("plot")
+    loading_map = _Forward("plot")
+
+    # interactive views
+    interactive_atoms = _Forward("plot")
+    linked_loading_view = _Forward("plot")

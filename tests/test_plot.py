@@ -1,6 +1,8 @@
 """Figures: every figure function renders a non-blank PNG whose axes carry units; interactive views build."""
 
+import inspect
 import io
+import pydoc
 import re
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import pytest
 
 import atomds
 from atomds.errors import InvalidParameterError, MissingStepError, MissingVariableError
+from atomds.params import FallbackWarning
 
 mpl = pytest.importorskip("matplotlib")
 mpl.use("Agg")
@@ -162,6 +165,26 @@ def test_accessor_forwards_every_figure(found, analysed):
         assert callable(getattr(analysed.lcx.plot, name)), name
 
 
+def test_plot_accessor_forwards_with_signatures_and_docstrings(analysed):
+    """``ds.lcx.plot.<name>`` has the signature of ``atomds.plot.<name>`` without the Dataset, and its docstring."""
+    from atomds.accessor import PlotAccessor
+
+    names = [n for n in P.__all__ if n != "PlotAccessor"]
+    forwarded = sorted(n for n in vars(PlotAccessor) if not n.startswith("_"))
+    assert forwarded == sorted(names)
+    for name in names:
+        func, method = getattr(P, name), getattr(analysed.lcx.plot, name)
+        params = list(inspect.signature(func).parameters.values())
+        assert params[0].name == "ds"
+        assert inspect.signature(method) == inspect.signature(func).replace(parameters=params[1:]), name
+        assert method.__doc__ == func.__doc__ and func.__doc__
+        assert method.__name__ == name
+        text = pydoc.render_doc(method, renderer=pydoc.plaintext)  # what help() shows
+        assert f"{name}(*, " in text  # the signature, without the Dataset
+        assert func.__doc__.splitlines()[0] in text
+        assert getattr(PlotAccessor, name) is func  # on the class: the function itself
+
+
 def test_correlation(found):
     fig = P.correlation(found)
     check_figure(fig)
@@ -179,7 +202,9 @@ def test_blob_sizes(found):
 def test_blob_sizes_tolerates_unreadable_params(found):
     ds = found.copy()
     ds.attrs["find_atoms_params"] = "{not json"
-    check_figure(P.blob_sizes(ds), length_unit=None)
+    with pytest.warns(FallbackWarning, match="find_atoms_params"):
+        fig = P.blob_sizes(ds)
+    check_figure(fig, length_unit=None)
 
 
 def test_neighbor_histogram(analysed):
