@@ -14,7 +14,8 @@ from numba import njit
 
 from ..errors import InvalidParameterError
 from ._threads import run_chunks
-from .preprocess import _float, check_image, estimate_noise, noise_model
+from .image import as_float, check_image
+from .scales import estimate_noise, noise_model
 
 __all__ = ["spike_mask", "remove_spikes"]
 
@@ -102,6 +103,15 @@ def _k_spikes_border(img, a, b, k, c, out):  # pragma: no cover - compiled
                 out[i, j] = True
 
 
+def _spike_input(image) -> np.ndarray:
+    """``image`` as it is when it is already a 2-D floating-point array (no scan, no copy: its NaN
+    pixels are never spikes and stay as they are), else checked by :func:`check_image`."""
+    arr = np.asarray(image)
+    if arr.ndim == 2 and np.issubdtype(arr.dtype, np.floating):
+        return arr
+    return check_image(arr)
+
+
 def spike_mask(image, *, noise: tuple[float, float] | None = None, sigmas: float = SPIKE_SIGMAS,
                contrast: float = SPIKE_CONTRAST) -> np.ndarray:
     """Pixels that are single-pixel spikes (hot or dead pixels, particle hits).
@@ -111,37 +121,44 @@ def spike_mask(image, *, noise: tuple[float, float] | None = None, sigmas: float
     spread of its 3 x 3 neighbourhood (median minus smallest, or largest minus median) away from
     the median. The noise standard deviation (at the highest neighbour for a high spike, at the
     lowest for a low one) comes from ``noise`` (``variance = a + b * I``; estimated with
-    :func:`~atomds.core.preprocess.noise_model` when None), with ``a`` at least a quarter of the
-    image's overall noise variance (:func:`~atomds.core.preprocess.estimate_noise`). On the
+    :func:`~atomds.core.scales.noise_model` when None), with ``a`` at least a quarter of the
+    image's overall noise variance (:func:`~atomds.core.scales.estimate_noise`). On the
     outermost rows and columns the neighbours inside the image are used. One compiled pass over
     the image, on a pool of threads.
 
     Parameters
     ----------
     image : 2-D array
+        A floating-point image is used as it is (NaN pixels are never spikes, nor are their
+        neighbours judged against them); any other is checked with
+        :func:`~atomds.core.image.check_image` first.
     noise : (a, b), optional
-        Noise model: variance ``a + b * intensity``.
+        Noise model: variance ``a + b * intensity`` (intensity units squared and intensity units).
     sigmas, contrast : float
         The two thresholds above.
 
     Returns
     -------
     bool array, the image's shape
+
+    Raises
+    ------
+    InvalidImageError
+        The noise has to be estimated and the estimation crop holds NaN or is constant.
     """
-    img = check_image(image)
     if not (np.isfinite(sigmas) and sigmas > 0 and np.isfinite(contrast) and contrast > 0):
         raise InvalidParameterError(f"sigmas and contrast must be positive, got {sigmas!r}, {contrast!r}.")
-    return _spike_mask(img, noise, sigmas, contrast)
+    return _spike_mask(_spike_input(image), noise, sigmas, contrast)
 
 
 def _spike_mask(img: np.ndarray, noise, sigmas: float = SPIKE_SIGMAS, contrast: float = SPIKE_CONTRAST) -> np.ndarray:
-    """:func:`spike_mask` of a checked image."""
+    """:func:`spike_mask` of a float image."""
     a, b = noise_model(img) if noise is None else (float(noise[0]), float(noise[1]))
     # a floor under the noise: a fitted model can put the read noise at zero, and then a pixel
     # at the bottom of the shot noise would pass as a dead pixel
     a = max(a, (0.5 * estimate_noise(img)) ** 2)
     out = np.zeros(img.shape, dtype=bool)
-    data = np.ascontiguousarray(_float(img))
+    data = np.ascontiguousarray(as_float(img))
     run_chunks(_k_spikes, img.shape[0], data, float(a), float(b), float(sigmas), float(contrast), out,
                min_chunk=64, chunks_per_thread=4, max_threads=8)
     _k_spikes_border(data, float(a), float(b), float(sigmas), float(contrast), out)
@@ -154,6 +171,8 @@ def remove_spikes(image, *, noise: tuple[float, float] | None = None, fill: str 
     Parameters
     ----------
     image : 2-D array
+        A floating-point image is used as it is, without another scan or copy (NaN pixels are
+        allowed and stay NaN); any other is checked with :func:`~atomds.core.image.check_image`.
     noise : (a, b), optional
         Noise model (see :func:`spike_mask`).
     fill : {"median", "nan"}
@@ -163,20 +182,23 @@ def remove_spikes(image, *, noise: tuple[float, float] | None = None, fill: str 
     Returns
     -------
     cleaned : ndarray
-        A float copy when there are spikes; the (checked) input otherwise.
+        A float copy when there are spikes; the (float) input itself otherwise.
     mask : bool ndarray
+
+    Raises
+    ------
+    InvalidParameterError
+        ``fill`` is neither "median" nor "nan".
+    InvalidImageError
+        The noise has to be estimated and the estimation crop holds NaN or is constant.
     """
-    return _remove_spikes(check_image(image), noise, fill)
-
-
-def _remove_spikes(img: np.ndarray, noise=None, fill: str = "median"):
-    """:func:`remove_spikes` of a checked image."""
     if fill not in ("median", "nan"):
         raise InvalidParameterError(f"fill must be 'median' or 'nan', got {fill!r}.")
+    img = _spike_input(image)
     mask = _spike_mask(img, noise)
     if not mask.any():
         return img, mask
-    out = _float(img).copy()
+    out = as_float(img).copy()
     iy, ix = np.nonzero(mask)
     if fill == "nan":
         out[iy, ix] = np.nan
@@ -193,3 +215,8 @@ def _remove_spikes(img: np.ndarray, noise=None, fill: str = "median"):
     fillv = np.nanmedian(np.where(np.isnan(nb).all(axis=1, keepdims=True), 0.0, nb), axis=1)
     out[iy, ix] = fillv
     return out, mask
+
+
+def _remove_spikes(img: np.ndarray, noise=None, fill: str = "median"):
+    """Old private spelling of :func:`remove_spikes`, kept only until ``core/refine`` calls the public one."""
+    return remove_spikes(img, noise=noise, fill=fill)

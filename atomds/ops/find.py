@@ -14,9 +14,12 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from ..core import find as core
+from ..core.find.api import find_atoms as core_find_atoms
+from ..core.find.correlation import correlation_map as core_correlation_map
+from ..core.find.templates import auto_template, template_from_point
+from ..core.image import check_image
 from ..errors import InvalidParameterError
-from ..params import record_params
+from ..params import note_fallback, record_params
 from ._common import annotate, drop_dim_vars, image_dataarray, length_to_px, length_units, pixel_size
 
 __all__ = ["find_atoms", "correlation_map"]
@@ -25,7 +28,7 @@ __all__ = ["find_atoms", "correlation_map"]
 def _image_numpy(ds: xr.Dataset) -> np.ndarray:
     """The image as a NumPy array (one compute for a Dask-backed image), validated."""
     da = image_dataarray(ds)
-    return core.check_image(np.asarray(da.values))
+    return check_image(np.asarray(da.values))
 
 
 def _is_point(spec) -> bool:
@@ -73,7 +76,7 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
     al.: a template (one representative column with its surroundings) is correlated with the
     whole image (zero-normalised cross-correlation by FFT), the correlation map is thresholded,
     connected blobs of plausible size become atoms at their correlation-weighted centroids.
-    See :func:`atomds.core.find.find_atoms` for every step and the automatic choices.
+    See :func:`atomds.core.find.api.find_atoms` for every step and the automatic choices.
 
     Parameters
     ----------
@@ -118,7 +121,8 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
         ``atom_score`` (peak correlation, 1), ``atom_area`` (blob area, units^2),
         ``sublattice`` (int, 0 = brightest class); and ``correlation(y, x)``, the correlation map.
         ``find_atoms_params`` records the parameters actually used (threshold, area bounds,
-        sigma, spacing, template shapes, rejected blobs).
+        sigma, spacing, template shapes, rejected blobs) and, under ``"fallbacks"``, any fallback
+        taken (a :class:`~atomds.params.FallbackWarning` is issued once per kind).
 
     Raises
     ------
@@ -133,7 +137,7 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
     s_px = length_to_px(sigma, ps, "sigma")
     d_px = length_to_px(spacing, ps, "spacing")
     img = _image_numpy(ds)
-    res = core.find_atoms(img, template=tmpl, threshold=threshold, min_area=min_area, max_area=max_area,
+    res = core_find_atoms(img, template=tmpl, threshold=threshold, min_area=min_area, max_area=max_area,
                           sublattices=sublattices, sigma=s_px, spacing=d_px, z_min=z_min, min_contrast=min_contrast,
                           lattice_check=lattice_check, contrast=contrast)
     out = drop_dim_vars(ds, "atom")
@@ -162,7 +166,10 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
         xr.DataArray(res.correlation, dims=("y", "x"), coords={"y": da["y"], "x": da["x"]}),
         "1", "normalised cross-correlation with the template (maximum over templates)",
     )
-    return record_params(out, "find_atoms", _params_in_units(res.params, ps, u))
+    params = _params_in_units(res.params, ps, u)
+    for kind, message in res.params.get("fallbacks", {}).items():
+        note_fallback(params, kind, message)  # recorded (already) and warned once per kind
+    return record_params(out, "find_atoms", params)
 
 
 def _params_in_units(params: dict[str, Any], ps: float, u: str) -> dict[str, Any]:
@@ -204,11 +211,11 @@ def correlation_map(ds: xr.Dataset, *, template=None, sigma: float | None = None
     d_px = length_to_px(spacing, ps, "spacing")
     img = _image_numpy(ds)
     if t is None:
-        arr = core.auto_template(img, sigma=s_px, spacing=d_px)
+        arr = auto_template(img, sigma=s_px, spacing=d_px)
     elif isinstance(t, tuple):
-        arr = core.template_from_point(img, t[0], t[1], sigma=s_px, spacing=d_px)
+        arr = template_from_point(img, t[0], t[1], sigma=s_px, spacing=d_px)
     else:
         arr = t
-    c = core.correlation_map(img, arr)
+    c = core_correlation_map(img, arr)
     out = xr.DataArray(c, dims=("y", "x"), coords={"y": da["y"], "x": da["x"]}, name="correlation")
     return annotate(out, "1", "normalised cross-correlation with the template")

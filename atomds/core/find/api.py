@@ -1,0 +1,390 @@
+"""Atom finding by template correlation: :func:`find_atoms`, a pipeline of the stages of this package.
+
+The local method of Belianinov et al. (the paper's steps 1-2): a template (one representative
+atomic column with its typical surroundings) is correlated with the whole image; the
+zero-normalised cross-correlation map is thresholded; connected blobs whose size is plausible
+become atoms, at their correlation-weighted centroids. The stages, one module each:
+:mod:`~atomds.core.scales` (noise, spacing, column width), :mod:`.templates`,
+:mod:`.correlation`, :mod:`.significance`, :mod:`.blobs`, :mod:`.classes` and :mod:`.lattice`;
+their tuned constants are in :mod:`.constants`.
+
+Everything is vectorised over pixels and blobs. Positions are in pixels (``x`` = column index,
+``y`` = row index, pixel centres at integers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ...errors import InvalidImageError, InvalidParameterError, NoAtomsFoundError
+from ..image import central_crop, check_image, turn_over
+from ..scales import SMALL_CROP, PatchSampler, column_sigma, estimate_spacing, noise_model
+from ..spikes import remove_spikes
+from .blobs import Blobs, area_bounds, find_blobs, local_reference, too_broad
+from .classes import column_classes, final_labels
+from .constants import GLOBAL_REFERENCE_FLOOR, MIN_INTERIOR_FIT
+from .correlation import amplitudes_at, best_correlation
+from .lattice import faint_off_lattice, outside_lattice, sub_threshold_on_sites
+from .significance import auto_threshold, border_strip, lowered_z_thresholds, peak_sample, z_thresholds
+from .templates import check_template, class_templates, is_point, make_templates
+
+__all__ = ["FoundAtoms", "find_atoms"]
+
+
+@dataclass
+class FoundAtoms:
+    """Result of :func:`find_atoms` (positions in px)."""
+
+    x: np.ndarray  #: seed x (column index), px
+    y: np.ndarray  #: seed y (row index), px
+    score: np.ndarray  #: peak zero-normalised correlation in the blob, in [-1, 1]
+    area: np.ndarray  #: blob area, px^2 (pixel count)
+    sublattice: np.ndarray  #: sublattice label (0, 1, ...), int
+    zscore: np.ndarray  #: template amplitude at the peak over its noise (dimensionless)
+    amplitude: np.ndarray  #: template-fit amplitude at the peak (intensity units, relative)
+    correlation: np.ndarray  #: correlation map (maximum over the templates), float32 (ny, nx)
+    templates: list = field(default_factory=list)  #: templates used (float arrays)
+    params: dict[str, Any] = field(default_factory=dict)  #: parameters actually used
+
+    def __len__(self) -> int:
+        return int(self.x.size)
+
+
+def find_atoms(image, *, template=None, threshold: float | None = None, min_area: float | None = None,
+               max_area: float | None = None, sublattices: str | int | None = "auto", sigma: float | None = None,
+               spacing: float | None = None, z_min: float | None = None, min_contrast: float = 0.25,
+               workers: int | None = None, refine_templates: bool = True, lattice_check: bool = True,
+               contrast: str = "bright") -> FoundAtoms:
+    """Find atomic columns by zero-normalised template correlation.
+
+    Pipeline (every step vectorised over pixels or blobs):
+
+    1. Scales: nearest-neighbour column spacing (:func:`~atomds.core.scales.estimate_spacing`)
+       and column width (:func:`~atomds.core.scales.estimate_column_sigma`), px, unless given; the noise model
+       ``variance = a + b * intensity`` (:func:`~atomds.core.scales.noise_model`).
+    2. Template(s): ``None`` builds one from the image (:func:`~atomds.core.find.templates.auto_template`); an ``(x, y)``
+       pair (px) takes the patch around that atom (:func:`~atomds.core.find.templates.template_from_point`); an array is
+       used as is; a list of those gives several templates, one sublattice each.
+    3. Correlation map (:func:`~atomds.core.find.correlation.correlation_map`; with several templates the maximum over them)
+       and the z-score of the template amplitude against the noise model.
+    4. Threshold: ``threshold`` or automatic (:func:`~atomds.core.find.significance.auto_threshold`); connected blobs above
+       it (:func:`scipy.ndimage.label`); a blob holding several correlation maxima more than
+       half a spacing apart is split between them (each pixel to its nearest maximum).
+    5. A blob is an atom when
+       - its amplitude is significant: z-score >= ``z_min`` (default: the level that pure
+         noise exceeds at about 0.5 local maximum over the area not taken by clearly
+         significant columns, :func:`~atomds.core.find.significance.noise_z_threshold`; the strip within half a template of
+         the border, where windows are partial and real columns score lower, gets its own
+         budget of 0.25 and so a lower threshold);
+         A blob below that threshold but still ``Z_FLOOR`` (2) sd above the noise is kept when
+         it sits on a lattice site surrounded by significant columns (at least three at local
+         lattice vectors, :func:`~atomds.core.find.lattice.supported_by_lattice`; only with ``lattice_check`` and the
+         automatic ``z_min``): in a dense lattice near the noise limit real columns fall below
+         a threshold set for empty areas, and the threshold itself is lowered, in up to four
+         rounds, as the accepted columns leave less area where noise alone could make a blob;
+       - its area lies within ``[min_area, max_area]`` px (automatic from the histogram of log
+         areas unless given);
+       - its amplitude (template fit at the peak, in intensity units) is at least
+         ``min_contrast`` of the bright columns around it (the 90th percentile of the amplitudes
+         in a box of about six spacings, or half the image-wide one if larger): weak specks of
+         amorphous material are not columns;
+       - it is not a faint blob off the lattice (``lattice_check``): a blob whose amplitude
+         relative to the bright columns around it is below half the median of its class must
+         sit where the lattice of its neighbours puts a site, i.e. at least two of the accepted
+         columns within 1.5 spacings must lie at a local lattice vector from it (within 0.15
+         spacing; see :func:`~atomds.core.find.lattice.supported_by_lattice`). Amorphous specks and dim blobs in a hole
+         sit anywhere; dim real columns (thin edges, light or partly occupied columns) sit on
+         sites. Blobs within half a template of the border are not tested, and neither are
+         faint blobs that make up more than a tenth of the blobs (a population, not specks).
+       - it is not a weak, broad blob: when its amplitude is below 75 % of its class's median
+         (step 7), the ratio of its correlation with the template to that with the template
+         blurred by the column width (a shape measure that noise hardly changes) must not fall
+         below the class's median ratio minus max(0.08, 5 robust standard deviations). Diffuse
+         amorphous blobs fail; strong columns sitting on diffuse material and blobs within half
+         a template of the border (partial windows) are not tested.
+    6. Seeds: correlation-weighted centroids of the blobs (weights ``C - threshold``). A column
+       centred just outside the image whose visible part correlates well enough is reported at
+       the border (its true centre cannot be told from a partial column at the edge).
+    7. Sublattice: with several templates, the best-matching template; with one template and
+       ``sublattices="auto"``, distinct classes of column intensity (template amplitude relative
+       to the local bright columns) by a Gaussian mixture with a separation test (one class unless
+       clearly distinct, :func:`~atomds.core.find.classes.classify_columns`); an int forces that many classes (k-means);
+       ``None`` gives every atom 0. Label 0 is the brightest class.
+    8. With the automatic template, ``sublattices="auto"`` and several classes found (and
+       ``refine_templates``), the search runs once more with one template per class, each the
+       average of its class's clearest columns: a dim column is then matched by a template
+       with its own surroundings, which finds the dim sublattice at lower doses.
+
+    Parameters
+    ----------
+    image : 2-D array
+    template : None, array, (x, y) in px, or list of those
+    threshold : float in (-1, 1), optional
+        Correlation threshold of the blobs.
+    min_area, max_area : float, optional
+        Blob-size bounds, px (pixel counts).
+    sublattices : "auto", int or None
+    sigma, spacing : float, optional
+        Column width and nearest-neighbour spacing, px (estimated when None).
+    z_min : float, optional
+        Significance of a column's amplitude against the noise (in noise standard deviations).
+    min_contrast : float
+        Smallest amplitude of an atom relative to the bright columns around it (0 disables).
+    workers : int, optional
+        Threads for the FFTs (default: all).
+    refine_templates : bool
+        Allow the second pass of step 8.
+    contrast : {"bright", "dark"}
+        "bright": columns brighter than their surroundings (HAADF, STM topography); "dark":
+        darker (ABF, BF): the image is turned over (``max - image``) before everything else.
+    lattice_check : bool
+        Use the lattice of the clear columns (step 5): keep sub-threshold blobs on its sites,
+        drop faint blobs off its sites and weak blobs in disordered regions of their own. Turn
+        it off to keep faint off-lattice features such as adatoms or interstitials.
+
+    Returns
+    -------
+    FoundAtoms
+        ``params`` holds every parameter used (given or estimated) and, under ``"fallbacks"``
+        (only when one was taken), ``{kind: message}`` for each path taken because the preferred
+        one could not be: ``"second_pass_skipped"`` (no template could be built for every class)
+        and ``"second_pass_failed"`` (the per-class search found nothing; the first pass is
+        returned). The xarray layer warns once per kind.
+
+    Raises
+    ------
+    DimensionError
+        The image is not 2-D.
+    InvalidImageError
+        The image holds NaN/inf or is constant, or no column spacing can be found in it.
+    InvalidParameterError
+        A parameter is out of range, or a template is constant or not smaller than the image.
+    NoAtomsFoundError
+        No blob passed; the message gives the threshold used and what to try.
+    """
+    img = turn_over(check_image(image), contrast)
+    noise = noise_model(img)
+    # hot and dead pixels would pass for the clearest columns and set the scales: replaced by
+    # the median of their neighbours for finding (refinement leaves them out of its fits)
+    img, spikes = remove_spikes(img, noise=noise)
+    _check_arguments(threshold, min_area, max_area, sigma, spacing, z_min, min_contrast, sublattices)
+    specs = _template_specs(template, img.shape)
+    d, s, samp = _scales(img, specs, sigma, spacing)
+    templates, kinds = make_templates(img, specs, samp, s, d)
+    ncc, z, which = best_correlation(img, templates, noise, workers=workers)
+    counts: dict[str, int] = {}
+    blobs, keep, thr, zmin, zmin_edge = _significant_blobs(ncc, z, which, templates, d, threshold, z_min,
+                                                           lattice_check, counts)
+    blobs, lo, hi = _plausible_size(blobs, keep, min_area, max_area, thr, counts)
+    ok, amp, cls, mode = _columns(img, blobs, templates, s, d, min_contrast, sublattices, lattice_check, counts)
+    if not np.any(ok):
+        raise thr.no_atoms("every blob is too weak or too broad to be a column")
+    blobs, amp, sub = blobs.take(ok), amp[ok], final_labels(cls[ok], mode)
+    n_sub = int(sub.max()) + 1 if sub.size else 0
+    params = {
+        "threshold": thr.value, "threshold_auto": thr.auto, "min_area": lo, "max_area": hi, "z_min": zmin,
+        "z_min_border": zmin_edge, "min_contrast": float(min_contrast), "lattice_check": bool(lattice_check),
+        "contrast": contrast, "spikes": int(spikes.sum()), "sigma": s, "spacing": d,
+        "noise_variance": [float(v) for v in noise], "templates": kinds,
+        "template_shape": [list(t.shape) for t in templates], "sublattice_mode": mode, "n_sublattices": n_sub,
+        "rejected": counts,
+    }
+    result = FoundAtoms(x=blobs.x, y=blobs.y, score=blobs.score, area=blobs.area, sublattice=sub, zscore=blobs.zscore,
+                        amplitude=amp, correlation=ncc, templates=templates, params=params)
+    if mode == "auto" and n_sub > 1 and kinds == ["auto"] and refine_templates:
+        # img is already turned over (dark contrast) and free of spikes: bright columns
+        return _second_pass(img, result, dict(threshold=threshold, min_area=min_area, max_area=max_area, z_min=z_min,
+                                              min_contrast=min_contrast, workers=workers, lattice_check=lattice_check))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# the stages of find_atoms
+# --------------------------------------------------------------------------------------------
+def _check_arguments(threshold, min_area, max_area, sigma, spacing, z_min, min_contrast, sublattices) -> None:
+    """Raise :class:`InvalidParameterError` for an argument of :func:`find_atoms` out of range."""
+    if threshold is not None:
+        if not np.isfinite(threshold) or not (-1.0 < float(threshold) < 1.0):
+            raise InvalidParameterError(
+                f"threshold must lie in (-1, 1) (it applies to a normalised correlation), got {threshold!r}."
+            )
+    for nm, v in (("min_area", min_area), ("max_area", max_area)):
+        if v is not None and (not np.isfinite(v) or v < 1):
+            raise InvalidParameterError(f"{nm} must be >= 1 px, got {v!r}.")
+    if min_area is not None and max_area is not None and min_area > max_area:
+        raise InvalidParameterError(f"min_area ({min_area}) is larger than max_area ({max_area}).")
+    for nm, v in (("sigma", sigma), ("spacing", spacing)):
+        if v is not None and not (np.isfinite(v) and v > 0):
+            raise InvalidParameterError(f"{nm} must be > 0 px, got {v!r}.")
+    if z_min is not None and not np.isfinite(z_min):
+        raise InvalidParameterError(f"z_min must be a finite number, got {z_min!r}.")
+    if not (np.isfinite(min_contrast) and 0 <= min_contrast < 1):
+        raise InvalidParameterError(f"min_contrast must lie in [0, 1), got {min_contrast!r}.")
+    if not (sublattices is None or sublattices == "auto"
+            or (isinstance(sublattices, (int, np.integer)) and not isinstance(sublattices, bool) and sublattices >= 1)):
+        raise InvalidParameterError(f"sublattices must be 'auto', an int >= 1 or None, got {sublattices!r}.")
+
+
+def _template_specs(template, shape: tuple[int, int]) -> list:
+    """The template argument as a list of specifications (None, a point, an array); arrays checked."""
+    specs = list(template) if isinstance(template, list) else [template]
+    if len(specs) == 0:
+        raise InvalidParameterError("template is an empty list: pass None, an array, an (x, y) point or a list of those.")
+    for sp in specs:
+        if sp is not None and not is_point(sp):
+            check_template(sp, shape)
+    return specs
+
+
+def _scales(img: np.ndarray, specs: list, sigma: float | None,
+            spacing: float | None) -> tuple[float, float, PatchSampler | None]:
+    """Spacing and column width (px), given or estimated, and the estimation crop when it is needed."""
+    try:
+        d = estimate_spacing(img) if spacing is None else float(spacing)
+    except InvalidImageError as exc:
+        # an image with no repeated column spacing (noise, vacuum, amorphous) has no atoms to find
+        raise NoAtomsFoundError(f"no atoms found: {exc}") from exc
+    if sigma is not None and all(sp is not None for sp in specs):
+        return d, float(sigma), None
+    samp = PatchSampler(central_crop(img, SMALL_CROP))
+    return d, column_sigma(samp, d) if sigma is None else float(sigma), samp
+
+
+@dataclass(frozen=True)
+class _Threshold:
+    """The correlation threshold of the blobs and whether it was automatic."""
+
+    value: float
+    auto: bool
+
+    def no_atoms(self, why: str) -> NoAtomsFoundError:
+        """The error to raise when nothing passed, saying why and what to try."""
+        how = "automatic" if self.auto else "given"
+        thr = self.value
+        return NoAtomsFoundError(
+            f"no atoms found with the {how} correlation threshold {thr:.3f}: {why}. Try a lower threshold "
+            f"(e.g. threshold={max(thr - 0.2, -0.9):.2f}), a template taken from a clear atom (template=(x, y)), "
+            "wider min_area/max_area, or check that the image shows atomic columns."
+        )
+
+
+def _significant_blobs(ncc, z, which, templates, spacing: float, threshold: float | None, z_min: float | None,
+                       lattice_check: bool, counts: dict[str, int]):
+    """Blobs of the thresholded map and which of them are significant (steps 4 and 5a of :func:`find_atoms`).
+
+    Returns ``(blobs, keep, threshold, z_min, z_min_border)``; rejections are counted in ``counts``.
+    """
+    ny, nx = ncc.shape
+    hy_t, hx_t, inner_area = border_strip(ncc.shape, templates)
+    if z_min is None:
+        zmin, zmin_edge = z_thresholds(templates, ncc.shape, inner_area)
+    else:
+        zmin = zmin_edge = float(z_min)
+    if threshold is None:
+        c_pk, z_pk = peak_sample(ncc, z)
+        thr = _Threshold(auto_threshold(c_pk, z_pk, z_min=zmin), True)
+    else:
+        thr = _Threshold(float(threshold), False)
+    blobs = find_blobs(ncc, z, which, thr.value, spacing)
+    if blobs is None:
+        raise thr.no_atoms("no pixel of the correlation map exceeds it")
+    counts["blobs"] = len(blobs)
+    py_, px_ = np.divmod(blobs.peak, nx)
+    on_edge = (py_ < hy_t) | (py_ >= ny - hy_t) | (px_ < hx_t) | (px_ >= nx - hx_t)
+    if z_min is None:
+        zmin, zmin_edge = lowered_z_thresholds(templates, blobs.zscore, on_edge, zmin, zmin_edge, ncc.shape,
+                                               inner_area, spacing)
+    keep = blobs.zscore >= np.where(on_edge, zmin_edge, zmin)
+    if lattice_check and z_min is None:
+        rescued = sub_threshold_on_sites(blobs.x, blobs.y, keep, blobs.zscore, spacing)
+        if rescued is not None:
+            counts["on_lattice_site"] = int(np.count_nonzero(rescued))
+            keep |= rescued
+    counts["not_significant"] = int((~keep).sum())
+    if not np.any(keep):
+        raise thr.no_atoms(f"no blob has an amplitude {zmin:.1f} noise standard deviations above the noise")
+    return blobs, keep, thr, zmin, zmin_edge
+
+
+def _plausible_size(blobs: Blobs, keep: np.ndarray, min_area, max_area, thr: _Threshold,
+                    counts: dict[str, int]) -> tuple[Blobs, int, int]:
+    """The significant blobs of a plausible area (step 5b), and the area bounds (px)."""
+    lo, hi = area_bounds(blobs.area[keep], min_area, max_area)
+    size_ok = (blobs.area >= lo) & (blobs.area <= hi)
+    counts["area"] = int((keep & ~size_ok).sum())
+    keep = keep & size_ok
+    if not np.any(keep):
+        raise thr.no_atoms(f"no significant blob has an area within [{lo}, {hi}] px")
+    return blobs.take(keep), lo, hi
+
+
+def _columns(img, blobs: Blobs, templates, s: float, d: float, min_contrast: float, sublattices, lattice_check: bool,
+             counts: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """Which blobs are columns (contrast, breadth, lattice: steps 5c-5e) and their classes (step 7).
+
+    Returns ``(ok, amplitude, classes, mode)``, one entry per blob; rejections are counted in ``counts``.
+    """
+    ny, nx = img.shape
+    cx, cy = blobs.x, blobs.y
+    amp, broad = amplitudes_at(img, templates, blobs.which, blobs.peak, s)
+    ok = np.ones(len(blobs), dtype=bool)
+    loc_ref, glob_ref = local_reference(cx, cy, amp, d)
+    if min_contrast > 0:
+        weak = amp < min_contrast * np.maximum(loc_ref, GLOBAL_REFERENCE_FLOOR * glob_ref)
+        counts["low_contrast"] = int(weak.sum())
+        ok &= ~weak
+    # classes of columns (intensity relative to the local bright columns); the blobs near the
+    # border (tails of columns outside, partial windows) are labelled but do not shape the classes
+    rel = amp / np.maximum(loc_ref, 1e-12 * abs(glob_ref) + 1e-300)
+    hmax = max(max(t.shape) for t in templates) // 2
+    interior = (cx >= hmax) & (cx <= nx - 1 - hmax) & (cy >= hmax) & (cy <= ny - 1 - hmax)
+    fit_mask = ok & interior if np.count_nonzero(ok & interior) >= MIN_INTERIOR_FIT else ok
+    cls, mode = column_classes(rel, blobs.which, len(templates), sublattices, fit_mask)
+    diffuse = too_broad(blobs.score, broad, amp, cls, ok, interior)
+    counts["too_broad"] = int((ok & diffuse).sum())
+    ok &= ~diffuse
+    if lattice_check:
+        off = outside_lattice(cx, cy, amp, cls, ok & interior, ok, d, border=ok & ~interior)
+        counts["no_lattice"] = int(off.sum())
+        ok &= ~off
+        off_sites = faint_off_lattice(cx, cy, rel, cls, ok, interior, d)
+        if off_sites is not None:
+            counts["off_lattice"] = int(off_sites.sum())
+            ok &= ~off_sites
+    return ok, amp, cls, mode
+
+
+def _second_pass(img: np.ndarray, first: FoundAtoms, kw: dict[str, Any]) -> FoundAtoms:
+    """Step 8 of :func:`find_atoms`: the search again with one template per class, built from its own columns.
+
+    The dim sublattice is then matched by a template with its own surroundings. When no template
+    can be built for every class, or the second search finds nothing, the first pass is returned
+    with the fallback recorded under ``params["fallbacks"]``.
+    """
+    p = first.params
+    class_t = class_templates(img, first.x, first.y, first.score, first.sublattice, first.templates[0].shape)
+    if len(class_t) != p["n_sublattices"]:
+        p.setdefault("fallbacks", {})["second_pass_skipped"] = (
+            f"find_atoms: no template could be built for each of the {p['n_sublattices']} classes of columns (a class "
+            "has too few clear columns away from the border); the atoms of the first pass (one template) are kept"
+        )
+        return first
+    try:
+        second = find_atoms(img, template=class_t, sublattices="auto", sigma=p["sigma"], spacing=p["spacing"],
+                            refine_templates=False, **kw)
+    except NoAtomsFoundError as exc:
+        p.setdefault("fallbacks", {})["second_pass_failed"] = (
+            f"find_atoms: the second pass (one template per class) found no atoms ({exc}); the atoms of the first "
+            "pass (one template) are kept"
+        )
+        return first
+    second.params["contrast"] = p["contrast"]
+    second.params["spikes"] = p["spikes"]
+    second.params["templates"] = [f"auto (class {k})" for k in range(len(class_t))]
+    second.params["sublattice_mode"] = "auto (one template per class)"
+    second.params["first_pass"] = {k: p[k] for k in ("threshold", "n_sublattices")}
+    second.params["first_pass"]["n_atoms"] = len(first)
+    return second

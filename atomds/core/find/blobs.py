@@ -1,0 +1,242 @@
+"""Blobs of the thresholded correlation map, and the filters of blob size, contrast and breadth.
+
+Connected pixels above the correlation threshold form blobs; a blob holding several maxima more
+than half a spacing apart is split between them (each pixel to its nearest maximum), and each
+blob's seed is its correlation-weighted centroid. Its size must be plausible (automatic bounds
+from the histogram of log areas), its amplitude a fair fraction of the bright columns around it
+(:func:`local_reference`), and its shape that of a column rather than of a diffuse blob
+(:func:`too_broad`). Positions are in pixels; statistics are computed with ``bincount``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
+
+from ..scales import MAD_TO_STD
+from .constants import (
+    AREA_LOWER_FACTOR,
+    AREA_MIN_SPREAD,
+    AREA_SPREAD_SD,
+    BREADTH_MIN_DROP,
+    BREADTH_SD,
+    BREADTH_WEAK,
+    BRIGHT_QUANTILE,
+    MERGE_RADIUS,
+    MIN_CLASS_COUNT,
+    OUTLIER_CAP,
+    REFERENCE_CELL,
+)
+from .correlation import local_maxima
+
+__all__ = ["Blobs", "find_blobs", "area_bounds", "local_reference", "too_broad"]
+
+
+@dataclass
+class Blobs:
+    """Blobs of the correlation map, one entry per blob (positions in px)."""
+
+    x: np.ndarray  #: correlation-weighted centroid x, px
+    y: np.ndarray  #: correlation-weighted centroid y, px
+    score: np.ndarray  #: correlation at the peak, in [-1, 1]
+    area: np.ndarray  #: pixel count, px^2
+    zscore: np.ndarray  #: z-score at the peak (inf when no noise model was used)
+    which: np.ndarray  #: index of the best-matching template at the peak
+    peak: np.ndarray  #: flat index of the peak pixel
+
+    def __len__(self) -> int:
+        return int(self.x.size)
+
+    def take(self, keep: np.ndarray) -> Blobs:
+        """The blobs selected by ``keep`` (a boolean mask or indices)."""
+        return Blobs(*(getattr(self, f.name)[keep] for f in fields(self)))
+
+
+def _suppress(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Greedy non-maximum suppression over points sorted by decreasing strength.
+
+    ``pairs`` (m, 2) are index pairs closer than the suppression radius. A point is dropped when
+    a stronger *kept* point is among its pairs; resolved level by level, vectorised.
+    """
+    pairs = np.sort(pairs, axis=1)
+    first, second = pairs[:, 0], pairs[:, 1]  # first is the stronger
+    status = np.zeros(n, dtype=np.int8)  # 0 undecided, 1 kept, 2 dropped
+    while True:
+        undecided = status == 0
+        if not undecided.any():
+            break
+        has_kept = np.bincount(second[status[first] == 1], minlength=n) > 0
+        n_open = np.bincount(second[status[first] == 0], minlength=n)
+        status[undecided & has_kept] = 2
+        status[undecided & ~has_kept & (n_open == 0)] = 1
+    return status == 2
+
+
+def find_blobs(ncc: np.ndarray, z: np.ndarray, which: np.ndarray | None, thr: float, spacing: float) -> Blobs | None:
+    """Blobs of ``ncc > thr`` split at separate maxima, with their statistics (None when no pixel exceeds ``thr``).
+
+    Parameters
+    ----------
+    ncc, z : 2-D float32 arrays
+        Correlation map and z-score map (``z`` may be empty: z-scores are then inf).
+    which : 2-D int array or None
+        Best-matching template at each pixel (None: template 0 everywhere).
+    thr : float
+        Correlation threshold.
+    spacing : float
+        Column spacing, px: maxima of one blob closer than ``MERGE_RADIUS`` spacing are one column.
+    """
+    ny, nx = ncc.shape
+    mask = ncc > np.float32(thr)
+    labels, nlab = ndi.label(mask)
+    idx = np.flatnonzero(mask)
+    del mask
+    lab = labels.ravel()[idx]
+    del labels
+    if idx.size == 0:
+        return None
+    c = ncc.ravel()[idx]
+    # local maxima among blob pixels; merge maxima closer than half a spacing (keep the strongest)
+    ismax = local_maxima(ncc, idx, nx)
+    mi = idx[ismax]
+    ml = lab[ismax]
+    mv = c[ismax]
+    my, mx = np.divmod(mi, nx)
+    # only blobs with more than one maximum need attention
+    nmax = np.bincount(ml, minlength=nlab + 1)
+    multi = nmax[ml] > 1
+    if np.any(multi):
+        sel = np.flatnonzero(multi)
+        order = sel[np.argsort(-mv[sel], kind="stable")]
+        pts = np.c_[mx[order], my[order], ml[order] * (10.0 * (nx + ny))]
+        tree = cKDTree(pts)
+        r = MERGE_RADIUS * spacing
+        pairs = tree.query_pairs(r, output_type="ndarray")
+        drop = _suppress(order.size, pairs) if pairs.size else np.zeros(order.size, dtype=bool)
+        keep_multi = np.ones(mv.size, dtype=bool)
+        keep_multi[order[drop]] = False
+        mi, ml, mv, my, mx = mi[keep_multi], ml[keep_multi], mv[keep_multi], my[keep_multi], mx[keep_multi]
+        nmax = np.bincount(ml, minlength=nlab + 1)
+    # new labels: blobs with a single maximum keep theirs; pixels of multi-maximum blobs go to
+    # the nearest maximum of the same blob (a Voronoi split)
+    newlab = lab.astype(np.int64)
+    split_blobs = np.flatnonzero(nmax > 1)
+    nb = nlab + 1
+    if split_blobs.size:
+        msel = np.flatnonzero(nmax[ml] > 1)
+        big = 10.0 * (nx + ny)
+        tree = cKDTree(np.c_[mx[msel], my[msel], ml[msel] * big])
+        psel = np.flatnonzero(nmax[lab] > 1)
+        py, px = np.divmod(idx[psel], nx)
+        _, nearest = tree.query(np.c_[px, py, lab[psel] * big])
+        newlab[psel] = nb + nearest
+        nb = nb + msel.size
+    # blob statistics by bincount
+    w = (c - np.float32(thr)).astype(np.float64)
+    py, px = np.divmod(idx, nx)
+    area = np.bincount(newlab, minlength=nb)
+    sw = np.bincount(newlab, weights=w, minlength=nb)
+    sx = np.bincount(newlab, weights=w * px, minlength=nb)
+    sy = np.bincount(newlab, weights=w * py, minlength=nb)
+    # peak of each blob: its (kept) correlation maximum; every blob holds at least one
+    pk = np.full(nb, -1, dtype=np.int64)
+    single = nmax[ml] == 1
+    pk[ml[single]] = mi[single]
+    if split_blobs.size:
+        pk[nb - msel.size + np.arange(msel.size)] = mi[msel]
+    present = (area > 0) & (pk >= 0)
+    present[0] = False
+    ids = np.flatnonzero(present)
+    peak = pk[ids]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cx = sx[ids] / sw[ids]
+        cy = sy[ids] / sw[ids]
+    # blobs with zero weight (all at the threshold): use the peak pixel
+    bad = ~np.isfinite(cx)
+    cx[bad] = (peak[bad] % nx).astype(np.float64)
+    cy[bad] = (peak[bad] // nx).astype(np.float64)
+    score = ncc.ravel()[peak].astype(np.float64)
+    zs = z.ravel()[peak].astype(np.float64) if z.size else np.full(ids.size, np.inf)
+    which_t = which.ravel()[peak] if which is not None else np.zeros(ids.size, dtype=np.int64)
+    return Blobs(cx, cy, score, area[ids].astype(np.int64), zs, which_t, peak)
+
+
+def area_bounds(area: np.ndarray, min_area, max_area) -> tuple[int, int]:
+    """Blob-size bounds (px): the given ones, else automatic from the log areas (robust centre and spread).
+
+    The upper bound is ``exp(median + spread)`` and the lower ``exp(median - spread) / 2`` of
+    the log areas, with ``spread`` = max(4 robust sd, log 4).
+    """
+    la = np.log(np.maximum(area, 1))
+    med = float(np.median(la))
+    mad = float(np.median(np.abs(la - med))) * MAD_TO_STD
+    spread = max(AREA_SPREAD_SD * mad, np.log(AREA_MIN_SPREAD))
+    lo = 1 if min_area is None else int(min_area)
+    hi = int(np.ceil(np.exp(med + spread))) if max_area is None else int(max_area)
+    if min_area is None:
+        lo = int(max(1, np.floor(np.exp(med - spread - np.log(AREA_LOWER_FACTOR)))))
+    return lo, hi
+
+
+def local_reference(x, y, amp, spacing: float) -> tuple[np.ndarray, float]:
+    """Amplitude of the bright columns around each blob, and image-wide.
+
+    The image is divided into square cells of two spacings; the 90th percentile of the
+    amplitudes in each cell is found by sorting once, and each blob's reference is the largest
+    of these over its own cell and the eight around it (a 6-spacing box). Returns that and the
+    image-wide 90th percentile.
+    """
+    glob = float(np.quantile(amp, BRIGHT_QUANTILE))
+    # a lone outlier (a multi-pixel particle hit, a speck of heavy contamination) must not set the
+    # reference of the nine cells around it: amplitudes count at most three times the image's
+    amp = np.minimum(amp, OUTLIER_CAP * glob) if glob > 0 else amp
+    cell = REFERENCE_CELL * spacing
+    cx = np.floor((x - x.min()) / cell).astype(np.int64)
+    cy = np.floor((y - y.min()) / cell).astype(np.int64)
+    ncx, ncy = int(cx.max()) + 1, int(cy.max()) + 1
+    cid = cy * ncx + cx
+    order = np.lexsort((amp, cid))
+    cs, vs = cid[order], amp[order]
+    starts = np.flatnonzero(np.r_[True, cs[1:] != cs[:-1]])
+    counts = np.diff(np.r_[starts, cs.size])
+    pos = starts + BRIGHT_QUANTILE * (counts - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, cs.size - 1)
+    grid = np.full((ncy, ncx), -np.inf)
+    grid.ravel()[cs[starts]] = vs[lo] + (pos - lo) * (vs[hi] - vs[lo])
+    grid = ndi.maximum_filter(grid, size=3, mode="constant", cval=-np.inf)
+    return grid[cy, cx], glob
+
+
+def too_broad(score: np.ndarray, broad: np.ndarray, amp: np.ndarray, cls: np.ndarray, ok: np.ndarray,
+              interior: np.ndarray) -> np.ndarray:
+    """Weak blobs whose shape is diffuse rather than that of a column.
+
+    A column correlates better with the template than with the template blurred by the column
+    width; noise lowers both correlations by about the same factor, so their ratio
+    ``score / broad`` measures shape. A blob is too broad when its amplitude is below
+    ``BREADTH_WEAK`` of its class's median (a strong column that looks broad sits on something
+    diffuse, an amorphous film at a hole's rim: it is still a column) and its ratio is below the
+    class's median ratio minus max(``BREADTH_SD`` robust sd, ``BREADTH_MIN_DROP``). The medians
+    are taken over the ``ok`` blobs of each class (at least ``MIN_CLASS_COUNT``); blobs outside
+    ``interior`` (partial windows shift the ratio) are not tested.
+
+    Returns
+    -------
+    bool ndarray (n,)
+    """
+    ratio = score / np.maximum(broad, 1e-6)
+    out = np.zeros(score.size, dtype=bool)
+    for k in np.unique(cls):
+        m = cls == k
+        ref_m = m & ok
+        if np.count_nonzero(ref_m) < MIN_CLASS_COUNT:
+            continue
+        med = float(np.median(ratio[ref_m]))
+        spread = MAD_TO_STD * float(np.median(np.abs(ratio[ref_m] - med)))
+        weak = amp < BREADTH_WEAK * float(np.median(amp[ref_m]))
+        out |= m & interior & weak & (broad > 0) & (ratio < med - max(BREADTH_SD * spread, BREADTH_MIN_DROP))
+    return out

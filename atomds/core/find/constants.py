@@ -1,0 +1,92 @@
+"""The tuned constants of atom finding, in one place.
+
+Each was set on the bundled samples and the robustness cases of ``benchmarks/`` (lattices,
+doses, holes, amorphous films, dense and sparse lattices); the comment says what it decides.
+Lengths are in column spacings unless a unit is given; amplitudes are fractions of a class's
+median unless said otherwise. The scales' own constants (crops, peaks averaged for the column
+width) live in :mod:`atomds.core.scales`.
+"""
+
+from __future__ import annotations
+
+# --- significance (noise z-scores) -------------------------------------------------------------
+#: Expected false blobs of pure noise over the interior of an image: sets the automatic ``z_min``.
+FALSE_BLOBS = 0.5
+#: The same budget for the strip within half a template of the border (partial windows).
+FALSE_BLOBS_BORDER = 0.25
+#: Rounds of the significance threshold's update by the area the accepted columns take.
+Z_ROUNDS = 4
+#: Area a column takes from the search for noise blobs, spacing^2 (a close-packed cell).
+COLUMN_CELL = 0.866
+#: The area left for noise never falls below this fraction of the area searched.
+MIN_FREE_AREA = 0.02
+#: Smallest significance (noise sd) of a blob kept because it sits on a lattice site.
+Z_FLOOR = 2.0
+#: Significant columns needed before sub-threshold blobs are judged by the lattice they sit on.
+MIN_LATTICE_ANCHORS = 20
+#: Anchors at lattice vectors that a sub-threshold blob needs to be kept.
+SITE_MATCHES = 3
+
+# --- correlation threshold ---------------------------------------------------------------------
+#: Automatic threshold: this fraction of the low quantile of the significant maxima's correlation.
+THRESHOLD_FRACTION = 0.5
+#: ... the quantile (the dimmest and noisiest columns still form blobs of a few pixels).
+THRESHOLD_QUANTILE = 0.02
+#: Range of the automatic threshold, and its value when no maximum is significant.
+THRESHOLD_RANGE = (0.2, 0.8)
+THRESHOLD_DEFAULT = 0.5
+
+# --- blob shape --------------------------------------------------------------------------------
+#: Maxima of one blob closer than this (spacings) are one column.
+MERGE_RADIUS = 0.5
+#: Automatic area bounds: robust spread of the log areas times this, at least log(4) ...
+AREA_SPREAD_SD = 4.0
+AREA_MIN_SPREAD = 4.0
+#: ... and the lower bound another factor 2 below.
+AREA_LOWER_FACTOR = 2.0
+
+# --- contrast and breadth ----------------------------------------------------------------------
+#: Quantile of the amplitudes that stands for "the bright columns" (locally and image-wide).
+BRIGHT_QUANTILE = 0.9
+#: The local reference of the bright columns is at least this fraction of the image-wide one.
+GLOBAL_REFERENCE_FLOOR = 0.5
+#: A single amplitude counts at most this many times the image-wide reference (lone outliers).
+OUTLIER_CAP = 3.0
+#: Side of the cells over which the local bright-column amplitude is taken (3 x 3 of them).
+REFERENCE_CELL = 2.0
+#: A blob is tested for breadth only when its amplitude is below this fraction of its class's median.
+BREADTH_WEAK = 0.75
+#: Too broad: shape ratio below the class median minus this many robust sd ...
+BREADTH_SD = 5.0
+#: ... or at least this much below it.
+BREADTH_MIN_DROP = 0.08
+#: Fewest clear blobs in a class to set its median (breadth, faintness).
+MIN_CLASS_COUNT = 5
+
+# --- lattice tests -----------------------------------------------------------------------------
+#: A blob is weak when its amplitude is below this fraction of its class's median (image-wide).
+WEAK = 0.75
+#: Below this fraction of its class's median amplitude a blob near clear columns must still be
+#: in an ordered neighbourhood.
+VERY_WEAK = 0.4
+#: Weak blobs farther than this (in spacings) from every column that is not weak form a region of
+#: their own, which must be a lattice (a thin area) and not a disordered film.
+REGION_REACH = 3.0
+#: Fraction of unmatched neighbour vectors above which a neighbourhood is disordered
+#: (:func:`atomds.core.neighbors.phase_features`: 0 in a crystal, 0.5-1 among random positions).
+DISORDERED = 0.4
+#: Rounds of the disorder test, each without the blobs already dropped.
+DISORDER_ROUNDS = 3
+#: A blob is faint when its amplitude relative to the bright columns around it is below this
+#: fraction of its class's median (then it must be supported by the lattice).
+FAINT = 0.5
+#: Above this fraction of the interior blobs, faint blobs are a population and are not tested.
+FAINT_MAX_FRACTION = 0.1
+
+# --- classes and the second pass ---------------------------------------------------------------
+#: Fewest blobs inside the interior to fit the classes on them alone (else every kept blob).
+MIN_INTERIOR_FIT = 20
+#: Clearest columns per class averaged into its template in the second pass.
+CLASS_TEMPLATE_PEAKS = 2000
+#: Fewest interior columns of a class to build its template from.
+CLASS_TEMPLATE_MIN = 5

@@ -1,0 +1,458 @@
+"""Correlation of templates with the image: the zero-normalised cross-correlation map and its z-score.
+
+The whole-image maps use real FFTs in float32 (the template's spectrum from a separable
+decomposition) and running window sums of the image and its square (compiled with numba, rows
+split between threads); near the border only the part of the window inside the image counts (a
+masked correlation), so that columns at the edge correlate as well as interior ones. At a few
+chosen pixels (the blobs' peaks) :func:`match_at` gives the same correlation and the template's
+least-squares amplitude directly. Positions are in pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.fft as sfft
+from numba import njit
+from scipy import ndimage as ndi
+
+from .._threads import run_chunks
+from ..image import check_image
+from .templates import check_template
+
+__all__ = [
+    "CorrelationParts",
+    "correlate",
+    "best_correlation",
+    "correlation_map",
+    "local_maxima",
+    "match_at",
+    "amplitudes_at",
+]
+
+
+@dataclass
+class CorrelationParts:
+    """Correlation maps of one template with the image."""
+
+    ncc: np.ndarray  # zero-normalised cross-correlation, float32 (ny, nx)
+    zscore: np.ndarray  # matched-filter amplitude over its noise, float32 (ny, nx)
+
+
+def _spectrum_of_small(kernel: np.ndarray, fy: int, fx: int, *, out: np.ndarray | None = None,
+                       conjugate: bool = False) -> np.ndarray:
+    """rfft2 of a small ``kernel`` zero-padded to (fy, fx), complex64 (its conjugate if asked).
+
+    The kernel is split into separable terms (singular value decomposition, terms below 1e-7 of
+    the largest dropped), so the 2-D spectrum is a sum of outer products of 1-D spectra: one
+    small matrix product instead of a full-size transform.
+    """
+    k = np.asarray(kernel, dtype=np.float64)
+    u, sv, vt = np.linalg.svd(k, full_matrices=False)
+    r = max(1, int(np.sum(sv > 1e-7 * sv[0]))) if sv[0] > 0 else 1
+    a = sfft.fft(u[:, :r] * sv[:r], n=fy, axis=0).astype(np.complex64)  # (fy, r)
+    b = sfft.rfft(vt[:r], n=fx, axis=1).astype(np.complex64)  # (r, fx // 2 + 1)
+    if conjugate:
+        a, b = np.conj(a), np.conj(b)
+    if out is None:
+        return a @ b
+    return np.matmul(a, b, out=out)
+
+
+def _window_stats(t: np.ndarray, ny: int, nx: int, rows: np.ndarray, cols: np.ndarray):
+    """Per-position sums of the template over the part of its window inside the image.
+
+    For output pixels ``(rows[k], cols[k])`` (the template centre), returns ``n_in``,
+    ``sum_in t`` and ``sum_in t^2`` over the template pixels that fall inside the image.
+    """
+    th, tw = t.shape
+    hy, hx = th // 2, tw // 2
+    a = np.maximum(0, hy - rows)  # first template row inside
+    b = np.minimum(th - 1, hy + (ny - 1 - rows))  # last
+    c = np.maximum(0, hx - cols)
+    d = np.minimum(tw - 1, hx + (nx - 1 - cols))
+
+    def box(arr):
+        cs = np.zeros((th + 1, tw + 1))
+        cs[1:, 1:] = arr.cumsum(0).cumsum(1)
+        return cs[b + 1, d + 1] - cs[a, d + 1] - cs[b + 1, c] + cs[a, c]
+
+    return box(np.ones_like(t)), box(t), box(t * t)
+
+
+# ----------------------------------------------------------------------------------------------
+# compiled passes (numba) for :func:`correlate`: the window sums of the image and its square by
+# running sums (float64, instead of two full-size FFT filterings), and the NCC / z-score maps in
+# one pass each fusing several numpy passes (same float32 operations in the same order); the rows
+# are split between a few threads (the kernels release the GIL).
+
+
+def _row_threads(kernel, n: int, *args) -> None:
+    """Run ``kernel(start, stop, *args)`` over rows ``range(n)`` in chunks on a pool of threads."""
+    run_chunks(kernel, n, *args, min_chunk=64, chunks_per_thread=4, max_threads=8)
+
+
+@njit(cache=True, nogil=True)
+def _k_ncc(r0, r1, num, var, s1, floor, tnorm, use_z, zb, za, zfloor, ncc, z):  # pragma: no cover
+    """ncc = num / (sqrt(max(var, floor)) tnorm); z = num / (sqrt(max(s1 zb + za, zfloor)) tnorm)."""
+    for i in range(r0, r1):
+        for j in range(num.shape[1]):
+            u = num[i, j]
+            ncc[i, j] = u / (np.sqrt(max(var[i, j], floor)) * tnorm)
+            if use_z:
+                lm = s1[i, j] * zb + za
+                z[i, j] = u / (np.sqrt(max(lm, zfloor)) * tnorm)
+
+
+@njit(cache=True, nogil=True)
+def _k_rowsum(img, r, mean, tw, rs1, rs2):  # pragma: no cover - compiled
+    """Sums of (img[r] - mean) and its square over the windows of ``tw`` columns (zero outside)."""
+    nx = img.shape[1]
+    hx = tw // 2
+    a1 = 0.0
+    a2 = 0.0
+    for c in range(0, min(nx, tw - hx)):
+        d = img[r, c] - mean
+        a1 += d
+        a2 += d * d
+    rs1[0] = a1
+    rs2[0] = a2
+    for j in range(1, nx):
+        c = j - hx + tw - 1
+        if c < nx:
+            d = img[r, c] - mean
+            a1 += d
+            a2 += d * d
+        c = j - hx - 1
+        if c >= 0:
+            d = img[r, c] - mean
+            a1 -= d
+            a2 -= d * d
+        rs1[j] = a1
+        rs2[j] = a2
+
+
+@njit(cache=True, nogil=True)
+def _k_boxstats(r0, r1, img, mean, th, tw, s1, var, smax):  # pragma: no cover - compiled
+    """Window sums of ``img - mean`` (zero outside the image) and ``n`` times the local variance.
+
+    For output rows r0:r1, the (th, tw) window with its centre (th // 2, tw // 2) on the pixel:
+    ``s1 = sum (p - mean)``, ``var = sum (p - mean)^2 - s1^2 / n`` (float64 running sums, stored
+    float32); the largest ``sum (p - mean)^2`` of these rows goes to ``smax[r0]``.
+    """
+    ny, nx = img.shape
+    hy = th // 2
+    n = float(th * tw)
+    acc1 = np.zeros(nx)
+    acc2 = np.zeros(nx)
+    rs1 = np.empty(nx)
+    rs2 = np.empty(nx)
+    top = 0.0
+    for i in range(r0, r1):
+        if i == r0:
+            for r in range(max(0, i - hy), min(ny, i - hy + th)):
+                _k_rowsum(img, r, mean, tw, rs1, rs2)
+                for j in range(nx):
+                    acc1[j] += rs1[j]
+                    acc2[j] += rs2[j]
+        else:
+            r = i - hy + th - 1
+            if r < ny:
+                _k_rowsum(img, r, mean, tw, rs1, rs2)
+                for j in range(nx):
+                    acc1[j] += rs1[j]
+                    acc2[j] += rs2[j]
+            r = i - hy - 1
+            if r >= 0:
+                _k_rowsum(img, r, mean, tw, rs1, rs2)
+                for j in range(nx):
+                    acc1[j] -= rs1[j]
+                    acc2[j] -= rs2[j]
+        for j in range(nx):
+            a1 = acc1[j]
+            a2 = acc2[j]
+            s1[i, j] = a1
+            var[i, j] = a2 - a1 * a1 / n
+            if a2 > top:
+                top = a2
+    smax[r0] = top
+
+
+@dataclass
+class _Stats:
+    """Window sums shared by every template of one shape (zero outside the image)."""
+
+    s1: np.ndarray  # sum of (image - mean) over the in-image window, float32
+    var: np.ndarray  # n * local variance over the window (interior definition), float32
+    floor: np.float32  # smallest local variance trusted (float32 round-off of the FFT)
+
+
+def correlate(image: np.ndarray, templates: list[np.ndarray], noise: tuple[float, float] | None,
+               workers: int | None = None) -> list[CorrelationParts]:
+    """Zero-normalised cross-correlation of each template with ``image`` (same-size maps).
+
+    The centre of template ``t`` (index ``t.shape // 2``) sits on each pixel. Near the border
+    only the part of the window inside the image counts (a masked correlation: local means,
+    variances and the template's own mean and norm are taken over that part), so columns at
+    the edge correlate as well as interior ones. When ``noise`` = (a, b) is given, also the
+    z-score of the template amplitude, ``sum (p - mean p)(t - mean t) / (|t - mean t| sqrt(a + b
+    mean p))``.
+    """
+    ny, nx = image.shape
+    hy = max(t.shape[0] for t in templates) // 2
+    hx = max(t.shape[1] for t in templates) // 2
+    workers = -1 if workers is None else workers
+    mean = float(np.mean(image, dtype=np.float64))
+    fy = sfft.next_fast_len(ny + 2 * hy, real=True)
+    fx = sfft.next_fast_len(nx + 2 * hx, real=True)
+    # image - mean at the origin, zeros elsewhere: a correlation at offset (oy, ox) puts the
+    # template's first row/col hy/hx pixels before the image
+    pad = np.zeros((fy, fx), dtype=np.float32)
+    pad[hy : hy + ny, hx : hx + nx] = image
+    pad[hy : hy + ny, hx : hx + nx] -= np.float32(mean)
+    spec = sfft.rfft2(pad, workers=workers)
+    del pad
+    img32 = np.ascontiguousarray(image, dtype=np.float32)
+    buf = np.empty_like(spec)  # products of spectra, reused
+    out = []
+    cache: dict[tuple[int, int], _Stats] = {}
+    for t in templates:
+        th, tw = t.shape
+        oy, ox = hy - th // 2, hx - tw // 2  # offset of this template inside the common halo
+        n = np.float32(th * tw)
+        if (th, tw) not in cache:
+            # window sums of (p - mean) and (p - mean)^2 by running sums (separable box)
+            s1 = np.empty((ny, nx), dtype=np.float32)
+            var = np.empty((ny, nx), dtype=np.float32)
+            smax = np.zeros(ny)
+            _row_threads(_k_boxstats, ny, img32, np.float32(mean), th, tw, s1, var, smax)
+            # float32 FFT round-off of the correlation is ~1e-6 of the largest local energy:
+            # flatter windows are flat
+            floor = np.float32(1e-5 * max(float(np.float32(smax.max())), 1e-30))
+            cache[(th, tw)] = _Stats(s1, var, floor)
+        st = cache[(th, tw)]
+        tz = t - t.mean()
+        tnorm = np.float32(np.sqrt(np.sum(tz * tz)))
+        _spectrum_of_small(tz, fy, fx, out=buf, conjugate=True)
+        buf *= spec
+        num = sfft.irfft2(buf, s=(fy, fx), workers=workers, overwrite_x=True)[oy : oy + ny, ox : ox + nx]
+        ncc = np.empty((ny, nx), dtype=np.float32)
+        if noise is not None:
+            a, b = noise
+            z = np.empty((ny, nx), dtype=np.float32)
+            zb, za, zfloor = np.float32(b / float(n)), np.float32(a + b * mean), np.float32(1e-12 + 1e-6 * a)
+        else:
+            z = np.zeros((0, 0), dtype=np.float32)
+            zb = za = zfloor = np.float32(0.0)
+        _row_threads(_k_ncc, ny, num, st.var, st.s1, np.float32(st.floor), tnorm, noise is not None,
+                     zb, za, zfloor, ncc, z if noise is not None else ncc)
+        _fix_border(ncc, z, num, st, t, mean, noise, th // 2, tw // 2)
+        del num
+        np.clip(ncc, -1.0, 1.0, out=ncc)
+        out.append(CorrelationParts(ncc, z))
+    return out
+
+
+def _fix_border(ncc, z, num, st: _Stats, t, mean, noise, hy, hx):
+    """Recompute the masked correlation (and z-score) in the strips where the window leaves the image."""
+    ny, nx = ncc.shape
+    strips = [(slice(0, min(hy, ny)), slice(0, nx)), (slice(max(ny - hy, 0), ny), slice(0, nx)),
+              (slice(0, ny), slice(0, min(hx, nx))), (slice(0, ny), slice(max(nx - hx, 0), nx))]
+    tbar = float(t.mean())
+    for sy, sx in strips:
+        rows, cols = np.mgrid[sy, sx]
+        if rows.size == 0:
+            continue
+        n_in, t_in, t2_in = _window_stats(t, ny, nx, rows.ravel(), cols.ravel())
+        n_in, t_in, t2_in = (v.reshape(rows.shape) for v in (n_in, t_in, t2_in))
+        s1 = st.s1[sy, sx].astype(np.float64)
+        # num was computed with the zero-mean template: add back the part of its mean inside
+        nm = num[sy, sx].astype(np.float64) + s1 * (tbar - t_in / n_in)
+        # s2 from the stored interior variance: var = s2 - s1^2 / n  =>  s2 = var + s1^2 / n
+        n_full = float(t.size)
+        s2 = st.var[sy, sx].astype(np.float64) + s1 * s1 / n_full
+        vp = np.maximum(s2 - s1 * s1 / n_in, float(st.floor))
+        vt = np.maximum(t2_in - t_in * t_in / n_in, 1e-300)
+        ncc[sy, sx] = (nm / np.sqrt(vp * vt)).astype(np.float32)
+        if noise is not None and z.size:
+            a, b = noise
+            lm = s1 / n_in + mean
+            sd = np.sqrt(np.maximum(a + b * lm, 1e-12 + 1e-6 * a))
+            z[sy, sx] = (nm / (np.sqrt(vt) * sd)).astype(np.float32)
+
+
+def correlation_map(image, template) -> np.ndarray:
+    """Zero-normalised cross-correlation of ``template`` with ``image``, values in [-1, 1].
+
+    ``C(p) = sum (I - mean I)(t - mean t) / (|I - mean I| |t - mean t|)`` over the template
+    window centred on pixel ``p`` (the template's centre is ``shape // 2``); the image is
+    reflected beyond its edges. Computed with float32 real FFTs and box sums (the local mean and
+    variance), never pixel by pixel. Where the image is flat to within float32 round-off the
+    correlation is 0.
+
+    Returns
+    -------
+    ndarray of float32, same shape as ``image``
+    """
+    img = check_image(image)
+    t = check_template(template, img.shape)
+    return correlate(img, [t], None)[0].ncc
+
+
+def local_maxima(c: np.ndarray, idx: np.ndarray, nx: int) -> np.ndarray:
+    """Which of the flat indices ``idx`` are 3x3 local maxima of ``c`` (ties: the first in raster order).
+
+    Neighbours outside the image do not count. Strict comparison with the neighbours before
+    the pixel in raster order and non-strict with those after, so a plateau gives one maximum.
+    """
+    c2 = np.ascontiguousarray(c).reshape(-1, nx)
+    is_max = np.empty(idx.size, dtype=bool)
+    _k_local_max(c2, np.ascontiguousarray(idx, dtype=np.int64), is_max)
+    return is_max
+
+
+@njit(cache=True, nogil=True)
+def _k_local_max(c, idx, is_max):  # pragma: no cover - compiled
+    """:func:`local_maxima` (neighbours outside the image taken as -inf)."""
+    ny, nx = c.shape
+    ninf = -np.inf
+    for k in range(idx.size):
+        y = idx[k] // nx
+        x = idx[k] - y * nx
+        v = c[y, x]
+        ok = True
+        for dy in range(-1, 2):
+            for dx in range(-1, 2):
+                if dy == 0 and dx == 0:
+                    continue
+                yy = y + dy
+                xx = x + dx
+                u = c[yy, xx] if (0 <= yy < ny and 0 <= xx < nx) else ninf
+                if dy < 0 or (dy == 0 and dx < 0):
+                    if not (v > u):
+                        ok = False
+                elif not (v >= u):
+                    ok = False
+        is_max[k] = ok
+
+
+
+def match_at(img: np.ndarray, py: np.ndarray, px: np.ndarray, templates, *, chunk: int = 16384):
+    """Masked correlation and least-squares amplitude of templates centred on pixels (py, px).
+
+    ``templates`` is one 2-D template or a sequence of templates of one shape. Only the part of
+    the window inside the image counts. Returns ``(ncc, amplitude)``, each (n,) for one template
+    or (n, k) for k: the zero-normalised correlation and the slope ``a`` of ``patch ~ a t + b``.
+    """
+    one = np.ndim(templates) == 2
+    ts = np.asarray([templates] if one else list(templates), dtype=np.float64)
+    k, th, tw = ts.shape
+    ny, nx = img.shape
+    hy, hx = th // 2, tw // 2
+    ncc = np.empty((py.size, k))
+    amp = np.empty((py.size, k))
+    inner = (py >= hy) & (py < ny - hy) & (px >= hx) & (px < nx - hx)
+    # windows entirely inside: one strided view, float32 products against zero-mean templates
+    tz = ts.reshape(k, -1) - ts.reshape(k, -1).mean(1, keepdims=True)
+    tz2 = (tz * tz).sum(1)
+    tzf = tz.T.astype(np.float32)
+    n_full = float(th * tw)
+    view = np.lib.stride_tricks.sliding_window_view(np.asarray(img, dtype=np.float32), (th, tw))
+    idx_in = np.flatnonzero(inner)
+    for s0 in range(0, idx_in.size, chunk):
+        sel = idx_in[s0 : s0 + chunk]
+        pv = view[py[sel] - hy, px[sel] - hx].reshape(sel.size, -1)
+        sp = pv.sum(1, dtype=np.float64)
+        spp = np.einsum("ij,ij->i", pv, pv, dtype=np.float64)
+        cov = (pv @ tzf).astype(np.float64)  # sum p t' (the template is zero-mean)
+        vp = spp - sp * sp / n_full
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ncc[sel] = np.where(vp[:, None] > 0, cov / np.sqrt(tz2[None, :] * np.maximum(vp, 1e-300)[:, None]), 0.0)
+        amp[sel] = cov / np.maximum(tz2[None, :], 1e-300)
+    # windows that leave the image: masked sums
+    oy = np.arange(th) - hy
+    ox = np.arange(tw) - hx
+    tf = ts.reshape(k, -1).T  # (N, k)
+    idx_out = np.flatnonzero(~inner)
+    for s0 in range(0, idx_out.size, chunk):
+        sel = idx_out[s0 : s0 + chunk]
+        yy = py[sel, None, None] + oy[None, :, None]
+        xx = px[sel, None, None] + ox[None, None, :]
+        m = ((yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)).reshape(sel.size, -1)
+        pv = img[np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)].reshape(sel.size, -1).astype(np.float64)
+        pv = np.where(m, pv - pv.mean(1, keepdims=True), 0.0)  # an offset does not change the result
+        mf = m.astype(np.float64)
+        n = mf.sum(1)
+        sp = pv.sum(1)
+        st = mf @ tf
+        st2 = mf @ (tf * tf)
+        vp = (pv * pv).sum(1) - sp * sp / n
+        cov = pv @ tf - st * (sp / n)[:, None]
+        vt = np.maximum(st2 - st * st / n[:, None], 1e-300)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ncc[sel] = np.where(vp[:, None] > 0, cov / np.sqrt(vt * np.maximum(vp, 1e-300)[:, None]), 0.0)
+        amp[sel] = cov / vt
+    if one:
+        return ncc[:, 0], amp[:, 0]
+    return ncc, amp
+
+
+def best_correlation(img: np.ndarray, templates: list[np.ndarray], noise: tuple[float, float],
+                     workers: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Correlation and z-score maps, the maximum over the templates (step 3 of ``find_atoms``).
+
+    Returns
+    -------
+    ncc, z : float32 arrays, the image's shape
+        At each pixel, the correlation of the best-correlated template, and that template's z-score.
+    which : int8 array or None
+        The index of that template; None with one template.
+    """
+    parts = correlate(img, templates, noise, workers=workers)
+    ncc, z = parts[0].ncc, parts[0].zscore
+    which = None
+    if len(parts) > 1:
+        which = np.zeros(ncc.shape, dtype=np.int8)
+        for k, p in enumerate(parts[1:], start=1):
+            better = p.ncc > ncc
+            which[better] = k
+            np.copyto(ncc, p.ncc, where=better)
+            np.copyto(z, p.zscore, where=better)
+    return ncc, z, which
+
+
+def amplitudes_at(img: np.ndarray, templates: list[np.ndarray], which_t: np.ndarray, peak: np.ndarray,
+                  sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Template amplitude and correlation with the blurred template at the blobs' peak pixels.
+
+    Parameters
+    ----------
+    img : 2-D float array
+    templates : list of arrays
+    which_t : int array (n,)
+        The template of each blob.
+    peak : int array (n,)
+        Flat index of each blob's peak pixel.
+    sigma : float
+        Column width, px: the width of the blur.
+
+    Returns
+    -------
+    amplitude : ndarray (n,)
+        The least-squares slope of ``patch ~ a t + b`` times the template's own standard deviation:
+        intensity units, comparable between templates.
+    broad : ndarray (n,)
+        Correlation with the template blurred by ``sigma`` (a shape measure, see ``find_atoms``).
+    """
+    py, px = np.divmod(peak, img.shape[1])
+    amp = np.empty(peak.size)
+    broad = np.empty(peak.size)
+    for k, t in enumerate(templates):
+        sel = np.flatnonzero(which_t == k)
+        if sel.size:
+            c2, a2 = match_at(img, py[sel], px[sel], [t, ndi.gaussian_filter(t, sigma, mode="nearest")])
+            # amplitude in intensity units: the slope times the template's own spread, so that
+            # amplitudes measured with different templates compare
+            amp[sel], broad[sel] = a2[:, 0] * float(np.std(t)), c2[:, 1]
+    return amp, broad

@@ -1,0 +1,244 @@
+"""Lattice tests: whether a blob sits where the lattice of the clear columns puts a site.
+
+Real columns, however dim, sit on the lattice of their neighbours; specks of amorphous material,
+dim blobs in a hole and noise sit anywhere. :func:`supported_by_lattice` tests points against
+the local lattice vectors of anchor columns (non-Bravais lattices included);
+:func:`outside_lattice` drops weak blobs that form a disordered region of their own (an amorphous
+film); :func:`sub_threshold_on_sites` and :func:`faint_off_lattice` are the two uses of
+``find_atoms`` (keep blobs just under the noise threshold on sites, drop faint blobs off them).
+Positions are in pixels; lengths in the constants are in column spacings.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from ..neighbors import DISORDER_WEIGHT, phase_features
+from .constants import (
+    DISORDER_ROUNDS,
+    DISORDERED,
+    FAINT,
+    FAINT_MAX_FRACTION,
+    MIN_CLASS_COUNT,
+    MIN_LATTICE_ANCHORS,
+    REGION_REACH,
+    SITE_MATCHES,
+    VERY_WEAK,
+    WEAK,
+    Z_FLOOR,
+)
+
+__all__ = [
+    "supported_by_lattice",
+    "below_class_median",
+    "outside_lattice",
+    "sub_threshold_on_sites",
+    "faint_off_lattice",
+]
+
+
+def supported_by_lattice(x, y, anchor, spacing: float, *, candidates=None, tol: float = 0.15, reach: float = 1.5,
+                         min_matches: int = 2, max_rounds: int = 5) -> np.ndarray:
+    """Whether each point sits on a site of the local lattice of the ``anchor`` points.
+
+    The local lattice vectors are the neighbour vectors of the anchors (to their anchor
+    neighbours within 1.3 times their nearest-neighbour distance), taken with both signs, so
+    that non-Bravais lattices (honeycomb, perovskite) are covered. A point is supported by an
+    anchor at most ``reach`` spacings away when their offset matches, within ``tol`` spacings,
+    one of the vectors of that anchor or of its own anchor neighbours; a point is on the
+    lattice with at least ``min_matches`` supporting anchors. Supported candidates join the
+    anchors and the test is repeated (at most ``max_rounds`` times), so that a run of dim
+    columns along a thin edge is followed from the bright ones. Vectorised over points.
+
+    Parameters
+    ----------
+    x, y : array (n,)
+        Positions, px.
+    anchor : bool array (n,)
+        Points that define the lattice (clear columns).
+    spacing : float
+        Nearest-neighbour spacing, px.
+    candidates : bool array (n,), optional
+        Points to test (default: those that are not anchors).
+    tol, reach : float
+        Matching tolerance and search radius, in spacings.
+    min_matches : int
+        Supporting anchors needed.
+
+    Returns
+    -------
+    bool array (n,)
+        True for anchors and supported candidates. With fewer than ``min_matches + 3`` anchors
+        nothing can be judged and every point is returned as supported.
+    """
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    anchor = np.asarray(anchor, dtype=bool).copy()
+    cand = ~anchor if candidates is None else np.asarray(candidates, dtype=bool) & ~anchor
+    if np.count_nonzero(anchor) < min_matches + 3:
+        return np.ones(x.size, dtype=bool)
+    xy = np.c_[x, y]
+    for _ in range(max_rounds):
+        todo = np.flatnonzero(cand & ~anchor)
+        if todo.size == 0:
+            break
+        sup = _lattice_matches(xy, np.flatnonzero(anchor), todo, spacing, tol, reach) >= min_matches
+        if not sup.any():
+            break
+        anchor[todo[sup]] = True
+    return anchor | ~cand
+
+
+def _lattice_matches(xy, a_idx, todo, spacing, tol, reach, k: int = 8, chunk: int = 20000) -> np.ndarray:
+    """Number of anchors supporting each point of ``todo`` (see :func:`supported_by_lattice`).
+
+    Only the anchors near the tested points, and their own neighbours, are described, so that a
+    few faint blobs in a large image cost little.
+    """
+    axy = xy[a_idx]
+    tree = cKDTree(axy)
+    kk = min(k + 1, a_idx.size)
+    lists = tree.query_ball_point(xy[todo], reach * spacing)
+    cnt = np.fromiter((len(v) for v in lists), dtype=np.int64, count=todo.size)
+    ii = np.repeat(np.arange(todo.size), cnt)
+    jj = np.fromiter((j for v in lists for j in v), dtype=np.int64, count=int(cnt.sum()))
+    out = np.zeros(todo.size, dtype=np.int64)
+    if jj.size == 0:
+        return out
+    # the anchors next to the points, then their neighbours: the vectors of both are needed
+    near = np.unique(jj)
+    _, nn_near = tree.query(axy[near], k=kk)
+    rows = np.unique(np.concatenate([near, nn_near[:, 1:].ravel()]))
+    dd, nn = tree.query(axy[rows], k=kk)
+    dd, nn = dd[:, 1:], nn[:, 1:]
+    vec = axy[nn] - axy[rows][:, None, :]  # (len(rows), kk - 1, 2)
+    vec[dd >= 1.3 * np.maximum(dd[:, :1], 1e-9)] = np.nan
+    nn_row = np.searchsorted(rows, nn_near[:, 1:])  # rows of the neighbours of each near anchor
+    lim = (tol * spacing) ** 2
+    for s0 in range(0, ii.size, chunk):
+        i, j = ii[s0:s0 + chunk], jj[s0:s0 + chunk]
+        v = xy[todo[i]] - axy[j]  # (m, 2)
+        pool_rows = np.concatenate([np.searchsorted(rows, j)[:, None], nn_row[np.searchsorted(near, j)]], axis=1)
+        pool = vec[pool_rows].reshape(j.size, -1, 2)
+        e = np.minimum(((pool - v[:, None]) ** 2).sum(-1), ((pool + v[:, None]) ** 2).sum(-1))
+        hit = np.nanmin(np.where(np.isnan(e), np.inf, e), axis=1) < lim
+        hit &= (v**2).sum(-1) > 1e-12
+        out += np.bincount(i[hit], minlength=todo.size)
+    return out
+
+
+def below_class_median(values, cls, ok, fraction: float, min_count: int = 1) -> np.ndarray:
+    """Blobs (of any status) whose ``values`` lie below ``fraction`` of the median over the ``ok`` blobs of their class.
+
+    Classes with fewer than ``min_count`` ``ok`` blobs are not judged.
+    """
+    out = np.zeros(values.size, dtype=bool)
+    for k in np.unique(cls[ok]):
+        ref = ok & (cls == k)
+        if np.count_nonzero(ref) >= min_count:
+            out |= (cls == k) & (values < fraction * float(np.median(values[ref])))
+    return out
+
+
+def outside_lattice(x, y, amp, cls, tested, ok, spacing: float, border=None) -> np.ndarray:
+    """Weak blobs in a disordered region of their own: an amorphous film or support, not a crystal.
+
+    Weak blobs (amplitude below ``WEAK`` of their class's median) among ``tested``, and every
+    blob in ``border`` (the strip where partial windows make amplitudes unreliable), farther
+    than ``REGION_REACH`` spacings from every clear column (a tested blob that is not weak) are
+    examined; they are dropped when their neighbourhood among the accepted blobs is disordered
+    (translational disorder of :func:`~atomds.core.neighbors.phase_features` above
+    ``DISORDERED``). A thin area of the crystal, weak but ordered, stays; so do disordered
+    columns near clear ones (a grain boundary). Only the examined blobs are described, so that a
+    clean image costs nothing.
+    """
+    weak = below_class_median(amp, cls, ok, WEAK) & ok
+    strong = tested & ~weak
+    out = np.zeros(x.size, dtype=bool)
+    examined = tested & weak
+    if border is not None:
+        examined |= border
+    cand = np.flatnonzero(examined)
+    if cand.size == 0 or np.count_nonzero(strong) < 3:
+        return out
+    dist, _ = cKDTree(np.c_[x[strong], y[strong]]).query(np.c_[x[cand], y[cand]])
+    # near clear columns only the very weak are examined (a disordered column of a grain
+    # boundary is about as bright as the others; a speck of the film is a fraction of that)
+    very_weak = below_class_median(amp, cls, ok, VERY_WEAK) & ok
+    cand = cand[(dist > REGION_REACH * spacing) | very_weak[cand]]
+    if cand.size == 0:
+        return out
+    # a dense film gives its blobs chance matches among each other: the order of the blobs
+    # that remain is judged again without the ones already dropped
+    for _ in range(DISORDER_ROUNDS):
+        pool = np.flatnonzero(ok & ~out)
+        where = np.searchsorted(pool, cand)
+        feats, _ = phase_features(x[pool], y[pool], spacing=spacing, centers=where)
+        disorder = feats[:, -1] / DISORDER_WEIGHT
+        drop = ~(disorder <= DISORDERED)  # too few neighbours to judge (NaN) counts as disordered
+        if not drop.any():
+            break
+        out[cand[drop]] = True
+        cand = cand[~drop]
+        if cand.size == 0:
+            break
+    return out
+
+
+def sub_threshold_on_sites(x, y, keep: np.ndarray, zs: np.ndarray, spacing: float) -> np.ndarray | None:
+    """Blobs below the significance threshold that are columns because they sit on lattice sites.
+
+    In a dense lattice near the noise limit the amplitude of a column is small against the
+    window's own variation, and real columns fall below the noise threshold; a blob that is
+    still ``Z_FLOOR`` sd above the noise and sits on a lattice site surrounded by significant
+    columns (at least ``SITE_MATCHES`` of them at local lattice vectors) is a column. Noise blobs
+    sit off the sites, and the sites at the edge of a crystal have fewer such neighbours.
+
+    Parameters
+    ----------
+    x, y : ndarray (n,)
+        Blob positions, px.
+    keep : bool ndarray (n,)
+        The significant blobs (the anchors).
+    zs : ndarray (n,)
+        z-scores.
+    spacing : float
+        Column spacing, px.
+
+    Returns
+    -------
+    bool ndarray (n,) or None
+        The rescued blobs; None when there is nothing to judge (no blob between ``Z_FLOOR`` and
+        the threshold, or fewer than ``MIN_LATTICE_ANCHORS`` significant ones).
+    """
+    weak_z = ~keep & (zs >= Z_FLOOR)
+    if not (weak_z.any() and np.count_nonzero(keep) >= MIN_LATTICE_ANCHORS):
+        return None
+    on_site = supported_by_lattice(x, y, keep, spacing, candidates=weak_z, min_matches=SITE_MATCHES, max_rounds=1)
+    return weak_z & on_site
+
+
+def faint_off_lattice(x, y, rel: np.ndarray, cls: np.ndarray, ok: np.ndarray, interior: np.ndarray,
+                      spacing: float) -> np.ndarray | None:
+    """Faint blobs that do not sit on the lattice of the clear columns of the image.
+
+    A faint blob (relative amplitude below ``FAINT`` of its class's median over the ``ok``
+    blobs) is a column only where the lattice of its neighbours puts a site; a speck of
+    amorphous material or a dim blob in a hole sits anywhere. Only ``ok`` blobs in the
+    ``interior`` are tested (near the border too few neighbours are seen).
+
+    Returns
+    -------
+    bool ndarray (n,) or None
+        The faint blobs off the lattice; None when the faint blobs are more than
+        ``FAINT_MAX_FRACTION`` of the interior ones: a population as large as a class (see
+        :func:`~atomds.core.find.classes.classify_columns`' ``min_fraction``) is a sublattice or an
+        intensity spread that the classes did not resolve, not specks; its sites are not among
+        the bright columns' lattice vectors, so it is not tested.
+    """
+    faint = below_class_median(rel, cls, ok, FAINT, min_count=MIN_CLASS_COUNT)
+    tested = ok & interior & faint
+    if np.count_nonzero(tested) > FAINT_MAX_FRACTION * np.count_nonzero(ok & interior):
+        return None
+    return tested & ~supported_by_lattice(x, y, ok & ~faint, spacing, candidates=tested)

@@ -1,0 +1,154 @@
+"""The image array itself: validation, float conversion, estimation crops, contrast and sub-pixel peaks.
+
+The small helpers every other core module starts from (:mod:`atomds.core.scales`,
+:mod:`atomds.core.preprocess`, :mod:`atomds.core.spikes`, :mod:`atomds.core.find`, refinement).
+This module imports nothing else of atomds but its errors, so that none of them import each other
+for these.
+
+All lengths are in pixels (``x`` = column index, ``y`` = row index, pixel centres at integers);
+intensities are in the image's own units.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import DimensionError, InvalidImageError, InvalidParameterError
+
+__all__ = [
+    "CONTRASTS",
+    "check_image",
+    "as_float",
+    "turn_over",
+    "central_crop",
+    "checked_crop",
+    "parabola_offset",
+    "tukey_window",
+]
+
+#: Column contrasts: brighter than the surroundings (HAADF, STM topography) or darker (ABF, BF).
+CONTRASTS = ("bright", "dark")
+
+#: A crop other than the centre must show this factor more structure to be preferred
+#: (:func:`central_crop`).
+_CENTRE_PREFERENCE = 1.25
+
+
+def check_image(image, *, name: str = "image", min_size: int = 8) -> np.ndarray:
+    """Validate a 2-D image and return it as a floating-point array (no copy when possible).
+
+    Raises
+    ------
+    DimensionError
+        The array is not 2-D.
+    InvalidImageError
+        The image is smaller than ``min_size`` pixels along a side, holds NaN/inf, or is constant.
+    """
+    arr = np.asarray(image)
+    if arr.ndim != 2:
+        raise DimensionError(f"{name} must be a 2-D array (y, x), got shape {arr.shape}.")
+    if min(arr.shape) < min_size:
+        raise InvalidImageError(f"{name} is {arr.shape[0]}x{arr.shape[1]} px; at least {min_size} px per side is needed.")
+    if not np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise InvalidImageError(
+            f"{name} holds {bad} NaN or infinite pixels: crop them away or fill them (e.g. with the median) first."
+        )
+    if float(arr.max()) == float(arr.min()):
+        raise InvalidImageError(f"{name} is constant ({float(arr.flat[0])!r}): there is nothing to analyse.")
+    return arr
+
+
+def as_float(image: np.ndarray) -> np.ndarray:
+    """``image`` itself when it is float32 or float64, else a float64 copy."""
+    return image if image.dtype in (np.float32, np.float64) else image.astype(np.float64)
+
+
+def turn_over(image, contrast: str) -> np.ndarray:
+    """The image for ``contrast="bright"``; ``max - image`` (a new float array) for ``"dark"``.
+
+    Dark columns (ABF, BF) become bright ones, so that finding and fitting see peaks either way.
+    Non-finite pixels stay non-finite; the maximum is taken over the finite ones.
+    """
+    if contrast not in CONTRASTS:
+        raise InvalidParameterError(f"contrast must be one of {CONTRASTS}, got {contrast!r}.")
+    if contrast == "bright":
+        return image
+    a = as_float(np.asarray(image))
+    top = np.nanmax(a)
+    if not np.isfinite(top):
+        raise InvalidImageError("image has no finite pixel.")
+    return top - a
+
+
+def central_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """A ``size`` x ``size`` crop for estimating the image's scales: the most structured of nine.
+
+    Images no larger than ``size`` are returned whole. Otherwise the candidate crops sit on a
+    3 x 3 grid (centre, edges, corners); the one with the largest spread of intensities (a
+    lattice rather than vacuum or a flat support) is taken, which is the centre unless another
+    one clearly holds more structure.
+    """
+    ny, nx = image.shape
+    if ny <= size and nx <= size:
+        return image
+    ys = sorted({max(0, (ny - size) // 2), 0, max(0, ny - size)})
+    xs = sorted({max(0, (nx - size) // 2), 0, max(0, nx - size)})
+    y0c, x0c = max(0, (ny - size) // 2), max(0, (nx - size) // 2)
+    best, best_score = (y0c, x0c), -1.0
+    step = max(1, size // 128)
+    for y0 in ys:
+        for x0 in xs:
+            tile = np.asarray(image[y0 : y0 + size : step, x0 : x0 + size : step], dtype=np.float64)
+            score = float(np.std(np.diff(tile, axis=1)))
+            if (y0, x0) == (y0c, x0c):
+                score *= _CENTRE_PREFERENCE  # prefer the centre unless another crop is clearly richer
+            if score > best_score:
+                best, best_score = (y0, x0), score
+    y0, x0 = best
+    return image[y0 : y0 + size, x0 : x0 + size]
+
+
+def checked_crop(image, size: int) -> np.ndarray:
+    """The estimation crop of ``image`` (:func:`central_crop`), validated by :func:`check_image`.
+
+    The checks run on the crop alone when the image is larger: the estimates only read the crop,
+    and scanning a 4096 x 4096 image for NaN again in every estimator costs more than the estimate.
+    """
+    arr = np.asarray(image)
+    if arr.ndim == 2 and min(arr.shape) >= 8 and max(arr.shape) > size:
+        return check_image(central_crop(arr, size))
+    return central_crop(check_image(image), size)
+
+
+def parabola_offset(a, b, c):
+    """Sub-pixel offset of the vertex of the parabola through (-1, a), (0, b), (1, c), in [-0.5, 0.5] px.
+
+    0 where the three values do not form a maximum (a parabola open upwards or a straight line).
+    """
+    den = a - 2.0 * b + c
+    with np.errstate(invalid="ignore", divide="ignore"):
+        off = np.where(den < 0, 0.5 * (a - c) / den, 0.0)
+    return np.clip(off, -0.5, 0.5)
+
+
+def tukey_window(n: int, alpha: float = 0.5, *, lo: float = 0.0, hi: float | None = None) -> np.ndarray:
+    """1-D Tukey (tapered cosine) window of ``n`` samples over ``[lo, hi]`` (zero outside).
+
+    Flat in the middle, tapered by a half cosine over ``alpha / 2`` of the span ``[lo, hi]`` at
+    each end (``alpha`` = 0: a box, 1: a Hann window). The default span is the whole window,
+    ``[0, n - 1]``, as :func:`scipy.signal.windows.tukey` has it.
+    """
+    hi = n - 1.0 if hi is None else hi
+    t = np.arange(n, dtype=np.float64)
+    length = max(hi - lo, 1.0)
+    u = (t - lo) / length  # 0..1 inside
+    w = np.ones(n)
+    edge = alpha / 2.0
+    left, right = u < edge, u > 1.0 - edge
+    w[left] = 0.5 * (1 - np.cos(np.pi * u[left] / edge))
+    w[right] = 0.5 * (1 - np.cos(np.pi * (1.0 - u[right]) / edge))
+    w[(u < 0) | (u > 1)] = 0.0
+    return w
