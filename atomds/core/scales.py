@@ -48,6 +48,8 @@ _ESTIMATE_CROP = 1024
 _NOISE_CROP = 512
 #: Side of the crop on which the column width and the automatic template are estimated, px.
 SMALL_CROP = 512
+#: Tapered fraction of the Tukey window of the autocorrelation (:func:`estimate_spacing`).
+_SPACING_TAPER = 0.3
 #: Side of the crop searched for resolved pairs of columns (:func:`estimate_spacing`), px.
 _PAIR_CROP = 512
 #: Clearest peaks averaged to estimate the column width (their mean patch is what is fitted).
@@ -168,7 +170,7 @@ def estimate_spacing(image) -> float:
     img = img - ndi.uniform_filter(img, _odd(min(ny, nx) / 4.0, 1), mode="nearest")
     # a window flat over most of the image (Tukey, 30 % tapered): a Hann window would weigh the
     # centre so heavily that a hole or an amorphous patch there hides the lattice around it
-    win = np.outer(tukey_window(ny, lo=0.3), tukey_window(nx, lo=0.3))  # as before: the _tukey bug, fixed next
+    win = np.outer(tukey_window(ny, _SPACING_TAPER), tukey_window(nx, _SPACING_TAPER))
     img = (img - np.average(img, weights=win)) * win
     n_eff = float(np.sum(win**2) ** 2 / np.sum(win**4))
     # lags up to a quarter of the image, or a third of a small one (up to 128 px): a small image
