@@ -88,6 +88,10 @@ class LcxAccessor:
     to_grid = _Forward("ops.maps")
     cluster_fft = _Forward("ops.maps")
 
+    # physical maps with errors
+    strain = _Forward("ops.physics")
+    polarization = _Forward("ops.physics")
+
     # spectra
     attach_spectra = _Forward("spectra")
     cluster_mean_spectra = _Forward("spectra")

@@ -1,0 +1,127 @@
+"""Tests of atomds.core.strain and atomds.core.polarization on point lattices with known truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from atomds.core import polarization as cpol
+from atomds.core import strain as cs
+from atomds.errors import InvalidParameterError
+
+
+def lattice(kind="hexagonal", n=24, a=14.0, angle=0.3):
+    if kind == "hexagonal":
+        v = np.array([[a, 0.0], [a / 2, a * np.sqrt(3) / 2]])
+    else:
+        v = np.array([[a, 0.0], [0.0, a]])
+    c, s = np.cos(angle), np.sin(angle)
+    v = v @ np.array([[c, s], [-s, c]])
+    i, j = np.meshgrid(np.arange(n), np.arange(n))
+    return np.column_stack([i.ravel(), j.ravel()]) @ v
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    exx=st.floats(-0.03, 0.03), eyy=st.floats(-0.03, 0.03), exy=st.floats(-0.03, 0.03), rot=st.floats(-0.03, 0.03),
+    kind=st.sampled_from(["hexagonal", "square"]),
+)
+def test_homogeneous_strain_is_recovered_against_an_unstrained_reference(exx, eyy, exy, rot, kind):
+    xy = lattice(kind)
+    ref = xy[:, 0] < np.median(xy[:, 0])  # unstrained left half is the reference
+    F = np.eye(2) + np.array([[exx, exy - rot], [exy + rot, eyy]])
+    strained = np.where(ref[:, None], xy, xy @ F.T)
+    out = cs.local_strain(strained[:, 0], strained[:, 1], reference=ref, centers=~ref)
+    inner = ~ref & (out["n_bonds"] >= (6 if kind == "hexagonal" else 4))
+    inner &= strained[:, 0] > np.percentile(strained[:, 0], 60)  # bonds inside the strained half only
+    for name, value in (("exx", exx), ("eyy", eyy), ("exy", exy), ("lattice_rotation", rot)):
+        np.testing.assert_allclose(out[name][inner], value, atol=1e-9)
+    assert np.isnan(out["exx"][ref]).all()  # not a centre
+
+
+@pytest.mark.parametrize("radius", [None, 2.05 * 14.0])
+def test_strain_errors_are_calibrated(radius):
+    rng = np.random.default_rng(0)
+    xy = lattice(n=40)
+    sig = rng.uniform(0.03, 0.12, len(xy))  # every atom its own error
+    noisy = xy + rng.normal(0, 1, xy.shape) * sig[:, None]
+    out = cs.local_strain(noisy[:, 0], noisy[:, 1], sig, sig, radius=radius)
+    full = out["n_bonds"] >= (6 if radius is None else 18)
+    for name in ("exx", "eyy", "exy"):
+        z = out[name][full] / out[f"{name}_err"][full]
+        assert 0.9 < z.std() < 1.1, (name, z.std())
+    z = (out["lattice_rotation"][full] - np.median(out["lattice_rotation"][full])) / out["lattice_rotation_err"][full]
+    assert 0.9 < z.std() < 1.1
+
+
+def test_a_larger_radius_trades_resolution_for_precision():
+    rng = np.random.default_rng(1)
+    xy = lattice(n=30)
+    noisy = xy + rng.normal(0, 0.05, xy.shape)
+    e = np.full(len(xy), 0.05)
+    first = cs.local_strain(noisy[:, 0], noisy[:, 1], e, e)
+    wide = cs.local_strain(noisy[:, 0], noisy[:, 1], e, e, radius=2.05 * 14.0)
+    inner = wide["n_bonds"] >= 18
+    assert np.median(wide["n_bonds"][inner]) == 18 and np.median(first["n_bonds"][inner]) == 6
+    ratio = np.median(wide["exx_err"][inner]) / np.median(first["exx_err"][inner])
+    assert 0.2 < ratio < 0.5
+    assert np.std(wide["exx"][inner]) < 0.5 * np.std(first["exx"][inner])
+
+
+def test_strain_reference_bonds_and_bad_input():
+    xy = lattice("square", n=10)
+    refs = cs.reference_bonds(*(xy[1:] - xy[:-1]).T)
+    assert len(refs) >= 1
+    with pytest.raises(InvalidParameterError, match="reference selects no atom"):
+        cs.local_strain(xy[:, 0], xy[:, 1], reference=np.zeros(len(xy), bool))
+    with pytest.raises(InvalidParameterError, match="radius"):
+        cs.local_strain(xy[:, 0], xy[:, 1], radius=-1.0)
+    with pytest.raises(InvalidParameterError, match="same length"):
+        cs.local_strain(xy[:, 0], xy[:-1, 1])
+
+
+def perovskite_points(n=20, a=16.0, shift=1.2, rng=None, noise=0.0):
+    a_sites = lattice("square", n=n, a=a, angle=0.0)
+    b_sites = a_sites + a / 2
+    side = np.where(b_sites[:, 0] + 0.3 * b_sites[:, 1] < np.median(b_sites[:, 0] + 0.3 * b_sites[:, 1]), 1.0, -1.0)
+    true = np.column_stack([np.zeros(len(b_sites)), shift * side])  # antiphase domains along y
+    xy = np.concatenate([a_sites, b_sites + true])
+    lab = np.repeat([0, 1], len(a_sites))
+    err = np.full(len(xy), noise)
+    if rng is not None and noise > 0:
+        xy = xy + rng.normal(0, noise, xy.shape)
+    return xy, lab, np.concatenate([np.zeros_like(true), true]), err
+
+
+def test_polarization_recovers_the_shift_with_calibrated_errors():
+    rng = np.random.default_rng(3)
+    xy, lab, true, err = perovskite_points(n=30, rng=rng, noise=0.08)
+    out = cpol.polarization(xy[:, 0], xy[:, 1], err, err, lab)
+    assert (out["displaced"], out["reference"], out["n_cage"]) == (1, 0, 4)
+    b = (lab == 1) & np.isfinite(out["polarization_y"])
+    assert b.sum() > 0.8 * (lab == 1).sum()
+    assert np.isnan(out["polarization_y"][lab == 0]).all()
+    r = np.corrcoef(out["polarization_y"][b], true[b, 1])[0, 1]
+    assert r > 0.99
+    z = (out["polarization_y"][b] - true[b, 1]) / out["polarization_y_err"][b]
+    assert 0.85 < z.std() < 1.15
+    dom, dirs = cpol.polar_domains(out["polarization_x"], out["polarization_y"], out["polarization_x_err"],
+                                   out["polarization_y_err"])
+    assert len(dirs) == 2 and abs(abs(np.degrees(dirs[0])) - 90) < 6
+    truth_dom = (true[b, 1] > 0).astype(int)
+    agree = (dom[b] == truth_dom).mean()
+    assert max(agree, 1 - agree) > 0.99
+
+
+def test_polarization_edges_and_errors():
+    xy, lab, _, _ = perovskite_points(n=8)
+    out = cpol.polarization(xy[:, 0], xy[:, 1], None, None, lab)
+    # B columns on the outer row have an open cage (no A beyond the border): NaN, not a wrong shift
+    outer = (lab == 1) & (xy[:, 0] > xy[:, 0].max() - 1)
+    assert np.isnan(out["polarization_x"][outer]).all()
+    with pytest.raises(InvalidParameterError, match="two sublattices"):
+        cpol.polarization(xy[:, 0], xy[:, 1], None, None, np.zeros(len(xy), int))
+    with pytest.raises(InvalidParameterError, match="has no column"):
+        cpol.polarization(xy[:, 0], xy[:, 1], None, None, lab, displaced=5)
