@@ -11,6 +11,8 @@ Pure NumPy/SciPy; the xarray layer is :mod:`atomds.ops.physics`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy.spatial import cKDTree
 
@@ -164,7 +166,7 @@ def polarization(x, y, x_err, y_err, sublattice, *, displaced=None, reference=No
     off, s, r, p, cage, nc = max((f for f in found if f[0] >= TIE * top), key=lambda f: f[1])
     ms = np.flatnonzero(lab == s)
     mr = np.flatnonzero(lab == r)
-    out = {k: np.full(n, np.nan) for k in ("polarization_x", "polarization_y", "polarization_x_err",
+    out: dict[str, Any] = {k: np.full(n, np.nan) for k in ("polarization_x", "polarization_y", "polarization_x_err",
                                            "polarization_y_err")}
     if usable is not None:
         use = np.asarray(usable, dtype=bool).ravel()

@@ -81,12 +81,12 @@ def _reference_mask(ds: xr.Dataset, reference: Any) -> np.ndarray | None:
             raise InvalidParameterError(f"a reference label must be a region, cluster or sublattice, got {name!r}")
         require_vars(ds, name, step="strain()", hint="regions() or kmeans()" if name != "sublattice" else "find_atoms()")
         try:
-            value = int(value)
+            label = int(value)
         except (TypeError, ValueError):
             raise InvalidParameterError(f"the reference {name} must be an integer id, got {value!r}") from None
-        mask = np.asarray(ds[name].values) == value
+        mask = np.asarray(ds[name].values) == label
         if not mask.any():
-            raise InvalidParameterError(f"no atom has {name} {value}")
+            raise InvalidParameterError(f"no atom has {name} {label}")
         return mask
     raise InvalidParameterError(
         "reference must be None (the image's median lattice), a boolean mask along 'atom', or a label "
