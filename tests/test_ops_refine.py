@@ -7,13 +7,12 @@ import json
 import numpy as np
 import pytest
 import xarray as xr
+from _dask_utils import raise_if_dask_computes
 
-import atomds  # noqa: F401  (registers the accessor)
+import atomds  # registers the accessor
 from atomds import datasets
 from atomds.errors import InvalidParameterError, MissingStepError
 from atomds.ops.refine import refine, with_atoms
-
-from _dask_utils import raise_if_dask_computes
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +107,34 @@ def test_refine_rejects_bad_parameters(sample):
         refine(ds, width_prior=-0.5)
 
 
+def test_the_engine_is_a_parameter_and_is_recorded(sample):
+    ds = _seeded(sample, seed=4)
+    ps = sample.attrs["pixel_size"]
+    fast = refine(ds, engine="compiled")
+    ref = refine(ds, engine="numpy")
+    assert json.loads(fast.attrs["refine_params"])["engine"] == "compiled"
+    assert json.loads(ref.attrs["refine_params"])["engine"] == "numpy"
+    np.testing.assert_allclose(fast["atom_x"], ref["atom_x"], rtol=0, atol=2e-4 * ps)
+    assert bool((fast["atom_x"] != ref["atom_x"]).any())  # two kernels, not one run twice
+    with pytest.raises(InvalidParameterError, match="engine"):
+        refine(ds, engine="gpu")
+    with pytest.raises(InvalidParameterError, match="isotropic model only"):
+        refine(ds, model="elliptical", engine="compiled")
+
+
+@pytest.mark.filterwarnings("ignore::atomds.params.FallbackWarning")
+def test_a_skipped_despiking_is_recorded(sample):
+    ds = _seeded(sample, seed=5)
+    img = ds["image"].values.copy()
+    img[60:64, 60:66] = np.nan  # NaN in the noise-estimation crop: the spikes cannot be looked for
+    holed = ds.assign(image=(("y", "x"), img))
+    holed["image"].attrs = ds["image"].attrs
+    out = refine(holed)
+    fallbacks = json.loads(out.attrs["refine_params"]).get("fallbacks", {})
+    assert "despike_skipped" in fallbacks and "NaN" in fallbacks["despike_skipped"]
+    assert "fallbacks" not in json.loads(refine(ds).attrs["refine_params"])
+
+
 def test_dask_backed_refine_is_lazy_and_equal(sample):
     ds = _seeded(sample, seed=3)
     eager = refine(ds)
@@ -140,7 +167,6 @@ def test_refine_of_the_perovskite_sample_with_the_accessor():
 
 
 def test_hot_pixels_are_left_out_of_the_fits_eager_and_lazy():
-    import atomds
 
     ds = atomds.datasets.hexagonal(shape=256, dose=1000.0, seed=1)
     img = ds.image.values.copy()
@@ -166,7 +192,6 @@ def test_hot_pixels_are_left_out_of_the_fits_eager_and_lazy():
 
 
 def test_refine_follows_the_contrast_find_atoms_used():
-    import atomds
     from atomds.core import samples as cs
 
     s = cs.hexagonal_sample(shape=(192, 192), dose=4000.0, seed=2)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DimensionError, InvalidParameterError
-from .refine import _axis_profiles
+from .refine.profiles import axis_profiles
 
 __all__ = ["crb_gaussian", "crb_from_expected", "fisher_gaussian"]
 
@@ -36,8 +36,8 @@ def _fisher(mu_var, jac, mask):
 
 
 def _jacobian(x0, y0, counts, sigma, sx, sy, w):
-    gx, dgx, sgx = _axis_profiles(x0, sigma, sx, w)
-    gy, dgy, sgy = _axis_profiles(y0, sigma, sy, w)
+    gx, dgx, sgx = axis_profiles(x0, sigma, sx, w)
+    gy, dgy, sgy = axis_profiles(y0, sigma, sy, w)
     nn = np.asarray(counts, float)[:, None, None]
     cols = [
         nn * gy[:, :, None] * dgx[:, None, :],
@@ -133,7 +133,7 @@ def crb_gaussian(
         f = fisher_gaussian(counts, sigma, background, read_noise=read_noise, gain=gain, offset=offset, window=window)
         return np.sqrt(np.linalg.inv(f)[..., 0, 0])
     grid = (np.arange(int(n_offsets)) + 0.5) / int(n_offsets) - 0.5
-    acc = 0.0
+    acc: float | np.ndarray = 0.0
     for dy in grid:
         for dx in grid:  # a fixed grid of sub-pixel offsets (not a loop over atoms)
             f = fisher_gaussian(

@@ -12,7 +12,7 @@ refined in its own task (with the neighbours it needs), so nothing computes unti
 
 from __future__ import annotations
 
-import json
+from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ import xarray as xr
 from ..core import refine as cr
 from ..core.preprocess import CONTRASTS, turn_over
 from ..errors import InvalidParameterError
-from ..params import record_params
+from ..params import note_fallback, record_params, step_params
 from ._common import annotate, image_dataarray, is_dask, length_units, pixel_size, require_vars
 
 __all__ = ["refine", "with_atoms"]
@@ -39,13 +39,13 @@ def _seeds(ds: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray]:
     return ds["atom_x"], ds["atom_y"]
 
 
-def _derived_names(ds: xr.Dataset) -> list[str]:
+def _derived_names(ds: xr.Dataset) -> list[Hashable]:
     """Per-atom results that depend on the positions (neighbourhoods and what was built on them)."""
     from .neighbors import DERIVED_DIMS, DERIVED_VARS
 
     names = [n for n, v in ds.variables.items() if set(v.dims) & set(DERIVED_DIMS)]
     names += [n for n in DERIVED_VARS if n in ds.variables]
-    return sorted(set(names))
+    return sorted(set(names), key=str)
 
 
 def _fields(model: str) -> tuple[str, ...]:
@@ -61,6 +61,7 @@ def _settings_task(image, x, y, kw):
     return cr.estimate_fit_settings(
         img, np.asarray(x, float), np.asarray(y, float), window=kw["window"], sigma=kw["sigma"],
         noise=kw["noise"], model=kw["model"], neighbor_subtraction=kw["neighbor_subtraction"], max_iter=kw["max_iter"],
+        engine=kw["engine"],
     )
 
 
@@ -69,9 +70,27 @@ def _refine_block(image, x, y, settings, sl, kw) -> np.ndarray:
     return _pack(res, kw["model"])
 
 
-def _prepared(image, contrast: str) -> np.ndarray:
-    """The image turned over for dark columns, with its single-pixel spikes set to NaN (left out of every fit)."""
-    return cr._without_spikes(turn_over(np.asarray(image), contrast))
+_DESPIKE_SKIPPED = "despike_skipped"
+
+
+def _despike_message(reason: str) -> str:
+    return f"refine: spikes (hot pixels) were not left out of the fits, the image could not be despiked: {reason}"
+
+
+def _prepared(image, contrast: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The image turned over for dark columns, with its single-pixel spikes set to NaN (left out of every fit).
+
+    Also returns what despiking did (:func:`atomds.core.refine.without_spikes`).
+    """
+    return cr.without_spikes(turn_over(np.asarray(image), contrast))
+
+
+def _prepared_lazy(image, contrast: str) -> np.ndarray:
+    """:func:`_prepared` in a task: a skipped despiking is warned about there (it cannot be recorded)."""
+    out, info = _prepared(image, contrast)
+    if "skipped" in info:
+        note_fallback({}, _DESPIKE_SKIPPED, _despike_message(info["skipped"]))
+    return out
 
 
 def _contrast(ds: xr.Dataset, contrast: str | None) -> str:
@@ -80,15 +99,8 @@ def _contrast(ds: xr.Dataset, contrast: str | None) -> str:
         if contrast not in CONTRASTS:
             raise InvalidParameterError(f"contrast must be one of {CONTRASTS}, got {contrast!r}.")
         return contrast
-    raw = ds.attrs.get("find_atoms_params")
-    if isinstance(raw, str):
-        try:
-            used = json.loads(raw).get("contrast")
-        except (ValueError, AttributeError):
-            used = None
-        if used in CONTRASTS:
-            return used
-    return "bright"
+    used = (step_params(ds, "find_atoms") or {}).get("contrast")
+    return used if used in CONTRASTS else "bright"
 
 
 def refine(
@@ -103,6 +115,7 @@ def refine(
     n_refits: int | None = None,
     width_prior: bool | float = True,
     contrast: str | None = None,
+    engine: str = "auto",
 ) -> xr.Dataset:
     """Refine every atom to sub-pixel precision with a 2-D Gaussian fit (all atoms at once).
 
@@ -135,6 +148,9 @@ def refine(
         "dark" fits columns darker than their surroundings (ABF, BF) on the turned-over image
         (``amplitude``, ``intensity`` and ``background`` then describe the dips). Default: the
         contrast ``find_atoms`` used, else "bright".
+    engine : {"auto", "compiled", "numpy"}
+        The fit kernel (see :func:`atomds.core.refine.refine_gaussian`); the results agree to
+        float32 rounding.
 
     Returns
     -------
@@ -146,7 +162,8 @@ def refine(
         units, intensities in the image's. Where ``fit_ok`` is False the position is the
         centre of mass and the other values are NaN. Neighbourhood results computed on the
         old positions are dropped. The parameters (and, when eager, the estimated width, noise
-        model and window) are recorded in ``ds.attrs["refine_params"]``.
+        model and window) are recorded in ``ds.attrs["refine_params"]``, with the fallbacks taken
+        (``"despike_skipped"`` when the image could not be despiked; warned once).
 
     Raises
     ------
@@ -159,6 +176,7 @@ def refine(
         raise TypeError(f"expected an xarray.Dataset, got {type(ds).__name__}")
     if model not in cr.MODELS:
         raise InvalidParameterError(f"model must be one of {cr.MODELS}; got {model!r}.")
+    cr.check_engine(engine, model)
     img = image_dataarray(ds)
     sx, sy = _seeds(ds)
     if sx.dims != ("atom",) or sy.dims != ("atom",):
@@ -181,6 +199,7 @@ def refine(
         sigma=None if sigma is None else float(sigma) / ps,
         max_iter=max_iter,
         neighbor_subtraction=bool(neighbor_subtraction),
+        engine=engine,
     )
     # spikes (hot pixels) are left out of the fits once, before the settings are estimated
     fit_kw = dict(kw, n_refits=n_refits, width_prior=prior, despike=False)
@@ -188,6 +207,7 @@ def refine(
     n = int(sx.sizes["atom"])
     lazy = is_dask(img) or is_dask(sx) or is_dask(sy)
     settings = None
+    despike: dict[str, Any] = {}
     if n == 0:
         packed = np.zeros((0, len(_fields(model))))
     elif lazy:
@@ -197,7 +217,7 @@ def refine(
         xd = sx.data if is_dask(sx) else da.from_array(np.asarray(sx.values, float), chunks=min(n, _DEFAULT_CHUNK))
         yd = sy.data if is_dask(sy) else da.from_array(np.asarray(sy.values, float), chunks=xd.chunks)
         yd = yd.rechunk(xd.chunks)
-        image_d = dask.delayed(_prepared, pure=True)(img.data, con)
+        image_d = dask.delayed(_prepared_lazy, pure=True)(img.data, con)
         xp_all = dask.delayed(np.divide, pure=True)(xd, ps)
         yp_all = dask.delayed(np.divide, pure=True)(yd, ps)
         settings_d = dask.delayed(_settings_task, pure=True)(image_d, xp_all, yp_all, kw)
@@ -211,13 +231,10 @@ def refine(
             new_axis=1, meta=np.empty((0, 0)),
         )
     else:
-        image = _prepared(img.values, con)
+        image, despike = _prepared(img.values, con)
         xp = np.asarray(sx.values, float) / ps
         yp = np.asarray(sy.values, float) / ps
-        settings = cr.estimate_fit_settings(
-            image, xp, yp, window=kw["window"], sigma=kw["sigma"], noise=noise, model=model,
-            neighbor_subtraction=kw["neighbor_subtraction"], max_iter=max_iter,
-        )
+        settings = _settings_task(image, xp, yp, kw)
         packed = _pack(cr.refine_gaussian(image, xp, yp, settings=settings, **fit_kw), model)
 
     col = {f: i for i, f in enumerate(_fields(model))}
@@ -257,8 +274,10 @@ def refine(
     params: dict[str, Any] = dict(
         model=model, window=window, noise=noise, sigma=sigma, max_iter=max_iter,
         neighbor_subtraction=bool(neighbor_subtraction), n_refits=n_refits, width_prior=width_prior,
-        units=units, lazy=bool(lazy), contrast=con,
+        units=units, lazy=bool(lazy), contrast=con, engine=engine,
     )
+    if "skipped" in despike:
+        note_fallback(params, _DESPIKE_SKIPPED, _despike_message(despike["skipped"]))
     if settings is not None:
         params["estimated"] = {
             "sigma": settings["sigma"] * ps,
@@ -342,7 +361,7 @@ def with_atoms(ds: xr.Dataset, x: Any, y: Any, *, units: str | None = None) -> x
     xs = xa * scale if scale != 1.0 else xa
     ys = ya * scale if scale != 1.0 else ya
     old = [n for n, v in ds.variables.items() if "atom" in v.dims]
-    out = ds.drop_vars(sorted(set(old + _derived_names(ds))))
+    out = ds.drop_vars(sorted(set(old + _derived_names(ds)), key=str))
 
     def v(data, long_name):
         return annotate(xr.DataArray(data, dims=("atom",)), dunits, long_name)

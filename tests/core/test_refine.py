@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from atomds.core import _threads, crb, refine, samples, synth
+from atomds.core.refine.grid import neighbor_lists
+from atomds.core.refine.linalg import invert_batched
 from atomds.errors import DimensionError, InvalidParameterError
 
 
@@ -210,6 +212,12 @@ def test_bad_inputs_raise_clear_errors(hexa):
         refine.refine_gaussian(img, x, y, sigma=-1.0)
     with pytest.raises(InvalidParameterError, match="n_refits"):
         refine.refine_gaussian(img, x, y, n_refits=0)
+    with pytest.raises(InvalidParameterError, match="engine"):
+        refine.refine_gaussian(img, x, y, engine="gpu")
+    with pytest.raises(InvalidParameterError, match="isotropic model only"):
+        refine.refine_gaussian(img, x, y, model="elliptical", engine="compiled")
+    with pytest.raises(InvalidParameterError, match="engine"):
+        refine.estimate_fit_settings(img, x, y, engine="fortran")
     empty = refine.refine_gaussian(img, x[:0], y[:0])
     assert empty["x"].shape == (0,) and empty["fit_ok"].dtype == bool
 
@@ -253,7 +261,7 @@ def test_crb_decreases_with_dose_and_matches_the_per_column_bound():
 
 
 @pytest.mark.parametrize("noise", [None, "uniform"])
-def test_compiled_fit_equals_numpy_fit(monkeypatch, noise):
+def test_compiled_fit_equals_numpy_fit(noise):
     # close pairs (neighbour subtraction, 3 refits), columns cut by the border, a hole of NaN
     # pixels, a float64 image, a seed on a dark dip (a fit that fails)
     s = samples.perovskite_sample(shape=(96, 112), dose=1500.0, seed=8)
@@ -262,10 +270,13 @@ def test_compiled_fit_equals_numpy_fit(monkeypatch, noise):
     x0, y0 = _jitter(s, 0.3, seed=5)
     x0, y0 = np.r_[x0, 3.0], np.r_[y0, 90.0]
     settings = refine.estimate_fit_settings(img, x0, y0)
-    assert refine._COMPILED
-    fast = refine.refine_gaussian(img, x0, y0, noise=noise, settings=settings)
-    monkeypatch.setattr(refine, "_COMPILED", False)
-    ref = refine.refine_gaussian(img, x0, y0, noise=noise, settings=settings)
+    fast = refine.refine_gaussian(img, x0, y0, noise=noise, settings=settings, engine="compiled")
+    ref = refine.refine_gaussian(img, x0, y0, noise=noise, settings=settings, engine="numpy")
+    # the default ("auto") fits the isotropic model in compiled code
+    auto = refine.refine_gaussian(img, x0, y0, noise=noise, settings=settings)
+    for key in ("x", "y", "sigma", "x_err", "n_iter", "fit_ok"):
+        np.testing.assert_array_equal(auto[key], fast[key])
+    assert np.any(fast["x"] != ref["x"])  # two kernels, not one run twice
     np.testing.assert_array_equal(fast["fit_ok"], ref["fit_ok"])
     ok = ref["fit_ok"]
     assert ok.mean() > 0.95
@@ -287,7 +298,7 @@ def test_neighbor_search_matches_brute_force():
     pool = np.zeros(xy.shape[0], bool)
     pool[rng.permutation(xy.shape[0])[:200]] = True
     for mask in (None, pool):
-        nb = refine._neighbor_lists(xy, idx, 7.5, mask)
+        nb = neighbor_lists(xy, idx, 7.5, mask)
         for row, i in zip(nb, idx, strict=True):
             want = np.flatnonzero((d[i] < 7.5) & (True if mask is None else mask))
             got = row[row >= 0]
@@ -305,7 +316,7 @@ def test_batched_inverse():
     a[9, :, 0] = 0.0
     a[9, 0, :] = 0.0
     a[9, 0, 0] = 0.0  # zero first pivot, no row to swap in
-    out = refine._invert_batched(a)
+    out = invert_batched(a)
     assert np.isnan(out[3]).all()
     good = np.setdiff1d(np.arange(50), [3, 7, 9])
     np.testing.assert_allclose(out[good], np.linalg.inv(a[good]), rtol=1e-9, atol=1e-12)
