@@ -20,7 +20,8 @@ def n_threads() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
         cores = os.cpu_count() or 1
-    return max(1, min(cores, int(numba.config.NUMBA_NUM_THREADS)))
+    # numba.config sets its attributes from the environment at import, out of the type checker's sight
+    return max(1, min(cores, int(numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
 
 
 def run_chunks(kernel, n: int, *args, min_chunk: int, chunks_per_thread: int, max_threads: int | None = None) -> None:
