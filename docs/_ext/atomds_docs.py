@@ -59,8 +59,19 @@ HELP_TIMEOUT_S = 120
 def _summary(obj: Any) -> str:
     """First paragraph of an object's docstring, on one line (empty when it has none)."""
     doc = inspect.getdoc(obj) or ""
-    first = doc.strip().split("\n\n", 1)[0]
-    return " ".join(line.strip() for line in first.splitlines())
+    first = " ".join(line.strip() for line in doc.strip().split("\n\n", 1)[0].splitlines())
+    module = getattr(obj, "__module__", None) if not inspect.ismodule(obj) else obj.__name__
+    if module:  # a bare :func:`name` means the object's own module, wherever the summary is shown
+        first = re.sub(r":(\w+):`~?(\w+)`", lambda m: f":{m[1]}:`~{_qualify(module, m[2])}`", first)
+    return first
+
+
+def _qualify(module: str, name: str) -> str:
+    """The documented full name of ``name`` as seen from ``module``."""
+    target = getattr(importlib.import_module(module), name, None)
+    if inspect.isfunction(target) or inspect.isclass(target):
+        return _home(target)
+    return f"{module}.{name}"
 
 
 def _home(obj: Any) -> str:
