@@ -68,9 +68,9 @@ html_show_sourcelink = False
 # (core/find.py -> core/find/, plot.py -> plot/). They are applied here, to the text autodoc reads,
 # only while the source still has the faulty text; move each into the docstring itself and delete
 # the entry (an entry whose text no longer occurs does nothing).
-#   1. atomds.core.find find_atoms, step 5: a bullet list needs a blank line before it
+#   1. atomds.core.find find_atoms (core/find/api.py), step 5: a bullet list needs a blank line before it
 #      ("5. A blob is an atom when" + blank line + "   - its amplitude ...").
-#   2. atomds.plot modes: "|sum of shifts| / sum of |shifts|" reads as reST substitutions; quote it
+#   2. atomds.plot modes (plot/deformation.py): "|sum of shifts| / sum of |shifts|" reads as reST substitutions; quote it
 #      as ``|sum of shifts| / sum of |shifts|``.
 #   3. atomds.core.samples (package docstring), "Modules": the line of generator names continued on
 #      an indented line is invalid reST; write the block as a simple table or a definition list.
