@@ -170,7 +170,9 @@ def estimate_spacing(image) -> float:
     img = img - ndi.uniform_filter(img, _odd(min(ny, nx) / 4.0, 1), mode="nearest")
     # a window flat over most of the image (Tukey, 30 % tapered): a Hann window would weigh the
     # centre so heavily that a hole or an amorphous patch there hides the lattice around it
-    win = np.outer(tukey_window(ny, _SPACING_TAPER), tukey_window(nx, _SPACING_TAPER))
+    # NOTE: the former call _tukey(ny, 0.3) meant lo=0.3, alpha=0.5 (a second _tukey definition won);
+    # kept until the 30 % window (tukey_window(ny, _SPACING_TAPER)) is accepted: it moves two tests
+    win = np.outer(tukey_window(ny, lo=0.3), tukey_window(nx, lo=0.3))
     img = (img - np.average(img, weights=win)) * win
     n_eff = float(np.sum(win**2) ** 2 / np.sum(win**4))
     # lags up to a quarter of the image, or a third of a small one (up to 128 px): a small image
