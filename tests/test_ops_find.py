@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
 import xarray as xr
+from _dask_utils import raise_if_dask_computes
 
 import atomds
 from atomds import datasets
@@ -14,8 +16,6 @@ from atomds.core import synth
 from atomds.errors import DimensionError, InvalidParameterError, MissingVariableError, NoAtomsFoundError
 from atomds.ops import find as ofind
 from atomds.ops import preprocess as opre
-
-from _dask_utils import raise_if_dask_computes
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +172,33 @@ def test_pure_noise_image_reports_no_atoms():
     ds = atomds.from_array(noise, pixel_size=0.2, units="Å")
     with pytest.raises(NoAtomsFoundError, match="no atoms found"):
         ds.lcx.find_atoms()
+
+
+@pytest.mark.parametrize("kind", ["second_pass_skipped", "second_pass_failed"])
+def test_a_dropped_second_pass_is_recorded_and_warned_once(perov, monkeypatch, kind):
+    # the per-class second pass used to be dropped without a trace; now the first pass is kept,
+    # the fallback recorded in find_atoms_params["fallbacks"] and a FallbackWarning issued once
+    from atomds import params as P
+    from atomds.core.find import api
+
+    if kind == "second_pass_skipped":  # no template could be built for every class
+        monkeypatch.setattr(api, "class_templates", lambda *args, **kw: [])
+    else:  # the per-class search finds nothing
+        real = api.find_atoms
+
+        def second_pass_fails(image, **kw):
+            if kw.get("refine_templates") is False:
+                raise NoAtomsFoundError("no atoms found")
+            return real(image, **kw)
+
+        monkeypatch.setattr(api, "find_atoms", second_pass_fails)
+    monkeypatch.setattr(P, "_WARNED", set())
+    with pytest.warns(P.FallbackWarning, match="first pass"):
+        out = ofind.find_atoms(perov)
+    p = P.step_params(out, "find_atoms")
+    assert set(p["fallbacks"]) == {kind}
+    assert p["n_sublattices"] == 2 and "first_pass" not in p
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", P.FallbackWarning)  # once per kind: the second time only records
+        again = ofind.find_atoms(perov)
+    assert kind in P.step_params(again, "find_atoms")["fallbacks"]
