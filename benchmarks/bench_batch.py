@@ -133,7 +133,7 @@ def synthetic_library(n_images: int = 200, atoms_per_image: int = 5000, k: int =
     names = cn.feature_names("xy", k)
     dss = []
     tiny = atomds.from_array(np.arange(16.0).reshape(4, 4), pixel_size=0.25, units="Å")
-    for i in range(n_images):
+    for _i in range(n_images):
         frac = rng.dirichlet([2, 2, 2])
         t = rng.choice(3, size=atoms_per_image, p=frac)
         r = types[t] + 0.08 * rng.normal(size=(atoms_per_image, k))
