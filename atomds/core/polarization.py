@@ -126,7 +126,7 @@ def polarization(x, y, x_err, y_err, sublattice, *, displaced=None, reference=No
     dict
         ``polarization_x``, ``polarization_y`` and their ``_err`` (n,), NaN on columns of other
         sublattices; ``displaced``, ``reference``, ``n_cage`` (ints) and ``median_offset`` (the
-        median |p| of the chosen pair, same unit as ``x``).
+        median ``|p|`` of the chosen pair, same unit as ``x``).
     """
     pos = _xy(x, y)
     n = len(pos)
