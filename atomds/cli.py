@@ -117,7 +117,8 @@ def _cmd_analyze(args) -> int:
     n_atoms = ds.sizes.get("atom", 0)
     n_clusters = int(ds["cluster"].max()) + 1 if "cluster" in ds else 0
     n_regions = int(ds["region"].max()) + 1 if "region" in ds else 0
-    print(f"analysed {source}: {n_atoms} atoms, {n_clusters} clusters, {n_regions} regions -> {out}")
+    phases = f"{n_regions} phase{'s' if n_regions != 1 else ''} (regions)"
+    print(f"analysed {source}: {n_atoms} atoms, {phases} from {n_clusters} cluster{'s' if n_clusters != 1 else ''} -> {out}")
     if args.report:
         from .report import write_report
 

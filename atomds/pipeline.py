@@ -3,7 +3,8 @@
 :class:`AnalysisParams` holds every option of the job (frozen, validated, ``to_dict``/``from_dict``
 for JSON). :data:`STAGE_FUNCTIONS` maps each stage name to a small function ``stage(ds, params)
 -> ds``; :func:`run_stages` runs any of them in the canonical order of :data:`STAGES`, and
-:func:`analyze` runs them all (align frames -> find -> refine -> neighbourhoods -> PCA -> phases,
+:func:`analyze` runs them all (align frames -> find -> refine -> strain/polarisation maps ->
+neighbourhoods -> PCA -> phases,
 K from the dendrogram unless given) and records the parameters as ``analyze_params``.
 """
 
@@ -185,6 +186,22 @@ def refine(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
     return ds.lcx.refine(model=params.model)
 
 
+def maps(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
+    """Physical maps with errors: local strain against the image's median lattice, and, on images
+    of two or more sublattices, the polarisation of the displaced one (skipped, with the reason
+    recorded in ``polarization_params``, when no sublattice pair forms cages)."""
+    if ds.sizes.get("atom", 0) < 3:
+        return record_params(ds, "strain", {"skipped": "fewer than 3 atoms"})
+    ds = ds.lcx.strain()
+    n_sub = int(len(set(ds["sublattice"].values.tolist()) - {-1})) if "sublattice" in ds.variables else 0
+    if n_sub < 2:
+        return record_params(ds, "polarization", {"skipped": f"{n_sub} sublattice(s): no cage to measure from"})
+    try:
+        return ds.lcx.polarization()
+    except InvalidParameterError as exc:
+        return record_params(ds, "polarization", {"skipped": str(exc)})
+
+
 def neighborhoods(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
     """Neighbour vectors in ``sort`` order (angle: from the image's most common bond direction)."""
     return ds.lcx.neighborhoods(k=params.k, sort=params.sort, ref_angle="auto" if params.sort == "angle" else 0.0)
@@ -245,7 +262,8 @@ Stage = Callable[[xr.Dataset, AnalysisParams], xr.Dataset]
 
 #: The registry: stage name -> ``stage(ds, params) -> ds``, in the order they run.
 STAGE_FUNCTIONS: Mapping[str, Stage] = MappingProxyType(
-    {"align": align, "find": find, "refine": refine, "neighborhoods": neighborhoods, "pca": pca, "phases": phases}
+    {"align": align, "find": find, "refine": refine, "maps": maps, "neighborhoods": neighborhoods, "pca": pca,
+     "phases": phases}
 )
 #: Names of the stages, in the order they run.
 STAGES = tuple(STAGE_FUNCTIONS)

@@ -56,7 +56,7 @@ def test_analyze_bundled_sample_round_trips(tmp_path):
     ds = atomds.open_dataset(out)
     atomds.validate(ds)
     assert ds.sizes["atom"] > 200
-    assert "3 regions" in res.stdout  # matrix, grain and boundary band of the sample
+    assert "3 phases (regions)" in res.stdout  # matrix, grain and boundary band of the sample
     for name in ("atom_x", "atom_y", "x_err", "cluster", "region", "pca_loadings", "descriptor", "linkage_height"):
         assert name in ds
     again = tmp_path / "again.nc"

@@ -77,3 +77,25 @@ def test_analyze_and_batch_share_the_parameter_options():
     assert an["contrast"][0] == ("--contrast",) and an["model"][0] == ("--model",)
     args = parser.parse_args(["batch", "x.npy", "-o", "l.nc", "--contrast", "dark", "-k", "4"])
     assert pipeline.params_from_args(args) == AnalysisParams(k=4, contrast="dark")
+
+
+@pytest.mark.parametrize(
+    "make, polar",
+    [(lambda: atomds.datasets.hexagonal(shape=256, seed=4, angle=11.0), False),
+     (lambda: atomds.datasets.polar(shape=256, seed=3), True)],
+)
+def test_analyze_says_one_phase_and_maps_strain_and_polarization(make, polar):
+    """A single crystal (antiphase domains included) is one phase; strain maps always, polarisation
+    when two sublattices form cages, each with errors."""
+    out = atomds.analyze(make())
+    assert out.sizes["region_id"] == 1 and (out["region"].values == 0).all()
+    assert step_params(out, "linkage")["suggested_k"] >= 1
+    ok = out["fit_ok"].values
+    assert out["exx"].dims == ("atom",) and (out["exx_err"].values[ok] > 0).mean() > 0.5
+    if polar:
+        p = step_params(out, "polarization")
+        assert p["n_cage"] == 4 and "skipped" not in p
+        assert (out["polarization_domain"].values >= 0).sum() > 0.3 * out.sizes["atom"]
+    else:
+        assert "skipped" in step_params(out, "polarization") and "polarization_x" not in out
+    atomds.validate(out)
