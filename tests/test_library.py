@@ -97,6 +97,26 @@ def test_variables_that_differ_between_images_stay_per_image(images):
     xr.testing.assert_identical(library.image(tree, "sample_1"), images[0])
 
 
+def test_images_with_other_classes_dtypes_and_attrs_share_atoms(images, tmp_path):
+    """Sublattice counts (array flag_values), dtypes and attributes that differ keep the variable in /atoms."""
+    mixed = []
+    for n_cls, (ds, dtype) in enumerate(zip(images, (np.int64, np.int32, np.int16)), start=1):
+        lab = (np.arange(ds.sizes["atom"]) % n_cls).astype(dtype)
+        attrs = {"units": "1", "long_name": "sublattice", "flag_values": np.arange(n_cls, dtype=dtype),
+                 "flag_meanings": " ".join(f"s{i}" for i in range(n_cls))}
+        mixed.append(ds.assign(sublattice=("atom", lab, attrs)))
+    mixed[2] = mixed[2].assign(atom_x=mixed[2]["atom_x"].astype(np.float32).assign_attrs(note="float32 image"))
+    tree = library.from_datasets(mixed)
+    at = library.atoms(tree)
+    assert at["sublattice"].dtype == np.int64 and at["atom_x"].dtype == np.float64
+    assert at["sublattice"].attrs == {"units": "1", "long_name": "sublattice"}
+    np.testing.assert_array_equal(at["sublattice"].values[-70:], np.arange(70) % 3)
+    back = library.open_library(library.to_netcdf(tree, tmp_path / "mixed.nc"))
+    for i, ds in enumerate(mixed):
+        xr.testing.assert_identical(library.image(tree, i), ds)
+        xr.testing.assert_identical(library.image(back, i), ds)
+
+
 def test_failed_images_are_recorded(images, tmp_path):
     tree = library.from_datasets(
         {"a": images[0], "bad": None, "c": images[2]}, errors={"bad": "NoAtomsFoundError: no atoms"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ import xarray as xr
 
 from .. import __version__
 from ..errors import InvalidParameterError
-from .layout import LIBRARY_SCHEMA, PIXELS, make_ids
+from .layout import ATOM_OVERRIDES, LIBRARY_SCHEMA, PIXELS, attr_to_json, make_ids
 from .properties import read_properties
 
 __all__ = ["from_datasets"]
@@ -19,15 +20,57 @@ __all__ = ["from_datasets"]
 _DEFAULT_UNITS = "px"
 
 
+def attrs_equal(a: Any, b: Any) -> bool:
+    """True when two attribute values are equal (arrays compared element-wise, NaN equal to NaN)."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        a_arr, b_arr = np.asarray(a), np.asarray(b)
+        if a_arr.shape != b_arr.shape or a_arr.dtype.kind != b_arr.dtype.kind:
+            return False
+        return bool(np.array_equal(a_arr, b_arr, equal_nan=a_arr.dtype.kind in "fc"))
+    if type(a) is not type(b) and not (isinstance(a, (int, float, np.number)) and isinstance(b, (int, float, np.number))):
+        return False
+    try:
+        return bool(a == b) or (isinstance(a, float) and isinstance(b, float) and np.isnan(a) and np.isnan(b))
+    except (TypeError, ValueError):
+        return False
+
+
 def _same_layout(vars_: list[xr.Variable]) -> bool:
-    """True when per-atom variables of several images can share one `atom` dim exactly."""
+    """True when per-atom variables of several images can share one `atom` dim.
+
+    Dims and the sizes of every other dim must agree; dtypes and attributes may differ (the
+    dtype is promoted and the differing attributes are kept per image, see :func:`_overrides`).
+    A text variable mixed with a numeric one (or bool with numbers) cannot share a dtype exactly.
+    """
     first = vars_[0]
+    kinds = {v.dtype.kind for v in vars_}
+    if len(kinds) > 1 and not kinds <= set("iuf"):
+        return False
     for v in vars_[1:]:
-        if v.dims != first.dims or v.dtype != first.dtype or v.attrs != first.attrs:
+        if v.dims != first.dims:
             return False
         if any(v.sizes[d] != first.sizes[d] for d in first.dims if d != "atom"):
             return False
     return True
+
+
+def _common_attrs(vars_: list[xr.Variable]) -> dict[str, Any]:
+    """The attributes every variable has with the same value (those of the first one, in its order)."""
+    return {
+        k: v for k, v in vars_[0].attrs.items() if all(k in o.attrs and attrs_equal(o.attrs[k], v) for o in vars_[1:])
+    }
+
+
+def _overrides(name: str, var: xr.Variable, shared_var: xr.Variable) -> dict[str, Any]:
+    """What one image's variable has that the shared one in ``/atoms`` does not: dtype and attributes."""
+    out: dict[str, Any] = {}
+    if var.dtype != shared_var.dtype:
+        out["dtype"] = str(var.dtype)
+    if list(var.attrs) != list(shared_var.attrs) or any(
+        not attrs_equal(var.attrs[k], shared_var.attrs[k]) for k in shared_var.attrs
+    ):
+        out["attrs"] = {str(k): attr_to_json(v) for k, v in var.attrs.items()}
+    return out
 
 
 def _coords_equal(datasets: list[xr.Dataset], dims: Iterable[Any]) -> bool:
@@ -108,11 +151,25 @@ def _shared_names(with_atoms: list[tuple[str, xr.Dataset]]) -> list[str]:
     return shared
 
 
+def _concat(vars_: list[xr.Variable]) -> xr.Variable:
+    """Per-atom variables of several images on one `atom` dim: the promoted dtype, the common attributes."""
+    dtype = np.result_type(*[v.dtype for v in vars_])
+    parts = [(v if v.dtype == dtype else v.astype(dtype)).copy(deep=False) for v in vars_]
+    for v in parts:
+        v.attrs = {}
+    out = xr.Variable.concat(parts, dim="atom")
+    out.attrs = _common_attrs(vars_)
+    out.encoding = {k: val for k, val in vars_[0].encoding.items() if k in ("zlib", "complevel", "_FillValue")}
+    if dtype != vars_[0].dtype:
+        out.encoding.pop("_FillValue", None)
+    return out
+
+
 def _atoms_dataset(
     with_atoms: list[tuple[str, xr.Dataset]], shared: list[str], counts: np.ndarray, units: str
 ) -> xr.Dataset:
     """The ``/atoms`` node: the shared per-atom variables concatenated, ``image_index`` and ``atom_count``."""
-    atoms_vars = {n: xr.Variable.concat([d.variables[n] for _, d in with_atoms], dim="atom") for n in shared}
+    atoms_vars = {n: _concat([d.variables[n] for _, d in with_atoms]) for n in shared}
     first = with_atoms[0][1] if with_atoms else xr.Dataset()
     atoms_ds = xr.Dataset({n: xr.DataArray(v) for n, v in atoms_vars.items() if n not in first.coords})
     coord_names = [n for n in shared if n in first.coords]
@@ -181,9 +238,14 @@ def from_datasets(
     -------
     xarray.DataTree
         The library (layout in :mod:`atomds.library`). Per-atom variables that every image has
-        with the same dims, dtype, attributes and non-atom coordinates are concatenated into
-        ``/atoms``; any other variable stays in ``/images/<id>``. Arrays are not copied or
-        loaded (Dask-backed inputs stay lazy).
+        with the same dims, the same sizes and coordinates of their other dims and numeric (or
+        equal) dtypes are concatenated into ``/atoms`` with the promoted dtype and the attributes
+        all images share; each image's own dtype and differing attributes (``flag_values`` of a
+        sublattice with another number of classes, ...) are kept in its node
+        (``library_atom_overrides``), so :func:`~atomds.library.image` gives it back exactly. Any
+        other per-atom variable stays in ``/images/<id>`` and is listed in the ``/atoms`` attribute
+        ``per_image_variables``. Images may differ in size, pixel size, dtype and contrast; their
+        length units must agree. Arrays are not copied or loaded (Dask-backed inputs stay lazy).
     """
     ids_list, dss = _inputs(datasets, ids)
     err_map = _error_messages(ids_list, errors)
@@ -203,9 +265,14 @@ def from_datasets(
     with_atoms = [(i, d) for i, d in good if "atom" in d.dims]
     counts = np.array([d.sizes["atom"] if (d is not None and "atom" in d.dims) else 0 for d in dss], dtype=np.int64)
     shared = _shared_names(with_atoms)
+    atoms_ds = _atoms_dataset(with_atoms, shared, counts, units)
+    kept = sorted({str(n) for _, d in with_atoms for n, v in d.variables.items() if "atom" in v.dims} - set(shared))
+    if kept:
+        # per-atom variables that differ in layout between images (or that some lack) stay per image
+        atoms_ds.attrs["per_image_variables"] = " ".join(kept)
     nodes: dict[str, xr.Dataset] = {
         "/": _root_dataset(ids_list, status, error, properties, units),
-        "/atoms": _atoms_dataset(with_atoms, shared, counts, units),
+        "/atoms": atoms_ds,
     }
     shared_set = set(shared)
     for i, d in good:
@@ -214,5 +281,8 @@ def from_datasets(
             node = node.rename_vars({"image": PIXELS})
         node.attrs = dict(d.attrs)
         node.attrs["library_has_atom_dim"] = int("atom" in d.dims)
+        over = {n: o for n in shared if n in d.variables and (o := _overrides(n, d.variables[n], atoms_ds.variables[n]))}
+        if over:
+            node.attrs[ATOM_OVERRIDES] = json.dumps(over, sort_keys=True)
         nodes[f"/images/{i}"] = node
     return xr.DataTree.from_dict(nodes)

@@ -21,6 +21,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -32,6 +33,9 @@ __all__ = [
     "LIBRARY_SCHEMA",
     "LIBRARY_STATUS",
     "PIXELS",
+    "ATOM_OVERRIDES",
+    "attr_to_json",
+    "attr_from_json",
     "RESERVED_ROOT",
     "SUMMARIES",
     "LEARNED_DIMS",
@@ -59,6 +63,12 @@ SUMMARIES = ("cluster_fraction", "clustered_count", "mean_loading", "std_loading
 LEARNED_DIMS = ("cluster_id", "component", "ica_component", "merge", "k", "region_id")
 #: Per-atom learning results (likewise dropped and replaced).
 LEARNED_VARS = ("cluster", "cluster_distance", "linkage_leaf", "region", "pca_loadings", "ica_loadings")
+
+#: Image-node attribute holding, per shared per-atom variable, the image's own dtype and attributes
+#: where they differ from those in ``/atoms`` (JSON; :func:`image` restores them).
+ATOM_OVERRIDES = "library_atom_overrides"
+#: Key marking an array (or NumPy scalar) attribute in that JSON.
+_ARRAY_TAG = "__ndarray__"
 
 #: Longest image id (characters): ids are NetCDF group names and file names.
 _MAX_ID_LENGTH = 120
@@ -124,6 +134,47 @@ def atom_offsets(tree: xr.DataTree) -> tuple[np.ndarray, np.ndarray]:
     return start, counts
 
 
+def attr_to_json(value: Any) -> Any:
+    """An attribute value as JSON, arrays tagged with their dtype so that they come back exactly."""
+    if isinstance(value, np.ndarray):
+        return {_ARRAY_TAG: value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, np.generic):
+        return {_ARRAY_TAG: value.item(), "dtype": str(value.dtype), "scalar": True}
+    return value
+
+
+def attr_from_json(value: Any) -> Any:
+    """Inverse of the encoding of per-image attributes (arrays and NumPy scalars come back typed)."""
+    if isinstance(value, dict) and _ARRAY_TAG in value:
+        arr = np.asarray(value[_ARRAY_TAG], dtype=np.dtype(value["dtype"]))
+        return arr[()] if value.get("scalar") else arr
+    return value
+
+
+def _restore(node: xr.Dataset, raw: Any) -> xr.Dataset:
+    """The image's own dtype and attributes of its shared per-atom variables (``ATOM_OVERRIDES``)."""
+    import json
+
+    try:
+        over = json.loads(raw) if isinstance(raw, str) else {}
+    except ValueError as exc:
+        raise InvalidParameterError(f"the image's {ATOM_OVERRIDES!r} attribute is not JSON: {exc}") from exc
+    for name, o in over.items():
+        if name not in node.variables:
+            continue
+        var = node.variables[name]
+        if "dtype" in o:
+            var = var.astype(np.dtype(o["dtype"]))
+        if "attrs" in o:
+            var = var.copy(deep=False)
+            var.attrs = {k: attr_from_json(v) for k, v in o["attrs"].items()}
+        if name in node.coords:
+            node = node.assign_coords({name: var})
+        else:
+            node[name] = var
+    return node
+
+
 def _position(all_ids: list[str], image_id: str | int) -> int:
     if isinstance(image_id, (int, np.integer)):
         pos = int(image_id)
@@ -168,6 +219,7 @@ def image(tree: xr.DataTree, image_id: str | int) -> xr.Dataset:
     node = tree.children["images"].children[iid].to_dataset(inherit=False)
     attrs = dict(node.attrs)
     has_atom_dim = bool(attrs.pop("library_has_atom_dim", 1))
+    overrides = attrs.pop(ATOM_OVERRIDES, None)
     if PIXELS in node.variables:
         node = node.rename_vars({PIXELS: "image"})
     start, counts = atom_offsets(tree)
@@ -180,6 +232,8 @@ def image(tree: xr.DataTree, image_id: str | int) -> xr.Dataset:
         cn = [n for n in per_atom if n in sl.coords]
         if cn:
             node = node.assign_coords({n: sl[n] for n in cn})
+    if overrides is not None:
+        node = _restore(node, overrides)
     glob = [n for n, v in at.data_vars.items() if "atom" not in v.dims and "image" not in v.dims]
     if glob:
         node = node.assign({n: at[n] for n in glob})
