@@ -130,6 +130,10 @@ class PlotAccessor:
     modes = _Forward("plot")
     loading_map = _Forward("plot")
 
+    # physical maps
+    polarization = _Forward("plot")
+    strain_maps = _Forward("plot")
+
     # interactive views
     interactive_atoms = _Forward("plot")
     linked_loading_view = _Forward("plot")

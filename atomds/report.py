@@ -67,6 +67,15 @@ def _figure_specs(ds: xr.Dataset, *, max_components: int) -> list[tuple[str, str
     if has("fit_ok"):
         specs.append(("Atoms", "Refinement", "Atoms whose Gaussian fit converged (green) and those that fell back "
                       "to the centre of mass (red).", lambda: plot.atoms(ds, color="fit_ok")))
+    if has("exx"):
+        specs.append(("Physical maps", "Strain and rotation", "Local strain e_xx, e_yy, e_xy (tensor shear) and "
+                      "lattice rotation of each atom against the image's median lattice, from its neighbours of the "
+                      "same sublattice; the titles give the median standard error propagated from the fitted "
+                      "positions.", lambda: plot.strain_maps(ds)))
+    if has("polarization_x"):
+        specs.append(("Physical maps", "Polarisation", "Shift of each displaced column from the centre of its cage "
+                      "of the other sublattice, arrows magnified, coloured by polar domain.",
+                      lambda: plot.polarization(ds)))
     if has("neighbor_dx"):
         specs.append(("Neighbourhoods", "Neighbour vectors", "2-D histogram of the vectors from each centre atom "
                       "to its neighbours.", lambda: plot.neighbor_histogram(ds)))
@@ -160,6 +169,18 @@ def _summary_rows(ds: xr.Dataset, source: str | None) -> list[tuple[str, str]]:
         r = np.asarray(ds["region"].values)
         sizes = ", ".join(f"{int(i)}: {int((r == i).sum())}" for i in np.unique(r[r >= 0]))
         rows.append(("regions (phases)", f"{int(np.unique(r[r >= 0]).size)} (atoms per region: {sizes})"))
+    if "exx" in ds.variables:
+        err = {n: float(np.nanmedian(np.asarray(ds[f"{n}_err"].values, float))) for n in ("exx", "eyy", "exy")}
+        rows.append(("strain precision (median standard error per atom)",
+                     ", ".join(f"{n} {100 * e:.2g} %" for n, e in err.items())))
+    if "polarization_x" in ds.variables:
+        px, py = np.asarray(ds["polarization_x"].values, float), np.asarray(ds["polarization_y"].values, float)
+        mag = np.hypot(px, py)
+        u = ds.attrs.get("units", "")
+        dom = np.asarray(ds["polarization_domain"].values) if "polarization_domain" in ds.variables else None
+        n_dom = int(np.unique(dom[dom >= 0]).size) if dom is not None else 0
+        rows.append(("polarisation", f"median |p| {np.nanmedian(mag):.3g} {u} over {int(np.isfinite(mag).sum())} "
+                     f"columns, {n_dom} domain(s)"))
     if "pca_explained_variance" in ds.variables:
         from .plot.deformation import explained_percent as _explained_percent
 

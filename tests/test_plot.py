@@ -377,3 +377,18 @@ def test_linked_loading_view_renders_to_bokeh(analysed):
     model = hv.render(view, backend="bokeh")
     assert model.select({"type": BoxSelectTool}), "no selection tool in the linked view"
     assert "pca_loading_1" in " ".join(_tooltips(model))
+
+
+def test_polarization_and_strain_figures():
+    from test_physics import with_atoms
+
+    ds = with_atoms(atomds.datasets.polar(shape=256, displacement=1.28, seed=1), 0.05)
+    out = ds.lcx.polarization().lcx.strain()
+    fig = out.lcx.plot.polarization()
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels[:2] == ["domain 0", "domain 1"]
+    assert len(out.lcx.plot.strain_maps().axes) >= 4
+    with pytest.raises(MissingStepError, match="polarization"):
+        ds.lcx.plot.polarization()
+    with pytest.raises(InvalidParameterError, match="unknown strain maps"):
+        out.lcx.plot.strain_maps(names=("ezz",))

@@ -16,7 +16,7 @@ This module imports matplotlib (and HoloViews for the interactive views) only wh
 Modules: ``layout`` (figures, axes, legends), ``colors``, ``imaging`` (the image and atoms on it),
 ``finding`` (atoms, correlation, blob sizes), ``neighbors`` (neighbour-vector histograms),
 ``clusters`` (dendrogram, cluster maps and panels), ``deformation`` (scree, modes, loading maps),
-``interactive`` (HoloViews views). ``ds.lcx.plot`` is :class:`atomds.accessor.PlotAccessor`.
+``physics`` (polarisation vectors, strain maps), ``interactive`` (HoloViews views). ``ds.lcx.plot`` is :class:`atomds.accessor.PlotAccessor`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .deformation import loading_map, modes, scree
 from .finding import atoms, blob_sizes, correlation
 from .interactive import interactive_atoms, linked_loading_view
 from .neighbors import neighbor_histogram
+from .physics import polarization, strain_maps
 
 __all__ = [
     "PlotAccessor",
@@ -42,4 +43,6 @@ __all__ = [
     "loading_map",
     "interactive_atoms",
     "linked_loading_view",
+    "polarization",
+    "strain_maps",
 ]
