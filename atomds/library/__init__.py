@@ -16,7 +16,8 @@ Layout (schema ``atomds-library-v1``)::
 
 :func:`from_datasets` builds a library from image Datasets and :func:`image` gives one back
 exactly; :func:`to_netcdf` / :func:`open_library` write and read it (atomic write, exact round
-trip). :func:`learn` (or :func:`suggest_k`, :func:`kmeans`, :func:`pca`) fits k-means and PCA on
+trip); :func:`to_zarr` writes a Zarr store (any fsspec URL) that :func:`open_library` opens
+lazily and :func:`append` grows without rewriting the images already in it. :func:`learn` (or :func:`suggest_k`, :func:`kmeans`, :func:`pca`) fits k-means and PCA on
 the neighbourhoods of all atoms together, so labels and modes mean the same in every image, and
 adds per-image summaries ready to correlate with the properties (:func:`property_correlation`).
 
@@ -44,6 +45,7 @@ from .learning import descriptor, kmeans, learn, linkage, pca, property_correlat
 from .properties import read_properties, set_properties
 from .spectra import attach_spectra
 from .store import open_library, problems, to_netcdf, validate
+from .zarrstore import append, to_zarr
 
 __all__ = [
     "from_datasets",
@@ -56,6 +58,8 @@ __all__ = [
     "read_properties",
     "set_properties",
     "to_netcdf",
+    "to_zarr",
+    "append",
     "open_library",
     "validate",
     "problems",

@@ -39,7 +39,7 @@ def _same_layout(vars_: list[xr.Variable]) -> bool:
     """True when per-atom variables of several images can share one `atom` dim.
 
     Dims and the sizes of every other dim must agree; dtypes and attributes may differ (the
-    dtype is promoted and the differing attributes are kept per image, see :func:`_overrides`).
+    dtype is promoted and the differing attributes are kept per image, see :func:`overrides_of`).
     A text variable mixed with a numeric one (or bool with numbers) cannot share a dtype exactly.
     """
     first = vars_[0]
@@ -61,7 +61,7 @@ def _common_attrs(vars_: list[xr.Variable]) -> dict[str, Any]:
     }
 
 
-def _overrides(name: str, var: xr.Variable, shared_var: xr.Variable) -> dict[str, Any]:
+def overrides_of(name: str, var: xr.Variable, shared_var: xr.Variable) -> dict[str, Any]:
     """What one image's variable has that the shared one in ``/atoms`` does not: dtype and attributes."""
     out: dict[str, Any] = {}
     if var.dtype != shared_var.dtype:
@@ -281,7 +281,7 @@ def from_datasets(
             node = node.rename_vars({"image": PIXELS})
         node.attrs = dict(d.attrs)
         node.attrs["library_has_atom_dim"] = int("atom" in d.dims)
-        over = {n: o for n in shared if n in d.variables and (o := _overrides(n, d.variables[n], atoms_ds.variables[n]))}
+        over = {n: o for n in shared if n in d.variables and (o := overrides_of(n, d.variables[n], atoms_ds.variables[n]))}
         if over:
             node.attrs[ATOM_OVERRIDES] = json.dumps(over, sort_keys=True)
         nodes[f"/images/{i}"] = node

@@ -67,6 +67,9 @@ LEARNED_VARS = ("cluster", "cluster_distance", "linkage_leaf", "region", "pca_lo
 #: Image-node attribute holding, per shared per-atom variable, the image's own dtype and attributes
 #: where they differ from those in ``/atoms`` (JSON; :func:`image` restores them).
 ATOM_OVERRIDES = "library_atom_overrides"
+#: Image-node attribute listing the ``/atoms`` variables the image has no values for (filled when
+#: it was appended to a library that has them).
+ABSENT = "library_absent_variables"
 #: Key marking an array (or NumPy scalar) attribute in that JSON.
 _ARRAY_TAG = "__ndarray__"
 
@@ -220,6 +223,7 @@ def image(tree: xr.DataTree, image_id: str | int) -> xr.Dataset:
     attrs = dict(node.attrs)
     has_atom_dim = bool(attrs.pop("library_has_atom_dim", 1))
     overrides = attrs.pop(ATOM_OVERRIDES, None)
+    absent = str(attrs.pop(ABSENT, "")).split()
     if PIXELS in node.variables:
         node = node.rename_vars({PIXELS: "image"})
     start, counts = atom_offsets(tree)
@@ -227,7 +231,8 @@ def image(tree: xr.DataTree, image_id: str | int) -> xr.Dataset:
     at = tree.children["atoms"].to_dataset().drop_vars(["atom_count", "image_index", "image"], errors="ignore")
     if has_atom_dim:
         sl = at.isel(atom=slice(int(start[pos]), int(start[pos] + counts[pos])))
-        per_atom = [n for n, v in sl.variables.items() if "atom" in v.dims]
+        # variables filled in /atoms when the image was appended: its own values (if any) are in its node
+        per_atom = [n for n, v in sl.variables.items() if "atom" in v.dims and n not in absent]
         node = node.assign({n: sl[n] for n in per_atom if n not in sl.coords})
         cn = [n for n in per_atom if n in sl.coords]
         if cn:

@@ -57,7 +57,14 @@ def open_library(path: str | os.PathLike, *, chunks: Any = None, check: bool = T
         (e.g. ``{}``) arrays stay lazy (Dask-backed) and the file stays open.
     check : bool
         Validate the layout (:func:`validate`).
+
+    A location ending in ``.zarr`` (a local path or any fsspec URL) is opened lazily as a Zarr
+    library (:func:`atomds.library.zarrstore.open_zarr_library`; ``chunks`` as there).
     """
+    from .zarrstore import is_zarr_location, open_zarr_library
+
+    if is_zarr_location(path):
+        return open_zarr_library(path, chunks=chunks, check=check)
     path = Path(path)
     if not path.exists():
         raise FileMissingError(f"no such file: {path}")
