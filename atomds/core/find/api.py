@@ -26,6 +26,7 @@ from ..spikes import remove_spikes
 from .blobs import Blobs, area_bounds, find_blobs, local_reference, too_broad
 from .classes import column_classes, final_labels
 from .constants import GLOBAL_REFERENCE_FLOOR, MIN_INTERIOR_FIT
+from .contrast import flatten_local
 from .correlation import amplitudes_at, best_correlation
 from .lattice import faint_off_lattice, outside_lattice, sub_threshold_on_sites
 from .significance import auto_threshold, border_strip, lowered_z_thresholds, peak_sample, z_thresholds
@@ -172,14 +173,18 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     img, spikes = remove_spikes(img, noise=noise)
     _check_arguments(threshold, min_area, max_area, sigma, spacing, z_min, min_contrast, sublattices)
     specs = _template_specs(template, img.shape)
-    d, s, samp = _scales(img, specs, sigma, spacing)
-    templates, kinds = make_templates(img, specs, samp, s, d)
-    ncc, z, which = best_correlation(img, templates, noise, workers=workers)
+    # local contrast: a background that varies more than the columns do (thickness, particles on
+    # a support, gradients) is removed first; the noise model stays that of the recorded image
+    flat = flatten_local(img, spacing=spacing)
+    d, s, samp = _scales(flat.image, specs, sigma, spacing)
+    templates, kinds = make_templates(flat.image, specs, samp, s, d)
+    ncc, z, which = best_correlation(flat.image, templates, noise, workers=workers)
+    z = flat.zscore(z, noise, templates)
     counts: dict[str, int] = {}
     blobs, keep, thr, zmin, zmin_edge = _significant_blobs(ncc, z, which, templates, d, threshold, z_min,
                                                            lattice_check, counts)
     blobs, lo, hi = _plausible_size(blobs, keep, min_area, max_area, thr, counts)
-    ok, amp, cls, mode = _columns(img, blobs, templates, s, d, min_contrast, sublattices, lattice_check, counts)
+    ok, amp, cls, mode = _columns(flat.image, blobs, templates, s, d, min_contrast, sublattices, lattice_check, counts)
     if not np.any(ok):
         raise thr.no_atoms("every blob is too weak or too broad to be a column")
     blobs, amp, sub = blobs.take(ok), amp[ok], final_labels(cls[ok], mode)
@@ -190,7 +195,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         "contrast": contrast, "spikes": int(spikes.sum()), "sigma": s, "spacing": d,
         "noise_variance": [float(v) for v in noise], "templates": kinds,
         "template_shape": [list(t.shape) for t in templates], "sublattice_mode": mode, "n_sublattices": n_sub,
-        "rejected": counts,
+        "rejected": counts, "local_background": flat.params,
     }
     result = FoundAtoms(x=blobs.x, y=blobs.y, score=blobs.score, area=blobs.area, sublattice=sub, zscore=blobs.zscore,
                         amplitude=amp, correlation=ncc, templates=templates, params=params)
@@ -365,7 +370,8 @@ def _second_pass(img: np.ndarray, first: FoundAtoms, kw: dict[str, Any]) -> Foun
     with the fallback recorded under ``params["fallbacks"]``.
     """
     p = first.params
-    class_t = class_templates(img, first.x, first.y, first.score, first.sublattice, first.templates[0].shape)
+    flat = flatten_local(img, spacing=p["spacing"]).image  # the first pass's image, flattened as it was
+    class_t = class_templates(flat, first.x, first.y, first.score, first.sublattice, first.templates[0].shape)
     if len(class_t) != p["n_sublattices"]:
         p.setdefault("fallbacks", {})["second_pass_skipped"] = (
             f"find_atoms: no template could be built for each of the {p['n_sublattices']} classes of columns (a class "

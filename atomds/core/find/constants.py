@@ -90,3 +90,9 @@ MIN_INTERIOR_FIT = 20
 CLASS_TEMPLATE_PEAKS = 2000
 #: Fewest interior columns of a class to build its template from.
 CLASS_TEMPLATE_MIN = 5
+
+# --- local contrast ----------------------------------------------------------------------------
+#: The background under the columns is removed before finding when its standard deviation over
+#: the image exceeds this multiple of the columns' contrast (see :mod:`.contrast`): below it the
+#: correlation's own window means cope, and the image is found as it is.
+LOCAL_BACKGROUND_RATIO = 1.0
