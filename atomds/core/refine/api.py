@@ -19,6 +19,7 @@ from ..spikes import remove_spikes
 from .batched import gather
 from .constants import NOISE_ATOMS, PRIOR_MIN_REL, RING_FRACTION, SETTINGS_ATOMS
 from .grid import nearest_neighbor_distance
+from .joint import fit_joint, overlapping
 from .linalg import invert_batched
 from .models import MODELS, Elliptical, Isotropic, get_model
 from .noise import UNIFORM, Noise, parse_noise
@@ -38,6 +39,7 @@ __all__ = [
     "nearest_neighbor_distance",
     "without_spikes",
     "check_engine",
+    "check_joint",
     "MODELS",
     "ENGINES",
 ]
@@ -65,6 +67,7 @@ def refine_gaussian(
     despike: bool = True,
     contrast: str = "bright",
     engine: str = "auto",
+    joint: bool | str = "auto",
 ) -> dict[str, np.ndarray]:
     """Fit a 2-D Gaussian to every atom at once (batched Levenberg-Marquardt).
 
@@ -126,6 +129,13 @@ def refine_gaussian(
         kernel for the isotropic model and NumPy for the elliptical one (the only kernel that
         fits it). Both give the same numbers to float32 rounding. The pass that estimates the
         noise model always runs in NumPy (it needs the residuals).
+    joint : {"auto", True, False}
+        Fit overlapping columns jointly (:mod:`atomds.core.refine.joint`: all columns of a group
+        and one smooth background in one model, the bias-free answer where tails overlap).
+        "auto": the columns whose nearest neighbour is closer than
+        :data:`~atomds.core.refine.joint.JOINT_NN_SIGMAS` (5) column widths, after the passes
+        (well-separated lattices are not touched); True: every column; False: none. Only with
+        the isotropic model and ``neighbor_subtraction``.
 
     Returns
     -------
@@ -135,8 +145,9 @@ def refine_gaussian(
         ``sigma_major``, ``sigma_minor`` (px) and ``theta`` (rad, angle of the major axis from +x
         towards +y, in (-pi/2, pi/2]); ``background`` (per pixel); ``x_err``, ``y_err``
         (standard errors, px); ``fit_ok`` (bool); ``n_iter`` (LM iterations over all passes);
-        ``window`` (final window radius, px). Where ``fit_ok`` is False the position is the
-        centre of mass and the other values are NaN.
+        ``window`` (final window radius, px); ``intensity_err`` (standard error of ``intensity``);
+        ``joint`` (bool: fitted jointly with its neighbours). Where ``fit_ok`` is False the
+        position is the centre of mass and the other values are NaN.
 
     Raises
     ------
@@ -157,6 +168,7 @@ def refine_gaussian(
     x, y = _as_positions(x, y, img.shape)
     mdl = get_model(model)
     compiled = check_engine(engine, model)
+    check_joint(joint, model)
     _check_iterations(max_iter, n_refits, tol)
     _check_sigma(sigma)
     n_all = x.size
@@ -184,7 +196,7 @@ def refine_gaussian(
         img = without_spikes(img)[0]
     with _blas_single_thread():
         plan = Plan(img, x, y, window, neighbor_subtraction, compiled)
-        return _refine(img, plan, mdl, sel, st, nz, n_refits, max_iter, tol, width_prior)
+        return _refine(img, plan, mdl, sel, st, nz, n_refits, max_iter, tol, width_prior, joint, noise is None)
 
 
 def without_spikes(image: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
@@ -212,7 +224,10 @@ def without_spikes(image: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
     return out, {"spikes": int(mask.sum())}
 
 
-def _refine(img, plan: Plan, mdl: Isotropic | Elliptical, sel, st, nz: Noise | None, n_refits, max_iter, tol, width_prior):
+def _refine(
+    img, plan: Plan, mdl: Isotropic | Elliptical, sel, st, nz: Noise | None, n_refits, max_iter, tol, width_prior,
+    joint: bool | str = False, noise_estimated: bool = True,
+):
     """Settings (estimated where not given), width prior and passes; the results of atoms ``sel``."""
     work = _fit_image(img)
     if nz is None or any(key not in st for key in ("sigma", "sigma_spread", "window_radius")):
@@ -233,8 +248,53 @@ def _refine(img, plan: Plan, mdl: Isotropic | Elliptical, sel, st, nz: Noise | N
         n_later = auto_refits(plan.nn, sigma)
     else:
         n_later = int(n_refits)
-    p, ok, it, h, m = _passes(work, plan, mdl, sel, n_later, nz, max_iter, tol)
-    return _results(img, plan, mdl, sel, p, ok, it, h, m)
+    members = _joint_members(plan, mdl, sigma, joint)
+    if members is None:
+        p, ok, it, h, m = _passes(work, plan, mdl, sel, n_later, nz, max_iter, tol)
+        return _results(img, plan, mdl, sel, p, ok, it, h, m)
+    # the joint fit starts from (and subtracts the others at) the passes' fits of every atom
+    every = np.arange(plan.x.size, dtype=np.int64)
+    p, ok, it, h, m = _passes(work, plan, mdl, every, n_later, nz, max_iter, tol)
+    members = members[ok[members]]
+    res = fit_joint(
+        work, p, ok, members, nn_median=float(np.median(plan.nn[np.isfinite(plan.nn)])), noise=nz,
+        radius=float(st["window_radius"]), prior=plan.prior, sigma_max=plan.sigma_max,
+        max_move=0.5 * np.maximum(plan.r_first0, 2.0), max_iter=max(max_iter, JOINT_MIN_ITER), tol=tol,
+        refit_noise=noise_estimated,
+    )
+    out = _results(img, plan, mdl, every, p, ok, it, h, m)
+    _put_joint(out, members, res)
+    return {k: v[sel] for k, v in out.items()}
+
+
+#: Iterations of the joint Levenberg-Marquardt at least (its one damping serves many columns).
+JOINT_MIN_ITER = 50
+
+
+def _joint_members(plan: Plan, mdl: Isotropic | Elliptical, sigma: float, joint: bool | str) -> np.ndarray | None:
+    """The atoms to fit jointly (None: no joint fit)."""
+    if joint is False or mdl.k != 5 or not plan.neighbor_subtraction or plan.x.size < 2:
+        return None
+    if joint is True:
+        return np.arange(plan.x.size, dtype=np.int64)
+    members = np.flatnonzero(overlapping(plan.nn, sigma))
+    return members if members.size else None
+
+
+def _put_joint(out: dict[str, np.ndarray], members: np.ndarray, res: dict[str, np.ndarray]) -> None:
+    """Write the joint fits ``res`` of atoms ``members`` into the results ``out`` (in place)."""
+    good = res["ok"]
+    i = members[good]
+    p, var = res["p"][good], res["var"][good]
+    out["x"][i], out["y"][i] = p[:, 0], p[:, 1]
+    out["intensity"][i] = p[:, 2]
+    out["sigma"][i] = p[:, 3]
+    out["amplitude"][i] = p[:, 2] / (2.0 * np.pi * p[:, 3] ** 2)
+    out["background"][i] = res["background"][good]
+    out["x_err"][i], out["y_err"][i], out["intensity_err"][i] = (np.sqrt(var[:, k]) for k in range(3))
+    out["fit_ok"][i] = True
+    out["n_iter"][i] += res["n_iter"][good]
+    out["joint"][i] = True
 
 
 def _passes(work, plan: Plan, mdl: Isotropic | Elliptical, sel, n_later: int, nz, max_iter: int, tol: float):
@@ -279,6 +339,8 @@ def _results(img, plan: Plan, mdl: Isotropic | Elliptical, sel, p, ok_fit, it, h
     out.update({key: np.array(v, dtype=float) for key, v in mdl.results(p, cov).items()})
     out["x_err"] = x_err
     out["y_err"] = y_err
+    with np.errstate(invalid="ignore"):
+        out["intensity_err"] = np.sqrt(cov[:, 2, 2])
     if not ok.all():
         bad = np.flatnonzero(~ok)
         cx, cy = center_of_mass(img, x[sel[bad]], y[sel[bad]], window=plan.r_first0[sel[bad]])
@@ -289,15 +351,17 @@ def _results(img, plan: Plan, mdl: Isotropic | Elliptical, sel, p, ok_fit, it, h
     out["fit_ok"] = ok
     out["n_iter"] = it.astype(np.int64)
     out["window"] = plan.final_radius()[sel].astype(float)
+    out["joint"] = np.zeros(sel.size, dtype=bool)
     return out
 
 
 def _empty_result(mdl: Isotropic | Elliptical) -> dict[str, np.ndarray]:
-    keys = ["x", "y", "intensity", "amplitude", "background", "x_err", "y_err", "window"]
+    keys = ["x", "y", "intensity", "amplitude", "background", "x_err", "y_err", "intensity_err", "window"]
     keys += ["sigma"] if mdl.k == 5 else ["sigma_major", "sigma_minor", "theta"]
     out = {k: np.zeros(0) for k in keys}
     out["fit_ok"] = np.zeros(0, dtype=bool)
     out["n_iter"] = np.zeros(0, dtype=np.int64)
+    out["joint"] = np.zeros(0, dtype=bool)
     return out
 
 
@@ -320,6 +384,24 @@ def check_engine(engine: str, model: str = "gaussian") -> bool:
             f"engine='compiled' fits the isotropic model only; use engine='auto' or 'numpy' for model={model!r}."
         )
     return engine != "numpy"
+
+
+#: Values of :func:`refine_gaussian`'s ``joint``.
+JOINT_OPTIONS = ("auto", True, False)
+
+
+def check_joint(joint: bool | str, model: str = "gaussian") -> None:
+    """Check ``joint`` of :func:`refine_gaussian`.
+
+    Raises
+    ------
+    InvalidParameterError
+        For a value not in ``("auto", True, False)``, or ``True`` with a model other than ``"gaussian"``.
+    """
+    if not any(joint is v or (isinstance(v, str) and joint == v) for v in JOINT_OPTIONS):
+        raise InvalidParameterError(f"joint must be 'auto', True or False; got {joint!r}.")
+    if joint is True and model != "gaussian":
+        raise InvalidParameterError(f"joint=True fits the isotropic model only; got model={model!r}.")
 
 
 def _check_iterations(max_iter, n_refits, tol) -> None:

@@ -1,0 +1,312 @@
+"""Joint fits of overlapping columns: every column of a group and a shared background in one model.
+
+Where columns are closer than :data:`JOINT_NN_SIGMAS` widths their tails overlap so much that
+fitting each column with its neighbours subtracted at their previous estimates (the passes of
+:mod:`.passes`) is biased: the neighbours' errors and the per-column constant backgrounds trade
+off against each other. Such columns are fitted together (as StatSTEM, qem and SingleOrigin do):
+the model of :mod:`.joint_model` (every column's pixel-integrated Gaussian, ``x, y, N``, one
+width shared by the group, and one smooth background on a coarse bilinear grid) is fitted to the union of the columns'
+windows by Levenberg-Marquardt on the sparse normal equations, weighted by ``1 / variance`` of
+the model under the noise model (iteratively reweighted: the Poisson / Poisson + Gaussian maximum
+likelihood at convergence). Columns outside the group enter at their fitted parameters. Large groups are cut into tiles of
+about :data:`JOINT_TILE_ATOMS` columns, each fitted with a margin of free columns around it.
+
+The standard errors come from the inverse of the joint normal matrix: the Cramér-Rao bound of
+the joint model (:func:`atomds.core.crb.crb_joint`), in which a column's position is correlated
+with its neighbours' positions, amplitudes and the background. Positions in px.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import splu
+
+from .constants import DIAG_FLOOR, LAM_DOWN, LAM_GIVE_UP, LAM_MIN, LAM_START, LAM_UP, MIN_SIGMA
+from .joint_model import K_COL, PixelSet, background_at, background_grid, jacobian, model_values, patch_half, pixel_set
+from .noise import Noise, fit_variance
+
+__all__ = ["JOINT_NN_SIGMAS", "JOINT_TILE_ATOMS", "overlapping", "fit_joint", "solve_group"]
+
+#: Columns whose nearest neighbour is closer than this many column widths (sigma > 0.2 of the
+#: spacing) are fitted jointly: below it the neighbour-subtraction passes are measurably biased.
+JOINT_NN_SIGMAS = 5.0
+#: The shared background's nodes are this many nearest-neighbour distances apart: smooth on the
+#: scale of a column, free on the scale of the image.
+BG_PITCH_NN = 4.0
+#: Columns per tile of a large group (the sparse factorisation grows faster than linearly).
+JOINT_TILE_ATOMS = 1024
+#: Free columns around a tile, in nearest-neighbour distances (their results are not kept).
+JOINT_MARGIN_NN = 2.0
+#: Reweighting rounds (the weights from the previous round's model).
+IRLS_ROUNDS = 2
+#: Groups of at least this many pixels re-estimate the noise model from the joint model's
+#: residuals after the first round (where tails overlap, the single-column fits that estimated it
+#: leave misfit in the residuals, which reads as extra variance at low signal).
+NOISE_REFIT_PIXELS = 5000
+#: Right-hand sides per solve when the covariance is read from the factorisation.
+COV_BLOCK = 256
+#: Relative ridge that keeps the normal matrix of the fit invertible where a background node
+#: is barely determined.
+RIDGE_REL = 1e-10
+
+
+def overlapping(nn: np.ndarray, sigma: float) -> np.ndarray:
+    """Atoms whose nearest neighbour (``nn``, px) is closer than :data:`JOINT_NN_SIGMAS` widths ``sigma`` (px)."""
+    return np.isfinite(nn) & (nn < JOINT_NN_SIGMAS * float(sigma))
+
+
+def fit_joint(
+    img: np.ndarray, p_all: np.ndarray, ok_all: np.ndarray, members: np.ndarray, *, nn_median: float,
+    noise: Noise, radius: float, prior: tuple[float, float] | None, sigma_max: float, max_move: np.ndarray,
+    max_iter: int, tol: float, refit_noise: bool = True,
+) -> dict[str, np.ndarray]:
+    """Jointly refit the atoms ``members`` of an image whose atoms have the fits ``p_all``.
+
+    Parameters
+    ----------
+    img : 2-D float array
+        The image (non-finite pixels are left out).
+    p_all : ndarray (n_all, 5)
+        Isotropic fits of all atoms (x, y, N, sigma, B; px, image units): the starting values of
+        the members and the fixed models of the others.
+    ok_all : bool ndarray (n_all,)
+        Usable fits (others are neither free nor subtracted).
+    members : ndarray of int
+        The atoms to fit jointly (with finite starting values).
+    nn_median : float
+        Typical nearest-neighbour distance, px (tiles, margins, background grid).
+    noise : Noise
+        Noise model of the weights.
+    radius : float
+        Radius of each column's data window, px (the union of windows is fitted).
+    prior : (float, float) or None
+        (mean width px, precision 1/px^2) of the Gaussian prior on the width.
+    sigma_max : float
+        Largest width, px.
+    max_move : ndarray (n_all,)
+        Largest distance a column may move from its start, px.
+    max_iter, tol
+        Levenberg-Marquardt iterations per round and convergence threshold (px).
+    refit_noise : bool
+        Re-estimate the noise model from the joint residuals (groups of at least
+        :data:`NOISE_REFIT_PIXELS` pixels; for a noise model estimated, not given).
+
+    Returns
+    -------
+    dict of ndarray (len(members),)
+        ``p`` (n, 4: x, y, N, sigma), ``background`` (shared background at the column),
+        ``var`` (n, 3: variances of x, y, N), ``ok`` (bool), ``n_iter``, ``sigma_err`` (standard
+        error of the shared width, px).
+    """
+    m = members.size
+    out = {"p": np.full((m, 4), np.nan), "background": np.full(m, np.nan), "var": np.full((m, 3), np.nan),
+           "ok": np.zeros(m, bool), "n_iter": np.zeros(m, np.int64), "sigma_err": np.full(m, np.nan),
+           "gain": np.full(m, np.nan), "variance_offset": np.full(m, np.nan)}
+    if m == 0:
+        return out
+    valid = np.isfinite(img)
+    half = patch_half(sigma_max if prior is None else min(sigma_max, 2.0 * prior[0]))
+    tile = math.sqrt(JOINT_TILE_ATOMS) * nn_median
+    margin = JOINT_MARGIN_NN * nn_median
+    reach = radius + half + 1.0
+    xy = p_all[:, :2]
+    key_x = np.floor(xy[members, 0] / tile).astype(np.int64)
+    key_y = np.floor(xy[members, 1] / tile).astype(np.int64)
+    in_members = np.zeros(p_all.shape[0], bool)
+    in_members[members] = True
+    for kx, ky in sorted(set(zip(key_x.tolist(), key_y.tolist()))):  # a loop over tiles, not atoms
+        core = (key_x == kx) & (key_y == ky)
+        lo = np.array([kx * tile, ky * tile]) - margin
+        hi = lo + tile + 2.0 * margin
+        mx, my = xy[members, 0], xy[members, 1]
+        free_sel = (mx >= lo[0]) & (mx < hi[0]) & (my >= lo[1]) & (my < hi[1])
+        free = members[free_sel]
+        ax, ay = xy[:, 0], xy[:, 1]
+        near = (ax >= lo[0] - reach) & (ax < hi[0] + reach) & (ay >= lo[1] - reach) & (ay < hi[1] + reach)
+        fixed = np.flatnonzero(near & ok_all & ~np.isin(np.arange(p_all.shape[0]), free))
+        res = solve_group(
+            img, valid, p_all[free, :4], p_all[fixed, :4], nn_median=nn_median, noise=noise, radius=radius,
+            prior=prior, sigma_max=sigma_max, max_move=max_move[free], half=half, max_iter=max_iter, tol=tol,
+            refit_noise=refit_noise,
+        )
+        keep = np.isin(free, members[core])
+        rows = np.searchsorted(members, free[keep]) if np.all(np.diff(members) > 0) else _rows(members, free[keep])
+        for k in out:
+            out[k][rows] = res[k][keep]
+    return out
+
+
+def _rows(members: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    order = np.argsort(members)
+    return order[np.searchsorted(members[order], ids)]
+
+
+def solve_group(
+    img: np.ndarray, valid: np.ndarray, p0: np.ndarray, p_fixed: np.ndarray, *, nn_median: float, noise: Noise,
+    radius: float, prior: tuple[float, float] | None, sigma_max: float, max_move: np.ndarray, half: int,
+    max_iter: int, tol: float, refit_noise: bool = True,
+) -> dict[str, np.ndarray]:
+    """One joint fit: columns ``p0`` (n, 4) free, ``p_fixed`` (k, 4) subtracted; see :func:`fit_joint`.
+
+    The group's shared width starts at the prior's mean (else the median of ``p0``'s widths);
+    the prior itself is not applied (one width is well determined by all columns together).
+    """
+    n = p0.shape[0]
+    ps = pixel_set(img.shape, p0[:, 0], p0[:, 1], radius, valid)
+    grid = background_grid(ps, max(BG_PITCH_NN * nn_median, 4.0 * radius))
+    data = img.ravel()[ps.pix].astype(float) - model_values(ps, p_fixed, half)
+    fixed_mu = img.ravel()[ps.pix].astype(float) - data
+    p = p0.copy()
+    s0 = prior[0] if prior is not None else float(np.nanmedian(p0[:, 3]))
+    p[:, 3] = np.clip(s0, MIN_SIGMA, sigma_max)
+    prior = None
+    b = _start_background(data - model_values(ps, p, half), grid.weights)
+    start = p0[:, :2].copy()
+    n_iter = 0
+    conv = False
+    for rnd in range(IRLS_ROUNDS):
+        cols, jac = jacobian(ps, p, half, grid)
+        mu = cols + grid.weights @ b + fixed_mu
+        if rnd > 0 and refit_noise and ps.size >= NOISE_REFIT_PIXELS:
+            r = data - cols - grid.weights @ b
+            dof = ps.size / max(ps.size - jac.shape[1], 1)
+            noise = fit_variance(mu, r * r * dof)
+        wt = 1.0 / noise.variance(mu)
+        p, b, it, conv = _levenberg_marquardt(
+            ps, grid, data, wt, p, b, start, half=half, prior=prior, sigma_max=sigma_max, max_move=max_move,
+            max_iter=max_iter, tol=tol,
+        )
+        n_iter += it
+    cols, jac = jacobian(ps, p, half, grid)
+    wt = 1.0 / noise.variance(cols + grid.weights @ b + fixed_mu)
+    h, _ = _normal(jac, wt, data - cols - grid.weights @ b, p, prior)
+    var = _variances(h, n)
+    var_sigma = _variance_of(h, K_COL * n)
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(p).all(axis=1) & (p[:, 2] > 0) & np.isfinite(var).all(axis=1) & (var[:, 0] > 0)
+    bg = background_at(grid, b, p[:, 0], p[:, 1])
+    return {"p": p, "background": bg, "var": var, "ok": ok & bool(np.isfinite(b).all()),
+            "n_iter": np.full(n, n_iter, np.int64), "sigma_err": np.full(n, math.sqrt(max(var_sigma, 0.0))),
+            "gain": np.full(n, np.nan if noise.gain is None else noise.gain), "variance_offset": np.full(n, noise.offset)}
+
+
+def _start_background(resid: np.ndarray, g: sp.csr_matrix) -> np.ndarray:
+    """Least-squares node values of the background from the residual of the columns."""
+    gtg = _ridged((g.T @ g).tocsc())
+    return splu(gtg).solve(np.asarray(g.T @ resid).ravel())
+
+
+def _normal(jac: sp.csr_matrix, wt: np.ndarray, r: np.ndarray, p: np.ndarray, prior):
+    """J^T W J and J^T W r, with a prior (mean px, precision 1/px^2) on the shared width."""
+    jw = sp.diags(wt) @ jac
+    h = (jac.T @ jw).tocsc()
+    g = np.asarray(jw.T @ r).ravel()
+    if prior is not None:
+        mu_s, prec = prior
+        i = K_COL * p.shape[0]
+        h = h + sp.csc_matrix(([prec], ([i], [i])), shape=h.shape)
+        g[i] += prec * (mu_s - p[0, 3])
+    return h, g
+
+
+def _chi2(data, cols, grid, b, wt, p, prior) -> float:
+    r = data - cols - grid.weights @ b
+    c = float(np.sum(wt * r * r))
+    if prior is not None:
+        c += float(prior[1] * (p[0, 3] - prior[0]) ** 2)
+    return c
+
+
+def _constrain(p: np.ndarray, start: np.ndarray, max_move: np.ndarray, sigma_max: float, n_floor: float) -> None:
+    """Keep widths in ``[MIN_SIGMA, sigma_max]``, intensities positive and centres near their start (in place)."""
+    p[:, 3] = np.clip(p[:, 3], MIN_SIGMA, sigma_max)
+    p[:, 2] = np.maximum(p[:, 2], n_floor)
+    d = p[:, :2] - start
+    dist = np.hypot(d[:, 0], d[:, 1])
+    scale = np.where(dist > max_move, max_move / np.maximum(dist, 1e-300), 1.0)
+    p[:, :2] = start + d * scale[:, None]
+
+
+def _levenberg_marquardt(ps: PixelSet, grid, data, wt, p, b, start, *, half, prior, sigma_max, max_move, max_iter, tol):
+    """Levenberg-Marquardt on the sparse normal equations of one group (fixed weights ``wt``)."""
+    n = p.shape[0]
+    n_floor = 1e-3 * float(np.median(np.abs(p[:, 2]))) if n else 0.0
+    cols, jac = jacobian(ps, p, half, grid)
+    chi2 = _chi2(data, cols, grid, b, wt, p, prior)
+    h, g = _normal(jac, wt, data - cols - grid.weights @ b, p, prior)
+    lam = LAM_START
+    it = 0
+    conv = False
+    while it < max_iter:
+        it += 1
+        dg = h.diagonal()
+        scale = np.maximum(dg, DIAG_FLOOR * max(float(dg.max()), 1e-300))
+        try:
+            step = splu((h + sp.diags(lam * scale)).tocsc()).solve(g)
+        except RuntimeError:  # singular: damp harder
+            lam *= LAM_UP
+            continue
+        pt = p.copy()
+        pt[:, :K_COL] += step[: K_COL * n].reshape(n, K_COL)
+        pt[:, 3] += step[K_COL * n]
+        bt = b + step[K_COL * n + 1:]
+        _constrain(pt, start, max_move, sigma_max, n_floor)
+        cols_t = model_values(ps, pt, half)
+        chi2_t = _chi2(data, cols_t, grid, bt, wt, pt, prior)
+        if np.isfinite(chi2_t) and chi2_t <= chi2 * (1.0 + 1e-12):
+            small = np.all(np.abs(pt[:, :2] - p[:, :2]) < tol) and np.all(np.abs(pt[:, 3] - p[:, 3]) < tol)
+            rel = (chi2 - chi2_t) / max(chi2, 1e-300)
+            p, b, chi2 = pt, bt, chi2_t
+            lam = max(lam * LAM_DOWN, LAM_MIN)
+            if small or rel < 1e-10:
+                conv = True
+                break
+            cols, jac = jacobian(ps, p, half, grid)
+            h, g = _normal(jac, wt, data - cols - grid.weights @ b, p, prior)
+        else:
+            lam *= LAM_UP
+            if lam > LAM_GIVE_UP:
+                break
+    return p, b, it, conv
+
+
+def _ridged(h: sp.csc_matrix) -> sp.csc_matrix:
+    """``h`` with :data:`RIDGE_REL` of its own diagonal added (parameters differ in scale by many decades)."""
+    dg = h.diagonal()
+    floor = DIAG_FLOOR * max(float(dg.max()), 1e-300)
+    return (h + sp.diags(RIDGE_REL * np.maximum(dg, floor))).tocsc()
+
+
+def _variance_of(h: sp.csc_matrix, i: int) -> float:
+    """The variance of parameter ``i`` from the normal matrix ``h``."""
+    hr = _ridged(h)
+    e = np.zeros(h.shape[0])
+    e[i] = 1.0
+    try:
+        return float(splu(hr.tocsc()).solve(e)[i])
+    except RuntimeError:
+        return float("nan")
+
+
+def _variances(h: sp.csc_matrix, n: int) -> np.ndarray:
+    """Variances of x, y, N of every column from the inverse of the normal matrix ``h``."""
+    out = np.full((n, 3), np.nan)
+    if n == 0:
+        return out
+    hr = _ridged(h)
+    try:
+        lu = splu(hr.tocsc())
+    except RuntimeError:
+        return out
+    idx = (np.arange(n)[:, None] * K_COL + np.arange(3)[None, :]).ravel()
+    diag = np.empty(idx.size)
+    for i0 in range(0, idx.size, COV_BLOCK):
+        sel = idx[i0:i0 + COV_BLOCK]
+        e = np.zeros((h.shape[0], sel.size))
+        e[sel, np.arange(sel.size)] = 1.0
+        diag[i0:i0 + COV_BLOCK] = lu.solve(e)[sel, np.arange(sel.size)]
+    out[:] = diag.reshape(n, 3)
+    return out
