@@ -59,6 +59,7 @@ __all__ = [
     "polar",
     "spectrum_image",
     "frames",
+    "stm",
     "list_samples",
     "load",
     "score_positions",
@@ -405,12 +406,75 @@ def frames(
     return ds
 
 
+def stm(
+    *,
+    shape: int | tuple[int, int] = (512, 512),
+    lattice: str = "7x7",
+    spacing: float = 13.0,
+    sigma: float = 2.4,
+    angle: float = 7.0,
+    height: float = 0.8e-10,
+    corner_hole_depth: float = 1.2e-10,
+    vacancies: float = 0.03,
+    tilt: tuple[float, float] = (2.0e-12, -1.2e-12),
+    line_noise: float = 0.05e-10,
+    steps: int = 1,
+    step_height: float = 3.14e-10,
+    step_angle: float = 60.0,
+    noise: float = 0.08e-10,
+    pixel_size: float | None = 0.5,
+    seed: int = 0,
+) -> xr.Dataset:
+    """An STM topograph of an adatom lattice (Si(111)-7x7-like by default) with tilt, line offsets, a step and defects.
+
+    A height map as a microscope's file gives it: ``image`` holds heights (made by
+    :func:`atomds.from_array` with ``value_units="m"``, so stored in Å with ``image_kind =
+    "height"``), not flattened. ``pixel_size=None`` leaves it uncalibrated (lengths in px).
+    Parameters as in :func:`atomds.core.samples.stm_sample` (lengths in pixels, heights in m).
+
+    The truth: ``true_x``, ``true_y`` (the adatoms, none within half a spacing of a step edge),
+    ``true_label`` 0, ``true_counts`` the apparent height of each adatom (Å, named as in the other
+    samples), ``true_sigma``, ``true_domain`` its terrace (0 = highest); ``true_background(y, x)``
+    the tilt, line offsets and terrace heights (Å) that flattening should remove.
+    """
+    ps, units = (1.0, "px") if pixel_size is None else (_pixel_size(pixel_size), "Å")
+    s = _core.stm_sample(
+        shape=shape, lattice=lattice, spacing=spacing, sigma=sigma, angle=angle, height=height,
+        corner_hole_depth=corner_hole_depth, vacancies=vacancies, tilt=tilt, line_noise=line_noise, steps=steps,
+        step_height=step_height, step_angle=step_angle, noise=noise, seed=seed,
+    )
+    ds = from_array(s.image, pixel_size=ps, units=units, kind="height", value_units="m")
+    ps = float(ds.attrs["pixel_size"])
+    u = str(ds.attrs["units"])
+    m_to_a = 1e10
+
+    def var(values, vunits, long_name, **attrs):
+        return xr.DataArray(values, dims=("true_atom",), attrs={"units": vunits, "long_name": long_name, **attrs})
+
+    ds["true_x"] = var(s.x * ps, u, "true adatom centre x")
+    ds["true_y"] = var(s.y * ps, u, "true adatom centre y")
+    ds["true_label"] = var(s.label, "1", "true class (0 = adatom)", flag_meanings="adatom")
+    ds["true_counts"] = var(s.counts * m_to_a, "Å", "true apparent height of the adatom")
+    ds["true_sigma"] = var(s.sigma * ps, u, "true Gaussian width of the adatom")
+    ds["true_domain"] = var(s.domain, "1", "terrace of the adatom (0 = highest)")
+    ds["true_background"] = xr.DataArray(
+        (s.background * m_to_a).astype(np.float32), dims=("y", "x"),
+        attrs={"units": "Å", "long_name": "true tilt, scan-line offsets and terrace heights"},
+    )
+    p = s.params
+    ds.attrs.update({"sample": "stm", "sample_params": json.dumps(p, sort_keys=True), "sample_seed": int(p["seed"]),
+                     "sample_sigma_px": float(p["sigma"]), "sample_spacing_px": float(p["spacing"]),
+                     "sample_label_names": "adatom"})
+    return ds
+
+
 _SAMPLES: dict[str, Callable[..., xr.Dataset]] = {
     "hexagonal": hexagonal,
     "two_phase": two_phase,
     "perovskite": perovskite,
     "polar": polar,
     "nanoparticle": nanoparticle,
+    "stm": stm,
 }
 
 

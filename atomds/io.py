@@ -39,6 +39,7 @@ __all__ = [
     "check_image_values",
     "SUPPORTED_EXTENSIONS",
     "MAX_PIXELS",
+    "IMAGE_KINDS",
 ]
 
 #: Largest number of pixels (frames x height x width) a file may declare before it is refused.
@@ -57,7 +58,13 @@ SUPPORTED_EXTENSIONS = {
     ".npy": "numpy",
     ".nc": "netcdf",
     ".nc4": "netcdf",
+    ".sur": "digitalsurf",
+    ".pro": "digitalsurf",
 }
+
+#: What an image's values are: ``"intensity"`` (counts, a detector image) or ``"height"`` (an
+#: STM/AFM topograph, flattened before atoms are found).
+IMAGE_KINDS = ("intensity", "height")
 
 # factor that converts a length in the given unit to Ångström
 _TO_ANGSTROM = {
@@ -145,6 +152,8 @@ def from_array(
     chunks: Any = None,
     metadata: Mapping[str, Any] | None = None,
     source: str | None = None,
+    kind: str | None = None,
+    value_units: str | None = None,
 ) -> xr.Dataset:
     """Wrap a 2-D image or a 3-D stack of frames in an atomds Dataset.
 
@@ -163,14 +172,21 @@ def from_array(
         Original metadata, stored as a JSON string attribute ``original_metadata``.
     source : str, optional
         Where the data came from (file name), stored as attribute ``source``.
+    kind : {"intensity", "height"}, optional
+        What the values are. ``"height"``: an STM/AFM height map, flattened before atoms are
+        found. None: a height map when ``value_units`` is a length, an intensity otherwise.
+    value_units : str, optional
+        Units of the values (default ``"counts"`` for an intensity). Heights in a length unit (m,
+        nm, Å, pm, µm) are converted to Å.
 
     Returns
     -------
     xarray.Dataset
         With coords ``y``, ``x`` at pixel centres (``x[j] = j * pixel_size``) and attributes
-        ``pixel_size``, ``units``.
+        ``pixel_size``, ``units``; ``image_kind = "height"`` for a height map.
     """
     ps, u = normalize_length_units(pixel_size, units)
+    kind, vu, factor = _value_kind(kind, value_units)
     if not _is_dask_array(array):
         array = np.asarray(array)
         if array.dtype.kind not in "biuf":
@@ -183,7 +199,7 @@ def from_array(
         raise InvalidImageError(f"the image is empty (shape {tuple(array.shape)}).")
     if not _is_dask_array(array):
         check_image_values(array, name="image" if array.ndim == 2 else "frame stack")
-        data = array.astype(np.float32, copy=False)
+        data = array.astype(np.float32, copy=False) if factor == 1.0 else (array * factor).astype(np.float32)
         if chunks is not None:
             import dask.array as da
 
@@ -191,20 +207,21 @@ def from_array(
     else:
         if array.dtype.kind not in "biuf":
             raise InvalidImageError(f"image data must be real numbers, got dtype {array.dtype}.")
-        data = array.astype(np.float32)
+        data = array.astype(np.float32) if factor == 1.0 else (array * factor).astype(np.float32)
         if chunks is not None:
             data = data.rechunk(chunks)
     ny, nx = int(array.shape[-2]), int(array.shape[-1])
     coords = {"y": _length_coord(ny, ps, u, "y"), "x": _length_coord(nx, ps, u, "x")}
+    value_attrs = {"units": vu, "long_name": "height" if kind == "height" else "intensity"}
     if array.ndim == 2:
-        var = xr.DataArray(data, dims=("y", "x"), attrs={"units": "counts", "long_name": "intensity"})
+        var = xr.DataArray(data, dims=("y", "x"), attrs=value_attrs)
         ds = xr.Dataset({"image": var}, coords=coords)
     else:
         nf = int(array.shape[0])
         coords["frame"] = xr.DataArray(
             np.arange(nf, dtype=np.int64), dims=("frame",), attrs={"units": "1", "long_name": "frame number"}
         )
-        var = xr.DataArray(data, dims=("frame", "y", "x"), attrs={"units": "counts", "long_name": "intensity"})
+        var = xr.DataArray(data, dims=("frame", "y", "x"), attrs=value_attrs)
         ds = xr.Dataset({"frames": var}, coords=coords)
     ds.attrs = {
         "pixel_size": ps,
@@ -212,11 +229,41 @@ def from_array(
         "atomds_version": __version__,
         "schema_version": "1",
     }
+    if kind == "height":
+        ds.attrs["image_kind"] = "height"
     if source is not None:
         ds.attrs["source"] = str(source)
     if metadata:
         ds.attrs["original_metadata"] = json.dumps(_jsonable(metadata), sort_keys=True, default=str)
     return ds
+
+
+def _value_kind(kind: str | None, value_units: str | None) -> tuple[str, str, float]:
+    """The image kind, the units stored for its values and the factor applied to them.
+
+    Heights in a length unit are stored in Å (factor to Å); other units are kept as given.
+    """
+    if kind is not None and kind not in IMAGE_KINDS:
+        raise InvalidParameterError(f"kind must be one of {list(IMAGE_KINDS)} or None, got {kind!r}.")
+    vu = None if value_units is None else str(value_units).strip()
+    key = (vu or "").lower()
+    is_length = key in _TO_ANGSTROM
+    if kind is None:
+        kind = "height" if is_length else "intensity"
+    if kind == "height" and is_length:
+        return kind, "Å", _TO_ANGSTROM[key]
+    return kind, vu or ("counts" if kind == "intensity" else "arbitrary"), 1.0
+
+
+def _signal_units(sig: dict) -> str | None:
+    """Units of a reader signal's values, from ``metadata.Signal.quantity`` ("Height (m)" -> "m")."""
+    quantity = sig.get("metadata", {}).get("Signal", {}).get("quantity", "")
+    if isinstance(quantity, bytes):
+        quantity = quantity.decode("utf-8", "replace")
+    q = str(quantity)
+    if "(" in q and q.rstrip().endswith(")"):
+        return q[q.rindex("(") + 1 : q.rstrip().rindex(")")].strip() or None
+    return None
 
 
 def _jsonable(obj: Any) -> Any:
@@ -355,10 +402,39 @@ def _dm_byte_order(sig: dict, data: Any) -> Any:
     return np.asarray(data).view(dt)
 
 
+#: Byte offsets in the 512-byte header of a DigitalSurf object: signature (12 bytes), number of
+#: objects (int16), number of points per line, of lines and in total (int32, little-endian).
+_SUR_SIGNATURES = (b"DIGITAL SURF", b"DSCOMPRESSED")
+_SUR_OBJECTS, _SUR_POINTS, _SUR_LINES, _SUR_TOTAL = 14, 108, 112, 116
+
+
+def _check_digitalsurf_header(path: Path) -> None:
+    """Refuse a ``.sur``/``.pro`` file whose header is not DigitalSurf's or declares too many points.
+
+    The reader decompresses everything it is given, so the declared size is checked first.
+    """
+    import struct
+
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if len(head) < 120 or head[:12] not in _SUR_SIGNATURES:
+        raise UnreadableFileError(f"{path.name} is not a DigitalSurf file (no DIGITAL SURF/DSCOMPRESSED header).")
+    (n_obj,) = struct.unpack_from("<h", head, _SUR_OBJECTS)
+    points, lines, total = struct.unpack_from("<iii", head, _SUR_POINTS)
+    if n_obj < 1 or points < 1 or lines < 1 or total < 1:
+        raise UnreadableFileError(
+            f"{path.name}: its header declares {n_obj} objects of {points} x {lines} points: corrupt."
+        )
+    _check_shape((int(n_obj), int(max(lines, 1)), int(max(points, 1))), path)
+    _check_shape((int(n_obj), int(total)), path)
+
+
 def _read_rsciio(path: Path, reader: str) -> tuple[Any, dict, float, str | None]:
     import importlib
 
     mod = importlib.import_module(f"rsciio.{reader}")
+    if reader == "digitalsurf":
+        _check_digitalsurf_header(path)
     try:
         try:
             signals = mod.file_reader(str(path), lazy=True)
@@ -380,7 +456,8 @@ def _read_rsciio(path: Path, reader: str) -> tuple[Any, dict, float, str | None]
     if reader == "digitalmicrograph":
         data = _dm_byte_order(sig, data)
     ps, units = _calibration(sig)
-    meta = {"metadata": sig.get("metadata", {}), "original_metadata": sig.get("original_metadata", {})}
+    meta = {"metadata": sig.get("metadata", {}), "original_metadata": sig.get("original_metadata", {}),
+            "value_units": _signal_units(sig)}
     return data, meta, ps, units
 
 
@@ -390,11 +467,14 @@ def open_image(
     pixel_size: float | None = None,
     units: str | None = None,
     chunks: Any = None,
+    kind: str | None = None,
 ) -> xr.Dataset:
     """Open an image file as an atomds Dataset.
 
-    Reads DM3/DM4, EMD (Velox and Berkeley), TIFF, MRC and HSPY through rosettasciio, plain
-    ``.npy`` (never unpickled), and NetCDF files written by atomds.
+    Reads DM3/DM4, EMD (Velox and Berkeley), TIFF, MRC, HSPY and the DigitalSurf (MountainsMap)
+    ``.sur`` topographs of scanning-probe microscopes through rosettasciio, plain ``.npy`` (never
+    unpickled), and NetCDF files written by atomds. (A ``.pro`` file is a single profile, not an
+    image: it is refused with a message that says so.)
 
     Parameters
     ----------
@@ -407,6 +487,9 @@ def open_image(
         Lengths are stored in Å; nm and pm are converted.
     chunks : optional
         Dask chunks: the image is read lazily and stays Dask-backed.
+    kind : {"intensity", "height"}, optional
+        What the values are (see :func:`from_array`); None: a height map when the file gives
+        its values a length unit (an STM/AFM topograph: ``"Height (m)"``), else an intensity.
 
     Returns
     -------
@@ -432,6 +515,9 @@ def open_image(
         )
     if reader == "netcdf":
         ds = open_dataset(path, chunks=chunks)
+        if kind is not None:
+            _value_kind(kind, None)  # checked
+            ds.attrs["image_kind"] = kind
         if pixel_size is not None:
             ps, u = normalize_length_units(pixel_size, units)
             ds = ds.assign_coords(
@@ -454,7 +540,9 @@ def open_image(
         import dask.array as da
 
         data = da.from_array(np.asarray(data), chunks=chunks)
-    ds = from_array(data, pixel_size=ps, units=u, chunks=chunks, metadata=meta, source=path.name)
+    value_units = meta.pop("value_units", None)
+    ds = from_array(data, pixel_size=ps, units=u, chunks=chunks, metadata=meta, source=path.name, kind=kind,
+                    value_units=value_units)
     if note is not None:
         # the file's calibration was not used: say so in the attrs (and warn once per process)
         params: dict[str, Any] = {"file_pixel_size": file_ps, "file_units": file_units}

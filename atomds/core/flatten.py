@@ -41,6 +41,7 @@ __all__ = [
     "terrace_labels",
     "fit_terraces",
     "terrace_background",
+    "flatten_terraces",
     "flatten_height_map",
 ]
 
@@ -320,6 +321,56 @@ def _width_of(img: np.ndarray, spacing: float, fallbacks: dict[str, str]) -> flo
         return 0.1 * spacing
 
 
+def _plane(img: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+    """``img`` minus its robust least-squares plane (float64); the coefficients go in ``params["plane"]``."""
+    from .preprocess import fit_polynomial_background, polynomial_surface
+
+    z = img.astype(np.float64)
+    coef = fit_polynomial_background(z, order=1, robust=True)
+    params["plane"] = [float(c) for c in coef]
+    return z - polynomial_surface(z.shape, coef, 1)
+
+
+def _terraces(z: np.ndarray, spacing: float | None, params: dict[str, Any],
+              fallbacks: dict[str, str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Terraces levelled in ``z`` where two or more are found; returns ``z`` and the labels (None: no steps)."""
+    d = _spacing_of(z, spacing, fallbacks)
+    params["spacing_px"] = round(d, 3)
+    labels, info = terrace_labels(z, spacing=d)
+    params["n_terraces"] = info["n_terraces"]
+    if info["n_terraces"] < 2:
+        return z, None
+    plane, levels = fit_terraces(z, labels)
+    # the atom scales are read on the levelled image (a step dominates them before)
+    first = z - terrace_background(z, labels, plane, levels, width=STEP_SMOOTHING * d)
+    d_flat = _spacing_of(first, None, fallbacks)
+    width = _width_of(first, d_flat, fallbacks)
+    z = z - terrace_background(z, labels, plane, levels, width=width)
+    params["spacing_flat_px"] = round(d_flat, 3)
+    params["sequence"].append("terraces")
+    params.update(terrace_levels=[float(c) for c in levels], terrace_plane=[float(c) for c in plane],
+                  smoothing_px=info["smoothing_px"], edge_smoothing_px=round(width, 3),
+                  gradient_threshold=info["gradient_threshold"], edge_fraction=round(info["edge_fraction"], 4))
+    return z, labels
+
+
+def flatten_terraces(image, *, spacing: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """A robust plane, then, where steps are found, a common plane plus one level per terrace.
+
+    See :func:`terrace_labels`, :func:`fit_terraces` and :func:`terrace_background`; ``spacing``
+    (px) is estimated from the image when None. Returns the flattened heights (float32 for float32
+    input) and the parameters (``sequence``, ``plane``, ``spacing_px``, ``n_terraces`` and, with
+    steps, the terrace levels as in :func:`flatten_height_map`).
+    """
+    img = as_float(check_image(image))
+    params: dict[str, Any] = {"sequence": ["plane"]}
+    fallbacks: dict[str, str] = {}
+    z, _ = _terraces(_plane(img, params), spacing, params, fallbacks)
+    if fallbacks:
+        params["fallbacks"] = fallbacks
+    return z.astype(img.dtype, copy=False), params
+
+
 def flatten_height_map(image, *, spacing: float | None = None, scan_axis: str = "x",
                        order: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
     """Flatten a topograph in the order the image calls for: plane, line offsets, terraces.
@@ -349,41 +400,25 @@ def flatten_height_map(image, *, spacing: float | None = None, scan_axis: str = 
         The flattened heights (float32 for float32 input), same units.
     params : dict
         ``sequence`` (the steps done), ``line_offset_ratio``, ``plane`` (coefficients of the first
-        plane), ``spacing_px``, and for terraces ``n_terraces``, ``terrace_levels``,
-        ``terrace_plane``, ``smoothing_px``, ``gradient_threshold``, ``edge_fraction``;
-        ``fallbacks`` when the spacing had to be guessed.
+        plane), ``spacing_px``, ``n_terraces``, and with steps ``terrace_levels``,
+        ``terrace_plane``, ``smoothing_px``, ``edge_smoothing_px``, ``gradient_threshold``,
+        ``edge_fraction``; ``fallbacks`` when a scale had to be guessed.
     """
-    from .preprocess import fit_polynomial_background, polynomial_surface
-
     img = as_float(check_image(image))
-    z = img.astype(np.float64)
     params: dict[str, Any] = {"sequence": ["plane"], "scan_axis": scan_axis}
-    coef = fit_polynomial_background(z, order=1, robust=True)
-    z = z - polynomial_surface(z.shape, coef, 1)
-    params["plane"] = [float(c) for c in coef]
+    z = _plane(img, params)
     ratio = line_offset_ratio(z, scan_axis=scan_axis)
-    params["line_offset_ratio"] = round(ratio, 3) if np.isfinite(ratio) else None
+    params["line_offset_ratio"] = round(ratio, 3)
     lines = bool(ratio > LINE_RATIO_THRESHOLD)
     if lines:
         off = row_difference_offsets(z, scan_axis=scan_axis)
         z = z - (off[:, None] if scan_axis == "x" else off[None, :])
         params["sequence"].append("lines")
     fallbacks: dict[str, str] = {}
-    d = _spacing_of(z, spacing, fallbacks)
-    params["spacing_px"] = round(d, 3)
-    labels, info = terrace_labels(z, spacing=d)
-    params["n_terraces"] = info["n_terraces"]
-    if info["n_terraces"] >= 2:
-        plane, levels = fit_terraces(z, labels)
-        width = _width_of(z, d, fallbacks)
-        z = z - terrace_background(z, labels, plane, levels, width=width)
-        params["sequence"].append("terraces")
-        params.update(terrace_levels=[float(c) for c in levels], terrace_plane=[float(c) for c in plane],
-                      smoothing_px=info["smoothing_px"], edge_smoothing_px=round(width, 3), gradient_threshold=info["gradient_threshold"],
-                      edge_fraction=round(info["edge_fraction"], 4))
-        if lines:
-            z = z - line_offsets(z, order=order, mask=labels > 0, scan_axis=scan_axis)
-            params["sequence"].append("lines")
+    z, labels = _terraces(z, spacing, params, fallbacks)
+    if lines and labels is not None:
+        z = z - line_offsets(z, order=order, mask=labels > 0, scan_axis=scan_axis)
+        params["sequence"].append("lines")
     if fallbacks:
         params["fallbacks"] = fallbacks
     return z.astype(img.dtype, copy=False), params

@@ -22,14 +22,24 @@ import numpy as np
 import xarray as xr
 from scipy import ndimage as ndi
 
+from ..core import flatten as core_flatten
 from ..core import preprocess as core
 from ..errors import DimensionError, InvalidParameterError, MissingVariableError
-from ..params import record_params
+from ..params import note_fallback, record_params, step_params
 from ._common import annotate, image_dataarray, is_dask, length_to_px, length_units, pixel_size
 
-__all__ = ["denoise", "normalize", "subtract_background", "align_frames"]
+__all__ = ["denoise", "normalize", "subtract_background", "align_frames", "is_height_map", "flatten_height_map",
+           "BACKGROUND_METHODS", "HEIGHT_METHODS", "HEIGHT_UNITS"]
 
 _CROP = 1024
+
+#: Methods of :func:`subtract_background`; the last three are for height maps.
+BACKGROUND_METHODS = ("gaussian", "plane", "polynomial", "lines", "terraces", "flatten")
+#: The height-map methods (global fits: they compute a Dask-backed image).
+HEIGHT_METHODS = ("lines", "terraces", "flatten")
+#: Units of an image's values that make it a height map, and their factor to Å.
+HEIGHT_UNITS = {"m": 1e10, "nm": 10.0, "å": 1.0, "a": 1.0, "angstrom": 1.0, "ångström": 1.0, "pm": 0.01,
+                "µm": 1e4, "um": 1e4, "μm": 1e4}
 
 
 def _estimation_image(da: xr.DataArray) -> np.ndarray:
@@ -171,30 +181,52 @@ def normalize(ds: xr.Dataset, *, low: float = 0.5, high: float = 99.5, clip: boo
 
 
 def subtract_background(ds: xr.Dataset, *, method: str = "gaussian", scale: float | None = None, order: int = 2,
-                        robust: bool = True) -> xr.Dataset:
-    """Remove a slowly varying background or an STM tilt from ``image``.
+                        robust: bool = True, line_order: int = 0, scan_axis: str = "x",
+                        spacing: float | None = None) -> xr.Dataset:
+    """Remove a slowly varying background, or flatten an STM/AFM height map, in ``image``.
 
     Parameters
     ----------
     ds : xarray.Dataset
-    method : {"gaussian", "plane", "polynomial"}
+    method : {"gaussian", "plane", "polynomial", "lines", "terraces", "flatten"}
         ``gaussian``: subtract the Gaussian low-pass of width ``scale`` (in the image's units;
         default twice the column spacing). ``plane``: subtract a least-squares plane (tilt of an
         STM height image). ``polynomial``: subtract a 2-D polynomial of total degree ``order``.
         Plane and polynomial fits are robust (outliers down-weighted) unless ``robust=False``.
+        Height maps (:mod:`atomds.core.flatten`): ``lines``: subtract a robust polynomial of
+        ``line_order`` from every scan line (0: its median), the offsets a scan gives each line.
+        ``terraces``: a plane, then step edges found from the gradient of the height smoothed over
+        half a spacing, and a common plane plus one level per terrace subtracted (the plane alone
+        when no step is found). ``flatten``: the sequence the image calls for, as
+        :func:`flatten_height_map` does before finding atoms on a height map.
+    line_order : int
+        ``lines``: order of the per-line polynomial (0 to 3).
+    scan_axis : {"x", "y"}
+        ``lines``, ``terraces``, ``flatten``: the fast scan direction (``"x"``: rows are scan lines).
+    spacing : float, optional
+        ``terraces``, ``flatten``: the atom spacing in the image's units (estimated when None).
 
     Returns
     -------
     xarray.Dataset
         With ``image`` minus the background (float32) and ``subtract_background_params``
         recorded. Lazy for Dask-backed images (the Gaussian with a halo of 4 widths; the
-        polynomial fitted lazily on a regular subsample and evaluated chunk by chunk).
+        polynomial fitted lazily on a regular subsample and evaluated chunk by chunk); the
+        height-map methods compute the image (the fits are global).
     """
-    if method not in ("gaussian", "plane", "polynomial"):
-        raise InvalidParameterError(f"unknown background method {method!r}: use 'gaussian', 'plane' or 'polynomial'.")
+    if method not in BACKGROUND_METHODS:
+        raise InvalidParameterError(f"unknown background method {method!r}: use one of {list(BACKGROUND_METHODS)}.")
     da = image_dataarray(ds)
     ps = pixel_size(ds)
     params: dict[str, Any] = {"method": method, "units": length_units(ds)}
+    if method in HEIGHT_METHODS:
+        img = _check_eager(np.asarray(da.values))
+        flat, extra = _flatten_core(img, method, line_order=line_order, scan_axis=scan_axis,
+                                    spacing=length_to_px(spacing, ps, "spacing"))
+        params.update(extra, height_units=str(da.attrs.get("units", "")))
+        for kind, message in extra.get("fallbacks", {}).items():
+            note_fallback(params, kind, message)
+        return _with_image(ds, da, flat, "subtract_background", params)
     if method == "gaussian":
         s = length_to_px(scale, ps, "scale")
         if s is None:
@@ -304,3 +336,71 @@ def align_frames(ds: xr.Dataset, *, upsample: int = 100, reference: str = "runni
     params = {"upsample": int(upsample), "reference": reference, "iterations": int(iterations),
               "max_shift": None if ms is None else ms * ps, "units": u, "n_frames": int(stack.shape[0])}
     return record_params(out, "align_frames", params)
+
+
+def _flatten_core(img: np.ndarray, method: str, *, line_order: int, scan_axis: str,
+                  spacing: float | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The height-map methods of :func:`subtract_background` on a NumPy image (heights, px)."""
+    if method == "lines":
+        flat = core_flatten.subtract_lines(img, order=line_order, scan_axis=scan_axis)
+        return flat, {"line_order": int(line_order), "scan_axis": scan_axis}
+    if method == "terraces":
+        flat, params = core_flatten.flatten_terraces(img, spacing=spacing)
+    else:
+        flat, params = core_flatten.flatten_height_map(img, spacing=spacing, scan_axis=scan_axis, order=line_order)
+    return flat, params
+
+
+def _value_units(ds: xr.Dataset) -> str:
+    da = ds["image"] if "image" in ds.data_vars else None
+    return "" if da is None else str(da.attrs.get("units", "")).strip()
+
+
+def is_height_map(ds: xr.Dataset) -> bool:
+    """Whether ``image`` is a height map (STM/AFM topograph), not an intensity.
+
+    True when the Dataset says so (attribute ``image_kind = "height"``, set by
+    ``from_array(..., kind="height")``, ``open_image(..., kind="height")`` or ``--height-map``),
+    or when the image's values are in a length unit (``image.attrs["units"]`` one of
+    :data:`HEIGHT_UNITS`: m, nm, Å, pm, µm) and the Dataset does not say ``image_kind =
+    "intensity"``.
+    """
+    kind = str(ds.attrs.get("image_kind", ""))
+    if kind == "height":
+        return True
+    return kind != "intensity" and _value_units(ds).lower() in HEIGHT_UNITS
+
+
+def flatten_height_map(ds: xr.Dataset) -> xr.Dataset:
+    """Make a height map ready for atom finding: heights in Å, then flattened as the image calls for.
+
+    Heights in a length unit are converted to Å (atomds's length unit; the finder's noise and
+    contrast estimates then work on values of order one), and the image is flattened by
+    :func:`subtract_background` with ``method="flatten"`` (a plane, then the scan-line offsets if
+    the rows are rougher than the columns, then terraces if steps are found). A Dataset that is
+    not a height map, or whose background was already subtracted (``subtract_background_params``
+    present: the user chose), is returned unchanged. :func:`atomds.ops.find.find_atoms` calls this
+    first.
+
+    Returns
+    -------
+    xarray.Dataset
+        With ``image`` flattened (float32, ``units`` "Å" for length units) and
+        ``subtract_background_params`` recording the sequence, the estimates and
+        ``auto = True``, ``height_units_in`` (the units the heights came in).
+    """
+    if not is_height_map(ds) or "subtract_background_params" in ds.attrs:
+        return ds
+    da = image_dataarray(ds)
+    units_in = _value_units(ds)
+    factor = HEIGHT_UNITS.get(units_in.lower())
+    out = ds
+    if factor is not None and factor != 1.0:
+        scaled = xr.DataArray((np.asarray(da.values, dtype=np.float64) * factor).astype(np.float32), dims=da.dims,
+                              coords=da.coords, attrs={**da.attrs, "units": "Å"})
+        out = ds.copy(deep=False)
+        out["image"] = scaled
+    out = subtract_background(out, method="flatten")
+    params = step_params(out, "subtract_background", default={}) or {}
+    params.update(auto=True, height_units_in=units_in or "unknown")
+    return record_params(out, "subtract_background", params)

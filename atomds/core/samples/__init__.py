@@ -35,6 +35,7 @@ Modules
 ``compose``       atom table -> :class:`Sample` (vacuum hole, support film, background, noise)
 ``hexagonal``, ``nanoparticle``, ``two_phase``, ``perovskite`` (with ``polar``), ``frames``
                   the generators, one sample kind each
+``stm``           STM topographs (heights in m): adatom lattices with tilt, scan-line offsets, steps
 ``spectra``       EELS-like spectra per phase and spectrum images
 ``scoring``       matching found positions to the truth: recall, false positives, error
 """
@@ -50,6 +51,7 @@ from .perovskite import perovskite_sample, polar_sample
 from .render import add_noise, render_columns, smooth_background
 from .scoring import default_max_distance, match_positions, score_positions
 from .spectra import energy_axis, phase_spectra, spectrum_cube, spectrum_grid
+from .stm import STM_LATTICES, stm_sample
 from .two_phase import VACANCY_PATTERNS, two_phase_sample
 
 __all__ = [
@@ -77,6 +79,8 @@ __all__ = [
     "render_columns",
     "add_noise",
     "smooth_background",
+    "stm_sample",
+    "STM_LATTICES",
 ]
 
 #: The samples of :mod:`atomds.datasets` (``datasets.load(name)``), in the order listed.
