@@ -21,6 +21,7 @@ from ..core.image import check_image
 from ..errors import InvalidParameterError
 from ..params import note_fallback, record_params
 from ._common import annotate, drop_dim_vars, image_dataarray, length_to_px, length_units, pixel_size
+from .preprocess import flatten_height_map, is_height_map
 
 __all__ = ["find_atoms", "correlation_map"]
 
@@ -81,7 +82,10 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
     Parameters
     ----------
     ds : xarray.Dataset
-        An atomds image Dataset (``image(y, x)``).
+        An atomds image Dataset (``image(y, x)``). A height map (STM/AFM topograph,
+        :func:`~atomds.ops.preprocess.is_height_map`) whose background was not subtracted yet is
+        first flattened (:func:`~atomds.ops.preprocess.flatten_height_map`: heights in Å, plane,
+        scan-line offsets, terraces as the image calls for), and the result holds that image.
     template : None, array, (x, y), or list of those
         ``None``: built from the image (the average of its clearest columns). An ``(x, y)`` tuple
         in the image's units: the patch around that atom. A 2-D array (or DataArray): used as is.
@@ -130,6 +134,7 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
         No blob passed; the message names the threshold used and what to try.
     InvalidParameterError, InvalidImageError
     """
+    ds = flatten_height_map(ds)  # a height map (STM/AFM) is flattened first, recorded in subtract_background_params
     da = image_dataarray(ds)
     ps = pixel_size(ds)
     u = length_units(ds)
@@ -167,6 +172,7 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
         "1", "normalised cross-correlation with the template (maximum over templates)",
     )
     params = _params_in_units(res.params, ps, u)
+    params["height_map"] = is_height_map(ds)
     for kind, message in res.params.get("fallbacks", {}).items():
         note_fallback(params, kind, message)  # recorded (already) and warned once per kind
     return record_params(out, "find_atoms", params)
