@@ -35,7 +35,7 @@ import xarray as xr
 from . import __version__
 from .errors import AtomdsError, FileMissingError, InvalidParameterError
 from .io import SUPPORTED_EXTENSIONS, atomic_write
-from .params import record_params
+from .params import note_fallback, record_params
 from .pipeline import (
     STAGES,
     AnalysisParams,
@@ -239,7 +239,7 @@ class BatchResult:
     failed: dict[str, str] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
-    output: Path | None = None
+    output: str | Path | None = None
 
 
 @contextlib.contextmanager
@@ -345,27 +345,63 @@ def _plan(
     return tasks, skipped
 
 
+def _learn_or_note(tree: xr.DataTree, params: AnalysisParams) -> xr.DataTree:
+    """Library-wide learning; when it cannot run, the library is kept and the reason recorded and warned."""
+    from . import library as lib
+
+    if not any(s == "ok" for s in tree.dataset["status"].values):
+        return tree
+    try:
+        return lib.learn(tree, n_clusters=params.n_clusters, n_components=params.n_components)
+    except AtomdsError as exc:
+        note: dict[str, Any] = {}
+        note_fallback(note, "library_learning_skipped", f"the library-wide learning did not run: {exc}")
+        return record_params(tree, "learn", note)
+
+
 def _library(
-    work: Path, ids: list[str], *, properties: Any, output: Path | None, do_learn: bool, params: AnalysisParams,
-    steps: tuple[str, ...],
+    work: Path, ids: list[str], *, properties: Any, output: str | Path | None, do_learn: bool, params: AnalysisParams,
+    steps: tuple[str, ...], append: bool = False,
 ) -> tuple[xr.DataTree, dict[str, str]]:
-    """Assemble, learn on and write the library (on the client's machine: no array goes through the scheduler)."""
+    """Assemble, learn on and write the library (on the client's machine: no array goes through the scheduler).
+
+    With ``append`` the images are added to the Zarr library ``output`` (:func:`atomds.library.append`)
+    and the library-wide learning is rerun over all its images.
+    """
     import dask
 
     from . import library as lib
+    from .library.zarrstore import is_zarr_location, write_learned
 
+    zarr_out = output is not None and is_zarr_location(output)
     # a distributed Client would otherwise be dask's default scheduler
     with dask.config.set(scheduler="synchronous"):
         tree, failed_map, opened = _assemble(work, ids, properties=properties, lazy=output is not None)
         try:
-            if do_learn and any(s == "ok" for s in tree.dataset["status"].values):
-                tree = lib.learn(tree, n_clusters=params.n_clusters, n_components=params.n_components)
-            tree = record_params(tree, "analyze", {"params": params.to_dict(), "stages": list(steps)})
-            if output is not None:
-                lib.to_netcdf(tree, output)
+            if append:
+                assert output is not None
+                dss = [lib.image(tree, i) if s == "ok" else None for i, s in zip(ids, tree.dataset["status"].values, strict=True)]
+                lib.append(output, dss, ids=ids, properties=properties, errors=failed_map)
+            else:
+                if do_learn:
+                    tree = _learn_or_note(tree, params)
+                tree = record_params(tree, "analyze", {"params": params.to_dict(), "stages": list(steps)})
+                if zarr_out:
+                    assert output is not None
+                    lib.to_zarr(tree, output)
+                elif output is not None:
+                    lib.to_netcdf(tree, output)
         finally:
             for ds in opened:
                 ds.close()
+        if append and do_learn:
+            assert output is not None
+            whole = lib.open_library(output, check=False)
+            whole.children["atoms"].load()
+            whole.dataset = whole.to_dataset(inherit=False).load()
+            learned = _learn_or_note(whole, params)
+            if "learn_params" not in learned.attrs:
+                write_learned(output, learned)
         if output is not None:
             # images stay lazy in the file; the tables (root, /atoms) are loaded
             tree = lib.open_library(output, chunks={})
@@ -399,6 +435,7 @@ def run_batch(
     retry_failed: bool = True,
     progress: bool = True,
     on_result: Callable[[dict], None] | None = None,
+    append: str | os.PathLike | None = None,
 ) -> BatchResult:
     """:func:`batch` with bookkeeping: returns a :class:`BatchResult` (the library plus which ids were computed, skipped, failed)."""
     t_start = time.perf_counter()
@@ -410,25 +447,42 @@ def run_batch(
     # all stages: each image is analysed whole (its own phases); a subset builds a library, whose
     # phases are learned over all images together from each image's phase descriptor
     analysis = analysis.replace(phases="cluster" if steps_t == STAGES else "descriptor")
-    output_p = Path(output) if output is not None else None
-    if output_p is not None and output_p.suffix.lower() not in (".nc", ".nc4"):
-        raise InvalidParameterError(f"the library file must end in .nc, got {output_p.name!r}.")
+    from .library.zarrstore import is_zarr_location
+
+    if append is not None and output is not None:
+        raise InvalidParameterError("give output= (a new library) or append= (an existing Zarr library), not both.")
+    target = append if append is not None else output
+    if append is not None and not is_zarr_location(append):
+        raise InvalidParameterError(f"only Zarr libraries (ending in .zarr) can be appended to, got {str(append)!r}.")
+    if target is not None and not is_zarr_location(target) and Path(target).suffix.lower() not in (".nc", ".nc4"):
+        raise InvalidParameterError(f"the library must end in .nc or .zarr, got {Path(target).name!r}.")
+    remote = target is not None and "://" in str(target) and not str(target).startswith("file://")
+    output_p: str | Path | None = str(target) if remote else (Path(target) if target is not None else None)
     if work_dir is not None:
         work = Path(work_dir)
-    elif output_p is not None:
-        work = output_p.with_name(output_p.name + ".parts")
+    elif output_p is not None and not remote:
+        work = Path(output_p).with_name(Path(output_p).name.rstrip("/") + ".parts")
     else:
-        raise InvalidParameterError("give output= (the library file) or work_dir= (where per-image results go).")
+        raise InvalidParameterError(
+            "give output= (a local library file) or work_dir= (where per-image results go; needed for a URL)."
+        )
     if client is not None and scheduler is not None:
         raise InvalidParameterError("give client= or scheduler=, not both.")
-    inputs = _expand_inputs(paths, exclude=[work] + ([output_p] if output_p is not None else []))
+    local_out = [Path(output_p)] if output_p is not None and not remote else []
+    inputs = _expand_inputs(paths, exclude=[work] + local_out)
     from .library import make_ids
 
     ids = make_ids(inputs)
+    if append is not None:
+        from .library import ids as library_ids
+        from .library import open_library
+
+        existing = set(library_ids(open_library(append, check=False)))
+        ids = _new_ids(ids, existing)
     task_params: dict[str, Any] = {"analysis": analysis.to_dict(), "pixel_size": pixel_size, "units": units}
     work.mkdir(parents=True, exist_ok=True)
-    if output_p is not None and not output_p.parent.exists():
-        raise FileMissingError(f"the folder {output_p.parent} does not exist.")
+    if local_out and not local_out[0].parent.exists():
+        raise FileMissingError(f"the folder {local_out[0].parent} does not exist.")
     tasks, skipped = _plan(inputs, ids, work, steps_t, task_params, retry_failed)
     records: list[dict[str, Any]] = []
 
@@ -443,7 +497,8 @@ def run_batch(
             _submit_all(c, tasks, progress, collect)
     do_learn = learn is True or (learn == "auto" and "neighborhoods" in steps_t)
     tree, failed_map = _library(
-        work, ids, properties=properties, output=output_p, do_learn=do_learn, params=analysis, steps=steps_t
+        work, ids, properties=properties, output=output_p, do_learn=do_learn, params=analysis, steps=steps_t,
+        append=append is not None,
     )
     return BatchResult(
         library=tree,
@@ -457,11 +512,63 @@ def run_batch(
     )
 
 
+def _from_datasets_naming(
+    dss: list[xr.Dataset | None], ids: list[str], properties: Any, errors: dict[str, str]
+) -> xr.DataTree:
+    """:func:`atomds.library.from_datasets`; an image that cannot join the others is recorded as failed.
+
+    When the library cannot be built, each image is tried alone and those that fail are marked
+    failed with the reason (their result files stay in the work dir); images in other length units
+    than most are marked likewise. Raises only when the rest still cannot be assembled.
+    """
+    from . import library as lib
+
+    try:
+        return lib.from_datasets(dss, ids=ids, properties=properties, errors=errors)
+    except AtomdsError as first:
+        problem = first
+    units = [str(d.attrs.get("units", "px")) if d is not None else None for d in dss]
+    known = [u for u in units if u is not None]
+    common = max(set(known), key=known.count) if known else None
+    for k, (iid, d) in enumerate(zip(ids, dss, strict=True)):
+        if d is None:
+            continue
+        reason = None
+        if units[k] != common:
+            reason = f"its lengths are in {units[k]!r}, the library's in {common!r} (rerun with --pixel-size/--units)"
+        else:
+            try:
+                lib.from_datasets([d], ids=[iid])
+            except AtomdsError as exc:
+                reason = str(exc)
+        if reason is not None:
+            errors[iid] = f"could not be added to the library: {reason}"
+            dss[k] = None
+    try:
+        return lib.from_datasets(dss, ids=ids, properties=properties, errors=errors)
+    except AtomdsError as exc:
+        raise type(exc)(f"the library could not be assembled ({problem}); after setting aside the images that "
+                        f"fail alone: {exc}") from exc
+
+
+def _new_ids(ids: list[str], existing: set[str]) -> list[str]:
+    """``ids`` made distinct from those already in a library (``-2``, ``-3``, ... as :func:`atomds.library.make_ids`)."""
+    out: list[str] = []
+    taken = set(existing)
+    for iid in ids:
+        cand, n = iid, 1
+        while cand in taken:
+            n += 1
+            cand = f"{iid}-{n}"
+        taken.add(cand)
+        out.append(cand)
+    return out
+
+
 def _assemble(
     work: Path, ids: Sequence[str], *, properties: Any, lazy: bool
 ) -> tuple[xr.DataTree, dict[str, str], list[xr.Dataset]]:
     """Build the library from the per-image results in ``work`` (lazily when ``lazy``)."""
-    from . import library as lib
     from .io import open_dataset
 
     dss: list[xr.Dataset | None] = []
@@ -487,7 +594,7 @@ def _assemble(
         dss.append(None)
     opened = [d for d in dss if d is not None] if lazy else []
     try:
-        tree = lib.from_datasets(dss, ids=list(ids), properties=properties, errors=errors)
+        tree = _from_datasets_naming(dss, list(ids), properties, errors)
         if lazy:
             # per-atom tables are needed whole for learning; the images stay lazy until written
             tree["atoms"].load()
@@ -522,6 +629,7 @@ def batch(
     memory_limit: str | float | None = "2GiB",
     retry_failed: bool = True,
     progress: bool = True,
+    append: str | os.PathLike | None = None,
 ) -> xr.DataTree:
     """Analyse many images on dask.distributed and assemble them into one library.
 
@@ -553,9 +661,10 @@ def batch(
         (one process each, one thread, bound to 127.0.0.1); default: CPU count.
     work_dir : path-like, optional
         Folder of the per-image results; default ``<output>.parts`` next to the library.
-    output : path-like, optional
-        Library file (NetCDF) written atomically at the end; the returned tree then reads from
-        it lazily. Without it the library is returned in memory.
+    output : path-like or str, optional
+        Library written at the end: NetCDF (``.nc``, atomically) or a Zarr store (``.zarr``; a
+        local path or any fsspec URL, then with ``work_dir``); the returned tree then reads
+        from it lazily. Without it the library is returned in memory.
     properties : CSV path, DataFrame or mapping, optional
         Per-image properties stored along ``image`` (:func:`atomds.library.read_properties`).
     learn : bool or "auto"
@@ -577,6 +686,10 @@ def batch(
         Retry images whose earlier attempt failed (default); else keep their failure.
     progress : bool
         Show a progress bar over images (on stderr).
+    append : path-like or str, optional
+        An existing Zarr library to add the images to instead of ``output``
+        (:func:`atomds.library.append`: the images already in it are not rewritten); ids that
+        are taken get ``-2``, ``-3``, ...; the library-wide learning is rerun over all images.
 
     Returns
     -------
@@ -613,6 +726,7 @@ def batch(
         memory_limit=memory_limit,
         retry_failed=retry_failed,
         progress=progress,
+        append=append,
     ).library
 
 
@@ -633,11 +747,13 @@ def add_batch_parser(subparsers) -> None:
         ),
     )
     b.add_argument("inputs", nargs="+", metavar="INPUTS", help="image files (or folders of image files)")
-    b.add_argument("-o", "--output", required=True, metavar="LIBRARY.nc", help="library file to write")
+    dest = b.add_mutually_exclusive_group(required=True)
+    dest.add_argument("-o", "--output", default=None, metavar="LIBRARY", help="library to write: LIB.nc (NetCDF) or LIB.zarr (Zarr; a path or fsspec URL)")
+    dest.add_argument("--append", default=None, metavar="LIB.zarr", help="add the images to this Zarr library (existing images are not rewritten)")
     where = b.add_mutually_exclusive_group()
     where.add_argument("--scheduler", default=None, metavar="ADDRESS", help="address of a running dask scheduler")
     where.add_argument("--workers", type=int, default=None, metavar="N", help="workers of the local cluster (default: CPU count)")
-    b.add_argument("--work-dir", default=None, metavar="DIR", help="per-image results (default: LIBRARY.nc.parts/)")
+    b.add_argument("--work-dir", default=None, metavar="DIR", help="per-image results (default: LIBRARY.parts/ next to the library)")
     b.add_argument("--properties", default=None, metavar="CSV", help="per-image properties: a CSV with an 'id' column")
     b.add_argument("--steps", default=",".join(DEFAULT_STEPS), help="per-image stages, comma separated, or 'all' (default: %(default)s)")
     b.add_argument("--pixel-size", type=float, default=None, help="override the calibration of every input")
@@ -666,6 +782,7 @@ def run_batch_command(args) -> int:
         units=args.units,
         memory_limit=args.memory_limit,
         progress=not args.no_progress,
+        append=args.append,
     )
     tree = res.library
     n = len(res.ids)
