@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--report", default=None, metavar="DIR", help="also write DIR/index.html with figures")
     an.add_argument("--pixel-size", type=float, default=None, help="override the calibration")
     an.add_argument("--units", default=None, help="units of --pixel-size (nm, Å, pm, px)")
+    an.add_argument("--height-map", action="store_true",
+                    help="the image is an STM/AFM height map (found from length units on its values otherwise): "
+                    "flattened before finding")
     add_params_arguments(an)
     an.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -100,8 +103,11 @@ def _cmd_analyze(args) -> int:
         ds = ds.drop_dims("true_atom", errors="ignore")
         source = "bundled two-phase sample (atomds.datasets.two_phase)"
     else:
-        ds = open_image(args.file, pixel_size=args.pixel_size, units=args.units)
+        ds = open_image(args.file, pixel_size=args.pixel_size, units=args.units,
+                        kind="height" if args.height_map else None)
         source = args.file
+    if ds.attrs.get("units") == "px":
+        print("atomds: pixel size unknown: lengths are in px (give --pixel-size and --units to calibrate)")
     bar = tqdm(total=len(STAGES), desc="atomds analyze", unit="stage", disable=args.no_progress, file=sys.stderr)
 
     def on_stage(stage: str) -> None:

@@ -186,6 +186,7 @@ def from_array(
         ``pixel_size``, ``units``; ``image_kind = "height"`` for a height map.
     """
     ps, u = normalize_length_units(pixel_size, units)
+    declared = kind
     kind, vu, factor = _value_kind(kind, value_units)
     if not _is_dask_array(array):
         array = np.asarray(array)
@@ -229,8 +230,8 @@ def from_array(
         "atomds_version": __version__,
         "schema_version": "1",
     }
-    if kind == "height":
-        ds.attrs["image_kind"] = "height"
+    if kind == "height" or declared is not None:
+        ds.attrs["image_kind"] = kind
     if source is not None:
         ds.attrs["source"] = str(source)
     if metadata:
@@ -437,7 +438,8 @@ def _read_rsciio(path: Path, reader: str) -> tuple[Any, dict, float, str | None]
         _check_digitalsurf_header(path)
     try:
         try:
-            signals = mod.file_reader(str(path), lazy=True)
+            # DigitalSurf reads eagerly only (its declared size was checked above)
+            signals = mod.file_reader(str(path)) if reader == "digitalsurf" else mod.file_reader(str(path), lazy=True)
         except TypeError:
             signals = mod.file_reader(str(path))
     except (OSError, ValueError, KeyError, IndexError, EOFError, TypeError, AttributeError, RuntimeError) as exc:

@@ -145,7 +145,12 @@ def _summary_rows(ds: xr.Dataset, source: str | None) -> list[tuple[str, str]]:
         rows.append(("source", str(source)))
     elif ds.attrs.get("source"):
         rows.append(("source", str(ds.attrs["source"])))
-    rows.append(("image", f"{nx} × {ny} px, pixel size {ps:.4g} {u}, field of view {nx * ps:.4g} × {ny * ps:.4g} {u}"))
+    if u == "px":
+        rows.append(("image", f"{nx} × {ny} px; pixel size unknown: every length is in px"))
+    else:
+        rows.append(("image", f"{nx} × {ny} px, pixel size {ps:.4g} {u}, field of view {nx * ps:.4g} × {ny * ps:.4g} {u}"))
+    if ds.attrs.get("image_kind") == "height":
+        rows.append(("height map", "heights (STM/AFM), flattened before finding: see subtract_background_params"))
     n_atoms = ds.sizes.get("atom", 0)
     rows.append(("atoms", f"{n_atoms}"))
     if "sublattice" in ds.variables:
