@@ -84,7 +84,7 @@ def test_deterministic_under_seed(name):
 
 
 def test_list_and_load():
-    assert datasets.list_samples() == ["hexagonal", "two_phase", "perovskite", "polar", "nanoparticle"]
+    assert datasets.list_samples() == ["hexagonal", "two_phase", "perovskite", "polar", "nanoparticle", "stm"]
     ds = datasets.load("hexagonal", shape=64, dose=500.0)
     assert ds.image.shape == (64, 64) and ds.attrs["sample_dose"] == 500.0
     with pytest.raises(InvalidParameterError, match="unknown sample"):

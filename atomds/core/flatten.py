@@ -265,7 +265,7 @@ def fit_terraces(image, labels: np.ndarray, *, robust: bool = True) -> tuple[np.
     a[:, 0], a[:, 1] = u, v
     a[np.arange(z.size), 1 + sub[keep]] = 1.0
     w = np.ones(z.size)
-    coef = np.zeros(2 + n)
+    coef: np.ndarray = np.zeros(2 + n)
     for _ in range(3 if robust else 1):
         coef = np.linalg.lstsq(a * w[:, None], z * w, rcond=None)[0]
         res = z - a @ coef
