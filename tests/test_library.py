@@ -365,3 +365,65 @@ def test_clusters_use_the_phase_descriptor_when_present():
     assert (lab >= 0).all()
     assert len(np.unique(lab[ph == 1])) == 1 and len(np.unique(lab[ph == 0])) == 1
     assert "pca_components" in at and at["pca_components"].dims == ("component", "feature")
+
+
+# ------------------------------------------------------------------------------- Zarr stores
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_zarr_library_round_trips_lazily(images, tmp_path, where):
+    loc = str(tmp_path / "lib.zarr") if where == "local" else f"memory://{tmp_path.name}/lib.zarr"
+    tree = library.from_datasets(images, properties={"temperature": [300.0, 350.0, 400.0]})
+    library.to_zarr(tree, loc)
+    back = atomds.open_library(loc)
+    assert back["atoms"]["atom_x"].chunks is not None  # lazy (Dask-backed)
+    xr.testing.assert_identical(back.load(), tree)
+    for i, ds in enumerate(images):
+        xr.testing.assert_identical(library.image(back, i).load(), ds)
+
+
+def test_zarr_append_keeps_existing_data_and_gives_images_back(images, tmp_path):
+    loc = tmp_path / "lib.zarr"
+    first = library.learn(library.from_datasets(images[:2]), n_clusters=2)
+    library.to_zarr(first, loc)
+    files = [p for p in loc.rglob("*") if p.is_file() and "images" in p.parts]
+    before = {p: p.stat().st_mtime_ns for p in files}
+    odd = _image(4, 30, 0.5, k=4)  # another neighbour count: its neighbour vectors stay in its node
+    assert library.append(loc, [images[2], odd]) == ["sample_3", "sample_4"]
+    assert {p: p.stat().st_mtime_ns for p in files} == before
+    back = atomds.open_library(loc)
+    assert library.ids(back) == ["sample_1", "sample_2", "sample_3", "sample_4"]
+    np.testing.assert_array_equal(back["atoms"]["atom_count"].values, [60, 45, 70, 30])
+    assert "appended" in back.attrs["learning_stale"]
+    learned_out = ["cluster", "cluster_center", "cluster_size", "cluster_id", "pca_mean", "pca_components",
+                   "pca_loadings", "pca_explained_variance", "pca_explained_variance_ratio", "mode_polarity",
+                   "mode_is_polar", "component", "feature"]
+    for i, ds in enumerate([*images[:2], images[2], odd]):
+        got = library.image(back, i).load().drop_vars(learned_out, errors="ignore")
+        want = ds.drop_vars(["pca_components", "component"], errors="ignore")  # per-image modes give way
+        xr.testing.assert_identical(got, want)
+    assert (back["atoms"]["cluster"].values[105:] == -1).all()
+    with pytest.raises(InvalidParameterError, match="already in the library"):
+        library.append(loc, [images[0]])
+
+
+def test_interrupted_zarr_append_is_rolled_back(images, tmp_path, monkeypatch):
+    from atomds.library import zarrstore
+
+    loc = tmp_path / "lib.zarr"
+    tree = library.from_datasets(images[:2])
+    library.to_zarr(tree, loc)
+    real = xr.Dataset.to_zarr
+
+    def dies_on_root(self, store, *args, **kwargs):
+        if kwargs.get("group") is None and kwargs.get("append_dim") == "image":
+            raise KeyboardInterrupt  # killed after the atoms were appended, before the root
+        return real(self, store, *args, **kwargs)
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", dies_on_root)
+    with pytest.raises(KeyboardInterrupt):
+        zarrstore.append(loc, [images[2]])
+    monkeypatch.setattr(xr.Dataset, "to_zarr", real)
+    xr.testing.assert_identical(atomds.open_library(loc).load(), tree)
+    library.append(loc, [images[2]])
+    assert atomds.open_library(loc)["atoms"].sizes["atom"] == 175

@@ -29,7 +29,7 @@ from ..errors import FileMissingError, InvalidParameterError, UnreadableFileErro
 from ..io import check_attrs_writable
 from ..schema import validate_library
 from .build import from_datasets, overrides_of
-from .layout import ABSENT, ATOM_OVERRIDES, LEARNED_VARS, PIXELS, SUMMARIES, ids, image
+from .layout import ABSENT, ATOM_OVERRIDES, LEARNED_DIMS, LEARNED_VARS, PIXELS, SUMMARIES, ids, image
 
 __all__ = ["to_zarr", "open_zarr_library", "append", "is_zarr_location", "STALE_ATTR"]
 
@@ -286,7 +286,8 @@ def append(
     -----
     Per-atom variables are appended as rows of ``/atoms`` in the library's dtypes; a variable the
     new images lack (or have in another layout) is filled (NaN, -1, False, "") in their rows and
-    kept in their own nodes. Library-wide learning results get fill values for the new atoms and
+    kept in their own nodes. As in :func:`atomds.library.learn`, the new images' own results on
+    the dims of the library-wide ones (``component``, ``cluster_id``) are dropped. Library-wide learning results get fill values for the new atoms and
     images, and the root attribute ``learning_stale`` says so until :func:`atomds.library.learn`
     runs again (``atomds batch --append`` reruns it).
 
@@ -316,14 +317,22 @@ def append(
         {"n_image": len(old_ids), "n_atom": int(old_at.sizes.get("atom", 0)), "new_ids": new_ids}
     )
     status = [str(v) for v in new.to_dataset(inherit=False)["status"].values]
+    root_dims = set(existing.to_dataset(inherit=False).dims) & set(LEARNED_DIMS)
     for iid, st in zip(new_ids, status, strict=True):
         if st == "ok":
-            _image_node(image(new, iid), rows, filled).to_zarr(loc, group=f"images/{iid}", mode="w-", consolidated=False)
+            node = _image_node(image(new, iid), rows, filled)
+            # as the learning does: per-image results on the dims of the library-wide ones give way
+            node = node.drop_vars([n for n, v in node.variables.items() if set(v.dims) & root_dims])
+            node.to_zarr(loc, group=f"images/{iid}", mode="w-", consolidated=False)
+    # xarray's writer sets a group's attributes to the Dataset's: carry the library's along
+    rows.attrs = dict(old_at.attrs)
     if n_new:
         rows.to_zarr(loc, group="atoms", append_dim="atom", consolidated=False)
     counts = xr.Dataset({"atom_count": new_at["atom_count"].variable.copy(deep=False)})
     counts["atom_count"].attrs = {}
+    counts.attrs = dict(old_at.attrs)
     counts.to_zarr(loc, group="atoms", append_dim="image", consolidated=False)
+    root_rows.attrs = dict(_group(loc).attrs)
     root_rows.to_zarr(loc, append_dim="image", consolidated=False)
     root = _group(loc)
     attrs = dict(root.attrs)
@@ -384,11 +393,12 @@ def write_learned(location: str | os.PathLike, tree: xr.DataTree) -> None:
         coords = [n for n in names if n in ds.coords and n not in ("image", "image_index")]
         part = part.assign_coords({c: ds[c].variable for c in coords})
         part = part.drop_vars([c for c in part.coords if c not in names], errors="ignore")
-        part.attrs = {}
+        # xarray's writer sets the group's attributes to the Dataset's: keep the group's, add the fits' params
+        part.attrs = {**dict(g.attrs), **{k: v for k, v in ds.attrs.items() if k.endswith("_params")}}
         if part.variables:
             part.to_zarr(loc, group=node_path or None, mode="a", consolidated=False)
-        attrs = {k: v for k, v in ds.attrs.items() if k.endswith("_params")}
-        g.attrs.update(attrs)
+        else:
+            g.attrs.update(part.attrs)
     g = _group(loc)
     attrs = dict(g.attrs)
     attrs.pop(STALE_ATTR, None)
