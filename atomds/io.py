@@ -136,6 +136,24 @@ def _is_dask_array(array: Any) -> bool:
     return hasattr(array, "__dask_graph__") and hasattr(array, "chunks")
 
 
+def dask_chunks(chunks: Any, ndim: int) -> Any:
+    """Dask chunks from xarray-style ones: a mapping of dim names (``{"y": 4096, "x": 4096}``) becomes a
+    mapping of axes of a ``(y, x)`` image or a ``(frame, y, x)`` stack; anything else is passed through.
+
+    Raises
+    ------
+    InvalidParameterError
+        For a dim name that the image does not have.
+    """
+    if not isinstance(chunks, Mapping) or not any(isinstance(k, str) for k in chunks):
+        return chunks
+    axes = {"y": ndim - 2, "x": ndim - 1, **({"frame": 0} if ndim == 3 else {})}
+    bad = sorted(str(k) for k in chunks if isinstance(k, str) and k not in axes)
+    if bad:
+        raise InvalidParameterError(f"chunks name dims {bad} that the image does not have (it has {sorted(axes)}).")
+    return {axes[k] if isinstance(k, str) else k: v for k, v in chunks.items()}
+
+
 def _length_coord(n: int, ps: float, units: str, axis: str) -> xr.DataArray:
     return xr.DataArray(
         np.arange(n, dtype=np.float64) * ps,
@@ -198,6 +216,7 @@ def from_array(
         )
     if any(int(s) == 0 for s in array.shape):
         raise InvalidImageError(f"the image is empty (shape {tuple(array.shape)}).")
+    chunks = dask_chunks(chunks, array.ndim)
     if not _is_dask_array(array):
         check_image_values(array, name="image" if array.ndim == 2 else "frame stack")
         data = array.astype(np.float32, copy=False) if factor == 1.0 else (array * factor).astype(np.float32)
@@ -541,7 +560,7 @@ def open_image(
     elif not _is_dask_array(data):
         import dask.array as da
 
-        data = da.from_array(np.asarray(data), chunks=chunks)
+        data = da.from_array(np.asarray(data), chunks=dask_chunks(chunks, data.ndim))
     value_units = meta.pop("value_units", None)
     ds = from_array(data, pixel_size=ps, units=u, chunks=chunks, metadata=meta, source=path.name, kind=kind,
                     value_units=value_units)

@@ -221,3 +221,14 @@ def test_dataset_without_image():
 
     with pytest.raises(MissingVariableError, match="no 'image'"):
         image_dataarray(xr.Dataset({"other": ("q", np.arange(3))}))
+
+
+def test_open_image_takes_xarray_style_chunks(tmp_path):
+    """chunks={"y": ..., "x": ...} as xarray spells them (a dask TypeError before)."""
+    p = tmp_path / "img.npy"
+    np.save(p, np.random.default_rng(0).random((64, 48)).astype(np.float32))
+    ds = atomds.open_image(p, chunks={"y": 32, "x": 16})
+    assert ds["image"].chunks == ((32, 32), (16, 16, 16))
+    np.testing.assert_array_equal(ds["image"].values, np.load(p))
+    with pytest.raises(atomds.errors.InvalidParameterError, match="dims"):
+        atomds.open_image(p, chunks={"z": 4})
