@@ -54,6 +54,8 @@ from .io import from_array
 __all__ = [
     "hexagonal",
     "nanoparticle",
+    "thick_particles",
+    "grain_boundary",
     "two_phase",
     "perovskite",
     "polar",
@@ -236,6 +238,75 @@ def two_phase(
         vacancy_pattern=vacancy_pattern, boundary_width=boundary_width, boundary_min_distance=boundary_min_distance,
         boundary_occupancy=boundary_occupancy, read_noise=read_noise, background=background, vacuum=vacuum,
         vacuum_center=vacuum_center, vacuum_radius=vacuum_radius, seed=seed,
+    )
+    return to_dataset(s, pixel_size=ps)
+
+
+def thick_particles(
+    *,
+    shape: int | tuple[int, int] = (512, 512),
+    dose: float = 4000.0,
+    sigma: float = 2.0,
+    spacing: float = 10.0,
+    n_particles: int = 3,
+    radius: tuple[float, float] = (0.12, 0.25),
+    lattices: tuple[str, ...] = ("hexagonal", "square"),
+    thickness_contrast: float = 10.0,
+    support: float = 0.1,
+    read_noise: float = 1.0,
+    background: float = 0.1,
+    pixel_size: float = _DEFAULT_PIXEL_SIZE,
+    seed: int = 0,
+) -> xr.Dataset:
+    """Particles with a thickness profile on an amorphous support: thickness contrast ten times the columns'.
+
+    Each particle is a disc of a lattice with a spherical-cap thickness; a column's counts follow
+    the thickness, and a smooth background ``thickness_contrast`` times a centre column's peak
+    height rises under each particle (``true_label``: the particle of each column). The area
+    outside the particles is ``true_vacuum(y, x)`` (no lattice there). Parameters as in
+    :func:`atomds.core.samples.thick_particles_sample` (lengths in pixels), plus ``pixel_size`` in Å.
+    """
+    ps = _pixel_size(pixel_size)
+    s = _core.thick_particles_sample(
+        shape=shape, dose=dose, sigma=sigma, spacing=spacing, n_particles=n_particles, radius=radius,
+        lattices=lattices, thickness_contrast=thickness_contrast, support=support, read_noise=read_noise,
+        background=background, seed=seed,
+    )
+    return to_dataset(s, pixel_size=ps)
+
+
+def grain_boundary(
+    *,
+    shape: int | tuple[int, int] = (512, 512),
+    dose: float = 2000.0,
+    sigma: float = 2.0,
+    spacing: float = 12.0,
+    lattice: str = "hexagonal",
+    second: str = "square",
+    second_spacing: float | None = None,
+    misorientation: float | None = None,
+    boundary_angle: float | None = None,
+    boundary_width: float = 1.5,
+    boundary_min_distance: float = 0.7,
+    boundary_amplitude: tuple[float, float] = (0.6, 1.0),
+    read_noise: float = 1.0,
+    background: float = 0.1,
+    pixel_size: float = _DEFAULT_PIXEL_SIZE,
+    seed: int = 0,
+) -> xr.Dataset:
+    """Two crystals meeting along a wavy band of real columns (60-100 % of a full column) at disordered positions.
+
+    ``true_label``: 0 first crystal, 1 second crystal, 2 boundary. ``second="amorphous"`` puts an
+    amorphous film (not atoms; ``true_vacuum(y, x)``) on the second side: a crystal-amorphous
+    interface. Parameters as in :func:`atomds.core.samples.grain_boundary_sample` (lengths in
+    pixels), plus ``pixel_size`` in Å.
+    """
+    ps = _pixel_size(pixel_size)
+    s = _core.grain_boundary_sample(
+        shape=shape, dose=dose, sigma=sigma, spacing=spacing, lattice=lattice, second=second,
+        second_spacing=second_spacing, misorientation=misorientation, boundary_angle=boundary_angle,
+        boundary_width=boundary_width, boundary_min_distance=boundary_min_distance,
+        boundary_amplitude=boundary_amplitude, read_noise=read_noise, background=background, seed=seed,
     )
     return to_dataset(s, pixel_size=ps)
 
@@ -475,6 +546,8 @@ _SAMPLES: dict[str, Callable[..., xr.Dataset]] = {
     "polar": polar,
     "nanoparticle": nanoparticle,
     "stm": stm,
+    "thick_particles": thick_particles,
+    "grain_boundary": grain_boundary,
 }
 
 

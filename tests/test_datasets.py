@@ -22,6 +22,8 @@ SMALL = {
     "perovskite": dict(shape=(128, 128)),
     "polar": dict(shape=(128, 128)),
     "nanoparticle": dict(shape=(192, 192)),
+    "thick_particles": dict(shape=(192, 192), n_particles=2),
+    "grain_boundary": dict(shape=(160, 160)),
 }
 
 
@@ -84,7 +86,8 @@ def test_deterministic_under_seed(name):
 
 
 def test_list_and_load():
-    assert datasets.list_samples() == ["hexagonal", "two_phase", "perovskite", "polar", "nanoparticle", "stm"]
+    assert datasets.list_samples() == ["hexagonal", "two_phase", "perovskite", "polar", "nanoparticle", "stm",
+                                       "thick_particles", "grain_boundary"]
     ds = datasets.load("hexagonal", shape=64, dose=500.0)
     assert ds.image.shape == (64, 64) and ds.attrs["sample_dose"] == 500.0
     with pytest.raises(InvalidParameterError, match="unknown sample"):
@@ -96,6 +99,17 @@ def test_list_and_load():
 def test_netcdf_round_trip_and_schema(tmp_path):
     ds = datasets.polar(shape=96, vacuum=True)
     path = tmp_path / "polar.nc"
+    atomds.to_netcdf(ds, path)
+    xr.testing.assert_identical(atomds.open_dataset(path), ds)
+    atomds.validate(ds)
+
+
+@pytest.mark.parametrize("name, kw", [("thick_particles", dict(shape=128, n_particles=1)),
+                                      ("grain_boundary", dict(shape=128, second="amorphous"))])
+def test_local_contrast_samples_round_trip_and_validate(tmp_path, name, kw):
+    ds = datasets.load(name, **kw)
+    assert "true_vacuum" in ds and int(ds.true_vacuum.sum()) > 0
+    path = tmp_path / f"{name}.nc"
     atomds.to_netcdf(ds, path)
     xr.testing.assert_identical(atomds.open_dataset(path), ds)
     atomds.validate(ds)

@@ -28,7 +28,7 @@ from .classes import column_classes, final_labels
 from .constants import GLOBAL_REFERENCE_FLOOR, MIN_INTERIOR_FIT
 from .contrast import flatten_local
 from .correlation import amplitudes_at, best_correlation
-from .lattice import faint_off_lattice, outside_lattice, sub_threshold_on_sites
+from .lattice import faint_off_lattice, outside_lattice, real_columns, sub_threshold_on_sites
 from .significance import auto_threshold, border_strip, lowered_z_thresholds, peak_sample, z_thresholds
 from .templates import check_template, class_templates, is_point, make_templates
 
@@ -352,13 +352,16 @@ def _columns(img, blobs: Blobs, templates, s: float, d: float, min_contrast: flo
     counts["too_broad"] = int((ok & diffuse).sum())
     ok &= ~diffuse
     if lattice_check:
+        # well-formed columns as bright as their species nearby are real wherever they sit
+        # (boundaries, cores, interfaces): the lattice tests only judge fainter blobs
         off = outside_lattice(cx, cy, amp, cls, ok & interior, ok, d, border=ok & ~interior)
-        counts["no_lattice"] = int(off.sum())
-        ok &= ~off
-        off_sites = faint_off_lattice(cx, cy, rel, cls, ok, interior, d)
-        if off_sites is not None:
-            counts["off_lattice"] = int(off_sites.sum())
-            ok &= ~off_sites
+        off_sites = faint_off_lattice(cx, cy, rel, cls, ok & ~off, interior, d)
+        off_sites = np.zeros_like(off) if off_sites is None else off_sites
+        real = real_columns(img, cx, cy, blobs.peak, cls, ok, off | off_sites, s)
+        counts["no_lattice"] = int((off & ~real).sum())
+        counts["off_lattice"] = int((off_sites & ~real).sum())
+        counts["kept_off_lattice"] = int(((off | off_sites) & real).sum())
+        ok &= ~((off | off_sites) & ~real)
     return ok, amp, cls, mode
 
 

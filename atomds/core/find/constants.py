@@ -82,6 +82,20 @@ DISORDER_ROUNDS = 3
 FAINT = 0.5
 #: Above this fraction of the interior blobs, faint blobs are a population and are not tested.
 FAINT_MAX_FRACTION = 0.1
+#: A well-formed column at least this fraction of the median single-column height of its species
+#: nearby is real wherever it sits (grain boundary, dislocation core, interface): the lattice
+#: tests only judge fainter blobs (issue 10: real columns at 60-100 % stay).
+KEEP_AMPLITUDE = 0.6
+#: ... within this many standard errors of its measured height (noise and the pixel grid: a
+#: column at 0.6 must not be lost to its own noise).
+KEEP_ERRORS = 2.0
+#: ... "nearby": the median over this many nearest accepted blobs of the class (a few shells).
+KEEP_NEIGHBOURS = 24
+#: ... "well-formed": its single-Gaussian shape match at most this many robust sd below the
+#: class's median.
+KEEP_SHAPE_SD = 5.0
+#: Radius of the disc of the single-column fit, column sigmas (the peak, little of the neighbours).
+COLUMN_DISC = 2.0
 
 # --- classes and the second pass ---------------------------------------------------------------
 #: Fewest blobs inside the interior to fit the classes on them alone (else every kept blob).

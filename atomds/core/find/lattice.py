@@ -15,11 +15,17 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from ..neighbors import DISORDER_WEIGHT, phase_features
+from ..scales import MAD_TO_STD
+from .blobs import column_match
 from .constants import (
     DISORDER_ROUNDS,
     DISORDERED,
     FAINT,
     FAINT_MAX_FRACTION,
+    KEEP_AMPLITUDE,
+    KEEP_ERRORS,
+    KEEP_NEIGHBOURS,
+    KEEP_SHAPE_SD,
     MIN_CLASS_COUNT,
     MIN_LATTICE_ANCHORS,
     REGION_REACH,
@@ -35,6 +41,7 @@ __all__ = [
     "outside_lattice",
     "sub_threshold_on_sites",
     "faint_off_lattice",
+    "real_columns",
 ]
 
 
@@ -242,3 +249,87 @@ def faint_off_lattice(x, y, rel: np.ndarray, cls: np.ndarray, ok: np.ndarray, in
     if np.count_nonzero(tested) > FAINT_MAX_FRACTION * np.count_nonzero(ok & interior):
         return None
     return tested & ~supported_by_lattice(x, y, ok & ~faint, spacing, candidates=tested)
+
+
+def real_columns(img: np.ndarray, x, y, peak: np.ndarray, cls: np.ndarray, ok: np.ndarray, candidates: np.ndarray,
+                 sigma: float) -> np.ndarray:
+    """Which ``candidates`` are well-formed columns bright enough to be kept wherever they sit.
+
+    A column at a grain boundary, a dislocation core or a crystal-amorphous interface sits off
+    every lattice and among disordered neighbours, yet it is as bright and as sharp as the
+    columns of its species. A candidate is such a column when its single-column peak height
+    (:func:`~atomds.core.find.blobs.column_match`, at the best pixel within one sigma of its
+    peak: the correlation peak of an off-lattice column is pulled by the template's
+    surroundings) is not significantly below ``KEEP_AMPLITUDE`` of the median height of the
+    ``KEEP_NEIGHBOURS`` nearest ``ok`` blobs of its class (its species nearby) and significantly
+    above ``VERY_WEAK`` of it (both by ``KEEP_ERRORS`` standard errors of the height: a column at
+    0.6 is not lost to its noise, and a noisy speck of a film is not kept for it), and its shape
+    match is no worse
+    than theirs by more than ``KEEP_SHAPE_SD`` robust standard deviations (a broad amorphous blob
+    fails). Specks of amorphous material and dim blobs in a hole are a fraction of a column's
+    height and stay subject to the lattice tests. Only the candidates and their neighbours are
+    measured, so a clean image costs nothing.
+
+    Parameters
+    ----------
+    img : 2-D float array
+        The image the blobs were found on (intensity units).
+    x, y : ndarray (n,)
+        Blob positions, px.
+    peak : int ndarray (n,)
+        Flat index of each blob's peak pixel.
+    cls : int ndarray (n,)
+        Class (species) of each blob.
+    ok : bool ndarray (n,)
+        The blobs accepted so far (the reference population).
+    candidates : bool ndarray (n,)
+        The blobs the lattice tests would drop.
+    sigma : float
+        Column width, px.
+
+    Returns
+    -------
+    bool ndarray (n,)
+        True for the candidates that are real columns.
+    """
+    out = np.zeros(x.size, dtype=bool)
+    for k in np.unique(cls[candidates]):
+        ref = np.flatnonzero(ok & (cls == k) & ~candidates)
+        mine = np.flatnonzero(candidates & (cls == k))
+        if ref.size < MIN_CLASS_COUNT or mine.size == 0:
+            continue
+        kk = min(KEEP_NEIGHBOURS, ref.size)
+        _, nn = cKDTree(np.c_[x[ref], y[ref]]).query(np.c_[x[mine], y[mine]], k=kk)
+        nn = ref[nn.reshape(mine.size, kk)]
+        used = np.unique(np.concatenate([mine, nn.ravel()]))
+        height, match, err = (np.zeros(x.size) for _ in range(3))
+        height[used], match[used], err[used] = _best_column_match(img, peak[used], sigma)
+        local = np.median(height[nn], axis=1)
+        ref_m = match[np.unique(nn)]
+        med = float(np.median(ref_m))
+        spread = MAD_TO_STD * float(np.median(np.abs(ref_m - med)))
+        # not significantly below KEEP_AMPLITUDE of its species nearby, and significantly above
+        # the level where a blob must prove its lattice (VERY_WEAK): noisy specks fail the second
+        h, e = height[mine], KEEP_ERRORS * err[mine]
+        bright = (h + e >= KEEP_AMPLITUDE * local) & (h - e >= VERY_WEAK * local)
+        out[mine] = bright & (match[mine] >= med - KEEP_SHAPE_SD * spread)
+    return out
+
+
+def _best_column_match(img: np.ndarray, peak: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`~atomds.core.find.blobs.column_match` at the pixel within one sigma of each peak that gives the largest height."""
+    ny, nx = img.shape
+    r = max(1, int(np.floor(sigma)))
+    py, px = np.divmod(peak, nx)
+    best_h = np.full(peak.size, -np.inf)
+    best_m = np.zeros(peak.size)
+    best_e = np.zeros(peak.size)
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            if dy * dy + dx * dx > sigma * sigma + 1e-9 and (dy, dx) != (0, 0):
+                continue
+            p = np.clip(py + dy, 0, ny - 1) * nx + np.clip(px + dx, 0, nx - 1)
+            h, m, e = column_match(img, p, sigma)
+            better = h > best_h
+            best_h[better], best_m[better], best_e[better] = h[better], m[better], e[better]
+    return best_h, best_m, best_e

@@ -35,6 +35,8 @@ Modules
 ``compose``       atom table -> :class:`Sample` (vacuum hole, support film, background, noise)
 ``hexagonal``, ``nanoparticle``, ``two_phase``, ``perovskite`` (with ``polar``), ``frames``
                   the generators, one sample kind each
+``thickness``     particles whose thickness contrast is ten times their columns' (local contrast)
+``boundary``      two crystals meeting along a band of real, disordered columns
 ``stm``           STM topographs (heights in m): adatom lattices with tilt, scan-line offsets, steps
 ``spectra``       EELS-like spectra per phase and spectrum images
 ``scoring``       matching found positions to the truth: recall, false positives, error
@@ -43,6 +45,7 @@ Modules
 from __future__ import annotations
 
 from .base import Sample, replace
+from .boundary import grain_boundary_sample
 from .frames import FrameStack, frame_stack_sample
 from .hexagonal import hexagonal_sample
 from .lattice import lattice_sites, lattice_vectors, thin_points
@@ -52,6 +55,7 @@ from .render import add_noise, render_columns, smooth_background
 from .scoring import default_max_distance, match_positions, score_positions
 from .spectra import energy_axis, phase_spectra, spectrum_cube, spectrum_grid
 from .stm import STM_LATTICES, stm_sample
+from .thickness import thick_particles_sample
 from .two_phase import VACANCY_PATTERNS, two_phase_sample
 
 __all__ = [
@@ -61,6 +65,8 @@ __all__ = [
     "perovskite_sample",
     "polar_sample",
     "nanoparticle_sample",
+    "thick_particles_sample",
+    "grain_boundary_sample",
     "lattice_sites",
     "lattice_vectors",
     "thin_points",
@@ -84,4 +90,4 @@ __all__ = [
 ]
 
 #: The samples of :mod:`atomds.datasets` (``datasets.load(name)``), in the order listed.
-SAMPLE_NAMES = ("hexagonal", "two_phase", "perovskite", "polar", "nanoparticle")
+SAMPLE_NAMES = ("hexagonal", "two_phase", "perovskite", "polar", "nanoparticle", "thick_particles", "grain_boundary")

@@ -1,0 +1,142 @@
+"""Local contrast and real columns off the lattice (issue 10, items 3 and 5): find_atoms on thick
+particles (thickness contrast ten times the columns') and on disordered boundaries of real columns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from atomds.core import samples
+from atomds.core.find import find_atoms
+from atomds.core.find.blobs import column_match
+from atomds.core.find.contrast import background_ratio, flatten_local
+from atomds.core.preprocess import local_background
+from atomds.core.samples import render_columns
+from atomds.errors import InvalidParameterError
+
+
+def _recall_by_label(s, f) -> dict[int, float]:
+    sc = samples.score_positions(np.c_[s.x, s.y], np.c_[f.x, f.y], shape=s.shape, true_label=s.label)
+    return sc["recall_by_label"]
+
+
+def _false_in_mask(s, f) -> int:
+    """Found positions that match no true column and lie in the sample's vacuum mask."""
+    txy = np.c_[s.x, s.y]
+    _, i_f = samples.match_positions(txy, np.c_[f.x, f.y], samples.default_max_distance(txy))
+    un = np.setdiff1d(np.arange(len(f)), i_f)
+    iy = np.clip(np.round(f.y[un]).astype(int), 0, s.shape[0] - 1)
+    ix = np.clip(np.round(f.x[un]).astype(int), 0, s.shape[1] - 1)
+    return int(s.vacuum_mask[iy, ix].sum())
+
+
+# ------------------------------------------------------------------------------ local background
+
+
+def test_local_background_follows_steps_and_ramps_not_columns():
+    ny = nx = 192
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(float)
+    truth = 50.0 + 0.8 * xx + np.where(yy > 96, 400.0, 0.0)  # a ramp and a step 20x the columns' height
+    xy, _, _ = samples.lattice_sites(samples.lattice_vectors("hexagonal", 10.0, 12.0), (ny, nx))
+    cols = render_columns((ny, nx), xy[:, 0], xy[:, 1], 2.0 * np.pi * 4.0 * 20.0, 2.0)  # peaks of 20
+    bg = local_background(truth + cols, radius=10.0)
+    away = np.abs(yy - 96) > 12  # the step itself is smoothed over about one radius
+    err = (bg - truth)[away]
+    # the valley envelope: within a few counts of the truth (the valleys between columns hold
+    # some of their tails), the columns (20) and the step (400) gone
+    assert np.median(np.abs(err - np.median(err))) < 2.0
+    assert 0.0 <= np.median(err) < 8.0
+    with pytest.raises(InvalidParameterError, match="radius"):
+        local_background(truth, radius=0.0)
+
+
+def test_flat_samples_are_found_as_they_are():
+    s = samples.hexagonal_sample(shape=(192, 192), vacuum=True, seed=2)
+    ratio, _ = background_ratio(s.image)
+    assert ratio < 0.5
+    flat = flatten_local(s.image)
+    assert flat.background is None and flat.image is s.image and flat.params["applied"] is False
+    f = find_atoms(s.image)
+    assert f.params["local_background"]["applied"] is False
+
+
+# --------------------------------------------------------------------------------- thick particles
+
+
+@pytest.fixture(scope="module")
+def particles():
+    s = samples.thick_particles_sample(shape=(320, 320), n_particles=2, seed=5)
+    return s, find_atoms(s.image)
+
+
+def test_thick_particles_sample_has_ten_times_the_column_contrast(particles):
+    s, _ = particles
+    assert s.n_atoms > 100 and len(s.label_names) == 2
+    peak = s.params["dose"] / (2 * np.pi * s.params["sigma"] ** 2)
+    rise = s.background.max() - np.median(s.background[s.vacuum_mask])
+    assert rise > 5.0 * peak  # the diffuse background of a thick centre dwarfs its columns
+    assert s.counts.max() <= s.params["dose"] + 1e-9 and s.counts.min() >= 0.2 * s.params["dose"] - 1e-9
+    assert background_ratio(s.image)[0] > 1.0  # the local background stage is called for
+
+
+def test_every_particle_is_found_and_nothing_in_vacuum(particles):
+    s, f = particles
+    assert f.params["local_background"]["applied"] is True
+    rec = _recall_by_label(s, f)
+    assert set(rec) == set(np.unique(s.label))
+    assert min(rec.values()) >= 0.95, rec
+    assert _false_in_mask(s, f) == 0
+
+
+# ------------------------------------------------------------------------- real columns off lattice
+
+
+def test_column_match_reads_a_column_alone():
+    img = render_columns((64, 64), np.array([20.0, 44.0]), np.array([32.0, 32.0]), np.array([1000.0, 1000.0]),
+                         np.array([2.0, 5.0])) + 10.0
+    h, m, e = column_match(img, np.array([32 * 64 + 20, 32 * 64 + 44]), 2.0)
+    assert h[0] == pytest.approx(1000.0 / (2 * np.pi * 4.0), rel=0.1)  # the peak height of a sigma-2 column
+    assert m[0] > 0.99 and m[1] < m[0]  # a broad blob matches worse
+    assert np.all(e >= 0)
+
+
+@pytest.mark.parametrize("kw", [dict(seed=2), dict(seed=3, lattice="square", second="hexagonal", spacing=10.0)])
+def test_boundary_columns_are_kept_wherever_they_sit(kw):
+    s = samples.grain_boundary_sample(shape=(320, 320), **kw)
+    f = find_atoms(s.image)
+    rec = _recall_by_label(s, f)
+    assert rec[0] == 1.0 and rec[1] == 1.0
+    assert rec[2] >= 0.995, rec
+    sc = samples.score_positions(np.c_[s.x, s.y], np.c_[f.x, f.y], shape=s.shape)
+    assert sc["n_false"] == 0
+    assert "kept_off_lattice" in f.params["rejected"]
+
+
+def test_crystal_amorphous_interface_keeps_columns_not_the_film():
+    s = samples.grain_boundary_sample(shape=(320, 320), second="amorphous", seed=4)
+    f = find_atoms(s.image)
+    rec = _recall_by_label(s, f)
+    assert rec[0] == 1.0 and rec[2] >= 0.99, rec
+    assert _false_in_mask(s, f) == 0
+
+
+# -------------------------------------------------------------------------------------- samples
+
+
+def test_new_samples_are_seeded_and_check_their_arguments():
+    a = samples.grain_boundary_sample(shape=96, seed=1)
+    b = samples.grain_boundary_sample(shape=96, seed=1)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.x, b.x)
+    band = a.counts[a.label == 2] / a.params["dose"]
+    assert band.size > 0 and band.min() >= 0.6 and band.max() <= 1.0
+    c = samples.thick_particles_sample(shape=128, n_particles=1, seed=1)
+    d = samples.thick_particles_sample(shape=128, n_particles=1, seed=1)
+    assert np.array_equal(c.image, d.image)
+    with pytest.raises(InvalidParameterError, match="second"):
+        samples.grain_boundary_sample(second="glass")
+    with pytest.raises(InvalidParameterError, match="boundary_amplitude"):
+        samples.grain_boundary_sample(boundary_amplitude=(0.9, 0.5))
+    with pytest.raises(InvalidParameterError, match="n_particles"):
+        samples.thick_particles_sample(n_particles=0)
+    with pytest.raises(InvalidParameterError, match="lattices"):
+        samples.thick_particles_sample(lattices=("cubic",))
