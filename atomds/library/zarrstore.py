@@ -151,10 +151,11 @@ def open_zarr_library(location: str | os.PathLike, *, chunks: Any = None, check:
 # --------------------------------------------------------------------------------------------
 
 
-def _group(location: str | os.PathLike, mode: str = "r+"):
+def _group(location: str | os.PathLike):
+    """The library's root Zarr group, opened for reading and writing."""
     import zarr
 
-    return zarr.open_group(os.fspath(location), mode=mode)
+    return zarr.open_group(os.fspath(location), mode="r+")
 
 
 def _roll_back(location: str | os.PathLike) -> None:
@@ -248,7 +249,7 @@ def _root_rows(new_root: xr.Dataset, old_root: xr.Dataset, n_new: int) -> xr.Dat
             shape = tuple(n_new if d == "image" else var.sizes[d] for d in var.dims)
             data[str(name)] = xr.Variable(var.dims, np.full(shape, _FILL.get(var.dtype.kind, 0), dtype=var.dtype))
         data[str(name)].attrs = {}
-    extra = sorted(set(new_root.data_vars) - set(old_root.data_vars))
+    extra = sorted({str(n) for n in new_root.data_vars} - {str(n) for n in old_root.data_vars})
     if extra:
         raise InvalidParameterError(
             f"the appended images have properties {extra} that the library does not have; give the same "
@@ -349,7 +350,7 @@ def append(
 
 def _image_node(ds: xr.Dataset, rows: xr.Dataset, filled: list[str]) -> xr.Dataset:
     """One appended image's node: what is not in ``/atoms`` (``rows``), with its own dtypes and attributes."""
-    shared = [n for n, v in rows.variables.items() if n not in filled and n in ds.variables and "atom" in v.dims]
+    shared = [str(n) for n, v in rows.variables.items() if n not in filled and n in ds.variables and "atom" in v.dims]
     node = ds.drop_vars(shared)
     if "image" in node.variables:
         node = node.rename_vars({"image": PIXELS})
