@@ -91,6 +91,8 @@ class LcxAccessor:
     # physical maps with errors
     strain = _Forward("ops.physics")
     polarization = _Forward("ops.physics")
+    cross_sections = _Forward("ops.counting")
+    count_atoms = _Forward("ops.counting")
 
     # spectra
     attach_spectra = _Forward("spectra")

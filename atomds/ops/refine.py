@@ -28,7 +28,7 @@ __all__ = ["refine", "with_atoms"]
 
 #: Variables :func:`refine` writes (per model), besides ``atom_x``, ``atom_y``.
 _SHAPE_VARS = {"gaussian": ("sigma",), "elliptical": ("sigma_major", "sigma_minor", "theta")}
-_COMMON_VARS = ("amplitude", "intensity", "background", "x_err", "y_err", "fit_ok")
+_COMMON_VARS = ("amplitude", "intensity", "background", "x_err", "y_err", "fit_ok", "intensity_err", "joint")
 _DEFAULT_CHUNK = 16384
 
 
@@ -49,7 +49,7 @@ def _derived_names(ds: xr.Dataset) -> list[Hashable]:
 
 
 def _fields(model: str) -> tuple[str, ...]:
-    return ("x", "y", *_SHAPE_VARS[model], *_COMMON_VARS[:3], "x_err", "y_err", "fit_ok", "n_iter")
+    return ("x", "y", *_SHAPE_VARS[model], *_COMMON_VARS[:3], "x_err", "y_err", "fit_ok", "n_iter", "intensity_err", "joint")
 
 
 def _pack(res: dict, model: str) -> np.ndarray:
@@ -62,7 +62,7 @@ def _settings_task(image, x, y, kw):
         img, np.asarray(x, float), np.asarray(y, float), window=kw["window"], sigma=kw["sigma"],
         noise=kw["noise"], model=kw["model"], neighbor_subtraction=kw["neighbor_subtraction"], max_iter=kw["max_iter"],
         engine=kw["engine"],
-    )
+    )  # joint does not change the settings
 
 
 def _refine_block(image, x, y, settings, sl, kw) -> np.ndarray:
@@ -116,6 +116,7 @@ def refine(
     width_prior: bool | float = True,
     contrast: str | None = None,
     engine: str = "auto",
+    joint: bool | str = "auto",
 ) -> xr.Dataset:
     """Refine every atom to sub-pixel precision with a 2-D Gaussian fit (all atoms at once).
 
@@ -151,6 +152,10 @@ def refine(
     engine : {"auto", "compiled", "numpy"}
         The fit kernel (see :func:`atomds.core.refine.refine_gaussian`); the results agree to
         float32 rounding.
+    joint : {"auto", True, False}
+        Fit overlapping columns jointly with a shared width and a smooth background
+        (:mod:`atomds.core.refine.joint`); "auto" does so for the columns whose nearest neighbour
+        is closer than 5 column widths and leaves well-separated lattices as they are.
 
     Returns
     -------
@@ -177,6 +182,7 @@ def refine(
     if model not in cr.MODELS:
         raise InvalidParameterError(f"model must be one of {cr.MODELS}; got {model!r}.")
     cr.check_engine(engine, model)
+    cr.check_joint(joint, model)
     img = image_dataarray(ds)
     sx, sy = _seeds(ds)
     if sx.dims != ("atom",) or sy.dims != ("atom",):
@@ -200,6 +206,7 @@ def refine(
         max_iter=max_iter,
         neighbor_subtraction=bool(neighbor_subtraction),
         engine=engine,
+        joint=joint,
     )
     # spikes (hot pixels) are left out of the fits once, before the settings are estimated
     fit_kw = dict(kw, n_refits=n_refits, width_prior=prior, despike=False)
@@ -256,6 +263,8 @@ def refine(
         "x_err": var("x_err", ps, units, "standard error of atom_x"),
         "y_err": var("y_err", ps, units, "standard error of atom_y"),
         "fit_ok": var("fit_ok", 1.0, "1", "Gaussian fit converged to a physical column (else centre of mass)", bool),
+        "intensity_err": var("intensity_err", 1.0, iunits, "standard error of intensity"),
+        "joint": var("joint", 1.0, "1", "fitted jointly with its overlapping neighbours", bool),
     }
     if model == "gaussian":
         new["sigma"] = var("sigma", ps, units, "width of the column (Gaussian standard deviation)")
@@ -274,7 +283,7 @@ def refine(
     params: dict[str, Any] = dict(
         model=model, window=window, noise=noise, sigma=sigma, max_iter=max_iter,
         neighbor_subtraction=bool(neighbor_subtraction), n_refits=n_refits, width_prior=width_prior,
-        units=units, lazy=bool(lazy), contrast=con, engine=engine,
+        units=units, lazy=bool(lazy), contrast=con, engine=engine, joint=joint,
     )
     if "skipped" in despike:
         note_fallback(params, _DESPIKE_SKIPPED, _despike_message(despike["skipped"]))

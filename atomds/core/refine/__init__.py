@@ -21,6 +21,9 @@ Modules, one job each:
 - :mod:`.passes`, :mod:`.settings`: the passes over the atoms; the settings estimated from a sample.
 - :mod:`.batched`, :mod:`.linalg`: the batched NumPy Levenberg-Marquardt and its small solves.
 - :mod:`.compiled`, :mod:`.compiled_model`, :mod:`.parallel`: the compiled kernel and its thread pool.
+- :mod:`.joint`, :mod:`.joint_model`: joint fits of overlapping columns (shared width, smooth
+  background, sparse normal equations); :mod:`.residual`: columns missing from a fit, found in
+  its residual (:func:`.residual.refine_and_complete`).
 
 The model of one column is a Gaussian integrated over each pixel (differences of error functions,
 as :func:`atomds.core.synth.render_columns` renders columns) on a local constant background::
@@ -77,6 +80,7 @@ from .api import (
     MODELS,
     center_of_mass,
     check_engine,
+    check_joint,
     estimate_fit_settings,
     nearest_neighbor_distance,
     refine_gaussian,
@@ -90,6 +94,7 @@ __all__ = [
     "nearest_neighbor_distance",
     "without_spikes",
     "check_engine",
+    "check_joint",
     "MODELS",
     "ENGINES",
 ]

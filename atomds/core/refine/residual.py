@@ -1,0 +1,182 @@
+"""Columns the finder missed, found in the residual of the fitted model.
+
+Beside a thick column a one-atom column is a few per cent of its neighbour's peak: below what a
+finder that compares columns with their neighbours keeps, but plain in the residual
+``image - model`` once every found column is fitted (jointly where they overlap). The residual
+is matched-filtered with the column's Gaussian and divided by the filter's standard deviation
+under the noise model, a z-score per pixel::
+
+    z(p) = sum_q g(q - p) r(q) / sqrt(sum_q g(q - p)^2 var(q))
+
+Local maxima of ``z`` above a false-alarm threshold (Bonferroni over the searched pixels), at
+least half a nearest-neighbour distance from every fitted column and within
+:data:`SEARCH_NN` nearest-neighbour distances of one (a missing column has fitted neighbours; the
+vacuum beyond a particle is not searched), are new columns. Positions in px.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
+from scipy.stats import norm
+
+from .joint_model import column_patches, patch_half
+from .noise import Noise
+
+__all__ = ["missing_columns", "refine_and_complete", "model_image", "FALSE_ALARMS", "SEARCH_NN", "MIN_SEPARATION_NN"]
+
+#: Expected number of noise peaks accepted per image (the Bonferroni budget of the threshold).
+FALSE_ALARMS = 0.05
+#: Pixels farther than this many nearest-neighbour distances from every fitted column are not searched.
+SEARCH_NN = 1.5
+#: A new column lies at least this many nearest-neighbour distances from every fitted column.
+MIN_SEPARATION_NN = 0.5
+#: The matched filter reaches this many widths.
+FILTER_REACH = 3.0
+
+
+def model_image(shape: tuple[int, int], fit: dict[str, np.ndarray], ok: np.ndarray) -> np.ndarray:
+    """The fitted columns (``x``, ``y``, ``intensity``, ``sigma`` of ``fit`` where ``ok``) rendered on an image."""
+    p = np.column_stack([fit["x"], fit["y"], fit["intensity"], fit["sigma"]])[ok]
+    out = np.zeros(shape[0] * shape[1])
+    if p.shape[0] == 0:
+        return out.reshape(shape)
+    flat, val, _ = column_patches(p, patch_half(float(np.max(p[:, 3]))), shape, derivatives=False)
+    keep = flat >= 0
+    out += np.bincount(flat[keep], weights=val[keep], minlength=out.size)
+    return out.reshape(shape)
+
+
+def _background_map(shape, x, y, bg, pix_rows, pix_cols) -> np.ndarray:
+    """Inverse-distance mean of the 4 nearest columns' backgrounds at the given pixels."""
+    tree = cKDTree(np.column_stack([x, y]))
+    k = min(4, x.size)
+    d, i = tree.query(np.column_stack([pix_cols, pix_rows]), k=k)
+    d, i = d.reshape(-1, k), i.reshape(-1, k)
+    w = 1.0 / np.maximum(d, 0.5)
+    return (w * bg[i]).sum(axis=1) / w.sum(axis=1)
+
+
+def missing_columns(
+    image: np.ndarray, fit: dict[str, np.ndarray], *, noise: Noise, sigma: float, false_alarms: float = FALSE_ALARMS,
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Positions (px) of columns missing from ``fit``, found in the residual of its model.
+
+    Parameters
+    ----------
+    image : 2-D array
+        The image the fit was made on (bright columns).
+    fit : dict
+        The result of :func:`atomds.core.refine.refine_gaussian` (isotropic model): ``x``, ``y``,
+        ``intensity``, ``sigma``, ``background``, ``fit_ok``.
+    noise : Noise
+        Noise model of the image (:func:`atomds.core.refine.noise.parse_noise`).
+    sigma : float
+        Column width of the matched filter, px.
+    false_alarms : float
+        Expected number of noise peaks accepted in the searched area.
+
+    Returns
+    -------
+    x, y : ndarray
+        The new columns, px (may be empty).
+    info : dict
+        ``z_threshold``, ``searched_pixels``, ``n_new``.
+    """
+    img = np.asarray(image, dtype=float)
+    ok = np.asarray(fit["fit_ok"], bool) & np.isfinite(fit["intensity"]) & np.isfinite(fit["sigma"])
+    x, y = np.asarray(fit["x"], float), np.asarray(fit["y"], float)
+    empty = np.zeros(0)
+    if ok.sum() < 2:
+        return empty, empty, {"z_threshold": float("nan"), "searched_pixels": 0, "n_new": 0}
+    tree = cKDTree(np.column_stack([x[ok], y[ok]]))
+    nn = tree.query(np.column_stack([x[ok], y[ok]]), k=2)[0][:, 1]
+    nn_med = float(np.median(nn))
+    ny, nx = img.shape
+    rows, cols = np.mgrid[0:ny, 0:nx]
+    dist = tree.query(np.column_stack([cols.ravel(), rows.ravel()]), distance_upper_bound=SEARCH_NN * nn_med)[0]
+    area = np.isfinite(dist).reshape(img.shape) & np.isfinite(img)
+    bg_vals = np.where(np.isfinite(fit["background"]), fit["background"], np.nanmedian(fit["background"][ok]))
+    bg = np.zeros(img.shape)
+    bg[area] = _background_map(img.shape, x[ok], y[ok], bg_vals[ok], rows[area], cols[area])
+    mu = model_image(img.shape, fit, ok) + bg
+    resid = np.where(area, img - mu, 0.0)
+    var = np.where(area, noise.variance(mu), 0.0)
+    h = int(math.ceil(FILTER_REACH * sigma))
+    t = np.arange(-h, h + 1, dtype=float)
+    g = np.exp(-0.5 * (t / sigma) ** 2)
+    num = ndimage.correlate1d(ndimage.correlate1d(resid, g, axis=0, mode="constant"), g, axis=1, mode="constant")
+    den = ndimage.correlate1d(ndimage.correlate1d(var, g * g, axis=0, mode="constant"), g * g, axis=1, mode="constant")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(area & (den > 0), num / np.sqrt(den), 0.0)
+    n_pix = int(area.sum())
+    z_min = float(norm.isf(false_alarms / max(n_pix, 1)))
+    peak = (z == ndimage.maximum_filter(z, size=2 * max(int(round(sigma)), 1) + 1)) & (z > z_min)
+    py, px = np.nonzero(peak)
+    far = tree.query(np.column_stack([px, py]))[0] >= MIN_SEPARATION_NN * nn_med if px.size else np.zeros(0, bool)
+    px, py, zz = px[far], py[far], z[py[far], px[far]]
+    # strongest first; a candidate closer than the separation to a stronger one is the same column
+    order = np.argsort(-zz)
+    keep: list[int] = []
+    for i in order:  # loop over the few candidates, not over atoms
+        if all(math.hypot(px[i] - px[j], py[i] - py[j]) >= MIN_SEPARATION_NN * nn_med for j in keep):
+            keep.append(int(i))
+    kx, ky = px[keep].astype(float), py[keep].astype(float)
+    return kx, ky, {"z_threshold": z_min, "searched_pixels": n_pix, "n_new": int(kx.size)}
+
+
+#: Rounds of search and refit at most (a column found in one round changes its neighbours' fits).
+MAX_ROUNDS = 3
+
+
+def refine_and_complete(
+    image: np.ndarray, x: np.ndarray, y: np.ndarray, *, settings: dict, max_rounds: int = MAX_ROUNDS, **kw
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict]:
+    """Refine, look for missing columns in the residual, add them and refine again (up to ``max_rounds``).
+
+    Parameters
+    ----------
+    image : 2-D array
+        Bright-column image (turned over and despiked as :func:`atomds.core.refine.refine_gaussian`
+        expects, with ``despike=False`` in ``kw`` when it is).
+    x, y : arrays (n,)
+        Starting positions, px.
+    settings : dict
+        :func:`atomds.core.refine.estimate_fit_settings` of the image (width and noise model).
+    max_rounds : int
+        Searches at most.
+    **kw
+        Passed to :func:`atomds.core.refine.refine_gaussian` (isotropic model).
+
+    Returns
+    -------
+    fit : dict
+        The refinement of the ``n + n_new`` atoms (the given ones first).
+    new_x, new_y : ndarray (n_new,)
+        The starting positions of the added columns, px.
+    info : dict
+        ``rounds`` (searches run), ``n_new``, ``z_threshold``.
+    """
+    from .api import refine_gaussian
+    from .noise import parse_noise
+
+    nz = parse_noise(settings if settings.get("gain") is not None else "uniform")
+    if nz is None:  # pragma: no cover - a dict always parses
+        raise ValueError("settings hold no noise model")
+    xs, ys = np.asarray(x, float), np.asarray(y, float)
+    n0 = xs.size
+    fit = refine_gaussian(image, xs, ys, settings=settings, **kw)
+    info: dict = {"rounds": 0, "n_new": 0, "z_threshold": float("nan")}
+    for _ in range(int(max_rounds)):
+        nx_, ny_, found = missing_columns(image, fit, noise=nz, sigma=float(settings["sigma"]))
+        info["rounds"] += 1
+        info["z_threshold"] = found["z_threshold"]
+        if nx_.size == 0:
+            break
+        xs, ys = np.r_[xs, nx_], np.r_[ys, ny_]
+        fit = refine_gaussian(image, xs, ys, settings=settings, **kw)
+    info["n_new"] = int(xs.size - n0)
+    return fit, xs[n0:], ys[n0:], info
