@@ -38,6 +38,7 @@ Modules
 ``thickness``     particles whose thickness contrast is ten times their columns' (local contrast)
 ``boundary``      two crystals meeting along a band of real, disordered columns
 ``stm``           STM topographs (heights in m): adatom lattices with tilt, scan-line offsets, steps
+``sweep``         random images from a wide space (lattices, species, doses, artefacts) for the robustness sweep
 ``spectra``       EELS-like spectra per phase and spectrum images
 ``scoring``       matching found positions to the truth: recall, false positives, error
 """
@@ -55,6 +56,7 @@ from .render import add_noise, render_columns, smooth_background
 from .scoring import default_max_distance, match_positions, score_positions
 from .spectra import energy_axis, phase_spectra, spectrum_cube, spectrum_grid
 from .stm import STM_LATTICES, stm_sample
+from .sweep import SWEEP_LATTICES, SweepSample, draw_sweep_params, render_sweep, score_sweep, sweep_sample, sweep_seeds
 from .thickness import thick_particles_sample
 from .two_phase import VACANCY_PATTERNS, two_phase_sample
 
@@ -87,6 +89,13 @@ __all__ = [
     "smooth_background",
     "stm_sample",
     "STM_LATTICES",
+    "SWEEP_LATTICES",
+    "SweepSample",
+    "draw_sweep_params",
+    "render_sweep",
+    "score_sweep",
+    "sweep_sample",
+    "sweep_seeds",
 ]
 
 #: The samples of :mod:`atomds.datasets` (``datasets.load(name)``), in the order listed.
