@@ -123,7 +123,8 @@ def _geometry(p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return np.array([[1.0, 0.0], [0.0, p["aspect"]]]), np.zeros((1, 2)), np.zeros(1, int)
     if kind == "oblique":
         g = math.radians(p["gamma"])
-        return np.array([[1.0, 0.0], [p["aspect"] * math.cos(g), p["aspect"] * math.sin(g)]]), np.zeros((1, 2)), np.zeros(1, int)
+        vec = np.array([[1.0, 0.0], [p["aspect"] * math.cos(g), p["aspect"] * math.sin(g)]])
+        return vec, np.zeros((1, 2)), np.zeros(1, int)
     hexv = np.array([[1.0, 0.0], [0.5, math.sqrt(3.0) / 2.0]])
     if kind == "hexagonal":
         return hexv, np.zeros((1, 2)), np.zeros(1, int)
@@ -219,7 +220,7 @@ def draw_sweep_params(seed: int, *, shape: int | tuple[int, int] | None = None, 
         raise InvalidParameterError(f"unknown sweep parameters {sorted(unknown)}; known: {', '.join(_PARAM_KEYS)}.")
     p: dict[str, Any] = {"seed": int(seed)}
     if shape is None:
-        shape = (int(rng.integers(SIDE_RANGE[0], SIDE_RANGE[1] + 1)), int(rng.integers(SIDE_RANGE[0], SIDE_RANGE[1] + 1)))
+        shape = tuple(int(v) for v in rng.integers(SIDE_RANGE[0], SIDE_RANGE[1] + 1, 2))
     elif np.isscalar(shape):
         shape = (int(shape), int(shape))  # type: ignore[arg-type]
     p["shape"] = [int(s) for s in shape]  # type: ignore[union-attr]
@@ -242,7 +243,8 @@ def draw_sweep_params(seed: int, *, shape: int | tuple[int, int] | None = None, 
         raise InvalidParameterError(f"peaks needs one value per species ({n_s}), got {peaks!r}.")
     p["peaks"] = [float(v) for v in peaks[:n_s]]
     spread = rng.uniform(1.0 - SIGMA_SPREAD, 1.0 + SIGMA_SPREAD, 2).tolist()
-    pick("aspect", lambda: float(rng.uniform(*{"rectangular": (1.25, 2.0), "oblique": (1.15, 1.7)}.get(kind, (2.5, 3.5)))))
+    aspect_range = {"rectangular": (1.25, 2.0), "oblique": (1.15, 1.7)}.get(kind, (2.5, 3.5))  # dumbbells: 2.5-3.5
+    pick("aspect", lambda: float(rng.uniform(*aspect_range)))
     pick("aspect_y", lambda: float(rng.uniform(3.0, 4.5)))
     pick("gamma", lambda: float(rng.uniform(65.0, 82.0)))
     n_classes = _geometry(p)[2].max() + 1
@@ -386,8 +388,8 @@ def render_sweep(params: dict[str, Any]) -> SweepSample:
     """Render the sweep image described by ``params`` (from :func:`draw_sweep_params`).
 
     The columns (pixel-integrated Gaussians) and the vacuum hole with its amorphous rim come from
-    :func:`~atomds.core.samples.compose.render_sample`; the background (smooth level, gradient, diffuse thickness term, darker vacuum), the
-    scan jitter (every row resampled ``shift`` px along x), Poisson and read noise and the hot pixels
+    :func:`~atomds.core.samples.compose.render_sample`; the background (smooth level, gradient,
+    diffuse thickness term, darker vacuum), the scan jitter (every row resampled ``shift`` px along x), Poisson and read noise and the hot pixels
     (``hot_level`` times the image maximum, at ``hot_density`` per pixel) are added here.
 
     Returns
