@@ -28,7 +28,7 @@ from .classes import column_classes, final_labels
 from .constants import GLOBAL_REFERENCE_FLOOR, MIN_INTERIOR_FIT
 from .contrast import flatten_local
 from .correlation import amplitudes_at, best_correlation
-from .lattice import faint_off_lattice, outside_lattice, real_columns, sub_threshold_on_sites
+from .lattice import faint_off_lattice, outside_lattice, real_columns, small_real_columns, sub_threshold_on_sites
 from .significance import auto_threshold, border_strip, lowered_z_thresholds, peak_sample, z_thresholds
 from .templates import check_template, class_templates, is_point, make_templates
 
@@ -183,7 +183,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     counts: dict[str, int] = {}
     blobs, keep, thr, zmin, zmin_edge = _significant_blobs(ncc, z, which, templates, d, threshold, z_min,
                                                            lattice_check, counts)
-    blobs, lo, hi = _plausible_size(blobs, keep, min_area, max_area, thr, counts)
+    blobs, lo, hi = _plausible_size(blobs, keep, min_area, max_area, thr, counts, flat.image, s)
     ok, amp, cls, mode = _columns(flat.image, blobs, templates, s, d, min_contrast, sublattices, lattice_check, counts)
     if not np.any(ok):
         raise thr.no_atoms("every blob is too weak or too broad to be a column")
@@ -315,10 +315,18 @@ def _significant_blobs(ncc, z, which, templates, spacing: float, threshold: floa
 
 
 def _plausible_size(blobs: Blobs, keep: np.ndarray, min_area, max_area, thr: _Threshold,
-                    counts: dict[str, int]) -> tuple[Blobs, int, int]:
-    """The significant blobs of a plausible area (step 5b), and the area bounds (px)."""
+                    counts: dict[str, int], img: np.ndarray, s: float) -> tuple[Blobs, int, int]:
+    """The significant blobs of a plausible area (step 5b), and the area bounds (px).
+
+    Below an automatic lower bound, a blob that is a real column by its own height and shape
+    (a column off the lattice, :func:`~atomds.core.find.lattice.small_real_columns`) is kept.
+    """
     lo, hi = area_bounds(blobs.area[keep], min_area, max_area)
     size_ok = (blobs.area >= lo) & (blobs.area <= hi)
+    if min_area is None:
+        small = small_real_columns(img, blobs.x, blobs.y, blobs.peak, keep & size_ok, keep & (blobs.area < lo), s)
+        counts["kept_small"] = int(small.sum())
+        size_ok |= small
     counts["area"] = int((keep & ~size_ok).sum())
     keep = keep & size_ok
     if not np.any(keep):

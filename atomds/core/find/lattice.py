@@ -42,6 +42,7 @@ __all__ = [
     "sub_threshold_on_sites",
     "faint_off_lattice",
     "real_columns",
+    "small_real_columns",
 ]
 
 
@@ -333,3 +334,22 @@ def _best_column_match(img: np.ndarray, peak: np.ndarray, sigma: float) -> tuple
             better = h > best_h
             best_h[better], best_m[better], best_e[better] = h[better], m[better], e[better]
     return best_h, best_m, best_e
+
+
+def small_real_columns(img: np.ndarray, x, y, peak: np.ndarray, sized: np.ndarray, too_small: np.ndarray,
+                       sigma: float) -> np.ndarray:
+    """Which blobs below the automatic area bound are real columns all the same.
+
+    The template carries the lattice's surroundings; a column off the lattice (a grain
+    boundary's) matches it poorly and its blob above the correlation threshold can be a pixel or
+    two. Such a blob is a column when :func:`real_columns` says so against the blobs of a
+    plausible size around it (``sized``; one class: the species are not known yet).
+
+    Returns
+    -------
+    bool ndarray (n,)
+        True for the ``too_small`` blobs that are real columns.
+    """
+    if not np.any(too_small):
+        return np.zeros(x.size, dtype=bool)
+    return real_columns(img, x, y, peak, np.zeros(x.size, dtype=np.int64), sized, too_small, sigma)
