@@ -53,8 +53,8 @@ MATCH_TARGETS = 12
 #: Candidate equivalent sites searched for the ``disorder`` feature (nearest atoms).
 MATCH_CANDIDATES = 12
 #: Names of the phase descriptor's features (see :func:`phase_features`).
-PHASE_FEATURES = [f"r{j}" for j in range(6)] + ["psi4_re", "psi4_im", "psi6_re", "psi6_im", "disorder"]
-#: Weight of the ``disorder`` feature in the phase descriptor (one feature against 10 others).
+PHASE_FEATURES = [f"r{j}" for j in range(6)] + ["psi4", "psi6", "disorder"]
+#: Weight of the ``disorder`` feature in the phase descriptor (one feature against 8 others).
 DISORDER_WEIGHT = 2.0
 
 
@@ -461,11 +461,11 @@ def phase_features(x, y, *, spacing: float, centers=None, tree=None, tolerance: 
     * ``r0..r5``: the 6 nearest distances divided by ``spacing`` (lattice parameter and
       coordination: 6 at 1 in a hexagonal lattice, 4 at 1 and 2 at 1.41 in a square one, 3 at 1 and
       3 at 1.73 in a honeycomb, ...);
-    * ``psi4_re/im``, ``psi6_re/im``: the bond-orientational order parameters
-      psi_n = mean over the first shell of exp(i n theta). Their magnitude says how 4- or 6-fold
-      the shell is, their phase is n times the lattice orientation, so grains of one lattice with
-      different orientations differ too. The first shell holds the neighbours before the largest
-      relative gap of the sorted distances (3 to 6 atoms);
+    * ``psi4``, ``psi6``: magnitudes of the bond-orientational order parameters
+      psi_n = mean over the first shell of exp(i n theta): how 4- or 6-fold the shell is. Only
+      the magnitudes: their phase is n times the lattice orientation, and rotated grains of one
+      lattice are one phase (as antiphase domains are). The first shell holds the neighbours
+      before the largest relative gap of the sorted distances (3 to 6 atoms);
     * ``disorder``: translational disorder, times ``DISORDER_WEIGHT``. Each atom's
       ``MATCH_NEIGHBORS`` nearest neighbour vectors are looked for among the ``MATCH_TARGETS``
       neighbour vectors of each of its ``MATCH_CANDIDATES`` nearest atoms: in a crystal one of
@@ -494,7 +494,7 @@ def phase_features(x, y, *, spacing: float, centers=None, tree=None, tolerance: 
 
     Returns
     -------
-    features : ndarray, shape (m, 11)
+    features : ndarray, shape (m, 9)
         NaN rows where an atom has fewer than ``PHASE_NEIGHBORS`` neighbours.
     reach : ndarray, shape (m,)
         Distance of the farthest neighbour the atom's own features use (for :func:`edge_flags`).
@@ -518,10 +518,9 @@ def phase_features(x, y, *, spacing: float, centers=None, tree=None, tolerance: 
     theta = np.arctan2(dy[:, :PHASE_NEIGHBORS], dx[:, :PHASE_NEIGHBORS])
     feats = np.full((m, len(PHASE_FEATURES)), np.nan)
     feats[:, :6] = r[:, :6]
-    for col, n in ((6, 4), (8, 6)):
+    for col, n in ((6, 4), (7, 6)):
         z = np.where(in_shell, np.exp(1j * n * np.nan_to_num(theta)), 0).sum(axis=1) / shell
-        feats[:, col] = z.real
-        feats[:, col + 1] = z.imag
+        feats[:, col] = np.abs(z)
     # translational disorder: look for the centre's vectors among those of the candidate sites
     km, kt = MATCH_NEIGHBORS, MATCH_TARGETS
     vc = np.stack([dx[:, :km], dy[:, :km]], axis=-1) / spacing  # (m, km, 2)
@@ -534,7 +533,7 @@ def phase_features(x, y, *, spacing: float, centers=None, tree=None, tolerance: 
     if has_missing:
         vj = np.concatenate([np.full((1, kt, 2), np.nan), vj])
     vcand = vj[inv.reshape(cand.shape)]  # (m, c, kt, 2)
-    feats[:, 10] = DISORDER_WEIGHT * _match_disorder(vc, vcand, float(tolerance))
+    feats[:, 8] = DISORDER_WEIGHT * _match_disorder(vc, vcand, float(tolerance))
     bad = count < kq
     feats[bad] = np.nan
     reach = np.where(bad, np.nan, dist[:, PHASE_NEIGHBORS - 1])

@@ -15,6 +15,7 @@ import numpy as np
 import xarray as xr
 
 from ..core import learn as cl
+from ..core.neighbors import DISORDER_WEIGHT
 from ..errors import InvalidParameterError, MissingStepError
 from ..params import record_params, step_params
 from ._common import annotate, is_dask
@@ -280,6 +281,26 @@ def suggest_k(
     return _split_tests(X, ok, Z, leaf, k_range, valley)[0]
 
 
+#: A region whose atoms' median translational disorder (the phase descriptor's ``disorder``
+#: feature, unweighted) reaches this is disordered material, a phase of its own.
+DISORDERED_REGION = 0.4
+
+
+def _disordered(ds: xr.Dataset, reg: np.ndarray, n_reg: int) -> np.ndarray | None:
+    """Per region: is its median ``disorder`` at least :data:`DISORDERED_REGION`? (None without it.)"""
+    if "descriptor" not in ds.variables or "feature" not in ds["descriptor"].dims or "feature" not in ds.coords:
+        return None
+    names = [str(f) for f in ds["feature"].values]
+    if "disorder" not in names:
+        return None
+    d = np.asarray(ds["descriptor"].isel(feature=names.index("disorder")).values, float) / DISORDER_WEIGHT
+    out = np.zeros(n_reg, dtype=bool)
+    for r in range(n_reg):  # a handful of regions
+        v = d[(reg == r) & np.isfinite(d)]
+        out[r] = v.size > 0 and float(np.median(v)) >= DISORDERED_REGION
+    return out
+
+
 def regions(
     ds: xr.Dataset, *, by: str = "cluster", dissolve: bool = True, merge: bool = True, passes: int = 1, fill: bool = True
 ) -> xr.Dataset:
@@ -294,9 +315,11 @@ def regions(
        neighbours more often than their own) are joined (:func:`atomds.core.learn.merge_sites`);
        clusters of separate regions, which touch only along a border, stay apart.
     3. ``dissolve``: a region that is a line rather than an area - an interface one column wide
-       (antiphase or grain boundary) or scattered defect sites, with fewer than half of its
+       (antiphase or grain boundary) or scattered defect sites, with fewer than 42 % of its
        neighbour pairs inside it - is given to the regions around it
-       (:func:`atomds.core.learn.dissolve_thin`). A band two or more columns wide stays a region.
+       (:func:`atomds.core.learn.dissolve_thin`). A band two or more columns wide stays a region,
+       and so does a disordered region however narrow (median ``disorder`` feature at least
+       :data:`DISORDERED_REGION`).
     4. ``passes`` rounds of a plurality vote of each atom with its neighbours
        (:func:`atomds.core.learn.vote_labels`) remove isolated misassignments on borders.
     5. ``fill``: atoms without a cluster (edge atoms) take the region of their nearest labelled
@@ -342,8 +365,10 @@ def regions(
     reg = np.where(lab >= 0, mapping[np.maximum(lab, 0)], -1)
     thin: list[int] = []
     if dissolve and mapping.max(initial=-1) >= 1:
-        # interfaces one column wide and scattered defect sites are lines, not phases
-        reg, thin = cl.dissolve_thin(reg, idx, int(mapping.max()) + 1)
+        # interfaces one column wide and scattered defect sites are lines, not phases; a disordered
+        # region (amorphous material) is kept however narrow
+        n_reg = int(mapping.max()) + 1
+        reg, thin = cl.dissolve_thin(reg, idx, n_reg, keep=_disordered(ds, reg, n_reg))
         mapping = np.where(np.isin(mapping, thin), -1, mapping)
     if passes:
         reg = cl.vote_labels(reg, idx, passes=int(passes))

@@ -178,8 +178,8 @@ def neighborhoods(
         - "phase": dimensionless features that describe the structure around an atom
           independently of which site of the unit cell it sits on, for phases, grains and
           disordered regions (see :func:`atomds.core.neighbors.phase_features`: the 6 nearest
-          distances over the typical spacing, the bond-orientational order parameters psi4 and
-          psi6, and a translational disorder score). It ignores ``sort``/``rotate``.
+          distances over the typical spacing, the magnitudes of the bond-orientational order
+          parameters psi4 and psi6, and a translational disorder score). It ignores ``sort``/``rotate``.
 
         With a ``radius``, the rows of atoms with fewer than ``k`` neighbours hold NaN in the
         "xy", "distance" and "angle" descriptors (a fixed-length vector needs every slot); such

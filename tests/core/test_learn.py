@@ -270,17 +270,19 @@ def test_significant_splits_says_one_for_one_group_and_finds_real_groups(seed):
 
 
 def test_dissolve_thin_gives_a_line_to_the_region_around_it():
-    # a 30 x 30 square grid with one vertical line of its own label: an interface one column wide
+    # a 30 x 30 square grid (8 neighbours) with one vertical line of its own label: an interface one column wide
     n = 30
     yy, xx = np.mgrid[0:n, 0:n]
     lab = np.where(xx == 15, 1, 0).ravel()
-    idx = np.full((n * n, 4), -1)
-    for k, (dy, dx) in enumerate([(0, 1), (0, -1), (1, 0), (-1, 0)]):
+    idx = np.full((n * n, 8), -1)
+    for k, (dy, dx) in enumerate([(0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1)]):
         ok = (yy + dy >= 0) & (yy + dy < n) & (xx + dx >= 0) & (xx + dx < n)
         idx[:, k] = np.where(ok, (yy + dy) * n + (xx + dx), -1).ravel()
     assert cl.thin_clusters(lab, idx).tolist() == [False, True]
     new, gone = cl.dissolve_thin(lab, idx)
     assert gone == [1] and (new == 0).all()
+    kept, none = cl.dissolve_thin(lab, idx, keep=[False, True])  # e.g. a disordered line: its own phase
+    assert none == [] and (kept == lab).all()
     # a band three columns wide between two different regions stays
     lab3 = np.select([xx < 12, xx < 15], [0, 1], 2).ravel()
     new3, gone3 = cl.dissolve_thin(lab3, idx)

@@ -1,0 +1,162 @@
+"""Benchmark: does ``atomds.analyze`` say "one phase" when there is one, and keep real phases apart?
+
+Run:  nice python benchmarks/bench_phases.py [--n 60] [--workers 2] [--no-write]
+
+Single-phase sweep: ``--n`` images drawn from a recorded master seed (not chosen): kind (hexagonal
+lattice; perovskite A + B; polar perovskite with antiphase domains), dose (500-16 000 counts per
+column, log-uniform), rotation (0-90 degrees), size (512 px, with one in five at 1024 px and one in
+ten at 2048 px), column width (1.6-2.6 px) and sample seed. Each is analysed with the defaults
+(``atomds.analyze``, pixel size given), and the number of regions (phases) is reported: the target
+is 1 on every image.
+
+Two-phase images (``atomds.datasets.two_phase``: a hexagonal matrix, a rotated grain of another
+lattice, a disordered band between them of width 2-4 spacings), drawn the same way: adjusted Rand
+index of ``region`` against the true labels (target >= 0.9) and F1 of the best region against the
+band's atoms (target >= 0.8).
+
+The "Phases: one when there is one" section of benchmarks/RESULTS.md is replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+MASTER_SEED = 20261205
+HERE = Path(__file__).resolve().parent
+
+
+def draw_cases(n: int, master: int = MASTER_SEED) -> list[dict]:
+    """The drawn single-phase and two-phase cases (parameters only)."""
+    rng = np.random.default_rng(master)
+    cases = []
+    for i in range(n):
+        u = rng.uniform()
+        size = 2048 if u < 0.1 else (1024 if u < 0.3 else 512)
+        cases.append(dict(
+            group="single", kind=str(rng.choice(["hexagonal", "perovskite", "polar"])),
+            dose=float(np.exp(rng.uniform(np.log(500), np.log(16000)))), angle=float(rng.uniform(0, 90)),
+            shape=size, sigma=float(rng.uniform(1.6, 2.6)), seed=int(rng.integers(2**31)), index=i,
+        ))
+    for i in range(max(6, n // 6)):
+        cases.append(dict(
+            group="two_phase", kind="two_phase", dose=float(np.exp(rng.uniform(np.log(1000), np.log(8000)))),
+            angle=float(rng.uniform(0, 60)), boundary_width=float(rng.choice([2.0, 3.0, 4.0])),
+            grain_lattice=str(rng.choice(["square", "hexagonal"])), seed=int(rng.integers(2**31)), index=i,
+        ))
+    return cases
+
+
+def run_case(case: dict) -> dict:
+    """Make the image, analyse it with the defaults, score it."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import atomds
+    from atomds.core.samples import match_positions
+
+    kw = {k: case[k] for k in ("dose", "angle", "seed")}
+    if case["group"] == "single":
+        kw.update(shape=case["shape"], sigma=case["sigma"])
+        make = {"hexagonal": atomds.datasets.hexagonal, "perovskite": atomds.datasets.perovskite,
+                "polar": atomds.datasets.polar}[case["kind"]]
+    else:
+        kw.update(boundary_width=case["boundary_width"], grain_lattice=case["grain_lattice"])
+        make = atomds.datasets.two_phase
+    ds = make(**kw)
+    t0 = time.perf_counter()
+    try:
+        out = atomds.analyze(ds)
+    except Exception as exc:  # a failure is a result of the benchmark, reported with its case
+        return {**case, "error": f"{type(exc).__name__}: {exc}"}
+    res = {**case, "seconds": time.perf_counter() - t0, "atoms": int(out.sizes["atom"]),
+           "regions": int(out.sizes.get("region_id", 0)), "clusters": int(out.sizes.get("cluster_id", 0))}
+    if case["group"] == "two_phase":
+        from sklearn.metrics import adjusted_rand_score
+
+        ps = float(ds.attrs["pixel_size"])
+        it, jf = match_positions(np.column_stack([ds["true_x"].values, ds["true_y"].values]),
+                                 np.column_stack([out["atom_x"].values, out["atom_y"].values]), 3.0 * ps)
+        truth, reg = ds["true_label"].values[it], out["region"].values[jf]
+        band = truth == 2
+        f1 = max(2 * (band & (reg == r)).sum() / (band.sum() + (reg == r).sum()) for r in np.unique(reg))
+        res.update(ari=float(adjusted_rand_score(truth, reg)), band_f1=float(f1))
+    return res
+
+
+def report(results: list[dict], args) -> str:
+    single = [r for r in results if r["group"] == "single"]
+    two = [r for r in results if r["group"] == "two_phase"]
+    lines = ["## Phases: one when there is one", ""]
+    lines.append(f"`nice python benchmarks/bench_phases.py --n {args.n} --workers {args.workers}` on "
+                 f"{platform.machine()} ({os.cpu_count()} cores), Python {sys.version.split()[0]}, "
+                 f"{time.strftime('%Y-%m-%d')}. Master seed {MASTER_SEED}; every case's seed is listed below.")
+    lines.append("")
+    ok = [r for r in single if "error" not in r]
+    one = sum(r["regions"] == 1 for r in ok)
+    lines.append(f"**Single-phase images: {one} of {len(single)} analysed as 1 phase** "
+                 f"({len(single) - len(ok)} failed to analyse).")
+    lines.append("")
+    lines.append("| kind | images | 1 phase | clusters (median, max) | sizes |")
+    lines.append("| --- | --- | --- | --- | --- |")
+    for kind in ("hexagonal", "perovskite", "polar"):
+        rs = [r for r in ok if r["kind"] == kind]
+        if not rs:
+            continue
+        cl = [r["clusters"] for r in rs]
+        sizes = sorted({r["shape"] for r in rs})
+        lines.append(f"| {kind} | {len(rs)} | {sum(r['regions'] == 1 for r in rs)} | {int(np.median(cl))}, "
+                     f"{max(cl)} | {', '.join(map(str, sizes))} |")
+    bad = [r for r in single if "error" in r or r["regions"] != 1]
+    if bad:
+        lines += ["", "Images not analysed as one phase:", ""]
+        for r in bad:
+            what = r.get("error") or f"{r['regions']} regions"
+            lines.append(f"- {r['kind']} {r['shape']} px, dose {r['dose']:.0f}, angle {r['angle']:.1f}, "
+                         f"sigma {r['sigma']:.2f}, seed {r['seed']}: {what}")
+    lines += ["", "Two-phase images (matrix, rotated grain, disordered band):", "",
+              "| band width (spacings) | grain | dose | seed | regions | ARI | band F1 |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in two:
+        if "error" in r:
+            lines.append(f"| {r['boundary_width']:.0f} | {r['grain_lattice']} | {r['dose']:.0f} | {r['seed']} | "
+                         f"error: {r['error']} | | |")
+        else:
+            lines.append(f"| {r['boundary_width']:.0f} | {r['grain_lattice']} | {r['dose']:.0f} | {r['seed']} | "
+                         f"{r['regions']} | {r['ari']:.3f} | {r['band_f1']:.2f} |")
+    good = [r for r in two if "error" not in r]
+    if good:
+        lines.append("")
+        lines.append(f"ARI >= 0.9 on {sum(r['ari'] >= 0.9 for r in good)} of {len(two)}; band F1 >= 0.8 on "
+                     f"{sum(r['band_f1'] >= 0.8 for r in good)} of {len(two)} (min ARI "
+                     f"{min(r['ari'] for r in good):.3f}, min F1 {min(r['band_f1'] for r in good):.2f}).")
+    lines += ["", "Single-phase seeds (kind, size, seed): " + "; ".join(
+        f"{r['kind']} {r['shape']} {r['seed']}" for r in single), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=60, help="single-phase images (two-phase: n / 6, at least 6)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+    cases = draw_cases(args.n)
+    with ProcessPoolExecutor(args.workers) as ex:
+        results = list(ex.map(run_case, cases))
+    text = report(results, args)
+    print(text)
+    if not args.no_write:
+        sys.path.insert(0, str(HERE))
+        from bench_find_refine import write_section
+
+        write_section(text, HERE / "RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()
