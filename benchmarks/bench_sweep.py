@@ -289,9 +289,11 @@ def _commit() -> str:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=False)
-        return out.stdout.strip() or "?"
+        here = Path(__file__).parent
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
+                             check=False)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "../atomds"], cwd=here, check=False)
+        return (out.stdout.strip() or "?") + (" with uncommitted changes in atomds/" if dirty.returncode else "")
     except OSError:
         return "?"
 
