@@ -19,6 +19,8 @@ intensities are in the image's own units (counts for a detector image).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage as ndi
@@ -34,6 +36,12 @@ __all__ = [
     "estimate_noise",
     "noise_model",
     "estimate_spacing",
+    "estimate_period",
+    "estimate_column_distance",
+    "column_distance_of",
+    "significant_peaks",
+    "image_scales",
+    "Scales",
     "candidate_peaks",
     "clear_peaks",
     "PatchSampler",
@@ -52,6 +60,14 @@ SMALL_CROP = 512
 _SPACING_TAPER = 0.3
 #: Side of the crop searched for resolved pairs of columns (:func:`estimate_spacing`), px.
 _PAIR_CROP = 512
+#: Expected noise maxima over the crop read for the nearest-column distance (sets their significance).
+_FALSE_MAXIMA = 1.0
+#: Fewest significant maxima to read a nearest-column distance from.
+_MIN_PEAKS = 20
+#: The columns' first shell and the autocorrelation's shortest ring are one distance within this fraction.
+_SAME_RING = 0.1
+#: The first shell of neighbours reaches this factor beyond the median nearest distance.
+_SHELL = 1.25
 #: Clearest peaks averaged to estimate the column width (their mean patch is what is fitted).
 _SIGMA_PEAKS = 300
 #: Median absolute deviation to standard deviation, for Gaussian noise.
@@ -147,32 +163,45 @@ def _radial_profile(arr: np.ndarray, cy: int, cx: int, rmax: float, step: float 
 
 
 def estimate_spacing(image) -> float:
-    """Dominant nearest-neighbour distance between atomic columns, in pixels.
+    """The lattice period (the shortest strong vector of the autocorrelation), or the distance within resolved pairs, px.
 
     The autocorrelation of the (background-removed, Tukey-windowed) image has a peak at every
     vector that joins two columns. Its local maxima beyond the central peak (twice its
-    half-width at half-maximum) that stand out of
-    the estimator's noise (5 / sqrt(effective number of pixels)) and reach at least 35 % of the
-    strongest one are the column-to-column vectors (a dim sublattice gives weaker ones); the
-    shortest of them, refined to sub-pixel precision (parabolic interpolation, median over the
-    peaks on that ring), is the spacing. Computed on a crop of at most 1024 x 1024 px (the most
-    structured of nine candidates, preferring the centre).
+    half-width at half-maximum) that stand out of the estimator's noise (5 / sqrt(effective
+    number of pixels)) and reach at least 35 % of the strongest one are the column-to-column
+    vectors of the lattice (a dim sublattice gives weaker ones); the shortest of them, refined to
+    sub-pixel precision (parabolic interpolation, median over the peaks on that ring), is the
+    period; where the columns' own first shell of neighbours (:func:`image_scales`) lies within
+    10 % of it, their distance is taken instead (the autocorrelation's peak near its central
+    one sits on that peak's slope, which pulls it inwards). Pairs of columns closer than the autocorrelation resolves (dumbbells) are checked
+    for in the image itself (:func:`_resolved_pairs`). Computed on a crop of at most
+    1024 x 1024 px (the most structured of nine candidates, preferring the centre).
+
+    This is the period of the bright columns: the nearest-column distance, which a dim
+    sublattice can make much shorter, is :func:`estimate_column_distance`.
 
     Raises
     ------
     InvalidImageError
         No column structure stands out of the noise.
     """
-    crop = checked_crop(image, _ESTIMATE_CROP)
+    return image_scales(image).period
+
+
+def estimate_period(image) -> float:
+    """The lattice period read from the autocorrelation alone, px (see :func:`estimate_spacing`)."""
+    return _acf_period(checked_crop(image, _ESTIMATE_CROP))[0]
+
+
+def _acf_period(crop: np.ndarray) -> tuple[float, float]:
+    """Shortest strong vector of the autocorrelation of ``crop`` and the half-width of its central peak, px."""
     img = crop.astype(np.float64)
     ny, nx = img.shape
     # remove the large-scale background so that the autocorrelation shows the columns
     img = img - ndi.uniform_filter(img, _odd(min(ny, nx) / 4.0, 1), mode="nearest")
     # a window flat over most of the image (Tukey, 30 % tapered): a Hann window would weigh the
     # centre so heavily that a hole or an amorphous patch there hides the lattice around it
-    # NOTE: the former call _tukey(ny, 0.3) meant lo=0.3, alpha=0.5 (a second _tukey definition won);
-    # kept until the 30 % window (tukey_window(ny, _SPACING_TAPER)) is accepted: it moves two tests
-    win = np.outer(tukey_window(ny, lo=0.3), tukey_window(nx, lo=0.3))
+    win = np.outer(tukey_window(ny, _SPACING_TAPER), tukey_window(nx, _SPACING_TAPER))
     img = (img - np.average(img, weights=win)) * win
     n_eff = float(np.sum(win**2) ** 2 / np.sum(win**4))
     # lags up to a quarter of the image, or a third of a small one (up to 128 px): a small image
@@ -220,9 +249,7 @@ def estimate_spacing(image) -> float:
     c = acf[py, px]
     dx = parabola_offset(acf[py, px - 1], c, acf[py, px + 1])
     dy = parabola_offset(acf[py - 1, px], c, acf[py + 1, px])
-    d0 = float(np.median(np.hypot(py + dy - h, px + dx - h)))
-    pair = _resolved_pairs(central_crop(crop, _PAIR_CROP), d0, r_half)
-    return d0 if pair is None else pair
+    return float(np.median(np.hypot(py + dy - h, px + dx - h))), float(r_half)
 
 
 def _resolved_pairs(img: np.ndarray, d0: float, r_half: float) -> float | None:
@@ -271,6 +298,156 @@ def _resolved_pairs(img: np.ndarray, d0: float, r_half: float) -> float | None:
     if close.mean() < 0.5:
         return None
     return float(np.median(dn[close]))
+
+def _false_maxima_level(area: float, width: float, false_maxima: float = _FALSE_MAXIMA) -> float:
+    """Level (noise sd) that white noise smoothed by a Gaussian of ``width`` px exceeds at ``false_maxima`` maxima over ``area`` px.
+
+    The smoothed field has ``lambda2 = 1 / (2 width^2)``; its expected number of local maxima
+    above ``u`` is ``area lambda2 / (2 pi)^(3/2) u exp(-u^2 / 2)`` (Adler's Euler-characteristic
+    density), solved for ``u`` by bisection (at least 3).
+    """
+    k = float(area) / (2.0 * width * width) / (2.0 * np.pi) ** 1.5
+    lo, hi = 1.0, 40.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if k * mid * np.exp(-0.5 * mid * mid) > false_maxima:
+            lo = mid
+        else:
+            hi = mid
+    return max(3.0, 0.5 * (lo + hi))
+
+
+def significant_peaks(img: np.ndarray, *, width: float, reach: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Maxima of the width-matched filter of ``img`` that stand out of the noise, px.
+
+    The image is smoothed by a Gaussian of the column width (the matched filter of a Gaussian
+    column); its local maxima whose height over the lowest level within ``reach`` px exceeds
+    the level that the noise reaches at about one maximum over the crop
+    (:func:`_false_maxima_level`; the pixel noise of :func:`estimate_noise` grown with the
+    intensity for shot noise, reduced by the smoothing) are kept. Of two maxima closer than two
+    widths (which cannot be two resolved columns) the lower is dropped.
+
+    Returns
+    -------
+    x, y : ndarray
+        Sub-pixel positions (parabolic interpolation), px.
+    height : ndarray
+        Height over the local minimum, intensity units (of the smoothed image).
+    """
+    img = np.asarray(img, dtype=np.float64)
+    g = ndi.gaussian_filter(img, width, mode="nearest")
+    size = _odd(1.5 * width)
+    py, px = np.nonzero(g == ndi.maximum_filter(g, size=size, mode="nearest"))
+    bg = ndi.minimum_filter(g, size=_odd(reach, 3), mode="nearest")
+    var_pix = estimate_noise(img) ** 2
+    g_mean = float(np.mean(g))
+    rel = np.maximum(g[py, px] / g_mean, 1.0) if g_mean > 0 else np.ones(py.size)
+    sd = np.sqrt(np.maximum(var_pix * rel, 1e-12) / (4.0 * np.pi * width**2 + 1.0))
+    height = g[py, px] - bg[py, px]
+    # the local minimum is itself the least of about (reach / width)^2 independent noisy values,
+    # about sqrt(2 ln n) sd below the true level: that depth is added to the noise level
+    depth = np.sqrt(2.0 * np.log(max((reach / width) ** 2, 2.0)))
+    level = _false_maxima_level(float(img.size), width) + depth
+    keep = (height > level * sd) & (py > 0) & (py < g.shape[0] - 1) & (px > 0) & (px < g.shape[1] - 1)
+    py, px, height = py[keep], px[keep], height[keep]
+    # positions on the image smoothed by half the width: the full matched filter pulls two close
+    # columns' maxima towards each other (their tails overlap more)
+    g2 = ndi.gaussian_filter(img, 0.5 * width, mode="nearest")
+    off = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    best = np.argmax(g2[py[:, None] + off[:, 0], px[:, None] + off[:, 1]], axis=1)
+    py = np.clip(py + off[best, 0], 1, g.shape[0] - 2)
+    px = np.clip(px + off[best, 1], 1, g.shape[1] - 2)
+    c = g2[py, px]
+    x = px + parabola_offset(g2[py, px - 1], c, g2[py, px + 1])
+    y = py + parabola_offset(g2[py - 1, px], c, g2[py + 1, px])
+    if x.size > 1:
+        pairs = cKDTree(np.c_[x, y]).query_pairs(2.0 * width, output_type="ndarray")
+        if pairs.size:
+            lower = np.where(height[pairs[:, 0]] < height[pairs[:, 1]], pairs[:, 0], pairs[:, 1])
+            keep = np.ones(x.size, dtype=bool)
+            keep[lower] = False
+            x, y, height = x[keep], y[keep], height[keep]
+    return x, y, height
+
+
+def column_distance_of(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Nearest-column distance of a set of column positions (px), or None with fewer than ``_MIN_PEAKS``.
+
+    The median nearest-neighbour distance sets the first shell (up to ``_SHELL`` times it); the
+    median of every pair distance in that shell is the distance (not the median of the nearest
+    distances, which noise biases low: the least of several noisy distances is too short).
+    """
+    if x.size < _MIN_PEAKS:
+        return None
+    xy = np.c_[x, y]
+    tree = cKDTree(xy)
+    dn = tree.query(xy, k=2)[0][:, 1]
+    r_nn = float(np.median(dn))
+    pairs = tree.query_pairs(_SHELL * r_nn, output_type="ndarray")
+    if pairs.size == 0:
+        return r_nn
+    return float(np.median(np.hypot(*(xy[pairs[:, 0]] - xy[pairs[:, 1]]).T)))
+
+
+def estimate_column_distance(image, *, period: float | None = None, width: float | None = None) -> float:
+    """Nearest-column distance, px: the distance between neighbouring columns of any brightness.
+
+    Shorter than the lattice period (:func:`estimate_spacing`) wherever a cell holds several
+    columns (honeycomb, dumbbells, perovskite [110], a dim sublattice beside a bright one). The
+    columns are the significant maxima of a width-matched filter (:func:`significant_peaks`,
+    the width from the autocorrelation's central peak unless given); the distance is that of
+    their first shell of neighbours (:func:`column_distance_of`). It is never longer than the
+    period; with too few significant maxima the period is returned. Computed on a crop of at
+    most 512 x 512 px.
+
+    Parameters
+    ----------
+    image : 2-D array
+    period : float, optional
+        The lattice period, px (estimated when None).
+    width : float, optional
+        Column width (Gaussian sigma), px (from the autocorrelation's central peak when None).
+    """
+    return image_scales(image, period=period, width=width).distance
+
+
+@dataclass(frozen=True)
+class Scales:
+    """The image's length scales, px: lattice period, nearest-column distance and a first column width."""
+
+    period: float  #: shortest strong autocorrelation vector (or resolved-pair distance), px
+    distance: float  #: nearest-column distance, px (<= period)
+    width: float  #: column width from the autocorrelation's central peak (or given), px
+    n_peaks: int  #: significant maxima the distance was read from (0: the period was taken)
+
+
+def image_scales(image, *, period: float | None = None, width: float | None = None) -> Scales:
+    """The period, nearest-column distance and a first column width of ``image``, px (see :func:`estimate_column_distance`).
+
+    Raises
+    ------
+    InvalidImageError
+        No column structure stands out of the noise.
+    """
+    crop = checked_crop(image, _ESTIMATE_CROP)
+    d0, r_half = _acf_period(crop)
+    small = central_crop(crop, _PAIR_CROP)
+    # the autocorrelation's central peak is sqrt(2) columns wide: HWHM = 1.177 sqrt(2) sigma
+    w = max(r_half / 1.665, 0.7) if width is None else float(width)
+    x, y, _ = significant_peaks(small, width=w, reach=max(d0, 4.0 * w))
+    d = column_distance_of(x, y)
+    if d is not None and (d > _SHELL * d0 or d < 2.0 * w):
+        d = None
+    if period is None:
+        if d is not None and abs(d / d0 - 1.0) <= _SAME_RING:
+            period = d
+        else:
+            pair = _resolved_pairs(small, d0, r_half)
+            period = d0 if pair is None else pair
+    if d is None:
+        return Scales(float(period), float(period), w, 0)
+    return Scales(float(period), float(d), w, int(x.size))
+
 
 # --------------------------------------------------------------------------------------------
 # column width

@@ -184,6 +184,9 @@ def _params_in_units(params: dict[str, Any], ps: float, u: str) -> dict[str, Any
     p["spacing_px"] = p.pop("spacing")
     p["sigma"] = p["sigma_px"] * ps
     p["spacing"] = p["spacing_px"] * ps
+    if "period" in p:
+        p["period_px"] = p.pop("period")
+        p["period"] = p["period_px"] * ps
     p["min_area_px"] = p.pop("min_area")
     p["max_area_px"] = p.pop("max_area")
     p["units"] = u

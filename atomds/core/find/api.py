@@ -21,7 +21,7 @@ import numpy as np
 
 from ...errors import InvalidImageError, InvalidParameterError, NoAtomsFoundError
 from ..image import central_crop, check_image, turn_over
-from ..scales import SMALL_CROP, PatchSampler, column_sigma, estimate_spacing, noise_model
+from ..scales import SMALL_CROP, PatchSampler, column_sigma, image_scales, noise_model
 from ..spikes import remove_spikes
 from .blobs import Blobs, area_bounds, find_blobs, local_reference, too_broad
 from .classes import column_classes, final_labels
@@ -176,7 +176,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     # local contrast: a background that varies more than the columns do (thickness, particles on
     # a support, gradients) is removed first; the noise model stays that of the recorded image
     flat = flatten_local(img, spacing=spacing)
-    d, s, samp = _scales(flat.image, specs, sigma, spacing)
+    d, s, period, samp = _scales(flat.image, specs, sigma, spacing)
     templates, kinds = make_templates(flat.image, specs, samp, s, d)
     ncc, z, which = best_correlation(flat.image, templates, noise, workers=workers)
     z = flat.zscore(z, noise, templates)
@@ -192,7 +192,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     params = {
         "threshold": thr.value, "threshold_auto": thr.auto, "min_area": lo, "max_area": hi, "z_min": zmin,
         "z_min_border": zmin_edge, "min_contrast": float(min_contrast), "lattice_check": bool(lattice_check),
-        "contrast": contrast, "spikes": int(spikes.sum()), "sigma": s, "spacing": d,
+        "contrast": contrast, "spikes": int(spikes.sum()), "sigma": s, "spacing": d, "period": period,
         "noise_variance": [float(v) for v in noise], "templates": kinds,
         "template_shape": [list(t.shape) for t in templates], "sublattice_mode": mode, "n_sublattices": n_sub,
         "rejected": counts, "local_background": flat.params,
@@ -245,17 +245,23 @@ def _template_specs(template, shape: tuple[int, int]) -> list:
 
 
 def _scales(img: np.ndarray, specs: list, sigma: float | None,
-            spacing: float | None) -> tuple[float, float, PatchSampler | None]:
-    """Spacing and column width (px), given or estimated, and the estimation crop when it is needed."""
+            spacing: float | None) -> tuple[float, float, float, PatchSampler | None]:
+    """Nearest-column distance, column width and lattice period (px), given or estimated, and the estimation crop.
+
+    The period is only read (and recorded) when the distance is estimated; a given spacing is
+    also taken as the period.
+    """
     try:
-        d = estimate_spacing(img) if spacing is None else float(spacing)
+        sc = image_scales(img) if spacing is None else None
     except InvalidImageError as exc:
         # an image with no repeated column spacing (noise, vacuum, amorphous) has no atoms to find
         raise NoAtomsFoundError(f"no atoms found: {exc}") from exc
+    d = float(spacing) if sc is None else sc.distance
+    period = d if sc is None else sc.period
     if sigma is not None and all(sp is not None for sp in specs):
-        return d, float(sigma), None
+        return d, float(sigma), period, None
     samp = PatchSampler(central_crop(img, SMALL_CROP))
-    return d, column_sigma(samp, d) if sigma is None else float(sigma), samp
+    return d, column_sigma(samp, d) if sigma is None else float(sigma), period, samp
 
 
 @dataclass(frozen=True)
@@ -399,6 +405,7 @@ def _second_pass(img: np.ndarray, first: FoundAtoms, kw: dict[str, Any]) -> Foun
         )
         return first
     second.params["contrast"] = p["contrast"]
+    second.params["period"] = p["period"]
     second.params["spikes"] = p["spikes"]
     second.params["templates"] = [f"auto (class {k})" for k in range(len(class_t))]
     second.params["sublattice_mode"] = "auto (one template per class)"

@@ -110,3 +110,11 @@ CLASS_TEMPLATE_MIN = 5
 #: the image exceeds this multiple of the columns' contrast (see :mod:`.contrast`): below it the
 #: correlation's own window means cope, and the image is found as it is.
 LOCAL_BACKGROUND_RATIO = 1.0
+
+# --- residual passes (dim columns beside bright ones) --------------------------------------------
+#: Most rounds of fit, subtraction and search of the residual.
+RESIDUAL_ROUNDS = 3
+#: A residual maximum closer than this many column widths to a column found is that fit's leftover.
+RESIDUAL_EXCLUSION = 2.0
+#: Reach of each column's Gaussian in the model subtracted, column widths.
+RESIDUAL_REACH = 4.0
