@@ -22,10 +22,23 @@ import math
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.linalg import LinAlgError, cho_factor, cho_solve, lapack
 from scipy.sparse.linalg import splu
 
 from .constants import DIAG_FLOOR, LAM_DOWN, LAM_GIVE_UP, LAM_MIN, LAM_START, LAM_UP, MIN_SIGMA
-from .joint_model import K_COL, PixelSet, background_at, background_grid, jacobian, model_values, patch_half, pixel_set
+from .joint_model import (
+    K_COL,
+    GroupMap,
+    background_at,
+    background_grid,
+    group_map,
+    model_and_width_derivative,
+    model_values,
+    neighbour_slots,
+    normal_equations,
+    patch_half,
+    pixel_set,
+)
 from .noise import Noise, fit_variance
 
 __all__ = ["JOINT_NN_SIGMAS", "JOINT_TILE_ATOMS", "overlapping", "fit_joint", "solve_group"]
@@ -46,6 +59,9 @@ IRLS_ROUNDS = 2
 #: residuals after the first round (where tails overlap, the single-column fits that estimated it
 #: leave misfit in the residuals, which reads as extra variance at low signal).
 NOISE_REFIT_PIXELS = 5000
+#: Groups of at most this many parameters are solved with dense Cholesky factorisations (faster than
+#: sparse LU there, as a compact group's normal matrix fills in; 4000 parameters take 128 MB).
+DENSE_MAX = 4000
 #: Right-hand sides per solve when the covariance is read from the factorisation.
 COV_BLOCK = 256
 #: Relative ridge that keeps the normal matrix of the fit invertible where a background node
@@ -153,36 +169,40 @@ def solve_group(
 
     The group's shared width starts at the prior's mean (else the median of ``p0``'s widths);
     the prior itself is not applied (one width is well determined by all columns together).
+    ``half`` bounds the patches (px); each round evaluates the columns out to
+    :data:`~.constants.NB_REACH` of :data:`HALF_SIGMA_MARGIN` times the current width.
     """
     n = p0.shape[0]
     ps = pixel_set(img.shape, p0[:, 0], p0[:, 1], radius, valid)
     grid = background_grid(ps, max(BG_PITCH_NN * nn_median, 4.0 * radius))
-    data = img.ravel()[ps.pix].astype(float) - model_values(ps, p_fixed, half)
+    gm = group_map(ps, grid)
+    half_fixed = min(half, patch_half(float(np.max(p_fixed[:, 3])))) if p_fixed.shape[0] else half
+    data = img.ravel()[ps.pix].astype(float) - model_values(ps, p_fixed, half_fixed, gm)
     fixed_mu = img.ravel()[ps.pix].astype(float) - data
     p = p0.copy()
     s0 = prior[0] if prior is not None else float(np.nanmedian(p0[:, 3]))
     p[:, 3] = np.clip(s0, MIN_SIGMA, sigma_max)
-    prior = None
-    b = _start_background(data - model_values(ps, p, half), grid.weights)
+    h_cur = _half(p, half)
+    b = _start_background(data - model_values(ps, p, h_cur, gm), grid.weights)
     start = p0[:, :2].copy()
     n_iter = 0
-    conv = False
     for rnd in range(IRLS_ROUNDS):
-        cols, jac = jacobian(ps, p, half, grid)
-        mu = cols + grid.weights @ b + fixed_mu
+        h_cur = _half(p, half)
         if rnd > 0 and refit_noise and ps.size >= NOISE_REFIT_PIXELS:
+            cols, _ = model_and_width_derivative(gm, p, h_cur)
             r = data - cols - grid.weights @ b
-            dof = ps.size / max(ps.size - jac.shape[1], 1)
-            noise = fit_variance(mu, r * r * dof)
-        wt = 1.0 / noise.variance(mu)
-        p, b, it, conv = _levenberg_marquardt(
-            ps, grid, data, wt, p, b, start, half=half, prior=prior, sigma_max=sigma_max, max_move=max_move,
-            max_iter=max_iter, tol=tol,
-        )
+            dof = ps.size / max(ps.size - (K_COL * n + 1 + grid.n), 1)
+            noise = fit_variance(cols + grid.weights @ b + fixed_mu, r * r * dof)
+        model = _GroupModel(gm, grid, data, h_cur, neighbour_slots(p, h_cur))
+        cols, _ = model_and_width_derivative(gm, p, h_cur)
+        wt = 1.0 / noise.variance(cols + grid.weights @ b + fixed_mu)
+        p, b, it = _levenberg_marquardt(model, wt, p, b, start, sigma_max=sigma_max, max_move=max_move, max_iter=max_iter, tol=tol)
         n_iter += it
-    cols, jac = jacobian(ps, p, half, grid)
+    h_cur = _half(p, half)
+    model = _GroupModel(gm, grid, data, h_cur, neighbour_slots(p, h_cur))
+    cols, _ = model_and_width_derivative(gm, p, h_cur)
     wt = 1.0 / noise.variance(cols + grid.weights @ b + fixed_mu)
-    h, _ = _normal(jac, wt, data - cols - grid.weights @ b, p, prior)
+    h, _ = model.normal(p, b, wt)
     var = _variances(h, n)
     var_sigma = _variance_of(h, K_COL * n)
     with np.errstate(invalid="ignore"):
@@ -193,31 +213,39 @@ def solve_group(
             "gain": np.full(n, np.nan if noise.gain is None else noise.gain), "variance_offset": np.full(n, noise.offset)}
 
 
+#: Patches reach :data:`~.constants.NB_REACH` of this many times the group's current width
+#: (the width may grow within a round without its tails being cut).
+HALF_SIGMA_MARGIN = 1.1
+
+
+def _half(p: np.ndarray, half_max: int) -> int:
+    """Patch half-width (px) for the group's current width ``p[0, 3]``, at most ``half_max``."""
+    return min(int(half_max), patch_half(HALF_SIGMA_MARGIN * float(p[0, 3])))
+
+
+class _GroupModel:
+    """One group's data and maps at fixed patches: model, chi-square and normal equations of (p, b)."""
+
+    def __init__(self, gm: GroupMap, grid, data: np.ndarray, half: int, nbr: np.ndarray) -> None:
+        self.gm, self.grid, self.data, self.half, self.nbr = gm, grid, data, half, nbr
+
+    def residual(self, p: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cols, ds = model_and_width_derivative(self.gm, p, self.half)
+        return self.data - cols - self.grid.weights @ b, ds
+
+    def chi2(self, p: np.ndarray, b: np.ndarray, wt: np.ndarray) -> float:
+        r, _ = self.residual(p, b)
+        return float(np.sum(wt * r * r))
+
+    def normal(self, p: np.ndarray, b: np.ndarray, wt: np.ndarray) -> tuple[sp.csc_matrix, np.ndarray]:
+        r, ds = self.residual(p, b)
+        return normal_equations(self.gm, self.grid, p, self.half, wt, r, ds, self.nbr)
+
+
 def _start_background(resid: np.ndarray, g: sp.csr_matrix) -> np.ndarray:
     """Least-squares node values of the background from the residual of the columns."""
     gtg = _ridged((g.T @ g).tocsc())
     return splu(gtg).solve(np.asarray(g.T @ resid).ravel())
-
-
-def _normal(jac: sp.csr_matrix, wt: np.ndarray, r: np.ndarray, p: np.ndarray, prior):
-    """J^T W J and J^T W r, with a prior (mean px, precision 1/px^2) on the shared width."""
-    jw = sp.diags(wt) @ jac
-    h = (jac.T @ jw).tocsc()
-    g = np.asarray(jw.T @ r).ravel()
-    if prior is not None:
-        mu_s, prec = prior
-        i = K_COL * p.shape[0]
-        h = h + sp.csc_matrix(([prec], ([i], [i])), shape=h.shape)
-        g[i] += prec * (mu_s - p[0, 3])
-    return h, g
-
-
-def _chi2(data, cols, grid, b, wt, p, prior) -> float:
-    r = data - cols - grid.weights @ b
-    c = float(np.sum(wt * r * r))
-    if prior is not None:
-        c += float(prior[1] * (p[0, 3] - prior[0]) ** 2)
-    return c
 
 
 def _constrain(p: np.ndarray, start: np.ndarray, max_move: np.ndarray, sigma_max: float, n_floor: float) -> None:
@@ -230,23 +258,20 @@ def _constrain(p: np.ndarray, start: np.ndarray, max_move: np.ndarray, sigma_max
     p[:, :2] = start + d * scale[:, None]
 
 
-def _levenberg_marquardt(ps: PixelSet, grid, data, wt, p, b, start, *, half, prior, sigma_max, max_move, max_iter, tol):
+def _levenberg_marquardt(model: _GroupModel, wt, p, b, start, *, sigma_max, max_move, max_iter, tol):
     """Levenberg-Marquardt on the sparse normal equations of one group (fixed weights ``wt``)."""
     n = p.shape[0]
     n_floor = 1e-3 * float(np.median(np.abs(p[:, 2]))) if n else 0.0
-    cols, jac = jacobian(ps, p, half, grid)
-    chi2 = _chi2(data, cols, grid, b, wt, p, prior)
-    h, g = _normal(jac, wt, data - cols - grid.weights @ b, p, prior)
+    chi2 = model.chi2(p, b, wt)
+    h, g = model.normal(p, b, wt)
     lam = LAM_START
     it = 0
-    conv = False
     while it < max_iter:
         it += 1
         dg = h.diagonal()
         scale = np.maximum(dg, DIAG_FLOOR * max(float(dg.max()), 1e-300))
-        try:
-            step = splu((h + sp.diags(lam * scale)).tocsc()).solve(g)
-        except RuntimeError:  # singular: damp harder
+        step = _solve(h + sp.diags(lam * scale), g)
+        if step is None:  # singular: damp harder
             lam *= LAM_UP
             continue
         pt = p.copy()
@@ -254,23 +279,20 @@ def _levenberg_marquardt(ps: PixelSet, grid, data, wt, p, b, start, *, half, pri
         pt[:, 3] += step[K_COL * n]
         bt = b + step[K_COL * n + 1:]
         _constrain(pt, start, max_move, sigma_max, n_floor)
-        cols_t = model_values(ps, pt, half)
-        chi2_t = _chi2(data, cols_t, grid, bt, wt, pt, prior)
+        chi2_t = model.chi2(pt, bt, wt)
         if np.isfinite(chi2_t) and chi2_t <= chi2 * (1.0 + 1e-12):
             small = np.all(np.abs(pt[:, :2] - p[:, :2]) < tol) and np.all(np.abs(pt[:, 3] - p[:, 3]) < tol)
             rel = (chi2 - chi2_t) / max(chi2, 1e-300)
             p, b, chi2 = pt, bt, chi2_t
             lam = max(lam * LAM_DOWN, LAM_MIN)
             if small or rel < 1e-10:
-                conv = True
                 break
-            cols, jac = jacobian(ps, p, half, grid)
-            h, g = _normal(jac, wt, data - cols - grid.weights @ b, p, prior)
+            h, g = model.normal(p, b, wt)
         else:
             lam *= LAM_UP
             if lam > LAM_GIVE_UP:
                 break
-    return p, b, it, conv
+    return p, b, it
 
 
 def _ridged(h: sp.csc_matrix) -> sp.csc_matrix:
@@ -278,6 +300,20 @@ def _ridged(h: sp.csc_matrix) -> sp.csc_matrix:
     dg = h.diagonal()
     floor = DIAG_FLOOR * max(float(dg.max()), 1e-300)
     return (h + sp.diags(RIDGE_REL * np.maximum(dg, floor))).tocsc()
+
+
+def _solve(h: sp.spmatrix, g: np.ndarray) -> np.ndarray | None:
+    """``h^-1 g`` for a symmetric positive definite ``h`` (None where it is not): dense Cholesky up to
+    :data:`DENSE_MAX` parameters (the normal matrix of a compact group fills in almost completely), else sparse LU."""
+    if h.shape[0] <= DENSE_MAX:
+        try:
+            return cho_solve(cho_factor(h.toarray(), check_finite=False), g, check_finite=False)
+        except LinAlgError:
+            return None
+    try:
+        return splu(sp.csc_matrix(h)).solve(g)
+    except RuntimeError:
+        return None
 
 
 def _variance_of(h: sp.csc_matrix, i: int) -> float:
@@ -297,6 +333,11 @@ def _variances(h: sp.csc_matrix, n: int) -> np.ndarray:
     if n == 0:
         return out
     hr = _ridged(h)
+    if h.shape[0] <= DENSE_MAX:
+        inv_diag = _dense_inverse_diagonal(hr)
+        if inv_diag is not None:
+            out[:] = inv_diag[: K_COL * n].reshape(n, K_COL)
+        return out
     try:
         lu = splu(hr.tocsc())
     except RuntimeError:
@@ -310,3 +351,13 @@ def _variances(h: sp.csc_matrix, n: int) -> np.ndarray:
         diag[i0:i0 + COV_BLOCK] = lu.solve(e)[sel, np.arange(sel.size)]
     out[:] = diag.reshape(n, 3)
     return out
+
+
+def _dense_inverse_diagonal(h: sp.spmatrix) -> np.ndarray | None:
+    """The diagonal of ``h^-1`` from a dense Cholesky factorisation (None where ``h`` is not positive definite)."""
+    try:
+        c, _ = cho_factor(h.toarray(), lower=False, check_finite=False)
+    except LinAlgError:
+        return None
+    inv, info = lapack.dpotri(c, lower=0)
+    return np.diag(inv).copy() if info == 0 else None

@@ -10,9 +10,10 @@ between the columns of one type: a free width per column trades off against its 
 would inflate the cross-section's error several times over the Poisson limit), a background on a coarse grid of nodes with bilinear interpolation
 ``B_k`` (one shared, smooth background instead of one constant per column, whose values would
 trade off against the neighbours' tails) and the columns outside the group at fixed parameters.
-The Jacobian is sparse (each column touches only its patch): :func:`jacobian` builds it as a
-``scipy.sparse`` matrix, so the normal matrix ``J^T W J`` of a few thousand parameters is
-formed and factorised in one go. Positions in px, pixel centres at integer coordinates;
+The Jacobian is sparse (each column touches only its patch) and never formed:
+:func:`normal_equations` sums the blocks of ``J^T W J`` in compiled code (:mod:`.joint_kernels`)
+into a ``scipy.sparse`` matrix, so the normal matrix of a few thousand parameters is factorised
+in one go. Positions in px, pixel centres at integer coordinates;
 intensities in image units. The Cramér-Rao code (:mod:`atomds.core.crb`) uses the same model.
 """
 
@@ -23,11 +24,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.spatial import cKDTree
 
 from .constants import NB_REACH
+from .joint_kernels import columns_model, normal_blocks, profile_table
+from .parallel import in_threads
 from .profiles import axis_profiles
 
-__all__ = ["PixelSet", "BackgroundGrid", "pixel_set", "background_grid", "background_at", "patch_half", "column_patches", "jacobian", "model_values"]
+__all__ = [
+    "PixelSet", "BackgroundGrid", "GroupMap", "pixel_set", "background_grid", "background_at", "group_map", "patch_half",
+    "column_patches", "neighbour_slots", "model_values", "model_and_width_derivative", "normal_equations",
+]
 
 #: Parameters per column in the joint model: x, y, N (the width is shared by the group).
 K_COL = 3
@@ -172,31 +179,123 @@ def column_patches(p: np.ndarray, half: int, shape: tuple[int, int], derivatives
     return flat, nn * g, jac
 
 
-def model_values(ps: PixelSet, p: np.ndarray, half: int) -> np.ndarray:
-    """Sum of the columns ``p`` (n, 4) on the pixel set (no background)."""
+def model_values(ps: PixelSet, p: np.ndarray, half: int, gm: GroupMap | None = None) -> np.ndarray:
+    """Sum of the columns ``p`` (n, 4: x, y, N, sigma; px) on the pixel set (no background)."""
+    mu = np.zeros(ps.size)
     if p.shape[0] == 0 or ps.size == 0:
-        return np.zeros(ps.size)
-    flat, val, _ = column_patches(p, half, ps.shape, derivatives=False)
-    pos, hit = ps.locate(flat)
-    hit &= flat >= 0
-    return np.bincount(pos[hit], weights=val[hit], minlength=ps.size)
+        return mu
+    gm = group_map(ps) if gm is None else gm
+    columns_model(np.ascontiguousarray(p, dtype=float), int(half), gm.pmap, gm.r0, gm.c0, mu, mu, False)
+    return mu
 
 
-def jacobian(ps: PixelSet, p: np.ndarray, half: int, grid: BackgroundGrid) -> tuple[np.ndarray, sp.csr_matrix]:
-    """Columns' model on the pixel set and the sparse Jacobian (n_pixels, 3 n + 1 + n_nodes).
+def model_and_width_derivative(gm: GroupMap, p: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """The columns ``p`` on the pixel set and the derivative of their sum with respect to the shared width."""
+    n_pix = int(gm.bg_ptr.size - 1)
+    mu, ds = np.zeros(n_pix), np.zeros(n_pix)
+    if p.shape[0]:
+        columns_model(np.ascontiguousarray(p, dtype=float), int(half), gm.pmap, gm.r0, gm.c0, mu, ds, True)
+    return mu, ds
 
-    ``p`` is (n, 4): x, y, N, sigma (one sigma shared by all, ``p[:, 3]`` equal). Parameters are
-    ordered ``x_0, y_0, N_0, x_1, ...``, then the shared ``sigma``, then the background nodes.
+
+@dataclass(frozen=True)
+class GroupMap:
+    """Where a group's pixels are: ``pmap`` (positions in the pixel set over its bounding box, -1 outside,
+    origin row ``r0``, column ``c0``) and the background weights as CSR rows (``bg_ptr``, ``bg_idx``, ``bg_w``)."""
+
+    pmap: np.ndarray
+    r0: int
+    c0: int
+    bg_ptr: np.ndarray
+    bg_idx: np.ndarray
+    bg_w: np.ndarray
+
+
+def group_map(ps: PixelSet, grid: BackgroundGrid | None = None) -> GroupMap:
+    """The :class:`GroupMap` of the pixel set ``ps`` (and of the background ``grid`` when given)."""
+    rows, cols = ps.rows, ps.cols
+    r0, c0 = (int(rows.min()), int(cols.min())) if ps.size else (0, 0)
+    shape = (int(rows.max()) - r0 + 1, int(cols.max()) - c0 + 1) if ps.size else (1, 1)
+    pmap = np.full(shape, -1, dtype=np.int64)
+    pmap[rows - r0, cols - c0] = np.arange(ps.size)
+    if grid is None:
+        ptr, idx, wv = np.zeros(ps.size + 1, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    else:
+        wgt = grid.weights.tocsr()
+        ptr, idx, wv = wgt.indptr.astype(np.int64), wgt.indices.astype(np.int64), wgt.data.astype(float)
+    return GroupMap(pmap, r0, c0, ptr, idx, wv)
+
+
+#: Two columns farther apart than this many widths are not coupled in the normal matrix: the
+#: product of their derivatives is below exp(-COUPLING_SIGMAS^2 / 4) ~ 1e-7 of a column's own
+#: information (the gradient stays exact, so the fit converges to the same point).
+COUPLING_SIGMAS = 8.0
+
+
+def neighbour_slots(p: np.ndarray, half: int) -> np.ndarray:
+    """For each column ``i``, itself and the columns ``j > i`` coupled to it (-1 pads).
+
+    Coupled: patches (``2 half + 1`` px) overlap and centres closer than :data:`COUPLING_SIGMAS`
+    widths ``p[:, 3]``.
     """
     n = p.shape[0]
-    flat, val, jac = column_patches(p, half, ps.shape)
-    pos, hit = ps.locate(flat)
-    hit &= flat >= 0
-    cols_model = np.bincount(pos[hit], weights=val[hit], minlength=ps.size)
-    atom = np.broadcast_to(np.arange(n)[:, None, None], flat.shape)[hit]
-    rows = np.repeat(pos[hit], K_COL + 1)
-    cols = np.concatenate([atom[:, None] * K_COL + np.arange(K_COL)[None, :], np.full((atom.size, 1), K_COL * n)], axis=1)
-    vals = jac[hit].ravel()
-    # duplicate (pixel, sigma) entries of neighbouring columns are summed: d mu / d sigma of the group
-    jc = sp.csr_matrix((vals, (rows, cols.ravel())), shape=(ps.size, K_COL * n + 1))
-    return cols_model, sp.hstack([jc, grid.weights], format="csr")
+    reach = min(2.0 * half + 2.0, COUPLING_SIGMAS * float(np.max(p[:, 3]))) if n else 0.0
+    pairs = cKDTree(p[:, :2]).query_pairs(r=reach, output_type="ndarray") if n > 1 else np.zeros((0, 2), int)
+    i = np.r_[np.arange(n), np.minimum(pairs[:, 0], pairs[:, 1])]
+    j = np.r_[np.arange(n), np.maximum(pairs[:, 0], pairs[:, 1])]
+    order = np.lexsort((j, i))
+    i, j = i[order], j[order]
+    counts = np.bincount(i, minlength=n)
+    slot = np.arange(i.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    nbr = np.full((n, int(counts.max()) if n else 1), -1, dtype=np.int64)
+    nbr[i, slot] = j
+    return nbr
+
+
+def normal_equations(
+    gm: GroupMap, grid: BackgroundGrid, p: np.ndarray, half: int, wt: np.ndarray, resid: np.ndarray, ds: np.ndarray,
+    nbr: np.ndarray | None = None,
+) -> tuple[sp.csc_matrix, np.ndarray]:
+    """``J^T W J`` (sparse) and ``J^T W r`` of the joint model, without forming ``J``.
+
+    Parameters are ordered ``x_0, y_0, N_0, x_1, ...``, then the shared ``sigma``, then the
+    background nodes. ``p`` is (n, 4): x, y, N, sigma (px); ``wt``, ``resid``, ``ds`` are per pixel
+    of the set (weights, residuals, width derivative of the columns' sum,
+    :func:`model_and_width_derivative`).
+    """
+    n, m = p.shape[0], grid.n
+    pc = np.ascontiguousarray(p, dtype=float)
+    nbr = neighbour_slots(pc, half) if nbr is None else nbr
+    hcc = np.zeros((n, nbr.shape[1], K_COL, K_COL))
+    hcs, gc = np.zeros((n, K_COL)), np.zeros((n, K_COL))
+    hcb = np.zeros((n, K_COL, m))
+    wt, resid, ds = (np.ascontiguousarray(v, dtype=float) for v in (wt, resid, ds))
+    prof, ox, oy = profile_table(pc, int(half))
+    in_threads(normal_blocks, n, pc, prof, ox, oy, gm.pmap, gm.r0, gm.c0, wt, resid, ds, nbr, gm.bg_ptr, gm.bg_idx,
+               gm.bg_w, hcc, hcs, hcb, gc)
+    s_idx = K_COL * n
+    ii, ss = np.nonzero(nbr >= 0)
+    jj = nbr[ii, ss]
+    ab = np.arange(K_COL)
+    r_cc = (K_COL * ii[:, None, None] + ab[None, :, None]) + 0 * ab[None, None, :]
+    c_cc = (K_COL * jj[:, None, None] + ab[None, None, :]) + 0 * ab[None, :, None]
+    v_cc = hcc[ii, ss]
+    off = ii != jj
+    ci, ca = np.nonzero(np.ones((n, K_COL), bool))
+    r_cs, v_cs = K_COL * ci + ca, hcs[ci, ca]
+    nz_i, nz_a, nz_b = np.nonzero(hcb)
+    r_cb, c_cb, v_cb = K_COL * nz_i + nz_a, s_idx + 1 + nz_b, hcb[nz_i, nz_a, nz_b]
+    g_w = grid.weights
+    w_ds = wt * ds
+    h_ss = float(np.sum(w_ds * ds))
+    h_sb = np.asarray(g_w.T @ w_ds).ravel()
+    h_bb = (g_w.T @ sp.diags(wt) @ g_w).tocoo()
+    rows = np.concatenate([r_cc.ravel(), c_cc[off].ravel(), r_cs, np.full(n * K_COL, s_idx), [s_idx],
+                           r_cb, c_cb, np.full(m, s_idx), s_idx + 1 + np.arange(m), s_idx + 1 + h_bb.row])
+    cols = np.concatenate([c_cc.ravel(), r_cc[off].ravel(), np.full(n * K_COL, s_idx), r_cs, [s_idx],
+                           c_cb, r_cb, s_idx + 1 + np.arange(m), np.full(m, s_idx), s_idx + 1 + h_bb.col])
+    vals = np.concatenate([v_cc.ravel(), v_cc[off].ravel(), v_cs, v_cs, [h_ss], v_cb, v_cb, h_sb, h_sb, h_bb.data])
+    npar = s_idx + 1 + m
+    h = sp.csc_matrix((vals, (rows, cols)), shape=(npar, npar))
+    g = np.concatenate([gc.ravel(), [float(np.sum(wt * resid * ds))], np.asarray(g_w.T @ (wt * resid)).ravel()])
+    return h, g
