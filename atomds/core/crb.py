@@ -21,11 +21,22 @@ bound is ``sigma / sqrt(N)``; when a flat background ``b`` dominates the varianc
 from __future__ import annotations
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from ..errors import DimensionError, InvalidParameterError
+from .refine.joint import BG_PITCH_NN, column_variances
+from .refine.joint_model import (
+    background_grid,
+    group_map,
+    model_and_width_derivative,
+    neighbour_slots,
+    normal_equations,
+    patch_half,
+    pixel_set,
+)
 from .refine.profiles import axis_profiles
 
-__all__ = ["crb_gaussian", "crb_from_expected", "fisher_gaussian"]
+__all__ = ["crb_gaussian", "crb_from_expected", "fisher_gaussian", "crb_joint"]
 
 
 def _fisher(mu_var, jac, mask):
@@ -209,3 +220,77 @@ def crb_from_expected(
         crb[sl, 0] = np.sqrt(inv[:, 0, 0])
         crb[sl, 1] = np.sqrt(inv[:, 1, 1])
     return crb[:, 0], crb[:, 1]
+
+
+#: Default data window of :func:`crb_joint` around each column: this many widths plus half a pixel
+#: (the fits' final window) ...
+JOINT_WINDOW_SIGMAS = 4.0
+#: ... but at most this fraction of the nearest-neighbour distance beyond the fits' window, as the
+#: joint fit reads the union of its columns' windows.
+JOINT_WINDOW_NN = 0.8
+
+
+def crb_joint(
+    shape: tuple[int, int], x, y, counts, sigma: float, *, background=0.0, read_noise: float = 0.0, gain: float = 1.0,
+    window: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cramér-Rao bounds of the joint model of overlapping columns (:mod:`atomds.core.refine.joint`).
+
+    The unknowns are every column's ``x, y, N``, one width shared by all columns and a smooth
+    background on a bilinear grid of nodes (as the joint fit models it); the Fisher information
+    ``J^T W J`` (``W = 1 / (gain * mu + read_noise**2)`` at the true image ``mu``) is inverted
+    whole, so each column's bound counts its correlation with its neighbours' positions and
+    intensities, the width and the background.
+
+    Parameters
+    ----------
+    shape : (ny, nx)
+        Image size, px.
+    x, y, counts : arrays (n,)
+        True column centres (px) and integrated counts.
+    sigma : float
+        The columns' width, px.
+    background : float or 2-D array of ``shape``
+        Background per pixel (counts).
+    read_noise, gain : float
+        Noise model, ``variance = gain * mu + read_noise**2``.
+    window : float, optional
+        Radius (px) of each column's data window (the union is the data). Default
+        ``4 sigma + 0.5``, at most 0.8 of the median nearest-neighbour distance.
+
+    Returns
+    -------
+    crb_x, crb_y, crb_counts : ndarray (n,)
+        Lower bounds on the standard deviations of x, y (px) and N (counts); NaN for a singular
+        information matrix.
+
+    Raises
+    ------
+    InvalidParameterError
+        For fewer than 2 columns, a non-positive width, counts or gain, or positions outside the image.
+    """
+    ny, nx = (int(v) for v in shape)
+    xa, ya = np.asarray(x, float).ravel(), np.asarray(y, float).ravel()
+    n = xa.size
+    ca = np.broadcast_to(np.asarray(counts, float), (n,)).copy()
+    if n < 2 or xa.shape != ya.shape:
+        raise InvalidParameterError(f"crb_joint needs x and y of the same length >= 2; got {xa.size} and {ya.size}.")
+    if not (np.isfinite(sigma) and sigma > 0) or np.any(~np.isfinite(ca) | (ca <= 0)) or not gain > 0:
+        raise InvalidParameterError("sigma, counts and gain must be positive and finite.")
+    if np.any((xa < -0.5) | (xa > nx - 0.5) | (ya < -0.5) | (ya > ny - 0.5)):
+        raise InvalidParameterError(f"column positions must lie in the {ny} x {nx} px image (px).")
+    p = np.column_stack([xa, ya, ca, np.full(n, float(sigma))])
+    nn = float(np.median(cKDTree(p[:, :2]).query(p[:, :2], k=2)[0][:, 1]))
+    radius = min(JOINT_WINDOW_SIGMAS * float(sigma) + 0.5, JOINT_WINDOW_NN * nn) if window is None else float(window)
+    ps = pixel_set((ny, nx), xa, ya, radius, np.ones((ny, nx), bool))
+    grid = background_grid(ps, max(BG_PITCH_NN * nn, 4.0 * radius))
+    gm = group_map(ps, grid)
+    half = patch_half(float(sigma))
+    cols, ds = model_and_width_derivative(gm, p, half)
+    bg = np.asarray(background, float)
+    bg_pix = np.broadcast_to(bg, (ny, nx)).ravel()[ps.pix] if bg.ndim == 2 else np.full(ps.size, float(bg))
+    var = np.maximum(gain * (cols + bg_pix) + read_noise**2, 1e-300)
+    h, _ = normal_equations(gm, grid, p, half, 1.0 / var, np.zeros(ps.size), ds, neighbour_slots(p, half))
+    v = column_variances(h, n)
+    with np.errstate(invalid="ignore"):
+        return np.sqrt(v[:, 0]), np.sqrt(v[:, 1]), np.sqrt(v[:, 2])

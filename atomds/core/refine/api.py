@@ -255,9 +255,9 @@ def _refine(
     # the joint fit starts from (and subtracts the others at) the passes' fits of every atom
     every = np.arange(plan.x.size, dtype=np.int64)
     p, ok, it, h, m = _passes(work, plan, mdl, every, n_later, nz, max_iter, tol)
-    members = members[ok[members]]
+    p = _joint_start(work, plan, p, ok, members, sigma)
     res = fit_joint(
-        work, p, ok, members, nn_median=float(np.median(plan.nn[np.isfinite(plan.nn)])), noise=nz,
+        work, p, ok, members, nn_median=float(np.median(plan.nn[np.isfinite(plan.nn)])), noise=UNIFORM if nz is None else nz,
         radius=float(st["window_radius"]), prior=plan.prior, sigma_max=plan.sigma_max,
         max_move=0.5 * np.maximum(plan.r_first0, 2.0), max_iter=max(max_iter, JOINT_MIN_ITER), tol=tol,
         refit_noise=noise_estimated,
@@ -269,6 +269,28 @@ def _refine(
 
 #: Iterations of the joint Levenberg-Marquardt at least (its one damping serves many columns).
 JOINT_MIN_ITER = 50
+
+
+#: A column whose passes failed enters the joint fit with at least this fraction of the median
+#: intensity of the fitted columns (its own start is the peak above the background at its seed).
+JOINT_START_MIN_REL = 0.01
+
+
+def _joint_start(work: np.ndarray, plan: Plan, p: np.ndarray, ok: np.ndarray, members: np.ndarray, sigma: float) -> np.ndarray:
+    """Starting values of the joint fit: the passes' fits, and for members whose passes failed their seed
+    position, the width ``sigma`` (px) and the peak above the median background times ``2 pi sigma^2``."""
+    bad = members[~ok[members]]
+    if bad.size == 0 or not ok.any():
+        return p
+    out = p.copy()
+    rows = np.clip(np.rint(plan.y[bad]).astype(np.int64), 0, work.shape[0] - 1)
+    cols = np.clip(np.rint(plan.x[bad]).astype(np.int64), 0, work.shape[1] - 1)
+    bg = float(np.nanmedian(p[ok, 4]))
+    n_med = float(np.nanmedian(p[ok, 2]))
+    peak = np.nan_to_num(work[rows, cols].astype(float) - bg, nan=0.0)
+    out[bad, 0], out[bad, 1], out[bad, 3], out[bad, 4] = plan.x[bad], plan.y[bad], sigma, bg
+    out[bad, 2] = np.maximum(peak * 2.0 * np.pi * sigma**2, JOINT_START_MIN_REL * n_med)
+    return out
 
 
 def _joint_members(plan: Plan, mdl: Isotropic | Elliptical, sigma: float, joint: bool | str) -> np.ndarray | None:

@@ -41,7 +41,9 @@ from .joint_model import (
 )
 from .noise import Noise, fit_variance
 
-__all__ = ["JOINT_NN_SIGMAS", "JOINT_TILE_ATOMS", "overlapping", "fit_joint", "solve_group"]
+__all__ = [
+    "JOINT_NN_SIGMAS", "JOINT_TILE_ATOMS", "BG_PITCH_NN", "overlapping", "fit_joint", "solve_group", "column_variances",
+]
 
 #: Columns whose nearest neighbour is closer than this many column widths (sigma > 0.2 of the
 #: spacing) are fitted jointly: below it the neighbour-subtraction passes are measurably biased.
@@ -203,7 +205,7 @@ def solve_group(
     cols, _ = model_and_width_derivative(gm, p, h_cur)
     wt = 1.0 / noise.variance(cols + grid.weights @ b + fixed_mu)
     h, _ = model.normal(p, b, wt)
-    var = _variances(h, n)
+    var = column_variances(h, n)
     var_sigma = _variance_of(h, K_COL * n)
     with np.errstate(invalid="ignore"):
         ok = np.isfinite(p).all(axis=1) & (p[:, 2] > 0) & np.isfinite(var).all(axis=1) & (var[:, 0] > 0)
@@ -327,8 +329,9 @@ def _variance_of(h: sp.csc_matrix, i: int) -> float:
         return float("nan")
 
 
-def _variances(h: sp.csc_matrix, n: int) -> np.ndarray:
-    """Variances of x, y, N of every column from the inverse of the normal matrix ``h``."""
+def column_variances(h: sp.spmatrix, n: int) -> np.ndarray:
+    """Variances (n, 3) of x, y, N of every column from the inverse of the normal matrix ``h`` of a group
+    (parameters ordered as in :func:`.joint_model.normal_equations`; NaN where ``h`` is singular)."""
     out = np.full((n, 3), np.nan)
     if n == 0:
         return out
