@@ -55,9 +55,15 @@ def _spectrum_of_small(kernel: np.ndarray, fy: int, fx: int, *, out: np.ndarray 
     b = sfft.rfft(vt[:r], n=fx, axis=1).astype(np.complex64)  # (r, fx // 2 + 1)
     if conjugate:
         a, b = np.conj(a), np.conj(b)
+    # the outer products summed term by term (elementwise, in a fixed order), not by a BLAS
+    # matrix product: BLAS results depend on its thread count, and an image's atoms must not
+    # depend on the process or thread it is analysed in
     if out is None:
-        return a @ b
-    return np.matmul(a, b, out=out)
+        out = np.empty((a.shape[0], b.shape[1]), dtype=np.complex64)
+    np.multiply(a[:, :1], b[:1], out=out)
+    for j in range(1, r):
+        out += a[:, j : j + 1] * b[j : j + 1]
+    return out
 
 
 def _window_stats(t: np.ndarray, ny: int, nx: int, rows: np.ndarray, cols: np.ndarray):
