@@ -24,11 +24,12 @@ from ..image import central_crop, check_image, turn_over
 from ..scales import SMALL_CROP, PatchSampler, column_sigma, image_scales, noise_model
 from ..spikes import remove_spikes
 from .blobs import Blobs, area_bounds, find_blobs, local_reference, too_broad
-from .classes import column_classes, final_labels
-from .constants import GLOBAL_REFERENCE_FLOOR, MIN_INTERIOR_FIT
+from .classes import classify_columns, column_classes, final_labels
+from .constants import FAINT_MAX_FRACTION, GLOBAL_REFERENCE_FLOOR, MIN_INTERIOR_FIT, MIN_LATTICE_ANCHORS
 from .contrast import flatten_local
 from .correlation import amplitudes_at, best_correlation
 from .lattice import faint_off_lattice, outside_lattice, real_columns, small_real_columns, sub_threshold_on_sites
+from .residual import residual_passes
 from .significance import auto_threshold, border_strip, lowered_z_thresholds, peak_sample, z_thresholds
 from .templates import check_template, class_templates, is_point, make_templates
 
@@ -58,11 +59,17 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
                max_area: float | None = None, sublattices: str | int | None = "auto", sigma: float | None = None,
                spacing: float | None = None, z_min: float | None = None, min_contrast: float = 0.25,
                workers: int | None = None, refine_templates: bool = True, lattice_check: bool = True,
-               contrast: str = "bright") -> FoundAtoms:
+               contrast: str = "bright", residual: bool = True) -> FoundAtoms:
     """Find atomic columns by zero-normalised template correlation.
 
     Pipeline (every step vectorised over pixels or blobs):
 
+    0. Local contrast: when the background varies over the image by more than half the columns'
+       contrast (thickness profiles, particles on a support, steps, gradients), the envelope of
+       the valleys between the columns, a grey opening a little wider than half the lattice
+       period, is removed first and the z-scores are corrected back to the recorded image's noise
+       (:func:`~atomds.core.find.contrast.flatten_local`; recorded under
+       ``params["local_background"]``). Other images are found as they are.
     1. Scales: nearest-neighbour column spacing (:func:`~atomds.core.scales.estimate_spacing`)
        and column width (:func:`~atomds.core.scales.estimate_column_sigma`), px, unless given; the noise model
        ``variance = a + b * intensity`` (:func:`~atomds.core.scales.noise_model`).
@@ -100,6 +107,12 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
          sit anywhere; dim real columns (thin edges, light or partly occupied columns) sit on
          sites. Blobs within half a template of the border are not tested, and neither are
          faint blobs that make up more than a tenth of the blobs (a population, not specks).
+       - a real column is kept wherever it sits: a blob that these lattice tests (or the
+         lower area bound) would drop stays when its single-column peak height is not
+         significantly below 0.6 of the median of its species nearby (and significantly above
+         0.4 of it) and its shape is a column's (:func:`~atomds.core.find.lattice.real_columns`):
+         grain boundaries, dislocation cores and crystal-amorphous interfaces keep their
+         columns (counted under ``params["rejected"]["kept_off_lattice"]`` and ``["kept_small"]``).
        - it is not a weak, broad blob: when its amplitude is below 75 % of its class's median
          (step 7), the ratio of its correlation with the template to that with the template
          blurred by the column width (a shape measure that noise hardly changes) must not fall
@@ -201,8 +214,10 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
                         amplitude=amp, correlation=ncc, templates=templates, params=params)
     if mode == "auto" and n_sub > 1 and kinds == ["auto"] and refine_templates:
         # img is already turned over (dark contrast) and free of spikes: bright columns
-        return _second_pass(img, result, dict(threshold=threshold, min_area=min_area, max_area=max_area, z_min=z_min,
-                                              min_contrast=min_contrast, workers=workers, lattice_check=lattice_check))
+        result = _second_pass(img, result, dict(threshold=threshold, min_area=min_area, max_area=max_area, z_min=z_min,
+                                                min_contrast=min_contrast, workers=workers, lattice_check=lattice_check))
+    if residual and refine_templates and len(result) >= MIN_LATTICE_ANCHORS:
+        result = _residual_stage(img, result, noise, lattice_check, sublattices)
     return result
 
 
@@ -412,3 +427,58 @@ def _second_pass(img: np.ndarray, first: FoundAtoms, kw: dict[str, Any]) -> Foun
     second.params["first_pass"] = {k: p[k] for k in ("threshold", "n_sublattices")}
     second.params["first_pass"]["n_atoms"] = len(first)
     return second
+
+
+def _residual_stage(img: np.ndarray, found: FoundAtoms, noise: tuple[float, float], lattice_check: bool,
+                    sublattices) -> FoundAtoms:
+    """Step 9 of :func:`find_atoms`: dim columns found in the residual of the fitted columns, and the classes again.
+
+    Fewer new columns than ``FAINT_MAX_FRACTION`` of those found are specks, not a sublattice,
+    and are not kept (counted under ``params["residual"]["dropped"]``). The passes run on the whole image only when one pass over the central estimation crop
+    (``SMALL_CROP`` px) finds columns there: an image whose columns were all found costs one
+    small fit. New columns get ``area`` NaN (no blob) and the correlation map's value as score;
+    then every column is classed again by its fitted amplitude relative to the bright columns
+    around it (``sublattices="auto"``), so that a species found in both passes shares a label.
+    """
+    p = found.params
+    ny, nx = img.shape
+    y0, x0 = max(0, (ny - SMALL_CROP) // 2), max(0, (nx - SMALL_CROP) // 2)
+    crop = img[y0 : y0 + SMALL_CROP, x0 : x0 + SMALL_CROP]
+    inside = (found.x >= x0) & (found.x < x0 + crop.shape[1]) & (found.y >= y0) & (found.y < y0 + crop.shape[0])
+    kw = dict(sigma=p["sigma"], spacing=p["spacing"], noise=noise, lattice_check=lattice_check)
+    if (ny, nx) != crop.shape:
+        probe = residual_passes(crop, found.x[inside] - x0, found.y[inside] - y0, rounds=1, **kw)
+        if probe.x.size == 0:
+            p["residual"] = {"rounds": 0, "n_atoms": 0, "screened_on_crop": True}
+            return found
+    rc = residual_passes(img, found.x, found.y, **kw)
+    p["residual"] = {"rounds": int(rc.rounds), "n_atoms": int(rc.x.size), "screened_on_crop": (ny, nx) != crop.shape}
+    if rc.x.size < FAINT_MAX_FRACTION * len(found):
+        # a handful of residual maxima are specks (a hole's rim), not a sublattice: not kept
+        p["residual"]["n_atoms"] = 0
+        p["residual"]["dropped"] = int(rc.x.size)
+        return found
+    ix = np.clip(np.rint(rc.x).astype(np.int64), 0, nx - 1)
+    iy = np.clip(np.rint(rc.y).astype(np.int64), 0, ny - 1)
+    x, y = np.r_[found.x, rc.x], np.r_[found.y, rc.y]
+    amp = np.r_[found.amplitude, np.full(rc.x.size, np.nan)]
+    fit_amp = np.asarray(rc.fit.get("amplitude", np.zeros(0)), dtype=np.float64)
+    ok = np.asarray(rc.fit.get("fit_ok", np.zeros(0, bool)), dtype=bool)
+    n_fit = min(fit_amp.size, x.size)
+    use = np.zeros(x.size, dtype=bool)
+    use[:n_fit] = ok[:n_fit] & np.isfinite(fit_amp[:n_fit])
+    amp[:n_fit] = np.where(use[:n_fit], fit_amp[:n_fit], amp[:n_fit])
+    amp = np.where(np.isfinite(amp), amp, np.nanmedian(amp[found.x.size:]) if np.isfinite(amp[found.x.size:]).any()
+                   else np.nanmin(amp))
+    if sublattices == "auto":
+        loc_ref, glob_ref = local_reference(x, y, amp, p["spacing"])
+        rel = amp / np.maximum(loc_ref, 1e-12 * abs(glob_ref) + 1e-300)
+        sub = classify_columns(np.log(np.maximum(rel, 1e-6)), fit_mask=use)
+        p["sublattice_mode"] = f"{p['sublattice_mode']}, then classes of fitted amplitude after the residual passes"
+    else:
+        sub = np.r_[found.sublattice, np.full(rc.x.size, int(found.sublattice.max()) + 1 if found.sublattice.size else 0)]
+    p["n_sublattices"] = int(sub.max()) + 1
+    return FoundAtoms(x=x, y=y, score=np.r_[found.score, found.correlation[iy, ix].astype(np.float64)],
+                      area=np.r_[found.area.astype(np.float64), np.full(rc.x.size, np.nan)], sublattice=sub,
+                      zscore=np.r_[found.zscore, rc.zscore], amplitude=amp, correlation=found.correlation,
+                      templates=found.templates, params=p)

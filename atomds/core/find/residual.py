@@ -114,7 +114,8 @@ def residual_candidates(residual: np.ndarray, image: np.ndarray, x, y, *, sigma:
     zmin = noise_z_threshold(templates, float(residual.size)) if z_min is None else float(z_min)
     size = 2 * int(np.ceil(sigma)) + 1
     peak = (z == ndi.maximum_filter(z, size=size, mode="nearest")) & (z >= zmin)
-    b = int(np.ceil(sigma))
+    # tails of columns centred outside the image leave maxima along its border
+    b = int(np.ceil(RESIDUAL_EXCLUSION * sigma))
     peak[:b], peak[-b:], peak[:, :b], peak[:, -b:] = False, False, False, False
     py, px = np.nonzero(peak)
     if py.size and np.size(x):
