@@ -26,7 +26,10 @@ from scipy.stats import norm
 from .joint_model import column_patches, patch_half
 from .noise import Noise
 
-__all__ = ["missing_columns", "refine_and_complete", "model_image", "FALSE_ALARMS", "SEARCH_NN", "MIN_SEPARATION_NN"]
+__all__ = [
+    "missing_columns", "refine_and_complete", "significant_new", "model_image", "FALSE_ALARMS", "SEARCH_NN",
+    "MIN_SEPARATION_NN", "MIN_INTENSITY_Z",
+]
 
 #: Expected number of noise peaks accepted per image (the Bonferroni budget of the threshold).
 FALSE_ALARMS = 0.05
@@ -62,6 +65,7 @@ def _background_map(shape, x, y, bg, pix_rows, pix_cols) -> np.ndarray:
 
 def missing_columns(
     image: np.ndarray, fit: dict[str, np.ndarray], *, noise: Noise, sigma: float, false_alarms: float = FALSE_ALARMS,
+    exclude: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Positions (px) of columns missing from ``fit``, found in the residual of its model.
 
@@ -78,6 +82,9 @@ def missing_columns(
         Column width of the matched filter, px.
     false_alarms : float
         Expected number of noise peaks accepted in the searched area.
+    exclude : array (k, 2), optional
+        Positions (x, y; px) of candidates rejected before: nothing within
+        :data:`MIN_SEPARATION_NN` nearest-neighbour distances of them is returned again.
 
     Returns
     -------
@@ -117,6 +124,8 @@ def missing_columns(
     peak = (z == ndimage.maximum_filter(z, size=2 * max(int(round(sigma)), 1) + 1)) & (z > z_min)
     py, px = np.nonzero(peak)
     far = tree.query(np.column_stack([px, py]))[0] >= MIN_SEPARATION_NN * nn_med if px.size else np.zeros(0, bool)
+    if exclude is not None and len(exclude) and px.size:
+        far &= cKDTree(np.asarray(exclude, float)).query(np.column_stack([px, py]))[0] >= MIN_SEPARATION_NN * nn_med
     px, py, zz = px[far], py[far], z[py[far], px[far]]
     # strongest first; a candidate closer than the separation to a stronger one is the same column
     order = np.argsort(-zz)
@@ -130,12 +139,46 @@ def missing_columns(
 
 #: Rounds of search and refit at most (a column found in one round changes its neighbours' fits).
 MAX_ROUNDS = 3
+#: An added column stays only if its fitted intensity exceeds this many of its standard errors: a
+#: real column beside a thick one is tens of errors strong, a misfit of the thick column's
+#: shoulder or of the background is not.
+MIN_INTENSITY_Z = 5.0
+
+
+def significant_new(fit: dict[str, np.ndarray], n_old: int, *, min_z: float = MIN_INTENSITY_Z) -> np.ndarray:
+    """Which of the atoms ``n_old:`` of ``fit`` (columns added from the residual) are real columns.
+
+    Real: the fit converged, its intensity exceeds ``min_z`` of its standard error, and its refined
+    centre lies at least :data:`MIN_SEPARATION_NN` median nearest-neighbour distances from every
+    other fitted column (a second Gaussian on one column's shoulder is no column).
+    """
+    x, y = np.asarray(fit["x"], float), np.asarray(fit["y"], float)
+    ok = np.asarray(fit["fit_ok"], bool) & np.isfinite(x) & np.isfinite(y)
+    new = np.arange(n_old, x.size)
+    if new.size == 0:
+        return np.zeros(0, bool)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.asarray(fit["intensity"], float)[new] / np.asarray(fit["intensity_err"], float)[new]
+    good = ok[new] & np.isfinite(z) & (z > min_z)
+    idx = np.flatnonzero(ok)
+    if idx.size < 2:
+        return good
+    tree = cKDTree(np.column_stack([x[idx], y[idx]]))
+    nn_med = float(np.median(tree.query(tree.data, k=2)[0][:, 1]))
+    d, j = tree.query(np.column_stack([np.nan_to_num(x[new]), np.nan_to_num(y[new])]), k=2)
+    other = np.where(idx[j[:, 0]] == new, d[:, 1], d[:, 0])  # nearest column other than itself
+    return good & (other >= MIN_SEPARATION_NN * nn_med)
 
 
 def refine_and_complete(
-    image: np.ndarray, x: np.ndarray, y: np.ndarray, *, settings: dict, max_rounds: int = MAX_ROUNDS, **kw
+    image: np.ndarray, x: np.ndarray, y: np.ndarray, *, settings: dict, max_rounds: int = MAX_ROUNDS,
+    min_z: float = MIN_INTENSITY_Z, **kw,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict]:
-    """Refine, look for missing columns in the residual, add them and refine again (up to ``max_rounds``).
+    """Refine, look for missing columns in the residual, add the real ones and refine again.
+
+    Each round searches the residual (:func:`missing_columns`), refits with the candidates and
+    keeps those that :func:`significant_new` accepts (refitting once more without the others,
+    which are not searched again); up to ``max_rounds`` rounds, until a search finds nothing.
 
     Parameters
     ----------
@@ -148,6 +191,8 @@ def refine_and_complete(
         :func:`atomds.core.refine.estimate_fit_settings` of the image (width and noise model).
     max_rounds : int
         Searches at most.
+    min_z : float
+        Least intensity of an added column in its standard errors.
     **kw
         Passed to :func:`atomds.core.refine.refine_gaussian` (isotropic model).
 
@@ -158,7 +203,8 @@ def refine_and_complete(
     new_x, new_y : ndarray (n_new,)
         The starting positions of the added columns, px.
     info : dict
-        ``rounds`` (searches run), ``n_new``, ``z_threshold``.
+        ``rounds`` (searches run), ``n_new``, ``n_rejected`` (candidates refitted and dropped),
+        ``z_threshold`` (of the residual search), ``min_intensity_z``.
     """
     from .api import refine_gaussian
     from .noise import parse_noise
@@ -169,14 +215,21 @@ def refine_and_complete(
     xs, ys = np.asarray(x, float), np.asarray(y, float)
     n0 = xs.size
     fit = refine_gaussian(image, xs, ys, settings=settings, **kw)
-    info: dict = {"rounds": 0, "n_new": 0, "z_threshold": float("nan")}
+    rejected = np.zeros((0, 2))
+    info: dict = {"rounds": 0, "n_new": 0, "n_rejected": 0, "z_threshold": float("nan"), "min_intensity_z": float(min_z)}
     for _ in range(int(max_rounds)):
-        nx_, ny_, found = missing_columns(image, fit, noise=nz, sigma=float(settings["sigma"]))
+        cx, cy, found = missing_columns(image, fit, noise=nz, sigma=float(settings["sigma"]), exclude=rejected)
         info["rounds"] += 1
         info["z_threshold"] = found["z_threshold"]
-        if nx_.size == 0:
+        if cx.size == 0:
             break
-        xs, ys = np.r_[xs, nx_], np.r_[ys, ny_]
-        fit = refine_gaussian(image, xs, ys, settings=settings, **kw)
+        trial = refine_gaussian(image, np.r_[xs, cx], np.r_[ys, cy], settings=settings, **kw)
+        keep = significant_new(trial, xs.size, min_z=min_z)
+        rejected = np.vstack([rejected, np.column_stack([cx[~keep], cy[~keep]])])
+        if not keep.any():
+            break
+        xs, ys = np.r_[xs, cx[keep]], np.r_[ys, cy[keep]]
+        fit = trial if keep.all() else refine_gaussian(image, xs, ys, settings=settings, **kw)
     info["n_new"] = int(xs.size - n0)
+    info["n_rejected"] = int(rejected.shape[0])
     return fit, xs[n0:], ys[n0:], info
