@@ -54,6 +54,7 @@ from .nanoparticle import nanoparticle_sample
 from .perovskite import perovskite_sample, polar_sample
 from .render import add_noise, render_columns, smooth_background
 from .scoring import default_max_distance, match_positions, score_positions
+from .species import dark_sample, honeycomb_sample, perovskite110_sample
 from .spectra import energy_axis, phase_spectra, spectrum_cube, spectrum_grid
 from .stm import STM_LATTICES, stm_sample
 from .sweep import SWEEP_LATTICES, SweepSample, draw_sweep_params, render_sweep, score_sweep, sweep_sample, sweep_seeds
@@ -67,6 +68,9 @@ __all__ = [
     "perovskite_sample",
     "polar_sample",
     "nanoparticle_sample",
+    "honeycomb_sample",
+    "perovskite110_sample",
+    "dark_sample",
     "thick_particles_sample",
     "grain_boundary_sample",
     "lattice_sites",
