@@ -271,7 +271,7 @@ def _scales(img: np.ndarray, specs: list, sigma: float | None,
     except InvalidImageError as exc:
         # an image with no repeated column spacing (noise, vacuum, amorphous) has no atoms to find
         raise NoAtomsFoundError(f"no atoms found: {exc}") from exc
-    d = float(spacing) if sc is None else sc.distance
+    d = sc.distance if sc is not None else float(spacing)  # type: ignore[arg-type]  # spacing given
     period = d if sc is None else sc.period
     if sigma is not None and all(sp is not None for sp in specs):
         return d, float(sigma), period, None
