@@ -291,3 +291,53 @@ def test_unreadable_result_file_is_a_failed_image(inputs, tmp_path):
     (work / "img0.nc").write_bytes(b"not netcdf")  # e.g. a file copied in by hand
     tree, errors, _ = B._assemble(work, ["img0"], properties=None, lazy=False)
     assert list(tree["status"].values) == ["failed"] and "img0.nc" in errors["img0"]
+
+
+def test_other_options_recompute_and_the_same_options_skip(inputs, client, tmp_path):
+    """The resume fingerprint holds the one parameters object (AnalysisParams.to_dict())."""
+    good, _ = inputs
+    kw = dict(steps=("align",), client=client, work_dir=tmp_path / "w", progress=False, learn=False)
+    first = B.run_batch(good[:2], **kw)
+    assert sorted(first.computed) == ["img0", "img1"]
+    same = B.run_batch(good[:2], **kw)
+    assert same.computed == [] and sorted(same.skipped) == ["img0", "img1"]
+    other = B.run_batch(good[:2], k=4, contrast="dark", **kw)
+    assert sorted(other.computed) == ["img0", "img1"] and other.skipped == []
+    recorded = step_params(library.image(other.library, "img0"), "analyze")
+    assert recorded["params"]["k"] == 4 and recorded["params"]["contrast"] == "dark"
+    again = B.run_batch(good[:2], params=B.AnalysisParams().replace(k=4, contrast="dark"), **kw)
+    assert again.computed == [] and sorted(again.skipped) == ["img0", "img1"]
+
+
+def _check_mixed_library(out: Path, names: list[str]) -> None:
+    tree = atomds.open_library(out)
+    library.validate(tree)
+    assert library.ids(tree) == names
+    status = dict(zip(names, tree["status"].values, strict=True))
+    error = dict(zip(names, tree["error"].values, strict=True))
+    assert status.pop("corrupt") == "failed" and "corrupt.nc" in error.pop("corrupt")
+    assert set(status.values()) == {"ok"} and set(error.values()) == {""}
+    counts = dict(zip(names, library.atoms(tree)["atom_count"].values, strict=True))
+    assert all(counts[n] > 10 for n in status)
+    # every image comes back on its own grid, with its own size and dtype-promoted pixels
+    for n in status:
+        assert library.image(tree, n)["image"].ndim == 2
+    assert "cluster" in library.atoms(tree) and "cluster_fraction" in tree
+    tree.close()
+
+
+@pytest.mark.parametrize("where", ["workers", "scheduler"])
+def test_mixed_library_assembles_on_any_cluster(where, external, tmp_path, capsys):
+    """Every sample kind (sizes, pixel sizes, uint16, an ABF image) and one corrupt file in one library."""
+    from _mixed import write_mixed_inputs
+
+    from atomds.cli import main
+
+    paths = write_mixed_inputs(tmp_path / "in", size=128)
+    out = tmp_path / "mixed.nc"
+    how = ["--workers", "2"] if where == "workers" else ["--scheduler", external]
+    rc = main(["batch", *map(str, paths), "-o", str(out), *how, "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert f"{len(paths)} images" in text and "1 failed" in text and "failed corrupt" in text
+    _check_mixed_library(out, [p.stem for p in paths])
