@@ -242,7 +242,7 @@ def subtract_background(image, *, method: str = "gaussian", scale: float | None 
     )
 
 
-def local_background(image, *, radius: float, factor: int | None = None) -> np.ndarray:
+def local_background(image, *, radius: float, factor: int | None = None, smooth: float | None = None) -> np.ndarray:
     """The background under the columns: the envelope of the valleys between them, at a scale of ``radius`` px.
 
     A grey opening (minimum, then maximum filter over squares of half-side ``radius``) removes
@@ -251,7 +251,8 @@ def local_background(image, *, radius: float, factor: int | None = None) -> np.n
     ramps and steps exactly; only domes lose ``curvature * radius^2 / 2``). To cost little on a
     large image, the opening runs on block means of ``factor`` px (default ``radius / 4``, at
     least 1; they also average the noise, and a Gaussian of one block does the rest), is smoothed
-    by a Gaussian of half the radius and interpolated back to full size (bilinear).
+    by a Gaussian of ``smooth`` px (default half the radius: the opening's output is the noisy
+    maximum of minima) and interpolated back to full size (bilinear).
 
     Parameters
     ----------
@@ -261,6 +262,8 @@ def local_background(image, *, radius: float, factor: int | None = None) -> np.n
         square holds a valley between columns.
     factor : int, optional
         Block size of the reduction, px.
+    smooth : float, optional
+        Width (Gaussian sigma) of the smoothing after the opening, px.
 
     Returns
     -------
@@ -280,7 +283,7 @@ def local_background(image, *, radius: float, factor: int | None = None) -> np.n
     red = ndi.gaussian_filter(red, 1.0, mode="nearest")
     size = 2 * max(1, int(np.ceil(radius / f))) + 1
     bg = ndi.maximum_filter(ndi.minimum_filter(red, size, mode="nearest"), size, mode="nearest")
-    bg = ndi.gaussian_filter(bg, 0.25 * size, mode="nearest")
+    bg = ndi.gaussian_filter(bg, (0.5 * radius if smooth is None else float(smooth)) / f, mode="nearest")
     if f == 1:
         return bg
     return _upsample_linear(bg, f, (ny, nx))

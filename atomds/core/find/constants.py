@@ -108,8 +108,10 @@ CLASS_TEMPLATE_MIN = 5
 # --- local contrast ----------------------------------------------------------------------------
 #: The background under the columns is removed before finding when its standard deviation over
 #: the image exceeds this multiple of the columns' contrast (see :mod:`.contrast`): below it the
-#: correlation's own window means cope, and the image is found as it is.
-LOCAL_BACKGROUND_RATIO = 1.0
+#: correlation's own window means cope, and the image is found as it is. (Particles at a ratio
+#: of 0.9 already hide the lattice from the autocorrelation; a flat crystal with a hole or an
+#: amorphous film is at 0.03-0.25.)
+LOCAL_BACKGROUND_RATIO = 0.5
 
 # --- residual passes (dim columns beside bright ones) --------------------------------------------
 #: Most rounds of fit, subtraction and search of the residual.

@@ -41,8 +41,10 @@ _BLOCK_SAMPLES = 8
 _CONTRAST_CROP = 512
 #: Smallest radius of the scan of :func:`scanned_spacing`, px.
 _SCAN_MIN_RADIUS = 2.0
-#: Half-side of the final opening, in column spacings: every square then holds a valley.
-_RADIUS_SPACINGS = 1.0
+#: Half-side of the opening for a given spacing, in spacings: a square wider than the period holds
+#: a valley between columns, and a narrower opening follows a dome more closely (its error grows
+#: as the radius squared).
+_RADIUS_SPACINGS = 0.6
 
 
 @dataclass(frozen=True)
@@ -105,16 +107,17 @@ def background_ratio(img: np.ndarray) -> tuple[float, float]:
     return float(np.std(bg)) / max(float(np.std(resid)), 1e-300), r0
 
 
-def scanned_spacing(img: np.ndarray, r_max: float) -> float | None:
-    """The lattice period (px) on the image flattened at the smallest radius that removes whole columns.
+def scanned_spacing(img: np.ndarray, r_max: float) -> tuple[float, float] | None:
+    """The lattice period (px) on the image flattened at the smallest radius that removes whole columns, and that radius.
 
     Before the period is known the opening's radius is not: too wide, and a dome-shaped
     thickness leaves a residue as large as the particle that hides the columns; too narrow, and
     the opening keeps the columns' tops. The radius is halved from ``r_max`` down to 2 px; at
     each the period is estimated (:func:`~atomds.core.scales.estimate_spacing`) on the image
     minus its :func:`~atomds.core.preprocess.local_background`, and it is trusted when the
-    square (twice the radius) is at least the period, i.e. holds a valley. The estimate of the
-    smallest trusted radius is returned; None when no radius gives one.
+    square (twice the radius) is at least the period, i.e. holds a valley. Returns ``(period,
+    radius)`` of the smallest trusted radius (between a half and one period); None when no
+    radius gives one.
     """
     best = None
     r = float(r_max)
@@ -124,20 +127,21 @@ def scanned_spacing(img: np.ndarray, r_max: float) -> float | None:
         except InvalidImageError:
             d = None
         if d is not None and d <= 2.0 * r:
-            best = d
+            best = (d, r)
         r *= 0.5
     return best
 
 
 def flatten_local(img: np.ndarray, *, spacing: float | None = None) -> Flattened:
-    """Remove the background under the columns when it varies more than the columns do.
+    """Remove the background under the columns when it varies about as much as the columns do, or more.
 
-    1. Decide: :func:`background_ratio` above ``LOCAL_BACKGROUND_RATIO`` (the background's
-       variation over the image exceeds the columns' contrast). Otherwise the image is
-       returned as it is.
-    2. Spacing: given, or the lattice period estimated on the image flattened at the smallest
-       radius that removes whole columns (:func:`scanned_spacing`).
-    3. Background: the envelope of the valleys between the columns, an opening one spacing wide
+    1. Decide: :func:`background_ratio` above ``LOCAL_BACKGROUND_RATIO`` (0.5: the background's
+       variation over the image is more than half the columns' contrast). Otherwise the image
+       is returned as it is.
+    2. Spacing and radius: the lattice period read on the image flattened at the smallest
+       radius that removes whole columns (:func:`scanned_spacing`: a half to one period), or
+       the given spacing and 0.6 of it.
+    3. Background: the envelope of the valleys between the columns, an opening of that radius
        (:func:`~atomds.core.preprocess.local_background`); it follows thickness profiles,
        particle edges and steps, and not the columns.
 
@@ -160,14 +164,15 @@ def flatten_local(img: np.ndarray, *, spacing: float | None = None) -> Flattened
     params: dict[str, Any] = {"applied": False, "ratio": round(ratio, 4), "threshold": LOCAL_BACKGROUND_RATIO}
     if not ratio > LOCAL_BACKGROUND_RATIO:
         return Flattened(img, None, spacing, params)
-    d = spacing
-    if d is None:
-        d = scanned_spacing(img, r0)
-        if d is None:
+    if spacing is None:
+        found = scanned_spacing(img, r0)
+        if found is None:
             params["fallback"] = (f"flatten_local: no column spacing on the image flattened at any radius up to {r0:.0f} "
                                   "px; the image is used as it is")
             return Flattened(img, None, spacing, params)
-    radius = _RADIUS_SPACINGS * float(d)
+        d, radius = found  # the image the period was read on is the one returned: its scales agree
+    else:
+        d, radius = float(spacing), _RADIUS_SPACINGS * float(spacing)
     bg = local_background(img, radius=radius)
     lo, hi = np.percentile(bg, [1, 99])
     params.update(applied=True, radius=round(radius, 3), background_range=float(hi - lo))
