@@ -70,12 +70,6 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
        period, is removed first and the z-scores are corrected back to the recorded image's noise
        (:func:`~atomds.core.find.contrast.flatten_local`; recorded under
        ``params["local_background"]``). Other images are found as they are.
-    0. Local contrast: when the background varies over the image by more than half the columns'
-       contrast (thickness profiles, particles on a support, steps, gradients), the envelope of
-       the valleys between the columns, a grey opening a little wider than half the lattice
-       period, is removed first and the z-scores are corrected back to the recorded image's noise
-       (:func:`~atomds.core.find.contrast.flatten_local`; recorded under
-       ``params["local_background"]``). Other images are found as they are.
     1. Scales: nearest-neighbour column spacing (:func:`~atomds.core.scales.estimate_spacing`)
        and column width (:func:`~atomds.core.scales.estimate_column_sigma`), px, unless given; the noise model
        ``variance = a + b * intensity`` (:func:`~atomds.core.scales.noise_model`).
@@ -113,12 +107,6 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
          sit anywhere; dim real columns (thin edges, light or partly occupied columns) sit on
          sites. Blobs within half a template of the border are not tested, and neither are
          faint blobs that make up more than a tenth of the blobs (a population, not specks).
-       - a real column is kept wherever it sits: a blob that these lattice tests (or the
-         lower area bound) would drop stays when its single-column peak height is not
-         significantly below 0.6 of the median of its species nearby (and significantly above
-         0.4 of it) and its shape is a column's (:func:`~atomds.core.find.lattice.real_columns`):
-         grain boundaries, dislocation cores and crystal-amorphous interfaces keep their
-         columns (counted under ``params["rejected"]["kept_off_lattice"]`` and ``["kept_small"]``).
        - a real column is kept wherever it sits: a blob that these lattice tests (or the
          lower area bound) would drop stays when its single-column peak height is not
          significantly below 0.6 of the median of its species nearby (and significantly above
