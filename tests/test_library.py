@@ -11,6 +11,7 @@ import xarray as xr
 import atomds
 from atomds import library
 from atomds.errors import InvalidParameterError, MissingStepError, SchemaValidationError
+from atomds.params import step_params
 
 ANG = np.arange(6) * np.pi / 3
 
@@ -427,3 +428,51 @@ def test_interrupted_zarr_append_is_rolled_back(images, tmp_path, monkeypatch):
     xr.testing.assert_identical(atomds.open_library(loc).load(), tree)
     library.append(loc, [images[2]])
     assert atomds.open_library(loc)["atoms"].sizes["atom"] == 175
+
+
+# ------------------------------------------------------------------------------- out-of-core learning
+
+
+def _with_descriptor(ds: xr.Dataset) -> xr.Dataset:
+    """The image with its stored "xy" descriptor (dx0, dy0, ...; NaN for edge atoms), as neighborhoods() writes it."""
+    k = ds.sizes["neighbor"]
+    X = np.empty((ds.sizes["atom"], 2 * k))
+    X[:, 0::2], X[:, 1::2] = ds["neighbor_dx"].values, ds["neighbor_dy"].values
+    X[ds["is_edge"].values] = np.nan
+    names = [f"d{c}{j}" for j in range(k) for c in "xy"]
+    return ds.assign(descriptor=(("atom", "feature"), X, {"units": "Å", "long_name": "descriptor"})).assign_coords(
+        feature=("feature", names, {"units": "1", "long_name": "feature"}))
+
+
+@pytest.mark.parametrize("fractions", [(0.2, 0.5, 0.8, 0.3), (0.0, 0.0, 0.0, 0.0)])
+def test_out_of_core_learning_matches_in_memory(fractions, tmp_path):
+    """Learning on a Zarr library opened lazily streams over chunks of atoms and gives the in-memory results."""
+    from scipy.linalg import subspace_angles
+    from sklearn.metrics import adjusted_rand_score
+
+    dss = [_with_descriptor(_image(10 + i, 1500, f, extra=False)) for i, f in enumerate(fractions)]
+    tree = library.from_datasets(dss)
+    library.to_zarr(tree, tmp_path / "lib.zarr")
+    lazy = atomds.open_library(tmp_path / "lib.zarr", chunks={"atom": 1000})
+    assert library.atoms(lazy)["descriptor"].chunks is not None
+    K = library.suggest_k(tree)
+    # one phase is one group; two phases are two, in memory and out of core alike
+    assert K == (1 if max(fractions) == 0 else 2)
+    assert library.suggest_k(lazy) == K
+    mem = library.learn(tree, n_components=4)
+    ooc = library.learn(lazy, n_components=4)
+    a_mem, a_ooc = library.atoms(mem), library.atoms(ooc)
+    assert a_ooc["cluster"].chunks is not None and a_ooc["pca_loadings"].chunks is not None  # transforms stay lazy
+    assert library.ids(ooc) == library.ids(tree)
+    lab_m, lab_o = a_mem["cluster"].values, a_ooc["cluster"].values
+    np.testing.assert_array_equal(lab_m < 0, lab_o < 0)
+    ok = lab_m >= 0
+    if K > 1:
+        assert adjusted_rand_score(lab_m[ok], lab_o[ok]) >= 0.99
+    angles = np.degrees(subspace_angles(a_mem["pca_components"].values.T, a_ooc["pca_components"].values.T))
+    assert angles.max() < 1.0
+    np.testing.assert_allclose(a_ooc["pca_explained_variance"], a_mem["pca_explained_variance"], rtol=1e-6)
+    np.testing.assert_allclose(ooc["cluster_fraction"], mem["cluster_fraction"], atol=0.01)
+    np.testing.assert_allclose(np.abs(ooc["mean_loading"]), np.abs(mem["mean_loading"]), atol=1e-6)
+    assert step_params(a_ooc, "kmeans")["out_of_core"] is True
+    lazy.close()

@@ -90,9 +90,12 @@ def descriptor(tree: xr.DataTree, *, kind: str = "xy") -> xr.DataArray:
     units = str(at.attrs.get("units", "px"))
     stored = at.variables.get("descriptor")
     if stored is not None and "feature" in at.coords and [str(f) for f in at["feature"].values][:2] == ["dx0", "dy0"]:
-        X = np.array(at["descriptor"].values, dtype=float)
         names = [str(f) for f in at["feature"].values]
         units = at["descriptor"].attrs.get("units", units)
+        if _is_lazy(at["descriptor"]):
+            # out of core: each chunk of atoms is turned as it is read
+            return _turned_lazily(at, _reference_angles(tree), names, units)
+        X = np.array(at["descriptor"].values, dtype=float)
     elif {"neighbor_dx", "neighbor_dy"} <= set(at.variables):
         X = cn.descriptor_xy(at["neighbor_dx"].values, at["neighbor_dy"].values)
         bad = ~np.isfinite(X).all(axis=1)
@@ -118,6 +121,36 @@ def descriptor(tree: xr.DataTree, *, kind: str = "xy") -> xr.DataArray:
         X,
         dims=("atom", "feature"),
         coords={"feature": ("feature", np.array(names, dtype=str))},
+        attrs={"units": units, "long_name": "neighbour vectors, each image turned by its reference angle"},
+        name="descriptor",
+    )
+
+
+def _is_lazy(v: xr.DataArray | xr.Variable) -> bool:
+    """Is the variable Dask-backed (a library opened lazily: learning streams over its chunks)?"""
+    return getattr(v, "chunks", None) is not None
+
+
+def _turn_block(x: np.ndarray, idx: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Neighbour vectors (dx0, dy0, ...) of a chunk of atoms turned by their image's angle."""
+    x = np.asarray(x, dtype=float)
+    t = theta[np.asarray(idx, dtype=np.int64).ravel()]
+    c, s_ = np.cos(t)[:, None], np.sin(t)[:, None]
+    out = np.empty_like(x)
+    out[:, 0::2] = c * x[:, 0::2] + s_ * x[:, 1::2]
+    out[:, 1::2] = -s_ * x[:, 0::2] + c * x[:, 1::2]
+    return out
+
+
+def _turned_lazily(at: xr.Dataset, theta: np.ndarray, names: list[str], units: str) -> xr.DataArray:
+    """The stored "xy" descriptor turned by each image's reference angle, as a Dask array."""
+    import dask.array as da
+
+    X = at["descriptor"].data.rechunk({1: -1})
+    idx = da.asarray(at["image_index"].data).rechunk((X.chunks[0],))
+    data = da.map_blocks(_turn_block, X, idx[:, None], theta=theta, dtype=float)
+    return xr.DataArray(
+        data, dims=("atom", "feature"), coords={"feature": ("feature", np.array(names, dtype=str))},
         attrs={"units": units, "long_name": "neighbour vectors, each image turned by its reference angle"},
         name="descriptor",
     )
@@ -200,14 +233,75 @@ def suggest_k(
     tree: xr.DataTree,
     *,
     kind: str | None = None,
-    k_range: Iterable[int] = range(2, 11),
+    k_range: Iterable[int] = range(1, 11),
     sample: int | None = 100_000,
     seed: int = 0,
 ) -> int:
-    """Number of clusters suggested by the library-wide dendrogram (:func:`linkage`, :func:`atomds.core.learn.suggest_k`)."""
-    from ..core import learn as cl
+    """Number of groups of neighbourhoods in the library, 1 when there is no structure.
 
-    return int(cl.suggest_k(linkage(tree, kind=kind, sample=sample, seed=seed), k_range))
+    The library-wide merge tree (:func:`linkage`; for a library opened lazily, the size-weighted
+    Ward tree of streamed k-means micro-clusters, :func:`atomds.library.outofcore.streamed_suggest_k`)
+    is split from the top only while a branch's children are separate groups
+    (:func:`atomds.core.learn.significant_splits`, as :func:`atomds.ops.learn.suggest_k`), tested
+    on up to ``sample`` random atoms: a library of one phase gives 1.
+    """
+    from ..ops import learn as ol
+
+    inp = _learning_input(tree, kind or _default_kind(tree))
+    if _is_lazy(inp["descriptor"]):
+        from . import outofcore as oc
+
+        n = int(sample) if sample is not None else oc.SAMPLE_ROWS
+        return int(oc.streamed_suggest_k(inp["descriptor"].data, k_range=k_range, seed=seed, sample=n)[0])
+    return int(ol.suggest_k(_sample_rows(inp, sample, seed), k_range=k_range))
+
+
+def _kmeans_streamed(inp: xr.Dataset, K: int, *, n_init: int, seed: int, centroid: str) -> xr.Dataset:
+    """:func:`atomds.ops.learn.kmeans`'s outputs from the streamed k-means (a Dask-backed descriptor)."""
+    from . import outofcore as oc
+
+    if centroid != "mean":
+        raise InvalidParameterError(f"a library opened lazily is clustered with centroid='mean' only, got {centroid!r}.")
+    D = inp["descriptor"]
+    fit = oc.streamed_kmeans(D.data, K, n_init=n_init, seed=seed)
+    K = len(fit.centers)
+    out = xr.Dataset(
+        {
+            "cluster": (("atom",), oc.assign(D.data, fit.centers), {"units": "1", "long_name": "k-means cluster (-1: not clustered)"}),
+            "cluster_center": (("cluster_id", "feature"), fit.centers, {"units": D.attrs.get("units", "1"), "long_name": "cluster centre"}),
+            "cluster_size": (("cluster_id",), fit.sizes.astype(np.int64), {"units": "1", "long_name": "atoms in the cluster"}),
+        },
+        coords={"cluster_id": np.arange(K)},
+    )
+    params = dict(K=int(K), centroid=centroid, n_init=int(n_init), seed=int(seed), inertia=fit.inertia,
+                  out_of_core=True, lloyd_passes=fit.n_passes, converged=fit.converged)
+    return record_params(out, "kmeans", params)
+
+
+def _pca_streamed(inp: xr.Dataset, n_components: int | None) -> xr.Dataset:
+    """:func:`atomds.ops.learn.pca`'s outputs from the streamed covariance (a Dask-backed descriptor)."""
+    from ..core import learn as cl
+    from . import outofcore as oc
+
+    D = inp["descriptor"]
+    fit = oc.streamed_pca(D.data, n_components)
+    c = len(fit.components)
+    u = D.attrs.get("units", "1")
+    pol = cl.mode_polarity(fit.components)
+    k = D.sizes["feature"] // 2
+    out = xr.Dataset(
+        {
+            "pca_mean": (("feature",), fit.mean, {"units": u, "long_name": "mean neighbourhood"}),
+            "pca_components": (("component", "feature"), fit.components, {"units": "1", "long_name": "PCA mode (unit vector)"}),
+            "pca_loadings": (("atom", "component"), oc.project(D.data, fit), {"units": u, "long_name": "PCA loading"}),
+            "pca_explained_variance": (("component",), fit.explained_variance, {"units": f"{u}^2", "long_name": "explained variance"}),
+            "pca_explained_variance_ratio": (("component",), fit.explained_variance_ratio, {"units": "1", "long_name": "explained variance ratio"}),
+            "mode_polarity": (("component",), pol, {"units": "1", "long_name": "polarity of the mode"}),
+            "mode_is_polar": (("component",), pol > cl.polar_threshold(k), {"units": "1", "long_name": "polar mode"}),
+        },
+        coords={"component": np.arange(c), "feature": D["feature"].values},
+    )
+    return record_params(out, "pca", dict(n_components=c, n_atoms=fit.n_rows, out_of_core=True))
 
 
 def kmeans(
@@ -218,7 +312,7 @@ def kmeans(
     centroid: str = "mean",
     n_init: int = 4,
     seed: int = 0,
-    k_range: Iterable[int] = range(2, 11),
+    k_range: Iterable[int] = range(1, 11),
 ) -> xr.DataTree:
     """k-means on the neighbourhoods of all atoms of the library together.
 
@@ -254,7 +348,8 @@ def kmeans(
     kind = kind or _default_kind(tree)
     inp = _learning_input(tree, kind)
     K = int(n_clusters) if n_clusters is not None else suggest_k(tree, kind=kind, k_range=k_range, seed=seed)
-    fitted = ol.kmeans(inp, K, centroid=centroid, n_init=n_init, seed=seed)
+    fitted = _kmeans_streamed(inp, K, n_init=n_init, seed=seed, centroid=centroid) if _is_lazy(inp["descriptor"]) \
+        else ol.kmeans(inp, K, centroid=centroid, n_init=n_init, seed=seed)
     base = _without_learned(
         tree,
         dims=("cluster_id", "region_id", "merge"),
@@ -293,7 +388,7 @@ def pca(tree: xr.DataTree, n_components: int | None = None) -> xr.DataTree:
     from ..ops import learn as ol
 
     inp = _learning_input(tree, "xy")
-    fitted = ol.pca(inp, n_components)
+    fitted = _pca_streamed(inp, n_components) if _is_lazy(inp["descriptor"]) else ol.pca(inp, n_components)
     base = _without_learned(
         tree,
         dims=("component",),
@@ -332,18 +427,23 @@ def summarize(tree: xr.DataTree) -> xr.DataTree:
     """
     from scipy import sparse
 
+    from . import outofcore as oc
+
     at = atoms_node(tree)
     n_img = len(ids(tree))
-    idx = np.asarray(at["image_index"].values, dtype=np.int64)
+    idx = at["image_index"].data if _is_lazy(at["image_index"]) else np.asarray(at["image_index"].values, dtype=np.int64)
     out = tree.copy()
     root = out.to_dataset(inherit=False)
     root = root.drop_vars([n for n in SUMMARIES if n in root.variables and n != "reference_angle"])
     if "cluster" in at.variables and "cluster_id" in root.coords:
         K = root.sizes["cluster_id"]
-        lab = np.asarray(at["cluster"].values, dtype=np.int64)
-        ok = lab >= 0
-        counts = np.zeros((n_img, K))
-        np.add.at(counts, (idx[ok], lab[ok]), 1.0)
+        if _is_lazy(at["cluster"]):
+            counts = oc.per_image_counts(at["image_index"].data, at["cluster"].data, n_img, K)
+        else:
+            lab = np.asarray(at["cluster"].values, dtype=np.int64)
+            ok = lab >= 0
+            counts = np.zeros((n_img, K))
+            np.add.at(counts, (idx[ok], lab[ok]), 1.0)
         tot = counts.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             frac = counts / tot[:, None]
@@ -354,14 +454,17 @@ def summarize(tree: xr.DataTree) -> xr.DataTree:
             tot.astype(np.int64), dims=("image",), attrs={"units": "1", "long_name": "atoms clustered in the image"}
         )
     if "pca_loadings" in at.variables and "component" in root.coords:
-        L = np.asarray(at["pca_loadings"].values, dtype=float)
-        ok = np.isfinite(L).all(axis=1)
-        ind = sparse.csr_matrix((np.ones(int(ok.sum())), (idx[ok], np.flatnonzero(ok))), shape=(n_img, L.shape[0]))
-        n = np.asarray(ind.sum(axis=1)).ravel()
-        Lz = np.where(ok[:, None], L, 0.0)
+        if _is_lazy(at["pca_loadings"]):
+            n2, s1, s2 = oc.per_image_moments(at["image_index"].data, at["pca_loadings"].data, n_img)
+        else:
+            L = np.asarray(at["pca_loadings"].values, dtype=float)
+            ok = np.isfinite(L).all(axis=1)
+            ind = sparse.csr_matrix((np.ones(int(ok.sum())), (idx[ok], np.flatnonzero(ok))), shape=(n_img, L.shape[0]))
+            Lz = np.where(ok[:, None], L, 0.0)
+            n2, s1, s2 = np.asarray(ind.sum(axis=1)), np.asarray(ind @ Lz), np.asarray(ind @ Lz**2)
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.asarray(ind @ Lz) / n[:, None]
-            var = np.asarray(ind @ Lz**2) / n[:, None] - mean**2
+            mean = s1 / n2
+            var = s2 / n2 - mean**2
         u = at["pca_loadings"].attrs.get("units", "")
         root["mean_loading"] = xr.DataArray(
             mean, dims=("image", "component"), attrs={"units": u, "long_name": "mean PCA loading over the image's atoms"}
@@ -383,7 +486,7 @@ def learn(
     centroid: str = "mean",
     n_init: int = 4,
     seed: int = 0,
-    k_range: Iterable[int] = range(2, 11),
+    k_range: Iterable[int] = range(1, 11),
 ) -> xr.DataTree:
     """Library-wide k-means (K from the dendrogram unless given) and PCA, plus per-image summaries.
 
