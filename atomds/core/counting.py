@@ -26,31 +26,37 @@ from scipy.spatial import cKDTree
 
 from ..errors import InvalidParameterError
 
-__all__ = ["Mixture", "voronoi_cross_sections", "fit_mixture", "count_atoms", "assign_counts"]
+__all__ = [
+    "Mixture", "voronoi_cross_sections", "fit_mixture", "count_atoms", "assign_counts", "component_counts", "thinnest_count",
+]
 
 #: EM iterations at most, and its relative log-likelihood tolerance.
 EM_MAX_ITER = 500
-EM_TOL = 1e-8
+EM_TOL = 1e-7
 #: Each component holds at least this many columns on average when K is scanned (K <= n / this).
 MIN_PER_COMPONENT = 2
 #: Largest number of components scanned by default.
 K_MAX_DEFAULT = 50
-#: The scan stops once K exceeds twice the best K so far and this many K beyond it have not
-#: improved the ICL (the ICL is not monotone: for many evenly filled thicknesses a few
-#: components can score worse than one).
-ICL_PATIENCE = 1000
+#: The scan stops once K exceeds the best K so far by this many and by the best K itself without
+#: lowering the ICL (the ICL is not monotone: for many evenly filled thicknesses a few components
+#: score worse than one, until the components resolve the thicknesses).
+ICL_PATIENCE = 15
 
 
 @dataclass(frozen=True)
 class Mixture:
-    """A fitted 1-D Gaussian mixture of shared width.
+    """A fitted 1-D Gaussian mixture whose components share one spread beyond each value's own error.
+
+    A value ``v_i`` with standard error ``e_i`` belongs to component ``k`` with density
+    ``N(v_i; mean_k, sd^2 + e_i^2)``: ``sd`` is the spread of the true cross-sections of one count
+    (with no errors given, the components' common width, as in StatSTEM).
 
     Attributes
     ----------
     means, weights : ndarray (K,)
         Component means (sorted ascending, image units) and mixing weights.
     sd : float
-        Shared standard deviation.
+        Spread shared by the components beyond the values' errors (image units).
     icl : ndarray (k_max,)
         ICL of every K scanned (index K - 1; NaN where not fitted).
     log_likelihood : float
@@ -66,13 +72,29 @@ class Mixture:
     def k(self) -> int:
         return int(self.means.size)
 
-    def posterior(self, values: np.ndarray) -> np.ndarray:
-        """Responsibilities (n, K) of the components for ``values``."""
-        v = np.asarray(values, float)[:, None]
-        logp = np.log(np.maximum(self.weights, 1e-300))[None, :] - 0.5 * ((v - self.means[None, :]) / self.sd) ** 2
+    def posterior(self, values: np.ndarray, errors: np.ndarray | None = None) -> np.ndarray:
+        """Responsibilities (n, K) of the components for ``values`` (with standard errors ``errors``)."""
+        v = np.asarray(values, float).ravel()
+        var = self.sd**2 + _error_variance(errors, v.size)
+        logp = _log_components(v, var, self.means, self.weights)
         logp -= logp.max(axis=1, keepdims=True)
         p = np.exp(logp)
         return p / p.sum(axis=1, keepdims=True)
+
+
+def _error_variance(errors: np.ndarray | None, n: int) -> np.ndarray:
+    """Squared standard errors (n,), zero where unknown or not given."""
+    if errors is None:
+        return np.zeros(n)
+    e = np.broadcast_to(np.asarray(errors, float).ravel(), (n,))
+    return np.where(np.isfinite(e), e * e, 0.0)
+
+
+def _log_components(v: np.ndarray, var: np.ndarray, means: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """log(w_k N(v_i; mean_k, var_i)) (n, K)."""
+    var = np.maximum(var, 1e-300)[:, None]
+    return (np.log(np.maximum(weights, 1e-300))[None, :] - 0.5 * np.log(2.0 * math.pi * var)
+            - 0.5 * (v[:, None] - means[None, :]) ** 2 / var)
 
 
 def voronoi_cross_sections(
@@ -126,49 +148,78 @@ def voronoi_cross_sections(
     return cs, err
 
 
-def _em(v: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float, np.ndarray]:
-    """EM of a shared-width Gaussian mixture from starting ``means``: (means, weights, sd, logL, resp)."""
+def _em(v: np.ndarray, e2: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float, np.ndarray]:
+    """EM from starting ``means`` of the mixture of :class:`Mixture` (values ``v``, squared errors ``e2``).
+
+    The shared spread ``sd^2`` is updated by a Fisher-scoring step per iteration (closed form where
+    no errors are given). Returns (means, weights, sd, log-likelihood, responsibilities).
+    """
     n, k = v.size, means.size
     w = np.full(k, 1.0 / k)
-    sd = float(np.std(v)) / max(k, 1) if k > 1 else float(np.std(v))
-    sd = max(sd, 1e-12 * max(float(np.abs(v).max()), 1.0))
+    spread = float(np.std(v)) / max(k, 1)
+    tau2 = max(spread * spread - float(np.mean(e2)), 0.0)
+    floor = (1e-9 * max(float(np.abs(v).max()), 1.0)) ** 2
     ll_old = -np.inf
     resp = np.ones((n, k)) / k
     ll = -np.inf
     for _ in range(EM_MAX_ITER):
-        logp = np.log(np.maximum(w, 1e-300))[None, :] - 0.5 * ((v[:, None] - means[None, :]) / sd) ** 2
+        var = tau2 + e2 + floor
+        logp = _log_components(v, var, means, w)
         top = logp.max(axis=1, keepdims=True)
         s = np.exp(logp - top).sum(axis=1, keepdims=True)
-        ll = float(np.sum(top[:, 0] + np.log(s[:, 0]))) - n * math.log(sd * math.sqrt(2 * math.pi))
+        ll = float(np.sum(top[:, 0] + np.log(s[:, 0])))
         resp = np.exp(logp - top) / s
         nk = resp.sum(axis=0)
         w = nk / n
-        means = np.where(nk > 1e-12, (resp * v[:, None]).sum(axis=0) / np.maximum(nk, 1e-12), means)
-        sd = math.sqrt(max(float(np.sum(resp * (v[:, None] - means[None, :]) ** 2)) / n, 1e-300))
+        rw = resp / var[:, None]
+        den = rw.sum(axis=0)
+        means = np.where(nk > 1e-12, (rw * v[:, None]).sum(axis=0) / np.maximum(den, 1e-300), means)
+        sq = (resp * (v[:, None] - means[None, :]) ** 2).sum(axis=1)  # expected squared deviation per value
+        inv2 = 1.0 / var**2
+        tau2 = max(tau2 + float(np.sum((sq - var) * inv2)) / float(np.sum(inv2)), 0.0)
         if abs(ll - ll_old) <= EM_TOL * abs(ll):
             break
         ll_old = ll
-    return means, w, sd, ll, resp
+    return means, w, math.sqrt(tau2 + floor), ll, resp
 
 
-def _fit_k(v: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float, float, np.ndarray]:
-    """Best of two starts (quantiles; an even grid over the range) for ``k`` components."""
-    q = np.quantile(v, (np.arange(k) + 0.5) / k)
-    grid = np.linspace(v.min(), v.max(), k + 2)[1:-1] if k > 1 else np.array([v.mean()])
-    fits = [_em(v, q.astype(float)), _em(v, grid.astype(float))]
+def _fit_k(v: np.ndarray, e2: np.ndarray, k: int, prev: tuple | None) -> tuple:
+    """Best of several starts for ``k`` components: quantiles, an even grid over the range and, from
+    the fit ``prev`` of ``k - 1`` components (means, weights, sd, ll, resp), that fit with its most
+    over-dispersed component split in two, and with a new component at its least likely value."""
+    starts = [np.quantile(v, (np.arange(k) + 0.5) / k)]
+    starts.append(np.linspace(v.min(), v.max(), k + 2)[1:-1] if k > 1 else np.array([v.mean()]))
+    if prev is not None and prev[0].size == k - 1 and k > 1:
+        means, _, sd, _, resp = prev
+        nk = np.maximum(resp.sum(axis=0), 1e-12)
+        dev2 = (resp * (v[:, None] - means[None, :]) ** 2).sum(axis=0) / nk
+        expected = (resp * (sd * sd + e2)[:, None]).sum(axis=0) / nk
+        j = int(np.argmax(nk * (dev2 - expected)))  # the likelihood gained by splitting, to first order
+        half = math.sqrt(max(dev2[j], 1e-300))
+        starts.append(np.r_[np.delete(means, j), means[j] - half, means[j] + half])
+        dens = np.exp(np.log(np.maximum(resp, 1e-300)).max(axis=1) * 0.0 - 0.5 * np.min(
+            (v[:, None] - means[None, :]) ** 2 / (sd * sd + e2[:, None] + 1e-300), axis=1))
+        starts.append(np.r_[means, v[int(np.argmin(dens))]])
+    fits = [_em(v, e2, np.sort(np.asarray(m, float))) for m in starts]
     return max(fits, key=lambda f: f[3])
 
 
-def fit_mixture(values: np.ndarray, *, k_max: int | None = None, k: int | None = None) -> Mixture:
-    """Fit Gaussian mixtures of shared width with 1..``k_max`` components; keep the one of least ICL.
+def fit_mixture(
+    values: np.ndarray, *, errors: np.ndarray | None = None, k_max: int | None = None, k: int | None = None,
+) -> Mixture:
+    """Fit the mixtures of :class:`Mixture` with 1..``k_max`` components; keep the one of least ICL.
 
     Parameters
     ----------
-    values : array
+    values : array (n,)
         Cross-sections (finite ones are used).
+    errors : array (n,), optional
+        Their standard errors (e.g. ``cross_section_err``): each value's component density is
+        widened by its own error, so thick columns' larger shot noise does not split their
+        component in two; without them the components share one width (as StatSTEM's).
     k_max : int, optional
-        Most components scanned (default ``min(50, n / 2)``); the scan stops early once K is
-        twice the best K so far and :data:`ICL_PATIENCE` more components have not lowered the ICL.
+        Most components scanned (default ``min(50, n / 2)``); the scan stops early once K exceeds
+        the best K so far by :data:`ICL_PATIENCE` and by the best K without lowering the ICL.
     k : int, optional
         Fit exactly this many components (no scan).
 
@@ -181,10 +232,12 @@ def fit_mixture(values: np.ndarray, *, k_max: int | None = None, k: int | None =
     InvalidParameterError
         For fewer than 2 finite values, or ``k``/``k_max`` out of range.
     """
-    v = np.asarray(values, float).ravel()
-    v = v[np.isfinite(v)]
+    v_all = np.asarray(values, float).ravel()
+    good = np.isfinite(v_all)
+    v = v_all[good]
     if v.size < 2:
         raise InvalidParameterError(f"a mixture needs at least 2 finite cross-sections; got {v.size}.")
+    e2 = _error_variance(errors, v_all.size)[good]
     n = v.size
     if k is not None:
         if not (isinstance(k, (int, np.integer)) and 1 <= k <= n):
@@ -198,24 +251,87 @@ def fit_mixture(values: np.ndarray, *, k_max: int | None = None, k: int | None =
     icl = np.full(max(ks), np.nan)
     best = None
     best_k = 0
+    prev = None
     for kk in ks:  # a scan over the number of components
-        if best_k > 0 and kk > max(2 * best_k, best_k + ICL_PATIENCE):
+        if best_k > 0 and kk > best_k + max(ICL_PATIENCE, best_k):
             break
-        means, w, sd, ll, resp = _fit_k(v, kk)
+        fit = _fit_k(v, e2, kk, prev)
+        means, w, sd, ll, resp = fit
+        prev = fit
         ent = float(np.sum(resp * np.log(np.maximum(resp, 1e-300))))
         icl[kk - 1] = -2.0 * ll + 2.0 * kk * math.log(n) - 2.0 * ent
         if best is None or icl[kk - 1] < best[0]:
             best = (icl[kk - 1], means, w, sd, ll)
             best_k = kk
-    assert best is not None
+    if best is None:  # pragma: no cover - ks is never empty
+        raise InvalidParameterError("no number of components was fitted.")
     order = np.argsort(best[1])
     return Mixture(best[1][order], best[2][order], float(best[3]), icl, float(best[4]))
 
 
-def assign_counts(mixture: Mixture, *, thinnest: int = 1, library: np.ndarray | None = None) -> np.ndarray:
+#: A step between consecutive component means at least this many times the typical step nearby
+#: spans a missing count (the cross-section per atom changes slowly with thickness).
+GAP_RATIO = 1.5
+#: The typical step is the median of this many steps on either side.
+GAP_NEIGHBOURS = 3
+
+
+def component_counts(means: np.ndarray, *, thinnest: int = 1) -> np.ndarray:
+    """Counts of the components of ascending ``means``: ``thinnest`` for the first, then one more per
+    step, or ``round(step / typical step)`` more where a step is :data:`GAP_RATIO` times the median of
+    the :data:`GAP_NEIGHBOURS` steps on either side (a thickness absent from the image)."""
+    m = np.asarray(means, float).ravel()
+    k = m.size
+    if k < 3:
+        return np.arange(k) + int(thinnest)
+    steps = np.diff(m)
+    mult = np.ones(k - 1, dtype=np.int64)
+    for i in range(k - 1):  # a loop over the few components
+        lo, hi = max(0, i - GAP_NEIGHBOURS), min(k - 1, i + GAP_NEIGHBOURS + 1)
+        others = np.r_[steps[lo:i], steps[i + 1:hi]]
+        ref = float(np.median(others))
+        if ref > 0 and steps[i] >= GAP_RATIO * ref:
+            mult[i] = int(round(steps[i] / ref))
+    return int(thinnest) + np.r_[0, np.cumsum(mult)]
+
+
+#: The thinnest component's count is inferred from at least this many components (else it is 1).
+INFER_MIN_COMPONENTS = 4
+
+
+def thinnest_count(means: np.ndarray) -> int:
+    """The count of the thinnest component, read from the component means (ascending).
+
+    The cross-section of ``c`` atoms vanishes with ``c`` and bends gently (channelling):
+    ``m(c) = a c + b c^2``. With the counts ``c_1 + j_k`` (``j_k`` from :func:`component_counts`,
+    gaps included) that law is fitted by least squares for ``c_1 = 1, 2, ...`` and the ``c_1`` of
+    least residual is taken: a thinnest component of one atom lies one step above zero, a thicker
+    one several. 1 for fewer than :data:`INFER_MIN_COMPONENTS` components.
+    """
+    m = np.asarray(means, float).ravel()
+    if m.size < INFER_MIN_COMPONENTS or not np.all(np.diff(m) > 0) or m[0] <= 0:
+        return 1
+    j = component_counts(m, thinnest=0).astype(float)
+    step = float(np.median(np.diff(m) / np.diff(j)))
+    c_max = max(2, int(math.ceil(2.0 * m[0] / step)) + 1)
+    best, best_c = np.inf, 1
+    for c1 in range(1, c_max + 1):  # a scan over the candidate counts of the thinnest component
+        c = c1 + j
+        design = np.column_stack([c, c * c])
+        coef, *_ = np.linalg.lstsq(design, m, rcond=None)
+        r = float(np.sum((m - design @ coef) ** 2))
+        if r < best * (1.0 - 1e-9):
+            best, best_c = r, c1
+    return best_c
+
+
+def assign_counts(mixture: Mixture, *, thinnest: int | None = None, library: np.ndarray | None = None) -> np.ndarray:
     """The number of atoms of each component of ``mixture``.
 
-    ``thinnest``: the count of the component of least mean (the others follow one by one);
+    ``thinnest``: the count of the component of least mean (None: read from the means,
+    :func:`thinnest_count`, which gives 1 unless the means lie clearly above 1, 2, ... steps);
+    the others follow one by one, or by more where a gap between consecutive means shows a
+    missing count (:func:`component_counts`).
     ``library``: simulated cross-sections of columns of 1, 2, ... atoms (index + 1 atoms), each
     component taking the count whose cross-section lies nearest its mean.
     """
@@ -224,14 +340,16 @@ def assign_counts(mixture: Mixture, *, thinnest: int = 1, library: np.ndarray | 
         if lib.size == 0 or not np.all(np.isfinite(lib)):
             raise InvalidParameterError("library must hold the finite cross-sections of 1, 2, ... atoms.")
         return np.argmin(np.abs(mixture.means[:, None] - lib[None, :]), axis=1) + 1
+    if thinnest is None:
+        thinnest = thinnest_count(mixture.means)
     if not (isinstance(thinnest, (int, np.integer)) and thinnest >= 1):
-        raise InvalidParameterError(f"thinnest must be an integer >= 1; got {thinnest!r}.")
-    return np.arange(mixture.k) + int(thinnest)
+        raise InvalidParameterError(f"thinnest must be None or an integer >= 1; got {thinnest!r}.")
+    return component_counts(mixture.means, thinnest=int(thinnest))
 
 
 def count_atoms(
-    values: np.ndarray, *, mixture: Mixture | None = None, thinnest: int = 1, library: np.ndarray | None = None,
-    k_max: int | None = None,
+    values: np.ndarray, *, errors: np.ndarray | None = None, mixture: Mixture | None = None, thinnest: int | None = None,
+    library: np.ndarray | None = None, k_max: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, Mixture]:
     """Atoms per column from its cross-section: the most probable component of the ICL mixture.
 
@@ -239,6 +357,8 @@ def count_atoms(
     ----------
     values : array (n,)
         Cross-sections (NaN where unknown: count -1, probability NaN).
+    errors : array (n,), optional
+        Their standard errors (see :func:`fit_mixture`).
     mixture : Mixture, optional
         A mixture fitted elsewhere (e.g. over all images of a library); fitted here when None.
     thinnest, library
@@ -254,13 +374,14 @@ def count_atoms(
     mixture : Mixture
     """
     v = np.asarray(values, float).ravel()
-    mix = fit_mixture(v, k_max=k_max) if mixture is None else mixture
+    mix = fit_mixture(v, errors=errors, k_max=k_max) if mixture is None else mixture
     counts = assign_counts(mix, thinnest=thinnest, library=library)
     atoms = np.full(v.size, -1, dtype=np.int64)
     prob = np.full(v.size, np.nan)
     good = np.isfinite(v)
     if good.any():
-        post = mix.posterior(v[good])
+        e = None if errors is None else np.broadcast_to(np.asarray(errors, float).ravel(), v.shape)[good]
+        post = mix.posterior(v[good], e)
         best = np.argmax(post, axis=1)
         atoms[good] = counts[best]
         prob[good] = post[np.arange(best.size), best]

@@ -79,8 +79,8 @@ def cross_sections(ds: xr.Dataset) -> xr.Dataset:
 
 
 def count_atoms(
-    ds: xr.Dataset, *, source: str = "model", thinnest: int = 1, library: Any = None, k_max: int | None = None,
-    mixture: cc.Mixture | None = None,
+    ds: xr.Dataset, *, source: str = "model", thinnest: int | None = None, library: Any = None,
+    k_max: int | None = None, mixture: cc.Mixture | None = None, use_errors: bool = True,
 ) -> xr.Dataset:
     """Atoms per column: the ICL Gaussian mixture over the cross-sections (as StatSTEM counts).
 
@@ -90,15 +90,21 @@ def count_atoms(
         A Dataset with cross-sections (:func:`cross_sections`).
     source : {"model", "voronoi"}
         ``cross_section`` or ``cross_section_voronoi``.
-    thinnest : int
-        Number of atoms of the thinnest component (the others follow one by one).
+    thinnest : int, optional
+        Number of atoms of the thinnest component; None reads it from the component means (1
+        unless they lie clearly above 1, 2, ... steps; :func:`atomds.core.counting.thinnest_count`).
+        The others follow one by one, or by more across a gap that shows a missing count.
     library : array, optional
         Simulated cross-sections of columns of 1, 2, ... atoms (image units): each component
         takes the count of the nearest one.
     k_max : int, optional
         Most components scanned (:func:`atomds.core.counting.fit_mixture`).
     mixture : Mixture, optional
-        A mixture fitted elsewhere (e.g. over a whole library, :func:`atomds.library.count_atoms`).
+        A mixture fitted elsewhere (e.g. over a whole library, :func:`atomds.library.counting.library_mixture`).
+    use_errors : bool
+        Widen each column's component density by its cross-section's standard error
+        (``cross_section_err`` or ``cross_section_voronoi_err``, where known): thick columns'
+        larger shot noise then does not split their component (else one shared width).
 
     Returns
     -------
@@ -112,7 +118,14 @@ def count_atoms(
     name = "cross_section" if source == "model" else "cross_section_voronoi"
     require_vars(ds, [name], step="count_atoms()", hint="cross_sections()")
     values = np.asarray(ds[name].values, float)
-    atoms, prob, mix = cc.count_atoms(values, mixture=mixture, thinnest=thinnest, library=library, k_max=k_max)
+    err_name = f"{name}_err"
+    errors = np.asarray(ds[err_name].values, float) if use_errors and err_name in ds.variables else None
+    params: dict[str, Any] = {}
+    if use_errors and errors is None:
+        note_fallback(params, "no_cross_section_err", f"count_atoms: no {err_name}; the components share one width")
+    atoms, prob, mix = cc.count_atoms(
+        values, errors=errors, mixture=mixture, thinnest=thinnest, library=library, k_max=k_max
+    )
     counts = cc.assign_counts(mix, thinnest=thinnest, library=library)
     out = ds.assign(
         atoms_in_column=annotate(xr.DataArray(atoms, dims=("atom",)), "1", "number of atoms in the column (ICL mixture)"),
@@ -120,8 +133,8 @@ def count_atoms(
             xr.DataArray(prob, dims=("atom",)), "1", "posterior probability of atoms_in_column"
         ),
     )
-    params = dict(
-        source=source, thinnest=thinnest, library=None if library is None else np.asarray(library, float).tolist(),
+    params.update(
+        source=source, thinnest=thinnest, use_errors=bool(use_errors and errors is not None), library=None if library is None else np.asarray(library, float).tolist(),
         k_max=k_max, n_components=mix.k, means=mix.means.tolist(), weights=mix.weights.tolist(), sd=mix.sd,
         icl=[None if not np.isfinite(v) else float(v) for v in mix.icl], counts=counts.tolist(),
     )

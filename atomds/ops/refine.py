@@ -20,6 +20,8 @@ import xarray as xr
 
 from ..core import refine as cr
 from ..core.preprocess import CONTRASTS, turn_over
+from ..core.refine.joint import overlapping
+from ..core.refine.residual import refine_and_complete
 from ..errors import InvalidParameterError
 from ..params import note_fallback, record_params, step_params
 from ._common import annotate, image_dataarray, is_dask, length_units, pixel_size, require_vars
@@ -117,6 +119,7 @@ def refine(
     contrast: str | None = None,
     engine: str = "auto",
     joint: bool | str = "auto",
+    find_missing: bool | str = "auto",
 ) -> xr.Dataset:
     """Refine every atom to sub-pixel precision with a 2-D Gaussian fit (all atoms at once).
 
@@ -156,6 +159,15 @@ def refine(
         Fit overlapping columns jointly with a shared width and a smooth background
         (:mod:`atomds.core.refine.joint`); "auto" does so for the columns whose nearest neighbour
         is closer than 5 column widths and leaves well-separated lattices as they are.
+    find_missing : {"auto", True, False}
+        Look for columns the finder missed in the residual of the fitted model (a one-atom column
+        beside a thick one) and add them (:func:`atomds.core.refine.residual.refine_and_complete`:
+        matched-filter search, kept only when the refitted intensity exceeds 5 standard errors
+        and it lies at least half a spacing from every other column). "auto": where columns
+        overlap (some nearest neighbour closer than 5 column widths); True: always; False:
+        never. Added atoms come last, with ``found_in_residual`` True, their residual position as
+        ``seed_x``, ``seed_y`` and the finder's other per-atom variables padded (NaN, -1, False).
+        Eager images with the isotropic model only (else recorded as a fallback).
 
     Returns
     -------
@@ -183,6 +195,7 @@ def refine(
         raise InvalidParameterError(f"model must be one of {cr.MODELS}; got {model!r}.")
     cr.check_engine(engine, model)
     cr.check_joint(joint, model)
+    _check_find_missing(find_missing)
     img = image_dataarray(ds)
     sx, sy = _seeds(ds)
     if sx.dims != ("atom",) or sy.dims != ("atom",):
@@ -215,6 +228,7 @@ def refine(
     lazy = is_dask(img) or is_dask(sx) or is_dask(sy)
     settings = None
     despike: dict[str, Any] = {}
+    add_x, add_y, missing = np.zeros(0), np.zeros(0), None
     if n == 0:
         packed = np.zeros((0, len(_fields(model))))
     elif lazy:
@@ -242,7 +256,11 @@ def refine(
         xp = np.asarray(sx.values, float) / ps
         yp = np.asarray(sy.values, float) / ps
         settings = _settings_task(image, xp, yp, kw)
-        packed = _pack(cr.refine_gaussian(image, xp, yp, settings=settings, **fit_kw), model)
+        if _search_missing(find_missing, model, bool(neighbor_subtraction), xp, yp, settings):
+            res, add_x, add_y, missing = refine_and_complete(image, xp, yp, settings=settings, **fit_kw)
+        else:
+            res = cr.refine_gaussian(image, xp, yp, settings=settings, **fit_kw)
+        packed = _pack(res, model)
 
     col = {f: i for i, f in enumerate(_fields(model))}
 
@@ -279,12 +297,19 @@ def refine(
             seed_x=annotate(sx.copy(), units, "seed position x"),
             seed_y=annotate(sy.copy(), units, "seed position y"),
         )
+    if missing is not None:
+        out = _with_added_atoms(out, add_x * ps, add_y * ps)
     out = out.assign(new)
     params: dict[str, Any] = dict(
         model=model, window=window, noise=noise, sigma=sigma, max_iter=max_iter,
         neighbor_subtraction=bool(neighbor_subtraction), n_refits=n_refits, width_prior=width_prior,
-        units=units, lazy=bool(lazy), contrast=con, engine=engine, joint=joint,
+        units=units, lazy=bool(lazy), contrast=con, engine=engine, joint=joint, find_missing=find_missing,
     )
+    if missing is not None:
+        params["missing"] = missing
+    elif find_missing is True and (lazy or model != "gaussian" or not neighbor_subtraction):
+        note_fallback(params, "find_missing_skipped", "refine: find_missing needs an eager image, the isotropic model "
+                      "and neighbour subtraction; no columns were looked for in the residual")
     if "skipped" in despike:
         note_fallback(params, _DESPIKE_SKIPPED, _despike_message(despike["skipped"]))
     if settings is not None:
@@ -297,6 +322,58 @@ def refine(
             "variance_offset": settings["variance_offset"],
         }
     return record_params(out, "refine", params)
+
+
+_FIND_MISSING_OPTIONS = ("auto", True, False)
+
+
+def _check_find_missing(find_missing: bool | str) -> None:
+    if not any(find_missing is v or (isinstance(v, str) and find_missing == v) for v in _FIND_MISSING_OPTIONS):
+        raise InvalidParameterError(f"find_missing must be 'auto', True or False; got {find_missing!r}.")
+
+
+def _search_missing(find_missing: bool | str, model: str, subtraction: bool, xp, yp, settings: dict) -> bool:
+    """Whether :func:`refine` looks for missing columns: asked for, or "auto" where columns overlap."""
+    if find_missing is False or model != "gaussian" or not subtraction or xp.size < 2:
+        return False
+    if find_missing is True:
+        return True
+    return bool(overlapping(cr.nearest_neighbor_distance(xp, yp), float(settings["sigma"])).any())
+
+
+def _with_added_atoms(ds: xr.Dataset, x: np.ndarray, y: np.ndarray) -> xr.Dataset:
+    """``ds`` with atoms at ``x``, ``y`` (the Dataset's units) appended along ``atom``.
+
+    Their seeds are the given positions; every other variable along ``atom`` is padded (NaN,
+    -1 for integers, False for booleans); ``found_in_residual`` marks them.
+    """
+    n_old = int(ds.sizes.get("atom", 0))
+    k = int(x.size)
+    new_vars: dict[Hashable, xr.DataArray] = {}
+    for name, da in ds.variables.items():
+        if "atom" not in da.dims or name in ds.dims:
+            continue
+        axis = da.dims.index("atom")
+        vals = np.asarray(da.values)
+        pad_shape = list(vals.shape)
+        pad_shape[axis] = k
+        if name == "seed_x" or name == "seed_y":
+            pad = np.asarray(x if name == "seed_x" else y, dtype=vals.dtype).reshape(pad_shape)
+        elif vals.dtype == bool:
+            pad = np.zeros(pad_shape, bool)
+        elif np.issubdtype(vals.dtype, np.integer):
+            pad = np.full(pad_shape, -1, dtype=vals.dtype)
+        elif np.issubdtype(vals.dtype, np.floating):
+            pad = np.full(pad_shape, np.nan, dtype=vals.dtype)
+        else:
+            pad = np.full(pad_shape, None, dtype=object).astype(vals.dtype)
+        new_vars[name] = xr.DataArray(np.concatenate([vals, pad], axis=axis), dims=da.dims, attrs=da.attrs)
+    flag = np.r_[np.zeros(n_old, bool), np.ones(k, bool)]
+    new_vars["found_in_residual"] = annotate(
+        xr.DataArray(flag, dims=("atom",)), "1", "column found in the residual of the fitted model (not by find_atoms)"
+    )
+    out = ds.drop_vars([n for n in new_vars if n in ds.variables and n != "found_in_residual"])
+    return out.assign(new_vars)
 
 
 def with_atoms(ds: xr.Dataset, x: Any, y: Any, *, units: str | None = None) -> xr.Dataset:
