@@ -56,6 +56,7 @@ __all__ = [
     "nanoparticle",
     "thick_particles",
     "grain_boundary",
+    "particle",
     "two_phase",
     "perovskite",
     "polar",
@@ -270,6 +271,46 @@ def thick_particles(
     s = _core.thick_particles_sample(
         shape=shape, dose=dose, sigma=sigma, spacing=spacing, n_particles=n_particles, radius=radius,
         lattices=lattices, thickness_contrast=thickness_contrast, support=support, read_noise=read_noise,
+        background=background, seed=seed,
+    )
+    return to_dataset(s, pixel_size=ps)
+
+
+def particle(
+    *,
+    shape: int | tuple[int, int] = (512, 512),
+    dose: float = 4000.0,
+    width: float = 0.22,
+    spacing: float = 16.0,
+    max_atoms: int = 15,
+    thickness: str = "random",
+    attenuation: float = 0.02,
+    lattice: str = "square",
+    angle: float | None = 0.0,
+    radius: float = 0.42,
+    read_noise: float = 1.0,
+    background: float = 0.05,
+    pixel_size: float = _DEFAULT_PIXEL_SIZE,
+    seed: int = 0,
+) -> xr.Dataset:
+    """A crystalline particle whose columns hold 1 to ``max_atoms`` atoms: the ground truth of atom counting.
+
+    A column of ``n`` atoms has ``dose * n * (1 - attenuation * (n - 1))`` integrated counts
+    (``true_counts``); ``true_label`` is ``n`` (``flag_meanings`` ``"0_atoms 1_atoms ..."``).
+    ``width`` is the column's Gaussian sigma as a fraction of ``spacing`` (0.3: neighbours' tails
+    overlap strongly); ``thickness`` "random" (thin columns beside thick ones) or "dome" (a
+    sphere's chord). Parameters as in :func:`atomds.core.samples.particle.particle_sample`
+    (lengths in pixels), plus ``pixel_size`` in Å.
+
+    Examples
+    --------
+    >>> ds = atomds.datasets.particle(shape=256, width=0.28)  # doctest: +SKIP
+    >>> ds = ds.lcx.find_atoms().lcx.refine().lcx.cross_sections().lcx.count_atoms()  # doctest: +SKIP
+    """
+    ps = _pixel_size(pixel_size)
+    s = _core.particle_sample(
+        shape=shape, dose=dose, width=width, spacing=spacing, max_atoms=max_atoms, thickness=thickness,
+        attenuation=attenuation, lattice=lattice, angle=angle, radius=radius, read_noise=read_noise,
         background=background, seed=seed,
     )
     return to_dataset(s, pixel_size=ps)
@@ -548,6 +589,7 @@ _SAMPLES: dict[str, Callable[..., xr.Dataset]] = {
     "stm": stm,
     "thick_particles": thick_particles,
     "grain_boundary": grain_boundary,
+    "particle": particle,
 }
 
 

@@ -24,6 +24,7 @@ SMALL = {
     "nanoparticle": dict(shape=(192, 192)),
     "thick_particles": dict(shape=(192, 192), n_particles=2),
     "grain_boundary": dict(shape=(160, 160)),
+    "particle": dict(shape=(192, 192)),
 }
 
 
@@ -87,7 +88,7 @@ def test_deterministic_under_seed(name):
 
 def test_list_and_load():
     assert datasets.list_samples() == ["hexagonal", "two_phase", "perovskite", "polar", "nanoparticle", "stm",
-                                       "thick_particles", "grain_boundary"]
+                                       "thick_particles", "grain_boundary", "particle"]
     ds = datasets.load("hexagonal", shape=64, dose=500.0)
     assert ds.image.shape == (64, 64) and ds.attrs["sample_dose"] == 500.0
     with pytest.raises(InvalidParameterError, match="unknown sample"):

@@ -37,6 +37,7 @@ Modules
                   the generators, one sample kind each
 ``thickness``     particles whose thickness contrast is ten times their columns' (local contrast)
 ``boundary``      two crystals meeting along a band of real, disordered columns
+``particle``      columns of 1..N atoms with a known cross-section law (atom counting, overlapping columns)
 ``stm``           STM topographs (heights in m): adatom lattices with tilt, scan-line offsets, steps
 ``sweep``         random images from a wide space (lattices, species, doses, artefacts) for the robustness sweep
 ``spectra``       EELS-like spectra per phase and spectrum images
@@ -51,6 +52,7 @@ from .frames import FrameStack, frame_stack_sample
 from .hexagonal import hexagonal_sample
 from .lattice import lattice_sites, lattice_vectors, thin_points
 from .nanoparticle import nanoparticle_sample
+from .particle import THICKNESS_PROFILES, cross_section_law, particle_sample
 from .perovskite import perovskite_sample, polar_sample
 from .render import add_noise, render_columns, smooth_background
 from .scoring import default_max_distance, match_positions, score_positions
@@ -68,6 +70,9 @@ __all__ = [
     "perovskite_sample",
     "polar_sample",
     "nanoparticle_sample",
+    "particle_sample",
+    "cross_section_law",
+    "THICKNESS_PROFILES",
     "honeycomb_sample",
     "perovskite110_sample",
     "dark_sample",
@@ -103,4 +108,6 @@ __all__ = [
 ]
 
 #: The samples of :mod:`atomds.datasets` (``datasets.load(name)``), in the order listed.
-SAMPLE_NAMES = ("hexagonal", "two_phase", "perovskite", "polar", "nanoparticle", "thick_particles", "grain_boundary")
+SAMPLE_NAMES = (
+    "hexagonal", "two_phase", "perovskite", "polar", "nanoparticle", "thick_particles", "grain_boundary", "particle",
+)

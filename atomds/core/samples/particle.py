@@ -3,7 +3,7 @@
 Each column of a crystalline disc holds ``n`` atoms; its integrated counts (its scattering
 cross-section times the dose) are ``dose * n * (1 - attenuation * (n - 1))``, a mildly sub-linear
 law as channelling makes thick columns scatter less per atom. The number of atoms is the ground
-truth of atom counting (``Sample.label``; ``label_names[n]`` reads ``"<n> atoms"``), the counts
+truth of atom counting (``Sample.label``; ``label_names[n]`` reads ``"<n>_atoms"``), the counts
 that of the cross-sections, the positions that of the joint fits of overlapping columns.
 """
 
@@ -85,7 +85,7 @@ def particle_sample(
     Returns
     -------
     Sample
-        ``label`` is the number of atoms of each column (``label_names[n] == f"{n} atoms"``),
+        ``label`` is the number of atoms of each column (``label_names[n] == f"{n}_atoms"``),
         ``counts`` its integrated counts, ``sigma`` the width in px.
 
     Raises
@@ -127,7 +127,7 @@ def particle_sample(
         n_at = np.ceil(int(max_atoms) * np.sqrt(np.clip(1.0 - (r / r_max) ** 2, 0.0, 1.0))).astype(np.int64)
         n_at = np.clip(n_at, 1, int(max_atoms))
     atoms = atom_table(xy, n_at, cross_section_law(n_at, dose, att), sigma)
-    names = tuple(f"{k} atoms" for k in range(int(max_atoms) + 1))
+    names = tuple(f"{k}_atoms" for k in range(int(max_atoms) + 1))
     return render_sample(
         "particle", shape, atoms, dose=dose, sigma=sigma, background=background, read_noise=read_noise,
         bg_seed=bg_seed, noise_rng=noise, label_names=names, params=params, spacing=spacing, geom_rng=geom,
