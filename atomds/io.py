@@ -19,6 +19,7 @@ import xarray as xr
 
 from . import __version__
 from .errors import (
+    AtomdsError,
     DimensionError,
     FileMissingError,
     InvalidImageError,
@@ -482,6 +483,47 @@ def _read_rsciio(path: Path, reader: str) -> tuple[Any, dict, float, str | None]
     return data, meta, ps, units
 
 
+def read_untrusted(path: str, reader: str) -> tuple[np.ndarray | None, dict]:
+    """Read a file in full, as the sandbox's child does (:mod:`atomds.sandbox`).
+
+    For NetCDF the Dataset is opened and every variable loaded (no array is returned: the file
+    is then known to be readable and is opened by the caller); for the other formats the pixels
+    (NumPy, native byte order kept) and a JSON-able dict of the metadata, ``pixel_size`` and
+    ``units`` of the file's calibration are returned.
+    """
+    p = Path(path)
+    if reader == "netcdf":
+        open_dataset(p).close()
+        return None, {}
+    if reader == "numpy":
+        data, meta = _read_npy(p)
+        ps, units = 1.0, None
+    else:
+        data, meta, ps, units = _read_rsciio(p, reader)
+    try:
+        data = np.asarray(data.compute() if _is_dask_array(data) else data)
+    except AtomdsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to read the pixels
+        raise UnreadableFileError(f"could not read the pixels of {p.name}: {exc}") from exc
+    _check_shape(tuple(data.shape), p)
+    return data, {"meta": _jsonable(meta), "pixel_size": float(ps), "units": units}
+
+
+def _read_isolated(path: Path, reader: str, *, lazy: bool) -> tuple[Any, dict, float, str | None]:
+    """:func:`read_untrusted` in a child process with a time limit and bounded memory (:mod:`atomds.sandbox`)."""
+    from . import sandbox
+
+    budget = sandbox.memory_budget(path.stat().st_size)
+    data, info = sandbox.call("atomds.io:read_untrusted", str(path), reader, what=path.name, memory=budget, mmap=lazy)
+    if reader == "netcdf":
+        return None, {}, 1.0, None
+    if data is None:
+        raise UnreadableFileError(f"{path.name} contains no pixels.")
+    meta = dict(info.get("meta") or {})
+    return data, meta, float(info.get("pixel_size", 1.0)), info.get("units")
+
+
 def open_image(
     path: str | os.PathLike,
     *,
@@ -489,6 +531,7 @@ def open_image(
     units: str | None = None,
     chunks: Any = None,
     kind: str | None = None,
+    isolate: bool = True,
 ) -> xr.Dataset:
     """Open an image file as an atomds Dataset.
 
@@ -511,6 +554,14 @@ def open_image(
     kind : {"intensity", "height"}, optional
         What the values are (see :func:`from_array`); None: a height map when the file gives
         its values a length unit (an STM/AFM topograph: ``"Height (m)"``), else an intensity.
+    isolate : bool
+        Read the file in a child process with a time limit (:data:`atomds.sandbox.READ_TIMEOUT_S`)
+        and bounded memory (:mod:`atomds.sandbox`), so that a reader that crashes, hangs or
+        allocates without bound on a corrupt file only fails with an :class:`UnreadableFileError`
+        (default). The pixels come back through a temporary ``.npy`` file (memory-mapped with
+        ``chunks``); a NetCDF file is read in full there first, then opened here. ``False`` reads
+        in this process (trusted files: a little faster, and lazy NetCDF reads stay lazy from the
+        start).
 
     Returns
     -------
@@ -535,6 +586,8 @@ def open_image(
             f"{', '.join(sorted(SUPPORTED_EXTENSIONS))}."
         )
     if reader == "netcdf":
+        if isolate:
+            _read_isolated(path, reader, lazy=False)  # read in full where a crash or hang is harmless
         ds = open_dataset(path, chunks=chunks)
         if kind is not None:
             _value_kind(kind, None)  # checked
@@ -546,7 +599,9 @@ def open_image(
             )
             ds.attrs.update(pixel_size=ps, units=u)
         return ds
-    if reader == "numpy":
+    if isolate:
+        data, meta, file_ps, file_units = _read_isolated(path, reader, lazy=chunks is not None)
+    elif reader == "numpy":
         data, meta = _read_npy(path)
         file_ps, file_units = 1.0, None
     else:
@@ -644,5 +699,6 @@ def open_dataset(path: str | os.PathLike, *, chunks: Any = None) -> xr.Dataset:
         if chunks is None:
             return xr.load_dataset(path, engine="netcdf4")
         return xr.open_dataset(path, engine="netcdf4", chunks=chunks)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, AttributeError, TypeError, IndexError, UnicodeError) as exc:
+        # netCDF4 raises AttributeError for an unreadable HDF5 attribute of a corrupt file
         raise UnreadableFileError(f"could not read {path.name} as an atomds NetCDF file: {exc}") from exc

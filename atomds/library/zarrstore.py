@@ -82,8 +82,25 @@ def _clean_side_files(path: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+#: Rows of ``/atoms`` per Zarr chunk: the out-of-core learning streams chunk by chunk (12 float64
+#: features: 6 MB a chunk), and an append rewrites at most the last, partial chunk of earlier rows.
+ATOM_CHUNK_ROWS = 65_536
+
+
+def _atoms_encoding(tree: xr.DataTree) -> dict[str, dict[str, Any]]:
+    """Zarr chunks of the in-memory per-atom variables: :data:`ATOM_CHUNK_ROWS` rows, whole along other dims."""
+    if "atoms" not in tree.children:
+        return {}
+    at = tree.children["atoms"].to_dataset(inherit=False)
+    enc: dict[str, Any] = {}
+    for n, v in at.variables.items():
+        if v.dims and v.dims[0] == "atom" and getattr(v, "chunks", None) is None:
+            enc[str(n)] = {"chunks": (min(ATOM_CHUNK_ROWS, max(1, v.shape[0])), *(max(1, k) for k in v.shape[1:]))}
+    return {"/atoms": enc}
+
+
 def _write_tree(tree: xr.DataTree, location: str | os.PathLike) -> None:
-    tree.to_zarr(os.fspath(location), mode="w", consolidated=False)
+    tree.to_zarr(os.fspath(location), mode="w", consolidated=False, encoding=_atoms_encoding(tree))
 
 
 def to_zarr(tree: xr.DataTree, location: str | os.PathLike) -> str:
