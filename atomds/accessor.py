@@ -136,6 +136,10 @@ class PlotAccessor:
     polarization = _Forward("plot")
     strain_maps = _Forward("plot")
 
+    # atom counting
+    cross_section_histogram = _Forward("plot")
+    atom_count_map = _Forward("plot")
+
     # interactive views
     interactive_atoms = _Forward("plot")
     linked_loading_view = _Forward("plot")

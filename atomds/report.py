@@ -76,6 +76,14 @@ def _figure_specs(ds: xr.Dataset, *, max_components: int) -> list[tuple[str, str
         specs.append(("Physical maps", "Polarisation", "Shift of each displaced column from the centre of its cage "
                       "of the other sublattice, arrows magnified, coloured by polar domain.",
                       lambda: plot.polarization(ds)))
+    if has("cross_section"):
+        specs.append(("Physical maps", "Cross-sections", "Histogram of the columns' scattering cross-sections (the "
+                      "fitted columns' integrated intensities) with the Gaussian mixture whose number of components "
+                      "the integrated classification likelihood chose, each labelled with its atom count.",
+                      lambda: plot.cross_section_histogram(ds)))
+    if has("atoms_in_column"):
+        specs.append(("Physical maps", "Atoms per column", "Each pixel coloured by the atom count of its nearest "
+                      "column (Voronoi cells).", lambda: plot.atom_count_map(ds)))
     if has("neighbor_dx"):
         specs.append(("Neighbourhoods", "Neighbour vectors", "2-D histogram of the vectors from each centre atom "
                       "to its neighbours.", lambda: plot.neighbor_histogram(ds)))
@@ -186,6 +194,12 @@ def _summary_rows(ds: xr.Dataset, source: str | None) -> list[tuple[str, str]]:
         n_dom = int(np.unique(dom[dom >= 0]).size) if dom is not None else 0
         rows.append(("polarisation", f"median |p| {np.nanmedian(mag):.3g} {u} over {int(np.isfinite(mag).sum())} "
                      f"columns, {n_dom} domain(s)"))
+    if "atoms_in_column" in ds.variables:
+        n_at = np.asarray(ds["atoms_in_column"].values)
+        known = n_at[n_at >= 0]
+        if known.size:
+            rows.append(("atom counts", f"{int(np.unique(known).size)} thicknesses, {int(known.min())} to "
+                         f"{int(known.max())} atoms per column, {int(known.sum())} atoms in {known.size} columns"))
     if "pca_explained_variance" in ds.variables:
         from .plot.deformation import explained_percent as _explained_percent
 

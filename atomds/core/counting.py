@@ -27,7 +27,7 @@ from scipy.spatial import cKDTree
 from ..errors import InvalidParameterError
 
 __all__ = [
-    "Mixture", "voronoi_cross_sections", "fit_mixture", "count_atoms", "assign_counts", "component_counts", "thinnest_count",
+    "Mixture", "voronoi_cross_sections", "fit_mixture", "count_atoms", "assign_counts", "law_counts",
 ]
 
 #: EM iterations at most, and its relative log-likelihood tolerance.
@@ -269,69 +269,75 @@ def fit_mixture(
     return Mixture(best[1][order], best[2][order], float(best[3]), icl, float(best[4]))
 
 
-#: A step between consecutive component means at least this many times the typical step nearby
-#: spans a missing count (the cross-section per atom changes slowly with thickness).
-GAP_RATIO = 1.5
-#: The typical step is the median of this many steps on either side.
-GAP_NEIGHBOURS = 3
+#: A gap between consecutive components spans at most this many counts on average (the search
+#: over the thickest component's count ends there).
+GAP_MAX = 4
+#: Counts are read from the law for at least this many components (else 1, 2, ... from the thinnest).
+LAW_MIN_COMPONENTS = 3
+#: Assignments whose residual is within this factor of the best (plus a floor of 1e-6 of the mean
+#: squared cross-section per component, the means' own scatter) fit equally: the fewest atoms wins.
+LAW_RSS_FACTOR = 2.0
+LAW_RSS_FLOOR = 1e-6
 
 
-def component_counts(means: np.ndarray, *, thinnest: int = 1) -> np.ndarray:
-    """Counts of the components of ascending ``means``: ``thinnest`` for the first, then one more per
-    step, or ``round(step / typical step)`` more where a step is :data:`GAP_RATIO` times the median of
-    the :data:`GAP_NEIGHBOURS` steps on either side (a thickness absent from the image)."""
-    m = np.asarray(means, float).ravel()
-    k = m.size
-    if k < 3:
-        return np.arange(k) + int(thinnest)
-    steps = np.diff(m)
-    mult = np.ones(k - 1, dtype=np.int64)
-    for i in range(k - 1):  # a loop over the few components
-        lo, hi = max(0, i - GAP_NEIGHBOURS), min(k - 1, i + GAP_NEIGHBOURS + 1)
-        others = np.r_[steps[lo:i], steps[i + 1:hi]]
-        ref = float(np.median(others))
-        if ref > 0 and steps[i] >= GAP_RATIO * ref:
-            mult[i] = int(round(steps[i] / ref))
-    return int(thinnest) + np.r_[0, np.cumsum(mult)]
+def _law_candidate(m: np.ndarray, c1: int, c_k: int) -> tuple[float, np.ndarray] | None:
+    """Counts of the means ``m`` under the law ``a c + b c^2`` through (c1, m[0]) and (c_k, m[-1]), and
+    the residual of the law refitted to all of them; None where the law or the counts are not increasing."""
+    a, b = np.linalg.solve(np.array([[c1, c1 * c1], [c_k, c_k * c_k]], float), [m[0], m[-1]])
+    if a <= 0 or a + 2.0 * b * c_k <= 0:
+        return None
+    if abs(b) < 1e-12 * a:
+        c = m / a
+    else:
+        c = (-a + np.sqrt(np.maximum(a * a + 4.0 * b * m, 0.0))) / (2.0 * b)
+    c = np.round(c)
+    c[0], c[-1] = c1, c_k
+    if np.any(np.diff(c) < 1):
+        return None
+    design = np.column_stack([c, c * c])
+    coef, *_ = np.linalg.lstsq(design, m, rcond=None)
+    return float(np.sum((m - design @ coef) ** 2)), c.astype(np.int64)
 
 
-#: The thinnest component's count is inferred from at least this many components (else it is 1).
-INFER_MIN_COMPONENTS = 4
+def law_counts(means: np.ndarray, *, thinnest: int | None = None) -> np.ndarray:
+    """Atom counts of the components of ascending ``means`` from the cross-section law.
 
-
-def thinnest_count(means: np.ndarray) -> int:
-    """The count of the thinnest component, read from the component means (ascending).
-
-    The cross-section of ``c`` atoms vanishes with ``c`` and bends gently (channelling):
-    ``m(c) = a c + b c^2``. With the counts ``c_1 + j_k`` (``j_k`` from :func:`component_counts`,
-    gaps included) that law is fitted by least squares for ``c_1 = 1, 2, ...`` and the ``c_1`` of
-    least residual is taken: a thinnest component of one atom lies one step above zero, a thicker
-    one several. 1 for fewer than :data:`INFER_MIN_COMPONENTS` components.
+    A column's cross-section vanishes with its count and bends gently (channelling):
+    ``m(c) = a c + b c^2``. Every assignment of the thinnest component's count (``thinnest`` when
+    given, else 1, 2, ...) and of the thickest's (one more per component up to :data:`GAP_MAX`
+    per component) fixes the law through both; each other component takes the count whose law
+    value is nearest, and the law is refitted to all. Of the assignments that fit as well as the
+    best (:data:`LAW_RSS_FACTOR`, :data:`LAW_RSS_FLOOR`) the one with the fewest atoms is taken:
+    consecutive counts unless a step between means shows missing thicknesses, and a thinnest
+    count of 1 unless the means lie clearly above 1, 2, ... steps. Fewer than
+    :data:`LAW_MIN_COMPONENTS` components: ``thinnest`` (or 1) and one more each.
     """
     m = np.asarray(means, float).ravel()
-    if m.size < INFER_MIN_COMPONENTS or not np.all(np.diff(m) > 0) or m[0] <= 0:
-        return 1
-    j = component_counts(m, thinnest=0).astype(float)
-    step = float(np.median(np.diff(m) / np.diff(j)))
-    c_max = max(2, int(math.ceil(2.0 * m[0] / step)) + 1)
-    best, best_c = np.inf, 1
-    for c1 in range(1, c_max + 1):  # a scan over the candidate counts of the thinnest component
-        c = c1 + j
-        design = np.column_stack([c, c * c])
-        coef, *_ = np.linalg.lstsq(design, m, rcond=None)
-        r = float(np.sum((m - design @ coef) ** 2))
-        if r < best * (1.0 - 1e-9):
-            best, best_c = r, c1
-    return best_c
+    k = m.size
+    first = 1 if thinnest is None else int(thinnest)
+    if k < LAW_MIN_COMPONENTS or not np.all(np.diff(m) > 0) or m[0] <= 0:
+        return first + np.arange(k, dtype=np.int64)
+    step = float(np.min(np.diff(m)))
+    firsts = [first] if thinnest is not None else range(1, min(K_MAX_DEFAULT, int(math.ceil(2.0 * m[0] / step)) + 2))
+    cands = []
+    for c1 in firsts:  # a search over the counts of the thinnest and thickest components
+        for c_k in range(c1 + k - 1, c1 + (k - 1) * GAP_MAX + 1):
+            fit = _law_candidate(m, c1, c_k)
+            if fit is not None:
+                cands.append((fit[0], c_k, c1, fit[1]))
+    if not cands:
+        return first + np.arange(k, dtype=np.int64)
+    best = min(c[0] for c in cands)
+    tol = LAW_RSS_FACTOR * best + LAW_RSS_FLOOR * float(np.mean(m * m)) * k
+    return min((c for c in cands if c[0] <= tol), key=lambda c: (c[1], c[2]))[3]
 
 
 def assign_counts(mixture: Mixture, *, thinnest: int | None = None, library: np.ndarray | None = None) -> np.ndarray:
     """The number of atoms of each component of ``mixture``.
 
-    ``thinnest``: the count of the component of least mean (None: read from the means,
-    :func:`thinnest_count`, which gives 1 unless the means lie clearly above 1, 2, ... steps);
-    the others follow one by one, or by more where a gap between consecutive means shows a
-    missing count (:func:`component_counts`).
+    ``thinnest``: the count of the component of least mean (None: read from the means); the
+    others follow one by one, or by more where a gap between consecutive means shows missing
+    counts (:func:`law_counts`).
     ``library``: simulated cross-sections of columns of 1, 2, ... atoms (index + 1 atoms), each
     component taking the count whose cross-section lies nearest its mean.
     """
@@ -340,11 +346,9 @@ def assign_counts(mixture: Mixture, *, thinnest: int | None = None, library: np.
         if lib.size == 0 or not np.all(np.isfinite(lib)):
             raise InvalidParameterError("library must hold the finite cross-sections of 1, 2, ... atoms.")
         return np.argmin(np.abs(mixture.means[:, None] - lib[None, :]), axis=1) + 1
-    if thinnest is None:
-        thinnest = thinnest_count(mixture.means)
-    if not (isinstance(thinnest, (int, np.integer)) and thinnest >= 1):
+    if thinnest is not None and not (isinstance(thinnest, (int, np.integer)) and thinnest >= 1):
         raise InvalidParameterError(f"thinnest must be None or an integer >= 1; got {thinnest!r}.")
-    return component_counts(mixture.means, thinnest=int(thinnest))
+    return law_counts(mixture.means, thinnest=None if thinnest is None else int(thinnest))
 
 
 def count_atoms(

@@ -92,7 +92,7 @@ def count_atoms(
         ``cross_section`` or ``cross_section_voronoi``.
     thinnest : int, optional
         Number of atoms of the thinnest component; None reads it from the component means (1
-        unless they lie clearly above 1, 2, ... steps; :func:`atomds.core.counting.thinnest_count`).
+        unless they lie clearly above 1, 2, ... steps; :func:`atomds.core.counting.law_counts`).
         The others follow one by one, or by more across a gap that shows a missing count.
     library : array, optional
         Simulated cross-sections of columns of 1, 2, ... atoms (image units): each component

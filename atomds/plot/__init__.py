@@ -16,13 +16,15 @@ This module imports matplotlib (and HoloViews for the interactive views) only wh
 Modules: ``layout`` (figures, axes, legends), ``colors``, ``imaging`` (the image and atoms on it),
 ``finding`` (atoms, correlation, blob sizes), ``neighbors`` (neighbour-vector histograms),
 ``clusters`` (dendrogram, cluster maps and panels), ``deformation`` (scree, modes, loading maps),
-``physics`` (polarisation vectors, strain maps), ``interactive`` (HoloViews views). ``ds.lcx.plot`` is :class:`atomds.accessor.PlotAccessor`.
+``physics`` (polarisation vectors, strain maps), ``counting`` (cross-section histogram with its
+mixture, map of atoms per column), ``interactive`` (HoloViews views). ``ds.lcx.plot`` is :class:`atomds.accessor.PlotAccessor`.
 """
 
 from __future__ import annotations
 
 from ..accessor import PlotAccessor
 from .clusters import cluster_map, cluster_panel, dendrogram
+from .counting import atom_count_map, cross_section_histogram
 from .deformation import loading_map, modes, scree
 from .finding import atoms, blob_sizes, correlation
 from .interactive import interactive_atoms, linked_loading_view
@@ -45,4 +47,6 @@ __all__ = [
     "linked_loading_view",
     "polarization",
     "strain_maps",
+    "cross_section_histogram",
+    "atom_count_map",
 ]
