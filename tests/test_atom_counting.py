@@ -92,3 +92,22 @@ def test_counting_variables_round_trip_and_draw(counted, tmp_path):
     (tmp_path / "fig").mkdir()
     titles = [r["title"] for r in report_figures(out, tmp_path / "fig", dpi=40)]
     assert "Cross-sections" in titles and "Atoms per column" in titles
+
+
+def test_one_mixture_over_a_library_counts_every_image():
+    from atomds.library import from_datasets
+    from atomds.library.counting import count_atoms, library_mixture
+
+    dss = [atomds.datasets.particle(shape=128, max_atoms=6, seed=s).lcx.find_atoms().lcx.refine().lcx.cross_sections()
+           for s in (3, 4)]
+    tree = from_datasets(dss)
+    assert library_mixture(tree).k == 6
+    at = count_atoms(tree)["atoms"].dataset
+    off = 0
+    for d in dss:
+        found = _truth_of_found(d, d)
+        assert np.all(found >= 0)
+        got = at.atoms_in_column.values[off + found]
+        off += d.sizes["atom"]
+        assert np.mean(got == d.true_label.values) >= 0.95
+    assert json.loads(at.attrs["count_atoms_params"])["scope"] == "library"
