@@ -362,7 +362,13 @@ def test_joint_normal_equations_match_the_explicit_jacobian():
     import scipy.sparse as sp
 
     from atomds.core.refine.joint_model import (
-        K_COL, background_grid, column_patches, group_map, model_and_width_derivative, normal_equations, pixel_set,
+        K_COL,
+        background_grid,
+        column_patches,
+        group_map,
+        model_and_width_derivative,
+        normal_equations,
+        pixel_set,
     )
 
     rng = np.random.default_rng(3)
