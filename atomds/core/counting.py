@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 from scipy.spatial import cKDTree
 
 from ..errors import InvalidParameterError
@@ -134,18 +135,54 @@ def voronoi_cross_sections(
     tree = cKDTree(np.column_stack([x[idx], y[idx]]))
     if max_radius is None:
         max_radius = float(np.median(tree.query(tree.data, k=2)[0][:, 1])) if idx.size > 1 else float(max(img.shape))
-    ny, nx = img.shape
-    rows, cols = np.mgrid[0:ny, 0:nx]
-    d, owner = tree.query(np.column_stack([cols.ravel(), rows.ravel()]), distance_upper_bound=max_radius)
-    inside = np.isfinite(d) & np.isfinite(img.ravel())
-    own = owner[inside]
-    vals = img.ravel()[inside]
-    total = np.bincount(own, weights=vals, minlength=idx.size)
-    npix = np.bincount(own, minlength=idx.size)
-    var = np.bincount(own, weights=np.maximum(gain * vals + offset, 0.0), minlength=idx.size)
+    # a pixel within max_radius of a column can only be nearer to a column within 2 max_radius of it
+    d_nb, nbr = tree.query(tree.data, k=min(VORONOI_NEIGHBOURS + 1, idx.size), distance_upper_bound=2.0 * max_radius)
+    nbr = np.where(np.isfinite(d_nb), nbr, -1).reshape(idx.size, -1)[:, 1:]
+    total, npix, var = np.zeros(idx.size), np.zeros(idx.size), np.zeros(idx.size)
+    _cell_sums(np.ascontiguousarray(img), np.ascontiguousarray(tree.data[:, 0]), np.ascontiguousarray(tree.data[:, 1]),
+               np.ascontiguousarray(nbr, dtype=np.int64), float(max_radius), float(gain), float(offset), total, npix, var)
     cs[idx] = total - npix * bg[idx]
     err[idx] = np.sqrt(var)
     return cs, err
+
+
+#: Neighbours that may own a pixel of a column's cell (all columns within twice the cell's radius
+#: in any lattice of one column per cell: 12 on a square lattice, 18 on a hexagonal one).
+VORONOI_NEIGHBOURS = 32
+
+
+@njit(cache=True, nogil=True)
+def _cell_sums(img, x, y, nbr, radius, gain, offset, total, npix, var):  # pragma: no cover - compiled
+    """Sum, pixel count and summed variance of the pixels of each column's Voronoi cell (within ``radius``).
+
+    A pixel within ``radius`` px of column ``i`` belongs to it when no column of ``nbr[i]`` (-1 pads)
+    is nearer (ties to the lower index). Written into ``total``, ``npix``, ``var`` (in place).
+    """
+    ny, nx = img.shape
+    r2 = radius * radius
+    for i in range(x.size):
+        cx, cy = x[i], y[i]
+        for r in range(max(0, int(math.floor(cy - radius))), min(ny - 1, int(math.ceil(cy + radius))) + 1):
+            for c in range(max(0, int(math.floor(cx - radius))), min(nx - 1, int(math.ceil(cx + radius))) + 1):
+                d2 = (c - cx) ** 2 + (r - cy) ** 2
+                if d2 > r2:
+                    continue
+                v = img[r, c]
+                if not math.isfinite(v):
+                    continue
+                own = True
+                for q in range(nbr.shape[1]):
+                    j = nbr[i, q]
+                    if j < 0:
+                        break
+                    dj = (c - x[j]) ** 2 + (r - y[j]) ** 2
+                    if dj < d2 or (dj == d2 and j < i):
+                        own = False
+                        break
+                if own:
+                    total[i] += v
+                    npix[i] += 1.0
+                    var[i] += max(gain * v + offset, 0.0)
 
 
 def _em(v: np.ndarray, e2: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float, np.ndarray]:
