@@ -20,7 +20,7 @@ from typing import Any
 
 import xarray as xr
 
-from .core.preprocess import CONTRASTS
+from .core.image import CONTRAST_CHOICES
 from .core.refine import MODELS
 from .errors import InvalidParameterError
 from .params import record_params
@@ -71,9 +71,9 @@ class AnalysisParams:
         PCA components kept (>= 1); all when None.
     model : {"gaussian", "elliptical"}
         Column model of the refinement.
-    contrast : {"bright", "dark"}
-        Columns brighter (HAADF, STM) or darker (ABF, BF) than their surroundings; refinement
-        follows finding's choice.
+    contrast : {"auto", "bright", "dark"}
+        Columns brighter (HAADF, STM) or darker (ABF, BF) than their surroundings; "auto"
+        (default) decides from the image; refinement follows finding's choice.
     find_options : mapping, optional
         Further keyword arguments of ``find_atoms`` (template, threshold, ...; JSON values).
     phases : {"cluster", "descriptor"}
@@ -96,9 +96,9 @@ class AnalysisParams:
     )
     model: str = field(default="gaussian", metadata=_option(("--model",), "column model", choices=MODELS))
     contrast: str = field(
-        default="bright",
-        metadata=_option(("--contrast",), "columns brighter (HAADF, STM) or darker (ABF, BF) than their surroundings",
-                         choices=CONTRASTS),
+        default="auto",
+        metadata=_option(("--contrast",), "columns brighter (HAADF, STM) or darker (ABF, BF) than their surroundings "
+                         "(default auto: decided from the image)", choices=CONTRAST_CHOICES),
     )
     find_options: Mapping[str, Any] = field(default_factory=dict, metadata=_option((), "extra find_atoms arguments"))
     phases: str = field(default="cluster", metadata=_option((), "what the phases stage makes", choices=PHASE_MODES))
@@ -118,7 +118,7 @@ class AnalysisParams:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InvalidParameterError(f"{name} must be an integer >= 1 or None, got {value!r}.")
-        for name, allowed in (("sort", SORTS), ("model", MODELS), ("contrast", CONTRASTS), ("phases", PHASE_MODES)):
+        for name, allowed in (("sort", SORTS), ("model", MODELS), ("contrast", CONTRAST_CHOICES), ("phases", PHASE_MODES)):
             if getattr(self, name) not in allowed:
                 raise InvalidParameterError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.")
         try:
@@ -150,7 +150,8 @@ class AnalysisParams:
         find = dict(find_kwargs or {})
         if "contrast" in find:
             contrast = find.pop("contrast")
-            if options.get("contrast", contrast) != contrast:
+            # the default ("auto") is no choice: find_kwargs' contrast is taken
+            if options.get("contrast", "auto") not in ("auto", contrast):
                 raise InvalidParameterError(
                     f"contrast given twice: {options['contrast']!r} and find_kwargs['contrast'] = {contrast!r}."
                 )
@@ -328,7 +329,7 @@ def analyze(
     n_clusters: int | None = None,
     n_components: int | None = None,
     model: str = "gaussian",
-    contrast: str = "bright",
+    contrast: str = "auto",
     find_kwargs: dict[str, Any] | None = None,
     params: AnalysisParams | None = None,
     on_stage: Callable[[str], None] | None = None,

@@ -202,3 +202,20 @@ def test_a_dropped_second_pass_is_recorded_and_warned_once(perov, monkeypatch, k
         warnings.simplefilter("error", P.FallbackWarning)  # once per kind: the second time only records
         again = ofind.find_atoms(perov)
     assert kind in P.step_params(again, "find_atoms")["fallbacks"]
+
+
+def test_contrast_auto_is_the_default_and_refine_follows_it():
+    from atomds.core import samples
+    from atomds.params import step_params
+
+    s = samples.hexagonal_sample(shape=(160, 160), dose=3000.0, seed=8)
+    ds = datasets.to_dataset(samples.dark_sample(s, seed=2))
+    out = ds.lcx.find_atoms().lcx.refine()
+    assert step_params(out, "find_atoms")["contrast"] == "dark"
+    assert step_params(out, "find_atoms")["contrast_auto"]["decided"] is True
+    assert step_params(out, "refine")["contrast"] == "dark"
+    sc = datasets.score_positions(out, out["atom_x"].values, out["atom_y"].values)
+    assert sc["recall"] >= 0.99 and sc["false_positive_rate"] == 0 and sc["rmse_px"] < 0.3  # dips fitted as dips
+    from atomds.pipeline import AnalysisParams
+
+    assert AnalysisParams().contrast == "auto"

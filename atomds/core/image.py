@@ -17,6 +17,7 @@ from ..errors import DimensionError, InvalidImageError, InvalidParameterError
 
 __all__ = [
     "CONTRASTS",
+    "CONTRAST_CHOICES",
     "check_image",
     "as_float",
     "turn_over",
@@ -28,6 +29,8 @@ __all__ = [
 
 #: Column contrasts: brighter than the surroundings (HAADF, STM topography) or darker (ABF, BF).
 CONTRASTS = ("bright", "dark")
+#: The contrasts find_atoms and the pipeline accept: "auto" decides one of :data:`CONTRASTS` from the image.
+CONTRAST_CHOICES = ("auto", *CONTRASTS)
 
 #: A crop other than the centre must show this factor more structure to be preferred
 #: (:func:`central_crop`).

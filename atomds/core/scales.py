@@ -48,7 +48,12 @@ __all__ = [
     "estimate_column_sigma",
     "column_sigma",
     "default_half_size",
+    "central_peak_width",
 ]
+
+#: Half-width at half-maximum of the autocorrelation of a Gaussian column, in column sigmas
+#: (``sqrt(2 ln 2) sqrt 2``).
+_ACF_HWHM_PER_SIGMA = 1.665
 
 #: Largest side of the crop used to estimate the spacing, px: enough lattice for statistics.
 _ESTIMATE_CROP = 1024
@@ -162,6 +167,44 @@ def _radial_profile(arr: np.ndarray, cy: int, cx: int, rmax: float, step: float 
     return np.arange(prof.size) * step, prof, c
 
 
+def central_peak_width(image, *, highpass: float | None = None) -> float:
+    """Column width (Gaussian sigma, px) read from the half-width of the autocorrelation's central peak.
+
+    Polarity-free (the autocorrelation of ``-image`` is the same), so it serves before the
+    columns' contrast is known. The central peak of a lattice of Gaussian columns is ``sqrt 2``
+    columns wide (half-width at half-maximum ``1.177 sqrt(2) sigma``). A background that varies
+    over a few periods (thickness, a particle on a support) broadens it: ``highpass`` (px)
+    subtracts a Gaussian blur of that width first (a few column widths keeps the columns).
+
+    Parameters
+    ----------
+    image : 2-D array
+    highpass : float, optional
+        Width of the Gaussian blur subtracted first, px (only the mean when None).
+
+    Returns
+    -------
+    float
+        sigma, px (at least 0.7).
+    """
+    img = np.asarray(image, dtype=np.float64)
+    img = img - (ndi.gaussian_filter(img, highpass, mode="nearest") if highpass else img.mean())
+    ny, nx = img.shape
+    shape = (sfft.next_fast_len(2 * ny, real=True), sfft.next_fast_len(2 * nx, real=True))
+    f = sfft.rfft2(img, s=shape)
+    acf = sfft.irfft2(f.real**2 + f.imag**2, s=shape)
+    rmax = min(ny, nx) / 4.0
+    h = int(np.ceil(rmax)) + 1
+    acf = np.roll(np.roll(acf, h, axis=0), h, axis=1)[: 2 * h + 1, : 2 * h + 1]
+    r, prof, counts = _radial_profile(acf / acf[h, h], h, h, rmax)
+    # the noise only adds to the origin: the profile is read from r = 1
+    valid = (counts > 0) & (r >= 1.0)
+    rv, pv = r[valid], prof[valid]
+    below = np.flatnonzero(pv < 0.5 * pv[0]) if rv.size else np.zeros(0, int)
+    r_half = rv[below[0]] if below.size else rmax
+    return float(max(r_half / _ACF_HWHM_PER_SIGMA, 0.7))
+
+
 def estimate_spacing(image) -> float:
     """The lattice period (the shortest strong vector of the autocorrelation), or the distance within resolved pairs, px.
 
@@ -267,7 +310,7 @@ def _resolved_pairs(img: np.ndarray, d0: float, r_half: float) -> float | None:
     ones than the bright ones to each other, is left to the autocorrelation.)
     """
     img = np.asarray(img, dtype=np.float64)
-    s = max(r_half / 1.665, 0.7)  # the autocorrelation's central peak is sqrt(2) columns wide
+    s = max(r_half / _ACF_HWHM_PER_SIGMA, 0.7)  # the autocorrelation's central peak is sqrt(2) columns wide
     g = ndi.gaussian_filter(img, 0.5 * s, mode="nearest")
     size = 2 * int(round(0.75 * s)) + 1
     py, px = np.nonzero(g == ndi.maximum_filter(g, size=size, mode="nearest"))
@@ -433,7 +476,7 @@ def image_scales(image, *, period: float | None = None, width: float | None = No
     d0, r_half = _acf_period(crop)
     small = central_crop(crop, _PAIR_CROP)
     # the autocorrelation's central peak is sqrt(2) columns wide: HWHM = 1.177 sqrt(2) sigma
-    w = max(r_half / 1.665, 0.7) if width is None else float(width)
+    w = max(r_half / _ACF_HWHM_PER_SIGMA, 0.7) if width is None else float(width)
     x, y, _ = significant_peaks(small, width=w, reach=max(d0, 4.0 * w))
     d = column_distance_of(x, y)
     if d is not None and (d > _SHELL * d0 or d < 2.0 * w):

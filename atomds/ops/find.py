@@ -69,7 +69,7 @@ def _templates_px(template, ps: float):
 def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None, min_area: float | None = None,
                max_area: float | None = None, sublattices: str | int | None = "auto", sigma: float | None = None,
                spacing: float | None = None, z_min: float | None = None, min_contrast: float = 0.25,
-               lattice_check: bool = True, contrast: str = "bright") -> xr.Dataset:
+               lattice_check: bool = True, contrast: str = "auto") -> xr.Dataset:
     """Find the atomic columns of ``image`` by template correlation; the seeds of every later step.
 
     **This step computes**: the atom count must be known to build the ``atom`` dimension, so a
@@ -112,9 +112,13 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
         (amorphous specks, dim blobs in holes) and weak blobs in disordered regions of their own
         (amorphous films). Turn it off to keep faint off-lattice features (adatoms,
         interstitials of low contrast).
-    contrast : {"bright", "dark"}
+    contrast : {"auto", "bright", "dark"}
         "bright": columns brighter than their surroundings (HAADF, STM); "dark": darker (ABF,
-        BF). Recorded, so that :func:`~atomds.ops.refine.refine` fits the same way.
+        BF); "auto" (default): decided from the image (the sign of the skewness of its lattice
+        part, :func:`~atomds.core.find.polarity.column_polarity`; a height map's atoms protrude:
+        bright). The contrast used is recorded as ``find_atoms_params["contrast"]`` (with the
+        measurements under ``"contrast_auto"``), so that :func:`~atomds.ops.refine.refine` fits
+        the same way.
 
     Returns
     -------
@@ -134,7 +138,10 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
         No blob passed; the message names the threshold used and what to try.
     InvalidParameterError, InvalidImageError
     """
+    height_map = is_height_map(ds)
     ds = flatten_height_map(ds)  # a height map (STM/AFM) is flattened first, recorded in subtract_background_params
+    # a topograph's atoms protrude (adatoms, even beside deeper corner holes): bright columns
+    con = "bright" if contrast == "auto" and height_map else contrast
     da = image_dataarray(ds)
     ps = pixel_size(ds)
     u = length_units(ds)
@@ -144,7 +151,7 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
     img = _image_numpy(ds)
     res = core_find_atoms(img, template=tmpl, threshold=threshold, min_area=min_area, max_area=max_area,
                           sublattices=sublattices, sigma=s_px, spacing=d_px, z_min=z_min, min_contrast=min_contrast,
-                          lattice_check=lattice_check, contrast=contrast)
+                          lattice_check=lattice_check, contrast=con)
     out = drop_dim_vars(ds, "atom")
     if "correlation" in out.variables:
         out = out.drop_vars("correlation")
@@ -160,7 +167,7 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
     out["atom_y"] = atom_var(y.astype(np.float64).copy(), u, "atom position y")
     out["atom_score"] = atom_var(res.score.astype(np.float64), "1", "peak normalised cross-correlation with the template")
     out["atom_area"] = atom_var(res.area.astype(np.float64) * ps * ps, f"{u}^2" if u != "px" else "px^2",
-                                "area of the correlation blob")
+                                "area of the correlation blob (NaN: found in the residual passes, no blob)")
     n_sub = int(res.sublattice.max()) + 1 if res.sublattice.size else 0
     out["sublattice"] = atom_var(
         res.sublattice.astype(np.int64), "1", "sublattice (0 = brightest class)",
@@ -173,6 +180,8 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
     )
     params = _params_in_units(res.params, ps, u)
     params["height_map"] = is_height_map(ds)
+    if con != contrast:
+        params["contrast_auto"] = {"contrast": con, "reason": "height map: atoms protrude", "decided": True}
     for kind, message in res.params.get("fallbacks", {}).items():
         note_fallback(params, kind, message)  # recorded (already) and warned once per kind
     return record_params(out, "find_atoms", params)

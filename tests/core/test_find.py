@@ -402,8 +402,12 @@ def test_dark_columns_with_contrast_dark():
     it, jf = samples.match_positions(np.c_[s.x, s.y], np.c_[r["x"], r["y"]], 3.0)
     assert np.sqrt(np.mean((s.x[it] - r["x"][jf]) ** 2 + (s.y[it] - r["y"][jf]) ** 2)) < 0.2
     assert np.nanmedian(r["amplitude"]) > 0  # the depth of the dips
-    as_bright = find.find_atoms(image)
+    as_bright = find.find_atoms(image, contrast="bright")
     assert _score(s, as_bright)["recall"] < 0.5
+    # the default, contrast="auto", reads the dark columns from the image and finds them without a hint
+    auto = find.find_atoms(image)
+    assert auto.params["contrast"] == "dark" and auto.params["contrast_auto"]["decided"]
+    assert _score(s, auto)["recall"] >= 0.998
     with pytest.raises(InvalidParameterError, match="contrast"):
         find.find_atoms(image, contrast="inverted")
 
@@ -419,3 +423,39 @@ def test_dark_perovskite_two_passes_keep_the_contrast_and_the_spike_count():
     assert res.params["sublattice_mode"].startswith("auto (one template")
     assert res.params["contrast"] == "dark" and res.params["spikes"] == 1
     assert min(_score(s, res)["recall_by_label"].values()) >= 0.99
+
+
+@pytest.mark.parametrize("make", [
+    lambda: samples.honeycomb_sample(shape=256, dose=2500.0, dim_ratio=0.5, seed=4),
+    lambda: samples.perovskite110_sample(shape=256, dose=3000.0, seed=2),
+    lambda: samples.hexagonal_sample(shape=(192, 192), dose=800.0, seed=6),
+])
+def test_contrast_auto_reads_haadf_and_abf_of_the_same_area(make):
+    # the same columns as peaks (HAADF) and as dips (ABF-like): the polarity comes from the image
+    from atomds.core.find.polarity import column_polarity
+
+    s = make()
+    dark = samples.dark_sample(s, seed=9)
+    bright_pol, dark_pol = column_polarity(s.image), column_polarity(dark.image)
+    assert bright_pol.contrast == "bright" and dark_pol.contrast == "dark"
+    assert bright_pol.decided and dark_pol.decided and bright_pol.skewness > 0 > dark_pol.skewness
+    for img, want in ((s.image, "bright"), (dark.image, "dark")):
+        res = find.find_atoms(img)
+        assert res.params["contrast"] == want and res.params["contrast_auto"]["contrast"] == want
+        sc = _score(s, res)
+        # the brightest species fully; the dimmest (a quarter of the peak on the ABF's bright
+        # background: SNR about 5) is measured against the targets in benchmarks
+        assert sc["recall_by_label"][0] >= 0.99 and sc["recall"] >= 0.9 and sc["false_positive_rate"] <= 0.01
+
+
+def test_contrast_auto_on_an_image_that_does_not_tell_takes_bright_and_says_so():
+    from atomds.core.find.polarity import column_polarity
+
+    noise = np.random.default_rng(3).normal(100.0, 10.0, (128, 128))
+    pol = column_polarity(noise)
+    assert pol.contrast == "bright" and not pol.decided and pol.reflections == 0
+    flat_lattice = np.cos(np.arange(128) * 2 * np.pi / 8)[None, :] + np.zeros((128, 1))  # a sine: no sign
+    pol = column_polarity(flat_lattice + np.random.default_rng(1).normal(0, 0.05, (128, 128)))
+    assert not pol.decided and abs(pol.skewness) < 0.25 and pol.reflections >= 1
+    with pytest.raises(InvalidParameterError, match="contrast"):
+        find.find_atoms(noise, contrast="Auto")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import InvalidImageError, InvalidParameterError, NoAtomsFoundError
-from ..image import central_crop, check_image, turn_over
+from ..image import CONTRAST_CHOICES, CONTRASTS, central_crop, check_image, turn_over
 from ..scales import SMALL_CROP, PatchSampler, column_sigma, image_scales, noise_model
 from ..spikes import remove_spikes
 from .blobs import Blobs, area_bounds, find_blobs, local_reference, too_broad
@@ -29,6 +29,7 @@ from .constants import FAINT_MAX_FRACTION, GLOBAL_REFERENCE_FLOOR, MIN_INTERIOR_
 from .contrast import flatten_local
 from .correlation import amplitudes_at, best_correlation
 from .lattice import faint_off_lattice, outside_lattice, real_columns, small_real_columns, sub_threshold_on_sites
+from .polarity import Polarity, column_polarity
 from .residual import residual_passes
 from .significance import auto_threshold, border_strip, lowered_z_thresholds, peak_sample, z_thresholds
 from .templates import check_template, class_templates, is_point, make_templates
@@ -59,7 +60,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
                max_area: float | None = None, sublattices: str | int | None = "auto", sigma: float | None = None,
                spacing: float | None = None, z_min: float | None = None, min_contrast: float = 0.25,
                workers: int | None = None, refine_templates: bool = True, lattice_check: bool = True,
-               contrast: str = "bright", residual: bool = True) -> FoundAtoms:
+               contrast: str = "auto", residual: bool = True) -> FoundAtoms:
     """Find atomic columns by zero-normalised template correlation.
 
     Pipeline (every step vectorised over pixels or blobs):
@@ -151,9 +152,14 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         Threads for the FFTs (default: all).
     refine_templates : bool
         Allow the second pass of step 8.
-    contrast : {"bright", "dark"}
+    contrast : {"auto", "bright", "dark"}
         "bright": columns brighter than their surroundings (HAADF, STM topography); "dark":
         darker (ABF, BF): the image is turned over (``max - image``) before everything else.
+        "auto" (default): decided from the image (:func:`~atomds.core.find.polarity.column_polarity`:
+        the sign of the skewness of its lattice part, the Fourier reflections alone), recorded
+        as ``params["contrast"]`` (the contrast used) and ``params["contrast_auto"]`` (the
+        measurements); an image that does not tell (no lattice reflections, skewness near zero)
+        is taken as bright, with the fallback ``"contrast_undecided"`` recorded.
     lattice_check : bool
         Use the lattice of the clear columns (step 5): keep sub-threshold blobs on its sites,
         drop faint blobs off its sites and weak blobs in disordered regions of their own. Turn
@@ -179,7 +185,9 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     NoAtomsFoundError
         No blob passed; the message gives the threshold used and what to try.
     """
-    img = turn_over(check_image(image), contrast)
+    arr = check_image(image)
+    contrast, polarity = _decide_contrast(arr, contrast)
+    img = turn_over(arr, contrast)
     noise = noise_model(img)
     # hot and dead pixels would pass for the clearest columns and set the scales: replaced by
     # the median of their neighbours for finding (refinement leaves them out of its fits)
@@ -210,6 +218,8 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         "template_shape": [list(t.shape) for t in templates], "sublattice_mode": mode, "n_sublattices": n_sub,
         "rejected": counts, "local_background": flat.params,
     }
+    if polarity is not None:
+        _record_polarity(params, polarity)
     result = FoundAtoms(x=blobs.x, y=blobs.y, score=blobs.score, area=blobs.area, sublattice=sub, zscore=blobs.zscore,
                         amplitude=amp, correlation=ncc, templates=templates, params=params)
     if mode == "auto" and n_sub > 1 and kinds == ["auto"] and refine_templates:
@@ -246,6 +256,27 @@ def _check_arguments(threshold, min_area, max_area, sigma, spacing, z_min, min_c
     if not (sublattices is None or sublattices == "auto"
             or (isinstance(sublattices, (int, np.integer)) and not isinstance(sublattices, bool) and sublattices >= 1)):
         raise InvalidParameterError(f"sublattices must be 'auto', an int >= 1 or None, got {sublattices!r}.")
+
+
+def _decide_contrast(image: np.ndarray, contrast: str):
+    """The contrast to use (``"bright"`` or ``"dark"``) and, for ``"auto"``, the :class:`Polarity` behind it."""
+    if contrast == "auto":
+        pol = column_polarity(image)
+        return pol.contrast, pol
+    if contrast not in CONTRASTS:
+        raise InvalidParameterError(f"contrast must be one of {CONTRAST_CHOICES}, got {contrast!r}.")
+    return contrast, None
+
+
+def _record_polarity(params: dict[str, Any], pol: Polarity) -> None:
+    """Record the automatic contrast decision (and the fallback when the image did not tell) in ``params``."""
+    params["contrast_auto"] = pol.as_params()
+    if not pol.decided:
+        params.setdefault("fallbacks", {})["contrast_undecided"] = (
+            f"find_atoms: contrast='auto' could not tell bright from dark columns ({pol.reflections} lattice "
+            f"reflections, skewness {pol.skewness:+.2f}); the columns were taken as bright. Pass contrast='dark' "
+            "for an ABF or BF image."
+        )
 
 
 def _template_specs(template, shape: tuple[int, int]) -> list:
@@ -411,8 +442,9 @@ def _second_pass(img: np.ndarray, first: FoundAtoms, kw: dict[str, Any]) -> Foun
         )
         return first
     try:
+        # img is already turned over: its columns are bright
         second = find_atoms(img, template=class_t, sublattices="auto", sigma=p["sigma"], spacing=p["spacing"],
-                            refine_templates=False, **kw)
+                            refine_templates=False, contrast="bright", **kw)
     except NoAtomsFoundError as exc:
         p.setdefault("fallbacks", {})["second_pass_failed"] = (
             f"find_atoms: the second pass (one template per class) found no atoms ({exc}); the atoms of the first "
@@ -420,6 +452,9 @@ def _second_pass(img: np.ndarray, first: FoundAtoms, kw: dict[str, Any]) -> Foun
         )
         return first
     second.params["contrast"] = p["contrast"]
+    for key in ("contrast_auto", "fallbacks"):
+        if key in p:
+            second.params[key] = {**p[key], **second.params.get(key, {})}
     second.params["period"] = p["period"]
     second.params["spikes"] = p["spikes"]
     second.params["templates"] = [f"auto (class {k})" for k in range(len(class_t))]
