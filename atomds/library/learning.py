@@ -491,10 +491,16 @@ def learn(
     """Library-wide k-means (K from the dendrogram unless given) and PCA, plus per-image summaries.
 
     ``pca(kmeans(tree, n_clusters, ...), n_components)``; see :func:`kmeans`, :func:`pca` and
-    :func:`summarize`.
+    :func:`summarize`. On a library opened lazily (Dask-backed ``/atoms``) every fit streams over
+    chunks of atoms (:mod:`atomds.library.outofcore`); with a dask.distributed client the
+    descriptor is kept in the workers' memory for the passes when it takes at most a quarter of it.
     """
-    out = kmeans(tree, n_clusters, kind=kind, centroid=centroid, n_init=n_init, seed=seed, k_range=k_range)
-    return pca(out, n_components)
+    from . import outofcore as oc
+
+    # a library opened lazily: its descriptor is read once (kept in the workers' memory when it fits)
+    with oc.session():
+        out = kmeans(tree, n_clusters, kind=kind, centroid=centroid, n_init=n_init, seed=seed, k_range=k_range)
+        return pca(out, n_components)
 
 
 def property_correlation(

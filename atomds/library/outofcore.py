@@ -19,8 +19,10 @@ Rows with a NaN (edge atoms, incomplete neighbourhoods) are left out of every fi
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import dask
 import dask.array as da
@@ -30,6 +32,7 @@ from ..core import learn as cl
 from ..errors import InvalidParameterError
 
 __all__ = [
+    "session",
     "StreamedKMeans",
     "StreamedPCA",
     "streamed_kmeans",
@@ -49,6 +52,42 @@ SAMPLE_ROWS = 100_000
 LLOYD_TOL = 1e-4
 #: At most this many Lloyd passes over all rows.
 LLOYD_MAX_PASSES = 100
+#: Lloyd passes of the dendrogram's micro-clusters over all rows (they need not converge: they
+#: only summarise the atoms for the tree, as atomds.core.learn.ward_linkage's few iterations).
+MICRO_PASSES = 3
+
+
+#: Within :func:`session`, a descriptor is kept in the workers' memory when it takes at most this
+#: fraction of their memory limits together (then every pass reads memory, not the store).
+PERSIST_FRACTION = 0.25
+
+_SESSION: dict[str, Any] = {"active": 0, "arrays": {}, "samples": {}}
+
+
+@contextlib.contextmanager
+def session():
+    """Passes over the same descriptor share work: it is read from the store once and kept in the
+    memory of the dask.distributed workers when it fits (:data:`PERSIST_FRACTION`), and its
+    random sample is drawn once. Everything kept is released at the end."""
+    _SESSION["active"] += 1
+    try:
+        yield
+    finally:
+        _SESSION["active"] -= 1
+        if not _SESSION["active"]:
+            _SESSION["arrays"].clear()
+            _SESSION["samples"].clear()
+
+
+def _worker_memory() -> float:
+    """Sum of the memory limits of the current dask.distributed client's workers (bytes; 0 without one)."""
+    try:
+        from distributed import get_client
+
+        info = get_client().scheduler_info()
+    except (ImportError, ValueError):
+        return 0.0
+    return float(sum(w.get("memory_limit") or 0 for w in info.get("workers", {}).values()))
 
 
 def _check(X) -> da.Array:
@@ -58,6 +97,14 @@ def _check(X) -> da.Array:
         raise InvalidParameterError(f"the descriptor must be 2-D (atom, feature), got shape {X.shape}.")
     if X.chunks[1] != (X.shape[1],):
         X = X.rechunk({1: -1})
+    if _SESSION["active"]:
+        kept = _SESSION["arrays"].get(X.name)
+        if kept is not None:
+            return kept
+        if X.nbytes <= PERSIST_FRACTION * _worker_memory():
+            kept = X.persist()
+            _SESSION["arrays"][X.name] = kept
+            return kept
     return X
 
 
@@ -68,6 +115,9 @@ def _finite(b: np.ndarray) -> np.ndarray:
 def sample_rows(X, n: int, *, seed: int = 0) -> np.ndarray:
     """Up to ``n`` finite rows of ``X`` drawn at random (seeded), in memory (float64)."""
     X = _check(X)
+    key = (X.name, int(n), int(seed))
+    if key in _SESSION["samples"]:
+        return _SESSION["samples"][key]
     rng = np.random.default_rng(seed)
     N = X.shape[0]
     if N > 4 * n:
@@ -79,6 +129,8 @@ def sample_rows(X, n: int, *, seed: int = 0) -> np.ndarray:
     S = S[_finite(S)]
     if len(S) > n:
         S = S[np.sort(rng.choice(len(S), size=n, replace=False))]
+    if _SESSION["active"]:
+        _SESSION["samples"][key] = S
     return S
 
 
@@ -248,8 +300,11 @@ def project(X, fit: StreamedPCA) -> da.Array:
     return X.map_blocks(block, dtype=np.float64, chunks=(X.chunks[0], (comp.shape[0],)))
 
 
-def streamed_linkage(X, *, n_micro: int = 256, seed: int = 0, sample: int = SAMPLE_ROWS):
-    """Size-weighted Ward tree over ``n_micro`` streamed k-means micro-clusters.
+def streamed_linkage(X, *, n_micro: int = 256, seed: int = 0, sample: int = SAMPLE_ROWS, passes: int = MICRO_PASSES):
+    """Size-weighted Ward tree over ``n_micro`` streamed k-means micro-clusters (the library's dendrogram).
+
+    The micro-clusters start from k-means on ``sample`` rows and take ``passes`` Lloyd passes over
+    every row; each leaf is weighted by its number of atoms in the whole library.
 
     Returns
     -------
@@ -258,7 +313,7 @@ def streamed_linkage(X, *, n_micro: int = 256, seed: int = 0, sample: int = SAMP
     centers : ndarray (L, f)
         The micro-cluster centres (leaves of ``Z``).
     """
-    fit = streamed_kmeans(X, n_micro, n_init=1, seed=seed, sample=sample)
+    fit = streamed_kmeans(X, n_micro, n_init=1, seed=seed, sample=sample, max_passes=passes)
     keep = fit.sizes > 0
     C, w = fit.centers[keep], fit.sizes[keep]
     return _weighted_ward_exact(C, w), C
@@ -300,14 +355,18 @@ def _weighted_ward_exact(C: np.ndarray, w: np.ndarray) -> np.ndarray:
 def streamed_suggest_k(
     X, *, k_range: Iterable[int] = range(1, 11), n_micro: int = 256, seed: int = 0, sample: int = SAMPLE_ROWS
 ) -> tuple[int, list[dict]]:
-    """Number of real groups (1 for one phase): :func:`atomds.core.learn.significant_splits` on
-    the micro-cluster tree (:func:`streamed_linkage`), tested on ``sample`` random rows with
-    their nearest micro-cluster as leaf. Returns K and the split tests."""
-    Z, C = streamed_linkage(X, n_micro=n_micro, seed=seed, sample=sample)
-    S = sample_rows(X, int(sample), seed=seed + 1)
-    if len(C) < 2:
-        return 1, []
-    leaf = cl.assign(S, C)[0]
+    """Number of real groups (1 for one phase) from ``sample`` random rows read in one pass.
+
+    The size-weighted Ward tree of ``n_micro`` k-means micro-clusters of the sample
+    (:func:`atomds.core.learn.ward_linkage`) is split by
+    :func:`atomds.core.learn.significant_splits`, as the in-memory library does on its own
+    sample: the top of the tree, which decides K, is that of all atoms up to sampling noise, at a
+    cost that does not grow with the library. Returns K and the split tests.
+    """
+    S = sample_rows(X, int(sample), seed=seed)
+    if len(S) < 3:
+        raise InvalidParameterError(f"suggest_k needs at least 3 usable atoms, got {len(S)}.")
+    Z, leaf = cl.ward_linkage(S, n_micro=n_micro, seed=seed)
     return cl.significant_splits(Z, S, leaf, k_range=k_range)
 
 

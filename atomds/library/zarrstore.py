@@ -278,6 +278,11 @@ def _root_rows(new_root: xr.Dataset, old_root: xr.Dataset, n_new: int) -> xr.Dat
     return ds
 
 
+def _open_group(location: str | os.PathLike, group: str | None) -> xr.Dataset:
+    """One node of a Zarr library as a lazy Dataset (its own variables only)."""
+    return xr.open_dataset(os.fspath(location), engine="zarr", group=group, consolidated=False, chunks={})
+
+
 def append(
     location: str | os.PathLike,
     datasets: Sequence[xr.Dataset | None] | Mapping[str, xr.Dataset | None],
@@ -316,18 +321,19 @@ def append(
     """
     import zarr  # noqa: F401 - a clear ImportError before anything is written
 
-    existing = open_zarr_library(location, check=False)
-    old_ids = ids_of(existing)
+    # only the root and /atoms are read: opening every /images group would make an append cost
+    # grow with the library
+    old_root, old_at = _open_group(location, None), _open_group(location, "atoms")
+    old_ids = [str(v) for v in old_root["image"].values]
     new = from_datasets(datasets, ids=ids, properties=properties, errors=errors)
     new_ids = ids_of(new)
     clash = sorted(set(new_ids) & set(old_ids))
     if clash:
         raise InvalidParameterError(f"images {clash} are already in the library {location}.")
-    old_at = existing.children["atoms"].to_dataset(inherit=False)
     new_at = new.children["atoms"].to_dataset(inherit=False)
     n_new = int(new_at.sizes.get("atom", 0))
     rows, filled = _fit_to(new_at, old_at, n_new, len(old_ids))
-    root_rows = _root_rows(new.to_dataset(inherit=False), existing.to_dataset(inherit=False), len(new_ids))
+    root_rows = _root_rows(new.to_dataset(inherit=False), old_root, len(new_ids))
     learned = any(n in old_at.variables for n in LEARNED_VARS)
     loc = os.fspath(location)
     root = _group(loc)
@@ -335,7 +341,7 @@ def append(
         {"n_image": len(old_ids), "n_atom": int(old_at.sizes.get("atom", 0)), "new_ids": new_ids}
     )
     status = [str(v) for v in new.to_dataset(inherit=False)["status"].values]
-    root_dims = set(existing.to_dataset(inherit=False).dims) & set(LEARNED_DIMS)
+    root_dims = set(old_root.dims) & set(LEARNED_DIMS)
     for iid, st in zip(new_ids, status, strict=True):
         if st == "ok":
             node = _image_node(image(new, iid), rows, filled)
