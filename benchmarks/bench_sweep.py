@@ -229,7 +229,7 @@ def band(lo: float, hi: float):
     return lambda v: lo <= v < hi
 
 
-def report(results: list[dict], args, seeds: list[int], wall: float) -> str:
+def report(results: list[dict], args, seeds: list[int], wall: float, commit: str) -> str:
     rows = species_rows(results)
     multi = [r for r in results if r["params"]["n_species"] > 1 and r["ari"] is not None]
     single = [r for r in results if r["params"]["n_species"] == 1 and r["ari"] is not None]
@@ -241,7 +241,7 @@ def report(results: list[dict], args, seeds: list[int], wall: float) -> str:
     lines = [SECTION, "",
              f"`nice python benchmarks/bench_sweep.py{' --quick' if args.quick else f' --n {args.n}'}` on "
              f"{platform.machine()}, {args.workers} worker processes on {os.cpu_count()} cores shared with other "
-             f"work, Python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}, commit {_commit()}: {len(results)} "
+             f"work, Python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}, commit {commit} (when the workers started): {len(results)} "
              f"images in {wall / 60:.1f} min (find + refine {np.median(secs):.2f} s median, {secs.max():.1f} s "
              "max per image). Defaults of `ds.lcx.find_atoms().lcx.refine()`, pixel size given. Issue 10's targets: "
              f"recall >= 99.5 % per species where its SNR >= 8, false positives <= 0.2 %, RMSE/CRB <= 1.2, "
@@ -311,6 +311,7 @@ def main(argv=None):
     from atomds.core.samples.sweep import sweep_seeds
 
     seeds = sweep_seeds(args.master_seed, n)
+    commit = _commit()
     t0 = time.perf_counter()
     results = []
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=mp.get_context("spawn")) as pool:
@@ -321,7 +322,7 @@ def main(argv=None):
                   f"{' '.join(f'{v:.3f}' for v in sc['recall'])} fp {sc['false_positive_rate']:.3f} "
                   f"{rec['seconds']:.1f}s {rec['error'] or ''}", flush=True)
     wall = time.perf_counter() - t0
-    text = report(results, args, seeds, wall)
+    text = report(results, args, seeds, wall, commit)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(results, default=float, indent=1))
