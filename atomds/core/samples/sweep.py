@@ -220,7 +220,8 @@ def draw_sweep_params(seed: int, *, shape: int | tuple[int, int] | None = None, 
         raise InvalidParameterError(f"unknown sweep parameters {sorted(unknown)}; known: {', '.join(_PARAM_KEYS)}.")
     p: dict[str, Any] = {"seed": int(seed)}
     if shape is None:
-        shape = tuple(int(v) for v in rng.integers(SIDE_RANGE[0], SIDE_RANGE[1] + 1, 2))
+        ny, nx = (int(v) for v in rng.integers(SIDE_RANGE[0], SIDE_RANGE[1] + 1, 2))
+        shape = (ny, nx)
     elif np.isscalar(shape):
         shape = (int(shape), int(shape))  # type: ignore[arg-type]
     p["shape"] = [int(s) for s in shape]  # type: ignore[union-attr]
