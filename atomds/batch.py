@@ -79,6 +79,15 @@ def _peak_rss_mb() -> float:
     return r / 1024.0 if sys.platform != "darwin" else r / 2**20
 
 
+def _rss_mb() -> float:
+    """Resident memory of this process now (MB; NaN where /proc is not available)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 _FILE_LOCK = threading.Lock()
 _LIMIT_LOCK = threading.Lock()
 _LIMIT_STATE: dict[str, Any] = {"count": 0, "limiter": None, "dask": None}
@@ -132,7 +141,8 @@ def process_image(task: Mapping[str, Any]) -> dict[str, Any]:
     dict
         ``id``, ``status`` ("ok" or "failed"), ``error``, ``n_atoms``, ``seconds`` (wall),
         ``cpu_seconds`` (CPU time of the worker process during the task), ``peak_rss_mb`` (peak
-        resident memory of the worker process so far) and ``pid``.
+        resident memory of the worker process so far), ``rss_mb`` (its resident memory after the
+        task) and ``pid``.
     """
     from .io import open_image, to_netcdf
 
@@ -170,6 +180,7 @@ def process_image(task: Mapping[str, Any]) -> dict[str, Any]:
     out["seconds"] = time.perf_counter() - t0
     out["cpu_seconds"] = time.process_time() - c0
     out["peak_rss_mb"] = _peak_rss_mb()
+    out["rss_mb"] = _rss_mb()
     return out
 
 
