@@ -362,7 +362,8 @@ def test_dense_lattice_near_the_noise_limit_keeps_columns_on_sites():
     assert sc["recall"] >= 0.998
     assert sc["false_positive_rate"] <= 0.002
     assert res.params["rejected"]["on_lattice_site"] > 0
-    assert _score(s, find.find_atoms(s.image, lattice_check=False))["recall"] < 0.998
+    # the first pass alone (the residual passes find the rest, on the sites or not)
+    assert _score(s, find.find_atoms(s.image, lattice_check=False, residual=False))["recall"] < 0.998
 
 
 @pytest.mark.parametrize("lattice", ["hexagonal", "square"])

@@ -30,7 +30,7 @@ from .contrast import flatten_local
 from .correlation import amplitudes_at, best_correlation
 from .lattice import faint_off_lattice, outside_lattice, real_columns, small_real_columns, sub_threshold_on_sites
 from .polarity import Polarity, column_polarity
-from .residual import residual_passes
+from .residual import ResidualColumns, like_a_class, residual_passes
 from .significance import auto_threshold, border_strip, lowered_z_thresholds, peak_sample, z_thresholds
 from .templates import check_template, class_templates, is_point, make_templates
 
@@ -468,8 +468,11 @@ def _residual_stage(img: np.ndarray, found: FoundAtoms, noise: tuple[float, floa
                     sublattices) -> FoundAtoms:
     """Step 9 of :func:`find_atoms`: dim columns found in the residual of the fitted columns, and the classes again.
 
-    Fewer new columns than ``FAINT_MAX_FRACTION`` of those found are specks, not a sublattice,
-    and are not kept (counted under ``params["residual"]["dropped"]``). The passes run on the whole image only when one pass over the central estimation crop
+    Fewer new columns than ``FAINT_MAX_FRACTION`` of those found are not a sublattice of their
+    own: each is kept only when its fitted peak is not significantly below ``KEEP_AMPLITUDE`` of
+    the median of the dimmest class found (:func:`~atomds.core.find.residual.like_a_class`: the
+    missed members of a class), the others are specks (counted under
+    ``params["residual"]["dropped"]``). The passes run on the whole image only when one pass over the central estimation crop
     (``SMALL_CROP`` px) finds columns there: an image whose columns were all found costs one
     small fit. New columns get ``area`` NaN (no blob) and the correlation map's value as score;
     then every column is classed again by its fitted amplitude relative to the bright columns
@@ -489,10 +492,16 @@ def _residual_stage(img: np.ndarray, found: FoundAtoms, noise: tuple[float, floa
     rc = residual_passes(img, found.x, found.y, **kw)
     p["residual"] = {"rounds": int(rc.rounds), "n_atoms": int(rc.x.size), "screened_on_crop": (ny, nx) != crop.shape}
     if rc.x.size < FAINT_MAX_FRACTION * len(found):
-        # a handful of residual maxima are specks (a hole's rim), not a sublattice: not kept
-        p["residual"]["n_atoms"] = 0
-        p["residual"]["dropped"] = int(rc.x.size)
-        return found
+        # a handful of residual columns are not a sublattice of their own: each is kept when it is
+        # as bright as a class already found (its missed members), else it is a speck (a hole's rim)
+        like, fit = like_a_class(img, found.x, found.y, found.sublattice, rc.x, rc.y, sigma=p["sigma"], noise=noise)
+        p["residual"]["dropped"] = int((~like).sum())
+        keep = np.r_[np.ones(len(found), dtype=bool), like]
+        rc = ResidualColumns(rc.x[like], rc.y[like], rc.zscore[like], rc.rounds,
+                             {k: np.asarray(v)[keep] for k, v in fit.items() if np.size(v) == keep.size})
+        p["residual"]["n_atoms"] = int(rc.x.size)
+        if rc.x.size == 0:
+            return found
     ix = np.clip(np.rint(rc.x).astype(np.int64), 0, nx - 1)
     iy = np.clip(np.rint(rc.y).astype(np.int64), 0, ny - 1)
     x, y = np.r_[found.x, rc.x], np.r_[found.y, rc.y]

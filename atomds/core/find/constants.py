@@ -120,3 +120,20 @@ RESIDUAL_ROUNDS = 3
 RESIDUAL_EXCLUSION = 2.0
 #: Reach of each column's Gaussian in the model subtracted, column widths.
 RESIDUAL_REACH = 4.0
+#: A residual maximum within RESIDUAL_EXCLUSION widths of the border may be the tail of a column
+#: centred outside the image: it is kept only when its own fit (neighbours subtracted) puts the
+#: centre inside the image (``-0.5 <= x <= nx - 0.5``), within this many widths of the
+#: maximum, with an integrated intensity above ``RESIDUAL_BORDER_SIGNIFICANCE`` standard errors.
+RESIDUAL_BORDER_SHIFT = 1.0
+#: A residual maximum on a site that the columns around it predict (``SITE_MATCHES`` of them at
+#: local lattice vectors) is a column from this significance (noise sd) up: few places are tested
+#: there (the empty sites, as many as the missing columns and a hole's rim sites), and pure noise
+#: exceeds 3 sd at 0.13 % of them (below 0.2 false column per 100 empty sites).
+RESIDUAL_SITE_Z = 3.0
+#: Translations of a lattice (:func:`~atomds.core.find.residual.lattice_translations`): offsets
+#: to neighbours within this many nearest-column distances (a perovskite [110]'s period is 2.8)...
+TRANSLATION_REACH = 3.2
+#: ... made by at least this share of the columns that make the most common offset (an offset
+#: between two sublattices is made by one of them: half, or less).
+TRANSLATION_SHARE = 0.75
+RESIDUAL_BORDER_SIGNIFICANCE = 3.0

@@ -22,11 +22,25 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage as ndi
 
-from .constants import MIN_LATTICE_ANCHORS, RESIDUAL_EXCLUSION, RESIDUAL_REACH, RESIDUAL_ROUNDS, SITE_MATCHES
+from .constants import (
+    KEEP_AMPLITUDE,
+    KEEP_ERRORS,
+    MIN_LATTICE_ANCHORS,
+    RESIDUAL_BORDER_SHIFT,
+    RESIDUAL_BORDER_SIGNIFICANCE,
+    RESIDUAL_EXCLUSION,
+    RESIDUAL_REACH,
+    RESIDUAL_ROUNDS,
+    RESIDUAL_SITE_Z,
+    SITE_MATCHES,
+    TRANSLATION_REACH,
+    TRANSLATION_SHARE,
+)
 from .lattice import supported_by_lattice
 from .significance import noise_z_threshold
 
-__all__ = ["ResidualColumns", "gaussian_model", "residual_candidates", "residual_passes"]
+__all__ = ["ResidualColumns", "border_columns", "gaussian_model", "lattice_translations", "like_a_class",
+           "near_border", "residual_candidates", "residual_passes", "translation_sites", "translation_supported"]
 
 
 @dataclass
@@ -88,7 +102,8 @@ def _matched_filter(residual: np.ndarray, image: np.ndarray, sigma: float,
 
 
 def residual_candidates(residual: np.ndarray, image: np.ndarray, x, y, *, sigma: float, noise: tuple[float, float],
-                        z_min: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+                        z_min: float | None = None, z_floor: float | None = None,
+                        border: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Significant maxima of the residual's matched filter away from the columns at ``(x, y)``.
 
     Parameters
@@ -105,6 +120,12 @@ def residual_candidates(residual: np.ndarray, image: np.ndarray, x, y, *, sigma:
         Noise model ``variance = a + b * intensity``.
     z_min : float, optional
         Significance threshold; default the level pure noise exceeds at 0.5 maxima over the image.
+    z_floor : float, optional
+        Return the maxima down to this level (below the threshold; the caller tests them further).
+    border : bool
+        Also return the maxima within ``RESIDUAL_EXCLUSION`` widths of the image border (tails of
+        columns centred outside the image leave maxima there too: :func:`border_columns` tells
+        them apart); else they are left out.
 
     Returns
     -------
@@ -113,10 +134,12 @@ def residual_candidates(residual: np.ndarray, image: np.ndarray, x, y, *, sigma:
     z, templates = _matched_filter(residual, image, sigma, noise)
     zmin = noise_z_threshold(templates, float(residual.size)) if z_min is None else float(z_min)
     size = 2 * int(np.ceil(sigma)) + 1
-    peak = (z == ndi.maximum_filter(z, size=size, mode="nearest")) & (z >= zmin)
-    # tails of columns centred outside the image leave maxima along its border
-    b = int(np.ceil(RESIDUAL_EXCLUSION * sigma))
-    peak[:b], peak[-b:], peak[:, :b], peak[:, -b:] = False, False, False, False
+    lowest = zmin if z_floor is None else min(zmin, float(z_floor))
+    peak = (z == ndi.maximum_filter(z, size=size, mode="nearest")) & (z >= lowest)
+    if not border:
+        # tails of columns centred outside the image leave maxima along its border
+        b = int(np.ceil(RESIDUAL_EXCLUSION * sigma))
+        peak[:b], peak[-b:], peak[:, :b], peak[:, -b:] = False, False, False, False
     py, px = np.nonzero(peak)
     if py.size and np.size(x):
         from scipy.spatial import cKDTree
@@ -125,6 +148,62 @@ def residual_candidates(residual: np.ndarray, image: np.ndarray, x, y, *, sigma:
         far = dist >= RESIDUAL_EXCLUSION * sigma
         py, px = py[far], px[far]
     return px.astype(np.float64), py.astype(np.float64), z[py, px].astype(np.float64), zmin
+
+
+def near_border(x, y, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """Positions (px) within ``RESIDUAL_EXCLUSION`` column widths of the image border."""
+    ny, nx = shape
+    b = RESIDUAL_EXCLUSION * sigma
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    return (x < b) | (x > nx - 1 - b) | (y < b) | (y > ny - 1 - b)
+
+
+def border_columns(image: np.ndarray, x, y, cand: np.ndarray, *, sigma: float,
+                   noise: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which candidates near the border are columns centred inside the image, and their fitted centres (px).
+
+    A maximum of the residual near the border is either a column whose centre lies inside the
+    image or the tail of one centred outside it. Each such candidate is fitted with its
+    neighbours' models subtracted (:func:`atomds.core.refine.refine_gaussian` on ``subset``): it
+    is a column when the fit converged with its centre inside the image
+    (``-0.5 <= x <= nx - 0.5``; reported on its border pixel), within ``RESIDUAL_BORDER_SHIFT``
+    widths of the maximum, and an integrated intensity above ``RESIDUAL_BORDER_SIGNIFICANCE``
+    standard errors. A tail's fit runs outwards or fails.
+
+    Parameters
+    ----------
+    image : 2-D array
+    x, y : arrays
+        Every column (found so far and candidates), px.
+    cand : int array
+        Indices into ``x``, ``y`` of the candidates to test.
+    sigma : float
+        Column width, px.
+    noise : (a, b)
+        Noise model ``variance = a + b * intensity``.
+
+    Returns
+    -------
+    keep : bool array (len(cand),)
+    fx, fy : arrays (len(cand),)
+        The fitted centres, px, on the image's pixels (``0 <= x <= nx - 1``).
+    """
+    from ..refine import refine_gaussian
+
+    cand = np.asarray(cand, dtype=np.int64)
+    if cand.size == 0:
+        return np.zeros(0, bool), np.zeros(0), np.zeros(0)
+    ny, nx = image.shape
+    fit = refine_gaussian(image, x, y, sigma=sigma, despike=False, noise=(noise[1], np.sqrt(noise[0])), joint=False,
+                          subset=cand)
+    fx, fy = np.asarray(fit["x"], dtype=np.float64), np.asarray(fit["y"], dtype=np.float64)
+    fx, fy = np.where(np.isfinite(fx), fx, np.nan), np.where(np.isfinite(fy), fy, np.nan)
+    inten, err = np.asarray(fit["intensity"], dtype=np.float64), np.asarray(fit["intensity_err"], dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        keep = (np.asarray(fit["fit_ok"], dtype=bool) & (fx >= -0.5) & (fx <= nx - 0.5) & (fy >= -0.5) & (fy <= ny - 0.5)
+                & (np.hypot(fx - x[cand], fy - y[cand]) <= RESIDUAL_BORDER_SHIFT * sigma)
+                & (inten > RESIDUAL_BORDER_SIGNIFICANCE * err))
+    return keep, np.clip(fx, 0.0, nx - 1.0), np.clip(fy, 0.0, ny - 1.0)
 
 
 def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, noise: tuple[float, float],
@@ -174,21 +253,196 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
         fy = np.where(good, fit["y"], ay)
         amp = np.where(good, fit["amplitude"], 0.0)
         model = gaussian_model(image.shape, fx, fy, amp, np.where(good, fit["sigma"], sigma))
-        cx, cy, cz, _ = residual_candidates(np.asarray(image, dtype=np.float64) - model, image, fx, fy, sigma=sigma,
-                                            noise=noise, z_min=z_min)
-        if cx.size and lattice_check and fx.size >= MIN_LATTICE_ANCHORS:
-            # on a site of the lattice of the columns found, or one of many at the same offset
-            # from their nearest found column (a sublattice of its own)
-            anchor = np.r_[np.ones(fx.size, bool), np.zeros(cx.size, bool)]
-            on = supported_by_lattice(np.r_[fx, cx], np.r_[fy, cy], anchor, spacing, min_matches=SITE_MATCHES)
-            on = on[fx.size:] | _self_supported(cx, cy, fx, fy, spacing)
-            cx, cy, cz = cx[on], cy[on], cz[on]
+        cx, cy, cz = _round_candidates(np.asarray(image, dtype=np.float64) - model, image, fx, fy, sigma=sigma,
+                                       spacing=spacing, noise=noise, z_min=z_min, lattice_check=lattice_check)
+        cx, cy, cz = _inside_at_border(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
         if cx.size == 0:
             break
         done += 1
         x, y = fx[:n0], fy[:n0]
         new_x, new_y, new_z = np.r_[fx[n0:], cx], np.r_[fy[n0:], cy], np.r_[new_z, cz]
     return ResidualColumns(new_x, new_y, new_z, done, fit)
+
+
+def _round_candidates(residual: np.ndarray, image: np.ndarray, fx, fy, *, sigma: float, spacing: float,
+                      noise: tuple[float, float], z_min: float | None, lattice_check: bool):
+    """The new columns of one residual pass (before the border test), px and z.
+
+    Significant maxima (``z_min``) on a site of the lattice of the columns ``(fx, fy)``, one of
+    many at the same offset from their nearest column (a sublattice of its own), or on a site of
+    the translations of the columns and the new maxima (:func:`translation_supported`); with
+    ``lattice_check`` and the automatic ``z_min``, also maxima down to ``RESIDUAL_SITE_Z`` on a
+    site the columns around predict (``SITE_MATCHES`` of them at local lattice vectors): few
+    places are tested there, so a lower level keeps the noise out, and a member of a sublattice
+    whose neighbours' fits took some of its signal is not lost.
+    """
+    lattice = lattice_check and np.size(fx) >= MIN_LATTICE_ANCHORS
+    floor = RESIDUAL_SITE_Z if lattice and z_min is None else z_min
+    cx, cy, cz, zmin = residual_candidates(residual, image, fx, fy, sigma=sigma, noise=noise, z_min=z_min,
+                                           z_floor=floor, border=True)
+    if cx.size == 0 or not lattice:
+        return cx, cy, cz
+    strong = cz >= zmin
+    # on a site of the lattice of the columns found, or one of many at the same offset from
+    # their nearest found column (a sublattice of its own)
+    anchor = np.r_[np.ones(np.size(fx), bool), np.zeros(int(strong.sum()), bool)]
+    on = supported_by_lattice(np.r_[fx, cx[strong]], np.r_[fy, cy[strong]], anchor, spacing, min_matches=SITE_MATCHES)
+    on = on[np.size(fx):] | _self_supported(cx[strong], cy[strong], fx, fy, spacing)
+    # ... or on a site of the translations of all of them (near the border, where a new
+    # sublattice's neighbours of the other one lie outside the image)
+    # (the sites from the columns found and the new maxima that passed: amorphous specks, dense
+    # anywhere, would support each other)
+    sup_x, sup_y = np.r_[fx, cx[strong][on]], np.r_[fy, cy[strong][on]]
+    on[~on] = translation_supported(sup_x, sup_y, cx[strong][~on], cy[strong][~on], spacing)
+    sx, sy, sz = cx[strong][on], cy[strong][on], cz[strong][on]
+    weak = ~strong
+    if not np.any(weak):
+        return sx, sy, sz
+    # weak maxima on sites the translations of the lattice predict: columns at p + T for its
+    # translation vectors T (a site's own sublattice), not merely at neighbour vectors (which
+    # also point from an empty hexagon centre of a honeycomb to its six columns)
+    ax, ay = np.r_[fx, sx], np.r_[fy, sy]
+    on_w = translation_supported(ax, ay, cx[weak], cy[weak], spacing)
+    return np.r_[sx, cx[weak][on_w]], np.r_[sy, cy[weak][on_w]], np.r_[sz, cz[weak][on_w]]
+
+
+def lattice_translations(x, y, spacing: float) -> np.ndarray:
+    """Translation vectors of the lattice of the columns ``(x, y)``: offsets that map most columns onto columns, px.
+
+    Every offset from a column to its neighbours within ``TRANSLATION_REACH`` spacings is binned
+    (bins of a tenth of a spacing, counted over 3 x 3 bins); the offsets that at least
+    ``TRANSLATION_SHARE`` of the most common one's count share are translations. The offsets
+    between sublattices (A to B of a honeycomb) are made by one sublattice only and stay out.
+
+    Returns
+    -------
+    array (k, 2)
+        The translations (both signs), px.
+    """
+    from scipy.spatial import cKDTree
+
+    xy = np.c_[np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)]
+    if xy.shape[0] < MIN_LATTICE_ANCHORS:
+        return np.zeros((0, 2))
+    pairs = cKDTree(xy).query_pairs(TRANSLATION_REACH * spacing, output_type="ndarray")
+    if pairs.size == 0:
+        return np.zeros((0, 2))
+    v = xy[pairs[:, 1]] - xy[pairs[:, 0]]
+    v = np.r_[v, -v]
+    step = 0.1 * spacing
+    k = np.rint(v / step).astype(np.int64)
+    k -= k.min(axis=0)
+    grid = np.zeros(tuple(k.max(axis=0) + 1), dtype=np.float64)
+    np.add.at(grid, (k[:, 0], k[:, 1]), 1.0)
+    summed = ndi.uniform_filter(grid, 3, mode="constant") * 9.0
+    # one maximum per offset: on the grid smoothed by a bin (the 3 x 3 sums have flat tops)
+    smooth = ndi.gaussian_filter(grid, 1.0, mode="constant")
+    peak = (smooth == ndi.maximum_filter(smooth, 3, mode="constant")) & (summed >= TRANSLATION_SHARE * summed.max())
+    i, j = np.nonzero(peak)
+    centre = np.rint(-np.min(np.rint(v / step), axis=0)).astype(np.int64)
+    t = np.c_[i - centre[0], j - centre[1]] * step
+    return t[np.hypot(t[:, 0], t[:, 1]) > 0.5 * spacing]
+
+
+def translation_sites(x, y, cx, cy, spacing: float, *, tol: float = 0.15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The lattice sites nearest the points ``(cx, cy)`` as the translations of the columns ``(x, y)`` predict them.
+
+    A point sits on a site when columns lie within ``tol`` spacings of ``p + T`` for at least
+    ``SITE_MATCHES`` of the lattice's translations ``T`` (:func:`lattice_translations`); the
+    site is the mean of ``q - T`` over those columns ``q``.
+
+    Returns
+    -------
+    on : bool array (n,)
+        Whether each point is supported.
+    sx, sy : arrays (n,)
+        The predicted sites, px (the point itself where unsupported).
+    """
+    from scipy.spatial import cKDTree
+
+    cx, cy = np.asarray(cx, dtype=np.float64), np.asarray(cy, dtype=np.float64)
+    t = lattice_translations(x, y, spacing)
+    if cx.size == 0 or t.shape[0] == 0:
+        return np.zeros(cx.size, dtype=bool), cx, cy
+    xy = np.c_[x, y]
+    probe = np.c_[cx, cy][:, None, :] + t[None, :, :]
+    dist, j = cKDTree(xy).query(probe.reshape(-1, 2))
+    hit = (dist <= tol * spacing).reshape(cx.size, t.shape[0])
+    pred = (xy[j.reshape(cx.size, t.shape[0])] - t[None, :, :])
+    n = hit.sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        sx = np.where(n > 0, (pred[:, :, 0] * hit).sum(axis=1) / np.maximum(n, 1), cx)
+        sy = np.where(n > 0, (pred[:, :, 1] * hit).sum(axis=1) / np.maximum(n, 1), cy)
+    return n >= min(SITE_MATCHES, t.shape[0]), sx, sy
+
+
+def translation_supported(x, y, cx, cy, spacing: float, *, tol: float = 0.15) -> np.ndarray:
+    """Whether the points ``(cx, cy)`` sit on sites the translations of the columns ``(x, y)`` predict (:func:`translation_sites`)."""
+    return translation_sites(x, y, cx, cy, spacing, tol=tol)[0]
+
+
+def like_a_class(image: np.ndarray, x, y, label, new_x, new_y, *, sigma: float,
+                 noise: tuple[float, float]) -> tuple[np.ndarray, dict]:
+    """Which new columns at ``(new_x, new_y)`` are as bright as a class of the columns ``(x, y, label)``.
+
+    Every column is fitted (:func:`atomds.core.refine.refine_gaussian`, neighbours subtracted);
+    a new column is like a class when its fit converged and its peak is not significantly below
+    ``KEEP_AMPLITUDE`` of the median peak of the dimmest class (within ``KEEP_ERRORS`` standard
+    errors): the members of a class the first passes missed, not specks of other material.
+
+    Returns
+    -------
+    like : bool array (len(new_x),)
+    fit : dict
+        The fit of every column (old, then new), as :func:`~atomds.core.refine.refine_gaussian` returns it.
+    """
+    from ..refine import refine_gaussian
+
+    ny, nx = image.shape
+    n0 = np.size(x)
+    ax = np.clip(np.r_[x, new_x], 0.0, nx - 1.0)
+    ay = np.clip(np.r_[y, new_y], 0.0, ny - 1.0)
+    fit = refine_gaussian(image, ax, ay, sigma=sigma, despike=False, noise=(noise[1], np.sqrt(noise[0])), joint=False)
+    amp = np.asarray(fit["amplitude"], dtype=np.float64)
+    ok = np.asarray(fit["fit_ok"], dtype=bool) & np.isfinite(amp)
+    label = np.asarray(label)
+    medians = [np.median(amp[:n0][ok[:n0] & (label == k)]) for k in np.unique(label) if np.any(ok[:n0] & (label == k))]
+    if not medians:
+        return np.zeros(np.size(new_x), dtype=bool), fit
+    # the peak's standard error from the integrated intensity's (peak = intensity / (2 pi sigma^2))
+    inten, err = np.asarray(fit["intensity"], dtype=np.float64), np.asarray(fit["intensity_err"], dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        amp_err = np.abs(amp) * err / np.abs(inten)
+        like = ok & (amp + KEEP_ERRORS * np.nan_to_num(amp_err, nan=0.0) >= KEEP_AMPLITUDE * min(medians))
+    return like[n0:], fit
+
+
+def _inside_at_border(image, fx, fy, cx, cy, cz, *, sigma: float, spacing: float, noise: tuple[float, float]):
+    """The candidates ``(cx, cy, cz)`` less the border ones that are tails of columns outside the image.
+
+    A border candidate is a column when its own fit says so (:func:`border_columns`; it takes the
+    fitted centre), or when it sits on a site that the lattice's translations predict from the
+    columns found (:func:`translation_sites`) and that site lies inside the image (it takes the
+    site, on the image's pixels): half a column at the edge fits poorly, but the tail of a
+    column outside sits off the sites inside.
+    """
+    ny, nx = image.shape
+    edge = np.flatnonzero(near_border(cx, cy, image.shape, sigma))
+    if edge.size == 0:
+        return cx, cy, cz
+    # fits of columns centred just outside the image are held at its border
+    ax = np.clip(np.r_[fx, cx], 0.0, nx - 1.0)
+    ay = np.clip(np.r_[fy, cy], 0.0, ny - 1.0)
+    keep, ex, ey = border_columns(image, ax, ay, fx.size + edge, sigma=sigma, noise=noise)
+    # the sites from the columns found and the other new ones (a new sublattice predicts its own)
+    on, sx, sy = translation_sites(np.r_[fx, cx], np.r_[fy, cy], cx[edge], cy[edge], spacing)
+    site = ~keep & on & (sx >= -0.5) & (sx <= nx - 0.5) & (sy >= -0.5) & (sy <= ny - 0.5)
+    cx, cy = cx.copy(), cy.copy()
+    cx[edge] = np.where(keep, ex, np.clip(sx, 0.0, nx - 1.0))
+    cy[edge] = np.where(keep, ey, np.clip(sy, 0.0, ny - 1.0))
+    ok = np.ones(cx.size, dtype=bool)
+    ok[edge[~(keep | site)]] = False
+    return cx[ok], cy[ok], cz[ok]
 
 
 def _self_supported(cx, cy, fx, fy, spacing: float) -> np.ndarray:
