@@ -267,8 +267,10 @@ def test_bad_arguments(inputs, tmp_path):
     good, _ = inputs
     with pytest.raises(InvalidParameterError, match="unknown steps"):
         B.batch(good, steps=("find", "dance"), work_dir=tmp_path)
-    with pytest.raises(InvalidParameterError, match=r"\.nc"):
-        B.batch(good, output=tmp_path / "lib.zarr")
+    with pytest.raises(InvalidParameterError, match=r"\.nc or \.zarr"):
+        B.batch(good, output=tmp_path / "lib.h5")
+    with pytest.raises(InvalidParameterError, match="only Zarr libraries"):
+        B.batch(good, append=tmp_path / "lib.nc")
     with pytest.raises(InvalidParameterError, match="output= .* work_dir="):
         B.batch(good)
     with pytest.raises(InvalidParameterError, match="no input"):
