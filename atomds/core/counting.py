@@ -36,6 +36,9 @@ EM_MAX_ITER = 500
 EM_TOL = 1e-7
 #: Each component holds at least this many columns on average when K is scanned (K <= n / this).
 MIN_PER_COMPONENT = 2
+#: The mixture is fitted to at most this many cross-sections (every k-th of a larger set; each
+#: component still holds hundreds): the counts of all columns come from its posterior.
+MIXTURE_MAX_VALUES = 5000
 #: Largest number of components scanned by default.
 K_MAX_DEFAULT = 50
 #: The scan stops once K exceeds the best K so far by this many and by the best K itself without
@@ -249,7 +252,8 @@ def fit_mixture(
     Parameters
     ----------
     values : array (n,)
-        Cross-sections (finite ones are used).
+        Cross-sections (finite ones are used; every k-th of them beyond
+        :data:`MIXTURE_MAX_VALUES`).
     errors : array (n,), optional
         Their standard errors (e.g. ``cross_section_err``): each value's component density is
         widened by its own error, so thick columns' larger shot noise does not split their
@@ -275,6 +279,9 @@ def fit_mixture(
     if v.size < 2:
         raise InvalidParameterError(f"a mixture needs at least 2 finite cross-sections; got {v.size}.")
     e2 = _error_variance(errors, v_all.size)[good]
+    if v.size > MIXTURE_MAX_VALUES:  # an evenly strided sample: the scan's cost grows with n K^2
+        step = int(math.ceil(v.size / MIXTURE_MAX_VALUES))
+        v, e2 = v[::step], e2[::step]
     n = v.size
     if k is not None:
         if not (isinstance(k, (int, np.integer)) and 1 <= k <= n):
