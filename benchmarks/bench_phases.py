@@ -10,9 +10,11 @@ ten at 2048 px), column width (1.6-2.6 px) and sample seed. Each is analysed wit
 is 1 on every image.
 
 Two-phase images (``atomds.datasets.two_phase``: a hexagonal matrix, a rotated grain of another
-lattice, a disordered band between them of width 2-4 spacings), drawn the same way: adjusted Rand
-index of ``region`` against the true labels (target >= 0.9) and F1 of the best region against the
-band's atoms (target >= 0.8).
+lattice (square; honeycomb or kagome: the matrix with an ordered third or quarter of its sites empty;
+or the matrix's own lattice rotated, which is the matrix's phase: its labels are merged), a disordered
+band between them of width 2-4 spacings), drawn the same way: adjusted Rand index of ``region``
+against the true phases (target >= 0.9) and F1 of the best region against the band's atoms (target
+>= 0.8).
 
 The "Phases: one when there is one" section of benchmarks/RESULTS.md is replaced.
 """
@@ -49,7 +51,7 @@ def draw_cases(n: int, master: int = MASTER_SEED) -> list[dict]:
         cases.append(dict(
             group="two_phase", kind="two_phase", dose=float(np.exp(rng.uniform(np.log(1000), np.log(8000)))),
             angle=float(rng.uniform(0, 60)), boundary_width=float(rng.choice([2.0, 3.0, 4.0])),
-            grain_lattice=str(rng.choice(["square", "hexagonal"])), seed=int(rng.integers(2**31)), index=i,
+            grain=str(rng.choice(["square", "hexagonal", "sqrt3", "2x2"])), seed=int(rng.integers(2**31)), index=i,
         ))
     return cases
 
@@ -66,7 +68,11 @@ def run_case(case: dict) -> dict:
         make = {"hexagonal": atomds.datasets.hexagonal, "perovskite": atomds.datasets.perovskite,
                 "polar": atomds.datasets.polar}[case["kind"]]
     else:
-        kw.update(boundary_width=case["boundary_width"], grain_lattice=case["grain_lattice"])
+        kw["boundary_width"] = case["boundary_width"]
+        if case["grain"] in ("square", "hexagonal"):
+            kw["grain_lattice"] = case["grain"]
+        else:  # the matrix lattice with an ordered third (honeycomb) or quarter (kagome) of its sites empty
+            kw.update(vacancy_grain=True, vacancy_pattern=case["grain"])
         make = atomds.datasets.two_phase
     ds = make(**kw)
     t0 = time.perf_counter()
@@ -83,6 +89,8 @@ def run_case(case: dict) -> dict:
         it, jf = match_positions(np.column_stack([ds["true_x"].values, ds["true_y"].values]),
                                  np.column_stack([out["atom_x"].values, out["atom_y"].values]), 3.0 * ps)
         truth, reg = ds["true_label"].values[it], out["region"].values[jf]
+        if case["grain"] == "hexagonal":  # a rotated grain of the matrix's own lattice is the matrix's phase
+            truth = np.where(truth == 1, 0, truth)
         band = truth == 2
         f1 = max(2 * (band & (reg == r)).sum() / (band.sum() + (reg == r).sum()) for r in np.unique(reg))
         res.update(ari=float(adjusted_rand_score(truth, reg)), band_f1=float(f1))
@@ -124,10 +132,10 @@ def report(results: list[dict], args) -> str:
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in two:
         if "error" in r:
-            lines.append(f"| {r['boundary_width']:.0f} | {r['grain_lattice']} | {r['dose']:.0f} | {r['seed']} | "
+            lines.append(f"| {r['boundary_width']:.0f} | {r['grain']} | {r['dose']:.0f} | {r['seed']} | "
                          f"error: {r['error']} | | |")
         else:
-            lines.append(f"| {r['boundary_width']:.0f} | {r['grain_lattice']} | {r['dose']:.0f} | {r['seed']} | "
+            lines.append(f"| {r['boundary_width']:.0f} | {r['grain']} | {r['dose']:.0f} | {r['seed']} | "
                          f"{r['regions']} | {r['ari']:.3f} | {r['band_f1']:.2f} |")
     good = [r for r in two if "error" not in r]
     if good:
