@@ -126,7 +126,7 @@ RESIDUAL_REACH = 4.0
 #: maximum, with an integrated intensity above ``RESIDUAL_BORDER_SIGNIFICANCE`` standard errors.
 RESIDUAL_BORDER_SHIFT = 1.0
 #: A residual maximum on a site that the columns around it predict (``SITE_MATCHES`` of them at
-#: local lattice vectors) is a column from this significance (noise sd) up: few places are tested
+#: the lattice's translations from it) is a column from this significance (noise sd) up: few places are tested
 #: there (the empty sites, as many as the missing columns and a hole's rim sites), and pure noise
 #: exceeds 3 sd at 0.13 % of them (below 0.2 false column per 100 empty sites).
 RESIDUAL_SITE_Z = 3.0

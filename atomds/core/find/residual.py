@@ -36,7 +36,6 @@ from .constants import (
     TRANSLATION_REACH,
     TRANSLATION_SHARE,
 )
-from .lattice import supported_by_lattice
 from .significance import noise_z_threshold
 
 __all__ = ["ResidualColumns", "border_columns", "gaussian_model", "lattice_translations", "like_a_class",
@@ -283,15 +282,12 @@ def _round_candidates(residual: np.ndarray, image: np.ndarray, fx, fy, *, sigma:
     if cx.size == 0 or not lattice:
         return cx, cy, cz
     strong = cz >= zmin
-    # on a site of the lattice of the columns found, or one of many at the same offset from
-    # their nearest found column (a sublattice of its own)
-    anchor = np.r_[np.ones(np.size(fx), bool), np.zeros(int(strong.sum()), bool)]
-    on = supported_by_lattice(np.r_[fx, cx[strong]], np.r_[fy, cy[strong]], anchor, spacing, min_matches=SITE_MATCHES)
-    on = on[np.size(fx):] | _self_supported(cx[strong], cy[strong], fx, fy, spacing)
-    # ... or on a site of the translations of all of them (near the border, where a new
-    # sublattice's neighbours of the other one lie outside the image)
-    # (the sites from the columns found and the new maxima that passed: amorphous specks, dense
-    # anywhere, would support each other)
+    # one of many at the same offset from their nearest found column (a sublattice of its own),
+    # or on a site that the lattice's translations predict from the columns found and those new
+    # ones: a site of a sublattice has columns of its own at p + T. (The neighbour vectors of a
+    # honeycomb also point from its empty hexagon centres to columns; amorphous specks, dense
+    # anywhere, would support each other, so only the self-supported new ones join the columns.)
+    on = _self_supported(cx[strong], cy[strong], fx, fy, spacing)
     sup_x, sup_y = np.r_[fx, cx[strong][on]], np.r_[fy, cy[strong][on]]
     on[~on] = translation_supported(sup_x, sup_y, cx[strong][~on], cy[strong][~on], spacing)
     sx, sy, sz = cx[strong][on], cy[strong][on], cz[strong][on]
@@ -453,6 +449,8 @@ def _self_supported(cx, cy, fx, fy, spacing: float) -> np.ndarray:
     """
     from scipy.spatial import cKDTree
 
+    if np.size(cx) == 0:
+        return np.zeros(0, dtype=bool)
     _, j = cKDTree(np.c_[fx, fy]).query(np.c_[cx, cy])
     v = np.c_[cx - fx[j], cy - fy[j]]
     tree = cKDTree(v)

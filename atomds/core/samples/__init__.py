@@ -56,7 +56,7 @@ from .particle import THICKNESS_PROFILES, cross_section_law, particle_sample
 from .perovskite import perovskite_sample, polar_sample
 from .render import add_noise, render_columns, smooth_background
 from .scoring import default_max_distance, match_positions, score_positions
-from .species import dark_sample, honeycomb_sample, perovskite110_sample
+from .species import dark_sample, honeycomb_sample, perovskite110_sample, tmd_sample
 from .spectra import energy_axis, phase_spectra, spectrum_cube, spectrum_grid
 from .stm import STM_LATTICES, stm_sample
 from .sweep import SWEEP_LATTICES, SweepSample, draw_sweep_params, render_sweep, score_sweep, sweep_sample, sweep_seeds
@@ -75,6 +75,7 @@ __all__ = [
     "THICKNESS_PROFILES",
     "honeycomb_sample",
     "perovskite110_sample",
+    "tmd_sample",
     "dark_sample",
     "thick_particles_sample",
     "grain_boundary_sample",

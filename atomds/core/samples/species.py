@@ -27,9 +27,15 @@ from .base import (
 )
 from .compose import render_sample, vacuum_geometry
 from .lattice import atom_table, lattice_sites, lattice_vectors
-from .render import RENDER_REACH, add_noise
+from .render import RENDER_REACH, add_noise, render_columns
 
-__all__ = ["honeycomb_sample", "perovskite110_sample", "dark_sample"]
+__all__ = ["honeycomb_sample", "perovskite110_sample", "dark_sample", "tmd_sample"]
+
+#: Contamination of a TMD-like sample: amorphous blobs per column area of the patch, their counts
+#: (fraction of the bright column's) and widths (column widths): dim, broad, dense, at random.
+_CONTAMINATION_DENSITY = 3.0
+_CONTAMINATION_COUNTS = (0.1, 0.5)
+_CONTAMINATION_WIDTHS = (1.5, 3.0)
 
 #: Peak level of the bright background of a dark (ABF-like) image, in peak heights of the
 #: brightest column of the source: the deepest dip then leaves two thirds of the level.
@@ -202,3 +208,55 @@ def dark_sample(sample: Sample, *, read_noise: float = 1.0, seed: int = 0) -> Sa
     params = dict(sample.params, dark=True, dark_read_noise=read_noise, dark_seed=int(seed))
     return replace(sample, name=f"{sample.name}_dark", image=image, expected=expected,
                    background=np.full(sample.shape, level), background_level=level, params=params)
+
+
+def tmd_sample(
+    *,
+    shape: int | tuple[int, int] = (512, 512),
+    dose: float = 2000.0,
+    sigma: float = 1.6,
+    spacing: float = 14.0,
+    angle: float = 17.0,
+    dim_ratio: float = 0.55,
+    hole_radius: float = 0.12,
+    contamination_radius: float = 0.15,
+    read_noise: float = 1.0,
+    background: float = 0.1,
+    seed: int = 0,
+) -> Sample:
+    """A monolayer-TMD-like ADF image: Mo and S2 columns on a honeycomb, a hole, a contamination patch.
+
+    :func:`honeycomb_sample` with ``dim_ratio`` (S2 about 0.55 of Mo), no displacement, a hole
+    (vacuum with an amorphous rim) near one corner, and a patch of dim, broad amorphous blobs
+    (hydrocarbon contamination) over the crystal near the opposite corner: its columns stay
+    (the film is thin) and are in the truth.
+
+    Parameters
+    ----------
+    shape, dose, sigma, spacing, angle, dim_ratio, read_noise, background, seed
+        As in :func:`honeycomb_sample` (``spacing`` the Mo-Mo period, px).
+    hole_radius, contamination_radius : float
+        Radii of the hole and of the patch, fractions of the smaller side.
+
+    Returns
+    -------
+    Sample
+        ``label`` 0 = Mo, 1 = S2; ``vacuum_mask`` the hole.
+    """
+    shape = check_shape(shape)
+    hole_radius = check_positive("hole_radius", hole_radius)
+    contamination_radius = check_nonnegative("contamination_radius", contamination_radius)
+    base = honeycomb_sample(shape=shape, dose=dose, sigma=sigma, spacing=spacing, angle=angle, dim_ratio=dim_ratio,
+                            displacement=0.0, antiphase_boundary=False, read_noise=read_noise, background=background,
+                            vacuum=True, vacuum_center=(0.25, 0.3), vacuum_radius=hole_radius, seed=seed)
+    rng = np.random.default_rng(np.random.SeedSequence(int(seed)).spawn(4)[3])
+    ny, nx = shape
+    r = contamination_radius * min(ny, nx)
+    n = rng.poisson(_CONTAMINATION_DENSITY * math.pi * r * r / (2.0 * math.pi * sigma**2) / 4.0)
+    rr, tt = r * np.sqrt(rng.uniform(0.0, 1.0, n)), rng.uniform(0.0, 2.0 * math.pi, n)
+    film = render_columns(shape, 0.7 * nx + rr * np.cos(tt), 0.7 * ny + rr * np.sin(tt),
+                          dose * rng.uniform(*_CONTAMINATION_COUNTS, n), sigma * rng.uniform(*_CONTAMINATION_WIDTHS, n))
+    expected = base.expected + film
+    params = dict(base.params, hole_radius=hole_radius, contamination_radius=contamination_radius, tmd=True)
+    return replace(base, name="tmd", image=add_noise(expected, read_noise=read_noise, seed=rng), expected=expected,
+                   label_names=("Mo", "S2"), params=params)
