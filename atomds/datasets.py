@@ -53,6 +53,9 @@ from .io import from_array
 
 __all__ = [
     "hexagonal",
+    "honeycomb",
+    "perovskite110",
+    "tmd",
     "nanoparticle",
     "thick_particles",
     "grain_boundary",
@@ -580,6 +583,112 @@ def stm(
     return ds
 
 
+def _contrast(sample: _core.Sample, contrast: str, seed: int) -> _core.Sample:
+    """``sample`` as it is ("bright", HAADF-like) or its ABF-like counterpart ("dark", :func:`~atomds.core.samples.dark_sample`)."""
+    if contrast == "bright":
+        return sample
+    if contrast == "dark":
+        return _core.dark_sample(sample, read_noise=float(sample.params.get("read_noise", 1.0)), seed=seed + 1)
+    raise InvalidParameterError(f"contrast must be 'bright' or 'dark', got {contrast!r}.")
+
+
+def honeycomb(
+    *,
+    shape: int | tuple[int, int] = (256, 256),
+    dose: float = 2500.0,
+    sigma: float = 2.0,
+    spacing: float = 16.0,
+    angle: float = 0.0,
+    dim_ratio: float = 0.5,
+    displacement: float = 0.08,
+    direction: float = 90.0,
+    antiphase_boundary: bool = True,
+    boundary_angle: float = 80.0,
+    read_noise: float = 1.0,
+    background: float = 0.1,
+    vacuum: bool = False,
+    contrast: str = "bright",
+    pixel_size: float = _DEFAULT_PIXEL_SIZE,
+    seed: int = 0,
+) -> xr.Dataset:
+    """A honeycomb of bright A and dim B columns, B displaced with an antiphase boundary of the displacement.
+
+    ``true_label``: 0 = A, 1 = B (peak ``dim_ratio`` of A's); ``true_dx``, ``true_dy`` the B
+    displacements, ``true_domain`` the side of the boundary. ``spacing`` is the A-A period in px
+    (the nearest-column distance is ``spacing / sqrt 3``). ``contrast="dark"`` gives the ABF-like
+    image of the same area (dips on a bright background). Parameters as in
+    :func:`atomds.core.samples.honeycomb_sample` (lengths in pixels), plus ``pixel_size`` in Å.
+    """
+    ps = _pixel_size(pixel_size)
+    s = _core.honeycomb_sample(
+        shape=shape, dose=dose, sigma=sigma, spacing=spacing, angle=angle, dim_ratio=dim_ratio,
+        displacement=displacement, direction=direction, antiphase_boundary=antiphase_boundary,
+        boundary_angle=boundary_angle, read_noise=read_noise, background=background, vacuum=vacuum, seed=seed,
+    )
+    return to_dataset(_contrast(s, contrast, seed), pixel_size=ps)
+
+
+def perovskite110(
+    *,
+    shape: int | tuple[int, int] = (256, 256),
+    dose: float = 2500.0,
+    sigma: float = 1.6,
+    spacing: float = 24.0,
+    angle: float = 0.0,
+    ratios: tuple[float, float, float] = (1.0, 0.5, 0.25),
+    read_noise: float = 1.0,
+    background: float = 0.1,
+    contrast: str = "bright",
+    pixel_size: float = _DEFAULT_PIXEL_SIZE,
+    seed: int = 0,
+) -> xr.Dataset:
+    """A cubic perovskite ABO3 along [110]: A(O), B and pure O columns, three species.
+
+    ``true_label``: 0 = A, 1 = B, 2 = O with peaks ``ratios`` of A's; ``spacing`` the cubic edge
+    in px (the nearest-column B-O distance is ``spacing / (2 sqrt 2)``). ``contrast="dark"`` gives
+    the ABF-like image of the same area. Parameters as in
+    :func:`atomds.core.samples.perovskite110_sample` (lengths in pixels), plus ``pixel_size`` in Å.
+    """
+    ps = _pixel_size(pixel_size)
+    s = _core.perovskite110_sample(
+        shape=shape, dose=dose, sigma=sigma, spacing=spacing, angle=angle, ratios=ratios, read_noise=read_noise,
+        background=background, seed=seed,
+    )
+    return to_dataset(_contrast(s, contrast, seed), pixel_size=ps)
+
+
+def tmd(
+    *,
+    shape: int | tuple[int, int] = (512, 512),
+    dose: float = 2000.0,
+    sigma: float = 1.6,
+    spacing: float = 14.0,
+    angle: float = 17.0,
+    dim_ratio: float = 0.55,
+    hole_radius: float = 0.12,
+    contamination_radius: float = 0.15,
+    read_noise: float = 1.0,
+    background: float = 0.1,
+    contrast: str = "bright",
+    pixel_size: float = _DEFAULT_PIXEL_SIZE,
+    seed: int = 0,
+) -> xr.Dataset:
+    """A monolayer-TMD-like ADF image: Mo and S2 columns on a honeycomb, a hole and a contamination patch.
+
+    ``true_label``: 0 = Mo, 1 = S2 (peak ``dim_ratio`` of Mo's); ``true_vacuum(y, x)`` the hole
+    (no columns there). The contamination (dim, broad amorphous blobs) covers columns that stay
+    in the truth. Parameters as in :func:`atomds.core.samples.tmd_sample` (lengths in pixels),
+    plus ``contrast`` ("dark": ABF-like) and ``pixel_size`` in Å.
+    """
+    ps = _pixel_size(pixel_size)
+    s = _core.tmd_sample(
+        shape=shape, dose=dose, sigma=sigma, spacing=spacing, angle=angle, dim_ratio=dim_ratio,
+        hole_radius=hole_radius, contamination_radius=contamination_radius, read_noise=read_noise,
+        background=background, seed=seed,
+    )
+    return to_dataset(_contrast(s, contrast, seed), pixel_size=ps)
+
+
 _SAMPLES: dict[str, Callable[..., xr.Dataset]] = {
     "hexagonal": hexagonal,
     "two_phase": two_phase,
@@ -590,6 +699,9 @@ _SAMPLES: dict[str, Callable[..., xr.Dataset]] = {
     "thick_particles": thick_particles,
     "grain_boundary": grain_boundary,
     "particle": particle,
+    "honeycomb": honeycomb,
+    "perovskite110": perovskite110,
+    "tmd": tmd,
 }
 
 

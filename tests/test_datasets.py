@@ -25,6 +25,9 @@ SMALL = {
     "thick_particles": dict(shape=(192, 192), n_particles=2),
     "grain_boundary": dict(shape=(160, 160)),
     "particle": dict(shape=(192, 192)),
+    "honeycomb": dict(shape=(128, 128)),
+    "perovskite110": dict(shape=(128, 128)),
+    "tmd": dict(shape=(192, 192)),
 }
 
 
@@ -88,7 +91,8 @@ def test_deterministic_under_seed(name):
 
 def test_list_and_load():
     assert datasets.list_samples() == ["hexagonal", "two_phase", "perovskite", "polar", "nanoparticle", "stm",
-                                       "thick_particles", "grain_boundary", "particle"]
+                                       "thick_particles", "grain_boundary", "particle", "honeycomb", "perovskite110",
+                                       "tmd"]
     ds = datasets.load("hexagonal", shape=64, dose=500.0)
     assert ds.image.shape == (64, 64) and ds.attrs["sample_dose"] == 500.0
     with pytest.raises(InvalidParameterError, match="unknown sample"):
@@ -675,3 +679,22 @@ def test_nanoparticle_columns_in_the_disc_and_support_everywhere():
         datasets.nanoparticle(radius=0.0)
     with pytest.raises(InvalidParameterError, match="lattice"):
         datasets.nanoparticle(lattice="cubic")
+
+
+@pytest.mark.parametrize("name", ["honeycomb", "perovskite110", "tmd"])
+def test_species_samples_and_their_dark_counterparts(name):
+    # several species with their labels; contrast="dark" is the ABF-like image of the same area
+    bright = datasets.load(name, **SMALL[name])
+    dark = datasets.load(name, contrast="dark", **SMALL[name])
+    n_species = {"honeycomb": 2, "perovskite110": 3, "tmd": 2}[name]
+    assert sorted(np.unique(bright.true_label.values)) == list(range(n_species))
+    np.testing.assert_array_equal(bright.true_x.values, dark.true_x.values)
+    xy = np.rint(_xy_px(bright)).astype(int)
+    ny, nx = bright.image.shape
+    inside = (xy[:, 0] >= 0) & (xy[:, 0] < nx) & (xy[:, 1] >= 0) & (xy[:, 1] < ny)
+    at_columns = dark.image.values[xy[inside, 1], xy[inside, 0]]
+    assert np.median(at_columns) < np.median(dark.image.values)  # dips where the bright image has peaks
+    with pytest.raises(InvalidParameterError, match="contrast"):
+        datasets.load(name, contrast="grey", **SMALL[name])
+    if name == "tmd":
+        assert "true_vacuum" in bright and bool(bright.true_vacuum.any())

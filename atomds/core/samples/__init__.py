@@ -111,4 +111,5 @@ __all__ = [
 #: The samples of :mod:`atomds.datasets` (``datasets.load(name)``), in the order listed.
 SAMPLE_NAMES = (
     "hexagonal", "two_phase", "perovskite", "polar", "nanoparticle", "thick_particles", "grain_boundary", "particle",
+    "honeycomb", "perovskite110", "tmd",
 )
