@@ -158,7 +158,9 @@ def _server() -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "atomds.sandbox"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL, text=True, bufsize=1,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
+        # the server imports what this process imports (atomds from a source tree included)
+        env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+             "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))},
     )
     _STATE["proc"], _STATE["pid"] = proc, os.getpid()
     return proc
