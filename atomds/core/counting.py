@@ -322,6 +322,9 @@ LAW_MIN_COMPONENTS = 3
 #: squared cross-section per component, the means' own scatter) fit equally: the fewest atoms wins.
 LAW_RSS_FACTOR = 2.0
 LAW_RSS_FLOOR = 1e-6
+#: A thinnest component whose mean is below this fraction of the smallest step between the other
+#: components is nearer zero atoms than one (without a given ``thinnest``): it counts 0 atoms.
+ZERO_FRACTION = 0.5
 
 
 def _law_candidate(m: np.ndarray, c1: int, c_k: int) -> tuple[float, np.ndarray] | None:
@@ -353,11 +356,16 @@ def law_counts(means: np.ndarray, *, thinnest: int | None = None) -> np.ndarray:
     value is nearest, and the law is refitted to all. Of the assignments that fit as well as the
     best (:data:`LAW_RSS_FACTOR`, :data:`LAW_RSS_FLOOR`) the one with the fewest atoms is taken:
     consecutive counts unless a step between means shows missing thicknesses, and a thinnest
-    count of 1 unless the means lie clearly above 1, 2, ... steps. Fewer than
+    count of 1 unless the means lie clearly above 1, 2, ... steps (0 for a thinnest component
+    nearer zero than one step, :data:`ZERO_FRACTION`, when ``thinnest`` is not given). Fewer than
     :data:`LAW_MIN_COMPONENTS` components: ``thinnest`` (or 1) and one more each.
     """
     m = np.asarray(means, float).ravel()
     k = m.size
+    step_min = float(np.min(np.diff(m[1:]))) if k >= 3 else float(m[1] - m[0]) if k == 2 else 0.0
+    if thinnest is None and k >= 2 and m[0] < ZERO_FRACTION * step_min:
+        # nearer zero than one step (the smallest between the others): no atoms (an empty site, a false column)
+        return np.r_[0, law_counts(m[1:])].astype(np.int64)
     first = 1 if thinnest is None else int(thinnest)
     if k < LAW_MIN_COMPONENTS or not np.all(np.diff(m) > 0) or m[0] <= 0:
         return first + np.arange(k, dtype=np.int64)
