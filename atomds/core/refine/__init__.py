@@ -21,9 +21,10 @@ Modules, one job each:
 - :mod:`.passes`, :mod:`.settings`: the passes over the atoms; the settings estimated from a sample.
 - :mod:`.batched`, :mod:`.linalg`: the batched NumPy Levenberg-Marquardt and its small solves.
 - :mod:`.compiled`, :mod:`.compiled_model`, :mod:`.parallel`: the compiled kernel and its thread pool.
-- :mod:`.joint`, :mod:`.joint_model`: joint fits of overlapping columns (shared width, smooth
-  background, sparse normal equations); :mod:`.residual`: columns missing from a fit, found in
-  its residual (:func:`.residual.refine_and_complete`).
+- :mod:`.joint`, :mod:`.joint_model`, :mod:`.joint_kernels`: joint fits of overlapping columns
+  (shared width, smooth background; the normal equations summed in compiled code without forming
+  the Jacobian); :mod:`.residual`: columns missing from a fit, found in its residual and kept when
+  significant (:func:`.residual.refine_and_complete`).
 
 The model of one column is a Gaussian integrated over each pixel (differences of error functions,
 as :func:`atomds.core.synth.render_columns` renders columns) on a local constant background::
