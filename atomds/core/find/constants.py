@@ -120,6 +120,9 @@ RESIDUAL_ROUNDS = 3
 RESIDUAL_EXCLUSION = 2.0
 #: Reach of each column's Gaussian in the model subtracted, column widths.
 RESIDUAL_REACH = 4.0
+#: Width of the blur (matched-filter half-widths) whose smooth background is removed from the
+#: residual before its matched filter: much wider than a column, so the columns stay.
+RESIDUAL_BACKGROUND_WIDTHS = 4.0
 #: A residual maximum within RESIDUAL_EXCLUSION widths of the border may be the tail of a column
 #: centred outside the image: it is kept only when its own fit (neighbours subtracted) puts the
 #: centre inside the image (``-0.5 <= x <= nx - 0.5``), within this many widths of the

@@ -22,10 +22,12 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage as ndi
 
+from ..image import parabola_offset
 from .constants import (
     KEEP_AMPLITUDE,
     KEEP_ERRORS,
     MIN_LATTICE_ANCHORS,
+    RESIDUAL_BACKGROUND_WIDTHS,
     RESIDUAL_BORDER_SHIFT,
     RESIDUAL_BORDER_SIGNIFICANCE,
     RESIDUAL_EXCLUSION,
@@ -89,10 +91,15 @@ def _matched_filter(residual: np.ndarray, image: np.ndarray, sigma: float,
     yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
     t = np.exp(-(xx**2 + yy**2) / (2.0 * sigma * sigma))
     tz = t - t.mean()
-    shape = [residual.shape[0] + 2 * h, residual.shape[1] + 2 * h]
+    # the residual's smooth background (a blur of a few template widths) removed first: the zeros
+    # beyond the border would otherwise leave it uncancelled in the border strip and shift the
+    # maxima of the columns there (a mirror image would merge a column with its reflection)
+    res = np.asarray(residual, dtype=np.float64)
+    res = res - ndi.gaussian_filter(res, RESIDUAL_BACKGROUND_WIDTHS * h, mode="nearest")
+    shape = [res.shape[0] + 2 * h, res.shape[1] + 2 * h]
     fshape = [sfft.next_fast_len(n, real=True) for n in shape]
-    num = sfft.irfft2(sfft.rfft2(residual, fshape) * sfft.rfft2(tz[::-1, ::-1], fshape), fshape)
-    num = num[h : h + residual.shape[0], h : h + residual.shape[1]]
+    num = sfft.irfft2(sfft.rfft2(res, fshape) * sfft.rfft2(tz[::-1, ::-1], fshape), fshape)
+    num = num[h : h + res.shape[0], h : h + res.shape[1]]
     # the noise is that of the image (the subtracted columns' shot noise stays in the residual)
     a, b = noise
     local = ndi.uniform_filter(np.asarray(image, dtype=np.float64), 2 * h + 1, mode="nearest")
@@ -128,7 +135,7 @@ def residual_candidates(residual: np.ndarray, image: np.ndarray, x, y, *, sigma:
 
     Returns
     -------
-    x, y, z : arrays of the candidates (px, noise sd) and the threshold used.
+    x, y, z : arrays of the candidates (px, sub-pixel; noise sd) and the threshold used.
     """
     z, templates = _matched_filter(residual, image, sigma, noise)
     zmin = noise_z_threshold(templates, float(residual.size)) if z_min is None else float(z_min)
@@ -146,7 +153,14 @@ def residual_candidates(residual: np.ndarray, image: np.ndarray, x, y, *, sigma:
         dist, _ = cKDTree(np.c_[x, y]).query(np.c_[px, py])
         far = dist >= RESIDUAL_EXCLUSION * sigma
         py, px = py[far], px[far]
-    return px.astype(np.float64), py.astype(np.float64), z[py, px].astype(np.float64), zmin
+    # sub-pixel maxima (parabola through the three values on each axis; a maximum on the
+    # border keeps its pixel): the lattice tests compare positions to a fraction of a spacing
+    ny, nx = z.shape
+    yi, xi = np.clip(py, 1, ny - 2), np.clip(px, 1, nx - 2)
+    c = z[yi, xi]
+    dx = np.where((px > 0) & (px < nx - 1), parabola_offset(z[yi, xi - 1], c, z[yi, xi + 1]), 0.0)
+    dy = np.where((py > 0) & (py < ny - 1), parabola_offset(z[yi - 1, xi], c, z[yi + 1, xi]), 0.0)
+    return px + dx, py + dy, z[py, px].astype(np.float64), zmin
 
 
 def near_border(x, y, shape: tuple[int, int], sigma: float) -> np.ndarray:
@@ -207,7 +221,7 @@ def border_columns(image: np.ndarray, x, y, cand: np.ndarray, *, sigma: float,
 
 def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, noise: tuple[float, float],
                     z_min: float | None = None, lattice_check: bool = True,
-                    rounds: int = RESIDUAL_ROUNDS) -> ResidualColumns:
+                    rounds: int = RESIDUAL_ROUNDS, border: bool = True) -> ResidualColumns:
     """Fit the columns at ``(x, y)``, search the residual for further columns, repeat while some are found.
 
     Parameters
@@ -227,6 +241,10 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
         columns at their local lattice vectors), so that amorphous specks stay out.
     rounds : int
         Most passes.
+    border : bool
+        Search within ``RESIDUAL_EXCLUSION`` widths of the border too (columns centred inside
+        the image there are told from tails of columns outside by :func:`border_columns` and
+        the lattice's sites). False for a crop of a larger image, whose edges cut columns.
 
     Returns
     -------
@@ -253,7 +271,8 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
         amp = np.where(good, fit["amplitude"], 0.0)
         model = gaussian_model(image.shape, fx, fy, amp, np.where(good, fit["sigma"], sigma))
         cx, cy, cz = _round_candidates(np.asarray(image, dtype=np.float64) - model, image, fx, fy, sigma=sigma,
-                                       spacing=spacing, noise=noise, z_min=z_min, lattice_check=lattice_check)
+                                       spacing=spacing, noise=noise, z_min=z_min, lattice_check=lattice_check,
+                                       border=border)
         cx, cy, cz = _inside_at_border(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
         if cx.size == 0:
             break
@@ -264,7 +283,7 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
 
 
 def _round_candidates(residual: np.ndarray, image: np.ndarray, fx, fy, *, sigma: float, spacing: float,
-                      noise: tuple[float, float], z_min: float | None, lattice_check: bool):
+                      noise: tuple[float, float], z_min: float | None, lattice_check: bool, border: bool = True):
     """The new columns of one residual pass (before the border test), px and z.
 
     Significant maxima (``z_min``) on a site of the lattice of the columns ``(fx, fy)``, one of
@@ -278,7 +297,7 @@ def _round_candidates(residual: np.ndarray, image: np.ndarray, fx, fy, *, sigma:
     lattice = lattice_check and np.size(fx) >= MIN_LATTICE_ANCHORS
     floor = RESIDUAL_SITE_Z if lattice and z_min is None else z_min
     cx, cy, cz, zmin = residual_candidates(residual, image, fx, fy, sigma=sigma, noise=noise, z_min=z_min,
-                                           z_floor=floor, border=True)
+                                           z_floor=floor, border=border)
     if cx.size == 0 or not lattice:
         return cx, cy, cz
     strong = cz >= zmin
@@ -288,6 +307,11 @@ def _round_candidates(residual: np.ndarray, image: np.ndarray, fx, fy, *, sigma:
     # honeycomb also point from its empty hexagon centres to columns; amorphous specks, dense
     # anywhere, would support each other, so only the self-supported new ones join the columns.)
     on = _self_supported(cx[strong], cy[strong], fx, fy, spacing)
+    # a sublattice repeats with the lattice: the self-supported ones must also have their own
+    # kind at p + T (dense amorphous specks share offsets by chance, rarely the translations)
+    sup_x, sup_y = np.r_[fx, cx[strong][on]], np.r_[fy, cy[strong][on]]
+    on[on] = translation_supported(sup_x, sup_y, cx[strong][on], cy[strong][on], spacing,
+                                   translations=lattice_translations(fx, fy, spacing))
     sup_x, sup_y = np.r_[fx, cx[strong][on]], np.r_[fy, cy[strong][on]]
     on[~on] = translation_supported(sup_x, sup_y, cx[strong][~on], cy[strong][~on], spacing)
     sx, sy, sz = cx[strong][on], cy[strong][on], cz[strong][on]
@@ -340,12 +364,14 @@ def lattice_translations(x, y, spacing: float) -> np.ndarray:
     return t[np.hypot(t[:, 0], t[:, 1]) > 0.5 * spacing]
 
 
-def translation_sites(x, y, cx, cy, spacing: float, *, tol: float = 0.15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def translation_sites(x, y, cx, cy, spacing: float, *, tol: float = 0.15,
+                      translations: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The lattice sites nearest the points ``(cx, cy)`` as the translations of the columns ``(x, y)`` predict them.
 
     A point sits on a site when columns lie within ``tol`` spacings of ``p + T`` for at least
     ``SITE_MATCHES`` of the lattice's translations ``T`` (:func:`lattice_translations`); the
-    site is the mean of ``q - T`` over those columns ``q``.
+    site is the mean of ``q - T`` over those columns ``q``. ``translations`` (k, 2) px are used
+    instead of those of ``(x, y)`` when given.
 
     Returns
     -------
@@ -357,7 +383,7 @@ def translation_sites(x, y, cx, cy, spacing: float, *, tol: float = 0.15) -> tup
     from scipy.spatial import cKDTree
 
     cx, cy = np.asarray(cx, dtype=np.float64), np.asarray(cy, dtype=np.float64)
-    t = lattice_translations(x, y, spacing)
+    t = lattice_translations(x, y, spacing) if translations is None else np.asarray(translations, dtype=np.float64)
     if cx.size == 0 or t.shape[0] == 0:
         return np.zeros(cx.size, dtype=bool), cx, cy
     xy = np.c_[x, y]
@@ -372,9 +398,10 @@ def translation_sites(x, y, cx, cy, spacing: float, *, tol: float = 0.15) -> tup
     return n >= min(SITE_MATCHES, t.shape[0]), sx, sy
 
 
-def translation_supported(x, y, cx, cy, spacing: float, *, tol: float = 0.15) -> np.ndarray:
+def translation_supported(x, y, cx, cy, spacing: float, *, tol: float = 0.15,
+                          translations: np.ndarray | None = None) -> np.ndarray:
     """Whether the points ``(cx, cy)`` sit on sites the translations of the columns ``(x, y)`` predict (:func:`translation_sites`)."""
-    return translation_sites(x, y, cx, cy, spacing, tol=tol)[0]
+    return translation_sites(x, y, cx, cy, spacing, tol=tol, translations=translations)[0]
 
 
 def like_a_class(image: np.ndarray, x, y, label, new_x, new_y, *, sigma: float,
