@@ -108,6 +108,7 @@ def denoise(ds: xr.Dataset, *, method: str = "gaussian", sigma: float | None = N
     need = {"gaussian": kw["sigma"] is None, "median": kw["size"] is None,
             "nlmeans": noise is None or kw["patch_size"] is None or kw["patch_distance"] is None}[method]
     auto = core.default_denoise_params(_estimation_image(da), method) if need else {}
+    args: dict[str, Any]
     if method == "gaussian":
         s = kw["sigma"] if kw["sigma"] is not None else float(auto["sigma"])
         args = {"sigma": s}
@@ -238,10 +239,10 @@ def subtract_background(ds: xr.Dataset, *, method: str = "gaussian", scale: floa
             return (b - ndi.gaussian_filter(b, s, mode="reflect")).astype(np.float32)
 
         if is_dask(da):
-            depth = int(math.ceil(4.0 * s)) + 1
+            reach = int(math.ceil(4.0 * s)) + 1
             ny, nx = da.shape
-            depth = {0: min(depth, ny - 1), 1: min(depth, nx - 1)}
-            data = da.data.astype(np.float32).map_overlap(sub, depth=depth, boundary="none", dtype=np.float32)
+            overlap = {0: min(reach, ny - 1), 1: min(reach, nx - 1)}
+            data = da.data.astype(np.float32).map_overlap(sub, depth=overlap, boundary="none", dtype=np.float32)
         else:
             data = sub(_check_eager(da.values))
         return _with_image(ds, da, data, "subtract_background", params)
@@ -310,7 +311,7 @@ def align_frames(ds: xr.Dataset, *, upsample: int = 100, reference: str = "runni
     if "frames" not in ds.data_vars:
         raise MissingVariableError(
             "align_frames needs a 'frames(frame, y, x)' variable (a stack read with atomds.open_image or made "
-            f"with atomds.from_array on a 3-D array); the Dataset has {sorted(ds.data_vars)}."
+            f"with atomds.from_array on a 3-D array); the Dataset has {sorted(map(str, ds.data_vars))}."
         )
     fr = ds["frames"]
     if fr.dims != ("frame", "y", "x"):
