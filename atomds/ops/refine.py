@@ -164,7 +164,7 @@ def refine(
         beside a thick one) and add them (:func:`atomds.core.refine.residual.refine_and_complete`:
         matched-filter search, kept only when the refitted intensity exceeds 5 standard errors
         and it lies at least half a spacing from every other column). "auto": where columns
-        overlap (some nearest neighbour closer than 5 column widths); True: always; False:
+        overlap as a rule (most nearest neighbours closer than 5 column widths); True: always; False:
         never. Added atoms come last, with ``found_in_residual`` True, their residual position as
         ``seed_x``, ``seed_y`` and the finder's other per-atom variables padded (NaN, -1, False).
         Eager images with the isotropic model only (else recorded as a fallback).
@@ -338,7 +338,9 @@ def _search_missing(find_missing: bool | str, model: str, subtraction: bool, xp,
         return False
     if find_missing is True:
         return True
-    return bool(overlapping(cr.nearest_neighbor_distance(xp, yp), float(settings["sigma"])).any())
+    # "auto": where columns overlap as a rule (most of them), as on a particle whose columns are
+    # wider than a fifth of their distance; one close pair on a well-separated lattice is no reason
+    return bool(overlapping(cr.nearest_neighbor_distance(xp, yp), float(settings["sigma"])).mean() > 0.5)
 
 
 def _with_added_atoms(ds: xr.Dataset, x: np.ndarray, y: np.ndarray) -> xr.Dataset:
