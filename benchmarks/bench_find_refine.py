@@ -279,7 +279,7 @@ def precision_tables(args, lines):
                 spacing = spacing / np.sqrt(2.0)
             methods = []
             if cfind is not None:
-                methods.append(("atomds find+refine", lambda s=s: m_atomds(s.image, sig, spacing)))
+                methods.append(("atomds find+refine", lambda s=s, sig=sig, spacing=spacing: m_atomds(s.image, sig, spacing)))
             rng = np.random.default_rng(1)
             x0 = np.clip(s.x + rng.normal(0, 0.3, s.x.size), -0.5, size - 0.5)
             y0 = np.clip(s.y + rng.normal(0, 0.3, s.y.size), -0.5, size - 0.5)
@@ -290,8 +290,8 @@ def precision_tables(args, lines):
 
             methods.append(("atomds refine (truth + 0.3 px)", refine_only))
             if have["trackpy"]:
-                methods.append(("trackpy.locate", lambda s=s: m_trackpy(s.image, sig, spacing)))
-            methods.append(("skimage peaks + CoM", lambda s=s: m_skimage(s.image, sig, spacing)))
+                methods.append(("trackpy.locate", lambda s=s, sig=sig, spacing=spacing: m_trackpy(s.image, sig, spacing)))
+            methods.append(("skimage peaks + CoM", lambda s=s, sig=sig, spacing=spacing: m_skimage(s.image, sig, spacing)))
             for name, f in methods:
                 dt, (x, y) = timed(f)
                 sc = score(s, x, y, bounds)
