@@ -10,14 +10,13 @@ into phases, sublattices, defects and distortion modes, without assuming one glo
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 import importlib
 
 from . import accessor as _accessor  # noqa: F401  (registers ds.lcx)
 from .errors import AtomdsError
 from .io import from_array, open_dataset, open_image, to_netcdf
 from .schema import validate
+from .version import __version__
 
 __all__ = [
     "AtomdsError",

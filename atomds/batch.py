@@ -32,7 +32,6 @@ from typing import Any
 
 import xarray as xr
 
-from . import __version__
 from .errors import AtomdsError, FileMissingError, InvalidParameterError
 from .io import SUPPORTED_EXTENSIONS, atomic_write
 from .params import note_fallback, record_params
@@ -45,6 +44,7 @@ from .pipeline import (
     resolve_params,
     run_stages,
 )
+from .version import __version__
 
 __all__ = [
     "batch",

@@ -15,8 +15,8 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
     from .pipeline import add_params_arguments
+    from .version import __version__
 
     p = argparse.ArgumentParser(prog="atomds", description="Local crystallography of atomically resolved images.")
     p.add_argument("--version", action="version", version=f"atomds {__version__}")

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from . import __version__
 from .errors import (
     AtomdsError,
     DimensionError,
@@ -28,6 +27,7 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .params import note_fallback, record_params
+from .version import __version__
 
 __all__ = [
     "from_array",

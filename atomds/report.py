@@ -143,7 +143,7 @@ def report_figures(ds: xr.Dataset, folder: str | os.PathLike, *, dpi: int = 100,
 
 
 def _summary_rows(ds: xr.Dataset, source: str | None) -> list[tuple[str, str]]:
-    from . import __version__
+    from .version import __version__
 
     u = str(ds.attrs.get("units", "px"))
     ps = float(ds.attrs.get("pixel_size", 1.0))

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .. import __version__
 from ..errors import InvalidParameterError
+from ..version import __version__
 from .layout import ATOM_OVERRIDES, LIBRARY_SCHEMA, PIXELS, attr_to_json, make_ids
 from .properties import read_properties
 
