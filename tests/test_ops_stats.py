@@ -13,6 +13,7 @@ from _dask_utils import raise_if_dask_computes
 from sklearn.metrics import adjusted_rand_score
 
 from atomds import datasets
+from atomds.core.splits import VALLEY_RATIO
 from atomds.errors import InvalidParameterError, MissingStepError
 from atomds.ops import learn, maps
 from atomds.ops.neighbors import neighbor_histogram, neighborhoods
@@ -420,7 +421,7 @@ def test_one_phase_is_one_phase(make, noise_px):
     """A homogeneous crystal gives K = 1 and one region; the test and its threshold are recorded."""
     ds = learn.linkage(neighborhoods(with_true_atoms(make(), noise_px, seed=3), descriptor="phase"))
     params = json.loads(ds.attrs["linkage_params"])
-    assert params["valley_threshold"] == pytest.approx(learn.cl.VALLEY_RATIO) and params["split_tests"]
+    assert params["valley_threshold"] == pytest.approx(VALLEY_RATIO) and params["split_tests"]
     K = learn.suggest_k(ds)
     assert K == params["suggested_k"]
     out = learn.regions(learn.kmeans(ds, K))

@@ -242,7 +242,7 @@ def suggest_k(
     The library-wide merge tree (:func:`linkage`; for a library opened lazily, the size-weighted
     Ward tree of streamed k-means micro-clusters, :func:`atomds.library.outofcore.streamed_suggest_k`)
     is split from the top only while a branch's children are separate groups
-    (:func:`atomds.core.learn.significant_splits`, as :func:`atomds.ops.learn.suggest_k`), tested
+    (:func:`atomds.core.splits.significant_splits`, as :func:`atomds.ops.learn.suggest_k`), tested
     on up to ``sample`` random atoms: a library of one phase gives 1.
     """
     from ..ops import learn as ol

@@ -10,7 +10,7 @@ per-chunk results (sums of size K x features, counts, a features x features cova
   (the same components as the in-memory PCA, up to round-off);
 - :func:`streamed_linkage` and :func:`streamed_suggest_k`: the size-weighted Ward tree of
   ``n_micro`` streamed k-means micro-clusters and the number of real groups by
-  :func:`atomds.core.learn.significant_splits` on a sample of rows, so one phase says 1.
+  :func:`atomds.core.splits.significant_splits` on a sample of rows, so one phase says 1.
 
 Rows with a NaN (edge atoms, incomplete neighbourhoods) are left out of every fit and get label
 -1 / NaN loadings. Nothing here loads ``X`` whole; the transforms (:func:`assign`,
@@ -29,6 +29,7 @@ import dask.array as da
 import numpy as np
 
 from ..core import learn as cl
+from ..core import splits as csplit
 from ..errors import InvalidParameterError
 
 __all__ = [
@@ -359,7 +360,7 @@ def streamed_suggest_k(
 
     The size-weighted Ward tree of ``n_micro`` k-means micro-clusters of the sample
     (:func:`atomds.core.learn.ward_linkage`) is split by
-    :func:`atomds.core.learn.significant_splits`, as the in-memory library does on its own
+    :func:`atomds.core.splits.significant_splits`, as the in-memory library does on its own
     sample: the top of the tree, which decides K, is that of all atoms up to sampling noise, at a
     cost that does not grow with the library. Returns K and the split tests.
     """
@@ -367,7 +368,7 @@ def streamed_suggest_k(
     if len(S) < 3:
         raise InvalidParameterError(f"suggest_k needs at least 3 usable atoms, got {len(S)}.")
     Z, leaf = cl.ward_linkage(S, n_micro=n_micro, seed=seed)
-    return cl.significant_splits(Z, S, leaf, k_range=k_range)
+    return csplit.significant_splits(Z, S, leaf, k_range=k_range)
 
 
 def _counts_block(idx: np.ndarray, lab: np.ndarray, n_img: int, K: int) -> np.ndarray:

@@ -15,6 +15,8 @@ import numpy as np
 import xarray as xr
 
 from ..core import learn as cl
+from ..core import regions as cregions
+from ..core import splits as csplit
 from ..core.neighbors import DISORDER_WEIGHT
 from ..errors import InvalidParameterError, MissingStepError
 from ..params import record_params, step_params
@@ -202,7 +204,7 @@ def linkage(
     if ok.sum() < 2:
         raise InvalidParameterError("linkage() needs at least 2 centre atoms")
     Z, leaf = _linkage_arrays(X, ok, method, max_points, n_micro, seed)
-    split = _split_tests(X, ok, Z, leaf, range(1, 11), cl.VALLEY_RATIO)[1] if ok.sum() >= 3 else {}
+    split = _split_tests(X, ok, Z, leaf, range(1, 11), csplit.VALLEY_RATIO)[1] if ok.sum() >= 3 else {}
     out = _drop(ds, list(_LINKAGE_VARS) + ["merge"])
     out = out.assign(
         linkage_left=annotate(xr.DataArray(Z[:, 0].astype(np.int64), dims=("merge",)), "1", "first merged node"),
@@ -225,7 +227,7 @@ def _tree(ds: xr.Dataset) -> np.ndarray | None:
 
 
 def _split_tests(X, ok, Z, leaf, k_range, valley):
-    K, tests = cl.significant_splits(Z, X[ok], leaf[ok], k_range=k_range, valley=valley)
+    K, tests = csplit.significant_splits(Z, X[ok], leaf[ok], k_range=k_range, valley=valley)
     return K, dict(suggested_k=int(K), k_range=[int(k) for k in k_range], valley_threshold=float(valley),
                    split_tests=tests, k_rule="valley")
 
@@ -235,7 +237,7 @@ def suggest_k(
     *,
     k_range=range(1, 11),
     method: str = "valley",
-    valley: float = cl.VALLEY_RATIO,
+    valley: float = csplit.VALLEY_RATIO,
     tolerance: float = 0.2,
 ) -> int:
     """The number of groups of neighbourhoods (phases and sites), 1 when there is no structure.
@@ -243,7 +245,7 @@ def suggest_k(
     ``method="valley"`` (default): the merge tree (:func:`linkage`) is split from the top only
     while a branch's two children are separate groups: the density of their atoms, projected on
     the line through the children's means, must dip between them to at most ``valley`` of the
-    lower peak (:func:`atomds.core.learn.significant_splits`). A homogeneous crystal, whose tree
+    lower peak (:func:`atomds.core.splits.significant_splits`). A homogeneous crystal, whose tree
     only cuts the position noise in two, gives K = 1; children smaller than 1 % of the atoms are
     not split. :func:`linkage` records the tests (valley ratio of every branch examined, the
     threshold and the K they give) in ``linkage_params``.
@@ -277,7 +279,7 @@ def suggest_k(
     else:
         leaf = np.asarray(ds["linkage_leaf"].values, np.int64)
     if method == "drop":
-        return cl.suggest_k(Z, [k for k in k_range if k >= 2] or range(2, 3), tolerance=tolerance)
+        return csplit.suggest_k(Z, [k for k in k_range if k >= 2] or range(2, 3), tolerance=tolerance)
     return _split_tests(X, ok, Z, leaf, k_range, valley)[0]
 
 
@@ -310,18 +312,18 @@ def regions(
     1. ``dissolve`` (k-means clusters only): a cluster whose centre lies between the centres of
        two other clusters and whose atoms touch both - the atoms where two regions meet, grouped
        on their own when K is generous - is dissolved, each atom going to the nearer of the two
-       (:func:`atomds.core.learn.dissolve_transitions`).
+       (:func:`atomds.core.regions.dissolve_transitions`).
     2. ``merge``: clusters that are different sites of one phase (their atoms are each other's
-       neighbours more often than their own) are joined (:func:`atomds.core.learn.merge_sites`);
+       neighbours more often than their own) are joined (:func:`atomds.core.regions.merge_sites`);
        clusters of separate regions, which touch only along a border, stay apart.
     3. ``dissolve``: a region that is a line rather than an area - an interface one column wide
        (antiphase or grain boundary) or scattered defect sites, with fewer than 42 % of its
        neighbour pairs inside it - is given to the regions around it
-       (:func:`atomds.core.learn.dissolve_thin`). A band two or more columns wide stays a region,
+       (:func:`atomds.core.regions.dissolve_thin`). A band two or more columns wide stays a region,
        and so does a disordered region however narrow (median ``disorder`` feature at least
        :data:`DISORDERED_REGION`).
     4. ``passes`` rounds of a plurality vote of each atom with its neighbours
-       (:func:`atomds.core.learn.vote_labels`) remove isolated misassignments on borders.
+       (:func:`atomds.core.regions.vote_labels`) remove isolated misassignments on borders.
     5. ``fill``: atoms without a cluster (edge atoms) take the region of their nearest labelled
        atom, so that every atom has one.
 
@@ -348,7 +350,7 @@ def regions(
     L = int(ds.sizes[id_dim]) if id_dim in ds.sizes else int(lab.max(initial=-1)) + 1
     dissolved: list[int] = []
     if dissolve and by == "cluster" and "cluster_center" in ds.variables and "descriptor" in ds.variables:
-        lab, dissolved = cl.dissolve_transitions(
+        lab, dissolved = cregions.dissolve_transitions(
             np.asarray(ds["descriptor"].values, float), lab, np.asarray(ds["cluster_center"].values, float), idx
         )
     if merge and L:
@@ -356,7 +358,7 @@ def regions(
         compact = np.full(L, -1, dtype=np.int64)
         compact[alive] = np.arange(alive.size)
         sub = np.where(lab >= 0, compact[np.maximum(lab, 0)], -1)
-        m = cl.merge_sites(sub, idx, alive.size)
+        m = cregions.merge_sites(sub, idx, alive.size)
         mapping = np.full(L, -1, dtype=np.int64)
         mapping[alive] = m
     else:
@@ -368,12 +370,12 @@ def regions(
         # interfaces one column wide and scattered defect sites are lines, not phases; a disordered
         # region (amorphous material) is kept however narrow
         n_reg = int(mapping.max()) + 1
-        reg, thin = cl.dissolve_thin(reg, idx, n_reg, keep=_disordered(ds, reg, n_reg))
+        reg, thin = cregions.dissolve_thin(reg, idx, n_reg, keep=_disordered(ds, reg, n_reg))
         mapping = np.where(np.isin(mapping, thin), -1, mapping)
     if passes:
-        reg = cl.vote_labels(reg, idx, passes=int(passes))
+        reg = cregions.vote_labels(reg, idx, passes=int(passes))
     if fill:
-        reg = cl.fill_labels(np.asarray(ds["atom_x"].values, float), np.asarray(ds["atom_y"].values, float), reg)
+        reg = cregions.fill_labels(np.asarray(ds["atom_x"].values, float), np.asarray(ds["atom_y"].values, float), reg)
     # number regions by decreasing size
     used = np.unique(reg[reg >= 0])
     sizes = np.array([(reg == r).sum() for r in used])
@@ -395,7 +397,7 @@ def regions(
         out, "regions",
         dict(by=by, dissolve=bool(dissolve), merge=bool(merge), passes=int(passes), fill=bool(fill), n_regions=R,
              dissolved=[int(d) for d in dissolved], thin_dissolved=[int(t) for t in thin],
-             min_internal_contact=cl.MIN_INTERNAL_CONTACT),
+             min_internal_contact=cregions.MIN_INTERNAL_CONTACT),
     )
 
 

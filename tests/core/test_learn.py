@@ -8,6 +8,8 @@ from scipy.cluster.hierarchy import linkage as scipy_linkage
 from sklearn.metrics import adjusted_rand_score
 
 from atomds.core import learn as cl
+from atomds.core import regions as cregions
+from atomds.core import splits as csplit
 from atomds.errors import InvalidParameterError
 
 
@@ -110,7 +112,7 @@ def test_linkage_micro_clusters_for_many_points(rng):
     assert Z[-1, 3] == len(X)  # sizes count atoms
     labels = cl.cut_tree(Z, 3)[leaf]
     assert adjusted_rand_score(y, labels) == 1.0
-    assert cl.suggest_k(Z) == 3
+    assert csplit.suggest_k(Z) == 3
     with pytest.raises(InvalidParameterError, match="only 'ward'"):
         cl.ward_linkage(X, method="average", max_points=1000)
 
@@ -119,11 +121,11 @@ def test_suggest_k_finds_a_small_distinct_group(rng):
     # two big groups far apart and a small one (a boundary band, 6 %) between them
     X, y = blobs(rng, sizes=(1000, 600, 100), dim=3, sep=8.0, spread=0.4)
     Z, _ = cl.ward_linkage(X)
-    assert cl.suggest_k(Z, range(2, 11)) == 3
+    assert csplit.suggest_k(Z, range(2, 11)) == 3
     X5, _ = blobs(rng, sizes=(200,) * 5, dim=4, sep=10.0, spread=0.3)
-    assert cl.suggest_k(cl.ward_linkage(X5)[0]) == 5
+    assert csplit.suggest_k(cl.ward_linkage(X5)[0]) == 5
     with pytest.raises(InvalidParameterError, match="k_range"):
-        cl.suggest_k(Z, range(0, 1))
+        csplit.suggest_k(Z, range(0, 1))
 
 
 def test_suggest_k_takes_the_finest_of_nearly_equal_drops():
@@ -132,10 +134,10 @@ def test_suggest_k_takes_the_finest_of_nearly_equal_drops():
     heights = np.concatenate([np.linspace(0.1, 2.0, 20), top[::-1]])
     Z = np.zeros((len(heights), 4))
     Z[:, 2] = heights
-    assert cl.suggest_k(Z, tolerance=0.0) == 2
-    assert cl.suggest_k(Z) == 3  # 0.71 is within 20 % of 0.79
+    assert csplit.suggest_k(Z, tolerance=0.0) == 2
+    assert csplit.suggest_k(Z) == 3  # 0.71 is within 20 % of 0.79
     with pytest.raises(InvalidParameterError, match="tolerance"):
-        cl.suggest_k(Z, tolerance=1.0)
+        csplit.suggest_k(Z, tolerance=1.0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -152,20 +154,20 @@ def test_merge_sites_joins_interpenetrating_sites_not_regions():
             idx[i, 0] = i - 1
         if i < 2 * n - 1:
             idx[i, 1] = i + 1
-    mapping = cl.merge_sites(lab, idx)
+    mapping = cregions.merge_sites(lab, idx)
     assert mapping[0] == mapping[1] != mapping[2]
     assert mapping[0] == 0  # the larger region first
-    C = cl.contact_matrix(lab, idx)
+    C = cregions.contact_matrix(lab, idx)
     np.testing.assert_allclose(C, C.T)
 
 
 def test_vote_and_fill():
     lab = np.array([0, 0, 1, 0, 0, -1])
     idx = np.array([[1, -1], [0, 2], [1, 3], [2, 4], [3, -1], [4, -1]])
-    v = cl.vote_labels(lab, idx)
+    v = cregions.vote_labels(lab, idx)
     assert v.tolist() == [0, 0, 0, 0, 0, -1]
     x = np.arange(6.0)
-    f = cl.fill_labels(x, np.zeros(6), v)
+    f = cregions.fill_labels(x, np.zeros(6), v)
     assert f.tolist() == [0, 0, 0, 0, 0, 0]
 
 
@@ -244,12 +246,12 @@ def test_ica_separates_independent_sources(rng):
 def test_valley_ratio_tells_one_group_cut_in_two_from_two_groups(rng):
     one = rng.normal(0, 1, (2000, 5))
     cut = one[:, 0] > 0
-    assert cl.valley_ratio(one[~cut], one[cut]) > 0.8  # one Gaussian halved: no valley
+    assert csplit.valley_ratio(one[~cut], one[cut]) > 0.8  # one Gaussian halved: no valley
     a = rng.normal(0, 1, (400, 5))
     b = rng.normal(0, 1, (100, 5)) + [6, 0, 0, 0, 0]
-    assert cl.valley_ratio(a, b) < 0.2  # two groups 6 sd apart, unequal sizes
+    assert csplit.valley_ratio(a, b) < 0.2  # two groups 6 sd apart, unequal sizes
     flat = rng.uniform(0, 1, (2000, 2))  # a gradient: no valley either
-    assert cl.valley_ratio(flat[flat[:, 0] < 0.5], flat[flat[:, 0] >= 0.5]) > 0.8
+    assert csplit.valley_ratio(flat[flat[:, 0] < 0.5], flat[flat[:, 0] >= 0.5]) > 0.8
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -257,15 +259,15 @@ def test_significant_splits_says_one_for_one_group_and_finds_real_groups(seed):
     rng = np.random.default_rng(seed)
     X = rng.normal(0, 1, (1500, 6)) * [3, 1, 1, 1, 1, 1]  # one anisotropic group
     Z, leaf = cl.ward_linkage(X)
-    K, tests = cl.significant_splits(Z, X, leaf)
+    K, tests = csplit.significant_splits(Z, X, leaf)
     assert K == 1, tests
-    assert tests and tests[0]["split"] == "no" and tests[0]["valley_ratio"] > cl.VALLEY_RATIO
+    assert tests and tests[0]["split"] == "no" and tests[0]["valley_ratio"] > csplit.VALLEY_RATIO
     X3, y3 = blobs(rng, sizes=(600, 300, 80), dim=6, sep=6.0, spread=0.5)
     Z3, leaf3 = cl.ward_linkage(X3)
-    K3, _ = cl.significant_splits(Z3, X3, leaf3)
+    K3, _ = csplit.significant_splits(Z3, X3, leaf3)
     assert K3 == 3
     # k_range bounds: forced splits are recorded as such
-    K2, t2 = cl.significant_splits(Z, X, leaf, k_range=range(2, 5))
+    K2, t2 = csplit.significant_splits(Z, X, leaf, k_range=range(2, 5))
     assert K2 == 2 and t2[0]["split"] == "forced"
 
 
@@ -278,15 +280,15 @@ def test_dissolve_thin_gives_a_line_to_the_region_around_it():
     for k, (dy, dx) in enumerate([(0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1)]):
         ok = (yy + dy >= 0) & (yy + dy < n) & (xx + dx >= 0) & (xx + dx < n)
         idx[:, k] = np.where(ok, (yy + dy) * n + (xx + dx), -1).ravel()
-    assert cl.thin_clusters(lab, idx).tolist() == [False, True]
-    new, gone = cl.dissolve_thin(lab, idx)
+    assert cregions.thin_clusters(lab, idx).tolist() == [False, True]
+    new, gone = cregions.dissolve_thin(lab, idx)
     assert gone == [1] and (new == 0).all()
-    kept, none = cl.dissolve_thin(lab, idx, keep=[False, True])  # e.g. a disordered line: its own phase
+    kept, none = cregions.dissolve_thin(lab, idx, keep=[False, True])  # e.g. a disordered line: its own phase
     assert none == [] and (kept == lab).all()
     # a band three columns wide between two different regions stays
     lab3 = np.select([xx < 12, xx < 15], [0, 1], 2).ravel()
-    new3, gone3 = cl.dissolve_thin(lab3, idx)
+    new3, gone3 = cregions.dissolve_thin(lab3, idx)
     assert gone3 == [] and (new3 == lab3).all()
     # a strip two columns wide with the same region on both sides is an interface
     lab2 = np.where((xx == 14) | (xx == 15), 1, 0).ravel()
-    assert cl.enclosed_strips(lab2, idx).tolist() == [False, True]
+    assert cregions.enclosed_strips(lab2, idx).tolist() == [False, True]

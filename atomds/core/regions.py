@@ -1,0 +1,321 @@
+"""Regions (phases) from cluster labels on the atom graph: which clusters are sites of one phase,
+transitions between two regions, lines or enclosed strips (interfaces), and smoothing and filling of
+labels. Every function reads per-atom labels and the neighbour index table; none loops over atoms.
+
+Pure NumPy/SciPy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "contact_matrix",
+    "merge_sites",
+    "transition_clusters",
+    "dissolve_transitions",
+    "MIN_INTERNAL_CONTACT",
+    "thin_clusters",
+    "MAX_STRIP_INTERIOR",
+    "MIN_ENCLOSING_CONTACT",
+    "enclosed_strips",
+    "dissolve_thin",
+    "vote_labels",
+    "fill_labels",
+]
+
+def contact_matrix(labels, index, n_labels: int | None = None) -> np.ndarray:
+    """Symmetric count of neighbour pairs between labels.
+
+    ``C[a, b]`` counts the pairs (atom i, its neighbour j) with labels a and b, plus the pairs
+    with labels b and a (so ``C[a, a]`` counts within-label pairs twice). Atoms or neighbours with
+    a negative label, and missing neighbours (-1), are skipped.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    index = np.asarray(index, dtype=np.int64)
+    L = int(labels.max(initial=-1)) + 1 if n_labels is None else int(n_labels)
+    li = np.broadcast_to(labels[:, None], index.shape)
+    lj = np.where(index >= 0, labels[np.maximum(index, 0)], -1)
+    ok = (li >= 0) & (lj >= 0)
+    C = np.zeros((L, L))
+    np.add.at(C, (li[ok], lj[ok]), 1.0)
+    return C + C.T
+
+
+def merge_sites(labels, index, n_labels: int | None = None) -> np.ndarray:
+    """Group clusters that are different sites of one phase into regions.
+
+    Sites of one crystal interpenetrate: each atom of site a has atoms of site b among its
+    nearest neighbours all over the phase. Two separate regions touch only along their common
+    border. So clusters a and b are joined when a-b neighbour pairs are more frequent than a-a
+    pairs and than b-b pairs, ``C[a, b] > max(C[a, a], C[b, b])`` with :func:`contact_matrix`
+    (both sides count each pair twice); joins are transitive. A boundary band between two
+    regions shares its atoms' neighbours between itself and the two sides; once it is two atoms
+    thick it has more neighbour pairs inside itself than with either side, so it stays a region
+    of its own.
+
+    Returns
+    -------
+    ndarray of int64 (n_labels,)
+        Region of each cluster, numbered from 0 by decreasing number of atoms.
+    """
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    labels = np.asarray(labels, dtype=np.int64)
+    L = int(labels.max(initial=-1)) + 1 if n_labels is None else int(n_labels)
+    if L == 0:
+        return np.zeros(0, dtype=np.int64)
+    C = contact_matrix(labels, index, L)
+    self_c = np.diag(C)
+    join = C > np.maximum(self_c[:, None], self_c[None, :])
+    np.fill_diagonal(join, False)
+    _, comp = connected_components(csr_matrix(join), directed=False)
+    sizes = np.bincount(labels[labels >= 0], minlength=L)
+    comp_size = np.bincount(comp, weights=sizes)
+    order = np.argsort(-comp_size, kind="stable")
+    remap = np.empty_like(order)
+    remap[order] = np.arange(len(order))
+    return remap[comp].astype(np.int64)
+
+
+def transition_clusters(centers, labels, index, *, max_offset: float = 1.0 / 3.0, min_contact: float = 0.1):
+    """Clusters that are only the transition between two others (interfaces), and between which.
+
+    Where two regions meet, atoms whose neighbourhoods are part one, part the other form a
+    cluster of their own once K is large enough. Such a cluster c is recognised by two signs:
+
+    * its centre lies on the way between the centres of two other clusters a and b: projected on
+      the segment a-b it falls inside it (0 < t < 1) and lies off it by at most ``max_offset``
+      of the segment's length (a mixture of two kinds of neighbourhood);
+    * in space it touches both: at least ``min_contact`` of its neighbour pairs go to a, and as
+      much to b.
+
+    A distinct phase or a disordered band is not a mixture of its neighbours - its own features
+    (e.g. the disorder score of the "phase" descriptor) put its centre well off such a segment.
+
+    Returns
+    -------
+    ndarray of int64 (K, 2)
+        For each cluster the pair (a, b) it is a transition between (the one it lies closest
+        to the segment of), or (-1, -1).
+    """
+    C = np.asarray(centers, dtype=float)
+    K = len(C)
+    out = np.full((K, 2), -1, dtype=np.int64)
+    if K < 3:
+        return out
+    cont = contact_matrix(labels, index, K)
+    tot = cont.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = cont / tot[:, None]
+    best = np.full(K, np.inf)
+    for a in range(K):  # loops over clusters (K <= a few tens), never over atoms
+        for b in range(a + 1, K):
+            ab = C[b] - C[a]
+            L2 = float(ab @ ab)
+            if L2 <= 0:
+                continue
+            t = (C - C[a]) @ ab / L2
+            off = np.linalg.norm(C - C[a] - t[:, None] * ab[None, :], axis=1) / np.sqrt(L2)
+            ok = (t > 0) & (t < 1) & (off <= max_offset) & (frac[:, a] >= min_contact) & (frac[:, b] >= min_contact)
+            ok[[a, b]] = False
+            better = ok & (off < best)
+            best[better] = off[better]
+            out[better] = (a, b)
+    return out
+
+
+def dissolve_transitions(X, labels, centers, index, **kw):
+    """Give the atoms of transition clusters (:func:`transition_clusters`) to the two clusters
+    they lie between (each atom to the nearer centre), one cluster at a time, until none is left.
+
+    Returns
+    -------
+    labels : ndarray of int64
+        Labels with the dissolved clusters' atoms reassigned (their ids are no longer used).
+    dissolved : list of int
+        The clusters dissolved, in order.
+    """
+    X = np.asarray(X, dtype=float)
+    lab = np.asarray(labels, dtype=np.int64).copy()
+    C = np.asarray(centers, dtype=float)
+    alive = np.ones(len(C), dtype=bool)
+    dissolved = []
+    while alive.sum() >= 3:
+        ids = np.flatnonzero(alive)
+        remap = np.full(len(C), -1, dtype=np.int64)
+        remap[ids] = np.arange(len(ids))
+        sub = np.where(lab >= 0, remap[np.maximum(lab, 0)], -1)
+        pairs = transition_clusters(C[ids], sub, index, **kw)
+        cand = np.flatnonzero(pairs[:, 0] >= 0)
+        if cand.size == 0:
+            break
+        # dissolve the smallest transition cluster first
+        sizes = np.bincount(sub[sub >= 0], minlength=len(ids))
+        c = cand[np.argmin(sizes[cand])]
+        a, b = ids[pairs[c]]
+        members = lab == ids[c]
+        da = ((X[members] - C[a]) ** 2).sum(axis=1)
+        db = ((X[members] - C[b]) ** 2).sum(axis=1)
+        lab[members] = np.where(da <= db, a, b)
+        alive[ids[c]] = False
+        dissolved.append(int(ids[c]))
+    return lab, dissolved
+
+
+#: A cluster whose atoms have fewer than this share of their neighbour pairs inside the cluster is
+#: a line, not an area: an interface one column wide (antiphase or grain boundary) or scattered
+#: defect sites. A line of columns keeps about 1/3 of its pairs inside, a band two columns wide
+#: about 0.55-0.6 (disordered ones a little less): the threshold lies between.
+MIN_INTERNAL_CONTACT = 0.42
+
+
+def thin_clusters(labels, index, n_labels: int | None = None, *, min_internal: float = MIN_INTERNAL_CONTACT):
+    """Clusters that are lines or scattered sites rather than areas (see :data:`MIN_INTERNAL_CONTACT`).
+
+    Returns
+    -------
+    ndarray of bool (n_labels,)
+        True for a cluster with atoms whose share of internal neighbour pairs
+        (``C[c, c] / C[c, :].sum()`` with :func:`contact_matrix`) is below ``min_internal``.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    L = int(labels.max(initial=-1)) + 1 if n_labels is None else int(n_labels)
+    C = contact_matrix(labels, index, L)
+    tot = C.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        internal = np.where(tot > 0, np.diag(C) / tot, 1.0)
+    return internal < float(min_internal)
+
+
+#: A region with fewer than this share of interior atoms (all labelled neighbours inside it) is a
+#: strip: every column of a band two columns wide touches its border.
+MAX_STRIP_INTERIOR = 0.2
+#: ... and it lies inside one other region when at least this share of its outside contacts go there.
+MIN_ENCLOSING_CONTACT = 0.9
+
+
+def enclosed_strips(labels, index, n_labels: int | None = None, *, max_interior: float = MAX_STRIP_INTERIOR,
+                    min_enclosing: float = MIN_ENCLOSING_CONTACT):
+    """Labels that are narrow strips inside one other label: interfaces within one phase.
+
+    An antiphase boundary or a twin boundary puts the columns on both of its sides in
+    neighbourhoods of their own, a strip one or two columns wide with the same phase on either
+    side. A band between two *different* phases touches both and is not enclosed; a grain has
+    interior atoms and is not a strip.
+
+    Returns
+    -------
+    ndarray of bool (n_labels,)
+        True for a label with fewer than ``max_interior`` of its atoms interior (all labelled
+        neighbours of the same label) and at least ``min_enclosing`` of its outside neighbour
+        pairs going to a single other label.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    index = np.asarray(index, dtype=np.int64)
+    L = int(labels.max(initial=-1)) + 1 if n_labels is None else int(n_labels)
+    if L < 2:
+        return np.zeros(L, dtype=bool)
+    lj = np.where(index >= 0, labels[np.maximum(index, 0)], -1)
+    own = labels >= 0
+    border = own & ((lj >= 0) & (lj != labels[:, None])).any(axis=1)
+    n = np.bincount(labels[own], minlength=L).astype(float)
+    interior = np.bincount(labels[own & ~border], minlength=L).astype(float)
+    C = contact_matrix(labels, index, L)
+    np.fill_diagonal(C, 0.0)
+    out_tot = C.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dominant = np.where(out_tot > 0, C.max(axis=1) / out_tot, 0.0)
+        frac_interior = np.where(n > 0, interior / n, 1.0)
+    return (frac_interior < max_interior) & (dominant >= min_enclosing)
+
+
+def dissolve_thin(labels, index, n_labels: int | None = None, *, min_internal: float = MIN_INTERNAL_CONTACT,
+                  keep=None, max_passes: int = 50):
+    """Give the atoms of thin clusters (:func:`thin_clusters`) and of strips enclosed by one other
+    cluster (:func:`enclosed_strips`) to the clusters around them.
+
+    Each atom of a thin cluster takes the most frequent label among its neighbours that belong to
+    clusters kept, repeated until every such atom has one (a wide patch fills from its rim in).
+    At least one cluster is always kept (the largest, when all are thin), and so are the clusters
+    flagged in ``keep`` (bool, one per cluster; e.g. disordered ones: amorphous material is a phase
+    of its own however narrow).
+
+    Returns
+    -------
+    labels : ndarray of int64
+        Labels with the thin clusters' atoms reassigned where a kept neighbour exists.
+    dissolved : list of int
+        The clusters dissolved.
+    """
+    lab = np.asarray(labels, dtype=np.int64).copy()
+    index = np.asarray(index, dtype=np.int64)
+    L = int(lab.max(initial=-1)) + 1 if n_labels is None else int(n_labels)
+    if L < 2:
+        return lab, []
+    thin = thin_clusters(lab, index, L, min_internal=min_internal) | enclosed_strips(lab, index, L)
+    if keep is not None:
+        thin &= ~np.asarray(keep, dtype=bool)
+    if thin.all():
+        thin[np.argmax(np.bincount(lab[lab >= 0], minlength=L))] = False
+    dissolved = [int(c) for c in np.flatnonzero(thin)]
+    if not dissolved:
+        return lab, []
+    todo = (lab >= 0) & thin[np.maximum(lab, 0)]
+    lab[todo] = -2  # waiting for a label
+    rows = np.arange(len(lab))
+    for _ in range(int(max_passes)):  # each pass moves the filled rim one neighbour inwards
+        if not todo.any():
+            break
+        lj = np.where(index >= 0, lab[np.maximum(index, 0)], -1)
+        ok = (lj >= 0) & todo[:, None]
+        if not ok.any():
+            break
+        votes = np.zeros((len(lab), L))
+        np.add.at(votes, (np.broadcast_to(rows[:, None], lj.shape)[ok], lj[ok]), 1.0)
+        got = todo & (votes.max(axis=1) > 0)
+        lab[got] = votes[got].argmax(axis=1)
+        todo &= ~got
+    lab[lab == -2] = -1
+    return lab, dissolved
+
+
+def vote_labels(labels, index, *, passes: int = 1) -> np.ndarray:
+    """Plurality vote of each labelled atom with its neighbours (a mode filter on the atom graph).
+
+    Each atom with a label >= 0 takes the label most frequent among itself and its labelled
+    neighbours; ties keep its own label. Removes isolated misassignments along borders
+    between regions while keeping regions one atom thick (their atoms outvote in a line).
+    Unlabelled atoms (-1) neither vote nor change.
+    """
+    lab = np.asarray(labels, dtype=np.int64).copy()
+    index = np.asarray(index, dtype=np.int64)
+    L = int(lab.max(initial=-1)) + 1
+    if L == 0:
+        return lab
+    rows = np.arange(len(lab))
+    for _ in range(int(passes)):
+        lj = np.where(index >= 0, lab[np.maximum(index, 0)], -1)
+        votes = np.zeros((len(lab), L))
+        ok = lj >= 0
+        np.add.at(votes, (np.broadcast_to(rows[:, None], lj.shape)[ok], lj[ok]), 1.0)
+        own = lab >= 0
+        votes[rows[own], lab[own]] += 1.5  # itself, plus a half vote that breaks ties in its favour
+        new = votes.argmax(axis=1)
+        lab = np.where(own, new, -1)
+    return lab
+
+
+def fill_labels(x, y, labels) -> np.ndarray:
+    """Give unlabelled atoms (-1) the label of their nearest labelled atom (e.g. edge atoms)."""
+    from scipy.spatial import cKDTree
+
+    lab = np.asarray(labels, dtype=np.int64).copy()
+    pos = np.column_stack([np.asarray(x, float), np.asarray(y, float)])
+    have = (lab >= 0) & np.isfinite(pos).all(axis=1)
+    need = (lab < 0) & np.isfinite(pos).all(axis=1)
+    if have.any() and need.any():
+        _, j = cKDTree(pos[have]).query(pos[need], k=1)
+        lab[need] = lab[have][j]
+    return lab
