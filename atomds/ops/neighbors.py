@@ -118,6 +118,59 @@ def _block(prep, centers, *, k, radius_px, sort, rotate, descriptor, exclude_edg
     )
 
 
+def _check_arguments(ds: xr.Dataset, *, k, radius, sort, descriptor, ref_angle, edge_margin, smooth, smooth_by):
+    """Validate :func:`neighborhoods`' arguments; return the per-atom kinds for ``smooth`` (or None)."""
+    if sort not in ("distance", "angle"):
+        raise InvalidParameterError(f"sort must be 'distance' or 'angle', got {sort!r}")
+    if descriptor not in DESCRIPTORS:
+        raise InvalidParameterError(f"descriptor must be one of {DESCRIPTORS}, got {descriptor!r}")
+    need_auto = isinstance(ref_angle, str)
+    if need_auto and ref_angle != "auto":
+        raise InvalidParameterError(f"ref_angle must be a number (radians) or 'auto', got {ref_angle!r}")
+    if not need_auto and not np.isfinite(float(ref_angle)):
+        raise InvalidParameterError(f"ref_angle must be finite, got {ref_angle!r}")
+    if radius is not None and not (np.isfinite(float(radius)) and float(radius) > 0):
+        raise InvalidParameterError(f"radius must be a positive length, got {radius!r}")
+    if k is None and radius is None:
+        raise InvalidParameterError("give k (number of neighbours) or a radius")
+    if k is not None and (int(k) != k or k < 1):
+        raise InvalidParameterError(f"k must be a positive integer, got {k!r}")
+    if not edge_margin >= 0:
+        raise InvalidParameterError(f"edge_margin must be >= 0, got {edge_margin!r}")
+    if int(smooth) != smooth or smooth < 0:
+        raise InvalidParameterError(f"smooth must be a non-negative integer, got {smooth!r}")
+    kinds = None
+    if smooth:
+        if smooth_by not in ds.variables:
+            raise MissingStepError(
+                f"neighborhoods(smooth={smooth}) averages over atoms of the same kind, given by {smooth_by!r}, which "
+                "the Dataset does not have: use smooth_by='sublattice' after find_atoms labels sublattices, or "
+                "smooth_by='cluster' after a first kmeans()."
+            )
+        if ds[smooth_by].dims != ("atom",):
+            raise InvalidParameterError(f"smooth_by={smooth_by!r} must be a per-atom label (dim 'atom'), got {ds[smooth_by].dims}")
+        kinds = ds[smooth_by].data
+    return kinds
+
+
+def _unpack(packed, k: int, width: int, ps: float, descriptor: str):
+    """The columns of the packed per-atom table (see :func:`_block`), lengths in image units."""
+
+    def cols(a, b):
+        return packed[:, a:b]
+
+    index = cols(0, k).astype(np.int64)
+    dx, dy = cols(k, 2 * k) * ps, cols(2 * k, 3 * k) * ps
+    dist, ang = cols(3 * k, 4 * k) * ps, cols(4 * k, 5 * k)
+    count = packed[:, 5 * k].astype(np.int64)
+    edge = packed[:, 5 * k + 1].astype(bool)
+    rot = packed[:, 5 * k + 2]
+    D = cols(5 * k + 3, width)
+    if descriptor in ("xy", "distance"):
+        D = D * ps
+    return index, dx, dy, dist, ang, count, edge, rot, D
+
+
 def neighborhoods(
     ds: xr.Dataset,
     *,
@@ -223,36 +276,9 @@ def neighborhoods(
         For k >= the number of atoms, a bad radius, sort, descriptor or reference.
     """
     ax, ay = _atom_positions(ds, "neighborhoods()")
-    if sort not in ("distance", "angle"):
-        raise InvalidParameterError(f"sort must be 'distance' or 'angle', got {sort!r}")
-    if descriptor not in DESCRIPTORS:
-        raise InvalidParameterError(f"descriptor must be one of {DESCRIPTORS}, got {descriptor!r}")
     need_auto = isinstance(ref_angle, str)
-    if need_auto and ref_angle != "auto":
-        raise InvalidParameterError(f"ref_angle must be a number (radians) or 'auto', got {ref_angle!r}")
-    if not need_auto and not np.isfinite(float(ref_angle)):
-        raise InvalidParameterError(f"ref_angle must be finite, got {ref_angle!r}")
-    if radius is not None and not (np.isfinite(float(radius)) and float(radius) > 0):
-        raise InvalidParameterError(f"radius must be a positive length, got {radius!r}")
-    if k is None and radius is None:
-        raise InvalidParameterError("give k (number of neighbours) or a radius")
-    if k is not None and (int(k) != k or k < 1):
-        raise InvalidParameterError(f"k must be a positive integer, got {k!r}")
-    if not edge_margin >= 0:
-        raise InvalidParameterError(f"edge_margin must be >= 0, got {edge_margin!r}")
-    if int(smooth) != smooth or smooth < 0:
-        raise InvalidParameterError(f"smooth must be a non-negative integer, got {smooth!r}")
-    kinds = None
-    if smooth:
-        if smooth_by not in ds.variables:
-            raise MissingStepError(
-                f"neighborhoods(smooth={smooth}) averages over atoms of the same kind, given by {smooth_by!r}, which "
-                "the Dataset does not have: use smooth_by='sublattice' after find_atoms labels sublattices, or "
-                "smooth_by='cluster' after a first kmeans()."
-            )
-        if ds[smooth_by].dims != ("atom",):
-            raise InvalidParameterError(f"smooth_by={smooth_by!r} must be a per-atom label (dim 'atom'), got {ds[smooth_by].dims}")
-        kinds = ds[smooth_by].data
+    kinds = _check_arguments(ds, k=k, radius=radius, sort=sort, descriptor=descriptor, ref_angle=ref_angle,
+                             edge_margin=edge_margin, smooth=smooth, smooth_by=smooth_by)
     n_atoms = int(ds.sizes["atom"])
     if k is not None and k >= n_atoms:
         raise InvalidParameterError(
@@ -299,18 +325,7 @@ def neighborhoods(
         prep = _prepare(ax.values, ay.values, **pkw)
         packed = _block(prep, slice(None), **kw)
 
-    def cols(a, b):
-        return packed[:, a:b]
-
-    index = cols(0, k).astype(np.int64)
-    dx, dy = cols(k, 2 * k) * ps, cols(2 * k, 3 * k) * ps
-    dist, ang = cols(3 * k, 4 * k) * ps, cols(4 * k, 5 * k)
-    count = packed[:, 5 * k].astype(np.int64)
-    edge = packed[:, 5 * k + 1].astype(bool)
-    rot = packed[:, 5 * k + 2]
-    D = cols(5 * k + 3, width)
-    if descriptor in ("xy", "distance"):
-        D = D * ps
+    index, dx, dy, dist, ang, count, edge, rot, D = _unpack(packed, k, width, ps, descriptor)
     if smooth:
         if lazy:
             import dask
