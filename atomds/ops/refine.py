@@ -105,6 +105,39 @@ def _contrast(ds: xr.Dataset, contrast: str | None) -> str:
     return used if used in CONTRASTS else "bright"
 
 
+def _fit_variables(packed, model: str, ps: float, units: str, iunits: str) -> dict[str, xr.DataArray]:
+    """The per-atom fit results of the packed table (see :func:`_pack`) as annotated DataArrays."""
+    col = {f: i for i, f in enumerate(_fields(model))}
+
+    def var(name, scale, unit, long_name, dtype=None):
+        data = packed[:, col[name]]
+        if scale != 1.0:
+            data = data * scale
+        if dtype is not None:
+            data = data.astype(dtype)
+        return annotate(xr.DataArray(data, dims=("atom",)), unit, long_name)
+
+    new = {
+        "atom_x": var("x", ps, units, "atom centre x (refined)"),
+        "atom_y": var("y", ps, units, "atom centre y (refined)"),
+        "amplitude": var("amplitude", 1.0, iunits, "peak height of the fitted Gaussian above the background"),
+        "intensity": var("intensity", 1.0, iunits, "integrated intensity of the column (sum over pixels)"),
+        "background": var("background", 1.0, iunits, "local background per pixel under the column"),
+        "x_err": var("x_err", ps, units, "standard error of atom_x"),
+        "y_err": var("y_err", ps, units, "standard error of atom_y"),
+        "fit_ok": var("fit_ok", 1.0, "1", "Gaussian fit converged to a physical column (else centre of mass)", bool),
+        "intensity_err": var("intensity_err", 1.0, iunits, "standard error of intensity"),
+        "joint": var("joint", 1.0, "1", "fitted jointly with its overlapping neighbours", bool),
+    }
+    if model == "gaussian":
+        new["sigma"] = var("sigma", ps, units, "width of the column (Gaussian standard deviation)")
+    else:
+        new["sigma_major"] = var("sigma_major", ps, units, "width of the column along its major axis")
+        new["sigma_minor"] = var("sigma_minor", ps, units, "width of the column along its minor axis")
+        new["theta"] = var("theta", 1.0, "rad", "direction of the major axis, from +x towards +y")
+    return new
+
+
 def refine(
     ds: xr.Dataset,
     *,
@@ -262,34 +295,7 @@ def refine(
             res = cr.refine_gaussian(image, xp, yp, settings=settings, **fit_kw)
         packed = _pack(res, model)
 
-    col = {f: i for i, f in enumerate(_fields(model))}
-
-    def var(name, scale, unit, long_name, dtype=None):
-        data = packed[:, col[name]]
-        if scale != 1.0:
-            data = data * scale
-        if dtype is not None:
-            data = data.astype(dtype)
-        return annotate(xr.DataArray(data, dims=("atom",)), unit, long_name)
-
-    new = {
-        "atom_x": var("x", ps, units, "atom centre x (refined)"),
-        "atom_y": var("y", ps, units, "atom centre y (refined)"),
-        "amplitude": var("amplitude", 1.0, iunits, "peak height of the fitted Gaussian above the background"),
-        "intensity": var("intensity", 1.0, iunits, "integrated intensity of the column (sum over pixels)"),
-        "background": var("background", 1.0, iunits, "local background per pixel under the column"),
-        "x_err": var("x_err", ps, units, "standard error of atom_x"),
-        "y_err": var("y_err", ps, units, "standard error of atom_y"),
-        "fit_ok": var("fit_ok", 1.0, "1", "Gaussian fit converged to a physical column (else centre of mass)", bool),
-        "intensity_err": var("intensity_err", 1.0, iunits, "standard error of intensity"),
-        "joint": var("joint", 1.0, "1", "fitted jointly with its overlapping neighbours", bool),
-    }
-    if model == "gaussian":
-        new["sigma"] = var("sigma", ps, units, "width of the column (Gaussian standard deviation)")
-    else:
-        new["sigma_major"] = var("sigma_major", ps, units, "width of the column along its major axis")
-        new["sigma_minor"] = var("sigma_minor", ps, units, "width of the column along its minor axis")
-        new["theta"] = var("theta", 1.0, "rad", "direction of the major axis, from +x towards +y")
+    new = _fit_variables(packed, model, ps, units, iunits)
     stale = [v for m, names in _SHAPE_VARS.items() if m != model for v in names if v in ds.variables]
     out = ds.drop_vars(stale + _derived_names(ds))
     if "seed_x" not in out.variables:  # keep the starting positions
