@@ -279,7 +279,14 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
         done += 1
         x, y = fx[:n0], fy[:n0]
         new_x, new_y, new_z = np.r_[fx[n0:], cx], np.r_[fy[n0:], cy], np.r_[new_z, cz]
-    return ResidualColumns(new_x, new_y, new_z, done, fit)
+    # a refit can carry a column found earlier out of the image (a tail at the border): not a column of it
+    ny, nx = image.shape
+    inside = (new_x >= -0.5) & (new_x <= nx - 0.5) & (new_y >= -0.5) & (new_y <= ny - 0.5)
+    if not inside.all():  # the fit covers the old columns, then the new ones of earlier rounds: keep it aligned
+        n_fit = int(np.size(fit.get("x", ())))
+        keep = np.r_[np.ones(n0, dtype=bool), inside[: max(n_fit - n0, 0)]]
+        fit = {k: np.asarray(v)[keep] for k, v in fit.items() if np.size(v) == n_fit}
+    return ResidualColumns(new_x[inside], new_y[inside], new_z[inside], done, fit)
 
 
 def _round_candidates(residual: np.ndarray, image: np.ndarray, fx, fy, *, sigma: float, spacing: float,
