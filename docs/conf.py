@@ -62,38 +62,3 @@ html_theme = "furo"
 html_title = f"atomds {release}"
 html_static_path: list[str] = []
 html_show_sourcelink = False
-
-
-# TODO(issue 13, lead): docstring fixes for modules that are being moved into packages right now
-# (core/find.py -> core/find/, plot.py -> plot/). They are applied here, to the text autodoc reads,
-# only while the source still has the faulty text; move each into the docstring itself and delete
-# the entry (an entry whose text no longer occurs does nothing).
-#   1. atomds.core.find find_atoms (core/find/api.py), step 5: a bullet list needs a blank line before it
-#      ("5. A blob is an atom when" + blank line + "   - its amplitude ...").
-#   2. atomds.plot modes (plot/deformation.py): "|sum of shifts| / sum of |shifts|" reads as reST substitutions; quote it
-#      as ``|sum of shifts| / sum of |shifts|``.
-#   3. atomds.core.samples (package docstring), "Modules": the line of generator names continued on
-#      an indented line is invalid reST; write the block as a simple table or a definition list.
-#   4. atomds.core.find (core/find/__init__.py), the table of stages: ":mod:`.correlation`" and
-#      ":mod:`.significance`" are wider than the first column (18 characters); widen that column to
-#      20 and realign the rows (the patch below shows those two names as plain code meanwhile).
-_DOCSTRING_TODO = {
-    "5. A blob is an atom when\n   - its amplitude": "5. A blob is an atom when\n\n   - its amplitude",
-    "(``mode_polarity``: |sum of shifts| / sum of |shifts|)": "(``mode_polarity``: ``|sum of shifts| / sum of |shifts|``)",
-    "``frames``\n                  the generators": "``frames``: the generators",
-    ":mod:`.correlation` zero-normalised": "``correlation``     zero-normalised",
-    ":mod:`.significance` noise z-score": "``significance``    noise z-score",
-}
-
-
-def _apply_docstring_todo(app, what, name, obj, options, lines):
-    text = "\n".join(lines)
-    fixed = text
-    for old, new in _DOCSTRING_TODO.items():
-        fixed = fixed.replace(old, new)
-    if fixed != text:
-        lines[:] = fixed.split("\n")
-
-
-def setup(app):
-    app.connect("autodoc-process-docstring", _apply_docstring_todo, priority=400)  # before numpydoc (500)

@@ -127,7 +127,7 @@ def modes(
     (the square root of its explained variance) and then magnified (each mode by its own factor,
     given in its title) so that they are visible. The red arrow at the centre is the equivalent displacement of the centre atom
     (opposite to the mean shift of its neighbours). The title says whether the mode is polar
-    (``mode_polarity``: |sum of shifts| / sum of |shifts|).
+    (``mode_polarity``: ``|sum of shifts| / sum of |shifts|``).
 
     Parameters
     ----------

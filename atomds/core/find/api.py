@@ -83,6 +83,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
        it (:func:`scipy.ndimage.label`); a blob holding several correlation maxima more than
        half a spacing apart is split between them (each pixel to its nearest maximum).
     5. A blob is an atom when
+
        - its amplitude is significant: z-score >= ``z_min`` (default: the level that pure
          noise exceeds at about 0.5 local maximum over the area not taken by clearly
          significant columns, :func:`~atomds.core.find.significance.noise_z_threshold`; the strip within half a template of

@@ -33,8 +33,8 @@ Modules
 ``render``        the image model: pixel-integrated Gaussian columns, smooth background, noise
 ``lattice``       lattice vectors and sites, thinning, atom tables
 ``compose``       atom table -> :class:`Sample` (vacuum hole, support film, background, noise)
-``hexagonal``, ``nanoparticle``, ``two_phase``, ``perovskite`` (with ``polar``), ``frames``
-                  the generators, one sample kind each
+``hexagonal``     a generator, one sample kind per module, as are ``nanoparticle``, ``two_phase``,
+``perovskite``    (with ``polar``), ``frames`` and ``species`` (honeycomb, perovskite [110], TMD, dark)
 ``thickness``     particles whose thickness contrast is ten times their columns' (local contrast)
 ``boundary``      two crystals meeting along a band of real, disordered columns
 ``particle``      columns of 1..N atoms with a known cross-section law (atom counting, overlapping columns)
