@@ -16,6 +16,7 @@ from atomds.errors import InvalidParameterError
 
 __all__ = [
     "check_descriptor",
+    "check_components",
     "kmeans",
     "assign",
     "kmeans_scan",
@@ -431,7 +432,7 @@ def pca(X, n_components: int | None = None):
     """
     X = check_descriptor(X, min_rows=2)
     n, f = X.shape
-    c = _check_components(n_components, n, f)
+    c = check_components(n_components, n, f)
     mean = X.mean(axis=0)
     Xc = X - mean
     _, S, Vt = np.linalg.svd(Xc, full_matrices=False)
@@ -472,7 +473,8 @@ def robust_inliers(X, *, quantile: float = 0.999, max_iter: int = 20) -> np.ndar
     return keep
 
 
-def _check_components(n_components, n, f):
+def check_components(n_components, n: int, f: int) -> int:
+    """The number of components to keep (all, ``min(n, f)``, when None); a clear error when out of range."""
     cmax = min(n, f)
     if n_components is None:
         return cmax
@@ -497,7 +499,7 @@ def ica(X, n_components: int, *, seed: int = 0, max_iter: int = 1000):
     from sklearn.decomposition import FastICA
 
     X = check_descriptor(X, min_rows=2)
-    c = _check_components(n_components, *X.shape)
+    c = check_components(n_components, *X.shape)
     est = FastICA(n_components=c, random_state=int(seed), max_iter=max_iter, whiten="unit-variance", tol=1e-4)
     with _one_thread():
         est.fit(X)

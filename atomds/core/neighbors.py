@@ -22,6 +22,8 @@ from scipy.spatial import cKDTree
 from atomds.errors import InvalidParameterError
 
 __all__ = [
+    "as_positions",
+    "check_k",
     "build_tree",
     "nearest_spacing",
     "query_neighbors",
@@ -58,7 +60,8 @@ PHASE_FEATURES = [f"r{j}" for j in range(6)] + ["psi4", "psi6", "disorder"]
 DISORDER_WEIGHT = 2.0
 
 
-def _positions(x, y) -> np.ndarray:
+def as_positions(x, y) -> np.ndarray:
+    """``(n, 2)`` float array of ``x``, ``y`` (any shapes of one size); a clear error when they differ."""
     x = np.asarray(x, dtype=float).ravel()
     y = np.asarray(y, dtype=float).ravel()
     if x.shape != y.shape:
@@ -77,7 +80,7 @@ def build_tree(x, y) -> tuple[cKDTree, np.ndarray]:
         For each tree point, its index among all atoms (atoms with NaN positions are left out: they
         are neither centres nor neighbours).
     """
-    pos = _positions(x, y)
+    pos = as_positions(x, y)
     ok = np.isfinite(pos).all(axis=1)
     valid = np.flatnonzero(ok)
     tree = cKDTree(pos[ok], balanced_tree=False, compact_nodes=False)
@@ -89,7 +92,7 @@ def nearest_spacing(x, y) -> float:
 
     The typical atomic spacing, estimated from the data; robust to a few outliers.
     """
-    pos = _positions(x, y)
+    pos = as_positions(x, y)
     pos = pos[np.isfinite(pos).all(axis=1)]
     if len(pos) < 2:
         raise InvalidParameterError("at least 2 atoms with finite positions are needed to estimate the spacing")
@@ -97,7 +100,8 @@ def nearest_spacing(x, y) -> float:
     return float(np.median(d[:, 1]))
 
 
-def _check_k(k: int, n_valid: int) -> int:
+def check_k(k: int, n_valid: int) -> int:
+    """``k`` as an int, checked against the atoms available; a clear error when out of range."""
     if k is None or int(k) != k or k < 1:
         raise InvalidParameterError(f"k must be a positive integer, got {k!r}")
     k = int(k)
@@ -136,7 +140,7 @@ def query_neighbors(x, y, *, k: int | None = 6, radius: float | None = None, cen
     count : ndarray of int64, shape (m,)
         Number of neighbours found.
     """
-    pos = _positions(x, y)
+    pos = as_positions(x, y)
     if tree is None:
         tree = build_tree(pos[:, 0], pos[:, 1])
     kdt, valid = tree
@@ -155,7 +159,7 @@ def query_neighbors(x, y, *, k: int | None = 6, radius: float | None = None, cen
         k = min(k, n_valid - 1) if n_valid > 1 else 1
     if k is None:
         raise InvalidParameterError("give k (neighbours per atom) or radius")
-    k = _check_k(k, n_valid)
+    k = check_k(k, n_valid)
     m = len(idx_c)
     index = np.full((m, k), -1, dtype=np.int64)
     dist = np.full((m, k), np.nan)
@@ -352,7 +356,7 @@ def surface_flags(x, y, *, tree=None, reach: float = 2.0, max_gap: float = SURFA
     -------
     bool array (n,)
     """
-    pos = _positions(x, y)
+    pos = as_positions(x, y)
     if tree is None:
         tree = build_tree(pos[:, 0], pos[:, 1])
     t, valid = tree
@@ -501,7 +505,7 @@ def phase_features(x, y, *, spacing: float, centers=None, tree=None, tolerance: 
     """
     if not spacing > 0:
         raise InvalidParameterError(f"spacing must be positive, got {spacing}")
-    pos = _positions(x, y)
+    pos = as_positions(x, y)
     if tree is None:
         tree = build_tree(pos[:, 0], pos[:, 1])
     kq = max(PHASE_NEIGHBORS, MATCH_CANDIDATES, MATCH_NEIGHBORS)
@@ -606,7 +610,7 @@ def smooth_same_kind(features_all, x, y, kinds, n: int, *, centers=None) -> np.n
     """
     F = np.asarray(features_all, dtype=float)
     kinds = np.asarray(kinds).astype(np.int64)
-    pos = _positions(x, y)
+    pos = as_positions(x, y)
     N = len(F)
     idx_c = np.arange(N) if centers is None else np.arange(N)[centers]
     out = F[idx_c].copy()

@@ -18,6 +18,8 @@ from scipy.spatial import cKDTree
 
 from atomds.errors import InvalidParameterError
 
+from .neighbors import as_positions
+
 __all__ = ["cage_size", "cage_displacement", "polarization", "polar_domains"]
 
 #: A cage ends at the first jump of at least this factor between the median distances of the
@@ -37,14 +39,6 @@ TIE = 0.9
 DOMAIN_SEPARATION = 45.0
 #: Columns whose polarisation is below this many standard errors join no domain.
 DOMAIN_MIN_Z = 2.0
-
-
-def _xy(x, y) -> np.ndarray:
-    x = np.asarray(x, dtype=float).ravel()
-    y = np.asarray(y, dtype=float).ravel()
-    if x.shape != y.shape:
-        raise InvalidParameterError(f"x and y must have the same length, got {x.size} and {y.size}")
-    return np.column_stack([x, y])
 
 
 def cage_size(d_sorted: np.ndarray) -> int:
@@ -128,7 +122,7 @@ def polarization(x, y, x_err, y_err, sublattice, *, displaced=None, reference=No
         sublattices; ``displaced``, ``reference``, ``n_cage`` (ints) and ``median_offset`` (the
         median ``|p|`` of the chosen pair, same unit as ``x``).
     """
-    pos = _xy(x, y)
+    pos = as_positions(x, y)
     n = len(pos)
     lab = np.asarray(sublattice).ravel().astype(np.int64)
     if lab.size != n:

@@ -22,6 +22,8 @@ from scipy.spatial import cKDTree
 
 from atomds.errors import InvalidParameterError
 
+from .neighbors import as_positions
+
 __all__ = ["reference_bonds", "match_bonds", "local_strain", "STRAIN_NAMES"]
 
 #: Names of the per-atom outputs of :func:`local_strain`, in order.
@@ -36,14 +38,6 @@ FIRST_SHELL = 1.2
 #: median then rests on hundreds of bonds (its error a few per cent of one bond's), and the grouping,
 #: whose cost grows with the square of the bonds per direction, stays a few milliseconds.
 _MAX_REFERENCE_BONDS = 6000
-
-
-def _positions(x, y) -> np.ndarray:
-    x = np.asarray(x, dtype=float).ravel()
-    y = np.asarray(y, dtype=float).ravel()
-    if x.shape != y.shape:
-        raise InvalidParameterError(f"x and y must have the same length, got {x.size} and {y.size}")
-    return np.column_stack([x, y])
 
 
 def _groups(sublattice, n: int) -> np.ndarray:
@@ -199,7 +193,7 @@ def local_strain(
         towards +y), each with ``<name>_err``; ``n_bonds`` (bonds matched) and the reference bonds
         under ``"reference_bonds"`` (m, 2).
     """
-    pos = _positions(x, y)
+    pos = as_positions(x, y)
     n = len(pos)
     if usable is not None:
         use = np.asarray(usable, dtype=bool).ravel()

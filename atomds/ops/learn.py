@@ -80,6 +80,18 @@ def _per_atom(D: xr.DataArray, func, *, dtype, extra: int | None = None):
     return func(_values(D))
 
 
+def _projection(mean: np.ndarray, rows: np.ndarray):
+    """A block function: each finite descriptor row less ``mean``, projected on ``rows`` (NaN rows stay NaN)."""
+
+    def project(b: np.ndarray) -> np.ndarray:
+        o = np.isfinite(b).all(axis=1)
+        out = np.full((len(b), rows.shape[0]), np.nan)
+        out[o] = (b[o] - mean) @ rows.T
+        return out
+
+    return project
+
+
 def kmeans(ds: xr.Dataset, K: int, *, centroid: str = "mean", n_init: int = 10, seed: int = 0) -> xr.Dataset:
     """Cluster the neighbourhoods: k-means (mean centroids) or k-medians (median centroids).
 
@@ -467,13 +479,7 @@ def pca(ds: xr.Dataset, n_components: int | None = None, *, exclude_outliers: bo
         c = comps.shape[0]
         total = float(np.var(X[inlier], axis=0, ddof=1).sum())
 
-        def _load(b):
-            o = np.isfinite(b).all(axis=1)
-            out = np.full((len(b), c), np.nan)
-            out[o] = (b[o] - mean) @ comps.T
-            return out
-
-        loadings = _per_atom(D, _load, dtype=float, extra=c)
+        loadings = _per_atom(D, _projection(mean, comps), dtype=float, extra=c)
     elif is_dask(D):
         import dask
         import dask.array as da
@@ -488,7 +494,7 @@ def pca(ds: xr.Dataset, n_components: int | None = None, *, exclude_outliers: bo
         n_ok = int(n_ok)
         if n_ok < 2:
             raise InvalidParameterError(f"pca() needs at least 2 centre atoms, got {n_ok}")
-        c = cl._check_components(n_components, n_ok, n_feat)
+        c = cl.check_components(n_components, n_ok, n_feat)
         sgn = cl.svd_flip_components(Vt)
         Vt = Vt * sgn[:, None]
         var = S**2 / (n_ok - 1)
@@ -496,13 +502,7 @@ def pca(ds: xr.Dataset, n_components: int | None = None, *, exclude_outliers: bo
         ratio = var / total if total > 0 else np.zeros_like(var)
         comps, var, ratio = Vt[:c], var[:c], ratio[:c]
 
-        def _load(b):
-            o = np.isfinite(b).all(axis=1)
-            out = np.full((len(b), c), np.nan)
-            out[o] = (b[o] - mean) @ comps.T
-            return out
-
-        loadings = _per_atom(D, _load, dtype=float, extra=c)
+        loadings = _per_atom(D, _projection(mean, comps), dtype=float, extra=c)
     else:
         X = _values(D)
         ok = _valid_rows(X, "pca()")
@@ -557,13 +557,7 @@ def ica(ds: xr.Dataset, n_components: int, *, seed: int = 0, max_iter: int = 100
     mean, comps, unmix, _ = cl.ica(X[ok], n_components, seed=seed, max_iter=max_iter)
     c = comps.shape[0]
 
-    def _load(b):
-        o = np.isfinite(b).all(axis=1)
-        out = np.full((len(b), c), np.nan)
-        out[o] = (b[o] - mean) @ unmix.T
-        return out
-
-    loadings = _per_atom(D, _load, dtype=float, extra=c)
+    loadings = _per_atom(D, _projection(mean, unmix), dtype=float, extra=c)
     pol, polar = _polarity(ds, comps)
     funits = D.attrs.get("units", "1")
     out = _drop(ds, ["ica_mean", "ica_components", "ica_loadings", "ica_polarity", "ica_is_polar", "ica_component"])

@@ -72,7 +72,7 @@ def _prepare(x, y, *, ps, k, radius, sort, ref_angle, descriptor, need_auto, sur
     n_valid = len(tree[1])
     if n_valid < 2:
         raise InvalidParameterError(f"neighbourhoods need at least 2 atoms with finite positions, got {n_valid}")
-    cn._check_k(k, n_valid)
+    cn.check_k(k, n_valid)
     if descriptor == "phase" and n_valid <= max(cn.PHASE_NEIGHBORS, cn.MATCH_CANDIDATES, cn.MATCH_TARGETS):
         raise InvalidParameterError(
             f"the 'phase' descriptor needs more than {max(cn.PHASE_NEIGHBORS, cn.MATCH_CANDIDATES, cn.MATCH_TARGETS)} "
