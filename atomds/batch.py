@@ -494,7 +494,7 @@ def run_batch(
         raise InvalidParameterError("give client= or scheduler=, not both.")
     local_out = [Path(output_p)] if output_p is not None and not remote else []
     inputs = _expand_inputs(paths, exclude=[work] + local_out)
-    from .library import make_ids
+    from .library import distinct_ids, make_ids
 
     ids = make_ids(inputs)
     if append is not None:
@@ -502,7 +502,7 @@ def run_batch(
         from .library import open_library
 
         existing = set(library_ids(open_library(append, check=False)))
-        ids = _new_ids(ids, existing)
+        ids = distinct_ids(ids, existing)
     task_params: dict[str, Any] = {"analysis": analysis.to_dict(), "pixel_size": pixel_size, "units": units}
     work.mkdir(parents=True, exist_ok=True)
     if local_out and not local_out[0].parent.exists():
@@ -573,20 +573,6 @@ def _from_datasets_naming(
     except AtomdsError as exc:
         raise type(exc)(f"the library could not be assembled ({problem}); after setting aside the images that "
                         f"fail alone: {exc}") from exc
-
-
-def _new_ids(ids: list[str], existing: set[str]) -> list[str]:
-    """``ids`` made distinct from those already in a library (``-2``, ``-3``, ... as :func:`atomds.library.make_ids`)."""
-    out: list[str] = []
-    taken = set(existing)
-    for iid in ids:
-        cand, n = iid, 1
-        while cand in taken:
-            n += 1
-            cand = f"{iid}-{n}"
-        taken.add(cand)
-        out.append(cand)
-    return out
 
 
 def _assemble(

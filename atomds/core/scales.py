@@ -32,6 +32,7 @@ from .image import central_crop, check_image, checked_crop, parabola_offset, tuk
 
 __all__ = [
     "MAD_TO_STD",
+    "euler_level",
     "SMALL_CROP",
     "estimate_noise",
     "noise_model",
@@ -350,14 +351,21 @@ def _false_maxima_level(area: float, width: float, false_maxima: float = _FALSE_
     density), solved for ``u`` by bisection (at least 3).
     """
     k = float(area) / (2.0 * width * width) / (2.0 * np.pi) ** 1.5
-    lo, hi = 1.0, 40.0
+    return max(3.0, euler_level(k, false_maxima))
+
+
+def euler_level(k: float, expected: float) -> float:
+    """The level ``u >= 1`` at which ``k u exp(-u^2 / 2)`` (the expected number of local maxima of a
+    smooth Gaussian field above ``u``, Adler's Euler-characteristic density, ``k`` holding the area
+    and the field's curvature) falls to ``expected``; found by bisection on [1, 40]."""
+    lo, hi = 1.0, 40.0  # k u exp(-u^2/2) decreases for u > 1
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        if k * mid * np.exp(-0.5 * mid * mid) > false_maxima:
+        if k * mid * np.exp(-0.5 * mid * mid) > expected:
             lo = mid
         else:
             hi = mid
-    return max(3.0, 0.5 * (lo + hi))
+    return 0.5 * (lo + hi)
 
 
 def significant_peaks(img: np.ndarray, *, width: float, reach: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

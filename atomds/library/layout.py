@@ -41,6 +41,7 @@ __all__ = [
     "LEARNED_DIMS",
     "LEARNED_VARS",
     "make_ids",
+    "distinct_ids",
     "ids",
     "atoms",
     "atoms_node",
@@ -90,10 +91,16 @@ def make_ids(names: Iterable[str | os.PathLike | None]) -> list[str]:
     Ids are safe as NetCDF group names and as file names; the same list of names always gives
     the same ids.
     """
+    stems = [_sanitize(Path(os.fspath(n)).stem if isinstance(n, (os.PathLike, str)) else str(n)) for n in names]
+    return distinct_ids(stems)
+
+
+def distinct_ids(ids: Iterable[str], taken: Iterable[str] = ()) -> list[str]:
+    """``ids`` made distinct from each other and from ``taken`` (ids already in a library): a repeat
+    becomes ``id-2``, ``id-3``, ...; the same input always gives the same ids."""
     out: list[str] = []
-    seen: set[str] = set()
-    for name in names:
-        stem = _sanitize(Path(os.fspath(name)).stem if isinstance(name, (os.PathLike, str)) else str(name))
+    seen = set(taken)
+    for stem in ids:
         cand, n = stem, 1
         while cand in seen:
             n += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..scales import euler_level
 from .constants import (
     COLUMN_CELL,
     FALSE_BLOBS,
@@ -57,14 +58,7 @@ def noise_z_threshold(templates, area: float, *, false_blobs: float = FALSE_BLOB
     k = float(area) * len(lam) * float(np.mean(lam)) / (2.0 * np.pi) ** 1.5
     if k * np.exp(-0.5) <= false_blobs:  # even u = 1 gives few maxima: tiny image
         return 1.0
-    lo, hi = 1.0, 40.0  # f(u) = k u exp(-u^2/2) decreases for u > 1
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if k * mid * np.exp(-0.5 * mid * mid) > false_blobs:
-            lo = mid
-        else:
-            hi = mid
-    return float(0.5 * (lo + hi))
+    return euler_level(k, false_blobs)
 
 
 def auto_threshold(scores: np.ndarray, zscores: np.ndarray, *, z_min: float) -> float:
