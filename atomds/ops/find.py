@@ -1,7 +1,9 @@
 """Atom finding on image Datasets: template correlation, threshold, blobs, seeds.
 
 :func:`find_atoms` is the one step of atomds that computes: the number of atoms must be known
-to build the ``atom`` dimension. A Dask-backed image is computed exactly once.
+to build the ``atom`` dimension. A Dask-backed image is computed exactly once; one larger than a
+tile (:data:`atomds.core.tiles.MIN_TILE`, chunks merged to at least that) is found tile by tile
+and never held whole (:mod:`atomds.ops.tiled`).
 Lengths (template points, ``sigma``, ``spacing``) are in the Dataset's units
 (``ds.attrs["units"]``), converted with its ``pixel_size``; per-atom results are in those units.
 """
@@ -22,6 +24,7 @@ from ..errors import InvalidParameterError
 from ..params import note_fallback, record_params
 from ._common import annotate, drop_dim_vars, image_dataarray, length_to_px, length_units, pixel_size
 from .preprocess import flatten_height_map, is_height_map
+from .tiled import find_tiled, is_tiled
 
 __all__ = ["find_atoms", "correlation_map"]
 
@@ -73,7 +76,12 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
     """Find the atomic columns of ``image`` by template correlation; the seeds of every later step.
 
     **This step computes**: the atom count must be known to build the ``atom`` dimension, so a
-    Dask-backed image is computed (exactly once). The method is the local one of Belianinov et
+    Dask-backed image is computed (exactly once). A Dask-backed image larger than one tile
+    (2048 px; ``open_image(path, chunks={"y": 4096, "x": 4096})`` of a 16,384² image) is found
+    tile by tile in bounded memory (:func:`atomds.ops.tiled.find_tiled`): the contrast and the
+    scales are decided once on a central probe, each tile is searched with a halo of four
+    spacings and keeps the columns of its core, atoms come out grouped by tile, ``correlation``
+    stays a lazy Dask array, and ``find_atoms_params["tiled"]`` records the tiles. The method is the local one of Belianinov et
     al.: a template (one representative column with its surroundings) is correlated with the
     whole image (zero-normalised cross-correlation by FFT), the correlation map is thresholded,
     connected blobs of plausible size become atoms at their correlation-weighted centroids.
@@ -148,10 +156,15 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
     tmpl = _templates_px(template, ps)
     s_px = length_to_px(sigma, ps, "sigma")
     d_px = length_to_px(spacing, ps, "spacing")
-    img = _image_numpy(ds)
-    res = core_find_atoms(img, template=tmpl, threshold=threshold, min_area=min_area, max_area=max_area,
-                          sublattices=sublattices, sigma=s_px, spacing=d_px, z_min=z_min, min_contrast=min_contrast,
-                          lattice_check=lattice_check, contrast=con)
+    kw = dict(template=tmpl, threshold=threshold, min_area=min_area, max_area=max_area, sublattices=sublattices,
+              sigma=s_px, spacing=d_px, z_min=z_min, min_contrast=min_contrast, lattice_check=lattice_check,
+              contrast=con)
+    lazy_corr = None
+    if is_tiled(da.data):
+        # a large Dask-backed image: tile by tile, never held whole (atomds.ops.tiled)
+        res, lazy_corr = find_tiled(da.data, **kw)
+    else:
+        res = core_find_atoms(_image_numpy(ds), **kw)
     out = drop_dim_vars(ds, "atom")
     if "correlation" in out.variables:
         out = out.drop_vars("correlation")
@@ -174,9 +187,12 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
         flag_values=np.arange(n_sub, dtype=np.int64),
         flag_meanings=" ".join(f"sublattice_{k}" for k in range(n_sub)),
     )
+    corr_note = ("normalised cross-correlation with the template (maximum over templates)" if lazy_corr is None else
+                 "normalised cross-correlation with the central probe's template(s), computed lazily by chunk")
     out["correlation"] = annotate(
-        xr.DataArray(res.correlation, dims=("y", "x"), coords={"y": da["y"], "x": da["x"]}),
-        "1", "normalised cross-correlation with the template (maximum over templates)",
+        xr.DataArray(res.correlation if lazy_corr is None else lazy_corr, dims=("y", "x"),
+                     coords={"y": da["y"], "x": da["x"]}),
+        "1", corr_note,
     )
     params = _params_in_units(res.params, ps, u)
     params["height_map"] = is_height_map(ds)

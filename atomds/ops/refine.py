@@ -7,7 +7,9 @@ step run on them.
 
 When the image is a Dask array the refinement stays lazy: one task estimates the fit settings
 (column width, noise model, window) from a sample of atoms, and each chunk of ``atom`` is
-refined in its own task (with the neighbours it needs), so nothing computes until asked.
+refined in its own task (with the neighbours it needs), so nothing computes until asked. An
+image larger than one tile (:mod:`atomds.ops.tiled`) is refined tile by tile: each task reads
+only its tile's pixels with a halo, so the image is never held whole.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..core.refine.residual import refine_and_complete
 from ..errors import InvalidParameterError
 from ..params import note_fallback, record_params, step_params
 from ._common import annotate, image_dataarray, is_dask, length_units, pixel_size, require_vars
+from .tiled import is_tiled, refine_tiled
 
 __all__ = ["refine", "with_atoms"]
 
@@ -264,6 +267,15 @@ def refine(
     add_x, add_y, missing = np.zeros(0), np.zeros(0), None
     if n == 0:
         packed = np.zeros((0, len(_fields(model))))
+    elif is_dask(img) and not (is_dask(sx) or is_dask(sy)) and is_tiled(img.data):
+        # a large Dask-backed image: one lazy task per tile, on its pixels with a halo (atomds.ops.tiled)
+        xp = np.asarray(sx.values, float) / ps
+        yp = np.asarray(sy.values, float) / ps
+        packed = refine_tiled(
+            img.data, xp, yp, _tile_spacing(ds, xp, yp, ps), con,
+            lambda image, x, y: _settings_task(image, x, y, kw),
+            lambda image, x, y, st, sl: _refine_block(image, x, y, st, sl, fit_kw), len(_fields(model)),
+        )
     elif lazy:
         import dask
         import dask.array as da
@@ -328,6 +340,19 @@ def refine(
             "variance_offset": settings["variance_offset"],
         }
     return record_params(out, "refine", params)
+
+
+def _tile_spacing(ds: xr.Dataset, xp: np.ndarray, yp: np.ndarray, ps: float) -> float:
+    """Nearest-column distance, px, for the tiles' halo: find_atoms's, else the median over a sample of atoms."""
+    found = (step_params(ds, "find_atoms") or {}).get("spacing_px")
+    if found is not None and np.isfinite(found) and found > 0:
+        return float(found)
+    from scipy.spatial import cKDTree
+
+    step = max(1, xp.size // 20000)
+    pts = np.column_stack([xp, yp])
+    d, _ = cKDTree(pts).query(pts[::step], k=2)
+    return float(np.median(d[:, 1])) if xp.size > 1 else 1.0
 
 
 _FIND_MISSING_OPTIONS = ("auto", True, False)

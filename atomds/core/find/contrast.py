@@ -85,9 +85,10 @@ def _block_means(img: np.ndarray, side: int) -> tuple[np.ndarray, int]:
     """
     f = max(1, int(np.ceil(max(img.shape) / side)))
     step = max(1, f // _BLOCK_SAMPLES)
+    g = max(1, f // step)
+    f = g * step  # a whole number of samples per block (the block may be a little smaller)
     ny, nx = (s // f * f for s in img.shape)
     sub = img[:ny:step, :nx:step]
-    g = f // step
     return sub.reshape(ny // f, g, nx // f, g).mean((1, 3)), f
 
 
