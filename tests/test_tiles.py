@@ -175,3 +175,25 @@ def test_labels_classed_again_when_tiles_disagree():
     assert np.all(labels[:400] == 0) and np.all(labels[400:] == 1)
     same, how = tiled._labels(tile_labels, rel, [1, 1], "auto")
     assert same is not None and np.all(same == 0) and "per tile" in how
+
+
+def test_probe_moves_out_of_a_blank_centre(small_tiles):
+    s = hexagonal_sample(shape=(512, 512), spacing=12.0, dose=3000, seed=3)
+    img = s.image.copy()
+    img[128:384, 128:384] = np.median(img)  # the centre holds no columns (a flat support)
+    lazy = atomds.from_array(img, chunks=(256, 256)).lcx.find_atoms()
+    p = step_params(lazy, "find_atoms")["tiled"]
+    assert p["probe"]["tried"] > 1
+    x, y = lazy.atom_x.values, lazy.atom_y.values
+    assert not np.any((x > 140) & (x < 372) & (y > 140) & (y < 372))  # nothing on the blank centre
+    outside = ~((s.x > 122) & (s.x < 390) & (s.y > 122) & (s.y < 390)) & (s.x >= 0) & (s.x < 512) & (s.y >= 0) & (
+        s.y < 512)
+    d, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([s.x[outside], s.y[outside]]))
+    assert np.mean(d < 1.0) > 0.99
+
+
+def test_no_columns_anywhere_says_so(small_tiles):
+    rng = np.random.default_rng(0)
+    img = rng.poisson(50.0, (512, 512)).astype(float)
+    with pytest.raises(atomds.errors.NoAtomsFoundError, match="probes"):
+        atomds.from_array(img, chunks=(256, 256)).lcx.find_atoms()

@@ -42,6 +42,9 @@ __all__ = ["is_tiled", "find_tiled", "refine_tiled", "PROBE_SIZE"]
 #: Side of the central probe on which the contrast and the scales are decided, px.
 PROBE_SIZE = 2048
 
+#: Probes tried, from the centre outwards, before the image is said to hold no columns.
+MAX_PROBES = 9
+
 
 def is_tiled(array, min_size: int | None = None) -> bool:
     """Whether a (Dask) image is processed tile by tile: Dask-backed and more than one tile."""
@@ -56,12 +59,22 @@ def _region(array, rows: slice, cols: slice) -> np.ndarray:
     return np.asarray(array[rows, cols].compute(), dtype=np.float64)
 
 
-def _probe_slices(shape: tuple[int, int]) -> tuple[slice, slice]:
+def _probe_windows(shape: tuple[int, int]) -> list[tuple[slice, slice]]:
+    """Candidate probes, ``PROBE_SIZE`` px square: the image's centre first, then centred on points
+    of a coarse grid (a probe apart) in order of distance from the centre."""
     ny, nx = shape
-    size = PROBE_SIZE
-    hy, hx = min(size, ny), min(size, nx)
-    y0, x0 = (ny - hy) // 2, (nx - hx) // 2
-    return slice(y0, y0 + hy), slice(x0, x0 + hx)
+    hy, hx = min(PROBE_SIZE, ny), min(PROBE_SIZE, nx)
+    cy, cx = np.arange(hy / 2, ny, hy), np.arange(hx / 2, nx, hx)
+    gy, gx = (g.ravel() for g in np.meshgrid(cy, cx, indexing="ij"))
+    order = np.argsort(np.hypot(gy - ny / 2, gx - nx / 2), kind="stable")
+    out = []
+    for y, x in [(ny / 2, nx / 2), *zip(gy[order], gx[order], strict=True)]:
+        y0 = int(np.clip(round(y - hy / 2), 0, ny - hy))
+        x0 = int(np.clip(round(x - hx / 2), 0, nx - hx))
+        win = (slice(y0, y0 + hy), slice(x0, x0 + hx))
+        if win not in out:
+            out.append(win)
+    return out
 
 
 def _is_point(spec) -> bool:
@@ -85,23 +98,44 @@ def _point_templates(array, template, contrast: str, sigma: float, spacing: floa
     return out if isinstance(template, list) else out[0]
 
 
-def _probe(array, kw: dict[str, Any]) -> FoundAtoms:
-    """The central probe's find: the contrast, scales and templates every tile shares."""
-    rows, cols = _probe_slices(array.shape)
+def _blank(img: np.ndarray) -> bool:
+    """A constant region (a blanked or padded part of the image) holds no columns."""
+    finite = img[np.isfinite(img)]
+    return bool(finite.size) and float(finite.min()) == float(finite.max())
+
+
+def _probe(array, kw: dict[str, Any]) -> tuple[FoundAtoms, tuple[slice, slice], int]:
+    """The probe's find: the contrast, scales and templates every tile shares; its window; probes tried.
+
+    The centre of the image first; where it holds no columns (vacuum, a support), the next
+    window outwards, up to :data:`MAX_PROBES`.
+    """
     tmpl = kw["template"]
     specs = tmpl if isinstance(tmpl, list) else [tmpl]
     # a point names a column of the whole image: the probe builds its own template instead
     probe_t = [None if (sp is not None and _is_point(sp)) else sp for sp in specs]
     probe_kw = dict(kw, template=probe_t if isinstance(tmpl, list) else probe_t[0])
-    return core_find_atoms(_region(array, rows, cols), **probe_kw)
+    windows = _probe_windows(array.shape)[:MAX_PROBES]
+    errors = []
+    for k, win in enumerate(windows):
+        where = f"[{win[0].start}:{win[0].stop}, {win[1].start}:{win[1].stop}]"
+        img = _region(array, *win)
+        if _blank(img):
+            errors.append(f"{where}: constant")
+            continue
+        try:
+            return core_find_atoms(img, **probe_kw), win, k + 1
+        except NoAtomsFoundError as exc:
+            errors.append(f"{where}: {exc}")
+    raise NoAtomsFoundError(f"no atoms found in any of {len(windows)} probes of the image (each {PROBE_SIZE} px "
+                            f"square, from its centre outwards): " + "; ".join(errors[:3]))
 
 
 def _tile_find(array, tile: Tile, kw: dict[str, Any]) -> FoundAtoms | None:
     """The atoms of one tile's region (positions in the region), or None when it holds none."""
     img = _region(array, *tile.region)
-    finite = img[np.isfinite(img)]
-    if finite.size and finite.min() == finite.max():
-        return None  # a constant (blank) region holds no columns
+    if _blank(img):
+        return None
     try:
         return core_find_atoms(img, **kw)
     except NoAtomsFoundError:
@@ -142,7 +176,7 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
     kw = dict(template=template, threshold=threshold, min_area=min_area, max_area=max_area, sublattices=sublattices,
               sigma=sigma, spacing=spacing, z_min=z_min, min_contrast=min_contrast, lattice_check=lattice_check,
               contrast=contrast)
-    probe = _probe(array, kw)
+    probe, window, tried = _probe(array, kw)
     p = probe.params
     con, s, d = p["contrast"], float(p["sigma"]), float(p["spacing"])
     tile_kw = dict(kw, contrast=con, sigma=s, spacing=d,
@@ -165,8 +199,8 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
             rejected[k] = rejected.get(k, 0) + int(v)
         residual += int(res.params.get("residual", {}).get("n_atoms", 0))
     if not parts:
-        raise NoAtomsFoundError(f"no atoms found in any of the {len(tiles)} tiles of the image (the probe at its "
-                                f"centre found {len(probe)}); check the contrast and the threshold.")
+        raise NoAtomsFoundError(f"no atoms found in any of the {len(tiles)} tiles of the image (the probe found "
+                                f"{len(probe)}); check the contrast and the threshold.")
     cat = {f: np.concatenate([getattr(r, f) for _, r, _ in parts])
            for f in ("x", "y", "score", "area", "sublattice", "zscore", "amplitude")}
     rel = np.concatenate([r for _, _, r in parts])
@@ -188,7 +222,8 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
         "n_tiles": len(tiles), "edges_y": sorted({t.y0 for t in tiles} | {array.shape[0]}),
         "edges_x": sorted({t.x0 for t in tiles} | {array.shape[1]}), "halo": int(halo),
         "atoms_per_tile": np.bincount(tile_of, minlength=len(tiles)).tolist(),
-        "empty_tiles": len(tiles) - len(parts), "probe": list(_probe_shape(array.shape)),
+        "empty_tiles": len(tiles) - len(parts),
+        "probe": {"rows": [window[0].start, window[0].stop], "cols": [window[1].start, window[1].stop], "tried": tried},
         "threshold": _summary(per_tile["threshold"]), "z_min": _summary(per_tile["z_min"]), "labels": how,
         "merged": int(reported_by.size - keep.size),
     }
@@ -196,11 +231,6 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
                        zscore=cat["zscore"], amplitude=cat["amplitude"], correlation=np.zeros((0, 0), np.float32),
                        templates=probe.templates, params=params)
     return found, lazy_correlation(array, probe.templates, con)
-
-
-def _probe_shape(shape: tuple[int, int]) -> tuple[int, int]:
-    rows, cols = _probe_slices(shape)
-    return rows.stop - rows.start, cols.stop - cols.start
 
 
 def _labels(labels: np.ndarray, rel: np.ndarray, n_per_tile: list[int], sublattices) -> tuple[np.ndarray, str]:
