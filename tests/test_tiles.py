@@ -197,3 +197,15 @@ def test_no_columns_anywhere_says_so(small_tiles):
     img = rng.poisson(50.0, (512, 512)).astype(float)
     with pytest.raises(atomds.errors.NoAtomsFoundError, match="probes"):
         atomds.from_array(img, chunks=(256, 256)).lcx.find_atoms()
+
+
+def test_template_point_of_the_whole_image(small_tiles):
+    s = hexagonal_sample(shape=(512, 512), spacing=12.0, dose=3000, seed=4)
+    inner = (s.x > 300) & (s.x < 400) & (s.y > 300) & (s.y < 400)
+    point = (float(s.x[inner][0]), float(s.y[inner][0]))  # a column in a corner tile, far from the probe
+    eager = atomds.from_array(s.image).lcx.find_atoms(template=point)
+    lazy = atomds.from_array(s.image, chunks=(256, 256)).lcx.find_atoms(template=point)
+    assert "tiled" in step_params(lazy, "find_atoms")
+    d, _ = cKDTree(np.column_stack([eager.atom_x.values, eager.atom_y.values])).query(
+        np.column_stack([lazy.atom_x.values, lazy.atom_y.values]))
+    assert abs(lazy.sizes["atom"] - eager.sizes["atom"]) <= 2 and np.quantile(d, 0.99) < 0.2
