@@ -28,9 +28,13 @@ from scipy.spatial import cKDTree
 from ..errors import InvalidParameterError
 
 __all__ = [
-    "Mixture", "voronoi_cross_sections", "fit_mixture", "count_atoms", "assign_counts", "law_counts",
+    "Mixture", "voronoi_cross_sections", "fit_mixture", "count_atoms", "assign_counts", "law_counts", "detected",
 ]
 
+#: A column is counted only where its cross-section exceeds this many of its standard errors (a
+#: 3-sigma detection); below, nothing distinguishes it from an empty site (a false column at a
+#: particle's rim, a vacancy): it holds 0 atoms and takes no component of the mixture.
+DETECTION_Z = 3.0
 #: EM iterations at most, and its relative log-likelihood tolerance.
 EM_MAX_ITER = 500
 EM_TOL = 1e-7
@@ -244,8 +248,30 @@ def _fit_k(v: np.ndarray, e2: np.ndarray, k: int, prev: tuple | None) -> tuple:
     return max(fits, key=lambda f: f[3])
 
 
+def detected(values: np.ndarray, errors: np.ndarray | None, z: float | None = DETECTION_Z) -> np.ndarray:
+    """Whether each cross-section is detected: finite, and above ``z`` standard errors where its error is known.
+
+    Parameters
+    ----------
+    values : array (n,)
+        Cross-sections (image units).
+    errors : array (n,), optional
+        Their standard errors; without them (or with ``z`` None) every finite value counts.
+    z : float, optional
+        Detection level in standard errors.
+    """
+    v = np.asarray(values, float).ravel()
+    ok = np.isfinite(v)
+    if errors is None or z is None:
+        return ok
+    e = np.broadcast_to(np.asarray(errors, float).ravel(), v.shape)
+    known = np.isfinite(e) & (e > 0)
+    return ok & ~(known & (v < float(z) * np.where(known, e, 0.0)))
+
+
 def fit_mixture(
     values: np.ndarray, *, errors: np.ndarray | None = None, k_max: int | None = None, k: int | None = None,
+    detection_z: float | None = DETECTION_Z,
 ) -> Mixture:
     """Fit the mixtures of :class:`Mixture` with 1..``k_max`` components; keep the one of least ICL.
 
@@ -263,6 +289,9 @@ def fit_mixture(
         the best K so far by :data:`ICL_PATIENCE` and by the best K without lowering the ICL.
     k : int, optional
         Fit exactly this many components (no scan).
+    detection_z : float, optional
+        With ``errors``, values below this many standard errors (:func:`detected`) are left out
+        of the fit: an empty site does not take a component (None keeps them).
 
     Returns
     -------
@@ -274,7 +303,7 @@ def fit_mixture(
         For fewer than 2 finite values, or ``k``/``k_max`` out of range.
     """
     v_all = np.asarray(values, float).ravel()
-    good = np.isfinite(v_all)
+    good = detected(v_all, errors, detection_z)
     v = v_all[good]
     if v.size < 2:
         raise InvalidParameterError(f"a mixture needs at least 2 finite cross-sections; got {v.size}.")
@@ -405,7 +434,7 @@ def assign_counts(mixture: Mixture, *, thinnest: int | None = None, library: np.
 
 def count_atoms(
     values: np.ndarray, *, errors: np.ndarray | None = None, mixture: Mixture | None = None, thinnest: int | None = None,
-    library: np.ndarray | None = None, k_max: int | None = None,
+    library: np.ndarray | None = None, k_max: int | None = None, detection_z: float | None = DETECTION_Z,
 ) -> tuple[np.ndarray, np.ndarray, Mixture]:
     """Atoms per column from its cross-section: the most probable component of the ICL mixture.
 
@@ -421,6 +450,11 @@ def count_atoms(
         See :func:`assign_counts`.
     k_max : int, optional
         See :func:`fit_mixture`.
+    detection_z : float, optional
+        With ``errors``: a column whose cross-section is below this many standard errors
+        (:data:`DETECTION_Z`, 3) is not detected: 0 atoms, with the probability of zero against
+        the thinnest component (equal priors), and it takes no part in the fit. None: every
+        finite value is counted by the mixture.
 
     Returns
     -------
@@ -430,15 +464,25 @@ def count_atoms(
     mixture : Mixture
     """
     v = np.asarray(values, float).ravel()
-    mix = fit_mixture(v, errors=errors, k_max=k_max) if mixture is None else mixture
+    mix = fit_mixture(v, errors=errors, k_max=k_max, detection_z=detection_z) if mixture is None else mixture
     counts = assign_counts(mix, thinnest=thinnest, library=library)
     atoms = np.full(v.size, -1, dtype=np.int64)
     prob = np.full(v.size, np.nan)
-    good = np.isfinite(v)
+    good = detected(v, errors, detection_z)
+    e_all = None if errors is None else np.broadcast_to(np.asarray(errors, float).ravel(), v.shape)
     if good.any():
-        e = None if errors is None else np.broadcast_to(np.asarray(errors, float).ravel(), v.shape)[good]
+        e = None if e_all is None else e_all[good]
         post = mix.posterior(v[good], e)
         best = np.argmax(post, axis=1)
         atoms[good] = counts[best]
         prob[good] = post[np.arange(best.size), best]
+    empty = np.isfinite(v) & ~good
+    if empty.any() and e_all is not None:
+        # zero atoms against the thinnest component, each with the value's own error
+        e2 = e_all[empty] ** 2
+        w2 = e2 + mix.sd**2
+        l0 = np.exp(-0.5 * v[empty] ** 2 / e2) / np.sqrt(e2)
+        l1 = np.exp(-0.5 * (v[empty] - mix.means[0]) ** 2 / w2) / np.sqrt(w2)
+        atoms[empty] = 0
+        prob[empty] = l0 / np.maximum(l0 + l1, 1e-300)
     return atoms, prob, mix

@@ -81,6 +81,7 @@ def cross_sections(ds: xr.Dataset) -> xr.Dataset:
 def count_atoms(
     ds: xr.Dataset, *, source: str = "model", thinnest: int | None = None, library: Any = None,
     k_max: int | None = None, mixture: cc.Mixture | None = None, use_errors: bool = True,
+    detection_z: float | None = cc.DETECTION_Z,
 ) -> xr.Dataset:
     """Atoms per column: the ICL Gaussian mixture over the cross-sections (as StatSTEM counts).
 
@@ -105,6 +106,11 @@ def count_atoms(
         Widen each column's component density by its cross-section's standard error
         (``cross_section_err`` or ``cross_section_voronoi_err``, where known): thick columns'
         larger shot noise then does not split their component (else one shared width).
+    detection_z : float, optional
+        A column whose cross-section is below this many standard errors (3) is not detected: it
+        counts 0 atoms and takes no component of the mixture (a false column at a particle's rim
+        or an empty site would otherwise open a component of its own). None: every column is
+        counted by the mixture. Needs the errors (``use_errors``).
 
     Returns
     -------
@@ -124,7 +130,7 @@ def count_atoms(
     if use_errors and errors is None:
         note_fallback(params, "no_cross_section_err", f"count_atoms: no {err_name}; the components share one width")
     atoms, prob, mix = cc.count_atoms(
-        values, errors=errors, mixture=mixture, thinnest=thinnest, library=library, k_max=k_max
+        values, errors=errors, mixture=mixture, thinnest=thinnest, library=library, k_max=k_max, detection_z=detection_z
     )
     counts = cc.assign_counts(mix, thinnest=thinnest, library=library)
     out = ds.assign(
@@ -135,7 +141,8 @@ def count_atoms(
     )
     params.update(
         source=source, thinnest=thinnest, use_errors=bool(use_errors and errors is not None), library=None if library is None else np.asarray(library, float).tolist(),
-        k_max=k_max, n_components=mix.k, means=mix.means.tolist(), weights=mix.weights.tolist(), sd=mix.sd,
+        k_max=k_max, detection_z=detection_z,
+        undetected=int((np.isfinite(values) & ~cc.detected(values, errors, detection_z)).sum()), n_components=mix.k, means=mix.means.tolist(), weights=mix.weights.tolist(), sd=mix.sd,
         icl=[None if not np.isfinite(v) else float(v) for v in mix.icl], counts=counts.tolist(),
     )
     return record_params(out, "count_atoms", params)

@@ -21,6 +21,23 @@ def test_icl_finds_the_thicknesses_present_and_counts():
     assert np.all((prob > 0) & (prob <= 1))
 
 
+def test_undetected_columns_count_zero_and_take_no_component():
+    rng = np.random.default_rng(3)
+    n = rng.integers(1, 9, 400)
+    cs = cross_section_law(n, 4000.0, 0.02)
+    err = 1.4 * np.sqrt(cs)
+    values = cs + rng.normal(0.0, err)
+    # three false columns (a particle's rim): cross-sections consistent with zero
+    false_v, false_e = np.array([85.0, -40.0, 120.0]), np.array([52.0, 50.0, 55.0])
+    v, e = np.r_[values, false_v], np.r_[err, false_e]
+    atoms, prob, mix = count_atoms(v, errors=e, k_max=14)
+    assert mix.k == 8  # the thicknesses present, no component for the empty sites
+    assert np.all(atoms[-3:] == 0) and np.all(prob[-3:] > 0.99)
+    assert np.mean(atoms[:-3] == n) > 0.99
+    kept, _, mix_all = count_atoms(v, errors=e, k_max=14, detection_z=None)
+    assert mix_all.k == 9 and np.all(kept[-3:] == 0)  # without the detection test they open a component of their own
+
+
 def test_counts_follow_thinnest_and_library():
     rng = np.random.default_rng(2)
     n = rng.integers(3, 7, 200)
