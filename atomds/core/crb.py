@@ -26,6 +26,7 @@ from scipy.spatial import cKDTree
 from ..errors import DimensionError, InvalidParameterError
 from .refine.joint import BG_PITCH_NN, column_variances
 from .refine.joint_model import (
+    K_COL,
     background_grid,
     group_map,
     model_and_width_derivative,
@@ -232,7 +233,7 @@ JOINT_WINDOW_NN = 0.8
 
 def crb_joint(
     shape: tuple[int, int], x, y, counts, sigma: float, *, background=0.0, read_noise: float = 0.0, gain: float = 1.0,
-    window: float | None = None,
+    window: float | None = None, known: tuple[str, ...] = (),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cramér-Rao bounds of the joint model of overlapping columns (:mod:`atomds.core.refine.joint`).
 
@@ -257,6 +258,10 @@ def crb_joint(
     window : float, optional
         Radius (px) of each column's data window (the union is the data). Default
         ``4 sigma + 0.5``, at most 0.8 of the median nearest-neighbour distance.
+    known : tuple of {"width", "background", "positions"}
+        Parameters taken as known (left out of the information matrix): the bound of a model that
+        need not estimate them, e.g. ``("width", "background")`` for the limit of the counts that
+        no fit of the width and background can beat.
 
     Returns
     -------
@@ -291,6 +296,44 @@ def crb_joint(
     bg_pix = np.broadcast_to(bg, (ny, nx)).ravel()[ps.pix] if bg.ndim == 2 else np.full(ps.size, float(bg))
     var = np.maximum(gain * (cols + bg_pix) + read_noise**2, 1e-300)
     h, _ = normal_equations(gm, grid, p, half, 1.0 / var, np.zeros(ps.size), ds, neighbour_slots(p, half))
+    if known:
+        h = _without_known(h, n, known)
     v = column_variances(h, n)
+    if "positions" in known:
+        v[:, :2] = np.nan
     with np.errstate(invalid="ignore"):
         return np.sqrt(v[:, 0]), np.sqrt(v[:, 1]), np.sqrt(v[:, 2])
+
+
+_KNOWN = ("width", "background", "positions")
+
+
+def _without_known(h, n: int, known: tuple[str, ...]):
+    """The information matrix of the joint model without the rows and columns of the known parameters.
+
+    Parameters are ordered ``x_0, y_0, N_0, ...``, then the shared width, then the background nodes
+    (:func:`atomds.core.refine.joint_model.normal_equations`). Known positions keep ``N`` (and the
+    rest) in place: ``column_variances`` then reads the N bound from a zero-padded matrix, so the
+    positions' slots hold the identity (variance 1, to be ignored).
+    """
+    bad = sorted(set(known) - set(_KNOWN))
+    if bad:
+        raise InvalidParameterError(f"known must name parameters among {_KNOWN}; got {bad}.")
+    hd = h.toarray() if hasattr(h, "toarray") else np.asarray(h)
+    m = hd.shape[0]
+    keep = np.ones(m, dtype=bool)
+    if "width" in known:
+        keep[K_COL * n] = False
+    if "background" in known:
+        keep[K_COL * n + 1 :] = False
+    out = hd.copy()
+    drop = ~keep
+    if "positions" in known:
+        pos = (np.arange(n)[:, None] * K_COL + np.arange(2)[None, :]).ravel()
+        drop[pos] = True
+    out[drop, :] = 0.0
+    out[:, drop] = 0.0
+    out[drop, drop] = 1.0  # decoupled unit-information slots: their "variance" is 1, the others are unchanged
+    import scipy.sparse as sp
+
+    return sp.csr_matrix(out)

@@ -97,3 +97,19 @@ def test_missing_thin_column_is_found_in_the_residual():
     _, nx, ny, info = refine_and_complete(s.image, s.x[keep], s.y[keep], settings=st)
     d = np.hypot(nx - s.x[drop[0]], ny - s.y[drop[0]])
     assert d.size and d.min() < 2.0
+
+
+def test_joint_bound_of_counts_with_known_parameters_is_lower():
+    from atomds.core.crb import crb_joint
+
+    s = particle_sample(shape=128, width=0.28, seed=7)
+    args = (s.image.shape, s.x, s.y, s.counts, float(s.sigma[0]))
+    full = crb_joint(*args, background=s.background, read_noise=1.0)
+    known = crb_joint(*args, background=s.background, read_noise=1.0, known=("width", "background"))
+    only_n = crb_joint(*args, background=s.background, read_noise=1.0, known=("width", "background", "positions"))
+    assert np.all(known[2] <= full[2] * (1 + 1e-9)) and np.all(only_n[2] <= known[2] * (1 + 1e-9))
+    assert np.nanmean(known[2]) < np.nanmean(full[2])
+    assert np.all(only_n[2] >= np.sqrt(s.counts) * 0.99)  # never below the column's own shot noise
+    assert np.isnan(only_n[0]).all() and np.isfinite(known[0]).all()
+    with pytest.raises(InvalidParameterError, match="known"):
+        crb_joint(*args, known=("shape",))
