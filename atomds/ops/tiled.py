@@ -192,6 +192,7 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
         if res is None or len(res) == 0:
             continue
         res.x, res.y = res.x + t.hx0, res.y + t.hy0
+        res.correlation = np.zeros((0, 0), np.float32)  # the tile's map is not kept (the lazy one is returned)
         parts.append((t.index, res, _relative(res, d)))
         for k in per_tile:
             per_tile[k].append(float(res.params[k]))
