@@ -12,7 +12,9 @@ Sections (``--only NAME`` runs one):
   to an uninterrupted run.
 - ``worker``: a worker SIGKILLed in the middle of a task, ``--worker-kills`` (5) times: the batch
   finishes with every image once.
-- ``memory``: one worker's resident memory over ``--tasks`` (200) tasks (growth <= 10 %).
+- ``memory``: one worker's resident memory over ``--tasks`` (200) tasks (growth <= 10 %); with
+  ``--worker-profile`` dask's task profiler keeps running on the worker (``run_batch`` pauses it
+  by default).
 
 Usage::
 
@@ -227,8 +229,9 @@ def worker_kills(folder: Path, kills: int) -> dict:
     return out
 
 
-def memory(folder: Path, tasks: int) -> dict:
-    """Resident memory of one worker over ``tasks`` images (its RSS after each task)."""
+def memory(folder: Path, tasks: int, worker_profile: bool = False) -> dict:
+    """Resident memory of one worker over ``tasks`` images (its RSS after each task) and the finished
+    results it still holds at the end (should be 0)."""
     from distributed import Client, LocalCluster
 
     from atomds import batch as B
@@ -248,13 +251,16 @@ def memory(folder: Path, tasks: int) -> dict:
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         t0 = time.perf_counter()
-        B.run_batch(paths, client=client, work_dir=folder / "w", progress=False, learn=False, on_result=after)
+        B.run_batch(paths, client=client, work_dir=folder / "w", progress=False, learn=False, on_result=after,
+                    worker_profile=worker_profile)
         dt = time.perf_counter() - t0
+        held = sum(client.run(lambda dask_worker: len(dask_worker.data)).values())
     r = np.asarray(rss)
     early = float(np.median(r[10:20]))
     late = float(np.median(r[-10:]))
-    return dict(tasks=tasks, seconds=dt, rss_mb_tasks_10_20=early, rss_mb_last_10=late,
-                growth=late / early - 1.0, rss_mb_max=float(np.nanmax(r)))
+    return dict(tasks=tasks, worker_profile=worker_profile, seconds=dt, rss_mb_tasks_10_20=early,
+                rss_mb_last_10=late, growth=late / early - 1.0, rss_mb_max=float(np.nanmax(r)),
+                results_held_after=held)
 
 
 def main(argv=None) -> int:
@@ -265,6 +271,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-kills", type=int, default=20)
     ap.add_argument("--worker-kills", type=int, default=5)
     ap.add_argument("--tasks", type=int, default=200)
+    ap.add_argument("--worker-profile", action="store_true", help="memory: keep dask's task profiler running")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="atomds-faults-"))
@@ -274,7 +281,7 @@ def main(argv=None) -> int:
                  "writes": lambda: writes(folder / "w", args.write_kills),
                  "batch": lambda: batch_kills(folder / "b", args.batch_kills),
                  "worker": lambda: worker_kills(folder / "k", args.worker_kills),
-                 "memory": lambda: memory(folder / "r", args.tasks)}
+                 "memory": lambda: memory(folder / "r", args.tasks, args.worker_profile)}
         for name, run in steps.items():
             if args.only in (None, name):
                 (folder / name[0]).mkdir(parents=True, exist_ok=True)

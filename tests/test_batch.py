@@ -180,6 +180,71 @@ def test_batch_records_failures_and_skips_finished_images(inputs, client, tmp_pa
     res4.library.close()
 
 
+def _profiling(dask_worker) -> list[str]:
+    """The worker's running task-profiler callbacks."""
+    pcs = dask_worker.periodic_callbacks
+    return [n for n in ("profile", "profile-cycle") if n in pcs and pcs[n].is_running()]
+
+
+def _held(client, deadline_s: float = 10.0) -> int:
+    """Results held on the workers, once the releases sent by the client have arrived (or at the deadline)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        n = sum(client.run(lambda dask_worker: len(dask_worker.data)).values())
+        if n == 0 or time.monotonic() > deadline:
+            return n
+        time.sleep(0.05)
+
+
+def test_workers_keep_no_results_and_no_profile_history(inputs, client, tmp_path):
+    """A long batch must not grow the workers' memory: each result is released as it arrives and
+    dask's task profiler (whose history grows with every task) is paused during the batch only."""
+    good, _ = inputs
+    on = client.run(_profiling)
+    assert set(map(tuple, on.values())) == {("profile", "profile-cycle")}
+    during: list[dict] = []
+
+    def probe(rec):
+        during.append({"profiling": client.run(_profiling), "ok": rec["status"] == "ok"})
+
+    B.run_batch(good, steps=("align", "find"), client=client, work_dir=tmp_path / "a", progress=False, learn=False,
+                on_result=probe)
+    assert len(during) == 3 and all(d["ok"] for d in during)
+    assert all(p == [] for d in during for p in d["profiling"].values())  # paused on every worker
+    assert client.run(_profiling) == on  # restored
+    assert _held(client) == 0
+    # worker_profile=True leaves it running
+    seen: list[dict] = []
+    B.run_batch(good[:1], steps=("align", "find"), client=client, work_dir=tmp_path / "b", progress=False, learn=False,
+                on_result=lambda rec: seen.append(client.run(_profiling)), worker_profile=True)
+    assert seen == [on]
+    assert _held(client) == 0
+
+
+def test_profiler_pauses_nest():
+    """Two batches on one cluster: the profiler restarts when the last one ends, not the first."""
+    from distributed import Client, LocalCluster
+
+    from atomds._dask_profiler import pause_profiler
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster) as c:
+        on = c.run(_profiling)
+        a, b = pause_profiler(c), pause_profiler(c)
+        assert list(c.run(_profiling).values()) == [[]]
+        c.unregister_worker_plugin(a)
+        assert list(c.run(_profiling).values()) == [[]]
+        c.unregister_worker_plugin(b)
+        assert c.run(_profiling) == on
+        # a worker that joins during a pause is paused too
+        d = pause_profiler(c)
+        cluster.scale(2)
+        c.wait_for_workers(2, timeout=30)
+        assert all(v == [] for v in c.run(_profiling).values())
+        c.unregister_worker_plugin(d)
+        assert all(v == ["profile", "profile-cycle"] for v in c.run(_profiling).values())
+
+
 def test_killed_batch_resumes_with_identical_results(external, client, inputs, tmp_path):
     """``atomds batch`` on a separate scheduler and two workers, killed midway and run again, gives
     the same library as one uninterrupted run on another cluster, without recomputing finished images."""
@@ -246,7 +311,9 @@ def test_tasks_ship_paths_and_parameters_only(inputs, tmp_path, monkeypatch):
 
     monkeypatch.setattr(B, "_submit_all", capture)
     # atomds.batch is callable whether it resolves to the function or (once imported) the module
-    tree = atomds.batch(good, steps=("align",), client=object(), work_dir=tmp_path / "w", progress=False)
+    # (worker_profile=True: no workers' profiler to pause behind this stand-in client)
+    tree = atomds.batch(good, steps=("align",), client=object(), work_dir=tmp_path / "w", progress=False,
+                        worker_profile=True)
     assert len(sent) == 3
     for t in sent:
         assert set(t) == {"path", "id", "part", "failed", "steps", "params", "fingerprint"}
