@@ -203,6 +203,8 @@ def refine(
         overlap as a rule (most nearest neighbours closer than 5 column widths); True: always; False:
         never. Added atoms come last, with ``found_in_residual`` True, their residual position as
         ``seed_x``, ``seed_y`` and the finder's other per-atom variables padded (NaN, -1, False).
+        Seeds that the joint fit leaves without a significant intensity (5 standard errors) are
+        seeds on no column and are removed (counted under ``refine_params["missing"]["n_no_column"]``).
         Eager images with the isotropic model only (else recorded as a fallback).
 
     Returns
@@ -264,7 +266,7 @@ def refine(
     lazy = is_dask(img) or is_dask(sx) or is_dask(sy)
     settings = None
     despike: dict[str, Any] = {}
-    add_x, add_y, missing = np.zeros(0), np.zeros(0), None
+    add_x, add_y, missing, no_column = np.zeros(0), np.zeros(0), None, None
     if n == 0:
         packed = np.zeros((0, len(_fields(model))))
     elif is_dask(img) and not (is_dask(sx) or is_dask(sy)) and is_tiled(img.data):
@@ -303,6 +305,7 @@ def refine(
         settings = _settings_task(image, xp, yp, kw)
         if _search_missing(find_missing, model, bool(neighbor_subtraction), xp, yp, settings):
             res, add_x, add_y, missing = refine_and_complete(image, xp, yp, settings=settings, **fit_kw)
+            no_column = res["no_column"]
         else:
             res = cr.refine_gaussian(image, xp, yp, settings=settings, **fit_kw)
         packed = _pack(res, model)
@@ -318,6 +321,8 @@ def refine(
     if missing is not None:
         out = _with_added_atoms(out, add_x * ps, add_y * ps)
     out = out.assign(new)
+    if no_column is not None and no_column.any():  # seeds on no column (refine_and_complete) are not atoms
+        out = out.isel(atom=np.flatnonzero(~no_column))
     params: dict[str, Any] = dict(
         model=model, window=window, noise=noise, sigma=sigma, max_iter=max_iter,
         neighbor_subtraction=bool(neighbor_subtraction), n_refits=n_refits, width_prior=width_prior,

@@ -27,7 +27,7 @@ from .joint_model import column_patches, patch_half
 from .noise import Noise
 
 __all__ = [
-    "missing_columns", "refine_and_complete", "significant_new", "model_image", "FALSE_ALARMS", "SEARCH_NN",
+    "missing_columns", "no_columns", "refine_and_complete", "significant_new", "model_image", "FALSE_ALARMS", "SEARCH_NN",
     "MIN_SEPARATION_NN", "MIN_INTENSITY_Z",
 ]
 
@@ -170,15 +170,34 @@ def significant_new(fit: dict[str, np.ndarray], n_old: int, *, min_z: float = MI
     return good & (other >= MIN_SEPARATION_NN * nn_med)
 
 
+def no_columns(fit: dict[str, np.ndarray], n: int, *, min_z: float = MIN_INTENSITY_Z) -> np.ndarray:
+    """Which of the first ``n`` atoms of ``fit`` are seeds on no column: fitted jointly with their overlapping
+    neighbours, their intensity is below ``min_z`` of its standard error.
+
+    Where tails overlap, the sum of a few neighbours' tails can look like a column to a finder
+    (a template with its surroundings matches between them); the joint fit gives that light back
+    to the columns, and the seed keeps an intensity indistinguishable from zero. Only joint fits
+    are judged (a single-column fit with its neighbours subtracted can leave a real column faint).
+    """
+    inten = np.asarray(fit["intensity"], float)[:n]
+    err = np.asarray(fit["intensity_err"], float)[:n]
+    joint = np.asarray(fit.get("joint", np.zeros(inten.size, bool)), bool)[:n]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = inten / err
+    return joint & np.asarray(fit["fit_ok"], bool)[:n] & np.isfinite(z) & (z < min_z)
+
+
 def refine_and_complete(
     image: np.ndarray, x: np.ndarray, y: np.ndarray, *, settings: dict, max_rounds: int = MAX_ROUNDS,
     min_z: float = MIN_INTENSITY_Z, **kw,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict]:
-    """Refine, look for missing columns in the residual, add the real ones and refine again.
+    """Refine, drop seeds on no column, look for missing columns in the residual, add the real ones and refine again.
 
-    Each round searches the residual (:func:`missing_columns`), refits with the candidates and
-    keeps those that :func:`significant_new` accepts (refitting once more without the others,
-    which are not searched again); up to ``max_rounds`` rounds, until a search finds nothing.
+    Each round drops the given atoms that the joint fit leaves without a significant intensity
+    (:func:`no_columns`, at most once per atom), searches the residual (:func:`missing_columns`),
+    refits with the candidates and keeps those that :func:`significant_new` accepts (refitting
+    once more without the others, which are not searched again); up to ``max_rounds`` rounds,
+    until a round neither drops nor finds anything.
 
     Parameters
     ----------
@@ -192,19 +211,22 @@ def refine_and_complete(
     max_rounds : int
         Searches at most.
     min_z : float
-        Least intensity of an added column in its standard errors.
+        Least intensity of an added column, and of a given atom fitted jointly, in its standard errors.
     **kw
         Passed to :func:`atomds.core.refine.refine_gaussian` (isotropic model).
 
     Returns
     -------
     fit : dict
-        The refinement of the ``n + n_new`` atoms (the given ones first).
+        The refinement of the ``n + n_new`` atoms (the given ones first), with ``no_column``
+        (bool): the given atoms dropped as seeds on no column (their other values NaN,
+        ``fit_ok`` False; the caller removes them).
     new_x, new_y : ndarray (n_new,)
         The starting positions of the added columns, px.
     info : dict
         ``rounds`` (searches run), ``n_new``, ``n_rejected`` (candidates refitted and dropped),
-        ``z_threshold`` (of the residual search), ``min_intensity_z``.
+        ``n_no_column`` (given atoms dropped), ``z_threshold`` (of the residual search),
+        ``min_intensity_z``.
     """
     from .api import refine_gaussian
     from .noise import parse_noise
@@ -212,24 +234,63 @@ def refine_and_complete(
     nz = parse_noise(settings if settings.get("gain") is not None else "uniform")
     if nz is None:  # pragma: no cover - a dict always parses
         raise ValueError("settings hold no noise model")
-    xs, ys = np.asarray(x, float), np.asarray(y, float)
-    n0 = xs.size
+    x0, y0 = np.asarray(x, float), np.asarray(y, float)
+    n0 = x0.size
+    alive = np.ones(n0, bool)  # given atoms still held as columns
+    xs, ys = x0.copy(), y0.copy()  # the atoms fitted: the alive given ones, then the added ones
     fit = refine_gaussian(image, xs, ys, settings=settings, **kw)
     rejected = np.zeros((0, 2))
-    info: dict = {"rounds": 0, "n_new": 0, "n_rejected": 0, "z_threshold": float("nan"), "min_intensity_z": float(min_z)}
+    info: dict = {"rounds": 0, "n_new": 0, "n_rejected": 0, "n_no_column": 0, "z_threshold": float("nan"),
+                  "min_intensity_z": float(min_z)}
     for _ in range(int(max_rounds)):
+        n_alive = int(alive.sum())
+        dead = no_columns(fit, n_alive, min_z=min_z) if info["rounds"] == 0 else np.zeros(n_alive, bool)
+        if dead.any():
+            idx = np.flatnonzero(alive)
+            alive[idx[dead]] = False
+            rejected = np.vstack([rejected, np.column_stack([xs[: n_alive][dead], ys[: n_alive][dead]])])
+            live = np.r_[~dead, np.ones(xs.size - n_alive, bool)]
+            xs, ys = xs[live], ys[live]
+            fit = {k: np.asarray(v)[live] for k, v in fit.items()}
         cx, cy, found = missing_columns(image, fit, noise=nz, sigma=float(settings["sigma"]), exclude=rejected)
         info["rounds"] += 1
         info["z_threshold"] = found["z_threshold"]
         if cx.size == 0:
+            if dead.any():
+                fit = refine_gaussian(image, xs, ys, settings=settings, **kw)
             break
         trial = refine_gaussian(image, np.r_[xs, cx], np.r_[ys, cy], settings=settings, **kw)
         keep = significant_new(trial, xs.size, min_z=min_z)
         rejected = np.vstack([rejected, np.column_stack([cx[~keep], cy[~keep]])])
         if not keep.any():
+            if dead.any():
+                fit = refine_gaussian(image, xs, ys, settings=settings, **kw)
             break
         xs, ys = np.r_[xs, cx[keep]], np.r_[ys, cy[keep]]
         fit = trial if keep.all() else refine_gaussian(image, xs, ys, settings=settings, **kw)
-    info["n_new"] = int(xs.size - n0)
-    info["n_rejected"] = int(rejected.shape[0])
-    return fit, xs[n0:], ys[n0:], info
+    n_alive = int(alive.sum())
+    info["n_new"] = int(xs.size - n_alive)
+    info["n_rejected"] = int(rejected.shape[0]) - int(n0 - n_alive)
+    info["n_no_column"] = int(n0 - n_alive)
+    return _with_dropped(fit, alive), xs[n_alive:], ys[n_alive:], info
+
+
+def _with_dropped(fit: dict[str, np.ndarray], alive: np.ndarray) -> dict[str, np.ndarray]:
+    """The fit of the alive given atoms and the added ones, spread over all given atoms then the added ones;
+    ``no_column`` marks the dropped ones (NaN, ``fit_ok`` False, no iterations)."""
+    n0, n_alive = alive.size, int(alive.sum())
+    n_new = int(np.size(fit["x"])) - n_alive
+    rows = np.r_[np.flatnonzero(alive), n0 + np.arange(n_new)]
+    out: dict[str, np.ndarray] = {}
+    for k, v in fit.items():
+        v = np.asarray(v)
+        if v.dtype == bool:
+            full = np.zeros(n0 + n_new, bool)
+        elif np.issubdtype(v.dtype, np.integer):
+            full = np.zeros(n0 + n_new, v.dtype)
+        else:
+            full = np.full(n0 + n_new, np.nan)
+        full[rows] = v
+        out[k] = full
+    out["no_column"] = np.r_[~alive, np.zeros(n_new, bool)]
+    return out
