@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft as sfft
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic
 from scipy import ndimage as ndi
 
 from .._threads import run_chunks
@@ -40,29 +41,76 @@ class CorrelationParts:
     zscore: np.ndarray  # matched-filter amplitude over its noise, float32 (ny, nx)
 
 
-def _spectrum_of_small(kernel: np.ndarray, fy: int, fx: int, *, out: np.ndarray | None = None,
-                       conjugate: bool = False) -> np.ndarray:
-    """rfft2 of a small ``kernel`` zero-padded to (fy, fx), complex64 (its conjugate if asked).
+def _separable_spectra(kernel: np.ndarray, fy: int, fx: int) -> tuple[np.ndarray, np.ndarray]:
+    """1-D spectra of the separable terms of a small ``kernel`` zero-padded to (fy, fx).
 
     The kernel is split into separable terms (singular value decomposition, terms below 1e-7 of
-    the largest dropped), so the 2-D spectrum is a sum of outer products of 1-D spectra: one
-    small matrix product instead of a full-size transform.
+    the largest dropped), so that its rfft2 is ``sum_j a[:, j] b[j, :]``: ``a`` (fy, r) and ``b``
+    (r, fx // 2 + 1), complex64.
     """
     k = np.asarray(kernel, dtype=np.float64)
     u, sv, vt = np.linalg.svd(k, full_matrices=False)
     r = max(1, int(np.sum(sv > 1e-7 * sv[0]))) if sv[0] > 0 else 1
     a = sfft.fft(u[:, :r] * sv[:r], n=fy, axis=0).astype(np.complex64)  # (fy, r)
     b = sfft.rfft(vt[:r], n=fx, axis=1).astype(np.complex64)  # (r, fx // 2 + 1)
-    if conjugate:
-        a, b = np.conj(a), np.conj(b)
-    # the outer products summed term by term (elementwise, in a fixed order), not by a BLAS
-    # matrix product: BLAS results depend on its thread count, and an image's atoms must not
-    # depend on the process or thread it is analysed in
-    if out is None:
-        out = np.empty((a.shape[0], b.shape[1]), dtype=np.complex64)
-    np.multiply(a[:, :1], b[:1], out=out)
-    for j in range(1, r):
-        out += a[:, j : j + 1] * b[j : j + 1]
+    return a, b
+
+
+@intrinsic
+def _fma32(typingctx, a, b, c):  # pragma: no cover - compiled
+    """``a * b + c`` rounded once (float32 fused multiply-add, ``llvm.fma``: exact on every processor)."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _cmul(x, y):  # pragma: no cover - compiled
+    """complex64 product with fused multiply-adds, ``(fma(xr, yr, -xi yi), fma(xr, yi, xi yr))``: the
+    operations of NumPy's SIMD complex multiplication on processors with FMA, so its numbers there."""
+    xr, xi, yr, yi = x.real, x.imag, y.real, y.imag
+    return np.complex64(complex(_fma32(xr, yr, -(xi * yi)), _fma32(xr, yi, xi * yr)))
+
+
+@njit(cache=True, nogil=True)
+def _k_spectrum(r0, r1, a, b, spec, out):  # pragma: no cover - compiled
+    """``out = (sum_j a[:, j] b[j]) * spec`` for rows r0:r1, complex64.
+
+    The terms are summed per element in a fixed order (never by a BLAS matrix product, whose
+    result depends on its thread count), so the numbers depend neither on the thread count nor
+    on the processor.
+    """
+    r = a.shape[1]
+    nk = b.shape[1]
+    for i in range(r0, r1):
+        row = out[i]
+        a0 = a[i, 0]
+        b0 = b[0]
+        for k in range(nk):
+            row[k] = _cmul(a0, b0[k])
+        for j in range(1, r):
+            aij = a[i, j]
+            bj = b[j]
+            for k in range(nk):
+                row[k] += _cmul(aij, bj[k])
+        sp = spec[i]
+        for k in range(nk):
+            row[k] = _cmul(row[k], sp[k])
+
+
+def _spectrum_product(kernel: np.ndarray, spec: np.ndarray, fy: int, fx: int, out: np.ndarray) -> np.ndarray:
+    """``out`` = conjugate rfft2 of a small ``kernel`` zero-padded to (fy, fx), times ``spec``, complex64.
+
+    ``spec`` is a full spectrum (fy, fx // 2 + 1). The kernel's 2-D spectrum is a sum of outer
+    products of the 1-D spectra of its separable terms (:func:`_separable_spectra`), summed
+    element by element in compiled code (rows split between threads) and multiplied by ``spec``
+    in the same pass: one pass over the full-size array, not one per term.
+    """
+    a, b = _separable_spectra(kernel, fy, fx)
+    _row_threads(_k_spectrum, fy, np.conj(a), np.conj(b), spec, out)
     return out
 
 
@@ -240,8 +288,7 @@ def correlate(image: np.ndarray, templates: list[np.ndarray], noise: tuple[float
         st = cache[(th, tw)]
         tz = t - t.mean()
         tnorm = np.float32(np.sqrt(np.sum(tz * tz)))
-        _spectrum_of_small(tz, fy, fx, out=buf, conjugate=True)
-        buf *= spec
+        _spectrum_product(tz, spec, fy, fx, buf)
         num = sfft.irfft2(buf, s=(fy, fx), workers=workers, overwrite_x=True)[oy : oy + ny, ox : ox + nx]
         ncc = np.empty((ny, nx), dtype=np.float32)
         if noise is not None:
