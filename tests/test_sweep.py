@@ -177,9 +177,7 @@ def _cases(check: str, known: dict[int, str], where=lambda p: True):
 
 # today's misses (commit e2767c1), each with the issue-10 target it misses
 RECALL_MISSES: dict[int, str] = {}  # 427599958 (dumbbells, 60 % species) found since the border residual columns
-FP_MISSES = {
-    2095179747: "false positives <= 0.2 %: 22 of 172 interior finds (rectangular, 2 species, scan jitter)",
-}
+FP_MISSES: dict[int, str] = {}  # 2095179747 (scan jitter's shoulders) passes since the joint test of hugging maxima
 CRB_MISSES: dict[int, str] = {}
 ARI_MISSES = {
     427599958: "sublattice ARI >= 0.95 against the species: 0.21 (dumbbells, peaks 1 / 0.60)",

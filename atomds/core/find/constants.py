@@ -137,6 +137,14 @@ RESIDUAL_SITE_Z = 3.0
 #: (twice the site tolerance of 0.15) is tested at the site itself: its neighbours' fits, made
 #: before it was found, take part of its signal and push the maximum off the site.
 SNAP_TOLERANCE = 0.3
+#: A residual maximum closer to a found column than this fraction of the nearest-column distance
+#: (and than ``JOINT_TEST_WIDTHS`` column widths) must survive a joint fit with it: a lattice's
+#: own columns are a whole distance apart; shoulders of distorted columns sit at a fraction of it.
+JOINT_TEST_SPACINGS = 0.5
+#: ... and closer than this many column widths (beyond, one Gaussian does not take the other's signal).
+JOINT_TEST_WIDTHS = 5.0
+#: The joint fit of such a maximum takes the columns within this many nearest-column distances.
+JOINT_TEST_REACH = 3.0
 #: Translations of a lattice (:func:`~atomds.core.find.residual.lattice_translations`): offsets
 #: to neighbours within this many nearest-column distances (a perovskite [110]'s period is 2.8)...
 TRANSLATION_REACH = 3.2

@@ -24,6 +24,9 @@ from scipy import ndimage as ndi
 
 from ..image import parabola_offset
 from .constants import (
+    JOINT_TEST_REACH,
+    JOINT_TEST_SPACINGS,
+    JOINT_TEST_WIDTHS,
     KEEP_AMPLITUDE,
     KEEP_ERRORS,
     MIN_LATTICE_ANCHORS,
@@ -295,6 +298,7 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
                                        spacing=spacing, noise=noise, z_min=z_min, lattice_check=lattice_check,
                                        border=border)
         cx, cy, cz = _inside_at_border(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
+        cx, cy, cz = _jointly_significant(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
         if cx.size == 0:
             break
         done += 1
@@ -513,6 +517,44 @@ def like_a_class(image: np.ndarray, x, y, label, new_x, new_y, *, sigma: float,
         amp_err = np.abs(amp) * err / np.abs(inten)
         like = ok & (amp + KEEP_ERRORS * np.nan_to_num(amp_err, nan=0.0) >= KEEP_AMPLITUDE * min(medians))
     return like[n0:], fit
+
+
+def _jointly_significant(image, fx, fy, cx, cy, cz, *, sigma: float, spacing: float, noise: tuple[float, float]):
+    """The candidates less those hugging a column that a joint fit with it does not bear out.
+
+    A maximum closer to a found column than ``JOINT_TEST_SPACINGS`` of the nearest-column
+    distance and ``JOINT_TEST_WIDTHS`` widths is either a column of its own (the other half of
+    a dumbbell) or what a single Gaussian leaves of a distorted column (the shoulders of scan
+    jitter, a column's asymmetric tail), which repeats at one offset and so passes the site
+    tests. It stays when, fitted jointly with its neighbours (:func:`atomds.core.refine.refine_gaussian`,
+    ``joint=True``), its intensity keeps ``MIN_INTENSITY_Z`` (5) standard errors: the rule by
+    which refinement keeps the columns it adds from the residual.
+    """
+    from scipy.spatial import cKDTree
+
+    if cx.size == 0 or np.size(fx) == 0:
+        return cx, cy, cz
+    d, _ = cKDTree(np.c_[fx, fy]).query(np.c_[cx, cy])
+    close = np.flatnonzero((d < JOINT_TEST_SPACINGS * spacing) & (d < JOINT_TEST_WIDTHS * sigma))
+    if close.size == 0:
+        return cx, cy, cz
+    from ..refine import refine_gaussian
+    from ..refine.residual import MIN_INTENSITY_Z
+
+    ny, nx = image.shape
+    # the columns around the candidates only (their joint groups lie well within JOINT_TEST_REACH spacings)
+    near = np.unique(np.concatenate(cKDTree(np.c_[fx, fy]).query_ball_point(np.c_[cx[close], cy[close]],
+                                                                          JOINT_TEST_REACH * spacing)).astype(np.int64))
+    ax = np.clip(np.r_[np.asarray(fx)[near], cx[close]], 0.0, nx - 1.0)
+    ay = np.clip(np.r_[np.asarray(fy)[near], cy[close]], 0.0, ny - 1.0)
+    fit = refine_gaussian(image, ax, ay, sigma=sigma, despike=False, noise=(noise[1], np.sqrt(noise[0])), joint=True,
+                          subset=near.size + np.arange(close.size))
+    inten, err = np.asarray(fit["intensity"], float), np.asarray(fit["intensity_err"], float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bear = np.asarray(fit["fit_ok"], bool) & (inten >= MIN_INTENSITY_Z * err)
+    ok = np.ones(cx.size, dtype=bool)
+    ok[close[~bear]] = False
+    return cx[ok], cy[ok], cz[ok]
 
 
 def _inside_at_border(image, fx, fy, cx, cy, cz, *, sigma: float, spacing: float, noise: tuple[float, float]):
