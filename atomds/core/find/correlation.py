@@ -149,11 +149,17 @@ def _row_threads(kernel, n: int, *args) -> None:
 
 @njit(cache=True, nogil=True)
 def _k_ncc(r0, r1, num, var, s1, floor, tnorm, use_z, zb, za, zfloor, ncc, z):  # pragma: no cover
-    """ncc = num / (sqrt(max(var, floor)) tnorm); z = num / (sqrt(max(s1 zb + za, zfloor)) tnorm)."""
+    """ncc = num / (sqrt(max(var, floor)) tnorm) clipped to [-1, 1]; z = num / (sqrt(max(s1 zb + za, zfloor)) tnorm)."""
+    one = np.float32(1.0)
     for i in range(r0, r1):
         for j in range(num.shape[1]):
             u = num[i, j]
-            ncc[i, j] = u / (np.sqrt(max(var[i, j], floor)) * tnorm)
+            c = u / (np.sqrt(max(var[i, j], floor)) * tnorm)
+            if c > one:
+                c = one
+            elif c < -one:
+                c = -one
+            ncc[i, j] = c
             if use_z:
                 lm = s1[i, j] * zb + za
                 z[i, j] = u / (np.sqrt(max(lm, zfloor)) * tnorm)
@@ -202,14 +208,18 @@ def _k_boxstats(r0, r1, img, mean, th, tw, s1, var, smax):  # pragma: no cover -
     acc2 = np.zeros(nx)
     rs1 = np.empty(nx)
     rs2 = np.empty(nx)
+    # the row sums of the window's rows, kept until the row leaves (row r in slot r % th): each
+    # image row is summed once, not once entering and once leaving
+    ring1 = np.empty((th, nx))
+    ring2 = np.empty((th, nx))
     top = 0.0
     for i in range(r0, r1):
         if i == r0:
             for r in range(max(0, i - hy), min(ny, i - hy + th)):
-                _k_rowsum(img, r, mean, tw, rs1, rs2)
+                _k_rowsum(img, r, mean, tw, ring1[r % th], ring2[r % th])
                 for j in range(nx):
-                    acc1[j] += rs1[j]
-                    acc2[j] += rs2[j]
+                    acc1[j] += ring1[r % th, j]
+                    acc2[j] += ring2[r % th, j]
         else:
             r = i - hy + th - 1
             if r < ny:
@@ -217,12 +227,14 @@ def _k_boxstats(r0, r1, img, mean, th, tw, s1, var, smax):  # pragma: no cover -
                 for j in range(nx):
                     acc1[j] += rs1[j]
                     acc2[j] += rs2[j]
-            r = i - hy - 1
-            if r >= 0:
-                _k_rowsum(img, r, mean, tw, rs1, rs2)
+            q = i - hy - 1  # the row leaving, in the slot of the row entering
+            if q >= 0:
                 for j in range(nx):
-                    acc1[j] -= rs1[j]
-                    acc2[j] -= rs2[j]
+                    acc1[j] -= ring1[q % th, j]
+                    acc2[j] -= ring2[q % th, j]
+            if r < ny:
+                ring1[r % th] = rs1
+                ring2[r % th] = rs2
         for j in range(nx):
             a1 = acc1[j]
             a2 = acc2[j]
@@ -302,7 +314,6 @@ def correlate(image: np.ndarray, templates: list[np.ndarray], noise: tuple[float
                      zb, za, zfloor, ncc, z if noise is not None else ncc)
         _fix_border(ncc, z, num, st, t, mean, noise, th // 2, tw // 2)
         del num
-        np.clip(ncc, -1.0, 1.0, out=ncc)
         out.append(CorrelationParts(ncc, z))
     return out
 
@@ -327,7 +338,7 @@ def _fix_border(ncc, z, num, st: _Stats, t, mean, noise, hy, hx):
         s2 = st.var[sy, sx].astype(np.float64) + s1 * s1 / n_full
         vp = np.maximum(s2 - s1 * s1 / n_in, float(st.floor))
         vt = np.maximum(t2_in - t_in * t_in / n_in, 1e-300)
-        ncc[sy, sx] = (nm / np.sqrt(vp * vt)).astype(np.float32)
+        ncc[sy, sx] = np.clip((nm / np.sqrt(vp * vt)).astype(np.float32), -1.0, 1.0)
         if noise is not None and z.size:
             a, b = noise
             lm = s1 / n_in + mean
