@@ -77,7 +77,7 @@ def _cmul(x, y):  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True)
 def _k_spectrum(r0, r1, a, b, spec, out):  # pragma: no cover - compiled
-    """``out = (sum_j a[:, j] b[j]) * spec`` for rows r0:r1, complex64.
+    """``out = (sum_j a[:, j] b[j]) * spec`` for rows r0:r1, complex64 (``out`` may be ``spec``).
 
     The terms are summed per element in a fixed order (never by a BLAS matrix product, whose
     result depends on its thread count), so the numbers depend neither on the thread count nor
@@ -85,29 +85,31 @@ def _k_spectrum(r0, r1, a, b, spec, out):  # pragma: no cover - compiled
     """
     r = a.shape[1]
     nk = b.shape[1]
+    acc = np.empty(nk, dtype=np.complex64)  # one row of the sum: ``out`` may be ``spec`` itself
     for i in range(r0, r1):
-        row = out[i]
         a0 = a[i, 0]
         b0 = b[0]
         for k in range(nk):
-            row[k] = _cmul(a0, b0[k])
+            acc[k] = _cmul(a0, b0[k])
         for j in range(1, r):
             aij = a[i, j]
             bj = b[j]
             for k in range(nk):
-                row[k] += _cmul(aij, bj[k])
+                acc[k] += _cmul(aij, bj[k])
         sp = spec[i]
+        row = out[i]
         for k in range(nk):
-            row[k] = _cmul(row[k], sp[k])
+            row[k] = _cmul(acc[k], sp[k])
 
 
 def _spectrum_product(kernel: np.ndarray, spec: np.ndarray, fy: int, fx: int, out: np.ndarray) -> np.ndarray:
     """``out`` = conjugate rfft2 of a small ``kernel`` zero-padded to (fy, fx), times ``spec``, complex64.
 
-    ``spec`` is a full spectrum (fy, fx // 2 + 1). The kernel's 2-D spectrum is a sum of outer
-    products of the 1-D spectra of its separable terms (:func:`_separable_spectra`), summed
-    element by element in compiled code (rows split between threads) and multiplied by ``spec``
-    in the same pass: one pass over the full-size array, not one per term.
+    ``spec`` is a full spectrum (fy, fx // 2 + 1); ``out`` may be ``spec`` itself. The kernel's
+    2-D spectrum is a sum of outer products of the 1-D spectra of its separable terms
+    (:func:`_separable_spectra`), summed element by element in compiled code (rows split between
+    threads) and multiplied by ``spec`` in the same pass: one pass over the full-size array, not
+    one per term.
     """
     a, b = _separable_spectra(kernel, fy, fx)
     _row_threads(_k_spectrum, fy, np.conj(a), np.conj(b), spec, out)
@@ -280,7 +282,8 @@ def correlate(image: np.ndarray, templates: list[np.ndarray], noise: tuple[float
     spec = sfft.rfft2(pad, workers=workers)
     del pad
     img32 = np.ascontiguousarray(image, dtype=np.float32)
-    buf = np.empty_like(spec)  # products of spectra, reused
+    # products of spectra: in place with one template (one full-size array less to allocate)
+    buf = spec if len(templates) == 1 else np.empty_like(spec)
     out = []
     cache: dict[tuple[int, int], _Stats] = {}
     for t in templates:
