@@ -139,8 +139,10 @@ RESIDUAL_SITE_Z = 3.0
 SNAP_TOLERANCE = 0.3
 #: A residual maximum closer to a found column than this fraction of the nearest-column distance
 #: (and than ``JOINT_TEST_WIDTHS`` column widths) must survive a joint fit with it: a lattice's
-#: own columns are a whole distance apart; shoulders of distorted columns sit at a fraction of it.
-JOINT_TEST_SPACINGS = 0.5
+#: own columns are a whole distance apart; shoulders of distorted columns sit at a fraction of it
+#: (scan jitter: about a quarter). Below 0.5: while a dim sublattice is unseen, the distance read
+#: is that of the bright one, and a displaced honeycomb B sits at half of it.
+JOINT_TEST_SPACINGS = 0.4
 #: ... and closer than this many column widths (beyond, one Gaussian does not take the other's signal).
 JOINT_TEST_WIDTHS = 5.0
 #: The joint fit of such a maximum takes the columns within this many nearest-column distances.
