@@ -10,6 +10,8 @@ least-squares amplitude directly. Positions are in pixels.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +23,11 @@ from scipy import ndimage as ndi
 from .._threads import run_chunks
 from ..image import check_image
 from .templates import check_template
+
+try:  # a dependency of scikit-learn
+    from threadpoolctl import threadpool_limits as _threadpool_limits
+except ImportError:  # pragma: no cover
+    _threadpool_limits = None
 
 __all__ = [
     "CorrelationParts",
@@ -515,11 +522,23 @@ def amplitudes_at(img: np.ndarray, templates: list[np.ndarray], which_t: np.ndar
     py, px = np.divmod(peak, img.shape[1])
     amp = np.empty(peak.size)
     broad = np.empty(peak.size)
-    for k, t in enumerate(templates):
-        sel = np.flatnonzero(which_t == k)
-        if sel.size:
-            c2, a2 = match_at(img, py[sel], px[sel], [t, ndi.gaussian_filter(t, sigma, mode="nearest")])
-            # amplitude in intensity units: the slope times the template's own spread, so that
-            # amplitudes measured with different templates compare
-            amp[sel], broad[sel] = a2[:, 0] * float(np.std(t)), c2[:, 1]
+    with _blas_single_thread():
+        for k, t in enumerate(templates):
+            sel = np.flatnonzero(which_t == k)
+            if sel.size:
+                c2, a2 = match_at(img, py[sel], px[sel], [t, ndi.gaussian_filter(t, sigma, mode="nearest")])
+                # amplitude in intensity units: the slope times the template's own spread, so that
+                # amplitudes measured with different templates compare
+                amp[sel], broad[sel] = a2[:, 0] * float(np.std(t)), c2[:, 1]
     return amp, broad
+
+
+@contextmanager
+def _blas_single_thread() -> Iterator[None]:
+    """BLAS on one thread: the patch products of :func:`match_at` are thin (k templates) and bound by
+    memory, and idle BLAS threads keep spinning afterwards on the cores the compiled stages need."""
+    if _threadpool_limits is None:  # pragma: no cover
+        yield
+    else:
+        with _threadpool_limits(limits=1, user_api="blas"):
+            yield
