@@ -209,3 +209,24 @@ def test_template_point_of_the_whole_image(small_tiles):
     d, _ = cKDTree(np.column_stack([eager.atom_x.values, eager.atom_y.values])).query(
         np.column_stack([lazy.atom_x.values, lazy.atom_y.values]))
     assert abs(lazy.sizes["atom"] - eager.sizes["atom"]) <= 2 and np.quantile(d, 0.99) < 0.2
+
+
+def test_a_thin_remainder_chunk_and_the_recorded_tiling(small_tiles):
+    s = hexagonal_sample(shape=(388, 388), spacing=12.0, dose=3000, seed=6)
+    # chunks of 192 leave a 4 px remainder: it joins the tile before it, and the lazy correlation
+    # map (overlap of half a template, wider than that chunk) still computes
+    ds = atomds.from_array(s.image, chunks=(192, 192))
+    assert ds["image"].chunks[0][-1] == 4
+    found = ds.lcx.find_atoms()
+    corr = found["correlation"].values
+    eager = atomds.from_array(s.image).lcx.find_atoms()
+    assert corr.shape == s.image.shape and np.isfinite(corr).all()
+    assert np.corrcoef(corr.ravel(), eager["correlation"].values.ravel())[0, 1] > 0.99
+    p = step_params(found, "find_atoms")
+    assert p["tiled"]["n_tiles"] == 4 and "halos included" in p["tiled"]["counts"]
+    refined = found.lcx.refine(window=30.0)  # a wide window: the halo reaches it and two spacings beyond
+    rp = step_params(refined, "refine")["tiled"]
+    assert rp["n_tiles"] == 4 and rp["halo"] >= 30 + 2 * 12 and sum(rp["atoms_per_tile"]) == found.sizes["atom"]
+    point = (float(s.x[100]), float(s.y[100]))
+    pt = atomds.from_array(s.image, chunks=(192, 192)).lcx.find_atoms(template=point)
+    assert step_params(pt, "find_atoms")["templates"] == ["point"]

@@ -265,6 +265,7 @@ def refine(
     n = int(sx.sizes["atom"])
     lazy = is_dask(img) or is_dask(sx) or is_dask(sy)
     settings = None
+    tiling: dict[str, Any] | None = None
     despike: dict[str, Any] = {}
     add_x, add_y, missing, no_column = np.zeros(0), np.zeros(0), None, None
     if n == 0:
@@ -273,10 +274,11 @@ def refine(
         # a large Dask-backed image: one lazy task per tile, on its pixels with a halo (atomds.ops.tiled)
         xp = np.asarray(sx.values, float) / ps
         yp = np.asarray(sy.values, float) / ps
-        packed = refine_tiled(
+        packed, tiling = refine_tiled(
             img.data, xp, yp, _tile_spacing(ds, xp, yp, ps), con,
             lambda image, x, y: _settings_task(image, x, y, kw),
             lambda image, x, y, st, sl: _refine_block(image, x, y, st, sl, fit_kw), len(_fields(model)),
+            window=kw["window"],
         )
     elif lazy:
         import dask
@@ -328,6 +330,8 @@ def refine(
         neighbor_subtraction=bool(neighbor_subtraction), n_refits=n_refits, width_prior=width_prior,
         units=units, lazy=bool(lazy), contrast=con, engine=engine, joint=joint, find_missing=find_missing,
     )
+    if tiling is not None:
+        params["tiled"] = tiling
     if missing is not None:
         params["missing"] = missing
     elif find_missing is True and (lazy or model != "gaussian" or not neighbor_subtraction):

@@ -98,6 +98,11 @@ def _point_templates(array, template, contrast: str, sigma: float, spacing: floa
     return out if isinstance(template, list) else out[0]
 
 
+_NONE_FOUND = FoundAtoms(x=np.zeros(0), y=np.zeros(0), score=np.zeros(0), area=np.zeros(0),
+                         sublattice=np.zeros(0, np.int64), zscore=np.zeros(0), amplitude=np.zeros(0),
+                         correlation=np.zeros((0, 0), np.float32))
+
+
 def _blank(img: np.ndarray) -> bool:
     """A constant region (a blanked or padded part of the image) holds no columns."""
     finite = img[np.isfinite(img)]
@@ -132,14 +137,15 @@ def _probe(array, kw: dict[str, Any]) -> tuple[FoundAtoms, tuple[slice, slice], 
 
 
 def _tile_find(array, tile: Tile, kw: dict[str, Any]) -> FoundAtoms | None:
-    """The atoms of one tile's region (positions in the region), or None when it holds none."""
+    """The atoms of one tile's region (positions in the region); None for a blank region, an empty
+    result where no column passed the tests."""
     img = _region(array, *tile.region)
     if _blank(img):
         return None
     try:
         return core_find_atoms(img, **kw)
     except NoAtomsFoundError:
-        return None
+        return _NONE_FOUND
 
 
 def _relative(res: FoundAtoms, spacing: float) -> np.ndarray:
@@ -171,7 +177,8 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
         over the tiles) plus ``params["tiled"]``: the tile edges, halo, atoms per tile, the
         number of tiles without atoms, the per-tile threshold range and how the labels were set.
     correlation : dask.array.Array
-        The lazy correlation map of the probe's template(s), float32, the image's shape.
+        The lazy correlation map of the tiles' templates (the user's, else the probe's automatic
+        one), float32, the image's shape.
     """
     kw = dict(template=template, threshold=threshold, min_area=min_area, max_area=max_area, sublattices=sublattices,
               sigma=sigma, spacing=spacing, z_min=z_min, min_contrast=min_contrast, lattice_check=lattice_check,
@@ -179,18 +186,27 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
     probe, window, tried = _probe(array, kw)
     p = probe.params
     con, s, d = p["contrast"], float(p["sigma"]), float(p["spacing"])
-    tile_kw = dict(kw, contrast=con, sigma=s, spacing=d,
-                   template=_point_templates(array, template, con, s, d) if template is not None else None)
-    halo = halo_px(d, s, tuple(max(t.shape) for t in probe.templates))
+    tile_t = _point_templates(array, template, con, s, d) if template is not None else None
+    tile_kw = dict(kw, contrast=con, sigma=s, spacing=d, template=tile_t)
+    # the templates the tiles use: the user's (points made arrays), else each tile's own like the probe's
+    shown = probe.templates if tile_t is None else [np.asarray(t, float) for t in (tile_t if isinstance(tile_t, list)
+                                                                                   else [tile_t])]
+    halo = halo_px(d, s, tuple(max(t.shape) for t in shown))
     tiles = tile_grid(array.shape, array.chunks, halo)
     parts: list[tuple[int, FoundAtoms, np.ndarray]] = []
     per_tile: dict[str, list[float]] = {"threshold": [], "z_min": [], "n_sublattices": []}
     rejected: dict[str, int] = {}
-    residual = 0
+    fallbacks: dict[str, str] = {}
+    residual, spikes, failed = 0, 0, 0
     for t in tiles:
         res = _tile_find(array, t, tile_kw)
+        if res is not None and len(res) == 0:
+            failed += 1  # searched, no column passed (vacuum, a support)
         if res is None or len(res) == 0:
             continue
+        for kind, message in res.params.get("fallbacks", {}).items():
+            fallbacks.setdefault(kind, f"{message} (tile {t.index})")
+        spikes += int(res.params.get("spikes", 0))
         res.x, res.y = res.x + t.hx0, res.y + t.hy0
         res.correlation = np.zeros((0, 0), np.float32)  # the tile's map is not kept (the lazy one is returned)
         parts.append((t.index, res, _relative(res, d)))
@@ -215,23 +231,30 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
     params.pop("first_pass", None)
     params.update(
         threshold=float(np.median(per_tile["threshold"])), z_min=float(np.median(per_tile["z_min"])),
-        n_sublattices=int(labels.max()) + 1 if labels.size else 0, rejected=rejected,
-        residual={"n_atoms": residual},
+        n_sublattices=int(labels.max()) + 1 if labels.size else 0, rejected=rejected, spikes=spikes,
+        residual={"n_atoms": residual, "note": "summed over the tiles' regions, halos included"},
         min_area=min(r.params["min_area"] for _, r, _ in parts), max_area=max(r.params["max_area"] for _, r, _ in parts),
     )
+    if template is not None:
+        params["templates"] = ["point" if _is_point(sp) else "array" for sp in (template if isinstance(template, list)
+                                                                              else [template])]
+        params["template_shape"] = [list(t.shape) for t in shown]
+    if fallbacks:
+        params["fallbacks"] = {**fallbacks, **params.get("fallbacks", {})}
     params["tiled"] = {
         "n_tiles": len(tiles), "edges_y": sorted({t.y0 for t in tiles} | {array.shape[0]}),
         "edges_x": sorted({t.x0 for t in tiles} | {array.shape[1]}), "halo": int(halo),
         "atoms_per_tile": np.bincount(tile_of, minlength=len(tiles)).tolist(),
-        "empty_tiles": len(tiles) - len(parts),
+        "empty_tiles": len(tiles) - len(parts), "tiles_without_columns": failed,
+        "counts": "rejected, spikes and residual are summed over the tiles' regions, halos included",
         "probe": {"rows": [window[0].start, window[0].stop], "cols": [window[1].start, window[1].stop], "tried": tried},
         "threshold": _summary(per_tile["threshold"]), "z_min": _summary(per_tile["z_min"]), "labels": how,
         "merged": int(reported_by.size - keep.size),
     }
     found = FoundAtoms(x=cat["x"], y=cat["y"], score=cat["score"], area=cat["area"], sublattice=cat["sublattice"],
                        zscore=cat["zscore"], amplitude=cat["amplitude"], correlation=np.zeros((0, 0), np.float32),
-                       templates=probe.templates, params=params)
-    return found, lazy_correlation(array, probe.templates, con)
+                       templates=shown, params=params)
+    return found, lazy_correlation(array, shown, con)
 
 
 def _labels(labels: np.ndarray, rel: np.ndarray, n_per_tile: list[int], sublattices) -> tuple[np.ndarray, str]:
@@ -255,8 +278,7 @@ def lazy_correlation(array, templates: list[np.ndarray], contrast: str):
     """The correlation map of ``templates`` with a Dask image, lazy, chunk by chunk with an overlap of half a template."""
     import dask.array as da
 
-    depth = max(max(t.shape) for t in templates) // 2 + 1
-    depth = min(depth, *(min(c) for c in array.chunks))
+    depth = max(max(t.shape) for t in templates) // 2 + 1  # dask rechunks where a chunk is thinner
     return da.map_overlap(_correlation_block, array, depth=depth, boundary="none", trim=True, dtype=np.float32,
                           templates=templates, contrast=contrast, meta=np.empty((0, 0), np.float32))
 
@@ -265,7 +287,7 @@ def lazy_correlation(array, templates: list[np.ndarray], contrast: str):
 # refinement
 # --------------------------------------------------------------------------------------------
 def refine_tiled(array, x: np.ndarray, y: np.ndarray, spacing: float, contrast: str, settings_fn, block_fn,
-                 n_fields: int):
+                 n_fields: int, window: float | None = None):
     """Lazy per-tile refinement of the atoms at ``x``, ``y`` (px) on a Dask image.
 
     Parameters
@@ -285,16 +307,21 @@ def refine_tiled(array, x: np.ndarray, y: np.ndarray, spacing: float, contrast: 
         ``x`` and ``y`` (px, in the frame of ``image``) in the first two columns.
     n_fields : int
         Columns of the packed results.
+    window : float, optional
+        A fit window given by the user, px: the halo reaches it and two spacings beyond (the
+        neighbours subtracted in the window), at least ``HALO_SPACINGS`` spacings.
 
     Returns
     -------
-    dask.array.Array
+    packed : dask.array.Array
         ``(n_atoms, n_fields)``, rows in the order of ``x``, chunked by tile.
+    info : dict
+        ``n_tiles``, ``halo`` (px) and ``atoms_per_tile``, for the step's parameters.
     """
     import dask
     import dask.array as da
 
-    halo = halo_px(spacing, 0.0)
+    halo = max(halo_px(spacing, 0.0), 0 if window is None else int(np.ceil(window + 2.0 * spacing)))
     tiles = tile_grid(array.shape, array.chunks, halo)
     own = owner(x, y, tiles)
     order = np.argsort(own, kind="stable")
@@ -313,11 +340,12 @@ def refine_tiled(array, x: np.ndarray, y: np.ndarray, spacing: float, contrast: 
                                                     t.offset)
         blocks.append(da.from_delayed(task, shape=(n_own, n_fields), dtype=float))
     packed = da.concatenate(blocks, axis=0) if blocks else da.zeros((0, n_fields), chunks=(1, n_fields))
+    info = {"n_tiles": len(tiles), "halo": int(halo), "atoms_per_tile": counts.tolist()}
     if np.array_equal(order, np.arange(order.size)):
-        return packed
+        return packed, info
     inverse = np.empty_like(order)
     inverse[order] = np.arange(order.size)
-    return packed[inverse]
+    return packed[inverse], info
 
 
 def _local_atoms(x, y, order, counts, t: Tile) -> tuple[np.ndarray, np.ndarray, int]:
@@ -330,18 +358,25 @@ def _local_atoms(x, y, order, counts, t: Tile) -> tuple[np.ndarray, np.ndarray, 
     return x[idx] - t.hx0, y[idx] - t.hy0, int(mine.size)
 
 
-def _tile_settings(region, x, y, contrast: str, settings_fn):
+def _prepared(region, contrast: str) -> np.ndarray:
+    """A tile's region turned over for dark columns, its spikes set to NaN (warned when it cannot be despiked)."""
     from ..core.refine.api import without_spikes
+    from ..params import note_fallback
 
-    img = without_spikes(turn_over(np.asarray(region, dtype=np.float64), contrast))[0]
-    return settings_fn(img, x, y)
+    img, info = without_spikes(turn_over(np.asarray(region, dtype=np.float64), contrast))
+    if "skipped" in info:
+        note_fallback({}, "despike_skipped", f"refine: spikes (hot pixels) were not left out of a tile's fits, "
+                      f"it could not be despiked: {info['skipped']}")
+    return img
+
+
+def _tile_settings(region, x, y, contrast: str, settings_fn):
+    return settings_fn(_prepared(region, contrast), x, y)
 
 
 def _tile_block(region, x, y, n_own: int, settings, contrast: str, block_fn, offset: tuple[int, int]) -> np.ndarray:
     """The packed fits of a tile's own atoms; columns 0 and 1 (x, y) moved back to the image's frame."""
-    from ..core.refine.api import without_spikes
-
-    img = without_spikes(turn_over(np.asarray(region, dtype=np.float64), contrast))[0]
+    img = _prepared(region, contrast)
     out = np.array(block_fn(img, x, y, settings, slice(0, n_own)), dtype=float)
     out[:, 0] += offset[1]
     out[:, 1] += offset[0]

@@ -144,8 +144,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
        suffice (few places are tested). Near the border a maximum may be the tail of a column
        outside the image: it stays when its own fit puts the centre inside the image with an
        intensity above 3 standard errors, or when it sits on a translation site inside the
-       image. A maximum within 0.3 spacing of a site the translations predict is tested at the
-       site (its neighbours' fits push it off); one closer than 0.4 of the nearest-column
+       image. A maximum closer than 0.4 of the nearest-column
        distance to a column stays only when a joint fit with the columns around keeps its
        intensity above 5 standard errors (the shoulders that scan jitter leaves beside every
        column are not a sublattice). Near the border the matched filter's noise counts only the

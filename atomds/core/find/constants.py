@@ -133,10 +133,6 @@ RESIDUAL_BORDER_SHIFT = 1.0
 #: there (the empty sites, as many as the missing columns and a hole's rim sites), and pure noise
 #: exceeds 3 sd at 0.13 % of them (below 0.2 false column per 100 empty sites).
 RESIDUAL_SITE_Z = 3.0
-#: A residual maximum within this many spacings of a site the lattice's translations predict
-#: (twice the site tolerance of 0.15) is tested at the site itself: its neighbours' fits, made
-#: before it was found, take part of its signal and push the maximum off the site.
-SNAP_TOLERANCE = 0.3
 #: A residual maximum closer to a found column than this fraction of the nearest-column distance
 #: (and than ``JOINT_TEST_WIDTHS`` column widths) must survive a joint fit with it: a lattice's
 #: own columns are a whole distance apart; shoulders of distorted columns sit at a fraction of it

@@ -38,7 +38,6 @@ from .constants import (
     RESIDUAL_ROUNDS,
     RESIDUAL_SITE_Z,
     SITE_MATCHES,
-    SNAP_TOLERANCE,
     TRANSLATION_REACH,
     TRANSLATION_SHARE,
 )
@@ -129,7 +128,7 @@ def _inside_energy(k2: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def residual_candidates(residual: np.ndarray, image: np.ndarray, x, y, *, sigma: float, noise: tuple[float, float],
                         z_min: float | None = None, z_floor: float | None = None,
-                        border: bool = False, z_map: list | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+                        border: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Significant maxima of the residual's matched filter away from the columns at ``(x, y)``.
 
     Parameters
@@ -152,16 +151,12 @@ def residual_candidates(residual: np.ndarray, image: np.ndarray, x, y, *, sigma:
         Also return the maxima within ``RESIDUAL_EXCLUSION`` widths of the image border (tails of
         columns centred outside the image leave maxima there too: :func:`border_columns` tells
         them apart); else they are left out.
-    z_map : list, optional
-        When given, the matched filter's z-map is appended to it (for tests at other places).
 
     Returns
     -------
     x, y, z : arrays of the candidates (px, sub-pixel; noise sd) and the threshold used.
     """
     z, templates = _matched_filter(residual, image, sigma, noise)
-    if z_map is not None:
-        z_map.append(z)
     zmin = noise_z_threshold(templates, float(residual.size)) if z_min is None else float(z_min)
     size = 2 * int(np.ceil(sigma)) + 1
     lowest = zmin if z_floor is None else min(zmin, float(z_floor))
@@ -328,53 +323,11 @@ def _round_candidates(residual: np.ndarray, image: np.ndarray, fx, fy, *, sigma:
     """
     lattice = lattice_check and np.size(fx) >= MIN_LATTICE_ANCHORS
     floor = RESIDUAL_SITE_Z if lattice and z_min is None else z_min
-    zmap: list = []
     cx, cy, cz, zmin = residual_candidates(residual, image, fx, fy, sigma=sigma, noise=noise, z_min=z_min,
-                                           z_floor=floor, border=border, z_map=zmap)
+                                           z_floor=floor, border=border)
     if cx.size == 0 or not lattice:
         return cx, cy, cz
-    ax, ay, az = _on_lattice(cx, cy, cz, zmin, fx, fy, spacing)
-    if floor is None:
-        return ax, ay, az
-    # a maximum pushed off its site by its neighbours' fits (they took part of its signal): the
-    # site the translations predict, where the matched filter is still significant
-    left = np.ones(cx.size, dtype=bool)
-    if ax.size:
-        from scipy.spatial import cKDTree
-
-        d, _ = cKDTree(np.c_[ax, ay]).query(np.c_[cx, cy])
-        left = d > 1e-9
-    sx, sy, sz = _snapped_to_sites(cx[left], cy[left], np.r_[fx, ax], np.r_[fy, ay], zmap[0], spacing, sigma, float(floor))
-    return np.r_[ax, sx], np.r_[ay, sy], np.r_[az, sz]
-
-
-def _snapped_to_sites(cx, cy, fx, fy, z: np.ndarray, spacing: float, sigma: float,
-                      floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Candidates within ``SNAP_TOLERANCE`` spacings of a site the translations of ``(fx, fy)`` predict,
-    moved to that site, where the matched filter's ``z`` is at least ``floor`` and no column is
-    within ``RESIDUAL_EXCLUSION`` widths (one per site)."""
-    from scipy.spatial import cKDTree
-
-    if np.size(cx) == 0:
-        return np.zeros(0), np.zeros(0), np.zeros(0)
-    on, sx, sy = translation_sites(fx, fy, cx, cy, spacing, tol=SNAP_TOLERANCE)
-    ny, nx = z.shape
-    ok = on & (sx >= -0.5) & (sx <= nx - 0.5) & (sy >= -0.5) & (sy <= ny - 0.5)
-    sx, sy = sx[ok], sy[ok]
-    if sx.size == 0:
-        return np.zeros(0), np.zeros(0), np.zeros(0)
-    iy = np.clip(np.rint(sy).astype(np.int64), 0, ny - 1)
-    ix = np.clip(np.rint(sx).astype(np.int64), 0, nx - 1)
-    sz = z[iy, ix].astype(np.float64)
-    d, _ = cKDTree(np.c_[fx, fy]).query(np.c_[sx, sy])
-    keep = (sz >= floor) & (d >= RESIDUAL_EXCLUSION * sigma)
-    sx, sy, sz = sx[keep], sy[keep], sz[keep]
-    if sx.size > 1:
-        pairs = cKDTree(np.c_[sx, sy]).query_pairs(0.5 * spacing, output_type="ndarray")
-        if pairs.size:
-            drop = np.unique(pairs.max(axis=1))
-            sx, sy, sz = np.delete(sx, drop), np.delete(sy, drop), np.delete(sz, drop)
-    return sx, sy, sz
+    return _on_lattice(cx, cy, cz, zmin, fx, fy, spacing)
 
 
 def _on_lattice(cx, cy, cz, zmin: float, fx, fy, spacing: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
