@@ -306,7 +306,10 @@ def fit_mixture(
     good = detected(v_all, errors, detection_z)
     v = v_all[good]
     if v.size < 2:
-        raise InvalidParameterError(f"a mixture needs at least 2 finite cross-sections; got {v.size}.")
+        undetected = int(np.isfinite(v_all).sum()) - v.size
+        extra = (f" ({undetected} finite ones are below {detection_z} standard errors: not detected)"
+                 if undetected else "")
+        raise InvalidParameterError(f"a mixture needs at least 2 detected cross-sections; got {v.size}{extra}.")
     e2 = _error_variance(errors, v_all.size)[good]
     if v.size > MIXTURE_MAX_VALUES:  # an evenly strided sample: the scan's cost grows with n K^2
         step = int(math.ceil(v.size / MIXTURE_MAX_VALUES))

@@ -233,7 +233,7 @@ JOINT_WINDOW_NN = 0.8
 
 def crb_joint(
     shape: tuple[int, int], x, y, counts, sigma: float, *, background=0.0, read_noise: float = 0.0, gain: float = 1.0,
-    window: float | None = None, known: tuple[str, ...] = (),
+    window: float | None = None, known: str | tuple[str, ...] = (),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cramér-Rao bounds of the joint model of overlapping columns (:mod:`atomds.core.refine.joint`).
 
@@ -258,7 +258,7 @@ def crb_joint(
     window : float, optional
         Radius (px) of each column's data window (the union is the data). Default
         ``4 sigma + 0.5``, at most 0.8 of the median nearest-neighbour distance.
-    known : tuple of {"width", "background", "positions"}
+    known : str or tuple of {"width", "background", "positions"}
         Parameters taken as known (left out of the information matrix): the bound of a model that
         need not estimate them, e.g. ``("width", "background")`` for the limit of the counts that
         no fit of the width and background can beat.
@@ -296,8 +296,10 @@ def crb_joint(
     bg_pix = np.broadcast_to(bg, (ny, nx)).ravel()[ps.pix] if bg.ndim == 2 else np.full(ps.size, float(bg))
     var = np.maximum(gain * (cols + bg_pix) + read_noise**2, 1e-300)
     h, _ = normal_equations(gm, grid, p, half, 1.0 / var, np.zeros(ps.size), ds, neighbour_slots(p, half))
+    if isinstance(known, str):
+        known = (known,)
     if known:
-        h = _without_known(h, n, known)
+        h = _without_known(h, n, tuple(known))
     v = column_variances(h, n)
     if "positions" in known:
         v[:, :2] = np.nan

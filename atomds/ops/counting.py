@@ -141,7 +141,7 @@ def count_atoms(
     )
     params.update(
         source=source, thinnest=thinnest, use_errors=bool(use_errors and errors is not None), library=None if library is None else np.asarray(library, float).tolist(),
-        k_max=k_max, detection_z=detection_z,
+        k_max=k_max, detection_z=detection_z if errors is not None else None,
         undetected=int((np.isfinite(values) & ~cc.detected(values, errors, detection_z)).sum()), n_components=mix.k, means=mix.means.tolist(), weights=mix.weights.tolist(), sd=mix.sd,
         icl=[None if not np.isfinite(v) else float(v) for v in mix.icl], counts=counts.tolist(),
     )

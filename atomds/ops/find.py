@@ -3,7 +3,9 @@
 :func:`find_atoms` is the one step of atomds that computes: the number of atoms must be known
 to build the ``atom`` dimension. A Dask-backed image is computed exactly once; one larger than a
 tile (:data:`atomds.core.tiles.MIN_TILE`, chunks merged to at least that) is found tile by tile
-and never held whole (:mod:`atomds.ops.tiled`).
+and never held whole (:mod:`atomds.ops.tiled`: each tile is read with its halo, so the pixels of
+the halos are read twice or more, and the probe once more; a height map is still flattened whole
+first).
 Lengths (template points, ``sigma``, ``spacing``) are in the Dataset's units
 (``ds.attrs["units"]``), converted with its ``pixel_size``; per-atom results are in those units.
 """

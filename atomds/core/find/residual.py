@@ -113,17 +113,32 @@ def _matched_filter(residual: np.ndarray, image: np.ndarray, sigma: float,
     return num / sd, [t]
 
 
-def _inside_energy(k2: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Sum of the kernel ``k2`` ((2h+1)^2, centred) over its offsets that fall inside an image of ``shape``, per pixel."""
+def _inside_energy(k2: np.ndarray, shape: tuple[int, int]) -> np.ndarray | float:
+    """Sum of the kernel ``k2`` ((2h+1)^2, centred) over its offsets that fall inside an image of ``shape``, per pixel.
+
+    Away from the border it is the kernel's sum; only the strips within ``h`` of the border are
+    computed (from the kernel's 2-D cumulative sum), so the extra memory is that of the strips.
+    """
     h = k2.shape[0] // 2
     ny, nx = shape
+    total = float(k2.sum())
+    if h == 0:
+        return total
     cs = np.zeros((k2.shape[0] + 1, k2.shape[1] + 1))
     cs[1:, 1:] = k2.cumsum(0).cumsum(1)
-    # pixel (y, x) takes the kernel rows h - y .. h + (ny - 1 - y) (clipped to the kernel)
-    yy, xx = np.arange(ny), np.arange(nx)
-    y0, y1 = np.clip(h - yy, 0, 2 * h + 1), np.clip(h + ny - yy, 0, 2 * h + 1)
-    x0, x1 = np.clip(h - xx, 0, 2 * h + 1), np.clip(h + nx - xx, 0, 2 * h + 1)
-    return (cs[y1][:, x1] - cs[y0][:, x1] - cs[y1][:, x0] + cs[y0][:, x0])
+
+    def block(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        # pixel (y, x) takes the kernel rows h - y .. h + (ny - 1 - y) (clipped to the kernel)
+        y0, y1 = np.clip(h - rows, 0, 2 * h + 1), np.clip(h + ny - rows, 0, 2 * h + 1)
+        x0, x1 = np.clip(h - cols, 0, 2 * h + 1), np.clip(h + nx - cols, 0, 2 * h + 1)
+        return cs[y1][:, x1] - cs[y0][:, x1] - cs[y1][:, x0] + cs[y0][:, x0]
+
+    out = np.full(shape, total)
+    rows = np.unique(np.r_[np.arange(min(h, ny)), np.arange(max(ny - h, 0), ny)])
+    cols = np.unique(np.r_[np.arange(min(h, nx)), np.arange(max(nx - h, 0), nx)])
+    out[rows, :] = block(rows, np.arange(nx))
+    out[:, cols] = block(np.arange(ny), cols)
+    return out
 
 
 def residual_candidates(residual: np.ndarray, image: np.ndarray, x, y, *, sigma: float, noise: tuple[float, float],
