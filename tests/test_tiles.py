@@ -21,17 +21,23 @@ from atomds.ops import tiled
 from atomds.params import step_params
 
 
-@given(st.lists(st.integers(1, 700), min_size=1, max_size=12), st.integers(1, 1000))
+@given(st.lists(st.integers(1, 9000), min_size=1, max_size=12), st.integers(1, 1000))
 @settings(max_examples=60, deadline=None)
 def test_tile_edges_cover_the_axis_on_chunk_boundaries(chunks, min_size):
     edges = T.tile_edges(chunks, min_size)
     bounds = set(np.cumsum([0, *chunks]).tolist())
     assert edges[0] == 0 and edges[-1] == sum(chunks)
     assert all(b > a for a, b in zip(edges, edges[1:], strict=False))
-    assert set(edges) <= bounds  # tiles never cut a chunk
-    if sum(chunks) >= min_size:
+    assert all(b - a <= max(T.MAX_TILE, min_size) for a, b in zip(edges, edges[1:], strict=False))
+    if sum(chunks) >= min_size and max(chunks) <= T.MAX_TILE:
+        assert set(edges) <= bounds  # tiles never cut a chunk of a usual size
         assert all(b - a >= min_size / 2 for a, b in zip(edges, edges[1:], strict=False))
         assert all(b - a >= min_size for a, b in zip(edges[:-2], edges[1:-1], strict=False))
+
+
+def test_a_large_chunk_is_split_into_tiles():
+    assert T.tile_edges([16384]) == [0, 4096, 8192, 12288, 16384]
+    assert T.tile_edges([10000, 10000]) == [0, 3333, 6667, 10000, 13333, 16667, 20000]
 
 
 def test_tile_grid_halo_is_clipped_and_owner_partitions_positions():

@@ -18,6 +18,7 @@ import numpy as np
 
 __all__ = [
     "MIN_TILE",
+    "MAX_TILE",
     "HALO_SPACINGS",
     "Tile",
     "tile_edges",
@@ -31,6 +32,10 @@ __all__ = [
 #: that each tile holds enough columns for its own statistics (thresholds, classes) and the halo
 #: stays a small part of it.
 MIN_TILE = 2048
+
+#: Largest side of a tile, px: a longer tile (a chunk larger than this, or an image read as one
+#: chunk) is split into equal parts, so that a tile's search stays within a few hundred MB.
+MAX_TILE = 4096
 
 #: A column reported by a tile just outside its core (px) may be one its owner put on this
 #: side of the edge: two tiles' positions of one column differ by hundredths of a pixel.
@@ -70,7 +75,8 @@ class Tile:
 def tile_edges(chunks: Sequence[int], min_size: int | None = None) -> list[int]:
     """Edges of the tiles along one axis: chunk boundaries, chunks merged until a tile spans ``min_size``.
 
-    A last remainder shorter than half ``min_size`` joins the tile before it.
+    A last remainder shorter than half ``min_size`` joins the tile before it; a tile longer than
+    :data:`MAX_TILE` (a large chunk) is split into equal parts of at most that.
 
     Parameters
     ----------
@@ -99,7 +105,12 @@ def tile_edges(chunks: Sequence[int], min_size: int | None = None) -> list[int]:
             edges[-1] = pos
         else:
             edges.append(pos)
-    return edges
+    top = max(MAX_TILE, min_size)
+    out = [0]
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        parts = -(-(b - a) // top)  # ceil
+        out += [a + round(k * (b - a) / parts) for k in range(1, parts + 1)]
+    return out
 
 
 def tile_grid(shape: tuple[int, int], chunks: tuple[Sequence[int], Sequence[int]], halo: int,

@@ -5,7 +5,8 @@ than one tile (:data:`atomds.core.tiles.MIN_TILE`) is never held or correlated a
 
 - :func:`find_tiled`: the contrast and the scales (column width, nearest-column distance) are
   decided once, on a central probe of the image, and given to every tile; each tile (chunks
-  merged to at least ``MIN_TILE`` px, with a halo of ``HALO_SPACINGS`` spacings) is computed,
+  merged to at least ``MIN_TILE`` px and split to at most ``MAX_TILE``, with a halo of
+  ``HALO_SPACINGS`` spacings) is computed,
   searched by :func:`atomds.core.find.api.find_atoms` and released; it keeps the columns of its
   core (:func:`atomds.core.tiles.merge_tile_atoms`). Atoms come out grouped by tile. The
   sublattice labels of the tiles are kept when every tile found the same number of classes, else
