@@ -164,19 +164,20 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
        ==========  ===============  ===============  =============  ===========  ===========
        dim peak    dose 250         dose 500         dose 1000      dose 2000    dose 4000
        ==========  ===============  ===============  =============  ===========  ===========
-       0.15        0 / 56 (3.9)     86 / 92 (5.5)    99.3 / 99.8    100 / 100    100 / 100
-       0.20        78 / 81 (4.8)    99 / 98 (6.9)    100 / 100      100 / 100    100 / 100
-       0.30        95.2 / 99.5      99.9 / 100       100 / 100      100 / 100    100 / 100
-       0.40        99.9 / 100       100 / 100        100 / 100      100 / 100    100 / 100
+       0.15        0 / 47 (3.9)     86 / 92 (5.5)    98.1 / 99.8    100 / 100    100 / 100
+       0.20        77 / 81 (4.8)    96 / 98 (6.9)    99.7 / 100     100 / 100    100 / 100
+       0.30        93.6 / 99.5      99.4 / 100       100 / 100      100 / 100    100 / 100
+       0.40        99.4 / 100       100 / 100        100 / 100      100 / 100    100 / 100
        0.60        99.9 / 100       100 / 100        100 / 100      100 / 100    100 / 100
        ==========  ===============  ===============  =============  ===========  ===========
 
        (SNR of a dim column: 0.15: 3.9, 5.5, 7.7, 11, 15.5 across the doses; 0.2: 4.8 ... 19.4;
        0.3: 6.5, 9.3, ...; 0.4: 8.0, 11.3, ...; 0.6: 10.4, ...). A dim species is found at
-       >= 99.5 % from an SNR of 8.0 beside brighter columns a few widths away (honeycomb) and
-       from 7.7 on a perovskite [001]; below, recall falls (SNR 6.9: 98-99 %, 5.5: 86-92 %,
-       3.9: 0-56 %). False positives: none where the SNR is at least 8, up to 0.8 % below 6
-       (noise maxima on empty sites).
+       >= 99.5 % from an SNR of about 9.7 beside brighter columns a few widths away (honeycomb;
+       99.4 % at 8.0-9.3, the misses half columns on the image's border) and from 7.7 on a
+       perovskite [001]; below, recall falls (SNR 6.9: 96-98 %, 5.5: 86-92 %, 3.9: 0-56 %).
+       False positives: none where the SNR is at least 8, up to 0.8 % below 6 (noise maxima on
+       empty sites).
 
     Parameters
     ----------
