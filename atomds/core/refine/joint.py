@@ -307,8 +307,11 @@ def _levenberg_marquardt(model: _GroupModel, wt, p, b, start, *, sigma_max, max_
         if np.isfinite(chi2_t) and chi2_t <= chi2 * (1.0 + 1e-12):
             small = _converged(pt, p, h, held[:, 0], tol)
             rel = (chi2 - chi2_t) / max(chi2, 1e-300)
+            # a heavily damped step is short and lowers chi-square little far from the optimum:
+            # its size and gain mean convergence only for a nearly Gauss-Newton step
+            near_gn = lam <= LAM_START
             lam = max(lam * LAM_DOWN, LAM_MIN)
-            done = small or rel < 1e-10 or chi2 - chi2_t < CHI2_ABS_TOL * chi2 / max(model.data.size, 1)
+            done = rel < 1e-10 or (near_gn and (small or chi2 - chi2_t < CHI2_ABS_TOL * chi2 / max(model.data.size, 1)))
             p, b, chi2 = pt, bt, chi2_t
             if done:
                 break
