@@ -193,8 +193,8 @@ def refine_and_complete(
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict]:
     """Refine, drop seeds on no column, look for missing columns in the residual, add the real ones and refine again.
 
-    Each round drops the given atoms that the joint fit leaves without a significant intensity
-    (:func:`no_columns`, at most once per atom), searches the residual (:func:`missing_columns`),
+    The first round drops the given atoms that the first fit leaves without a significant
+    intensity (:func:`no_columns`; later rounds drop none); each round searches the residual (:func:`missing_columns`),
     refits with the candidates and keeps those that :func:`significant_new` accepts (refitting
     once more without the others, which are not searched again); up to ``max_rounds`` rounds,
     until a round neither drops nor finds anything.
