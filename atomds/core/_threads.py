@@ -1,27 +1,17 @@
-"""A small thread pool for compiled (``nogil``) kernels, shared by find and refine, and one BLAS limit.
+"""A small thread pool for compiled (``nogil``) kernels, shared by find and refine.
 
 The kernels release the GIL, so plain threads run them on all cores at once; numba's own
 threading layer is not used (it breaks after ``fork`` and when called from several threads).
-
-``threadpoolctl.threadpool_limits`` is process-wide: two threads that each enter and leave their
-own limit can interleave (enter A, enter B, exit A, exit B) and leave BLAS single-threaded for
-good, or lift the limit under the feet of the other (tiles refined on dask's threads).
-:func:`blas_single_thread` counts its users under a lock: the first sets the limit, the last
-restores it.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Any
 
 import numba
 
-__all__ = ["n_threads", "run_chunks", "blas_single_thread"]
+__all__ = ["n_threads", "run_chunks"]
 
 
 def n_threads() -> int:
@@ -50,29 +40,3 @@ def run_chunks(kernel, n: int, *args, min_chunk: int, chunks_per_thread: int, ma
     with ThreadPoolExecutor(max_workers=min(threads, len(starts))) as pool:
         for job in [pool.submit(kernel, s, min(s + chunk, n), *args) for s in starts]:
             job.result()
-
-
-_LOCK = threading.Lock()
-_STATE: dict[str, Any] = {"count": 0, "limiter": None}
-
-
-@contextmanager
-def blas_single_thread() -> Iterator[None]:
-    """BLAS on one thread while any caller is inside (reference-counted, thread-safe)."""
-    with _LOCK:
-        if _STATE["count"] == 0:
-            try:
-                from threadpoolctl import threadpool_limits
-            except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
-                _STATE["limiter"] = None
-            else:
-                _STATE["limiter"] = threadpool_limits(limits=1, user_api="blas")
-        _STATE["count"] += 1
-    try:
-        yield
-    finally:
-        with _LOCK:
-            _STATE["count"] -= 1
-            if _STATE["count"] == 0 and _STATE["limiter"] is not None:
-                _STATE["limiter"].restore_original_limits()
-                _STATE["limiter"] = None

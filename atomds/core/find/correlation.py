@@ -10,6 +10,8 @@ least-squares amplitude directly. Positions are in pixels.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +20,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 from scipy import ndimage as ndi
 
-from .._threads import blas_single_thread, run_chunks
+from .._threads import run_chunks
 from ..image import check_image
 from .templates import check_template
 
@@ -531,5 +533,12 @@ def amplitudes_at(img: np.ndarray, templates: list[np.ndarray], which_t: np.ndar
     return amp, broad
 
 
-#: BLAS on one thread (reference-counted across threads: :mod:`atomds._threads`)
-_blas_single_thread = blas_single_thread
+@contextmanager
+def _blas_single_thread() -> Iterator[None]:
+    """BLAS on one thread: the patch products of :func:`match_at` are thin (k templates) and bound by
+    memory, and idle BLAS threads keep spinning afterwards on the cores the compiled stages need."""
+    if _threadpool_limits is None:  # pragma: no cover
+        yield
+    else:
+        with _threadpool_limits(limits=1, user_api="blas"):
+            yield

@@ -7,12 +7,13 @@ intensities in image units. See :mod:`atomds.core.refine` for the method.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from ...errors import DimensionError, InvalidImageError, InvalidParameterError
-from .._threads import blas_single_thread
 from ..preprocess import turn_over
 from ..spikes import remove_spikes
 from .batched import gather
@@ -477,8 +478,13 @@ def _fit_image(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img, dtype=np.float32)
 
 
-#: BLAS on one thread (reference-counted across threads: :mod:`atomds._threads`)
-_blas_single_thread = blas_single_thread
+@contextmanager
+def _blas_single_thread() -> Iterator[None]:
+    if _threadpool_limits is None:  # pragma: no cover
+        yield
+    else:
+        with _threadpool_limits(limits=1, user_api="blas"):
+            yield
 
 
 def estimate_fit_settings(
