@@ -51,6 +51,8 @@ JOINT_NN_SIGMAS = 5.0
 #: The shared background's nodes are this many nearest-neighbour distances apart: smooth on the
 #: scale of a column, free on the scale of the image.
 BG_PITCH_NN = 4.0
+#: ... and the coarser grid tried beside it (the one of least BIC is kept, :func:`_best_background`).
+BG_PITCH_COARSE = 8.0
 #: Columns per tile of a large group (the sparse factorisation grows faster than linearly).
 JOINT_TILE_ATOMS = 1024
 #: Free columns around a tile, in nearest-neighbour distances (their results are not kept).
@@ -150,7 +152,7 @@ def fit_joint(
         ax, ay = xy[:, 0], xy[:, 1]
         near = (ax >= lo[0] - reach) & (ax < hi[0] + reach) & (ay >= lo[1] - reach) & (ay < hi[1] + reach)
         fixed = np.flatnonzero(near & ok_all & ~np.isin(np.arange(p_all.shape[0]), free))
-        res = solve_group(
+        res = _best_background(
             img, valid, p_all[free, :4], p_all[fixed, :4], nn_median=nn_median, noise=noise, radius=radius,
             prior=prior, sigma_max=sigma_max, max_move=max_move[free], half=half, max_iter=max_iter, tol=tol,
             refit_noise=refit_noise,
@@ -167,10 +169,22 @@ def _rows(members: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return order[np.searchsorted(members[order], ids)]
 
 
+def _best_background(img: np.ndarray, valid: np.ndarray, p0: np.ndarray, p_fixed: np.ndarray, **kw) -> dict:
+    """:func:`solve_group` with the background grid of ``BG_PITCH_NN`` spacings and with one of
+    ``BG_PITCH_COARSE`` spacings; the one of least BIC (``chi2 + k ln(pixels)``, ``k`` the free
+    parameters) is kept. A smooth background (a thin support, a gradient) then takes few nodes and
+    leaves the counts their precision; a lumpy one keeps the finer grid."""
+    fine = solve_group(img, valid, p0, p_fixed, **kw)
+    coarse = solve_group(img, valid, p0, p_fixed, pitch_nn=BG_PITCH_COARSE, **kw)
+    if coarse["n_bg"] >= fine["n_bg"]:
+        return fine
+    return coarse if coarse["bic"] < fine["bic"] else fine
+
+
 def solve_group(
     img: np.ndarray, valid: np.ndarray, p0: np.ndarray, p_fixed: np.ndarray, *, nn_median: float, noise: Noise,
     radius: float, prior: tuple[float, float] | None, sigma_max: float, max_move: np.ndarray, half: int,
-    max_iter: int, tol: float, refit_noise: bool = True,
+    max_iter: int, tol: float, refit_noise: bool = True, pitch_nn: float = BG_PITCH_NN,
 ) -> dict[str, np.ndarray]:
     """One joint fit: columns ``p0`` (n, 4) free, ``p_fixed`` (k, 4) subtracted; see :func:`fit_joint`.
 
@@ -181,7 +195,7 @@ def solve_group(
     """
     n = p0.shape[0]
     ps = pixel_set(img.shape, p0[:, 0], p0[:, 1], radius, valid)
-    grid = background_grid(ps, max(BG_PITCH_NN * nn_median, 4.0 * radius))
+    grid = background_grid(ps, max(pitch_nn * nn_median, 4.0 * radius))
     gm = group_map(ps, grid)
     half_fixed = min(half, patch_half(float(np.max(p_fixed[:, 3])))) if p_fixed.shape[0] else half
     data = img.ravel()[ps.pix].astype(float) - model_values(ps, p_fixed, half_fixed, gm)
@@ -215,7 +229,10 @@ def solve_group(
     with np.errstate(invalid="ignore"):
         ok = np.isfinite(p).all(axis=1) & (p[:, 2] > 0) & np.isfinite(var).all(axis=1) & (var[:, 0] > 0)
     bg = background_at(grid, b, p[:, 0], p[:, 1])
+    chi2 = model.chi2(p, b, wt)
+    n_free = K_COL * n + 1 + grid.n
     return {"p": p, "background": bg, "var": var, "ok": ok & bool(np.isfinite(b).all()),
+            "bic": float(chi2 + n_free * math.log(max(ps.size, 2))), "n_bg": int(grid.n),
             "n_iter": np.full(n, n_iter, np.int64), "sigma_err": np.full(n, math.sqrt(max(var_sigma, 0.0))),
             "gain": np.full(n, np.nan if noise.gain is None else noise.gain), "variance_offset": np.full(n, noise.offset)}
 
