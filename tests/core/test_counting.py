@@ -113,3 +113,36 @@ def test_joint_bound_of_counts_with_known_parameters_is_lower():
     assert np.isnan(only_n[0]).all() and np.isfinite(known[0]).all()
     with pytest.raises(InvalidParameterError, match="known"):
         crb_joint(*args, known=("shape",))
+
+
+def test_background_grid_follows_the_support(monkeypatch):
+    # a smooth support: the coarse grid (fewer nodes) wins the BIC and the counts gain precision;
+    # a lumpy one (correlated over 2.5 spacings): the finer grid is kept (a coarse one would bias the counts)
+    from scipy import ndimage as ndi
+
+    import atomds.core.refine.joint as J
+
+    rng = np.random.default_rng(0)
+    s = particle_sample(shape=256, width=0.28, seed=3)
+    x0, y0 = s.x + rng.normal(0, 0.3, s.n_atoms), s.y + rng.normal(0, 0.3, s.n_atoms)
+    field = ndi.gaussian_filter(rng.normal(size=s.image.shape), 2.5 * 16)
+    lumpy = s.image + 0.5 * 4000 / (2 * np.pi * (0.28 * 16) ** 2) * field / field.std()
+    chosen: list[int] = []
+    best = J._best_background
+
+    def spy(*a, **k):
+        out = best(*a, **k)
+        chosen.append(out["n_bg"])
+        return out
+
+    monkeypatch.setattr(J, "_best_background", spy)
+    smooth_fit = refine_gaussian(s.image, x0, y0)
+    n_smooth = chosen[-1]
+    lumpy_fit = refine_gaussian(lumpy, x0, y0)
+    n_lumpy = chosen[-1]
+    assert n_lumpy > n_smooth  # more nodes where the support is lumpy
+    monkeypatch.setattr(J, "_best_background", lambda *a, **k: J.solve_group(*a, **k))
+    fine_smooth = refine_gaussian(s.image, x0, y0)
+    err = lambda f: np.sqrt(np.mean((f["intensity"] - s.counts) ** 2 / s.counts))  # noqa: E731
+    assert err(smooth_fit) < err(fine_smooth)
+    np.testing.assert_allclose(lumpy_fit["intensity"], refine_gaussian(lumpy, x0, y0)["intensity"])

@@ -172,7 +172,8 @@ def _rows(members: np.ndarray, ids: np.ndarray) -> np.ndarray:
 def _best_background(img: np.ndarray, valid: np.ndarray, p0: np.ndarray, p_fixed: np.ndarray, **kw) -> dict:
     """:func:`solve_group` with the background grid of ``BG_PITCH_NN`` spacings and with one of
     ``BG_PITCH_COARSE`` spacings; the one of least BIC (``chi2 + k ln(pixels)``, ``k`` the free
-    parameters) is kept. A smooth background (a thin support, a gradient) then takes few nodes and
+    parameters, chi-square weighted by the noise model given to both, not by each fit's own refit of
+    it, which would excuse a poorer fit) is kept. A smooth background (a thin support, a gradient) then takes few nodes and
     leaves the counts their precision; a lumpy one keeps the finer grid."""
     fine = solve_group(img, valid, p0, p_fixed, **kw)
     coarse = solve_group(img, valid, p0, p_fixed, pitch_nn=BG_PITCH_COARSE, **kw)
@@ -194,6 +195,7 @@ def solve_group(
     :data:`~.constants.NB_REACH` of :data:`HALF_SIGMA_MARGIN` times the current width.
     """
     n = p0.shape[0]
+    noise_in = noise  # the model comparison (BIC) weighs both grids' residuals alike, by the given noise
     ps = pixel_set(img.shape, p0[:, 0], p0[:, 1], radius, valid)
     grid = background_grid(ps, max(pitch_nn * nn_median, 4.0 * radius))
     gm = group_map(ps, grid)
@@ -229,7 +231,7 @@ def solve_group(
     with np.errstate(invalid="ignore"):
         ok = np.isfinite(p).all(axis=1) & (p[:, 2] > 0) & np.isfinite(var).all(axis=1) & (var[:, 0] > 0)
     bg = background_at(grid, b, p[:, 0], p[:, 1])
-    chi2 = model.chi2(p, b, wt)
+    chi2 = model.chi2(p, b, 1.0 / noise_in.variance(cols + grid.weights @ b + fixed_mu))
     n_free = K_COL * n + 1 + grid.n
     return {"p": p, "background": bg, "var": var, "ok": ok & bool(np.isfinite(b).all()),
             "bic": float(chi2 + n_free * math.log(max(ps.size, 2))), "n_bg": int(grid.n),
