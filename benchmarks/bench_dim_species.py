@@ -27,6 +27,9 @@ import numpy as np
 
 from atomds.core import find, samples
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_find_refine import write_section  # noqa: E402  (one writer of RESULTS.md sections, atomic)
+
 SECTION = "## Dim species (residual passes): recall over peak ratio x dose"
 RATIOS = (0.15, 0.2, 0.3, 0.4, 0.6)
 DOSES = (250, 500, 1000, 2000, 4000)
@@ -86,18 +89,6 @@ def table(kind: str, size: int, seeds: int) -> list[str]:
               f"Every cell at SNR >= {above:.1f} reached {TARGET * 100:.1f} %; below, the misses grow as "
               f"listed (✗)." if above is not None else "", ""]
     return lines
-
-
-def write_section(text: str, path: Path) -> None:
-    """Replace the section of ``path`` whose heading is the first line of ``text`` (append it if new)."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text.rstrip("\n") + "\n" + ("" if nxt < 0 else old[nxt:])
-    path.write_text(new)
 
 
 def main(argv=None) -> None:
