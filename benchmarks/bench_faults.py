@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -44,41 +43,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-#: Longest a read may take (s), as atomds.sandbox.READ_TIMEOUT_S, plus the fork and the transfer.
-READ_LIMIT_S = 25.0
-
-
-def _open_many(paths: list[str]) -> dict:
-    import atomds
-    from atomds.errors import AtomdsError
-
-    out = {"image": 0, "atomds_error": 0, "other": [], "slowest_s": 0.0, "over_limit": []}
-    for p in paths:
-        t0 = time.monotonic()
-        try:
-            atomds.open_image(p)
-            out["image"] += 1
-        except AtomdsError:
-            out["atomds_error"] += 1
-        except Exception as exc:  # noqa: BLE001 - counted: the target is none
-            out["other"].append(f"{Path(p).name}: {type(exc).__name__}: {exc}"[:300])
-        dt = time.monotonic() - t0
-        out["slowest_s"] = max(out["slowest_s"], dt)
-        if dt > READ_LIMIT_S:
-            out["over_limit"].append(Path(p).name)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return out
-
 
 def mutants(folder: Path, n: int, processes: int = 2) -> dict:
-    from _fuzz import write_mutants, write_originals
+    from _fuzz import open_all, write_mutants, write_originals
 
     originals = write_originals(folder / "originals")
     paths = [str(p) for p in write_mutants(originals, folder / "mutants", n, seed=2026)]
     t0 = time.perf_counter()
     parts = [paths[i::processes] for i in range(processes)]
     with ProcessPoolExecutor(processes) as pool:
-        res = list(pool.map(_open_many, parts))
+        res = list(pool.map(open_all, parts))
     return dict(files=n, formats=sorted({p.suffix for p in originals}), seconds=time.perf_counter() - t0,
                 image=sum(r["image"] for r in res), atomds_error=sum(r["atomds_error"] for r in res),
                 other=[o for r in res for o in r["other"]], slowest_s=max(r["slowest_s"] for r in res),

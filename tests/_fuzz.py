@@ -5,9 +5,14 @@ Used by tests/test_faults.py (a few hundred files) and benchmarks/bench_faults.p
 
 from __future__ import annotations
 
+import resource
+import time
 from pathlib import Path
 
 import numpy as np
+
+#: Longest a read may take (s), as atomds.sandbox.READ_TIMEOUT_S (20), plus the fork and the transfer.
+READ_LIMIT_S = 25.0
 
 #: Kinds of mutation: cut the file short, flip random bits, put a block of another file in.
 MUTATIONS = ("truncate", "bitflip", "splice")
@@ -108,4 +113,32 @@ def write_mutants(originals: list[Path], folder: Path, n: int, *, seed: int = 0)
         p = folder / f"m{i:05d}_{kind}{originals[j].suffix}"
         p.write_bytes(mutate(blobs[j], kind, rng, other))
         out.append(p)
+    return out
+
+
+def open_all(paths: list) -> dict:
+    """Open each file with ``atomds.open_image``; count images, ``AtomdsError``s and anything else.
+
+    Returns ``image``, ``atomds_error`` (counts), ``other`` (the other exceptions, one line each),
+    ``slowest_s``, ``over_limit`` (files whose read took more than :data:`READ_LIMIT_S`) and
+    ``peak_rss_mb`` of this process.
+    """
+    import atomds
+    from atomds.errors import AtomdsError
+
+    out: dict = {"image": 0, "atomds_error": 0, "other": [], "slowest_s": 0.0, "over_limit": []}
+    for p in paths:
+        t0 = time.monotonic()
+        try:
+            atomds.open_image(p)
+            out["image"] += 1
+        except AtomdsError:
+            out["atomds_error"] += 1
+        except Exception as exc:  # noqa: BLE001 - counted: the target is none
+            out["other"].append(f"{Path(p).name}: {type(exc).__name__}: {exc}"[:300])
+        dt = time.monotonic() - t0
+        out["slowest_s"] = max(out["slowest_s"], dt)
+        if dt > READ_LIMIT_S:
+            out["over_limit"].append(Path(p).name)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return out
