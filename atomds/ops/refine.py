@@ -275,7 +275,7 @@ def refine(
         xp = np.asarray(sx.values, float) / ps
         yp = np.asarray(sy.values, float) / ps
         packed, tiling = refine_tiled(
-            img.data, xp, yp, _tile_spacing(ds, xp, yp, ps), con,
+            img.data, xp, yp, _tile_spacing(ds, xp, yp, ps), lambda region: _prepared_lazy(region, con),
             lambda image, x, y: _settings_task(image, x, y, kw),
             lambda image, x, y, st, sl: _refine_block(image, x, y, st, sl, fit_kw), len(_fields(model)),
             window=kw["window"],

@@ -33,7 +33,7 @@ from ..core.find.api import find_atoms as core_find_atoms
 from ..core.find.blobs import local_reference
 from ..core.find.classes import classify_columns
 from ..core.find.correlation import correlation_map as core_correlation_map
-from ..core.find.templates import template_from_point
+from ..core.find.templates import is_point, template_from_point
 from ..core.image import turn_over
 from ..core.tiles import Tile, halo_px, merge_tile_atoms, owner, tile_grid
 from ..errors import NoAtomsFoundError
@@ -78,16 +78,12 @@ def _probe_windows(shape: tuple[int, int]) -> list[tuple[slice, slice]]:
     return out
 
 
-def _is_point(spec) -> bool:
-    return isinstance(spec, tuple) and len(spec) == 2
-
-
 def _point_templates(array, template, contrast: str, sigma: float, spacing: float):
     """Template specs for the tiles: an ``(x, y)`` point of the whole image becomes the array around it."""
     specs = template if isinstance(template, list) else [template]
     out = []
     for sp in specs:
-        if sp is not None and _is_point(sp):
+        if sp is not None and is_point(sp):
             x, y = sp
             r = int(np.ceil(6 * spacing + 8 * sigma))
             ny, nx = array.shape
@@ -119,7 +115,7 @@ def _probe(array, kw: dict[str, Any]) -> tuple[FoundAtoms, tuple[slice, slice], 
     tmpl = kw["template"]
     specs = tmpl if isinstance(tmpl, list) else [tmpl]
     # a point names a column of the whole image: the probe builds its own template instead
-    probe_t = [None if (sp is not None and _is_point(sp)) else sp for sp in specs]
+    probe_t = [None if (sp is not None and is_point(sp)) else sp for sp in specs]
     probe_kw = dict(kw, template=probe_t if isinstance(tmpl, list) else probe_t[0])
     windows = _probe_windows(array.shape)[:MAX_PROBES]
     errors = []
@@ -237,7 +233,7 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
         min_area=min(r.params["min_area"] for _, r, _ in parts), max_area=max(r.params["max_area"] for _, r, _ in parts),
     )
     if template is not None:
-        params["templates"] = ["point" if _is_point(sp) else "array" for sp in (template if isinstance(template, list)
+        params["templates"] = ["point" if is_point(sp) else "array" for sp in (template if isinstance(template, list)
                                                                               else [template])]
         params["template_shape"] = [list(t.shape) for t in shown]
     if fallbacks:
@@ -287,7 +283,7 @@ def lazy_correlation(array, templates: list[np.ndarray], contrast: str):
 # --------------------------------------------------------------------------------------------
 # refinement
 # --------------------------------------------------------------------------------------------
-def refine_tiled(array, x: np.ndarray, y: np.ndarray, spacing: float, contrast: str, settings_fn, block_fn,
+def refine_tiled(array, x: np.ndarray, y: np.ndarray, spacing: float, prepare_fn, settings_fn, block_fn,
                  n_fields: int, window: float | None = None):
     """Lazy per-tile refinement of the atoms at ``x``, ``y`` (px) on a Dask image.
 
@@ -299,8 +295,9 @@ def refine_tiled(array, x: np.ndarray, y: np.ndarray, spacing: float, contrast: 
         Seeds, px, in the order of the result.
     spacing : float
         Nearest-column distance, px (sets the halo).
-    contrast : str
-        Contrast of the columns.
+    prepare_fn : callable
+        ``prepare_fn(region) -> image``: a tile's pixels as the fits read them (turned over for
+        dark columns, spikes left out), the refinement's own preparation.
     settings_fn : callable
         ``settings_fn(image, x, y) -> settings`` (the fit settings from a sample of atoms).
     block_fn : callable
@@ -331,13 +328,13 @@ def refine_tiled(array, x: np.ndarray, y: np.ndarray, spacing: float, contrast: 
     if counts[centre.index] == 0:
         centre = tiles[int(np.argmax(counts))]
     cx, cy, _ = _local_atoms(x, y, order, counts, centre)
-    settings = dask.delayed(_tile_settings, pure=True)(array[centre.region], cx, cy, contrast, settings_fn)
+    settings = dask.delayed(_tile_settings, pure=True)(array[centre.region], cx, cy, prepare_fn, settings_fn)
     blocks = []
     for t in tiles:
         if counts[t.index] == 0:
             continue
         lx, ly, n_own = _local_atoms(x, y, order, counts, t)
-        task = dask.delayed(_tile_block, pure=True)(array[t.region], lx, ly, n_own, settings, contrast, block_fn,
+        task = dask.delayed(_tile_block, pure=True)(array[t.region], lx, ly, n_own, settings, prepare_fn, block_fn,
                                                     t.offset)
         blocks.append(da.from_delayed(task, shape=(n_own, n_fields), dtype=float))
     packed = da.concatenate(blocks, axis=0) if blocks else da.zeros((0, n_fields), chunks=(1, n_fields))
@@ -359,25 +356,13 @@ def _local_atoms(x, y, order, counts, t: Tile) -> tuple[np.ndarray, np.ndarray, 
     return x[idx] - t.hx0, y[idx] - t.hy0, int(mine.size)
 
 
-def _prepared(region, contrast: str) -> np.ndarray:
-    """A tile's region turned over for dark columns, its spikes set to NaN (warned when it cannot be despiked)."""
-    from ..core.refine.api import without_spikes
-    from ..params import note_fallback
-
-    img, info = without_spikes(turn_over(np.asarray(region, dtype=np.float64), contrast))
-    if "skipped" in info:
-        note_fallback({}, "despike_skipped", f"refine: spikes (hot pixels) were not left out of a tile's fits, "
-                      f"it could not be despiked: {info['skipped']}")
-    return img
+def _tile_settings(region, x, y, prepare_fn, settings_fn):
+    return settings_fn(prepare_fn(region), x, y)
 
 
-def _tile_settings(region, x, y, contrast: str, settings_fn):
-    return settings_fn(_prepared(region, contrast), x, y)
-
-
-def _tile_block(region, x, y, n_own: int, settings, contrast: str, block_fn, offset: tuple[int, int]) -> np.ndarray:
+def _tile_block(region, x, y, n_own: int, settings, prepare_fn, block_fn, offset: tuple[int, int]) -> np.ndarray:
     """The packed fits of a tile's own atoms; columns 0 and 1 (x, y) moved back to the image's frame."""
-    img = _prepared(region, contrast)
+    img = prepare_fn(region)
     out = np.array(block_fn(img, x, y, settings, slice(0, n_own)), dtype=float)
     out[:, 0] += offset[1]
     out[:, 1] += offset[0]
