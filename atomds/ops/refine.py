@@ -21,6 +21,7 @@ import numpy as np
 import xarray as xr
 
 from ..core import refine as cr
+from ..core.neighbors import nearest_spacing
 from ..core.preprocess import CONTRASTS, turn_over
 from ..core.refine.joint import overlapping
 from ..core.refine.residual import refine_and_complete
@@ -275,7 +276,7 @@ def refine(
         xp = np.asarray(sx.values, float) / ps
         yp = np.asarray(sy.values, float) / ps
         packed, tiling = refine_tiled(
-            img.data, xp, yp, _tile_spacing(ds, xp, yp, ps), lambda region: _prepared_lazy(region, con),
+            img.data, xp, yp, _tile_spacing(ds, xp, yp), lambda region: _prepared_lazy(region, con),
             lambda image, x, y: _settings_task(image, x, y, kw),
             lambda image, x, y, st, sl: _refine_block(image, x, y, st, sl, fit_kw), len(_fields(model)),
             window=kw["window"],
@@ -351,17 +352,12 @@ def refine(
     return record_params(out, "refine", params)
 
 
-def _tile_spacing(ds: xr.Dataset, xp: np.ndarray, yp: np.ndarray, ps: float) -> float:
-    """Nearest-column distance, px, for the tiles' halo: find_atoms's, else the median over a sample of atoms."""
+def _tile_spacing(ds: xr.Dataset, xp: np.ndarray, yp: np.ndarray) -> float:
+    """Nearest-column distance, px, for the tiles' halo: find_atoms's, else the atoms' median nearest-neighbour distance."""
     found = (step_params(ds, "find_atoms") or {}).get("spacing_px")
     if found is not None and np.isfinite(found) and found > 0:
         return float(found)
-    from scipy.spatial import cKDTree
-
-    step = max(1, xp.size // 20000)
-    pts = np.column_stack([xp, yp])
-    d, _ = cKDTree(pts).query(pts[::step], k=2)
-    return float(np.median(d[:, 1])) if xp.size > 1 else 1.0
+    return nearest_spacing(xp, yp) if xp.size > 1 else 1.0
 
 
 _FIND_MISSING_OPTIONS = ("auto", True, False)
