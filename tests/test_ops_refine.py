@@ -211,3 +211,46 @@ def test_refine_follows_the_contrast_find_atoms_used():
     # centre-of-mass positions; this used to raise an IndexError when every fit failed)
     wrong = ds.lcx.find_atoms(contrast="dark").lcx.refine(contrast="bright")
     assert float(wrong.fit_ok.mean()) < 0.5
+
+
+def _species_sample(seed):
+    """Square lattice of two ordered species, peaks 1 : 0.72, narrow columns (sigma 1.1 px): the
+    finder's template amplitude at the peak pixel varies by up to ~20 % with the sub-pixel offset."""
+    from atomds.core.samples.sweep import sweep_sample
+
+    return sweep_sample(seed, shape=192, lattice="square", n_species=2, peaks=[1.0, 0.72], sigma=1.1, ratio=7.0,
+                        dose=2500.0, thickness=None, hole=None, jitter=0.0, hot_density=0.0)
+
+
+def _species_ari(s, d):
+    from sklearn.metrics import adjusted_rand_score
+
+    from atomds.core.samples import match_positions
+
+    i_t, i_f = match_positions(np.column_stack([s.x, s.y]), np.column_stack([d.atom_x.values, d.atom_y.values]),
+                               s.params["spacing"] / 3)
+    return adjusted_rand_score(s.label[i_t], d["sublattice"].values[i_f])
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_refine_classes_the_species_from_the_fitted_columns(seed):
+    s = _species_sample(seed)
+    found = atomds.from_array(s.image).lcx.find_atoms()
+    out = found.lcx.refine()
+    assert _species_ari(s, out) >= 0.95
+    rec = json.loads(out.attrs["refine_params"])["sublattice"]
+    assert rec["mode"] == "classes of fitted peak and volume" and rec["n_classes"] == 2
+    assert rec["n_changed"] == int(np.count_nonzero(out["sublattice"].values != found["sublattice"].values))
+    kept = found.lcx.refine(sublattices=None)
+    np.testing.assert_array_equal(kept["sublattice"].values, found["sublattice"].values)
+    assert "sublattice" not in json.loads(kept.attrs["refine_params"])
+
+
+def test_refine_keeps_classes_the_user_forced():
+    s = _species_sample(1)
+    found = atomds.from_array(s.image).lcx.find_atoms(sublattices=3)
+    out = found.lcx.refine()
+    np.testing.assert_array_equal(out["sublattice"].values, found["sublattice"].values)
+    assert json.loads(out.attrs["refine_params"])["sublattice"]["mode"] == "kept"
+    with pytest.raises(InvalidParameterError, match="sublattices"):
+        found.lcx.refine(sublattices=2)

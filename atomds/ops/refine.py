@@ -21,6 +21,7 @@ import numpy as np
 import xarray as xr
 
 from ..core import refine as cr
+from ..core.find.classes import fitted_classes
 from ..core.neighbors import nearest_spacing
 from ..core.preprocess import CONTRASTS, turn_over
 from ..core.refine.joint import overlapping
@@ -157,6 +158,7 @@ def refine(
     engine: str = "auto",
     joint: bool | str = "auto",
     find_missing: bool | str = "auto",
+    sublattices: str | None = "auto",
 ) -> xr.Dataset:
     """Refine every atom to sub-pixel precision with a 2-D Gaussian fit (all atoms at once).
 
@@ -207,6 +209,14 @@ def refine(
         Seeds that the joint fit leaves without a significant intensity (5 standard errors) are
         seeds on no column and are removed (counted under ``refine_params["missing"]["n_no_column"]``).
         Eager images with the isotropic model only (else recorded as a fallback).
+    sublattices : {"auto", None}
+        "auto": where ``find_atoms`` chose the classes itself (its ``sublattices="auto"``), the
+        columns are classed again from their fitted peak heights and volumes relative to the
+        bright columns around them (:func:`atomds.core.find.classes.fitted_classes`), which are
+        free of the sub-pixel sampling that blurs the finder's template amplitudes; a class
+        forced by the user (a number of classes, several templates) is kept, as is every class
+        on Dask-backed atoms (the classes are one fit over all atoms). Recorded under
+        ``refine_params["sublattice"]``. None: ``sublattice`` stays as ``find_atoms`` gave it.
 
     Returns
     -------
@@ -235,6 +245,8 @@ def refine(
     cr.check_engine(engine, model)
     cr.check_joint(joint, model)
     _check_find_missing(find_missing)
+    if sublattices not in ("auto", None):
+        raise InvalidParameterError(f"sublattices must be 'auto' or None; got {sublattices!r}.")
     img = image_dataarray(ds)
     sx, sy = _seeds(ds)
     if sx.dims != ("atom",) or sy.dims != ("atom",):
@@ -331,6 +343,8 @@ def refine(
         neighbor_subtraction=bool(neighbor_subtraction), n_refits=n_refits, width_prior=width_prior,
         units=units, lazy=bool(lazy), contrast=con, engine=engine, joint=joint, find_missing=find_missing,
     )
+    if sublattices == "auto":
+        out, params["sublattice"] = _fitted_sublattices(out, model, ps, lazy=lazy or tiling is not None)
     if tiling is not None:
         params["tiled"] = tiling
     if missing is not None:
@@ -350,6 +364,35 @@ def refine(
             "variance_offset": settings["variance_offset"],
         }
     return record_params(out, "refine", params)
+
+
+def _fitted_sublattices(ds: xr.Dataset, model: str, ps: float, *, lazy: bool) -> tuple[xr.Dataset, dict[str, Any]]:
+    """``ds`` with ``sublattice`` classed again from the fitted columns where ``find_atoms`` chose the classes."""
+    found = step_params(ds, "find_atoms") or {}
+    mode = str(found.get("sublattice_mode", ""))
+    if "sublattice" not in ds.variables or not mode.startswith("auto"):
+        return ds, {"mode": "kept", "reason": "the classes were not chosen by find_atoms" if "sublattice" in ds.variables
+                    else "no sublattice variable"}
+    if lazy:
+        return ds, {"mode": "kept", "reason": "Dask-backed atoms: the classes are one fit over all atoms"}
+    x = np.asarray(ds["atom_x"].values, float) / ps
+    y = np.asarray(ds["atom_y"].values, float) / ps
+    if model == "gaussian":
+        width = np.asarray(ds["sigma"].values, float) / ps
+    else:
+        width = np.sqrt(np.asarray(ds["sigma_major"].values, float) * np.asarray(ds["sigma_minor"].values, float)) / ps
+    spacing = found.get("spacing_px")
+    if spacing is None or not np.isfinite(spacing) or spacing <= 0:
+        spacing = nearest_spacing(x, y) if x.size > 1 else 1.0
+    old = np.asarray(ds["sublattice"].values)
+    img = image_dataarray(ds)
+    shape = (int(img.shape[0]), int(img.shape[1]))
+    cls, info = fitted_classes(x, y, ds["amplitude"].values, width, ds["fit_ok"].values, shape, float(spacing),
+                               labels=np.where(old >= 0, old, 0))
+    info.update(mode="classes of fitted peak and volume" if info["applied"] else "kept",
+                n_changed=int(np.count_nonzero(cls != old)), find_n_sublattices=int(found.get("n_sublattices", 0)))
+    sub = ds["sublattice"].copy(data=cls.astype(ds["sublattice"].dtype))
+    return ds.assign(sublattice=sub), info
 
 
 def _tile_spacing(ds: xr.Dataset, xp: np.ndarray, yp: np.ndarray) -> float:

@@ -562,7 +562,10 @@ def _residual_stage(img: np.ndarray, found: FoundAtoms, noise: tuple[float, floa
     amp = np.where(np.isfinite(amp), amp, np.nanmedian(amp[found.x.size:]) if np.isfinite(amp[found.x.size:]).any()
                    else np.nanmin(amp))
     if sublattices == "auto":
-        loc_ref, glob_ref = local_reference(x, y, amp, p["spacing"])
+        # the references come from fitted columns centred inside the image (a column beyond the
+        # edge, fitted from its tail, can come out with any amplitude)
+        inside = use & (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)
+        loc_ref, glob_ref = local_reference(x, y, amp, p["spacing"], use=inside if inside.sum() >= 20 else None)
         rel = amp / np.maximum(loc_ref, 1e-12 * abs(glob_ref) + 1e-300)
         sub = classify_columns(np.log(np.maximum(rel, 1e-6)), fit_mask=use)
         p["sublattice_mode"] = f"{p['sublattice_mode']}, then classes of fitted amplitude after the residual passes"

@@ -182,25 +182,38 @@ def area_bounds(area: np.ndarray, min_area, max_area) -> tuple[int, int]:
     return lo, hi
 
 
-def local_reference(x, y, amp, spacing: float) -> tuple[np.ndarray, float]:
+def local_reference(x, y, amp, spacing: float, *, use=None) -> tuple[np.ndarray, float]:
     """Amplitude of the bright columns around each blob, and image-wide.
 
     The image is divided into square cells of two spacings; the 90th percentile of the
     amplitudes in each cell is found by sorting once, and each blob's reference is the largest
     of these over its own cell and the eight around it (a 6-spacing box). Returns that and the
-    image-wide 90th percentile.
+    image-wide 90th percentile. With ``use`` (a boolean mask), only those blobs set the
+    references (e.g. columns whose amplitude is trusted: fitted, centred inside the image), and
+    every blob gets the reference of its box, the image-wide one where its box holds none.
     """
-    glob = float(np.quantile(amp, BRIGHT_QUANTILE))
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    amp = np.asarray(amp, dtype=np.float64)
+    sel = np.ones(amp.size, dtype=bool) if use is None else np.asarray(use, dtype=bool)
+    if not sel.any():
+        sel = np.isfinite(amp)
+    glob = float(np.quantile(amp[sel], BRIGHT_QUANTILE))
     # a lone outlier (a multi-pixel particle hit, a speck of heavy contamination) must not set the
     # reference of the nine cells around it: amplitudes count at most three times the image's
-    amp = np.minimum(amp, OUTLIER_CAP * glob) if glob > 0 else amp
+    a_use = np.minimum(amp[sel], OUTLIER_CAP * glob) if glob > 0 else amp[sel]
     cell = REFERENCE_CELL * spacing
     cx = np.floor((x - x.min()) / cell).astype(np.int64)
     cy = np.floor((y - y.min()) / cell).astype(np.int64)
     ncx, ncy = int(cx.max()) + 1, int(cy.max()) + 1
-    cid = cy * ncx + cx
-    order = np.lexsort((amp, cid))
-    cs, vs = cid[order], amp[order]
+    cid = (cy * ncx + cx)[sel]
+    # one sort by cell, then amplitude: the amplitude's rank within [0, 1) added to the cell index
+    fin = np.isfinite(a_use)
+    lo_a = float(a_use[fin].min()) if fin.any() else 0.0
+    span = float(a_use[fin].max()) - lo_a if fin.any() else 0.0
+    frac = (a_use - lo_a) / (span * (1.0 + 1e-9)) if span > 0 else np.zeros(a_use.size)
+    order = np.argsort(cid + np.where(fin, frac, 1.0 - 1e-9))  # NaN last in its cell, as a sort would put it
+    cs, vs = cid[order], a_use[order]
     starts = np.flatnonzero(np.r_[True, cs[1:] != cs[:-1]])
     counts = np.diff(np.r_[starts, cs.size])
     pos = starts + BRIGHT_QUANTILE * (counts - 1)
@@ -209,7 +222,8 @@ def local_reference(x, y, amp, spacing: float) -> tuple[np.ndarray, float]:
     grid = np.full((ncy, ncx), -np.inf)
     grid.ravel()[cs[starts]] = vs[lo] + (pos - lo) * (vs[hi] - vs[lo])
     grid = ndi.maximum_filter(grid, size=3, mode="constant", cval=-np.inf)
-    return grid[cy, cx], glob
+    ref = grid[cy, cx]
+    return np.where(np.isfinite(ref), ref, glob), glob
 
 
 def too_broad(score: np.ndarray, broad: np.ndarray, amp: np.ndarray, cls: np.ndarray, ok: np.ndarray,

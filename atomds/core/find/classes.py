@@ -3,14 +3,21 @@
 :func:`classify_columns` keeps a split into classes only when the classes are separate
 populations (a Gaussian mixture with a separation and a valley test); :func:`kmeans_labels`
 forces a number of classes; :func:`column_classes` is the choice ``find_atoms`` makes between
-them (or the best-matching template, with several templates). Label 0 is the brightest class.
+them (or the best-matching template, with several templates); :func:`fitted_classes` classes
+columns again from their fitted Gaussians (what ``refine`` does after its fit). Label 0 is the
+brightest class.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-__all__ = ["classify_columns", "kmeans_labels", "column_classes", "final_labels"]
+from .blobs import local_reference
+from .constants import CLASS_AGREEMENT, CLASS_BORDER_WIDTHS
+
+__all__ = ["classify_columns", "kmeans_labels", "column_classes", "final_labels", "fitted_classes"]
 
 
 def classify_columns(features, *, fit_mask=None, max_classes: int = 3, min_separation: float = 2.5,
@@ -56,17 +63,30 @@ def classify_columns(features, *, fit_mask=None, max_classes: int = 3, min_separ
 
 
 def _distinct(gm, i: int, j: int, min_separation: float, max_valley: float) -> bool:
-    """Whether mixture components i and j are separated and their joint density dips between them."""
+    """Whether mixture components i and j are separated and their joint density dips between them.
+
+    Both are judged along Fisher's discriminant direction of the pair (the line joining the means
+    in the metric of their mean covariance; that line itself for one feature), where the two
+    components are the most separate: a feature that is noisier than the others then does not hide
+    a split that the others show.
+    """
     dm = gm.means_[i] - gm.means_[j]
-    dist = float(np.linalg.norm(dm))
+    if not np.any(dm):
+        return False
+    cov = 0.5 * (gm.covariances_[i] + gm.covariances_[j])
+    try:
+        u = np.linalg.solve(cov, dm)
+    except np.linalg.LinAlgError:
+        u = dm
+    u = u / np.linalg.norm(u)
+    dist = float(abs(u @ dm))
     if dist == 0:
         return False
-    u = dm / dist
     vi = float(u @ gm.covariances_[i] @ u)
     vj = float(u @ gm.covariances_[j] @ u)
     if np.sqrt(2.0) * dist / np.sqrt(vi + vj) < min_separation:
         return False
-    # 1-D density of the pair along the line from mean j (t = 0) to mean i (t = dist)
+    # 1-D density of the pair along u from mean j (t = 0) to mean i (t = dist)
     t = np.linspace(0.0, dist, 201)
     dens = gm.weights_[i] * np.exp(-0.5 * (t - dist) ** 2 / vi) / np.sqrt(vi) + gm.weights_[j] * np.exp(
         -0.5 * t**2 / vj
@@ -138,3 +158,116 @@ def final_labels(cls: np.ndarray, mode: str) -> np.ndarray:
     if mode == "templates":
         return cls  # the index of the best-matching template, as given
     return np.searchsorted(np.unique(cls), cls).astype(np.int64)
+
+
+def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spacing: float, *,
+                   labels=None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Classes of columns (species) from their fitted 2-D Gaussians.
+
+    The peak height and the volume (peak x width², the integrated intensity) of each column,
+    each divided by that of the bright columns around it (:func:`~atomds.core.find.blobs.
+    local_reference`, so that thickness and intensity gradients do not make classes), are
+    classed in log space by :func:`classify_columns` (one class unless the columns form
+    separate populations). Fitted values are free of the sub-pixel sampling that makes a
+    template's amplitude at the peak pixel vary by up to 20 % for narrow columns, so species whose
+    peaks differ by a few noise levels separate, and two species with one peak height but
+    different widths (or one volume but different peaks) separate too.
+
+    Only columns fitted successfully and centred at least ``CLASS_BORDER_WIDTHS`` widths inside
+    the image shape the classes and set the references: a column cut by the image edge has a
+    biased peak and width. Every fitted column centred in the image is then classed by the
+    mixture; failed fits and centres beyond the edge take their class from ``labels`` (the
+    classes found before, e.g. by template), mapped onto the new classes, where ``labels`` agree
+    with the new classes on at least ``CLASS_AGREEMENT`` of the inner columns (else a failed fit
+    joins the class of the bright columns).
+
+    Parameters
+    ----------
+    x, y : array (n,)
+        Fitted column centres, px.
+    amplitude, width : array (n,)
+        Fitted peak height above the background and Gaussian sigma (px; the geometric mean of the
+        two axes for elliptical columns).
+    fit_ok : bool array (n,)
+    shape : (ny, nx)
+        The image's shape, px.
+    spacing : float
+        Nearest-column distance, px (sets the size of the reference cells).
+    labels : int array (n,), optional
+        The classes given before (``find_atoms``'s ``sublattice``).
+
+    Returns
+    -------
+    classes : int ndarray (n,)
+        0 = the brightest class.
+    info : dict
+        ``n_fitted`` (columns that shaped the classes), ``n_classes``, ``border`` ("earlier
+        classes" or "mixture": how failed fits and centres beyond the edge were labelled), ``agreement`` (share of the
+        inner columns on which ``labels`` agree, NaN without labels) and ``applied`` (False
+        when fewer than 20 columns could shape the classes: then ``labels``, or one class, are
+        returned).
+    """
+    f, inner = class_features(x, y, amplitude, width, fit_ok, shape, spacing)
+    given = None if labels is None else np.asarray(labels, dtype=np.int64)
+    info: dict[str, Any] = {"n_fitted": int(inner.sum()), "applied": False}
+    if inner.sum() < 20:
+        out = np.zeros(inner.size, dtype=np.int64) if given is None else given.copy()
+        info.update(n_classes=int(out.max()) + 1 if out.size else 0)
+        return out, info
+    cls = classify_columns(f, fit_mask=inner)
+    info.update(applied=True, n_classes=int(cls.max()) + 1, border="mixture", agreement=float("nan"))
+    if given is not None and given.size == cls.size:
+        g = given[inner]
+        agree = 0
+        mapping = {}
+        for lab in np.unique(g):
+            hits = np.bincount(cls[inner][g == lab], minlength=int(cls.max()) + 1)
+            mapping[int(lab)] = int(np.argmax(hits))
+            agree += int(hits.max())
+        info["agreement"] = agree / max(int(inner.sum()), 1)
+        if info["agreement"] >= CLASS_AGREEMENT:
+            # columns the fit could not class: failed fits and centres beyond the image's edge
+            ny, nx = shape
+            xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+            outer = ~(np.asarray(fit_ok, dtype=bool) & np.isfinite(f).all(1)
+                      & (xa >= 0) & (xa <= nx - 1) & (ya >= 0) & (ya <= ny - 1))
+            mapped = np.array([mapping.get(int(v), -1) for v in given[outer]], dtype=np.int64)
+            cls[outer] = np.where(mapped >= 0, mapped, cls[outer])
+            info["border"] = "earlier classes"
+    return cls, info
+
+
+def class_features(x, y, amplitude, width, fit_ok, shape: tuple[int, int],
+                   spacing: float) -> tuple[np.ndarray, np.ndarray]:
+    """The features :func:`fitted_classes` classes columns by, and the columns that shape the classes.
+
+    Returns ``(features, inner)``: ``features`` (n, 2) is the log of the fitted peak and of the
+    volume (peak x width²), each relative to that of the bright columns around the column
+    (:func:`~atomds.core.find.blobs.local_reference` set by the inner columns only), 0 for a
+    failed fit; ``inner`` marks the columns fitted successfully and centred at least
+    ``CLASS_BORDER_WIDTHS`` widths inside the image. Arguments as for :func:`fitted_classes`.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    a = np.asarray(amplitude, dtype=np.float64)
+    w = np.asarray(width, dtype=np.float64)
+    ok = np.asarray(fit_ok, dtype=bool) & np.isfinite(a) & (a > 0) & np.isfinite(w) & (w > 0)
+    ok &= np.isfinite(x) & np.isfinite(y)
+    ny, nx = shape
+    margin = CLASS_BORDER_WIDTHS * np.where(ok, w, 0.0)
+    inner = ok & (x >= margin) & (x <= nx - 1 - margin) & (y >= margin) & (y <= ny - 1 - margin)
+    if not inner.any():
+        return np.zeros((x.size, 2)), inner
+
+    def fill(v):  # failed fits: a typical column, so that every row has a place in the cells
+        return np.where(ok, v, np.median(v[inner]))
+
+    a_f, w_f = fill(a), fill(w)
+    xs = np.where(np.isfinite(x), x, np.median(x[inner]))
+    ys = np.where(np.isfinite(y), y, np.median(y[inner]))
+    feats = []
+    for v in (a_f, a_f * w_f**2):
+        ref, _ = local_reference(xs, ys, v, spacing, use=inner)
+        feats.append(np.log(np.maximum(v / np.maximum(ref, 1e-300), 1e-6)))
+    # a failed fit sits with the bright columns (features 0) until earlier classes say otherwise
+    return np.where(ok[:, None], np.column_stack(feats), 0.0), inner

@@ -104,6 +104,14 @@ MIN_INTERIOR_FIT = 20
 CLASS_TEMPLATE_PEAKS = 2000
 #: Fewest interior columns of a class to build its template from.
 CLASS_TEMPLATE_MIN = 5
+#: Classes of fitted columns (:func:`~atomds.core.find.classes.fitted_classes`): a column whose centre lies
+#: closer than this many fitted widths to the image edge has part of its profile cut off, so its fitted
+#: peak and volume are biased; it does not shape the classes (it is still classed by them)
+CLASS_BORDER_WIDTHS = 3.0
+#: A failed fit or a centre beyond the image's edge takes the class ``find_atoms`` gave it (mapped onto the
+#: fitted classes) when ``find_atoms``'s classes agree with the fitted ones on at least this share of the
+#: columns away from the border
+CLASS_AGREEMENT = 0.9
 
 # --- local contrast ----------------------------------------------------------------------------
 #: The background under the columns is removed before finding when its standard deviation over
