@@ -141,6 +141,14 @@ RESIDUAL_BORDER_SHIFT = 1.0
 #: there (the empty sites, as many as the missing columns and a hole's rim sites), and pure noise
 #: exceeds 3 sd at 0.13 % of them (below 0.2 false column per 100 empty sites).
 RESIDUAL_SITE_Z = 3.0
+#: A residual maximum is on a site when the columns around predict one within this many spacings of it ...
+SITE_TOL = 0.15
+#: ... or, for a weak maximum (below the image-wide threshold), within this many of its position
+#: standard deviations (sqrt(2) sigma / z on each axis for a column of matched-filter SNR z; 3: 1 % of
+#: real columns fall farther) ...
+SITE_POSITION_SD = 3.0
+#: ... but never farther than this many spacings (well short of the next site, half a spacing away at least)
+SITE_TOL_MAX = 0.3
 #: A residual maximum closer to a found column than this fraction of the nearest-column distance
 #: (and than ``JOINT_TEST_WIDTHS`` column widths) must survive a joint fit with it: a lattice's
 #: own columns are a whole distance apart; shoulders of distorted columns sit at a fraction of it

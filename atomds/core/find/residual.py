@@ -38,6 +38,9 @@ from .constants import (
     RESIDUAL_ROUNDS,
     RESIDUAL_SITE_Z,
     SITE_MATCHES,
+    SITE_POSITION_SD,
+    SITE_TOL,
+    SITE_TOL_MAX,
     TRANSLATION_REACH,
     TRANSLATION_SHARE,
 )
@@ -342,10 +345,11 @@ def _round_candidates(residual: np.ndarray, image: np.ndarray, fx, fy, *, sigma:
                                            z_floor=floor, border=border)
     if cx.size == 0 or not lattice:
         return cx, cy, cz
-    return _on_lattice(cx, cy, cz, zmin, fx, fy, spacing)
+    return _on_lattice(cx, cy, cz, zmin, fx, fy, spacing, sigma=sigma)
 
 
-def _on_lattice(cx, cy, cz, zmin: float, fx, fy, spacing: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _on_lattice(cx, cy, cz, zmin: float, fx, fy, spacing: float, *,
+                sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The candidates on lattice sites (the tests of :func:`_round_candidates`)."""
     strong = cz >= zmin
     # one of many at the same offset from their nearest found column (a sublattice of its own),
@@ -368,8 +372,14 @@ def _on_lattice(cx, cy, cz, zmin: float, fx, fy, spacing: float) -> tuple[np.nda
     # weak maxima on sites the translations of the lattice predict: columns at p + T for its
     # translation vectors T (a site's own sublattice), not merely at neighbour vectors (which
     # also point from an empty hexagon centre of a honeycomb to its six columns)
+    # A weak maximum is placed no better than its significance allows: a column of matched-filter
+    # SNR z is located to about sqrt(2) sigma / z on each axis (1.4 px at z = 3, sigma = 2 px),
+    # more than the sites' fixed tolerance; it may sit SITE_POSITION_SD of those from its site
+    # (never beyond SITE_TOL_MAX spacings, well short of the next site)
     ax, ay = np.r_[fx, sx], np.r_[fy, sy]
-    on_w = translation_supported(ax, ay, cx[weak], cy[weak], spacing)
+    cw, yw, zw = cx[weak], cy[weak], cz[weak]
+    tol = np.clip(SITE_POSITION_SD * np.sqrt(2.0) * sigma / np.maximum(zw, 1e-6) / spacing, SITE_TOL, SITE_TOL_MAX)
+    on_w = translation_supported(ax, ay, cw, yw, spacing, tol=tol)
     return np.r_[sx, cx[weak][on_w]], np.r_[sy, cy[weak][on_w]], np.r_[sz, cz[weak][on_w]]
 
 
@@ -411,11 +421,11 @@ def lattice_translations(x, y, spacing: float) -> np.ndarray:
     return t[np.hypot(t[:, 0], t[:, 1]) > 0.5 * spacing]
 
 
-def translation_sites(x, y, cx, cy, spacing: float, *, tol: float = 0.15,
+def translation_sites(x, y, cx, cy, spacing: float, *, tol: float | np.ndarray = SITE_TOL,
                       translations: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The lattice sites nearest the points ``(cx, cy)`` as the translations of the columns ``(x, y)`` predict them.
 
-    A point sits on a site when columns lie within ``tol`` spacings of ``p + T`` for at least
+    A point sits on a site when columns lie within ``tol`` spacings (one value, or one per point) of ``p + T`` for at least
     ``SITE_MATCHES`` of the lattice's translations ``T`` (:func:`lattice_translations`); the
     site is the mean of ``q - T`` over those columns ``q``. ``translations`` (k, 2) px are used
     instead of those of ``(x, y)`` when given.
@@ -436,7 +446,8 @@ def translation_sites(x, y, cx, cy, spacing: float, *, tol: float = 0.15,
     xy = np.c_[x, y]
     probe = np.c_[cx, cy][:, None, :] + t[None, :, :]
     dist, j = cKDTree(xy).query(probe.reshape(-1, 2))
-    hit = (dist <= tol * spacing).reshape(cx.size, t.shape[0])
+    reach = np.broadcast_to(np.asarray(tol, dtype=np.float64) * spacing, cx.shape)
+    hit = dist.reshape(cx.size, t.shape[0]) <= reach[:, None]
     pred = (xy[j.reshape(cx.size, t.shape[0])] - t[None, :, :])
     n = hit.sum(axis=1)
     with np.errstate(invalid="ignore"):
@@ -445,7 +456,7 @@ def translation_sites(x, y, cx, cy, spacing: float, *, tol: float = 0.15,
     return n >= min(SITE_MATCHES, t.shape[0]), sx, sy
 
 
-def translation_supported(x, y, cx, cy, spacing: float, *, tol: float = 0.15,
+def translation_supported(x, y, cx, cy, spacing: float, *, tol: float | np.ndarray = SITE_TOL,
                           translations: np.ndarray | None = None) -> np.ndarray:
     """Whether the points ``(cx, cy)`` sit on sites the translations of the columns ``(x, y)`` predict (:func:`translation_sites`)."""
     return translation_sites(x, y, cx, cy, spacing, tol=tol, translations=translations)[0]
