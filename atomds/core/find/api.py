@@ -561,7 +561,22 @@ def _residual_stage(img: np.ndarray, found: FoundAtoms, noise: tuple[float, floa
     amp[:n_fit] = np.where(use[:n_fit], fit_amp[:n_fit], amp[:n_fit])
     amp = np.where(np.isfinite(amp), amp, np.nanmedian(amp[found.x.size:]) if np.isfinite(amp[found.x.size:]).any()
                    else np.nanmin(amp))
-    if sublattices == "auto":
+    if p["sublattice_mode"] == "none":  # no classes asked for: one
+        sub = np.zeros(x.size, dtype=np.int64)
+    elif p["sublattice_mode"] == "templates":
+        # the user's templates name the classes: a new column joins the class whose fitted peak
+        # it is nearest to (in log), the others keep theirs
+        n_old = found.x.size
+        sub = np.r_[found.sublattice, np.zeros(rc.x.size, dtype=np.int64)]
+        classes = np.unique(found.sublattice)
+        med = np.array([np.nanmedian(np.where(use[:n_old] & (found.sublattice == k), amp[:n_old], np.nan))
+                        if np.any(use[:n_old] & (found.sublattice == k)) else np.nan for k in classes])
+        if rc.x.size and np.isfinite(med).any():
+            la = np.log(np.maximum(amp[n_old:], 1e-12))[:, None]
+            dist = np.abs(la - np.log(np.maximum(np.where(np.isfinite(med), med, np.inf), 1e-12))[None, :])
+            sub[n_old:] = classes[np.argmin(dist, axis=1)]
+        p["residual"]["classes"] = "the template class nearest by fitted peak"
+    elif sublattices == "auto":
         # the references come from fitted columns centred inside the image (a column beyond the
         # edge, fitted from its tail, can come out with any amplitude)
         inside = use & (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)

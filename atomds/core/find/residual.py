@@ -345,11 +345,11 @@ def _round_candidates(residual: np.ndarray, image: np.ndarray, fx, fy, *, sigma:
                                            z_floor=floor, border=border)
     if cx.size == 0 or not lattice:
         return cx, cy, cz
-    return _on_lattice(cx, cy, cz, zmin, fx, fy, spacing, sigma=sigma)
+    return _on_lattice(cx, cy, cz, zmin, fx, fy, spacing, sigma=sigma, shape=residual.shape)
 
 
-def _on_lattice(cx, cy, cz, zmin: float, fx, fy, spacing: float, *,
-                sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _on_lattice(cx, cy, cz, zmin: float, fx, fy, spacing: float, *, sigma: float,
+                shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The candidates on lattice sites (the tests of :func:`_round_candidates`)."""
     strong = cz >= zmin
     # one of many at the same offset from their nearest found column (a sublattice of its own),
@@ -361,8 +361,25 @@ def _on_lattice(cx, cy, cz, zmin: float, fx, fy, spacing: float, *,
     # a sublattice repeats with the lattice: the self-supported ones must also have their own
     # kind at p + T (dense amorphous specks share offsets by chance, rarely the translations)
     sup_x, sup_y = np.r_[fx, cx[strong][on]], np.r_[fy, cy[strong][on]]
-    on[on] = translation_supported(sup_x, sup_y, cx[strong][on], cy[strong][on], spacing,
-                                   translations=lattice_translations(fx, fy, spacing))
+    t_found = lattice_translations(fx, fy, spacing)
+    # near the border some of p + T leave the image (the outermost row of a sublattice): fewer
+    # matches are asked of a candidate there, one whose column lies inside the image (a tail
+    # of a column centred outside leaves maxima on the very edge, which keep the full test)
+    sx_, sy_ = cx[strong], cy[strong]
+    m = RESIDUAL_EXCLUSION * sigma
+    deep = np.ones(sx_.size, dtype=bool) if shape is None else (
+        (sx_ >= m) & (sx_ <= shape[1] - 1 - m) & (sy_ >= m) & (sy_ <= shape[0] - 1 - m))
+    full = on.copy()
+    full[on] = translation_supported(sup_x, sup_y, sx_[on], sy_[on], spacing, translations=t_found)
+    if shape is not None and np.any(on & deep & ~full) and np.any(full):
+        # ... and its offset from its nearest column must be that of SITE_MATCHES of those that
+        # passed the full test: the border row of a sublattice established inside, not a stray
+        part = on & deep & ~full
+        part[part] = translation_supported(sup_x, sup_y, sx_[part], sy_[part], spacing, translations=t_found,
+                                           shape=shape)
+        part[part] = _offset_shared(sx_[part], sy_[part], sx_[full], sy_[full], fx, fy, spacing)
+        full |= part
+    on = full
     sup_x, sup_y = np.r_[fx, cx[strong][on]], np.r_[fy, cy[strong][on]]
     on[~on] = translation_supported(sup_x, sup_y, cx[strong][~on], cy[strong][~on], spacing)
     sx, sy, sz = cx[strong][on], cy[strong][on], cz[strong][on]
@@ -422,13 +439,17 @@ def lattice_translations(x, y, spacing: float) -> np.ndarray:
 
 
 def translation_sites(x, y, cx, cy, spacing: float, *, tol: float | np.ndarray = SITE_TOL,
-                      translations: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      translations: np.ndarray | None = None,
+                      shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The lattice sites nearest the points ``(cx, cy)`` as the translations of the columns ``(x, y)`` predict them.
 
     A point sits on a site when columns lie within ``tol`` spacings (one value, or one per point) of ``p + T`` for at least
     ``SITE_MATCHES`` of the lattice's translations ``T`` (:func:`lattice_translations`); the
     site is the mean of ``q - T`` over those columns ``q``. ``translations`` (k, 2) px are used
-    instead of those of ``(x, y)`` when given.
+    instead of those of ``(x, y)`` when given. With the image's ``shape``, translations that
+    lead out of the image cannot match: a point near the border needs one match fewer for each
+    of them, two at least (the outermost row of a sublattice whose short translations point
+    across the border).
 
     Returns
     -------
@@ -453,13 +474,19 @@ def translation_sites(x, y, cx, cy, spacing: float, *, tol: float | np.ndarray =
     with np.errstate(invalid="ignore"):
         sx = np.where(n > 0, (pred[:, :, 0] * hit).sum(axis=1) / np.maximum(n, 1), cx)
         sy = np.where(n > 0, (pred[:, :, 1] * hit).sum(axis=1) / np.maximum(n, 1), cy)
-    return n >= min(SITE_MATCHES, t.shape[0]), sx, sy
+    need = np.full(cx.size, min(SITE_MATCHES, t.shape[0]))
+    if shape is not None:
+        ny, nx = shape
+        inside = (probe[:, :, 0] >= -0.5) & (probe[:, :, 0] <= nx - 0.5) & (probe[:, :, 1] >= -0.5) & (
+            probe[:, :, 1] <= ny - 0.5)
+        need = np.maximum(need - (~inside).sum(axis=1), np.minimum(need, 2))
+    return n >= need, sx, sy
 
 
 def translation_supported(x, y, cx, cy, spacing: float, *, tol: float | np.ndarray = SITE_TOL,
-                          translations: np.ndarray | None = None) -> np.ndarray:
+                          translations: np.ndarray | None = None, shape: tuple[int, int] | None = None) -> np.ndarray:
     """Whether the points ``(cx, cy)`` sit on sites the translations of the columns ``(x, y)`` predict (:func:`translation_sites`)."""
-    return translation_sites(x, y, cx, cy, spacing, tol=tol, translations=translations)[0]
+    return translation_sites(x, y, cx, cy, spacing, tol=tol, translations=translations, shape=shape)[0]
 
 
 def like_a_class(image: np.ndarray, x, y, label, new_x, new_y, *, sigma: float,
@@ -562,6 +589,23 @@ def _inside_at_border(image, fx, fy, cx, cy, cz, *, sigma: float, spacing: float
     ok = np.ones(cx.size, dtype=bool)
     ok[edge[~(keep | site)]] = False
     return cx[ok], cy[ok], cz[ok]
+
+
+def _offset_shared(cx, cy, ox, oy, fx, fy, spacing: float) -> np.ndarray:
+    """Whether each point's offset to its nearest column ``(fx, fy)`` is shared (within 0.15 spacing) by
+    at least ``SITE_MATCHES`` of the points ``(ox, oy)``."""
+    from scipy.spatial import cKDTree
+
+    if np.size(cx) == 0 or np.size(ox) == 0:
+        return np.zeros(np.size(cx), dtype=bool)
+    tree_f = cKDTree(np.c_[fx, fy])
+    _, j = tree_f.query(np.c_[cx, cy])
+    _, k = tree_f.query(np.c_[ox, oy])
+    v = np.c_[cx - fx[j], cy - fy[j]]
+    w = np.c_[ox - fx[k], oy - fy[k]]
+    counts = np.fromiter((len(r) for r in cKDTree(w).query_ball_point(v, 0.15 * spacing)), dtype=np.int64,
+                         count=v.shape[0])
+    return counts >= SITE_MATCHES
 
 
 def _self_supported(cx, cy, fx, fy, spacing: float) -> np.ndarray:
