@@ -130,7 +130,7 @@ def _separation(s, x, y, fitted) -> float | None:
     if k < 2 or x.size < 2:
         return None
     amp, width, ok = fitted
-    f, inner = class_features(x, y, amp, width, ok, s.image.shape, float(s.params["spacing"]))
+    f, inner, _ = class_features(x, y, amp, width, ok, s.image.shape, float(s.params["spacing"]))
     i_t, i_f = match_positions(np.column_stack([s.x, s.y]), np.column_stack([x, y]), s.params["spacing"] / 3.0)
     truth = np.full(x.size, -1)
     truth[i_f] = s.label[i_t]
@@ -139,7 +139,7 @@ def _separation(s, x, y, fitted) -> float | None:
         for b in range(a + 1, k):
             fa, fb = f[inner & (truth == a)], f[inner & (truth == b)]
             if len(fa) < 5 or len(fb) < 5:
-                return 0.0
+                return None  # a species (nearly) missed: its separation is not measured
             dm = fa.mean(0) - fb.mean(0)
             cov = 0.5 * (np.cov(fa.T) + np.cov(fb.T)) + 1e-12 * np.eye(2)
             best = min(best, float(np.sqrt(dm @ np.linalg.solve(cov, dm))))
@@ -292,9 +292,10 @@ def report(results: list[dict], args, seeds: list[int], wall: float, commit: str
                        [r for r in multi if distinct(r["params"]["peaks"])]),
                       (f"species separable in their fitted peak and volume (Fisher distance >= {SEPARABLE} between "
                        "every pair, where the best linear rule misclasses <= 1 %)",
-                       [r for r in multi if (r.get("separation") or 0.0) >= SEPARABLE]),
-                      (f"species not separable that way (distance < {SEPARABLE})",
-                       [r for r in multi if (r.get("separation") or 0.0) < SEPARABLE])):
+                       [r for r in multi if r.get("separation") is not None and r["separation"] >= SEPARABLE]),
+                      (f"species not separable that way (distance < {SEPARABLE}; images where a species was missed "
+                       "are in neither group)",
+                       [r for r in multi if r.get("separation") is not None and r["separation"] < SEPARABLE])):
         if sel:
             ari = np.array([r["ari"] for r in sel])
             lines.append(f"- `sublattice` ARI against the species, {name}: median {np.median(ari):.2f}, "

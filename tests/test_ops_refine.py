@@ -241,6 +241,10 @@ def test_refine_classes_the_species_from_the_fitted_columns(seed):
     rec = json.loads(out.attrs["refine_params"])["sublattice"]
     assert rec["mode"] == "classes of fitted peak and volume" and rec["n_classes"] == 2
     assert rec["n_changed"] == int(np.count_nonzero(out["sublattice"].values != found["sublattice"].values))
+    # the finder's labels are kept beside the new ones, whose CF flags describe the new classes
+    np.testing.assert_array_equal(out["find_sublattice"].values, found["sublattice"].values)
+    assert list(out["sublattice"].attrs["flag_values"]) == [0, 1]
+    assert out["sublattice"].attrs["flag_meanings"] == "sublattice_0 sublattice_1"
     kept = found.lcx.refine(sublattices=None)
     np.testing.assert_array_equal(kept["sublattice"].values, found["sublattice"].values)
     assert "sublattice" not in json.loads(kept.attrs["refine_params"])
@@ -254,3 +258,16 @@ def test_refine_keeps_classes_the_user_forced():
     assert json.loads(out.attrs["refine_params"])["sublattice"]["mode"] == "kept"
     with pytest.raises(InvalidParameterError, match="sublattices"):
         found.lcx.refine(sublattices=2)
+
+
+def test_refine_keeps_labels_set_after_find_and_lazy_ones():
+    s = _species_sample(3)
+    found = atomds.from_array(s.image).lcx.find_atoms()
+    edited = found.assign(sublattice=found["sublattice"].copy(data=np.arange(found.sizes["atom"]) % 2))
+    out = edited.lcx.refine()
+    np.testing.assert_array_equal(out["sublattice"].values, edited["sublattice"].values)
+    assert json.loads(out.attrs["refine_params"])["sublattice"]["reason"] == "sublattice was changed after find_atoms"
+    lazy = found.chunk({"atom": 200}).lcx.refine()
+    rec = json.loads(lazy.attrs["refine_params"])["sublattice"]
+    assert rec["mode"] == "kept" and "Dask-backed" in rec["reason"]
+    np.testing.assert_array_equal(lazy["sublattice"].values, found["sublattice"].values)

@@ -19,6 +19,7 @@ import numpy as np
 import xarray as xr
 
 from ..core.find.api import find_atoms as core_find_atoms
+from ..core.find.classes import labels_digest
 from ..core.find.correlation import correlation_map as core_correlation_map
 from ..core.find.templates import auto_template, template_from_point
 from ..core.image import check_image
@@ -197,6 +198,8 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
         "1", corr_note,
     )
     params = _params_in_units(res.params, ps, u)
+    # refine() classes the columns again only while they carry these labels (not labels set since)
+    params["sublattice_digest"] = labels_digest(res.sublattice)
     params["height_map"] = is_height_map(ds)
     if con != contrast:
         params["contrast_auto"] = {"contrast": con, "reason": "height map: atoms protrude", "decided": True}

@@ -21,7 +21,7 @@ import numpy as np
 import xarray as xr
 
 from ..core import refine as cr
-from ..core.find.classes import fitted_classes
+from ..core.find.classes import fitted_classes, labels_digest
 from ..core.neighbors import nearest_spacing
 from ..core.preprocess import CONTRASTS, turn_over
 from ..core.refine.joint import overlapping
@@ -214,8 +214,10 @@ def refine(
         columns are classed again from their fitted peak heights and volumes relative to the
         bright columns around them (:func:`atomds.core.find.classes.fitted_classes`), which are
         free of the sub-pixel sampling that blurs the finder's template amplitudes; a class
-        forced by the user (a number of classes, several templates) is kept, as is every class
-        on Dask-backed atoms (the classes are one fit over all atoms). Recorded under
+        forced by the user (a number of classes, several templates) is kept, as are labels
+        changed after ``find_atoms`` and every label of a lazy (Dask-backed or tiled) refinement
+        (the classes are one fit over all atoms; refine an eager Dataset to class them). The
+        finder's labels are kept as ``find_sublattice``; what was done is recorded under
         ``refine_params["sublattice"]``. None: ``sublattice`` stays as ``find_atoms`` gave it.
 
     Returns
@@ -249,6 +251,9 @@ def refine(
         raise InvalidParameterError(f"sublattices must be 'auto' or None; got {sublattices!r}.")
     img = image_dataarray(ds)
     sx, sy = _seeds(ds)
+    # the labels find_atoms gave, not changed since (refine classes only those again)
+    as_found = ("sublattice" in ds.variables and not is_dask(ds["sublattice"])
+                and (step_params(ds, "find_atoms") or {}).get("sublattice_digest") == labels_digest(ds["sublattice"].values))
     if sx.dims != ("atom",) or sy.dims != ("atom",):
         raise InvalidParameterError(f"atom positions must have dims ('atom',); got {sx.dims} and {sy.dims}.")
     ps = pixel_size(ds)
@@ -344,7 +349,8 @@ def refine(
         units=units, lazy=bool(lazy), contrast=con, engine=engine, joint=joint, find_missing=find_missing,
     )
     if sublattices == "auto":
-        out, params["sublattice"] = _fitted_sublattices(out, model, ps, lazy=lazy or tiling is not None)
+        out, params["sublattice"] = _fitted_sublattices(out, model, ps, lazy=lazy or tiling is not None,
+                                                        tiled=tiling is not None, as_found=as_found)
     if tiling is not None:
         params["tiled"] = tiling
     if missing is not None:
@@ -366,15 +372,29 @@ def refine(
     return record_params(out, "refine", params)
 
 
-def _fitted_sublattices(ds: xr.Dataset, model: str, ps: float, *, lazy: bool) -> tuple[xr.Dataset, dict[str, Any]]:
-    """``ds`` with ``sublattice`` classed again from the fitted columns where ``find_atoms`` chose the classes."""
+def _fitted_sublattices(ds: xr.Dataset, model: str, ps: float, *, lazy: bool, tiled: bool,
+                        as_found: bool) -> tuple[xr.Dataset, dict[str, Any]]:
+    """``ds`` with ``sublattice`` classed again from the fitted columns where ``find_atoms`` chose the classes.
+
+    The finder's labels are kept as ``find_sublattice``. Labels forced by the user (a number of
+    classes, templates), labels changed since ``find_atoms`` (``as_found`` False: the input's
+    labels did not match the digest ``find_atoms`` recorded) and lazy atoms are left as they are;
+    the reason is returned.
+    """
     found = step_params(ds, "find_atoms") or {}
     mode = str(found.get("sublattice_mode", ""))
-    if "sublattice" not in ds.variables or not mode.startswith("auto"):
-        return ds, {"mode": "kept", "reason": "the classes were not chosen by find_atoms" if "sublattice" in ds.variables
-                    else "no sublattice variable"}
+    if "sublattice" not in ds.variables:
+        return ds, {"mode": "kept", "reason": "no sublattice variable"}
+    if not mode.startswith("auto"):
+        return ds, {"mode": "kept", "reason": "the classes were not chosen by find_atoms (sublattices="
+                    f"{found.get('sublattice_mode', 'given')!r})"}
     if lazy:
-        return ds, {"mode": "kept", "reason": "Dask-backed atoms: the classes are one fit over all atoms"}
+        why = "a tiled image: each tile is refined lazily" if tiled else "Dask-backed atoms"
+        return ds, {"mode": "kept", "reason": f"{why}; the classes are one fit over all atoms (refine an eager Dataset "
+                    "to class the fitted columns)"}
+    if not as_found:
+        return ds, {"mode": "kept", "reason": "sublattice was changed after find_atoms"}
+    old = np.asarray(ds["sublattice"].values)
     x = np.asarray(ds["atom_x"].values, float) / ps
     y = np.asarray(ds["atom_y"].values, float) / ps
     if model == "gaussian":
@@ -382,17 +402,28 @@ def _fitted_sublattices(ds: xr.Dataset, model: str, ps: float, *, lazy: bool) ->
     else:
         width = np.sqrt(np.asarray(ds["sigma_major"].values, float) * np.asarray(ds["sigma_minor"].values, float)) / ps
     spacing = found.get("spacing_px")
+    info: dict[str, Any] = {"spacing_px": None}
     if spacing is None or not np.isfinite(spacing) or spacing <= 0:
         spacing = nearest_spacing(x, y) if x.size > 1 else 1.0
-    old = np.asarray(ds["sublattice"].values)
+        info["spacing_px"] = float(spacing)  # estimated here (find_atoms recorded none)
     img = image_dataarray(ds)
     shape = (int(img.shape[0]), int(img.shape[1]))
-    cls, info = fitted_classes(x, y, ds["amplitude"].values, width, ds["fit_ok"].values, shape, float(spacing),
-                               labels=np.where(old >= 0, old, 0))
-    info.update(mode="classes of fitted peak and volume" if info["applied"] else "kept",
-                n_changed=int(np.count_nonzero(cls != old)), find_n_sublattices=int(found.get("n_sublattices", 0)))
-    sub = ds["sublattice"].copy(data=cls.astype(ds["sublattice"].dtype))
-    return ds.assign(sublattice=sub), info
+    cls, fit_info = fitted_classes(x, y, ds["amplitude"].values, width, ds["fit_ok"].values, shape, float(spacing),
+                                   labels=old)
+    info.update(fit_info)
+    if not fit_info["applied"]:
+        info.update(mode="kept", reason="too few fitted columns away from the border to class them")
+        return ds, info
+    info.update(mode="classes of fitted peak and volume", n_changed=int(np.count_nonzero(cls != old)),
+                find_n_sublattices=int(found.get("n_sublattices", 0)))
+    n_sub = int(cls.max()) + 1 if cls.size else 0
+    attrs = {**ds["sublattice"].attrs, "flag_values": np.arange(n_sub, dtype=np.int64),
+             "flag_meanings": " ".join(f"sublattice_{k}" for k in range(n_sub)),
+             "long_name": "sublattice (0 = brightest class), classed by the fitted peak and volume"}
+    kept = ds["sublattice"].copy()
+    kept.attrs = {**kept.attrs, "long_name": "sublattice as find_atoms gave it (0 = brightest class)"}
+    sub = xr.DataArray(cls.astype(np.int64), dims=ds["sublattice"].dims, attrs=attrs)
+    return ds.assign(sublattice=sub, find_sublattice=kept), info
 
 
 def _tile_spacing(ds: xr.Dataset, xp: np.ndarray, yp: np.ndarray) -> float:

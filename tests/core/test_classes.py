@@ -59,7 +59,7 @@ def test_edge_columns_do_not_set_the_reference():
     width = np.r_[width, 1.5]
     species = np.r_[species, 0]
     ok = np.ones(x.size, bool)
-    f, inner = class_features(x, y, amp, width, ok, shape, 10.0)
+    f, inner, _ = class_features(x, y, amp, width, ok, shape, 10.0)
     assert not inner[-1]
     cls, _ = fitted_classes(x, y, amp, width, ok, shape, 10.0)
     assert adjusted_rand_score(species[:-1], cls[:-1]) == 1.0
@@ -91,3 +91,36 @@ def test_too_few_columns_keep_the_given_classes():
                                labels=species)
     assert not info["applied"]
     np.testing.assert_array_equal(cls, species)
+
+
+def test_invalid_fits_marked_ok_take_the_earlier_class_not_the_brightest():
+    x, y, species, shape = _grid(seed=8)
+    rng = np.random.default_rng(9)
+    amp = np.where(species == 0, 1.0, 0.6) * (1 + 0.03 * rng.standard_normal(x.size))
+    width = np.full(x.size, 1.5)
+    dim = np.flatnonzero(species == 1)[:20]
+    amp[dim[:10]] = -0.2  # a fit that went negative
+    width[dim[10:]] = np.nan  # or lost its width
+    cls, info = fitted_classes(x, y, amp, width, np.ones(x.size, bool), shape, 10.0, labels=species)
+    assert info["border"] == "earlier classes"
+    assert np.all(cls[dim] == 1)
+
+
+def test_the_agreement_is_one_to_one():
+    """Earlier labels that put every column in one class agree with a two-class result on one class only."""
+    x, y, species, shape = _grid(seed=10)
+    rng = np.random.default_rng(11)
+    amp = np.where(species == 0, 1.0, 0.6) * (1 + 0.03 * rng.standard_normal(x.size))
+    _, info = fitted_classes(x, y, amp, np.full(x.size, 1.5), np.ones(x.size, bool), shape, 10.0,
+                             labels=np.zeros(x.size, int))
+    assert 0.4 < info["agreement"] < 0.6 and info["border"] == "mixture"
+
+
+def test_unassigned_labels_pass_through_when_too_few_columns():
+    x, y, species, shape = _grid(n=4)
+    labels = species.copy()
+    labels[:3] = -1
+    cls, info = fitted_classes(x, y, np.ones(x.size), np.ones(x.size), np.ones(x.size, bool), shape, 10.0,
+                               labels=labels)
+    assert not info["applied"] and info["border"] == "not classed"
+    np.testing.assert_array_equal(cls, labels)

@@ -80,9 +80,21 @@ def test_translations_leaving_the_image_are_not_asked_to_match():
     on_plain, _, _ = translation_sites(x, y, *p, 12.0, translations=t)
     on_shape, _, _ = translation_sites(x, y, *p, 12.0, translations=t, shape=(120, 120))
     assert not on_plain[0] and on_shape[0]
-    # a point off the lattice near the border stays unsupported
-    off = translation_sites(x, y, np.array([12.0]), np.array([14.0]), 12.0, translations=t, shape=(120, 120))[0]
-    assert not off[0]
+    # a corner point with one match (its other inside translation lands on no column) stays unsupported
+    x2, y2 = x[~((x == 18.0) & (y == 4.0))], y[~((x == 18.0) & (y == 4.0))]
+    one = translation_sites(x2, y2, *p, 12.0, translations=t, shape=(120, 120))[0]
+    assert not one[0]
+
+
+def test_a_weak_maximum_may_sit_farther_from_its_site_per_point_tolerance():
+    from atomds.core.find.residual import translation_sites
+
+    t = np.array([[12.0, 0.0], [-12.0, 0.0], [0.0, 12.0], [0.0, -12.0]])
+    gx, gy = np.meshgrid(np.arange(0, 121, 12.0), np.arange(0, 121, 12.0))
+    x, y = gx.ravel(), gy.ravel()
+    px, py = np.array([60.0 + 2.8, 60.0 + 2.8]), np.array([60.0, 60.0])  # 0.23 spacings off a site
+    on = translation_sites(x, y, px, py, 12.0, translations=t, tol=np.array([0.15, 0.3]))[0]
+    assert not on[0] and on[1]
 
 
 def test_the_border_rows_of_a_dim_sublattice_are_found():

@@ -561,28 +561,27 @@ def _residual_stage(img: np.ndarray, found: FoundAtoms, noise: tuple[float, floa
     amp[:n_fit] = np.where(use[:n_fit], fit_amp[:n_fit], amp[:n_fit])
     amp = np.where(np.isfinite(amp), amp, np.nanmedian(amp[found.x.size:]) if np.isfinite(amp[found.x.size:]).any()
                    else np.nanmin(amp))
+    # fitted amplitudes relative to the bright columns around; the references come from fitted
+    # columns centred inside the image (a column beyond the edge, fitted from its tail, can come
+    # out with any amplitude)
+    inside = use & (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)
+    loc_ref, glob_ref = local_reference(x, y, amp, p["spacing"], use=inside if inside.sum() >= 20 else None)
+    log_rel = np.log(np.maximum(amp / np.maximum(loc_ref, 1e-12 * abs(glob_ref) + 1e-300), 1e-6))
     if p["sublattice_mode"] == "none":  # no classes asked for: one
         sub = np.zeros(x.size, dtype=np.int64)
     elif p["sublattice_mode"] == "templates":
-        # the user's templates name the classes: a new column joins the class whose fitted peak
-        # it is nearest to (in log), the others keep theirs
+        # the user's templates name the classes: a new column joins the class whose (relative)
+        # fitted peak it is nearest to, the others keep theirs
         n_old = found.x.size
         sub = np.r_[found.sublattice, np.zeros(rc.x.size, dtype=np.int64)]
         classes = np.unique(found.sublattice)
-        med = np.array([np.nanmedian(np.where(use[:n_old] & (found.sublattice == k), amp[:n_old], np.nan))
-                        if np.any(use[:n_old] & (found.sublattice == k)) else np.nan for k in classes])
+        med = np.array([np.median(log_rel[:n_old][use[:n_old] & (found.sublattice == k)])
+                        if np.any(use[:n_old] & (found.sublattice == k)) else np.inf for k in classes])
         if rc.x.size and np.isfinite(med).any():
-            la = np.log(np.maximum(amp[n_old:], 1e-12))[:, None]
-            dist = np.abs(la - np.log(np.maximum(np.where(np.isfinite(med), med, np.inf), 1e-12))[None, :])
-            sub[n_old:] = classes[np.argmin(dist, axis=1)]
+            sub[n_old:] = classes[np.argmin(np.abs(log_rel[n_old:, None] - med[None, :]), axis=1)]
         p["residual"]["classes"] = "the template class nearest by fitted peak"
     elif sublattices == "auto":
-        # the references come from fitted columns centred inside the image (a column beyond the
-        # edge, fitted from its tail, can come out with any amplitude)
-        inside = use & (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)
-        loc_ref, glob_ref = local_reference(x, y, amp, p["spacing"], use=inside if inside.sum() >= 20 else None)
-        rel = amp / np.maximum(loc_ref, 1e-12 * abs(glob_ref) + 1e-300)
-        sub = classify_columns(np.log(np.maximum(rel, 1e-6)), fit_mask=use)
+        sub = classify_columns(log_rel, fit_mask=use)
         p["sublattice_mode"] = f"{p['sublattice_mode']}, then classes of fitted amplitude after the residual passes"
     else:
         sub = np.r_[found.sublattice, np.full(rc.x.size, int(found.sublattice.max()) + 1 if found.sublattice.size else 0)]

@@ -198,7 +198,8 @@ def local_reference(x, y, amp, spacing: float, *, use=None) -> tuple[np.ndarray,
     sel = np.ones(amp.size, dtype=bool) if use is None else np.asarray(use, dtype=bool)
     if not sel.any():
         sel = np.isfinite(amp)
-    glob = float(np.quantile(amp[sel], BRIGHT_QUANTILE))
+    fin_sel = sel & np.isfinite(amp)
+    glob = float(np.quantile(amp[fin_sel], BRIGHT_QUANTILE)) if fin_sel.any() else float("nan")
     # a lone outlier (a multi-pixel particle hit, a speck of heavy contamination) must not set the
     # reference of the nine cells around it: amplitudes count at most three times the image's
     a_use = np.minimum(amp[sel], OUTLIER_CAP * glob) if glob > 0 else amp[sel]

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from .blobs import local_reference
-from .constants import CLASS_AGREEMENT, CLASS_BORDER_WIDTHS
+from .constants import CLASS_AGREEMENT, CLASS_BORDER_WIDTHS, MIN_FITTED
 
-__all__ = ["classify_columns", "kmeans_labels", "column_classes", "final_labels", "fitted_classes"]
+__all__ = ["classify_columns", "kmeans_labels", "column_classes", "final_labels", "fitted_classes", "class_features",
+           "labels_digest"]
 
 
 def classify_columns(features, *, fit_mask=None, max_classes: int = 3, min_separation: float = 2.5,
@@ -29,10 +30,11 @@ def classify_columns(features, *, fit_mask=None, max_classes: int = 3, min_separ
     ``fit_mask`` (all by default; at most ``max_fit`` of them, a random subset) and compared by
     BIC. A split is kept only when it describes separate populations, not a broad or skewed one:
     every pair of components must be separated by at least ``min_separation`` (Ashman's D along
-    the line joining their means) and the density of the pair along that line must dip between
+    the line of most separation) and the density of the pair along that line must dip between
     them to at most ``max_valley`` times the lower of its two peaks (a uniform spread, such as an
     intensity gradient, has no dip); each component must hold at least ``min_fraction`` of the
-    points (a handful of odd columns, e.g. at the edge of a hole, is not a sublattice). Every
+    points (a handful of odd columns, e.g. at the edge of a hole, is not a sublattice). With
+    several features both are judged along Fisher's discriminant direction of the pair. Every
     row is then labelled by the chosen mixture. Labels are ordered by decreasing mean of the
     first feature (label 0 = brightest).
     """
@@ -202,50 +204,74 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
         0 = the brightest class.
     info : dict
         ``n_fitted`` (columns that shaped the classes), ``n_classes``, ``border`` ("earlier
-        classes" or "mixture": how failed fits and centres beyond the edge were labelled), ``agreement`` (share of the
-        inner columns on which ``labels`` agree, NaN without labels) and ``applied`` (False
-        when fewer than 20 columns could shape the classes: then ``labels``, or one class, are
+        classes", "mixture", or "not classed": how invalid fits and centres beyond the edge were
+        labelled), ``agreement`` (share of the columns that a one-to-one map of ``labels`` onto
+        the new classes keeps, over the inner columns; NaN without labels) and ``applied`` (False
+        when fewer than ``MIN_FITTED`` columns could shape the classes: then ``labels`` as given,
+        or one class, are
         returned).
     """
-    f, inner = class_features(x, y, amplitude, width, fit_ok, shape, spacing)
+    f, inner, ok = class_features(x, y, amplitude, width, fit_ok, shape, spacing)
     given = None if labels is None else np.asarray(labels, dtype=np.int64)
-    info: dict[str, Any] = {"n_fitted": int(inner.sum()), "applied": False}
-    if inner.sum() < 20:
+    info: dict[str, Any] = {"n_fitted": int(inner.sum()), "applied": False, "border": "not classed",
+                            "agreement": float("nan")}
+    if inner.sum() < MIN_FITTED:
         out = np.zeros(inner.size, dtype=np.int64) if given is None else given.copy()
-        info.update(n_classes=int(out.max()) + 1 if out.size else 0)
+        info["n_classes"] = int(np.unique(out[out >= 0]).size)
         return out, info
     cls = classify_columns(f, fit_mask=inner)
-    info.update(applied=True, n_classes=int(cls.max()) + 1, border="mixture", agreement=float("nan"))
+    info.update(applied=True, n_classes=int(cls.max()) + 1, border="mixture")
+    ny, nx = shape
+    xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    # columns the fit could not class: invalid fits and centres beyond the image's edge
+    outer = ~(ok & (xa >= 0) & (xa <= nx - 1) & (ya >= 0) & (ya <= ny - 1))
     if given is not None and given.size == cls.size:
-        g = given[inner]
-        agree = 0
-        mapping = {}
-        for lab in np.unique(g):
-            hits = np.bincount(cls[inner][g == lab], minlength=int(cls.max()) + 1)
-            mapping[int(lab)] = int(np.argmax(hits))
-            agree += int(hits.max())
-        info["agreement"] = agree / max(int(inner.sum()), 1)
-        if info["agreement"] >= CLASS_AGREEMENT:
-            # columns the fit could not class: failed fits and centres beyond the image's edge
-            ny, nx = shape
-            xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-            outer = ~(np.asarray(fit_ok, dtype=bool) & np.isfinite(f).all(1)
-                      & (xa >= 0) & (xa <= nx - 1) & (ya >= 0) & (ya <= ny - 1))
+        mapping, info["agreement"] = _label_map(given[inner], cls[inner])
+        if info["agreement"] >= CLASS_AGREEMENT and outer.any():
             mapped = np.array([mapping.get(int(v), -1) for v in given[outer]], dtype=np.int64)
             cls[outer] = np.where(mapped >= 0, mapped, cls[outer])
             info["border"] = "earlier classes"
     return cls, info
 
 
+def _label_map(old: np.ndarray, new: np.ndarray) -> tuple[dict[int, int], float]:
+    """One-to-one map of ``old`` labels onto ``new`` ones (most shared columns), and the share of columns it keeps.
+
+    Labels < 0 (unassigned) take part in no pair. With one class on either side only one pair
+    is made, so a split of one class into two, or the merger of two, agrees on the larger part
+    alone.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    use = old >= 0
+    if not use.any():
+        return {}, 0.0
+    o_lab, o_idx = np.unique(old[use], return_inverse=True)
+    n_lab, n_idx = np.unique(new[use], return_inverse=True)
+    table = np.zeros((o_lab.size, n_lab.size), dtype=np.int64)
+    np.add.at(table, (o_idx, n_idx), 1)
+    rows, cols = linear_sum_assignment(-table)
+    mapping = {int(o_lab[r]): int(n_lab[c]) for r, c in zip(rows, cols)}
+    return mapping, float(table[rows, cols].sum()) / float(old.size)
+
+
+def labels_digest(labels) -> str:
+    """A short digest of integer labels (to tell later whether a label array is still the same)."""
+    import hashlib
+
+    return hashlib.sha1(np.ascontiguousarray(np.asarray(labels, dtype=np.int64)).tobytes()).hexdigest()[:16]
+
+
 def class_features(x, y, amplitude, width, fit_ok, shape: tuple[int, int],
-                   spacing: float) -> tuple[np.ndarray, np.ndarray]:
+                   spacing: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The features :func:`fitted_classes` classes columns by, and the columns that shape the classes.
 
-    Returns ``(features, inner)``: ``features`` (n, 2) is the log of the fitted peak and of the
-    volume (peak x width²), each relative to that of the bright columns around the column
-    (:func:`~atomds.core.find.blobs.local_reference` set by the inner columns only), 0 for a
-    failed fit; ``inner`` marks the columns fitted successfully and centred at least
-    ``CLASS_BORDER_WIDTHS`` widths inside the image. Arguments as for :func:`fitted_classes`.
+    Returns ``(features, inner, ok)``: ``features`` (n, 2) is the log of the fitted peak and of
+    the volume (peak x width²), each relative to that of the bright columns around the column
+    (:func:`~atomds.core.find.blobs.local_reference` set by the inner columns only), 0 for an
+    invalid fit; ``ok`` marks the valid fits (``fit_ok``, finite positive peak and width, finite
+    centre) and ``inner`` those of them centred at least ``CLASS_BORDER_WIDTHS`` widths inside the
+    image. Arguments as for :func:`fitted_classes`.
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
@@ -257,7 +283,7 @@ def class_features(x, y, amplitude, width, fit_ok, shape: tuple[int, int],
     margin = CLASS_BORDER_WIDTHS * np.where(ok, w, 0.0)
     inner = ok & (x >= margin) & (x <= nx - 1 - margin) & (y >= margin) & (y <= ny - 1 - margin)
     if not inner.any():
-        return np.zeros((x.size, 2)), inner
+        return np.zeros((x.size, 2)), inner, ok
 
     def fill(v):  # failed fits: a typical column, so that every row has a place in the cells
         return np.where(ok, v, np.median(v[inner]))
@@ -270,4 +296,4 @@ def class_features(x, y, amplitude, width, fit_ok, shape: tuple[int, int],
         ref, _ = local_reference(xs, ys, v, spacing, use=inner)
         feats.append(np.log(np.maximum(v / np.maximum(ref, 1e-300), 1e-6)))
     # a failed fit sits with the bright columns (features 0) until earlier classes say otherwise
-    return np.where(ok[:, None], np.column_stack(feats), 0.0), inner
+    return np.where(ok[:, None], np.column_stack(feats), 0.0), inner, ok

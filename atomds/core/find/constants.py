@@ -112,6 +112,8 @@ CLASS_BORDER_WIDTHS = 3.0
 #: fitted classes) when ``find_atoms``'s classes agree with the fitted ones on at least this share of the
 #: columns away from the border
 CLASS_AGREEMENT = 0.9
+#: Fewest columns (fitted, away from the border) to class columns by their fits at all
+MIN_FITTED = 20
 
 # --- local contrast ----------------------------------------------------------------------------
 #: The background under the columns is removed before finding when its standard deviation over

@@ -592,7 +592,7 @@ def _inside_at_border(image, fx, fy, cx, cy, cz, *, sigma: float, spacing: float
 
 
 def _offset_shared(cx, cy, ox, oy, fx, fy, spacing: float) -> np.ndarray:
-    """Whether each point's offset to its nearest column ``(fx, fy)`` is shared (within 0.15 spacing) by
+    """Whether each point's offset to its nearest column ``(fx, fy)`` is shared (within ``SITE_TOL`` spacings) by
     at least ``SITE_MATCHES`` of the points ``(ox, oy)``."""
     from scipy.spatial import cKDTree
 
@@ -603,7 +603,7 @@ def _offset_shared(cx, cy, ox, oy, fx, fy, spacing: float) -> np.ndarray:
     _, k = tree_f.query(np.c_[ox, oy])
     v = np.c_[cx - fx[j], cy - fy[j]]
     w = np.c_[ox - fx[k], oy - fy[k]]
-    counts = np.fromiter((len(r) for r in cKDTree(w).query_ball_point(v, 0.15 * spacing)), dtype=np.int64,
+    counts = np.fromiter((len(r) for r in cKDTree(w).query_ball_point(v, SITE_TOL * spacing)), dtype=np.int64,
                          count=v.shape[0])
     return counts >= SITE_MATCHES
 
@@ -612,7 +612,7 @@ def _self_supported(cx, cy, fx, fy, spacing: float) -> np.ndarray:
     """Candidates whose offset to their nearest found column is shared by at least ``SITE_MATCHES`` others.
 
     The columns of a sublattice sit at one of a few offsets from their neighbours of the other
-    sublattice (within 0.15 spacing); amorphous specks and noise sit at any offset.
+    sublattice (within ``SITE_TOL`` spacings); amorphous specks and noise sit at any offset.
     """
     from scipy.spatial import cKDTree
 
@@ -621,5 +621,6 @@ def _self_supported(cx, cy, fx, fy, spacing: float) -> np.ndarray:
     _, j = cKDTree(np.c_[fx, fy]).query(np.c_[cx, cy])
     v = np.c_[cx - fx[j], cy - fy[j]]
     tree = cKDTree(v)
-    counts = np.fromiter((len(r) for r in tree.query_ball_point(v, 0.15 * spacing)), dtype=np.int64, count=v.shape[0])
+    counts = np.fromiter((len(r) for r in tree.query_ball_point(v, SITE_TOL * spacing)), dtype=np.int64,
+                         count=v.shape[0])
     return counts - 1 >= SITE_MATCHES
