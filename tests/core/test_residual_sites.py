@@ -106,3 +106,20 @@ def test_the_border_rows_of_a_dim_sublattice_are_found():
     r = find.find_atoms(s.image)
     sc = score_sweep(s, r.x, r.y)
     assert sc["recall"][2] >= 0.95 and sc["false_positive_rate"] <= 0.002
+
+
+def test_a_class_of_blobs_at_no_shared_offsets_is_not_a_sublattice():
+    """Low-dose dumbbells with a hole ringed by amorphous blobs (sweep seed 944609040): the rim blobs
+    formed a class of their own (a tenth of the blobs) and, as bright as their "species", were kept
+    in the hole. A class whose members sit at no shared offset from the bright columns is dissolved;
+    a real dim species (perovskite B) stays a class."""
+    from atomds.core.samples.sweep import score_sweep, sweep_sample
+
+    s = sweep_sample(944609040)
+    r = find.find_atoms(s.image)
+    assert r.params["rejected"]["classes_off_sites"] > 0
+    sc = score_sweep(s, r.x, r.y)
+    assert sc["in_hole"] == 0 and sc["recall"][0] >= 0.995
+    p = samples.perovskite_sample(shape=(160, 160), dose=2000.0, spacing=16.0, seed=3)
+    rp = find.find_atoms(p.image)
+    assert rp.params["n_sublattices"] == 2 and rp.params["rejected"]["classes_off_sites"] == 0

@@ -25,12 +25,18 @@ from ..scales import SMALL_CROP, PatchSampler, column_sigma, image_scales, noise
 from ..spikes import remove_spikes
 from .blobs import Blobs, area_bounds, find_blobs, local_reference, too_broad
 from .classes import classify_columns, column_classes, final_labels
-from .constants import FAINT_MAX_FRACTION, GLOBAL_REFERENCE_FLOOR, MIN_INTERIOR_FIT, MIN_LATTICE_ANCHORS
+from .constants import (
+    CLASS_ON_SITES,
+    FAINT_MAX_FRACTION,
+    GLOBAL_REFERENCE_FLOOR,
+    MIN_INTERIOR_FIT,
+    MIN_LATTICE_ANCHORS,
+)
 from .contrast import flatten_local
 from .correlation import amplitudes_at, best_correlation
 from .lattice import faint_off_lattice, outside_lattice, real_columns, small_real_columns, sub_threshold_on_sites
 from .polarity import Polarity, column_polarity
-from .residual import ResidualColumns, like_a_class, residual_passes
+from .residual import ResidualColumns, like_a_class, residual_passes, self_supported
 from .significance import auto_threshold, border_strip, lowered_z_thresholds, peak_sample, z_thresholds
 from .templates import check_template, class_templates, is_point, make_templates
 
@@ -127,7 +133,10 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     7. Sublattice: with several templates, the best-matching template; with one template and
        ``sublattices="auto"``, distinct classes of column intensity (template amplitude relative
        to the local bright columns) by a Gaussian mixture with a separation test (one class unless
-       clearly distinct, :func:`~atomds.core.find.classes.classify_columns`); an int forces that many classes (k-means);
+       clearly distinct, :func:`~atomds.core.find.classes.classify_columns`). A class other than
+       the brightest whose members mostly sit at no offset from the bright columns that others
+       share (amorphous specks, a hole's rim) is not a sublattice: its blobs join the bright class
+       and its lattice tests (counted under ``params["rejected"]["classes_off_sites"]``). An int forces that many classes (k-means);
        ``None`` gives every atom 0. Label 0 is the brightest class.
     8. With the automatic template, ``sublattices="auto"`` and several classes found (and
        ``refine_templates``), the search runs once more with one template per class, each the
@@ -454,6 +463,9 @@ def _columns(img, blobs: Blobs, templates, s: float, d: float, min_contrast: flo
     interior = (cx >= hmax) & (cx <= nx - 1 - hmax) & (cy >= hmax) & (cy <= ny - 1 - hmax)
     fit_mask = ok & interior if np.count_nonzero(ok & interior) >= MIN_INTERIOR_FIT else ok
     cls, mode = column_classes(rel, blobs.which, len(templates), sublattices, fit_mask)
+    counts["classes_off_sites"] = 0
+    if mode == "auto" and cls.size and cls.max() > 0:
+        cls, counts["classes_off_sites"] = _classes_on_sites(cx, cy, cls, ok, d)
     diffuse = too_broad(blobs.score, broad, amp, cls, ok, interior)
     counts["too_broad"] = int((ok & diffuse).sum())
     ok &= ~diffuse
@@ -469,6 +481,30 @@ def _columns(img, blobs: Blobs, templates, s: float, d: float, min_contrast: flo
         counts["kept_off_lattice"] = int(((off | off_sites) & real).sum())
         ok &= ~((off | off_sites) & ~real)
     return ok, amp, cls, mode
+
+
+def _classes_on_sites(x, y, cls: np.ndarray, ok: np.ndarray, spacing: float) -> tuple[np.ndarray, int]:
+    """Classes that are sublattices: the members of each class but the brightest must mostly sit at
+    offsets from the nearest bright column that many of them share (a sublattice repeats with the
+    lattice); a class of blobs at any offsets (an amorphous rim, specks, a hole's edge) is not one,
+    and its members are judged as blobs of the brightest class (their lattice tests follow).
+
+    Returns the classes and the number of blobs whose class was dissolved.
+    """
+    out = cls.copy()
+    anchor = ok & (cls == 0)
+    moved = 0
+    if anchor.sum() < MIN_LATTICE_ANCHORS:
+        return out, 0
+    for k in range(1, int(cls.max()) + 1):
+        m = ok & (cls == k)
+        if not m.any():
+            continue
+        share = float(np.mean(self_supported(x[m], y[m], x[anchor], y[anchor], spacing)))
+        if share < CLASS_ON_SITES:
+            moved += int((cls == k).sum())
+            out[cls == k] = 0
+    return np.searchsorted(np.unique(out), out).astype(np.int64), moved
 
 
 def _second_pass(img: np.ndarray, first: FoundAtoms, kw: dict[str, Any]) -> FoundAtoms:

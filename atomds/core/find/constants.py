@@ -114,6 +114,12 @@ CLASS_BORDER_WIDTHS = 3.0
 CLASS_AGREEMENT = 0.9
 #: Fewest columns (fitted, away from the border) to class columns by their fits at all
 MIN_FITTED = 20
+#: A class of columns other than the brightest is a sublattice when at least this share of its members
+#: sit at an offset from their nearest bright column that SITE_MATCHES others share (else its blobs are
+#: judged with the bright class: amorphous specks form a class of intensity, not of sites). Sublattices of
+#: simple lattices share 0.95 and more, the adatoms of a Si(111) 7x7 STM image (a dozen offsets per
+#: cell) about 0.5, a class of amorphous rim blobs none.
+CLASS_ON_SITES = 0.25
 
 # --- local contrast ----------------------------------------------------------------------------
 #: The background under the columns is removed before finding when its standard deviation over

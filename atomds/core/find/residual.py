@@ -47,7 +47,8 @@ from .constants import (
 from .significance import noise_z_threshold
 
 __all__ = ["ResidualColumns", "border_columns", "gaussian_model", "lattice_translations", "like_a_class",
-           "near_border", "residual_candidates", "residual_passes", "translation_sites", "translation_supported"]
+           "near_border", "residual_candidates", "residual_passes", "self_supported", "translation_sites",
+           "translation_supported"]
 
 
 @dataclass
@@ -357,7 +358,7 @@ def _on_lattice(cx, cy, cz, zmin: float, fx, fy, spacing: float, *, sigma: float
     # ones: a site of a sublattice has columns of its own at p + T. (The neighbour vectors of a
     # honeycomb also point from its empty hexagon centres to columns; amorphous specks, dense
     # anywhere, would support each other, so only the self-supported new ones join the columns.)
-    on = _self_supported(cx[strong], cy[strong], fx, fy, spacing)
+    on = self_supported(cx[strong], cy[strong], fx, fy, spacing)
     # a sublattice repeats with the lattice: the self-supported ones must also have their own
     # kind at p + T (dense amorphous specks share offsets by chance, rarely the translations)
     sup_x, sup_y = np.r_[fx, cx[strong][on]], np.r_[fy, cy[strong][on]]
@@ -608,7 +609,7 @@ def _offset_shared(cx, cy, ox, oy, fx, fy, spacing: float) -> np.ndarray:
     return counts >= SITE_MATCHES
 
 
-def _self_supported(cx, cy, fx, fy, spacing: float) -> np.ndarray:
+def self_supported(cx, cy, fx, fy, spacing: float) -> np.ndarray:
     """Candidates whose offset to their nearest found column is shared by at least ``SITE_MATCHES`` others.
 
     The columns of a sublattice sit at one of a few offsets from their neighbours of the other
