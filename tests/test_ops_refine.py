@@ -271,3 +271,21 @@ def test_refine_keeps_labels_set_after_find_and_lazy_ones():
     rec = json.loads(lazy.attrs["refine_params"])["sublattice"]
     assert rec["mode"] == "kept" and "Dask-backed" in rec["reason"]
     np.testing.assert_array_equal(lazy["sublattice"].values, found["sublattice"].values)
+
+
+def test_refine_labels_mo_and_s2_under_contamination():
+    """A MoS2-like image with a hole and amorphous contamination (datasets.tmd): intensities under the
+    contamination are ambiguous; the fitted classes (image-wide reference, doubtful columns decided
+    by the finder's template classes) keep the two sites apart."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from atomds.core.samples import match_positions
+
+    ds = datasets.tmd()
+    out = ds[["image"]].lcx.find_atoms().lcx.refine()
+    ps = ds.attrs["pixel_size"]
+    i_t, i_f = match_positions(np.c_[ds.true_x.values, ds.true_y.values] / ps,
+                               np.c_[out.atom_x.values, out.atom_y.values] / ps, 3.0)
+    assert adjusted_rand_score(ds.true_label.values[i_t], out["sublattice"].values[i_f]) >= 0.97
+    rec = json.loads(out.attrs["refine_params"])["sublattice"]
+    assert rec["n_classes"] == 2 and rec["border"] == "earlier classes"

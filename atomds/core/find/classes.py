@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .blobs import local_reference
-from .constants import CLASS_AGREEMENT, CLASS_BORDER_WIDTHS, MIN_FITTED
+from .constants import CLASS_AGREEMENT, CLASS_BORDER_WIDTHS, CLASS_CONFIDENT, MIN_FITTED
 
 __all__ = ["classify_columns", "kmeans_labels", "column_classes", "final_labels", "fitted_classes", "class_features",
            "labels_digest"]
@@ -23,27 +23,32 @@ __all__ = ["classify_columns", "kmeans_labels", "column_classes", "final_labels"
 
 def classify_columns(features, *, fit_mask=None, max_classes: int = 3, min_separation: float = 2.5,
                      max_valley: float = 0.5, min_fraction: float = 0.1, max_fit: int = 2000,
-                     seed: int = 0) -> np.ndarray:
+                     seed: int = 0, return_probability: bool = False):
     """Labels 0..k-1 of the distinct classes of columns in ``features`` (n, m); one class unless clearly separated.
 
     Gaussian mixtures with 1..``max_classes`` components are fitted to the rows selected by
     ``fit_mask`` (all by default; at most ``max_fit`` of them, a random subset) and compared by
     BIC. A split is kept only when it describes separate populations, not a broad or skewed one:
-    every pair of components must be separated by at least ``min_separation`` (Ashman's D along
+    every pair of classes must be separated by at least ``min_separation`` (Ashman's D along
     the line of most separation) and the density of the pair along that line must dip between
     them to at most ``max_valley`` times the lower of its two peaks (a uniform spread, such as an
-    intensity gradient, has no dip); each component must hold at least ``min_fraction`` of the
+    intensity gradient, has no dip); each class must hold at least ``min_fraction`` of the
     points (a handful of odd columns, e.g. at the edge of a hole, is not a sublattice). With
-    several features both are judged along Fisher's discriminant direction of the pair. Every
-    row is then labelled by the chosen mixture. Labels are ordered by decreasing mean of the
-    first feature (label 0 = brightest).
+    several features both are judged along Fisher's discriminant direction of the pair.
+    Components of a mixture that are not distinct from each other (a narrow core and a broad
+    tail of one population) are merged first (transitively; their moments combined), so a few
+    outliers that need a component of their own do not hide a real split. Every row is then
+    labelled by the chosen mixture. Labels are ordered by decreasing mean of the first feature
+    (label 0 = brightest). With ``return_probability``, also the posterior probability of each
+    row's class under the mixture (1 with one class).
     """
     from sklearn.mixture import GaussianMixture
 
     f, sel = _standardise(features, fit_mask, max_fit, seed)
     n = f.shape[0]
+    one = (np.zeros(n, dtype=np.int64), np.ones(n)) if return_probability else np.zeros(n, dtype=np.int64)
     if sel.size < 20:
-        return np.zeros(n, dtype=np.int64)
+        return one
     fs = f[sel]
     best, best_bic = None, None
     for k in range(1, max_classes + 1):
@@ -53,29 +58,72 @@ def classify_columns(features, *, fit_mask=None, max_classes: int = 3, min_separ
         if k == 1:
             best_bic = bic
             continue
-        frac = np.bincount(gm.predict(fs), minlength=k) / fs.shape[0]
+        group = _merged(gm, min_separation, max_valley)
+        n_groups = int(group.max()) + 1
+        if n_groups < 2:
+            continue
+        frac = np.bincount(group[gm.predict(fs)], minlength=n_groups) / fs.shape[0]
         if frac.min() < min_fraction:
             continue
-        ok = all(_distinct(gm, i, j, min_separation, max_valley) for i in range(k) for j in range(i + 1, k))
+        moments = [_moments(gm, group == g) for g in range(n_groups)]
+        ok = all(_separate(*moments[i], *moments[j], min_separation, max_valley)
+                 for i in range(n_groups) for j in range(i + 1, n_groups))
         if ok and bic < best_bic:
-            best_bic, best = bic, gm
+            best_bic, best = bic, (gm, group, np.array([m[1][0] for m in moments]))
     if best is None:
-        return np.zeros(n, dtype=np.int64)
-    return _ordered(best.predict(f), best.means_[:, 0])
+        return one
+    gm, group, centre = best
+    labels = _ordered(group[gm.predict(f)], centre)
+    if not return_probability:
+        return labels
+    post = gm.predict_proba(f)
+    by_group = np.zeros((n, int(group.max()) + 1))
+    np.add.at(by_group.T, group, post.T)
+    return labels, by_group.max(axis=1)
+
+
+def _merged(gm, min_separation: float, max_valley: float) -> np.ndarray:
+    """Group index of each mixture component: components not distinct from each other share a group (transitively)."""
+    k = gm.n_components
+    group = np.arange(k)
+    for i in range(k):
+        for j in range(i + 1, k):
+            if not _distinct(gm, i, j, min_separation, max_valley):
+                group[group == group[j]] = group[i]
+    return np.searchsorted(np.unique(group), group)
+
+
+def _moments(gm, members: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Weight, mean and covariance of the mixture components ``members`` (a boolean mask) taken together."""
+    w = gm.weights_[members]
+    mu = gm.means_[members]
+    cov = gm.covariances_[members]
+    wt = float(w.sum())
+    m = (w[:, None] * mu).sum(0) / wt
+    d = mu - m
+    c = (w[:, None, None] * (cov + d[:, :, None] * d[:, None, :])).sum(0) / wt
+    return wt, m, c
 
 
 def _distinct(gm, i: int, j: int, min_separation: float, max_valley: float) -> bool:
-    """Whether mixture components i and j are separated and their joint density dips between them.
+    """Whether mixture components i and j are separated and their joint density dips between them (:func:`_separate`)."""
+    return _separate(gm.weights_[i], gm.means_[i], gm.covariances_[i], gm.weights_[j], gm.means_[j],
+                     gm.covariances_[j], min_separation, max_valley)
+
+
+def _separate(wi: float, mi: np.ndarray, ci: np.ndarray, wj: float, mj: np.ndarray, cj: np.ndarray,
+              min_separation: float, max_valley: float) -> bool:
+    """Whether two Gaussian populations (weight, mean, covariance) are separated and their joint density dips between them.
 
     Both are judged along Fisher's discriminant direction of the pair (the line joining the means
     in the metric of their mean covariance; that line itself for one feature), where the two
-    components are the most separate: a feature that is noisier than the others then does not hide
-    a split that the others show.
+    populations are the most separate: a feature that is noisier than the others then does not
+    hide a split that the others show.
     """
-    dm = gm.means_[i] - gm.means_[j]
+    dm = mi - mj
     if not np.any(dm):
         return False
-    cov = 0.5 * (gm.covariances_[i] + gm.covariances_[j])
+    cov = 0.5 * (ci + cj)
     try:
         u = np.linalg.solve(cov, dm)
     except np.linalg.LinAlgError:
@@ -84,15 +132,13 @@ def _distinct(gm, i: int, j: int, min_separation: float, max_valley: float) -> b
     dist = float(abs(u @ dm))
     if dist == 0:
         return False
-    vi = float(u @ gm.covariances_[i] @ u)
-    vj = float(u @ gm.covariances_[j] @ u)
+    vi = float(u @ ci @ u)
+    vj = float(u @ cj @ u)
     if np.sqrt(2.0) * dist / np.sqrt(vi + vj) < min_separation:
         return False
     # 1-D density of the pair along u from mean j (t = 0) to mean i (t = dist)
     t = np.linspace(0.0, dist, 201)
-    dens = gm.weights_[i] * np.exp(-0.5 * (t - dist) ** 2 / vi) / np.sqrt(vi) + gm.weights_[j] * np.exp(
-        -0.5 * t**2 / vj
-    ) / np.sqrt(vj)
+    dens = wi * np.exp(-0.5 * (t - dist) ** 2 / vi) / np.sqrt(vi) + wj * np.exp(-0.5 * t**2 / vj) / np.sqrt(vj)
     return float(dens.min()) <= max_valley * float(min(dens[0], dens[-1]))
 
 
@@ -177,7 +223,9 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
 
     Only columns fitted successfully and centred at least ``CLASS_BORDER_WIDTHS`` widths inside
     the image shape the classes and set the references: a column cut by the image edge has a
-    biased peak and width. Every fitted column centred in the image is then classed by the
+    biased peak and width; columns whose ``labels`` are -1 (added since, e.g. by ``refine``'s
+    search of the residual: thin columns, often a few odd ones) are classed but do not shape
+    the classes. Every fitted column centred in the image is then classed by the
     mixture; failed fits and centres beyond the edge take their class from ``labels`` (the
     classes found before, e.g. by template), mapped onto the new classes, where ``labels`` agree
     with the new classes on at least ``CLASS_AGREEMENT`` of the inner columns (else a failed fit
@@ -211,15 +259,30 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
         or one class, are
         returned).
     """
-    f, inner, ok = class_features(x, y, amplitude, width, fit_ok, shape, spacing)
     given = None if labels is None else np.asarray(labels, dtype=np.int64)
+    # columns added since (label -1: refine's residual search; thin columns, or odd ones in
+    # contamination) neither set the references nor shape the classes
+    added = given < 0 if given is not None and given.size == np.size(x) else None
+    f, inner, ok = class_features(x, y, amplitude, width, fit_ok, shape, spacing, exclude=added)
+    if inner.sum() < MIN_FITTED and added is not None:
+        f, inner, ok = class_features(x, y, amplitude, width, fit_ok, shape, spacing)
     info: dict[str, Any] = {"n_fitted": int(inner.sum()), "applied": False, "border": "not classed",
                             "agreement": float("nan")}
     if inner.sum() < MIN_FITTED:
         out = np.zeros(inner.size, dtype=np.int64) if given is None else given.copy()
         info["n_classes"] = int(np.unique(out[out >= 0]).size)
         return out, info
-    cls = classify_columns(f, fit_mask=inner)
+    cls, prob = classify_columns(f, fit_mask=inner, return_probability=True)
+    info["reference"] = "local"
+    if cls.max() > 0:
+        # the same relative to the image-wide reference: where the columns' intensity does not drift
+        # (no thickness change) a local reference only adds noise (a few odd bright columns, e.g.
+        # under contamination, set it for their neighbours); the classes kept are those more
+        # distinct (the larger smallest Fisher distance between classes), when both find as many
+        fg, _, _ = class_features(x, y, amplitude, width, fit_ok, shape, spacing, exclude=added, local=False)
+        cg, pg = classify_columns(fg, fit_mask=inner, return_probability=True)
+        if cg.max() == cls.max() and _separation(fg[inner], cg[inner]) > _separation(f[inner], cls[inner]):
+            cls, prob, info["reference"] = cg, pg, "image-wide"
     info.update(applied=True, n_classes=int(cls.max()) + 1, border="mixture")
     ny, nx = shape
     xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -227,10 +290,15 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
     outer = ~(ok & (xa >= 0) & (xa <= nx - 1) & (ya >= 0) & (ya <= ny - 1))
     if given is not None and given.size == cls.size:
         mapping, info["agreement"] = _label_map(given[inner], cls[inner])
-        if info["agreement"] >= CLASS_AGREEMENT and outer.any():
-            mapped = np.array([mapping.get(int(v), -1) for v in given[outer]], dtype=np.int64)
-            cls[outer] = np.where(mapped >= 0, mapped, cls[outer])
+        if info["agreement"] >= CLASS_AGREEMENT:
+            # where the classes agree as wholes, the earlier class (e.g. the template's, which sees
+            # the column's surroundings) decides the columns the fit cannot class or classes
+            # doubtfully (intensity under contamination, between the classes)
+            mapped = np.array([mapping.get(int(v), -1) for v in given], dtype=np.int64)
+            doubt = (outer | (prob < CLASS_CONFIDENT)) & (mapped >= 0)
+            cls[doubt] = mapped[doubt]
             info["border"] = "earlier classes"
+            info["n_doubtful"] = int(np.count_nonzero(doubt & ~outer))
     return cls, info
 
 
@@ -255,6 +323,22 @@ def _label_map(old: np.ndarray, new: np.ndarray) -> tuple[dict[int, int], float]
     return mapping, float(table[rows, cols].sum()) / float(old.size)
 
 
+def _separation(f: np.ndarray, labels: np.ndarray) -> float:
+    """Smallest Fisher distance ``sqrt(dm' C^-1 dm)`` between the classes of ``labels`` in features ``f`` (C: the
+    mean of the two classes' covariances); 0 where a class has fewer than 3 members."""
+    best = np.inf
+    classes = np.unique(labels)
+    for i, a in enumerate(classes):
+        for b in classes[i + 1:]:
+            fa, fb = f[labels == a], f[labels == b]
+            if len(fa) < 3 or len(fb) < 3:
+                return 0.0
+            dm = fa.mean(0) - fb.mean(0)
+            cov = 0.5 * (np.atleast_2d(np.cov(fa.T)) + np.atleast_2d(np.cov(fb.T))) + 1e-12 * np.eye(f.shape[1])
+            best = min(best, float(np.sqrt(max(dm @ np.linalg.solve(cov, dm), 0.0))))
+    return float(best)
+
+
 def labels_digest(labels) -> str:
     """A short digest of integer labels (to tell later whether a label array is still the same)."""
     import hashlib
@@ -262,8 +346,8 @@ def labels_digest(labels) -> str:
     return hashlib.sha1(np.ascontiguousarray(np.asarray(labels, dtype=np.int64)).tobytes()).hexdigest()[:16]
 
 
-def class_features(x, y, amplitude, width, fit_ok, shape: tuple[int, int],
-                   spacing: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def class_features(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spacing: float, *,
+                   exclude=None, local: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The features :func:`fitted_classes` classes columns by, and the columns that shape the classes.
 
     Returns ``(features, inner, ok)``: ``features`` (n, 2) is the log of the fitted peak and of
@@ -271,7 +355,8 @@ def class_features(x, y, amplitude, width, fit_ok, shape: tuple[int, int],
     (:func:`~atomds.core.find.blobs.local_reference` set by the inner columns only), 0 for an
     invalid fit; ``ok`` marks the valid fits (``fit_ok``, finite positive peak and width, finite
     centre) and ``inner`` those of them centred at least ``CLASS_BORDER_WIDTHS`` widths inside the
-    image. Arguments as for :func:`fitted_classes`.
+    image and not in ``exclude`` (a boolean mask). ``local=False`` takes the values relative to
+    the image-wide 90th percentile instead. Arguments as for :func:`fitted_classes`.
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
@@ -282,6 +367,8 @@ def class_features(x, y, amplitude, width, fit_ok, shape: tuple[int, int],
     ny, nx = shape
     margin = CLASS_BORDER_WIDTHS * np.where(ok, w, 0.0)
     inner = ok & (x >= margin) & (x <= nx - 1 - margin) & (y >= margin) & (y <= ny - 1 - margin)
+    if exclude is not None:
+        inner &= ~np.asarray(exclude, dtype=bool)
     if not inner.any():
         return np.zeros((x.size, 2)), inner, ok
 
@@ -293,7 +380,7 @@ def class_features(x, y, amplitude, width, fit_ok, shape: tuple[int, int],
     ys = np.where(np.isfinite(y), y, np.median(y[inner]))
     feats = []
     for v in (a_f, a_f * w_f**2):
-        ref, _ = local_reference(xs, ys, v, spacing, use=inner)
-        feats.append(np.log(np.maximum(v / np.maximum(ref, 1e-300), 1e-6)))
+        ref, glob = local_reference(xs, ys, v, spacing, use=inner)
+        feats.append(np.log(np.maximum(v / np.maximum(ref if local else glob, 1e-300), 1e-6)))
     # a failed fit sits with the bright columns (features 0) until earlier classes say otherwise
     return np.where(ok[:, None], np.column_stack(feats), 0.0), inner, ok

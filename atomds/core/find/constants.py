@@ -114,6 +114,9 @@ CLASS_BORDER_WIDTHS = 3.0
 CLASS_AGREEMENT = 0.9
 #: Fewest columns (fitted, away from the border) to class columns by their fits at all
 MIN_FITTED = 20
+#: ... and a fitted column whose class has a posterior probability below this (between the classes)
+#: takes the earlier class too, where the classes agree as wholes
+CLASS_CONFIDENT = 0.99
 #: A class of columns other than the brightest is a sublattice when at least this share of its members
 #: sit at an offset from their nearest bright column that SITE_MATCHES others share (else its blobs are
 #: judged with the bright class: amorphous specks form a class of intensity, not of sites). Sublattices of
