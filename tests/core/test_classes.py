@@ -126,16 +126,13 @@ def test_unassigned_labels_pass_through_when_too_few_columns():
     np.testing.assert_array_equal(cls, labels)
 
 
-def test_a_few_outliers_do_not_hide_a_split():
-    """Two populations (1 : 0.55) and 4 % faint outliers (0.2): a mixture needs a broad component for the
-    outliers; it is merged with the population it is not distinct from, and the split stays."""
+def test_posteriors_come_with_the_classes():
     from atomds.core.find.classes import classify_columns
 
     rng = np.random.default_rng(12)
-    a = np.r_[rng.normal(0.0, 0.05, 600), rng.normal(np.log(0.55), 0.08, 600), rng.normal(np.log(0.2), 0.4, 50)]
-    truth = np.r_[np.zeros(600, int), np.ones(650, int)]
-    lab = classify_columns(a[:, None])
-    assert adjusted_rand_score(truth[:1200], lab[:1200]) >= 0.95
-    # one broad population with a tail stays one class
-    one = classify_columns(np.r_[rng.normal(0.0, 0.05, 1200), rng.normal(-0.3, 0.3, 60)][:, None])
-    assert np.all(one == 0)
+    a = np.r_[rng.normal(0.0, 0.05, 600), rng.normal(np.log(0.55), 0.05, 600), np.log(0.75)]
+    lab, prob = classify_columns(a[:, None], return_probability=True)
+    assert adjusted_rand_score(np.r_[np.zeros(600), np.ones(600)], lab[:1200]) == 1.0
+    assert np.median(prob[:1200]) > 0.999 and prob[-1] < 0.99  # a column between the classes is doubtful
+    one, p1 = classify_columns(rng.normal(0.0, 0.05, 500)[:, None], return_probability=True)
+    assert np.all(one == 0) and np.all(p1 == 1.0)

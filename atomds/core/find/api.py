@@ -135,8 +135,10 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
        to the local bright columns) by a Gaussian mixture with a separation test (one class unless
        clearly distinct, :func:`~atomds.core.find.classes.classify_columns`). A class other than
        the brightest whose members mostly sit at no offset from the bright columns that others
-       share (amorphous specks, a hole's rim) is not a sublattice: its blobs join the bright class
-       and its lattice tests (counted under ``params["rejected"]["classes_off_sites"]``). An int forces that many classes (k-means);
+       share (amorphous specks, a hole's rim) is not a sublattice: those of its blobs join the
+       bright class and its lattice tests (counted under ``params["rejected"]["classes_off_sites"]``,
+       and ``params["first_pass"]["classes_off_sites"]`` after a second pass). An int forces that
+       many classes (k-means);
        ``None`` gives every atom 0. Label 0 is the brightest class.
     8. With the automatic template, ``sublattices="auto"`` and several classes found (and
        ``refine_templates``), the search runs once more with one template per class, each the
@@ -486,25 +488,37 @@ def _columns(img, blobs: Blobs, templates, s: float, d: float, min_contrast: flo
 def _classes_on_sites(x, y, cls: np.ndarray, ok: np.ndarray, spacing: float) -> tuple[np.ndarray, int]:
     """Classes that are sublattices: the members of each class but the brightest must mostly sit at
     offsets from the nearest bright column that many of them share (a sublattice repeats with the
-    lattice); a class of blobs at any offsets (an amorphous rim, specks, a hole's edge) is not one,
-    and its members are judged as blobs of the brightest class (their lattice tests follow).
+    lattice). In a class where few do (an amorphous rim, specks, a hole's edge), the members that
+    do not join the brightest class, whose lattice tests then judge them. Nothing is moved when the
+    brightest class is not a lattice itself (its members' offsets to their nearest fellow member
+    shared as rarely).
 
-    Returns the classes and the number of blobs whose class was dissolved.
+    Returns the classes and the number of accepted blobs moved.
     """
     out = cls.copy()
     anchor = ok & (cls == 0)
-    moved = 0
-    if anchor.sum() < MIN_LATTICE_ANCHORS:
+    if anchor.sum() < MIN_LATTICE_ANCHORS or _lattice_share(x[anchor], y[anchor], spacing) < CLASS_ON_SITES:
         return out, 0
+    moved = 0
     for k in range(1, int(cls.max()) + 1):
-        m = ok & (cls == k)
-        if not m.any():
+        m = np.flatnonzero(ok & (cls == k))
+        if m.size == 0:
             continue
-        share = float(np.mean(self_supported(x[m], y[m], x[anchor], y[anchor], spacing)))
-        if share < CLASS_ON_SITES:
-            moved += int((cls == k).sum())
-            out[cls == k] = 0
+        on = self_supported(x[m], y[m], x[anchor], y[anchor], spacing)
+        if float(np.mean(on)) < CLASS_ON_SITES:
+            moved += int(np.count_nonzero(~on))
+            out[m[~on]] = 0
     return np.searchsorted(np.unique(out), out).astype(np.int64), moved
+
+
+def _lattice_share(x, y, spacing: float) -> float:
+    """Share of the points whose offset to their nearest other point is shared by ``SITE_MATCHES`` others."""
+    from scipy.spatial import cKDTree
+
+    if x.size < 3:
+        return 0.0
+    _, j = cKDTree(np.c_[x, y]).query(np.c_[x, y], k=2)
+    return float(np.mean(self_supported(x, y, x[j[:, 1]], y[j[:, 1]], spacing)))
 
 
 def _second_pass(img: np.ndarray, first: FoundAtoms, kw: dict[str, Any]) -> FoundAtoms:
@@ -543,6 +557,7 @@ def _second_pass(img: np.ndarray, first: FoundAtoms, kw: dict[str, Any]) -> Foun
     second.params["sublattice_mode"] = "auto (one template per class)"
     second.params["first_pass"] = {k: p[k] for k in ("threshold", "n_sublattices")}
     second.params["first_pass"]["n_atoms"] = len(first)
+    second.params["first_pass"]["classes_off_sites"] = p["rejected"].get("classes_off_sites", 0)
     return second
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .blobs import local_reference
-from .constants import CLASS_AGREEMENT, CLASS_BORDER_WIDTHS, CLASS_CONFIDENT, MIN_FITTED
+from .constants import CLASS_AGREEMENT, CLASS_BORDER_WIDTHS, CLASS_CONFIDENT, CLASS_KEEP, CLASS_OUTLIER, MIN_FITTED
 
 __all__ = ["classify_columns", "kmeans_labels", "column_classes", "final_labels", "fitted_classes", "class_features",
            "labels_digest"]
@@ -34,11 +34,8 @@ def classify_columns(features, *, fit_mask=None, max_classes: int = 3, min_separ
     them to at most ``max_valley`` times the lower of its two peaks (a uniform spread, such as an
     intensity gradient, has no dip); each class must hold at least ``min_fraction`` of the
     points (a handful of odd columns, e.g. at the edge of a hole, is not a sublattice). With
-    several features both are judged along Fisher's discriminant direction of the pair.
-    Components of a mixture that are not distinct from each other (a narrow core and a broad
-    tail of one population) are merged first (transitively; their moments combined), so a few
-    outliers that need a component of their own do not hide a real split. Every row is then
-    labelled by the chosen mixture. Labels are ordered by decreasing mean of the first feature
+    several features both are judged along Fisher's discriminant direction of the pair. Every
+    row is then labelled by the chosen mixture. Labels are ordered by decreasing mean of the first feature
     (label 0 = brightest). With ``return_probability``, also the posterior probability of each
     row's class under the mixture (1 with one class).
     """
@@ -58,51 +55,16 @@ def classify_columns(features, *, fit_mask=None, max_classes: int = 3, min_separ
         if k == 1:
             best_bic = bic
             continue
-        group = _merged(gm, min_separation, max_valley)
-        n_groups = int(group.max()) + 1
-        if n_groups < 2:
-            continue
-        frac = np.bincount(group[gm.predict(fs)], minlength=n_groups) / fs.shape[0]
+        frac = np.bincount(gm.predict(fs), minlength=k) / fs.shape[0]
         if frac.min() < min_fraction:
             continue
-        moments = [_moments(gm, group == g) for g in range(n_groups)]
-        ok = all(_separate(*moments[i], *moments[j], min_separation, max_valley)
-                 for i in range(n_groups) for j in range(i + 1, n_groups))
+        ok = all(_distinct(gm, i, j, min_separation, max_valley) for i in range(k) for j in range(i + 1, k))
         if ok and bic < best_bic:
-            best_bic, best = bic, (gm, group, np.array([m[1][0] for m in moments]))
+            best_bic, best = bic, gm
     if best is None:
         return one
-    gm, group, centre = best
-    labels = _ordered(group[gm.predict(f)], centre)
-    if not return_probability:
-        return labels
-    post = gm.predict_proba(f)
-    by_group = np.zeros((n, int(group.max()) + 1))
-    np.add.at(by_group.T, group, post.T)
-    return labels, by_group.max(axis=1)
-
-
-def _merged(gm, min_separation: float, max_valley: float) -> np.ndarray:
-    """Group index of each mixture component: components not distinct from each other share a group (transitively)."""
-    k = gm.n_components
-    group = np.arange(k)
-    for i in range(k):
-        for j in range(i + 1, k):
-            if not _distinct(gm, i, j, min_separation, max_valley):
-                group[group == group[j]] = group[i]
-    return np.searchsorted(np.unique(group), group)
-
-
-def _moments(gm, members: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """Weight, mean and covariance of the mixture components ``members`` (a boolean mask) taken together."""
-    w = gm.weights_[members]
-    mu = gm.means_[members]
-    cov = gm.covariances_[members]
-    wt = float(w.sum())
-    m = (w[:, None] * mu).sum(0) / wt
-    d = mu - m
-    c = (w[:, None, None] * (cov + d[:, :, None] * d[:, None, :])).sum(0) / wt
-    return wt, m, c
+    labels = _ordered(best.predict(f), best.means_[:, 0])
+    return (labels, best.predict_proba(f).max(axis=1)) if return_probability else labels
 
 
 def _distinct(gm, i: int, j: int, min_separation: float, max_valley: float) -> bool:
@@ -225,11 +187,16 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
     the image shape the classes and set the references: a column cut by the image edge has a
     biased peak and width; columns whose ``labels`` are -1 (added since, e.g. by ``refine``'s
     search of the residual: thin columns, often a few odd ones) are classed but do not shape
-    the classes. Every fitted column centred in the image is then classed by the
-    mixture; failed fits and centres beyond the edge take their class from ``labels`` (the
-    classes found before, e.g. by template), mapped onto the new classes, where ``labels`` agree
-    with the new classes on at least ``CLASS_AGREEMENT`` of the inner columns (else a failed fit
-    joins the class of the bright columns).
+    the classes. The classes relative to the image-wide reference replace those relative to the
+    local one when they are the same split and more distinct (no drift of intensity to follow).
+    Every fitted column centred in the image is then classed by the mixture; failed fits and
+    centres beyond the edge take their class from ``labels`` (the classes found before, e.g. by
+    template), mapped one to one onto the new classes, where ``labels`` agree with the new
+    classes on at least ``CLASS_AGREEMENT`` of the inner columns (else a failed fit joins the
+    class of the bright columns). With as many classes, the columns the mixture classes
+    doubtfully (posterior below ``CLASS_CONFIDENT`` or an outlier of its class, and between the
+    two classes) take the earlier class too; and where the two agree on ``CLASS_KEEP`` of the
+    columns the earlier labels stand as they are.
 
     Parameters
     ----------
@@ -256,8 +223,10 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
         labelled), ``agreement`` (share of the columns that a one-to-one map of ``labels`` onto
         the new classes keeps, over the inner columns; NaN without labels) and ``applied`` (False
         when fewer than ``MIN_FITTED`` columns could shape the classes: then ``labels`` as given,
-        or one class, are
-        returned).
+        or one class, are returned); ``reference`` ("local" or "image-wide": what the peaks and
+        volumes were taken relative to), ``n_doubtful`` (fitted columns given their earlier class)
+        and ``earlier_kept`` (True when the new classes are the earlier ones on at least
+        ``CLASS_KEEP`` of the columns, and the earlier labels were kept as they are).
     """
     given = None if labels is None else np.asarray(labels, dtype=np.int64)
     # columns added since (label -1: refine's residual search; thin columns, or odd ones in
@@ -265,6 +234,7 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
     added = given < 0 if given is not None and given.size == np.size(x) else None
     f, inner, ok = class_features(x, y, amplitude, width, fit_ok, shape, spacing, exclude=added)
     if inner.sum() < MIN_FITTED and added is not None:
+        added = None
         f, inner, ok = class_features(x, y, amplitude, width, fit_ok, shape, spacing)
     info: dict[str, Any] = {"n_fitted": int(inner.sum()), "applied": False, "border": "not classed",
                             "agreement": float("nan")}
@@ -277,12 +247,13 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
     if cls.max() > 0:
         # the same relative to the image-wide reference: where the columns' intensity does not drift
         # (no thickness change) a local reference only adds noise (a few odd bright columns, e.g.
-        # under contamination, set it for their neighbours); the classes kept are those more
-        # distinct (the larger smallest Fisher distance between classes), when both find as many
+        # under contamination, set it for their neighbours); the image-wide classes are kept when
+        # they are the same split (as many classes, mostly the same columns) and more distinct
         fg, _, _ = class_features(x, y, amplitude, width, fit_ok, shape, spacing, exclude=added, local=False)
         cg, pg = classify_columns(fg, fit_mask=inner, return_probability=True)
-        if cg.max() == cls.max() and _separation(fg[inner], cg[inner]) > _separation(f[inner], cls[inner]):
-            cls, prob, info["reference"] = cg, pg, "image-wide"
+        if (cg.max() == cls.max() and _label_map(cls[inner], cg[inner])[1] >= CLASS_AGREEMENT
+                and _separation(fg[inner], cg[inner]) > _separation(f[inner], cls[inner])):
+            f, cls, prob, info["reference"] = fg, cg, pg, "image-wide"
     info.update(applied=True, n_classes=int(cls.max()) + 1, border="mixture")
     ny, nx = shape
     xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -291,15 +262,54 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
     if given is not None and given.size == cls.size:
         mapping, info["agreement"] = _label_map(given[inner], cls[inner])
         if info["agreement"] >= CLASS_AGREEMENT:
-            # where the classes agree as wholes, the earlier class (e.g. the template's, which sees
-            # the column's surroundings) decides the columns the fit cannot class or classes
-            # doubtfully (intensity under contamination, between the classes)
             mapped = np.array([mapping.get(int(v), -1) for v in given], dtype=np.int64)
-            doubt = (outer | (prob < CLASS_CONFIDENT)) & (mapped >= 0)
+            doubt = outer & (mapped >= 0)
+            same = len(np.unique(given[inner & (given >= 0)])) == info["n_classes"]
+            if same and info["agreement"] >= CLASS_KEEP:
+                # the same classes, differing on a few columns that intensity alone cannot settle
+                # (the template also sees their surroundings): the earlier classes stand
+                cls = np.where(mapped >= 0, mapped, cls)
+                info.update(border="earlier classes", earlier_kept=True, n_doubtful=0)
+                return cls, info
+            if same:
+                # the same classes as wholes: the earlier class (e.g. the template's, which sees the
+                # column's surroundings) also decides the columns the fit classes doubtfully, those
+                # between the two classes' centres with a posterior below CLASS_CONFIDENT or far
+                # out of their own class (CLASS_OUTLIER: intensity under contamination)
+                unsure = (prob < CLASS_CONFIDENT) | _outlying(f, cls, inner)
+                doubt |= unsure & (mapped >= 0) & (mapped != cls) & _between(f, cls, mapped, inner)
             cls[doubt] = mapped[doubt]
             info["border"] = "earlier classes"
             info["n_doubtful"] = int(np.count_nonzero(doubt & ~outer))
     return cls, info
+
+
+def _outlying(f: np.ndarray, cls: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """Whether each row lies farther than ``CLASS_OUTLIER`` (squared Mahalanobis distance) from the centre of
+    its class (centre and covariance of the class's ``inner`` rows)."""
+    out = np.zeros(cls.size, dtype=bool)
+    for c in np.unique(cls):
+        m = cls == c
+        fc = f[inner & m]
+        if len(fc) <= f.shape[1] + 1:
+            continue
+        cov = np.atleast_2d(np.cov(fc.T)) + 1e-12 * np.eye(f.shape[1])
+        d = f[m] - fc.mean(0)
+        out[m] = np.einsum("ij,ij->i", d, np.linalg.solve(cov, d.T).T) > CLASS_OUTLIER
+    return out
+
+
+def _between(f: np.ndarray, cls: np.ndarray, alt: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """Whether each row's features lie between the centre of its class ``cls`` and that of ``alt``
+    (its projection on the line joining them falls strictly inside); centres from the ``inner`` rows."""
+    k = int(max(cls.max(), alt.max())) + 1
+    centre = np.array([f[inner & (cls == c)].mean(0) if np.any(inner & (cls == c)) else np.full(f.shape[1], np.nan)
+                       for c in range(k)])
+    a = centre[cls]
+    d = centre[np.clip(alt, 0, k - 1)] - a
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = ((f - a) * d).sum(1) / (d * d).sum(1)
+    return (t > 0) & (t < 1)
 
 
 def _label_map(old: np.ndarray, new: np.ndarray) -> tuple[dict[int, int], float]:

@@ -117,6 +117,13 @@ MIN_FITTED = 20
 #: ... and a fitted column whose class has a posterior probability below this (between the classes)
 #: takes the earlier class too, where the classes agree as wholes
 CLASS_CONFIDENT = 0.99
+#: ... or one farther than this squared Mahalanobis distance from its own class's centre (the 99.9th
+#: percentile of a chi-square with two degrees of freedom: an outlier of its class)
+CLASS_OUTLIER = 13.8
+#: Where the fitted classes are the earlier ones (as many) on at least this share of the columns, the
+#: earlier classes stand as they are: the few columns they differ on are those intensity alone cannot
+#: settle, and a template also sees the column's surroundings
+CLASS_KEEP = 0.98
 #: A class of columns other than the brightest is a sublattice when at least this share of its members
 #: sit at an offset from their nearest bright column that SITE_MATCHES others share (else its blobs are
 #: judged with the bright class: amorphous specks form a class of intensity, not of sites). Sublattices of
