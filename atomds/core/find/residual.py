@@ -604,9 +604,12 @@ def _offset_shared(cx, cy, ox, oy, fx, fy, spacing: float) -> np.ndarray:
     _, k = tree_f.query(np.c_[ox, oy])
     v = np.c_[cx - fx[j], cy - fy[j]]
     w = np.c_[ox - fx[k], oy - fy[k]]
-    counts = np.fromiter((len(r) for r in cKDTree(w).query_ball_point(v, SITE_TOL * spacing)), dtype=np.int64,
-                         count=v.shape[0])
-    return counts >= SITE_MATCHES
+    if w.shape[0] < SITE_MATCHES:
+        return np.zeros(v.shape[0], dtype=bool)
+    # SITE_MATCHES of them within the tolerance: the SITE_MATCHES-th nearest is (no lists of all of them:
+    # on a lattice nearly every offset is shared by thousands)
+    d, _ = cKDTree(w).query(v, k=SITE_MATCHES)
+    return np.atleast_2d(d.T).T[:, -1] <= SITE_TOL * spacing
 
 
 def self_supported(cx, cy, fx, fy, spacing: float) -> np.ndarray:
@@ -622,6 +625,8 @@ def self_supported(cx, cy, fx, fy, spacing: float) -> np.ndarray:
     _, j = cKDTree(np.c_[fx, fy]).query(np.c_[cx, cy])
     v = np.c_[cx - fx[j], cy - fy[j]]
     tree = cKDTree(v)
-    counts = np.fromiter((len(r) for r in tree.query_ball_point(v, SITE_TOL * spacing)), dtype=np.int64,
-                         count=v.shape[0])
-    return counts - 1 >= SITE_MATCHES
+    if v.shape[0] <= SITE_MATCHES:
+        return np.zeros(v.shape[0], dtype=bool)
+    # SITE_MATCHES others within the tolerance: the (SITE_MATCHES + 1)-th nearest, itself included, is
+    d, _ = tree.query(v, k=SITE_MATCHES + 1)
+    return d[:, -1] <= SITE_TOL * spacing
