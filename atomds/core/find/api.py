@@ -137,8 +137,8 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
        the brightest whose members mostly sit at no offset from the bright columns that others
        share (amorphous specks, a hole's rim) is not a sublattice: those of its blobs join the
        bright class and its lattice tests (counted under ``params["rejected"]["classes_off_sites"]``,
-       and ``params["first_pass"]["classes_off_sites"]`` after a second pass). An int forces that
-       many classes (k-means);
+       and ``params["first_pass"]["classes_off_sites"]`` after a second pass; a lattice test,
+       skipped with ``lattice_check=False``). An int forces that many classes (k-means);
        ``None`` gives every atom 0. Label 0 is the brightest class.
     8. With the automatic template, ``sublattices="auto"`` and several classes found (and
        ``refine_templates``), the search runs once more with one template per class, each the
@@ -466,7 +466,7 @@ def _columns(img, blobs: Blobs, templates, s: float, d: float, min_contrast: flo
     fit_mask = ok & interior if np.count_nonzero(ok & interior) >= MIN_INTERIOR_FIT else ok
     cls, mode = column_classes(rel, blobs.which, len(templates), sublattices, fit_mask)
     counts["classes_off_sites"] = 0
-    if mode == "auto" and cls.size and cls.max() > 0:
+    if lattice_check and mode == "auto" and cls.size and cls.max() > 0:  # a lattice test: off with lattice_check
         cls, counts["classes_off_sites"] = _classes_on_sites(cx, cy, cls, ok, d)
     diffuse = too_broad(blobs.score, broad, amp, cls, ok, interior)
     counts["too_broad"] = int((ok & diffuse).sum())
