@@ -123,7 +123,7 @@ def _separation(s, x, y, fitted) -> float | None:
     of the two covariances. At a distance D even the best linear rule misclasses a share
     ``Phi(-D / 2)`` of the columns: ``SEPARABLE`` (1 %) is where an ARI of 0.95 is within reach.
     """
-    from atomds.core.find.classes import class_features
+    from atomds.core.find.classes import class_features, fisher_separation
     from atomds.core.samples import match_positions
 
     k = int(s.params["n_species"])
@@ -134,16 +134,11 @@ def _separation(s, x, y, fitted) -> float | None:
     i_t, i_f = match_positions(np.column_stack([s.x, s.y]), np.column_stack([x, y]), s.params["spacing"] / 3.0)
     truth = np.full(x.size, -1)
     truth[i_f] = s.label[i_t]
-    best = np.inf
-    for a in range(k):
-        for b in range(a + 1, k):
-            fa, fb = f[inner & (truth == a)], f[inner & (truth == b)]
-            if len(fa) < 5 or len(fb) < 5:
-                return None  # a species (nearly) missed: its separation is not measured
-            dm = fa.mean(0) - fb.mean(0)
-            cov = 0.5 * (np.cov(fa.T) + np.cov(fb.T)) + 1e-12 * np.eye(2)
-            best = min(best, float(np.sqrt(dm @ np.linalg.solve(cov, dm))))
-    return best
+    for c in range(k):
+        if np.count_nonzero(inner & (truth == c)) < 5:
+            return None  # a species (nearly) missed: its separation is not measured
+    m = inner & (truth >= 0)
+    return fisher_separation(f[m], truth[m])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -105,3 +105,8 @@ def drop_dim_vars(ds: xr.Dataset, dims: str | Iterable[str]) -> xr.Dataset:
 def is_dask(da: xr.DataArray) -> bool:
     """True when ``da`` is backed by a Dask array."""
     return getattr(da.data, "__dask_graph__", None) is not None and da.chunks is not None
+
+
+def sublattice_flags(n: int) -> dict[str, Any]:
+    """CF flag attributes of a ``sublattice`` variable with classes ``0 .. n-1``."""
+    return {"flag_values": np.arange(n, dtype=np.int64), "flag_meanings": " ".join(f"sublattice_{k}" for k in range(n))}

@@ -25,7 +25,15 @@ from ..core.find.templates import auto_template, template_from_point
 from ..core.image import check_image
 from ..errors import InvalidParameterError
 from ..params import note_fallback, record_params
-from ._common import annotate, drop_dim_vars, image_dataarray, length_to_px, length_units, pixel_size
+from ._common import (
+    annotate,
+    drop_dim_vars,
+    image_dataarray,
+    length_to_px,
+    length_units,
+    pixel_size,
+    sublattice_flags,
+)
 from .preprocess import flatten_height_map, is_height_map
 from .tiled import find_tiled, is_tiled
 
@@ -186,9 +194,7 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
                                 "area of the correlation blob (NaN: found in the residual passes, no blob)")
     n_sub = int(res.sublattice.max()) + 1 if res.sublattice.size else 0
     out["sublattice"] = atom_var(
-        res.sublattice.astype(np.int64), "1", "sublattice (0 = brightest class)",
-        flag_values=np.arange(n_sub, dtype=np.int64),
-        flag_meanings=" ".join(f"sublattice_{k}" for k in range(n_sub)),
+        res.sublattice.astype(np.int64), "1", "sublattice (0 = brightest class)", **sublattice_flags(n_sub),
     )
     corr_note = ("normalised cross-correlation with the template (maximum over templates)" if lazy_corr is None else
                  "normalised cross-correlation with the central probe's template(s), computed lazily by chunk")

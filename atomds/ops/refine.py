@@ -28,7 +28,7 @@ from ..core.refine.joint import overlapping
 from ..core.refine.residual import refine_and_complete
 from ..errors import InvalidParameterError
 from ..params import note_fallback, record_params, step_params
-from ._common import annotate, image_dataarray, is_dask, length_units, pixel_size, require_vars
+from ._common import annotate, image_dataarray, is_dask, length_units, pixel_size, require_vars, sublattice_flags
 from .tiled import is_tiled, refine_tiled
 
 __all__ = ["refine", "with_atoms"]
@@ -293,7 +293,7 @@ def refine(
         xp = np.asarray(sx.values, float) / ps
         yp = np.asarray(sy.values, float) / ps
         packed, tiling = refine_tiled(
-            img.data, xp, yp, _tile_spacing(ds, xp, yp), lambda region: _prepared_lazy(region, con),
+            img.data, xp, yp, _spacing_px(ds, xp, yp), lambda region: _prepared_lazy(region, con),
             lambda image, x, y: _settings_task(image, x, y, kw),
             lambda image, x, y, st, sl: _refine_block(image, x, y, st, sl, fit_kw), len(_fields(model)),
             window=kw["window"],
@@ -401,11 +401,8 @@ def _fitted_sublattices(ds: xr.Dataset, model: str, ps: float, *, lazy: bool, ti
         width = np.asarray(ds["sigma"].values, float) / ps
     else:
         width = np.sqrt(np.asarray(ds["sigma_major"].values, float) * np.asarray(ds["sigma_minor"].values, float)) / ps
-    spacing = found.get("spacing_px")
-    info: dict[str, Any] = {"spacing_px": None}
-    if spacing is None or not np.isfinite(spacing) or spacing <= 0:
-        spacing = nearest_spacing(x, y) if x.size > 1 else 1.0
-        info["spacing_px"] = float(spacing)  # estimated here (find_atoms recorded none)
+    spacing = _spacing_px(ds, x, y)
+    info: dict[str, Any] = {"spacing_px": spacing}
     img = image_dataarray(ds)
     shape = (int(img.shape[0]), int(img.shape[1]))
     cls, fit_info = fitted_classes(x, y, ds["amplitude"].values, width, ds["fit_ok"].values, shape, float(spacing),
@@ -417,8 +414,7 @@ def _fitted_sublattices(ds: xr.Dataset, model: str, ps: float, *, lazy: bool, ti
     info.update(mode="classes of fitted peak and volume", n_changed=int(np.count_nonzero(cls != old)),
                 find_n_sublattices=int(found.get("n_sublattices", 0)))
     n_sub = int(cls.max()) + 1 if cls.size else 0
-    attrs = {**ds["sublattice"].attrs, "flag_values": np.arange(n_sub, dtype=np.int64),
-             "flag_meanings": " ".join(f"sublattice_{k}" for k in range(n_sub)),
+    attrs = {**ds["sublattice"].attrs, **sublattice_flags(n_sub),
              "long_name": "sublattice (0 = brightest class), classed by the fitted peak and volume"}
     kept = ds["sublattice"].copy()
     kept.attrs = {**kept.attrs, "long_name": "sublattice as find_atoms gave it (0 = brightest class)"}
@@ -426,8 +422,9 @@ def _fitted_sublattices(ds: xr.Dataset, model: str, ps: float, *, lazy: bool, ti
     return ds.assign(sublattice=sub, find_sublattice=kept), info
 
 
-def _tile_spacing(ds: xr.Dataset, xp: np.ndarray, yp: np.ndarray) -> float:
-    """Nearest-column distance, px, for the tiles' halo: find_atoms's, else the atoms' median nearest-neighbour distance."""
+def _spacing_px(ds: xr.Dataset, xp: np.ndarray, yp: np.ndarray) -> float:
+    """Nearest-column distance, px (the tiles' halo, the classes' reference cells): find_atoms's, else the atoms'
+    median nearest-neighbour distance."""
     found = (step_params(ds, "find_atoms") or {}).get("spacing_px")
     if found is not None and np.isfinite(found) and found > 0:
         return float(found)

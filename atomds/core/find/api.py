@@ -175,20 +175,19 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
        ==========  ===============  ===============  =============  ===========  ===========
        dim peak    dose 250         dose 500         dose 1000      dose 2000    dose 4000
        ==========  ===============  ===============  =============  ===========  ===========
-       0.15        0 / 47 (3.9)     86 / 92 (5.5)    98.1 / 99.8    100 / 100    100 / 100
-       0.20        77 / 81 (4.8)    96 / 98 (6.9)    99.7 / 100     100 / 100    100 / 100
-       0.30        93.6 / 99.5      99.4 / 100       100 / 100      100 / 100    100 / 100
-       0.40        99.4 / 100       100 / 100        100 / 100      100 / 100    100 / 100
-       0.60        99.9 / 100       100 / 100        100 / 100      100 / 100    100 / 100
+       0.15        0 / 48 (3.9)     85 / 92 (5.5)    98.5 / 100     100 / 100    100 / 100
+       0.20        77 / 81 (4.8)    98 / 98 (6.9)    99.9 / 100     100 / 100    100 / 100
+       0.30        95.7 / 99.5      99.6 / 100       100 / 100      100 / 100    100 / 100
+       0.40        99.6 / 100       100 / 100        100 / 100      100 / 100    100 / 100
+       0.60        100 / 100        100 / 100        100 / 100      100 / 100    100 / 100
        ==========  ===============  ===============  =============  ===========  ===========
 
        (SNR of a dim column: 0.15: 3.9, 5.5, 7.7, 11, 15.5 across the doses; 0.2: 4.8 ... 19.4;
        0.3: 6.5, 9.3, ...; 0.4: 8.0, 11.3, ...; 0.6: 10.4, ...). A dim species is found at
-       >= 99.5 % from an SNR of about 9.7 beside brighter columns a few widths away (honeycomb;
-       99.4 % at 8.0-9.3, the misses half columns on the image's border) and from 7.7 on a
-       perovskite [001]; below, recall falls (SNR 6.9: 96-98 %, 5.5: 86-92 %, 3.9: 0-56 %).
-       False positives: none where the SNR is at least 8, up to 0.8 % below 6 (noise maxima on
-       empty sites).
+       >= 99.5 % from an SNR of 8.0 beside brighter columns a few widths away (honeycomb) and
+       from 7.7 on a perovskite [001]; below, recall falls (SNR 6.9: 98 %, 5.5: 85-92 %, 3.9:
+       0-48 %). False positives: at most 0.07 % where the SNR is at least 8, up to 1.2 % below it
+       (noise maxima on empty sites).
 
     Parameters
     ----------
@@ -613,7 +612,8 @@ def _residual_stage(img: np.ndarray, found: FoundAtoms, noise: tuple[float, floa
     # columns centred inside the image (a column beyond the edge, fitted from its tail, can come
     # out with any amplitude)
     inside = use & (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)
-    loc_ref, glob_ref = local_reference(x, y, amp, p["spacing"], use=inside if inside.sum() >= 20 else None)
+    loc_ref, glob_ref = local_reference(x, y, amp, p["spacing"],
+                                        use=inside if inside.sum() >= MIN_LATTICE_ANCHORS else None)
     log_rel = np.log(np.maximum(amp / np.maximum(loc_ref, 1e-12 * abs(glob_ref) + 1e-300), 1e-6))
     if p["sublattice_mode"] == "none":  # no classes asked for: one
         sub = np.zeros(x.size, dtype=np.int64)

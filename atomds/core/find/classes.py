@@ -18,7 +18,7 @@ from .blobs import local_reference
 from .constants import CLASS_AGREEMENT, CLASS_BORDER_WIDTHS, CLASS_CONFIDENT, CLASS_KEEP, CLASS_OUTLIER, MIN_FITTED
 
 __all__ = ["classify_columns", "kmeans_labels", "column_classes", "final_labels", "fitted_classes", "class_features",
-           "labels_digest"]
+           "fisher_separation", "labels_digest"]
 
 
 def classify_columns(features, *, fit_mask=None, max_classes: int = 3, min_separation: float = 2.5,
@@ -68,26 +68,20 @@ def classify_columns(features, *, fit_mask=None, max_classes: int = 3, min_separ
 
 
 def _distinct(gm, i: int, j: int, min_separation: float, max_valley: float) -> bool:
-    """Whether mixture components i and j are separated and their joint density dips between them (:func:`_separate`)."""
-    return _separate(gm.weights_[i], gm.means_[i], gm.covariances_[i], gm.weights_[j], gm.means_[j],
-                     gm.covariances_[j], min_separation, max_valley)
-
-
-def _separate(wi: float, mi: np.ndarray, ci: np.ndarray, wj: float, mj: np.ndarray, cj: np.ndarray,
-              min_separation: float, max_valley: float) -> bool:
-    """Whether two Gaussian populations (weight, mean, covariance) are separated and their joint density dips between them.
+    """Whether mixture components i and j are separated and their joint density dips between them.
 
     Both are judged along Fisher's discriminant direction of the pair (the line joining the means
     in the metric of their mean covariance; that line itself for one feature), where the two
-    populations are the most separate: a feature that is noisier than the others then does not
+    components are the most separate: a feature that is noisier than the others then does not
     hide a split that the others show.
     """
+    wi, mi, ci = gm.weights_[i], gm.means_[i], gm.covariances_[i]
+    wj, mj, cj = gm.weights_[j], gm.means_[j], gm.covariances_[j]
     dm = mi - mj
     if not np.any(dm):
         return False
-    cov = 0.5 * (ci + cj)
     try:
-        u = np.linalg.solve(cov, dm)
+        u = np.linalg.solve(0.5 * (ci + cj), dm)
     except np.linalg.LinAlgError:
         u = dm
     u = u / np.linalg.norm(u)
@@ -252,7 +246,7 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
         fg, _, _ = class_features(x, y, amplitude, width, fit_ok, shape, spacing, exclude=added, local=False)
         cg, pg = classify_columns(fg, fit_mask=inner, return_probability=True)
         if (cg.max() == cls.max() and _label_map(cls[inner], cg[inner])[1] >= CLASS_AGREEMENT
-                and _separation(fg[inner], cg[inner]) > _separation(f[inner], cls[inner])):
+                and fisher_separation(fg[inner], cg[inner]) > fisher_separation(f[inner], cls[inner])):
             f, cls, prob, info["reference"] = fg, cg, pg, "image-wide"
     info.update(applied=True, n_classes=int(cls.max()) + 1, border="mixture")
     ny, nx = shape
@@ -262,7 +256,10 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
     if given is not None and given.size == cls.size:
         mapping, info["agreement"] = _label_map(given[inner], cls[inner])
         if info["agreement"] >= CLASS_AGREEMENT:
-            mapped = np.array([mapping.get(int(v), -1) for v in given], dtype=np.int64)
+            lookup = np.full(max(int(given.max()), 0) + 1, -1, dtype=np.int64)
+            for old_label, new_label in mapping.items():  # a few classes
+                lookup[old_label] = new_label
+            mapped = np.where(given >= 0, lookup[np.maximum(given, 0)], -1)
             doubt = outer & (mapped >= 0)
             same = len(np.unique(given[inner & (given >= 0)])) == info["n_classes"]
             if same and info["agreement"] >= CLASS_KEEP:
@@ -333,7 +330,7 @@ def _label_map(old: np.ndarray, new: np.ndarray) -> tuple[dict[int, int], float]
     return mapping, float(table[rows, cols].sum()) / float(old.size)
 
 
-def _separation(f: np.ndarray, labels: np.ndarray) -> float:
+def fisher_separation(f: np.ndarray, labels: np.ndarray) -> float:
     """Smallest Fisher distance ``sqrt(dm' C^-1 dm)`` between the classes of ``labels`` in features ``f`` (C: the
     mean of the two classes' covariances); 0 where a class has fewer than 3 members."""
     best = np.inf

@@ -592,23 +592,21 @@ def _inside_at_border(image, fx, fy, cx, cy, cz, *, sigma: float, spacing: float
     return cx[ok], cy[ok], cz[ok]
 
 
-def _offset_shared(cx, cy, ox, oy, fx, fy, spacing: float) -> np.ndarray:
+def _offset_shared(cx, cy, ox, oy, fx, fy, spacing: float, *, need: int = SITE_MATCHES) -> np.ndarray:
     """Whether each point's offset to its nearest column ``(fx, fy)`` is shared (within ``SITE_TOL`` spacings) by
-    at least ``SITE_MATCHES`` of the points ``(ox, oy)``."""
+    at least ``need`` of the points ``(ox, oy)`` (by their offsets to their own nearest columns)."""
     from scipy.spatial import cKDTree
 
-    if np.size(cx) == 0 or np.size(ox) == 0:
+    if np.size(cx) == 0 or np.size(ox) < need:
         return np.zeros(np.size(cx), dtype=bool)
     tree_f = cKDTree(np.c_[fx, fy])
     _, j = tree_f.query(np.c_[cx, cy])
     _, k = tree_f.query(np.c_[ox, oy])
     v = np.c_[cx - fx[j], cy - fy[j]]
     w = np.c_[ox - fx[k], oy - fy[k]]
-    if w.shape[0] < SITE_MATCHES:
-        return np.zeros(v.shape[0], dtype=bool)
-    # SITE_MATCHES of them within the tolerance: the SITE_MATCHES-th nearest is (no lists of all of them:
-    # on a lattice nearly every offset is shared by thousands)
-    d, _ = cKDTree(w).query(v, k=SITE_MATCHES)
+    # the need-th nearest offset within the tolerance (no lists of all of them: on a lattice nearly
+    # every offset is shared by thousands)
+    d, _ = cKDTree(w).query(v, k=need)
     return np.atleast_2d(d.T).T[:, -1] <= SITE_TOL * spacing
 
 
@@ -618,15 +616,4 @@ def self_supported(cx, cy, fx, fy, spacing: float) -> np.ndarray:
     The columns of a sublattice sit at one of a few offsets from their neighbours of the other
     sublattice (within ``SITE_TOL`` spacings); amorphous specks and noise sit at any offset.
     """
-    from scipy.spatial import cKDTree
-
-    if np.size(cx) == 0:
-        return np.zeros(0, dtype=bool)
-    _, j = cKDTree(np.c_[fx, fy]).query(np.c_[cx, cy])
-    v = np.c_[cx - fx[j], cy - fy[j]]
-    tree = cKDTree(v)
-    if v.shape[0] <= SITE_MATCHES:
-        return np.zeros(v.shape[0], dtype=bool)
-    # SITE_MATCHES others within the tolerance: the (SITE_MATCHES + 1)-th nearest, itself included, is
-    d, _ = tree.query(v, k=SITE_MATCHES + 1)
-    return d[:, -1] <= SITE_TOL * spacing
+    return _offset_shared(cx, cy, cx, cy, fx, fy, spacing, need=SITE_MATCHES + 1)  # itself among them
