@@ -414,3 +414,53 @@ def test_crb_joint_of_isolated_columns_is_the_single_column_bound_and_grows_with
     assert np.all(ox > 1.05 * cx) and np.all(on > cn)
     with pytest.raises(InvalidParameterError):
         crb_joint((100, 100), [10.0], [10.0], 100.0, 2.0)
+
+
+def _filled_lattice(kind, ratio, dose, bg_rel, shape=256, sigma=2.0, seed=1, noise=True):
+    """A lattice that runs on beyond the image border (columns rendered past it; seeds inside only)."""
+    from atomds.core.samples.render import render_columns
+
+    d = ratio * sigma
+    a1 = np.array([d, 0.0])
+    a2 = np.array([d / 2, d * np.sqrt(3) / 2]) if kind == "hexagonal" else np.array([0.0, d])
+    ii, jj = np.meshgrid(np.arange(-80, 80), np.arange(-80, 80))
+    xy = ii.ravel()[:, None] * a1 + jj.ravel()[:, None] * a2 + np.array([3.3, 2.7])
+    xy = xy[(xy[:, 0] > -15) & (xy[:, 0] < shape + 15) & (xy[:, 1] > -15) & (xy[:, 1] < shape + 15)]
+    peak = dose / (2 * np.pi * sigma**2)
+    expected = render_columns((shape, shape), xy[:, 0], xy[:, 1], dose, sigma) + bg_rel * peak
+    image = np.random.default_rng(seed).poisson(expected).astype(float) if noise else expected
+    inside = (xy[:, 0] >= 0) & (xy[:, 0] <= shape - 1) & (xy[:, 1] >= 0) & (xy[:, 1] <= shape - 1)
+    return image, xy[inside, 0], xy[inside, 1]
+
+
+@pytest.mark.parametrize("kind, ratio", [("hexagonal", 4.5), ("square", 3.6)])
+def test_width_of_overlapping_columns_is_measured_again_by_a_joint_fit(kind, ratio):
+    # the first pass (a constant background per column, in half the nearest-neighbour distance)
+    # reads such columns > 10 % narrow; the joint fit of a patch gives the width within 5 %
+    image, x, y = _filled_lattice(kind, ratio, 900.0, 0.5)
+    st = refine.estimate_fit_settings(image, x, y)
+    assert st["sigma_first_pass"] < 0.9 * 2.0
+    assert st["sigma"] == pytest.approx(2.0, rel=0.05)
+
+
+def test_width_of_separate_columns_is_the_first_pass_width():
+    image, x, y = _filled_lattice("hexagonal", 7.0, 900.0, 0.5, shape=128)
+    st = refine.estimate_fit_settings(image, x, y)
+    assert st["sigma"] == st["sigma_first_pass"] == pytest.approx(2.0, rel=0.03)
+
+
+def test_joint_fit_leaves_out_a_border_band_that_holds_light_of_unseen_columns():
+    from atomds.core.refine.joint import solve_group
+    from atomds.core.refine.noise import UNIFORM
+
+    image, x, y = _filled_lattice("hexagonal", 3.6, 900.0, 0.5, shape=128, noise=False)
+    p0 = np.column_stack([x, y, np.full(x.size, 900.0), np.full(x.size, 2.0)])
+    kw = dict(nn_median=7.2, noise=UNIFORM, radius=5.0, prior=(2.0, 0.0), sigma_max=6.0,
+              max_move=np.full(x.size, 2.0), half=15, max_iter=100, tol=1e-4, refit_noise=False)
+    whole = solve_group(image, np.ones(image.shape, bool), p0, np.zeros((0, 4)), **kw)
+    band = solve_group(image, np.ones(image.shape, bool), p0, np.zeros((0, 4)), edge=7.0, **kw)
+    assert abs(whole["p"][0, 3] - 2.0) > 0.2  # the tails of the columns beyond the border pull the shared width
+    assert band["p"][0, 3] == pytest.approx(2.0, rel=0.005)
+    inner = (x >= 7.0) & (x <= 120.0) & (y >= 7.0) & (y <= 120.0)
+    assert band["ok"][inner].all() and not band["ok"][~inner].any()
+    np.testing.assert_allclose(band["p"][inner, 2], 900.0, rtol=0.01)

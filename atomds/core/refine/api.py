@@ -248,7 +248,9 @@ def _refine(
         n_later = auto_refits(plan.nn, sigma)
     else:
         n_later = int(n_refits)
-    members = _joint_members(plan, mdl, sigma, joint)
+    # which columns overlap is judged by the first pass's width, as JOINT_NN_SIGMAS was set; where
+    # that width is narrow (overlap_width) the corrected one only sets the passes' width prior
+    members = _joint_members(plan, mdl, float(st.get("sigma_first_pass", sigma)), joint)
     if members is None:
         p, ok, it, h, m = _passes(work, plan, mdl, sel, n_later, nz, max_iter, tol)
         return _results(img, plan, mdl, sel, p, ok, it, h, m)
@@ -507,7 +509,10 @@ def estimate_fit_settings(
     1. A deterministic sample of at most ``max_atoms`` atoms (every k-th atom) is fitted
        unweighted in windows of half the nearest-neighbour distance. The mean width and the
        spread of the true widths between atoms come from a random-effects (DerSimonian-Laird)
-       estimate that discounts the fit errors.
+       estimate that discounts the fit errors. Where the nearest-neighbour distance is below
+       6.5 of those widths, the neighbours' tails have made them narrow: the width is measured
+       again by a joint fit of the 256 columns nearest the middle of the atoms, cut out of the
+       image with a border band of 3.5 widths left out.
     2. The noise model: up to ``max_noise_atoms`` of them are refitted with their neighbours'
        models subtracted; their squared residuals, each divided by ``1 - leverage`` of its pixel,
        binned by the expected value ``mu`` (column + neighbours + background), are fitted with
@@ -535,7 +540,10 @@ def estimate_fit_settings(
         atoms, px), ``window_radius`` (px), ``gain`` (variance per unit of signal, image units;
         None for ``noise="uniform"``), ``read_noise`` (square root of the positive part of the
         variance offset, image units), ``variance_offset`` and ``variance_floor`` (the smallest
-        variance used in the weights).
+        variance used in the weights), ``sigma_first_pass`` (the weighted mean width of step 1,
+        px, which decides which columns are fitted jointly; ``sigma`` itself is measured again by
+        a joint fit of a patch of columns where columns may overlap,
+        :func:`atomds.core.refine.settings.overlap_width`).
     """
     img = _as_image(image)
     x, y = _as_positions(x, y, img.shape)

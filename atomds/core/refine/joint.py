@@ -42,7 +42,8 @@ from .joint_model import (
 from .noise import Noise, fit_variance
 
 __all__ = [
-    "JOINT_NN_SIGMAS", "JOINT_TILE_ATOMS", "BG_PITCH_NN", "overlapping", "fit_joint", "solve_group", "column_variances",
+    "JOINT_NN_SIGMAS", "JOINT_TILE_ATOMS", "BG_PITCH_NN", "overlapping", "inside_band", "fit_joint", "solve_group",
+    "column_variances",
 ]
 
 #: Columns whose nearest neighbour is closer than this many column widths (sigma > 0.2 of the
@@ -166,6 +167,15 @@ def fit_joint(
     return out
 
 
+def inside_band(x: np.ndarray, y: np.ndarray, shape: tuple[int, ...], edge: float) -> np.ndarray:
+    """Whether the points ``x``, ``y`` (px) lie at least ``edge`` px inside an image of ``shape``
+    (all of them for ``edge <= 0``, centred beyond the border or not)."""
+    if edge <= 0:
+        return np.ones(np.shape(x), bool)
+    ny, nx = int(shape[0]), int(shape[1])
+    return (x >= edge) & (x <= nx - 1 - edge) & (y >= edge) & (y <= ny - 1 - edge)
+
+
 def _rows(members: np.ndarray, ids: np.ndarray) -> np.ndarray:
     order = np.argsort(members)
     return order[np.searchsorted(members[order], ids)]
@@ -190,25 +200,28 @@ def _best_background(img: np.ndarray, valid: np.ndarray, p0: np.ndarray, p_fixed
 def solve_group(
     img: np.ndarray, valid: np.ndarray, p0: np.ndarray, p_fixed: np.ndarray, *, nn_median: float, noise: Noise,
     radius: float, prior: tuple[float, float] | None, sigma_max: float, max_move: np.ndarray, half: int,
-    max_iter: int, tol: float, refit_noise: bool = True, pitch_nn: float = BG_PITCH_NN,
+    max_iter: int, tol: float, refit_noise: bool = True, pitch_nn: float = BG_PITCH_NN, edge: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """One joint fit: columns ``p0`` (n, 4) free, ``p_fixed`` (k, 4) subtracted; see :func:`fit_joint`.
 
     The group's shared width starts at the prior's mean (else the median of ``p0``'s widths);
     the prior itself is not applied (one width is well determined by all columns together).
+    Pixels within ``edge`` px of the image border are left out; columns centred there have their
+    positions held and a prior on their intensities (:func:`_band_columns`) and are not ``ok``.
     ``half`` bounds the patches (px); each round evaluates the columns out to
     :data:`~.constants.NB_REACH` of :data:`HALF_SIGMA_MARGIN` times the current width.
     """
     n = p0.shape[0]
     noise_in = noise  # the model comparison (BIC) weighs both grids' residuals alike, by the given noise
-    ps = pixel_set(img.shape, p0[:, 0], p0[:, 1], radius, valid)
+    s0 = prior[0] if prior is not None else float(np.nanmedian(p0[:, 3]))
+    ps = pixel_set(img.shape, p0[:, 0], p0[:, 1], radius, valid, edge=edge)
     grid = background_grid(ps, max(pitch_nn * nn_median, 4.0 * radius))
     gm = group_map(ps, grid)
     half_fixed = min(half, patch_half(float(np.max(p_fixed[:, 3])))) if p_fixed.shape[0] else half
     data = img.ravel()[ps.pix].astype(float) - model_values(ps, p_fixed, half_fixed, gm)
     fixed_mu = img.ravel()[ps.pix].astype(float) - data
+    col_prior, max_move = _band_columns(p0, img.shape, edge, max_move)
     p = p0.copy()
-    s0 = prior[0] if prior is not None else float(np.nanmedian(p0[:, 3]))
     p[:, 3] = np.clip(s0, MIN_SIGMA, sigma_max)
     h_cur = _half(p, half)
     b = _start_background(data - model_values(ps, p, h_cur, gm), grid.weights)
@@ -221,13 +234,13 @@ def solve_group(
             r = data - cols - grid.weights @ b
             dof = ps.size / max(ps.size - (K_COL * n + 1 + grid.n), 1)
             noise = fit_variance(cols + grid.weights @ b + fixed_mu, r * r * dof)
-        model = _GroupModel(gm, grid, data, h_cur, neighbour_slots(p, h_cur))
+        model = _GroupModel(gm, grid, data, h_cur, neighbour_slots(p, h_cur), col_prior)
         cols, _ = model_and_width_derivative(gm, p, h_cur)
         wt = 1.0 / noise.variance(cols + grid.weights @ b + fixed_mu)
         p, b, it = _levenberg_marquardt(model, wt, p, b, start, sigma_max=sigma_max, max_move=max_move, max_iter=max_iter, tol=tol)
         n_iter += it
     h_cur = _half(p, half)
-    model = _GroupModel(gm, grid, data, h_cur, neighbour_slots(p, h_cur))
+    model = _GroupModel(gm, grid, data, h_cur, neighbour_slots(p, h_cur), col_prior)
     cols, _ = model_and_width_derivative(gm, p, h_cur)
     wt = 1.0 / noise.variance(cols + grid.weights @ b + fixed_mu)
     h, _ = model.normal(p, b, wt)
@@ -235,6 +248,7 @@ def solve_group(
     var_sigma = _variance_of(h, K_COL * n)
     with np.errstate(invalid="ignore"):
         ok = np.isfinite(p).all(axis=1) & (p[:, 2] > 0) & np.isfinite(var).all(axis=1) & (var[:, 0] > 0)
+    ok &= inside_band(p[:, 0], p[:, 1], img.shape, edge)
     bg = background_at(grid, b, p[:, 0], p[:, 1])
     chi2 = model.chi2(p, b, 1.0 / noise_in.variance(cols + grid.weights @ b + fixed_mu))
     n_free = K_COL * n + 1 + grid.n
@@ -242,6 +256,31 @@ def solve_group(
             "bic": float(chi2 + n_free * math.log(max(ps.size, 2))), "n_bg": int(grid.n),
             "n_iter": np.full(n, n_iter, np.int64), "sigma_err": np.full(n, math.sqrt(max(var_sigma, 0.0))),
             "gain": np.full(n, np.nan if noise.gain is None else noise.gain), "variance_offset": np.full(n, noise.offset)}
+
+
+#: Columns centred in a border band (``edge`` of :func:`solve_group`) have few pixels, their tails:
+#: their positions are held at the start (with a prior of :data:`BAND_PRIOR_PX`, which keeps the
+#: normal matrix regular where a column has no pixel left) and their intensities have a Gaussian
+#: prior at the median of the other columns' with this relative spread (free, they traded intensity
+#: against the shared width and background without bound).
+BAND_PRIOR_REL = 0.5
+BAND_PRIOR_PX = 1.0
+
+
+def _band_columns(
+    p0: np.ndarray, shape: tuple[int, ...], edge: float, max_move: np.ndarray,
+) -> tuple[tuple[np.ndarray, np.ndarray] | None, np.ndarray]:
+    """The prior (mean, precision; (n, 3) for x, y, N) and the moves allowed, with the border band's columns held."""
+    band = ~inside_band(p0[:, 0], p0[:, 1], shape, edge)
+    if not band.any() or band.all():
+        return None, max_move
+    n_ref = float(np.median(p0[~band, 2]))
+    if not (np.isfinite(n_ref) and n_ref > 0):
+        return None, max_move
+    mean = np.column_stack([p0[:, 0], p0[:, 1], np.full(p0.shape[0], n_ref)])
+    prec = np.zeros((p0.shape[0], K_COL))
+    prec[band] = [1.0 / BAND_PRIOR_PX**2, 1.0 / BAND_PRIOR_PX**2, 1.0 / (BAND_PRIOR_REL * n_ref) ** 2]
+    return (mean, prec), np.where(band, 0.0, max_move)
 
 
 #: Patches reach :data:`~.constants.NB_REACH` of this many times the group's current width
@@ -255,10 +294,18 @@ def _half(p: np.ndarray, half_max: int) -> int:
 
 
 class _GroupModel:
-    """One group's data and maps at fixed patches: model, chi-square and normal equations of (p, b)."""
+    """One group's data and maps at fixed patches: model, chi-square and normal equations of (p, b).
 
-    def __init__(self, gm: GroupMap, grid, data: np.ndarray, half: int, nbr: np.ndarray) -> None:
+    ``prior`` (mean and precision, each (n, 3) for x, y, N; precision 0 for none) adds a Gaussian
+    prior on the columns' parameters to the chi-square.
+    """
+
+    def __init__(
+        self, gm: GroupMap, grid, data: np.ndarray, half: int, nbr: np.ndarray,
+        prior: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
         self.gm, self.grid, self.data, self.half, self.nbr = gm, grid, data, half, nbr
+        self.prior = prior
 
     def residual(self, p: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         cols, ds = model_and_width_derivative(self.gm, p, self.half)
@@ -266,11 +313,22 @@ class _GroupModel:
 
     def chi2(self, p: np.ndarray, b: np.ndarray, wt: np.ndarray) -> float:
         r, _ = self.residual(p, b)
-        return float(np.sum(wt * r * r))
+        c = float(np.sum(wt * r * r))
+        if self.prior is not None:
+            mean, prec = self.prior
+            c += float(np.sum(prec * (p[:, :K_COL] - mean) ** 2))
+        return c
 
     def normal(self, p: np.ndarray, b: np.ndarray, wt: np.ndarray) -> tuple[sp.csc_matrix, np.ndarray]:
         r, ds = self.residual(p, b)
-        return normal_equations(self.gm, self.grid, p, self.half, wt, r, ds, self.nbr)
+        h, g = normal_equations(self.gm, self.grid, p, self.half, wt, r, ds, self.nbr)
+        if self.prior is not None:
+            mean, prec = self.prior
+            idx = np.arange(K_COL * p.shape[0])
+            h = (h + sp.csc_matrix((prec.ravel(), (idx, idx)), shape=h.shape)).tocsc()
+            g = g.copy()
+            g[idx] += (prec * (mean - p[:, :K_COL])).ravel()
+        return h, g
 
 
 def _start_background(resid: np.ndarray, g: sp.csr_matrix) -> np.ndarray:

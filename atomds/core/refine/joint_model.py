@@ -83,8 +83,11 @@ class BackgroundGrid:
         return int(self.weights.shape[1])
 
 
-def pixel_set(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, radius: float, valid: np.ndarray) -> PixelSet:
-    """Pixels within ``radius`` px of any of the columns ``x``, ``y`` (px) where ``valid`` (bool image)."""
+def pixel_set(
+    shape: tuple[int, int], x: np.ndarray, y: np.ndarray, radius: float, valid: np.ndarray, edge: float = 0.0,
+) -> PixelSet:
+    """Pixels within ``radius`` px of any of the columns ``x``, ``y`` (px) where ``valid`` (bool image),
+    at least ``edge`` px from the image border (pixel centres)."""
     ny, nx = shape
     h = int(math.ceil(radius + 0.5))
     off = np.arange(-h, h + 1)
@@ -93,7 +96,8 @@ def pixel_set(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, radius: floa
     cx, cy = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
     rr = (cy[:, None] + dy[disc][None, :]).ravel()
     cc = (cx[:, None] + dx[disc][None, :]).ravel()
-    keep = (rr >= 0) & (rr < ny) & (cc >= 0) & (cc < nx)
+    e = max(float(edge), 0.0)
+    keep = (rr >= e) & (rr <= ny - 1 - e) & (cc >= e) & (cc <= nx - 1 - e)
     flat = np.unique(rr[keep] * nx + cc[keep])
     flat = flat[valid.ravel()[flat]]
     return PixelSet((int(ny), int(nx)), flat.astype(np.int64))
