@@ -364,6 +364,7 @@ def refine(
         params["estimated"] = {
             "sigma": settings["sigma"] * ps,
             "sigma_spread": settings["sigma_spread"] * ps,
+            "sigma_first_pass": settings.get("sigma_first_pass", settings["sigma"]) * ps,
             "window_radius": settings["window_radius"] * ps,
             "gain": settings["gain"],
             "read_noise": settings["read_noise"],
@@ -447,7 +448,9 @@ def _search_missing(find_missing: bool | str, model: str, subtraction: bool, xp,
         return True
     # "auto": where columns overlap as a rule (most of them), as on a particle whose columns are
     # wider than a fifth of their distance; one close pair on a well-separated lattice is no reason
-    return bool(overlapping(cr.nearest_neighbor_distance(xp, yp), float(settings["sigma"])).mean() > 0.5)
+    # (judged, as the joint fit is, by the first pass's width: estimate_fit_settings)
+    width = float(settings.get("sigma_first_pass", settings["sigma"]))
+    return bool(overlapping(cr.nearest_neighbor_distance(xp, yp), width).mean() > 0.5)
 
 
 def _with_added_atoms(ds: xr.Dataset, x: np.ndarray, y: np.ndarray) -> xr.Dataset:

@@ -433,11 +433,11 @@ def _filled_lattice(kind, ratio, dose, bg_rel, shape=256, sigma=2.0, seed=1, noi
     return image, xy[inside, 0], xy[inside, 1]
 
 
-@pytest.mark.parametrize("kind, ratio", [("hexagonal", 4.5), ("square", 3.6)])
+@pytest.mark.parametrize("kind, ratio", [("hexagonal", 4.0), ("square", 3.6)])
 def test_width_of_overlapping_columns_is_measured_again_by_a_joint_fit(kind, ratio):
     # the first pass (a constant background per column, in half the nearest-neighbour distance)
     # reads such columns > 10 % narrow; the joint fit of a patch gives the width within 5 %
-    image, x, y = _filled_lattice(kind, ratio, 900.0, 0.5)
+    image, x, y = _filled_lattice(kind, ratio, 4000.0, 0.5)
     st = refine.estimate_fit_settings(image, x, y)
     assert st["sigma_first_pass"] < 0.9 * 2.0
     assert st["sigma"] == pytest.approx(2.0, rel=0.05)
@@ -464,3 +464,25 @@ def test_joint_fit_leaves_out_a_border_band_that_holds_light_of_unseen_columns()
     inner = (x >= 7.0) & (x <= 120.0) & (y >= 7.0) & (y <= 120.0)
     assert band["ok"][inner].all() and not band["ok"][~inner].any()
     np.testing.assert_allclose(band["p"][inner, 2], 900.0, rtol=0.01)
+
+
+def test_a_single_row_of_close_columns_is_refined_without_the_patch():
+    # a cut-out one row high is all border band: the width stays the first pass's
+    from atomds.core.samples.render import render_columns
+
+    x = 10.0 + 7.0 * np.arange(26)
+    y = np.full(x.size, 32.0)
+    expected = render_columns((64, 200), x, y, 4000.0, 2.0) + 20.0
+    image = np.random.default_rng(3).poisson(expected).astype(float)
+    st = refine.estimate_fit_settings(image, x, y)
+    assert st["sigma"] == st["sigma_first_pass"] and np.isfinite(st["sigma"])
+    r = refine.refine_gaussian(image, x, y)
+    assert r["fit_ok"].all() and np.all(np.abs(r["x"] - x) < 0.5)
+
+
+def test_a_given_width_decides_the_joint_fit_even_with_estimated_settings():
+    image, x, y = _filled_lattice("hexagonal", 3.6, 4000.0, 0.5, shape=96)
+    st = refine.estimate_fit_settings(image, x, y)
+    assert refine.refine_gaussian(image, x, y, settings=st)["joint"].any()
+    # columns 7.2 px apart at a given width of 1 px are well apart: no joint fit
+    assert not refine.refine_gaussian(image, x, y, settings=st, sigma=1.0)["joint"].any()

@@ -183,7 +183,7 @@ def refine_gaussian(
         return _empty_result(mdl)
     st = dict(settings) if settings is not None else {}
     if sigma is not None:
-        st["sigma"] = float(sigma)
+        st["sigma"] = st["sigma_first_pass"] = float(sigma)  # a given width also decides the joint fit
     if noise is not None:
         nz = parse_noise(noise)
     elif "gain" in st:

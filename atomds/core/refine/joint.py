@@ -19,6 +19,7 @@ with its neighbours' positions, amplitudes and the background. Positions in px.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -207,7 +208,8 @@ def solve_group(
     The group's shared width starts at the prior's mean (else the median of ``p0``'s widths);
     the prior itself is not applied (one width is well determined by all columns together).
     Pixels within ``edge`` px of the image border are left out; columns centred there have their
-    positions held and a prior on their intensities (:func:`_band_columns`) and are not ``ok``.
+    positions held (with a 1 px prior) and a prior on their intensities (:func:`_band_columns`;
+    none where every column is in the band) and are not ``ok``; with no pixel left, nothing is.
     ``half`` bounds the patches (px); each round evaluates the columns out to
     :data:`~.constants.NB_REACH` of :data:`HALF_SIGMA_MARGIN` times the current width.
     """
@@ -215,6 +217,8 @@ def solve_group(
     noise_in = noise  # the model comparison (BIC) weighs both grids' residuals alike, by the given noise
     s0 = prior[0] if prior is not None else float(np.nanmedian(p0[:, 3]))
     ps = pixel_set(img.shape, p0[:, 0], p0[:, 1], radius, valid, edge=edge)
+    if ps.size == 0:  # every pixel in the border band (or invalid): nothing to fit
+        return _not_fitted(p0)
     grid = background_grid(ps, max(pitch_nn * nn_median, 4.0 * radius))
     gm = group_map(ps, grid)
     half_fixed = min(half, patch_half(float(np.max(p_fixed[:, 3])))) if p_fixed.shape[0] else half
@@ -256,6 +260,15 @@ def solve_group(
             "bic": float(chi2 + n_free * math.log(max(ps.size, 2))), "n_bg": int(grid.n),
             "n_iter": np.full(n, n_iter, np.int64), "sigma_err": np.full(n, math.sqrt(max(var_sigma, 0.0))),
             "gain": np.full(n, np.nan if noise.gain is None else noise.gain), "variance_offset": np.full(n, noise.offset)}
+
+
+def _not_fitted(p0: np.ndarray) -> dict[str, Any]:
+    """:func:`solve_group`'s result for a group with no pixel to fit: the starts, nothing ``ok``."""
+    n = p0.shape[0]
+    nan = np.full(n, np.nan)
+    return {"p": p0.copy(), "background": nan, "var": np.full((n, 3), np.nan), "ok": np.zeros(n, bool),
+            "bic": math.inf, "n_bg": 0, "n_iter": np.zeros(n, np.int64), "sigma_err": nan.copy(),
+            "gain": nan.copy(), "variance_offset": nan.copy()}
 
 
 #: Columns centred in a border band (``edge`` of :func:`solve_group`) have few pixels, their tails:
@@ -365,6 +378,7 @@ def _levenberg_marquardt(model: _GroupModel, wt, p, b, start, *, sigma_max, max_
     """
     n = p.shape[0]
     n_floor = 1e-3 * float(np.median(np.abs(p[:, 2]))) if n else 0.0
+    pinned = np.asarray(max_move) <= 0  # positions that may not move at all are held from the start
     chi2 = model.chi2(p, b, wt)
     h, g = model.normal(p, b, wt)
     lam = LAM_START
@@ -372,6 +386,7 @@ def _levenberg_marquardt(model: _GroupModel, wt, p, b, start, *, sigma_max, max_
     while it < max_iter:
         it += 1
         held = _held(p, h, g, n_floor)
+        held[pinned, :2] = True
         step = _damped_step(h, g, lam, held)
         out = None if step is None else _leaving(p, step, start, max_move, held)
         if out is not None and out.any():  # hold the positions the step would carry out of their disc

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .constants import FINAL_REACH, MIN_SIGMA, NOISE_PASS_TOL, PRIOR_MIN_REL, SIGMA_MAX_FACTOR, SIGMA_MAX_FLOOR
-from .joint import solve_group
+from .joint import inside_band, solve_group
 from .joint_model import patch_half
 from .models import Isotropic, get_model
 from .noise import UNIFORM, Noise, fit_variance
@@ -83,12 +83,15 @@ def overlap_width(img: np.ndarray, plan: Plan, sig: float, max_iter: int) -> flo
     """The shared column width (px) of a joint fit of a patch of columns, where columns may overlap.
 
     None where the median nearest-neighbour distance is at least :data:`OVERLAP_CHECK_SIGMAS`
-    times ``sig`` (px, the first pass's width) or the joint fit fails. The patch is the
-    :data:`WIDTH_PATCH_ATOMS` columns nearest the middle of the atoms, cut out of the image; every
-    atom in the cut-out is fitted (:func:`.joint.solve_group`, unweighted) and pixels within
-    :data:`PATCH_EDGE_SIGMAS` widths of its border, which hold light of columns outside, are
-    left out. Where the width comes out wider than it started, the fit is repeated from it, with
-    the border band that width asks for.
+    times ``sig`` (px, the first pass's width), where the patch is too small for its border band
+    (a row or two of columns, fewer than 8 columns clear of the band, or an atom table spread so
+    thinly that the patch's box holds more than four times its columns) or where the joint fit
+    fails. The patch is the :data:`WIDTH_PATCH_ATOMS` columns nearest the atom closest to the
+    middle of the atoms, cut out of the image; every atom in the cut-out is fitted
+    (:func:`.joint.solve_group`, unweighted, from its first-pass position and intensity) and
+    pixels within :data:`PATCH_EDGE_SIGMAS` widths of its border, which hold light of columns
+    outside, are left out. Where the width comes out wider than it started, the fit is repeated
+    from it, with the border band that width asks for.
     """
     fin = np.isfinite(plan.nn)
     if np.count_nonzero(fin) < 8 or not (sig > 0):
@@ -97,32 +100,40 @@ def overlap_width(img: np.ndarray, plan: Plan, sig: float, max_iter: int) -> flo
     if nn_med >= OVERLAP_CHECK_SIGMAS * sig:
         return None
     x, y = plan.x, plan.y
-    d2 = (x - np.median(x)) ** 2 + (y - np.median(y)) ** 2
+    mid = int(np.argmin((x - np.median(x)) ** 2 + (y - np.median(y)) ** 2))
     k = min(WIDTH_PATCH_ATOMS, x.size)
-    core = np.argpartition(d2, k - 1)[:k]
+    core = np.argpartition((x - x[mid]) ** 2 + (y - y[mid]) ** 2, k - 1)[:k]
     ny, nx = img.shape
     x0, y0 = max(int(np.floor(x[core].min())) - 1, 0), max(int(np.floor(y[core].min())) - 1, 0)
     x1, y1 = min(int(np.ceil(x[core].max())) + 2, nx), min(int(np.ceil(y[core].max())) + 2, ny)
     inside = np.flatnonzero((x >= x0) & (x <= x1 - 1) & (y >= y0) & (y <= y1 - 1))
+    if inside.size > 4 * k:
+        return None
     p, ok, _, _ = first_pass(img, plan, inside, max_iter)
     good = ok & np.isfinite(p).all(axis=1) & (p[:, 2] > 0)
     if np.count_nonzero(good) < 8:
         return None
-    p0 = np.column_stack([x[inside] - x0, y[inside] - y0, p[:, 2], p[:, 3]])
+    # first-pass positions where the fit is good: the band's columns are held where they start
+    p0 = np.column_stack([np.where(good, p[:, 0], x[inside]) - x0, np.where(good, p[:, 1], y[inside]) - y0,
+                          p[:, 2], p[:, 3]])
     p0[~good, 2] = float(np.median(p[good, 2]))
     crop = img[y0:y1, x0:x1]
     valid = np.isfinite(crop)
     sigma_max = max(SIGMA_MAX_FACTOR * sig, SIGMA_MAX_FLOOR)
     width = float(sig)
     for _ in range(2):
+        edge = PATCH_EDGE_SIGMAS * width
+        clear = inside_band(p0[:, 0], p0[:, 1], crop.shape, edge)
+        if np.count_nonzero(clear) < 8:
+            return None
         res = solve_group(
             crop, valid, p0, np.zeros((0, 4)), nn_median=nn_med, noise=UNIFORM, radius=FINAL_REACH * width + 0.5,
             prior=(width, 0.0), sigma_max=sigma_max, max_move=0.5 * np.maximum(plan.r_first0[inside], 2.0),
             half=patch_half(min(sigma_max, 2.0 * width)), max_iter=max(max_iter, WIDTH_PATCH_ITER), tol=1e-3,
-            refit_noise=False, edge=PATCH_EDGE_SIGMAS * width,
+            refit_noise=False, edge=edge,
         )
         new = float(res["p"][0, 3])
-        if not (np.isfinite(new) and MIN_SIGMA < new < 0.99 * sigma_max) or np.mean(res["ok"]) < 0.5:
+        if not (np.isfinite(new) and MIN_SIGMA < new < 0.99 * sigma_max) or np.mean(res["ok"][clear]) < 0.5:
             return None
         grew = new > 1.05 * width
         width = new
