@@ -279,12 +279,19 @@ JOINT_START_MIN_REL = 0.01
 
 
 def _joint_start(work: np.ndarray, plan: Plan, p: np.ndarray, ok: np.ndarray, members: np.ndarray, sigma: float) -> np.ndarray:
-    """Starting values of the joint fit: the passes' fits, and for members whose passes failed their seed
-    position, the width ``sigma`` (px) and the peak above the median background times ``2 pi sigma^2``."""
+    """Starting values of the joint fit: the members' seed positions with the passes' intensities
+    and widths, and for members whose passes failed the width ``sigma`` (px) and the peak above the
+    median background times ``2 pi sigma^2``.
+
+    Not the passes' positions: where columns overlap this much the passes (one column at a time)
+    can carry a column several px away (at 3.3 widths apart, 22-94 of 650 columns beyond 1 px,
+    whatever the refits), and the joint fit may move a column only ``max_move`` from its start.
+    """
+    out = p.copy()
+    out[members, 0], out[members, 1] = plan.x[members], plan.y[members]
     bad = members[~ok[members]]
     if bad.size == 0 or not ok.any():
-        return p
-    out = p.copy()
+        return out
     rows = np.clip(np.rint(plan.y[bad]).astype(np.int64), 0, work.shape[0] - 1)
     cols = np.clip(np.rint(plan.x[bad]).astype(np.int64), 0, work.shape[1] - 1)
     bg = float(np.nanmedian(p[ok, 4]))
@@ -510,9 +517,10 @@ def estimate_fit_settings(
        unweighted in windows of half the nearest-neighbour distance. The mean width and the
        spread of the true widths between atoms come from a random-effects (DerSimonian-Laird)
        estimate that discounts the fit errors. Where the nearest-neighbour distance is below
-       6.5 of those widths, the neighbours' tails have made them narrow: the width is measured
-       again by a joint fit of the 256 columns nearest the middle of the atoms, cut out of the
-       image with a border band of 3.5 widths left out.
+       5.5 of those widths, the neighbours' tails may have made them narrow: the width is
+       measured again by a joint fit of the 128 columns nearest the middle of the atoms, cut out
+       of the image with a border band of 3.5 widths left out, and taken where it differs by
+       more than 10 %.
     2. The noise model: up to ``max_noise_atoms`` of them are refitted with their neighbours'
        models subtracted; their squared residuals, each divided by ``1 - leverage`` of its pixel,
        binned by the expected value ``mu`` (column + neighbours + background), are fitted with
