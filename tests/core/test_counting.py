@@ -146,3 +146,17 @@ def test_background_grid_follows_the_support(monkeypatch):
     err = lambda f: np.sqrt(np.mean((f["intensity"] - s.counts) ** 2 / s.counts))  # noqa: E731
     assert err(smooth_fit) < err(fine_smooth)
     np.testing.assert_allclose(lumpy_fit["intensity"], refine_gaussian(lumpy, x0, y0)["intensity"])
+
+
+def test_joint_fit_recovers_columns_the_passes_carried_away():
+    # columns 3.3 widths apart: the passes (one column at a time) carry some columns several px
+    # off; those start the joint fit from their seeds (one stayed 3.5 px off when it started
+    # where the passes left it)
+    s = particle_sample(shape=384, width=0.30, seed=0)
+    rng = np.random.default_rng(0)
+    x0, y0 = s.x + rng.normal(0, 0.3, s.n_atoms), s.y + rng.normal(0, 0.3, s.n_atoms)
+    r = refine_gaussian(s.image, x0, y0)
+    assert r["joint"].all()
+    assert np.hypot(r["x"] - s.x, r["y"] - s.y).max() < 1.0
+    z = np.r_[(r["x"] - s.x) / r["x_err"], (r["y"] - s.y) / r["y_err"]]
+    assert 0.8 < np.std(z) < 1.25
