@@ -127,3 +127,19 @@ def test_a_class_of_blobs_at_no_shared_offsets_is_not_a_sublattice():
     p = samples.perovskite_sample(shape=(160, 160), dose=2000.0, spacing=16.0, seed=3)
     rp = find.find_atoms(p.image)
     assert rp.params["n_sublattices"] == 2 and "first_pass" in rp.params and moved(rp) == 0
+
+
+def test_enclosed_sites_are_within_the_lattice_not_beyond_its_edge():
+    from atomds.core.find.residual import enclosed, lattice_translations
+
+    # a square lattice (16 px) filling x < 100 of a 200 x 200 image, running on past its top border
+    gx, gy = np.meshgrid(np.arange(8.0, 100.0, 16.0), np.arange(0.0, 200.0, 16.0))
+    keep = ~((gx == 56.0) & (gy == 96.0))  # one column missing inside
+    x, y = gx[keep], gy[keep]
+    t = lattice_translations(x, y, 16.0)
+    pts = np.array([[56.0, 96.0],    # the missing column: columns both ways
+                    [104.0, 96.0],   # one row beyond the lattice's edge, on the support
+                    [136.0, 96.0],   # three rows beyond
+                    [40.0, 0.0]])    # the top row, whose upward neighbours lie beyond the image border
+    got = enclosed(x, y, pts[:, 0], pts[:, 1], 16.0, np.full(4, 0.3), t, shape=(200, 200))
+    np.testing.assert_array_equal(got, [True, False, False, True])

@@ -397,8 +397,49 @@ def _on_lattice(cx, cy, cz, zmin: float, fx, fy, spacing: float, *, sigma: float
     ax, ay = np.r_[fx, sx], np.r_[fy, sy]
     cw, yw, zw = cx[weak], cy[weak], cz[weak]
     tol = np.clip(SITE_POSITION_SD * np.sqrt(2.0) * sigma / np.maximum(zw, 1e-6) / spacing, SITE_TOL, SITE_TOL_MAX)
-    on_w = translation_supported(ax, ay, cw, yw, spacing, tol=tol)
+    on_w = translation_supported(ax, ay, cw, yw, spacing)
+    # ... but that wider tolerance only within the lattice: a site with columns (or the image's
+    # border) both ways along a translation. Beyond the edge of a particle, where the translations
+    # from its outer columns predict sites on the support, specks of the support fell within it.
+    wide = ~on_w & (tol > SITE_TOL)
+    if np.any(wide):
+        t = lattice_translations(ax, ay, spacing)
+        wide[wide] = translation_supported(ax, ay, cw[wide], yw[wide], spacing, tol=tol[wide], translations=t)
+        wide[wide] = enclosed(ax, ay, cw[wide], yw[wide], spacing, tol[wide], t, shape)
+        on_w |= wide
     return np.r_[sx, cx[weak][on_w]], np.r_[sy, cy[weak][on_w]], np.r_[sz, cz[weak][on_w]]
+
+
+def enclosed(x, y, cx, cy, spacing: float, tol: np.ndarray, translations: np.ndarray,
+             shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Whether each point ``(cx, cy)`` lies within the lattice of the columns ``(x, y)``, not beyond its edge.
+
+    Within: for some of the shortest translations ``T`` (of ``translations``, which hold both
+    signs; up to 1.5 times the shortest), ``p + T`` and ``p - T`` each hold a column within ``tol``
+    spacings (one per point) or lie outside an image of ``shape``, and at least one of them holds
+    a column. A site one row beyond the lattice's edge has columns one way only (a longer
+    translation could reach past a strip of support to the image's border).
+    """
+    from scipy.spatial import cKDTree
+
+    cx, cy = np.asarray(cx, dtype=np.float64), np.asarray(cy, dtype=np.float64)
+    t = np.asarray(translations, dtype=np.float64)
+    if cx.size == 0 or t.shape[0] == 0:
+        return np.zeros(cx.size, dtype=bool)
+    length = np.hypot(t[:, 0], t[:, 1])
+    t = t[length <= 1.5 * length.min()]
+    probe = np.c_[cx, cy][:, None, :] + t[None, :, :]
+    dist, _ = cKDTree(np.c_[x, y]).query(probe.reshape(-1, 2))
+    hit = dist.reshape(cx.size, t.shape[0]) <= (np.asarray(tol, dtype=np.float64) * spacing)[:, None]
+    if shape is None:
+        out = np.zeros_like(hit)
+    else:
+        ny, nx = shape
+        out = ~((probe[..., 0] >= -0.5) & (probe[..., 0] <= nx - 0.5) & (probe[..., 1] >= -0.5) & (probe[..., 1] <= ny - 0.5))
+    # the index of -T for each T
+    opp = cKDTree(t).query(-t)[1]
+    fine = hit | out
+    return np.any(fine & fine[:, opp] & (hit | hit[:, opp]), axis=1)
 
 
 def lattice_translations(x, y, spacing: float) -> np.ndarray:
