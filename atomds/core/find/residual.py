@@ -398,27 +398,42 @@ def _on_lattice(cx, cy, cz, zmin: float, fx, fy, spacing: float, *, sigma: float
     cw, yw, zw = cx[weak], cy[weak], cz[weak]
     tol = np.clip(SITE_POSITION_SD * np.sqrt(2.0) * sigma / np.maximum(zw, 1e-6) / spacing, SITE_TOL, SITE_TOL_MAX)
     on_w = translation_supported(ax, ay, cw, yw, spacing)
-    # ... but that wider tolerance only within the lattice: a site with columns (or the image's
-    # border) both ways along a translation. Beyond the edge of a particle, where the translations
-    # from its outer columns predict sites on the support, specks of the support fell within it.
+    # ... but that wider tolerance only within the lattice: inside the convex hull of the columns
+    # found, or with columns (or the image's border) both ways along a translation. Beyond the
+    # edge of a particle, where the translations from its outer columns predict sites on the
+    # support, specks of the support fell within it.
     wide = ~on_w & (tol > SITE_TOL)
     if np.any(wide):
         t = lattice_translations(ax, ay, spacing)
         wide[wide] = translation_supported(ax, ay, cw[wide], yw[wide], spacing, tol=tol[wide], translations=t)
-        wide[wide] = enclosed(ax, ay, cw[wide], yw[wide], spacing, tol[wide], t, shape)
-        on_w |= wide
+        outside = wide.copy()
+        outside[wide] = ~_in_hull(ax, ay, cw[wide], yw[wide])
+        outside[outside] = ~enclosed(ax, ay, cw[outside], yw[outside], spacing, tol[outside], t, shape)
+        on_w |= wide & ~outside
     return np.r_[sx, cx[weak][on_w]], np.r_[sy, cy[weak][on_w]], np.r_[sz, cz[weak][on_w]]
+
+
+def _in_hull(x, y, cx, cy) -> np.ndarray:
+    """Whether the points ``(cx, cy)`` lie inside the convex hull of the points ``(x, y)``."""
+    from scipy.spatial import Delaunay, QhullError
+
+    try:
+        tri = Delaunay(np.c_[x, y])
+    except (QhullError, ValueError):  # too few or collinear columns: no hull to be inside
+        return np.zeros(np.size(cx), dtype=bool)
+    return tri.find_simplex(np.c_[cx, cy]) >= 0
 
 
 def enclosed(x, y, cx, cy, spacing: float, tol: np.ndarray, translations: np.ndarray,
              shape: tuple[int, int] | None = None) -> np.ndarray:
     """Whether each point ``(cx, cy)`` lies within the lattice of the columns ``(x, y)``, not beyond its edge.
 
-    Within: for some of the shortest translations ``T`` (of ``translations``, which hold both
-    signs; up to 1.5 times the shortest), ``p + T`` and ``p - T`` each hold a column within ``tol``
-    spacings (one per point) or lie outside an image of ``shape``, and at least one of them holds
-    a column. A site one row beyond the lattice's edge has columns one way only (a longer
-    translation could reach past a strip of support to the image's border).
+    Within: for some translation ``T`` (of ``translations``, which hold both signs), ``p + T`` and
+    ``p - T`` each hold a column within ``tol`` spacings (one per point); or, for one of the
+    shortest translations (up to 1.5 times the shortest), one holds a column and the other lies
+    outside an image of ``shape`` (the outermost row of a lattice running on past the border; a
+    longer translation could reach past a strip of support to the border). A site one row beyond
+    the lattice's edge has columns one way only.
     """
     from scipy.spatial import cKDTree
 
@@ -427,7 +442,7 @@ def enclosed(x, y, cx, cy, spacing: float, tol: np.ndarray, translations: np.nda
     if cx.size == 0 or t.shape[0] == 0:
         return np.zeros(cx.size, dtype=bool)
     length = np.hypot(t[:, 0], t[:, 1])
-    t = t[length <= 1.5 * length.min()]
+    short = length <= 1.5 * length.min()
     probe = np.c_[cx, cy][:, None, :] + t[None, :, :]
     dist, _ = cKDTree(np.c_[x, y]).query(probe.reshape(-1, 2))
     hit = dist.reshape(cx.size, t.shape[0]) <= (np.asarray(tol, dtype=np.float64) * spacing)[:, None]
@@ -436,10 +451,10 @@ def enclosed(x, y, cx, cy, spacing: float, tol: np.ndarray, translations: np.nda
     else:
         ny, nx = shape
         out = ~((probe[..., 0] >= -0.5) & (probe[..., 0] <= nx - 0.5) & (probe[..., 1] >= -0.5) & (probe[..., 1] <= ny - 0.5))
-    # the index of -T for each T
-    opp = cKDTree(t).query(-t)[1]
-    fine = hit | out
-    return np.any(fine & fine[:, opp] & (hit | hit[:, opp]), axis=1)
+    opp = cKDTree(t).query(-t)[1]  # the index of -T for each T
+    both = hit & hit[:, opp]
+    edge = short[None, :] & ((hit & out[:, opp]) | (out & hit[:, opp]))
+    return np.any(both | edge, axis=1)
 
 
 def lattice_translations(x, y, spacing: float) -> np.ndarray:
