@@ -26,6 +26,7 @@ from ..core.neighbors import nearest_spacing
 from ..core.preprocess import CONTRASTS, turn_over
 from ..core.refine.joint import overlapping
 from ..core.refine.residual import refine_and_complete
+from ..core.refine.settings import overlap_judging_width
 from ..errors import InvalidParameterError
 from ..params import note_fallback, record_params, step_params
 from ._common import annotate, image_dataarray, is_dask, length_units, pixel_size, require_vars, sublattice_flags
@@ -364,7 +365,7 @@ def refine(
         params["estimated"] = {
             "sigma": settings["sigma"] * ps,
             "sigma_spread": settings["sigma_spread"] * ps,
-            "sigma_first_pass": settings.get("sigma_first_pass", settings["sigma"]) * ps,
+            "sigma_first_pass": overlap_judging_width(settings) * ps,
             "window_radius": settings["window_radius"] * ps,
             "gain": settings["gain"],
             "read_noise": settings["read_noise"],
@@ -449,8 +450,7 @@ def _search_missing(find_missing: bool | str, model: str, subtraction: bool, xp,
     # "auto": where columns overlap as a rule (most of them), as on a particle whose columns are
     # wider than a fifth of their distance; one close pair on a well-separated lattice is no reason
     # (judged, as the joint fit is, by the first pass's width: estimate_fit_settings)
-    width = float(settings.get("sigma_first_pass", settings["sigma"]))
-    return bool(overlapping(cr.nearest_neighbor_distance(xp, yp), width).mean() > 0.5)
+    return bool(overlapping(cr.nearest_neighbor_distance(xp, yp), overlap_judging_width(settings)).mean() > 0.5)
 
 
 def _with_added_atoms(ds: xr.Dataset, x: np.ndarray, y: np.ndarray) -> xr.Dataset:

@@ -15,7 +15,15 @@ from typing import Any
 import numpy as np
 
 from .blobs import local_reference
-from .constants import CLASS_AGREEMENT, CLASS_BORDER_WIDTHS, CLASS_CONFIDENT, CLASS_KEEP, CLASS_OUTLIER, MIN_FITTED
+from .constants import (
+    BRIGHT_QUANTILE,
+    CLASS_AGREEMENT,
+    CLASS_BORDER_WIDTHS,
+    CLASS_CONFIDENT,
+    CLASS_KEEP,
+    CLASS_OUTLIER,
+    MIN_FITTED,
+)
 
 __all__ = ["classify_columns", "kmeans_labels", "column_classes", "final_labels", "fitted_classes", "class_features",
            "fisher_separation", "labels_digest"]
@@ -387,7 +395,11 @@ def class_features(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
     ys = np.where(np.isfinite(y), y, np.median(y[inner]))
     feats = []
     for v in (a_f, a_f * w_f**2):
-        ref, glob = local_reference(xs, ys, v, spacing, use=inner)
-        feats.append(np.log(np.maximum(v / np.maximum(ref if local else glob, 1e-300), 1e-6)))
+        ref: np.ndarray | float
+        if local:
+            ref = local_reference(xs, ys, v, spacing, use=inner)[0]
+        else:  # the image-wide reference of local_reference, without the cells it would discard
+            ref = float(np.quantile(v[inner & np.isfinite(v)], BRIGHT_QUANTILE))
+        feats.append(np.log(np.maximum(v / np.maximum(ref, 1e-300), 1e-6)))
     # a failed fit sits with the bright columns (features 0) until earlier classes say otherwise
     return np.where(ok[:, None], np.column_stack(feats), 0.0), inner, ok

@@ -397,20 +397,26 @@ def _on_lattice(cx, cy, cz, zmin: float, fx, fy, spacing: float, *, sigma: float
     ax, ay = np.r_[fx, sx], np.r_[fy, sy]
     cw, yw, zw = cx[weak], cy[weak], cz[weak]
     tol = np.clip(SITE_POSITION_SD * np.sqrt(2.0) * sigma / np.maximum(zw, 1e-6) / spacing, SITE_TOL, SITE_TOL_MAX)
-    on_w = translation_supported(ax, ay, cw, yw, spacing)
+    t = lattice_translations(ax, ay, spacing)
+    on_w = translation_supported(ax, ay, cw, yw, spacing, translations=t)
     # ... but that wider tolerance only within the lattice: inside the convex hull of the columns
     # found, or with columns (or the image's border) both ways along a translation. Beyond the
     # edge of a particle, where the translations from its outer columns predict sites on the
     # support, specks of the support fell within it.
     wide = ~on_w & (tol > SITE_TOL)
     if np.any(wide):
-        t = lattice_translations(ax, ay, spacing)
         wide[wide] = translation_supported(ax, ay, cw[wide], yw[wide], spacing, tol=tol[wide], translations=t)
         outside = wide.copy()
         outside[wide] = ~_in_hull(ax, ay, cw[wide], yw[wide])
         outside[outside] = ~enclosed(ax, ay, cw[outside], yw[outside], spacing, tol[outside], t, shape)
         on_w |= wide & ~outside
     return np.r_[sx, cx[weak][on_w]], np.r_[sy, cy[weak][on_w]], np.r_[sz, cz[weak][on_w]]
+
+
+def _in_image(xy: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Whether the points ``xy`` (..., 2: x, y; px) fall on a pixel of an image of ``shape``."""
+    ny, nx = shape
+    return (xy[..., 0] >= -0.5) & (xy[..., 0] <= nx - 0.5) & (xy[..., 1] >= -0.5) & (xy[..., 1] <= ny - 0.5)
 
 
 def _in_hull(x, y, cx, cy) -> np.ndarray:
@@ -446,11 +452,7 @@ def enclosed(x, y, cx, cy, spacing: float, tol: np.ndarray, translations: np.nda
     probe = np.c_[cx, cy][:, None, :] + t[None, :, :]
     dist, _ = cKDTree(np.c_[x, y]).query(probe.reshape(-1, 2))
     hit = dist.reshape(cx.size, t.shape[0]) <= (np.asarray(tol, dtype=np.float64) * spacing)[:, None]
-    if shape is None:
-        out = np.zeros_like(hit)
-    else:
-        ny, nx = shape
-        out = ~((probe[..., 0] >= -0.5) & (probe[..., 0] <= nx - 0.5) & (probe[..., 1] >= -0.5) & (probe[..., 1] <= ny - 0.5))
+    out = np.zeros_like(hit) if shape is None else ~_in_image(probe, shape)
     opp = cKDTree(t).query(-t)[1]  # the index of -T for each T
     both = hit & hit[:, opp]
     edge = short[None, :] & ((hit & out[:, opp]) | (out & hit[:, opp]))
@@ -533,10 +535,7 @@ def translation_sites(x, y, cx, cy, spacing: float, *, tol: float | np.ndarray =
         sy = np.where(n > 0, (pred[:, :, 1] * hit).sum(axis=1) / np.maximum(n, 1), cy)
     need = np.full(cx.size, min(SITE_MATCHES, t.shape[0]))
     if shape is not None:
-        ny, nx = shape
-        inside = (probe[:, :, 0] >= -0.5) & (probe[:, :, 0] <= nx - 0.5) & (probe[:, :, 1] >= -0.5) & (
-            probe[:, :, 1] <= ny - 0.5)
-        need = np.maximum(need - (~inside).sum(axis=1), np.minimum(need, 2))
+        need = np.maximum(need - (~_in_image(probe, shape)).sum(axis=1), np.minimum(need, 2))
     return n >= need, sx, sy
 
 

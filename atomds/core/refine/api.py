@@ -25,7 +25,7 @@ from .models import MODELS, Elliptical, Isotropic, get_model
 from .noise import UNIFORM, Noise, parse_noise
 from .passes import NeighborModels, first_pass, later_pass, physical
 from .plan import Plan, auto_refits, chunk_size, first_radius
-from .settings import estimate_settings
+from .settings import estimate_settings, overlap_judging_width
 
 try:  # a dependency of scikit-learn; BLAS threads only slow down the many tiny matrix products here
     from threadpoolctl import threadpool_limits as _threadpool_limits
@@ -250,7 +250,7 @@ def _refine(
         n_later = int(n_refits)
     # which columns overlap is judged by the first pass's width, as JOINT_NN_SIGMAS was set; where
     # that width is narrow (overlap_width) the corrected one only sets the passes' width prior
-    members = _joint_members(plan, mdl, float(st.get("sigma_first_pass", sigma)), joint)
+    members = _joint_members(plan, mdl, overlap_judging_width(st), joint)
     if members is None:
         p, ok, it, h, m = _passes(work, plan, mdl, sel, n_later, nz, max_iter, tol)
         return _results(img, plan, mdl, sel, p, ok, it, h, m)
@@ -261,7 +261,7 @@ def _refine(
     res = fit_joint(
         work, p, ok, members, nn_median=float(np.median(plan.nn[np.isfinite(plan.nn)])), noise=UNIFORM if nz is None else nz,
         radius=float(st["window_radius"]), prior=plan.prior, sigma_max=plan.sigma_max,
-        max_move=0.5 * np.maximum(plan.r_first0, 2.0), max_iter=max(max_iter, JOINT_MIN_ITER), tol=tol,
+        max_move=plan.max_move, max_iter=max(max_iter, JOINT_MIN_ITER), tol=tol,
         refit_noise=noise_estimated,
     )
     out = _results(img, plan, mdl, every, p, ok, it, h, m)
@@ -297,7 +297,7 @@ def _joint_start(work: np.ndarray, plan: Plan, p: np.ndarray, ok: np.ndarray, me
     """
     out = p.copy()
     moved = np.hypot(p[members, 0] - plan.x[members], p[members, 1] - plan.y[members])
-    far = members[~(moved <= JOINT_START_MOVED * 0.5 * np.maximum(plan.r_first0[members], 2.0))]
+    far = members[~(moved <= JOINT_START_MOVED * plan.max_move[members])]
     out[far, 0], out[far, 1] = plan.x[far], plan.y[far]
     bad = members[~ok[members]]
     if bad.size == 0 or not ok.any():
@@ -352,7 +352,7 @@ def _passes(work, plan: Plan, mdl: Isotropic | Elliptical, sel, n_later: int, nz
     pool = sets[0]
     p_cur, ok_cur, it_cur, _ = first_pass(work, plan, pool, max_iter)
     cur: Isotropic | Elliptical = Isotropic()
-    max_move = 0.5 * np.maximum(plan.r_first0, 2.0)
+    max_move = plan.max_move
     for idx in sets[1:]:
         pos = np.searchsorted(pool, idx)
         start = p_cur[pos].copy()

@@ -117,7 +117,7 @@ def first_pass(image, plan: Plan, idx, max_iter: int, want_errors: bool = False)
     start = np.zeros((idx.size, 5))
     start[:, 0], start[:, 1] = plan.x[idx], plan.y[idx]
     p, chi2, h, it, m, _ = run_pass(image, idx, start, np.ones(idx.size, bool), spec)
-    ok = physical(spec.model, p, plan.x[idx], plan.y[idx], 0.5 * np.maximum(plan.r_first0[idx], 2.0), r[idx])
+    ok = physical(spec.model, p, plan.x[idx], plan.y[idx], plan.max_move[idx], r[idx])
     sig_err = None
     if want_errors:
         with np.errstate(invalid="ignore"):

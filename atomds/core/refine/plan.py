@@ -103,6 +103,9 @@ class Plan:
         self.nn = nearest_neighbor_distance(x, y)
         self.r_first0 = first_radius(x, y, self.nn, window, image.shape)
         self.r_first = self.r_first0
+        #: Largest distance a fit may carry each column from its seed, px: half its first window
+        #: (a quarter of the nearest-neighbour distance), at least 1 px.
+        self.max_move = 0.5 * np.maximum(self.r_first0, 2.0)
         self.window = window
         self.neighbor_subtraction = neighbor_subtraction
         self.compiled = compiled

@@ -19,7 +19,7 @@ from .noise import UNIFORM, Noise, fit_variance
 from .passes import NeighborModels, first_pass, later_pass
 from .plan import Plan, info_radius, sample_indices
 
-__all__ = ["estimate_settings", "width_population", "overlap_width", "settings_dict"]
+__all__ = ["estimate_settings", "width_population", "overlap_width", "overlap_judging_width", "settings_dict"]
 
 
 def estimate_settings(
@@ -131,7 +131,7 @@ def overlap_width(img: np.ndarray, plan: Plan, sig: float, max_iter: int) -> flo
             return None
         res = solve_group(
             crop, valid, p0, np.zeros((0, 4)), nn_median=nn_med, noise=UNIFORM, radius=FINAL_REACH * width + 0.5,
-            prior=(width, 0.0), sigma_max=sigma_max, max_move=0.5 * np.maximum(plan.r_first0[inside], 2.0),
+            prior=(width, 0.0), sigma_max=sigma_max, max_move=plan.max_move[inside],
             half=patch_half(min(sigma_max, 2.0 * width)), max_iter=max(max_iter, WIDTH_PATCH_ITER), tol=1e-3,
             refit_noise=False, edge=edge,
         )
@@ -187,6 +187,13 @@ def width_population(sig: np.ndarray, err: np.ndarray) -> tuple[float, float]:
     tau2 = max(0.0, (q - (s.size - 1)) / denom) if denom > 0 else 0.0
     wr = 1.0 / (v + tau2)
     return float(np.sum(wr * s) / np.sum(wr)), float(math.sqrt(tau2))
+
+
+def overlap_judging_width(settings: dict[str, Any]) -> float:
+    """The width (px) that decides which columns overlap (the joint fit, ``find_missing="auto"``): the
+    first pass's (``sigma_first_pass``), as :data:`~.joint.JOINT_NN_SIGMAS` was set; ``sigma`` for
+    settings without it (given by hand, or from before it was recorded)."""
+    return float(settings.get("sigma_first_pass", settings["sigma"]))
 
 
 def settings_dict(sig: float, tau: float, radius: float, nz: Noise, first: float | None = None) -> dict[str, Any]:
