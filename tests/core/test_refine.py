@@ -486,3 +486,66 @@ def test_a_given_width_decides_the_joint_fit_even_with_estimated_settings():
     assert refine.refine_gaussian(image, x, y, settings=st)["joint"].any()
     # columns 7.2 px apart at a given width of 1 px are well apart: no joint fit
     assert not refine.refine_gaussian(image, x, y, settings=st, sigma=1.0)["joint"].any()
+
+
+def test_counts_and_width_where_the_lattice_runs_past_the_border():
+    # columns 3.9 widths apart, the lattice running on past the image border: the light of the
+    # columns beyond it, which no seed models, pulled the shared width and with it every column's
+    # counts (noise-free: width 0.92 and counts 0.77-0.80 of the truth); the border band leaves it out
+    image, x, y = _filled_lattice("hexagonal", 3.9, 4000.0, 0.1, shape=160, noise=False)
+    r = refine.refine_gaussian(image, x, y)
+    assert r["joint"].all() and r["fit_ok"].all()
+    assert np.median(r["sigma"]) == pytest.approx(2.0, rel=0.01)
+    assert np.median(r["intensity"]) == pytest.approx(4000.0, rel=0.02)
+    # clear of the band (7 px) and of the columns whose windows reach into it, which are fitted with
+    # every pixel (and the light from beyond the border) at the width of the others
+    inner = np.minimum.reduce([x, y, 159 - x, 159 - y]) > 16.0
+    assert np.abs(r["x"] - x)[inner].max() < 0.02
+
+
+def test_conjugate_gradient_step_equals_the_factorised_one():
+    # a joint group's damped step beyond DENSE_STEP_MAX parameters is solved by conjugate gradients
+    import scipy.sparse as sp
+
+    import atomds.core.refine.joint as J
+
+    rng = np.random.default_rng(0)
+    n_col, m = 160, 12
+    size = 3 * n_col + 1 + m
+    assert 3 * n_col > J.DENSE_STEP_MAX
+    a = sp.random(size, size, density=0.01, random_state=1, format="lil")
+    a[:, 3 * n_col] = rng.normal(size=(size, 1))  # the shared width couples to everything
+    a = a.tocsc()
+    h = sp.csc_matrix(a @ a.T + sp.diags(rng.uniform(1.0, 5.0, size)))
+    g = rng.normal(size=size)
+    held = rng.random((n_col, 3)) < 0.1
+    step = J._damped_step(h, g, 1e-3, held)
+    free = np.r_[~held.ravel(), np.ones(1 + m, bool)]
+    hd = (h + sp.diags(1e-3 * h.diagonal())).toarray()
+    want = np.linalg.solve(hd[np.ix_(free, free)], g[free])
+    np.testing.assert_allclose(step[free], want, rtol=1e-6, atol=1e-9 * np.abs(want).max())
+    assert np.all(step[~free] == 0)
+
+
+def test_a_subset_fits_only_its_neighbourhood_jointly(monkeypatch):
+    # a Dask chunk or the neighbourhood of an added column: fitting every overlapping column of the
+    # image for each chunk cost the whole image's joint fit per chunk
+    import atomds.core.refine.api as A
+
+    image, x, y = _filled_lattice("hexagonal", 3.9, 4000.0, 0.1, shape=192)
+    st = refine.estimate_fit_settings(image, x, y)
+    full = refine.refine_gaussian(image, x, y, settings=st)
+    sizes: list[int] = []
+    fit = A.fit_joint
+
+    def spy(*a, **k):
+        sizes.append(int(np.size(a[3])))
+        return fit(*a, **k)
+
+    monkeypatch.setattr(A, "fit_joint", spy)
+    sub = np.flatnonzero(np.hypot(x - 96, y - 96) < 12)
+    part = refine.refine_gaussian(image, x, y, settings=st, subset=sub)
+    assert sizes and max(sizes) < x.size / 4
+    assert part["joint"].all()
+    assert np.all(np.abs(part["x"] - full["x"][sub]) < 0.75 * full["x_err"][sub])
+    np.testing.assert_allclose(part["x_err"], full["x_err"][sub], rtol=0.15)

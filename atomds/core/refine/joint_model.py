@@ -85,10 +85,12 @@ class BackgroundGrid:
 
 def pixel_set(
     shape: tuple[int, int], x: np.ndarray, y: np.ndarray, radius: float, valid: np.ndarray, edge: float = 0.0,
+    box: tuple[float, float, float, float] | None = None,
 ) -> PixelSet:
     """Pixels within ``radius`` px of any of the columns ``x``, ``y`` (px) where ``valid`` (bool image),
-    at least ``edge`` px from the image border (pixel centres)."""
+    at least ``edge`` px inside the image border, or inside ``box`` (x0, y0, x1, y1, px; pixel centres)."""
     ny, nx = shape
+    bx0, by0, bx1, by1 = (0.0, 0.0, nx - 1.0, ny - 1.0) if box is None else box
     h = int(math.ceil(radius + 0.5))
     off = np.arange(-h, h + 1)
     dy, dx = np.meshgrid(off, off, indexing="ij")
@@ -97,7 +99,7 @@ def pixel_set(
     rr = (cy[:, None] + dy[disc][None, :]).ravel()
     cc = (cx[:, None] + dx[disc][None, :]).ravel()
     e = max(float(edge), 0.0)
-    keep = (rr >= e) & (rr <= ny - 1 - e) & (cc >= e) & (cc <= nx - 1 - e)
+    keep = (rr >= max(by0 + e, 0)) & (rr <= min(by1 - e, ny - 1)) & (cc >= max(bx0 + e, 0)) & (cc <= min(bx1 - e, nx - 1))
     flat = np.unique(rr[keep] * nx + cc[keep])
     flat = flat[valid.ravel()[flat]]
     return PixelSet((int(ny), int(nx)), flat.astype(np.int64))
