@@ -197,7 +197,9 @@ def refine_and_complete(
     intensity (:func:`no_columns`; later rounds drop none); each round searches the residual (:func:`missing_columns`),
     refits with the candidates and keeps those that :func:`significant_new` accepts (refitting
     once more without the others, which are not searched again); up to ``max_rounds`` rounds,
-    until a round neither drops nor finds anything.
+    until a round neither drops nor finds anything. The rounds refit only the neighbourhood of
+    each change (:func:`refit_near`); where anything changed, the final columns are fitted once
+    more as a whole.
 
     Parameters
     ----------
@@ -242,13 +244,18 @@ def refine_and_complete(
     rejected = np.zeros((0, 2))
     info: dict = {"rounds": 0, "n_new": 0, "n_rejected": 0, "n_no_column": 0, "z_threshold": float("nan"),
                   "min_intensity_z": float(min_z)}
+
+    def refit(px, py, prev, changed):
+        return refit_near(image, px, py, prev, changed, settings=settings, **kw)
+
     for _ in range(int(max_rounds)):
         n_alive = int(alive.sum())
         dead = no_columns(fit, n_alive, min_z=min_z) if info["rounds"] == 0 else np.zeros(n_alive, bool)
+        gone = np.column_stack([xs[:n_alive][dead], ys[:n_alive][dead]])
         if dead.any():
             idx = np.flatnonzero(alive)
             alive[idx[dead]] = False
-            rejected = np.vstack([rejected, np.column_stack([xs[: n_alive][dead], ys[: n_alive][dead]])])
+            rejected = np.vstack([rejected, gone])
             live = np.r_[~dead, np.ones(xs.size - n_alive, bool)]
             xs, ys = xs[live], ys[live]
             fit = {k: np.asarray(v)[live] for k, v in fit.items()}
@@ -257,22 +264,78 @@ def refine_and_complete(
         info["z_threshold"] = found["z_threshold"]
         if cx.size == 0:
             if dead.any():
-                fit = refine_gaussian(image, xs, ys, settings=settings, **kw)
+                fit = refit(xs, ys, fit, gone)
             break
-        trial = refine_gaussian(image, np.r_[xs, cx], np.r_[ys, cy], settings=settings, **kw)
+        trial = refit(np.r_[xs, cx], np.r_[ys, cy], fit, np.vstack([gone, np.column_stack([cx, cy])]))
         keep = significant_new(trial, xs.size, min_z=min_z)
         rejected = np.vstack([rejected, np.column_stack([cx[~keep], cy[~keep]])])
         if not keep.any():
             if dead.any():
-                fit = refine_gaussian(image, xs, ys, settings=settings, **kw)
+                fit = refit(xs, ys, fit, gone)
             break
+        rows = np.r_[np.arange(xs.size), xs.size + np.flatnonzero(keep)]
         xs, ys = np.r_[xs, cx[keep]], np.r_[ys, cy[keep]]
-        fit = trial if keep.all() else refine_gaussian(image, xs, ys, settings=settings, **kw)
+        kept = {k: np.asarray(v)[rows] for k, v in trial.items()}
+        fit = kept if keep.all() else refit(xs, ys, kept, np.column_stack([cx[~keep], cy[~keep]]))
     n_alive = int(alive.sum())
+    if xs.size != n0 or not alive.all():
+        # the rounds refitted each change's neighbourhood; the final columns are fitted as a whole
+        # (the others were fitted beside the missing columns and without the dropped ones, which
+        # moved the shared width of their group)
+        fit = refine_gaussian(image, xs, ys, settings=settings, **kw)
     info["n_new"] = int(xs.size - n_alive)
     info["n_rejected"] = int(rejected.shape[0]) - int(n0 - n_alive)
     info["n_no_column"] = int(n0 - n_alive)
     return _with_dropped(fit, alive), xs[n_alive:], ys[n_alive:], info
+
+
+#: After columns are added or dropped, the atoms within this many median nearest-neighbour
+#: distances of them are fitted again (their neighbours' light moved); the others keep their fits.
+REFIT_NN = 2.0
+#: ... unless they are more than this share of the atoms: then all are fitted again.
+REFIT_ALL_SHARE = 0.5
+
+
+def refit_near(
+    image: np.ndarray, x: np.ndarray, y: np.ndarray, prev: dict[str, np.ndarray], changed: np.ndarray, *,
+    settings: dict, **kw,
+) -> dict[str, np.ndarray]:
+    """The fit of the atoms ``x``, ``y`` (px) after columns were added or dropped at ``changed`` (k, 2; px).
+
+    ``prev`` holds a fit of the first ``len(prev["x"])`` atoms, made before the change; the atoms
+    within :data:`REFIT_NN` median nearest-neighbour distances of a change (and every atom beyond
+    ``prev``) are fitted again (:func:`atomds.core.refine.refine_gaussian` on that ``subset``, their
+    neighbours as far as needed), the others keep ``prev``: enough to judge the new columns, where a
+    fit of every atom for each round of the search repeated the whole image's joint fit (4 of them
+    on a 512 px lattice 3.9 widths apart; :func:`refine_and_complete` fits the final columns once as
+    a whole). More than :data:`REFIT_ALL_SHARE` of the atoms: all are fitted again.
+    """
+    from .api import refine_gaussian
+    from .grid import nearest_neighbor_distance
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    n_prev = int(np.size(prev["x"]))
+    changed = np.asarray(changed, float).reshape(-1, 2)
+    if changed.shape[0] == 0 and n_prev == x.size:
+        return prev
+    nn = nearest_neighbor_distance(x, y)
+    nn_med = float(np.median(nn[np.isfinite(nn)])) if np.isfinite(nn).any() else 0.0
+    near = np.zeros(x.size, bool)
+    near[n_prev:] = True
+    if changed.shape[0] and nn_med > 0:
+        d = cKDTree(changed).query(np.column_stack([x, y]), distance_upper_bound=REFIT_NN * nn_med)[0]
+        near |= np.isfinite(d)
+    if near.mean() > REFIT_ALL_SHARE:
+        return refine_gaussian(image, x, y, settings=settings, **kw)
+    part = refine_gaussian(image, x, y, settings=settings, subset=np.flatnonzero(near), **kw)
+    out: dict[str, np.ndarray] = {}
+    for k, v in part.items():
+        old = np.asarray(prev[k])
+        full = np.zeros((x.size,) + old.shape[1:], dtype=np.result_type(old.dtype, np.asarray(v).dtype))
+        full[:n_prev] = old
+        full[near] = v
+        out[k] = full
+    return out
 
 
 def _with_dropped(fit: dict[str, np.ndarray], alive: np.ndarray) -> dict[str, np.ndarray]:
