@@ -12,8 +12,8 @@ likelihood at convergence). Columns outside the group enter at their fitted para
 about :data:`JOINT_TILE_ATOMS` columns, each fitted with a margin of free columns around it and
 its own width. Pixels within :data:`EDGE_SIGMAS` widths
 of the image border (or of a tile's box) are left out of these fits: they hold light of columns
-beyond it, which nothing models; the columns near the border are fitted afterwards at the shared
-width. Steps of large groups are solved by conjugate gradients (:func:`_pcg`).
+beyond it, which nothing models; the columns near the border are fitted afterwards at their
+tile's width. Steps of large groups are solved by conjugate gradients (:func:`_pcg`).
 
 The standard errors come from the inverse of the joint normal matrix: the Cramér-Rao bound of
 the joint model (:func:`atomds.core.crb.crb_joint`), in which a column's position is correlated
@@ -168,9 +168,14 @@ def fit_joint(
         free = members[_within(xy[members], lo, hi)]
         fixed = np.flatnonzero(_within(xy, lo - reach, hi + reach) & ok_all & ~np.isin(np.arange(p_all.shape[0]), free))
         keep = np.isin(free, members[core])
-        box = (max(lo[0], 0.0), max(lo[1], 0.0), min(hi[0], nx - 1.0), min(hi[1], ny - 1.0))
-        boxes.append((free, fixed, keep, box))
+        boxes.append((free, fixed, keep, _band_box(lo, hi, xy[fixed], img.shape)))
     for free, fixed, keep, box in boxes:
+        if not inside_band(p_all[free[keep], 0], p_all[free[keep], 1], img.shape, edge, box).any():
+            # no column of the tile clear of the band (a tiny image, a row along a border): fitted
+            # with every pixel, as before the band
+            res = _best_background(img, valid, p_all[free, :4], p_all[fixed, :4], keep, max_move=max_move[free], **common)
+            _put_tile(out, members, free, keep, res, band, width, p_all, img.shape, 0.0, 0.0, None)
+            continue
         res = _best_background(img, valid, p_all[free, :4], p_all[fixed, :4], keep, max_move=max_move[free],
                                edge=edge, box=box, **common)
         _put_tile(out, members, free, keep, res, band, width, p_all, img.shape, edge, radius, box)
@@ -225,29 +230,50 @@ def _within(xy: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return (xy[:, 0] >= lo[0]) & (xy[:, 0] < hi[0]) & (xy[:, 1] >= lo[1]) & (xy[:, 1] < hi[1])
 
 
+def _band_box(lo: np.ndarray, hi: np.ndarray, beyond: np.ndarray, shape: tuple[int, ...]) -> tuple[float, float, float, float]:
+    """The box (x0, y0, x1, y1; px) whose border band a tile ``[lo, hi)`` leaves out: the image border,
+    and each side of the tile with columns held beyond it (``beyond``, (k, 2) px); a side with
+    none beyond (the edge of a particle, a lone group) is pushed out of the image (no band there)."""
+    ny, nx = int(shape[0]), int(shape[1])
+    far = 1e9
+    bx = beyond[:, 0] if beyond.size else np.zeros(0)
+    by = beyond[:, 1] if beyond.size else np.zeros(0)
+    x0 = max(lo[0], 0.0) if (lo[0] <= 0 or np.any(bx < lo[0])) else -far
+    y0 = max(lo[1], 0.0) if (lo[1] <= 0 or np.any(by < lo[1])) else -far
+    x1 = min(hi[0], nx - 1.0) if (hi[0] >= nx - 1 or np.any(bx >= hi[0])) else far
+    y1 = min(hi[1], ny - 1.0) if (hi[1] >= ny - 1 or np.any(by >= hi[1])) else far
+    return float(x0), float(y0), float(x1), float(y1)
+
+
 def _fit_band(img, valid, p_all, ok_all, members, out, band, width, key_x, key_y, reach, common, max_move) -> None:
-    """Fit the members centred in their tile's border band (``band``), tile by tile, with every
-    other column held at its joint fit (or its passes' fit), the width held at the tile's
-    (``width``) and every pixel, in place in ``out``."""
+    """Fit the members marked ``band`` (centred in their tile's border band, or with pixels of their
+    window in it), tile by tile, with every other column held at its joint fit (or its passes'
+    fit), the width held at the tile's (``width``) and every pixel, in place in ``out`` (where the
+    fit is good, or the tile's was not)."""
     p_cur = p_all[:, :4].copy()
-    done = out["ok"] & ~band
+    ok_cur = ok_all.copy()
+    done = out["ok"]
     p_cur[members[done]] = out["p"][done]
+    ok_cur[members[done]] = True
     xy = p_all[:, :2]
     for kx, ky in sorted(set(zip(key_x[band].tolist(), key_y[band].tolist()))):
         rows = np.flatnonzero(band & (key_x == kx) & (key_y == ky))
         cols = members[rows]
         lo, hi = xy[cols].min(axis=0) - reach, xy[cols].max(axis=0) + reach
-        others = _within(xy, lo, hi + 1e-9) & ok_all
+        others = _within(xy, lo, hi + 1e-9) & ok_cur
         others[cols] = False
         fixed = np.flatnonzero(others)
-        p0 = p_all[cols, :4].copy()
+        p0 = p_cur[cols].copy()
         s_tile = float(width[rows[0]])
         res = solve_group(img, valid, p0, p_cur[fixed], max_move=max_move[cols], fixed_width=True,
                           **dict(common, prior=(s_tile, 0.0)))
+        res["n_iter"] = res["n_iter"] + out["n_iter"][rows]
+        put = res["ok"] | ~out["ok"][rows]
         for k in out:
-            out[k][rows] = res[k]
+            out[k][rows[put]] = res[k][put]
         good = res["ok"]
         p_cur[cols[good]] = res["p"][good]  # the next tiles' band columns see these fits
+        ok_cur[cols[good]] = True
 
 
 def _patch_bound(prior: tuple[float, float] | None, sigma_max: float) -> int:

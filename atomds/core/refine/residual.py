@@ -262,16 +262,12 @@ def refine_and_complete(
         cx, cy, found = missing_columns(image, fit, noise=nz, sigma=float(settings["sigma"]), exclude=rejected)
         info["rounds"] += 1
         info["z_threshold"] = found["z_threshold"]
-        if cx.size == 0:
-            if dead.any():
-                fit = refit(xs, ys, fit, gone)
+        if cx.size == 0:  # (the final fit below covers a drop)
             break
         trial = refit(np.r_[xs, cx], np.r_[ys, cy], fit, np.vstack([gone, np.column_stack([cx, cy])]))
         keep = significant_new(trial, xs.size, min_z=min_z)
         rejected = np.vstack([rejected, np.column_stack([cx[~keep], cy[~keep]])])
         if not keep.any():
-            if dead.any():
-                fit = refit(xs, ys, fit, gone)
             break
         rows = np.r_[np.arange(xs.size), xs.size + np.flatnonzero(keep)]
         xs, ys = np.r_[xs, cx[keep]], np.r_[ys, cy[keep]]
