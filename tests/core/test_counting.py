@@ -167,30 +167,22 @@ def test_joint_fit_recovers_columns_the_passes_carried_away():
     assert 0.8 < np.std(z) < 1.25
 
 
-def test_columns_added_from_the_residual_refit_only_their_neighbourhood(monkeypatch):
+def test_columns_added_from_the_residual_refit_only_their_neighbourhood(joint_group_sizes):
     # each round of the search refitted every column of the image (four joint fits of the whole
     # image); now a round refits the changes' neighbourhoods, and the final columns are fitted once
     # as a whole, as a fit of them all gives them
-    import atomds.core.refine.api as A
     from atomds.core.refine import estimate_fit_settings
 
     s = particle_sample(shape=384, width=0.28, seed=7)
     drop = np.flatnonzero(s.label == 1)[:2]
     keep = np.setdiff1d(np.arange(s.n_atoms), drop)
     st = estimate_fit_settings(s.image, s.x[keep], s.y[keep])
-    sizes: list[int] = []
-    fit = A.fit_joint
-
-    def spy(*a, **k):
-        sizes.append(int(np.size(a[3])))
-        return fit(*a, **k)
-
-    monkeypatch.setattr(A, "fit_joint", spy)
+    sizes = joint_group_sizes
     res, nx, ny, info = refine_and_complete(s.image, s.x[keep], s.y[keep], settings=st)
+    sizes = list(sizes)
     assert info["n_new"] >= 2 and len(sizes) >= 3
     assert sizes[0] == keep.size and sizes[-1] == keep.size + nx.size  # the first and the final fit: all
     assert max(sizes[1:-1]) < keep.size / 3  # the rounds: the neighbourhoods of the changes
-    monkeypatch.setattr(A, "fit_joint", fit)
     whole = refine_gaussian(s.image, np.r_[s.x[keep], nx], np.r_[s.y[keep], ny], settings=st)
     for k in ("x", "y", "intensity", "x_err"):
         np.testing.assert_allclose(res[k], whole[k], rtol=1e-9, atol=1e-12)

@@ -529,22 +529,14 @@ def test_conjugate_gradient_step_equals_the_factorised_one():
     assert np.all(step[~free] == 0)
 
 
-def test_a_subset_fits_only_its_neighbourhood_jointly(monkeypatch):
+def test_a_subset_fits_only_its_neighbourhood_jointly(joint_group_sizes):
     # a Dask chunk or the neighbourhood of an added column: fitting every overlapping column of the
     # image for each chunk cost the whole image's joint fit per chunk
-    import atomds.core.refine.api as A
-
     image, x, y = _filled_lattice("hexagonal", 3.9, 4000.0, 0.1, shape=192)
     st = refine.estimate_fit_settings(image, x, y)
     full = refine.refine_gaussian(image, x, y, settings=st)
-    sizes: list[int] = []
-    fit = A.fit_joint
-
-    def spy(*a, **k):
-        sizes.append(int(np.size(a[3])))
-        return fit(*a, **k)
-
-    monkeypatch.setattr(A, "fit_joint", spy)
+    sizes = joint_group_sizes
+    sizes.clear()
     sub = np.flatnonzero(np.hypot(x - 96, y - 96) < 12)
     part = refine.refine_gaussian(image, x, y, settings=st, subset=sub)
     assert sizes and max(sizes) < x.size / 4
