@@ -161,7 +161,7 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=None, sublattices="auto",
                sigma=None, spacing=None, z_min=None, min_contrast=0.25, lattice_check=True,
-               contrast="auto") -> tuple[FoundAtoms, Any]:
+               contrast="auto", residual=True) -> tuple[FoundAtoms, Any]:
     """Find the columns of a large Dask-backed image tile by tile (see the module's description).
 
     Parameters are those of :func:`atomds.core.find.api.find_atoms` (px).
@@ -179,7 +179,7 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
     """
     kw = dict(template=template, threshold=threshold, min_area=min_area, max_area=max_area, sublattices=sublattices,
               sigma=sigma, spacing=spacing, z_min=z_min, min_contrast=min_contrast, lattice_check=lattice_check,
-              contrast=contrast)
+              contrast=contrast, residual=residual)
     probe, window, tried = _probe(array, kw)
     p = probe.params
     con, s, d = p["contrast"], float(p["sigma"]), float(p["spacing"])
@@ -194,7 +194,7 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
     per_tile: dict[str, list[float]] = {"threshold": [], "z_min": [], "n_sublattices": []}
     rejected: dict[str, int] = {}
     fallbacks: dict[str, str] = {}
-    residual, spikes, failed = 0, 0, 0
+    n_residual, spikes, failed = 0, 0, 0
     for t in tiles:
         res = _tile_find(array, t, tile_kw)
         if res is not None and len(res) == 0:
@@ -211,7 +211,7 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
             per_tile[k].append(float(res.params[k]))
         for k, v in res.params.get("rejected", {}).items():
             rejected[k] = rejected.get(k, 0) + int(v)
-        residual += int(res.params.get("residual", {}).get("n_atoms", 0))
+        n_residual += int(res.params.get("residual", {}).get("n_atoms", 0))
     if not parts:
         raise NoAtomsFoundError(f"no atoms found in any of the {len(tiles)} tiles of the image (the probe found "
                                 f"{len(probe)}); check the contrast and the threshold.")
@@ -229,7 +229,7 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
     params.update(
         threshold=float(np.median(per_tile["threshold"])), z_min=float(np.median(per_tile["z_min"])),
         n_sublattices=int(labels.max()) + 1 if labels.size else 0, rejected=rejected, spikes=spikes,
-        residual={"n_atoms": residual, "note": "summed over the tiles' regions, halos included"},
+        residual={"n_atoms": n_residual, "note": "summed over the tiles' regions, halos included"},
         min_area=min(r.params["min_area"] for _, r, _ in parts), max_area=max(r.params["max_area"] for _, r, _ in parts),
     )
     if template is not None:
