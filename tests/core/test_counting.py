@@ -141,10 +141,8 @@ def test_background_grid_follows_the_support(monkeypatch):
     lumpy_fit = refine_gaussian(lumpy, x0, y0)
     n_lumpy = chosen[-1]
     assert n_lumpy > n_smooth  # more nodes where the support is lumpy
-    def fine_only(img, valid, p0, p_fixed, rows, errors=True, **k):
-        res = J.solve_group(img, valid, p0, p_fixed, errors=False, **k)
-        res["pitch_nn"] = J.BG_PITCH_NN
-        return J.with_errors(res, rows) if errors else res
+    def fine_only(img, valid, p0, p_fixed, rows, **k):
+        return J.with_errors(J.solve_group(img, valid, p0, p_fixed, errors=False, **k), rows)
 
     monkeypatch.setattr(J, "_best_background", fine_only)
     fine_smooth = refine_gaussian(s.image, x0, y0)

@@ -48,7 +48,7 @@ from .noise import Noise, fit_variance
 
 __all__ = [
     "JOINT_NN_SIGMAS", "JOINT_TILE_ATOMS", "JOINT_MARGIN_NN", "BG_PITCH_NN", "overlapping", "inside_band", "fit_joint",
-    "joint_reach", "solve_group", "with_errors", "column_variances",
+    "joint_reach", "patch_bound", "solve_group", "with_errors", "column_variances",
 ]
 
 #: Columns whose nearest neighbour is closer than this many column widths (sigma > 0.2 of the
@@ -146,13 +146,12 @@ def fit_joint(
     if m == 0:
         return out
     valid = np.isfinite(img)
-    half = _patch_bound(prior, sigma_max)
+    half = patch_bound(prior, sigma_max)
     tile = math.sqrt(JOINT_TILE_ATOMS) * nn_median
     margin = JOINT_MARGIN_NN * nn_median
     reach = joint_reach(radius, prior, sigma_max)
     start = prior[0] if prior is not None else float(np.nanmedian(p_all[members, 3]))
     edge = EDGE_SIGMAS * start
-    ny, nx = img.shape
     xy = p_all[:, :2]
     (key_x, key_y), (step_x, step_y), origin = _tile_keys(xy[members], tile)
     band = np.zeros(m, bool)  # members centred in their tile's band: fitted again below
@@ -205,7 +204,9 @@ def _put_tile(out, members, free, keep, res, band, width, p_all, shape, edge, re
 #: Pixels closer than this many widths to the border of the image or of a tile's box (beyond which
 #: the columns are held at the passes' fits) are left out of a joint fit: they hold light that no
 #: free column models, and with one shared width and background that misfit biased every column
-#: (a hexagonal lattice 3.9 widths apart, filling a 160 px image at 2000 counts per column: width
+#: (in the patch of :func:`.settings.overlap_width`, a hexagonal lattice 3.6 widths apart came out
+#: 17 % narrow with its background 4x too high without the band, unbiased with it; in the whole
+#: image's fit, a hexagonal lattice 3.9 widths apart, filling a 160 px image at 2000 counts per column: width
 #: 2.11-2.16 px for 2.56, intensities 0.58-0.62 of the truth; with the band 2.49-2.52 and
 #: 0.91-0.96). The columns centred there, and those whose windows reach into it (they lost
 #: pixels: 1.4x the position error of the columns farther in, on one sweep image), are fitted
@@ -276,7 +277,7 @@ def _fit_band(img, valid, p_all, ok_all, members, out, band, width, key_x, key_y
         ok_cur[cols[good]] = True
 
 
-def _patch_bound(prior: tuple[float, float] | None, sigma_max: float) -> int:
+def patch_bound(prior: tuple[float, float] | None, sigma_max: float) -> int:
     """Half-width (px) that bounds the columns' patches in a joint fit."""
     return patch_half(sigma_max if prior is None else min(sigma_max, 2.0 * prior[0]))
 
@@ -284,7 +285,7 @@ def _patch_bound(prior: tuple[float, float] | None, sigma_max: float) -> int:
 def joint_reach(radius: float, prior: tuple[float, float] | None, sigma_max: float) -> float:
     """How far (px) from a column fitted jointly (data window ``radius`` px; width ``prior`` and
     ``sigma_max`` as :func:`fit_joint` takes them) another column's light can reach its pixels."""
-    return float(radius) + _patch_bound(prior, sigma_max) + 1.0
+    return float(radius) + patch_bound(prior, sigma_max) + 1.0
 
 
 def inside_band(
@@ -316,18 +317,14 @@ def _best_background(
     parameters, chi-square weighted by the noise model given to both, not by each fit's own refit of
     it, which would excuse a poorer fit) is kept. A smooth background (a thin support, a gradient) then takes few nodes and
     leaves the counts their precision; a lumpy one keeps the finer grid. Standard errors (and
-    ``ok``) only of the chosen fit's columns ``rows`` (bool (n,); None: all), or none with
-    ``errors=False`` (:func:`with_errors` reads them later); ``pitch_nn`` records the grid chosen."""
-    kw = dict(kw)
-    want = kw.pop("errors", True)
+    ``ok``) only of the chosen fit's columns ``rows`` (bool (n,); None: all)."""
     fine = solve_group(img, valid, p0, p_fixed, errors=False, **kw)
     # from the same start (starting from the fine fit's columns moved the choice on STM topographs),
     # with a quarter of the iterations: the grids are compared, the columns barely differ
     short = dict(kw, max_iter=max(COARSE_MIN_ITER, int(kw["max_iter"]) // 4))
     coarse = solve_group(img, valid, p0, p_fixed, pitch_nn=BG_PITCH_COARSE, errors=False, **short)
     best = fine if coarse["n_bg"] >= fine["n_bg"] or not coarse["bic"] < fine["bic"] else coarse
-    best["pitch_nn"] = BG_PITCH_NN if best is fine else BG_PITCH_COARSE
-    return with_errors(best, rows) if want else best
+    return with_errors(best, rows)
 
 
 def solve_group(

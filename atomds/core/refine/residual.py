@@ -248,7 +248,7 @@ def refine_and_complete(
     def refit(px, py, prev, changed):
         return refit_near(image, px, py, prev, changed, settings=settings, **kw)
 
-    for _ in range(int(max_rounds)):
+    for rnd in range(int(max_rounds)):
         n_alive = int(alive.sum())
         dead = no_columns(fit, n_alive, min_z=min_z) if info["rounds"] == 0 else np.zeros(n_alive, bool)
         gone = np.column_stack([xs[:n_alive][dead], ys[:n_alive][dead]])
@@ -272,7 +272,8 @@ def refine_and_complete(
         rows = np.r_[np.arange(xs.size), xs.size + np.flatnonzero(keep)]
         xs, ys = np.r_[xs, cx[keep]], np.r_[ys, cy[keep]]
         kept = {k: np.asarray(v)[rows] for k, v in trial.items()}
-        fit = kept if keep.all() else refit(xs, ys, kept, np.column_stack([cx[~keep], cy[~keep]]))
+        last = rnd == int(max_rounds) - 1  # (then the final fit below replaces any refit)
+        fit = kept if keep.all() or last else refit(xs, ys, kept, np.column_stack([cx[~keep], cy[~keep]]))
     n_alive = int(alive.sum())
     if xs.size != n0 or not alive.all():
         # the rounds refitted each change's neighbourhood; the final columns are fitted as a whole

@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 
 from .constants import FINAL_REACH, MIN_SIGMA, NOISE_PASS_TOL, PRIOR_MIN_REL, SIGMA_MAX_FACTOR, SIGMA_MAX_FLOOR
-from .joint import inside_band, solve_group
-from .joint_model import patch_half
+from .joint import EDGE_SIGMAS, inside_band, patch_bound, solve_group
 from .models import Isotropic, get_model
 from .noise import UNIFORM, Noise, fit_variance
 from .passes import NeighborModels, first_pass, later_pass
@@ -71,11 +70,6 @@ def estimate_settings(
 #: 8 % at 4.5, so a correction beyond the 10 % that :func:`estimate_settings` asks for needs
 #: columns closer than about 4.5 widths, which read as at most about 5.
 OVERLAP_CHECK_SIGMAS = 5.5
-#: Pixels of the patch closer than this many widths to its border are left out of its fit: they
-#: hold light of columns outside the patch, which no seed models, and with one shared width and
-#: background that misfit biased the width of every column (a hexagonal lattice 3.6 widths apart
-#: came out 17 % narrow with its background 4x too high without the band, unbiased with it).
-PATCH_EDGE_SIGMAS = 3.5
 #: Columns of the patch whose joint fit measures the width.
 WIDTH_PATCH_ATOMS = 128  # 256 gave the same widths (within 2 %) in twice the time
 #: Iterations of the patch's joint fit at least.
@@ -92,7 +86,7 @@ def overlap_width(img: np.ndarray, plan: Plan, sig: float, max_iter: int) -> flo
     fails. The patch is the :data:`WIDTH_PATCH_ATOMS` columns nearest the atom closest to the
     middle of the atoms, cut out of the image; every atom in the cut-out is fitted
     (:func:`.joint.solve_group`, unweighted, from its first-pass position and intensity) and
-    pixels within :data:`PATCH_EDGE_SIGMAS` widths of its border, which hold light of columns
+    pixels within :data:`~.joint.EDGE_SIGMAS` widths of its border, which hold light of columns
     outside, are left out. Where the width comes out wider than it started, the fit is repeated
     from it, with the border band that width asks for.
     """
@@ -125,14 +119,14 @@ def overlap_width(img: np.ndarray, plan: Plan, sig: float, max_iter: int) -> flo
     sigma_max = max(SIGMA_MAX_FACTOR * sig, SIGMA_MAX_FLOOR)
     width = float(sig)
     for _ in range(2):
-        edge = PATCH_EDGE_SIGMAS * width
+        edge = EDGE_SIGMAS * width
         clear = inside_band(p0[:, 0], p0[:, 1], crop.shape, edge)
         if np.count_nonzero(clear) < 8:
             return None
         res = solve_group(
             crop, valid, p0, np.zeros((0, 4)), nn_median=nn_med, noise=UNIFORM, radius=FINAL_REACH * width + 0.5,
             prior=(width, 0.0), sigma_max=sigma_max, max_move=plan.max_move[inside],
-            half=patch_half(min(sigma_max, 2.0 * width)), max_iter=max(max_iter, WIDTH_PATCH_ITER), tol=1e-3,
+            half=patch_bound((width, 0.0), sigma_max), max_iter=max(max_iter, WIDTH_PATCH_ITER), tol=1e-3,
             refit_noise=False, edge=edge,
         )
         new = float(res["p"][0, 3])
