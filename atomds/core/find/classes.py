@@ -23,10 +23,14 @@ from .constants import (
     CLASS_KEEP,
     CLASS_OUTLIER,
     MIN_FITTED,
+    SITE_MATCHES,
+    SITE_TOL,
+    SITE_VOTE_ROUNDS,
+    SITE_VOTE_SHARE,
 )
 
 __all__ = ["classify_columns", "kmeans_labels", "column_classes", "final_labels", "fitted_classes", "class_features",
-           "fisher_separation", "labels_digest"]
+           "fisher_separation", "labels_digest", "site_vote"]
 
 
 def classify_columns(features, *, fit_mask=None, max_classes: int = 3, min_separation: float = 2.5,
@@ -270,10 +274,15 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
             mapped = np.where(given >= 0, lookup[np.maximum(given, 0)], -1)
             doubt = outer & (mapped >= 0)
             same = len(np.unique(given[inner & (given >= 0)])) == info["n_classes"]
+            voted = np.full(cls.size, -1, dtype=np.int64)
+            if same:
+                # the columns the two disagree on: their own sublattice decides, where it can
+                voted = site_vote(xa, ya, cls, mapped, ok & ~outer, spacing)
+                info["n_site_voted"] = int(np.count_nonzero(voted >= 0))
             if same and info["agreement"] >= CLASS_KEEP:
                 # the same classes, differing on a few columns that intensity alone cannot settle
                 # (the template also sees their surroundings): the earlier classes stand
-                cls = np.where(mapped >= 0, mapped, cls)
+                cls = np.where(voted >= 0, voted, np.where(mapped >= 0, mapped, cls))
                 info.update(border="earlier classes", earlier_kept=True, n_doubtful=0)
                 return cls, info
             if same:
@@ -283,10 +292,68 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
                 # out of their own class (CLASS_OUTLIER: intensity under contamination)
                 unsure = (prob < CLASS_CONFIDENT) | _outlying(f, cls, inner)
                 doubt |= unsure & (mapped >= 0) & (mapped != cls) & _between(f, cls, mapped, inner)
+            doubt &= voted < 0
             cls[doubt] = mapped[doubt]
+            cls = np.where(voted >= 0, voted, cls)
             info["border"] = "earlier classes"
             info["n_doubtful"] = int(np.count_nonzero(doubt & ~outer))
     return cls, info
+
+
+def site_vote(x, y, cls: np.ndarray, alt: np.ndarray, ok: np.ndarray, spacing: float) -> np.ndarray:
+    """The class of the columns on which ``cls`` and ``alt`` (two classings, one label set) disagree, as their
+    own sublattice holds it; -1 where it cannot say (and on the columns they agree on).
+
+    A column's own sublattice: the ``ok`` columns within ``SITE_TOL`` spacings of ``p + T`` for the
+    lattice's translations ``T`` (:func:`~atomds.core.find.residual.lattice_translations`, which
+    leave out the offsets between sublattices), counted where the two classings agree. The class
+    held by at least ``SITE_VOTE_SHARE`` of at least ``SITE_MATCHES`` of them is the column's. Too
+    few columns to show a lattice (or none of its translations): -1 everywhere.
+
+    Parameters
+    ----------
+    x, y : arrays (n,)
+        Column centres, px.
+    cls, alt : int arrays (n,)
+        The two classings (-1: none).
+    ok : bool array (n,)
+        Columns whose position and classes count.
+    spacing : float
+        Nearest-column distance, px.
+    """
+    from scipy.spatial import cKDTree
+
+    from .residual import lattice_translations
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    out = np.full(x.size, -1, dtype=np.int64)
+    ok = np.asarray(ok, dtype=bool) & np.isfinite(x) & np.isfinite(y)
+    todo = np.flatnonzero(ok & (cls >= 0) & (alt >= 0) & (cls != alt))
+    if todo.size == 0:
+        return out
+    idx = np.flatnonzero(ok)
+    t = lattice_translations(x[idx], y[idx], spacing)
+    if t.shape[0] == 0:
+        return out
+    probe = np.c_[x[todo], y[todo]][:, None, :] + t[None, :, :]
+    d, j = cKDTree(np.c_[x[idx], y[idx]]).query(probe.reshape(-1, 2), distance_upper_bound=SITE_TOL * spacing)
+    hit = np.isfinite(d)
+    j = np.where(hit, idx[np.minimum(j, idx.size - 1)], 0).reshape(todo.size, t.shape[0])
+    hit = hit.reshape(todo.size, t.shape[0])
+    known = np.where((cls == alt) & (cls >= 0), cls, -1)
+    k = int(max(cls.max(), alt.max())) + 1
+    # a patch of disputed columns (contamination over a few spacings) is decided from its rim
+    # inwards: a column voted counts for its partners in the next round
+    for _ in range(SITE_VOTE_ROUNDS):
+        lab = np.where(hit, known[j], -1)
+        counts = np.stack([(lab == c).sum(axis=1) for c in range(k)], axis=1)
+        total = counts.sum(axis=1)
+        sure = (total >= SITE_MATCHES) & (counts.max(axis=1) >= SITE_VOTE_SHARE * total) & (out[todo] < 0)
+        if not sure.any():
+            break
+        out[todo[sure]] = counts.argmax(axis=1)[sure]
+        known[todo[sure]] = out[todo[sure]]
+    return out
 
 
 def _outlying(f: np.ndarray, cls: np.ndarray, inner: np.ndarray) -> np.ndarray:
@@ -397,7 +464,7 @@ def class_features(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
     for v in (a_f, a_f * w_f**2):
         ref: np.ndarray | float
         if local:
-            ref = local_reference(xs, ys, v, spacing, use=inner)[0]
+            ref = local_reference(xs, ys, v, spacing, use=inner, pooled=True)[0]
         else:  # the image-wide reference of local_reference, without the cells it would discard
             ref = float(np.quantile(v[inner & np.isfinite(v)], BRIGHT_QUANTILE))
         feats.append(np.log(np.maximum(v / np.maximum(ref, 1e-300), 1e-6)))

@@ -124,6 +124,15 @@ CLASS_OUTLIER = 13.8
 #: earlier classes stand as they are: the few columns they differ on are those intensity alone cannot
 #: settle, and a template also sees the column's surroundings
 CLASS_KEEP = 0.98
+#: Where the fitted and the earlier classes (as many) disagree on a column, the columns on its own
+#: sublattice decide (those at ``p + T`` for the lattice's translations ``T``, on which the two
+#: agree): at least ``SITE_MATCHES`` of them, and this share of them in one class. Two classifiers of
+#: intensity disagree where something on top (amorphous contamination) or the sampling biases one;
+#: the lattice's translations map a site onto sites of its own kind.
+SITE_VOTE_SHARE = 2.0 / 3.0
+#: ... in rounds, a column voted counting in the next (a disputed patch is decided from its rim inwards,
+#: about a translation per round)
+SITE_VOTE_ROUNDS = 20
 #: A class of columns other than the brightest is a sublattice when at least this share of its members
 #: sit at an offset from their nearest bright column that SITE_MATCHES others share (else its blobs are
 #: judged with the bright class: amorphous specks form a class of intensity, not of sites). Sublattices of
