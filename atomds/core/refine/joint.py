@@ -175,7 +175,7 @@ def fit_joint(
         fixed = np.flatnonzero(_within(xy, lo - reach, hi + reach) & ok_all & ~np.isin(np.arange(p_all.shape[0]), free))
         keep = np.isin(free, members[core])
         boxes.append((free, fixed, keep, _band_box(lo, hi, xy[fixed], img.shape)))
-    fits = []
+    fits: list[tuple[dict[str, Any], float, float, tuple[float, float, float, float] | None]] = []
     for free, fixed, keep, box in boxes:
         if not inside_band(p_all[free[keep], 0], p_all[free[keep], 1], img.shape, edge, box).any():
             # no column of the tile clear of the band (a tiny image, a row along a border): fitted
