@@ -310,7 +310,8 @@ def test_refine_adds_no_columns_on_contamination():
     e = found[extra]
     inner = np.minimum.reduce([e[:, 0], e[:, 1], nx - 1 - e[:, 0], ny - 1 - e[:, 1]]) >= 3.0
     assert inner.sum() <= 2  # 0.2 % of the columns
-    assert json.loads(out.attrs["refine_params"])["missing"]["rounds"] >= 1  # the search ran
+    missing = json.loads(out.attrs["refine_params"])["missing"]
+    assert missing["rounds"] >= 1 and missing["n_off_lattice"] > 20  # the search ran, and found the blobs
 
 
 def test_added_columns_sit_on_lattice_sites():
@@ -335,9 +336,39 @@ def test_added_columns_sit_on_lattice_sites():
     x2, y2 = np.r_[ax, cx], np.r_[ay, cy]
     fit2 = {"x": x2, "y": y2, "fit_ok": np.ones(x2.size, bool)}
     assert on_lattice_sites(fit2, ax.size, np.arange(ax.size, x2.size), 7.07, (130, 130)).mean() > 0.95
-    few = {k: v[:5] if k != "x" else v[:5] for k, v in fit.items()}
+    few = {k: v[:5] for k, v in fit.items()}
     few["x"], few["y"] = np.r_[x[:4], between[0]], np.r_[y[:4], between[1]]
     assert on_lattice_sites(few, 4, np.array([4]), 10.0, (130, 130)).tolist() == [True]
+
+
+def test_added_columns_sit_on_the_sites_of_their_own_grain():
+    """Two grains, the second (a quarter of the columns) rotated by 30 degrees: a column missing from
+    either grain sits on a site of the lattice around it (the image-wide translations are the large
+    grain's alone), a blob between sites of the small grain does not."""
+    from atomds.core.refine.residual import on_lattice_sites
+
+    def grain(angle, x0, x1):
+        c, s = np.cos(np.radians(angle)), np.sin(np.radians(angle))
+        g = np.arange(-30, 31) * 10.0
+        gx, gy = np.meshgrid(g, g)
+        px, py = c * gx.ravel() - s * gy.ravel() + 150.0, s * gx.ravel() + c * gy.ravel() + 100.0
+        m = (px >= x0) & (px < x1) & (py >= 0) & (py < 200)
+        return px[m], py[m]
+
+    ax, ay = grain(0.0, 0.0, 220.0)
+    bx, by = grain(30.0, 228.0, 300.0)
+    assert bx.size < 0.4 * ax.size
+    miss_a = np.argmin(np.hypot(ax - 100, ay - 100))
+    miss_b = np.argmin(np.hypot(bx - 265, by - 100))
+    keep_a, keep_b = np.ones(ax.size, bool), np.ones(bx.size, bool)
+    keep_a[miss_a], keep_b[miss_b] = False, False
+    blob = (bx[miss_b] + 4.0, by[miss_b] + 3.0)
+    x = np.r_[ax[keep_a], bx[keep_b], ax[miss_a], bx[miss_b], blob[0]]
+    y = np.r_[ay[keep_a], by[keep_b], ay[miss_a], by[miss_b], blob[1]]
+    fit = {"x": x, "y": y, "fit_ok": np.ones(x.size, bool)}
+    n_old = int(keep_a.sum() + keep_b.sum())
+    got = on_lattice_sites(fit, n_old, np.arange(n_old, n_old + 3), 10.0, (200, 300))
+    assert got.tolist() == [True, True, False]
 
 
 @pytest.mark.parametrize("seed", [0, 2])
@@ -381,3 +412,19 @@ def test_site_vote_decides_disputed_columns_by_their_sublattice():
     assert np.all(v[~disputed] == -1)
     few = np.arange(6)
     assert np.all(site_vote(xy[few, 0], xy[few, 1], 1 - truth[few], truth[few], np.ones(6, bool), 5.77) == -1)
+
+
+def test_site_vote_leaves_an_alloy_alone():
+    """Two kinds of column at random on one site (an alloy, 30 % of the minority): the classes are no
+    sublattices, so disputed columns are not voted into the majority of their site."""
+    from atomds.core.find.classes import site_vote
+
+    rng = np.random.default_rng(3)
+    g = np.arange(30) * 10.0
+    gx, gy = np.meshgrid(g, g)
+    x, y = gx.ravel(), gy.ravel()
+    truth = (rng.random(x.size) < 0.3).astype(int)
+    cls, alt = truth.copy(), truth.copy()
+    disputed = rng.random(x.size) < 0.1
+    cls[disputed] = 1 - truth[disputed]
+    assert np.all(site_vote(x, y, cls, alt, np.ones(x.size, bool), 10.0) == -1)

@@ -202,8 +202,10 @@ def refine(
     find_missing : {"auto", True, False}
         Look for columns the finder missed in the residual of the fitted model (a one-atom column
         beside a thick one) and add them (:func:`atomds.core.refine.residual.refine_and_complete`:
-        matched-filter search, kept only when the refitted intensity exceeds 5 standard errors
-        and it lies at least half a spacing from every other column). "auto": where columns
+        matched-filter search, kept only when the refitted intensity exceeds 5 standard errors,
+        it lies at least half a spacing from every other column and on a site of the lattice of
+        the columns around it: a blob of amorphous contamination is as significant as a thin
+        column but sits anywhere; counted under ``refine_params["missing"]["n_off_lattice"]``). "auto": where columns
         overlap as a rule (most nearest neighbours closer than 5 column widths); True: always; False:
         never. Added atoms come last, with ``found_in_residual`` True, their residual position as
         ``seed_x``, ``seed_y`` and the finder's other per-atom variables padded (NaN, -1, False).

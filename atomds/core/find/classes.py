@@ -23,6 +23,8 @@ from .constants import (
     CLASS_KEEP,
     CLASS_OUTLIER,
     MIN_FITTED,
+    SITE_CHECK_MAX,
+    SITE_CONSISTENT,
     SITE_MATCHES,
     SITE_TOL,
     SITE_VOTE_ROUNDS,
@@ -202,7 +204,9 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
     class of the bright columns). With as many classes, the columns the mixture classes
     doubtfully (posterior below ``CLASS_CONFIDENT`` or an outlier of its class, and between the
     two classes) take the earlier class too; and where the two agree on ``CLASS_KEEP`` of the
-    columns the earlier labels stand as they are.
+    columns the earlier labels stand. Either way, where the classes are sublattices, a column the
+    two disagree on takes the class of the columns on its own sublattice where they say
+    (:func:`site_vote`; ``n_site_voted`` in ``info``, 0 where no vote was taken).
 
     Parameters
     ----------
@@ -275,6 +279,7 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
             doubt = outer & (mapped >= 0)
             same = len(np.unique(given[inner & (given >= 0)])) == info["n_classes"]
             voted = np.full(cls.size, -1, dtype=np.int64)
+            info["n_site_voted"] = 0
             if same:
                 # the columns the two disagree on: their own sublattice decides, where it can
                 voted = site_vote(xa, ya, cls, mapped, ok & ~outer, spacing)
@@ -307,8 +312,15 @@ def site_vote(x, y, cls: np.ndarray, alt: np.ndarray, ok: np.ndarray, spacing: f
     A column's own sublattice: the ``ok`` columns within ``SITE_TOL`` spacings of ``p + T`` for the
     lattice's translations ``T`` (:func:`~atomds.core.find.residual.lattice_translations`, which
     leave out the offsets between sublattices), counted where the two classings agree. The class
-    held by at least ``SITE_VOTE_SHARE`` of at least ``SITE_MATCHES`` of them is the column's. Too
-    few columns to show a lattice (or none of its translations): -1 everywhere.
+    held by at least ``SITE_VOTE_SHARE`` of at least ``SITE_MATCHES`` of them is the column's; a
+    column voted counts for its partners in the next round (``SITE_VOTE_ROUNDS``), so a disputed
+    patch is decided from its rim inwards.
+
+    Only where the classes are sublattices: of the columns the two agree on (at most
+    ``SITE_CHECK_MAX``), every class must have its own class at ``p + T`` for at least
+    ``SITE_CONSISTENT`` of their agreed partners. An alloy or a dopant on one site, or classes of
+    thickness, fail it: no vote (-1 everywhere). Too few columns to show a lattice (or none of its
+    translations): -1 everywhere.
 
     Parameters
     ----------
@@ -335,12 +347,28 @@ def site_vote(x, y, cls: np.ndarray, alt: np.ndarray, ok: np.ndarray, spacing: f
     t = lattice_translations(x[idx], y[idx], spacing)
     if t.shape[0] == 0:
         return out
-    probe = np.c_[x[todo], y[todo]][:, None, :] + t[None, :, :]
-    d, j = cKDTree(np.c_[x[idx], y[idx]]).query(probe.reshape(-1, 2), distance_upper_bound=SITE_TOL * spacing)
-    hit = np.isfinite(d)
-    j = np.where(hit, idx[np.minimum(j, idx.size - 1)], 0).reshape(todo.size, t.shape[0])
-    hit = hit.reshape(todo.size, t.shape[0])
-    known = np.where((cls == alt) & (cls >= 0), cls, -1)
+    tree = cKDTree(np.c_[x[idx], y[idx]])
+    known = np.where((cls == alt) & (cls >= 0) & ok, cls, -1)
+
+    def partners(rows):  # the columns at p + T of the columns ``rows``: (len(rows), k) indices, hit mask
+        probe = np.c_[x[rows], y[rows]][:, None, :] + t[None, :, :]
+        d, jj = tree.query(probe.reshape(-1, 2), distance_upper_bound=SITE_TOL * spacing)
+        hit_ = np.isfinite(d).reshape(rows.size, t.shape[0])
+        return np.where(hit_, idx[np.minimum(jj, idx.size - 1)].reshape(rows.size, t.shape[0]), 0), hit_
+
+    # only where the classes are sublattices: the columns both classings agree on have their own class at
+    # p + T (an alloy or a dopant on one site, or thickness classes, would be voted into the majority)
+    agreed = np.flatnonzero(known >= 0)
+    if agreed.size > SITE_CHECK_MAX:
+        agreed = agreed[np.linspace(0, agreed.size - 1, SITE_CHECK_MAX).astype(np.int64)]
+    ja, ha = partners(agreed)
+    ha &= known[ja] >= 0
+    same = (known[ja] == known[agreed][:, None]) & ha
+    for c in np.unique(known[agreed]):
+        m = known[agreed] == c
+        if ha[m].sum() == 0 or same[m].sum() < SITE_CONSISTENT * ha[m].sum():
+            return out
+    j, hit = partners(todo)
     k = int(max(cls.max(), alt.max())) + 1
     # a patch of disputed columns (contamination over a few spacings) is decided from its rim
     # inwards: a column voted counts for its partners in the next round

@@ -127,9 +127,14 @@ CLASS_KEEP = 0.98
 #: Where the fitted and the earlier classes (as many) disagree on a column, the columns on its own
 #: sublattice decide (those at ``p + T`` for the lattice's translations ``T``, on which the two
 #: agree): at least ``SITE_MATCHES`` of them, and this share of them in one class. Two classifiers of
-#: intensity disagree where something on top (amorphous contamination) or the sampling biases one;
-#: the lattice's translations map a site onto sites of its own kind.
+#: intensity disagree where something on top (amorphous contamination) or the sampling biases one.
 SITE_VOTE_SHARE = 2.0 / 3.0
+#: ... only where the classes are sublattices: the agreed columns of every class have their own class
+#: at ``p + T`` for at least this share of their agreed partners (a random alloy on one site, 30 %
+#: of a minority: 0.7 at most; a dopant class: about 0)
+SITE_CONSISTENT = 0.95
+#: ... judged on at most this many agreed columns (evenly drawn)
+SITE_CHECK_MAX = 5000
 #: ... in rounds, a column voted counting in the next (a disputed patch is decided from its rim inwards,
 #: about a translation per round)
 SITE_VOTE_ROUNDS = 20

@@ -11,7 +11,9 @@ under the noise model, a z-score per pixel::
 Local maxima of ``z`` above a false-alarm threshold (Bonferroni over the searched pixels), at
 least half a nearest-neighbour distance from every fitted column and within
 :data:`SEARCH_NN` nearest-neighbour distances of one (a missing column has fitted neighbours; the
-vacuum beyond a particle is not searched), are new columns. Positions in px.
+vacuum beyond a particle is not searched), are candidates; they become columns when their joint
+refit is significant and sits on a site of the lattice around them (:func:`significant_new`).
+Positions in px.
 """
 
 from __future__ import annotations
@@ -176,36 +178,65 @@ def significant_new(fit: dict[str, np.ndarray], n_old: int, *, min_z: float = MI
     return good
 
 
+def _off_lattice(fit: dict[str, np.ndarray], n_old: int, keep: np.ndarray, min_z: float) -> int:
+    """How many of the added columns ``n_old:`` of ``fit`` that ``keep`` leaves out were significant and apart
+    (rejected by the lattice test alone)."""
+    alone = significant_new(fit, n_old, min_z=min_z)
+    return int(np.count_nonzero(alone & ~keep))
+
+
 def on_lattice_sites(fit: dict[str, np.ndarray], n_old: int, rows: np.ndarray, spacing: float,
                      shape: tuple[int, int]) -> np.ndarray:
-    """Whether the added columns ``rows`` of ``fit`` sit on sites of the lattice of the fitted columns.
+    """Whether the added columns ``rows`` of ``fit`` sit on sites of the lattice of the fitted columns around them.
 
-    A site: columns lie at ``p + T`` for at least ``SITE_MATCHES`` of the lattice's translations
-    ``T`` (:func:`atomds.core.find.residual.translation_sites`; translations of the ``n_old``
-    given columns, anchors the given columns and every added one, so that a whole sublattice the
-    finder missed supports itself), within ``SITE_TOL`` spacings or ``SITE_POSITION_SD`` of the
-    column's position error (at most ``SITE_TOL_MAX`` spacings). A thin column beside thick
-    ones sits on a site of their lattice; a blob of amorphous contamination on top of a crystal
-    sits anywhere (at random, 3 of 6 matches within 0.15 spacings happen for a fraction of a per
-    cent). Where the given columns are too few to show a lattice (fewer than
-    ``MIN_LATTICE_ANCHORS``), every column passes.
+    A site: columns lie at ``p + T`` for at least ``SITE_MATCHES`` of the local lattice's
+    translations ``T`` (:func:`atomds.core.find.residual.translation_sites`), within ``SITE_TOL``
+    spacings or ``SITE_POSITION_SD`` of the column's position error (at most ``SITE_TOL_MAX``
+    spacings). The translations are those of the given columns (the first ``n_old``) within
+    :data:`LOCAL_LATTICE_NN` spacings of the column (cells of :data:`LOCAL_CELL_NN` spacings share
+    them), so that each grain of a polycrystal, or each particle, has its own; the anchors are the
+    given columns and the added ones in ``rows`` (a whole sublattice the finder missed supports
+    itself). A thin column beside thick ones sits on a site of their lattice; a blob of amorphous
+    contamination on top of a crystal sits anywhere, and passes only where it falls within the
+    tolerance of a site (about a tenth of random points on a honeycomb). Where the columns around
+    show no lattice (fewer than ``MIN_LATTICE_ANCHORS``, or no offset shared by most of them: a
+    grain boundary, an amorphous region), the column passes.
     """
     from ..find.constants import SITE_POSITION_SD, SITE_TOL, SITE_TOL_MAX
     from ..find.residual import lattice_translations, translation_supported
 
     x, y = np.asarray(fit["x"], float), np.asarray(fit["y"], float)
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.ones(rows.size, bool)
     ok = np.asarray(fit["fit_ok"], bool) & np.isfinite(x) & np.isfinite(y)
     old = np.flatnonzero(ok[:n_old])
-    t = lattice_translations(x[old], y[old], spacing)
-    rows = np.asarray(rows, dtype=np.int64)
-    if t.shape[0] == 0 or rows.size == 0:
-        return np.ones(rows.size, bool)
+    if rows.size == 0 or old.size == 0 or not spacing > 0:
+        return out
     err = np.hypot(np.asarray(fit.get("x_err", np.zeros(x.size)), float)[rows],
                    np.asarray(fit.get("y_err", np.zeros(x.size)), float)[rows]) / math.sqrt(2.0)
     tol = np.clip(SITE_POSITION_SD * np.nan_to_num(err, nan=0.0) / spacing, SITE_TOL, SITE_TOL_MAX)
-    anchors = np.flatnonzero(ok)
-    return translation_supported(x[anchors], y[anchors], x[rows], y[rows], spacing, tol=tol, translations=t,
-                                 shape=shape)
+    anchors = np.r_[old, rows[ok[rows]]]
+    ax, ay = x[anchors], y[anchors]
+    old_tree = cKDTree(np.column_stack([x[old], y[old]]))
+    cell = LOCAL_CELL_NN * spacing
+    key = np.floor(np.column_stack([np.nan_to_num(x[rows]), np.nan_to_num(y[rows])]) / cell).astype(np.int64)
+    for k in np.unique(key, axis=0):  # a loop over cells holding candidates, not over atoms
+        here = np.flatnonzero((key == k).all(axis=1))
+        centre = (k + 0.5) * cell
+        near = old[old_tree.query_ball_point(centre, LOCAL_LATTICE_NN * spacing + 0.71 * cell)]
+        t = lattice_translations(x[near], y[near], spacing)
+        if t.shape[0] == 0:
+            continue
+        out[here] = translation_supported(ax, ay, x[rows[here]], y[rows[here]], spacing, tol=tol[here],
+                                          translations=t, shape=shape)
+    return out
+
+
+#: The lattice an added column must sit on is that of the given columns within this many spacings of it
+#: (a grain of a polycrystal, a particle, has its own translations)...
+LOCAL_LATTICE_NN = 6.0
+#: ... taken once for the candidates in each cell of this many spacings
+LOCAL_CELL_NN = 3.0
 
 
 def no_columns(fit: dict[str, np.ndarray], n: int, *, min_z: float = MIN_INTENSITY_Z) -> np.ndarray:
@@ -264,7 +295,8 @@ def refine_and_complete(
     new_x, new_y : ndarray (n_new,)
         The starting positions of the added columns, px.
     info : dict
-        ``rounds`` (searches run), ``n_new``, ``n_rejected`` (candidates refitted and dropped),
+        ``rounds`` (searches run), ``n_new``, ``n_rejected`` (candidates refitted and dropped;
+        ``n_off_lattice`` of them significant but off the sites of the lattice around them),
         ``n_no_column`` (given atoms dropped), ``z_threshold`` (of the residual search),
         ``min_intensity_z``.
     """
@@ -281,7 +313,7 @@ def refine_and_complete(
     fit = refine_gaussian(image, xs, ys, settings=settings, **kw)
     rejected = np.zeros((0, 2))
     info: dict = {"rounds": 0, "n_new": 0, "n_rejected": 0, "n_no_column": 0, "z_threshold": float("nan"),
-                  "min_intensity_z": float(min_z)}
+                  "min_intensity_z": float(min_z), "n_off_lattice": 0}
 
     def refit(px, py, prev, changed):
         return refit_near(image, px, py, prev, changed, settings=settings, **kw)
@@ -304,6 +336,7 @@ def refine_and_complete(
             break
         trial = refit(np.r_[xs, cx], np.r_[ys, cy], fit, np.vstack([gone, np.column_stack([cx, cy])]))
         keep = significant_new(trial, xs.size, min_z=min_z, shape=np.shape(image))
+        info["n_off_lattice"] += _off_lattice(trial, xs.size, keep, min_z)
         rejected = np.vstack([rejected, np.column_stack([cx[~keep], cy[~keep]])])
         if not keep.any():
             break
