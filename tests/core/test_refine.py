@@ -155,7 +155,11 @@ def test_fallback_to_center_of_mass_where_a_fit_diverges():
     nn = refine.nearest_neighbor_distance(x + 0.3, y - 0.2)  # the fallback's window: half the NN distance
     window = 0.5 * min(nn[2], 1.5 * np.median(nn))
     cx, cy = refine.center_of_mass(img, x[2:] + 0.3, y[2:] - 0.2, window=window)
-    assert r["x"][2] == pytest.approx(cx[0]) and r["y"][2] == pytest.approx(cy[0])
+    # the centre of mass where it stays within half a column width (at least 1 px) of the seed, else
+    # the seed: on a dip with no column the centre of mass wanders (here 2 px)
+    far = np.hypot(cx[0] - (x[2] + 0.3), cy[0] - (y[2] - 0.2)) > max(0.5 * 1.8, 1.0)
+    assert far
+    assert r["x"][2] == pytest.approx(x[2] + 0.3) and r["y"][2] == pytest.approx(y[2] - 0.2)
     for key in ("sigma", "amplitude", "intensity", "background", "x_err", "y_err"):
         assert np.isnan(r[key][2]) and np.isfinite(r[key][:2]).all()
     assert np.hypot(r["x"][:2] - x[:2], r["y"][:2] - y[:2]).max() < 0.2
