@@ -152,3 +152,22 @@ def test_new_samples_are_seeded_and_check_their_arguments():
         samples.thick_particles_sample(n_particles=0)
     with pytest.raises(InvalidParameterError, match="lattices"):
         samples.thick_particles_sample(lattices=("cubic",))
+
+
+def test_pooled_local_reference_is_the_quantile_of_its_box():
+    """``local_reference(pooled=True)``: each column's reference is the 90th percentile of the amplitudes of the
+    columns in the 3 x 3 cells (of two spacings) around its own, the image-wide one where the box holds none."""
+    from atomds.core.find.blobs import local_reference
+
+    rng = np.random.default_rng(4)
+    n = 900
+    x, y = rng.uniform(0, 300, n), rng.uniform(0, 200, n)
+    a = rng.lognormal(0.0, 0.4, n)
+    use = rng.random(n) < 0.8
+    ref, glob = local_reference(x, y, a, 10.0, use=use, pooled=True)
+    cell = 20.0
+    cx, cy = np.floor((x - x.min()) / cell), np.floor((y - y.min()) / cell)
+    for i in rng.choice(n, 60, replace=False):
+        box = use & (np.abs(cx - cx[i]) <= 1) & (np.abs(cy - cy[i]) <= 1)
+        want = np.quantile(a[box], 0.9) if box.any() else glob
+        assert ref[i] == pytest.approx(want)

@@ -215,24 +215,30 @@ def local_reference(x, y, amp, spacing: float, *, use=None, pooled: bool = False
     ncx, ncy = int(cx.max()) + 1, int(cy.max()) + 1
     if pooled:
         return _pooled_reference(cx[sel], cy[sel], a_use, cx, cy, ncx, ncy, glob), glob
-    cid = (cy * ncx + cx)[sel]
-    # one sort by cell, then amplitude: the amplitude's rank within [0, 1) added to the cell index
-    fin = np.isfinite(a_use)
-    lo_a = float(a_use[fin].min()) if fin.any() else 0.0
-    span = float(a_use[fin].max()) - lo_a if fin.any() else 0.0
-    frac = (a_use - lo_a) / (span * (1.0 + 1e-9)) if span > 0 else np.zeros(a_use.size)
-    order = np.argsort(cid + np.where(fin, frac, 1.0 - 1e-9))  # NaN last in its cell, as a sort would put it
-    cs, vs = cid[order], a_use[order]
+    ids, q = _group_quantiles((cy * ncx + cx)[sel], a_use)
+    grid = np.full((ncy, ncx), -np.inf)
+    grid.ravel()[ids] = q
+    grid = ndi.maximum_filter(grid, size=3, mode="constant", cval=-np.inf)
+    ref = grid[cy, cx]
+    return np.where(np.isfinite(ref), ref, glob), glob
+
+
+def _group_quantiles(ids: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ``BRIGHT_QUANTILE`` of ``vals`` within each group of the integer ``ids`` (the groups present, their
+    quantiles), by one sort: each value's rank within [0, 1) added to its id (non-finite values last
+    in their group, as a sort would put them)."""
+    fin = np.isfinite(vals)
+    lo_a = float(vals[fin].min()) if fin.any() else 0.0
+    span = float(vals[fin].max()) - lo_a if fin.any() else 0.0
+    frac = (vals - lo_a) / (span * (1.0 + 1e-9)) if span > 0 else np.zeros(vals.size)
+    order = np.argsort(ids + np.where(fin, frac, 1.0 - 1e-9))
+    cs, vs = ids[order], vals[order]
     starts = np.flatnonzero(np.r_[True, cs[1:] != cs[:-1]])
     counts = np.diff(np.r_[starts, cs.size])
     pos = starts + BRIGHT_QUANTILE * (counts - 1)
     lo = np.floor(pos).astype(np.int64)
     hi = np.minimum(lo + 1, cs.size - 1)
-    grid = np.full((ncy, ncx), -np.inf)
-    grid.ravel()[cs[starts]] = vs[lo] + (pos - lo) * (vs[hi] - vs[lo])
-    grid = ndi.maximum_filter(grid, size=3, mode="constant", cval=-np.inf)
-    ref = grid[cy, cx]
-    return np.where(np.isfinite(ref), ref, glob), glob
+    return cs[starts], vs[lo] + (pos - lo) * (vs[hi] - vs[lo])
 
 
 def _pooled_reference(cx_s, cy_s, a_s, cx, cy, ncx: int, ncy: int, glob: float) -> np.ndarray:
@@ -249,18 +255,9 @@ def _pooled_reference(cx_s, cy_s, a_s, cx, cy, ncx: int, ncy: int, glob: float) 
             inside = (bx >= 0) & (bx < ncx) & (by >= 0) & (by < ncy)
             bid.append((by * ncx + bx)[inside])
             val.append(a_s[inside])
-    b, v = np.concatenate(bid), np.concatenate(val)
-    lo_a, span = float(v.min()), float(v.max() - v.min())
-    frac = (v - lo_a) / (span * (1.0 + 1e-9)) if span > 0 else np.zeros(v.size)
-    order = np.argsort(b + frac)
-    bs, vs = b[order], v[order]
-    starts = np.flatnonzero(np.r_[True, bs[1:] != bs[:-1]])
-    counts = np.diff(np.r_[starts, bs.size])
-    pos = starts + BRIGHT_QUANTILE * (counts - 1)
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, bs.size - 1)
+    ids, q = _group_quantiles(np.concatenate(bid), np.concatenate(val))
     grid = np.full(ncy * ncx, np.nan)
-    grid[bs[starts]] = vs[lo] + (pos - lo) * (vs[hi] - vs[lo])
+    grid[ids] = q
     ref = grid[cy * ncx + cx]
     return np.where(np.isfinite(ref), ref, glob)
 
