@@ -148,8 +148,9 @@ MIN_INTENSITY_Z = 5.0
 
 
 def significant_new(fit: dict[str, np.ndarray], n_old: int, *, min_z: float = MIN_INTENSITY_Z,
-                    shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Which of the atoms ``n_old:`` of ``fit`` (columns added from the residual) are real columns.
+                    shape: tuple[int, int] | None = None) -> tuple[np.ndarray, int]:
+    """Which of the atoms ``n_old:`` of ``fit`` (columns added from the residual) are real columns, and how
+    many the lattice test alone rejected.
 
     Real: the fit converged, its intensity exceeds ``min_z`` of its standard error, its refined
     centre lies at least :data:`MIN_SEPARATION_NN` median nearest-neighbour distances from every
@@ -161,28 +162,23 @@ def significant_new(fit: dict[str, np.ndarray], n_old: int, *, min_z: float = MI
     ok = np.asarray(fit["fit_ok"], bool) & np.isfinite(x) & np.isfinite(y)
     new = np.arange(n_old, x.size)
     if new.size == 0:
-        return np.zeros(0, bool)
+        return np.zeros(0, bool), 0
     with np.errstate(invalid="ignore", divide="ignore"):
         z = np.asarray(fit["intensity"], float)[new] / np.asarray(fit["intensity_err"], float)[new]
     good = ok[new] & np.isfinite(z) & (z > min_z)
     idx = np.flatnonzero(ok)
     if idx.size < 2:
-        return good
+        return good, 0
     tree = cKDTree(np.column_stack([x[idx], y[idx]]))
     nn_med = float(np.median(tree.query(tree.data, k=2)[0][:, 1]))
     d, j = tree.query(np.column_stack([np.nan_to_num(x[new]), np.nan_to_num(y[new])]), k=2)
     other = np.where(idx[j[:, 0]] == new, d[:, 1], d[:, 0])  # nearest column other than itself
     good &= other >= MIN_SEPARATION_NN * nn_med
-    if shape is not None and good.any():
-        good[good] = on_lattice_sites(fit, n_old, new[good], nn_med, shape)
-    return good
-
-
-def _off_lattice(fit: dict[str, np.ndarray], n_old: int, keep: np.ndarray, min_z: float) -> int:
-    """How many of the added columns ``n_old:`` of ``fit`` that ``keep`` leaves out were significant and apart
-    (rejected by the lattice test alone)."""
-    alone = significant_new(fit, n_old, min_z=min_z)
-    return int(np.count_nonzero(alone & ~keep))
+    if shape is None or not good.any():
+        return good, 0
+    on = on_lattice_sites(fit, n_old, new[good], nn_med, shape)
+    good[good] = on
+    return good, int(np.count_nonzero(~on))
 
 
 def on_lattice_sites(fit: dict[str, np.ndarray], n_old: int, rows: np.ndarray, spacing: float,
@@ -335,8 +331,8 @@ def refine_and_complete(
         if cx.size == 0:  # (the final fit below covers a drop)
             break
         trial = refit(np.r_[xs, cx], np.r_[ys, cy], fit, np.vstack([gone, np.column_stack([cx, cy])]))
-        keep = significant_new(trial, xs.size, min_z=min_z, shape=np.shape(image))
-        info["n_off_lattice"] += _off_lattice(trial, xs.size, keep, min_z)
+        keep, n_off = significant_new(trial, xs.size, min_z=min_z, shape=np.shape(image))
+        info["n_off_lattice"] += n_off
         rejected = np.vstack([rejected, np.column_stack([cx[~keep], cy[~keep]])])
         if not keep.any():
             break
