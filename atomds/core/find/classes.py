@@ -27,7 +27,6 @@ from .constants import (
     SITE_CONSISTENT,
     SITE_MATCHES,
     SITE_TOL,
-    SITE_VOTE_ROUNDS,
     SITE_VOTE_SHARE,
 )
 
@@ -313,7 +312,7 @@ def site_vote(x, y, cls: np.ndarray, alt: np.ndarray, ok: np.ndarray, spacing: f
     lattice's translations ``T`` (:func:`~atomds.core.find.residual.lattice_translations`, which
     leave out the offsets between sublattices), counted where the two classings agree. The class
     held by at least ``SITE_VOTE_SHARE`` of at least ``SITE_MATCHES`` of them is the column's; a
-    column voted counts for its partners in the next round (``SITE_VOTE_ROUNDS``), so a disputed
+    column voted counts for its partners in the next round, until a round decides none, so a disputed
     patch is decided from its rim inwards.
 
     Only where the classes are sublattices: of the columns the two agree on (at most
@@ -372,7 +371,7 @@ def site_vote(x, y, cls: np.ndarray, alt: np.ndarray, ok: np.ndarray, spacing: f
     k = int(max(cls.max(), alt.max())) + 1
     # a patch of disputed columns (contamination over a few spacings) is decided from its rim
     # inwards: a column voted counts for its partners in the next round
-    for _ in range(SITE_VOTE_ROUNDS):
+    for _ in range(todo.size):  # each round decides one at least, or ends
         lab = np.where(hit, known[j], -1)
         counts = np.stack([(lab == c).sum(axis=1) for c in range(k)], axis=1)
         total = counts.sum(axis=1)

@@ -135,9 +135,6 @@ SITE_VOTE_SHARE = 2.0 / 3.0
 SITE_CONSISTENT = 0.95
 #: ... judged on at most this many agreed columns (evenly drawn)
 SITE_CHECK_MAX = 5000
-#: ... in rounds, a column voted counting in the next (a disputed patch is decided from its rim inwards,
-#: about a translation per round)
-SITE_VOTE_ROUNDS = 20
 #: A class of columns other than the brightest is a sublattice when at least this share of its members
 #: sit at an offset from their nearest bright column that SITE_MATCHES others share (else its blobs are
 #: judged with the bright class: amorphous specks form a class of intensity, not of sites). Sublattices of
