@@ -395,6 +395,11 @@ def flatten_height_map(ds: xr.Dataset) -> xr.Dataset:
     da = image_dataarray(ds)
     units_in = _value_units(ds)
     factor = HEIGHT_UNITS.get(units_in.lower())
+    assumed = None
+    if factor is None and not is_dask(da) and _metre_sized(da.values):
+        # heights without a unit, spread over less than 1e-6 of one: no corrugation is that small in
+        # nm, Å or pm, so they are metres (an SPM file's raw values); read as such, and said so
+        factor, assumed = HEIGHT_UNITS["m"], "m"
     out = ds
     if factor is not None and factor != 1.0:
         scaled = xr.DataArray((np.asarray(da.values, dtype=np.float64) * factor).astype(np.float32), dims=da.dims,
@@ -404,4 +409,28 @@ def flatten_height_map(ds: xr.Dataset) -> xr.Dataset:
     out = subtract_background(out, method="flatten")
     params = step_params(out, "subtract_background", default={}) or {}
     params.update(auto=True, height_units_in=units_in or "unknown")
+    if assumed is not None:
+        params["height_units_in"] = f"{assumed} (no unit given; assumed from the heights' spread)"
+        note_fallback(params, "height_units_assumed",
+                      f"the height map has no unit and its heights spread over less than {METRE_SPREAD:g}: read as "
+                      "metres and converted to Å (give value_units= or the file's units to say otherwise)")
     return record_params(out, "subtract_background", params)
+
+
+#: Heights with no unit whose spread (standard deviation after a plane) is below this are metres.
+METRE_SPREAD = 1e-6
+
+
+def _metre_sized(values: np.ndarray) -> bool:
+    """Whether unit-less heights spread over less than :data:`METRE_SPREAD` (a plane removed): metres."""
+    v = np.asarray(values, dtype=np.float64)
+    fin = v[np.isfinite(v)]
+    if fin.size < 16:
+        return False
+    ny, nx = v.shape[-2:]
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    ok = np.isfinite(v)
+    a = np.column_stack([np.ones(ok.sum()), xx[ok], yy[ok]])
+    coef = np.linalg.lstsq(a, v[ok], rcond=None)[0]
+    spread = float(np.std(v[ok] - a @ coef))
+    return 0.0 < spread < METRE_SPREAD

@@ -373,6 +373,8 @@ def refine(
             "read_noise": settings["read_noise"],
             "variance_offset": settings["variance_offset"],
         }
+        if settings.get("sigma_joint_rejected") is not None:  # a joint width overlap could not explain
+            params["estimated"]["sigma_joint_rejected"] = settings["sigma_joint_rejected"] * ps
     return record_params(out, "refine", params)
 
 

@@ -588,3 +588,15 @@ def test_tiles_of_one_lattice_share_one_width():
     m = inner[i_f]
     z = (r.intensity.values[i_f] - ds.true_counts.values[i_t]) / r.intensity_err.values[i_f]
     assert 0.85 < np.nanstd(z[m]) < 1.2
+
+
+def test_overlap_explains_a_narrow_first_pass_only():
+    from atomds.core.refine.settings import overlap_explained
+
+    # columns 3.6 widths apart: the first pass reads about 20 % narrow, a joint fit may correct it
+    assert overlap_explained(2.4, 2.0, 3.6 * 2.0)
+    # 5.4 widths apart the first pass is within 2-3 %: a joint width 30 % wider took up something else
+    assert not overlap_explained(3.1, 2.4, 5.4 * 2.4)
+    assert overlap_explained(2.5, 2.4, 5.4 * 2.4)
+    assert overlap_explained(1.5, 2.4, 5.4 * 2.4)  # narrower: always
+    assert overlap_explained(9.0, 2.4, float("nan"))  # no distance: no test
