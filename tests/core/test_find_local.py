@@ -100,6 +100,23 @@ def test_every_particle_is_found_and_nothing_in_vacuum(particles):
     assert _false_in_mask(s, f) == 0
 
 
+def test_particles_at_twice_the_scale_are_found():
+    # columns 20 px apart and 4 px wide (another pixel size): the scan of opening radii also read a
+    # 3.98 px "period" at 2 px, the opening's own texture, and find_atoms found no column at all
+    s = samples.thick_particles_sample(shape=640, spacing=20.0, sigma=4.0, seed=2)
+    flat = flatten_local(s.image)
+    assert flat.spacing == pytest.approx(20.0, rel=0.05)
+    f = find_atoms(s.image)
+    txy = np.c_[s.x, s.y]
+    i_t, _ = samples.match_positions(txy, np.c_[f.x, f.y], samples.default_max_distance(txy))
+    hit = np.zeros(s.n_atoms, dtype=bool)
+    hit[i_t] = True
+    clear = _matched_filter_snr(s) >= 8.0
+    for k in np.unique(s.label):
+        assert hit[(s.label == k) & clear].mean() >= 0.95, k
+    assert _false_in_mask(s, f) == 0
+
+
 # ------------------------------------------------------------------------- real columns off lattice
 
 

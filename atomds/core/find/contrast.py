@@ -134,19 +134,20 @@ def scanned_spacing(img: np.ndarray, r_max: float) -> tuple[float, float] | None
         radii.append(r)
         periods.append(d)
         r *= 0.5
-    fits = [d is not None and d <= 2.0 * r for d, r in zip(periods, radii)]
+    per = np.array([np.nan if d is None else float(d) for d in periods])
+    fits = [bool(np.isfinite(d) and d <= 2.0 * r) for d, r in zip(per, radii)]
     # the lattice's period is read alike at neighbouring radii; an opening's own texture (a
     # "period" of about twice a small radius) or a dome's residue changes with the radius: of the
     # trusted radii, those whose period a neighbouring radius confirms come first (on particles
     # 20 px apart, 4 px wide, a 2 px opening read 3.98 px, and no column was found)
-    confirmed = [f and any(periods[j] is not None and abs(periods[j] / periods[i] - 1.0) <= SCAN_AGREEMENT
-                           for j in (i - 1, i + 1) if 0 <= j < len(periods))
+    confirmed = [f and any(bool(abs(per[j] / per[i] - 1.0) <= SCAN_AGREEMENT)
+                           for j in (i - 1, i + 1) if 0 <= j < per.size)
                  for i, f in enumerate(fits)]
     for pick in (confirmed, fits):
         ok = [i for i, f in enumerate(pick) if f]
         if ok:
             i = ok[-1]  # the smallest such radius
-            return float(periods[i]), radii[i]  # type: ignore[arg-type]
+            return float(per[i]), radii[i]
     return None
 
 
