@@ -101,33 +101,46 @@ def _prepared_lazy(image, contrast: str) -> np.ndarray:
     return out
 
 
-def _without_local_background(image: np.ndarray, find_params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
-    """The image less the background ``find_atoms`` took off (thickness, a support, gradients), and that background.
+def _without_local_background(image: np.ndarray, find_params: dict[str, Any], x: np.ndarray,
+                              y: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The image less the background under its columns, where ``find_atoms`` took one off; and that background.
 
     Where ``find_atoms`` removed a background that varies as much as the columns or more
-    (``find_atoms_params["local_background"]["applied"]``), each column's fit, whose background
-    is one constant over its window, sits on a slope: a particle's thickness made it fail
-    (92 % of fits on particles of columns 4 px wide) or read the width twice too wide. The same
-    background (:func:`atomds.core.preprocess.local_background` at the finder's radius) is taken
-    off before fitting; the noise model is estimated on what is fitted. Returns ``(image, None)``
-    where the finder took nothing off.
+    (``find_atoms_params["local_background"]["applied"]``: thickness, a particle's support,
+    gradients), each column's fit, whose background is one constant over its window, sits on a
+    slope: a particle's thickness made it fail (92 % of fits on particles of columns 4 px wide)
+    or read the width twice too wide. The background is the finder's opening
+    (:func:`atomds.core.preprocess.local_background`, its radius) of the image less the
+    columns: the columns (``x``, ``y``, px) are fitted on the image less the opening of the image
+    itself, and the opening is taken again without their model, so that the tails of
+    overlapping columns, which fill the valleys the opening follows, stay with the columns (taken
+    off with the background, they cost the joint fit the counts of dome-shaped particles). The
+    noise model is estimated on what is fitted. Returns ``(image, None)`` where the finder took
+    nothing off.
     """
+    from ..core.find.residual import gaussian_model
     from ..core.preprocess import local_background
 
     info = _background_info(find_params)
-    if info is None:
+    if info is None or np.size(x) == 0:
         return image, None
     radius = info["radius_px"]
     img = np.asarray(image, dtype=np.float64)
     fin = np.isfinite(img)
     filled = img if fin.all() else np.where(fin, img, np.median(img[fin]))  # spikes were set to NaN
-    bg = local_background(filled, radius=float(radius))
+    first = local_background(filled, radius=radius)
+    fit = cr.refine_gaussian(np.where(fin, img - first, np.nan), x, y, joint=False)
+    ok = np.asarray(fit["fit_ok"], dtype=bool)
+    cols = gaussian_model(img.shape, np.asarray(fit["x"])[ok], np.asarray(fit["y"])[ok],
+                          np.asarray(fit["amplitude"])[ok], np.asarray(fit["sigma"])[ok])
+    bg = local_background(filled - cols, radius=radius)
     return (img - bg).astype(np.asarray(image).dtype, copy=False), bg
 
 
-def _prepared_flat_lazy(image, contrast: str, find_params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+def _prepared_flat_lazy(image, contrast: str, find_params: dict[str, Any], x, y) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`_prepared_lazy`, then :func:`_without_local_background`, in one task."""
-    return _without_local_background(_prepared_lazy(image, contrast), find_params)
+    return _without_local_background(_prepared_lazy(image, contrast), find_params, np.asarray(x, float),
+                                     np.asarray(y, float))
 
 
 def _background_info(find_params: dict[str, Any]) -> dict[str, Any] | None:
@@ -217,8 +230,13 @@ def refine(
     :func:`with_atoms`), or from ``atom_x``, ``atom_y`` when there are no seeds. Each column is
     fitted with a pixel-integrated Gaussian on a local constant background, weighted by the
     noise model, with its neighbours' fitted models subtracted (see
-    :func:`atomds.core.refine.refine_gaussian` for the method). Lazy over chunks of ``atom``
-    when the image is Dask-backed: nothing computes until the results are asked for.
+    :func:`atomds.core.refine.refine_gaussian` for the method). Where ``find_atoms`` took off a
+    background that varies as much as the columns or more (thickness, a particle's support,
+    gradients: ``find_atoms_params["local_background"]["applied"]``), the same background is
+    taken off before fitting, so that no column's constant background sits on a slope, and is
+    added back to ``background``; recorded under ``refine_params["local_background"]`` (not yet
+    for a tiled image). Lazy over chunks of ``atom`` when the image is Dask-backed: nothing
+    computes until the results are asked for.
 
     Parameters
     ----------
@@ -360,10 +378,10 @@ def refine(
         yd = sy.data if is_dask(sy) else da.from_array(np.asarray(sy.values, float), chunks=xd.chunks)
         yd = yd.rechunk(xd.chunks)
         fparams = step_params(ds, "find_atoms") or {}
-        prep = dask.delayed(_prepared_flat_lazy, pure=True, nout=2)(img.data, con, fparams)
-        image_d, bg_d = prep[0], prep[1]
         xp_all = dask.delayed(np.divide, pure=True)(xd, ps)
         yp_all = dask.delayed(np.divide, pure=True)(yd, ps)
+        prep = dask.delayed(_prepared_flat_lazy, pure=True, nout=2)(img.data, con, fparams, xp_all, yp_all)
+        image_d, bg_d = prep[0], prep[1]
         settings_d = dask.delayed(_settings_task, pure=True)(image_d, xp_all, yp_all, kw)
 
         def _chunk(xb, image, bg, x_all, y_all, settings, block_info=None):
@@ -381,9 +399,9 @@ def refine(
         bg_info = _background_info(fparams)
     else:
         image, despike = _prepared(img.values, con)
-        image, local_bg = _without_local_background(image, step_params(ds, "find_atoms") or {})
         xp = np.asarray(sx.values, float) / ps
         yp = np.asarray(sy.values, float) / ps
+        image, local_bg = _without_local_background(image, step_params(ds, "find_atoms") or {}, xp, yp)
         settings = _settings_task(image, xp, yp, kw)
         if _search_missing(find_missing, model, bool(neighbor_subtraction), xp, yp, settings):
             res, add_x, add_y, missing = refine_and_complete(image, xp, yp, settings=settings, **fit_kw)
