@@ -232,8 +232,20 @@ def test_small_topograph_in_metres_without_a_unit(shape, seed):
     assert float(out.sigma.median()) == pytest.approx(2.4, rel=0.15)
 
 
-def test_heights_with_a_unit_are_not_guessed():
+def test_heights_are_read_as_metres_only_when_bare_and_metre_sized():
     s = stm_sample(shape=128, seed=3)
     z = s.image * 1e10  # Å-sized numbers without a unit: left as they are
     out = flatten_height_map(from_array(z, kind="height"))
     assert "fallbacks" not in step_params(out, "subtract_background")
+    # metre-sized values in a unit that is not a length (a bias map in V): not guessed either
+    ds = from_array(s.image, kind="height")
+    ds["image"].attrs["units"] = "V"
+    out = flatten_height_map(ds)
+    assert "fallbacks" not in step_params(out, "subtract_background")
+    # one glitch pixel does not hide that bare heights are metres
+    z = s.image.copy()
+    z[5, 7] = 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        out = flatten_height_map(from_array(z, kind="height"))
+    assert "height_units_assumed" in step_params(out, "subtract_background")["fallbacks"]

@@ -476,3 +476,6 @@ def test_refine_takes_off_the_background_find_atoms_took_off():
         # the background under the columns is the particle's diffuse background (10x the peak), not ~0
         peak = ds.attrs["sample_dose"] / (2 * np.pi * 2.0**2)
         assert float(np.nanmedian(out.background.values[i_f])) > 2.0 * peak
+        # the recorded noise model is the image's (Poisson, gain 1), which cross_sections applies to it
+        est = step_params(out, "refine")["estimated"]
+        assert est["gain"] == pytest.approx(1.0, rel=0.1) and "fit_gain" in est

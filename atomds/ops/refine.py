@@ -249,10 +249,14 @@ def refine(
     noise model, with its neighbours' fitted models subtracted (see
     :func:`atomds.core.refine.refine_gaussian` for the method). Where ``find_atoms`` took off a
     background that varies as much as the columns or more (thickness, a particle's support,
-    gradients: ``find_atoms_params["local_background"]["applied"]``), the same background is
-    taken off before fitting, so that no column's constant background sits on a slope, and is
-    added back to ``background``; recorded under ``refine_params["local_background"]`` (not yet
-    for a tiled image). Lazy over chunks of ``atom`` when the image is Dask-backed: nothing
+    gradients: ``find_atoms_params["local_background"]["applied"]``), the background the
+    columns' model leaves (an opening of the image less the columns' model, at the finder's
+    radius) is taken off before fitting, so that no column's constant background sits on a
+    slope, and is added back to ``background``; not where the columns' tails explain the
+    finder's background (overlapping columns on vacuum); recorded under
+    ``refine_params["local_background"]`` (not yet for a tiled image). The fits' noise model is
+    then recorded as ``fit_gain``, ``fit_variance_offset`` and ``gain``, ``variance_offset`` are
+    the recorded image's (``find_atoms_params["noise_variance"]``). Lazy over chunks of ``atom`` when the image is Dask-backed: nothing
     computes until the results are asked for.
 
     Parameters
@@ -372,6 +376,7 @@ def refine(
     lazy = is_dask(img) or is_dask(sx) or is_dask(sy)
     settings = None
     bg_info: dict[str, Any] | None = None
+    local_bg: np.ndarray | None = None
     tiling: dict[str, Any] | None = None
     despike: dict[str, Any] = {}
     add_x, add_y, missing, no_column = np.zeros(0), np.zeros(0), None, None
@@ -415,8 +420,9 @@ def refine(
         )
         bg_info = _background_info(fparams)
         if bg_info is not None:  # decided in a task: whether it was taken off is not known here
-            bg_info = {"radius_px": bg_info["radius_px"], "subtracted": "where the columns leave a background "
-                       f"(beyond_columns >= {BACKGROUND_BEYOND_COLUMNS})"}
+            bg_info = {"radius_px": bg_info["radius_px"], "subtracted": None,
+                       "note": "decided in the lazy task: taken off where the columns' model leaves a background "
+                               f"(beyond_columns >= {BACKGROUND_BEYOND_COLUMNS})"}
     else:
         image, despike = _prepared(img.values, con)
         xp = np.asarray(sx.values, float) / ps
@@ -481,6 +487,16 @@ def refine(
         }
         if settings.get("sigma_joint_rejected") is not None:  # a joint width overlap could not explain
             params["estimated"]["sigma_joint_rejected"] = settings["sigma_joint_rejected"] * ps
+        image_noise = (step_params(ds, "find_atoms") or {}).get("noise_variance")
+        if local_bg is not None and image_noise is not None and settings["gain"] is not None:
+            # the fits' noise model is that of the image less its background (its offset holds the
+            # background's shot noise); the recorded image's own, which cross_sections applies to
+            # it, is the finder's (variance = a + b * intensity, from the image's local statistics)
+            a, b = (float(v) for v in image_noise)
+            est = params["estimated"]
+            est.update(fit_gain=est["gain"], fit_read_noise=est["read_noise"], fit_variance_offset=est["variance_offset"],
+                       gain=b, variance_offset=a, read_noise=float(np.sqrt(max(a, 0.0))),
+                       noise_source="find_atoms_params['noise_variance'] (the fits ran on the image less its background)")
     return record_params(out, "refine", params)
 
 
