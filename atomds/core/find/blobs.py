@@ -76,6 +76,28 @@ def _suppress(n: int, pairs: np.ndarray) -> np.ndarray:
     return status == 2
 
 
+def unresolved(x, y, area, score, radius: float) -> np.ndarray:
+    """Which points lie within ``radius`` (px) of a larger one (by ``area``, then ``score``): to drop.
+
+    Two Gaussian columns closer than twice their width show one maximum (the Sparrow limit), so
+    separate blobs that close are one column: a fragment of its correlation peak that crossed
+    the threshold beside it (on particles of columns 5 px wide on a support, 91 of 468 finds
+    were such pairs, 1.3-7 px apart). The larger blob stands.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = x.size
+    if n < 2 or not radius > 0:
+        return np.zeros(n, dtype=bool)
+    order = np.lexsort((-np.asarray(score, dtype=np.float64), -np.asarray(area, dtype=np.float64)))
+    pts = np.c_[x[order], np.asarray(y, dtype=np.float64)[order]]
+    pairs = cKDTree(pts).query_pairs(float(radius), output_type="ndarray")
+    if pairs.size == 0:
+        return np.zeros(n, dtype=bool)
+    out = np.zeros(n, dtype=bool)
+    out[order[_suppress(n, pairs)]] = True
+    return out
+
+
 def find_blobs(ncc: np.ndarray, z: np.ndarray, which: np.ndarray | None, thr: float, spacing: float) -> Blobs | None:
     """Blobs of ``ncc > thr`` split at separate maxima, with their statistics (None when no pixel exceeds ``thr``).
 

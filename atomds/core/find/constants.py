@@ -39,6 +39,9 @@ THRESHOLD_DEFAULT = 0.5
 # --- blob shape --------------------------------------------------------------------------------
 #: Maxima of one blob closer than this (spacings) are one column.
 MERGE_RADIUS = 0.5
+#: Separate blobs closer than this many column widths are one column (two Gaussians closer than
+#: twice their width show a single maximum: the Sparrow limit); the larger stands.
+UNRESOLVED_WIDTHS = 2.0
 #: Automatic area bounds: robust spread of the log areas times this, at least log(4) ...
 AREA_SPREAD_SD = 4.0
 AREA_MIN_SPREAD = 4.0
