@@ -40,6 +40,8 @@ __all__ = [
     "line_offset_ratio",
     "terrace_labels",
     "fit_terraces",
+    "metre_sized",
+    "METRE_SPREAD",
     "terrace_background",
     "flatten_terraces",
     "flatten_height_map",
@@ -72,6 +74,31 @@ def _oriented(img: np.ndarray, scan_axis: str) -> np.ndarray:
     if scan_axis not in SCAN_AXES:
         raise InvalidParameterError(f"scan_axis must be 'x' (rows are scan lines) or 'y', got {scan_axis!r}.")
     return img if scan_axis == "x" else img.T
+
+
+#: Heights with no unit whose robust spread about a plane is below this are metres (no surface's
+#: corrugation is that small in nm, Å or pm).
+METRE_SPREAD = 1e-6
+
+
+def metre_sized(values) -> bool:
+    """Whether unit-less heights spread over less than :data:`METRE_SPREAD` about their plane: metres.
+
+    The spread is robust (:func:`_robust_sd` of the residual of a least-squares plane, on a
+    regular subsample of at most about 65,000 pixels), so that a glitch pixel does not decide it.
+    """
+    from .preprocess import subsample_step
+
+    v = np.asarray(values, dtype=np.float64)
+    step = subsample_step(v.shape, 65_536)
+    yy, xx = np.mgrid[0 : v.shape[0] : step, 0 : v.shape[1] : step]
+    sub = v[::step, ::step]
+    ok = np.isfinite(sub)
+    if ok.sum() < 16:
+        return False
+    a = np.column_stack([np.ones(ok.sum()), xx[ok], yy[ok]])
+    res = sub[ok] - a @ np.linalg.lstsq(a, sub[ok], rcond=None)[0]
+    return 0.0 < _robust_sd(res) < METRE_SPREAD
 
 
 def _robust_sd(v: np.ndarray) -> float:
@@ -316,27 +343,18 @@ def _spacing_of(img: np.ndarray, spacing: float | None, fallbacks: dict[str, str
         return float(spacing)
     try:
         d = float(estimate_spacing(img))
-    except InvalidImageError:
-        d = None
-    if d is not None:
-        hp = img - ndi.gaussian_filter(img, SPACING_HIGHPASS * d, mode="nearest")
-        found = [d]
-        try:
-            found.append(float(estimate_spacing(hp)))
-            sc = image_scales(hp)
-            if sc.n_peaks > 0:  # the distance between the significant peaks was measured
-                found.append(float(sc.distance))
-        except InvalidImageError:
-            pass
-        return min(found)
-    try:
-        return float(estimate_spacing(img))
     except InvalidImageError as exc:
         d = min(img.shape) / 32.0
         fallbacks["spacing_not_found"] = (
             f"no atomic spacing could be estimated ({exc}); steps are looked for at {d:.3g} px, 1/32 of the image"
         )
         return d
+    try:
+        sc = image_scales(img - ndi.gaussian_filter(img, SPACING_HIGHPASS * d, mode="nearest"))
+    except InvalidImageError:
+        return d
+    # the distance between the significant peaks counts where it was measured (n_peaks > 0)
+    return min([d, float(sc.period)] + ([float(sc.distance)] if sc.n_peaks > 0 else []))
 
 
 def _width_of(img: np.ndarray, spacing: float, fallbacks: dict[str, str]) -> float:

@@ -396,7 +396,7 @@ def flatten_height_map(ds: xr.Dataset) -> xr.Dataset:
     units_in = _value_units(ds)
     factor = HEIGHT_UNITS.get(units_in.lower())
     assumed = None
-    if factor is None and units_in.lower() in ("", "arbitrary", "none") and _metre_sized(_estimation_image(da)):
+    if factor is None and units_in.lower() in ("", "arbitrary", "none") and core_flatten.metre_sized(_estimation_image(da)):
         # heights without a unit, spread over less than 1e-6 of one: no corrugation is that small in
         # nm, Å or pm, so they are metres (an SPM file's raw values); read as such, and said so
         factor, assumed = HEIGHT_UNITS["m"], "m"
@@ -412,31 +412,7 @@ def flatten_height_map(ds: xr.Dataset) -> xr.Dataset:
     if assumed is not None:
         params["height_units_in"] = f"{assumed} (no unit given; assumed from the heights' spread)"
         note_fallback(params, "height_units_assumed",
-                      f"the height map has no unit and its heights spread over less than {METRE_SPREAD:g}: read as "
+                      f"the height map has no unit and its heights spread over less than {core_flatten.METRE_SPREAD:g}: read as "
                       "metres and converted to Å (give value_units= or the file's units to say otherwise)")
     return record_params(out, "subtract_background", params)
 
-
-#: Heights with no unit whose spread (standard deviation after a plane) is below this are metres.
-METRE_SPREAD = 1e-6
-
-
-def _metre_sized(values: np.ndarray) -> bool:
-    """Whether unit-less heights spread over less than :data:`METRE_SPREAD` (a plane removed): metres.
-
-    The spread is robust (1.4826 times the median absolute deviation from the plane, on at most
-    about 65,000 pixels of a regular subsample), so that a glitch pixel does not decide it.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    ny, nx = v.shape[-2:]
-    step = max(1, int(np.ceil(np.sqrt(ny * nx / 65536.0))))
-    yy, xx = np.mgrid[0:ny:step, 0:nx:step]
-    sub = v[::step, ::step]
-    ok = np.isfinite(sub)
-    if ok.sum() < 16:
-        return False
-    a = np.column_stack([np.ones(ok.sum()), xx[ok], yy[ok]])
-    coef = np.linalg.lstsq(a, sub[ok], rcond=None)[0]
-    res = sub[ok] - a @ coef
-    spread = 1.4826 * float(np.median(np.abs(res - np.median(res))))
-    return 0.0 < spread < METRE_SPREAD

@@ -24,6 +24,7 @@ from ..core import refine as cr
 from ..core.find.classes import fitted_classes, labels_digest
 from ..core.neighbors import nearest_spacing
 from ..core.preprocess import CONTRASTS, turn_over
+from ..core.refine.background import BACKGROUND_BEYOND_COLUMNS, background_beyond_columns, sample_at
 from ..core.refine.joint import overlapping
 from ..core.refine.residual import refine_and_complete
 from ..core.refine.settings import overlap_judging_width
@@ -101,57 +102,24 @@ def _prepared_lazy(image, contrast: str) -> np.ndarray:
     return out
 
 
-#: The background under the columns is taken off only where, without the columns' model, the
-#: opening keeps at least this share of its variation (standard deviation over the image): on
-#: particles of overlapping columns on vacuum it kept 0.31-0.33 (the valleys between thick
-#: columns are their tails), on particles on a support with a diffuse thickness background
-#: 0.96-0.98.
-BACKGROUND_BEYOND_COLUMNS = 0.5
-
-
 def _without_local_background(image: np.ndarray, info: dict[str, Any] | None, x: np.ndarray,
                               y: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """The image less the background under its columns, where ``find_atoms`` took one off; and that background.
+    """The image less the background beyond its columns, where ``find_atoms`` took one off; and that background.
 
-    Where ``find_atoms`` removed a background that varies as much as the columns or more
-    (``find_atoms_params["local_background"]["applied"]``: thickness, a particle's support,
-    gradients), each column's fit, whose background is one constant over its window, sits on a
-    slope: a particle's thickness made it fail (92 % of fits on particles of columns 4 px wide)
-    or read the width twice too wide. The background is the finder's opening
-    (:func:`atomds.core.preprocess.local_background`, its radius) of the image less the
-    columns: the columns (``x``, ``y``, px) are fitted on the image less the opening of the image
-    itself, and the opening is taken again without their model, so that the tails of
-    overlapping columns, which fill the valleys the opening follows, stay with the columns (taken
-    off with the background, they cost the joint fit the counts of dome-shaped particles); where
-    that second opening keeps less than :data:`BACKGROUND_BEYOND_COLUMNS` of the first's
-    variation, the background was the columns' tails and nothing is taken off. The noise model is
-    estimated on what is fitted. ``info`` (:func:`_background_info`, None: the finder took
-    nothing off) gets ``beyond_columns`` (that share) and ``subtracted``. Returns ``(image,
-    None)`` where nothing is taken off.
+    :func:`atomds.core.refine.background.background_beyond_columns` at the finder's radius; taken
+    off only where it keeps at least ``BACKGROUND_BEYOND_COLUMNS`` of the finder's opening (else
+    the finder's background was the columns' own tails). ``info`` (:func:`_background_info`,
+    None: the finder took nothing off) gets ``beyond_columns`` (that share) and ``subtracted``.
+    Returns ``(image, None)`` where nothing is taken off.
     """
-    from ..core.find.residual import gaussian_model
-    from ..core.preprocess import local_background
-
     if info is None or np.size(x) == 0:
         return image, None
-    radius = info["radius_px"]
-    img = np.asarray(image, dtype=np.float64)
-    fin = np.isfinite(img)
-    filled = img if fin.all() else np.where(fin, img, np.median(img[fin]))  # spikes were set to NaN
-    first = local_background(filled, radius=radius)
-    fit = cr.refine_gaussian(np.where(fin, img - first, np.nan), x, y, joint=False)
-    ok = np.asarray(fit["fit_ok"], dtype=bool)
-    cols = gaussian_model(img.shape, np.asarray(fit["x"])[ok], np.asarray(fit["y"])[ok],
-                          np.asarray(fit["amplitude"])[ok], np.asarray(fit["sigma"])[ok])
-    bg = local_background(filled - cols, radius=radius)
-    # the columns' own tails: what the opening reads where no background lies beyond them (a
-    # particle of overlapping columns on vacuum) is theirs, and stays with them
-    beyond = float(np.std(bg) / max(float(np.std(first)), 1e-300))
+    bg, beyond = background_beyond_columns(image, x, y, radius=info["radius_px"])
     info["beyond_columns"] = round(beyond, 4)
     if not beyond >= BACKGROUND_BEYOND_COLUMNS:
         info["subtracted"] = False
         return image, None
-    return (img - bg).astype(np.asarray(image).dtype, copy=False), bg
+    return (np.asarray(image, dtype=np.float64) - bg).astype(np.asarray(image).dtype, copy=False), bg
 
 
 def _prepared_flat_lazy(image, contrast: str, find_params: dict[str, Any], x, y) -> tuple[np.ndarray, np.ndarray | None]:
@@ -167,18 +135,6 @@ def _background_info(find_params: dict[str, Any]) -> dict[str, Any] | None:
     if not lb.get("applied") or radius is None or not np.isfinite(radius) or radius <= 0:
         return None
     return {"subtracted": True, "radius_px": float(radius)}
-
-
-def _sample_at(field: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Bilinear values of ``field`` at ``(x, y)`` px (clipped to the image; NaN positions give NaN)."""
-    from scipy import ndimage as ndi
-
-    ny, nx = field.shape
-    ok = np.isfinite(x) & np.isfinite(y)
-    out = np.full(np.shape(x), np.nan)
-    coords = np.vstack([np.clip(y[ok], 0, ny - 1), np.clip(x[ok], 0, nx - 1)])
-    out[ok] = ndi.map_coordinates(field, coords, order=1, mode="nearest")
-    return out
 
 
 def _contrast(ds: xr.Dataset, contrast: str | None) -> str:
@@ -411,7 +367,7 @@ def refine(
             out = _refine_block(image, x_all, y_all, settings, slice(lo, hi), fit_kw)
             if bg is not None:
                 col = _fields(model).index("background")
-                out[:, col] += _sample_at(bg, out[:, 0], out[:, 1])
+                out[:, col] += sample_at(bg, out[:, 0], out[:, 1])
             return out
 
         packed = da.map_blocks(
@@ -438,7 +394,7 @@ def refine(
         packed = _pack(res, model)
         if local_bg is not None:  # the background under each column is the fit's plus the one taken off
             col = _fields(model).index("background")
-            packed[:, col] += _sample_at(local_bg, packed[:, 0], packed[:, 1])
+            packed[:, col] += sample_at(local_bg, packed[:, 0], packed[:, 1])
 
     new = _fit_variables(packed, model, ps, units, iunits)
     stale = [v for m, names in _SHAPE_VARS.items() if m != model for v in names if v in ds.variables]

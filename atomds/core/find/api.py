@@ -59,6 +59,12 @@ class FoundAtoms:
     templates: list = field(default_factory=list)  #: templates used (float arrays)
     params: dict[str, Any] = field(default_factory=dict)  #: parameters actually used
 
+    def take(self, keep: np.ndarray) -> FoundAtoms:
+        """The atoms selected by ``keep`` (a boolean mask or indices); the maps and params are shared."""
+        return FoundAtoms(x=self.x[keep], y=self.y[keep], score=self.score[keep], area=self.area[keep],
+                          sublattice=self.sublattice[keep], zscore=self.zscore[keep], amplitude=self.amplitude[keep],
+                          correlation=self.correlation, templates=self.templates, params=self.params)
+
     def __len__(self) -> int:
         return int(self.x.size)
 
@@ -304,11 +310,8 @@ def _without_unresolved(found: FoundAtoms) -> FoundAtoms:
     found.params.setdefault("residual", {})["unresolved"] = int(drop.sum())
     if not drop.any():
         return found
-    keep = ~drop
-    found.params["residual"]["n_atoms"] = int((new & keep).sum())
-    return FoundAtoms(x=found.x[keep], y=found.y[keep], score=found.score[keep], area=found.area[keep],
-                      sublattice=found.sublattice[keep], zscore=found.zscore[keep], amplitude=found.amplitude[keep],
-                      correlation=found.correlation, templates=found.templates, params=found.params)
+    found.params["residual"]["n_atoms"] = int((new & ~drop).sum())
+    return found.take(~drop)
 
 
 # --------------------------------------------------------------------------------------------

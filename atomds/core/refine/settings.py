@@ -103,10 +103,9 @@ def overlap_width(img: np.ndarray, plan: Plan, sig: float, max_iter: int) -> flo
     outside, are left out. Where the width comes out wider than it started, the fit is repeated
     from it, with the border band that width asks for.
     """
-    fin = np.isfinite(plan.nn)
-    if np.count_nonzero(fin) < 8 or not (sig > 0):
+    if np.count_nonzero(np.isfinite(plan.nn)) < 8 or not (sig > 0):
         return None
-    nn_med = float(np.median(plan.nn[fin]))
+    nn_med = _median_nn(plan)
     if nn_med >= OVERLAP_CHECK_SIGMAS * sig:
         return None
     x, y = plan.x, plan.y
