@@ -202,7 +202,7 @@ def _em(v: np.ndarray, e2: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, n
     w = np.full(k, 1.0 / k)
     spread = float(np.std(v)) / max(k, 1)
     tau2 = max(spread * spread - float(np.mean(e2)), 0.0)
-    floor = (1e-9 * max(float(np.abs(v).max()), 1.0)) ** 2
+    floor = max((1e-9 * float(np.abs(v).max())) ** 2, 1e-300)  # relative: cross-sections in any units
     ll_old = -np.inf
     resp = np.ones((n, k)) / k
     ll = -np.inf

@@ -25,12 +25,22 @@ __all__ = [
     "checked_crop",
     "parabola_offset",
     "tukey_window",
+    "INTENSITY_BAND",
+    "intensity_scale",
 ]
 
 #: Column contrasts: brighter than the surroundings (HAADF, STM topography) or darker (ABF, BF).
 CONTRASTS = ("bright", "dark")
 #: The contrasts find_atoms and the pipeline accept: "auto" decides one of :data:`CONTRASTS` from the image.
 CONTRAST_CHOICES = ("auto", *CONTRASTS)
+
+#: Spreads of an image's values (1st to 99th percentile, image units) that are processed as they
+#: are (:func:`intensity_scale`). Counts (up to 16 bits and summed frames), images scaled to
+#: [0, 1] and heights in Å or nm lie inside. Outside (currents in A, heights in m, values of
+#: 1e9 and more) the absolute floors of variances and of the fits' damping would decide, so the
+#: finder and the fits divide such an image by a power of two first and give their results back
+#: in the image's units.
+INTENSITY_BAND = (2.0**-8, 2.0**24)
 
 #: A crop other than the centre must show this factor more structure to be preferred
 #: (:func:`central_crop`).
@@ -62,6 +72,38 @@ def check_image(image, *, name: str = "image", min_size: int = 8) -> np.ndarray:
     if float(arr.max()) == float(arr.min()):
         raise InvalidImageError(f"{name} is constant ({float(arr.flat[0])!r}): there is nothing to analyse.")
     return arr
+
+
+def intensity_scale(image) -> float:
+    """A power of two ``k`` to divide ``image`` by before finding or fitting; 1.0 for most images.
+
+    Where the spread of the image's values (1st to 99th percentile of a subsample of its
+    finite pixels; their full range where that is zero) lies outside :data:`INTENSITY_BAND`,
+    ``k`` is the power of two at or below it, so that ``image / k`` spreads over [1, 2).
+    Dividing by a power of two is exact in floating point, so a result computed on
+    ``image / k`` and multiplied back by ``k`` (``k**2`` for variances) is the image's own.
+
+    Parameters
+    ----------
+    image : 2-D array
+        Intensities in any units.
+
+    Returns
+    -------
+    float
+        A power of two (1.0 inside the band, or for an image without finite spread).
+    """
+    arr = np.asarray(image)
+    step = max(1, int(np.ceil(np.sqrt(arr.size / 250_000))))
+    vals = np.asarray(arr[::step, ::step], dtype=np.float64).ravel() if arr.ndim == 2 else np.ravel(arr)
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return 1.0
+    lo, hi = np.percentile(vals, [1.0, 99.0])
+    spread = float(hi - lo) if hi > lo else float(vals.max() - vals.min())
+    if not np.isfinite(spread) or spread <= 0.0 or INTENSITY_BAND[0] <= spread <= INTENSITY_BAND[1]:
+        return 1.0
+    return float(2.0 ** np.floor(np.log2(spread)))
 
 
 def as_float(image: np.ndarray) -> np.ndarray:

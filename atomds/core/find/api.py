@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import InvalidImageError, InvalidParameterError, NoAtomsFoundError
-from ..image import CONTRAST_CHOICES, CONTRASTS, central_crop, check_image, turn_over
+from ..image import CONTRAST_CHOICES, CONTRASTS, central_crop, check_image, intensity_scale, turn_over
 from ..scales import SMALL_CROP, PatchSampler, column_sigma, image_scales, noise_model
 from ..spikes import remove_spikes
 from .blobs import Blobs, area_bounds, find_blobs, local_reference, too_broad, unresolved
@@ -67,6 +67,26 @@ class FoundAtoms:
 
     def __len__(self) -> int:
         return int(self.x.size)
+
+    def in_units(self, k: float, own: list[bool]) -> FoundAtoms:
+        """This result, found on ``image / k``, in the units of ``image`` (``k`` a power of two).
+
+        The amplitudes, the templates built from the image (``own``: one flag per template; a
+        template given as an array is the user's and stays as given), the noise model
+        (``a`` by ``k**2``, ``b`` by ``k``) and the local background's range are multiplied back;
+        ``params["intensity_scale"]`` records ``k``.
+        """
+        if k == 1.0:
+            return self
+        a, b = self.params["noise_variance"]
+        self.params["noise_variance"] = [float(a) * k * k, float(b) * k]
+        lb = self.params.get("local_background", {})
+        if "background_range" in lb:
+            lb["background_range"] = float(lb["background_range"]) * k
+        self.params["intensity_scale"] = k
+        self.amplitude = self.amplitude * k
+        self.templates = [t * k if mine else t for t, mine in zip(self.templates, own, strict=True)]
+        return self
 
 
 def find_atoms(image, *, template=None, threshold: float | None = None, min_area: float | None = None,
@@ -235,7 +255,10 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         (only when one was taken), ``{kind: message}`` for each path taken because the preferred
         one could not be: ``"second_pass_skipped"`` (no template could be built for every class)
         and ``"second_pass_failed"`` (the per-class search found nothing; the first pass is
-        returned). The xarray layer warns once per kind.
+        returned). The xarray layer warns once per kind. An image whose values spread outside
+        :data:`~atomds.core.image.INTENSITY_BAND` is found divided by a power of two
+        (:func:`~atomds.core.image.intensity_scale`, recorded as ``params["intensity_scale"]``);
+        amplitudes, templates and the noise model are given back in the image's units.
 
     Raises
     ------
@@ -249,6 +272,11 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         No blob passed; the message gives the threshold used and what to try.
     """
     arr = check_image(image)
+    # values far from order one (currents in A, heights in m, 1e9 counts) are found on the image
+    # divided by a power of two, so that no absolute floor decides; results in the image's units
+    k = intensity_scale(arr)
+    if k != 1.0:
+        arr = arr / k
     contrast, polarity = _decide_contrast(arr, contrast)
     img = turn_over(arr, contrast)
     noise = noise_model(img)
@@ -292,7 +320,8 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     if residual and refine_templates and len(result) >= MIN_LATTICE_ANCHORS:
         result = _residual_stage(img, result, noise, lattice_check, sublattices)
         result = _without_unresolved(result)
-    return result
+    own = [kind != "array" for kind in kinds] if len(kinds) == len(result.templates) else [True] * len(result.templates)
+    return result.in_units(k, own)
 
 
 def _without_unresolved(found: FoundAtoms) -> FoundAtoms:

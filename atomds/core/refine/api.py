@@ -15,6 +15,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from ...errors import DimensionError, InvalidImageError, InvalidParameterError
+from ..image import intensity_scale
 from ..preprocess import turn_over
 from ..spikes import remove_spikes
 from .batched import gather
@@ -23,7 +24,7 @@ from .grid import nearest_neighbor_distance
 from .joint import JOINT_MARGIN_NN, fit_joint, joint_reach, overlapping
 from .linalg import invert_batched
 from .models import MODELS, Elliptical, Isotropic, get_model
-from .noise import UNIFORM, Noise, parse_noise
+from .noise import UNIFORM, Noise, fit_times, noise_times, parse_noise, settings_times
 from .passes import NeighborModels, first_pass, later_pass, physical
 from .plan import Plan, auto_refits, chunk_size, first_radius
 from .settings import estimate_settings, overlap_judging_width
@@ -171,6 +172,17 @@ def refine_gaussian(
     Poisson (or Poisson + Gaussian) maximum-likelihood estimator at convergence.
     """
     img = _as_image(image)
+    k = intensity_scale(img)
+    if k != 1.0:
+        # far from order one (currents in A, 1e9 counts): fitted on image / k, results times k
+        res = refine_gaussian(
+            img / k, x, y, model=model, window=window, noise=noise_times(parse_noise(noise), 1.0 / k), sigma=sigma,
+            max_iter=max_iter, neighbor_subtraction=neighbor_subtraction, n_refits=n_refits, tol=tol,
+            width_prior=width_prior, settings=None if settings is None else settings_times(settings, 1.0 / k),
+            subset=subset, despike=despike,
+            contrast=contrast, engine=engine, joint=joint,
+        )
+        return fit_times(res, k)
     x, y = _as_positions(x, y, img.shape)
     mdl = get_model(model)
     compiled = check_engine(engine, model)
@@ -270,7 +282,7 @@ def _refine(
     p[need], ok[need] = p_n, ok_n
     p = _joint_start(work, plan, p, ok, members, sigma)
     res = fit_joint(
-        work, p, ok, members, nn_median=nn_median, noise=UNIFORM if nz is None else nz,
+        work, p, ok, members, nn_median=nn_median, noise=plan.weighted(UNIFORM if nz is None else nz, work),
         radius=radius, prior=plan.prior, sigma_max=plan.sigma_max,
         max_move=plan.max_move, max_iter=max(max_iter, JOINT_MIN_ITER), tol=tol,
         refit_noise=noise_estimated,
@@ -620,6 +632,14 @@ def estimate_fit_settings(
         :func:`atomds.core.refine.settings.overlap_width`).
     """
     img = _as_image(image)
+    k = intensity_scale(img)
+    if k != 1.0:
+        st = estimate_fit_settings(
+            img / k, x, y, window=window, sigma=sigma, noise=noise_times(parse_noise(noise), 1.0 / k), model=model,
+            neighbor_subtraction=neighbor_subtraction, max_atoms=max_atoms, max_noise_atoms=max_noise_atoms,
+            max_iter=max_iter, engine=engine,
+        )
+        return settings_times(st, k)
     x, y = _as_positions(x, y, img.shape)
     if x.size == 0:
         raise InvalidParameterError("no atoms: x and y are empty.")

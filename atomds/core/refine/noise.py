@@ -14,7 +14,8 @@ import numpy as np
 
 from ...errors import InvalidParameterError
 
-__all__ = ["Noise", "UNIFORM", "parse_noise", "fit_variance"]
+__all__ = ["Noise", "UNIFORM", "parse_noise", "fit_variance", "noise_times", "settings_times", "fit_times",
+           "INTENSITY_KEYS", "pixel_variance"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,63 @@ def parse_noise(noise: Any) -> Noise | None:
         if off > 0:
             floor = max(min(floor, off), 1e-300) if gain == 0 else floor
     return Noise(gain, off, floor)
+
+
+def pixel_variance(image: np.ndarray, crop: int = 512) -> float:
+    """Variance of the pixel noise, image units squared: the scale of an unweighted fit's chi-square.
+
+    Immerkaer's 3x3 high-pass over a central crop of at most ``crop`` px, a robust (median
+    absolute deviation) spread that ignores non-finite pixels; an image without noise gets
+    ``(1e-3 * spread of its values)**2``. Multiplying the image by ``k`` multiplies it by ``k**2``.
+    """
+    from scipy import ndimage as ndi
+
+    img = np.asarray(image, dtype=np.float64)
+    oy, ox = max(0, (img.shape[0] - crop) // 2), max(0, (img.shape[1] - crop) // 2)
+    img = img[oy : oy + crop, ox : ox + crop]
+    kernel = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]]) / 6.0
+    r = ndi.convolve(np.nan_to_num(img), kernel, mode="nearest")[1:-1, 1:-1]
+    bad = ndi.maximum_filter(~np.isfinite(img), 3)[1:-1, 1:-1]
+    r = r[~bad]
+    if r.size:
+        sd = 1.4826 * float(np.median(np.abs(r - np.median(r))))
+        if sd > 0 and np.isfinite(sd):
+            return sd * sd
+    vals = img[np.isfinite(img)]
+    spread = float(np.ptp(np.percentile(vals, [1.0, 99.0]))) if vals.size else 0.0
+    return (1e-3 * spread) ** 2 if spread > 0 else 1.0
+
+
+def noise_times(nz: Noise | None, k: float) -> Noise | None:
+    """The noise model of the image multiplied by ``k``: gain by ``k``, offset and floor by ``k**2``."""
+    if nz is None or nz.gain is None:
+        return nz
+    return Noise(nz.gain * k, nz.offset * k * k, nz.floor * k * k)
+
+
+#: The keys of a settings dict (:func:`atomds.core.refine.estimate_fit_settings`) in image units,
+#: with the power of the intensity each carries.
+_SETTINGS_POWERS = {"gain": 1, "read_noise": 1, "variance_offset": 2, "variance_floor": 2}
+
+#: The keys of a fit's results (:func:`atomds.core.refine.refine_gaussian`) in image units.
+INTENSITY_KEYS = ("amplitude", "intensity", "background", "intensity_err")
+
+
+def settings_times(settings: dict[str, Any], k: float) -> dict[str, Any]:
+    """The fit settings of the image multiplied by ``k`` (a new dict; lengths unchanged)."""
+    out = dict(settings)
+    for key, power in _SETTINGS_POWERS.items():
+        if out.get(key) is not None:
+            out[key] = float(out[key]) * k**power
+    return out
+
+
+def fit_times(res: dict[str, np.ndarray], k: float) -> dict[str, np.ndarray]:
+    """The results of a fit of the image multiplied by ``k`` (in place; returns ``res``)."""
+    for key in INTENSITY_KEYS:
+        if key in res:
+            res[key] = res[key] * k
+    return res
 
 
 def fit_variance(mu: np.ndarray, r2: np.ndarray, n_bins: int = 32) -> Noise:

@@ -112,7 +112,8 @@ def first_pass(image, plan: Plan, idx, max_iter: int, want_errors: bool = False)
     half = int(np.ceil(r[idx].max() + 0.5))
     smax = float(max(r[idx].max(), 1.0)) if plan.sigma is None else plan.sigma_max
     spec = PassSpec(
-        r, half, UNIFORM, Isotropic(), smax, max_iter, FIRST_PASS_TOL, plan.prior, False, compiled=plan.compiled
+        r, half, UNIFORM, Isotropic(), smax, max_iter, FIRST_PASS_TOL, plan.prior_for(UNIFORM, image), False,
+        compiled=plan.compiled,
     )
     start = np.zeros((idx.size, 5))
     start[:, 0], start[:, 1] = plan.x[idx], plan.y[idx]
@@ -132,7 +133,8 @@ def later_pass(
     """A weighted pass in the final window, the neighbours' models ``nbprev`` subtracted (see :func:`run_pass`)."""
     r = plan.final_radius()
     half = int(np.ceil(r[idx].max() + 0.5))
-    spec = PassSpec(r, half, noise, model, plan.sigma_max, max_iter, tol, plan.prior, compiled=plan.compiled)
+    spec = PassSpec(r, half, noise, model, plan.sigma_max, max_iter, tol, plan.prior_for(noise, image),
+                    compiled=plan.compiled)
     return run_pass(image, idx, p_start, reinit, spec, nbprev, plan.sigma, collect)
 
 

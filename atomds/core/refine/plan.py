@@ -26,7 +26,7 @@ from .constants import (
 )
 from .grid import nearest_neighbor_distance, neighbor_lists
 from .models import Elliptical, Isotropic
-from .noise import Noise
+from .noise import Noise, pixel_variance
 
 __all__ = ["PassSpec", "Plan", "chunk_size", "first_radius", "info_radius", "sample_indices", "auto_refits"]
 
@@ -112,6 +112,40 @@ class Plan:
         self.sigma: float | None = None
         self.r_final: np.ndarray | None = None
         self.prior: tuple[float, float] | None = None
+        self._pixel_variance: float | None = None
+
+    def prior_for(self, noise: Noise, image: np.ndarray) -> tuple[float, float] | None:
+        """The width prior in the units of a pass's chi-square under ``noise``.
+
+        A weighted chi-square has no units, and the prior (``self.prior``: mean width px,
+        precision 1/px^2) adds to it as set. An unweighted one (``noise.uniform``) is in image
+        units squared: the precision is multiplied by the image's pixel noise variance
+        (:func:`~.noise.pixel_variance`), so that the prior weighs the same against the data
+        whatever the units of the image (before, an image scaled to [0, 1] had its widths held
+        to the mean by a prior some 1e6 times stronger than one in counts).
+        """
+        if self.prior is None or not noise.uniform:
+            return self.prior
+        return (self.prior[0], self.prior[1] * self.pixel_variance(image))
+
+    def pixel_variance(self, image: np.ndarray) -> float:
+        """The image's pixel noise variance (:func:`~.noise.pixel_variance`), computed once."""
+        if self._pixel_variance is None:
+            self._pixel_variance = pixel_variance(image)
+        return self._pixel_variance
+
+    def weighted(self, noise: Noise, image: np.ndarray) -> Noise:
+        """``noise``, or for unweighted fits the uniform variance of the image's pixel noise.
+
+        The joint fits weigh every pixel by ``1 / noise.variance``, and their tests (a column too
+        faint to place, a step within a fraction of its standard error, the background model's
+        BIC) read the chi-square as one per pixel: with the variance 1 of :data:`~.noise.UNIFORM`
+        they would depend on the image's units.
+        """
+        if not noise.uniform:
+            return noise
+        v = self.pixel_variance(image)
+        return Noise(None, v, v)
 
     def set(self, sigma: float, radius: float | None = None) -> None:
         """Set the column width; the final window is ``radius`` (default ``4 sigma + 0.5``)."""

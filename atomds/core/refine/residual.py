@@ -296,12 +296,23 @@ def refine_and_complete(
         ``n_no_column`` (given atoms dropped), ``z_threshold`` (of the residual search),
         ``min_intensity_z``.
     """
+    from ..image import intensity_scale
     from .api import refine_gaussian
-    from .noise import parse_noise
+    from .noise import Noise, fit_times, parse_noise, pixel_variance, settings_times
 
+    k = intensity_scale(image)
+    if k != 1.0:
+        # far from order one: on image / k, results times k (see refine_gaussian)
+        fit_k, new_x, new_y, info_k = refine_and_complete(np.asarray(image) / k, x, y,
+                                                          settings=settings_times(settings, 1.0 / k),
+                                                          max_rounds=max_rounds, min_z=min_z, **kw)
+        return fit_times(fit_k, k), new_x, new_y, info_k
     nz = parse_noise(settings if settings.get("gain") is not None else "uniform")
     if nz is None:  # pragma: no cover - a dict always parses
         raise ValueError("settings hold no noise model")
+    if nz.uniform:  # the search's z-scores need the pixels' variance in the image's units
+        v = pixel_variance(image)
+        nz = Noise(None, v, v)
     x0, y0 = np.asarray(x, float), np.asarray(y, float)
     n0 = x0.size
     alive = np.ones(n0, bool)  # given atoms still held as columns

@@ -136,7 +136,8 @@ def overlap_width(img: np.ndarray, plan: Plan, sig: float, max_iter: int) -> flo
         if np.count_nonzero(clear) < 8:
             return None
         res = solve_group(
-            crop, valid, p0, np.zeros((0, 4)), nn_median=nn_med, noise=UNIFORM, radius=FINAL_REACH * width + 0.5,
+            crop, valid, p0, np.zeros((0, 4)), nn_median=nn_med, noise=plan.weighted(UNIFORM, img),
+            radius=FINAL_REACH * width + 0.5,
             prior=(width, 0.0), sigma_max=sigma_max, max_move=plan.max_move[inside],
             half=patch_bound((width, 0.0), sigma_max), max_iter=max(max_iter, WIDTH_PATCH_ITER), tol=1e-3,
             refit_noise=False, edge=edge,
