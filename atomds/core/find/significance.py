@@ -67,7 +67,7 @@ def auto_threshold(scores: np.ndarray, zscores: np.ndarray, *, z_min: float) -> 
     Maxima whose template amplitude is significant (z-score >= ``z_min``) are mostly columns:
     the threshold is half their 2nd percentile, so that the dimmest and noisiest columns still
     form blobs of a few pixels (noise blobs are rejected later by their z-score, not by the
-    threshold). Clipped to [0.2, 0.8]; 0.5 when no maximum is significant.
+    threshold). Clipped to :data:`~.constants.THRESHOLD_RANGE` ([0, 0.8]); 0.5 when no maximum is significant.
     """
     good = scores[zscores >= z_min]
     if good.size == 0:

@@ -77,7 +77,11 @@ def refine_gaussian(
     ----------
     image : 2-D array (ny, nx)
         Intensities; non-finite pixels are left out of the fits. Counts are best, but the noise
-        model is estimated in any units.
+        model is estimated in any units, and the same image in other units gives the same fits
+        (to rounding): one whose values spread outside :data:`~atomds.core.image.INTENSITY_BAND`
+        (a current in A, values of 1e9) is fitted divided by a power of two
+        (:func:`~atomds.core.image.intensity_scale`) and its results given back in its units,
+        and unweighted fits weigh the width prior by the image's pixel noise variance.
     x, y : array of float, shape (n,)
         Starting positions (seeds) in pixels, of all atoms of the image (neighbours matter).
     model : {"gaussian", "elliptical"}
