@@ -31,6 +31,7 @@ from .constants import (
     GLOBAL_REFERENCE_FLOOR,
     MIN_INTERIOR_FIT,
     MIN_LATTICE_ANCHORS,
+    THRESHOLD_FLOOR_FLATTENED,
     UNRESOLVED_WIDTHS,
 )
 from .contrast import flatten_local
@@ -294,7 +295,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     z = flat.zscore(z, noise, templates)
     counts: dict[str, int] = {}
     blobs, keep, thr, zmin, zmin_edge = _significant_blobs(ncc, z, which, templates, d, threshold, z_min,
-                                                           lattice_check, counts)
+                                                           lattice_check, counts, flat.params["applied"])
     blobs, lo, hi = _plausible_size(blobs, keep, min_area, max_area, thr, counts, flat.image, s)
     ok, amp, cls, mode = _columns(flat.image, blobs, templates, s, d, min_contrast, sublattices, lattice_check, counts)
     if not np.any(ok):
@@ -441,8 +442,11 @@ class _Threshold:
 
 
 def _significant_blobs(ncc, z, which, templates, spacing: float, threshold: float | None, z_min: float | None,
-                       lattice_check: bool, counts: dict[str, int]):
+                       lattice_check: bool, counts: dict[str, int], flattened: bool = False):
     """Blobs of the thresholded map and which of them are significant (steps 4 and 5a of :func:`find_atoms`).
+
+    ``flattened``: a local background was removed, and the automatic threshold may go below the
+    usual floor (:data:`~.constants.THRESHOLD_FLOOR_FLATTENED`).
 
     Returns ``(blobs, keep, threshold, z_min, z_min_border)``; rejections are counted in ``counts``.
     """
@@ -454,7 +458,8 @@ def _significant_blobs(ncc, z, which, templates, spacing: float, threshold: floa
         zmin = zmin_edge = float(z_min)
     if threshold is None:
         c_pk, z_pk = peak_sample(ncc, z)
-        thr = _Threshold(auto_threshold(c_pk, z_pk, z_min=zmin), True)
+        thr = _Threshold(auto_threshold(c_pk, z_pk, z_min=zmin, floor=THRESHOLD_FLOOR_FLATTENED if flattened else None),
+                         True)
     else:
         thr = _Threshold(float(threshold), False)
     blobs = find_blobs(ncc, z, which, thr.value, spacing)

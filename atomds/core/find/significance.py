@@ -61,18 +61,22 @@ def noise_z_threshold(templates, area: float, *, false_blobs: float = FALSE_BLOB
     return euler_level(k, false_blobs)
 
 
-def auto_threshold(scores: np.ndarray, zscores: np.ndarray, *, z_min: float) -> float:
+def auto_threshold(scores: np.ndarray, zscores: np.ndarray, *, z_min: float, floor: float | None = None) -> float:
     """Correlation threshold from the correlation values at the maxima of the correlation map.
 
     Maxima whose template amplitude is significant (z-score >= ``z_min``) are mostly columns:
     the threshold is half their 2nd percentile, so that the dimmest and noisiest columns still
     form blobs of a few pixels (noise blobs are rejected later by their z-score, not by the
-    threshold). Clipped to :data:`~.constants.THRESHOLD_RANGE` ([0, 0.8]); 0.5 when no maximum is significant.
+    threshold). Clipped to :data:`~.constants.THRESHOLD_RANGE` ([0.2, 0.8]), or to [``floor``, 0.8]
+    where a floor is given (:data:`~.constants.THRESHOLD_FLOOR_FLATTENED` where a local background
+    was removed); 0.5 when no maximum is significant.
     """
     good = scores[zscores >= z_min]
     if good.size == 0:
         return THRESHOLD_DEFAULT
-    return float(np.clip(THRESHOLD_FRACTION * float(np.quantile(good, THRESHOLD_QUANTILE)), *THRESHOLD_RANGE))
+    lo, hi = THRESHOLD_RANGE
+    lo = lo if floor is None else float(floor)
+    return float(np.clip(THRESHOLD_FRACTION * float(np.quantile(good, THRESHOLD_QUANTILE)), lo, hi))
 
 
 def peak_sample(ncc: np.ndarray, z: np.ndarray, n_max: int = _PEAK_SAMPLE) -> tuple[np.ndarray, np.ndarray]:
