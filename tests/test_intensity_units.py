@@ -115,3 +115,19 @@ def test_intensity_scale_is_a_power_of_two_into_the_band(log2_spread, offset):
     assert INTENSITY_BAND[0] <= hi - lo <= INTENSITY_BAND[1]
     if INTENSITY_BAND[0] <= np.ptp(np.percentile(image, [1.0, 99.0])) <= INTENSITY_BAND[1]:
         assert k == 1.0  # images in ordinary units are processed exactly as they are
+
+
+@pytest.mark.parametrize("find_missing", [False, True])
+def test_a_given_noise_model_in_the_image_units(honeycomb, find_missing):
+    # Poisson noise of a current in A: variance = 1e-10 * intensity. The model's floor was absolute
+    # (1e-12, far above a variance of 1e-17 A^2: error bars of 186 px), and the search for missing
+    # columns fitted the image divided by its scale with the noise model left in A
+    image, _ = honeycomb
+    k = 1e-10
+    ref = atomds.from_array(image).lcx.find_atoms().lcx.refine(noise=(1.0, 0.0), find_missing=find_missing)
+    out = atomds.from_array(image * k).lcx.find_atoms().lcx.refine(noise=(k, 0.0), find_missing=find_missing)
+    j, i = _matched(out, ref)
+    ok = ref.fit_ok.values[i] & out.fit_ok.values[j]
+    assert ok.mean() > 0.98
+    rel = out.x_err.values[j[ok]] / ref.x_err.values[i[ok]] - 1.0
+    assert np.median(np.abs(rel)) < 0.01 and np.percentile(np.abs(rel), 95) < 0.05

@@ -91,7 +91,7 @@ def parse_noise(noise: Any) -> Noise | None:
         raise InvalidParameterError(f"noise gain must be >= 0 and finite; got gain={gain}, offset={off}.")
     if floor <= 0:
         # one quantum of signal (gain * gain) plus the offset, at least a tiny positive number
-        floor = max(gain * gain * 0.5 + off, 1e-3 * gain * gain, 1e-12 * max(abs(off), 1.0), 1e-300)
+        floor = max(gain * gain * 0.5 + off, 1e-3 * gain * gain, 1e-12 * abs(off), 1e-300)  # relative: any units
         if off > 0:
             floor = max(min(floor, off), 1e-300) if gain == 0 else floor
     return Noise(gain, off, floor)
@@ -101,8 +101,8 @@ def pixel_variance(image: np.ndarray, crop: int = 512) -> float:
     """Variance of the pixel noise, image units squared: the scale of an unweighted fit's chi-square.
 
     Immerkaer's 3x3 high-pass over a central crop of at most ``crop`` px, a robust (median
-    absolute deviation) spread that ignores non-finite pixels; an image without noise gets
-    ``(1e-3 * spread of its values)**2``. Multiplying the image by ``k`` multiplies it by ``k**2``.
+    absolute deviation) spread that ignores non-finite pixels and clipped (constant) areas; an
+    image without noise gets ``(1e-3 * spread of its values)**2``. Multiplying the image by ``k`` multiplies it by ``k**2``.
     """
     from scipy import ndimage as ndi
 
@@ -112,7 +112,7 @@ def pixel_variance(image: np.ndarray, crop: int = 512) -> float:
     kernel = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]]) / 6.0
     r = ndi.convolve(np.nan_to_num(img), kernel, mode="nearest")[1:-1, 1:-1]
     bad = ndi.maximum_filter(~np.isfinite(img), 3)[1:-1, 1:-1]
-    r = r[~bad]
+    r = r[~bad & (r != 0.0)]  # exact zeros: clipped or constant areas (vacuum at a detector's zero), no noise
     if r.size:
         sd = 1.4826 * float(np.median(np.abs(r - np.median(r))))
         if sd > 0 and np.isfinite(sd):

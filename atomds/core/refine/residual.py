@@ -298,11 +298,14 @@ def refine_and_complete(
     """
     from ..image import intensity_scale
     from .api import refine_gaussian
-    from .noise import Noise, fit_times, parse_noise, pixel_variance, settings_times
+    from .noise import Noise, fit_times, noise_times, parse_noise, pixel_variance, settings_times
 
     k = intensity_scale(image)
     if k != 1.0:
-        # far from order one: on image / k, results times k (see refine_gaussian)
+        # far from order one: on image / k, results times k (see refine_gaussian); a noise model
+        # in kw is in the image's units too
+        if kw.get("noise") is not None:
+            kw = {**kw, "noise": noise_times(parse_noise(kw["noise"]), 1.0 / k)}
         fit_k, new_x, new_y, info_k = refine_and_complete(np.asarray(image) / k, x, y,
                                                           settings=settings_times(settings, 1.0 / k),
                                                           max_rounds=max_rounds, min_z=min_z, **kw)
