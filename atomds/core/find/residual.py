@@ -24,15 +24,18 @@ from scipy import ndimage as ndi
 
 from ..image import parabola_offset
 from .constants import (
+    ELLIPTICITY_SAMPLE,
     JOINT_TEST_REACH,
     JOINT_TEST_SPACINGS,
     JOINT_TEST_WIDTHS,
     KEEP_AMPLITUDE,
     KEEP_ERRORS,
+    LOBE_SPACINGS,
     MIN_LATTICE_ANCHORS,
     RESIDUAL_BACKGROUND_WIDTHS,
     RESIDUAL_BORDER_SHIFT,
     RESIDUAL_BORDER_SIGNIFICANCE,
+    RESIDUAL_ELLIPTICITY,
     RESIDUAL_EXCLUSION,
     RESIDUAL_REACH,
     RESIDUAL_ROUNDS,
@@ -62,27 +65,42 @@ class ResidualColumns:
     fit: dict  #: refine_gaussian's result for every column (old then new), from the last fit
 
 
-def gaussian_model(shape: tuple[int, int], x, y, amplitude, sigma, *, reach: float = RESIDUAL_REACH) -> np.ndarray:
-    """Sum of isotropic Gaussians ``amplitude exp(-r^2 / 2 sigma^2)`` (peak heights) on a zero background.
+def gaussian_model(shape: tuple[int, int], x, y, amplitude, sigma, *, reach: float = RESIDUAL_REACH,
+                   sigma_minor=None, theta=None) -> np.ndarray:
+    """Sum of Gaussians ``amplitude exp(-r^2 / 2 sigma^2)`` (peak heights) on a zero background.
 
-    Each column is drawn within ``reach`` of its widths (vectorised over columns, one
-    ``np.add.at``); non-finite columns are skipped.
+    With ``sigma_minor`` and ``theta`` (rad, the major axis from +x towards +y) the columns are
+    elliptical: ``sigma`` is then the major axis's width. Each column is drawn within ``reach`` of
+    its (major) widths (vectorised over columns, one ``np.add.at``); non-finite columns are skipped.
     """
     ny, nx = shape
     x, y, a, s = (np.asarray(v, dtype=np.float64) for v in (x, y, amplitude, sigma))
-    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(a) & np.isfinite(s) & (s > 0)
-    x, y, a, s = x[ok], y[ok], a[ok], s[ok]
+    s, a, x, y = np.broadcast_arrays(s, a, x, y)
+    s2 = s if sigma_minor is None else np.broadcast_to(np.asarray(sigma_minor, dtype=np.float64), s.shape)
+    th = np.zeros(s.shape) if theta is None else np.broadcast_to(np.asarray(theta, dtype=np.float64), s.shape)
+    ok = (np.isfinite(x) & np.isfinite(y) & np.isfinite(a) & np.isfinite(s) & (s > 0) & np.isfinite(s2) & (s2 > 0)
+          & np.isfinite(th))
+    x, y, a, s, s2, th = x[ok], y[ok], a[ok], s[ok], s2[ok], th[ok]
     out = np.zeros(shape, dtype=np.float64)
     if x.size == 0:
         return out
     h = int(np.ceil(reach * float(np.max(s))))
     off = np.arange(-h, h + 1)
     ix, iy = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
+    round_ = sigma_minor is None
     for s0 in range(0, x.size, 8192):
         sl = slice(s0, s0 + 8192)
-        gx = np.exp(-((ix[sl, None] + off[None, :] - x[sl, None]) ** 2) / (2 * s[sl, None] ** 2))
-        gy = np.exp(-((iy[sl, None] + off[None, :] - y[sl, None]) ** 2) / (2 * s[sl, None] ** 2))
-        vals = a[sl, None, None] * gy[:, :, None] * gx[:, None, :]
+        dx = ix[sl, None] + off[None, :] - x[sl, None]
+        dy = iy[sl, None] + off[None, :] - y[sl, None]
+        if round_:
+            gx = np.exp(-(dx**2) / (2 * s[sl, None] ** 2))
+            gy = np.exp(-(dy**2) / (2 * s[sl, None] ** 2))
+            vals = a[sl, None, None] * gy[:, :, None] * gx[:, None, :]
+        else:
+            c, si = np.cos(th[sl])[:, None, None], np.sin(th[sl])[:, None, None]
+            ddx, ddy = dx[:, None, :], dy[:, :, None]
+            u, v = ddx * c + ddy * si, -ddx * si + ddy * c
+            vals = a[sl, None, None] * np.exp(-0.5 * (u**2 / s[sl, None, None] ** 2 + v**2 / s2[sl, None, None] ** 2))
         yy = iy[sl, None, None] + off[None, :, None]
         xx = ix[sl, None, None] + off[None, None, :]
         inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
@@ -257,6 +275,59 @@ def border_columns(image: np.ndarray, x, y, cand: np.ndarray, *, sigma: float,
     return keep, np.clip(fx, 0.0, nx - 1.0), np.clip(fy, 0.0, ny - 1.0)
 
 
+def _fitted_model(image: np.ndarray, x: np.ndarray, y: np.ndarray, sigma: float, noise: tuple[float, float],
+                  shape_model: str) -> tuple[dict, np.ndarray]:
+    """Each column fitted (``shape_model``: "gaussian" or "elliptical") and the model of all of them."""
+    from ..refine import refine_gaussian
+
+    fit = refine_gaussian(image, x, y, model=shape_model, sigma=sigma, despike=False,
+                          noise=(noise[1], np.sqrt(noise[0])), joint=False)
+    good = np.asarray(fit["fit_ok"], dtype=bool)
+    fx, fy = np.where(good, fit["x"], x), np.where(good, fit["y"], y)
+    amp = np.where(good, fit["amplitude"], 0.0)
+    if shape_model == "elliptical":
+        model = gaussian_model(image.shape, fx, fy, amp, np.where(good, fit["sigma_major"], sigma),
+                               sigma_minor=np.where(good, fit["sigma_minor"], sigma),
+                               theta=np.where(good, fit["theta"], 0.0))
+    else:
+        model = gaussian_model(image.shape, fx, fy, amp, np.where(good, fit["sigma"], sigma))
+    return fit, model
+
+
+def _inside_cells(cx: np.ndarray, cy: np.ndarray, fx: np.ndarray, fy: np.ndarray, spacing: float) -> bool:
+    """Whether the candidates sit (median) within ``LOBE_SPACINGS`` spacings of the column found nearest."""
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(np.column_stack([fx, fy])).query(np.column_stack([cx, cy]))
+    return bool(np.median(d) < LOBE_SPACINGS * spacing)
+
+
+def ellipticity(image: np.ndarray, x, y, sigma: float, noise: tuple[float, float],
+                n_sample: int = ELLIPTICITY_SAMPLE) -> float:
+    """The coherent ellipticity of the columns at ``(x, y)``: ``|mean((major / minor - 1) exp(2 i theta))|``.
+
+    Every k-th column (at most ``n_sample``) is fitted with an elliptical Gaussian (its neighbours
+    subtracted); each fit's axis ratio is a vector at twice its angle, and the length of their
+    mean is the part of the ellipticity that all columns share. Noise elongates single fits in
+    random directions, which cancel (0.01-0.04 for round columns); a shared ellipticity (the
+    probe's astigmatism, drift) does not. 0 where no fit converged.
+    """
+    from ..refine import refine_gaussian
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.size == 0:
+        return 0.0
+    sub = np.arange(0, x.size, max(1, x.size // n_sample))
+    with np.errstate(all="ignore"):  # faint columns' fits may run off (they are not ok)
+        r = refine_gaussian(image, x, y, model="elliptical", subset=sub, sigma=sigma, despike=False,
+                            noise=(noise[1], np.sqrt(noise[0])), joint=False)
+    ok = np.asarray(r["fit_ok"], dtype=bool) & np.isfinite(r["sigma_major"]) & np.isfinite(r["sigma_minor"])
+    if not ok.any():
+        return 0.0
+    e = r["sigma_major"][ok] / r["sigma_minor"][ok] - 1.0
+    return float(np.abs(np.mean(e * np.exp(2j * r["theta"][ok]))))
+
+
 def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, noise: tuple[float, float],
                     z_min: float | None = None, lattice_check: bool = True,
                     rounds: int = RESIDUAL_ROUNDS, border: bool = True) -> ResidualColumns:
@@ -288,7 +359,6 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
     -------
     ResidualColumns
     """
-    from ..refine import refine_gaussian
 
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
@@ -296,21 +366,31 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
     new_x, new_y, new_z = np.zeros(0), np.zeros(0), np.zeros(0)
     done = 0
     fit: dict = {}
+    shape_model = "gaussian"
     for _ in range(rounds):
         # seeds of columns centred just outside the image are reported at its border
         ax = np.clip(np.r_[x, new_x], 0.0, image.shape[1] - 1.0)
         ay = np.clip(np.r_[y, new_y], 0.0, image.shape[0] - 1.0)
         # each column fitted in its window with its neighbours subtracted (the joint fit of
         # overlapping groups is for the final refinement)
-        fit = refine_gaussian(image, ax, ay, sigma=sigma, despike=False, noise=(noise[1], np.sqrt(noise[0])), joint=False)
+        fit, model = _fitted_model(image, ax, ay, sigma, noise, shape_model)
         good = np.asarray(fit["fit_ok"], dtype=bool)
         fx = np.where(good, fit["x"], ax)
         fy = np.where(good, fit["y"], ay)
-        amp = np.where(good, fit["amplitude"], 0.0)
-        model = gaussian_model(image.shape, fx, fy, amp, np.where(good, fit["sigma"], sigma))
         cx, cy, cz = _round_candidates(np.asarray(image, dtype=np.float64) - model, image, fx, fy, sigma=sigma,
                                        spacing=spacing, noise=noise, z_min=z_min, lattice_check=lattice_check,
                                        border=border)
+        if (cx.size and done == 0 and shape_model == "gaussian" and _inside_cells(cx, cy, fx, fy, spacing)
+                and ellipticity(image, ax, ay, sigma, noise) >= RESIDUAL_ELLIPTICITY):
+            # elliptical columns (astigmatism, drift) fitted round leave two lobes each: model them as they are
+            shape_model = "elliptical"
+            fit, model = _fitted_model(image, ax, ay, sigma, noise, shape_model)
+            good = np.asarray(fit["fit_ok"], dtype=bool)
+            fx = np.where(good, fit["x"], ax)
+            fy = np.where(good, fit["y"], ay)
+            cx, cy, cz = _round_candidates(np.asarray(image, dtype=np.float64) - model, image, fx, fy, sigma=sigma,
+                                           spacing=spacing, noise=noise, z_min=z_min, lattice_check=lattice_check,
+                                           border=border)
         cx, cy, cz = _inside_at_border(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
         cx, cy, cz = _jointly_significant(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
         if cx.size == 0:
