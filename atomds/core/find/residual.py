@@ -367,30 +367,28 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
     done = 0
     fit: dict = {}
     shape_model = "gaussian"
+
+    def search(ax: np.ndarray, ay: np.ndarray, shape_model: str):
+        """The columns fitted, their positions (the seeds where a fit failed) and the residual's candidates."""
+        fit, model = _fitted_model(image, ax, ay, sigma, noise, shape_model)
+        good = np.asarray(fit["fit_ok"], dtype=bool)
+        fx, fy = np.where(good, fit["x"], ax), np.where(good, fit["y"], ay)
+        cand = _round_candidates(np.asarray(image, dtype=np.float64) - model, image, fx, fy, sigma=sigma,
+                                 spacing=spacing, noise=noise, z_min=z_min, lattice_check=lattice_check, border=border)
+        return fit, fx, fy, cand
+
     for _ in range(rounds):
         # seeds of columns centred just outside the image are reported at its border
         ax = np.clip(np.r_[x, new_x], 0.0, image.shape[1] - 1.0)
         ay = np.clip(np.r_[y, new_y], 0.0, image.shape[0] - 1.0)
         # each column fitted in its window with its neighbours subtracted (the joint fit of
         # overlapping groups is for the final refinement)
-        fit, model = _fitted_model(image, ax, ay, sigma, noise, shape_model)
-        good = np.asarray(fit["fit_ok"], dtype=bool)
-        fx = np.where(good, fit["x"], ax)
-        fy = np.where(good, fit["y"], ay)
-        cx, cy, cz = _round_candidates(np.asarray(image, dtype=np.float64) - model, image, fx, fy, sigma=sigma,
-                                       spacing=spacing, noise=noise, z_min=z_min, lattice_check=lattice_check,
-                                       border=border)
+        fit, fx, fy, (cx, cy, cz) = search(ax, ay, shape_model)
         if (cx.size and done == 0 and shape_model == "gaussian" and _inside_cells(cx, cy, fx, fy, spacing)
                 and ellipticity(image, ax, ay, sigma, noise) >= RESIDUAL_ELLIPTICITY):
             # elliptical columns (astigmatism, drift) fitted round leave two lobes each: model them as they are
             shape_model = "elliptical"
-            fit, model = _fitted_model(image, ax, ay, sigma, noise, shape_model)
-            good = np.asarray(fit["fit_ok"], dtype=bool)
-            fx = np.where(good, fit["x"], ax)
-            fy = np.where(good, fit["y"], ay)
-            cx, cy, cz = _round_candidates(np.asarray(image, dtype=np.float64) - model, image, fx, fy, sigma=sigma,
-                                           spacing=spacing, noise=noise, z_min=z_min, lattice_check=lattice_check,
-                                           border=border)
+            fit, fx, fy, (cx, cy, cz) = search(ax, ay, shape_model)
         cx, cy, cz = _inside_at_border(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
         cx, cy, cz = _jointly_significant(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
         if cx.size == 0:
