@@ -136,7 +136,8 @@ def refine_gaussian(
         The fit kernel. "compiled" fits the isotropic model in compiled code (numba) on all
         cores; "numpy" fits every atom of a chunk at once in NumPy; "auto" takes the compiled
         kernel for the isotropic model and NumPy for the elliptical one (the only kernel that
-        fits it). Both give the same numbers to float32 rounding. The pass that estimates the
+        fits it). Both give the same numbers to float32 rounding, but for a fit that stops a step
+        apart within ``tol`` (one column of 168 in a test). The pass that estimates the
         noise model always runs in NumPy (it needs the residuals).
     joint : {"auto", True, False}
         Fit overlapping columns jointly (:mod:`atomds.core.refine.joint`: all columns of a group
