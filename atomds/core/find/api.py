@@ -70,7 +70,7 @@ class FoundAtoms:
         return int(self.x.size)
 
     def in_units(self, k: float, own: list[bool]) -> FoundAtoms:
-        """This result, found on ``image / k``, in the units of ``image`` (``k`` a power of two).
+        """This result, found on ``image / k``, in the units of ``image`` (``k`` a power of two; in place).
 
         The amplitudes, the templates built from the image (``own``: one flag per template; a
         template given as an array is the user's and stays as given), the noise model
