@@ -178,12 +178,16 @@ RESIDUAL_REACH = 4.0
 RESIDUAL_ELLIPTICITY = 0.1
 #: Columns fitted to measure it (every k-th of those found).
 ELLIPTICITY_SAMPLE = 256
-#: ... and only where the residual's candidates sit (median) closer than this many spacings to the
-#: column found nearest, inside its own cell where no column can be: lobes of a column fitted round.
-#: Missing columns of a lattice sit a spacing away, and columns with brighter neighbours on one
-#: side (species ordered in rows) are elongated coherently too: there the round model stays (a
-#: dense two-species lattice lost 0.6 % of its dim columns to the elliptical model without this).
+#: ... and only where the residual's candidates look like lobes (:func:`~.residual._lobes`): inside a
+#: column's own cell, closer than this many spacings to it, where no column can be ...
 LOBE_SPACINGS = 0.6
+#: ... in mirror pairs about it (this share of those candidates with one at its mirror point) ...
+LOBE_PAIRED = 0.5
+#: ... and at least this many of them. Columns with a dim neighbour on one side (a dumbbell's partner,
+#: species ordered in rows) are elongated coherently too, but their candidates sit at one offset: the
+#: elliptical model there took in 43-231 of 306 dim dumbbell partners (a review's test) and 0.6 % of a
+#: dense two-species lattice's dim columns.
+LOBE_MIN = 8
 #: Width of the blur (matched-filter half-widths) whose smooth background is removed from the
 #: residual before its matched filter: much wider than a column, so the columns stay.
 RESIDUAL_BACKGROUND_WIDTHS = 4.0

@@ -30,6 +30,8 @@ from .constants import (
     JOINT_TEST_WIDTHS,
     KEEP_AMPLITUDE,
     KEEP_ERRORS,
+    LOBE_MIN,
+    LOBE_PAIRED,
     LOBE_SPACINGS,
     MIN_LATTICE_ANCHORS,
     RESIDUAL_BACKGROUND_WIDTHS,
@@ -294,12 +296,26 @@ def _fitted_model(image: np.ndarray, x: np.ndarray, y: np.ndarray, sigma: float,
     return fit, model
 
 
-def _inside_cells(cx: np.ndarray, cy: np.ndarray, fx: np.ndarray, fy: np.ndarray, spacing: float) -> bool:
-    """Whether the candidates sit (median) within ``LOBE_SPACINGS`` spacings of the column found nearest."""
+def _lobes(cx: np.ndarray, cy: np.ndarray, fx: np.ndarray, fy: np.ndarray, spacing: float, sigma: float) -> bool:
+    """Whether the candidates look like the lobes a round model leaves of elliptical columns.
+
+    Lobes sit inside a column's own cell (within ``LOBE_SPACINGS`` spacings of it) and in mirror
+    pairs about it (``-v`` for ``v``, along its long axis). At least ``LOBE_MIN`` candidates must
+    sit that close, and ``LOBE_PAIRED`` of them must have a candidate at their mirror point (within
+    half a column width, at least 1 px). A dim partner of a dumbbell, a missing sublattice or a
+    column beside a bright one sits at one offset, with nothing at its mirror point.
+    """
     from scipy.spatial import cKDTree
 
-    d, _ = cKDTree(np.column_stack([fx, fy])).query(np.column_stack([cx, cy]))
-    return bool(np.median(d) < LOBE_SPACINGS * spacing)
+    c = np.column_stack([cx, cy])
+    cols = np.column_stack([fx, fy])
+    d, i = cKDTree(cols).query(c)
+    near = d < LOBE_SPACINGS * spacing
+    if np.count_nonzero(near) < LOBE_MIN:
+        return False
+    mirror = 2.0 * cols[i[near]] - c[near]
+    dm, _ = cKDTree(c[near]).query(mirror)
+    return bool(np.mean(dm <= max(1.0, 0.5 * sigma)) >= LOBE_PAIRED)
 
 
 def ellipticity(image: np.ndarray, x, y, sigma: float, noise: tuple[float, float],
@@ -384,7 +400,7 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
         # each column fitted in its window with its neighbours subtracted (the joint fit of
         # overlapping groups is for the final refinement)
         fit, fx, fy, (cx, cy, cz) = search(ax, ay, shape_model)
-        if (cx.size and done == 0 and shape_model == "gaussian" and _inside_cells(cx, cy, fx, fy, spacing)
+        if (cx.size and shape_model == "gaussian" and _lobes(cx, cy, fx, fy, spacing, sigma)
                 and ellipticity(image, ax, ay, sigma, noise) >= RESIDUAL_ELLIPTICITY):
             # elliptical columns (astigmatism, drift) fitted round leave two lobes each: model them as they are
             shape_model = "elliptical"
