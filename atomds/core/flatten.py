@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..errors import InvalidImageError, InvalidParameterError
-from .image import as_float, check_image, tukey_window
+from .image import as_float, check_image, subsample_step, tukey_window
 from .scales import MAD_TO_STD, estimate_column_sigma, estimate_spacing, image_scales
 
 __all__ = [
@@ -87,8 +87,6 @@ def metre_sized(values) -> bool:
     The spread is robust (:func:`_robust_sd` of the residual of a least-squares plane, on a
     regular subsample of at most about 65,000 pixels), so that a glitch pixel does not decide it.
     """
-    from .preprocess import subsample_step
-
     v = np.asarray(values, dtype=np.float64)
     step = subsample_step(v.shape, 65_536)
     yy, xx = np.mgrid[0 : v.shape[0] : step, 0 : v.shape[1] : step]

@@ -27,6 +27,8 @@ __all__ = [
     "tukey_window",
     "INTENSITY_BAND",
     "intensity_scale",
+    "subsample_step",
+    "value_spread",
 ]
 
 #: Column contrasts: brighter than the surroundings (HAADF, STM topography) or darker (ABF, BF).
@@ -74,14 +76,32 @@ def check_image(image, *, name: str = "image", min_size: int = 8) -> np.ndarray:
     return arr
 
 
+def subsample_step(shape, max_samples: int = 250_000) -> int:
+    """Stride along each axis that keeps at most about ``max_samples`` pixels of an image of ``shape``."""
+    return max(1, int(np.ceil(np.sqrt(shape[0] * shape[1] / max_samples))))
+
+
+def value_spread(image) -> float:
+    """The spread of an image's finite values: 1st to 99th percentile of a regular subsample
+    (:func:`subsample_step`), their full range where that is zero; 0.0 without finite values."""
+    arr = np.asarray(image)
+    step = subsample_step(arr.shape) if arr.ndim == 2 else 1
+    vals = np.asarray(arr[::step, ::step] if arr.ndim == 2 else arr, dtype=np.float64).ravel()
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return 0.0
+    lo, hi = np.percentile(vals, [1.0, 99.0])
+    return float(hi - lo) if hi > lo else float(vals.max() - vals.min())
+
+
 def intensity_scale(image) -> float:
     """A power of two ``k`` to divide ``image`` by before finding or fitting; 1.0 for most images.
 
-    Where the spread of the image's values (1st to 99th percentile of a subsample of its
-    finite pixels; their full range where that is zero) lies outside :data:`INTENSITY_BAND`,
-    ``k`` is the power of two at or below it, so that ``image / k`` spreads over [1, 2).
-    Dividing by a power of two is exact in floating point, so a result computed on
-    ``image / k`` and multiplied back by ``k`` (``k**2`` for variances) is the image's own.
+    Where the spread of the image's values (:func:`value_spread`) lies outside
+    :data:`INTENSITY_BAND`, ``k`` is the power of two at or below it, so that ``image / k``
+    spreads over [1, 2). Dividing by a power of two is exact in floating point, so a result
+    computed on ``image / k`` and multiplied back by ``k`` (``k**2`` for variances) is the
+    image's own.
 
     Parameters
     ----------
@@ -93,14 +113,7 @@ def intensity_scale(image) -> float:
     float
         A power of two (1.0 inside the band, or for an image without finite spread).
     """
-    arr = np.asarray(image)
-    step = max(1, int(np.ceil(np.sqrt(arr.size / 250_000))))
-    vals = np.asarray(arr[::step, ::step], dtype=np.float64).ravel() if arr.ndim == 2 else np.ravel(arr)
-    vals = vals[np.isfinite(vals)]
-    if vals.size == 0:
-        return 1.0
-    lo, hi = np.percentile(vals, [1.0, 99.0])
-    spread = float(hi - lo) if hi > lo else float(vals.max() - vals.min())
+    spread = value_spread(image)
     if not np.isfinite(spread) or spread <= 0.0 or INTENSITY_BAND[0] <= spread <= INTENSITY_BAND[1]:
         return 1.0
     return float(2.0 ** np.floor(np.log2(spread)))

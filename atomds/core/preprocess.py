@@ -19,7 +19,7 @@ import scipy.fft as sfft
 from scipy import ndimage as ndi
 
 from ..errors import DimensionError, InvalidImageError, InvalidParameterError
-from .image import CONTRASTS, as_float, check_image, parabola_offset, tukey_window, turn_over
+from .image import CONTRASTS, as_float, check_image, parabola_offset, subsample_step, tukey_window, turn_over
 from .scales import MAD_TO_STD, estimate_column_sigma, estimate_noise, estimate_spacing, noise_model
 
 __all__ = [
@@ -167,11 +167,6 @@ def fit_polynomial_background(image, *, order: int = 2, robust: bool = True, max
     img = check_image(image)
     step = subsample_step(img.shape, max_samples)
     return fit_polynomial_samples(img[::step, ::step], img.shape, step, order=order, robust=robust)
-
-
-def subsample_step(shape, max_samples: int = 250_000) -> int:
-    """Stride along each axis that keeps at most about ``max_samples`` pixels of an image of ``shape``."""
-    return max(1, int(np.ceil(np.sqrt(shape[0] * shape[1] / max_samples))))
 
 
 def fit_polynomial_samples(samples, shape, step: int, *, order: int = 2, robust: bool = True) -> np.ndarray:

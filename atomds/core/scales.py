@@ -35,6 +35,7 @@ __all__ = [
     "euler_level",
     "SMALL_CROP",
     "estimate_noise",
+    "pixel_noise_sd",
     "noise_model",
     "estimate_spacing",
     "estimate_period",
@@ -107,8 +108,28 @@ def estimate_noise(image) -> float:
     :func:`noise_model`.
     """
     img = checked_crop(image, _NOISE_CROP)
-    r = _hf_residual(img)
-    return float(MAD_TO_STD * np.median(np.abs(r - np.median(r))))
+    return _mad_sd(_hf_residual(img))
+
+
+def _mad_sd(r: np.ndarray) -> float:
+    """Robust standard deviation (median absolute deviation) of ``r``; 0.0 when empty."""
+    return float(MAD_TO_STD * np.median(np.abs(r - np.median(r)))) if r.size else 0.0
+
+
+def pixel_noise_sd(image, crop: int = _NOISE_CROP) -> float:
+    """:func:`estimate_noise` for images with non-finite pixels or clipped areas, on the central crop.
+
+    Immerkaer's high-pass of the central ``crop`` x ``crop`` px; responses touching a non-finite
+    pixel, and exact zeros (a clipped or constant area: vacuum at a detector's zero, which holds no
+    noise), are left out of the robust spread. 0.0 where nothing is left (an image without noise).
+    """
+    img = np.asarray(image, dtype=np.float64)
+    oy, ox = max(0, (img.shape[0] - crop) // 2), max(0, (img.shape[1] - crop) // 2)
+    img = img[oy : oy + crop, ox : ox + crop]
+    fin = np.isfinite(img)
+    r = _hf_residual(np.where(fin, img, 0.0))
+    bad = ndi.maximum_filter(~fin, 3)[1:-1, 1:-1]
+    return _mad_sd(r[~bad & (r != 0.0)])
 
 
 def noise_model(image, *, smooth: float = 2.0, nbins: int = 12) -> tuple[float, float]:

@@ -13,7 +13,7 @@ import pytest
 
 from atomds.core import samples
 from atomds.core.find import find_atoms
-from atomds.core.find.residual import ellipticity, gaussian_model
+from atomds.core.find.residual import _ellipticity_terms, _shared, ellipticity, gaussian_model
 from atomds.core.samples.render import add_noise, render_columns
 
 
@@ -78,3 +78,18 @@ def test_a_dumbbell_partner_is_not_a_lobe():
     missed = inner & ~np.isin(np.arange(len(xy)), i_t)
     assert missed[lab == 0].sum() == 0
     assert missed[lab == 1].sum() <= 10 and sc["n_false"] <= 10
+
+
+def test_slight_ellipticity_counts_where_it_is_significant():
+    # 2.2 x 2.0 px at 8000 counts: a shared ellipticity of 0.10, far beyond its standard error;
+    # a size threshold of 0.1 left the round model and 470 lobes taken for columns
+    xy, img = _hexagonal(2.2, 2.0, 8000.0)
+    f = find_atoms(img)
+    assert samples.score_positions(xy, np.c_[f.x, f.y], shape=img.shape)["n_false"] == 0
+    inside = (xy[:, 0] >= 0) & (xy[:, 0] <= 255) & (xy[:, 1] >= 0) & (xy[:, 1] <= 255)
+    e, z = _shared(_ellipticity_terms(img, xy[inside, 0], xy[inside, 1], 2.0, (1.0, 1.0)))
+    assert 0.08 < e < 0.12 and z > 20
+    # round columns: whatever the dose, the shared part is within a few standard errors of nothing
+    for dose, seed in [(100.0, 0), (100.0, 1), (30000.0, 0)]:
+        xy, img = _hexagonal(2.0, 2.0, dose, seed=seed)
+        assert _shared(_ellipticity_terms(img, xy[inside, 0], xy[inside, 1], 2.0, (1.0, 1.0)))[1] < 3.0

@@ -171,11 +171,13 @@ RESIDUAL_EXCLUSION = 2.0
 RESIDUAL_REACH = 4.0
 #: Columns are modelled as elliptical Gaussians in the residual passes where the coherent part of
 #: their ellipticity, ``|mean((major / minor - 1) exp(2 i theta))|`` over a sample of elliptical fits,
-#: is at least this. An isotropic model of elliptical columns leaves two lobes along each column's
-#: long axis, which the passes took for columns: 2.4 x 1.6 px columns 12 px apart gave 474 such finds
-#: for 634 columns. Noise makes single fits elliptical in random directions (coherent part 0.01-0.04
-#: for round columns at 100-2000 counts); columns 2.4 x 1.8 px give 0.3, 2.4 x 1.6 px 0.5.
-RESIDUAL_ELLIPTICITY = 0.1
+#: is at least this many of its standard errors (from the fits' scatter). An isotropic model of
+#: elliptical columns leaves two lobes along each column's long axis, which the passes took for
+#: columns: 2.4 x 1.6 px columns 12 px apart gave 474 such finds for 634 columns. A significance,
+#: not a size: whether lobes show depends on the dose, and 2.2 x 2.0 px columns at 8000 counts
+#: (ellipticity 0.10) gave 470 false finds under a size threshold of 0.1. Noise elongates single
+#: fits in random directions, which cancel.
+ELLIPTICITY_Z = 5.0
 #: Columns fitted to measure it (every k-th of those found).
 ELLIPTICITY_SAMPLE = 256
 #: ... and only where the residual's candidates look like lobes (:func:`~.residual._lobes`): inside a

@@ -25,6 +25,7 @@ from scipy import ndimage as ndi
 from ..image import parabola_offset
 from .constants import (
     ELLIPTICITY_SAMPLE,
+    ELLIPTICITY_Z,
     JOINT_TEST_REACH,
     JOINT_TEST_SPACINGS,
     JOINT_TEST_WIDTHS,
@@ -37,7 +38,6 @@ from .constants import (
     RESIDUAL_BACKGROUND_WIDTHS,
     RESIDUAL_BORDER_SHIFT,
     RESIDUAL_BORDER_SIGNIFICANCE,
-    RESIDUAL_ELLIPTICITY,
     RESIDUAL_EXCLUSION,
     RESIDUAL_REACH,
     RESIDUAL_ROUNDS,
@@ -65,6 +65,14 @@ class ResidualColumns:
     zscore: np.ndarray  #: matched-filter amplitude over its noise at each new column
     rounds: int  #: passes that found columns
     fit: dict  #: refine_gaussian's result for every column (old then new), from the last fit
+
+
+def _fit_columns(image: np.ndarray, x, y, sigma: float, noise: tuple[float, float], **kw) -> dict[str, np.ndarray]:
+    """:func:`atomds.core.refine.refine_gaussian` of the (despiked) image at width ``sigma`` under the
+    finder's noise model ``variance = a + b * intensity`` (the fits' gain ``b``, read noise ``sqrt(a)``)."""
+    from ..refine import refine_gaussian
+
+    return refine_gaussian(image, x, y, sigma=sigma, despike=False, noise=(noise[1], np.sqrt(noise[0])), **kw)
 
 
 def gaussian_model(shape: tuple[int, int], x, y, amplitude, sigma, *, reach: float = RESIDUAL_REACH,
@@ -259,14 +267,11 @@ def border_columns(image: np.ndarray, x, y, cand: np.ndarray, *, sigma: float,
     fx, fy : arrays (len(cand),)
         The fitted centres, px, on the image's pixels (``0 <= x <= nx - 1``).
     """
-    from ..refine import refine_gaussian
-
     cand = np.asarray(cand, dtype=np.int64)
     if cand.size == 0:
         return np.zeros(0, bool), np.zeros(0), np.zeros(0)
     ny, nx = image.shape
-    fit = refine_gaussian(image, x, y, sigma=sigma, despike=False, noise=(noise[1], np.sqrt(noise[0])), joint=False,
-                          subset=cand)
+    fit = _fit_columns(image, x, y, sigma, noise, joint=False, subset=cand)
     fx, fy = np.asarray(fit["x"], dtype=np.float64), np.asarray(fit["y"], dtype=np.float64)
     fx, fy = np.where(np.isfinite(fx), fx, np.nan), np.where(np.isfinite(fy), fy, np.nan)
     inten, err = np.asarray(fit["intensity"], dtype=np.float64), np.asarray(fit["intensity_err"], dtype=np.float64)
@@ -280,10 +285,7 @@ def border_columns(image: np.ndarray, x, y, cand: np.ndarray, *, sigma: float,
 def _fitted_model(image: np.ndarray, x: np.ndarray, y: np.ndarray, sigma: float, noise: tuple[float, float],
                   shape_model: str) -> tuple[dict, np.ndarray]:
     """Each column fitted (``shape_model``: "gaussian" or "elliptical") and the model of all of them."""
-    from ..refine import refine_gaussian
-
-    fit = refine_gaussian(image, x, y, model=shape_model, sigma=sigma, despike=False,
-                          noise=(noise[1], np.sqrt(noise[0])), joint=False)
+    fit = _fit_columns(image, x, y, sigma, noise, model=shape_model, joint=False)
     good = np.asarray(fit["fit_ok"], dtype=bool)
     fx, fy = np.where(good, fit["x"], x), np.where(good, fit["y"], y)
     amp = np.where(good, fit["amplitude"], 0.0)
@@ -318,30 +320,40 @@ def _lobes(cx: np.ndarray, cy: np.ndarray, fx: np.ndarray, fy: np.ndarray, spaci
     return bool(np.mean(dm <= max(1.0, 0.5 * sigma)) >= LOBE_PAIRED)
 
 
+def _ellipticity_terms(image: np.ndarray, x, y, sigma: float, noise: tuple[float, float],
+                       n_sample: int = ELLIPTICITY_SAMPLE) -> np.ndarray:
+    """``(major / minor - 1) exp(2 i theta)`` of elliptical fits of every k-th column (about ``n_sample``)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.size == 0:
+        return np.zeros(0, dtype=complex)
+    sub = np.arange(0, x.size, max(1, x.size // n_sample))
+    with np.errstate(all="ignore"):  # faint columns' fits may run off (they are not ok)
+        r = _fit_columns(image, x, y, sigma, noise, model="elliptical", subset=sub, joint=False)
+    ok = np.asarray(r["fit_ok"], dtype=bool) & np.isfinite(r["sigma_major"]) & np.isfinite(r["sigma_minor"])
+    return (r["sigma_major"][ok] / r["sigma_minor"][ok] - 1.0) * np.exp(2j * r["theta"][ok])
+
+
+def _shared(terms: np.ndarray) -> tuple[float, float]:
+    """The length of the mean of ``terms`` and that length over its standard error (0, 0 for fewer than 2)."""
+    if terms.size < 2:
+        return 0.0, 0.0
+    m = terms.mean()
+    se = float(np.sqrt(np.sum(np.abs(terms - m) ** 2) / (terms.size * (terms.size - 1))))
+    return float(abs(m)), float(abs(m) / se) if se > 0 else float("inf")
+
+
 def ellipticity(image: np.ndarray, x, y, sigma: float, noise: tuple[float, float],
                 n_sample: int = ELLIPTICITY_SAMPLE) -> float:
     """The coherent ellipticity of the columns at ``(x, y)``: ``|mean((major / minor - 1) exp(2 i theta))|``.
 
-    Every k-th column (at most ``n_sample``) is fitted with an elliptical Gaussian (its neighbours
+    Every k-th column (about ``n_sample``) is fitted with an elliptical Gaussian (its neighbours
     subtracted); each fit's axis ratio is a vector at twice its angle, and the length of their
     mean is the part of the ellipticity that all columns share. Noise elongates single fits in
-    random directions, which cancel (0.01-0.04 for round columns); a shared ellipticity (the
-    probe's astigmatism, drift) does not. 0 where no fit converged.
+    random directions, which cancel; a shared ellipticity (the probe's astigmatism, drift) does
+    not. 0 where fewer than two fits converged. The passes judge it by its significance
+    (:data:`~.constants.ELLIPTICITY_Z` standard errors), not by its size.
     """
-    from ..refine import refine_gaussian
-
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.size == 0:
-        return 0.0
-    sub = np.arange(0, x.size, max(1, x.size // n_sample))
-    with np.errstate(all="ignore"):  # faint columns' fits may run off (they are not ok)
-        r = refine_gaussian(image, x, y, model="elliptical", subset=sub, sigma=sigma, despike=False,
-                            noise=(noise[1], np.sqrt(noise[0])), joint=False)
-    ok = np.asarray(r["fit_ok"], dtype=bool) & np.isfinite(r["sigma_major"]) & np.isfinite(r["sigma_minor"])
-    if not ok.any():
-        return 0.0
-    e = r["sigma_major"][ok] / r["sigma_minor"][ok] - 1.0
-    return float(np.abs(np.mean(e * np.exp(2j * r["theta"][ok]))))
+    return _shared(_ellipticity_terms(image, x, y, sigma, noise, n_sample))[0]
 
 
 def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, noise: tuple[float, float],
@@ -401,7 +413,7 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
         # overlapping groups is for the final refinement)
         fit, fx, fy, (cx, cy, cz) = search(ax, ay, shape_model)
         if (cx.size and shape_model == "gaussian" and _lobes(cx, cy, fx, fy, spacing, sigma)
-                and ellipticity(image, ax, ay, sigma, noise) >= RESIDUAL_ELLIPTICITY):
+                and _shared(_ellipticity_terms(image, ax, ay, sigma, noise))[1] >= ELLIPTICITY_Z):
             # elliptical columns (astigmatism, drift) fitted round leave two lobes each: model them as they are
             shape_model = "elliptical"
             fit, fx, fy, (cx, cy, cz) = search(ax, ay, shape_model)
@@ -654,13 +666,11 @@ def like_a_class(image: np.ndarray, x, y, label, new_x, new_y, *, sigma: float,
     fit : dict
         The fit of every column (old, then new), as :func:`~atomds.core.refine.refine_gaussian` returns it.
     """
-    from ..refine import refine_gaussian
-
     ny, nx = image.shape
     n0 = np.size(x)
     ax = np.clip(np.r_[x, new_x], 0.0, nx - 1.0)
     ay = np.clip(np.r_[y, new_y], 0.0, ny - 1.0)
-    fit = refine_gaussian(image, ax, ay, sigma=sigma, despike=False, noise=(noise[1], np.sqrt(noise[0])), joint=False)
+    fit = _fit_columns(image, ax, ay, sigma, noise, joint=False)
     amp = np.asarray(fit["amplitude"], dtype=np.float64)
     ok = np.asarray(fit["fit_ok"], dtype=bool) & np.isfinite(amp)
     label = np.asarray(label)
@@ -694,7 +704,6 @@ def _jointly_significant(image, fx, fy, cx, cy, cz, *, sigma: float, spacing: fl
     close = np.flatnonzero((d < JOINT_TEST_SPACINGS * spacing) & (d < JOINT_TEST_WIDTHS * sigma))
     if close.size == 0:
         return cx, cy, cz
-    from ..refine import refine_gaussian
     from ..refine.residual import MIN_INTENSITY_Z
 
     ny, nx = image.shape
@@ -703,8 +712,7 @@ def _jointly_significant(image, fx, fy, cx, cy, cz, *, sigma: float, spacing: fl
                                                                           JOINT_TEST_REACH * spacing)).astype(np.int64))
     ax = np.clip(np.r_[np.asarray(fx)[near], cx[close]], 0.0, nx - 1.0)
     ay = np.clip(np.r_[np.asarray(fy)[near], cy[close]], 0.0, ny - 1.0)
-    fit = refine_gaussian(image, ax, ay, sigma=sigma, despike=False, noise=(noise[1], np.sqrt(noise[0])), joint=True,
-                          subset=near.size + np.arange(close.size))
+    fit = _fit_columns(image, ax, ay, sigma, noise, joint=True, subset=near.size + np.arange(close.size))
     inten, err = np.asarray(fit["intensity"], float), np.asarray(fit["intensity_err"], float)
     with np.errstate(invalid="ignore", divide="ignore"):
         bear = np.asarray(fit["fit_ok"], bool) & (inten >= MIN_INTENSITY_Z * err)

@@ -97,28 +97,21 @@ def parse_noise(noise: Any) -> Noise | None:
     return Noise(gain, off, floor)
 
 
-def pixel_variance(image: np.ndarray, crop: int = 512) -> float:
+def pixel_variance(image: np.ndarray) -> float:
     """Variance of the pixel noise, image units squared: the scale of an unweighted fit's chi-square.
 
-    Immerkaer's 3x3 high-pass over a central crop of at most ``crop`` px, a robust (median
-    absolute deviation) spread that ignores non-finite pixels and clipped (constant) areas; an
-    image without noise gets ``(1e-3 * spread of its values)**2``. Multiplying the image by ``k`` multiplies it by ``k**2``.
+    :func:`atomds.core.scales.pixel_noise_sd` squared (Immerkaer's high-pass of the central
+    crop, robust, without non-finite pixels and clipped areas); an image without noise gets
+    ``(1e-3 * spread of its values)**2`` (:func:`atomds.core.image.value_spread`). Multiplying the
+    image by ``k`` multiplies it by ``k**2``.
     """
-    from scipy import ndimage as ndi
+    from ..image import value_spread
+    from ..scales import pixel_noise_sd
 
-    img = np.asarray(image, dtype=np.float64)
-    oy, ox = max(0, (img.shape[0] - crop) // 2), max(0, (img.shape[1] - crop) // 2)
-    img = img[oy : oy + crop, ox : ox + crop]
-    kernel = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]]) / 6.0
-    r = ndi.convolve(np.nan_to_num(img), kernel, mode="nearest")[1:-1, 1:-1]
-    bad = ndi.maximum_filter(~np.isfinite(img), 3)[1:-1, 1:-1]
-    r = r[~bad & (r != 0.0)]  # exact zeros: clipped or constant areas (vacuum at a detector's zero), no noise
-    if r.size:
-        sd = 1.4826 * float(np.median(np.abs(r - np.median(r))))
-        if sd > 0 and np.isfinite(sd):
-            return sd * sd
-    vals = img[np.isfinite(img)]
-    spread = float(np.ptp(np.percentile(vals, [1.0, 99.0]))) if vals.size else 0.0
+    sd = pixel_noise_sd(image)
+    if sd > 0 and np.isfinite(sd):
+        return sd * sd
+    spread = value_spread(image)
     return (1e-3 * spread) ** 2 if spread > 0 else 1.0
 
 
