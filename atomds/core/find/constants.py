@@ -187,8 +187,8 @@ LOBE_SPACINGS = 0.6
 LOBE_PAIRED = 0.5
 #: ... and at least this many of them. Columns with a dim neighbour on one side (a dumbbell's partner,
 #: species ordered in rows) are elongated coherently too, but their candidates sit at one offset: the
-#: elliptical model there took in 43-231 of 306 dim dumbbell partners (a review's test) and 0.6 % of a
-#: dense two-species lattice's dim columns.
+#: elliptical model there took in 56 of 306 dim dumbbell partners (tests/core/test_elliptical_columns.py
+#: at 76d2407) and 0.6 % of a dense two-species lattice's dim columns (sweep image 1207974997).
 LOBE_MIN = 8
 #: Width of the blur (matched-filter half-widths) whose smooth background is removed from the
 #: residual before its matched filter: much wider than a column, so the columns stay.
