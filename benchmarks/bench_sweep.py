@@ -13,7 +13,8 @@ through the public API a user calls, with defaults and the pixel size given:
 :func:`atomds.core.samples.sweep.score_sweep` (one-to-one matching within a third of the
 nearest-column distance, columns and finds at least 3 sigma inside the image): recall, false
 positives, RMSE / CRB (isolated-column bound from the column's counts, width and local
-background) per species, and the adjusted Rand index of ``sublattice`` against the species over
+background) per species, the calibration of the reported errors (std of error / ``x_err``,
+``y_err`` over both axes: 1 for honest error bars) per species, and the adjusted Rand index of ``sublattice`` against the species over
 the matched columns.
 
 Tables: all images; by lattice type; by species brightness band (peak relative to the
@@ -61,6 +62,7 @@ DISTINCT_RATIO = 0.6  # issue 10's dim species are 20-60 % of the bright peak
 SEPARABLE = 4.65  # Fisher distance between species at which the best linear rule misclasses 1 % (Phi(-D/2))
 BRIGHTNESS_BANDS = ((0.15, 0.3), (0.3, 0.6), (0.6, 0.999), (0.999, 1.001))  # peak / brightest peak
 DOSE_BANDS = ((300.0, 1000.0), (1000.0, 4000.0), (4000.0, 20001.0))  # counts per bright column
+Z_BAND = (0.8, 1.25)  # issue 11's calibration band for std(error / reported standard error)
 SNR_BANDS = ((0.0, 4.0), (4.0, SNR_FLOOR), (SNR_FLOOR, 20.0), (20.0, np.inf))
 
 
@@ -86,15 +88,17 @@ def run_one(seed: int) -> dict:
         x = r["atom_x"].to_numpy() / ps
         y = r["atom_y"].to_numpy() / ps
         sub = r["sublattice"].to_numpy()
+        errs = (r["x_err"].to_numpy() / ps, r["y_err"].to_numpy() / ps)
         fitted = (r["amplitude"].to_numpy(), r["sigma"].to_numpy() / ps, r["fit_ok"].to_numpy())
         rec["error"] = None
     except Exception as exc:  # noqa: BLE001 - a failed image is a result of the sweep
         x = y = np.zeros(0)
         sub = np.zeros(0, int)
+        errs = (np.zeros(0), np.zeros(0))
         fitted = None
         rec["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
     rec["seconds"] = time.perf_counter() - t0
-    rec["score"] = score_sweep(s, x, y)
+    rec["score"] = score_sweep(s, x, y, x_err=errs[0], y_err=errs[1])
     rec["ari"] = _ari(s, x, y, sub)
     rec["separation"] = _separation(s, x, y, fitted) if fitted is not None else None
     return rec
@@ -157,7 +161,7 @@ def species_rows(results: list[dict]) -> list[dict]:
                 "seed": r["seed"], "lattice": p["lattice"], "n_species": p["n_species"], "species": k,
                 "peak": p["peaks"][k], "dose": p["dose"], "snr": sc["snr"][k], "n_true": sc["n_true"][k],
                 "n_matched": sc["n_matched"][k], "recall": sc["recall"][k], "crb_ratio": sc["crb_ratio"][k],
-                "n_precision": sc["n_precision"][k],
+                "n_precision": sc["n_precision"][k], "z_sd": sc.get("z_sd", [np.nan] * sc["n_species"])[k],
                 "fp": sc["false_positive_rate"], "artefacts": artefacts(p), "error": r["error"], "params": p,
             })
     return rows
@@ -189,8 +193,22 @@ def summary(rows: list[dict]) -> str:
     g_nm = sum(r["n_matched"] for r in good)
     cr = np.array([r["crb_ratio"] for r in rows if r["n_precision"] >= 20 and r["snr"] >= SNR_FLOOR], float)
     crs = f"{np.median(cr):.2f} / {np.percentile(cr, 90):.2f}" if cr.size else "-"
+    zs = np.array([r["z_sd"] for r in rows if r["n_precision"] >= 20 and r["snr"] >= SNR_FLOOR], float)
+    zs = zs[np.isfinite(zs)]
+    zc = (f"{np.median(zs):.2f} / {np.percentile(zs, 90):.2f} / {np.mean((zs >= Z_BAND[0]) & (zs <= Z_BAND[1])) * 100:.0f} %"
+          if zs.size else "-")
     gs = f"{100 * g_nm / g_nt:.2f}" if g_nt else "-"
-    return f"{len(rows)} | {100 * nm / max(nt, 1):.2f} | {gs} | {ok} / {len(good)} | {crs}"
+    return f"{len(rows)} | {100 * nm / max(nt, 1):.2f} | {gs} | {ok} / {len(good)} | {crs} | {zc}"
+
+
+def _z_line(rows: list[dict]) -> str:
+    zs = np.array([r["z_sd"] for r in rows if r["n_precision"] >= 20 and r["snr"] >= SNR_FLOOR], float)
+    zs = zs[np.isfinite(zs)]
+    if not zs.size:
+        return "-"
+    inside = int(((zs >= Z_BAND[0]) & (zs <= Z_BAND[1])).sum())
+    return (f"median {np.median(zs):.2f}, 10th-90th percentile {np.percentile(zs, 10):.2f}-{np.percentile(zs, 90):.2f}, "
+            f"{inside} of {zs.size} rows within {Z_BAND[0]}-{Z_BAND[1]}")
 
 
 def fp_cell(results: list[dict]) -> str:
@@ -201,8 +219,8 @@ def fp_cell(results: list[dict]) -> str:
 
 
 HEAD = ("| {0} | species rows | recall % (all) | recall % (SNR >= 8) | rows at >= 99.5 % (SNR >= 8) "
-        "| RMSE/CRB median / p90 (SNR >= 8, >= 20 matched) |")
-RULE = "|---|---:|---:|---:|---:|---:|"
+        "| RMSE/CRB median / p90 (SNR >= 8, >= 20 matched) | std(error / x_err) median / p90 / rows in 0.8-1.25 |")
+RULE = "|---|---:|---:|---:|---:|---:|---:|"
 
 
 def group_table(lines: list[str], title: str, key: str, groups: list[tuple[str, object]], rows: list[dict]) -> None:
@@ -248,6 +266,12 @@ def worst_table(lines: list[str], rows: list[dict], results: list[dict]) -> None
             break
         lines.append(f"| RMSE/CRB | {r['seed']} | {r['species']} | {r['snr']:.1f} | {r['crb_ratio']:.2f} | "
                      f"{fmt_params(r['params'])} |")
+    zr = [r for r in cr if np.isfinite(r["z_sd"])]
+    for r in sorted(zr, key=lambda r: -abs(np.log(r["z_sd"])))[:N_WORST // 2]:
+        if Z_BAND[0] <= r["z_sd"] <= Z_BAND[1]:
+            break
+        lines.append(f"| std(error / x_err) | {r['seed']} | {r['species']} | {r['snr']:.1f} | {r['z_sd']:.2f} | "
+                     f"{fmt_params(r['params'])} |")
     lines.append("")
 
 
@@ -281,6 +305,8 @@ def report(results: list[dict], args, seeds: list[int], wall: float, commit: str
              f"- false positives, all images: {fp_cell(results).split(' | ')[0]} % of interior finds; "
              f"images above 0.2 %: {fp_cell(results).split(' | ')[1]} of {len(results)}",
              f"- atoms found in vacuum holes: {in_hole} over {n_hole} images with a hole",
+             f"- error bars (std of error / reported standard error per species, SNR >= 8, >= 20 matched): "
+             f"{_z_line(rows)}",
              ]
     for name, sel in (("all multi-species images", multi),
                       (f"species peaks apart by a factor >= 1/{DISTINCT_RATIO} (issue 10's dim species)",

@@ -141,6 +141,13 @@ def test_score_sweep_counts_what_it_says():
     assert half["recall"] == [1.0, 0.0] and half["n_false"] == 1 and half["in_hole"] == 1
     shifted = score_sweep(s, s.x + 2 * s.crb, s.y)
     assert shifted["crb_ratio"][0] == pytest.approx(math.sqrt(2.0), rel=1e-6)
+    assert "z_sd" not in shifted
+    # error bars: x off by 2 of its stated errors at every column (y exact): std over both axes 1
+    both = score_sweep(s, s.x + 2 * s.crb * np.where(np.arange(s.n_atoms) % 2, 1, -1), s.y,
+                       x_err=s.crb, y_err=s.crb)
+    assert both["z_sd"][0] == pytest.approx(math.sqrt(2.0), rel=0.02)
+    with pytest.raises(InvalidParameterError, match="x_err"):
+        score_sweep(s, s.x, s.y, x_err=s.crb[:3], y_err=s.crb)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -451,13 +451,18 @@ def sweep_sample(seed: int, *, shape: int | tuple[int, int] | None = None, **fix
 # scoring
 
 
-def score_sweep(sample: SweepSample, x: np.ndarray, y: np.ndarray, *, margin: float | None = None) -> dict[str, Any]:
+def score_sweep(
+    sample: SweepSample, x: np.ndarray, y: np.ndarray, *, margin: float | None = None,
+    x_err: np.ndarray | None = None, y_err: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Recall, false positives and RMSE/CRB per species of found positions (px) on a sweep image.
 
     Found and true positions are matched one to one within a third of the nearest-column
     distance (:func:`~atomds.core.samples.scoring.match_positions`). Only columns and finds at least
     ``margin`` px inside the image count (default ``3 sigma``: a column cut by the border has no
-    full profile). RMSE and RMSE/CRB leave out the columns within :data:`RIM_REACH` sigmas of a
+    full profile). With the reported standard errors ``x_err``, ``y_err`` (px) the errors' calibration
+    is scored too: the standard deviation of error / standard error over both axes, 1 for honest
+    error bars. RMSE and RMSE/CRB leave out the columns within :data:`RIM_REACH` sigmas of a
     hole's edge, whose surroundings the isolated-column bound does not describe.
 
     Returns
@@ -468,11 +473,20 @@ def score_sweep(sample: SweepSample, x: np.ndarray, y: np.ndarray, *, margin: fl
         (``sqrt(mean |error|^2 / mean 2 crb^2)``, over those), ``snr`` (median); and
         ``n_found``, ``n_false`` (interior finds matching no column), ``false_positive_rate``
         (``n_false`` / interior finds), ``in_hole`` (unmatched finds in the vacuum hole, its rim
-        included).
+        included); with ``x_err``, ``y_err``, per species ``z_sd`` (std of error / standard error
+        over the columns of ``rmse_px`` whose errors are finite and positive; NaN below 2 such).
     """
     x, y = np.asarray(x, float).ravel(), np.asarray(y, float).ravel()
     if x.shape != y.shape:
         raise InvalidParameterError(f"x and y must have the same length, got {x.size} and {y.size}.")
+    se = None
+    if x_err is not None and y_err is not None:
+        ex, ey = np.asarray(x_err, float).ravel(), np.asarray(y_err, float).ravel()
+        if ex.shape != x.shape or ey.shape != x.shape:
+            raise InvalidParameterError(f"x_err and y_err must have the length of x ({x.size}), "
+                                        f"got {ex.size} and {ey.size}.")
+        se = np.column_stack([ex, ey])
+    with_err = se is not None
     sig = float(sample.params["sigma"])
     m = 3.0 * sig if margin is None else float(margin)
     ny, nx = sample.shape
@@ -490,12 +504,17 @@ def score_sweep(sample: SweepSample, x: np.ndarray, y: np.ndarray, *, margin: fl
     matched_t[i_t] = True
     err2 = np.full(sample.n_atoms, np.nan)
     err2[i_t] = ((txy[i_t] - fxy[i_f]) ** 2).sum(axis=1)
+    z = np.full((sample.n_atoms, 2), np.nan)
+    if se is not None:
+        sm = se[i_f]
+        z[i_t] = np.where(sm > 0, (fxy[i_f] - txy[i_t]) / np.where(sm > 0, sm, 1.0), np.nan)
     clear = np.ones(sample.n_atoms, bool)
     if sample.params["hole"] is not None:
         cx, cy, radius = _hole_px(sample.shape, sample.params["hole"])
         clear = np.hypot(sample.x - cx, sample.y - cy) >= radius + RIM_REACH * sig
     out: dict[str, Any] = {"n_species": int(sample.params["n_species"])}
-    for key in ("n_true", "n_matched", "recall", "n_precision", "rmse_px", "crb_ratio", "snr"):
+    keys = ["n_true", "n_matched", "recall", "n_precision", "rmse_px", "crb_ratio", "snr"] + (["z_sd"] if with_err else [])
+    for key in keys:
         out[key] = []
     for s in range(out["n_species"]):
         sel = in_t & (sample.label == s)
@@ -510,6 +529,10 @@ def score_sweep(sample: SweepSample, x: np.ndarray, y: np.ndarray, *, margin: fl
             float(np.sqrt(err2[fit].mean() / (2.0 * sample.crb[fit] ** 2).mean())) if fit.any() else float("nan")
         )
         out["snr"].append(float(np.median(sample.snr[sel])) if sel.any() else float("nan"))
+        if with_err:
+            zs = z[fit].ravel()
+            zs = zs[np.isfinite(zs)]
+            out["z_sd"].append(float(np.std(zs)) if zs.size >= 2 else float("nan"))
     false = in_f & ~matched_f
     out["n_found"] = int(in_f.sum())
     out["n_false"] = int(false.sum())
