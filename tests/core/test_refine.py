@@ -625,3 +625,28 @@ def test_dim_columns_seeded_far_off_are_fitted_not_left_at_their_seeds():
     z = np.concatenate([(r["x"] - s.x[i])[dim] / r["x_err"][dim], (r["y"] - s.y[i])[dim] / r["y_err"][dim]])
     assert np.abs(z).max() < 5.0
     assert 0.8 < np.std(z) < 1.2
+
+
+def test_columns_whose_first_pass_width_reads_half_are_fitted_jointly():
+    # a honeycomb of 2.0 px columns 5.8 px apart (2.9 widths): the first pass reads them 1.0-1.1 px
+    # wide (each column alone, its neighbours' tails on its constant background), i.e. 5.4-5.7 of
+    # its widths apart; the joint fit of a patch measures 2.0 px, and that width judges the overlap
+    from atomds.core.find import find_atoms
+
+    s = samples.honeycomb_sample(shape=(256, 256), spacing=10.0, dose=2000, displacement=0.0, seed=3)
+    image = s.image.astype(float)
+    found = find_atoms(image)
+    st = refine.estimate_fit_settings(image, found.x, found.y)
+    assert st["sigma_first_pass"] < 0.6 * 2.0 and st["sigma"] == pytest.approx(2.0, rel=0.05)
+    r = refine.refine_gaussian(image, found.x, found.y, settings=st)
+    from scipy.spatial import cKDTree
+
+    d, i = cKDTree(np.column_stack([s.x, s.y])).query(np.column_stack([r["x"], r["y"]]))
+    inner = r["fit_ok"] & (d < 2.0) & (r["x"] > 8) & (r["x"] < 247) & (r["y"] > 8) & (r["y"] < 247)
+    assert r["joint"][inner].all()
+    for species in (0, 1):
+        m = inner & (np.asarray(s.label)[i] == species)
+        err = np.concatenate([(r["x"] - s.x[i])[m], (r["y"] - s.y[i])[m]])
+        stated = np.concatenate([r["x_err"][m], r["y_err"][m]])
+        assert 0.85 < np.std(err / stated) < 1.15
+        assert np.sqrt(np.mean(err**2)) < 1.1 * np.sqrt(np.mean(stated**2))

@@ -143,8 +143,9 @@ def refine_gaussian(
         Fit overlapping columns jointly (:mod:`atomds.core.refine.joint`: all columns of a group
         and one smooth background in one model, the bias-free answer where tails overlap).
         "auto": the columns whose nearest neighbour is closer than
-        :data:`~atomds.core.refine.joint.JOINT_NN_SIGMAS` (5) column widths, after the passes
-        (well-separated lattices are not touched); True: every column; False: none. Only with
+        :data:`~atomds.core.refine.joint.JOINT_NN_SIGMAS` (5) column widths (the first pass's
+        width, or the width measured again by a joint fit of a patch where that is wider), after
+        the passes (well-separated lattices are not touched); True: every column; False: none. Only with
         the isotropic model and ``neighbor_subtraction``.
 
     Returns
@@ -271,9 +272,12 @@ def _refine(
         n_later = auto_refits(plan.nn, sigma)
     else:
         n_later = int(n_refits)
-    # which columns overlap is judged by the first pass's width, as JOINT_NN_SIGMAS was set; where
-    # that width is narrow (overlap_width) the corrected one only sets the passes' width prior
-    members = _joint_members(plan, mdl, overlap_judging_width(st), joint)
+    # which columns overlap is judged by the first pass's width, as JOINT_NN_SIGMAS was set, or by
+    # the corrected width where the joint fit of a patch (overlap_width) made it wider: strong
+    # overlap makes the first pass read columns the narrower the more they overlap (a honeycomb of
+    # 2.0 px columns 5.8 px apart: 1.0-1.1 px, judged 5.4-5.7 widths apart, not fitted jointly; the
+    # dim columns' positions then 1.3 times their joint fit's error, std(error / x_err) 1.20)
+    members = _joint_members(plan, mdl, max(overlap_judging_width(st), float(st["sigma"])), joint)
     if members is None:
         p, ok, it, h, m = _passes(work, plan, mdl, sel, n_later, nz, max_iter, tol)
         return _results(img, plan, mdl, sel, p, ok, it, h, m)
