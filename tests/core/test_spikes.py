@@ -42,6 +42,26 @@ def test_spikes_found_and_columns_spared(dose, sigma):
     assert m.sum() == 40
 
 
+@pytest.mark.parametrize("dose", [300.0, 16000.0])
+def test_pairs_of_adjacent_spikes_are_found(dose):
+    # two hot (or dead) pixels side by side, one above the other or diagonal: each is a neighbour
+    # of the other, so neither stood above all eight of its neighbours; on columns and between them
+    s = samples.hexagonal_sample(shape=(256, 256), dose=dose, sigma=1.5, spacing=9.0, seed=5, background=0.3)
+    img = s.image.astype(float).copy()
+    r = np.random.default_rng(4)
+    top = img.max()
+    truth = np.zeros(img.shape, bool)
+    for n, (dy, dx) in enumerate([(0, 1), (1, 0), (1, 1), (1, -1)] * 6):
+        y, x = 10 + 40 * (n // 6) + r.integers(0, 20), 10 + 40 * (n % 6) + r.integers(0, 20)
+        sign = -1.0 if n % 5 == 4 else 1.0
+        for yy, xx in ((y, x), (y + dy, x + dx)):
+            img[yy, xx] += sign * r.uniform(5.0, 20.0) * top
+            truth[yy, xx] = True
+    m = spikes.spike_mask(img)
+    assert m[truth].all()
+    assert not (m & ~truth).any()
+
+
 def test_remove_spikes_fills_with_the_neighbours_median():
     s = samples.hexagonal_sample(shape=(128, 128), dose=2000.0, seed=2)
     img, iy, ix = _hot(s.image, 10, seed=0, border=True)
