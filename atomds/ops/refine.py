@@ -342,12 +342,19 @@ def refine(
         # a large Dask-backed image: one lazy task per tile, on its pixels with a halo (atomds.ops.tiled)
         xp = np.asarray(sx.values, float) / ps
         yp = np.asarray(sy.values, float) / ps
+        fparams = step_params(ds, "find_atoms") or {}
         packed, tiling = refine_tiled(
-            img.data, xp, yp, _spacing_px(ds, xp, yp), lambda region: _prepared_lazy(region, con),
+            img.data, xp, yp, _spacing_px(ds, xp, yp),
+            lambda region, x, y: _prepared_flat_lazy(region, con, fparams, x, y),
             lambda image, x, y: _settings_task(image, x, y, kw),
             lambda image, x, y, st, sl: _refine_block(image, x, y, st, sl, fit_kw), len(_fields(model)),
-            window=kw["window"],
+            window=kw["window"], background_field=_fields(model).index("background"),
         )
+        bg_info = _background_info(fparams)
+        if bg_info is not None:  # decided in each tile's task
+            bg_info = {"radius_px": bg_info["radius_px"], "subtracted": None,
+                       "note": "decided tile by tile in the lazy tasks: taken off where the columns' model leaves a "
+                               f"background (beyond_columns >= {BACKGROUND_BEYOND_COLUMNS})"}
     elif lazy:
         import dask
         import dask.array as da
@@ -421,9 +428,6 @@ def refine(
         params["tiled"] = tiling
     if bg_info is not None:
         params["local_background"] = bg_info
-    elif tiling is not None and _background_info(step_params(ds, "find_atoms") or {}) is not None:
-        params["local_background"] = {"subtracted": False, "reason": "tiled image: each column's fit holds the "
-                                      "background find_atoms took off (not taken off tile by tile yet)"}
     if missing is not None:
         params["missing"] = missing
     elif find_missing is True and (lazy or model != "gaussian" or not neighbor_subtraction):

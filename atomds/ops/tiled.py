@@ -15,7 +15,10 @@ than one tile (:data:`atomds.core.tiles.MIN_TILE`) is never held or correlated a
   computes only when asked.
 - :func:`refine_tiled`: one lazy task per tile fits the atoms it owns on the tile's pixels with
   the halo (their neighbours in the halo fitted as far as needed), with the fit settings
-  (width, noise model, window) estimated once on the central tile.
+  (width, noise model, window) estimated once on the central tile. Where ``find_atoms`` took a
+  local background off (thickness contrast), each tile's fits run on its pixels less the
+  background beyond its columns, as the eager refinement's do, and that background is added
+  back to each column's ``background``.
 
 Per-tile thresholds: each tile sets its own significance threshold as a separate image of its
 size would (noise budget per tile), so the whole image is searched as its tiles would be one
@@ -35,6 +38,7 @@ from ..core.find.classes import classify_columns
 from ..core.find.correlation import correlation_map as core_correlation_map
 from ..core.find.templates import is_point, template_from_point
 from ..core.image import turn_over
+from ..core.refine.background import sample_at
 from ..core.tiles import Tile, halo_px, merge_tile_atoms, owner, tile_grid
 from ..errors import NoAtomsFoundError
 
@@ -284,7 +288,7 @@ def lazy_correlation(array, templates: list[np.ndarray], contrast: str):
 # refinement
 # --------------------------------------------------------------------------------------------
 def refine_tiled(array, x: np.ndarray, y: np.ndarray, spacing: float, prepare_fn, settings_fn, block_fn,
-                 n_fields: int, window: float | None = None):
+                 n_fields: int, window: float | None = None, background_field: int | None = None):
     """Lazy per-tile refinement of the atoms at ``x``, ``y`` (px) on a Dask image.
 
     Parameters
@@ -296,8 +300,10 @@ def refine_tiled(array, x: np.ndarray, y: np.ndarray, spacing: float, prepare_fn
     spacing : float
         Nearest-column distance, px (sets the halo).
     prepare_fn : callable
-        ``prepare_fn(region) -> image``: a tile's pixels as the fits read them (turned over for
-        dark columns, spikes left out), the refinement's own preparation.
+        ``prepare_fn(region, x, y) -> (image, background)``: a tile's pixels as the fits read them
+        (turned over for dark columns, spikes left out, a local background taken off), the
+        refinement's own preparation, given the atoms in the tile's frame (px); ``background``
+        is the background taken off (the tile's shape) or None.
     settings_fn : callable
         ``settings_fn(image, x, y) -> settings`` (the fit settings from a sample of atoms).
     block_fn : callable
@@ -308,6 +314,9 @@ def refine_tiled(array, x: np.ndarray, y: np.ndarray, spacing: float, prepare_fn
     window : float, optional
         A fit window given by the user, px: the halo reaches it and two spacings beyond (the
         neighbours subtracted in the window), at least ``HALO_SPACINGS`` spacings.
+    background_field : int, optional
+        The column of the packed results that holds each column's background: the background
+        that ``prepare_fn`` took off is added to it, at the column's fitted position.
 
     Returns
     -------
@@ -335,7 +344,7 @@ def refine_tiled(array, x: np.ndarray, y: np.ndarray, spacing: float, prepare_fn
             continue
         lx, ly, n_own = _local_atoms(x, y, order, counts, t)
         task = dask.delayed(_tile_block, pure=True)(array[t.region], lx, ly, n_own, settings, prepare_fn, block_fn,
-                                                    t.offset)
+                                                    t.offset, background_field)
         blocks.append(da.from_delayed(task, shape=(n_own, n_fields), dtype=float))
     packed = da.concatenate(blocks, axis=0) if blocks else da.zeros((0, n_fields), chunks=(1, n_fields))
     info = {"n_tiles": len(tiles), "halo": int(halo), "atoms_per_tile": counts.tolist()}
@@ -357,13 +366,17 @@ def _local_atoms(x, y, order, counts, t: Tile) -> tuple[np.ndarray, np.ndarray, 
 
 
 def _tile_settings(region, x, y, prepare_fn, settings_fn):
-    return settings_fn(prepare_fn(region), x, y)
+    return settings_fn(prepare_fn(region, x, y)[0], x, y)
 
 
-def _tile_block(region, x, y, n_own: int, settings, prepare_fn, block_fn, offset: tuple[int, int]) -> np.ndarray:
-    """The packed fits of a tile's own atoms; columns 0 and 1 (x, y) moved back to the image's frame."""
-    img = prepare_fn(region)
+def _tile_block(region, x, y, n_own: int, settings, prepare_fn, block_fn, offset: tuple[int, int],
+                background_field: int | None = None) -> np.ndarray:
+    """The packed fits of a tile's own atoms; columns 0 and 1 (x, y) moved back to the image's frame, the
+    background taken off in preparation added back to column ``background_field``."""
+    img, bg = prepare_fn(region, x, y)
     out = np.array(block_fn(img, x, y, settings, slice(0, n_own)), dtype=float)
+    if bg is not None and background_field is not None and out.shape[0]:
+        out[:, background_field] += sample_at(bg, out[:, 0], out[:, 1])
     out[:, 0] += offset[1]
     out[:, 1] += offset[0]
     return out
