@@ -86,22 +86,30 @@ def _test(img, i, j, a, b, k, c, buf):  # pragma: no cover - compiled
         return 1
     if down and med - v > c * (hi - med):
         return 1
-    return 0
+    return 2  # far above (below) every neighbour but not beyond their spread: its partner may raise it
 
 
-#: A pair of spikes also stands above the highest pixel of the ring around it by this many times
-#: the ring's range (highest minus lowest).
-PAIR_TOP = 2.0
+#: A column's light falls off outwards from its two brightest pixels: the ring's highest pixel
+#: stands above the pixel beyond it (one step farther from the pair) by a sizeable part of the
+#: pair's height above the ring (about 0.3 of it for a column of width 0.6 px centred between
+#: them, 1.0 for 1 px). Around a pair of spikes it does not (on a flat background by no more than
+#: the noise, on the flank of a broad column not at all where the flank rises outwards): a pair
+#: is one of spikes only where that fall is at most this share of the pair's height above the
+#: ring (and the noise). (The whole next ring out holds the neighbouring columns of a dense
+#: lattice: against its highest pixel, columns cut by the border passed for pairs.)
+PAIR_FALLOFF = 0.1
 
 
 @njit(cache=True)
 def _test_pair(img, i, j, a, b, k, c, ring):  # pragma: no cover - compiled
     """Whether pixel (i, j) is one of a pair of spikes: with its highest (lowest) neighbour, both
     stand more than ``k`` noise standard deviations above (below) every pixel of the ring around
-    the pair, and more than ``c`` times the ring's spread beyond its median (as :func:`_test`)."""
+    the pair and more than ``c`` times the ring's spread beyond its median (as :func:`_test`),
+    and the ring's highest pixel does not stand above the pixel beyond it (:data:`PAIR_FALLOFF`),
+    as the pixels around a narrow column's two brightest do."""
     ny, nx = img.shape
     v = img[i, j]
-    if not np.isfinite(v):
+    if not np.isfinite(v) or i < 1 or j < 1 or i >= ny - 1 or j >= nx - 1:
         return False
     for sign in (1.0, -1.0):
         # the partner: the neighbour farthest in the direction of the spike
@@ -121,11 +129,15 @@ def _test_pair(img, i, j, a, b, k, c, ring):  # pragma: no cover - compiled
                     best = w
                     pi = ii
                     pj = jj
-        if pi < 0:
-            return False
+        if pi < 1 or pj < 1 or pi >= ny - 1 or pj >= nx - 1:
+            # pairs are judged by the whole ring around them: on the outermost rows and columns a
+            # column cut by the border looks like one (its light falls off into the image)
+            continue
         inner = min(sign * v, best)  # the weaker of the pair
         n = 0
         top = -np.inf
+        ti = -1
+        tj = -1
         for ii in range(min(i, pi) - 1, max(i, pi) + 2):
             for jj in range(min(j, pj) - 1, max(j, pj) + 2):
                 if ii < 0 or ii >= ny or jj < 0 or jj >= nx or (ii == i and jj == j) or (ii == pi and jj == pj):
@@ -141,6 +153,8 @@ def _test_pair(img, i, j, a, b, k, c, ring):  # pragma: no cover - compiled
                 n += 1
                 if w > top:
                     top = w
+                    ti = ii
+                    tj = jj
         if n < 6:
             continue
         sd = np.sqrt(max(a + b * max(sign * top, 0.0), 1e-30))  # the noise at the ring's extreme pixel
@@ -148,10 +162,18 @@ def _test_pair(img, i, j, a, b, k, c, ring):  # pragma: no cover - compiled
             continue
         srt = np.sort(ring[:n])
         med = srt[n // 2]
-        # beside the single spike's test, the pair stands above the ring's highest pixel by
-        # PAIR_TOP times the ring's range: the two brightest pixels of an undersampled column
-        # centred between them (sigma 0.6-1 px) pass the median test at high dose, not this one
-        if inner - med > c * (med - srt[0]) and inner - top > PAIR_TOP * (top - srt[0]):
+        if not inner - med > c * (med - srt[0]):
+            continue
+        # the pixel beyond the ring's highest, one step farther from the pair (from the nearer
+        # of the two): the two brightest pixels of an undersampled column pass the tests above at
+        # high dose, but the light of its ring falls off outwards, that of a pair's ring does not
+        qi, qj = (i, j) if max(abs(ti - i), abs(tj - j)) <= 1 else (pi, pj)
+        bi, bj = ti + (ti - qi), tj + (tj - qj)
+        if bi < 0 or bi >= ny or bj < 0 or bj >= nx or not np.isfinite(img[bi, bj]):
+            continue
+        # (the ring's highest pixel is the highest of ten or more: it stands above a pixel of the
+        # same level by about two noise standard deviations)
+        if top - sign * img[bi, bj] <= PAIR_FALLOFF * (inner - top) + 2.0 * sd:
             return True
     return False
 
@@ -192,12 +214,10 @@ def _k_spikes_border(img, a, b, k, c, out):  # pragma: no cover - compiled
     """The test of :func:`_k_spikes` on the outermost rows and columns, with the neighbours there are."""
     ny, nx = img.shape
     buf = np.empty(9, dtype=np.float64)
-    ring = np.empty(16, dtype=np.float64)
     for i in range(ny):
         step = 1 if (i == 0 or i == ny - 1) else max(nx - 1, 1)
         for j in range(0, nx, step):
-            t = _test(img, i, j, a, b, k, c, buf)
-            if t == 1 or (t == 2 and _test_pair(img, i, j, a, b, k, c, ring)):
+            if _test(img, i, j, a, b, k, c, buf) == 1:
                 out[i, j] = True
 
 
@@ -218,8 +238,11 @@ def spike_mask(image, *, noise: tuple[float, float] | None = None, sigmas: float
     largest (or below the smallest) of its eight neighbours, and more than ``contrast`` times the
     spread of its 3 x 3 neighbourhood (median minus smallest, or largest minus median) away from
     the median. Two adjacent pixels (side by side or diagonal) are both spikes when the weaker of
-    them passes the same two tests against the ring of the pixels next to either of them. The noise standard deviation (at the highest neighbour for a high spike, at the
-    lowest for a low one) comes from ``noise`` (``variance = a + b * I``; estimated with
+    them passes the same two tests against the ring of the pixels next to either of them, and
+    the ring's highest pixel stands no higher above the pixel beyond it than the noise and a
+    tenth of the pair's height above the ring (:data:`PAIR_FALLOFF`): around a narrow column's
+    two brightest pixels the light falls off outwards. The noise standard deviation (at the highest neighbour
+    for a high spike, at the lowest for a low one) comes from ``noise`` (``variance = a + b * I``; estimated with
     :func:`~atomds.core.scales.noise_model` when None), with ``a`` at least a quarter of the
     image's overall noise variance (:func:`~atomds.core.scales.estimate_noise`). On the
     outermost rows and columns the neighbours inside the image are used. One compiled pass over

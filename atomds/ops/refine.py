@@ -210,7 +210,7 @@ def refine(
     radius) is taken off before fitting, so that no column's constant background sits on a
     slope, and is added back to ``background``; not where the columns' tails explain the
     finder's background (overlapping columns on vacuum); recorded under
-    ``refine_params["local_background"]`` (not yet for a tiled image). The fits' noise model is
+    ``refine_params["local_background"]`` (tile by tile for a tiled image). The fits' noise model is
     then recorded as ``fit_gain``, ``fit_variance_offset`` and ``gain``, ``variance_offset`` are
     the recorded image's (``find_atoms_params["noise_variance"]``). Lazy over chunks of ``atom`` when the image is Dask-backed: nothing
     computes until the results are asked for.
@@ -535,7 +535,8 @@ def _search_missing(find_missing: bool | str, model: str, subtraction: bool, xp,
         return True
     # "auto": where columns overlap as a rule (most of them), as on a particle whose columns are
     # wider than a fifth of their distance; one close pair on a well-separated lattice is no reason
-    # (judged, as the joint fit is, by the first pass's width: estimate_fit_settings)
+    # (judged by the first pass's width, estimate_fit_settings: the joint fit also by the corrected
+    # width where that is wider, but here that removed 30-40 % of the dim columns of 3 sweep images)
     return bool(overlapping(cr.nearest_neighbor_distance(xp, yp), overlap_judging_width(settings)).mean() > 0.5)
 
 

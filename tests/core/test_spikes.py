@@ -62,6 +62,20 @@ def test_pairs_of_adjacent_spikes_are_found(dose):
     assert not (m & ~truth).any()
 
 
+@pytest.mark.parametrize("sigma", [0.6, 0.7, 0.8, 1.0])
+def test_the_two_brightest_pixels_of_narrow_columns_are_no_pair_of_spikes(sigma):
+    # a narrow column centred between two pixels has two equal brightest pixels far above the
+    # ring around them at high dose; its light falls off outwards, a pair of spikes' does not
+    for dose in (2000.0, 16000.0, 100000.0):
+        for spacing in (6.0, 8.0):
+            for seed in (0, 1):
+                im = samples.hexagonal_sample(shape=(160, 160), dose=dose, sigma=sigma, spacing=spacing, seed=seed,
+                                              background=0.1).image
+                m = spikes.spike_mask(im)
+                lab, n = ndi.label(m, structure=np.ones((3, 3)))
+                assert n == 0 or np.bincount(lab.ravel())[1:].max() == 1, (dose, spacing, seed)
+
+
 def test_remove_spikes_fills_with_the_neighbours_median():
     s = samples.hexagonal_sample(shape=(128, 128), dose=2000.0, seed=2)
     img, iy, ix = _hot(s.image, 10, seed=0, border=True)

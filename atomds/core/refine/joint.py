@@ -617,6 +617,7 @@ def _levenberg_marquardt(model: _GroupModel, wt, p, b, start, *, sigma_max, max_
         held[pinned, :2] = True
         step = _damped_step(h, g, lam, held, fixed_width)
         out = None if step is None else _leaving(p, step, start, max_move, held)
+        held_before = held[:, 0].copy()  # moved to their disc's edge, columns still count for convergence
         if out is not None and out.any():  # the positions the step would carry out of their disc
             step = _step_to_edge(h, g, lam, held, fixed_width, p, step, start, max_move, out)
         if step is None:  # singular: damp harder
@@ -629,7 +630,7 @@ def _levenberg_marquardt(model: _GroupModel, wt, p, b, start, *, sigma_max, max_
         _constrain(pt, start, max_move, sigma_max, n_floor)
         chi2_t = model.chi2(pt, bt, wt)
         if np.isfinite(chi2_t) and chi2_t <= chi2 * (1.0 + 1e-12):
-            small = _converged(pt, p, h, held[:, 0], tol)
+            small = _converged(pt, p, h, held_before, tol)
             rel = (chi2 - chi2_t) / max(chi2, 1e-300)
             # a heavily damped step is short and lowers chi-square little far from the optimum:
             # its size and gain mean convergence only for a nearly Gauss-Newton step

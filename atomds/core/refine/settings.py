@@ -226,8 +226,9 @@ def width_population(sig: np.ndarray, err: np.ndarray) -> tuple[float, float]:
 
 
 def overlap_judging_width(settings: dict[str, Any]) -> float:
-    """The width (px) that decides which columns overlap (the joint fit, ``find_missing="auto"``): the
-    first pass's (``sigma_first_pass``), as :data:`~.joint.JOINT_NN_SIGMAS` was set; ``sigma`` for
+    """The first pass's width (px), which decides where columns overlap for ``find_missing="auto"`` and,
+    with the width the fits use where that is wider, which columns are fitted jointly: the first
+    pass's (``sigma_first_pass``), as :data:`~.joint.JOINT_NN_SIGMAS` was set; ``sigma`` for
     settings without it (given by hand, or from before it was recorded)."""
     return float(settings.get("sigma_first_pass", settings["sigma"]))
 

@@ -507,7 +507,8 @@ def score_sweep(
     z = np.full((sample.n_atoms, 2), np.nan)
     if se is not None:
         sm = se[i_f]
-        z[i_t] = np.where(sm > 0, (fxy[i_f] - txy[i_t]) / np.where(sm > 0, sm, 1.0), np.nan)
+        fine = np.isfinite(sm) & (sm > 0)
+        z[i_t] = np.where(fine, (fxy[i_f] - txy[i_t]) / np.where(fine, sm, 1.0), np.nan)
     clear = np.ones(sample.n_atoms, bool)
     if sample.params["hole"] is not None:
         cx, cy, radius = _hole_px(sample.shape, sample.params["hole"])
