@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import xarray as xr
 
 from .core.image import CONTRAST_CHOICES
@@ -222,8 +223,16 @@ def phases(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
     library clusters over all its images. The phase table is built from the atoms alone
     (``neighborhoods`` drops every earlier neighbour-derived result), so this stage gives the same
     result wherever it runs after ``refine``.
+
+    Where the columns of one sublattice are polar with two or more domains of direction, the
+    table is built with those columns at their cage centres
+    (:func:`atomds.core.polarization.parent_positions`): polar domains are one phase even where
+    no rotation or mirror of the image relates them. What was done is recorded in the
+    ``phase_parent_params`` attribute.
     """
-    table = ds.lcx.neighborhoods(k=params.k, descriptor="phase")
+    source = _parent_structure(ds)
+    table = source.lcx.neighborhoods(k=params.k, descriptor="phase")
+    parent = {"phase_parent_params": source.attrs["phase_parent_params"]}
     if params.phases == "descriptor":
         D = table["descriptor"].rename({"feature": "phase_feature"})
         out = ds.drop_vars(["phase_descriptor", "phase_feature"], errors="ignore")
@@ -233,10 +242,30 @@ def phases(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
             )
         )
         out.attrs["phase_neighborhoods_params"] = table.attrs.get("neighborhoods_params", "{}")
+        out.attrs.update(parent)
         return out
     table = table.lcx.linkage()
     K = params.n_clusters if params.n_clusters is not None else table.lcx.suggest_k()
-    return _merge_phases(ds, table.lcx.kmeans(K).lcx.regions())
+    out = _merge_phases(ds, table.lcx.kmeans(K).lcx.regions())
+    out.attrs.update(parent)
+    return out
+
+
+def _parent_structure(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with a polar sublattice at its cage centres where it forms domains (see :func:`phases`)."""
+    from .core.polarization import parent_positions
+    from .ops.physics import usable_atoms
+
+    if not {"atom_x", "atom_y", "sublattice"} <= set(ds.variables):
+        return record_params(ds, "phase_parent", {"moved": 0, "domains": 0, "skipped": "no sublattice labels"})
+    errs = [np.asarray(ds[v].values, float) if v in ds.variables else None for v in ("x_err", "y_err")]
+    x, y, info = parent_positions(
+        ds["atom_x"].values, ds["atom_y"].values, errs[0], errs[1], ds["sublattice"].values, usable=usable_atoms(ds)
+    )
+    out = record_params(ds, "phase_parent", info)
+    if info["moved"]:
+        out = out.assign(atom_x=ds["atom_x"].copy(data=x), atom_y=ds["atom_y"].copy(data=y))
+    return out
 
 
 def _merge_phases(ds: xr.Dataset, phases: xr.Dataset) -> xr.Dataset:

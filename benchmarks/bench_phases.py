@@ -5,7 +5,11 @@ Run:  nice python benchmarks/bench_phases.py [--n 60] [--workers 2] [--no-write]
 Single-phase sweep: ``--n`` images drawn from a recorded master seed (not chosen): kind (hexagonal
 lattice; perovskite A + B; polar perovskite with antiphase domains), dose (500-16 000 counts per
 column, log-uniform), rotation (0-90 degrees), size (512 px, with one in five at 1024 px and one in
-ten at 2048 px), column width (1.6-2.6 px) and sample seed. Each is analysed with the defaults
+ten at 2048 px), column width (1.6-2.6 px) and sample seed; then ``--n // 4`` polar honeycombs
+(``atomds.datasets.honeycomb``: dim B at 30-70 % of A's peak moved 5-8 % of the period towards one
+A neighbour on one side of an antiphase boundary at a drawn angle and away from it on the other,
+which no rotation or mirror relates; 512 or 1024 px), drawn after the others so that their draws
+stay as they were. Each is analysed with the defaults
 (``atomds.analyze``, pixel size given), and the number of regions (phases) is reported: the target
 is 1 on every image.
 
@@ -47,11 +51,20 @@ def draw_cases(n: int, master: int = MASTER_SEED) -> list[dict]:
             dose=float(np.exp(rng.uniform(np.log(500), np.log(16000)))), angle=float(rng.uniform(0, 90)),
             shape=size, sigma=float(rng.uniform(1.6, 2.6)), seed=int(rng.integers(2**31)), index=i,
         ))
-    for i in range(max(6, n // 6)):
+    n_two = max(6, n // 6)
+    for i in range(n_two):
         cases.append(dict(
             group="two_phase", kind="two_phase", dose=float(np.exp(rng.uniform(np.log(1000), np.log(8000)))),
             angle=float(rng.uniform(0, 60)), boundary_width=float(rng.choice([2.0, 3.0, 4.0])),
             grain=str(rng.choice(["square", "hexagonal", "sqrt3", "2x2"])), seed=int(rng.integers(2**31)), index=i,
+        ))
+    for i in range(n // 4):
+        cases.append(dict(
+            group="single", kind="honeycomb", dose=float(np.exp(rng.uniform(np.log(500), np.log(16000)))),
+            angle=float(rng.uniform(0, 90)), shape=1024 if rng.uniform() < 0.2 else 512,
+            sigma=float(rng.uniform(1.6, 2.6)), dim_ratio=float(rng.uniform(0.3, 0.7)),
+            displacement=float(rng.uniform(0.05, 0.08)), boundary_angle=float(rng.uniform(0, 180)),
+            seed=int(rng.integers(2**31)), index=n + n_two + i,
         ))
     return cases
 
@@ -65,8 +78,10 @@ def run_case(case: dict) -> dict:
     kw = {k: case[k] for k in ("dose", "angle", "seed")}
     if case["group"] == "single":
         kw.update(shape=case["shape"], sigma=case["sigma"])
+        if case["kind"] == "honeycomb":
+            kw.update({k: case[k] for k in ("dim_ratio", "displacement", "boundary_angle")})
         make = {"hexagonal": atomds.datasets.hexagonal, "perovskite": atomds.datasets.perovskite,
-                "polar": atomds.datasets.polar}[case["kind"]]
+                "polar": atomds.datasets.polar, "honeycomb": atomds.datasets.honeycomb}[case["kind"]]
     else:
         kw["boundary_width"] = case["boundary_width"]
         if case["grain"] in ("square", "hexagonal"):
@@ -112,7 +127,7 @@ def report(results: list[dict], args) -> str:
     lines.append("")
     lines.append("| kind | images | 1 phase | clusters (median, max) | sizes |")
     lines.append("| --- | --- | --- | --- | --- |")
-    for kind in ("hexagonal", "perovskite", "polar"):
+    for kind in ("hexagonal", "perovskite", "polar", "honeycomb"):
         rs = [r for r in ok if r["kind"] == kind]
         if not rs:
             continue

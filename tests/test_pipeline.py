@@ -80,11 +80,18 @@ def test_analyze_and_batch_share_the_parameter_options():
 
 
 @pytest.mark.parametrize(
-    "make, polar",
-    [(lambda: atomds.datasets.hexagonal(shape=256, seed=4, angle=11.0), False),
-     (lambda: atomds.datasets.polar(shape=256, seed=3), True)],
+    "make, n_cage",
+    [(lambda: atomds.datasets.hexagonal(shape=256, seed=4, angle=11.0), None),
+     (lambda: atomds.datasets.polar(shape=256, seed=3), 4),
+     # B moved towards one A neighbour on one side of the boundary, away from it on the other: no
+     # rotation or mirror relates the two domains' neighbourhoods (one short and two long bonds
+     # against two short and one long), which read as two phases until the phases stage took the
+     # structure the domains share
+     (lambda: atomds.datasets.honeycomb(shape=256, seed=2, angle=7.0), 3),
+     # uniformly polar honeycomb: one bond 0.86 d, two 1.07 d, which read as a "cage" of one column
+     (lambda: atomds.datasets.honeycomb(shape=256, seed=3, antiphase_boundary=False, direction=-90.0), 3)],
 )
-def test_analyze_says_one_phase_and_maps_strain_and_polarization(make, polar):
+def test_analyze_says_one_phase_and_maps_strain_and_polarization(make, n_cage):
     """A single crystal (antiphase domains included) is one phase; strain maps always, polarisation
     when two sublattices form cages, each with errors."""
     out = atomds.analyze(make())
@@ -92,10 +99,15 @@ def test_analyze_says_one_phase_and_maps_strain_and_polarization(make, polar):
     assert step_params(out, "linkage")["suggested_k"] >= 1
     ok = out["fit_ok"].values
     assert out["exx"].dims == ("atom",) and (out["exx_err"].values[ok] > 0).mean() > 0.5
-    if polar:
+    if n_cage:
         p = step_params(out, "polarization")
-        assert p["n_cage"] == 4 and "skipped" not in p
-        assert (out["polarization_domain"].values >= 0).sum() > 0.3 * out.sizes["atom"]
+        assert p["n_cage"] == n_cage and "skipped" not in p
+        polar = out["polarization_domain"].values >= 0
+        assert polar.sum() > 0.3 * (out["sublattice"].values == p["displaced"]).sum()
+        parent = step_params(out, "phase_parent")
+        two_domains = len(p["domain_directions_deg"]) >= 2
+        assert (parent["moved"] > 0) == two_domains, parent
     else:
         assert "skipped" in step_params(out, "polarization") and "polarization_x" not in out
+        assert step_params(out, "phase_parent")["moved"] == 0
     atomds.validate(out)

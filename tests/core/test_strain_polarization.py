@@ -125,3 +125,52 @@ def test_polarization_edges_and_errors():
         cpol.polarization(xy[:, 0], xy[:, 1], None, None, np.zeros(len(xy), int))
     with pytest.raises(InvalidParameterError, match="has no column"):
         cpol.polarization(xy[:, 0], xy[:, 1], None, None, lab, displaced=5)
+
+
+def polar_honeycomb(shift, *, n=22, d=9.0, err=0.05, seed=0):
+    """A honeycomb: A (label 0) and B (label 1) d apart, B moved by ``shift(x, y)`` (a (m, 2) array)."""
+    rng = np.random.default_rng(seed)
+    a = d * np.sqrt(3.0)
+    cells = lattice("hexagonal", n=n, a=a, angle=0.0)
+    A = cells
+    B = cells + np.array([0.0, d])  # B's nearest A lies at -90 deg
+    B = B + shift(B)
+    xy = np.vstack([A, B])
+    lab = np.repeat([0, 1], len(cells))
+    noisy = xy + rng.normal(0.0, err, xy.shape)
+    return noisy, lab, np.full(len(xy), err), B
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_uniformly_polar_honeycomb_has_cages_of_three(sign):
+    """B moved 0.14 d towards (or away from) one A neighbour: the bond lengths split by a factor
+    of 1.22-1.24, which must not be read as the end of the cage."""
+    xy, lab, err, _ = polar_honeycomb(lambda b: np.tile([0.0, -sign * 0.14 * 9.0], (len(b), 1)))
+    out = cpol.polarization(xy[:, 0], xy[:, 1], err, err, lab)
+    assert (out["displaced"], out["reference"], out["n_cage"]) == (1, 0, 3)
+    py = out["polarization_y"][lab == 1]
+    np.testing.assert_allclose(np.nanmedian(py), -sign * 0.14 * 9.0, atol=0.02)
+
+
+def test_parent_positions_move_a_polar_sublattice_with_domains_to_its_cage_centres():
+    shift = 0.14 * 9.0
+    apb = lambda b: np.column_stack([np.zeros(len(b)), np.where(b[:, 0] < np.median(b[:, 0]), shift, -shift)])  # noqa: E731
+    xy, lab, err, B = polar_honeycomb(apb)
+    x, y, info = cpol.parent_positions(xy[:, 0], xy[:, 1], err, err, lab)
+    assert info["domains"] == 2 and info["median_z"] > 10 and info["moved"] > 0.8 * (lab == 1).sum()
+    moved = np.isfinite(x) & (np.hypot(x - xy[:, 0], y - xy[:, 1]) > 0)
+    assert (lab[moved] == 1).all()
+    # each moved B sits at its cage centre: the undisplaced site, within the noise of four positions
+    ideal = B.copy()
+    ideal[:, 1] -= np.where(B[:, 0] < np.median(B[:, 0]), shift, -shift)
+    m = moved[lab == 1]
+    dist = np.hypot(x[lab == 1][m] - ideal[m, 0], y[lab == 1][m] - ideal[m, 1])
+    assert np.median(dist) < 0.1
+    # one domain, or no polarisation: nothing moves
+    for f in (lambda b: np.tile([0.0, shift], (len(b), 1)), lambda b: np.zeros_like(b)):
+        xy, lab, err, _ = polar_honeycomb(f, seed=1)
+        x, y, info = cpol.parent_positions(xy[:, 0], xy[:, 1], err, err, lab)
+        assert info["moved"] == 0 and np.array_equal(x, xy[:, 0]) and np.array_equal(y, xy[:, 1])
+    # without errors nothing is decided
+    xy, lab, err, _ = polar_honeycomb(apb)
+    assert cpol.parent_positions(xy[:, 0], xy[:, 1], None, None, lab)[2]["moved"] == 0
