@@ -174,3 +174,30 @@ def test_parent_positions_move_a_polar_sublattice_with_domains_to_its_cage_centr
     # without errors nothing is decided
     xy, lab, err, _ = polar_honeycomb(apb)
     assert cpol.parent_positions(xy[:, 0], xy[:, 1], None, None, lab)[2]["moved"] == 0
+
+
+def test_parent_positions_leave_cages_of_two_and_mostly_open_cages_alone():
+    """Only a polar sublattice in closed cages of three or more is moved: on a two-phase image a
+    second class of columns made "cages" of two, 15 % of them closed, pointing five ways."""
+    rng = np.random.default_rng(3)
+    d, delta = 5.0, 0.6
+    i, j = np.meshgrid(np.arange(20), np.arange(14))
+    A = np.column_stack([2 * d * i.ravel(), 3 * d * j.ravel()])
+    B = A + np.array([d, 0.0])
+    B[:, 1] += np.where(B[:, 0] < np.median(B[:, 0]), delta, -delta)  # two domains
+    xy = np.vstack([A, B]) + rng.normal(0, 0.05, (2 * len(A), 2))
+    lab = np.repeat([0, 1], len(A))
+    err = np.full(len(xy), 0.05)
+    pol = cpol.polarization(xy[:, 0], xy[:, 1], err, err, lab, displaced=1, reference=0)
+    assert pol["n_cage"] == 2 and np.nanmedian(np.abs(pol["polarization_y"])) > 0.5
+    x, y, info = cpol.parent_positions(xy[:, 0], xy[:, 1], err, err, lab)
+    assert info["n_cage"] == 2 and info["moved"] == 0 and np.array_equal(x, xy[:, 0])
+    # the honeycomb whose domains are moved, with 70 % of its B columns not usable
+    shift = 0.14 * 9.0
+    xy, lab, err, B = polar_honeycomb(
+        lambda b: np.column_stack([np.zeros(len(b)), np.where(b[:, 0] < np.median(b[:, 0]), shift, -shift)]))
+    usable = np.ones(len(xy), bool)
+    usable[np.flatnonzero(lab == 1)[rng.random((lab == 1).sum()) < 0.7]] = False
+    assert cpol.parent_positions(xy[:, 0], xy[:, 1], err, err, lab)[2]["moved"] > 0
+    info = cpol.parent_positions(xy[:, 0], xy[:, 1], err, err, lab, usable=usable)[2]
+    assert info["closed"] < cpol.POLAR_MIN_CLOSED and info["moved"] == 0
