@@ -224,8 +224,8 @@ def phases(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
     (``neighborhoods`` drops every earlier neighbour-derived result), so this stage gives the same
     result wherever it runs after ``refine``.
 
-    Where the columns of one sublattice are polar with two or more domains of direction, the
-    table is built with those columns at their cage centres
+    Where the columns of one sublattice are polar (and refined: the decision needs their
+    position errors), the table is built with those columns at their cage centres
     (:func:`atomds.core.polarization.parent_positions`): polar domains are one phase even where
     no rotation or mirror of the image relates them. What was done is recorded in the
     ``phase_parent_params`` attribute.
@@ -252,7 +252,8 @@ def phases(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
 
 
 def _parent_structure(ds: xr.Dataset) -> xr.Dataset:
-    """``ds`` with a polar sublattice at its cage centres where it forms domains (see :func:`phases`)."""
+    """``ds`` with a polar sublattice at its cage centres (see :func:`phases`); nothing moves without
+    ``x_err``/``y_err``."""
     from .core.polarization import parent_positions
     from .ops.physics import usable_atoms
 

@@ -22,12 +22,18 @@ from .neighbors import as_positions
 
 __all__ = ["cage_size", "cage_displacement", "polarization", "polar_domains", "parent_positions"]
 
-#: A cage ends at the largest jump, of at least this factor, between the median distances of the
-#: k-th and (k+1)-th nearest reference columns, k >= 2 (perovskite [001]: 4 A at a/sqrt2, then
-#: a sqrt5/2; honeycomb: 3 A at d, then 2 d). Not the first such jump: a polar displacement splits
-#: the cage's own distances (honeycomb B moved 8 % of the A-A period towards one A: 0.86 d, then
-#: 2 at 1.07 d, a jump of 1.24; moved away from it: 2 at 0.93 d, then 1.14 d, 1.22).
+#: A cage ends at the first jump of at least this factor between the median distances of the
+#: k-th and (k+1)-th nearest reference columns (perovskite [001]: 4 A at a/sqrt2, then a sqrt5/2;
+#: honeycomb: 3 A at d, then 2 d) ...
 CAGE_GAP = 1.2
+#: ... unless that jump leaves fewer than three columns and a larger jump follows within this
+#: factor of the nearest distance: a polar displacement splits a cage's own distances (honeycomb B
+#: moved 8 % of the A-A period towards one A: 0.86 d, then 2 at 1.07 d, a jump of 1.24 before the
+#: shell's 1.8; moved away from it: 2 at 0.93 d, then 1.14 d, 1.22). A bond (a dumbbell's partner,
+#: a jump of 2 or more) stays a cage of one, which gives no polarisation (its offset is open).
+#: (The largest jump instead read cages of 8 on centred rectangles of b/a >= 2.6 and cages of
+#: three B around the majority A of an ordered 2x2 superstructure, a review's finds.)
+CAGE_SPLIT = 1.5
 _MAX_CAGE = 8
 #: A cage is open (cut by the image border or a surface: that column gets no polarisation) when its
 #: farthest member lies beyond the middle of the gap to the next shell, or its centre lies farther
@@ -43,31 +49,36 @@ DOMAIN_SEPARATION = 45.0
 DOMAIN_MIN_Z = 2.0
 #: :func:`parent_positions` takes the polarisation for real when the median column's is at least
 #: this many standard errors (without polarisation the median is 1.18: the median of a
-#: 2-D Rayleigh variable; then 13 % of the columns pass DOMAIN_MIN_Z in random directions, and
-#: polar_domains finds several "domains" in noise).
+#: 2-D Rayleigh variable; the polar samples: 3.9-16).
 POLAR_MEDIAN_Z = 3.0
-#: ... and when at least this fraction of the displaced sublattice's columns have closed cages of at
-#: least three columns. (On a two-phase image, 184 columns of a second class in the disordered band
-#: and the grain made "cages" of two with 15 % of them closed, in five directions; polar honeycombs
-#: and perovskites: cages of 3 and 4, 80-86 % closed.)
+#: ... and when at least this fraction of the displaced sublattice's columns have a polarisation
+#: (closed cages of at least three columns). (On a two-phase image, 184 columns of a second class in
+#: the disordered band and the grain made "cages" of two with 15 % of them closed, in five
+#: directions; polar honeycombs and perovskites: cages of 3 and 4, 75-91 % closed.)
 POLAR_MIN_CLOSED = 0.5
 
 
 def cage_size(d_sorted: np.ndarray) -> int:
     """Number of columns in a cage from distances to the nearest reference columns (rows sorted).
 
-    The rank k >= 2 after which the median distance jumps the most, by :data:`CAGE_GAP` or more
-    (a cage of one column is a bond, not a cage).
+    The first rank after which the median distance jumps by :data:`CAGE_GAP` or more, or the next
+    such rank where the first leaves fewer than three columns split off a shell by a polar
+    displacement (:data:`CAGE_SPLIT`).
     """
     med = np.nanmedian(np.asarray(d_sorted, dtype=float), axis=0)
     ratio = med[1:] / np.maximum(med[:-1], 1e-12)
-    ratio[:1] = 0.0  # no cage of one column
-    if ratio.size == 0 or not ratio.max() >= CAGE_GAP:
+    jumps = np.flatnonzero(ratio >= CAGE_GAP)
+    if jumps.size == 0:
         raise InvalidParameterError(
             "no cage found: the distances to the nearest reference columns rise without a gap "
             "(is the reference sublattice right?)"
         )
-    return int(np.argmax(ratio) + 1)
+    k = int(jumps[0])
+    if k + 1 < 3:
+        later = jumps[jumps + 1 >= 3]
+        if later.size and ratio[later[0]] > ratio[k] and med[later[0]] <= CAGE_SPLIT * med[0]:
+            k = int(later[0])
+    return k + 1
 
 
 def cage_displacement(pos_s, pos_r, *, n_cage: int | None = None):
@@ -240,20 +251,20 @@ def polar_domains(px, py, px_err=None, py_err=None, *, separation: float = DOMAI
 
 
 def parent_positions(x, y, x_err, y_err, sublattice, *, usable=None, min_z: float = POLAR_MEDIAN_Z):
-    """Positions with a polar sublattice moved back to its cage centres, where it forms domains.
+    """Positions with a polar sublattice moved back to the centres of its cages.
 
     Polar domains of one phase (a polarisation that changes direction across an antiphase or
     domain boundary) need not be related by a rotation or mirror of the image plane: honeycomb B
     moved towards one of its three A neighbours on one side and away from it on the other has one
     short and two long bonds there, two short and one long here. A descriptor of the local
     structure then reads them as two phases. This gives the structure the domains share: each
-    column of the displaced sublattice (:func:`polarization`) at the centre of its cage, but only
-    when the sublattice is polar (median ``|p| / err >= min_z``), sits in cages of three or more
-    columns, closed around at least :data:`POLAR_MIN_CLOSED` of its columns, and its polarisation
-    falls into two or more domains (:func:`polar_domains`); otherwise the positions are returned
-    unchanged.
-    (A polar region beside a non-polar region of the same parent structure is then one phase
-    too: the polarisation maps tell them apart.)
+    column of the displaced sublattice (:func:`polarization`) at the centre of its cage, where the
+    sublattice is polar (median ``|p| / err >= min_z``) and sits in cages of three or more
+    columns, closed around at least :data:`POLAR_MIN_CLOSED` of its columns; otherwise the
+    positions are returned unchanged. Whether the polarisation forms one domain or several does
+    not matter, so that images of one polar phase with and without domain walls (in a library)
+    get the same structure. (A polar region beside a non-polar region of the same parent
+    structure is then one phase too: the polarisation maps tell them apart.)
 
     Parameters
     ----------
@@ -267,13 +278,15 @@ def parent_positions(x, y, x_err, y_err, sublattice, *, usable=None, min_z: floa
     x, y : ndarray (n,)
         The positions (copies), moved where the polarisation is finite.
     info : dict
-        ``moved`` (columns moved), ``domains`` (their number), ``median_z`` (NaN when the
-        polarisation could not be computed), ``closed`` (the fraction of the displaced
-        sublattice's columns with a closed cage), ``n_cage`` and ``min_z``.
+        ``moved`` (columns moved), ``domains`` (the number of polar domains, for the record),
+        ``median_z``, ``closed`` (the fraction of the displaced sublattice's columns that have a
+        polarisation: a closed cage, usable columns and finite errors), ``n_cage`` (NaN, NaN and
+        0 when no polarisation could be computed) and ``min_z``.
     """
     px_ = np.array(x, dtype=float).ravel()
     py_ = np.array(y, dtype=float).ravel()
-    info: dict[str, Any] = {"moved": 0, "domains": 0, "median_z": float("nan"), "min_z": float(min_z)}
+    info: dict[str, Any] = {"moved": 0, "domains": 0, "median_z": float("nan"), "closed": float("nan"),
+                            "n_cage": 0, "min_z": float(min_z)}
     if x_err is None or y_err is None:
         return px_, py_, info
     try:
@@ -283,15 +296,14 @@ def parent_positions(x, y, x_err, y_err, sublattice, *, usable=None, min_z: floa
     p_x, p_y = res["polarization_x"], res["polarization_y"]
     err = np.hypot(res["polarization_x_err"], res["polarization_y_err"]) / np.sqrt(2)
     ok = np.isfinite(p_x) & np.isfinite(p_y) & np.isfinite(err) & (err > 0)
+    info["n_cage"] = int(res["n_cage"])
     if not ok.any():
         return px_, py_, info
     lab = np.asarray(sublattice).ravel()
     info["median_z"] = float(np.median(np.hypot(p_x[ok], p_y[ok]) / err[ok]))
     info["closed"] = float(ok.sum() / max(np.count_nonzero(lab == res["displaced"]), 1))
-    info["n_cage"] = int(res["n_cage"])
-    domain, dirs = polar_domains(p_x, p_y, res["polarization_x_err"], res["polarization_y_err"])
-    info["domains"] = int(len(dirs))
-    if info["median_z"] < min_z or info["n_cage"] < 3 or info["closed"] < POLAR_MIN_CLOSED or len(dirs) < 2:
+    info["domains"] = int(len(polar_domains(p_x, p_y, res["polarization_x_err"], res["polarization_y_err"])[1]))
+    if info["median_z"] < min_z or info["n_cage"] < 3 or info["closed"] < POLAR_MIN_CLOSED:
         return px_, py_, info
     px_[ok] -= p_x[ok]
     py_[ok] -= p_y[ok]
