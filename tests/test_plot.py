@@ -226,6 +226,21 @@ def test_dendrogram_marks_suggested_k(analysed):
     assert any(f"K = {k}" in t.get_text() for t in legend.get_texts())
 
 
+def test_dendrogram_of_one_phase_says_k_1_without_a_warning():
+    """One cluster draws no cut: the figure says K = 1 in text (an empty legend warned in every report)."""
+    import warnings
+
+    ph = atomds.datasets.hexagonal(shape=192, seed=2).lcx.find_atoms().lcx.neighborhoods(k=6, descriptor="phase")
+    ph = ph.lcx.linkage()
+    assert ph.lcx.suggest_k() == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = P.dendrogram(ph)
+    check_figure(fig, length_unit=None)  # the phase descriptor is dimensionless
+    assert fig.axes[0].get_legend() is None
+    assert any(t.get_text() == "suggested K = 1" for t in fig.axes[0].texts)
+
+
 def test_dendrogram_of_micro_cluster_tree(analysed):
     """Above max_points the tree is built on micro-clusters: leaves hold several atoms."""
     ds = analysed.lcx.linkage(max_points=50, n_micro=40)

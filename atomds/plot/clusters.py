@@ -120,7 +120,11 @@ def dendrogram(ds: xr.Dataset, *, ax=None, k: int | None = None, leaves: int | N
     ax.set_ylabel(f"merge height, {method} ({hunits})")
     ax.set_xlabel("leaves of the truncated tree (atoms under each)")
     ax.tick_params(axis="x", labelsize="small")
-    ax.legend(fontsize="small", frameon=False, loc="upper right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small", frameon=False, loc="upper right")
+    else:  # one cluster: no cut to draw (and an empty legend would warn)
+        ax.text(0.98, 0.96, f"suggested K = {suggested}" if k is None else f"K = {K}", transform=ax.transAxes,
+                ha="right", va="top", fontsize="small")
     ax.set_title(f"dendrogram of {int(Z_atoms[-1, 3])} neighbourhoods", fontsize="medium")
     return fig
 
