@@ -24,7 +24,7 @@ import xarray as xr
 from .core.image import CONTRAST_CHOICES
 from .core.refine import MODELS
 from .errors import InvalidParameterError
-from .params import record_params
+from .params import record_params, step_params
 
 __all__ = [
     "AnalysisParams",
@@ -261,12 +261,24 @@ def _parent_structure(ds: xr.Dataset) -> xr.Dataset:
         return record_params(ds, "phase_parent", {"moved": 0, "domains": 0, "skipped": "no sublattice labels"})
     errs = [np.asarray(ds[v].values, float) if v in ds.variables else None for v in ("x_err", "y_err")]
     x, y, info = parent_positions(
-        ds["atom_x"].values, ds["atom_y"].values, errs[0], errs[1], ds["sublattice"].values, usable=usable_atoms(ds)
+        ds["atom_x"].values, ds["atom_y"].values, errs[0], errs[1], ds["sublattice"].values, usable=usable_atoms(ds),
+        polarized=_polarization_of(ds),
     )
     out = record_params(ds, "phase_parent", info)
     if info["moved"]:
         out = out.assign(atom_x=ds["atom_x"].copy(data=x), atom_y=ds["atom_y"].copy(data=y))
     return out
+
+
+def _polarization_of(ds: xr.Dataset) -> dict[str, Any] | None:
+    """The polarisation the maps stage put in ``ds`` (None where it did not), as
+    :func:`atomds.core.polarization.polarization` returns it: not computed twice."""
+    names = ("polarization_x", "polarization_y", "polarization_x_err", "polarization_y_err")
+    rec = step_params(ds, "polarization") or {}
+    if not set(names) <= set(ds.variables) or "displaced" not in rec or "n_cage" not in rec:
+        return None
+    return {**{n: np.asarray(ds[n].values, float) for n in names}, "displaced": int(rec["displaced"]),
+            "n_cage": int(rec["n_cage"])}
 
 
 def _merge_phases(ds: xr.Dataset, phases: xr.Dataset) -> xr.Dataset:

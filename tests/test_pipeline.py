@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import pytest
 
 import atomds
@@ -110,3 +111,19 @@ def test_analyze_says_one_phase_and_maps_strain_and_polarization(make, n_cage):
         assert "skipped" in step_params(out, "polarization") and "polarization_x" not in out
         assert step_params(out, "phase_parent")["moved"] == 0
     atomds.validate(out)
+
+
+def test_phases_reuse_the_maps_polarization_with_the_same_result():
+    """The phases stage takes the polarisation the maps stage computed instead of computing it again;
+    without it (stages run alone) it computes the same."""
+    from atomds.pipeline import _parent_structure, _polarization_of
+
+    out = atomds.analyze(atomds.datasets.honeycomb(shape=192, seed=4))
+    assert _polarization_of(out) is not None
+    bare = out.drop_vars([v for v in out.variables if str(v).startswith("polarization_")])
+    assert _polarization_of(bare) is None
+    a, b = _parent_structure(out), _parent_structure(bare)
+    assert step_params(a, "phase_parent")["moved"] > 0
+    assert step_params(a, "phase_parent") == step_params(b, "phase_parent")
+    np.testing.assert_array_equal(a["atom_x"].values, b["atom_x"].values)
+    np.testing.assert_array_equal(a["atom_y"].values, b["atom_y"].values)

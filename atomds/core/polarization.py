@@ -250,7 +250,8 @@ def polar_domains(px, py, px_err=None, py_err=None, *, separation: float = DOMAI
     return domain, dirs[rank]
 
 
-def parent_positions(x, y, x_err, y_err, sublattice, *, usable=None, min_z: float = POLAR_MEDIAN_Z):
+def parent_positions(x, y, x_err, y_err, sublattice, *, usable=None, min_z: float = POLAR_MEDIAN_Z,
+                     polarized: dict | None = None):
     """Positions with a polar sublattice moved back to the centres of its cages.
 
     Polar domains of one phase (a polarisation that changes direction across an antiphase or
@@ -272,6 +273,9 @@ def parent_positions(x, y, x_err, y_err, sublattice, *, usable=None, min_z: floa
         As in :func:`polarization` (errors are needed: without them nothing is moved).
     min_z : float
         Median significance of the polarisation below which nothing is moved.
+    polarized : dict, optional
+        :func:`polarization` of these positions where it was computed already (its
+        ``polarization_x``, ``polarization_y``, their ``_err``, ``displaced`` and ``n_cage``).
 
     Returns
     -------
@@ -289,10 +293,13 @@ def parent_positions(x, y, x_err, y_err, sublattice, *, usable=None, min_z: floa
                             "n_cage": 0, "min_z": float(min_z)}
     if x_err is None or y_err is None:
         return px_, py_, info
-    try:
-        res = polarization(px_, py_, x_err, y_err, sublattice, usable=usable)
-    except InvalidParameterError:
-        return px_, py_, info
+    if polarized is not None:
+        res = polarized
+    else:
+        try:
+            res = polarization(px_, py_, x_err, y_err, sublattice, usable=usable)
+        except InvalidParameterError:
+            return px_, py_, info
     p_x, p_y = res["polarization_x"], res["polarization_y"]
     err = np.hypot(res["polarization_x_err"], res["polarization_y_err"]) / np.sqrt(2)
     ok = np.isfinite(p_x) & np.isfinite(p_y) & np.isfinite(err) & (err > 0)

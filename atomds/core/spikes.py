@@ -32,6 +32,12 @@ SPIKE_CONTRAST = 6.0
 
 
 @njit(cache=True)
+def _sd(a, b, level):  # pragma: no cover - compiled
+    """The noise standard deviation at ``level`` (``variance = a + b * I``, floored)."""
+    return np.sqrt(max(a + b * max(level, 0.0), 1e-30))
+
+
+@njit(cache=True)
 def _test(img, i, j, a, b, k, c, buf):  # pragma: no cover - compiled
     """Whether pixel (i, j) is a spike, with the neighbours that lie in the image: 1 a spike, 2 one
     that may be one of a pair (it stands the margin above (below) all neighbours but one: see
@@ -72,13 +78,13 @@ def _test(img, i, j, a, b, k, c, buf):  # pragma: no cover - compiled
         return 0
     # the noise where it is largest: at the highest neighbour for a high spike, at the lowest
     # for a low one
-    sd_hi = np.sqrt(max(a + b * max(hi, 0.0), 1e-30))
-    sd_lo = np.sqrt(max(a + b * max(lo, 0.0), 1e-30))
+    sd_hi = _sd(a, b, hi)
+    sd_lo = _sd(a, b, lo)
     up = v - hi > k * sd_hi
     down = lo - v > k * sd_lo
     if not (up or down):
-        pair_up = v - hi2 > k * np.sqrt(max(a + b * max(hi2, 0.0), 1e-30))
-        pair_down = lo2 - v > k * np.sqrt(max(a + b * max(lo2, 0.0), 1e-30))
+        pair_up = v - hi2 > k * _sd(a, b, hi2)
+        pair_down = lo2 - v > k * _sd(a, b, lo2)
         return 2 if (pair_up or pair_down) else 0
     srt = np.sort(buf[:n])
     med = srt[n // 2]
@@ -157,7 +163,7 @@ def _test_pair(img, i, j, a, b, k, c, ring):  # pragma: no cover - compiled
                     tj = jj
         if n < 6:
             continue
-        sd = np.sqrt(max(a + b * max(sign * top, 0.0), 1e-30))  # the noise at the ring's extreme pixel
+        sd = _sd(a, b, sign * top)  # the noise at the ring's extreme pixel
         if inner - top <= k * sd:
             continue
         srt = np.sort(ring[:n])

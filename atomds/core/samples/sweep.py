@@ -486,7 +486,6 @@ def score_sweep(
             raise InvalidParameterError(f"x_err and y_err must have the length of x ({x.size}), "
                                         f"got {ex.size} and {ey.size}.")
         se = np.column_stack([ex, ey])
-    with_err = se is not None
     sig = float(sample.params["sigma"])
     m = 3.0 * sig if margin is None else float(margin)
     ny, nx = sample.shape
@@ -514,7 +513,7 @@ def score_sweep(
         cx, cy, radius = _hole_px(sample.shape, sample.params["hole"])
         clear = np.hypot(sample.x - cx, sample.y - cy) >= radius + RIM_REACH * sig
     out: dict[str, Any] = {"n_species": int(sample.params["n_species"])}
-    keys = ["n_true", "n_matched", "recall", "n_precision", "rmse_px", "crb_ratio", "snr"] + (["z_sd"] if with_err else [])
+    keys = ["n_true", "n_matched", "recall", "n_precision", "rmse_px", "crb_ratio", "snr"] + (["z_sd"] if se is not None else [])
     for key in keys:
         out[key] = []
     for s in range(out["n_species"]):
@@ -530,7 +529,7 @@ def score_sweep(
             float(np.sqrt(err2[fit].mean() / (2.0 * sample.crb[fit] ** 2).mean())) if fit.any() else float("nan")
         )
         out["snr"].append(float(np.median(sample.snr[sel])) if sel.any() else float("nan"))
-        if with_err:
+        if se is not None:
             zs = z[fit].ravel()
             zs = zs[np.isfinite(zs)]
             out["z_sd"].append(float(np.std(zs)) if zs.size >= 2 else float("nan"))
