@@ -470,6 +470,37 @@ def test_joint_fit_leaves_out_a_border_band_that_holds_light_of_unseen_columns()
     np.testing.assert_allclose(band["p"][inner, 2], 900.0, rtol=0.01)
 
 
+def test_columns_pushed_against_their_disc_do_not_keep_the_joint_fit_iterating(monkeypatch):
+    # six seeds 2.5 px off their columns, allowed to move 1 px: each ends on its disc's edge. Moved
+    # along the edge there, their steps raised chi-square at little damping and were taken only at
+    # more, which never counted as converged: 84 iterations (two rounds) where 33 do
+    import atomds.core.refine.joint as J
+    from atomds.core.refine.joint import solve_group
+    from atomds.core.refine.noise import UNIFORM
+
+    image, x, y = _filled_lattice("hexagonal", 3.6, 900.0, 0.5, shape=96)
+    rng = np.random.default_rng(0)
+    off = np.zeros((x.size, 2))
+    pushed = rng.choice(x.size, 6, replace=False)
+    ang = rng.uniform(0, 2 * np.pi, pushed.size)
+    off[pushed] = 2.5 * np.column_stack([np.cos(ang), np.sin(ang)])
+    max_move = np.full(x.size, 2.0)
+    max_move[pushed] = 1.0
+    p0 = np.column_stack([x + off[:, 0], y + off[:, 1], np.full(x.size, 900.0), np.full(x.size, 2.0)])
+    kw = dict(nn_median=7.2, noise=UNIFORM, radius=5.0, prior=(2.0, 0.0), sigma_max=6.0, half=15, max_iter=100,
+              tol=1e-4, refit_noise=False, edge=7.0)
+    res = solve_group(image, np.ones(image.shape, bool), p0, np.zeros((0, 4)), max_move=max_move, **kw)
+    assert res["n_iter"][0] < 50
+    ok = res["ok"]
+    moved = np.hypot(*(res["p"][:, :2] - p0[:, :2]).T)
+    np.testing.assert_allclose(moved[pushed[ok[pushed]]], 1.0, atol=1e-6)  # on the edge, towards their column
+    # where the fit ran on until its steps were 100 times smaller, nothing stands a hundredth of a pixel apart
+    monkeypatch.setattr(J, "STALL_STEPS", 10**6)
+    ref = solve_group(image, np.ones(image.shape, bool), p0, np.zeros((0, 4)), max_move=max_move,
+                      **dict(kw, max_iter=2000, tol=1e-6))
+    np.testing.assert_allclose(res["p"][ok, :2], ref["p"][ok, :2], atol=0.01)
+
+
 def test_a_single_row_of_close_columns_is_refined_without_the_patch():
     # a cut-out one row high is all border band: the width stays the first pass's
     from atomds.core.samples.render import render_columns

@@ -600,7 +600,10 @@ def _levenberg_marquardt(model: _GroupModel, wt, p, b, start, *, sigma_max, max_
     the step would carry beyond ``max_move`` from its start is moved to the step's projection
     onto its disc, and the rest of the step is solved again given that move
     (:func:`_step_to_edge`), rather than projected back after a step its neighbours' and the
-    intensities' parts assumed it took. A position step
+    intensities' parts assumed it took. A column already on its disc's edge that the step leads
+    further out is held there for that step (an active bound, as the intensity floor is): moved
+    along the edge instead, its steps raised chi-square at little damping and were taken only
+    at more, which never counts as converged, so that dense groups ran to ``max_iter``. A position step
     below :data:`STEP_INFO_TOL` of the column's conditional standard error ``1 / sqrt(H_xx)``
     also counts as converged. With ``fixed_width`` the shared width is held where it starts.
     """
@@ -611,6 +614,7 @@ def _levenberg_marquardt(model: _GroupModel, wt, p, b, start, *, sigma_max, max_
     h, g = model.normal(p, b, wt)
     lam = LAM_START
     it = 0
+    gains: list[float] = []  # chi-square lowered by each accepted step, in units of its value per pixel
     while it < max_iter:
         it += 1
         held = _held(p, h, g, n_floor)
@@ -618,6 +622,12 @@ def _levenberg_marquardt(model: _GroupModel, wt, p, b, start, *, sigma_max, max_
         step = _damped_step(h, g, lam, held, fixed_width)
         out = None if step is None else _leaving(p, step, start, max_move, held)
         held_before = held[:, 0].copy()  # moved to their disc's edge, columns still count for convergence
+        if out is not None and out.any():
+            rim = out & _on_rim(p, start, max_move)
+            if rim.any():  # already at the edge and pushed on outwards: held there (an active bound)
+                held[rim, :2] = True
+                step = _damped_step(h, g, lam, held, fixed_width)
+                out = None if step is None else _leaving(p, step, start, max_move, held)
         if out is not None and out.any():  # the positions the step would carry out of their disc
             step = _step_to_edge(h, g, lam, held, fixed_width, p, step, start, max_move, out)
         if step is None:  # singular: damp harder
@@ -636,7 +646,10 @@ def _levenberg_marquardt(model: _GroupModel, wt, p, b, start, *, sigma_max, max_
             # its size and gain mean convergence only for a nearly Gauss-Newton step
             near_gn = lam <= LAM_START
             lam = max(lam * LAM_DOWN, LAM_MIN)
-            done = rel < 1e-10 or (near_gn and (small or chi2 - chi2_t < CHI2_ABS_TOL * chi2 / max(model.data.size, 1)))
+            unit = chi2 / max(model.data.size, 1)
+            gains.append((chi2 - chi2_t) / max(unit, 1e-300))
+            stalled = len(gains) >= STALL_STEPS and sum(gains[-STALL_STEPS:]) < STALL_CHI2
+            done = rel < 1e-10 or stalled or (near_gn and (small or gains[-1] < CHI2_ABS_TOL))
             p, b, chi2 = pt, bt, chi2_t
             if done:
                 break
@@ -655,6 +668,15 @@ STEP_INFO_TOL = 0.05
 #: ``sqrt`` of it (a few hundredths) of their standard errors of the optimum, however the damping has
 #: slowed the steps.
 CHI2_ABS_TOL = 1e-3
+#: The fit ends where its last ``STALL_STEPS`` accepted steps together lowered chi-square by less than
+#: ``STALL_CHI2`` times its value per pixel (``-2 log`` likelihood units under the right noise model),
+#: whatever the damping: a faint column in a flat, curved valley of chi-square (its position bound to its
+#: neighbours') creeps a few tenths of its conditional standard error per step, the damping alternating
+#: between two values, and ran groups to ``max_iter``; a remaining gain of a few hundredths puts the
+#: parameters within about ``sqrt(2 x 0.05)`` = 0.3 of a (marginal) standard error of the optimum along
+#: that valley only.
+STALL_STEPS = 4
+STALL_CHI2 = 0.05
 #: A column whose intensity is below this many of its (conditional) standard errors has its position held.
 HOLD_Z = 3.0
 
@@ -698,6 +720,16 @@ def _step_to_edge(h, g, lam, held, fixed_width, p, step, start, max_move, out) -
     delta[: K_COL * n] = move.ravel()
     new = _damped_step(h, g - h @ delta, lam, held, fixed_width)
     return None if new is None else new + delta
+
+
+def _on_rim(p: np.ndarray, start: np.ndarray, max_move: np.ndarray) -> np.ndarray:
+    """Columns standing on the edge of their disc of radius ``max_move`` around ``start`` (px)."""
+    d = p[:, :2] - start
+    return np.hypot(d[:, 0], d[:, 1]) >= np.asarray(max_move, float) * (1.0 - RIM_REL)
+
+
+#: A column within this fraction of its disc's radius from the edge stands on it (``_constrain`` puts it there exactly).
+RIM_REL = 1e-6
 
 
 def _leaving(p: np.ndarray, step: np.ndarray, start: np.ndarray, max_move: np.ndarray, held: np.ndarray) -> np.ndarray:
