@@ -501,6 +501,65 @@ def test_columns_pushed_against_their_disc_do_not_keep_the_joint_fit_iterating(m
     np.testing.assert_allclose(res["p"][ok, :2], ref["p"][ok, :2], atol=0.01)
 
 
+def _group_model_at(width, shape=64):
+    import atomds.core.refine.joint as J
+    from atomds.core.refine.joint_model import background_grid, group_map, pixel_set
+
+    image, x, y = _filled_lattice("hexagonal", 3.0, 4000.0, 0.3, shape=shape, sigma=3.0, noise=False)
+    ps = pixel_set(image.shape, x, y, 6.0, np.ones(image.shape, bool))
+    grid = background_grid(ps, 27.0)
+    gm = group_map(ps, grid)
+    p = np.column_stack([x, y, np.full(x.size, 4000.0), np.full(x.size, width)])
+    model = J._GroupModel.at(gm, grid, image.ravel()[ps.pix].astype(float), p, 25)
+    return model, p, np.zeros(grid.n), np.ones(ps.size)
+
+
+def _scaled_min_eig(h):
+    hd = h.toarray()
+    d = np.sqrt(np.diag(hd))
+    return np.linalg.eigvalsh(hd / d[:, None] / d[None, :])[0]
+
+
+def test_a_joint_model_whose_width_outgrew_its_patches_is_rebuilt():
+    # patches and coupled pairs made for a width of 1.4 px no longer hold columns of 3 px: the
+    # normal matrix misses pairs their tails couple, is no J^T W J and is indefinite
+    model, p, b, wt = _group_model_at(1.4)
+    wide = p.copy()
+    wide[:, 3] = 3.0
+    assert _scaled_min_eig(model.normal(p, b, wt)[0]) > 0
+    assert _scaled_min_eig(model.normal(wide, b, wt)[0]) < 0  # the stale model
+    grown = model.grown(wide)
+    assert grown is not None and grown.half > model.half
+    assert _scaled_min_eig(grown.normal(wide, b, wt)[0]) > 0
+    assert grown.grown(wide) is None and model.grown(p) is None
+
+
+def test_a_damping_whose_step_could_not_be_solved_is_not_tried_again(monkeypatch):
+    # a step that cannot be solved below a damping of 1e-2 (an ill-conditioned normal matrix): that
+    # damping is the least from then on, and its steps count as nearly Gauss-Newton
+    import atomds.core.refine.joint as J
+
+    model, p, b, wt = _group_model_at(3.0)
+    start = p[:, :2].copy()
+    p = p.copy()
+    p[:, :2] += np.random.default_rng(0).normal(0, 0.3, (p.shape[0], 2))
+    kw = dict(sigma_max=8.0, max_move=np.full(p.shape[0], 2.0), max_iter=100, tol=1e-4)
+    free, _, _ = J._levenberg_marquardt(model, wt, p, b, start, **kw)
+    tried = []
+    solve = J._damped_step
+
+    def damped_step(h, g, lam, held, fixed_width=False):
+        tried.append(lam)
+        return None if lam < 0.9e-2 else solve(h, g, lam, held, fixed_width)
+
+    monkeypatch.setattr(J, "_damped_step", damped_step)
+    p_fit, _, it = J._levenberg_marquardt(model, wt, p, b, start, **kw)
+    first_ok = next(i for i, lam in enumerate(tried) if lam >= 0.9e-2)
+    assert all(lam >= 0.9e-2 for lam in tried[first_ok:])
+    assert it < 45  # lowered again after each accepted step: 68, every other step unsolved
+    np.testing.assert_allclose(p_fit[:, :2], free[:, :2], atol=1e-3)
+
+
 def test_a_single_row_of_close_columns_is_refined_without_the_patch():
     # a cut-out one row high is all border band: the width stays the first pass's
     from atomds.core.samples.render import render_columns

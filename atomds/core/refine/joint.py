@@ -438,14 +438,14 @@ def solve_group(
             r = data - cols - grid.weights @ b
             dof = ps.size / max(ps.size - (K_COL * n + 1 + grid.n), 1)
             noise = fit_variance(cols + grid.weights @ b + fixed_mu, r * r * dof)
-        model = _GroupModel(gm, grid, data, h_cur, neighbour_slots(p, h_cur), col_prior)
+        model = _GroupModel.at(gm, grid, data, p, half, col_prior)
         cols, _ = model_and_width_derivative(gm, p, h_cur)
         wt = 1.0 / noise.variance(cols + grid.weights @ b + fixed_mu)
         p, b, it = _levenberg_marquardt(model, wt, p, b, start, sigma_max=sigma_max, max_move=max_move, max_iter=max_iter,
                                         tol=tol, fixed_width=fixed_width)
         n_iter += it
     h_cur = _half(p, half)
-    model = _GroupModel(gm, grid, data, h_cur, neighbour_slots(p, h_cur), col_prior)
+    model = _GroupModel.at(gm, grid, data, p, half, col_prior)
     cols, _ = model_and_width_derivative(gm, p, h_cur)
     wt = 1.0 / noise.variance(cols + grid.weights @ b + fixed_mu)
     h, _ = model.normal(p, b, wt)
@@ -542,10 +542,31 @@ class _GroupModel:
 
     def __init__(
         self, gm: GroupMap, grid, data: np.ndarray, half: int, nbr: np.ndarray,
-        prior: tuple[np.ndarray, np.ndarray] | None = None,
+        prior: tuple[np.ndarray, np.ndarray] | None = None, half_max: int | None = None,
     ) -> None:
         self.gm, self.grid, self.data, self.half, self.nbr = gm, grid, data, half, nbr
-        self.prior = prior
+        self.prior, self.half_max = prior, half_max
+
+    @classmethod
+    def at(cls, gm: GroupMap, grid, data: np.ndarray, p: np.ndarray, half_max: int,
+           prior: tuple[np.ndarray, np.ndarray] | None = None) -> _GroupModel:
+        """The model with patches (and coupled pairs, :func:`neighbour_slots`) for the width ``p[0, 3]``."""
+        h = _half(p, half_max)
+        return cls(gm, grid, data, h, neighbour_slots(p, h), prior, half_max)
+
+    def grown(self, p: np.ndarray) -> _GroupModel | None:
+        """The model rebuilt for ``p``'s width where it has outgrown the patches (None: they still hold it).
+
+        The patches reach :data:`~.constants.NB_REACH` of :data:`HALF_SIGMA_MARGIN` times the width
+        they were made for, and the normal matrix couples the pairs within
+        :data:`~.joint_model.COUPLING_SIGMAS` of it. A width that grew beyond the margin in one fit
+        (columns on a thick particle's steep background: 2.6 to 4.9 px) left pairs that its tails
+        now couple out of the normal matrix: no longer ``J^T W J``, it was indefinite, and every step
+        at little damping failed to solve.
+        """
+        if self.half_max is None or _half(p, self.half_max) <= self.half:
+            return None
+        return _GroupModel.at(self.gm, self.grid, self.data, p, self.half_max, self.prior)
 
     def residual(self, p: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         cols, ds = model_and_width_derivative(self.gm, p, self.half)
@@ -600,7 +621,12 @@ def _levenberg_marquardt(model: _GroupModel, wt, p, b, start, *, sigma_max, max_
     the step would carry beyond ``max_move`` from its start is moved to the step's projection
     onto its disc, and the rest of the step is solved again given that move
     (:func:`_step_to_edge`), rather than projected back after a step its neighbours' and the
-    intensities' parts assumed it took. A column already on its disc's edge that the step leads
+    intensities' parts assumed it took. Where a step cannot be solved (its damped normal matrix
+    singular, or too ill-conditioned for the conjugate gradients and the factorisation: a thick
+    particle's background nodes under dense columns), the damping is raised and never lowered to
+    that level again, and the steps at the least damping that could be solved count as nearly
+    Gauss-Newton: lowered again after each accepted step, every other step failed at a thousand
+    conjugate-gradient iterations, and no step counted as converged. A column already on its disc's edge that the step leads
     further out is held there for that step (an active bound, as the intensity floor is): moved
     along the edge instead, its steps raised chi-square at little damping and were taken only
     at more, which never counts as converged, so that dense groups ran to ``max_iter``. A position step
@@ -613,6 +639,7 @@ def _levenberg_marquardt(model: _GroupModel, wt, p, b, start, *, sigma_max, max_
     chi2 = model.chi2(p, b, wt)
     h, g = model.normal(p, b, wt)
     lam = LAM_START
+    lam_least = LAM_MIN  # the least damping whose step could be solved (raised where one could not)
     it = 0
     gains: list[float] = []  # chi-square lowered by each accepted step, in units of its value per pixel
     while it < max_iter:
@@ -630,8 +657,9 @@ def _levenberg_marquardt(model: _GroupModel, wt, p, b, start, *, sigma_max, max_
                 out = None if step is None else _leaving(p, step, start, max_move, held)
         if out is not None and out.any():  # the positions the step would carry out of their disc
             step = _step_to_edge(h, g, lam, held, fixed_width, p, step, start, max_move, out)
-        if step is None:  # singular: damp harder
+        if step is None:  # singular (or too ill-conditioned to solve): damp harder, and never less again
             lam *= LAM_UP
+            lam_least = max(lam_least, lam)
             continue
         pt = p.copy()
         pt[:, :K_COL] += step[: K_COL * n].reshape(n, K_COL)
@@ -644,8 +672,8 @@ def _levenberg_marquardt(model: _GroupModel, wt, p, b, start, *, sigma_max, max_
             rel = (chi2 - chi2_t) / max(chi2, 1e-300)
             # a heavily damped step is short and lowers chi-square little far from the optimum:
             # its size and gain mean convergence only for a nearly Gauss-Newton step
-            near_gn = lam <= LAM_START
-            lam = max(lam * LAM_DOWN, LAM_MIN)
+            near_gn = lam <= max(LAM_START, lam_least)
+            lam = max(lam * LAM_DOWN, lam_least)
             unit = chi2 / max(model.data.size, 1)
             gains.append((chi2 - chi2_t) / max(unit, 1e-300))
             stalled = len(gains) >= STALL_STEPS and sum(gains[-STALL_STEPS:]) < STALL_CHI2
@@ -653,6 +681,10 @@ def _levenberg_marquardt(model: _GroupModel, wt, p, b, start, *, sigma_max, max_
             p, b, chi2 = pt, bt, chi2_t
             if done:
                 break
+            grown = model.grown(p)
+            if grown is not None:  # the width outgrew the patches: chi-square of the wider model from here on
+                model = grown
+                chi2 = model.chi2(p, b, wt)
             h, g = model.normal(p, b, wt)
         else:
             lam *= LAM_UP
