@@ -92,6 +92,7 @@ def _cmd_analyze(args) -> int:
     from tqdm.auto import tqdm
 
     from .io import open_image, to_netcdf
+    from .params import step_params
     from .pipeline import STAGES, params_from_args, run_stages
     from .schema import validate
 
@@ -123,8 +124,13 @@ def _cmd_analyze(args) -> int:
     n_atoms = ds.sizes.get("atom", 0)
     n_clusters = int(ds["cluster"].max()) + 1 if "cluster" in ds else 0
     n_regions = int(ds["region"].max()) + 1 if "region" in ds else 0
-    phases = f"{n_regions} phase{'s' if n_regions != 1 else ''} (regions)"
-    print(f"analysed {source}: {n_atoms} atoms, {phases} from {n_clusters} cluster{'s' if n_clusters != 1 else ''} -> {out}")
+    skipped = (step_params(ds, "kmeans") or {}).get("skipped")
+    if skipped and "region" not in ds:
+        phases = f"phases not told apart ({skipped})"
+    else:
+        phases = (f"{n_regions} phase{'s' if n_regions != 1 else ''} (regions) from {n_clusters} "
+                  f"cluster{'s' if n_clusters != 1 else ''}")
+    print(f"analysed {source}: {n_atoms} atoms, {phases} -> {out}")
     if args.report:
         from .report import write_report
 
@@ -149,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     except (AtomdsError, OSError, ValueError) as exc:
         if args.debug:
             raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # one line, all of it: a layout error lists its problems on the lines after its first
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
         print(f"atomds: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

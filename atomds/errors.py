@@ -15,6 +15,7 @@ __all__ = [
     "DimensionError",
     "InvalidImageError",
     "InvalidParameterError",
+    "TooFewAtomsError",
     "MissingVariableError",
     "MissingStepError",
     "NoAtomsFoundError",
@@ -49,6 +50,12 @@ class InvalidImageError(AtomdsError, ValueError):
 
 class InvalidParameterError(AtomdsError, ValueError):
     """A parameter is out of its valid range (pixel_size <= 0, k >= atom count, ...)."""
+
+
+class TooFewAtomsError(InvalidParameterError):
+    """A statistic needs more (centre) atoms than the image holds: a crop of a few columns.
+
+    ``atomds.analyze`` records such a stage as skipped instead of failing the image."""
 
 
 class MissingVariableError(AtomdsError, KeyError):

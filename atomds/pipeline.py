@@ -23,7 +23,7 @@ import xarray as xr
 
 from .core.image import CONTRAST_CHOICES
 from .core.refine import MODELS
-from .errors import InvalidParameterError
+from .errors import InvalidParameterError, TooFewAtomsError
 from .params import record_params, step_params
 
 __all__ = [
@@ -210,8 +210,12 @@ def neighborhoods(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
 
 
 def pca(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
-    """PCA modes and loadings of the neighbour vectors."""
-    return ds.lcx.pca(n_components=params.n_components)
+    """PCA modes and loadings of the neighbour vectors (skipped, with the reason recorded in
+    ``pca_params``, on an image of too few centre atoms)."""
+    try:
+        return ds.lcx.pca(n_components=params.n_components)
+    except TooFewAtomsError as exc:
+        return record_params(ds, "pca", {"skipped": str(exc)})
 
 
 def phases(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
@@ -228,7 +232,8 @@ def phases(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
     position errors), the table is built with those columns at their cage centres
     (:func:`atomds.core.polarization.parent_positions`): polar domains are one phase even where
     no rotation or mirror of the image relates them. What was done is recorded in the
-    ``phase_parent_params`` attribute.
+    ``phase_parent_params`` attribute. On an image of too few centre atoms for the merge tree the
+    clustering is skipped, with the reason in ``kmeans_params``.
     """
     source = _parent_structure(ds)
     table = source.lcx.neighborhoods(k=params.k, descriptor="phase")
@@ -244,8 +249,13 @@ def phases(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
         out.attrs["phase_neighborhoods_params"] = table.attrs.get("neighborhoods_params", "{}")
         out.attrs.update(parent)
         return out
-    table = table.lcx.linkage()
-    K = params.n_clusters if params.n_clusters is not None else table.lcx.suggest_k()
+    try:
+        table = table.lcx.linkage()
+        K = params.n_clusters if params.n_clusters is not None else table.lcx.suggest_k()
+    except TooFewAtomsError as exc:  # a crop of a few columns: no phases to tell apart
+        out = record_params(ds, "kmeans", {"skipped": str(exc)})
+        out.attrs.update(parent)
+        return out
     out = _merge_phases(ds, table.lcx.kmeans(K).lcx.regions())
     out.attrs.update(parent)
     return out

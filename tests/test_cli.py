@@ -66,6 +66,18 @@ def test_analyze_bundled_sample_round_trips(tmp_path):
     xr.testing.assert_identical(atomds.open_dataset(again), ds)
 
 
+def test_analyze_a_crop_of_a_few_columns(tmp_path):
+    from atomds.core import samples as cs
+
+    np.save(tmp_path / "crop.npy", cs.hexagonal_sample(shape=(48, 48), dose=3000.0, spacing=14.0, seed=1).image)
+    res = run("analyze", str(tmp_path / "crop.npy"), "-o", str(tmp_path / "crop.nc"), "--no-progress",
+              "--report", str(tmp_path / "report"))
+    assert res.returncode == 0, res.stderr
+    assert "phases not told apart (" in res.stdout and "edge atoms" in res.stdout
+    atomds.validate(atomds.open_dataset(tmp_path / "crop.nc"))
+    assert (tmp_path / "report" / "index.html").exists()
+
+
 def test_analyze_dark_columns(tmp_path):
     from atomds.core import samples as cs
 

@@ -77,6 +77,21 @@ def test_image_gives_back_each_dataset_exactly(images):
         library.image(tree, "nope")
 
 
+def test_images_whose_variables_are_named_differently_make_a_valid_library(images, tmp_path):
+    # a crop of a few columns keeps its sublattice classes from finding, a larger image has them
+    # taken again from the fitted peaks: the long names differ. The library used the attributes the
+    # images share, had no long_name for 'sublattice' and failed its layout check (the batch was lost)
+    a, b = images[0].copy(), images[1].copy()
+    a["atom_x"] = a["atom_x"].assign_attrs(long_name="atom centre x, found")
+    b["atom_x"] = b["atom_x"].assign_attrs(long_name="atom centre x, refined")
+    tree = library.from_datasets([a, b])
+    library.validate(tree)
+    assert tree["atoms"]["atom_x"].attrs["long_name"] == "atom centre x, found"
+    xr.testing.assert_identical(library.image(tree, 1), b)
+    out = library.to_netcdf(tree, tmp_path / "lib.nc")
+    xr.testing.assert_identical(library.image(atomds.open_library(out), 1), b)
+
+
 def test_netcdf_round_trip_is_exact(images, tmp_path):
     tree = library.from_datasets(images, properties={"temperature": [300.0, 350.0, 400.0], "batch": ["a", "b", "a"]})
     path = library.to_netcdf(tree, tmp_path / "lib.nc")

@@ -127,3 +127,18 @@ def test_phases_reuse_the_maps_polarization_with_the_same_result():
     assert step_params(a, "phase_parent") == step_params(b, "phase_parent")
     np.testing.assert_array_equal(a["atom_x"].values, b["atom_x"].values)
     np.testing.assert_array_equal(a["atom_y"].values, b["atom_y"].values)
+
+
+def test_a_crop_of_a_few_columns_is_analysed_with_its_statistics_skipped():
+    # 14 columns in 48^2 px, all edge atoms of a 6-neighbour table: the atoms, their fits and strain
+    # are kept, and PCA and the phases record why they did not run instead of failing the image
+    from atomds.core import samples
+
+    s = samples.hexagonal_sample(shape=(48, 48), dose=3000.0, spacing=14.0, seed=1)
+    out = atomds.analyze(atomds.from_array(s.image, pixel_size=0.1, units="Å"))
+    assert out.sizes["atom"] >= 9 and np.isfinite(out["x_err"].values).any()
+    assert "centre atoms" in step_params(out, "pca")["skipped"]
+    assert "edge atoms" in step_params(out, "kmeans")["skipped"]
+    assert "region" not in out and "pca_components" not in out
+    with pytest.raises(atomds.errors.TooFewAtomsError):
+        out.lcx.pca()  # the accessor still says so

@@ -55,9 +55,19 @@ def _same_layout(vars_: list[xr.Variable]) -> bool:
 
 
 def _common_attrs(vars_: list[xr.Variable]) -> dict[str, Any]:
-    """The attributes every variable has with the same value (those of the first one, in its order)."""
+    """The attributes every variable has with the same value (those of the first one, in its order).
+
+    A ``long_name`` that differs between images (``sublattice`` of an image whose classes were
+    taken again from the fitted peaks, beside one of too few columns for that) is the first
+    image's: the layout needs one, and each image keeps its own among its overrides
+    (:func:`overrides_of`). Without it, the library of such images failed its layout check and
+    the whole batch was lost.
+    """
+    first = vars_[0].attrs
     return {
-        k: v for k, v in vars_[0].attrs.items() if all(k in o.attrs and attrs_equal(o.attrs[k], v) for o in vars_[1:])
+        k: v for k, v in first.items()
+        if all(k in o.attrs and attrs_equal(o.attrs[k], v) for o in vars_[1:])
+        or (k == "long_name" and all(k in o.attrs for o in vars_[1:]))
     }
 
 

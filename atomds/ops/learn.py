@@ -18,7 +18,7 @@ from ..core import learn as cl
 from ..core import regions as cregions
 from ..core import splits as csplit
 from ..core.neighbors import DISORDER_WEIGHT
-from ..errors import InvalidParameterError, MissingStepError
+from ..errors import InvalidParameterError, MissingStepError, TooFewAtomsError
 from ..params import record_params, step_params
 from ._common import annotate, is_dask
 
@@ -44,7 +44,7 @@ def _descriptor(ds: xr.Dataset, step: str) -> xr.DataArray:
 def _valid_rows(X: np.ndarray, step: str) -> np.ndarray:
     ok = np.isfinite(X).all(axis=1)
     if not ok.any():
-        raise InvalidParameterError(
+        raise TooFewAtomsError(
             f"{step}: every descriptor row is NaN (all {len(X)} atoms are edge atoms or lack neighbours); "
             "use a larger image, fewer neighbours (k), or neighborhoods(exclude_edge=False)"
         )
@@ -214,7 +214,7 @@ def linkage(
     X = _values(D)
     ok = _valid_rows(X, "linkage()")
     if ok.sum() < 2:
-        raise InvalidParameterError("linkage() needs at least 2 centre atoms")
+        raise TooFewAtomsError("linkage() needs at least 2 centre atoms")
     Z, leaf = _linkage_arrays(X, ok, method, max_points, n_micro, seed)
     split = _split_tests(X, ok, Z, leaf, range(1, 11), csplit.VALLEY_RATIO)[1] if ok.sum() >= 3 else {}
     out = _drop(ds, list(_LINKAGE_VARS) + ["merge"])
@@ -285,7 +285,7 @@ def suggest_k(
     X = _values(D)
     ok = _valid_rows(X, "suggest_k()")
     if ok.sum() < 3:
-        raise InvalidParameterError(f"suggest_k() needs at least 3 centre atoms, got {int(ok.sum())}")
+        raise TooFewAtomsError(f"suggest_k() needs at least 3 centre atoms, got {int(ok.sum())}")
     if Z is None or "linkage_leaf" not in ds.variables:
         Z, leaf = _linkage_arrays(X, ok, "ward", 2000, 256, 0)
     else:
@@ -469,7 +469,7 @@ def pca(ds: xr.Dataset, n_components: int | None = None, *, exclude_outliers: bo
         X = _values(D)
         ok = _valid_rows(X, "pca()")
         if ok.sum() < 2:
-            raise InvalidParameterError(f"pca() needs at least 2 centre atoms, got {int(ok.sum())}")
+            raise TooFewAtomsError(f"pca() needs at least 2 centre atoms, got {int(ok.sum())}")
         inl = cl.robust_inliers(X[ok])
         inlier = np.zeros(n_atoms, dtype=bool)
         inlier[np.flatnonzero(ok)[inl]] = True
@@ -493,7 +493,7 @@ def pca(ds: xr.Dataset, n_components: int | None = None, *, exclude_outliers: bo
         mean, S, Vt, n_ok = dask.compute(mean, S, Vt, n_ok)
         n_ok = int(n_ok)
         if n_ok < 2:
-            raise InvalidParameterError(f"pca() needs at least 2 centre atoms, got {n_ok}")
+            raise TooFewAtomsError(f"pca() needs at least 2 centre atoms, got {n_ok}")
         c = cl.check_components(n_components, n_ok, n_feat)
         sgn = cl.svd_flip_components(Vt)
         Vt = Vt * sgn[:, None]
@@ -507,7 +507,7 @@ def pca(ds: xr.Dataset, n_components: int | None = None, *, exclude_outliers: bo
         X = _values(D)
         ok = _valid_rows(X, "pca()")
         if ok.sum() < 2:
-            raise InvalidParameterError(f"pca() needs at least 2 centre atoms, got {int(ok.sum())}")
+            raise TooFewAtomsError(f"pca() needs at least 2 centre atoms, got {int(ok.sum())}")
         mean, comps, load_ok, var, ratio = cl.pca(X[ok], n_components)
         c = comps.shape[0]
         loadings = np.full((n_atoms, c), np.nan)
