@@ -805,30 +805,52 @@ PCG_RTOL = 1e-10
 
 def _pcg(h: sp.csc_matrix, damp: np.ndarray, g: np.ndarray, free: np.ndarray) -> np.ndarray | None:
     """``(h + diag(damp))^-1 g`` over the ``free`` parameters (0 for the others) by conjugate gradients
-    (:func:`scipy.sparse.linalg.cg`) preconditioned by the diagonal (None where they do not
-    converge to :data:`PCG_RTOL` in :data:`PCG_MAX_ITER` iterations, or a diagonal is not positive).
+    preconditioned by the diagonal (None where they do not converge to :data:`PCG_RTOL` in
+    :data:`PCG_MAX_ITER` iterations, or the matrix shows itself not positive definite).
 
-    Each iteration is a product with the sparse ``h``, linear in the group's size, where a sparse
+    Each iteration is a product with the sparse matrix, linear in the group's size, where a sparse
     factorisation of a 2-D lattice's normal matrix grows faster (3-6x slower at 4,000 parameters,
-    measured); the diagonal (every column's own curvature) makes the damped matrix well conditioned."""
-    from scipy.sparse.linalg import LinearOperator, cg
-
+    measured); the diagonal (every column's own curvature) makes the damped matrix well conditioned.
+    The free rows and columns are taken out once (CSR) and the iteration is written out here:
+    through :func:`scipy.sparse.linalg.cg` and a ``LinearOperator`` (a product with the whole
+    matrix, scattered and gathered) the conjugate gradients took 15 % longer.
+    """
     d = h.diagonal() + damp
     idx = np.flatnonzero(free)
     if not np.all(d[idx] > 0):
         return None
-    full = np.zeros(g.size)
-
-    def product(v: np.ndarray) -> np.ndarray:  # (h + diag(damp)) restricted to the free parameters
-        full[idx] = np.ravel(v)
-        return (h @ full + damp * full)[idx]
-
-    a = LinearOperator((idx.size, idx.size), matvec=product, dtype=np.float64)
-    m = LinearOperator((idx.size, idx.size), matvec=lambda r: np.ravel(r) / d[idx], dtype=np.float64)
-    x, info = cg(a, g[idx], rtol=PCG_RTOL, atol=0.0, maxiter=PCG_MAX_ITER, M=m)
-    if info != 0 or not np.all(np.isfinite(x)):
-        return None
     step = np.zeros(g.size)
+    b = g[idx]
+    b_norm = float(np.linalg.norm(b))
+    if b_norm == 0.0:
+        return step
+    hc = sp.csc_matrix(h)
+    a = (hc if idx.size == h.shape[0] else hc[idx][:, idx]).tocsr() + sp.diags(damp[idx], format="csr")
+    inv = 1.0 / d[idx]
+    x = np.zeros(idx.size)
+    r = b.copy()
+    z = inv * r
+    direction = z.copy()
+    rz = float(r @ z)
+    stop = PCG_RTOL * b_norm
+    for _ in range(PCG_MAX_ITER):
+        q = a @ direction
+        curv = float(direction @ q)
+        if not curv > 0.0:
+            return None
+        alpha = rz / curv
+        x += alpha * direction
+        r -= alpha * q
+        if float(np.linalg.norm(r)) <= stop:
+            break
+        z = inv * r
+        rz_new = float(r @ z)
+        direction = z + (rz_new / rz) * direction
+        rz = rz_new
+    else:
+        return None
+    if not np.all(np.isfinite(x)):
+        return None
     step[idx] = x
     return step
 
