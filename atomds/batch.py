@@ -111,7 +111,11 @@ def _load_native_pools() -> None:
     Left unlimited, a worker's results depended on which of its tasks ran first (x_err 6e-17 px
     apart between a resumed batch and an uninterrupted one)."""
     import scipy.linalg  # noqa: F401 - loads scipy's OpenBLAS
-    import sklearn.utils._openmp_helpers  # noqa: F401 - loads scikit-learn's OpenMP runtime
+
+    try:  # a private module: a release without it must not fail every task
+        import sklearn.utils._openmp_helpers  # noqa: F401 - loads scikit-learn's OpenMP runtime
+    except ImportError:  # pragma: no cover
+        pass
 
 
 @contextlib.contextmanager

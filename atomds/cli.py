@@ -11,6 +11,9 @@ import argparse
 import json
 import sys
 
+#: An error message printed longer than this (characters) is cut, saying so.
+MESSAGE_MAX = 2000
+
 __all__ = ["main", "build_parser"]
 
 
@@ -157,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # one line, all of it: a layout error lists its problems on the lines after its first
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        if len(message) > MESSAGE_MAX:
+            message = message[: MESSAGE_MAX - 40].rstrip() + f" ... ({len(message)} characters; --debug for all)"
         print(f"atomds: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ import xarray as xr
 from .core.image import CONTRAST_CHOICES
 from .core.refine import MODELS
 from .errors import InvalidParameterError, TooFewAtomsError
-from .params import record_params, step_params
+from .params import note_fallback, record_params, step_params
 
 __all__ = [
     "AnalysisParams",
@@ -215,7 +215,7 @@ def pca(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
     try:
         return ds.lcx.pca(n_components=params.n_components)
     except TooFewAtomsError as exc:
-        return record_params(ds, "pca", {"skipped": str(exc)})
+        return record_params(ds, "pca", _skipped("pca_skipped", f"pca skipped: {exc}"))
 
 
 def phases(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
@@ -253,11 +253,18 @@ def phases(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
         table = table.lcx.linkage()
         K = params.n_clusters if params.n_clusters is not None else table.lcx.suggest_k()
     except TooFewAtomsError as exc:  # a crop of a few columns: no phases to tell apart
-        out = record_params(ds, "kmeans", {"skipped": str(exc)})
+        out = record_params(ds, "kmeans", _skipped("phases_skipped", f"phases not told apart: {exc}"))
         out.attrs.update(parent)
         return out
     out = _merge_phases(ds, table.lcx.kmeans(K).lcx.regions())
     out.attrs.update(parent)
+    return out
+
+
+def _skipped(kind: str, message: str) -> dict[str, Any]:
+    """A stage's params saying it was skipped, and why; warned once per process (:func:`note_fallback`)."""
+    out: dict[str, Any] = {"skipped": message.split(": ", 1)[1]}
+    note_fallback(out, kind, message)
     return out
 
 

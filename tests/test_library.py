@@ -90,6 +90,15 @@ def test_images_whose_variables_are_named_differently_make_a_valid_library(image
     xr.testing.assert_identical(library.image(tree, 1), b)
     out = library.to_netcdf(tree, tmp_path / "lib.nc")
     xr.testing.assert_identical(library.image(atomds.open_library(out), 1), b)
+    # a per-atom variable in other units in each image (intensities of differently scaled images)
+    # is no shared variable: each image keeps its own
+    a["level"] = a["atom_x"].assign_attrs(units="counts", long_name="level")
+    b["level"] = b["atom_x"].assign_attrs(units="e", long_name="level")
+    tree = library.from_datasets([a, b])
+    library.validate(tree)
+    assert "level" not in tree["atoms"]
+    for i, ds in enumerate((a, b)):
+        xr.testing.assert_identical(library.image(tree, i), ds)
 
 
 def test_netcdf_round_trip_is_exact(images, tmp_path):

@@ -51,6 +51,8 @@ def _same_layout(vars_: list[xr.Variable]) -> bool:
             return False
         if any(v.sizes[d] != first.sizes[d] for d in first.dims if d != "atom"):
             return False
+        if not attrs_equal(v.attrs.get("units"), first.attrs.get("units")):  # values in other units stay apart
+            return False
     return True
 
 
@@ -58,17 +60,19 @@ def _common_attrs(vars_: list[xr.Variable]) -> dict[str, Any]:
     """The attributes every variable has with the same value (those of the first one, in its order).
 
     A ``long_name`` that differs between images (``sublattice`` of an image whose classes were
-    taken again from the fitted peaks, beside one of too few columns for that) is the first
-    image's: the layout needs one, and each image keeps its own among its overrides
+    taken again from the fitted peaks, beside one of too few columns for that), or that some lack,
+    is the first one given: the layout needs one, and each image keeps its own among its overrides
     (:func:`overrides_of`). Without it, the library of such images failed its layout check and
     the whole batch was lost.
     """
-    first = vars_[0].attrs
-    return {
-        k: v for k, v in first.items()
-        if all(k in o.attrs and attrs_equal(o.attrs[k], v) for o in vars_[1:])
-        or (k == "long_name" and all(k in o.attrs for o in vars_[1:]))
+    out = {
+        k: v for k, v in vars_[0].attrs.items() if all(k in o.attrs and attrs_equal(o.attrs[k], v) for o in vars_[1:])
     }
+    if "long_name" not in out:
+        names = [o.attrs["long_name"] for o in vars_ if "long_name" in o.attrs]
+        if names:
+            out["long_name"] = names[0]
+    return out
 
 
 def overrides_of(name: str, var: xr.Variable, shared_var: xr.Variable) -> dict[str, Any]:

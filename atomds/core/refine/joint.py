@@ -622,14 +622,13 @@ def _levenberg_marquardt(model: _GroupModel, wt, p, b, start, *, sigma_max, max_
     onto its disc, and the rest of the step is solved again given that move
     (:func:`_step_to_edge`), rather than projected back after a step its neighbours' and the
     intensities' parts assumed it took. Where a step cannot be solved (its damped normal matrix
-    singular, or too ill-conditioned for the conjugate gradients and the factorisation: a thick
-    particle's background nodes under dense columns), the damping is raised and never lowered to
-    that level again, and the steps at the least damping that could be solved count as nearly
-    Gauss-Newton: lowered again after each accepted step, every other step failed at a thousand
-    conjugate-gradient iterations, and no step counted as converged. A column already on its disc's edge that the step leads
-    further out is held there for that step (an active bound, as the intensity floor is): moved
-    along the edge instead, its steps raised chi-square at little damping and were taken only
-    at more, which never counts as converged, so that dense groups ran to ``max_iter``. A position step
+    singular, or too ill-conditioned for the conjugate gradients and the factorisation), the
+    damping is raised and not lowered to that level again while the model stands, and steps at
+    the least damping that could be solved count as nearly Gauss-Newton where it is at most
+    :data:`NEAR_GN_MAX`: lowered again after each accepted step, every other step failed at a
+    thousand conjugate-gradient iterations and no step counted as converged. Where the shared width
+    outgrows the patches the model is rebuilt (:meth:`_GroupModel.grown`) before convergence is
+    judged. The fit also ends where it stalls (:data:`STALL_STEPS`, :data:`STALL_CHI2`). A position step
     below :data:`STEP_INFO_TOL` of the column's conditional standard error ``1 / sqrt(H_xx)``
     also counts as converged. With ``fixed_width`` the shared width is held where it starts.
     """
@@ -641,7 +640,7 @@ def _levenberg_marquardt(model: _GroupModel, wt, p, b, start, *, sigma_max, max_
     lam = LAM_START
     lam_least = LAM_MIN  # the least damping whose step could be solved (raised where one could not)
     it = 0
-    gains: list[float] = []  # chi-square lowered by each accepted step, in units of its value per pixel
+    gains: list[tuple[float, float]] = []  # (chi-square lowered per pixel's worth, damping) of accepted steps
     while it < max_iter:
         it += 1
         held = _held(p, h, g, n_floor)
@@ -651,15 +650,16 @@ def _levenberg_marquardt(model: _GroupModel, wt, p, b, start, *, sigma_max, max_
         held_before = held[:, 0].copy()  # moved to their disc's edge, columns still count for convergence
         if out is not None and out.any():
             rim = out & _on_rim(p, start, max_move)
-            if rim.any():  # already at the edge and pushed on outwards: held there (an active bound)
-                held[rim, :2] = True
-                step = _damped_step(h, g, lam, held, fixed_width)
-                out = None if step is None else _leaving(p, step, start, max_move, held)
+            if rim.any():  # on the edge and led further out: they move along it only
+                step = _along_rim(h, g, lam, held, fixed_width, p, start, rim)
+                out = None if step is None else _leaving(p, step, start, max_move, held) & ~rim
         if out is not None and out.any():  # the positions the step would carry out of their disc
             step = _step_to_edge(h, g, lam, held, fixed_width, p, step, start, max_move, out)
-        if step is None:  # singular (or too ill-conditioned to solve): damp harder, and never less again
+        if step is None:  # singular (or too ill-conditioned to solve): damp harder, and not less again
             lam *= LAM_UP
             lam_least = max(lam_least, lam)
+            if lam > LAM_GIVE_UP:
+                break
             continue
         pt = p.copy()
         pt[:, :K_COL] += step[: K_COL * n].reshape(n, K_COL)
@@ -671,20 +671,23 @@ def _levenberg_marquardt(model: _GroupModel, wt, p, b, start, *, sigma_max, max_
             small = _converged(pt, p, h, held_before, tol)
             rel = (chi2 - chi2_t) / max(chi2, 1e-300)
             # a heavily damped step is short and lowers chi-square little far from the optimum:
-            # its size and gain mean convergence only for a nearly Gauss-Newton step
-            near_gn = lam <= max(LAM_START, lam_least)
-            lam = max(lam * LAM_DOWN, lam_least)
+            # its size and gain mean convergence only for a nearly Gauss-Newton step (at the least
+            # damping that could be solved, where that is still light)
+            near_gn = lam <= max(LAM_START, min(lam_least, NEAR_GN_MAX)) * LAM_SLACK
             unit = chi2 / max(model.data.size, 1)
-            gains.append((chi2 - chi2_t) / max(unit, 1e-300))
-            stalled = len(gains) >= STALL_STEPS and sum(gains[-STALL_STEPS:]) < STALL_CHI2
-            done = rel < 1e-10 or stalled or (near_gn and (small or gains[-1] < CHI2_ABS_TOL))
+            gains.append(((chi2 - chi2_t) / max(unit, 1e-300), lam))
+            last = gains[-STALL_STEPS:]
+            stalled = (len(last) == STALL_STEPS and sum(gn for gn, _ in last) < STALL_CHI2
+                       and max(lm for _, lm in last) <= STALL_LAM_MAX * LAM_SLACK)
+            lam = max(lam * LAM_DOWN, lam_least)
             p, b, chi2 = pt, bt, chi2_t
-            if done:
-                break
             grown = model.grown(p)
-            if grown is not None:  # the width outgrew the patches: chi-square of the wider model from here on
-                model = grown
+            if grown is not None:  # the width outgrew the patches: the wider model's chi-square from here on
+                model, lam_least = grown, LAM_MIN
                 chi2 = model.chi2(p, b, wt)
+                gains.clear()
+            elif rel < 1e-10 or stalled or (near_gn and (small or gains[-1][0] < CHI2_ABS_TOL)):
+                break
             h, g = model.normal(p, b, wt)
         else:
             lam *= LAM_UP
@@ -700,15 +703,23 @@ STEP_INFO_TOL = 0.05
 #: ``sqrt`` of it (a few hundredths) of their standard errors of the optimum, however the damping has
 #: slowed the steps.
 CHI2_ABS_TOL = 1e-3
-#: The fit ends where its last ``STALL_STEPS`` accepted steps together lowered chi-square by less than
-#: ``STALL_CHI2`` times its value per pixel (``-2 log`` likelihood units under the right noise model),
-#: whatever the damping: a faint column in a flat, curved valley of chi-square (its position bound to its
+#: The fit ends where its last ``STALL_STEPS`` accepted steps, each damped by at most
+#: :data:`STALL_LAM_MAX`, together lowered chi-square by less than ``STALL_CHI2`` times its value per
+#: pixel (``-2 log`` likelihood units under the right noise model): a faint column in a flat, curved valley of chi-square (its position bound to its
 #: neighbours') creeps a few tenths of its conditional standard error per step, the damping alternating
 #: between two values, and ran groups to ``max_iter``; a remaining gain of a few hundredths puts the
 #: parameters within about ``sqrt(2 x 0.05)`` = 0.3 of a (marginal) standard error of the optimum along
 #: that valley only.
 STALL_STEPS = 4
 STALL_CHI2 = 0.05
+#: ... and only steps damped by at most this much (times their own curvature) count: a more heavily
+#: damped step is short and gains little however far the optimum is.
+STALL_LAM_MAX = 1.0
+#: Steps damped by at most this (times their own curvature) are nearly Gauss-Newton: their gains bound
+#: what is left to gain, so they may end a fit by :data:`STALL_CHI2` or :data:`CHI2_ABS_TOL`.
+NEAR_GN_MAX = 0.1
+#: Dampings compared against a level are products of powers of ten: 1e-3 x 10 x 10 x 10 is 1.0000000000000002.
+LAM_SLACK = 1.0 + 1e-9
 #: A column whose intensity is below this many of its (conditional) standard errors has its position held.
 HOLD_Z = 3.0
 
@@ -762,6 +773,34 @@ def _on_rim(p: np.ndarray, start: np.ndarray, max_move: np.ndarray) -> np.ndarra
 
 #: A column within this fraction of its disc's radius from the edge stands on it (``_constrain`` puts it there exactly).
 RIM_REL = 1e-6
+
+
+def _along_rim(h, g, lam, held, fixed_width, p, start, rim) -> np.ndarray | None:
+    """The damped step with the columns ``rim`` (on their disc's edge, led further out) moving only
+    along the edge: their ``x, y`` turned to (radial, tangential) and the radial part held.
+
+    The edge is an active bound: a column there moves along it to the best point on it (the
+    tangential step, brought back onto the disc by :func:`_constrain`). Moved to where an
+    unconstrained step, projected onto the disc, landed (:func:`_step_to_edge`), its steps raised
+    chi-square at little damping and were taken only at more, so that dense groups ran to
+    ``max_iter``; held where it stood, it stopped short of the best point on its edge.
+    """
+    d = p[rim, :2] - start[rim]
+    er = d / np.maximum(np.hypot(d[:, 0], d[:, 1]), 1e-300)[:, None]
+    i = np.flatnonzero(rim)
+    npar = h.shape[0]
+    keep = np.ones(npar, bool)
+    keep[K_COL * i] = keep[K_COL * i + 1] = False
+    ident = np.flatnonzero(keep)
+    # columns of Q: (x, y) = e_r u_r + e_t u_t, e_t = (-e_r,y, e_r,x); Q is orthogonal
+    rows = np.concatenate([ident, K_COL * i, K_COL * i + 1, K_COL * i, K_COL * i + 1])
+    cols = np.concatenate([ident, K_COL * i, K_COL * i, K_COL * i + 1, K_COL * i + 1])
+    vals = np.concatenate([np.ones(ident.size), er[:, 0], er[:, 1], -er[:, 1], er[:, 0]])
+    q = sp.csr_matrix((vals, (rows, cols)), shape=(npar, npar))
+    held_t = held.copy()
+    held_t[i, 0] = True  # the radial part
+    step = _damped_step((q.T @ h @ q).tocsc(), q.T @ g, lam, held_t, fixed_width)
+    return None if step is None else q @ step
 
 
 def _leaving(p: np.ndarray, step: np.ndarray, start: np.ndarray, max_move: np.ndarray, held: np.ndarray) -> np.ndarray:
