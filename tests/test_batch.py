@@ -42,6 +42,38 @@ def _write_images(folder: Path, n: int, *, seed0: int = 0, size: int = 96) -> li
     return paths
 
 
+#: Floating-point values computed in other processes agree to this relative tolerance, not to the bit:
+#: OpenBLAS's AVX-512 kernels (``dasum`` and kin, 0.3.30-0.3.31 here, fixed upstream in OpenMathLib/OpenBLAS
+#: PR 5972) peel to a 64-byte boundary, so their rounding depends on where a buffer sits in memory,
+#: that is on the process's heap history (x_err once differed by 5.6e-17 px between a resumed batch and
+#: an uninterrupted one: 1 run in 5 to 10 of this test).
+PROCESS_RTOL = 1e-12
+
+
+def _assert_same_library(a, b) -> None:
+    """Two libraries have the same groups, variables, dims, dtypes, attributes and values; floating-point
+    values equal to :data:`PROCESS_RTOL` (NaN where NaN), every other value exactly."""
+    assert sorted(node.path for node in a.subtree) == sorted(node.path for node in b.subtree)
+    for node in a.subtree:
+        other = b[node.path] if node.path != "/" else b
+        assert dict(node.attrs).keys() == dict(other.attrs).keys()
+        for key in node.attrs:
+            assert np.array_equal(np.asarray(node.attrs[key]), np.asarray(other.attrs[key])), (node.path, key)
+        va, vb = node.to_dataset(inherit=False).variables, other.to_dataset(inherit=False).variables
+        assert set(va) == set(vb), node.path
+        for name, x in va.items():
+            y = vb[name]
+            assert x.dims == y.dims and x.dtype == y.dtype, (node.path, name)
+            assert x.attrs.keys() == y.attrs.keys(), (node.path, name)
+            for key in x.attrs:
+                assert np.array_equal(np.asarray(x.attrs[key]), np.asarray(y.attrs[key])), (node.path, name, key)
+            if x.dtype.kind in "fc":
+                np.testing.assert_allclose(x.values, y.values, rtol=PROCESS_RTOL, atol=0, equal_nan=True,
+                                           err_msg=f"{node.path}/{name}")
+            else:
+                np.testing.assert_array_equal(x.values, y.values, err_msg=f"{node.path}/{name}")
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("inputs")
@@ -247,7 +279,8 @@ def test_profiler_pauses_nest():
 
 def test_killed_batch_resumes_with_identical_results(external, client, inputs, tmp_path):
     """``atomds batch`` on a separate scheduler and two workers, killed midway and run again, gives
-    the same library as one uninterrupted run on another cluster, without recomputing finished images."""
+    the same library as one uninterrupted run on another cluster (floating-point values to PROCESS_RTOL),
+    without recomputing finished images."""
     _, broken = inputs
     paths = _write_images(tmp_path, 3, seed0=20) + _write_images(tmp_path, 1, seed0=30, size=160) + [broken]
     out = tmp_path / "lib.nc"
@@ -272,9 +305,9 @@ def test_killed_batch_resumes_with_identical_results(external, client, inputs, t
     assert {n: m for n, m in _parts(work).items() if n in done_at_kill} == done_at_kill
     assert set(res.computed) | set(res.skipped) | set(res.failed) == {p.stem for p in paths}
     assert list(res.library["status"].values) == ["ok"] * 4 + ["failed"]
-    # identical to an uninterrupted run on an in-process cluster
+    # the same library as an uninterrupted run on an in-process cluster
     fresh = B.batch(paths, steps=STEPS, client=client, output=tmp_path / "fresh.nc", progress=False)
-    xr.testing.assert_identical(res.library, fresh)
+    _assert_same_library(res.library, fresh)
     res.library.close()
     fresh.close()
 
