@@ -215,7 +215,7 @@ def pca(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
     try:
         return ds.lcx.pca(n_components=params.n_components)
     except TooFewAtomsError as exc:
-        return record_params(ds, "pca", _skipped("pca_skipped", f"pca skipped: {exc}"))
+        return record_params(ds, "pca", _skipped("pca_skipped", "pca skipped", exc))
 
 
 def phases(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
@@ -253,7 +253,7 @@ def phases(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
         table = table.lcx.linkage()
         K = params.n_clusters if params.n_clusters is not None else table.lcx.suggest_k()
     except TooFewAtomsError as exc:  # a crop of a few columns: no phases to tell apart
-        out = record_params(ds, "kmeans", _skipped("phases_skipped", f"phases not told apart: {exc}"))
+        out = record_params(ds, "kmeans", _skipped("phases_skipped", "phases not told apart", exc))
         out.attrs.update(parent)
         return out
     out = _merge_phases(ds, table.lcx.kmeans(K).lcx.regions())
@@ -261,10 +261,10 @@ def phases(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
     return out
 
 
-def _skipped(kind: str, message: str) -> dict[str, Any]:
+def _skipped(kind: str, what: str, reason: Exception) -> dict[str, Any]:
     """A stage's params saying it was skipped, and why; warned once per process (:func:`note_fallback`)."""
-    out: dict[str, Any] = {"skipped": message.split(": ", 1)[1]}
-    note_fallback(out, kind, message)
+    out: dict[str, Any] = {"skipped": str(reason)}
+    note_fallback(out, kind, f"{what}: {reason}")
     return out
 
 

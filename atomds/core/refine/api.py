@@ -579,8 +579,6 @@ def _blas_single_thread() -> Iterator[None]:
     if _threadpool_limits is None:  # pragma: no cover
         yield
     else:
-        import scipy.linalg  # noqa: F401 - its OpenBLAS loads on first use; threadpoolctl limits only loaded ones
-
         with _threadpool_limits(limits=1, user_api="blas"):
             yield
 

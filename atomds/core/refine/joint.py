@@ -432,21 +432,18 @@ def solve_group(
     start = p0[:, :2].copy()
     n_iter = 0
     for rnd in range(IRLS_ROUNDS):
-        h_cur = _half(p, half)
+        model = _GroupModel.at(gm, grid, data, p, half, col_prior)
+        cols, _ = model_and_width_derivative(gm, p, model.half)
         if rnd > 0 and refit_noise and ps.size >= NOISE_REFIT_PIXELS:
-            cols, _ = model_and_width_derivative(gm, p, h_cur)
             r = data - cols - grid.weights @ b
             dof = ps.size / max(ps.size - (K_COL * n + 1 + grid.n), 1)
             noise = fit_variance(cols + grid.weights @ b + fixed_mu, r * r * dof)
-        model = _GroupModel.at(gm, grid, data, p, half, col_prior)
-        cols, _ = model_and_width_derivative(gm, p, h_cur)
         wt = 1.0 / noise.variance(cols + grid.weights @ b + fixed_mu)
         p, b, it = _levenberg_marquardt(model, wt, p, b, start, sigma_max=sigma_max, max_move=max_move, max_iter=max_iter,
                                         tol=tol, fixed_width=fixed_width)
         n_iter += it
-    h_cur = _half(p, half)
     model = _GroupModel.at(gm, grid, data, p, half, col_prior)
-    cols, _ = model_and_width_derivative(gm, p, h_cur)
+    cols, _ = model_and_width_derivative(gm, p, model.half)
     wt = 1.0 / noise.variance(cols + grid.weights @ b + fixed_mu)
     h, _ = model.normal(p, b, wt)
     bg = background_at(grid, b, p[:, 0], p[:, 1])
@@ -863,8 +860,8 @@ def _pcg(h: sp.csc_matrix, damp: np.ndarray, g: np.ndarray, free: np.ndarray) ->
     b_norm = float(np.linalg.norm(b))
     if b_norm == 0.0:
         return step
-    hc = sp.csc_matrix(h)
-    a = (hc if idx.size == h.shape[0] else hc[idx][:, idx]).tocsr() + sp.diags(damp[idx], format="csr")
+    hr = sp.csr_matrix(h)
+    a = (hr if idx.size == h.shape[0] else hr[idx][:, idx]) + sp.diags(damp[idx], format="csr")
     inv = 1.0 / d[idx]
     x = np.zeros(idx.size)
     r = b.copy()
