@@ -32,9 +32,9 @@ from typing import Any
 
 import xarray as xr
 
-from .errors import AtomdsError, FileMissingError, InvalidParameterError
+from .errors import AtomdsError, FileMissingError, InvalidParameterError, one_line
 from .io import SUPPORTED_EXTENSIONS, atomic_write
-from .params import note_fallback, record_params
+from .params import _SUFFIX, note_fallback, record_params, step_params
 from .pipeline import (
     STAGES,
     AnalysisParams,
@@ -165,7 +165,9 @@ def process_image(task: Mapping[str, Any]) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``id``, ``status`` ("ok" or "failed"), ``error``, ``n_atoms``, ``seconds`` (wall),
+        ``id``, ``status`` ("ok" or "failed"), ``error`` (one line, :func:`atomds.errors.one_line`),
+        ``n_atoms``, ``skipped_stages`` (the steps that recorded ``{"skipped": reason}``, e.g. ``pca`` and
+        ``kmeans`` on a crop of a few columns; :func:`skipped_stages`), ``seconds`` (wall),
         ``cpu_seconds`` (CPU time of the worker process during the task), ``peak_rss_mb`` (peak
         resident memory of the worker process so far), ``rss_mb`` (its resident memory after the
         task) and ``pid``.
@@ -192,11 +194,12 @@ def process_image(task: Mapping[str, Any]) -> dict[str, Any]:
         with _FILE_LOCK:
             to_netcdf(ds, part)
         out["n_atoms"] = int(ds.sizes.get("atom", 0))
+        out["skipped_stages"] = skipped_stages(ds)
         del ds  # the image's result goes before the memory is handed back
         with contextlib.suppress(FileNotFoundError):
             failed.unlink()
     except Exception as exc:  # noqa: BLE001 - a failed image is recorded, never fatal
-        message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:2000]
+        message = one_line(f"{type(exc).__name__}: {exc}")
         out.update(status="failed", error=message)
         with contextlib.suppress(FileNotFoundError):
             part.unlink()
@@ -265,6 +268,29 @@ def _part_fingerprint(part: Path) -> str | None:
 
 def _check_steps(steps: Sequence[str] | str | None) -> tuple[str, ...]:
     return DEFAULT_STEPS if steps is None else check_stages(steps)
+
+
+def skipped_stages(ds: xr.Dataset) -> list[str]:
+    """The steps whose parameters on ``ds`` say they were skipped (``{"skipped": reason}``), sorted."""
+    out = []
+    for key in ds.attrs:
+        if isinstance(key, str) and key.endswith(_SUFFIX):
+            try:
+                rec = step_params(ds, key[: -len(_SUFFIX)])
+            except ValueError:  # an attribute that is not parameters is not a stage
+                continue
+            if rec is not None and "skipped" in rec:
+                out.append(key[: -len(_SUFFIX)])
+    return sorted(out)
+
+
+def skipped_summary(records: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """``{step: [image ids]}`` of the steps skipped on the images analysed (``records`` of :func:`process_image`)."""
+    out: dict[str, list[str]] = {}
+    for rec in records:
+        for step in rec.get("skipped_stages") or ():
+            out.setdefault(step, []).append(str(rec["id"]))
+    return out
 
 
 @dataclass
@@ -357,7 +383,7 @@ def _submit_all(client, tasks, progress, on_result):
             try:
                 rec = fut.result()
             except Exception as exc:  # noqa: BLE001 - a worker died (KilledWorker), a cancelled task...
-                message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:2000]
+                message = one_line(f"{type(exc).__name__}: {exc}")
                 rec = {"id": task["id"], "status": "failed", "error": message, "n_atoms": 0}
                 _write_json(
                     Path(task["failed"]),
@@ -853,6 +879,9 @@ def run_batch_command(args) -> int:
         f"{n} images: {len(res.computed)} analysed, {len(res.skipped)} already done, {n_failed} failed; "
         f"{n_atoms} atoms -> {res.output}"
     )
+    for step, who in sorted(skipped_summary(res.records).items()):
+        names = ", ".join(who[:5]) + (f", ... ({len(who) - 5} more)" if len(who) > 5 else "")
+        print(f"  {step} skipped on {len(who)} image(s): {names} (the reason is in each image's {step}_params)")
     for iid, msg in list(res.failed.items())[:20]:
         print(f"  failed {iid}: {msg}")
     if n_failed > 20:

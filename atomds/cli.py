@@ -11,8 +11,7 @@ import argparse
 import json
 import sys
 
-#: An error message printed longer than this (characters) is cut, saying so.
-MESSAGE_MAX = 2000
+from .errors import MESSAGE_MAX, one_line  # an error longer than MESSAGE_MAX characters is printed cut, saying so
 
 __all__ = ["main", "build_parser"]
 
@@ -127,9 +126,10 @@ def _cmd_analyze(args) -> int:
     n_atoms = ds.sizes.get("atom", 0)
     n_clusters = int(ds["cluster"].max()) + 1 if "cluster" in ds else 0
     n_regions = int(ds["region"].max()) + 1 if "region" in ds else 0
-    skipped = (step_params(ds, "kmeans") or {}).get("skipped")
-    if skipped and "region" not in ds:
-        phases = f"phases not told apart ({skipped})"
+    kmeans = step_params(ds, "kmeans") or {}
+    if kmeans.get("skipped") and "region" not in ds:
+        hint = f"; try {kmeans['hint']}" if kmeans.get("hint") else ""
+        phases = f"phases not told apart ({kmeans['skipped']}{hint})"
     else:
         phases = (f"{n_regions} phase{'s' if n_regions != 1 else ''} (regions) from {n_clusters} "
                   f"cluster{'s' if n_clusters != 1 else ''}")
@@ -159,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         # one line, all of it: a layout error lists its problems on the lines after its first
-        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-        if len(message) > MESSAGE_MAX:
-            message = message[: MESSAGE_MAX - 40].rstrip() + f" ... ({len(message)} characters; --debug for all)"
+        message = one_line(str(exc), MESSAGE_MAX, hint="--debug for all") or type(exc).__name__
         print(f"atomds: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,7 +21,23 @@ __all__ = [
     "NoAtomsFoundError",
     "SchemaValidationError",
     "SpectrumRegistrationError",
+    "MESSAGE_MAX",
+    "one_line",
 ]
+
+#: Characters of an error message kept where it must fit on one line (the CLI, batch failure records).
+MESSAGE_MAX = 2000
+
+
+def one_line(message: str, limit: int = MESSAGE_MAX, *, hint: str = "") -> str:
+    """``message`` on one line: its non-empty lines stripped and joined by spaces (a layout error lists
+    its problems on the lines after its first), cut at ``limit`` characters with the full length and
+    ``hint`` said at the cut."""
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    if len(text) > limit:
+        tail = f" ... ({len(text)} characters{'; ' + hint if hint else ''})"
+        text = text[: max(0, limit - len(tail))].rstrip() + tail
+    return text
 
 
 class AtomdsError(Exception):

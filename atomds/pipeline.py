@@ -215,7 +215,7 @@ def pca(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
     try:
         return ds.lcx.pca(n_components=params.n_components)
     except TooFewAtomsError as exc:
-        return record_params(ds, "pca", _skipped("pca_skipped", "pca skipped", exc))
+        return record_params(ds, "pca", _skipped("pca_skipped", "pca skipped", exc, params))
 
 
 def phases(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
@@ -253,18 +253,23 @@ def phases(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
         table = table.lcx.linkage()
         K = params.n_clusters if params.n_clusters is not None else table.lcx.suggest_k()
     except TooFewAtomsError as exc:  # a crop of a few columns: no phases to tell apart
-        out = record_params(ds, "kmeans", _skipped("phases_skipped", "phases not told apart", exc))
+        out = record_params(ds, "kmeans", _skipped("phases_skipped", "phases not told apart", exc, params))
         out.attrs.update(parent)
+        out.attrs["phase_neighborhoods_params"] = table.attrs.get("neighborhoods_params", "{}")
         return out
     out = _merge_phases(ds, table.lcx.kmeans(K).lcx.regions())
     out.attrs.update(parent)
     return out
 
 
-def _skipped(kind: str, what: str, reason: Exception) -> dict[str, Any]:
-    """A stage's params saying it was skipped, and why; warned once per process (:func:`note_fallback`)."""
-    out: dict[str, Any] = {"skipped": str(reason)}
-    note_fallback(out, kind, f"{what}: {reason}")
+def _skipped(kind: str, what: str, reason: Exception, params: AnalysisParams) -> dict[str, Any]:
+    """A stage's params saying it was skipped, why, and what to change in this job (``hint``: the
+    job's own option, for ``atomds analyze`` and :func:`analyze` alike; the reason names the
+    accessor methods'); warned once per process (:func:`note_fallback`)."""
+    hint = (f"fewer neighbours per atom than {params.k} (atomds analyze -k N, atomds.analyze(..., k=N)) "
+            "or a larger image")
+    out: dict[str, Any] = {"skipped": str(reason), "hint": hint}
+    note_fallback(out, kind, f"{what}: {reason} (in this job: {hint})")
     return out
 
 

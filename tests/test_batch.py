@@ -7,6 +7,7 @@ started and stopped here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -361,6 +362,45 @@ def test_process_image_never_raises(tmp_path):
     rec = B.process_image(task)
     assert rec["status"] == "failed" and "nope.tif" in rec["error"] and rec["peak_rss_mb"] > 0
     assert json.loads((tmp_path / "nope.failed.json").read_text())["error"] == rec["error"]
+
+
+def test_failure_records_keep_every_line_of_the_error(tmp_path, monkeypatch):
+    # a layout error lists its problems on the lines after its first: the record keeps them, on one line
+    def broken(*args, **kwargs):
+        raise atomds.errors.InvalidImageError("the image does not follow the layout (2 problems):\n  - no 'x'\n  - no 'y'")
+
+    monkeypatch.setattr(atomds.io, "open_image", broken)
+    task = {"path": str(tmp_path / "a.npy"), "id": "a", "part": str(tmp_path / "a.nc"),
+            "failed": str(tmp_path / "a.failed.json"), "steps": ["align"], "params": {}, "fingerprint": "x"}
+    rec = B.process_image(task)
+    assert rec["error"] == "InvalidImageError: the image does not follow the layout (2 problems): - no 'x' - no 'y'"
+    long = atomds.errors.one_line("a" * 3000, 100, hint="see the log")
+    assert len(long) == 100 and long.endswith("(3000 characters; see the log)")
+
+
+def test_stages_skipped_on_an_image_are_counted(tmp_path, monkeypatch, capsys):
+    # a crop of 14 columns (all of them edge atoms) beside a full image: PCA is skipped on the crop,
+    # which is still analysed, and the summary says so
+    from atomds.cli import main
+    from atomds.core import samples as cs
+
+    np.save(tmp_path / "crop.npy", cs.hexagonal_sample(shape=(48, 48), dose=3000.0, spacing=14.0, seed=1).image)
+    np.save(tmp_path / "full.npy", cs.hexagonal_sample(shape=(160, 160), dose=3000.0, spacing=14.0, seed=2).image)
+
+    def in_process(client, tasks, progress, on_result):
+        for t in tasks:
+            on_result(B.process_image(t))
+
+    monkeypatch.setattr(B, "_submit_all", in_process)
+    monkeypatch.setattr(B, "_cluster_client", lambda *a, **k: contextlib.nullcontext(object()))
+    monkeypatch.setattr(B, "_profiler_paused", lambda *a, **k: contextlib.nullcontext())
+    rc = main(["batch", str(tmp_path / "crop.npy"), str(tmp_path / "full.npy"), "-o", str(tmp_path / "lib.nc"),
+               "--no-progress", "--work-dir", str(tmp_path / "w"), "--steps", "find,refine,neighborhoods,pca"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "2 images: 2 analysed" in text and "0 failed" in text
+    assert "pca skipped on 1 image(s): crop (the reason is in each image's pca_params)" in text
+    assert B.skipped_summary([{"id": "a", "skipped_stages": ["pca"]}, {"id": "b"}]) == {"pca": ["a"]}
 
 
 def test_bad_arguments(inputs, tmp_path):

@@ -74,6 +74,7 @@ def test_analyze_a_crop_of_a_few_columns(tmp_path):
               "--report", str(tmp_path / "report"))
     assert res.returncode == 0, res.stderr
     assert "phases not told apart (" in res.stdout and "edge atoms" in res.stdout
+    assert "atomds analyze -k N" in res.stdout  # what to change, in the command's own terms
     atomds.validate(atomds.open_dataset(tmp_path / "crop.nc"))
     assert (tmp_path / "report" / "index.html").exists()
 

@@ -139,6 +139,9 @@ def test_a_crop_of_a_few_columns_is_analysed_with_its_statistics_skipped():
     assert out.sizes["atom"] >= 9 and np.isfinite(out["x_err"].values).any()
     assert "centre atoms" in step_params(out, "pca")["skipped"]
     assert "edge atoms" in step_params(out, "kmeans")["skipped"]
+    assert "k=N" in step_params(out, "kmeans")["hint"] and "-k N" in step_params(out, "pca")["hint"]
+    # the phase table that was tried is recorded as on an image whose phases were told apart
+    assert step_params(out, "phase_neighborhoods")["k"] == 6
     assert "region" not in out and "pca_components" not in out
     with pytest.raises(atomds.errors.TooFewAtomsError):
         out.lcx.pca()  # the accessor still says so
