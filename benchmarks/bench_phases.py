@@ -8,8 +8,10 @@ column, log-uniform), rotation (0-90 degrees), size (512 px, with one in five at
 ten at 2048 px), column width (1.6-2.6 px) and sample seed; then ``--n // 4`` polar honeycombs
 (``atomds.datasets.honeycomb``: dim B at 30-70 % of A's peak moved 5-8 % of the period towards one
 A neighbour on one side of an antiphase boundary at a drawn angle and away from it on the other,
-which no rotation or mirror relates; 512 or 1024 px), drawn after the others so that their draws
-stay as they were. Each is analysed with the defaults
+which no rotation or mirror relates; 512 or 1024 px), and ``--n // 6`` pairs of grains of one
+lattice (``atomds.datasets.grain_boundary`` with ``second`` the same lattice, hexagonal or square,
+misoriented by 10-45 degrees, meeting along a sharp boundary at a drawn angle; 512 px), each group
+drawn after the ones before so that their draws stay as they were. Each is analysed with the defaults
 (``atomds.analyze``, pixel size given), and the number of regions (phases) is reported: the target
 is 1 on every image.
 
@@ -66,6 +68,13 @@ def draw_cases(n: int, master: int = MASTER_SEED) -> list[dict]:
             displacement=float(rng.uniform(0.05, 0.08)), boundary_angle=float(rng.uniform(0, 180)),
             seed=int(rng.integers(2**31)), index=n + n_two + i,
         ))
+    for i in range(n // 6):
+        cases.append(dict(
+            group="single", kind="grains", dose=float(np.exp(rng.uniform(np.log(500), np.log(16000)))),
+            angle=float(rng.uniform(0, 180)), shape=512, sigma=float(rng.uniform(1.6, 2.6)),
+            lattice=str(rng.choice(["hexagonal", "square"])), misorientation=float(rng.uniform(10, 45)),
+            seed=int(rng.integers(2**31)), index=n + n_two + n // 4 + i,
+        ))
     return cases
 
 
@@ -76,7 +85,12 @@ def run_case(case: dict) -> dict:
     from atomds.core.samples import match_positions
 
     kw = {k: case[k] for k in ("dose", "angle", "seed")}
-    if case["group"] == "single":
+    if case["kind"] == "grains":  # two grains of one lattice along a sharp boundary at a drawn angle
+        kw = dict(dose=case["dose"], seed=case["seed"], shape=case["shape"], sigma=case["sigma"], lattice=case["lattice"],
+                  second=case["lattice"], misorientation=case["misorientation"], boundary_angle=case["angle"],
+                  boundary_width=0.0)
+        make = atomds.datasets.grain_boundary
+    elif case["group"] == "single":
         kw.update(shape=case["shape"], sigma=case["sigma"])
         if case["kind"] == "honeycomb":
             kw.update({k: case[k] for k in ("dim_ratio", "displacement", "boundary_angle")})
@@ -127,7 +141,7 @@ def report(results: list[dict], args) -> str:
     lines.append("")
     lines.append("| kind | images | 1 phase | clusters (median, max) | sizes |")
     lines.append("| --- | --- | --- | --- | --- |")
-    for kind in ("hexagonal", "perovskite", "polar", "honeycomb"):
+    for kind in ("hexagonal", "perovskite", "polar", "honeycomb", "grains"):
         rs = [r for r in ok if r["kind"] == kind]
         if not rs:
             continue

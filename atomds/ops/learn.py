@@ -331,9 +331,12 @@ def regions(
     3. ``dissolve``: a region that is a line rather than an area - an interface one column wide
        (antiphase or grain boundary) or scattered defect sites, with fewer than 42 % of its
        neighbour pairs inside it - is given to the regions around it
-       (:func:`atomds.core.regions.dissolve_thin`). A band two or more columns wide stays a region,
-       and so does a disordered region however narrow (median ``disorder`` feature at least
-       :data:`DISORDERED_REGION`).
+       (:func:`atomds.core.regions.dissolve_thin`), and so is a strip one or two columns wide with
+       one region on both sides (an interface within one phase: antiphase, twin or grain boundary,
+       :func:`atomds.core.regions.enclosed_strips`), in rounds until none is left (the rows on the
+       two sides of a grain boundary can be a line and a strip). A band two or more columns wide
+       between two regions stays a region, and so does a disordered region however narrow (median
+       ``disorder`` feature at least :data:`DISORDERED_REGION`).
     4. ``passes`` rounds of a plurality vote of each atom with its neighbours
        (:func:`atomds.core.regions.vote_labels`) remove isolated misassignments on borders.
     5. ``fill``: atoms without a cluster (edge atoms) take the region of their nearest labelled
