@@ -435,6 +435,8 @@ def refine(
                       "and neighbour subtraction; no columns were looked for in the residual")
     if "skipped" in despike:
         note_fallback(params, _DESPIKE_SKIPPED, _despike_message(despike["skipped"]))
+    elif "bad_lines" in despike:
+        params["bad_lines"] = despike["bad_lines"]  # left out of every fit
     if settings is not None:
         params["estimated"] = {
             "sigma": settings["sigma"] * ps,

@@ -39,6 +39,7 @@ from ..core.find.correlation import correlation_map as core_correlation_map
 from ..core.find.templates import is_point, template_from_point
 from ..core.image import turn_over
 from ..core.refine.background import sample_at
+from ..core.scanlines import lines_record
 from ..core.tiles import Tile, halo_px, merge_tile_atoms, owner, tile_grid
 from ..errors import NoAtomsFoundError
 
@@ -199,6 +200,8 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
     rejected: dict[str, int] = {}
     fallbacks: dict[str, str] = {}
     n_residual, spikes, failed = 0, 0, 0
+    bad_rows: set[int] = set()
+    bad_cols: set[int] = set()  # the spoiled scan lines each tile found, in the image's pixels
     for t in tiles:
         res = _tile_find(array, t, tile_kw)
         if res is not None and len(res) == 0:
@@ -208,6 +211,9 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
         for kind, message in res.params.get("fallbacks", {}).items():
             fallbacks.setdefault(kind, f"{message} (tile {t.index})")
         spikes += int(res.params.get("spikes", 0))
+        lines = res.params.get("bad_lines") or {}
+        bad_rows.update(int(r) + t.hy0 for r in lines.get("rows", ()))
+        bad_cols.update(int(c) + t.hx0 for c in lines.get("columns", ()))
         res.x, res.y = res.x + t.hx0, res.y + t.hy0
         res.correlation = np.zeros((0, 0), np.float32)  # the tile's map is not kept (the lazy one is returned)
         parts.append((t.index, res, _relative(res, d)))
@@ -233,6 +239,8 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
     params.update(
         threshold=float(np.median(per_tile["threshold"])), z_min=float(np.median(per_tile["z_min"])),
         n_sublattices=int(labels.max()) + 1 if labels.size else 0, rejected=rejected, spikes=spikes,
+        bad_lines=lines_record(np.isin(np.arange(array.shape[0]), sorted(bad_rows)),
+                               np.isin(np.arange(array.shape[1]), sorted(bad_cols))),
         residual={"n_atoms": n_residual, "note": "summed over the tiles' regions, halos included"},
         min_area=min(r.params["min_area"] for _, r, _ in parts), max_area=max(r.params["max_area"] for _, r, _ in parts),
     )

@@ -22,6 +22,7 @@ import numpy as np
 from ...errors import InvalidImageError, InvalidParameterError, NoAtomsFoundError
 from ..image import CONTRAST_CHOICES, CONTRASTS, central_crop, check_image, intensity_scale, turn_over
 from ..scales import SMALL_CROP, PatchSampler, column_sigma, image_scales, noise_model
+from ..scanlines import bad_lines, fill_lines, lines_record
 from ..spikes import remove_spikes
 from .blobs import Blobs, area_bounds, find_blobs, local_reference, too_broad, unresolved
 from .classes import classify_columns, column_classes, final_labels
@@ -98,6 +99,11 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     """Find atomic columns by zero-normalised template correlation.
 
     Pipeline (every step vectorised over pixels or blobs):
+
+    Before everything: single-pixel spikes are replaced by the median of their neighbours
+    (:func:`~atomds.core.spikes.remove_spikes`) and whole scan lines spoiled by a glitch by the
+    lines on either side (:func:`~atomds.core.scanlines.bad_lines`; recorded under
+    ``params["bad_lines"]``).
 
     0. Local contrast: when the background varies over the image by more than half the columns'
        contrast (thickness profiles, particles on a support, steps, gradients), the envelope of
@@ -284,6 +290,10 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     # hot and dead pixels would pass for the clearest columns and set the scales: replaced by
     # the median of their neighbours for finding (refinement leaves them out of its fits)
     img, spikes = remove_spikes(img, noise=noise)
+    # whole scan lines spoiled by a glitch are ridges or trenches the correlation would break into
+    # "columns": filled from the lines on either side for finding (refinement leaves them out)
+    bad_rows, bad_cols = bad_lines(img)
+    img = fill_lines(img, bad_rows, bad_cols)
     _check_arguments(threshold, min_area, max_area, sigma, spacing, z_min, min_contrast, sublattices)
     specs = _template_specs(template, img.shape)
     # local contrast: a background that varies more than the columns do (thickness, particles on
@@ -305,7 +315,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     params = {
         "threshold": thr.value, "threshold_auto": thr.auto, "min_area": lo, "max_area": hi, "z_min": zmin,
         "z_min_border": zmin_edge, "min_contrast": float(min_contrast), "lattice_check": bool(lattice_check),
-        "contrast": contrast, "spikes": int(spikes.sum()), "sigma": s, "spacing": d, "period": period,
+        "contrast": contrast, "spikes": int(spikes.sum()), "bad_lines": lines_record(bad_rows, bad_cols), "sigma": s, "spacing": d, "period": period,
         "noise_variance": [float(v) for v in noise], "templates": kinds,
         "template_shape": [list(t.shape) for t in templates], "sublattice_mode": mode, "n_sublattices": n_sub,
         "rejected": counts, "local_background": flat.params,
@@ -613,6 +623,7 @@ def _second_pass(img: np.ndarray, first: FoundAtoms, kw: dict[str, Any]) -> Foun
             second.params[key] = {**p[key], **second.params.get(key, {})}
     second.params["period"] = p["period"]
     second.params["spikes"] = p["spikes"]
+    second.params["bad_lines"] = p["bad_lines"]
     second.params["templates"] = [f"auto (class {k})" for k in range(len(class_t))]
     second.params["sublattice_mode"] = "auto (one template per class)"
     second.params["first_pass"] = {k: p[k] for k in ("threshold", "n_sublattices")}

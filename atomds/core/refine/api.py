@@ -17,6 +17,7 @@ from scipy.spatial import cKDTree
 from ...errors import DimensionError, InvalidImageError, InvalidParameterError
 from ..image import intensity_scale
 from ..preprocess import turn_over
+from ..scanlines import bad_lines, fill_lines, lines_record
 from ..spikes import remove_spikes
 from .batched import gather
 from .constants import NOISE_ATOMS, PRIOR_MIN_REL, RING_FRACTION, SETTINGS_ATOMS
@@ -224,7 +225,8 @@ def refine_gaussian(
 
 
 def without_spikes(image: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """``image`` with its single-pixel spikes set to NaN (left out of every fit), and what was done.
+    """``image`` with its single-pixel spikes and its spoiled scan lines (:func:`atomds.core.scanlines.bad_lines`)
+    set to NaN (left out of every fit), and what was done.
 
     Parameters
     ----------
@@ -237,7 +239,7 @@ def without_spikes(image: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         A float copy with NaN at the spikes when there are any (:func:`atomds.core.spikes.remove_spikes`),
         else the image itself.
     info : dict
-        ``{"spikes": n}``, or ``{"skipped": reason}`` when the image cannot be despiked (it holds
+        ``{"spikes": n, "bad_lines": {...}}`` (:func:`atomds.core.scanlines.lines_record`), or ``{"skipped": reason}`` when the image cannot be despiked (it holds
         NaN pixels, is constant or too small): the image is then returned unchanged, and the caller
         records the fallback.
     """
@@ -245,7 +247,8 @@ def without_spikes(image: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         out, mask = remove_spikes(image, fill="nan")
     except InvalidImageError as exc:
         return image, {"skipped": str(exc)}
-    return out, {"spikes": int(mask.sum())}
+    rows, cols = bad_lines(out)
+    return fill_lines(out, rows, cols, fill="nan"), {"spikes": int(mask.sum()), "bad_lines": lines_record(rows, cols)}
 
 
 def _refine(
