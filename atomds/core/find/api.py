@@ -32,12 +32,21 @@ from .constants import (
     GLOBAL_REFERENCE_FLOOR,
     MIN_INTERIOR_FIT,
     MIN_LATTICE_ANCHORS,
+    NEIGHBOUR_COUNT,
+    NEIGHBOUR_SHARE,
     THRESHOLD_FLOOR_FLATTENED,
     UNRESOLVED_WIDTHS,
 )
 from .contrast import flatten_local
 from .correlation import amplitudes_at, best_correlation
-from .lattice import faint_off_lattice, outside_lattice, real_columns, small_real_columns, sub_threshold_on_sites
+from .lattice import (
+    faint_off_lattice,
+    outside_lattice,
+    real_columns,
+    small_real_columns,
+    sub_threshold_on_sites,
+    supported_by_lattice,
+)
 from .polarity import Polarity, column_polarity
 from .residual import ResidualColumns, like_a_class, residual_passes, self_supported
 from .significance import auto_threshold, border_strip, lowered_z_thresholds, peak_sample, z_thresholds
@@ -140,7 +149,12 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
        - its amplitude (template fit at the peak, in intensity units) is at least
          ``min_contrast`` of the bright columns around it (the 90th percentile of the amplitudes
          in a box of about six spacings, or half the image-wide one if larger): weak specks of
-         amorphous material are not columns;
+         amorphous material are not columns. A weaker blob is kept all the same when it sits on
+         the lattice of the others (two of them at local lattice vectors, followed along runs,
+         :func:`~atomds.core.find.lattice.supported_by_lattice`; with ``lattice_check``) and is at
+         least ``NEIGHBOUR_SHARE`` (0.5) of the median of its four nearest clear columns: the thin
+         edge of a crystal wedge or a particle (counted under
+         ``params["rejected"]["low_contrast_on_sites"]``);
        - it is not a faint blob off the lattice (``lattice_check``): a blob whose amplitude
          relative to the bright columns around it is below half the median of its class must
          sit where the lattice of its neighbours puts a site, i.e. at least two of the accepted
@@ -529,6 +543,16 @@ def _columns(img, blobs: Blobs, templates, s: float, d: float, min_contrast: flo
     loc_ref, glob_ref = local_reference(cx, cy, amp, d)
     if min_contrast > 0:
         weak = amp < min_contrast * np.maximum(loc_ref, GLOBAL_REFERENCE_FLOOR * glob_ref)
+        if lattice_check and weak.any() and np.count_nonzero(~weak) >= MIN_LATTICE_ANCHORS:
+            # the thin columns at the edge of a crystal wedge or a particle are a fraction of the thick
+            # ones a few periods in (300 counts beside 1,000-3,000): on the lattice of the clear columns,
+            # and as bright as a share of their nearest clear neighbours, they are columns, where a
+            # speck of amorphous material sits anywhere (and a speck in a hole is a fraction of the
+            # columns at its rim)
+            on_sites = weak & supported_by_lattice(cx, cy, ~weak, d, candidates=weak)
+            on_sites &= _like_neighbours(cx, cy, amp, ~weak, on_sites)
+            counts["low_contrast_on_sites"] = int(on_sites.sum())
+            weak &= ~on_sites
         counts["low_contrast"] = int(weak.sum())
         ok &= ~weak
     # classes of columns (intensity relative to the local bright columns); the blobs near the
@@ -556,6 +580,24 @@ def _columns(img, blobs: Blobs, templates, s: float, d: float, min_contrast: flo
         counts["kept_off_lattice"] = int(((off | off_sites) & real).sum())
         ok &= ~((off | off_sites) & ~real)
     return ok, amp, cls, mode
+
+
+def _like_neighbours(x, y, amp: np.ndarray, ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """Whether each ``cand`` blob's amplitude is at least ``NEIGHBOUR_SHARE`` of the median over its
+    ``NEIGHBOUR_COUNT`` nearest ``ref`` blobs: the thickness of a wedge changes little from one column to
+    the next, while a speck in a hole or on a support beside a crystal is a fraction of the columns
+    at its rim."""
+    from scipy.spatial import cKDTree
+
+    out = np.zeros(x.size, dtype=bool)
+    idx, r = np.flatnonzero(cand), np.flatnonzero(ref)
+    if idx.size == 0 or r.size == 0:
+        return out
+    k = min(NEIGHBOUR_COUNT, r.size)
+    _, j = cKDTree(np.c_[x[r], y[r]]).query(np.c_[x[idx], y[idx]], k=k)
+    near = np.median(amp[r][np.reshape(j, (idx.size, k))], axis=1)
+    out[idx] = amp[idx] >= NEIGHBOUR_SHARE * near
+    return out
 
 
 def _classes_on_sites(x, y, cls: np.ndarray, ok: np.ndarray, spacing: float) -> tuple[np.ndarray, int]:

@@ -24,6 +24,11 @@ MIN_FREE_AREA = 0.02
 Z_FLOOR = 2.0
 #: Significant columns needed before sub-threshold blobs are judged by the lattice they sit on.
 MIN_LATTICE_ANCHORS = 20
+#: A blob below ``min_contrast`` of the bright columns around it (the thin edge of a wedge) is kept
+#: when it sits on the lattice of the others and its amplitude is at least this share of the median
+#: of its ``NEIGHBOUR_COUNT`` nearest clear columns.
+NEIGHBOUR_SHARE = 0.5
+NEIGHBOUR_COUNT = 4
 #: Anchors at lattice vectors that a sub-threshold blob needs to be kept.
 SITE_MATCHES = 3
 
