@@ -26,6 +26,9 @@ and each is run once through ``atomds.from_array(image, ...).lcx.find_atoms()`` 
 - ``glitches``: a square lattice with six spoiled scan lines (three dead, three three times too
   bright), 512^2 px: recall, finds matching no column, the rows found spoiled, and the scatter of
   the refined y positions over their errors.
+- ``wedge``: a crystal wedge on vacuum whose columns rise from 300 to 3,300 counts over 384 px,
+  with a diffuse background rising with them: recall (and of the two thinnest periods), finds in
+  the vacuum.
 - ``two_grains``: two grains of one hexagonal lattice 17 degrees apart along a straight sharp
   boundary, 768^2 px, through ``atomds.analyze``: the number of regions (one phase).
 
@@ -54,7 +57,7 @@ from bench_find_refine import write_section  # noqa: E402
 
 SECTION = "## Images unlike the samples"
 RESULTS = Path(__file__).with_name("RESULTS.md")
-CASES = ("au_on_carbon", "au_big", "stm", "stm_small", "abf", "mos2", "glitches", "two_grains")
+CASES = ("au_on_carbon", "au_big", "stm", "stm_small", "abf", "mos2", "glitches", "wedge", "two_grains")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,6 +249,31 @@ def glitches(seed: int) -> dict:
                      f"refined y: sd(error / y_err) {np.std(z):.2f}"}
 
 
+def wedge(seed: int) -> dict:
+    """A crystal wedge on vacuum (hexagonal, 14 px, width 2 px): columns of 300 counts at its edge
+    rising to 3,300 over 384 px, with a diffuse background rising with the thickness, 512 x 640 px."""
+    rng = np.random.default_rng(seed)
+    shape, a, ang = (512, 640), 14.0, rng.uniform(0, np.pi)
+    p, _ = lattice(shape, rot((a, 0), ang), rot((a / 2, a * np.sqrt(3) / 2), ang), [(0, 0)])
+    p = p[p[:, 0] > 256]
+    t = (p[:, 0] - 256) / 384
+    xx = np.arange(shape[1])[None, :]
+    expected = render(shape, p[:, 0], p[:, 1], 300 + 3000 * t, 2.0) + 10 + 300 * np.clip((xx - 256) / 384, 0, None)
+    image = rng.poisson(expected).astype(np.float32)
+    t0 = time.perf_counter()
+    f = atomds.from_array(image, pixel_size=0.1, units="Å").lcx.find_atoms()
+    sec = time.perf_counter() - t0
+    fx, fy = f["atom_x"].values / 0.1, f["atom_y"].values / 0.1
+    it, jf = matched(p[:, 0], p[:, 1], fx, fy, a / 3)
+    inner = (p[:, 0] < shape[1] - 9) & (p[:, 1] > 8) & (p[:, 1] < shape[0] - 9)
+    edge = inner & (p[:, 0] < 256 + 2 * a)
+    un = np.setdiff1d(np.arange(fx.size), jf)
+    return {"case": "wedge", "seed": seed, "px": f"{shape[0]}x{shape[1]}", "seconds": sec,
+            "truth": f"{int(inner.sum())} columns", "recall": f"{100 * np.isin(np.flatnonzero(inner), it).mean():.1f} % "
+            f"({100 * np.isin(np.flatnonzero(edge), it).mean():.1f} % of the two thinnest periods)",
+            "extra": f"{un.size} finds match no column, {int((fx[un] < 250).sum())} in the vacuum"}
+
+
 def two_grains(seed: int) -> dict:
     """Two grains of one hexagonal lattice (13 px, width 2.2 px, 1200 counts), the second rotated by
     17 degrees, meeting along a straight sharp boundary, 768^2 px: ``atomds.analyze``, regions."""
@@ -279,7 +307,7 @@ def run(case: str, seed: int) -> dict:
                 return au_on_carbon(seed, case == "au_big")
             if case.startswith("stm"):
                 return stm(seed, case == "stm_small")
-            return {"abf": abf, "mos2": mos2, "glitches": glitches, "two_grains": two_grains}[case](seed)
+            return {"abf": abf, "mos2": mos2, "glitches": glitches, "wedge": wedge, "two_grains": two_grains}[case](seed)
         except Exception as exc:  # a failure is a result of the benchmark
             return {"case": case, "seed": seed, "px": "", "seconds": float("nan"), "truth": "",
                     "recall": "error", "extra": f"{type(exc).__name__}: {str(exc)[:160]}"}
