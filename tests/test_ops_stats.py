@@ -466,6 +466,20 @@ def test_rotated_grains_of_one_phase_are_one_phase(seed):
     assert out.sizes["region_id"] == 1, json.loads(out.attrs["regions_params"])
 
 
+@pytest.mark.parametrize("seed", [1, 5])
+def test_a_disordered_looking_grain_boundary_within_one_phase_is_no_phase(seed):
+    """Two grains of one hexagonal phase along a wavy sharp boundary: the columns on both sides have
+    neighbours across it at no lattice vector and their strip counts as disordered, yet each sits on
+    its grain's lattice (these seeds gave two regions, the strip kept as disordered material); a
+    disordered band between the grains stays a region (test_a_rotated_grain_of_the_same_lattice_is_the_same_phase)."""
+    import atomds
+
+    ds = datasets.grain_boundary(shape=384, second="hexagonal", boundary_width=0.0, misorientation=17.0 + 3 * seed,
+                                 seed=seed)
+    out = atomds.analyze(ds)
+    assert out.sizes["region_id"] == 1, json.loads(out.attrs["regions_params"])
+
+
 def test_kmeans_one_cluster_and_the_old_rule(hexa):
     ds = neighborhoods(hexa, descriptor="phase")
     km = learn.kmeans(ds, 1)
