@@ -34,7 +34,7 @@ import xarray as xr
 
 from .errors import AtomdsError, FileMissingError, InvalidParameterError, one_line
 from .io import SUPPORTED_EXTENSIONS, atomic_write
-from .params import _SUFFIX, note_fallback, record_params, step_params
+from .params import all_step_params, note_fallback, record_params
 from .pipeline import (
     STAGES,
     AnalysisParams,
@@ -271,16 +271,14 @@ def _check_steps(steps: Sequence[str] | str | None) -> tuple[str, ...]:
 
 
 def skipped_stages(ds: xr.Dataset) -> list[str]:
-    """The steps whose parameters on ``ds`` say they were skipped (``{"skipped": reason}``), sorted."""
+    """The steps that could not run on ``ds``, sorted: those whose parameters say they were skipped
+    with a ``hint`` of what to change (:func:`atomds.pipeline.pca` and :func:`atomds.pipeline.phases`
+    on a crop of a few columns). Steps that do not apply (the polarisation of an image of one
+    sublattice) record ``skipped`` without a hint and are not counted."""
     out = []
-    for key in ds.attrs:
-        if isinstance(key, str) and key.endswith(_SUFFIX):
-            try:
-                rec = step_params(ds, key[: -len(_SUFFIX)])
-            except ValueError:  # an attribute that is not parameters is not a stage
-                continue
-            if rec is not None and "skipped" in rec:
-                out.append(key[: -len(_SUFFIX)])
+    for step, rec in all_step_params(ds):
+        if isinstance(rec, dict) and "skipped" in rec and "hint" in rec:
+            out.append(step)
     return sorted(out)
 
 

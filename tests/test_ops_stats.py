@@ -501,3 +501,24 @@ def test_disordered_band_is_a_region_of_its_own(width, seed):
     band = truth == 2
     f1 = max(2 * (band & (reg == r)).sum() / (band.sum() + (reg == r).sum()) for r in np.unique(reg))
     assert f1 >= 0.8
+
+
+def test_a_layer_between_two_phases_split_into_two_strips_stays():
+    """A layer four columns wide between phases A and B, split by k-means into a strip on the A side and
+    one on the B side: the strips are judged together (touching both A and B, not enclosed by one) and
+    stay; the rows along a grain boundary within one phase are two strips enclosed together by it."""
+    from atomds.core import regions as cregions
+
+    nx, ny = 40, 30
+    X, Y = (a.ravel() for a in np.meshgrid(np.arange(nx), np.arange(ny)))
+    pos = {(int(x), int(y)): i for i, (x, y) in enumerate(zip(X, Y))}
+    idx = np.full((X.size, 8), -1)
+    for i, (x, y) in enumerate(zip(X, Y)):
+        nbs = [pos.get((int(x) + dx, int(y) + dy), -1) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if dx or dy]
+        idx[i] = nbs
+    layer = np.where(X < 18, 0, np.where(X < 20, 2, np.where(X < 22, 3, 1)))  # A | S S | T T | B
+    assert not cregions.enclosed_strips(layer, idx, 4).any()
+    assert cregions.dissolve_thin(layer, idx, 4)[1] == []
+    boundary = np.where(X < 18, 0, np.where(X < 20, 2, np.where(X < 22, 3, 0)))  # A | S S | T T | A
+    assert cregions.enclosed_strips(boundary, idx, 4)[[2, 3]].all()
+    assert set(np.unique(cregions.dissolve_thin(boundary, idx, 4)[0])) == {0}

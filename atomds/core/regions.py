@@ -226,15 +226,34 @@ def enclosed_strips(labels, index, n_labels: int | None = None, *, max_interior:
     with np.errstate(invalid="ignore", divide="ignore"):
         frac_interior = np.where(n > 0, interior / n, 1.0)
     strip = frac_interior < max_interior
-    C = contact_matrix(labels, index, L)
-    np.fill_diagonal(C, 0.0)
-    # contacts between strips do not count: the rows on the two sides of a grain boundary can form
-    # two strips side by side, each touching the other about as much as the phase around
-    C[:, strip] = 0.0
-    out_tot = C.sum(axis=1)
+    around = _strip_surroundings(contact_matrix(labels, index, L), strip)
+    out_tot = around.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        dominant = np.where(out_tot > 0, C.max(axis=1) / out_tot, 0.0)
+        dominant = np.where(out_tot > 0, around.max(axis=1) / out_tot, 0.0)
     return strip & (dominant >= min_enclosing)
+
+
+def _strip_surroundings(C: np.ndarray, strip: np.ndarray) -> np.ndarray:
+    """Per label, its contacts with the labels that are not strips; for a strip, those of the group of
+    strips it touches (connected through their contacts), which are judged together: the rows on
+    the two sides of a grain boundary can form two strips side by side, each touching the other about
+    as much as the phase around, and a layer between two phases split into a strip on each side
+    touches both phases only as a whole."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    C = np.array(C, dtype=float)
+    np.fill_diagonal(C, 0.0)
+    out = C.copy()
+    out[:, strip] = 0.0
+    idx = np.flatnonzero(strip)
+    if idx.size > 1:
+        sub = C[np.ix_(idx, idx)] > 0
+        _, comp = connected_components(csr_matrix(sub), directed=False)
+        for c in np.unique(comp):
+            members = idx[comp == c]
+            out[members] = out[members].sum(axis=0)
+    return out
 
 
 #: Rounds of :func:`dissolve_thin` at most: an interface can be two clusters side by side (the rows

@@ -14,6 +14,11 @@ modulates that statistic from line to line by a few of its robust standard devia
 an interface or a vacuum edge that runs exactly along a line differs from the lines on one side
 only. A candidate is bad when the excess lies along its length (:func:`_confirmed`): a row of
 bright columns along part of a line raises its mean, not its median. Lengths in pixels.
+
+Limits: the first and last three lines are not judged (a dark frame or the edge of a crystal looks
+the same from one side); a run of four or more spoiled lines is not seen; a line spoiled over half
+of its length or more is taken out whole; a bright line-shaped feature exactly along a scan line
+(a Fresnel fringe at an edge aligned with the scan) is taken for a spoiled line.
 """
 
 from __future__ import annotations
@@ -71,14 +76,27 @@ def _bad(mu: np.ndarray, length: int, pix: float, z: float) -> tuple[np.ndarray,
     if ok.sum() < MIN_LINES or length < MIN_LINES:
         return out, np.zeros(mu.size)
     m = _two_sided(np.where(ok, mu, np.nanmedian(mu[ok])))
-    med = float(np.median(m[ok]))
-    mad = 1.4826 * float(np.median(np.abs(m[ok] - med)))
+    # the statistic is 0 on every line that is no extremum of its neighbours: on a lattice aligned
+    # with the scan most lines, and a spread over all of them collapses; the extrema are judged
+    # against the extrema
+    # (and by size: on a lattice of period three along the lines, a third of them are minima and two
+    # thirds pairs of maxima, all of one size)
+    ref = ok & (m != 0)
+    if ref.sum() < MIN_LINES:
+        ref = ok
+    a = np.abs(m)
+    med = float(np.median(a[ref]))
+    mad = 1.4826 * float(np.median(np.abs(a[ref] - med)))
     # floors under the spread: a line mean's own noise on a flat image, and the lines' own
     # modulation (a lattice's rows)
     lo, hi = np.percentile(mu[ok], [5, 95])
     scale = max(mad, np.sqrt(2.0) * pix / np.sqrt(length), LINE_MODULATION * float(hi - lo), 1e-300)
-    out[ok] = np.abs(m[ok] - med) >= z * scale
+    out[ok] = a[ok] - med >= z * scale
     out &= m != 0
+    # the first and last lines have lines on one side only, and nothing tells a spoiled one from
+    # the edge of the crystal or a dark frame there: they are not judged
+    out[:LINE_RUN] = False
+    out[-LINE_RUN:] = False
     return out, m
 
 
@@ -95,15 +113,18 @@ def _confirmed(lines: np.ndarray, bad: np.ndarray, m: np.ndarray) -> np.ndarray:
             r0 -= 1
         while r1 < n - 1 and bad[r1 + 1]:
             r1 += 1
-        others = [o for o in (r0 - 1, r1 + 1) if 0 <= o < n]
-        if not others:
-            out[r] = False
-            continue
         line = np.asarray(lines[r], dtype=np.float64)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            ex = [float(np.nanmedian(line - np.asarray(lines[o], dtype=np.float64))) for o in others]
-        out[r] = all(np.sign(e) == np.sign(m[r]) and abs(e) >= LINE_ALONG * abs(m[r]) for e in ex)
+        ex = []
+        for start, step in ((r0 - 1, -1), (r1 + 1, 1)):  # the nearest line on each side with values
+            o = start
+            while 0 <= o < n and not np.isfinite(np.asarray(lines[o], dtype=np.float64)).any():
+                o += step
+            if 0 <= o < n:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    ex.append(float(np.nanmedian(line - np.asarray(lines[o], dtype=np.float64))))
+        out[r] = bool(ex) and all(np.isfinite(e) and np.sign(e) == np.sign(m[r]) and abs(e) >= LINE_ALONG * abs(m[r])
+                                  for e in ex)
     return out
 
 

@@ -323,9 +323,7 @@ def _interfaces_on_a_lattice(ds: xr.Dataset, reg: np.ndarray, idx: np.ndarray, n
     if not strips.any():
         return out
     x, y = np.asarray(ds["atom_x"].values, float), np.asarray(ds["atom_y"].values, float)
-    C = cregions.contact_matrix(reg, idx, n_reg)
-    np.fill_diagonal(C, 0.0)
-    C[:, strips] = 0.0
+    C = cregions._strip_surroundings(cregions.contact_matrix(reg, idx, n_reg), strips)
     for r in np.flatnonzero(strips):
         around = int(np.argmax(C[r]))
         mine, anchor = reg == r, reg == around

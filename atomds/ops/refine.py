@@ -437,6 +437,9 @@ def refine(
         note_fallback(params, _DESPIKE_SKIPPED, _despike_message(despike["skipped"]))
     elif "bad_lines" in despike:
         params["bad_lines"] = despike["bad_lines"]  # left out of every fit
+    elif lazy or tiling is not None:
+        params["bad_lines"] = {"note": "decided in the lazy tasks (tile by tile for a tiled image) and left out of "
+                                       "their fits there; not gathered here"}
     if settings is not None:
         params["estimated"] = {
             "sigma": settings["sigma"] * ps,

@@ -244,4 +244,4 @@ def test_the_thin_edge_of_a_crystal_wedge_is_found(seed):
     it, jf = samples.match_positions(xy, np.c_[f.x, f.y], a / 3)
     assert np.isin(np.flatnonzero(inner), it).mean() >= 0.995
     assert np.setdiff1d(np.arange(len(f)), jf).size == 0  # nothing in the vacuum
-    assert f.params["rejected"]["low_contrast_on_sites"] > 0
+    assert f.params["rejected"]["kept_low_contrast"] > 0

@@ -152,9 +152,10 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
          amorphous material are not columns. A weaker blob is kept all the same when it sits on
          the lattice of the others (two of them at local lattice vectors, followed along runs,
          :func:`~atomds.core.find.lattice.supported_by_lattice`; with ``lattice_check``) and is at
-         least ``NEIGHBOUR_SHARE`` (0.5) of the median of its four nearest clear columns: the thin
+         least ``NEIGHBOUR_SHARE`` (0.5, or ``min_contrast`` if larger) of the median of its four
+         nearest clear columns: the thin
          edge of a crystal wedge or a particle (counted under
-         ``params["rejected"]["low_contrast_on_sites"]``);
+         ``params["rejected"]["kept_low_contrast"]``);
        - it is not a faint blob off the lattice (``lattice_check``): a blob whose amplitude
          relative to the bright columns around it is below half the median of its class must
          sit where the lattice of its neighbours puts a site, i.e. at least two of the accepted
@@ -543,6 +544,7 @@ def _columns(img, blobs: Blobs, templates, s: float, d: float, min_contrast: flo
     loc_ref, glob_ref = local_reference(cx, cy, amp, d)
     if min_contrast > 0:
         weak = amp < min_contrast * np.maximum(loc_ref, GLOBAL_REFERENCE_FLOOR * glob_ref)
+        counts["kept_low_contrast"] = 0
         if lattice_check and weak.any() and np.count_nonzero(~weak) >= MIN_LATTICE_ANCHORS:
             # the thin columns at the edge of a crystal wedge or a particle are a fraction of the thick
             # ones a few periods in (300 counts beside 1,000-3,000): on the lattice of the clear columns,
@@ -550,8 +552,8 @@ def _columns(img, blobs: Blobs, templates, s: float, d: float, min_contrast: flo
             # speck of amorphous material sits anywhere (and a speck in a hole is a fraction of the
             # columns at its rim)
             on_sites = weak & supported_by_lattice(cx, cy, ~weak, d, candidates=weak)
-            on_sites &= _like_neighbours(cx, cy, amp, ~weak, on_sites)
-            counts["low_contrast_on_sites"] = int(on_sites.sum())
+            on_sites &= _like_neighbours(cx, cy, amp, ~weak, on_sites, max(NEIGHBOUR_SHARE, min_contrast))
+            counts["kept_low_contrast"] = int(on_sites.sum())
             weak &= ~on_sites
         counts["low_contrast"] = int(weak.sum())
         ok &= ~weak
@@ -582,8 +584,9 @@ def _columns(img, blobs: Blobs, templates, s: float, d: float, min_contrast: flo
     return ok, amp, cls, mode
 
 
-def _like_neighbours(x, y, amp: np.ndarray, ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """Whether each ``cand`` blob's amplitude is at least ``NEIGHBOUR_SHARE`` of the median over its
+def _like_neighbours(x, y, amp: np.ndarray, ref: np.ndarray, cand: np.ndarray, share: float) -> np.ndarray:
+    """Whether each ``cand`` blob's amplitude is at least ``share`` (``NEIGHBOUR_SHARE``, or a larger
+    ``min_contrast`` the user asked for) of the median over its
     ``NEIGHBOUR_COUNT`` nearest ``ref`` blobs: the thickness of a wedge changes little from one column to
     the next, while a speck in a hole or on a support beside a crystal is a fraction of the columns
     at its rim."""
@@ -596,7 +599,7 @@ def _like_neighbours(x, y, amp: np.ndarray, ref: np.ndarray, cand: np.ndarray) -
     k = min(NEIGHBOUR_COUNT, r.size)
     _, j = cKDTree(np.c_[x[r], y[r]]).query(np.c_[x[idx], y[idx]], k=k)
     near = np.median(amp[r][np.reshape(j, (idx.size, k))], axis=1)
-    out[idx] = amp[idx] >= NEIGHBOUR_SHARE * near
+    out[idx] = amp[idx] >= share * near
     return out
 
 

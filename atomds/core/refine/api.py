@@ -128,7 +128,8 @@ def refine_gaussian(
         distances of these atoms, with its own shared width and background.
     despike : bool
         Leave single-pixel spikes (hot and dead pixels, particle hits;
-        :func:`atomds.core.spikes.spike_mask`) out of the fits, as non-finite pixels are.
+        :func:`atomds.core.spikes.spike_mask`) and scan lines spoiled along their length
+        (:func:`atomds.core.scanlines.bad_lines`) out of the fits, as non-finite pixels are.
     contrast : {"bright", "dark"}
         "dark" for columns darker than their surroundings (ABF, BF): the image is turned over
         (``max - image``), so ``amplitude``, ``intensity`` and ``background`` describe the
