@@ -203,8 +203,10 @@ def enclosed_strips(labels, index, n_labels: int | None = None, *, max_interior:
     An antiphase boundary or a twin boundary puts the columns on both of its sides in
     neighbourhoods of their own, a strip one or two columns wide with the same phase on either
     side. A band between two *different* phases touches both and is not enclosed; a grain has
-    interior atoms and is not a strip. Contacts with other strips are left out (the rows on the two
-    sides of a grain boundary can be two strips side by side, enclosed together by one phase).
+    interior atoms and is not a strip. Strips that touch are judged together
+    (:func:`_strip_surroundings`): the rows on the two sides of a grain boundary can be two strips
+    side by side, enclosed together by one phase, and a layer between two phases split into two
+    strips touches both.
 
     Returns
     -------
@@ -253,6 +255,50 @@ def _strip_surroundings(C: np.ndarray, strip: np.ndarray) -> np.ndarray:
         for c in np.unique(comp):
             members = idx[comp == c]
             out[members] = out[members].sum(axis=0)
+    return out
+
+
+#: A strip enclosed by one region whose atoms sit, at least this share of them, on that region's
+#: lattice is the rows along an interface within the phase (:func:`strips_on_lattice`). Measured on
+#: generated images only: 0.94 for a grain boundary's strip, 0.29 for a disordered band two spacings
+#: wide; one grain boundary of ten gave 0.49 and stays a phase.
+ON_LATTICE_SHARE = 0.7
+
+
+def strips_on_lattice(x, y, labels, index, n_labels: int | None = None, *,
+                      min_share: float = ON_LATTICE_SHARE) -> np.ndarray:
+    """Per label: is it a strip enclosed by one other label (:func:`enclosed_strips`) whose atoms
+    mostly (``min_share``) sit on the lattice of that label
+    (:func:`atomds.core.find.lattice.supported_by_lattice`, at the enclosing atoms' median
+    nearest-neighbour distance)?
+
+    Along a grain boundary between two rotated grains of one phase, the columns on both sides have
+    neighbours across the boundary at no lattice vector and look disordered, yet each sits on its
+    own grain's lattice; the columns of a disordered band sit anywhere. ``x``, ``y`` in any one
+    length unit.
+    """
+    from .find.lattice import supported_by_lattice
+    from .spectra import median_nn_distance
+
+    labels = np.asarray(labels, dtype=np.int64)
+    L = int(labels.max(initial=-1)) + 1 if n_labels is None else int(n_labels)
+    out = np.zeros(L, dtype=bool)
+    if L < 2:
+        return out
+    strips = enclosed_strips(labels, index, L)
+    if not strips.any():
+        return out
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    around = _strip_surroundings(contact_matrix(labels, index, L), strips).argmax(axis=1)
+    for r in np.flatnonzero(strips):  # a handful of regions
+        mine, anchor = labels == r, labels == around[r]
+        if not (mine.any() and np.count_nonzero(anchor) >= 5):
+            continue
+        d = median_nn_distance(x[anchor], y[anchor])
+        if not np.isfinite(d):
+            continue
+        on = supported_by_lattice(x, y, anchor, d, candidates=mine, max_rounds=1)
+        out[r] = float(np.mean(on[mine])) >= min_share
     return out
 
 

@@ -300,45 +300,6 @@ def suggest_k(
 DISORDERED_REGION = 0.4
 
 
-#: A strip enclosed by one region whose atoms sit, at least this share of them, on that region's
-#: lattice (two of its atoms at local lattice vectors, :func:`atomds.core.find.lattice.supported_by_lattice`)
-#: is the rows along an interface within the phase, however disordered their neighbourhoods look.
-ON_LATTICE_SHARE = 0.7
-
-
-def _interfaces_on_a_lattice(ds: xr.Dataset, reg: np.ndarray, idx: np.ndarray, n_reg: int) -> np.ndarray:
-    """Per region: is it a strip enclosed by one other region (:func:`atomds.core.regions.enclosed_strips`)
-    whose atoms mostly (``ON_LATTICE_SHARE``) sit on the lattice of that region?
-
-    Along a grain boundary between two rotated grains of one phase, the columns on both sides have
-    neighbours across the boundary at no lattice vector and look disordered, yet each sits on its
-    own grain's lattice; the columns of a disordered band sit anywhere.
-    """
-    from ..core.find.lattice import supported_by_lattice
-
-    out = np.zeros(n_reg, dtype=bool)
-    if n_reg < 2 or not {"atom_x", "atom_y"} <= set(ds.variables):
-        return out
-    strips = cregions.enclosed_strips(reg, idx, n_reg)
-    if not strips.any():
-        return out
-    x, y = np.asarray(ds["atom_x"].values, float), np.asarray(ds["atom_y"].values, float)
-    C = cregions._strip_surroundings(cregions.contact_matrix(reg, idx, n_reg), strips)
-    for r in np.flatnonzero(strips):
-        around = int(np.argmax(C[r]))
-        mine, anchor = reg == r, reg == around
-        if not (mine.any() and np.count_nonzero(anchor) >= 5):
-            continue
-        nb = idx[anchor]
-        d = np.hypot(x[np.maximum(nb, 0)] - x[anchor][:, None], y[np.maximum(nb, 0)] - y[anchor][:, None])
-        d = d[(nb >= 0) & np.isfinite(d) & (d > 0)]
-        if d.size == 0:
-            continue
-        on = supported_by_lattice(x, y, anchor, float(np.median(d)), candidates=mine, max_rounds=1)
-        out[r] = float(np.mean(on[mine])) >= ON_LATTICE_SHARE
-    return out
-
-
 def _disordered(ds: xr.Dataset, reg: np.ndarray, n_reg: int) -> np.ndarray | None:
     """Per region: is its median ``disorder`` at least :data:`DISORDERED_REGION`? (None without it.)"""
     if "descriptor" not in ds.variables or "feature" not in ds["descriptor"].dims or "feature" not in ds.coords:
@@ -376,7 +337,8 @@ def regions(
        two sides of a grain boundary can be a line and a strip). A band two or more columns wide
        between two regions stays a region, and so does a disordered region however narrow (median
        ``disorder`` feature at least :data:`DISORDERED_REGION`), unless it is a strip enclosed by one
-       region whose atoms mostly sit on that region's lattice (:data:`ON_LATTICE_SHARE`): the
+       region whose atoms mostly sit on that region's lattice
+       (:func:`atomds.core.regions.strips_on_lattice`): the
        columns along a grain boundary within one phase.
     4. ``passes`` rounds of a plurality vote of each atom with its neighbours
        (:func:`atomds.core.regions.vote_labels`) remove isolated misassignments on borders.
@@ -428,7 +390,7 @@ def regions(
         n_reg = int(mapping.max()) + 1
         keep = _disordered(ds, reg, n_reg)
         if keep is not None and keep.any():
-            keep &= ~_interfaces_on_a_lattice(ds, reg, idx, n_reg)
+            keep &= ~cregions.strips_on_lattice(ds["atom_x"].values, ds["atom_y"].values, reg, idx, n_reg)
         reg, thin = cregions.dissolve_thin(reg, idx, n_reg, keep=keep)
         mapping = np.where(np.isin(mapping, thin), -1, mapping)
     if passes:

@@ -32,7 +32,6 @@ from .constants import (
     GLOBAL_REFERENCE_FLOOR,
     MIN_INTERIOR_FIT,
     MIN_LATTICE_ANCHORS,
-    NEIGHBOUR_COUNT,
     NEIGHBOUR_SHARE,
     THRESHOLD_FLOOR_FLATTENED,
     UNRESOLVED_WIDTHS,
@@ -41,6 +40,7 @@ from .contrast import flatten_local
 from .correlation import amplitudes_at, best_correlation
 from .lattice import (
     faint_off_lattice,
+    like_neighbours,
     outside_lattice,
     real_columns,
     small_real_columns,
@@ -153,8 +153,8 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
          the lattice of the others (two of them at local lattice vectors, followed along runs,
          :func:`~atomds.core.find.lattice.supported_by_lattice`; with ``lattice_check``) and is at
          least ``NEIGHBOUR_SHARE`` (0.5, or ``min_contrast`` if larger) of the median of its four
-         nearest clear columns: the thin
-         edge of a crystal wedge or a particle (counted under
+         nearest clear columns (:func:`~atomds.core.find.lattice.like_neighbours`): the thin edge
+         of a crystal wedge or a particle (counted under
          ``params["rejected"]["kept_low_contrast"]``);
        - it is not a faint blob off the lattice (``lattice_check``): a blob whose amplitude
          relative to the bright columns around it is below half the median of its class must
@@ -330,7 +330,8 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     params = {
         "threshold": thr.value, "threshold_auto": thr.auto, "min_area": lo, "max_area": hi, "z_min": zmin,
         "z_min_border": zmin_edge, "min_contrast": float(min_contrast), "lattice_check": bool(lattice_check),
-        "contrast": contrast, "spikes": int(spikes.sum()), "bad_lines": lines_record(bad_rows, bad_cols), "sigma": s, "spacing": d, "period": period,
+        "contrast": contrast, "spikes": int(spikes.sum()), "bad_lines": lines_record(bad_rows, bad_cols), "sigma": s,
+        "spacing": d, "period": period,
         "noise_variance": [float(v) for v in noise], "templates": kinds,
         "template_shape": [list(t.shape) for t in templates], "sublattice_mode": mode, "n_sublattices": n_sub,
         "rejected": counts, "local_background": flat.params,
@@ -552,7 +553,7 @@ def _columns(img, blobs: Blobs, templates, s: float, d: float, min_contrast: flo
             # speck of amorphous material sits anywhere (and a speck in a hole is a fraction of the
             # columns at its rim)
             on_sites = weak & supported_by_lattice(cx, cy, ~weak, d, candidates=weak)
-            on_sites &= _like_neighbours(cx, cy, amp, ~weak, on_sites, max(NEIGHBOUR_SHARE, min_contrast))
+            on_sites &= like_neighbours(cx, cy, amp, ~weak, on_sites, max(NEIGHBOUR_SHARE, min_contrast))
             counts["kept_low_contrast"] = int(on_sites.sum())
             weak &= ~on_sites
         counts["low_contrast"] = int(weak.sum())
@@ -582,25 +583,6 @@ def _columns(img, blobs: Blobs, templates, s: float, d: float, min_contrast: flo
         counts["kept_off_lattice"] = int(((off | off_sites) & real).sum())
         ok &= ~((off | off_sites) & ~real)
     return ok, amp, cls, mode
-
-
-def _like_neighbours(x, y, amp: np.ndarray, ref: np.ndarray, cand: np.ndarray, share: float) -> np.ndarray:
-    """Whether each ``cand`` blob's amplitude is at least ``share`` (``NEIGHBOUR_SHARE``, or a larger
-    ``min_contrast`` the user asked for) of the median over its
-    ``NEIGHBOUR_COUNT`` nearest ``ref`` blobs: the thickness of a wedge changes little from one column to
-    the next, while a speck in a hole or on a support beside a crystal is a fraction of the columns
-    at its rim."""
-    from scipy.spatial import cKDTree
-
-    out = np.zeros(x.size, dtype=bool)
-    idx, r = np.flatnonzero(cand), np.flatnonzero(ref)
-    if idx.size == 0 or r.size == 0:
-        return out
-    k = min(NEIGHBOUR_COUNT, r.size)
-    _, j = cKDTree(np.c_[x[r], y[r]]).query(np.c_[x[idx], y[idx]], k=k)
-    near = np.median(amp[r][np.reshape(j, (idx.size, k))], axis=1)
-    out[idx] = amp[idx] >= share * near
-    return out
 
 
 def _classes_on_sites(x, y, cls: np.ndarray, ok: np.ndarray, spacing: float) -> tuple[np.ndarray, int]:

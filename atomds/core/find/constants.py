@@ -26,8 +26,10 @@ Z_FLOOR = 2.0
 MIN_LATTICE_ANCHORS = 20
 #: A blob below ``min_contrast`` of the bright columns around it (the thin edge of a wedge) is kept
 #: when it sits on the lattice of the others and its amplitude is at least this share of the median
-#: of its ``NEIGHBOUR_COUNT`` nearest clear columns.
+#: of its ``NEIGHBOUR_COUNT`` nearest clear columns (exercised on generated images only: a wedge whose
+#: edge row holds 300 counts beside 410-520 in the next rows, and the sweep's holes).
 NEIGHBOUR_SHARE = 0.5
+#: ... the nearest clear columns that give that median (the inner rows beside a wedge's edge row).
 NEIGHBOUR_COUNT = 4
 #: Anchors at lattice vectors that a sub-threshold blob needs to be kept.
 SITE_MATCHES = 3

@@ -28,6 +28,7 @@ from .constants import (
     KEEP_SHAPE_SD,
     MIN_CLASS_COUNT,
     MIN_LATTICE_ANCHORS,
+    NEIGHBOUR_COUNT,
     REGION_REACH,
     SITE_MATCHES,
     VERY_WEAK,
@@ -250,6 +251,22 @@ def faint_off_lattice(x, y, rel: np.ndarray, cls: np.ndarray, ok: np.ndarray, in
     if np.count_nonzero(tested) > FAINT_MAX_FRACTION * np.count_nonzero(ok & interior):
         return None
     return tested & ~supported_by_lattice(x, y, ok & ~faint, spacing, candidates=tested)
+
+
+def like_neighbours(x, y, amp: np.ndarray, ref: np.ndarray, cand: np.ndarray, share: float) -> np.ndarray:
+    """Whether each ``cand`` blob's amplitude is at least ``share`` of the median over its
+    ``NEIGHBOUR_COUNT`` nearest ``ref`` blobs (False for the others): the thickness of a wedge
+    changes little from one column to the next, while a speck in a hole or on a support beside a
+    crystal is a fraction of the columns at its rim."""
+    out = np.zeros(np.size(x), dtype=bool)
+    idx, r = np.flatnonzero(cand), np.flatnonzero(ref)
+    if idx.size == 0 or r.size == 0:
+        return out
+    k = min(NEIGHBOUR_COUNT, r.size)
+    _, j = cKDTree(np.c_[x[r], y[r]]).query(np.c_[x[idx], y[idx]], k=k)
+    near = np.median(amp[r][np.reshape(j, (idx.size, k))], axis=1)
+    out[idx] = amp[idx] >= share * near
+    return out
 
 
 def real_columns(img: np.ndarray, x, y, peak: np.ndarray, cls: np.ndarray, ok: np.ndarray, candidates: np.ndarray,
