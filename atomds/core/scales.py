@@ -123,9 +123,9 @@ def pixel_noise_sd(image, crop: int = _NOISE_CROP) -> float:
     pixel, and exact zeros (a clipped or constant area: vacuum at a detector's zero, which holds no
     noise), are left out of the robust spread. 0.0 where nothing is left (an image without noise).
     """
-    img = np.asarray(image, dtype=np.float64)
+    img = np.asarray(image)
     oy, ox = max(0, (img.shape[0] - crop) // 2), max(0, (img.shape[1] - crop) // 2)
-    img = img[oy : oy + crop, ox : ox + crop]
+    img = img[oy : oy + crop, ox : ox + crop].astype(np.float64)  # the crop converted, not the whole image
     fin = np.isfinite(img)
     r = _hf_residual(np.where(fin, img, 0.0))
     bad = ndi.maximum_filter(~fin, 3)[1:-1, 1:-1]

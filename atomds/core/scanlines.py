@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import InvalidParameterError
 
-__all__ = ["LINE_Z", "bad_lines", "fill_lines", "lines_record"]
+__all__ = ["LINE_Z", "bad_lines", "fill_lines", "lines_record", "lines_from_record"]
 
 #: A line is bad when its statistic is this many robust standard deviations from the lines' median.
 LINE_Z = 12.0
@@ -206,3 +206,19 @@ def lines_record(rows: np.ndarray, cols: np.ndarray, limit: int = 100) -> dict[s
     r, c = np.flatnonzero(rows), np.flatnonzero(cols)
     return {"rows": [int(i) for i in r[:limit]], "columns": [int(i) for i in c[:limit]], "n_rows": int(r.size),
             "n_columns": int(c.size)}
+
+
+def lines_from_record(record, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The bad rows and columns (bool arrays of an image of ``shape``) that :func:`lines_record` wrote;
+    None when the record is not complete (more lines than it lists) or names lines outside the image."""
+    try:
+        rows, cols = [int(i) for i in record["rows"]], [int(i) for i in record["columns"]]
+        complete = int(record["n_rows"]) == len(rows) and int(record["n_columns"]) == len(cols)
+    except (KeyError, TypeError, ValueError):
+        return None
+    ny, nx = shape
+    if not complete or any(not 0 <= i < ny for i in rows) or any(not 0 <= i < nx for i in cols):
+        return None
+    r, c = np.zeros(ny, dtype=bool), np.zeros(nx, dtype=bool)
+    r[rows], c[cols] = True, True
+    return r, c

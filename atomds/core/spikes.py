@@ -21,7 +21,7 @@ from ._threads import run_chunks
 from .image import as_float, check_image
 from .scales import estimate_noise, noise_model
 
-__all__ = ["spike_mask", "remove_spikes"]
+__all__ = ["spike_mask", "remove_spikes", "spike_record", "SPIKES_RECORDED"]
 
 #: A spike exceeds all its neighbours by this many noise standard deviations ...
 SPIKE_SIGMAS = 8.0
@@ -29,6 +29,9 @@ SPIKE_SIGMAS = 8.0
 #: neighbourhood (median minus the lowest neighbour): a column of width 0.7 px passes, a spike not
 #: (at 0.6 px a few columns in ten thousand lose their peak pixel; narrower ones are undersampled).
 SPIKE_CONTRAST = 6.0
+#: At most this many spikes are listed by :func:`spike_record` (a step's params stay small; with
+#: more, a later step finds them again).
+SPIKES_RECORDED = 1000
 
 
 @njit(cache=True)
@@ -348,3 +351,14 @@ def remove_spikes(image, *, noise: tuple[float, float] | None = None, fill: str 
 def _remove_spikes(img: np.ndarray, noise=None, fill: str = "median"):
     """Old private spelling of :func:`remove_spikes`, kept only until ``core/refine`` calls the public one."""
     return remove_spikes(img, noise=noise, fill=fill)
+
+
+def spike_record(mask: np.ndarray, limit: int = SPIKES_RECORDED) -> list[list[int]] | None:
+    """The spikes of ``mask`` as ``[[row, column], ...]`` for a step's params; None when there are more than ``limit``."""
+    n = int(np.count_nonzero(mask))  # counted first: listing the pixels of a large mask costs more
+    if n > limit:
+        return None
+    if n == 0:
+        return []
+    iy, ix = np.nonzero(mask)
+    return [[int(a), int(b)] for a, b in zip(iy, ix)]

@@ -22,7 +22,7 @@ from ..core.find.api import find_atoms as core_find_atoms
 from ..core.find.classes import labels_digest
 from ..core.find.correlation import correlation_map as core_correlation_map
 from ..core.find.templates import auto_template, template_from_point
-from ..core.image import check_image
+from ..core.image import check_image, image_digest
 from ..errors import InvalidParameterError
 from ..params import note_fallback, record_params
 from ._common import (
@@ -153,7 +153,9 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
         ``atom_score`` (peak correlation, 1), ``atom_area`` (blob area, units^2),
         ``sublattice`` (int, 0 = brightest class); and ``correlation(y, x)``, the correlation map.
         ``find_atoms_params`` records the parameters actually used (threshold, area bounds,
-        sigma, spacing, template shapes, rejected blobs) and, under ``"fallbacks"``, any fallback
+        sigma, spacing, template shapes, rejected blobs, the spikes' pixels and the spoiled scan
+        lines, and ``image_digest``, a CRC-32 of the image by which :func:`~atomds.ops.refine.refine`
+        knows it fits the same image and reuses those) and, under ``"fallbacks"``, any fallback
         taken (a :class:`~atomds.params.FallbackWarning` is issued once per kind).
 
     Raises
@@ -179,8 +181,11 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
     if is_tiled(da.data):
         # a large Dask-backed image: tile by tile, never held whole (atomds.ops.tiled)
         res, lazy_corr = find_tiled(da.data, **kw)
+        digest = None
     else:
-        res = core_find_atoms(_image_numpy(ds), **kw)
+        arr = _image_numpy(ds)
+        res = core_find_atoms(arr, **kw)
+        digest = image_digest(arr)  # refine reuses the spikes and spoiled lines found on this very image
     out = drop_dim_vars(ds, "atom")
     if "correlation" in out.variables:
         out = out.drop_vars("correlation")
@@ -211,6 +216,8 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
     params = _params_in_units(res.params, ps, u)
     # refine() classes the columns again only while they carry these labels (not labels set since)
     params["sublattice_digest"] = labels_digest(res.sublattice)
+    if digest is not None:
+        params["image_digest"] = digest
     params["height_map"] = is_height_map(ds)
     if height_map:
         params["residual"] = {"rounds": 0, "n_atoms": 0, "skipped": "height map: the residual passes look for dim "

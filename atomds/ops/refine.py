@@ -22,6 +22,7 @@ import xarray as xr
 
 from ..core import refine as cr
 from ..core.find.classes import fitted_classes, labels_digest
+from ..core.image import image_digest
 from ..core.neighbors import nearest_spacing
 from ..core.preprocess import CONTRASTS, turn_over
 from ..core.refine.background import BACKGROUND_BEYOND_COLUMNS, background_beyond_columns, sample_at
@@ -86,12 +87,18 @@ def _despike_message(reason: str) -> str:
     return f"refine: spikes (hot pixels) were not left out of the fits, the image could not be despiked: {reason}"
 
 
-def _prepared(image, contrast: str) -> tuple[np.ndarray, dict[str, Any]]:
+def _prepared(image, contrast: str, find_params: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """The image turned over for dark columns, with its single-pixel spikes set to NaN (left out of every fit).
 
-    Also returns what despiking did (:func:`atomds.core.refine.without_spikes`).
+    Also returns what despiking did (:func:`atomds.core.refine.without_spikes`). With
+    ``find_params`` of a ``find_atoms`` run on this very image (its recorded ``image_digest``
+    matches) with the same contrast, the spikes and spoiled lines it found are used, not looked
+    for again.
     """
-    return cr.without_spikes(turn_over(np.asarray(image), contrast))
+    arr = np.asarray(image)
+    fp = find_params or {}
+    same = bool(fp.get("image_digest")) and fp.get("contrast") == contrast and image_digest(arr) == fp["image_digest"]
+    return cr.without_spikes(turn_over(arr, contrast), found=fp if same else None)
 
 
 def _prepared_lazy(image, contrast: str) -> np.ndarray:
@@ -387,7 +394,7 @@ def refine(
                        "note": "decided in the lazy task: taken off where the columns' model leaves a background "
                                f"(beyond_columns >= {BACKGROUND_BEYOND_COLUMNS})"}
     else:
-        image, despike = _prepared(img.values, con)
+        image, despike = _prepared(img.values, con, step_params(ds, "find_atoms"))
         xp = np.asarray(sx.values, float) / ps
         yp = np.asarray(sy.values, float) / ps
         bg_info = _background_info(step_params(ds, "find_atoms") or {})
@@ -437,6 +444,9 @@ def refine(
         note_fallback(params, _DESPIKE_SKIPPED, _despike_message(despike["skipped"]))
     elif "bad_lines" in despike:
         params["bad_lines"] = despike["bad_lines"]  # left out of every fit
+        params["spikes"] = despike["spikes"]
+        if despike.get("reused"):
+            params["spikes_and_lines_from"] = "find_atoms (the same image, by its image_digest)"
     elif lazy or tiling is not None:
         params["bad_lines"] = {"note": "decided in the lazy tasks (tile by tile for a tiled image) and left out of "
                                        "their fits there; not gathered here"}

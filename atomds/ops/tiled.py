@@ -236,6 +236,7 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
     params = dict(p)
     params.pop("residual", None)
     params.pop("first_pass", None)
+    params["spike_pixels"] = None  # the probe's, in its own pixels: not the image's
     params.update(
         threshold=float(np.median(per_tile["threshold"])), z_min=float(np.median(per_tile["z_min"])),
         n_sublattices=int(labels.max()) + 1 if labels.size else 0, rejected=rejected, spikes=spikes,

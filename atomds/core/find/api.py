@@ -23,7 +23,7 @@ from ...errors import InvalidImageError, InvalidParameterError, NoAtomsFoundErro
 from ..image import CONTRAST_CHOICES, CONTRASTS, central_crop, check_image, intensity_scale, turn_over
 from ..scales import SMALL_CROP, PatchSampler, column_sigma, image_scales, noise_model
 from ..scanlines import bad_lines, fill_lines, lines_record
-from ..spikes import remove_spikes
+from ..spikes import remove_spikes, spike_record
 from .blobs import Blobs, area_bounds, find_blobs, local_reference, too_broad, unresolved
 from .classes import classify_columns, column_classes, final_labels
 from .constants import (
@@ -112,7 +112,9 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     Before everything: single-pixel spikes are replaced by the median of their neighbours
     (:func:`~atomds.core.spikes.remove_spikes`) and whole scan lines spoiled by a glitch by the
     lines on either side (:func:`~atomds.core.scanlines.bad_lines`; recorded under
-    ``params["bad_lines"]``).
+    ``params["bad_lines"]``; the spikes' pixels, up to
+    :data:`~atomds.core.spikes.SPIKES_RECORDED` of them, under ``params["spike_pixels"]``, None
+    with more).
 
     0. Local contrast: when the background varies over the image by more than half the columns'
        contrast (thickness profiles, particles on a support, steps, gradients), the envelope of
@@ -330,7 +332,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     params = {
         "threshold": thr.value, "threshold_auto": thr.auto, "min_area": lo, "max_area": hi, "z_min": zmin,
         "z_min_border": zmin_edge, "min_contrast": float(min_contrast), "lattice_check": bool(lattice_check),
-        "contrast": contrast, "spikes": int(spikes.sum()), "bad_lines": lines_record(bad_rows, bad_cols), "sigma": s,
+        "contrast": contrast, "spikes": int(spikes.sum()), "spike_pixels": spike_record(spikes), "bad_lines": lines_record(bad_rows, bad_cols), "sigma": s,
         "spacing": d, "period": period,
         "noise_variance": [float(v) for v in noise], "templates": kinds,
         "template_shape": [list(t.shape) for t in templates], "sublattice_mode": mode, "n_sublattices": n_sub,
@@ -650,6 +652,7 @@ def _second_pass(img: np.ndarray, first: FoundAtoms, kw: dict[str, Any]) -> Foun
             second.params[key] = {**p[key], **second.params.get(key, {})}
     second.params["period"] = p["period"]
     second.params["spikes"] = p["spikes"]
+    second.params["spike_pixels"] = p["spike_pixels"]
     second.params["bad_lines"] = p["bad_lines"]
     second.params["templates"] = [f"auto (class {k})" for k in range(len(class_t))]
     second.params["sublattice_mode"] = "auto (one template per class)"

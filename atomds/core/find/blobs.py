@@ -247,14 +247,22 @@ def local_reference(x, y, amp, spacing: float, *, use=None, pooled: bool = False
 
 def _group_quantiles(ids: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The ``BRIGHT_QUANTILE`` of ``vals`` within each group of the integer ``ids`` (the groups present, their
-    quantiles), by one sort: each value's rank within [0, 1) added to its id (non-finite values last
-    in their group, as a sort would put them)."""
-    fin = np.isfinite(vals)
-    lo_a = float(vals[fin].min()) if fin.any() else 0.0
-    span = float(vals[fin].max()) - lo_a if fin.any() else 0.0
-    frac = (vals - lo_a) / (span * (1.0 + 1e-9)) if span > 0 else np.zeros(vals.size)
-    order = np.argsort(ids + np.where(fin, frac, 1.0 - 1e-9))
-    cs, vs = ids[order], vals[order]
+    quantiles; non-finite values last in their group, as a sort would put them).
+
+    ``ids`` may be (k, n) for ``vals`` (n,): each value then counts in the group of each of its k
+    ids (an id < 0: in none). The values are ranked once; the groups are sorted by integer keys
+    (group and rank in one int64), not by an argsort of k copies.
+    """
+    vals = np.asarray(vals, dtype=np.float64)
+    n = vals.size
+    ids2 = np.atleast_2d(np.asarray(ids, dtype=np.int64))
+    order = np.argsort(np.where(np.isfinite(vals), vals, np.inf), kind="stable")
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    bits = max(int(n).bit_length(), 1)
+    keys = ((ids2 << bits) | rank[None, :])[ids2 >= 0]
+    keys.sort()
+    cs, vs = keys >> bits, vals[order[keys & ((1 << bits) - 1)]]
     starts = np.flatnonzero(np.r_[True, cs[1:] != cs[:-1]])
     counts = np.diff(np.r_[starts, cs.size])
     pos = starts + BRIGHT_QUANTILE * (counts - 1)
@@ -265,19 +273,18 @@ def _group_quantiles(ids: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.
 
 def _pooled_reference(cx_s, cy_s, a_s, cx, cy, ncx: int, ncy: int, glob: float) -> np.ndarray:
     """The ``BRIGHT_QUANTILE`` of the values ``a_s`` (at cells ``cx_s``, ``cy_s``) over the 3 x 3 cells around
-    each cell, at the cells ``cx``, ``cy``; ``glob`` where a box holds none (one sort over nine copies)."""
+    each cell, at the cells ``cx``, ``cy``; ``glob`` where a box holds none (one ranking, nine ids per value)."""
     fin = np.isfinite(a_s)
     cx_s, cy_s, a_s = cx_s[fin], cy_s[fin], a_s[fin]
     if a_s.size == 0:
         return np.full(cx.size, glob)
-    bid, val = [], []
+    bid = []
     for dy in (-1, 0, 1):  # each value counts in the boxes of the nine cells around its own
         for dx in (-1, 0, 1):
             bx, by = cx_s + dx, cy_s + dy
             inside = (bx >= 0) & (bx < ncx) & (by >= 0) & (by < ncy)
-            bid.append((by * ncx + bx)[inside])
-            val.append(a_s[inside])
-    ids, q = _group_quantiles(np.concatenate(bid), np.concatenate(val))
+            bid.append(np.where(inside, by * ncx + bx, -1))
+    ids, q = _group_quantiles(np.stack(bid), a_s)
     grid = np.full(ncy * ncx, np.nan)
     grid[ids] = q
     ref = grid[cy * ncx + cx]

@@ -15,9 +15,9 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from ...errors import DimensionError, InvalidImageError, InvalidParameterError
-from ..image import intensity_scale
+from ..image import as_float, intensity_scale
 from ..preprocess import turn_over
-from ..scanlines import bad_lines, fill_lines, lines_record
+from ..scanlines import bad_lines, fill_lines, lines_from_record, lines_record
 from ..spikes import remove_spikes
 from .batched import gather
 from .constants import NOISE_ATOMS, PRIOR_MIN_REL, RING_FRACTION, SETTINGS_ATOMS
@@ -225,7 +225,7 @@ def refine_gaussian(
         return _refine(img, plan, mdl, sel, st, nz, n_refits, max_iter, tol, width_prior, joint, noise is None)
 
 
-def without_spikes(image: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+def without_spikes(image: np.ndarray, *, found: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """``image`` with its single-pixel spikes and its spoiled scan lines (:func:`atomds.core.scanlines.bad_lines`)
     set to NaN (left out of every fit), and what was done.
 
@@ -233,6 +233,12 @@ def without_spikes(image: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
     ----------
     image : 2-D array
         Intensities.
+    found : dict, optional
+        What an earlier step found on this very image (``find_atoms``'s params, as the same
+        contrast turned it): ``spike_pixels`` (``[[row, column], ...]``) and ``bad_lines``
+        (:func:`atomds.core.scanlines.lines_record`). When both are complete they are used and
+        nothing is looked for again (``"reused": True`` in the info); the caller makes sure the
+        image is the same (:func:`atomds.core.image.image_digest`).
 
     Returns
     -------
@@ -244,12 +250,35 @@ def without_spikes(image: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         NaN pixels, is constant or too small): the image is then returned unchanged, and the caller
         records the fallback.
     """
+    known = _known_defects(found, np.shape(image))
+    if known is not None:
+        iy, ix, rows, cols = known
+        out = np.asarray(image)
+        if iy.size:
+            out = as_float(out).copy()
+            out[iy, ix] = np.nan
+        info = {"spikes": int(iy.size), "bad_lines": lines_record(rows, cols), "reused": True}
+        return fill_lines(out, rows, cols, fill="nan"), info
     try:
         out, mask = remove_spikes(image, fill="nan")
     except InvalidImageError as exc:
         return image, {"skipped": str(exc)}
     rows, cols = bad_lines(out)
     return fill_lines(out, rows, cols, fill="nan"), {"spikes": int(mask.sum()), "bad_lines": lines_record(rows, cols)}
+
+
+def _known_defects(found: dict[str, Any] | None, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Spike rows and columns and bad-line masks from ``found`` (see :func:`without_spikes`); None when incomplete."""
+    if not found or found.get("spike_pixels") is None or len(shape) != 2:
+        return None
+    lines = lines_from_record(found.get("bad_lines"), shape)
+    try:
+        pix = np.asarray(found["spike_pixels"], dtype=np.int64).reshape(-1, 2)
+    except (TypeError, ValueError):
+        return None
+    if lines is None or np.any(pix < 0) or np.any(pix >= np.asarray(shape)):
+        return None
+    return pix[:, 0], pix[:, 1], lines[0], lines[1]
 
 
 def _refine(
