@@ -600,6 +600,18 @@ def test_a_given_width_decides_the_joint_fit_even_with_estimated_settings():
     assert not refine.refine_gaussian(image, x, y, settings=st, sigma=1.0)["joint"].any()
 
 
+def test_a_joint_fit_can_hold_the_width_given():
+    image, x, y = _filled_lattice("hexagonal", 3.6, 4000.0, 0.5, shape=96)
+    held = refine.refine_gaussian(image, x, y, sigma=2.3, joint=True, joint_width="given")
+    free = refine.refine_gaussian(image, x, y, sigma=2.3, joint=True)
+    assert held["joint"].all() and free["joint"].all()
+    ok = held["fit_ok"]
+    np.testing.assert_allclose(held["sigma"][ok], 2.3, rtol=1e-12)
+    assert abs(np.nanmedian(free["sigma"]) - 2.3) > 0.05  # the columns are 2 px wide: a free width moves there
+    with pytest.raises(InvalidParameterError, match="joint_width"):
+        refine.refine_gaussian(image, x, y, joint_width="free")
+
+
 def test_counts_and_width_where_the_lattice_runs_past_the_border():
     # columns 3.9 widths apart, the lattice running on past the image border: the light of the
     # columns beyond it, which no seed models, pulled the shared width and with it every column's

@@ -71,6 +71,7 @@ def refine_gaussian(
     contrast: str = "bright",
     engine: str = "auto",
     joint: bool | str = "auto",
+    joint_width: str = "fitted",
 ) -> dict[str, np.ndarray]:
     """Fit a 2-D Gaussian to every atom at once (batched Levenberg-Marquardt).
 
@@ -149,6 +150,12 @@ def refine_gaussian(
         width, or the width measured again by a joint fit of a patch where that is wider), after
         the passes (well-separated lattices are not touched); True: every column; False: none. Only with
         the isotropic model and ``neighbor_subtraction``.
+    joint_width : {"fitted", "given"}
+        The joint fit's shared column width: fitted with the columns ("fitted", the default), or
+        held at the width of the passes (``sigma`` where given), "given": a test of whether a
+        column is there (the finder's residual passes) needs no width of its own, and on a
+        background the grid does not follow (the steep rim of a particle) a free width grew to
+        twice the columns' and held the fit at its iteration limit.
 
     Returns
     -------
@@ -188,13 +195,15 @@ def refine_gaussian(
             max_iter=max_iter, neighbor_subtraction=neighbor_subtraction, n_refits=n_refits, tol=tol,
             width_prior=width_prior, settings=None if settings is None else settings_times(settings, 1.0 / k),
             subset=subset, despike=despike,
-            contrast=contrast, engine=engine, joint=joint,
+            contrast=contrast, engine=engine, joint=joint, joint_width=joint_width,
         )
         return fit_times(res, k)
     x, y = _as_positions(x, y, img.shape)
     mdl = get_model(model)
     compiled = check_engine(engine, model)
     check_joint(joint, model)
+    if joint_width not in JOINT_WIDTHS:
+        raise InvalidParameterError(f"joint_width must be one of {JOINT_WIDTHS}; got {joint_width!r}.")
     _check_iterations(max_iter, n_refits, tol)
     _check_sigma(sigma)
     n_all = x.size
@@ -222,7 +231,8 @@ def refine_gaussian(
         img = without_spikes(img)[0]
     with _blas_single_thread():
         plan = Plan(img, x, y, window, neighbor_subtraction, compiled)
-        return _refine(img, plan, mdl, sel, st, nz, n_refits, max_iter, tol, width_prior, joint, noise is None)
+        return _refine(img, plan, mdl, sel, st, nz, n_refits, max_iter, tol, width_prior, joint, noise is None,
+                       joint_width == "given")
 
 
 def without_spikes(image: np.ndarray, *, found: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -283,7 +293,7 @@ def _known_defects(found: dict[str, Any] | None, shape) -> tuple[np.ndarray, np.
 
 def _refine(
     img, plan: Plan, mdl: Isotropic | Elliptical, sel, st, nz: Noise | None, n_refits, max_iter, tol, width_prior,
-    joint: bool | str = False, noise_estimated: bool = True,
+    joint: bool | str = False, noise_estimated: bool = True, width_held: bool = False,
 ):
     """Settings (estimated where not given), width prior and passes; the results of atoms ``sel``."""
     work = _fit_image(img)
@@ -327,7 +337,7 @@ def _refine(
         work, p, ok, members, nn_median=nn_median, noise=plan.weighted(UNIFORM if nz is None else nz, work),
         radius=radius, prior=plan.prior, sigma_max=plan.sigma_max,
         max_move=plan.max_move, max_iter=max(max_iter, JOINT_MIN_ITER), tol=tol,
-        refit_noise=noise_estimated,
+        refit_noise=noise_estimated, fixed_width=width_held,
     )
     out = _results(img, plan, mdl, need, p[need], ok[need], it, h, m)
     _put_joint(out, np.searchsorted(need, members), res)
@@ -536,6 +546,9 @@ def check_engine(engine: str, model: str = "gaussian") -> bool:
         )
     return engine != "numpy"
 
+
+#: Values of :func:`refine_gaussian`'s ``joint_width``.
+JOINT_WIDTHS = ("fitted", "given")
 
 #: Values of :func:`refine_gaussian`'s ``joint``.
 JOINT_OPTIONS = ("auto", True, False)

@@ -112,7 +112,7 @@ def overlapping(nn: np.ndarray, sigma: float) -> np.ndarray:
 def fit_joint(
     img: np.ndarray, p_all: np.ndarray, ok_all: np.ndarray, members: np.ndarray, *, nn_median: float,
     noise: Noise, radius: float, prior: tuple[float, float] | None, sigma_max: float, max_move: np.ndarray,
-    max_iter: int, tol: float, refit_noise: bool = True,
+    max_iter: int, tol: float, refit_noise: bool = True, fixed_width: bool = False,
 ) -> dict[str, np.ndarray]:
     """Jointly refit the atoms ``members`` of an image whose atoms have the fits ``p_all``.
 
@@ -144,6 +144,9 @@ def fit_joint(
     refit_noise : bool
         Re-estimate the noise model from the joint residuals (groups of at least
         :data:`NOISE_REFIT_PIXELS` pixels; for a noise model estimated, not given).
+    fixed_width : bool
+        Hold every group's shared width at the prior's mean (the median start width without a
+        prior) instead of fitting it; the tiles' widths are then not pooled.
 
     Returns
     -------
@@ -186,13 +189,14 @@ def fit_joint(
         if not inside_band(p_all[free[keep], 0], p_all[free[keep], 1], img.shape, edge, box).any():
             # no column of the tile clear of the band (a tiny image, a row along a border): fitted
             # with every pixel, as before the band
-            res = _best_background(img, valid, p_all[free, :4], p_all[fixed, :4], keep, max_move=max_move[free], **common)
+            res = _best_background(img, valid, p_all[free, :4], p_all[fixed, :4], keep, max_move=max_move[free],
+                                   fixed_width=fixed_width, **common)
             fits.append((res, 0.0, 0.0, None))
             continue
         res = _best_background(img, valid, p_all[free, :4], p_all[fixed, :4], keep, max_move=max_move[free],
-                               edge=edge, box=box, **common)
+                               edge=edge, box=box, fixed_width=fixed_width, **common)
         fits.append((res, edge, radius, box))
-    if len(fits) > 1:
+    if len(fits) > 1 and not fixed_width:
         _pool_widths(img, valid, p_all, boxes, fits, max_move, common)
     for (free, _, keep, _), (res, t_edge, t_reach, t_box) in zip(boxes, fits):
         _put_tile(out, members, free, keep, res, band, width, p_all, img.shape, t_edge, t_reach, t_box)
