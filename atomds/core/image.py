@@ -60,7 +60,7 @@ def image_digest(image) -> str:
     import zlib
 
     arr = np.ascontiguousarray(np.asarray(image))
-    return f"crc32:{zlib.crc32(memoryview(arr).cast('B')):08x}:{arr.dtype.str}:{'x'.join(map(str, arr.shape))}"
+    return f"crc32:{zlib.crc32(arr.data.cast('B')):08x}:{arr.dtype.str}:{'x'.join(map(str, arr.shape))}"
 
 
 def check_image(image, *, name: str = "image", min_size: int = 8) -> np.ndarray:
