@@ -282,9 +282,7 @@ def real_columns(img: np.ndarray, x, y, peak: np.ndarray, cls: np.ndarray, ok: n
     ``KEEP_NEIGHBOURS`` nearest ``ok`` blobs of its class (its species nearby) and significantly
     above ``VERY_WEAK`` of it (both by ``KEEP_ERRORS`` standard errors of the height: a column at
     0.6 is not lost to its noise, and a noisy speck of a film is not kept for it), and its shape
-    match is no worse
-    than theirs by more than ``KEEP_SHAPE_SD`` robust standard deviations (a broad amorphous blob
-    fails). Specks of amorphous material and dim blobs in a hole are a fraction of a column's
+    is theirs at its signal-to-noise ratio (:func:`well_formed`: a broad amorphous blob fails). Specks of amorphous material and dim blobs in a hole are a fraction of a column's
     height and stay subject to the lattice tests. Only the candidates and their neighbours are
     measured, so a clean image costs nothing.
 
@@ -323,15 +321,38 @@ def real_columns(img: np.ndarray, x, y, peak: np.ndarray, cls: np.ndarray, ok: n
         height, match, err = (np.zeros(x.size) for _ in range(3))
         height[used], match[used], err[used] = _best_column_match(img, peak[used], sigma)
         local = np.median(height[nn], axis=1)
-        ref_m = match[np.unique(nn)]
-        med = float(np.median(ref_m))
-        spread = MAD_TO_STD * float(np.median(np.abs(ref_m - med)))
+        refs = np.unique(nn)
         # not significantly below KEEP_AMPLITUDE of its species nearby, and significantly above
         # the level where a blob must prove its lattice (VERY_WEAK): noisy specks fail the second
         h, e = height[mine], KEEP_ERRORS * err[mine]
         bright = (h + e >= KEEP_AMPLITUDE * local) & (h - e >= VERY_WEAK * local)
-        out[mine] = bright & (match[mine] >= med - KEEP_SHAPE_SD * spread)
+        out[mine] = bright & well_formed(h, match[mine], height[refs], match[refs])
     return out
+
+
+def well_formed(height, match, ref_height, ref_match) -> np.ndarray:
+    """Whether columns of single-column peak ``height`` and shape ``match`` (:func:`~atomds.core.find.blobs.column_match`)
+    are shaped like the reference columns (``ref_height``, ``ref_match``), given their signal-to-noise ratio.
+
+    A column's match falls with its signal-to-noise ratio (a fainter column's patch is noisier:
+    interstitials at 0.7 of a column's counts matched 0.85-0.92 where the columns matched 0.93,
+    and failed a bar set by the columns' own spread). The references' noise term
+    ``c = h^2 (1 / m^2 - 1)`` (median) gives the match expected of a column of height ``h``,
+    ``1 / sqrt(1 + c / h^2)``; a column is well-formed when its match is no worse than that by
+    more than ``KEEP_SHAPE_SD`` robust standard deviations of the references' matches. A broad
+    blob of a film matches worse than a column of its height, whatever the noise.
+    """
+    h, m = np.asarray(height, dtype=np.float64), np.asarray(match, dtype=np.float64)
+    hr, mr = np.asarray(ref_height, dtype=np.float64), np.asarray(ref_match, dtype=np.float64)
+    good = (hr > 0) & (mr > 0) & np.isfinite(hr) & np.isfinite(mr)
+    if not good.any():
+        return np.zeros(h.size, dtype=bool)
+    c = max(float(np.median(hr[good] ** 2 * (1.0 / np.minimum(mr[good], 1.0) ** 2 - 1.0))), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = np.where(h > 0, 1.0 / np.sqrt(1.0 + c / np.maximum(h, 1e-300) ** 2), 1.0)
+    med = float(np.median(mr[good]))
+    spread = MAD_TO_STD * float(np.median(np.abs(mr[good] - med)))
+    return m >= expected - KEEP_SHAPE_SD * spread
 
 
 def _best_column_match(img: np.ndarray, peak: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

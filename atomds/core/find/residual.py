@@ -31,9 +31,11 @@ from .constants import (
     JOINT_TEST_WIDTHS,
     KEEP_AMPLITUDE,
     KEEP_ERRORS,
+    KEEP_NEIGHBOURS,
     LOBE_MIN,
     LOBE_PAIRED,
     LOBE_SPACINGS,
+    MIN_CLASS_COUNT,
     MIN_LATTICE_ANCHORS,
     RESIDUAL_BACKGROUND_WIDTHS,
     RESIDUAL_BORDER_SHIFT,
@@ -46,8 +48,11 @@ from .constants import (
     SITE_POSITION_SD,
     SITE_TOL,
     SITE_TOL_MAX,
+    SURROUND_SECTORS,
+    SURROUND_SPACINGS,
     TRANSLATION_REACH,
     TRANSLATION_SHARE,
+    VERY_WEAK,
 )
 from .significance import noise_z_threshold
 
@@ -452,7 +457,93 @@ def _round_candidates(residual: np.ndarray, image: np.ndarray, fx, fy, *, sigma:
                                            z_floor=floor, border=border)
     if cx.size == 0 or not lattice:
         return cx, cy, cz
-    return _on_lattice(cx, cy, cz, zmin, fx, fy, spacing, sigma=sigma, shape=residual.shape)
+    sx, sy, sz = _on_lattice(cx, cy, cz, zmin, fx, fy, spacing, sigma=sigma, shape=residual.shape)
+    # a column as bright and as sharp as the columns around it is one wherever it sits (an
+    # interstitial, a column at a boundary): the lattice tests judge only the fainter maxima
+    rest = (cz >= zmin) & ~np.isin(np.arange(cx.size), _rows_of(cx, cy, sx, sy))
+    if rest.any():
+        rest[rest] = surrounded(cx[rest], cy[rest], fx, fy, SURROUND_SPACINGS * spacing)
+    if rest.any():
+        real = rest.copy()
+        real[rest] = real_residual_columns(residual, image, cx[rest], cy[rest], fx, fy, sigma)
+        sx, sy, sz = np.r_[sx, cx[real]], np.r_[sy, cy[real]], np.r_[sz, cz[real]]
+    return sx, sy, sz
+
+
+def surrounded(cx, cy, fx, fy, radius: float, sectors: int = SURROUND_SECTORS) -> np.ndarray:
+    """Whether each point ``(cx, cy)`` has columns ``(fx, fy)`` within ``radius`` (px) in every one of
+    ``sectors`` equal angular sectors around it: inside the crystal (an interstitial, a column at a
+    grain boundary or a dislocation core), not beyond its edge (a speck of the support beside a
+    particle, the rim of a hole) nor inside an amorphous patch wider than ``radius``."""
+    from scipy.spatial import cKDTree
+
+    cx, cy = np.asarray(cx, dtype=np.float64), np.asarray(cy, dtype=np.float64)
+    out = np.zeros(cx.size, dtype=bool)
+    fin = np.isfinite(fx) & np.isfinite(fy)
+    if cx.size == 0 or not fin.any():
+        return out
+    fx, fy = np.asarray(fx, dtype=np.float64)[fin], np.asarray(fy, dtype=np.float64)[fin]
+    for i, nb in enumerate(cKDTree(np.c_[fx, fy]).query_ball_point(np.c_[cx, cy], radius)):
+        if len(nb) < sectors:
+            continue
+        ang = np.arctan2(fy[nb] - cy[i], fx[nb] - cx[i])
+        k = np.floor((ang + np.pi) / (2.0 * np.pi) * sectors).astype(np.int64) % sectors
+        out[i] = np.unique(k).size == sectors
+    return out
+
+
+def _rows_of(cx, cy, sx, sy) -> np.ndarray:
+    """Indices of the points ``(sx, sy)`` among the points ``(cx, cy)`` (each is one of them)."""
+    if np.size(sx) == 0:
+        return np.zeros(0, dtype=np.int64)
+    from scipy.spatial import cKDTree
+
+    return cKDTree(np.c_[cx, cy]).query(np.c_[sx, sy])[1].astype(np.int64)
+
+
+def real_residual_columns(residual: np.ndarray, image: np.ndarray, cx, cy, fx, fy, sigma: float) -> np.ndarray:
+    """Which residual maxima ``(cx, cy)`` are columns as bright and as sharp as the columns ``(fx, fy)`` around them.
+
+    The residual passes' counterpart of :func:`~atomds.core.find.lattice.real_columns`: an
+    interstitial, or a column at a grain boundary or a dislocation core, sits on no site of the
+    lattice, and the first pass's template (which carries the lattice's surroundings) can miss
+    it. It is kept when its single-column peak height in the residual (its neighbours'
+    model taken off; :func:`~atomds.core.find.blobs.column_match` at the best pixel within one
+    sigma) is not significantly below ``KEEP_AMPLITUDE`` (0.6) of the median height of its
+    ``KEEP_NEIGHBOURS`` nearest columns in the image, is significantly above ``VERY_WEAK`` of it
+    (both by ``KEEP_ERRORS`` standard errors), and its shape is theirs
+    (:func:`~atomds.core.find.lattice.well_formed`). Specks of an amorphous support and
+    dim blobs in a hole are a fraction of a column's height and stay subject to the lattice
+    tests. (:func:`_round_candidates` asks this only of maxima :func:`surrounded` by columns:
+    beside a particle on a support, specks as bright as its thin rim columns sit beyond its edge.)
+    """
+    from scipy.spatial import cKDTree
+
+    from .lattice import _best_column_match, well_formed
+
+    cx, cy = np.asarray(cx, dtype=np.float64), np.asarray(cy, dtype=np.float64)
+    fx, fy = np.asarray(fx, dtype=np.float64), np.asarray(fy, dtype=np.float64)
+    out = np.zeros(cx.size, dtype=bool)
+    fin = np.isfinite(fx) & np.isfinite(fy)
+    if cx.size == 0 or np.count_nonzero(fin) < MIN_CLASS_COUNT:
+        return out
+    fx, fy = fx[fin], fy[fin]
+    ny, nx = image.shape
+
+    def pixel(x, y):
+        return np.clip(np.rint(y), 0, ny - 1).astype(np.int64) * nx + np.clip(np.rint(x), 0, nx - 1).astype(np.int64)
+
+    kk = min(KEEP_NEIGHBOURS, fx.size)
+    _, nn = cKDTree(np.c_[fx, fy]).query(np.c_[cx, cy], k=kk)
+    nn = np.asarray(nn, dtype=np.int64).reshape(cx.size, kk)
+    used = np.unique(nn)
+    height, match = np.zeros(fx.size), np.zeros(fx.size)
+    height[used], match[used], _ = _best_column_match(np.asarray(image, dtype=np.float64), pixel(fx[used], fy[used]),
+                                                      sigma)
+    local = np.median(height[nn], axis=1)
+    h, m, e = _best_column_match(np.asarray(residual, dtype=np.float64), pixel(cx, cy), sigma)
+    bright = (h + KEEP_ERRORS * e >= KEEP_AMPLITUDE * local) & (h - KEEP_ERRORS * e >= VERY_WEAK * local)
+    return bright & (local > 0) & well_formed(h, m, height[used], match[used])
 
 
 def _on_lattice(cx, cy, cz, zmin: float, fx, fy, spacing: float, *, sigma: float,
