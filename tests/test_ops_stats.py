@@ -466,6 +466,54 @@ def test_rotated_grains_of_one_phase_are_one_phase(seed):
     assert out.sizes["region_id"] == 1, json.loads(out.attrs["regions_params"])
 
 
+def _scan_distorted(seed: int, lattice: str, shear: float = 0.05, wobble: float = 6.0, period: float = 400.0,
+                    spacing: float = 15.0, noise_px: float = 0.08) -> xr.Dataset:
+    """Atoms of one lattice under a slow-scan distortion: x shifted by ``shear`` y plus a ``wobble`` px
+    sinusoid of ``period`` rows (640^2 px, 0.1 Å/px, positions with ``noise_px`` noise)."""
+    rng = np.random.default_rng(seed)
+    n = np.arange(-60, 60)
+    i, j = (a.ravel() for a in np.meshgrid(n, n))
+    if lattice == "square":
+        p = np.c_[i * spacing, j * spacing]
+    else:
+        p = np.c_[i * spacing + j * spacing / 2, j * spacing * np.sqrt(3) / 2]
+    p = np.c_[p[:, 0] + shear * p[:, 1] + wobble * np.sin(2 * np.pi * p[:, 1] / period + seed), p[:, 1]]
+    p = p[(p[:, 0] > -3) & (p[:, 0] < 643) & (p[:, 1] > -3) & (p[:, 1] < 643)]
+    p = p + rng.normal(0, noise_px, p.shape)
+    attrs = {"units": "Å", "long_name": "x"}
+    return xr.Dataset({"atom_x": ("atom", 0.1 * p[:, 0], attrs), "atom_y": ("atom", 0.1 * p[:, 1], {**attrs, "long_name": "y"})},
+                      attrs={"pixel_size": 0.1, "units": "Å"})
+
+
+@pytest.mark.parametrize("seed, lattice, shear, wobble", [(1, "square", 0.05, 6.0), (3, "square", 0.05, 6.0),
+                                                          (1, "hexagonal", 0.0, 4.0), (2, "hexagonal", 0.0, 4.0)])
+def test_a_lattice_distorted_by_the_scan_is_one_phase(seed, lattice, shear, wobble):
+    """Slow-scan drift: a shear and a sinusoidal wobble make the local lattice vary by several per cent
+    across the image. Its neighbourhoods run smoothly from one k-means cluster to the other (the
+    arcsine spread of a sinusoid's slope shows a valley), and across their contacts the descriptor
+    steps by a fraction of the clusters' distance: one phase (these gave two regions). Seed 2 of the
+    square lattice still gives two: where the shear changes sign the fifth and sixth neighbours
+    swap diagonals, the descriptor jumps, and two clusters interleave without a gradual contact."""
+    ds = neighborhoods(_scan_distorted(seed, lattice, shear=shear, wobble=wobble), descriptor="phase")
+    out = learn.regions(learn.kmeans(ds, learn.suggest_k(ds)))
+    assert out.sizes["region_id"] == 1, json.loads(out.attrs["regions_params"])
+
+
+def test_gradual_contacts_tell_a_gradient_from_an_interface():
+    from atomds.core.regions import gradual_contacts
+
+    # a chain of atoms whose one feature runs from 0 to 1 over 20 atoms (cut at 0.5) and one that
+    # jumps from 0 to 1 at its middle: neighbours are the atoms before and after
+    n = 40
+    idx = np.c_[np.arange(n) - 1, np.arange(n) + 1]
+    idx[idx >= n] = -1
+    lab = (np.arange(n) >= n // 2).astype(np.int64)
+    ramp = np.clip((np.arange(n) - 10) / 20.0, 0, 1)[:, None]
+    step = lab[:, None].astype(float)
+    assert gradual_contacts(ramp, lab, idx, min_pairs=1)[0, 1]
+    assert not gradual_contacts(step, lab, idx, min_pairs=1)[0, 1]
+
+
 @pytest.mark.parametrize("seed", [1, 5])
 def test_a_disordered_looking_grain_boundary_within_one_phase_is_no_phase(seed):
     """Two grains of one hexagonal phase along a wavy sharp boundary: the columns on both sides have

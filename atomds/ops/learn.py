@@ -326,8 +326,11 @@ def regions(
        on their own when K is generous - is dissolved, each atom going to the nearer of the two
        (:func:`atomds.core.regions.dissolve_transitions`).
     2. ``merge``: clusters that are different sites of one phase (their atoms are each other's
-       neighbours more often than their own) are joined (:func:`atomds.core.regions.merge_sites`);
-       clusters of separate regions, which touch only along a border, stay apart.
+       neighbours more often than their own) are joined (:func:`atomds.core.regions.merge_sites`),
+       and so are clusters across whose contacts the descriptor changes only gradually, over more
+       than two or three columns (:func:`atomds.core.regions.gradual_contacts`: one lattice under
+       a strain gradient or a scan distortion); clusters of separate regions, which touch only
+       along a border where the lattice changes, stay apart.
     3. ``dissolve``: a region that is a line rather than an area - an interface one column wide
        (antiphase or grain boundary) or scattered defect sites, with fewer than 42 % of its
        neighbour pairs inside it - is given to the regions around it
@@ -376,7 +379,8 @@ def regions(
         compact = np.full(L, -1, dtype=np.int64)
         compact[alive] = np.arange(alive.size)
         sub = np.where(lab >= 0, compact[np.maximum(lab, 0)], -1)
-        m = cregions.merge_sites(sub, idx, alive.size)
+        desc = np.asarray(ds["descriptor"].values, float) if "descriptor" in ds.variables else None
+        m = cregions.merge_sites(sub, idx, alive.size, descriptor=desc if desc is not None and desc.ndim == 2 else None)
         mapping = np.full(L, -1, dtype=np.int64)
         mapping[alive] = m
     else:
