@@ -445,6 +445,8 @@ def refine(
     elif "bad_lines" in despike:
         params["bad_lines"] = despike["bad_lines"]  # left out of every fit
         params["spikes"] = despike["spikes"]
+        if "line_noise" in despike:
+            params["line_noise"] = despike["line_noise"]
         if despike.get("reused"):
             params["spikes_and_lines_from"] = "find_atoms (the same image, by its image_digest)"
     elif lazy or tiling is not None:

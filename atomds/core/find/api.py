@@ -22,7 +22,7 @@ import numpy as np
 from ...errors import InvalidImageError, InvalidParameterError, NoAtomsFoundError
 from ..image import CONTRAST_CHOICES, CONTRASTS, central_crop, check_image, intensity_scale, turn_over
 from ..scales import SMALL_CROP, PatchSampler, column_sigma, image_scales, noise_model
-from ..scanlines import bad_lines, fill_lines, lines_record
+from ..scanlines import bad_lines, fill_lines, lines_record, remove_row_offsets
 from ..spikes import remove_spikes, spike_record
 from .blobs import Blobs, area_bounds, find_blobs, local_reference, too_broad, unresolved
 from .classes import classify_columns, column_classes, final_labels
@@ -110,11 +110,13 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     Pipeline (every step vectorised over pixels or blobs):
 
     Before everything: single-pixel spikes are replaced by the median of their neighbours
-    (:func:`~atomds.core.spikes.remove_spikes`) and whole scan lines spoiled by a glitch by the
-    lines on either side (:func:`~atomds.core.scanlines.bad_lines`; recorded under
-    ``params["bad_lines"]``; the spikes' pixels, up to
-    :data:`~atomds.core.spikes.SPIKES_RECORDED` of them, under ``params["spike_pixels"]``, None
-    with more).
+    (:func:`~atomds.core.spikes.remove_spikes`; their pixels, up to
+    :data:`~atomds.core.spikes.SPIKES_RECORDED` of them, recorded under ``params["spike_pixels"]``,
+    None with more), whole scan lines spoiled by a glitch by the lines on either side
+    (:func:`~atomds.core.scanlines.bad_lines`; recorded under ``params["bad_lines"]``), and line
+    noise, each slow-scan line offset by its own amount, is taken off the rows where it is seen
+    (:func:`~atomds.core.scanlines.remove_row_offsets`; recorded under ``params["line_noise"]``; the
+    noise model is then estimated again on the corrected image).
 
     0. Local contrast: when the background varies over the image by more than half the columns'
        contrast (thickness profiles, particles on a support, steps, gradients), the envelope of
@@ -311,6 +313,11 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     # "columns": filled from the lines on either side for finding (refinement leaves them out)
     bad_rows, bad_cols = bad_lines(img)
     img = fill_lines(img, bad_rows, bad_cols)
+    # line noise (every slow-scan line offset by its own amount) is streaks the correlation breaks
+    # into "columns" and a noise the model of independent pixels does not hold: taken off the rows
+    img, line_noise = remove_row_offsets(img)
+    if line_noise["applied"]:
+        noise = noise_model(img)
     _check_arguments(threshold, min_area, max_area, sigma, spacing, z_min, min_contrast, sublattices)
     specs = _template_specs(template, img.shape)
     # local contrast: a background that varies more than the columns do (thickness, particles on
@@ -332,7 +339,8 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     params = {
         "threshold": thr.value, "threshold_auto": thr.auto, "min_area": lo, "max_area": hi, "z_min": zmin,
         "z_min_border": zmin_edge, "min_contrast": float(min_contrast), "lattice_check": bool(lattice_check),
-        "contrast": contrast, "spikes": int(spikes.sum()), "spike_pixels": spike_record(spikes), "bad_lines": lines_record(bad_rows, bad_cols), "sigma": s,
+        "contrast": contrast, "spikes": int(spikes.sum()), "spike_pixels": spike_record(spikes),
+        "bad_lines": lines_record(bad_rows, bad_cols), "line_noise": line_noise, "sigma": s,
         "spacing": d, "period": period,
         "noise_variance": [float(v) for v in noise], "templates": kinds,
         "template_shape": [list(t.shape) for t in templates], "sublattice_mode": mode, "n_sublattices": n_sub,
@@ -654,6 +662,7 @@ def _second_pass(img: np.ndarray, first: FoundAtoms, kw: dict[str, Any]) -> Foun
     second.params["spikes"] = p["spikes"]
     second.params["spike_pixels"] = p["spike_pixels"]
     second.params["bad_lines"] = p["bad_lines"]
+    second.params["line_noise"] = p["line_noise"]
     second.params["templates"] = [f"auto (class {k})" for k in range(len(class_t))]
     second.params["sublattice_mode"] = "auto (one template per class)"
     second.params["first_pass"] = {k: p[k] for k in ("threshold", "n_sublattices")}

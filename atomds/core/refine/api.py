@@ -17,7 +17,7 @@ from scipy.spatial import cKDTree
 from ...errors import DimensionError, InvalidImageError, InvalidParameterError
 from ..image import as_float, intensity_scale
 from ..preprocess import turn_over
-from ..scanlines import bad_lines, fill_lines, lines_from_record, lines_record
+from ..scanlines import bad_lines, fill_lines, lines_from_record, lines_record, remove_row_offsets
 from ..spikes import remove_spikes
 from .batched import gather
 from .constants import NOISE_ATOMS, PRIOR_MIN_REL, RING_FRACTION, SETTINGS_ATOMS
@@ -254,9 +254,12 @@ def without_spikes(image: np.ndarray, *, found: dict[str, Any] | None = None) ->
     -------
     image : ndarray
         A float copy with NaN at the spikes when there are any (:func:`atomds.core.spikes.remove_spikes`),
-        else the image itself.
+        and less the rows' offsets where it carries line noise
+        (:func:`atomds.core.scanlines.remove_row_offsets`; decided as the finder did where ``found``
+        is used), else the image itself.
     info : dict
-        ``{"spikes": n, "bad_lines": {...}}`` (:func:`atomds.core.scanlines.lines_record`), or ``{"skipped": reason}`` when the image cannot be despiked (it holds
+        ``{"spikes": n, "bad_lines": {...}, "line_noise": {...}}`` (:func:`atomds.core.scanlines.lines_record`,
+        :func:`~atomds.core.scanlines.remove_row_offsets`), or ``{"skipped": reason}`` when the image cannot be despiked (it holds
         NaN pixels, is constant or too small): the image is then returned unchanged, and the caller
         records the fallback.
     """
@@ -268,13 +271,22 @@ def without_spikes(image: np.ndarray, *, found: dict[str, Any] | None = None) ->
             out = as_float(out).copy()
             out[iy, ix] = np.nan
         info = {"spikes": int(iy.size), "bad_lines": lines_record(rows, cols), "reused": True}
-        return fill_lines(out, rows, cols, fill="nan"), info
+        out = fill_lines(out, rows, cols, fill="nan")
+        seen = (found or {}).get("line_noise") or {}
+        if seen.get("applied") and seen.get("ratio") is not None:  # the finder saw line noise: taken off again
+            out, info["line_noise"] = remove_row_offsets(out, ratio=float(seen["ratio"]))
+        elif "applied" in seen:
+            info["line_noise"] = seen
+        else:
+            out, info["line_noise"] = remove_row_offsets(out)
+        return out, info
     try:
         out, mask = remove_spikes(image, fill="nan")
     except InvalidImageError as exc:
         return image, {"skipped": str(exc)}
     rows, cols = bad_lines(out)
-    return fill_lines(out, rows, cols, fill="nan"), {"spikes": int(mask.sum()), "bad_lines": lines_record(rows, cols)}
+    out, line_noise = remove_row_offsets(fill_lines(out, rows, cols, fill="nan"))
+    return out, {"spikes": int(mask.sum()), "bad_lines": lines_record(rows, cols), "line_noise": line_noise}
 
 
 def _known_defects(found: dict[str, Any] | None, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
