@@ -38,6 +38,9 @@ and each is run once through ``atomds.from_array(image, ...).lcx.find_atoms()`` 
 - ``interstitials``: four images of a square lattice (16 px, width 2.3 px, 2500 counts, 4 %
   vacancies, a random angle) with 12 interstitials at cell centres of 0.7 of a column's counts,
   512^2 px: interstitials found in each.
+- ``hits``: a hexagonal lattice (14 px, width 2 px, 1500 counts) with 52 hits of 2 x 2 and 3 x 1
+  pixels at twenty times its brightest pixel (cosmic rays on a CCD), 512^2 px: recall, finds
+  matching no column, the column width read.
 - ``scan_drift``: a square lattice (15 px) under slow-scan drift (x shifted by 5 % of y and by a
   6 px sinusoid of 400 rows: local shear -4 to +14 %), 640^2 px, ``atomds.analyze``: regions.
 
@@ -67,7 +70,7 @@ from bench_find_refine import write_section  # noqa: E402
 SECTION = "## Images unlike the samples"
 RESULTS = Path(__file__).with_name("RESULTS.md")
 CASES = ("au_on_carbon", "au_big", "stm", "stm_small", "abf", "mos2", "glitches", "wedge", "two_grains",
-         "line_noise", "line_noise_aligned", "interstitials", "scan_drift")
+         "line_noise", "line_noise_aligned", "interstitials", "scan_drift", "hits")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,6 +381,33 @@ def interstitials(seed: int) -> dict:
             "extra": f"{', '.join(map(str, found))} of 12 interstitials found; {extra} finds match no column"}
 
 
+def hits(seed: int) -> dict:
+    """A hexagonal lattice with 52 compact hits (2 x 2 and 3 x 1 pixels at 20 times the brightest pixel)."""
+    rng = np.random.default_rng(seed)
+    shape, a, sig = (512, 512), 14.0, 2.0
+    ang = rng.uniform(0, np.pi)
+    p, _ = lattice(shape, rot((a, 0), ang), rot((a / 2, a * np.sqrt(3) / 2), ang), [(0, 0)])
+    image = rng.poisson(render(shape, p[:, 0], p[:, 1], 1500.0, sig) + 15).astype(np.float32)
+    hot = 20 * image.max()
+    for k, (y, x) in enumerate(zip(rng.integers(2, 508, 52), rng.integers(2, 508, 52))):
+        if k % 2:
+            image[y : y + 2, x : x + 2] = hot
+        else:
+            image[y, x : x + 3] = hot
+    t0 = time.perf_counter()
+    f = atomds.from_array(image, pixel_size=0.1, units="Å").lcx.find_atoms()
+    sec = time.perf_counter() - t0
+    fx, fy = f["atom_x"].values / 0.1, f["atom_y"].values / 0.1
+    it, jf = matched(p[:, 0], p[:, 1], fx, fy, a / 3)
+    inner = (p[:, 0] > 8) & (p[:, 0] < shape[1] - 9) & (p[:, 1] > 8) & (p[:, 1] < shape[0] - 9)
+    fin = np.flatnonzero((fx > 8) & (fx < shape[1] - 9) & (fy > 8) & (fy < shape[0] - 9))
+    prm = json.loads(f.attrs["find_atoms_params"])
+    return {"case": "hits", "seed": seed, "px": f"{shape[0]}^2", "seconds": sec, "truth": f"{int(inner.sum())} columns",
+            "recall": f"{100 * np.isin(np.flatnonzero(inner), it).mean():.1f} %",
+            "extra": f"{np.setdiff1d(fin, jf).size} finds match no column; {prm.get('spikes')} spike pixels; width read "
+                     f"{prm.get('sigma_px', float('nan')):.2f} px (true {sig})"}
+
+
 def scan_drift(seed: int) -> dict:
     """A square lattice under slow-scan drift: x shifted by 5 % of y and a 6 px sinusoid of 400 rows."""
     rng = np.random.default_rng(seed)
@@ -408,7 +438,7 @@ def run(case: str, seed: int) -> dict:
             if case.startswith("line_noise"):
                 return line_noise(seed, case == "line_noise_aligned")
             return {"abf": abf, "mos2": mos2, "glitches": glitches, "wedge": wedge, "two_grains": two_grains,
-                    "interstitials": interstitials, "scan_drift": scan_drift}[case](seed)
+                    "interstitials": interstitials, "scan_drift": scan_drift, "hits": hits}[case](seed)
         except Exception as exc:  # a failure is a result of the benchmark
             return {"case": case, "seed": seed, "px": "", "seconds": float("nan"), "truth": "",
                     "recall": "error", "extra": f"{type(exc).__name__}: {str(exc)[:160]}"}
