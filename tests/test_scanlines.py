@@ -193,3 +193,13 @@ def test_find_and_refine_take_line_noise_off():
     inner = (s.x[i_t] > 10) & (s.x[i_t] < 374) & (s.y[i_t] > 10) & (s.y[i_t] < 374)
     zy = (y[i_f] - s.y[i_t])[inner] / (out["y_err"].values[i_f][inner] / 0.1)
     assert 0.8 < np.nanstd(zy) < 1.25
+
+
+def test_refine_reuses_the_finders_results_on_an_integer_image():
+    import atomds
+    from atomds.params import step_params
+
+    s = hexagonal_sample(shape=(160, 160), spacing=14.0, angle=7.0, dose=2000.0, seed=8)
+    img = np.clip(s.image, 0, 65535).astype(np.uint16)
+    out = atomds.from_array(img, pixel_size=0.1, units="Å").lcx.find_atoms().lcx.refine()
+    assert "spikes_and_lines_from" in step_params(out, "refine")

@@ -91,7 +91,8 @@ def merge_sites(labels, index, n_labels: int | None = None, *, descriptor=None) 
 #: lattice under a sinusoidal scan distortion, local shear -4 to +14 %; 0.56-1.04 between the
 #: clusters of the two-phase samples, where the lattice changes at an interface.)
 GRADUAL_STEP = 0.4
-#: ... judged on at least this many neighbour pairs across the contact.
+#: ... judged on at least this many neighbour pairs across the contact (the neighbour table lists a
+#: pair from both sides where each is among the other's neighbours: about half as many contacts).
 GRADUAL_MIN_PAIRS = 10
 
 

@@ -372,7 +372,8 @@ def _fast_residual(m: np.ndarray) -> np.ndarray:
     d = np.diff(v)
     med = float(np.median(d))
     sd = 1.4826 * float(np.median(np.abs(d - med)))
-    steps = np.flatnonzero(np.abs(d - med) > LINE_STEP_Z * sd)[:LINE_MAX_TONES] if sd > 0 else []
+    big = np.flatnonzero(np.abs(d - med) > LINE_STEP_Z * sd) if sd > 0 else np.zeros(0, dtype=np.int64)
+    steps = np.sort(big[np.argsort(-np.abs(d[big] - med), kind="stable")][:LINE_MAX_TONES])  # the largest
     step_cols = [(i > k).astype(np.float64)[:, None] for k in steps]
     r, tones = v, []
     if step_cols:

@@ -44,8 +44,12 @@ HIT_FACTOR = 3.0
 #: ... in a group of at most this many pixels (8-connected) ...
 HIT_MAX_PIXELS = 8
 #: ... whose ring of neighbours stands at most this share of the group's lowest pixel above the
-#: background around (a column of width 0.6 px: about 0.25 of its brightest pixel at one pixel).
-HIT_EDGE = 0.2
+#: background around: a column of width 0.6-0.8 px centred on a pixel corner makes a group of
+#: four whose ring stands at 0.13-0.22 of them ...
+HIT_EDGE = 0.05
+#: ... judged only where the group stands at least this many noise sd above the background, so
+#: that the ring's noise (a few sd) cannot pass a column's tail for a hit's edge.
+HIT_MIN_SD = 80.0
 
 
 @njit(cache=True)
@@ -256,7 +260,8 @@ def _spike_input(image) -> np.ndarray:
 def spike_mask(image, *, noise: tuple[float, float] | None = None, sigmas: float = SPIKE_SIGMAS,
                contrast: float = SPIKE_CONTRAST) -> np.ndarray:
     """Pixels that are spikes of one or two pixels (hot or dead pixels, particle hits), and the pixels of
-    compact hits of up to :data:`HIT_MAX_PIXELS` pixels (:func:`hit_mask`).
+    compact hits of up to :data:`HIT_MAX_PIXELS` pixels, bright or dark (:func:`hit_mask`; ``sigmas``
+    and ``contrast`` do not apply to those).
 
     A pixel is a spike when it lies more than ``sigmas`` noise standard deviations above the
     largest (or below the smallest) of its eight neighbours, and more than ``contrast`` times the
@@ -308,21 +313,26 @@ def _spike_mask(img: np.ndarray, noise, sigmas: float = SPIKE_SIGMAS, contrast: 
     run_chunks(_k_spikes, img.shape[0], data, float(a), float(b), float(sigmas), float(contrast), out,
                min_chunk=64, chunks_per_thread=4, max_threads=8)
     _k_spikes_border(data, float(a), float(b), float(sigmas), float(contrast), out)
-    return out | hit_mask(data)
+    # hits both ways: a cosmic ray is dark in an ABF image turned over (turned over, the intensities
+    # are negative: the ring gets the model's floor ``a``, at least a quarter of the overall noise)
+    return out | hit_mask(data, (a, b)) | hit_mask(-data, (a, 0.0))
 
 
-def hit_mask(image) -> np.ndarray:
+def hit_mask(image, noise: tuple[float, float] | None = None) -> np.ndarray:
     """Pixels of compact hits: groups of up to :data:`HIT_MAX_PIXELS` pixels far brighter than the columns.
 
     Candidates stand more than :data:`HIT_FACTOR` times as far above the image's median as its
     99.5th percentile (from a sample of at most 250,000 pixels); a connected group of them is a
-    hit when the ring of pixels around it stands no more than :data:`HIT_EDGE` of the group's
-    lowest pixel above the median of the pixels beyond (within three pixels): a column, however
-    bright (a heavy atom on a light support), falls off over its width. Only bright hits.
+    hit when its lowest pixel stands at least :data:`HIT_MIN_SD` noise sd above the median of the
+    pixels beyond (within three pixels) and the ring of pixels around it no more than
+    :data:`HIT_EDGE` of that: a column, however bright (a heavy atom on a light support), falls
+    off over its width. Bright hits only (:func:`spike_mask` also looks at the image turned over).
 
     Parameters
     ----------
     image : 2-D float array (NaN pixels are never hits)
+    noise : (a, b), optional
+        Noise model ``variance = a + b * intensity``; without it every group is judged by its ring.
 
     Returns
     -------
@@ -360,7 +370,8 @@ def hit_mask(image) -> np.ndarray:
             continue
         bg = float(np.median(beyond))
         low = float(box[comp].min()) - bg
-        if low > 0 and float(ring.max()) - bg <= HIT_EDGE * low:
+        sd = 0.0 if noise is None else float(np.sqrt(max(noise[0] + noise[1] * max(bg, 0.0), 0.0)))
+        if low > 0 and low >= HIT_MIN_SD * sd and float(ring.max()) - bg <= HIT_EDGE * low:
             out[y0:y1, x0:x1] |= comp
     return out
 

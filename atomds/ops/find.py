@@ -183,9 +183,11 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
         res, lazy_corr = find_tiled(da.data, **kw)
         digest = None
     else:
-        arr = _image_numpy(ds)
-        res = core_find_atoms(arr, **kw)
-        digest = image_digest(arr)  # refine reuses the spikes and spoiled lines found on this very image
+        # refine reuses the spikes and spoiled lines found on this very image: the digest of the
+        # values as stored (refine reads them so), taken before anything else sees them
+        raw = np.asarray(da.values)  # one compute for a Dask-backed image
+        digest = image_digest(raw)
+        res = core_find_atoms(check_image(raw), **kw)
     out = drop_dim_vars(ds, "atom")
     if "correlation" in out.variables:
         out = out.drop_vars("correlation")

@@ -452,6 +452,8 @@ def refine(
     elif lazy or tiling is not None:
         params["bad_lines"] = {"note": "decided in the lazy tasks (tile by tile for a tiled image) and left out of "
                                        "their fits there; not gathered here"}
+        params["line_noise"] = {"note": "decided in the lazy tasks (tile by tile for a tiled image) and taken off "
+                                        "the rows there; not gathered here"}
     if settings is not None:
         params["estimated"] = {
             "sigma": settings["sigma"] * ps,

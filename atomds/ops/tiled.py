@@ -199,7 +199,7 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
     per_tile: dict[str, list[float]] = {"threshold": [], "z_min": [], "n_sublattices": []}
     rejected: dict[str, int] = {}
     fallbacks: dict[str, str] = {}
-    n_residual, spikes, failed = 0, 0, 0
+    n_residual, spikes, failed, n_line_noise = 0, 0, 0, 0
     bad_rows: set[int] = set()
     bad_cols: set[int] = set()  # the spoiled scan lines each tile found, in the image's pixels
     for t in tiles:
@@ -211,6 +211,7 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
         for kind, message in res.params.get("fallbacks", {}).items():
             fallbacks.setdefault(kind, f"{message} (tile {t.index})")
         spikes += int(res.params.get("spikes", 0))
+        n_line_noise += int(bool((res.params.get("line_noise") or {}).get("applied")))
         lines = res.params.get("bad_lines") or {}
         bad_rows.update(int(r) + t.hy0 for r in lines.get("rows", ()))
         bad_cols.update(int(c) + t.hx0 for c in lines.get("columns", ()))
@@ -237,6 +238,8 @@ def find_tiled(array, *, template=None, threshold=None, min_area=None, max_area=
     params.pop("residual", None)
     params.pop("first_pass", None)
     params["spike_pixels"] = None  # the probe's, in its own pixels: not the image's
+    params["line_noise"] = {"note": "decided tile by tile (each tile's rows), not gathered here",
+                            "tiles_applied": n_line_noise}
     params.update(
         threshold=float(np.median(per_tile["threshold"])), z_min=float(np.median(per_tile["z_min"])),
         n_sublattices=int(labels.max()) + 1 if labels.size else 0, rejected=rejected, spikes=spikes,

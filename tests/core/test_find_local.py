@@ -245,3 +245,14 @@ def test_the_thin_edge_of_a_crystal_wedge_is_found(seed):
     assert np.isin(np.flatnonzero(inner), it).mean() >= 0.995
     assert np.setdiff1d(np.arange(len(f)), jf).size == 0  # nothing in the vacuum
     assert f.params["rejected"]["kept_low_contrast"] > 0
+
+
+def test_well_formed_judges_the_shape_at_the_columns_signal_to_noise_ratio():
+    from atomds.core.find.lattice import well_formed
+
+    rng = np.random.default_rng(0)
+    h_ref, m_ref = np.ones(40), 0.93 + 0.005 * rng.standard_normal(40)
+    # a fainter column matches worse through its noise alone; a brighter one keeps the references'
+    # shape (their match is not all noise): both are columns, a broad blob is not
+    assert well_formed(np.array([0.7, 1.0, 1.5, 3.0]), np.array([0.86, 0.93, 0.93, 0.93]), h_ref, m_ref).all()
+    assert not well_formed(np.array([1.0, 3.0]), np.array([0.80, 0.85]), h_ref, m_ref).any()

@@ -94,6 +94,9 @@ class FoundAtoms:
         lb = self.params.get("local_background", {})
         if "background_range" in lb:
             lb["background_range"] = float(lb["background_range"]) * k
+        ln = self.params.get("line_noise", {})
+        if "rms" in ln:
+            ln["rms"] = float(ln["rms"]) * k
         self.params["intensity_scale"] = k
         self.amplitude = self.amplitude * k
         self.templates = [t * k if mine else t for t, mine in zip(self.templates, own, strict=True)]
@@ -662,7 +665,10 @@ def _second_pass(img: np.ndarray, first: FoundAtoms, kw: dict[str, Any]) -> Foun
     second.params["spikes"] = p["spikes"]
     second.params["spike_pixels"] = p["spike_pixels"]
     second.params["bad_lines"] = p["bad_lines"]
-    second.params["line_noise"] = p["line_noise"]
+    if second.params.get("line_noise", {}).get("applied"):  # the second pass's image had line noise still
+        second.params["line_noise"] = {**p["line_noise"], "second_pass": second.params["line_noise"]}
+    else:
+        second.params["line_noise"] = p["line_noise"]
     second.params["templates"] = [f"auto (class {k})" for k in range(len(class_t))]
     second.params["sublattice_mode"] = "auto (one template per class)"
     second.params["first_pass"] = {k: p[k] for k in ("threshold", "n_sublattices")}

@@ -352,7 +352,9 @@ def well_formed(height, match, ref_height, ref_match) -> np.ndarray:
         expected = np.where(h > 0, 1.0 / np.sqrt(1.0 + c / np.maximum(h, 1e-300) ** 2), 1.0)
     med = float(np.median(mr[good]))
     spread = MAD_TO_STD * float(np.median(np.abs(mr[good] - med)))
-    return m >= expected - KEEP_SHAPE_SD * spread
+    # the signal-to-noise ratio only lowers the bar: the references' match also holds what is not
+    # noise (their own shape, the neighbours' tails), which a brighter column keeps
+    return m >= np.minimum(expected, med) - KEEP_SHAPE_SD * spread
 
 
 def _best_column_match(img: np.ndarray, peak: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -128,9 +128,12 @@ def refine_gaussian(
         columns within :data:`~atomds.core.refine.api.LOCAL_MARGIN_NN` nearest-neighbour
         distances of these atoms, with its own shared width and background.
     despike : bool
-        Leave single-pixel spikes (hot and dead pixels, particle hits;
+        Leave spikes (hot and dead pixels, particle hits of a few pixels;
         :func:`atomds.core.spikes.spike_mask`) and scan lines spoiled along their length
-        (:func:`atomds.core.scanlines.bad_lines`) out of the fits, as non-finite pixels are.
+        (:func:`atomds.core.scanlines.bad_lines`) out of the fits, as non-finite pixels are, and
+        take line noise off the rows where it is seen
+        (:func:`atomds.core.scanlines.remove_row_offsets`: ``background`` is then that of the
+        corrected image).
     contrast : {"bright", "dark"}
         "dark" for columns darker than their surroundings (ABF, BF): the image is turned over
         (``max - image``), so ``amplitude``, ``intensity`` and ``background`` describe the
