@@ -41,6 +41,9 @@ and each is run once through ``atomds.from_array(image, ...).lcx.find_atoms()`` 
 - ``hits``: a hexagonal lattice (14 px, width 2 px, 1500 counts) with 52 hits of 2 x 2 and 3 x 1
   pixels at twenty times its brightest pixel (cosmic rays on a CCD), 512^2 px: recall, finds
   matching no column, the column width read.
+- ``zero_padding``: a hexagonal lattice (14 px, width 2 px, 1500 counts) padded with zeros on the left
+  30 and the top 20 px, as a drift-corrected sum is where no frame reached, 512^2 px,
+  ``atomds.analyze``: finds in the padding, finds matching no column within 6 px of it, regions.
 - ``scan_drift``: a square lattice (15 px) under slow-scan drift (x shifted by 5 % of y and by a
   6 px sinusoid of 400 rows: local shear -4 to +14 %), 640^2 px, ``atomds.analyze``: regions.
 
@@ -70,7 +73,7 @@ from bench_find_refine import write_section  # noqa: E402
 SECTION = "## Images unlike the samples"
 RESULTS = Path(__file__).with_name("RESULTS.md")
 CASES = ("au_on_carbon", "au_big", "stm", "stm_small", "abf", "mos2", "glitches", "wedge", "two_grains",
-         "line_noise", "line_noise_aligned", "interstitials", "scan_drift", "hits")
+         "line_noise", "line_noise_aligned", "interstitials", "scan_drift", "hits", "zero_padding")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,6 +411,34 @@ def hits(seed: int) -> dict:
                      f"{prm.get('sigma_px', float('nan')):.2f} px (true {sig})"}
 
 
+def zero_padding(seed: int) -> dict:
+    """A hexagonal lattice padded with zeros on the left 30 and the top 20 px (a drift-corrected sum)."""
+    rng = np.random.default_rng(seed)
+    shape, a, sig = (512, 512), 14.0, 2.0
+    ang = rng.uniform(0, np.pi)
+    p, _ = lattice(shape, rot((a, 0), ang), rot((a / 2, a * np.sqrt(3) / 2), ang), [(0, 0)])
+    image = rng.poisson(render(shape, p[:, 0], p[:, 1], 1500.0, sig) + 15).astype(np.float32)
+    image[:, :30] = 0
+    image[:20] = 0
+    t0 = time.perf_counter()
+    out = atomds.analyze(atomds.from_array(image, pixel_size=0.1, units="Å"))
+    sec = time.perf_counter() - t0
+    fx, fy = out["atom_x"].values / 0.1, out["atom_y"].values / 0.1
+    truth = p[(p[:, 0] >= 30) & (p[:, 1] >= 20)]
+    it, jf = matched(truth[:, 0], truth[:, 1], fx, fy, a / 3)
+    un = np.setdiff1d(np.arange(fx.size), jf)
+    inner = (truth[:, 0] > 36) & (truth[:, 1] > 26) & (truth[:, 0] < 503) & (truth[:, 1] < 503)
+    pad = (fx[un] < 30) | (fy[un] < 20)
+    edge = ~pad & ((fx[un] < 36) | (fy[un] < 26))
+    n_reg = int(out.sizes.get("region_id", 0))
+    return {"case": "zero_padding", "seed": seed, "px": f"{shape[0]}^2", "seconds": sec,
+            "truth": f"{int(inner.sum())} columns 6 px inside the data",
+            "recall": f"{100 * np.isin(np.flatnonzero(inner), it).mean():.1f} %",
+            "extra": f"{int(pad.sum())} finds in the padding, {int(edge.sum())} within 6 px of it matching no column, "
+                     f"{un.size - int(pad.sum()) - int(edge.sum())} elsewhere; {n_reg} region{'s' if n_reg != 1 else ''}; "
+                     "time is atomds.analyze's"}
+
+
 def scan_drift(seed: int) -> dict:
     """A square lattice under slow-scan drift: x shifted by 5 % of y and a 6 px sinusoid of 400 rows."""
     rng = np.random.default_rng(seed)
@@ -438,7 +469,8 @@ def run(case: str, seed: int) -> dict:
             if case.startswith("line_noise"):
                 return line_noise(seed, case == "line_noise_aligned")
             return {"abf": abf, "mos2": mos2, "glitches": glitches, "wedge": wedge, "two_grains": two_grains,
-                    "interstitials": interstitials, "scan_drift": scan_drift, "hits": hits}[case](seed)
+                    "interstitials": interstitials, "scan_drift": scan_drift, "hits": hits,
+                    "zero_padding": zero_padding}[case](seed)
         except Exception as exc:  # a failure is a result of the benchmark
             return {"case": case, "seed": seed, "px": "", "seconds": float("nan"), "truth": "",
                     "recall": "error", "extra": f"{type(exc).__name__}: {str(exc)[:160]}"}

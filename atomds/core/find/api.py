@@ -360,8 +360,37 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     if residual and refine_templates and len(result) >= MIN_LATTICE_ANCHORS:
         result = _residual_stage(img, result, noise, lattice_check, sublattices)
         result = _without_unresolved(result)
+    result = _without_no_data(result, img)
     own = [kind != "array" for kind in kinds] if len(kinds) == len(result.templates) else [True] * len(result.templates)
     return result.in_units(k, own)
+
+
+def on_constant_pixels(image: np.ndarray, x, y) -> np.ndarray:
+    """Whether each position ``(x, y)`` (px) lies where the image is constant over the 3 x 3 pixels
+    around its nearest pixel: no data there (the zero padding of a drift-corrected sum, vacuum
+    clipped at the detector's zero), since a recorded pixel always carries noise."""
+    img = np.asarray(image)
+    ny, nx = img.shape
+    if np.size(x) == 0:
+        return np.zeros(0, dtype=bool)
+    iy = np.clip(np.rint(np.asarray(y, dtype=np.float64)).astype(np.int64), 0, ny - 1)
+    ix = np.clip(np.rint(np.asarray(x, dtype=np.float64)).astype(np.int64), 0, nx - 1)
+    centre = img[iy, ix]
+    same = np.ones(iy.size, dtype=bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            same &= img[np.clip(iy + dy, 0, ny - 1), np.clip(ix + dx, 0, nx - 1)] == centre
+    return same
+
+
+def _without_no_data(found: FoundAtoms, img: np.ndarray) -> FoundAtoms:
+    """``found`` less the atoms centred on constant pixels (:func:`on_constant_pixels`), counted under
+    ``params["rejected"]["no_data"]``. Beside the zero padding of a drift-corrected sum the matched
+    filter of the residual passes answered to the step and put 99 columns in the padding of a 512^2
+    image."""
+    bad = on_constant_pixels(img, found.x, found.y)
+    found.params.setdefault("rejected", {})["no_data"] = int(bad.sum())
+    return found.take(~bad) if bad.any() else found
 
 
 def _without_unresolved(found: FoundAtoms) -> FoundAtoms:
