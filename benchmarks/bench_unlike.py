@@ -384,13 +384,20 @@ def interstitials(seed: int) -> dict:
             "extra": f"{', '.join(map(str, found))} of 12 interstitials found; {extra} finds match no column"}
 
 
-def hits(seed: int) -> dict:
-    """A hexagonal lattice with 52 compact hits (2 x 2 and 3 x 1 pixels at 20 times the brightest pixel)."""
+def _hexagonal_1500(seed: int):
+    """A 512^2 hexagonal lattice (14 px, width 2 px, 1500 counts on 15 per pixel) at a random angle:
+    the generator (to draw more from), shape, spacing, width, sites and Poisson image."""
     rng = np.random.default_rng(seed)
     shape, a, sig = (512, 512), 14.0, 2.0
     ang = rng.uniform(0, np.pi)
     p, _ = lattice(shape, rot((a, 0), ang), rot((a / 2, a * np.sqrt(3) / 2), ang), [(0, 0)])
     image = rng.poisson(render(shape, p[:, 0], p[:, 1], 1500.0, sig) + 15).astype(np.float32)
+    return rng, shape, a, sig, p, image
+
+
+def hits(seed: int) -> dict:
+    """A hexagonal lattice with 52 compact hits (2 x 2 and 3 x 1 pixels at 20 times the brightest pixel)."""
+    rng, shape, a, sig, p, image = _hexagonal_1500(seed)
     hot = 20 * image.max()
     for k, (y, x) in enumerate(zip(rng.integers(2, 508, 52), rng.integers(2, 508, 52))):
         if k % 2:
@@ -413,11 +420,7 @@ def hits(seed: int) -> dict:
 
 def zero_padding(seed: int) -> dict:
     """A hexagonal lattice padded with zeros on the left 30 and the top 20 px (a drift-corrected sum)."""
-    rng = np.random.default_rng(seed)
-    shape, a, sig = (512, 512), 14.0, 2.0
-    ang = rng.uniform(0, np.pi)
-    p, _ = lattice(shape, rot((a, 0), ang), rot((a / 2, a * np.sqrt(3) / 2), ang), [(0, 0)])
-    image = rng.poisson(render(shape, p[:, 0], p[:, 1], 1500.0, sig) + 15).astype(np.float32)
+    rng, shape, a, sig, p, image = _hexagonal_1500(seed)
     image[:, :30] = 0
     image[:20] = 0
     t0 = time.perf_counter()
