@@ -203,3 +203,15 @@ def test_refine_reuses_the_finders_results_on_an_integer_image():
     img = np.clip(s.image, 0, 65535).astype(np.uint16)
     out = atomds.from_array(img, pixel_size=0.1, units="Å").lcx.find_atoms().lcx.refine()
     assert "spikes_and_lines_from" in step_params(out, "refine")
+
+
+def test_refine_leaves_the_padding_of_a_sum_out_of_its_fits():
+    import atomds
+    from atomds.params import step_params
+
+    s = hexagonal_sample(shape=(192, 192), spacing=14.0, angle=9.0, dose=2000.0, seed=9)
+    img = s.image.astype(np.float32)
+    img[:, :25] = 0.0
+    out = atomds.from_array(img, pixel_size=0.1, units="Å").lcx.find_atoms().lcx.refine()
+    assert step_params(out, "find_atoms")["data_window"]["left"] == 25
+    assert step_params(out, "refine")["padding"] == {"top": 0, "bottom": 0, "left": 25, "right": 0}

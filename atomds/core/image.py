@@ -30,6 +30,7 @@ __all__ = [
     "subsample_step",
     "value_spread",
     "image_digest",
+    "constant_border",
 ]
 
 #: Column contrasts: brighter than the surroundings (HAADF, STM topography) or darker (ABF, BF).
@@ -61,6 +62,34 @@ def image_digest(image) -> str:
 
     arr = np.ascontiguousarray(np.asarray(image))
     return f"crc32:{zlib.crc32(arr.data.cast('B')):08x}:{arr.dtype.str}:{'x'.join(map(str, arr.shape))}"
+
+
+def constant_border(image) -> tuple[int, int, int, int]:
+    """Rows and columns at the image's border that hold one value each: ``(top, bottom, left, right)``.
+
+    The padding of a drift-corrected sum (zeros where no frame reached) and a frame of one value
+    around an exported image hold no data: a recorded pixel always carries noise. Counted from
+    each edge inwards while the line's pixels are all equal (NaN lines count as constant).
+    """
+    img = np.asarray(image)
+    ny, nx = img.shape
+
+    def run(lines) -> int:
+        n = 0
+        for line in lines:
+            fin = line[np.isfinite(line)]
+            if fin.size and fin.min() != fin.max():
+                break
+            n += 1
+        return n
+
+    top = run(img[i] for i in range(ny))
+    if top == ny:
+        return ny, 0, 0, 0
+    bottom = run(img[i] for i in range(ny - 1, top - 1, -1))
+    left = run(img[top : ny - bottom, j] for j in range(nx))
+    right = run(img[top : ny - bottom, j] for j in range(nx - 1, left - 1, -1))
+    return top, bottom, left, right
 
 
 def check_image(image, *, name: str = "image", min_size: int = 8) -> np.ndarray:

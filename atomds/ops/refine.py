@@ -447,6 +447,8 @@ def refine(
         params["spikes"] = despike["spikes"]
         if "line_noise" in despike:
             params["line_noise"] = despike["line_noise"]
+        if "padding" in despike:  # constant border rows and columns, left out of the fits
+            params["padding"] = despike["padding"]
         if despike.get("reused"):
             params["spikes_and_lines_from"] = "find_atoms (the same image, by its image_digest)"
     elif lazy or tiling is not None:

@@ -296,3 +296,21 @@ def test_no_columns_in_the_zero_padding_of_an_aligned_sum():
     clipped = img.copy()
     clipped[200, 200] = clipped[200, 201] = 1e4
     assert not on_constant_pixels(clipped, np.array([200.0]), np.array([200.0])).any()
+
+
+def test_a_padded_sum_is_found_without_its_padding():
+    # the padding's edge is the image's border (the effect on a whole analysis, 44 half columns inside
+    # the data matching no column and a second region before, is measured by
+    # benchmarks/bench_unlike.py --cases zero_padding): found on the data, recorded, in the image's pixels
+    from atomds.core.image import constant_border
+
+    img, x, y = _padded_sum(3)
+    assert constant_border(img) == (20, 0, 30, 0)
+    f = find_atoms(img)
+    assert f.params["data_window"]["top"] == 20 and f.params["data_window"]["left"] == 30
+    assert f.correlation.shape == img.shape
+    sites = (x > -3) & (y > -3)
+    sc = samples.score_positions(np.c_[x[sites], y[sites]], np.c_[f.x, f.y], shape=img.shape)
+    assert sc["false_positive_rate"] == 0.0
+    inner = (x > 36) & (y > 26) & (x < 503) & (y < 503)
+    assert samples.score_positions(np.c_[x[inner], y[inner]], np.c_[f.x, f.y], shape=img.shape)["recall"] > 0.99

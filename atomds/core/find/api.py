@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import InvalidImageError, InvalidParameterError, NoAtomsFoundError
-from ..image import CONTRAST_CHOICES, CONTRASTS, central_crop, check_image, intensity_scale, turn_over
+from ..image import CONTRAST_CHOICES, CONTRASTS, central_crop, check_image, constant_border, intensity_scale, turn_over
 from ..scales import SMALL_CROP, PatchSampler, column_sigma, image_scales, noise_model
 from ..scanlines import bad_lines, fill_lines, lines_record, remove_row_offsets
 from ..spikes import remove_spikes, spike_record
@@ -301,6 +301,17 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         No blob passed; the message gives the threshold used and what to try.
     """
     arr = check_image(image)
+    window = _data_window(arr)
+    if window is not None:
+        # rows and columns of one value at the border (the zero padding of a drift-corrected sum) hold no
+        # data: the image is found without them, and the padding's edge is the image's border
+        t, b, l, r = window
+        inner = find_atoms(arr[t : arr.shape[0] - b, l : arr.shape[1] - r], template=_shifted(template, -l, -t),
+                           threshold=threshold, min_area=min_area, max_area=max_area, sublattices=sublattices,
+                           sigma=sigma, spacing=spacing, z_min=z_min, min_contrast=min_contrast, workers=workers,
+                           refine_templates=refine_templates, lattice_check=lattice_check, contrast=contrast,
+                           residual=residual)
+        return _in_window(inner, window, arr.shape)
     # values far from order one (currents in A, heights in m, 1e9 counts) are found on the image
     # divided by a power of two, so that no absolute floor decides; results in the image's units
     k = intensity_scale(arr)
@@ -363,6 +374,47 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     result = _without_no_data(result, img)
     own = [kind != "array" for kind in kinds] if len(kinds) == len(result.templates) else [True] * len(result.templates)
     return result.in_units(k, own)
+
+
+#: A border of constant rows and columns is cut off only when at least this many px remain each way.
+MIN_WINDOW = 32
+
+
+def _data_window(arr: np.ndarray) -> tuple[int, int, int, int] | None:
+    """``(top, bottom, left, right)`` of the constant border (:func:`~atomds.core.image.constant_border`)
+    when there is one and at least :data:`MIN_WINDOW` px remain each way, else None."""
+    t, b, l, r = constant_border(arr)
+    ny, nx = arr.shape
+    if not (t or b or l or r) or ny - t - b < MIN_WINDOW or nx - l - r < MIN_WINDOW:
+        return None
+    return t, b, l, r
+
+
+def _shifted(template, dx: float, dy: float):
+    """The template specification with its ``(x, y)`` points moved by ``(dx, dy)`` px (arrays as they are)."""
+    if isinstance(template, list):
+        return [_shifted(t, dx, dy) for t in template]
+    if template is not None and is_point(template):
+        return (float(template[0]) + dx, float(template[1]) + dy)
+    return template
+
+
+def _in_window(found: FoundAtoms, window: tuple[int, int, int, int], shape: tuple[int, int]) -> FoundAtoms:
+    """``found`` (on the image less its constant border) in the pixels of the whole image: positions, the
+    correlation map (0 on the border), the spikes and bad lines; ``params["data_window"]`` records the border."""
+    t, b, l, r = window
+    found.x, found.y = found.x + l, found.y + t
+    found.correlation = np.pad(found.correlation, ((t, b), (l, r)))
+    p = found.params
+    if p.get("spike_pixels") is not None:
+        p["spike_pixels"] = [[int(i) + t, int(j) + l] for i, j in p["spike_pixels"]]
+    lines = p.get("bad_lines")
+    if isinstance(lines, dict) and "rows" in lines:
+        lines["rows"] = [int(i) + t for i in lines["rows"]]
+        lines["columns"] = [int(j) + l for j in lines["columns"]]
+    p["data_window"] = {"top": t, "bottom": b, "left": l, "right": r, "shape": [int(shape[0]), int(shape[1])],
+                        "note": "rows and columns of one value at the border (padding) were left out"}
+    return found
 
 
 def on_constant_pixels(image: np.ndarray, x, y) -> np.ndarray:

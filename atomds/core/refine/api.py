@@ -15,7 +15,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from ...errors import DimensionError, InvalidImageError, InvalidParameterError
-from ..image import as_float, intensity_scale
+from ..image import as_float, constant_border, intensity_scale
 from ..preprocess import turn_over
 from ..scanlines import bad_lines, fill_lines, lines_from_record, lines_record, remove_row_offsets
 from ..spikes import remove_spikes
@@ -282,14 +282,31 @@ def without_spikes(image: np.ndarray, *, found: dict[str, Any] | None = None) ->
             info["line_noise"] = seen
         else:
             out, info["line_noise"] = remove_row_offsets(out)
-        return out, info
+        return _without_padding(out, info)
     try:
         out, mask = remove_spikes(image, fill="nan")
     except InvalidImageError as exc:
         return image, {"skipped": str(exc)}
     rows, cols = bad_lines(out)
     out, line_noise = remove_row_offsets(fill_lines(out, rows, cols, fill="nan"))
-    return out, {"spikes": int(mask.sum()), "bad_lines": lines_record(rows, cols), "line_noise": line_noise}
+    return _without_padding(out, {"spikes": int(mask.sum()), "bad_lines": lines_record(rows, cols),
+                                  "line_noise": line_noise})
+
+
+def _without_padding(image: np.ndarray, info: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """``image`` with its constant border rows and columns (the padding of a drift-corrected sum,
+    :func:`atomds.core.image.constant_border`) set to NaN, out of every fit; recorded as ``info["padding"]``."""
+    t, b, l, r = constant_border(image)
+    if not (t or b or l or r):
+        return image, info
+    out = as_float(np.asarray(image)).copy()
+    ny, nx = out.shape
+    out[:t] = np.nan
+    out[ny - b :] = np.nan
+    out[:, :l] = np.nan
+    out[:, nx - r :] = np.nan
+    info["padding"] = {"top": t, "bottom": b, "left": l, "right": r}
+    return out, info
 
 
 def _known_defects(found: dict[str, Any] | None, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
