@@ -160,12 +160,7 @@ def bad_lines(image, *, z: float = LINE_Z) -> tuple[np.ndarray, np.ndarray]:
     if not np.issubdtype(img.dtype, np.floating):
         img = img.astype(np.float64)
     ny, nx = img.shape
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN line has no mean: it is not judged
-        rows = img.mean(axis=1, dtype=np.float64)
-        cols = img.mean(axis=0, dtype=np.float64)
-        if not (np.isfinite(rows).all() and np.isfinite(cols).all()):  # NaN pixels (spikes taken out)
-            rows, cols = np.nanmean(img, axis=1, dtype=np.float64), np.nanmean(img, axis=0, dtype=np.float64)
+    rows, cols = _line_means(img, 1), _line_means(img, 0)  # an all-NaN line has no mean: it is not judged
     # the pixel noise, from the differences of neighbouring pixels along a sample of rows
     d = np.diff(np.asarray(img[:: max(1, ny // 64), : 2048], dtype=np.float64), axis=1)
     d = d[np.isfinite(d)]

@@ -324,10 +324,18 @@ def real_columns(img: np.ndarray, x, y, peak: np.ndarray, cls: np.ndarray, ok: n
         refs = np.unique(nn)
         # not significantly below KEEP_AMPLITUDE of its species nearby, and significantly above
         # the level where a blob must prove its lattice (VERY_WEAK): noisy specks fail the second
-        h, e = height[mine], KEEP_ERRORS * err[mine]
-        bright = (h + e >= KEEP_AMPLITUDE * local) & (h - e >= VERY_WEAK * local)
-        out[mine] = bright & well_formed(h, match[mine], height[refs], match[refs])
+        out[mine] = bright_enough(height[mine], err[mine], local) & well_formed(height[mine], match[mine],
+                                                                               height[refs], match[refs])
     return out
+
+
+def bright_enough(height, err, local) -> np.ndarray:
+    """Whether single-column heights (with their standard errors ``err``) are not significantly below
+    ``KEEP_AMPLITUDE`` of ``local`` (the median of the species nearby) and significantly above
+    ``VERY_WEAK`` of it (by ``KEEP_ERRORS`` standard errors): a column at 0.6 is not lost to its
+    noise, and a noisy speck of a film is not kept for it."""
+    h, e, ref = (np.asarray(v, dtype=np.float64) for v in (height, err, local))
+    return (h + KEEP_ERRORS * e >= KEEP_AMPLITUDE * ref) & (h - KEEP_ERRORS * e >= VERY_WEAK * ref)
 
 
 def well_formed(height, match, ref_height, ref_match) -> np.ndarray:

@@ -52,7 +52,6 @@ from .constants import (
     SURROUND_SPACINGS,
     TRANSLATION_REACH,
     TRANSLATION_SHARE,
-    VERY_WEAK,
 )
 from .significance import noise_z_threshold
 
@@ -460,7 +459,7 @@ def _round_candidates(residual: np.ndarray, image: np.ndarray, fx, fy, *, sigma:
     sx, sy, sz = _on_lattice(cx, cy, cz, zmin, fx, fy, spacing, sigma=sigma, shape=residual.shape)
     # a column as bright and as sharp as the columns around it is one wherever it sits (an
     # interstitial, a column at a boundary): the lattice tests judge only the fainter maxima
-    rest = (cz >= zmin) & ~np.isin(np.arange(cx.size), _rows_of(cx, cy, sx, sy))
+    rest = (cz >= zmin) & ~np.isin(cx + 1j * cy, sx + 1j * sy)  # _on_lattice returns the candidates it keeps
     if rest.any():
         rest[rest] = surrounded(cx[rest], cy[rest], fx, fy, SURROUND_SPACINGS * spacing)
     if rest.any():
@@ -492,15 +491,6 @@ def surrounded(cx, cy, fx, fy, radius: float, sectors: int = SURROUND_SECTORS) -
     return out
 
 
-def _rows_of(cx, cy, sx, sy) -> np.ndarray:
-    """Indices of the points ``(sx, sy)`` among the points ``(cx, cy)`` (each is one of them)."""
-    if np.size(sx) == 0:
-        return np.zeros(0, dtype=np.int64)
-    from scipy.spatial import cKDTree
-
-    return cKDTree(np.c_[cx, cy]).query(np.c_[sx, sy])[1].astype(np.int64)
-
-
 def real_residual_columns(residual: np.ndarray, image: np.ndarray, cx, cy, fx, fy, sigma: float) -> np.ndarray:
     """Which residual maxima ``(cx, cy)`` are columns as bright and as sharp as the columns ``(fx, fy)`` around them.
 
@@ -519,7 +509,7 @@ def real_residual_columns(residual: np.ndarray, image: np.ndarray, cx, cy, fx, f
     """
     from scipy.spatial import cKDTree
 
-    from .lattice import _best_column_match, well_formed
+    from .lattice import _best_column_match, bright_enough, well_formed
 
     cx, cy = np.asarray(cx, dtype=np.float64), np.asarray(cy, dtype=np.float64)
     fx, fy = np.asarray(fx, dtype=np.float64), np.asarray(fy, dtype=np.float64)
@@ -542,8 +532,7 @@ def real_residual_columns(residual: np.ndarray, image: np.ndarray, cx, cy, fx, f
                                                       sigma)
     local = np.median(height[nn], axis=1)
     h, m, e = _best_column_match(np.asarray(residual, dtype=np.float64), pixel(cx, cy), sigma)
-    bright = (h + KEEP_ERRORS * e >= KEEP_AMPLITUDE * local) & (h - KEEP_ERRORS * e >= VERY_WEAK * local)
-    return bright & (local > 0) & well_formed(h, m, height[used], match[used])
+    return bright_enough(h, e, local) & (local > 0) & well_formed(h, m, height[used], match[used])
 
 
 def _on_lattice(cx, cy, cz, zmin: float, fx, fy, spacing: float, *, sigma: float,
