@@ -468,6 +468,8 @@ def refine(
         }
         if settings.get("sigma_joint_rejected") is not None:  # a joint width overlap could not explain
             params["estimated"]["sigma_joint_rejected"] = settings["sigma_joint_rejected"] * ps
+        if settings.get("noise_correlation"):  # the errors' factors for noise correlated between pixels
+            params["estimated"]["noise_correlation"] = settings["noise_correlation"]
         image_noise = (step_params(ds, "find_atoms") or {}).get("noise_variance")
         if local_bg is not None and image_noise is not None and settings["gain"] is not None:
             # the fits' noise model is that of the image less its background (its offset holds the

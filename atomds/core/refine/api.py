@@ -355,7 +355,7 @@ def _refine(
     members = _joint_members(plan, mdl, max(overlap_judging_width(st), float(st["sigma"])), joint)
     if members is None:
         p, ok, it, h, m = _passes(work, plan, mdl, sel, n_later, nz, max_iter, tol)
-        return _results(img, plan, mdl, sel, p, ok, it, h, m)
+        return _correlated(_results(img, plan, mdl, sel, p, ok, it, h, m), st)
     nn_median = float(np.median(plan.nn[np.isfinite(plan.nn)]))
     radius = float(st["window_radius"])
     members, need = _local_group(plan, sel, members, nn_median, joint_reach(radius, plan.prior, plan.sigma_max))
@@ -373,7 +373,20 @@ def _refine(
     )
     out = _results(img, plan, mdl, need, p[need], ok[need], it, h, m)
     _put_joint(out, np.searchsorted(need, members), res)
-    return {k: v[np.searchsorted(need, sel)] for k, v in out.items()}
+    return _correlated({k: v[np.searchsorted(need, sel)] for k, v in out.items()}, st)
+
+
+def _correlated(out: dict[str, np.ndarray], settings: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``out`` with its errors times the factors of the noise's correlation between pixels
+    (``settings["noise_correlation"]``, :func:`.settings.noise_correlation`); as it is without them."""
+    corr = settings.get("noise_correlation")
+    if not corr:
+        return out
+    f = corr["factors"]
+    out["x_err"] = out["x_err"] * float(f["x"])
+    out["y_err"] = out["y_err"] * float(f["y"])
+    out["intensity_err"] = out["intensity_err"] * float(f["intensity"])
+    return out
 
 
 #: A subset's joint group reaches this many nearest-neighbour distances beyond it: twice a tile's

@@ -10,16 +10,20 @@ import math
 from typing import Any
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from .constants import FINAL_REACH, MIN_SIGMA, NOISE_PASS_TOL, PRIOR_MIN_REL, SIGMA_MAX_FACTOR, SIGMA_MAX_FLOOR
-from .joint import EDGE_SIGMAS, inside_band, patch_bound, solve_group
+from .correlation import MIN_TEMPLATE_COLUMNS, PARAMETERS, error_factors, estimator_rows, residual_correlation
+from .joint import EDGE_SIGMAS, inside_band, overlapping, patch_bound, solve_group
+from .joint_model import column_patches, patch_half
 from .models import Isotropic, get_model
 from .noise import UNIFORM, Noise, fit_variance
-from .passes import NeighborModels, first_pass, later_pass
-from .plan import Plan, info_radius, sample_indices
+from .passes import NeighborModels, first_pass, later_pass, physical
+from .plan import Plan, auto_refits, info_radius, sample_indices
+from .residual import model_image
 
 __all__ = ["estimate_settings", "width_population", "overlap_width", "overlap_explained", "overlap_judging_width",
-           "settings_dict"]
+           "settings_dict", "noise_correlation", "CORRELATION_ATOMS"]
 
 
 def estimate_settings(
@@ -63,6 +67,10 @@ def estimate_settings(
     else:
         radius = FINAL_REACH * sig + 0.5
     out = settings_dict(sig, tau, radius, nz, first)
+    plan.set(sig, radius)
+    corr = noise_correlation(img, plan, nz, max_iter)
+    if corr is not None:
+        out["noise_correlation"] = corr
     if joint_rejected is not None:
         out["sigma_joint_rejected"] = float(joint_rejected)
     return out
@@ -179,6 +187,172 @@ def overlap_explained(joint: float, first: float, nn: float) -> bool:
         return True
     q = nn / first
     return bool(joint <= first * (1.0 + PRIOR_MIN_REL + OVERLAP_BIAS_MARGIN * math.exp(-q * q / 8.0)))
+
+
+#: The correlation of the noise is measured on the residuals of this many columns nearest the
+#: middle of the atoms (of those, the typical columns apart from their neighbours) (400 columns of a lattice 14 px apart: 60,000 px, each lag's correlation to
+#: about 0.004, the error factors to about 1 %).
+CORRELATION_ATOMS = 400
+#: The factors are applied where the position's differs from 1 by at least this much: on images of
+#: independent pixels they came out at 0.96-1.06 (the estimate's scatter and the approximations of
+#: its fits' share), on correlated noise at 1.3-1.5 (afterglow of 0.4, a sum of interpolated frames)
+#: and above 2 (a Gaussian filter of 0.7 px).
+CORRELATION_MIN_EFFECT = 0.1
+#: Fewer typical columns than this (apart from their neighbours, among the :data:`CORRELATION_ATOMS`)
+#: measure nothing: 27 columns of a MoS2-like crystal (the rest overlapping) read 0.3 at every lag.
+CORRELATION_MIN_COLUMNS = 100
+#: Neighbours of at least this fraction of the median intensity decide whether a column is apart.
+NEIGHBOUR_INTENSITY = 0.25
+#: ... and where the correlation between neighbouring pixels (along x or y) is at least this: a
+#: detector's afterglow, interpolation and smoothing correlate the next pixel most (0.3-0.6 measured),
+#: while a misfit that is smooth under the columns (broad blobs of contamination over a MoS2-like
+#: crystal) reads about the same small value at every lag (0.06-0.09), which is no noise of the pixels.
+CORRELATION_MIN_NEAREST = 0.15
+#: Typical columns, around which the correlation is read: intensity within these multiples of the
+#: median ...
+TYPICAL_INTENSITY = (0.5, 2.0)
+#: ... and width within this fraction of the image's.
+TYPICAL_WIDTH = 0.3
+
+
+def noise_correlation(img: np.ndarray, plan: Plan, nz: Noise, max_iter: int) -> dict[str, Any] | None:
+    """How much the correlation of the pixel noise enlarges each fitted parameter's error
+    (:mod:`.correlation`), from the residuals of :data:`CORRELATION_ATOMS` columns near the middle.
+
+    The columns are fitted as the passes fit them (first pass, then the final window with the
+    neighbours' models subtracted, weighted by ``nz``); their model and background (each pixel's
+    from the nearest columns' fits) are taken off the image around them, and the residual,
+    standardised by the noise model, gives the correlation between pixels up to
+    :data:`~.correlation.MAX_LAG` px apart. ``plan`` must be set (:meth:`.plan.Plan.set`).
+
+    Returns
+    -------
+    dict or None
+        ``{"factors": {"x": ..., "y": ..., "intensity": ..., "sigma": ..., "background": ...},
+        "measured": {...}, "applied": bool, "rho": [[...]], "pixels": n}``: the factors multiply
+        the errors of independent pixels; they are those ``measured`` where the position's differs
+        from 1 by :data:`CORRELATION_MIN_EFFECT` or more and neighbouring pixels correlate by
+        :data:`CORRELATION_MIN_NEAREST` or more (``applied``), else 1.
+        ``rho[dy + L][dx + L]`` is the correlation between pixels ``(dx, dy)`` apart. None where
+        too few typical columns fit (fewer than :data:`CORRELATION_MIN_COLUMNS`), and
+        for unweighted fits (``nz`` uniform).
+    """
+    x, y = plan.x, plan.y
+    n = x.size
+    if n < MIN_TEMPLATE_COLUMNS or plan.sigma is None or nz.uniform:
+        # unweighted fits ("uniform") take their errors from the squared residuals (a sandwich
+        # estimator) and have no noise model to standardise the residuals by
+        return None
+    sigma = float(plan.sigma)
+    mid = int(np.argmin((x - np.median(x)) ** 2 + (y - np.median(y)) ** 2))
+    k = min(CORRELATION_ATOMS, n)
+    core = np.sort(np.argpartition((x - x[mid]) ** 2 + (y - y[mid]) ** 2, k - 1)[:k])
+    pool = plan.expand(core) if plan.neighbor_subtraction else core
+    iso = Isotropic()
+    radius = plan.final_radius()
+    p1, ok1, _, _ = first_pass(img, plan, pool, max_iter)
+    if plan.neighbor_subtraction:
+        # the neighbours' models as the passes leave them, as the fits of refine subtract them
+        for _ in range(auto_refits(plan.nn, sigma) - 1):
+            start = p1.copy()
+            again = ~ok1
+            start[again, 0], start[again, 1] = x[pool[again]], y[pool[again]]
+            nb_pool = NeighborModels(plan, pool, pool, iso, p1, ok1)
+            p1, _, _, _, _, _ = later_pass(img, plan, pool, iso, start, again, nb_pool, nz, max_iter, NOISE_PASS_TOL)
+            ok1 = physical(iso, p1, x[pool], y[pool], plan.max_move[pool], radius[pool])
+    pos = np.searchsorted(pool, core)
+    start = p1[pos].copy()
+    reinit = ~ok1[pos]
+    start[reinit, 0], start[reinit, 1] = x[core[reinit]], y[core[reinit]]
+    nb = NeighborModels(plan, core, pool, iso, p1, ok1) if plan.neighbor_subtraction else None
+    p, _, _, _, _, _ = later_pass(img, plan, core, iso, start, reinit, nb, nz, max_iter, NOISE_PASS_TOL)
+    ok = physical(iso, p, x[core], y[core], plan.max_move[core], radius[core])
+    if np.count_nonzero(ok) < CORRELATION_MIN_COLUMNS:
+        return None
+    # the residuals are read around typical columns only: the fit of a faint blob, or of a column
+    # much wider or narrower than the rest, takes up the noise differently (false finds on an
+    # image with afterglow doubled the factors)
+    typical = ok.copy()
+    n_mid = float(np.median(p[ok, 2]))
+    typical[ok] = ((p[ok, 2] >= TYPICAL_INTENSITY[0] * n_mid) & (p[ok, 2] <= TYPICAL_INTENSITY[1] * n_mid)
+                   & (np.abs(p[ok, 3] / sigma - 1.0) <= TYPICAL_WIDTH))
+    # and apart from their neighbours: where tails overlap, one column at a time is not the model
+    # (each column's misfit differs with its neighbours', and reads as correlated noise: 3 times
+    # too large errors on a particle of columns 3.6 widths apart)
+    # (neighbours of a quarter of the median intensity or more: faint false finds beside columns, on
+    # an image with afterglow, left too few columns apart)
+    allp = np.where(ok1[:, None], p1, np.nan)
+    allp[pos] = np.where(ok[:, None], p, np.nan)
+    fit_ok = np.isfinite(allp).all(axis=1) & (allp[:, 2] > 0)
+    real = fit_ok & (allp[:, 2] >= NEIGHBOUR_INTENSITY * n_mid)
+    if np.count_nonzero(real) < 2:
+        return None
+    nn = cKDTree(allp[real, :2]).query(np.column_stack([x[core], y[core]]), k=2)[0][:, 1]
+    typical &= ~overlapping(nn, sigma)
+    if np.count_nonzero(typical) < CORRELATION_MIN_COLUMNS:
+        return None
+    pc = p[typical]
+    reach = float(np.max(radius[core[typical]]))
+    ny, nx = img.shape
+    x0, y0 = max(int(np.floor(pc[:, 0].min() - reach)), 0), max(int(np.floor(pc[:, 1].min() - reach)), 0)
+    x1, y1 = min(int(np.ceil(pc[:, 0].max() + reach)) + 1, nx), min(int(np.ceil(pc[:, 1].max() + reach)) + 1, ny)
+    box = np.asarray(img[y0:y1, x0:x1], dtype=np.float64)
+    # each pixel within a typical core column's window whose nearest fitted column it is
+    h = int(np.ceil(reach))
+    g = np.arange(-h, h + 1)
+    oy, ox = (v.ravel() for v in np.meshgrid(g, g, indexing="ij"))
+    disc = oy * oy + ox * ox <= reach * reach
+    pr = (np.rint(pc[:, 1] - y0).astype(np.int64)[:, None] + oy[disc]).ravel()
+    pcol = (np.rint(pc[:, 0] - x0).astype(np.int64)[:, None] + ox[disc]).ravel()
+    inb = (pr >= 0) & (pr < box.shape[0]) & (pcol >= 0) & (pcol < box.shape[1])
+    flat = np.unique(pr[inb] * box.shape[1] + pcol[inb])
+    rows, cols = np.divmod(flat, box.shape[1])
+    d, near = cKDTree(np.column_stack([allp[fit_ok, 0] - x0, allp[fit_ok, 1] - y0])).query(
+        np.column_stack([cols, rows]))
+    slot = np.full(n, -1, dtype=np.int64)  # atom -> its row in pc
+    slot[core[typical]] = np.arange(pc.shape[0])
+    who = slot[pool[fit_ok][near]]
+    win = np.where(who >= 0, radius[core[typical]][np.maximum(who, 0)], -1.0)
+    owner = np.full(box.shape, -1, dtype=np.int64)
+    owner.ravel()[flat] = np.where(d <= win, who, -1)
+    mask = (owner >= 0) & np.isfinite(box)
+    if np.count_nonzero(mask) < 200:
+        return None
+    # the model each fit saw: its own column over the neighbours' first-pass columns it subtracted
+    first = {"x": p1[:, 0] - x0, "y": p1[:, 1] - y0, "intensity": p1[:, 2], "sigma": p1[:, 3]}
+    model = model_image(box.shape, first, ok1 & np.isfinite(p1).all(axis=1) & (p1[:, 2] > 0))
+    own = core[typical]
+    p_first = p1[pos][typical]
+    had_first = (ok1[pos] & np.isfinite(p1[pos]).all(axis=1) & (p1[pos, 2] > 0))[typical]
+    for params, sign, use in ((pc, 1.0, np.ones(own.size, dtype=bool)), (p_first, -1.0, had_first)):
+        q = np.column_stack([params[:, 0] - x0, params[:, 1] - y0, params[:, 2], params[:, 3]])
+        flat, val, _ = column_patches(q, patch_half(float(np.max(q[:, 3]))), box.shape, derivatives=False)
+        mine = (flat >= 0) & use[:, None, None]
+        mine[mine] = owner.ravel()[flat[mine]] == np.nonzero(mine)[0]
+        model.ravel()[flat[mine]] += sign * val[mine]
+    # each pixel's background is its own column's, as that column's fit took it
+    bg = np.where(mask, pc[np.maximum(owner, 0), 4], 0.0)
+    mu = model + bg
+    u = np.where(mask, (np.nan_to_num(box) - mu) / np.sqrt(nz.variance(mu)), 0.0)
+    inten = pc[:, 2]
+    weight = np.sqrt(np.clip(inten / float(np.median(inten)), 0.01, None))
+    r_med = float(np.median(radius[core[typical]]))
+    n_med, b_med = float(np.median(inten)), float(np.median(pc[:, 4]))
+
+    def variance(g, one):  # a typical column's pixel variance (g: its profile of unit intensity)
+        return nz.variance(n_med * g + b_med * one)
+
+    rho, used = residual_correlation(u, mask, pc[:, 0] - x0, pc[:, 1] - y0, weight, sigma=sigma,
+                                     radius=r_med, variance=variance)
+    if used == 0:
+        return None
+    f = error_factors(rho, estimator_rows(sigma, r_med))
+    c = rho.shape[0] // 2
+    nearest = max(rho[c, c + 1], rho[c + 1, c])
+    applied = bool(np.max(np.abs(f[:2] - 1.0)) >= CORRELATION_MIN_EFFECT and nearest >= CORRELATION_MIN_NEAREST)
+    return {"factors": {name: float(v) if applied else 1.0 for name, v in zip(PARAMETERS, f)},
+            "measured": {name: round(float(v), 4) for name, v in zip(PARAMETERS, f)}, "applied": applied,
+            "rho": np.round(rho, 4).tolist(), "pixels": used}
 
 
 def _estimate_noise(img, plan: Plan, sample, p1, ok1, max_noise_atoms: int, max_iter: int, model: str) -> Noise:
