@@ -88,3 +88,19 @@ def test_afterglow_errors_are_calibrated():
     plain = {k: v for k, v in st.items() if k != "noise_correlation"}
     zx0, zy0 = _scatter(image, s, settings=plain)
     assert zx0 > 1.25 and zy0 > 1.25
+
+
+def test_a_misfit_along_whole_scan_lines_is_not_taken_for_pixel_noise():
+    from atomds.core.refine.settings import pixel_like
+
+    L = MAX_LAG
+    rho = np.zeros((2 * L + 1, 2 * L + 1))
+    rho[L, L] = 1.0
+    afterglow = rho.copy()
+    afterglow[L, L + 1 :] = afterglow[L, : L][::-1] = [0.4, 0.16, 0.06]
+    jitter = rho.copy()
+    jitter[L, L + 1 :] = jitter[L, : L][::-1] = [0.13, 0.13, 0.08]  # the same at 1 and 2 px along a line
+    assert pixel_like(afterglow) and pixel_like(afterglow.T)
+    assert not pixel_like(jitter)
+    assert not pixel_like(rho)
+    assert pixel_like(_rho_of_blur(0.7))

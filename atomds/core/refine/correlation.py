@@ -24,6 +24,7 @@ is not noise; :func:`estimator_rows` gives the rows ``a`` of an isolated column'
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -43,7 +44,7 @@ INTENSITY_CLASSES = 3
 #: (between columns) above the median is left out.
 MISFIT_SPREADS = 3.0
 #: A column enters the correlation with at least this many pairs of its own pixels at every lag.
-MIN_PAIRS = 20
+MIN_PAIRS = 5
 #: Room around a window for the lags (px).
 MAX_LAG_PAD = MAX_LAG
 #: The isotropic model's parameters, in the order of its fits.
@@ -147,23 +148,32 @@ def residual_correlation(u: np.ndarray, mask: np.ndarray, x: np.ndarray, y: np.n
             per[i] = np.where(pairs >= MIN_PAIRS, prod / pairs, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = per / per[0]
-    fine = np.isfinite(ratio).all(axis=0) & (per[0] > 0)
-    if np.count_nonzero(fine) < MIN_TEMPLATE_COLUMNS:
-        return rho, 0
+    fine = per[0] > 0
     # a column whose residuals hold more than the noise (contamination over it, a neighbour missed)
     # does not decide: such misfits are broad, and show at the farthest lags, where the noise of a
     # detector or of interpolation has faded; columns whose mean there lies more than
-    # MISFIT_SPREADS robust spreads above the others' are left out, and the median taken (broad
-    # blobs of contamination over a MoS2-like crystal read 0.13 at 1 px in the mean, 1.4 times the
-    # errors of every column)
+    # MISFIT_SPREADS robust spreads above the others' are left out, and the median taken at every
+    # lag over the columns with pairs there (broad blobs of contamination over a MoS2-like crystal
+    # read 0.13 at 1 px in the mean, 1.4 times the errors of every column)
     far = np.array([max(abs(dy), abs(dx)) == L for dy, dx in lags])
-    edge = ratio[far].mean(axis=0)
-    mid = float(np.median(edge[fine]))
-    spread = 1.4826 * float(np.median(np.abs(edge[fine] - mid)))
-    fine &= edge <= mid + MISFIT_SPREADS * spread
-    if np.count_nonzero(fine) < MIN_TEMPLATE_COLUMNS:
+    edge = None
+    if far.any():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a column without pairs that far: NaN
+            edge = np.nanmean(ratio[far], axis=0)
+    if edge is not None:
+        judged = fine & np.isfinite(edge)
+        if np.count_nonzero(judged) >= MIN_TEMPLATE_COLUMNS:
+            mid = float(np.median(edge[judged]))
+            spread = 1.4826 * float(np.median(np.abs(edge[judged] - mid)))
+            fine &= ~(edge > mid + MISFIT_SPREADS * spread)
+    c = np.full(len(lags), np.nan)
+    for i in range(len(lags)):
+        vals = ratio[i, fine & np.isfinite(ratio[i])]
+        if vals.size >= MIN_TEMPLATE_COLUMNS:
+            c[i] = float(np.median(vals))
+    if not np.isfinite(c).all():
         return rho, 0
-    c = np.median(ratio[:, fine], axis=1)
     # what those means would be for noise of correlation rho: the fit's residuals are P n, P = 1 - H
     # (H its hat matrix on the window), so a noise correlated at lag e gives P S_e P at lag d
     owned = np.zeros((side, side), dtype=bool)

@@ -23,7 +23,7 @@ from .plan import Plan, auto_refits, info_radius, sample_indices
 from .residual import model_image
 
 __all__ = ["estimate_settings", "width_population", "overlap_width", "overlap_explained", "overlap_judging_width",
-           "settings_dict", "noise_correlation", "CORRELATION_ATOMS"]
+           "settings_dict", "noise_correlation", "pixel_like", "CORRELATION_ATOMS"]
 
 
 def estimate_settings(
@@ -208,6 +208,11 @@ NEIGHBOUR_INTENSITY = 0.25
 #: while a misfit that is smooth under the columns (broad blobs of contamination over a MoS2-like
 #: crystal) reads about the same small value at every lag (0.06-0.09), which is no noise of the pixels.
 CORRELATION_MIN_NEAREST = 0.15
+#: ... and where it falls from 1 to 2 px along that axis to at most this fraction: the kernels of an
+#: afterglow (0.4), of interpolation and of smoothing (0.2 at 0.7 px, 0.6 at 1.2 px) are short, while
+#: a misfit along whole scan lines (scan jitter shifting each line of a column) reads about the same
+#: at 1 and 2 px (0.7-1.0 on two images of the sweep, whose errors it would have widened 1.1-1.4 times).
+CORRELATION_MAX_DECAY = 0.65
 #: Typical columns, around which the correlation is read: intensity within these multiples of the
 #: median ...
 TYPICAL_INTENSITY = (0.5, 2.0)
@@ -231,8 +236,8 @@ def noise_correlation(img: np.ndarray, plan: Plan, nz: Noise, max_iter: int) -> 
         ``{"factors": {"x": ..., "y": ..., "intensity": ..., "sigma": ..., "background": ...},
         "measured": {...}, "applied": bool, "rho": [[...]], "pixels": n}``: the factors multiply
         the errors of independent pixels; they are those ``measured`` where the position's differs
-        from 1 by :data:`CORRELATION_MIN_EFFECT` or more and neighbouring pixels correlate by
-        :data:`CORRELATION_MIN_NEAREST` or more (``applied``), else 1.
+        from 1 by :data:`CORRELATION_MIN_EFFECT` or more and the correlation looks like that of
+        pixels (:func:`pixel_like`; ``applied``), else 1.
         ``rho[dy + L][dx + L]`` is the correlation between pixels ``(dx, dy)`` apart. None where
         too few typical columns fit (fewer than :data:`CORRELATION_MIN_COLUMNS`), and
         for unweighted fits (``nz`` uniform).
@@ -347,12 +352,21 @@ def noise_correlation(img: np.ndarray, plan: Plan, nz: Noise, max_iter: int) -> 
     if used == 0:
         return None
     f = error_factors(rho, estimator_rows(sigma, r_med))
-    c = rho.shape[0] // 2
-    nearest = max(rho[c, c + 1], rho[c + 1, c])
-    applied = bool(np.max(np.abs(f[:2] - 1.0)) >= CORRELATION_MIN_EFFECT and nearest >= CORRELATION_MIN_NEAREST)
+    applied = bool(np.max(np.abs(f[:2] - 1.0)) >= CORRELATION_MIN_EFFECT and pixel_like(rho))
     return {"factors": {name: float(v) if applied else 1.0 for name, v in zip(PARAMETERS, f)},
             "measured": {name: round(float(v), 4) for name, v in zip(PARAMETERS, f)}, "applied": applied,
             "rho": np.round(rho, 4).tolist(), "pixels": used}
+
+
+def pixel_like(rho: np.ndarray) -> bool:
+    """Whether a measured correlation ``rho`` (:func:`.correlation.residual_correlation`) looks like noise
+    correlated between pixels: at least :data:`CORRELATION_MIN_NEAREST` between neighbours along x or y,
+    falling to at most :data:`CORRELATION_MAX_DECAY` of that at 2 px along the same axis."""
+    c = rho.shape[0] // 2
+    along_x = rho[c, c + 1] >= rho[c + 1, c]
+    r1 = rho[c, c + 1] if along_x else rho[c + 1, c]
+    r2 = rho[c, c + 2] if along_x else rho[c + 2, c]
+    return bool(r1 >= CORRELATION_MIN_NEAREST and r2 <= CORRELATION_MAX_DECAY * r1)
 
 
 def _estimate_noise(img, plan: Plan, sample, p1, ok1, max_noise_atoms: int, max_iter: int, model: str) -> Noise:
