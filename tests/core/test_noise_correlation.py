@@ -104,3 +104,23 @@ def test_a_misfit_along_whole_scan_lines_is_not_taken_for_pixel_noise():
     assert not pixel_like(jitter)
     assert not pixel_like(rho)
     assert pixel_like(_rho_of_blur(0.7))
+
+
+def test_find_atoms_judges_significance_under_correlated_noise():
+    # a Gaussian filter of 0.7 px (a user's smoothing) made 800 false columns of a 512^2 lattice
+    from atomds.core import find
+    from atomds.core.samples import match_positions
+
+    s = _hexagonal(3)
+    smooth = ndi.gaussian_filter(np.asarray(s.image, dtype=np.float64), 0.7).astype(np.float32)
+    res = find.find_atoms(smooth)
+    rec = res.params["noise_correlation"]
+    assert rec["applied"] and rec["variance_factor"] > 10
+    i_t, i_f = match_positions(np.c_[s.x, s.y], np.c_[res.x, res.y], 4.0)
+    ny, nx = s.shape
+    inner = (s.x > 6) & (s.x < nx - 7) & (s.y > 6) & (s.y < ny - 7)
+    assert np.isin(np.flatnonzero(inner), i_t).all()
+    extra = np.setdiff1d(np.arange(res.x.size), i_f)
+    assert extra.size <= 2
+    plain = find.find_atoms(s.image)
+    assert not plain.params["noise_correlation"]["applied"]

@@ -21,7 +21,16 @@ import numpy as np
 
 from ...errors import InvalidImageError, InvalidParameterError, NoAtomsFoundError
 from ..image import CONTRAST_CHOICES, CONTRASTS, central_crop, check_image, constant_border, intensity_scale, turn_over
-from ..scales import SMALL_CROP, PatchSampler, column_sigma, image_scales, noise_model
+from ..scales import (
+    IMMERKAER,
+    SMALL_CROP,
+    WHITE_HINT,
+    PatchSampler,
+    column_sigma,
+    image_scales,
+    noise_model,
+    pixel_correlation_hint,
+)
 from ..scanlines import bad_lines, fill_lines, lines_record, remove_row_offsets
 from ..spikes import remove_spikes, spike_record
 from .blobs import Blobs, area_bounds, find_blobs, local_reference, too_broad, unresolved
@@ -348,6 +357,21 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     ok, amp, cls, mode = _columns(flat.image, blobs, templates, s, d, min_contrast, sublattices, lattice_check, counts)
     if not np.any(ok):
         raise thr.no_atoms("every blob is too weak or too broad to be a column")
+    # noise correlated between pixels (afterglow, interpolation, smoothing) is more noise at a
+    # column's scale than the model read at the pixels' scale: the significance is judged again
+    pixel_noise = correlated_noise(img, blobs.x[ok], blobs.y[ok], s, templates) if z_min is None else None
+    if pixel_noise is not None and pixel_noise["applied"]:
+        q = float(pixel_noise["variance_factor"])
+        noise = (noise[0] * q, noise[1] * q)
+        z = z / np.float32(np.sqrt(q))
+        counts = {}
+        blobs, keep, thr, zmin, zmin_edge = _significant_blobs(ncc, z, which, templates, d, threshold, z_min,
+                                                               lattice_check, counts, flat.params["applied"])
+        blobs, lo, hi = _plausible_size(blobs, keep, min_area, max_area, thr, counts, flat.image, s)
+        ok, amp, cls, mode = _columns(flat.image, blobs, templates, s, d, min_contrast, sublattices, lattice_check,
+                                      counts)
+        if not np.any(ok):
+            raise thr.no_atoms("every blob is too weak or too broad to be a column")
     blobs, amp, sub = blobs.take(ok), amp[ok], final_labels(cls[ok], mode)
     n_sub = int(sub.max()) + 1 if sub.size else 0
     params = {
@@ -360,6 +384,8 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         "template_shape": [list(t.shape) for t in templates], "sublattice_mode": mode, "n_sublattices": n_sub,
         "rejected": counts, "local_background": flat.params,
     }
+    if pixel_noise is not None:
+        params["noise_correlation"] = pixel_noise
     if polarity is not None:
         _record_polarity(params, polarity)
     result = FoundAtoms(x=blobs.x, y=blobs.y, score=blobs.score, area=blobs.area, sublattice=sub, zscore=blobs.zscore,
@@ -374,6 +400,64 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     result = _without_no_data(result, img)
     own = [kind != "array" for kind in kinds] if len(kinds) == len(result.templates) else [True] * len(result.templates)
     return result.in_units(k, own)
+
+
+#: The pixel correlation hint (:func:`~atomds.core.scales.pixel_correlation_hint`) this far above
+#: independent pixels' sends the finder to read the residuals of its columns.
+HINT_MARGIN = 0.05
+#: Columns needed for that reading (the fits' own minimum of typical columns).
+NOISE_COLUMNS_MIN = 100
+#: Where the matched filter's noise variance is at least this many times what the model says, the
+#: model is scaled by it and the significance judged again.
+NOISE_FACTOR_MIN = 1.2
+
+
+def correlated_noise(img: np.ndarray, x: np.ndarray, y: np.ndarray, sigma: float, templates) -> dict[str, Any]:
+    """How many times the noise variance of the templates' matched filters exceeds the noise model's,
+    for noise correlated between pixels; a record for ``find_atoms_params["noise_correlation"]``.
+
+    The model (:func:`~atomds.core.scales.noise_model`) reads the noise with Immerkaer's high-pass,
+    as for independent pixels. Where the cheap hint says the pixels may be correlated, the columns
+    ``x, y`` (px) found so far are fitted (:func:`atomds.core.refine.estimate_fit_settings`) and the
+    correlation ``rho`` read from their residuals (:func:`atomds.core.refine.settings.noise_correlation`);
+    where it looks like that of pixels, the factor is, for the zero-mean template ``t`` whose noise
+    grows most, ``sum rho R_t / R_t(0)`` over the same for Immerkaer's kernel (``R`` the kernels'
+    autocorrelation). Returns ``{"hint": [x, y], "variance_factor": q, "applied": q >= NOISE_FACTOR_MIN}``
+    and the correlation read, if it was.
+    """
+    hint = pixel_correlation_hint(img)
+    rec: dict[str, Any] = {"hint": list(hint), "variance_factor": 1.0, "applied": False}
+    if max(hint) < WHITE_HINT + HINT_MARGIN or np.size(x) < NOISE_COLUMNS_MIN:
+        return rec
+    from ..refine import estimate_fit_settings
+
+    corr = estimate_fit_settings(img, x, y, sigma=sigma).get("noise_correlation")
+    rec["read"] = bool(corr)
+    if not corr or not corr.get("applied"):
+        return rec
+    rho = np.asarray(corr["rho"], dtype=np.float64)
+    q = max(_filter_variance(rho, np.asarray(t, np.float64) - np.mean(t)) for t in templates)
+    q /= _filter_variance(rho, IMMERKAER)
+    L = rho.shape[0] // 2
+    rec.update(variance_factor=round(float(q), 4), applied=bool(q >= NOISE_FACTOR_MIN),
+               rho_next_pixel=[round(float(rho[L, L + 1]), 4), round(float(rho[L + 1, L]), 4)])
+    return rec
+
+
+def _filter_variance(rho: np.ndarray, k: np.ndarray) -> float:
+    """``sum_d rho(d) R_k(d) / R_k(0)``: a filter ``k``'s noise variance under the correlation ``rho``
+    (lags up to its half-size) over that of independent pixels."""
+    from scipy.signal import correlate2d
+
+    L = rho.shape[0] // 2
+    r = correlate2d(k, k, mode="full")
+    cy, cx = k.shape[0] - 1, k.shape[1] - 1
+    total = 0.0
+    for dy in range(-L, L + 1):
+        for dx in range(-L, L + 1):
+            if 0 <= cy + dy < r.shape[0] and 0 <= cx + dx < r.shape[1]:
+                total += rho[L + dy, L + dx] * r[cy + dy, cx + dx]
+    return float(total / r[cy, cx])
 
 
 #: A border of constant rows and columns is cut off only when at least this many px remain each way.

@@ -13,7 +13,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from .constants import FINAL_REACH, MIN_SIGMA, NOISE_PASS_TOL, PRIOR_MIN_REL, SIGMA_MAX_FACTOR, SIGMA_MAX_FLOOR
-from .correlation import MIN_TEMPLATE_COLUMNS, PARAMETERS, error_factors, estimator_rows, residual_correlation
+from .correlation import PARAMETERS, error_factors, estimator_rows, residual_correlation
 from .joint import EDGE_SIGMAS, inside_band, overlapping, patch_bound, solve_group
 from .joint_model import column_patches, patch_half
 from .models import Isotropic, get_model
@@ -244,7 +244,7 @@ def noise_correlation(img: np.ndarray, plan: Plan, nz: Noise, max_iter: int) -> 
     """
     x, y = plan.x, plan.y
     n = x.size
-    if n < MIN_TEMPLATE_COLUMNS or plan.sigma is None or nz.uniform:
+    if n < CORRELATION_MIN_COLUMNS or plan.sigma is None or nz.uniform:
         # unweighted fits ("uniform") take their errors from the squared residuals (a sandwich
         # estimator) and have no noise model to standardise the residuals by
         return None
