@@ -39,6 +39,8 @@ __all__ = [
     "noise_model",
     "pixel_correlation_hint",
     "WHITE_HINT",
+    "HINT_MARGIN",
+    "correlation_suspected",
     "IMMERKAER",
     "estimate_spacing",
     "estimate_period",
@@ -182,6 +184,15 @@ def noise_model(image, *, smooth: float = 2.0, nbins: int = 12) -> tuple[float, 
 WHITE_HINT = -2.0 / 3.0
 #: The hint is read on a central crop of at most this many px each way.
 _HINT_CROP = 256
+#: A hint this far above independent pixels' (along x or y) may be noise correlated between pixels:
+#: worth reading the residuals of fitted columns (independent pixels of the randomized sweep read
+#: -0.68 to -0.64 but for narrow bright columns; afterglow and interpolation -0.57 to -0.51).
+HINT_MARGIN = 0.05
+
+
+def correlation_suspected(hint) -> bool:
+    """Whether a :func:`pixel_correlation_hint` may come from noise correlated between pixels."""
+    return bool(max(hint) >= WHITE_HINT + HINT_MARGIN)
 
 
 def pixel_correlation_hint(image) -> tuple[float, float]:

@@ -64,12 +64,18 @@ def _scatter(image, s, **kw):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_independent_pixels_are_left_as_they_are(seed):
+def test_independent_pixels_are_left_as_they_are(seed, monkeypatch):
     s = _hexagonal(seed)
     st = refine.estimate_fit_settings(s.image, s.x, s.y)
     corr = st["noise_correlation"]
-    assert not corr["applied"]
+    assert not corr["read"] and not corr["applied"]  # the cheap look suspects nothing
     assert corr["factors"]["x"] == corr["factors"]["y"] == 1.0
+    # and the residuals, read all the same, say so too
+    from atomds.core.refine import settings
+
+    monkeypatch.setattr(settings, "correlation_suspected", lambda hint: True)
+    corr = refine.estimate_fit_settings(s.image, s.x, s.y)["noise_correlation"]
+    assert corr["read"] and not corr["applied"]
     for v in corr["measured"].values():
         assert 0.9 < v < 1.1
 
@@ -79,7 +85,7 @@ def test_afterglow_errors_are_calibrated():
     image = _afterglow(s.image).astype(np.float32)
     st = refine.estimate_fit_settings(image, s.x, s.y)
     corr = st["noise_correlation"]
-    assert corr["applied"]
+    assert corr["read"] and corr["applied"]
     assert 1.2 < corr["factors"]["x"] < 1.6 and 1.2 < corr["factors"]["y"] < 1.6
     assert corr["rho"][MAX_LAG][MAX_LAG + 1] > 0.3  # the next pixel along the fast scan
     zx, zy = _scatter(image, s)

@@ -24,9 +24,9 @@ from ..image import CONTRAST_CHOICES, CONTRASTS, central_crop, check_image, cons
 from ..scales import (
     IMMERKAER,
     SMALL_CROP,
-    WHITE_HINT,
     PatchSampler,
     column_sigma,
+    correlation_suspected,
     image_scales,
     noise_model,
     pixel_correlation_hint,
@@ -402,9 +402,6 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     return result.in_units(k, own)
 
 
-#: The pixel correlation hint (:func:`~atomds.core.scales.pixel_correlation_hint`) this far above
-#: independent pixels' sends the finder to read the residuals of its columns.
-HINT_MARGIN = 0.05
 #: Columns needed for that reading (the fits' own minimum of typical columns).
 NOISE_COLUMNS_MIN = 100
 #: Where the matched filter's noise variance is at least this many times what the model says, the
@@ -427,7 +424,7 @@ def correlated_noise(img: np.ndarray, x: np.ndarray, y: np.ndarray, sigma: float
     """
     hint = pixel_correlation_hint(img)
     rec: dict[str, Any] = {"hint": list(hint), "variance_factor": 1.0, "applied": False}
-    if max(hint) < WHITE_HINT + HINT_MARGIN or np.size(x) < NOISE_COLUMNS_MIN:
+    if not correlation_suspected(hint) or np.size(x) < NOISE_COLUMNS_MIN:
         return rec
     from ..refine import estimate_fit_settings
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from scipy.spatial import cKDTree
 
+from ..scales import correlation_suspected, pixel_correlation_hint
 from .constants import FINAL_REACH, MIN_SIGMA, NOISE_PASS_TOL, PRIOR_MIN_REL, SIGMA_MAX_FACTOR, SIGMA_MAX_FLOOR
 from .correlation import PARAMETERS, error_factors, estimator_rows, residual_correlation
 from .joint import EDGE_SIGMAS, inside_band, overlapping, patch_bound, solve_group
@@ -68,9 +69,10 @@ def estimate_settings(
         radius = FINAL_REACH * sig + 0.5
     out = settings_dict(sig, tau, radius, nz, first)
     plan.set(sig, radius)
-    corr = noise_correlation(img, plan, nz, max_iter)
-    if corr is not None:
-        out["noise_correlation"] = corr
+    # the residuals are read where a cheap look at the pixels suspects their noise is correlated
+    hint = pixel_correlation_hint(img)
+    corr = noise_correlation(img, plan, nz, max_iter) if correlation_suspected(hint) else None
+    out["noise_correlation"] = {"hint": list(hint), "read": corr is not None, **(corr or _UNCORRELATED)}
     if joint_rejected is not None:
         out["sigma_joint_rejected"] = float(joint_rejected)
     return out
@@ -356,6 +358,10 @@ def noise_correlation(img: np.ndarray, plan: Plan, nz: Noise, max_iter: int) -> 
     return {"factors": {name: float(v) if applied else 1.0 for name, v in zip(PARAMETERS, f)},
             "measured": {name: round(float(v), 4) for name, v in zip(PARAMETERS, f)}, "applied": applied,
             "rho": np.round(rho, 4).tolist(), "pixels": used}
+
+
+#: The record of noise that is not read or not correlated: factors of 1.
+_UNCORRELATED: dict[str, Any] = {"factors": dict.fromkeys(PARAMETERS, 1.0), "applied": False}
 
 
 def pixel_like(rho: np.ndarray) -> bool:
