@@ -206,13 +206,18 @@ def pixel_correlation_hint(image) -> tuple[float, float]:
     medians): it only says where the residuals of fitted columns are worth reading
     (:func:`atomds.core.refine.settings.noise_correlation`).
     """
-    img = checked_crop(image, _HINT_CROP).astype(np.float64)
-    if min(img.shape) < 8 or not np.isfinite(img).all():
+    img = np.asarray(image)
+    if img.ndim != 2 or min(img.shape) < 8:
         return (WHITE_HINT, WHITE_HINT)
-    r = _hf_residual(img)
+    img = central_crop(img, _HINT_CROP).astype(np.float64)
+    fin = np.isfinite(img)
+    r = _hf_residual(np.where(fin, img, 0.0))
+    good = ~ndi.maximum_filter(~fin, 3)[1:-1, 1:-1]  # responses that touch no left-out (NaN) pixel
     out = []
-    for a, b in ((r[:, :-1], r[:, 1:]), (r[:-1], r[1:])):
-        s2, d2 = _mad_sd(a + b) ** 2, _mad_sd(a - b) ** 2
+    for a, b, ok in ((r[:, :-1], r[:, 1:], good[:, :-1] & good[:, 1:]), (r[:-1], r[1:], good[:-1] & good[1:])):
+        if np.count_nonzero(ok) < 100:
+            return (WHITE_HINT, WHITE_HINT)
+        s2, d2 = _mad_sd((a + b)[ok]) ** 2, _mad_sd((a - b)[ok]) ** 2
         out.append((s2 - d2) / (s2 + d2) if s2 + d2 > 0 else WHITE_HINT)
     return (round(float(out[0]), 4), round(float(out[1]), 4))
 

@@ -109,6 +109,9 @@ def test_a_misfit_along_whole_scan_lines_is_not_taken_for_pixel_noise():
     assert pixel_like(afterglow) and pixel_like(afterglow.T)
     assert not pixel_like(jitter)
     assert not pixel_like(rho)
+    across = afterglow.copy()
+    across[L + 1, L] = across[L - 1, L] = -0.15  # anti-correlated across the lines: no smoothing does that
+    assert not pixel_like(across)
     assert pixel_like(_rho_of_blur(0.7))
 
 

@@ -215,6 +215,11 @@ CORRELATION_MIN_NEAREST = 0.15
 #: a misfit along whole scan lines (scan jitter shifting each line of a column) reads about the same
 #: at 1 and 2 px (0.7-1.0 on two images of the sweep, whose errors it would have widened 1.1-1.4 times).
 CORRELATION_MAX_DECAY = 0.65
+#: ... and where no neighbour of a pixel (the 8 around it) correlates below this: smoothing, afterglow
+#: and interpolation by non-negative weights correlate every pair of pixels positively (their
+#: kernels' autocorrelation), while the misfit of narrow columns under scan jitter read -0.11 to
+#: -0.23 across the lines of four sweep images (and 0.47-0.51 along them).
+CORRELATION_MIN_NEIGHBOUR = -0.06
 #: Typical columns, around which the correlation is read: intensity within these multiples of the
 #: median ...
 TYPICAL_INTENSITY = (0.5, 2.0)
@@ -367,12 +372,15 @@ _UNCORRELATED: dict[str, Any] = {"factors": dict.fromkeys(PARAMETERS, 1.0), "app
 def pixel_like(rho: np.ndarray) -> bool:
     """Whether a measured correlation ``rho`` (:func:`.correlation.residual_correlation`) looks like noise
     correlated between pixels: at least :data:`CORRELATION_MIN_NEAREST` between neighbours along x or y,
-    falling to at most :data:`CORRELATION_MAX_DECAY` of that at 2 px along the same axis."""
+    falling to at most :data:`CORRELATION_MAX_DECAY` of that at 2 px along the same axis, and no
+    neighbour (the 8 around a pixel) below :data:`CORRELATION_MIN_NEIGHBOUR`."""
     c = rho.shape[0] // 2
     along_x = rho[c, c + 1] >= rho[c + 1, c]
     r1 = rho[c, c + 1] if along_x else rho[c + 1, c]
     r2 = rho[c, c + 2] if along_x else rho[c + 2, c]
-    return bool(r1 >= CORRELATION_MIN_NEAREST and r2 <= CORRELATION_MAX_DECAY * r1)
+    nearest = rho[c - 1 : c + 2, c - 1 : c + 2]
+    return bool(r1 >= CORRELATION_MIN_NEAREST and r2 <= CORRELATION_MAX_DECAY * r1
+                and nearest.min() >= CORRELATION_MIN_NEIGHBOUR)
 
 
 def _estimate_noise(img, plan: Plan, sample, p1, ok1, max_noise_atoms: int, max_iter: int, model: str) -> Noise:
