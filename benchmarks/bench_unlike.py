@@ -50,7 +50,8 @@ and each is run once through ``atomds.from_array(image, ...).lcx.find_atoms()`` 
   detector with afterglow: each pixel keeps 0.4 of the one before it along the fast scan (x), so
   the noise of neighbouring pixels is correlated; ``frame_sum``: the same lattice as the sum of ten
   frames, each shifted by up to 3 px and interpolated (bilinear) back, as a drift-corrected sum
-  is. find_atoms then refine: recall, finds matching no column, and the scatter of the refined
+  is; ``smoothed``: the same lattice filtered by a Gaussian of 0.7 px, as images are often
+  smoothed before they are shared. find_atoms then refine: recall, finds matching no column, and the scatter of the refined
   positions (less their mean offset: the afterglow moves every column) over their errors, with
   the error factors refine measured.
 - ``scan_drift``: a square lattice (15 px) under slow-scan drift (x shifted by 5 % of y and by a
@@ -83,7 +84,7 @@ SECTION = "## Images unlike the samples"
 RESULTS = Path(__file__).with_name("RESULTS.md")
 CASES = ("au_on_carbon", "au_big", "stm", "stm_small", "abf", "mos2", "glitches", "wedge", "two_grains",
          "line_noise", "line_noise_aligned", "interstitials", "scan_drift", "hits", "zero_padding", "afterglow",
-         "frame_sum")
+         "frame_sum", "smoothed")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,7 +475,7 @@ def scan_drift(seed: int) -> dict:
 
 
 def correlated_noise(seed: int, kind: str) -> dict:
-    """Noise correlated between pixels: a detector's afterglow along x, or a sum of interpolated frames."""
+    """Noise correlated between pixels: a detector's afterglow along x, a sum of interpolated frames, or smoothing."""
     rng = np.random.default_rng(seed)
     shape, a, sig = (512, 512), 14.0, 2.0
     ang = rng.uniform(0, np.pi)
@@ -484,6 +485,8 @@ def correlated_noise(seed: int, kind: str) -> dict:
         image = rng.poisson(clean).astype(float)
         for i in range(1, shape[1]):
             image[:, i] = 0.6 * image[:, i] + 0.4 * image[:, i - 1]
+    elif kind == "smoothed":
+        image = ndi.gaussian_filter(rng.poisson(clean).astype(float), 0.7)
     else:
         image = np.zeros(shape)
         for _ in range(10):
@@ -520,7 +523,7 @@ def run(case: str, seed: int) -> dict:
                 return stm(seed, case == "stm_small")
             if case.startswith("line_noise"):
                 return line_noise(seed, case == "line_noise_aligned")
-            if case in ("afterglow", "frame_sum"):
+            if case in ("afterglow", "frame_sum", "smoothed"):
                 return correlated_noise(seed, case)
             return {"abf": abf, "mos2": mos2, "glitches": glitches, "wedge": wedge, "two_grains": two_grains,
                     "interstitials": interstitials, "scan_drift": scan_drift, "hits": hits,
