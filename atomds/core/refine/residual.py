@@ -55,7 +55,7 @@ def model_image(shape: tuple[int, int], fit: dict[str, np.ndarray], ok: np.ndarr
     return out.reshape(shape)
 
 
-def background_map(shape, x, y, bg, pix_rows, pix_cols) -> np.ndarray:
+def _background_map(shape, x, y, bg, pix_rows, pix_cols) -> np.ndarray:
     """Inverse-distance mean of the 4 nearest columns' backgrounds at the given pixels."""
     tree = cKDTree(np.column_stack([x, y]))
     k = min(4, x.size)
@@ -110,7 +110,7 @@ def missing_columns(
     area = np.isfinite(dist).reshape(img.shape) & np.isfinite(img)
     bg_vals = np.where(np.isfinite(fit["background"]), fit["background"], np.nanmedian(fit["background"][ok]))
     bg = np.zeros(img.shape)
-    bg[area] = background_map(img.shape, x[ok], y[ok], bg_vals[ok], rows[area], cols[area])
+    bg[area] = _background_map(img.shape, x[ok], y[ok], bg_vals[ok], rows[area], cols[area])
     mu = model_image(img.shape, fit, ok) + bg
     resid = np.where(area, img - mu, 0.0)
     var = np.where(area, noise.variance(mu), 0.0)
