@@ -124,7 +124,7 @@ def test_find_atoms_judges_significance_under_correlated_noise():
     smooth = ndi.gaussian_filter(np.asarray(s.image, dtype=np.float64), 0.7).astype(np.float32)
     res = find.find_atoms(smooth)
     rec = res.params["noise_correlation"]
-    assert rec["applied"] and rec["variance_factor"] > 10
+    assert rec["read"] and rec["applied"] and rec["variance_factor"] > 10
     i_t, i_f = match_positions(np.c_[s.x, s.y], np.c_[res.x, res.y], 4.0)
     ny, nx = s.shape
     inner = (s.x > 6) & (s.x < nx - 7) & (s.y > 6) & (s.y < ny - 7)

@@ -267,6 +267,11 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         Column width and nearest-neighbour spacing, px (estimated when None).
     z_min : float, optional
         Significance of a column's amplitude against the noise (in noise standard deviations).
+        When None (automatic), noise correlated between pixels is also looked for once the first
+        columns are judged (:func:`correlated_noise`): where it is found, the noise model is scaled
+        by the matched filters' variance factor and the blobs are judged again
+        (``params["noise_correlation"]``; ``params["noise_variance"]`` stays the pixels' own
+        model). A given ``z_min`` is kept as it is.
     min_contrast : float
         Smallest amplitude of an atom relative to the bright columns around it (0 disables).
     workers : int, optional
@@ -360,18 +365,26 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     # noise correlated between pixels (afterglow, interpolation, smoothing) is more noise at a
     # column's scale than the model read at the pixels' scale: the significance is judged again
     pixel_noise = correlated_noise(img, blobs.x[ok], blobs.y[ok], s, templates) if z_min is None else None
+    recorded_noise = noise  # the pixels' own model, as read; any correlation is in pixel_noise
     if pixel_noise is not None and pixel_noise["applied"]:
         q = float(pixel_noise["variance_factor"])
-        noise = (noise[0] * q, noise[1] * q)
-        z = z / np.float32(np.sqrt(q))
-        counts = {}
-        blobs, keep, thr, zmin, zmin_edge = _significant_blobs(ncc, z, which, templates, d, threshold, z_min,
-                                                               lattice_check, counts, flat.params["applied"])
-        blobs, lo, hi = _plausible_size(blobs, keep, min_area, max_area, thr, counts, flat.image, s)
-        ok, amp, cls, mode = _columns(flat.image, blobs, templates, s, d, min_contrast, sublattices, lattice_check,
-                                      counts)
-        if not np.any(ok):
-            raise thr.no_atoms("every blob is too weak or too broad to be a column")
+        counts_q: dict[str, int] = {}
+        try:
+            stages = _significant_blobs(ncc, z / np.float32(np.sqrt(q)), which, templates, d, threshold, z_min,
+                                        lattice_check, counts_q, flat.params["applied"])
+            sized = _plausible_size(stages[0], stages[1], min_area, max_area, stages[2], counts_q, flat.image, s)
+            cols_q = _columns(flat.image, sized[0], templates, s, d, min_contrast, sublattices, lattice_check, counts_q)
+        except NoAtomsFoundError:
+            cols_q = None
+        if cols_q is None or not np.any(cols_q[0]):
+            # nothing would stand the noise so scaled: the first judgement stands, and says so
+            pixel_noise.update(applied=False, note="no column stood the noise scaled by it; not applied")
+        else:
+            noise = (noise[0] * q, noise[1] * q)
+            blobs, keep, thr, zmin, zmin_edge = stages
+            blobs, lo, hi = sized
+            ok, amp, cls, mode = cols_q
+            counts = counts_q
     blobs, amp, sub = blobs.take(ok), amp[ok], final_labels(cls[ok], mode)
     n_sub = int(sub.max()) + 1 if sub.size else 0
     params = {
@@ -380,7 +393,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         "contrast": contrast, "spikes": int(spikes.sum()), "spike_pixels": spike_record(spikes),
         "bad_lines": lines_record(bad_rows, bad_cols), "line_noise": line_noise, "sigma": s,
         "spacing": d, "period": period,
-        "noise_variance": [float(v) for v in noise], "templates": kinds,
+        "noise_variance": [float(v) for v in recorded_noise], "templates": kinds,
         "template_shape": [list(t.shape) for t in templates], "sublattice_mode": mode, "n_sublattices": n_sub,
         "rejected": counts, "local_background": flat.params,
     }
@@ -405,8 +418,13 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
 #: Columns needed for that reading (the fits' own minimum of typical columns).
 NOISE_COLUMNS_MIN = 100
 #: Where the matched filter's noise variance is at least this many times what the model says, the
-#: model is scaled by it and the significance judged again.
+#: model is scaled by it and the significance judged again ...
 NOISE_FACTOR_MIN = 1.2
+#: ... by at most this many times (a Gaussian filter of 0.7 px: 55-68) ...
+MAX_NOISE_FACTOR = 200.0
+#: ... and only where Immerkaer's high-pass keeps at least this share of the noise variance of
+#: independent pixels (0.06 after a Gaussian filter of 0.7 px): below it the ratio rests on almost nothing.
+MIN_HIGHPASS_SHARE = 0.01
 
 
 def correlated_noise(img: np.ndarray, x: np.ndarray, y: np.ndarray, sigma: float, templates) -> dict[str, Any]:
@@ -419,8 +437,9 @@ def correlated_noise(img: np.ndarray, x: np.ndarray, y: np.ndarray, sigma: float
     correlation ``rho`` read from their residuals (:func:`atomds.core.refine.settings.noise_correlation`);
     where it looks like that of pixels, the factor is, for the zero-mean template ``t`` whose noise
     grows most, ``sum rho R_t / R_t(0)`` over the same for Immerkaer's kernel (``R`` the kernels'
-    autocorrelation). Returns ``{"hint": [x, y], "variance_factor": q, "applied": q >= NOISE_FACTOR_MIN}``
-    and the correlation read, if it was.
+    autocorrelation), at most :data:`MAX_NOISE_FACTOR`. Returns ``{"hint": [x, y], "variance_factor": q,
+    "applied": q >= NOISE_FACTOR_MIN}``, ``read`` (whether the residuals were read) and, where they
+    were, ``rho_next_pixel`` (the correlation with the next pixel along x and along y).
     """
     hint = pixel_correlation_hint(img)
     rec: dict[str, Any] = {"hint": list(hint), "variance_factor": 1.0, "applied": False}
@@ -428,13 +447,17 @@ def correlated_noise(img: np.ndarray, x: np.ndarray, y: np.ndarray, sigma: float
         return rec
     from ..refine import estimate_fit_settings
 
-    corr = estimate_fit_settings(img, x, y, sigma=sigma).get("noise_correlation")
-    rec["read"] = bool(corr)
-    if not corr or not corr.get("applied"):
+    corr = estimate_fit_settings(img, x, y, sigma=sigma).get("noise_correlation") or {}
+    rec["read"] = bool(corr.get("read"))
+    if not corr.get("applied"):
         return rec
     rho = np.asarray(corr["rho"], dtype=np.float64)
-    q = max(_filter_variance(rho, np.asarray(t, np.float64) - np.mean(t)) for t in templates)
-    q /= _filter_variance(rho, IMMERKAER)
+    high = _filter_variance(rho, IMMERKAER)
+    if not high >= MIN_HIGHPASS_SHARE:  # the high-pass holds almost no noise: the ratio is not defined
+        rec["note"] = f"Immerkaer's share of the noise {high:.3g} below {MIN_HIGHPASS_SHARE}; not applied"
+        return rec
+    q = max(_filter_variance(rho, np.asarray(t, np.float64) - np.mean(t)) for t in templates) / high
+    q = min(q, MAX_NOISE_FACTOR)
     L = rho.shape[0] // 2
     rec.update(variance_factor=round(float(q), 4), applied=bool(q >= NOISE_FACTOR_MIN),
                rho_next_pixel=[round(float(rho[L, L + 1]), 4), round(float(rho[L + 1, L]), 4)])

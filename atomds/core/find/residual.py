@@ -73,10 +73,14 @@ class ResidualColumns:
 
 def _fit_columns(image: np.ndarray, x, y, sigma: float, noise: tuple[float, float], **kw) -> dict[str, np.ndarray]:
     """:func:`atomds.core.refine.refine_gaussian` of the (despiked) image at width ``sigma`` under the
-    finder's noise model ``variance = a + b * intensity`` (the fits' gain ``b``, read noise ``sqrt(a)``)."""
+    finder's noise model ``variance = a + b * intensity`` (the fits' gain ``b``, read noise ``sqrt(a)``).
+
+    The finder's model already holds any correlation of the noise between pixels (scaled by
+    :func:`atomds.core.find.api.correlated_noise`), so the fits do not measure it again."""
     from ..refine import refine_gaussian
 
-    return refine_gaussian(image, x, y, sigma=sigma, despike=False, noise=(noise[1], np.sqrt(noise[0])), **kw)
+    return refine_gaussian(image, x, y, sigma=sigma, despike=False, noise=(noise[1], np.sqrt(noise[0])),
+                           settings={"noise_correlation": None}, **kw)
 
 
 def gaussian_model(shape: tuple[int, int], x, y, amplitude, sigma, *, reach: float = RESIDUAL_REACH,

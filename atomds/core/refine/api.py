@@ -167,7 +167,8 @@ def refine_gaussian(
         ``intensity`` (integrated intensity of the column above the background); ``sigma``, or
         ``sigma_major``, ``sigma_minor`` (px) and ``theta`` (rad, angle of the major axis from +x
         towards +y, in (-pi/2, pi/2]); ``background`` (per pixel); ``x_err``, ``y_err``
-        (standard errors, px); ``fit_ok`` (bool); ``n_iter`` (LM iterations over all passes);
+        (standard errors, px; widened where the noise is correlated between pixels, see
+        :func:`atomds.core.refine.settings.noise_correlation`); ``fit_ok`` (bool); ``n_iter`` (LM iterations over all passes);
         ``window`` (final window radius, px); ``intensity_err`` (standard error of ``intensity``);
         ``joint`` (bool: fitted jointly with its neighbours). Where ``fit_ok`` is False the
         position is the centre of mass (the seed where that lies farther than
@@ -330,7 +331,8 @@ def _refine(
     """Settings (estimated where not given), width prior and passes; the results of atoms ``sel``."""
     work = _fit_image(img)
     if nz is None or any(key not in st for key in ("sigma", "sigma_spread", "window_radius")):
-        est = estimate_settings(work, plan, st.get("sigma"), nz, SETTINGS_ATOMS, NOISE_ATOMS, max_iter, mdl.name)
+        est = estimate_settings(work, plan, st.get("sigma"), nz, SETTINGS_ATOMS, NOISE_ATOMS, max_iter, mdl.name,
+                                correlation="noise_correlation" not in st)
         st = {**est, **st}
         nz = nz if nz is not None else parse_noise(est)
     sigma = float(st["sigma"])

@@ -86,12 +86,14 @@ def residual_correlation(u: np.ndarray, mask: np.ndarray, x: np.ndarray, y: np.n
 
     Notes
     -----
-    Every pixel belongs to its nearest column. Its offset from that column's nearest pixel and
-    the column's sub-pixel phase (halves of a pixel each way where there are enough columns)
-    place it in the mean misfit ``M``; ``u - weight * M`` is what is correlated. A fit takes part
-    of the noise into its parameters: for independent pixels the residuals of one window have the
-    covariance ``1 - H`` (``H`` the fit's hat matrix), so they correlate negatively by
-    ``-H(p, p + d)`` (-0.02 to -0.03 at 1-2 px for columns of 2 px), which is added back.
+    Every pixel belongs to its nearest column. Its offset from that column's nearest pixel, the
+    column's sub-pixel phase (halves of a pixel each way where there are enough columns) and its
+    class of intensity (thirds) place it in the mean misfit ``M``; ``u - weight * M`` is what is
+    correlated. Each column's mean products at every lag over its mean square are taken; columns
+    whose farthest lags stand out are left out, and the median over the others is ``c``. A fit takes
+    part of the noise into its parameters: its residuals are ``P n`` with ``P = 1 - H`` (``H`` the
+    fit's hat matrix), so independent pixels correlate by -0.02 to -0.03 at 1-2 px for columns of
+    2 px, and a noise of correlation ``rho`` gives ``c = T rho`` (:func:`_transfer`), which is solved.
     """
     L = int(max_lag)
     rho = np.zeros((2 * L + 1, 2 * L + 1))

@@ -29,9 +29,12 @@ __all__ = ["estimate_settings", "width_population", "overlap_width", "overlap_ex
 
 def estimate_settings(
     img: np.ndarray, plan: Plan, sigma: float | None, nz: Noise | None, max_atoms: int, max_noise_atoms: int,
-    max_iter: int, model: str = "gaussian",
+    max_iter: int, model: str = "gaussian", correlation: bool = True,
 ) -> dict[str, Any]:
-    """Estimate the fit settings (:func:`settings_dict`) on ``img`` (float32) and set ``plan``'s width.
+    """Estimate the fit settings (:func:`settings_dict`) on ``img`` (float32) and set ``plan``'s width and window.
+
+    With ``correlation``, also how the noise's correlation between pixels widens the errors
+    (``"noise_correlation"``, :func:`noise_correlation`, read where the pixel hint suspects it).
 
     A given ``sigma`` (px) or noise model ``nz`` is kept; the noise model is estimated from the
     residuals of ``model`` (:func:`.noise.fit_variance`), the window from the information in a
@@ -70,9 +73,10 @@ def estimate_settings(
     out = settings_dict(sig, tau, radius, nz, first)
     plan.set(sig, radius)
     # the residuals are read where a cheap look at the pixels suspects their noise is correlated
-    hint = pixel_correlation_hint(img)
-    corr = noise_correlation(img, plan, nz, max_iter) if correlation_suspected(hint) else None
-    out["noise_correlation"] = {"hint": list(hint), "read": corr is not None, **(corr or _UNCORRELATED)}
+    if correlation:
+        hint = pixel_correlation_hint(img)
+        corr = noise_correlation(img, plan, nz, max_iter) if correlation_suspected(hint) else None
+        out["noise_correlation"] = {"hint": list(hint), "read": corr is not None, **(corr or _uncorrelated())}
     if joint_rejected is not None:
         out["sigma_joint_rejected"] = float(joint_rejected)
     return out
@@ -330,15 +334,23 @@ def noise_correlation(img: np.ndarray, plan: Plan, nz: Noise, max_iter: int) -> 
     mask = (owner >= 0) & np.isfinite(box)
     if np.count_nonzero(mask) < 200:
         return None
-    # the model each fit saw: its own column over the neighbours' first-pass columns it subtracted
+    # the model each fit saw: its own column over the neighbours' pass models it subtracted
     first = {"x": p1[:, 0] - x0, "y": p1[:, 1] - y0, "intensity": p1[:, 2], "sigma": p1[:, 3]}
-    model = model_image(box.shape, first, ok1 & np.isfinite(p1).all(axis=1) & (p1[:, 2] > 0))
+    if plan.neighbor_subtraction:
+        model = model_image(box.shape, first, ok1 & np.isfinite(p1).all(axis=1) & (p1[:, 2] > 0))
+    else:  # each fit saw its own column alone
+        model = np.zeros(box.shape)
     own = core[typical]
     p_first = p1[pos][typical]
     had_first = (ok1[pos] & np.isfinite(p1[pos]).all(axis=1) & (p1[pos, 2] > 0))[typical]
+    if not plan.neighbor_subtraction:
+        had_first = np.zeros(own.size, dtype=bool)
     for params, sign, use in ((pc, 1.0, np.ones(own.size, dtype=bool)), (p_first, -1.0, had_first)):
+        if not use.any():
+            continue
         q = np.column_stack([params[:, 0] - x0, params[:, 1] - y0, params[:, 2], params[:, 3]])
-        flat, val, _ = column_patches(q, patch_half(float(np.max(q[:, 3]))), box.shape, derivatives=False)
+        q = np.where(use[:, None], q, q[use][0])  # unused rows (failed first passes) are masked below
+        flat, val, _ = column_patches(q, patch_half(float(np.max(q[use, 3]))), box.shape, derivatives=False)
         mine = (flat >= 0) & use[:, None, None]
         mine[mine] = owner.ravel()[flat[mine]] == np.nonzero(mine)[0]
         model.ravel()[flat[mine]] += sign * val[mine]
@@ -365,8 +377,9 @@ def noise_correlation(img: np.ndarray, plan: Plan, nz: Noise, max_iter: int) -> 
             "rho": np.round(rho, 4).tolist(), "pixels": used}
 
 
-#: The record of noise that is not read or not correlated: factors of 1.
-_UNCORRELATED: dict[str, Any] = {"factors": dict.fromkeys(PARAMETERS, 1.0), "applied": False}
+def _uncorrelated() -> dict[str, Any]:
+    """The record of noise that is not read or not correlated: factors of 1 (a new dict each time)."""
+    return {"factors": dict.fromkeys(PARAMETERS, 1.0), "applied": False}
 
 
 def pixel_like(rho: np.ndarray) -> bool:
