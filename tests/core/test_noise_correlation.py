@@ -133,3 +133,15 @@ def test_find_atoms_judges_significance_under_correlated_noise():
     assert extra.size <= 2
     plain = find.find_atoms(s.image)
     assert not plain.params["noise_correlation"]["applied"]
+
+
+def test_unweighted_fits_keep_their_sandwich_errors():
+    # noise="uniform" takes its errors from the residuals themselves: the factors are not applied
+    s = _hexagonal(2)
+    image = _afterglow(s.image).astype(np.float32)
+    st = refine.estimate_fit_settings(image, s.x, s.y)
+    assert st["noise_correlation"]["applied"]
+    with_key = refine.refine_gaussian(image, s.x, s.y, noise="uniform", settings=st)
+    plain = refine.refine_gaussian(image, s.x, s.y, noise="uniform",
+                                   settings={k: v for k, v in st.items() if k != "noise_correlation"})
+    np.testing.assert_allclose(with_key["x_err"], plain["x_err"])

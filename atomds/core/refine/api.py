@@ -357,7 +357,7 @@ def _refine(
     members = _joint_members(plan, mdl, max(overlap_judging_width(st), float(st["sigma"])), joint)
     if members is None:
         p, ok, it, h, m = _passes(work, plan, mdl, sel, n_later, nz, max_iter, tol)
-        return _correlated(_results(img, plan, mdl, sel, p, ok, it, h, m), st)
+        return _correlated(_results(img, plan, mdl, sel, p, ok, it, h, m), st, nz)
     nn_median = float(np.median(plan.nn[np.isfinite(plan.nn)]))
     radius = float(st["window_radius"])
     members, need = _local_group(plan, sel, members, nn_median, joint_reach(radius, plan.prior, plan.sigma_max))
@@ -375,14 +375,15 @@ def _refine(
     )
     out = _results(img, plan, mdl, need, p[need], ok[need], it, h, m)
     _put_joint(out, np.searchsorted(need, members), res)
-    return _correlated({k: v[np.searchsorted(need, sel)] for k, v in out.items()}, st)
+    return _correlated({k: v[np.searchsorted(need, sel)] for k, v in out.items()}, st, nz)
 
 
-def _correlated(out: dict[str, np.ndarray], settings: dict[str, Any]) -> dict[str, np.ndarray]:
+def _correlated(out: dict[str, np.ndarray], settings: dict[str, Any], nz: Noise | None) -> dict[str, np.ndarray]:
     """``out`` with its errors times the factors of the noise's correlation between pixels
-    (``settings["noise_correlation"]``, :func:`.settings.noise_correlation`); as it is without them."""
+    (``settings["noise_correlation"]``, :func:`.settings.noise_correlation`); as it is without them, and
+    for unweighted fits (``nz`` uniform: their sandwich errors come from the residuals themselves)."""
     corr = settings.get("noise_correlation")
-    if not corr:
+    if not corr or (nz is not None and nz.uniform):
         return out
     f = corr["factors"]
     out["x_err"] = out["x_err"] * float(f["x"])
