@@ -132,10 +132,15 @@ def pixel_noise_sd(image, crop: int = _NOISE_CROP) -> float:
     img = np.asarray(image)
     oy, ox = max(0, (img.shape[0] - crop) // 2), max(0, (img.shape[1] - crop) // 2)
     img = img[oy : oy + crop, ox : ox + crop].astype(np.float64)  # the crop converted, not the whole image
+    r, good = _hf_residual_finite(img)
+    return _mad_sd(r[good & (r != 0.0)])
+
+
+def _hf_residual_finite(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_hf_residual` of an image with non-finite pixels, and which responses touch none of them."""
     fin = np.isfinite(img)
     r = _hf_residual(np.where(fin, img, 0.0))
-    bad = ndi.maximum_filter(~fin, 3)[1:-1, 1:-1]
-    return _mad_sd(r[~bad & (r != 0.0)])
+    return r, ~ndi.maximum_filter(~fin, 3)[1:-1, 1:-1]
 
 
 def noise_model(image, *, smooth: float = 2.0, nbins: int = 12) -> tuple[float, float]:
@@ -209,10 +214,7 @@ def pixel_correlation_hint(image) -> tuple[float, float]:
     img = np.asarray(image)
     if img.ndim != 2 or min(img.shape) < 8:
         return (WHITE_HINT, WHITE_HINT)
-    img = central_crop(img, _HINT_CROP).astype(np.float64)
-    fin = np.isfinite(img)
-    r = _hf_residual(np.where(fin, img, 0.0))
-    good = ~ndi.maximum_filter(~fin, 3)[1:-1, 1:-1]  # responses that touch no left-out (NaN) pixel
+    r, good = _hf_residual_finite(central_crop(img, _HINT_CROP).astype(np.float64))
     out = []
     for a, b, ok in ((r[:, :-1], r[:, 1:], good[:, :-1] & good[:, 1:]), (r[:-1], r[1:], good[:-1] & good[1:])):
         if np.count_nonzero(ok) < 100:

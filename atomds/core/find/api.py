@@ -420,10 +420,11 @@ NOISE_COLUMNS_MIN = 100
 #: Where the matched filter's noise variance is at least this many times what the model says, the
 #: model is scaled by it and the significance judged again ...
 NOISE_FACTOR_MIN = 1.2
-#: ... by at most this many times (a Gaussian filter of 0.7 px: 55-68) ...
+#: ... by at most this many times (a Gaussian filter of 0.7 px read 59 and 62) ...
 MAX_NOISE_FACTOR = 200.0
 #: ... and only where Immerkaer's high-pass keeps at least this share of the noise variance of
-#: independent pixels (0.06 after a Gaussian filter of 0.7 px): below it the ratio rests on almost nothing.
+#: independent pixels (0.059 for the correlation of a Gaussian filter of 0.7 px, computed to 3 px):
+#: below it the ratio rests on almost nothing.
 MIN_HIGHPASS_SHARE = 0.01
 
 
@@ -446,38 +447,23 @@ def correlated_noise(img: np.ndarray, x: np.ndarray, y: np.ndarray, sigma: float
     if not correlation_suspected(hint) or np.size(x) < NOISE_COLUMNS_MIN:
         return rec
     from ..refine import estimate_fit_settings
+    from ..refine.correlation import filter_variance
 
     corr = estimate_fit_settings(img, x, y, sigma=sigma).get("noise_correlation") or {}
     rec["read"] = bool(corr.get("read"))
     if not corr.get("applied"):
         return rec
     rho = np.asarray(corr["rho"], dtype=np.float64)
-    high = _filter_variance(rho, IMMERKAER)
+    high = filter_variance(rho, IMMERKAER)
     if not high >= MIN_HIGHPASS_SHARE:  # the high-pass holds almost no noise: the ratio is not defined
         rec["note"] = f"Immerkaer's share of the noise {high:.3g} below {MIN_HIGHPASS_SHARE}; not applied"
         return rec
-    q = max(_filter_variance(rho, np.asarray(t, np.float64) - np.mean(t)) for t in templates) / high
+    q = max(filter_variance(rho, np.asarray(t, np.float64) - np.mean(t)) for t in templates) / high
     q = min(q, MAX_NOISE_FACTOR)
     L = rho.shape[0] // 2
     rec.update(variance_factor=round(float(q), 4), applied=bool(q >= NOISE_FACTOR_MIN),
                rho_next_pixel=[round(float(rho[L, L + 1]), 4), round(float(rho[L + 1, L]), 4)])
     return rec
-
-
-def _filter_variance(rho: np.ndarray, k: np.ndarray) -> float:
-    """``sum_d rho(d) R_k(d) / R_k(0)``: a filter ``k``'s noise variance under the correlation ``rho``
-    (lags up to its half-size) over that of independent pixels."""
-    from scipy.signal import correlate2d
-
-    L = rho.shape[0] // 2
-    r = correlate2d(k, k, mode="full")
-    cy, cx = k.shape[0] - 1, k.shape[1] - 1
-    total = 0.0
-    for dy in range(-L, L + 1):
-        for dx in range(-L, L + 1):
-            if 0 <= cy + dy < r.shape[0] and 0 <= cx + dx < r.shape[1]:
-                total += rho[L + dy, L + dx] * r[cy + dy, cx + dx]
-    return float(total / r[cy, cx])
 
 
 #: A border of constant rows and columns is cut off only when at least this many px remain each way.

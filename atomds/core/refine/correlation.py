@@ -29,7 +29,7 @@ import warnings
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["residual_correlation", "estimator_rows", "error_factors", "MAX_LAG", "MIN_TEMPLATE_COLUMNS",
+__all__ = ["residual_correlation", "estimator_rows", "error_factors", "lag_sums", "filter_variance", "MAX_LAG", "MIN_TEMPLATE_COLUMNS",
            "PARAMETERS"]
 
 #: Correlations are measured out to this many px each way (the afterglow of a detector and the
@@ -179,8 +179,8 @@ def residual_correlation(u: np.ndarray, mask: np.ndarray, x: np.ndarray, y: np.n
     # what those means would be for noise of correlation rho: the fit's residuals are P n, P = 1 - H
     # (H its hat matrix on the window), so a noise correlated at lag e gives P S_e P at lag d
     owned = np.zeros((side, side), dtype=bool)
-    per = np.bincount((oy + half) * side + (ox + half), minlength=side * side)
-    owned.ravel()[per >= 0.5 * x.size] = True
+    seen_at = np.bincount((oy + half) * side + (ox + half), minlength=side * side)
+    owned.ravel()[seen_at >= 0.5 * x.size] = True
     t = _transfer(sigma, radius, half, owned, lags, variance)
     try:
         v = np.linalg.solve(t, c)
@@ -284,24 +284,37 @@ def estimator_rows(sigma: float, radius: float, *, phases: int = 3) -> np.ndarra
     return np.asarray(out)
 
 
+def lag_sums(rho: np.ndarray, kernel: np.ndarray) -> tuple[float, float]:
+    """``(sum_d rho(d) R(d), R(0))`` for the autocorrelation ``R`` of a linear filter ``kernel`` (2-D, any
+    shape) over the lags of ``rho`` (:func:`residual_correlation`): their ratio is the filter's noise
+    variance under that correlation over its variance for independent pixels."""
+    L = rho.shape[0] // 2
+    k = np.asarray(kernel, dtype=np.float64)
+    h, w = k.shape
+    num = 0.0
+    for dy in range(-L, L + 1):
+        for dx in range(-L, L + 1):
+            r = rho[L + dy, L + dx]
+            if r == 0.0 or abs(dy) >= h or abs(dx) >= w:
+                continue
+            a = k[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)]
+            b = k[max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)]
+            num += r * float(np.sum(a * b))
+    return num, float(np.sum(k * k))
+
+
+def filter_variance(rho: np.ndarray, kernel: np.ndarray) -> float:
+    """A linear filter's noise variance under the correlation ``rho`` over that for independent pixels."""
+    num, den = lag_sums(rho, kernel)
+    return num / den
+
+
 def error_factors(rho: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """How many times each parameter's error exceeds the error for independent pixels (5,).
 
-    ``rho`` from :func:`residual_correlation`, ``rows`` from :func:`estimator_rows`; at least 0.5
-    (strongly anti-correlated noise is not met in practice, and the estimate of a factor below it
-    would be a misfit)."""
-    L = rho.shape[0] // 2
-    num = np.zeros(rows.shape[1])
-    den = np.zeros(rows.shape[1])
-    side = rows.shape[-1]
-    for ph in rows:
-        den += np.sum(ph * ph, axis=(1, 2))
-        for dy in range(-L, L + 1):
-            for dx in range(-L, L + 1):
-                r = rho[L + dy, L + dx]
-                if r == 0.0:
-                    continue
-                a = ph[:, max(0, -dy) : side - max(0, dy), max(0, -dx) : side - max(0, dx)]
-                b = ph[:, max(0, dy) : side - max(0, -dy), max(0, dx) : side - max(0, -dx)]
-                num += r * np.sum(a * b, axis=(1, 2))
+    ``rho`` from :func:`residual_correlation`, ``rows`` from :func:`estimator_rows` (the sums of
+    :func:`lag_sums` over the sub-pixel phases); at least 0.5 (strongly anti-correlated noise is
+    not met in practice, and the estimate of a factor below it would be a misfit)."""
+    sums = np.array([[lag_sums(rho, row) for row in ph] for ph in rows])  # (phases, 5, 2)
+    num, den = sums[..., 0].sum(axis=0), sums[..., 1].sum(axis=0)
     return np.sqrt(np.clip(num / den, 0.25, None))
