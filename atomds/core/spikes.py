@@ -315,7 +315,9 @@ def _spike_mask(img: np.ndarray, noise, sigmas: float = SPIKE_SIGMAS, contrast: 
     _k_spikes_border(data, float(a), float(b), float(sigmas), float(contrast), out)
     # hits both ways: a cosmic ray is dark in an ABF image turned over (turned over, the intensities
     # are negative: the ring gets the model's floor ``a``, at least a quarter of the overall noise)
-    return out | hit_mask(data, (a, b)) | hit_mask(-data, (a, 0.0))
+    out |= _hit_mask(data, (a, b), 1.0)
+    out |= _hit_mask(data, (a, 0.0), -1.0)
+    return out
 
 
 def hit_mask(image, noise: tuple[float, float] | None = None) -> np.ndarray:
@@ -338,19 +340,25 @@ def hit_mask(image, noise: tuple[float, float] | None = None) -> np.ndarray:
     -------
     bool array, the image's shape
     """
-    img = np.asarray(image)
+    return _hit_mask(np.asarray(image), noise, 1.0)
+
+
+def _hit_mask(img: np.ndarray, noise: tuple[float, float] | None, sign: float) -> np.ndarray:
+    """:func:`hit_mask` of ``sign * img`` (-1: dark hits), without a negated copy of the image."""
     ny, nx = img.shape
     out = np.zeros(img.shape, dtype=bool)
     step = max(1, int(np.sqrt(img.size / 250_000)))
     sample = img[::step, ::step]
-    sample = sample[np.isfinite(sample)].astype(np.float64)
+    sample = sign * sample[np.isfinite(sample)].astype(np.float64)
     if sample.size == 0:
         return out
     med, hi = float(np.median(sample)), float(np.percentile(sample, 99.5))
     if not hi > med:
         return out
+    level = med + HIT_FACTOR * (hi - med)
     with np.errstate(invalid="ignore"):
-        cand = img > med + HIT_FACTOR * (hi - med)
+        # -img > level is img < -level (a sign flip is exact)
+        cand = img > level if sign > 0 else img < -level
     if not cand.any():
         return out
     lab, _ = ndi.label(cand, structure=np.ones((3, 3), dtype=bool))
@@ -361,7 +369,7 @@ def hit_mask(image, noise: tuple[float, float] | None = None) -> np.ndarray:
             continue
         y0, y1 = max(sl[0].start - 3, 0), min(sl[0].stop + 3, ny)
         x0, x1 = max(sl[1].start - 3, 0), min(sl[1].stop + 3, nx)
-        box = img[y0:y1, x0:x1].astype(np.float64)
+        box = sign * img[y0:y1, x0:x1].astype(np.float64)
         comp = lab[y0:y1, x0:x1] == k
         grown = ndi.binary_dilation(comp, ring3)
         beyond = box[~grown & np.isfinite(box)]

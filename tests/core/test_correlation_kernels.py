@@ -1,9 +1,13 @@
-"""The compiled kernels of the correlation map against plain NumPy."""
+"""The compiled kernels of the correlation map, its blobs and template matches against plain NumPy and scipy."""
 
 import numpy as np
 import scipy.fft as sfft
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import ndimage as ndi
 
 from atomds.core.find import correlation as fc
+from atomds.core.find.blobs import blob_pixels
 
 
 def test_spectrum_product_is_the_padded_template_spectrum_times_the_image_spectrum():
@@ -33,3 +37,70 @@ def test_spectrum_product_does_not_depend_on_the_rows_per_thread():
     for r0 in range(0, fy, 7):
         fc._k_spectrum(r0, min(r0 + 7, fy), a, b, spec, parts)
     assert np.array_equal(whole, parts)
+
+
+# ---- blobs, maxima and template matches: one compiled pass against scipy / NumPy -----------------
+
+def _map(seed: int, ny: int, nx: int, smooth: float, plateaus: bool) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = ndi.gaussian_filter(rng.normal(size=(ny, nx)), smooth).astype(np.float32)
+    return np.round(c * 3) / np.float32(3) if plateaus else c
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), ny=st.integers(1, 50), nx=st.integers(1, 50), smooth=st.floats(0, 2.5),
+       thr=st.floats(-0.6, 0.6), plateaus=st.booleans())
+def test_blob_pixels_are_scipy_labels_and_local_maxima(seed, ny, nx, smooth, thr, plateaus):
+    c = _map(seed, ny, nx, smooth, plateaus)
+    mask = c > np.float32(thr)
+    labels, n = ndi.label(mask)
+    idx = np.flatnonzero(mask)
+    got_idx, got_lab, got_max, got_n = blob_pixels(c, thr)
+    assert got_n == n
+    assert np.array_equal(got_idx, idx)
+    assert np.array_equal(got_lab, labels.ravel()[idx])
+    assert np.array_equal(got_max, fc.local_maxima(c, idx, nx))
+
+
+def test_blob_labels_join_a_spiral_and_a_comb():
+    # shapes whose parts meet only late in the raster order (a union-find must merge the roots)
+    spiral = np.zeros((21, 21), dtype=np.float32)
+    for r in range(0, 10, 2):
+        spiral[r, r:21 - r] = spiral[20 - r, r:21 - r] = 1
+        spiral[r:21 - r, r] = spiral[r + 2:21 - r, 20 - r] = 1
+    comb = np.zeros((9, 30), dtype=np.float32)
+    comb[:, ::3] = 1
+    comb[8, :] = 1
+    for img in (spiral, comb):
+        labels, n = ndi.label(img > 0.5)
+        idx, lab, _, got_n = blob_pixels(img, 0.5)
+        assert got_n == n and np.array_equal(lab, labels.ravel()[idx])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), ny=st.integers(1, 60), nx=st.integers(1, 60), n_sample=st.integers(1, 300))
+def test_sampled_maxima_thin_the_pixels_above_the_level_then_test_them(seed, ny, nx, n_sample):
+    c = _map(seed, ny, nx, 1.0, False)
+    idx = np.flatnonzero(c > 0)
+    if idx.size > n_sample:
+        idx = idx[:: idx.size // n_sample]
+    assert np.array_equal(fc.sampled_maxima(c, 0.0, n_sample), idx[fc.local_maxima(c, idx, nx)])
+
+
+def test_match_at_is_the_least_squares_fit_of_each_window():
+    rng = np.random.default_rng(3)
+    img = rng.normal(100.0, 10.0, (80, 90)).astype(np.float32)
+    ts = [rng.normal(size=(9, 7)), rng.normal(size=(9, 7))]
+    py, px = rng.integers(0, 80, 300), rng.integers(0, 90, 300)
+    ncc, amp = fc.match_at(img, py, px, ts)
+    for q in range(py.size):
+        rows = np.arange(py[q] - 4, py[q] + 5)
+        cols = np.arange(px[q] - 3, px[q] + 4)
+        inside = ((rows >= 0) & (rows < 80))[:, None] & ((cols >= 0) & (cols < 90))[None, :]
+        patch = img[np.clip(rows, 0, 79)][:, np.clip(cols, 0, 89)].astype(np.float64)[inside]
+        for k, t in enumerate(ts):
+            design = np.c_[t[inside], np.ones(patch.size)]
+            slope = np.linalg.lstsq(design, patch, rcond=None)[0][0]
+            r = np.corrcoef(t[inside], patch)[0, 1]
+            np.testing.assert_allclose(amp[q, k], slope, rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(ncc[q, k], r, rtol=1e-9, atol=1e-9)

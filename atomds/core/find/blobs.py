@@ -13,9 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import numpy as np
+from numba import njit
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
+from .._threads import run_chunks
 from ..scales import MAD_TO_STD
 from .constants import (
     AREA_LOWER_FACTOR,
@@ -31,7 +33,7 @@ from .constants import (
     OUTLIER_CAP,
     REFERENCE_CELL,
 )
-from .correlation import local_maxima
+from .correlation import _k_is_max, row_offsets
 
 __all__ = ["Blobs", "find_blobs", "area_bounds", "local_reference", "too_broad", "column_match"]
 
@@ -113,17 +115,11 @@ def find_blobs(ncc: np.ndarray, z: np.ndarray, which: np.ndarray | None, thr: fl
         Column spacing, px: maxima of one blob closer than ``MERGE_RADIUS`` spacing are one column.
     """
     ny, nx = ncc.shape
-    mask = ncc > np.float32(thr)
-    labels, nlab = ndi.label(mask)
-    idx = np.flatnonzero(mask)
-    del mask
-    lab = labels.ravel()[idx]
-    del labels
+    idx, lab, ismax, nlab = blob_pixels(ncc, thr)
     if idx.size == 0:
         return None
     c = ncc.ravel()[idx]
-    # local maxima among blob pixels; merge maxima closer than half a spacing (keep the strongest)
-    ismax = local_maxima(ncc, idx, nx)
+    # merge local maxima of one blob closer than half a spacing (keep the strongest)
     mi = idx[ismax]
     ml = lab[ismax]
     mv = c[ismax]
@@ -157,13 +153,8 @@ def find_blobs(ncc: np.ndarray, z: np.ndarray, which: np.ndarray | None, thr: fl
         _, nearest = tree.query(np.c_[px, py, lab[psel] * big])
         newlab[psel] = nb + nearest
         nb = nb + msel.size
-    # blob statistics by bincount
-    w = (c - np.float32(thr)).astype(np.float64)
-    py, px = np.divmod(idx, nx)
-    area = np.bincount(newlab, minlength=nb)
-    sw = np.bincount(newlab, weights=w, minlength=nb)
-    sx = np.bincount(newlab, weights=w * px, minlength=nb)
-    sy = np.bincount(newlab, weights=w * py, minlength=nb)
+    # blob statistics: pixel count and sums of the weights c - thr (and times x, y), in one pass
+    area, sw, sx, sy = _k_blob_sums(newlab, c, c.dtype.type(np.float32(thr)), idx, nx, nb)
     # peak of each blob: its (kept) correlation maximum; every blob holds at least one
     pk = np.full(nb, -1, dtype=np.int64)
     single = nmax[ml] == 1
@@ -185,6 +176,140 @@ def find_blobs(ncc: np.ndarray, z: np.ndarray, which: np.ndarray | None, thr: fl
     zs = z.ravel()[peak].astype(np.float64) if z.size else np.full(ids.size, np.inf)
     which_t = which.ravel()[peak] if which is not None else np.zeros(ids.size, dtype=np.int64)
     return Blobs(cx, cy, score, area[ids].astype(np.int64), zs, which_t, peak)
+
+
+def blob_pixels(ncc: np.ndarray, thr: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The pixels of ``ncc > thr``: flat indices (raster order), blob labels, local maxima, and the blob count.
+
+    The labels are those of :func:`scipy.ndimage.label` with its default (edge-sharing)
+    connectivity: 1, 2, ... in the raster order of each blob's first pixel. A pixel is a local
+    maximum as in :func:`~atomds.core.find.correlation.local_maxima` (3x3 neighbourhood, strict
+    against the neighbours before it in raster order, so a plateau gives one). One compiled pass
+    over the image (union-find over provisional labels), instead of a label image, a mask, its
+    indices and a second pass for the maxima.
+    """
+    c = np.ascontiguousarray(ncc)
+    if c.dtype not in (np.float32, np.float64):
+        c = c.astype(np.float64)
+    t = c.dtype.type(np.float32(thr))
+    ny, nx = c.shape
+    # rows counted and their pixels listed (with the maxima test) on threads; labels in one pass over those
+    offsets = row_offsets(c, t)
+    idx = np.empty(int(offsets[-1]), np.int64)
+    ismax = np.empty(idx.size, np.bool_)
+    run_chunks(_k_row_pixels, ny, c, t, offsets, idx, ismax, min_chunk=64, chunks_per_thread=4, max_threads=8)
+    lab, nlab = _k_label(idx, offsets, nx)
+    return idx, lab, ismax, int(nlab)
+
+
+@njit(cache=True, nogil=True)
+def _k_row_pixels(r0, r1, c, thr, offsets, idx, ismax):  # pragma: no cover - compiled
+    """Flat indices of the pixels above ``thr`` in rows r0:r1 (from ``offsets[r0]`` on), and whether each is a
+    local maximum (:func:`~atomds.core.find.correlation.local_maxima`'s rule)."""
+    nx = c.shape[1]
+    for i in range(r0, r1):
+        k = offsets[i]
+        for j in range(nx):
+            if c[i, j] > thr:
+                idx[k] = i * nx + j
+                ismax[k] = _k_is_max(c, i, j)
+                k += 1
+
+
+@njit(cache=True, nogil=True)
+def _k_root(parent, a):  # pragma: no cover - compiled
+    """Root of ``a`` in the union-find forest ``parent``, compressing the path."""
+    r = a
+    while parent[r] != r:
+        r = parent[r]
+    while parent[a] != r:
+        nxt = parent[a]
+        parent[a] = r
+        a = nxt
+    return r
+
+
+@njit(cache=True, nogil=True)
+def _k_label(idx, offsets, nx):  # pragma: no cover - compiled
+    """Labels of the listed pixels (edge-sharing neighbours connect), by runs of a row: each run gets a
+    provisional label in raster order and joins the runs of the row above that it touches (a union keeps
+    the older root); the roots are then numbered in the order they were made (each blob's first pixel)."""
+    n = idx.size
+    ny = offsets.size - 1
+    run_start = np.empty(n, np.int64)  # pixel index k of each run's first and last pixel
+    run_stop = np.empty(n, np.int64)
+    parent = np.empty(n, np.int64)
+    m = 0
+    p0 = 0  # the runs of the row above: p0:p1
+    p1 = 0
+    for i in range(ny):
+        k = offsets[i]
+        o1 = offsets[i + 1]
+        first = m
+        q = p0
+        while k < o1:
+            s = k
+            while k + 1 < o1 and idx[k + 1] == idx[k] + 1:
+                k += 1
+            js = idx[s] - i * nx
+            je = idx[k] - i * nx
+            run_start[m] = s
+            run_stop[m] = k
+            parent[m] = m
+            root = m
+            # runs above that overlap columns js..je (both lists are sorted by column)
+            while q < p1 and idx[run_stop[q]] - (i - 1) * nx < js:
+                q += 1
+            r = q
+            while r < p1 and idx[run_start[r]] - (i - 1) * nx <= je:
+                ra = _k_root(parent, r)
+                if ra < root:
+                    parent[root] = ra
+                    root = ra
+                elif ra > root:
+                    parent[ra] = root
+                r += 1
+            if r > q:
+                q = r - 1  # the last run above may touch the next run too
+            m += 1
+            k += 1
+        p0 = first
+        p1 = m
+    final = np.empty(m, np.int64)
+    nlab = 0
+    for q in range(m):
+        r = _k_root(parent, q)
+        if r == q:
+            nlab += 1
+            final[q] = nlab
+        else:
+            final[q] = final[r]
+    lab_out = np.empty(n, np.int64)
+    for q in range(m):
+        f = final[q]
+        for k in range(run_start[q], run_stop[q] + 1):
+            lab_out[k] = f
+    return lab_out, nlab
+
+
+@njit(cache=True, nogil=True)
+def _k_blob_sums(lab, c, thr, idx, nx, nb):  # pragma: no cover - compiled
+    """Per label: pixel count and the sums of ``w = c - thr``, ``w x`` and ``w y`` (float64, in pixel order,
+    as ``np.bincount`` adds them)."""
+    area = np.zeros(nb, np.int64)
+    sw = np.zeros(nb)
+    sx = np.zeros(nb)
+    sy = np.zeros(nb)
+    for k in range(lab.size):
+        q = lab[k]
+        w = np.float64(c[k] - thr)
+        y = idx[k] // nx
+        x = idx[k] - y * nx
+        area[q] += 1
+        sw[q] += w
+        sx[q] += w * np.float64(x)
+        sy[q] += w * np.float64(y)
+    return area, sw, sx, sy
 
 
 def area_bounds(area: np.ndarray, min_area, max_area) -> tuple[int, int]:

@@ -35,6 +35,7 @@ __all__ = [
     "best_correlation",
     "correlation_map",
     "local_maxima",
+    "sampled_maxima",
     "match_at",
     "amplitudes_at",
 ]
@@ -387,29 +388,88 @@ def local_maxima(c: np.ndarray, idx: np.ndarray, nx: int) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
+def _k_is_max(c, i, j):  # pragma: no cover - compiled
+    """Whether ``c[i, j]`` is a 3x3 local maximum: strictly above the neighbours before it in raster order,
+    at least as high as those after (neighbours outside the image taken as -inf)."""
+    ny, nx = c.shape
+    v = c[i, j]
+    for dy in range(-1, 2):
+        yy = i + dy
+        if yy < 0 or yy >= ny:
+            continue
+        for dx in range(-1, 2):
+            xx = j + dx
+            if (dy == 0 and dx == 0) or xx < 0 or xx >= nx:
+                continue
+            u = c[yy, xx]
+            if dy < 0 or (dy == 0 and dx < 0):
+                if not (v > u):
+                    return False
+            elif not (v >= u):
+                return False
+    return True
+
+
+@njit(cache=True, nogil=True)
 def _k_local_max(c, idx, is_max):  # pragma: no cover - compiled
     """:func:`local_maxima` (neighbours outside the image taken as -inf)."""
-    ny, nx = c.shape
-    ninf = -np.inf
+    nx = c.shape[1]
     for k in range(idx.size):
         y = idx[k] // nx
-        x = idx[k] - y * nx
-        v = c[y, x]
-        ok = True
-        for dy in range(-1, 2):
-            for dx in range(-1, 2):
-                if dy == 0 and dx == 0:
-                    continue
-                yy = y + dy
-                xx = x + dx
-                u = c[yy, xx] if (0 <= yy < ny and 0 <= xx < nx) else ninf
-                if dy < 0 or (dy == 0 and dx < 0):
-                    if not (v > u):
-                        ok = False
-                elif not (v >= u):
-                    ok = False
-        is_max[k] = ok
+        is_max[k] = _k_is_max(c, y, idx[k] - y * nx)
 
+
+@njit(cache=True, nogil=True)
+def _k_row_counts(r0, r1, c, thr, counts):  # pragma: no cover - compiled
+    """Pixels above ``thr`` in each row r0:r1."""
+    for i in range(r0, r1):
+        n = 0
+        for j in range(c.shape[1]):
+            if c[i, j] > thr:
+                n += 1
+        counts[i] = n
+
+
+def row_offsets(c: np.ndarray, thr) -> np.ndarray:
+    """``offsets[i]``: the pixels above ``thr`` before row ``i`` in raster order (``offsets[-1]`` all of them)."""
+    ny = c.shape[0]
+    counts = np.zeros(ny, np.int64)
+    run_chunks(_k_row_counts, ny, c, thr, counts, min_chunk=64, chunks_per_thread=4, max_threads=8)
+    offsets = np.zeros(ny + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return offsets
+
+
+def sampled_maxima(c: np.ndarray, thr: float, n_sample: int) -> np.ndarray:
+    """Flat indices of the local maxima among a regular sample of the pixels above ``thr``.
+
+    The same as ``idx = np.flatnonzero(c > thr)``, thinned to ``idx[::idx.size // n_sample]`` when it
+    holds more than ``n_sample`` pixels, then :func:`local_maxima` of those: rows counted and tested on
+    threads, without the full list of indices.
+    """
+    c = np.ascontiguousarray(c)
+    t = c.dtype.type(thr)
+    offsets = row_offsets(c, t)
+    n = int(offsets[-1])
+    step = n // n_sample if n > n_sample else 1
+    out = np.full(-(-n // step), -1, np.int64)
+    run_chunks(_k_sampled_max, c.shape[0], c, t, offsets, step, out, min_chunk=64, chunks_per_thread=4,
+               max_threads=8)
+    return out[out >= 0]
+
+
+@njit(cache=True, nogil=True)
+def _k_sampled_max(r0, r1, c, thr, offsets, step, out):  # pragma: no cover - compiled
+    """For rows r0:r1: each pixel above ``thr`` whose rank among them is a multiple of ``step`` goes to
+    ``out[rank // step]`` when it is a local maximum."""
+    nx = c.shape[1]
+    for i in range(r0, r1):
+        k = offsets[i]
+        for j in range(nx):
+            if c[i, j] > thr:
+                if k % step == 0 and _k_is_max(c, i, j):
+                    out[k // step] = i * nx + j
+                k += 1
 
 
 def match_at(img: np.ndarray, py: np.ndarray, px: np.ndarray, templates, *, chunk: int = 16384):
@@ -427,23 +487,19 @@ def match_at(img: np.ndarray, py: np.ndarray, px: np.ndarray, templates, *, chun
     ncc = np.empty((py.size, k))
     amp = np.empty((py.size, k))
     inner = (py >= hy) & (py < ny - hy) & (px >= hx) & (px < nx - hx)
-    # windows entirely inside: one strided view, float32 products against zero-mean templates
+    # windows entirely inside: sums over each window in compiled code (threads over the points)
     tz = ts.reshape(k, -1) - ts.reshape(k, -1).mean(1, keepdims=True)
     tz2 = (tz * tz).sum(1)
-    tzf = tz.T.astype(np.float32)
-    n_full = float(th * tw)
-    view = np.lib.stride_tricks.sliding_window_view(np.asarray(img, dtype=np.float32), (th, tw))
     idx_in = np.flatnonzero(inner)
-    for s0 in range(0, idx_in.size, chunk):
-        sel = idx_in[s0 : s0 + chunk]
-        pv = view[py[sel] - hy, px[sel] - hx].reshape(sel.size, -1)
-        sp = pv.sum(1, dtype=np.float64)
-        spp = np.einsum("ij,ij->i", pv, pv, dtype=np.float64)
-        cov = (pv @ tzf).astype(np.float64)  # sum p t' (the template is zero-mean)
-        vp = spp - sp * sp / n_full
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ncc[sel] = np.where(vp[:, None] > 0, cov / np.sqrt(tz2[None, :] * np.maximum(vp, 1e-300)[:, None]), 0.0)
-        amp[sel] = cov / np.maximum(tz2[None, :], 1e-300)
+    if idx_in.size:
+        img32 = np.ascontiguousarray(img, dtype=np.float32)
+        tzc = np.ascontiguousarray(tz.reshape(k, th, tw))
+        oy_in = np.ascontiguousarray(py[idx_in] - hy, dtype=np.int64)
+        ox_in = np.ascontiguousarray(px[idx_in] - hx, dtype=np.int64)
+        n_in, a_in = np.empty((idx_in.size, k)), np.empty((idx_in.size, k))
+        run_chunks(_k_match, idx_in.size, img32, oy_in, ox_in, tzc, tz2, n_in, a_in, min_chunk=1024,
+                   chunks_per_thread=4, max_threads=8)
+        ncc[idx_in], amp[idx_in] = n_in, a_in
     # windows that leave the image: masked sums
     oy = np.arange(th) - hy
     ox = np.arange(tw) - hx
@@ -470,6 +526,32 @@ def match_at(img: np.ndarray, py: np.ndarray, px: np.ndarray, templates, *, chun
     if one:
         return ncc[:, 0], amp[:, 0]
     return ncc, amp
+
+
+@njit(cache=True, nogil=True)
+def _k_match(s0, s1, img, oy, ox, tz, tz2, ncc, amp):  # pragma: no cover - compiled
+    """:func:`match_at` for windows inside the image: points s0:s1 with windows from (oy, ox), zero-mean
+    templates ``tz`` (k, th, tw) with squared norms ``tz2``; float64 sums over float32 pixels."""
+    k, th, tw = tz.shape
+    n = float(th * tw)
+    for q in range(s0, s1):
+        y0 = oy[q]
+        x0 = ox[q]
+        sp = 0.0
+        spp = 0.0
+        for i in range(th):
+            for j in range(tw):
+                v = np.float64(img[y0 + i, x0 + j])
+                sp += v
+                spp += v * v
+        vp = spp - sp * sp / n
+        for m in range(k):
+            c = 0.0
+            for i in range(th):
+                for j in range(tw):
+                    c += np.float64(img[y0 + i, x0 + j]) * tz[m, i, j]
+            ncc[q, m] = c / np.sqrt(tz2[m] * vp) if vp > 0 else 0.0
+            amp[q, m] = c / max(tz2[m], 1e-300)
 
 
 def best_correlation(img: np.ndarray, templates: list[np.ndarray], noise: tuple[float, float],

@@ -24,7 +24,7 @@ from .constants import (
     THRESHOLD_RANGE,
     Z_ROUNDS,
 )
-from .correlation import local_maxima
+from .correlation import sampled_maxima
 
 __all__ = [
     "noise_z_threshold",
@@ -81,12 +81,7 @@ def auto_threshold(scores: np.ndarray, zscores: np.ndarray, *, z_min: float, flo
 
 def peak_sample(ncc: np.ndarray, z: np.ndarray, n_max: int = _PEAK_SAMPLE) -> tuple[np.ndarray, np.ndarray]:
     """Correlation and z-score at local maxima of the correlation map above 0 (a sample of at most about ``n_max``)."""
-    ny, nx = ncc.shape
-    idx = np.flatnonzero(ncc > 0)
-    if idx.size > 4 * n_max:
-        idx = idx[:: idx.size // (4 * n_max)]
-    ismax = local_maxima(ncc, idx, nx)
-    mi = idx[ismax]
+    mi = sampled_maxima(ncc, 0.0, 4 * n_max)
     return ncc.ravel()[mi].astype(np.float64), z.ravel()[mi].astype(np.float64)
 
 
