@@ -262,11 +262,12 @@ def central_peak_width(image, *, highpass: float | None = None) -> float:
     img = np.asarray(image, dtype=np.float64)
     img = img - (ndi.gaussian_filter(img, highpass, mode="nearest") if highpass else img.mean())
     ny, nx = img.shape
-    shape = (sfft.next_fast_len(2 * ny, real=True), sfft.next_fast_len(2 * nx, real=True))
-    f = sfft.rfft2(img, s=shape, workers=-1)  # threads split the 1-D transforms: the same numbers
-    acf = sfft.irfft2(f.real**2 + f.imag**2, s=shape, workers=-1)
     rmax = min(ny, nx) / 4.0
     h = int(np.ceil(rmax)) + 1
+    # zero padding by the largest lag read keeps the autocorrelation free of wrap-around there
+    shape = (sfft.next_fast_len(ny + h + 1, real=True), sfft.next_fast_len(nx + h + 1, real=True))
+    f = sfft.rfft2(img, s=shape, workers=-1)  # threads split the 1-D transforms: the same numbers
+    acf = sfft.irfft2(f.real**2 + f.imag**2, s=shape, workers=-1)
     acf = np.roll(np.roll(acf, h, axis=0), h, axis=1)[: 2 * h + 1, : 2 * h + 1]
     r, prof, counts = _radial_profile(acf / acf[h, h], h, h, rmax)
     # the noise only adds to the origin: the profile is read from r = 1

@@ -104,3 +104,27 @@ def test_match_at_is_the_least_squares_fit_of_each_window():
             r = np.corrcoef(t[inside], patch)[0, 1]
             np.testing.assert_allclose(amp[q, k], slope, rtol=1e-9, atol=1e-9)
             np.testing.assert_allclose(ncc[q, k], r, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), ny=st.integers(5, 70), nx=st.integers(5, 70), tile=st.integers(1, 40),
+       kh=st.integers(1, 4), kw=st.integers(1, 4), workers=st.sampled_from([1, 2, 3]))
+def test_tiled_correlation_is_the_zero_padded_correlation(seed, ny, nx, tile, kh, kw, workers):
+    rng = np.random.default_rng(seed)
+    img = rng.normal(50.0, 5.0, (ny, nx)).astype(np.float32)
+    kernels = [rng.normal(size=(2 * kh + 1, 2 * kw + 1)), rng.normal(size=(2 * kh - 1 + 2 * (kh > 1), 3))]
+    mean = np.float32(img.mean())
+    got = fc.tiled_correlation(img, mean, kernels, workers=workers, tile=tile)
+    for k, g in zip(kernels, got):
+        ref = ndi.correlate((img - mean).astype(np.float64), k, mode="constant", cval=0.0)
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(g, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+def test_tiled_correlation_does_not_depend_on_the_threads():
+    rng = np.random.default_rng(8)
+    img = rng.normal(10.0, 1.0, (1500, 1300)).astype(np.float32)
+    k = [rng.normal(size=(15, 15))]
+    one = fc.tiled_correlation(img, np.float32(10.0), k, workers=1, tile=400)[0]
+    three = fc.tiled_correlation(img, np.float32(10.0), k, workers=3, tile=400)[0]
+    assert np.array_equal(one, three)

@@ -18,6 +18,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
 from .._threads import run_chunks
+from ..refine.grid import nearest_neighbor_distance
 from ..scales import MAD_TO_STD
 from .constants import (
     AREA_LOWER_FACTOR,
@@ -90,13 +91,17 @@ def unresolved(x, y, area, score, radius: float) -> np.ndarray:
     n = x.size
     if n < 2 or not radius > 0:
         return np.zeros(n, dtype=bool)
-    order = np.lexsort((-np.asarray(score, dtype=np.float64), -np.asarray(area, dtype=np.float64)))
-    pts = np.c_[x[order], np.asarray(y, dtype=np.float64)[order]]
-    pairs = cKDTree(pts).query_pairs(float(radius), output_type="ndarray")
-    if pairs.size == 0:
-        return np.zeros(n, dtype=bool)
+    y = np.asarray(y, dtype=np.float64)
+    # only points with another within the radius can be in a pair (a grid's nearest distances first)
+    near = np.flatnonzero(nearest_neighbor_distance(x, y) <= radius)
     out = np.zeros(n, dtype=bool)
-    out[order[_suppress(n, pairs)]] = True
+    if near.size < 2:
+        return out
+    sub = np.lexsort((-np.asarray(score, dtype=np.float64)[near], -np.asarray(area, dtype=np.float64)[near]))
+    order = near[sub]
+    pairs = cKDTree(np.c_[x[order], y[order]]).query_pairs(float(radius), output_type="ndarray")
+    if pairs.size:
+        out[order[_suppress(order.size, pairs)]] = True
     return out
 
 

@@ -11,6 +11,7 @@ least-squares amplitude directly. Positions are in pixels.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 from scipy import ndimage as ndi
 
-from .._threads import run_chunks
+from .._threads import n_threads, run_chunks
 from ..image import check_image
 from .templates import check_template
 
@@ -36,6 +37,7 @@ __all__ = [
     "correlation_map",
     "local_maxima",
     "sampled_maxima",
+    "tiled_correlation",
     "match_at",
     "amplitudes_at",
 ]
@@ -276,27 +278,14 @@ def correlate(image: np.ndarray, templates: list[np.ndarray], noise: tuple[float
     mean p))``.
     """
     ny, nx = image.shape
-    hy = max(t.shape[0] for t in templates) // 2
-    hx = max(t.shape[1] for t in templates) // 2
-    workers = -1 if workers is None else workers
     mean = float(np.mean(image, dtype=np.float64))
-    fy = sfft.next_fast_len(ny + 2 * hy, real=True)
-    fx = sfft.next_fast_len(nx + 2 * hx, real=True)
-    # image - mean at the origin, zeros elsewhere: a correlation at offset (oy, ox) puts the
-    # template's first row/col hy/hx pixels before the image
-    pad = np.zeros((fy, fx), dtype=np.float32)
-    pad[hy : hy + ny, hx : hx + nx] = image
-    pad[hy : hy + ny, hx : hx + nx] -= np.float32(mean)
-    spec = sfft.rfft2(pad, workers=workers)
-    del pad
     img32 = np.ascontiguousarray(image, dtype=np.float32)
-    # products of spectra: in place with one template (one full-size array less to allocate)
-    buf = spec if len(templates) == 1 else np.empty_like(spec)
+    tzs = [t - t.mean() for t in templates]
+    nums = tiled_correlation(img32, np.float32(mean), tzs, workers=workers)
     out = []
     cache: dict[tuple[int, int], _Stats] = {}
-    for t in templates:
+    for t, tz, num in zip(templates, tzs, nums):
         th, tw = t.shape
-        oy, ox = hy - th // 2, hx - tw // 2  # offset of this template inside the common halo
         n = np.float32(th * tw)
         if (th, tw) not in cache:
             # window sums of (p - mean) and (p - mean)^2 by running sums (separable box)
@@ -309,10 +298,7 @@ def correlate(image: np.ndarray, templates: list[np.ndarray], noise: tuple[float
             floor = np.float32(1e-5 * max(float(np.float32(smax.max())), 1e-30))
             cache[(th, tw)] = _Stats(s1, var, floor)
         st = cache[(th, tw)]
-        tz = t - t.mean()
         tnorm = np.float32(np.sqrt(np.sum(tz * tz)))
-        _spectrum_product(tz, spec, fy, fx, buf)
-        num = sfft.irfft2(buf, s=(fy, fx), workers=workers, overwrite_x=True)[oy : oy + ny, ox : ox + nx]
         ncc = np.empty((ny, nx), dtype=np.float32)
         if noise is not None:
             a, b = noise
@@ -324,8 +310,61 @@ def correlate(image: np.ndarray, templates: list[np.ndarray], noise: tuple[float
         _row_threads(_k_ncc, ny, num, st.var, st.s1, np.float32(st.floor), tnorm, noise is not None,
                      zb, za, zfloor, ncc, z if noise is not None else ncc)
         _fix_border(ncc, z, num, st, t, mean, noise, th // 2, tw // 2)
-        del num
         out.append(CorrelationParts(ncc, z))
+    return out
+
+
+#: Output rows and columns of one tile of :func:`tiled_correlation` (before the halo; the tile's
+#: transform is the next fast length of this and the halo, cut back so the transform stays fast).
+CORRELATION_TILE = 1024
+
+
+def tiled_correlation(image: np.ndarray, mean: np.float32, kernels: list[np.ndarray],
+                      workers: int | None = None, tile: int = CORRELATION_TILE) -> list[np.ndarray]:
+    """``sum_ab k[a, b] (I - mean)[i + a - kh // 2, j + b - kw // 2]`` for each kernel ``k``, zero outside the image.
+
+    Same-size float32 maps (the kernel's centre ``shape // 2`` on each pixel), by real FFTs of
+    overlapping tiles (overlap-save: each tile's transform holds its output block and a halo of
+    the largest kernel's half-size, so no wrap-around reaches the block). The kernel's spectrum
+    comes from its separable terms (:func:`_spectrum_product`). Tiles run on ``workers`` threads
+    (all by default), each transform on one, so the numbers do not depend on the thread count;
+    an image that fits one tile (``tile`` px a side, before the halo) is transformed whole, with
+    the FFT's own threads.
+    """
+    ny, nx = image.shape
+    hy = max(k.shape[0] for k in kernels) // 2
+    hx = max(k.shape[1] for k in kernels) // 2
+    threads = n_threads() if workers is None or workers < 1 else int(workers)
+    fy = sfft.next_fast_len(min(ny, tile) + 2 * hy, real=True)
+    fx = sfft.next_fast_len(min(nx, tile) + 2 * hx, real=True)
+    by, bx = fy - 2 * hy, fx - 2 * hx  # output block of one tile
+    blocks = [(i0, j0) for i0 in range(0, ny, by) for j0 in range(0, nx, bx)]
+    spectra = [(np.conj(a), np.conj(b)) for a, b in (_separable_spectra(k, fy, fx) for k in kernels)]
+    offsets = [(hy - k.shape[0] // 2, hx - k.shape[1] // 2) for k in kernels]
+    out = [np.empty((ny, nx), dtype=np.float32) for _ in kernels]
+
+    def block(i0: int, j0: int, fft_workers: int) -> None:
+        i1, j1 = min(i0 + by, ny), min(j0 + bx, nx)
+        pad = np.zeros((fy, fx), dtype=np.float32)
+        # image rows i0 - hy ..., columns j0 - hx ... at the tile's origin (zero outside the image)
+        r0, r1 = max(i0 - hy, 0), min(i1 + hy, ny)
+        c0, c1 = max(j0 - hx, 0), min(j1 + hx, nx)
+        dst = pad[r0 - (i0 - hy) : r1 - (i0 - hy), c0 - (j0 - hx) : c1 - (j0 - hx)]
+        np.subtract(image[r0:r1, c0:c1], mean, out=dst)
+        spec = sfft.rfft2(pad, workers=fft_workers)
+        buf = spec if len(kernels) == 1 else np.empty_like(spec)
+        for (a, b), (oy, ox), num in zip(spectra, offsets, out):
+            _k_spectrum(0, fy, a, b, spec, buf)
+            full = sfft.irfft2(buf, s=(fy, fx), workers=fft_workers, overwrite_x=True)
+            num[i0:i1, j0:j1] = full[oy : oy + i1 - i0, ox : ox + j1 - j0]
+
+    if len(blocks) == 1 or threads == 1:
+        for i0, j0 in blocks:
+            block(i0, j0, threads if len(blocks) == 1 else 1)
+    else:
+        with ThreadPoolExecutor(max_workers=min(threads, len(blocks))) as pool:
+            for job in [pool.submit(block, i0, j0, 1) for i0, j0 in blocks]:
+                job.result()
     return out
 
 

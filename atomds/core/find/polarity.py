@@ -154,7 +154,7 @@ def column_polarity(image) -> Polarity:
     core = lattice[m : lattice.shape[0] - m, m : lattice.shape[1] - m] if m > 0 else lattice
     b = core - core.mean()
     var = float(np.mean(b * b))
-    skew = float(np.mean(b**3) / var**1.5) if var > 0 else 0.0
+    skew = float(np.mean(b * b * b) / var**1.5) if var > 0 else 0.0
     decided = n >= MIN_REFLECTIONS and abs(skew) >= MIN_SKEW
     contrast = "dark" if decided and skew < 0 else "bright"
     return Polarity(contrast, skew, n, width, decided)
