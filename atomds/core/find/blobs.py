@@ -380,25 +380,59 @@ def _group_quantiles(ids: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.
     quantiles; non-finite values last in their group, as a sort would put them).
 
     ``ids`` may be (k, n) for ``vals`` (n,): each value then counts in the group of each of its k
-    ids (an id < 0: in none). The values are ranked once; the groups are sorted by integer keys
-    (group and rank in one int64), not by an argsort of k copies.
+    ids (an id < 0: in none). The values are ranked once and dealt to their groups in that order
+    (a counting sort over the groups, compiled), not sorted k times.
     """
     vals = np.asarray(vals, dtype=np.float64)
-    n = vals.size
-    ids2 = np.atleast_2d(np.asarray(ids, dtype=np.int64))
+    ids2 = np.ascontiguousarray(np.atleast_2d(np.asarray(ids, dtype=np.int64)))
     order = np.argsort(np.where(np.isfinite(vals), vals, np.inf), kind="stable")
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n)
-    bits = max(int(n).bit_length(), 1)
-    keys = ((ids2 << bits) | rank[None, :])[ids2 >= 0]
-    keys.sort()
-    cs, vs = keys >> bits, vals[order[keys & ((1 << bits) - 1)]]
-    starts = np.flatnonzero(np.r_[True, cs[1:] != cs[:-1]])
-    counts = np.diff(np.r_[starts, cs.size])
-    pos = starts + BRIGHT_QUANTILE * (counts - 1)
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, cs.size - 1)
-    return cs[starts], vs[lo] + (pos - lo) * (vs[hi] - vs[lo])
+    n_groups = int(ids2.max()) + 1 if ids2.size else 0
+    return _k_group_quantiles(ids2, order, vals, max(n_groups, 0), BRIGHT_QUANTILE)
+
+
+@njit(cache=True, nogil=True)
+def _k_group_quantiles(ids, order, vals, n_groups, quantile):  # pragma: no cover - compiled
+    """:func:`_group_quantiles` once the values are ranked (``order``): the values dealt to their groups in that
+    order (a counting sort over the groups), then each group's quantile by linear interpolation between
+    its sorted values (the upper neighbour clipped to the last value of all, as a flat sort would)."""
+    k, n = ids.shape
+    count = np.zeros(n_groups + 1, np.int64)
+    for r in range(k):
+        for i in range(n):
+            g = ids[r, i]
+            if g >= 0:
+                count[g + 1] += 1
+    for g in range(n_groups):
+        count[g + 1] += count[g]
+    total = count[n_groups]
+    vs = np.empty(total, np.float64)
+    fill = count[:n_groups].copy()
+    for t in range(n):
+        i = order[t]
+        for r in range(k):
+            g = ids[r, i]
+            if g >= 0:
+                vs[fill[g]] = vals[i]
+                fill[g] += 1
+    present = 0
+    for g in range(n_groups):
+        if count[g + 1] > count[g]:
+            present += 1
+    groups = np.empty(present, np.int64)
+    q = np.empty(present, np.float64)
+    j = 0
+    for g in range(n_groups):
+        st = count[g]
+        c = count[g + 1] - st
+        if c == 0:
+            continue
+        pos = st + quantile * (c - 1)
+        lo = np.int64(np.floor(pos))
+        hi = min(lo + 1, total - 1)
+        groups[j] = g
+        q[j] = vs[lo] + (pos - lo) * (vs[hi] - vs[lo])
+        j += 1
+    return groups, q
 
 
 def _pooled_reference(cx_s, cy_s, a_s, cx, cy, ncx: int, ncy: int, glob: float) -> np.ndarray:

@@ -504,10 +504,13 @@ def _k_sampled_max(r0, r1, c, thr, offsets, step, out):  # pragma: no cover - co
     nx = c.shape[1]
     for i in range(r0, r1):
         k = offsets[i]
+        nxt = -(-k // step) * step  # the next rank sampled
         for j in range(nx):
             if c[i, j] > thr:
-                if k % step == 0 and _k_is_max(c, i, j):
-                    out[k // step] = i * nx + j
+                if k == nxt:
+                    if _k_is_max(c, i, j):
+                        out[k // step] = i * nx + j
+                    nxt += step
                 k += 1
 
 
