@@ -211,12 +211,22 @@ def _k_spikes(r0, r1, img, a, b, k, c, out):  # pragma: no cover - compiled
     buf = np.empty(9, dtype=np.float64)
     ring = np.empty(16, dtype=np.float64)
     gap0 = k * np.sqrt(max(a, 1e-30))  # the smallest margin a spike can have
+    flag = np.zeros(nx, dtype=np.bool_)
     for i in range(max(r0, 1), min(r1, ny - 1)):
+        row = img[i]
+        # a first sweep without branches (vectorised): a spike stands the smallest margin above
+        # (below) one of its two neighbours along the row at least; almost every pixel fails
         for j in range(1, nx - 1):
+            v = row[j]
+            wl = row[j - 1]
+            wr = row[j + 1]
+            flag[j] = (v - wl > gap0) | (v - wr > gap0) | (wl - v > gap0) | (wr - v > gap0)
+        for j in range(1, nx - 1):
+            if not flag[j]:
+                continue
             v = img[i, j]
-            # fast path: a spike stands the smallest margin above (below) at least three of its
-            # four nearest neighbours (all four for a single spike, three for one of a pair);
-            # almost every pixel fails for both directions on the first two
+            # a spike stands the smallest margin above (below) at least three of its four nearest
+            # neighbours (all four for a single spike, three for one of a pair)
             wl = img[i, j - 1]
             wr = img[i, j + 1]
             ul = v - wl > gap0
@@ -224,8 +234,6 @@ def _k_spikes(r0, r1, img, a, b, k, c, out):  # pragma: no cover - compiled
             dl = wl - v > gap0
             dr = wr - v > gap0
             if not ((ul and ur) or (dl and dr)):
-                if not (ul or ur or dl or dr):
-                    continue
                 wu = img[i - 1, j]
                 wd = img[i + 1, j]
                 if not (((ul or ur) and v - wu > gap0 and v - wd > gap0)
