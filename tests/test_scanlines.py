@@ -148,6 +148,15 @@ def test_line_noise_is_seen_and_taken_off_the_rows(angle):
     # what is left is the offsets' slow part (a local background follows it) and a little of the lattice's rows
     assert np.std(left - left.mean()) < 0.4 * np.std(off)
     assert line_noise_ratio(clean) < 2.0 and not remove_row_offsets(clean)[1]["applied"]
+    # the line means taken once serve every step
+    from atomds.core.scanlines import line_means
+
+    noisy = clean + off[:, None]
+    m = line_means(noisy)
+    assert np.array_equal(m[0], noisy.mean(axis=1)) and np.array_equal(m[1], noisy.mean(axis=0))
+    assert line_noise_ratio(noisy, means=m) == line_noise_ratio(noisy)
+    assert np.array_equal(remove_row_offsets(noisy, means=m)[0], out)
+    assert all(np.array_equal(a, b) for a, b in zip(bad_lines(noisy, means=m), bad_lines(noisy)))
 
 
 @pytest.mark.parametrize("case", ["vacuum_half", "steps_along_rows", "gradient_along_y", "rows_along_the_scan"])

@@ -38,7 +38,7 @@ import numpy as np
 from ..errors import InvalidParameterError
 
 __all__ = ["LINE_Z", "bad_lines", "fill_lines", "lines_record", "lines_from_record", "LINE_NOISE_RATIO",
-           "line_noise_ratio", "row_offsets", "remove_row_offsets"]
+           "line_means", "line_noise_ratio", "row_offsets", "remove_row_offsets"]
 
 #: A line is bad when its statistic is this many robust standard deviations from the lines' median.
 LINE_Z = 12.0
@@ -137,7 +137,8 @@ def _confirmed(lines: np.ndarray, bad: np.ndarray, m: np.ndarray) -> np.ndarray:
     return out
 
 
-def bad_lines(image, *, z: float = LINE_Z) -> tuple[np.ndarray, np.ndarray]:
+def bad_lines(image, *, z: float = LINE_Z, means: tuple[np.ndarray, np.ndarray] | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
     """The rows and the columns of ``image`` spoiled along their whole length (see the module's text).
 
     Parameters
@@ -146,6 +147,8 @@ def bad_lines(image, *, z: float = LINE_Z) -> tuple[np.ndarray, np.ndarray]:
         Intensities (NaN pixels, e.g. spikes already taken out, are left out of the line means).
     z : float
         Robust z-score from which a line is bad.
+    means : (rows, cols), optional
+        The means of the rows and of the columns of ``image`` (:func:`line_means`), when already taken.
 
     Returns
     -------
@@ -160,7 +163,7 @@ def bad_lines(image, *, z: float = LINE_Z) -> tuple[np.ndarray, np.ndarray]:
     if not np.issubdtype(img.dtype, np.floating):
         img = img.astype(np.float64)
     ny, nx = img.shape
-    rows, cols = _line_means(img, 1), _line_means(img, 0)  # an all-NaN line has no mean: it is not judged
+    rows, cols = line_means(img) if means is None else means  # an all-NaN line has no mean: it is not judged
     # the pixel noise, from the differences of neighbouring pixels along a sample of rows
     d = np.diff(np.asarray(img[:: max(1, ny // 64), : 2048], dtype=np.float64), axis=1)
     d = d[np.isfinite(d)]
@@ -265,7 +268,12 @@ def _line_means(image: np.ndarray, axis: int) -> np.ndarray:
     return m
 
 
-def line_noise_ratio(image) -> float:
+def line_means(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The means of the rows and of the columns of ``image`` (float64; NaN pixels left out, an all-NaN line NaN)."""
+    return _line_means(image, 1), _line_means(image, 0)
+
+
+def line_noise_ratio(image, *, means: tuple[np.ndarray, np.ndarray] | None = None) -> float:
     """How much more the rows' means vary from row to row than the columns' do from column to column:
     about 1 without line noise.
 
@@ -274,7 +282,7 @@ def line_noise_ratio(image) -> float:
     differences (white noise stays, what varies smoothly over a few lines, such as a particle's
     rim, hardly does) scaled by the square root of the pixels each mean averages (a row mean of
     a wide image is the less noisy); the ratio of the two is returned. NaN for an image of fewer than :data:`MIN_LINES` lines either
-    way.
+    way. ``means``: the image's line means (:func:`line_means`), when already taken.
     """
     img = np.asarray(image)
     if img.ndim != 2:
@@ -284,8 +292,9 @@ def line_noise_ratio(image) -> float:
         return float("nan")
     # second differences: white line noise stays (times sqrt(6)), what varies smoothly over a few
     # lines (a particle's rim seen along the rows, a thickness profile) hardly does
-    rows = np.diff(_fast_residual(_line_means(img, 1)), 2)
-    cols = np.diff(_fast_residual(_line_means(img, 0)), 2)
+    rows, cols = line_means(img) if means is None else means
+    rows = np.diff(_fast_residual(rows), 2)
+    cols = np.diff(_fast_residual(cols), 2)
     sr = 1.4826 * float(np.median(np.abs(rows - np.median(rows)))) * np.sqrt(nx)
     sc = 1.4826 * float(np.median(np.abs(cols - np.median(cols)))) * np.sqrt(ny)
     if not (np.isfinite(sr) and np.isfinite(sc)) or sc <= 0:
@@ -399,7 +408,8 @@ def _fast_residual(m: np.ndarray) -> np.ndarray:
     return np.where(fin, q, 0.0)
 
 
-def remove_row_offsets(image, *, ratio: float | None = None) -> tuple[np.ndarray, dict]:
+def remove_row_offsets(image, *, ratio: float | None = None, means: tuple[np.ndarray, np.ndarray] | None = None
+                       ) -> tuple[np.ndarray, dict]:
     """``image`` less the offsets of its rows (:func:`row_offsets`) where they carry line noise.
 
     Parameters
@@ -409,6 +419,8 @@ def remove_row_offsets(image, *, ratio: float | None = None) -> tuple[np.ndarray
     ratio : float, optional
         :func:`line_noise_ratio` already measured by an earlier step that took line noise off this
         image (it is then taken off without looking again).
+    means : (rows, cols), optional
+        The image's line means (:func:`line_means`), when already taken.
 
     Returns
     -------
@@ -421,7 +433,7 @@ def remove_row_offsets(image, *, ratio: float | None = None) -> tuple[np.ndarray
         removed, intensity units).
     """
     img = np.asarray(image)
-    r = line_noise_ratio(img) if ratio is None else float(ratio)
+    r = line_noise_ratio(img, means=means) if ratio is None else float(ratio)
     info: dict = {"ratio": round(r, 3) if np.isfinite(r) else None, "threshold": LINE_NOISE_RATIO, "applied": False}
     if not (np.isfinite(r) and r >= LINE_NOISE_RATIO):
         return img, info

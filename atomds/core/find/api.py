@@ -31,7 +31,7 @@ from ..scales import (
     noise_model,
     pixel_correlation_hint,
 )
-from ..scanlines import bad_lines, fill_lines, lines_record, remove_row_offsets
+from ..scanlines import bad_lines, fill_lines, line_means, lines_record, remove_row_offsets
 from ..spikes import remove_spikes, spike_record
 from .blobs import Blobs, area_bounds, find_blobs, local_reference, too_broad, unresolved
 from .classes import classify_columns, column_classes, final_labels
@@ -339,11 +339,12 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     img, spikes = remove_spikes(img, noise=noise)
     # whole scan lines spoiled by a glitch are ridges or trenches the correlation would break into
     # "columns": filled from the lines on either side for finding (refinement leaves them out)
-    bad_rows, bad_cols = bad_lines(img)
-    img = fill_lines(img, bad_rows, bad_cols)
+    means = line_means(img)
+    bad_rows, bad_cols = bad_lines(img, means=means)
+    filled = fill_lines(img, bad_rows, bad_cols)
     # line noise (every slow-scan line offset by its own amount) is streaks the correlation breaks
     # into "columns" and a noise the model of independent pixels does not hold: taken off the rows
-    img, line_noise = remove_row_offsets(img)
+    img, line_noise = remove_row_offsets(filled, means=means if filled is img else None)
     if line_noise["applied"]:
         noise = noise_model(img)
     _check_arguments(threshold, min_area, max_area, sigma, spacing, z_min, min_contrast, sublattices)
@@ -390,7 +391,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     params = {
         "threshold": thr.value, "threshold_auto": thr.auto, "min_area": lo, "max_area": hi, "z_min": zmin,
         "z_min_border": zmin_edge, "min_contrast": float(min_contrast), "lattice_check": bool(lattice_check),
-        "contrast": contrast, "spikes": int(spikes.sum()), "spike_pixels": spike_record(spikes),
+        "contrast": contrast, "spikes": int(np.count_nonzero(spikes)), "spike_pixels": spike_record(spikes),
         "bad_lines": lines_record(bad_rows, bad_cols), "line_noise": line_noise, "sigma": s,
         "spacing": d, "period": period,
         "noise_variance": [float(v) for v in recorded_noise], "templates": kinds,
