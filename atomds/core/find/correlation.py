@@ -587,13 +587,18 @@ def _k_match(s0, s1, img, oy, ox, tz, tz2, ncc, amp):  # pragma: no cover - comp
                 sp += v
                 spp += v * v
         vp = spp - sp * sp / n
-        for m in range(k):
-            c = 0.0
+        for m0 in range(0, k, 2):  # two templates per sweep of the window
+            m1 = min(m0 + 1, k - 1)
+            c0 = 0.0
+            c1 = 0.0
             for i in range(th):
                 for j in range(tw):
-                    c += np.float64(img[y0 + i, x0 + j]) * tz[m, i, j]
-            ncc[q, m] = c / np.sqrt(tz2[m] * vp) if vp > 0 else 0.0
-            amp[q, m] = c / max(tz2[m], 1e-300)
+                    v = np.float64(img[y0 + i, x0 + j])
+                    c0 += v * tz[m0, i, j]
+                    c1 += v * tz[m1, i, j]
+            for m, c in ((m0, c0), (m1, c1)):
+                ncc[q, m] = c / np.sqrt(tz2[m] * vp) if vp > 0 else 0.0
+                amp[q, m] = c / max(tz2[m], 1e-300)
 
 
 def best_correlation(img: np.ndarray, templates: list[np.ndarray], noise: tuple[float, float],
