@@ -106,7 +106,7 @@ def _lattice_matches(xy, a_idx, todo, spacing, tol, reach, k: int = 8, chunk: in
     few faint blobs in a large image cost little.
     """
     axy = xy[a_idx]
-    tree = cKDTree(axy)
+    tree = cKDTree(axy, balanced_tree=False, compact_nodes=False)  # built in a third of the time, same answers
     kk = min(k + 1, a_idx.size)
     lists = tree.query_ball_point(xy[todo], reach * spacing)
     cnt = np.fromiter((len(v) for v in lists), dtype=np.int64, count=todo.size)
@@ -171,7 +171,7 @@ def outside_lattice(x, y, amp, cls, tested, ok, spacing: float, border=None) -> 
     cand = np.flatnonzero(examined)
     if cand.size == 0 or np.count_nonzero(strong) < 3:
         return out
-    dist, _ = cKDTree(np.c_[x[strong], y[strong]]).query(np.c_[x[cand], y[cand]])
+    dist, _ = cKDTree(np.c_[x[strong], y[strong]], balanced_tree=False, compact_nodes=False).query(np.c_[x[cand], y[cand]])
     # near clear columns only the very weak are examined (a disordered column of a grain
     # boundary is about as bright as the others; a speck of the film is a fraction of that)
     very_weak = below_class_median(amp, cls, ok, VERY_WEAK) & ok
