@@ -158,7 +158,7 @@ def voronoi_cross_sections(
 VORONOI_NEIGHBOURS = 32
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _cell_sums(img, x, y, nbr, radius, gain, offset, total, npix, var):  # pragma: no cover - compiled
     """Sum, pixel count and summed variance of the pixels of each column's Voronoi cell (within ``radius``).
 

@@ -52,13 +52,13 @@ HIT_EDGE = 0.05
 HIT_MIN_SD = 80.0
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _sd(a, b, level):  # pragma: no cover - compiled
     """The noise standard deviation at ``level`` (``variance = a + b * I``, floored)."""
     return np.sqrt(max(a + b * max(level, 0.0), 1e-30))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _test(img, i, j, a, b, k, c, buf):  # pragma: no cover - compiled
     """Whether pixel (i, j) is a spike, with the neighbours that lie in the image: 1 a spike, 2 one
     that may be one of a pair (it stands the margin above (below) all neighbours but one: see
@@ -127,7 +127,7 @@ def _test(img, i, j, a, b, k, c, buf):  # pragma: no cover - compiled
 PAIR_FALLOFF = 0.1
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _test_pair(img, i, j, a, b, k, c, ring):  # pragma: no cover - compiled
     """Whether pixel (i, j) is one of a pair of spikes: with its highest (lowest) neighbour, both
     stand more than ``k`` noise standard deviations above (below) every pixel of the ring around
@@ -205,7 +205,7 @@ def _test_pair(img, i, j, a, b, k, c, ring):  # pragma: no cover - compiled
     return False
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _k_spikes(r0, r1, img, a, b, k, c, out):  # pragma: no cover - compiled
     ny, nx = img.shape
     buf = np.empty(9, dtype=np.float64)
@@ -244,7 +244,7 @@ def _k_spikes(r0, r1, img, a, b, k, c, out):  # pragma: no cover - compiled
                 out[i, j] = True
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _k_spikes_border(img, a, b, k, c, out):  # pragma: no cover - compiled
     """The test of :func:`_k_spikes` on the outermost rows and columns, with the neighbours there are."""
     ny, nx = img.shape

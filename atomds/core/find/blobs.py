@@ -207,7 +207,7 @@ def blob_pixels(ncc: np.ndarray, thr: float) -> tuple[np.ndarray, np.ndarray, np
     return idx, lab, ismax, int(nlab)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _k_row_pixels(r0, r1, c, thr, offsets, idx, ismax):  # pragma: no cover - compiled
     """Flat indices of the pixels above ``thr`` in rows r0:r1 (from ``offsets[r0]`` on), and whether each is a
     local maximum (:func:`~atomds.core.find.correlation.local_maxima`'s rule)."""
@@ -221,7 +221,7 @@ def _k_row_pixels(r0, r1, c, thr, offsets, idx, ismax):  # pragma: no cover - co
                 k += 1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _k_root(parent, a):  # pragma: no cover - compiled
     """Root of ``a`` in the union-find forest ``parent``, compressing the path."""
     r = a
@@ -234,7 +234,7 @@ def _k_root(parent, a):  # pragma: no cover - compiled
     return r
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _k_label(idx, offsets, nx):  # pragma: no cover - compiled
     """Labels of the listed pixels (edge-sharing neighbours connect), by runs of a row: each run gets a
     provisional label in raster order and joins the runs of the row above that it touches (a union keeps
@@ -297,7 +297,7 @@ def _k_label(idx, offsets, nx):  # pragma: no cover - compiled
     return lab_out, nlab
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _k_blob_sums(lab, c, thr, idx, nx, nb):  # pragma: no cover - compiled
     """Per label: pixel count and the sums of ``w = c - thr``, ``w x`` and ``w y`` (float64, in pixel order,
     as ``np.bincount`` adds them)."""
@@ -390,7 +390,7 @@ def _group_quantiles(ids: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.
     return _k_group_quantiles(ids2, order, vals, max(n_groups, 0), BRIGHT_QUANTILE)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _k_group_quantiles(ids, order, vals, n_groups, quantile):  # pragma: no cover - compiled
     """:func:`_group_quantiles` once the values are ranked (``order``): the values dealt to their groups in that
     order (a counting sort over the groups), then each group's quantile by linear interpolation between

@@ -77,7 +77,7 @@ def _fma32(typingctx, a, b, c):  # pragma: no cover - compiled
     return sig, codegen
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def _cmul(x, y):  # pragma: no cover - compiled
     """complex64 product with fused multiply-adds, ``(fma(xr, yr, -xi yi), fma(xr, yi, xi yr))``: the
     operations of NumPy's SIMD complex multiplication on processors with FMA, so its numbers there."""
@@ -85,7 +85,7 @@ def _cmul(x, y):  # pragma: no cover - compiled
     return np.complex64(complex(_fma32(xr, yr, -(xi * yi)), _fma32(xr, yi, xi * yr)))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _k_spectrum(r0, r1, a, b, spec, out):  # pragma: no cover - compiled
     """``out = (sum_j a[:, j] b[j]) * spec`` for rows r0:r1, complex64 (``out`` may be ``spec``).
 
@@ -159,7 +159,7 @@ def _row_threads(kernel, n: int, *args) -> None:
     run_chunks(kernel, n, *args, min_chunk=64, chunks_per_thread=4, max_threads=8)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _k_ncc(r0, r1, num, var, s1, floor, tnorm, use_z, zb, za, zfloor, ncc, z):  # pragma: no cover
     """ncc = num / (sqrt(max(var, floor)) tnorm) clipped to [-1, 1]; z = num / (sqrt(max(s1 zb + za, zfloor)) tnorm).
 
@@ -187,7 +187,7 @@ def _k_ncc(r0, r1, num, var, s1, floor, tnorm, use_z, zb, za, zfloor, ncc, z):  
                 zr[j] = nr[j] / (np.sqrt(lm) * tnorm)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _k_rowsum(img, r, mean, tw, rs1, rs2):  # pragma: no cover - compiled
     """Sums of (img[r] - mean) and its square over the windows of ``tw`` columns (zero outside)."""
     nx = img.shape[1]
@@ -215,7 +215,7 @@ def _k_rowsum(img, r, mean, tw, rs1, rs2):  # pragma: no cover - compiled
         rs2[j] = a2
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _k_boxstats(r0, r1, img, mean, th, tw, s1, var, smax):  # pragma: no cover - compiled
     """Window sums of ``img - mean`` (zero outside the image) and ``n`` times the local variance.
 
@@ -436,7 +436,7 @@ def local_maxima(c: np.ndarray, idx: np.ndarray, nx: int) -> np.ndarray:
     return is_max
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _k_is_max(c, i, j):  # pragma: no cover - compiled
     """Whether ``c[i, j]`` is a 3x3 local maximum: strictly above the neighbours before it in raster order,
     at least as high as those after (neighbours outside the image taken as -inf)."""
@@ -459,7 +459,7 @@ def _k_is_max(c, i, j):  # pragma: no cover - compiled
     return True
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _k_local_max(c, idx, is_max):  # pragma: no cover - compiled
     """:func:`local_maxima` (neighbours outside the image taken as -inf)."""
     nx = c.shape[1]
@@ -468,7 +468,7 @@ def _k_local_max(c, idx, is_max):  # pragma: no cover - compiled
         is_max[k] = _k_is_max(c, y, idx[k] - y * nx)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _k_row_counts(r0, r1, c, thr, counts):  # pragma: no cover - compiled
     """Pixels above ``thr`` in each row r0:r1."""
     for i in range(r0, r1):
@@ -507,7 +507,7 @@ def sampled_maxima(c: np.ndarray, thr: float, n_sample: int) -> np.ndarray:
     return out[out >= 0]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _k_sampled_max(r0, r1, c, thr, offsets, step, out):  # pragma: no cover - compiled
     """For rows r0:r1: each pixel above ``thr`` whose rank among them is a multiple of ``step`` goes to
     ``out[rank // step]`` when it is a local maximum."""
@@ -580,7 +580,7 @@ def match_at(img: np.ndarray, py: np.ndarray, px: np.ndarray, templates, *, chun
     return ncc, amp
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _k_match(s0, s1, img, oy, ox, tz, tz2, ncc, amp):  # pragma: no cover - compiled
     """:func:`match_at` for windows inside the image: points s0:s1 with windows from (oy, ox), zero-mean
     templates ``tz`` (k, th, tw) with squared norms ``tz2``; float64 sums over float32 pixels."""

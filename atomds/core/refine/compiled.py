@@ -114,7 +114,7 @@ def run_pass_compiled(image, idx, p_start, reinit, spec: PassSpec, nbprev, sigma
     return p, out_chi2, out_h, out_iter, out_m, None
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _scratch(w):
     """Scratch arrays of one thread for patches of ``w`` px."""
     d = np.empty((w, w))
@@ -126,7 +126,7 @@ def _scratch(w):
     return d, wt, rlo, rhi, prof, vec, np.empty((5, 5)), np.zeros((5, 5))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _pass_kernel(start, stop, img, atoms, p, nbrows, tables, ctrl, outs):
     """Fit atoms ``order[start:stop]`` (rows of ``p``, updated in place) from their starts ``xs``, ``ys``.
 
@@ -149,7 +149,7 @@ def _pass_kernel(start, stop, img, atoms, p, nbrows, tables, ctrl, outs):
             out_meat[i] = meat
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _fit_atom(img, xc, yc, r, reinit, p, h, nbrows, tables, ctrl, work):
     """Fit one atom (isotropic model), updating ``p`` and its normal matrix ``h`` in place.
 
@@ -185,7 +185,7 @@ def _fit_atom(img, xc, yc, r, reinit, p, h, nbrows, tables, ctrl, work):
     return chi2, n_iter, m
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _window(img, xc, yc, r, sx, sy, half, d, wt, rlo, rhi):
     """The circular window as a range of columns ``rlo[q]:rhi[q]`` per patch row, and its pixels.
 
@@ -236,7 +236,7 @@ def _window(img, xc, yc, r, sx, sy, half, d, wt, rlo, rhi):
     return m
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _subtract_neighbors(d, rlo, rhi, sx, sy, nbrows, tables):
     """Subtract the neighbours' columns of the previous pass (tables of N * Gx and Gy, zero-padded)."""
     tgx, tgy, tx0, ty0 = tables
@@ -263,7 +263,7 @@ def _subtract_neighbors(d, rlo, rhi, sx, sy, nbrows, tables):
                 dq[j] -= gyv * tq[j]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _moments(d, wt, rlo, rhi, sx, sy, xc, yc, r, sigma0, p):
     """Starting values from the patch's moments (as the NumPy kernel), into ``p``.
 
@@ -319,7 +319,7 @@ def _moments(d, wt, rlo, rhi, sx, sy, xc, yc, r, sigma0, p):
     p[4] = bg
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _weights(img, d, wt, rlo, rhi, sx, sy, p, fx, fy, gain, offset, vfloor):
     """Weights 1 / max(gain * mu + offset, floor), ``mu`` the model at ``p`` plus the neighbours' sum."""
     w = d.shape[0]
@@ -334,7 +334,7 @@ def _weights(img, d, wt, rlo, rhi, sx, sy, p, fx, fy, gain, offset, vfloor):
             wt[q, j] = 1.0 / max(gain * mu + offset, vfloor)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _levenberg_marquardt(d, wt, rlo, rhi, sx, sy, p, h, ctrl, prof, vec, a):
     """Levenberg-Marquardt from ``p`` (whose profiles are in ``prof[0]``, ``prof[1]``), in place.
 
@@ -399,7 +399,7 @@ def _levenberg_marquardt(d, wt, rlo, rhi, sx, sy, p, h, ctrl, prof, vec, a):
     return chi2, n_iter, fx, fy
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _final_normal(d, wt, rlo, rhi, fx, fy, p, h, meat, m, uniform, ctrl):
     """J^T W J at the solution (``fx``, ``fy`` hold its profiles), and the sandwich's meat when unweighted."""
     normal_matrix(wt, rlo, rhi, fx, fy, p, h)
@@ -416,7 +416,7 @@ def _final_normal(d, wt, rlo, rhi, fx, fy, p, h, meat, m, uniform, ctrl):
         normal_matrix(wt, rlo, rhi, fx, fy, p, meat)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def profile_tables(start, stop, p, x0, y0, width, gx, gy):
     """Rows ``start:stop`` of the neighbour tables: N * Gx and Gy of a column on ``width`` px from x0, y0.
 

@@ -19,7 +19,7 @@ from .constants import AS_A, AS_P, DIAG_FLOOR, INV_SQRT2PI, LARGE_STEP_PX, LARGE
 __all__ = ["profiles", "chi2_gradient", "normal_matrix", "damped_step", "constrain", "in_window", "large_step"]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def profiles(c, s, start, w, f, tmp):
     """Pixel-integrated unit Gaussian on ``w`` pixels from ``start``: f[0] = G, f[1] = dG/dc, f[2] = dG/ds.
 
@@ -61,7 +61,7 @@ def profiles(c, s, start, w, f, tmp):
         g2[j] = (ee[j] * ex[j] - ee[j + 1] * ex[j + 1]) * inv_s
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def chi2_gradient(d, wt, rlo, rhi, fx, fy, p, g):
     """Weighted chi-square of the patch at ``p`` and the gradient J^T W r (into ``g``)."""
     amp, bg = p[2], p[4]
@@ -113,7 +113,7 @@ def chi2_gradient(d, wt, rlo, rhi, fx, fy, p, g):
     return chi2
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def normal_matrix(wt, rlo, rhi, fx, fy, p, h):
     """J^T W J: row sums of the weights times pairs of x-factors, then sums over the rows."""
     x0 = fx[0]
@@ -195,7 +195,7 @@ def normal_matrix(wt, rlo, rhi, fx, fy, p, h):
             h[i, j] = h[j, i]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def damped_step(h, g, lam, a, step):
     """Damped step: (H + lam diag(max(H_ii, 1e-12 max H_ii))) step = g, Gaussian elimination
     without pivoting (as :func:`.linalg.solve_batched`); False where it is not finite."""
@@ -228,7 +228,7 @@ def damped_step(h, g, lam, a, step):
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _clip(v, lo, hi):
     if v < lo:
         return lo
@@ -237,7 +237,7 @@ def _clip(v, lo, hi):
     return v  # NaN stays NaN (as np.clip)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def constrain(p, sx, sy, w, smax):
     """As :meth:`.models.Isotropic.constrain`: centre inside the patch, width in [0.1 px, smax]."""
     p[0] = _clip(p[0], sx, sx + w - 1.0)
@@ -249,14 +249,14 @@ def constrain(p, sx, sy, w, smax):
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def in_window(dy2, dx, rr):
     """A pixel is in the window: float32 dy^2 + dx^2 <= r^2 (as the NumPy code computes it)."""
     fx = np.float32(dx)
     return dy2 + fx * fx <= rr
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def large_step(step, p):
     """After this step J^T W J is recomputed (as the NumPy kernel): > 0.05 px, > 2 % in N or sigma."""
     return (

@@ -69,7 +69,7 @@ def neighbor_lists(xy_all: np.ndarray, idx: np.ndarray, reach: float, pool_mask:
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _nb_cells(xy, reach):
     """Atoms sorted into square cells: (cell size, x min, y min, columns, rows, first, order).
 
@@ -105,7 +105,7 @@ def _nb_cells(xy, reach):
     return cell, xmin, ymin, ncx, ncy, first, order
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _nb_nearest(start, stop, xy, cell, xmin, ymin, ncx, ncy, first, order, out):
     """Distance from atoms ``start:stop`` to their nearest other atom (rings of cells of
     :func:`_nb_cells` until no atom outside them can be closer)."""
@@ -138,7 +138,7 @@ def _nb_nearest(start, stop, xy, cell, xmin, ymin, ncx, ncy, first, order, out):
         out[i] = math.sqrt(best)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _nb_neighbors(start, stop, xy, idx, reach, pool_mask, cell, xmin, ymin, ncx, ncy, first, order, counts, out, dist):
     """Atoms within ``reach`` (strictly) of atoms ``idx[start:stop]`` (not themselves; only where
     ``pool_mask``, when it is not empty): their number into ``counts``, or where ``out`` has room

@@ -32,7 +32,7 @@ __all__ = ["columns_model", "profile_table", "normal_blocks", "PAIR_REACH"]
 PAIR_REACH = 4.0
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _profiles(c, s, start, w, g, dg, sg):  # pragma: no cover - compiled
     """Pixel-integrated unit Gaussian of centre ``c``, width ``s`` on ``w`` pixels from ``start``, and
     its derivatives in ``c`` and ``s`` (as :func:`.profiles.axis_profiles`), written into ``g, dg, sg``."""
@@ -50,7 +50,7 @@ def _profiles(c, s, start, w, g, dg, sg):  # pragma: no cover - compiled
         e0, cdf0, pdf0 = e1, cdf1, pdf1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def columns_model(p, half, pmap, r0, c0, mu, ds, with_ds):  # pragma: no cover - compiled
     """Add the columns ``p`` (n, 4: x, y, N, sigma; px) to ``mu`` (the pixel set's values), in place.
 
@@ -83,7 +83,7 @@ def columns_model(p, half, pmap, r0, c0, mu, ds, with_ds):  # pragma: no cover -
                     ds[k] += nn * (sgy[a] * gx[b] + gy[a] * sgx[b])
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def profile_table(p, half):  # pragma: no cover - compiled
     """Each column's profiles on its patch: (n, 6, w) of ``gx, dgx, sgx, gy, dgy, sgy`` and the
     patch origins ``ox``, ``oy`` (px)."""
@@ -100,7 +100,7 @@ def profile_table(p, half):  # pragma: no cover - compiled
     return prof, ox, oy
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def normal_blocks(start, stop, p, prof, ox, oy, pmap, r0, c0, wt, r, ds, nbr, bg_ptr, bg_idx, bg_w, hcc, hcs, hcb, gc):  # pragma: no cover
     """The column blocks of ``J^T W J`` and ``J^T W r`` of columns ``start`` to ``stop`` (written in place).
 

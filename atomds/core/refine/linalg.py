@@ -50,7 +50,7 @@ def invert_batched(a: np.ndarray) -> np.ndarray:
     return out
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _nb_invert(start, stop, a, out, singular):
     """Inverses of matrices ``a[start:stop]`` (Gauss-Jordan, partial pivoting); NaN where not finite."""
     k = a.shape[1]
