@@ -112,6 +112,38 @@ def _k_spectrum(r0, r1, a, b, spec, out):  # pragma: no cover - compiled
             row[k] = _cmul(acc[k], sp[k])
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def _k_kernel_spectrum(a, b):  # pragma: no cover - compiled
+    """``sum_j a[:, j] b[j]`` (fy, nk), complex64, each element summed as :func:`_k_spectrum` sums it."""
+    fy, r = a.shape
+    nk = b.shape[1]
+    out = np.empty((fy, nk), dtype=np.complex64)
+    for i in range(fy):
+        a0 = a[i, 0]
+        b0 = b[0]
+        row = out[i]
+        for k in range(nk):
+            row[k] = _cmul(a0, b0[k])
+        for j in range(1, r):
+            aij = a[i, j]
+            bj = b[j]
+            for k in range(nk):
+                row[k] += _cmul(aij, bj[k])
+    return out
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _k_times(kern, spec, out):  # pragma: no cover - compiled
+    """``out = kern * spec`` element by element (complex64, :func:`_cmul`; ``out`` may be ``spec``)."""
+    fy, nk = spec.shape
+    for i in range(fy):
+        kr = kern[i]
+        sp = spec[i]
+        row = out[i]
+        for k in range(nk):
+            row[k] = _cmul(kr[k], sp[k])
+
+
 def _spectrum_product(kernel: np.ndarray, spec: np.ndarray, fy: int, fx: int, out: np.ndarray) -> np.ndarray:
     """``out`` = conjugate rfft2 of a small ``kernel`` zero-padded to (fy, fx), times ``spec``, complex64.
 
@@ -349,7 +381,8 @@ def tiled_correlation(image: np.ndarray, mean: np.float32, kernels: list[np.ndar
     fx = sfft.next_fast_len(min(nx, tile) + 2 * hx, real=True)
     by, bx = fy - 2 * hy, fx - 2 * hx  # output block of one tile
     blocks = [(i0, j0) for i0 in range(0, ny, by) for j0 in range(0, nx, bx)]
-    spectra = [(np.conj(a), np.conj(b)) for a, b in (_separable_spectra(k, fy, fx) for k in kernels)]
+    # each kernel's spectrum once (the tiles share it), summed as :func:`_k_spectrum` sums it
+    spectra = [_k_kernel_spectrum(np.conj(a), np.conj(b)) for a, b in (_separable_spectra(k, fy, fx) for k in kernels)]
     offsets = [(hy - k.shape[0] // 2, hx - k.shape[1] // 2) for k in kernels]
     out = [np.empty((ny, nx), dtype=np.float32) for _ in kernels]
 
@@ -363,8 +396,8 @@ def tiled_correlation(image: np.ndarray, mean: np.float32, kernels: list[np.ndar
         np.subtract(image[r0:r1, c0:c1], mean, out=dst)
         spec = sfft.rfft2(pad, workers=fft_workers)
         buf = spec if len(kernels) == 1 else np.empty_like(spec)
-        for (a, b), (oy, ox), num in zip(spectra, offsets, out):
-            _k_spectrum(0, fy, a, b, spec, buf)
+        for kern, (oy, ox), num in zip(spectra, offsets, out):
+            _k_times(kern, spec, buf)
             full = sfft.irfft2(buf, s=(fy, fx), workers=fft_workers, overwrite_x=True)
             num[i0:i1, j0:j1] = full[oy : oy + i1 - i0, ox : ox + j1 - j0]
 
