@@ -13,6 +13,7 @@ Lengths (template points, ``sigma``, ``spacing``) are in the Dataset's units
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -186,8 +187,11 @@ def find_atoms(ds: xr.Dataset, *, template=None, threshold: float | None = None,
         # refine reuses the spikes and spoiled lines found on this very image: the digest of the
         # values as stored (refine reads them so), taken before anything else sees them
         raw = np.asarray(da.values)  # one compute for a Dask-backed image
-        digest = image_digest(raw)
-        res = core_find_atoms(check_image(raw), **kw)
+        # (the checksum, which releases the GIL, runs beside the finder's single-threaded stages)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(image_digest, raw)
+            res = core_find_atoms(check_image(raw), **kw)
+            digest = pending.result()
     out = drop_dim_vars(ds, "atom")
     if "correlation" in out.variables:
         out = out.drop_vars("correlation")
