@@ -14,6 +14,7 @@ Everything is vectorised over pixels and blobs. Positions are in pixels (``x`` =
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,9 +332,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     k = intensity_scale(arr)
     if k != 1.0:
         arr = arr / k
-    contrast, polarity = _decide_contrast(arr, contrast)
-    img = turn_over(arr, contrast)
-    noise = noise_model(img)
+    contrast, polarity, img, noise = _contrast_and_noise(arr, contrast)
     # hot and dead pixels would pass for the clearest columns and set the scales: replaced by
     # the median of their neighbours for finding (refinement leaves them out of its fits)
     img, spikes = remove_spikes(img, noise=noise)
@@ -580,6 +579,25 @@ def _check_arguments(threshold, min_area, max_area, sigma, spacing, z_min, min_c
     if not (sublattices is None or sublattices == "auto"
             or (isinstance(sublattices, (int, np.integer)) and not isinstance(sublattices, bool) and sublattices >= 1)):
         raise InvalidParameterError(f"sublattices must be 'auto', an int >= 1 or None, got {sublattices!r}.")
+
+
+def _contrast_and_noise(arr: np.ndarray, contrast: str):
+    """The contrast (and the :class:`Polarity` behind an automatic one), the image turned over for it, and its
+    noise model. Where the contrast is decided from the image, the noise model of the image as it is (that
+    of a bright one, the usual answer) is read beside the decision, on another core."""
+    if contrast != "auto":
+        contrast, polarity = _decide_contrast(arr, contrast)
+        img = turn_over(arr, contrast)
+        return contrast, polarity, img, noise_model(img)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(noise_model, arr)
+        contrast, polarity = _decide_contrast(arr, contrast)
+        try:
+            as_is = pending.result()
+        except Exception:  # noqa: BLE001 - read again below, where it raises as it would have
+            as_is = None
+    img = turn_over(arr, contrast)
+    return contrast, polarity, img, as_is if img is arr and as_is is not None else noise_model(img)
 
 
 def _decide_contrast(image: np.ndarray, contrast: str):

@@ -315,7 +315,7 @@ def real_columns(img: np.ndarray, x, y, peak: np.ndarray, cls: np.ndarray, ok: n
         if ref.size < MIN_CLASS_COUNT or mine.size == 0:
             continue
         kk = min(KEEP_NEIGHBOURS, ref.size)
-        _, nn = cKDTree(np.c_[x[ref], y[ref]]).query(np.c_[x[mine], y[mine]], k=kk)
+        _, nn = cKDTree(np.c_[x[ref], y[ref]], balanced_tree=False, compact_nodes=False).query(np.c_[x[mine], y[mine]], k=kk)
         nn = ref[nn.reshape(mine.size, kk)]
         used = np.unique(np.concatenate([mine, nn.ravel()]))
         height, match, err = (np.zeros(x.size) for _ in range(3))
