@@ -336,22 +336,31 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     # hot and dead pixels would pass for the clearest columns and set the scales: replaced by
     # the median of their neighbours for finding (refinement leaves them out of its fits)
     img, spikes = remove_spikes(img, noise=noise)
-    # whole scan lines spoiled by a glitch are ridges or trenches the correlation would break into
-    # "columns": filled from the lines on either side for finding (refinement leaves them out)
-    means = line_means(img)
-    bad_rows, bad_cols = bad_lines(img, means=means)
-    filled = fill_lines(img, bad_rows, bad_cols)
-    # line noise (every slow-scan line offset by its own amount) is streaks the correlation breaks
-    # into "columns" and a noise the model of independent pixels does not hold: taken off the rows
-    img, line_noise = remove_row_offsets(filled, means=means if filled is img else None)
-    if line_noise["applied"]:
-        noise = noise_model(img)
     _check_arguments(threshold, min_area, max_area, sigma, spacing, z_min, min_contrast, sublattices)
     specs = _template_specs(template, img.shape)
-    # local contrast: a background that varies more than the columns do (thickness, particles on
-    # a support, gradients) is removed first; the noise model stays that of the recorded image
-    flat = flatten_local(img, spacing=spacing)
-    d, s, period, samp = _scales(flat.image, specs, sigma, spacing)
+    despiked = img
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        # the scales of the image as it is now, read on another core while the lines and the local
+        # background are looked at: used where neither changes the image (the usual case)
+        early = pool.submit(_scales, despiked, specs, sigma, spacing)
+        # whole scan lines spoiled by a glitch are ridges or trenches the correlation would break into
+        # "columns": filled from the lines on either side for finding (refinement leaves them out)
+        means = line_means(img)
+        bad_rows, bad_cols = bad_lines(img, means=means)
+        filled = fill_lines(img, bad_rows, bad_cols)
+        # line noise (every slow-scan line offset by its own amount) is streaks the correlation breaks
+        # into "columns" and a noise the model of independent pixels does not hold: taken off the rows
+        img, line_noise = remove_row_offsets(filled, means=means if filled is img else None)
+        if line_noise["applied"]:
+            noise = noise_model(img)
+        # local contrast: a background that varies more than the columns do (thickness, particles on
+        # a support, gradients) is removed first; the noise model stays that of the recorded image
+        flat = flatten_local(img, spacing=spacing)
+        unchanged = flat.image is despiked
+    finally:
+        pool.shutdown(wait=False)  # where the image changed, the early reading is not waited for
+    d, s, period, samp = early.result() if unchanged else _scales(flat.image, specs, sigma, spacing)
     templates, kinds = make_templates(flat.image, specs, samp, s, d)
     ncc, z, which = best_correlation(flat.image, templates, noise, workers=workers)
     z = flat.zscore(z, noise, templates)
