@@ -385,7 +385,11 @@ def _group_quantiles(ids: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.
     """
     vals = np.asarray(vals, dtype=np.float64)
     ids2 = np.ascontiguousarray(np.atleast_2d(np.asarray(ids, dtype=np.int64)))
-    order = np.argsort(np.where(np.isfinite(vals), vals, np.inf), kind="stable")
+    # ranked: finite values by value (an unstable sort: tied values are equal, whatever their order), then
+    # the non-finite ones in their order, as a stable sort of the values with those set to inf ranks them
+    fin = np.isfinite(vals)
+    finite = np.flatnonzero(fin)
+    order = np.concatenate([finite[np.argsort(vals[finite])], np.flatnonzero(~fin)])
     n_groups = int(ids2.max()) + 1 if ids2.size else 0
     return _k_group_quantiles(ids2, order, vals, max(n_groups, 0), BRIGHT_QUANTILE)
 
