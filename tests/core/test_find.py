@@ -460,3 +460,26 @@ def test_contrast_auto_on_an_image_that_does_not_tell_takes_bright_and_says_so()
     assert not pol.decided and abs(pol.skewness) < 0.25 and pol.reflections >= 1
     with pytest.raises(InvalidParameterError, match="contrast"):
         find.find_atoms(noise, contrast="Auto")
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 300), k=st.integers(1, 9), groups=st.integers(1, 40),
+       ties=st.booleans())
+def test_group_quantiles_are_each_groups_quantile(seed, n, k, groups, ties):
+    """The bright reference of a cell (or box of cells): the 90th percentile of the values of each group."""
+    from atomds.core.find.blobs import _group_quantiles
+    from atomds.core.find.constants import BRIGHT_QUANTILE
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(-1, groups, (k, n))
+    vals = rng.normal(size=n)
+    if ties:
+        vals = np.round(vals)
+    if not (ids >= 0).any():
+        return
+    got_ids, got_q = _group_quantiles(ids, vals)
+    present = np.unique(ids[ids >= 0])
+    assert np.array_equal(got_ids, present)
+    for g, q in zip(got_ids, got_q):
+        members = np.concatenate([vals[ids[r] == g] for r in range(k)])
+        np.testing.assert_allclose(q, np.quantile(members, BRIGHT_QUANTILE), rtol=1e-12, atol=1e-12)

@@ -11,7 +11,6 @@ least-squares amplitude directly. Positions are in pixels.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 from scipy import ndimage as ndi
 
-from .._threads import n_threads, run_chunks
+from .._threads import n_threads, run_chunks, shared_pool, submit_all
 from ..image import check_image
 from .templates import check_template
 
@@ -401,13 +400,12 @@ def tiled_correlation(image: np.ndarray, mean: np.float32, kernels: list[np.ndar
             full = sfft.irfft2(buf, s=(fy, fx), workers=fft_workers, overwrite_x=True)
             num[i0:i1, j0:j1] = full[oy : oy + i1 - i0, ox : ox + j1 - j0]
 
-    if len(blocks) == 1 or threads == 1:
+    pool = shared_pool(threads) if len(blocks) > 1 and threads > 1 else None
+    if pool is None:
         for i0, j0 in blocks:
             block(i0, j0, threads if len(blocks) == 1 else 1)
     else:
-        with ThreadPoolExecutor(max_workers=min(threads, len(blocks))) as pool:
-            for job in [pool.submit(block, i0, j0, 1) for i0, j0 in blocks]:
-                job.result()
+        submit_all(pool, [(block, (i0, j0, 1)) for i0, j0 in blocks])
     return out
 
 
