@@ -24,7 +24,7 @@ from numba import njit
 
 from .constants import INV_SQRT2PI, SQRT2
 
-__all__ = ["columns_model", "profile_table", "normal_blocks", "PAIR_REACH"]
+__all__ = ["columns_model", "profile_table", "normal_blocks", "pcg_csr", "PAIR_REACH"]
 
 #: Column-column blocks of the normal matrix are summed over the pixels within this many widths
 #: of the pair's midpoint: the product of two columns' derivatives falls off as a Gaussian of
@@ -206,3 +206,48 @@ def normal_blocks(start, stop, p, prof, ox, oy, pmap, r0, c0, wt, r, ds, nbr, bg
                     hcc[i, s, 2, 0] += u2 * v0
                     hcc[i, s, 2, 1] += u2 * v1
                     hcc[i, s, 2, 2] += u2 * v2
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def pcg_csr(indptr, indices, data, inv, b, stop, max_iter, x):  # pragma: no cover - compiled
+    """Conjugate gradients for ``A x = b`` (``A`` symmetric, in CSR), preconditioned by the diagonal's inverse
+    ``inv``, from ``x`` = 0 (updated in place), until ``|r| <= stop``.
+
+    Returns the iterations taken, 0 when ``max_iter`` were not enough, -1 when ``A`` shows itself not
+    positive definite (a direction of zero or negative curvature).
+    """
+    n = b.size
+    r = b.copy()
+    z = inv * r
+    d = z.copy()
+    q = np.empty(n)
+    rz = 0.0
+    for i in range(n):
+        rz += r[i] * z[i]
+    for it in range(max_iter):
+        curv = 0.0
+        for i in range(n):
+            s = 0.0
+            for k in range(indptr[i], indptr[i + 1]):
+                s += data[k] * d[indices[k]]
+            q[i] = s
+            curv += d[i] * s
+        if not curv > 0.0:
+            return -1
+        alpha = rz / curv
+        rr = 0.0
+        for i in range(n):
+            x[i] += alpha * d[i]
+            r[i] -= alpha * q[i]
+            rr += r[i] * r[i]
+        if math.sqrt(rr) <= stop:
+            return it + 1
+        rz_new = 0.0
+        for i in range(n):
+            z[i] = inv[i] * r[i]
+            rz_new += r[i] * z[i]
+        beta = rz_new / rz
+        for i in range(n):
+            d[i] = z[i] + beta * d[i]
+        rz = rz_new
+    return 0
