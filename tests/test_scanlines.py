@@ -157,6 +157,8 @@ def test_line_noise_is_seen_and_taken_off_the_rows(angle):
     assert line_noise_ratio(noisy, means=m) == line_noise_ratio(noisy)
     assert np.array_equal(remove_row_offsets(noisy, means=m)[0], out)
     assert all(np.array_equal(a, b) for a, b in zip(bad_lines(noisy, means=m), bad_lines(noisy)))
+    with pytest.raises(InvalidParameterError, match="row means"):
+        line_noise_ratio(noisy, means=(m[1], m[0][:-1]))
 
 
 @pytest.mark.parametrize("case", ["vacuum_half", "steps_along_rows", "gradient_along_y", "rows_along_the_scan"])

@@ -163,7 +163,7 @@ def bad_lines(image, *, z: float = LINE_Z, means: tuple[np.ndarray, np.ndarray] 
     if not np.issubdtype(img.dtype, np.floating):
         img = img.astype(np.float64)
     ny, nx = img.shape
-    rows, cols = line_means(img) if means is None else means  # an all-NaN line has no mean: it is not judged
+    rows, cols = _given_means(img, means)  # an all-NaN line has no mean: it is not judged
     # the pixel noise, from the differences of neighbouring pixels along a sample of rows
     d = np.diff(np.asarray(img[:: max(1, ny // 64), : 2048], dtype=np.float64), axis=1)
     d = d[np.isfinite(d)]
@@ -273,6 +273,17 @@ def line_means(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _line_means(image, 1), _line_means(image, 0)
 
 
+def _given_means(img: np.ndarray, means) -> tuple[np.ndarray, np.ndarray]:
+    """``means`` checked against the image's shape, or taken (:func:`line_means`) when None."""
+    if means is None:
+        return line_means(img)
+    rows, cols = (np.asarray(m, dtype=np.float64) for m in means)
+    if rows.shape != (img.shape[0],) or cols.shape != (img.shape[1],):
+        raise InvalidParameterError(f"means must hold {img.shape[0]} row means and {img.shape[1]} column means, "
+                                    f"got {rows.shape} and {cols.shape}.")
+    return rows, cols
+
+
 def line_noise_ratio(image, *, means: tuple[np.ndarray, np.ndarray] | None = None) -> float:
     """How much more the rows' means vary from row to row than the columns' do from column to column:
     about 1 without line noise.
@@ -292,7 +303,7 @@ def line_noise_ratio(image, *, means: tuple[np.ndarray, np.ndarray] | None = Non
         return float("nan")
     # second differences: white line noise stays (times sqrt(6)), what varies smoothly over a few
     # lines (a particle's rim seen along the rows, a thickness profile) hardly does
-    rows, cols = line_means(img) if means is None else means
+    rows, cols = _given_means(img, means)
     rows = np.diff(_fast_residual(rows), 2)
     cols = np.diff(_fast_residual(cols), 2)
     sr = 1.4826 * float(np.median(np.abs(rows - np.median(rows)))) * np.sqrt(nx)

@@ -73,3 +73,22 @@ def test_an_error_is_raised_once_every_chunk_has_ended():
     if _threads.n_threads() > 1:  # on one thread the chunks run in order and the first error stops them
         chunk = max(10, -(-100 // (4 * _threads.n_threads())))
         assert sorted(ended) == list(range(chunk, 100, chunk))
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_no_more_threads_than_asked_whatever_ran_before(limit):
+    import time
+
+    _threads.run_chunks(_fill, 1000, np.zeros(1000), min_chunk=1, chunks_per_thread=4)  # the pool at full size
+    lock, now, peak = threading.Lock(), [0], [0]
+
+    def kernel(start, stop):
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        time.sleep(0.002)
+        with lock:
+            now[0] -= 1
+
+    _threads.run_chunks(kernel, 64, min_chunk=1, chunks_per_thread=4, max_threads=limit)
+    assert 1 <= peak[0] <= min(limit, _threads.n_threads())

@@ -276,7 +276,8 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     min_contrast : float
         Smallest amplitude of an atom relative to the bright columns around it (0 disables).
     workers : int, optional
-        Threads for the FFTs (default: all).
+        Threads for the correlation's tiles (default: all the cores, at most ``NUMBA_NUM_THREADS``;
+        more are not used).
     refine_templates : bool
         Allow the second pass of step 8.
     contrast : {"auto", "bright", "dark"}
@@ -339,11 +340,12 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     _check_arguments(threshold, min_area, max_area, sigma, spacing, z_min, min_contrast, sublattices)
     specs = _template_specs(template, img.shape)
     despiked = img
+    unchanged = False
     pool = ThreadPoolExecutor(max_workers=1)
+    # the scales of the image as it is now, read on another core while the lines and the local
+    # background are looked at: used where neither changes the image (the usual case)
+    early = pool.submit(_scales, despiked, specs, sigma, spacing)
     try:
-        # the scales of the image as it is now, read on another core while the lines and the local
-        # background are looked at: used where neither changes the image (the usual case)
-        early = pool.submit(_scales, despiked, specs, sigma, spacing)
         # whole scan lines spoiled by a glitch are ridges or trenches the correlation would break into
         # "columns": filled from the lines on either side for finding (refinement leaves them out)
         means = line_means(img)
@@ -359,7 +361,9 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         flat = flatten_local(img, spacing=spacing)
         unchanged = flat.image is despiked
     finally:
-        pool.shutdown(wait=False)  # where the image changed, the early reading is not waited for
+        if not unchanged:  # not wanted: stopped if it has not started, else waited for (no thread outlives the call)
+            early.cancel()
+        pool.shutdown(wait=True)
     d, s, period, samp = early.result() if unchanged else _scales(flat.image, specs, sigma, spacing)
     templates, kinds = make_templates(flat.image, specs, samp, s, d)
     ncc, z, which = best_correlation(flat.image, templates, noise, workers=workers)

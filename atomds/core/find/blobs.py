@@ -92,8 +92,10 @@ def unresolved(x, y, area, score, radius: float) -> np.ndarray:
     if n < 2 or not radius > 0:
         return np.zeros(n, dtype=bool)
     y = np.asarray(y, dtype=np.float64)
-    # only points with another within the radius can be in a pair (a grid's nearest distances first)
-    near = np.flatnonzero(nearest_neighbor_distance(x, y) <= radius)
+    # only points with another within the radius can be in a pair (a grid's nearest distances first,
+    # over the finite points: a point without a position is near none)
+    fin = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
+    near = fin[nearest_neighbor_distance(x[fin], y[fin]) <= radius]
     out = np.zeros(n, dtype=bool)
     if near.size < 2:
         return out
@@ -398,7 +400,8 @@ def _group_quantiles(ids: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.
 def _k_group_quantiles(ids, order, vals, n_groups, quantile):  # pragma: no cover - compiled
     """:func:`_group_quantiles` once the values are ranked (``order``): the values dealt to their groups in that
     order (a counting sort over the groups), then each group's quantile by linear interpolation between
-    its sorted values (the upper neighbour clipped to the last value of all, as a flat sort would)."""
+    its sorted values (the upper neighbour clipped to the group's last: a non-finite value of the next
+    group does not turn a quantile that falls on a value into NaN)."""
     k, n = ids.shape
     count = np.zeros(n_groups + 1, np.int64)
     for r in range(k):
@@ -432,9 +435,10 @@ def _k_group_quantiles(ids, order, vals, n_groups, quantile):  # pragma: no cove
             continue
         pos = st + quantile * (c - 1)
         lo = np.int64(np.floor(pos))
-        hi = min(lo + 1, total - 1)
+        hi = min(lo + 1, st + c - 1)
         groups[j] = g
-        q[j] = vs[lo] + (pos - lo) * (vs[hi] - vs[lo])
+        # on a value, or between equal ones: that value (inf - inf would make an infinite one NaN)
+        q[j] = vs[lo] if (pos == lo or vs[hi] == vs[lo]) else vs[lo] + (pos - lo) * (vs[hi] - vs[lo])
         j += 1
     return groups, q
 

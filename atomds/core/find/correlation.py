@@ -20,7 +20,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 from scipy import ndimage as ndi
 
-from .._threads import n_threads, run_chunks, shared_pool, submit_all
+from .._threads import n_threads, run_all, run_chunks
 from ..image import check_image
 from .templates import check_template
 
@@ -205,16 +205,16 @@ def _k_ncc(r0, r1, num, var, s1, floor, tnorm, use_z, zb, za, zfloor, ncc, z):  
         out = ncc[i]
         for j in range(nx):
             v = vr[j]
-            v = v if v > floor else floor
+            v = floor if floor > v else v  # (NaN stays NaN, as max() keeps it)
             c = nr[j] / (np.sqrt(v) * tnorm)
-            c = c if c < one else one
-            out[j] = c if c > -one else -one
+            c = one if c > one else c
+            out[j] = -one if c < -one else c
         if use_z:
             sr = s1[i]
             zr = z[i]
             for j in range(nx):
                 lm = sr[j] * zb + za
-                lm = lm if lm > zfloor else zfloor
+                lm = zfloor if zfloor > lm else lm
                 zr[j] = nr[j] / (np.sqrt(lm) * tnorm)
 
 
@@ -368,14 +368,15 @@ def tiled_correlation(image: np.ndarray, mean: np.float32, kernels: list[np.ndar
     overlapping tiles (overlap-save: each tile's transform holds its output block and a halo of
     the largest kernel's half-size, so no wrap-around reaches the block). The kernel's spectrum
     comes from its separable terms (:func:`_spectrum_product`). Tiles run on ``workers`` threads
-    (all by default), each transform on one, so the numbers do not depend on the thread count;
+    (all by default, at most :func:`~atomds.core._threads.n_threads`), each transform on one, so the
+    numbers do not depend on the thread count;
     an image that fits one tile (``tile`` px a side, before the halo) is transformed whole, with
     the FFT's own threads.
     """
     ny, nx = image.shape
     hy = max(k.shape[0] for k in kernels) // 2
     hx = max(k.shape[1] for k in kernels) // 2
-    threads = n_threads() if workers is None or workers < 1 else int(workers)
+    threads = n_threads() if workers is None or workers < 1 else min(int(workers), n_threads())
     fy = sfft.next_fast_len(min(ny, tile) + 2 * hy, real=True)
     fx = sfft.next_fast_len(min(nx, tile) + 2 * hx, real=True)
     by, bx = fy - 2 * hy, fx - 2 * hx  # output block of one tile
@@ -400,12 +401,10 @@ def tiled_correlation(image: np.ndarray, mean: np.float32, kernels: list[np.ndar
             full = sfft.irfft2(buf, s=(fy, fx), workers=fft_workers, overwrite_x=True)
             num[i0:i1, j0:j1] = full[oy : oy + i1 - i0, ox : ox + j1 - j0]
 
-    pool = shared_pool(threads) if len(blocks) > 1 and threads > 1 else None
-    if pool is None:
-        for i0, j0 in blocks:
-            block(i0, j0, threads if len(blocks) == 1 else 1)
+    if len(blocks) == 1:
+        block(blocks[0][0], blocks[0][1], threads)
     else:
-        submit_all(pool, [(block, (i0, j0, 1)) for i0, j0 in blocks])
+        run_all([(block, (i0, j0, 1)) for i0, j0 in blocks], threads)
     return out
 
 
@@ -528,6 +527,8 @@ def sampled_maxima(c: np.ndarray, thr: float, n_sample: int) -> np.ndarray:
     threads, without the full list of indices.
     """
     c = np.ascontiguousarray(c)
+    if c.dtype not in (np.float32, np.float64):
+        c = c.astype(np.float64)
     t = c.dtype.type(thr)
     offsets = row_offsets(c, t)
     n = int(offsets[-1])
