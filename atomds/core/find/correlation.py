@@ -92,19 +92,10 @@ def _k_spectrum(r0, r1, a, b, spec, out):  # pragma: no cover - compiled
     result depends on its thread count), so the numbers depend neither on the thread count nor
     on the processor.
     """
-    r = a.shape[1]
     nk = b.shape[1]
     acc = np.empty(nk, dtype=np.complex64)  # one row of the sum: ``out`` may be ``spec`` itself
     for i in range(r0, r1):
-        a0 = a[i, 0]
-        b0 = b[0]
-        for k in range(nk):
-            acc[k] = _cmul(a0, b0[k])
-        for j in range(1, r):
-            aij = a[i, j]
-            bj = b[j]
-            for k in range(nk):
-                acc[k] += _cmul(aij, bj[k])
+        _k_separable_row(a, b, i, acc)
         sp = spec[i]
         row = out[i]
         for k in range(nk):
@@ -112,22 +103,25 @@ def _k_spectrum(r0, r1, a, b, spec, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def _k_separable_row(a, b, i, acc):  # pragma: no cover - compiled
+    """Row ``i`` of ``sum_j a[:, j] b[j]`` into ``acc``, the terms added in order of ``j``."""
+    a0 = a[i, 0]
+    b0 = b[0]
+    for k in range(b.shape[1]):
+        acc[k] = _cmul(a0, b0[k])
+    for j in range(1, a.shape[1]):
+        aij = a[i, j]
+        bj = b[j]
+        for k in range(b.shape[1]):
+            acc[k] += _cmul(aij, bj[k])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def _k_kernel_spectrum(a, b):  # pragma: no cover - compiled
     """``sum_j a[:, j] b[j]`` (fy, nk), complex64, each element summed as :func:`_k_spectrum` sums it."""
-    fy, r = a.shape
-    nk = b.shape[1]
-    out = np.empty((fy, nk), dtype=np.complex64)
-    for i in range(fy):
-        a0 = a[i, 0]
-        b0 = b[0]
-        row = out[i]
-        for k in range(nk):
-            row[k] = _cmul(a0, b0[k])
-        for j in range(1, r):
-            aij = a[i, j]
-            bj = b[j]
-            for k in range(nk):
-                row[k] += _cmul(aij, bj[k])
+    out = np.empty((a.shape[0], b.shape[1]), dtype=np.complex64)
+    for i in range(a.shape[0]):
+        _k_separable_row(a, b, i, out[i])
     return out
 
 
