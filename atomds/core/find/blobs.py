@@ -34,7 +34,7 @@ from .constants import (
     OUTLIER_CAP,
     REFERENCE_CELL,
 )
-from .correlation import _k_is_max, row_offsets
+from .correlation import _k_is_max, rows_above
 
 __all__ = ["Blobs", "find_blobs", "area_bounds", "local_reference", "too_broad", "column_match"]
 
@@ -201,7 +201,7 @@ def blob_pixels(ncc: np.ndarray, thr: float) -> tuple[np.ndarray, np.ndarray, np
     t = c.dtype.type(np.float32(thr))
     ny, nx = c.shape
     # rows counted and their pixels listed (with the maxima test) on threads; labels in one pass over those
-    offsets = row_offsets(c, t)
+    offsets = rows_above(c, t)
     idx = np.empty(int(offsets[-1]), np.int64)
     ismax = np.empty(idx.size, np.bool_)
     run_chunks(_k_row_pixels, ny, c, t, offsets, idx, ismax, min_chunk=64, chunks_per_thread=4, max_threads=8)

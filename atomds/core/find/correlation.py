@@ -85,43 +85,18 @@ def _cmul(x, y):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _k_spectrum(r0, r1, a, b, spec, out):  # pragma: no cover - compiled
-    """``out = (sum_j a[:, j] b[j]) * spec`` for rows r0:r1, complex64 (``out`` may be ``spec``).
-
-    The terms are summed per element in a fixed order (never by a BLAS matrix product, whose
-    result depends on its thread count), so the numbers depend neither on the thread count nor
-    on the processor.
-    """
-    nk = b.shape[1]
-    acc = np.empty(nk, dtype=np.complex64)  # one row of the sum: ``out`` may be ``spec`` itself
-    for i in range(r0, r1):
-        _k_separable_row(a, b, i, acc)
-        sp = spec[i]
-        row = out[i]
-        for k in range(nk):
-            row[k] = _cmul(acc[k], sp[k])
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _k_separable_row(a, b, i, acc):  # pragma: no cover - compiled
-    """Row ``i`` of ``sum_j a[:, j] b[j]`` into ``acc``, the terms added in order of ``j``."""
-    a0 = a[i, 0]
-    b0 = b[0]
-    for k in range(b.shape[1]):
-        acc[k] = _cmul(a0, b0[k])
-    for j in range(1, a.shape[1]):
-        aij = a[i, j]
-        bj = b[j]
-        for k in range(b.shape[1]):
-            acc[k] += _cmul(aij, bj[k])
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
 def _k_kernel_spectrum(a, b):  # pragma: no cover - compiled
-    """``sum_j a[:, j] b[j]`` (fy, nk), complex64, each element summed as :func:`_k_spectrum` sums it."""
+    """``sum_j a[:, j] b[j]`` (fy, nk), complex64: the spectrum of a kernel from its separable terms
+    (:func:`_separable_spectra`), each element's terms added in order in complex64 with fused
+    multiply-adds (never by a BLAS product, whose result depends on its thread count)."""
     out = np.empty((a.shape[0], b.shape[1]), dtype=np.complex64)
     for i in range(a.shape[0]):
-        _k_separable_row(a, b, i, out[i])
+        row = out[i]
+        for k in range(b.shape[1]):
+            row[k] = _cmul(a[i, 0], b[0, k])
+        for j in range(1, a.shape[1]):
+            for k in range(b.shape[1]):
+                row[k] += _cmul(a[i, j], b[j, k])
     return out
 
 
@@ -135,20 +110,6 @@ def _k_times(kern, spec, out):  # pragma: no cover - compiled
         row = out[i]
         for k in range(nk):
             row[k] = _cmul(kr[k], sp[k])
-
-
-def _spectrum_product(kernel: np.ndarray, spec: np.ndarray, fy: int, fx: int, out: np.ndarray) -> np.ndarray:
-    """``out`` = conjugate rfft2 of a small ``kernel`` zero-padded to (fy, fx), times ``spec``, complex64.
-
-    ``spec`` is a full spectrum (fy, fx // 2 + 1); ``out`` may be ``spec`` itself. The kernel's
-    2-D spectrum is a sum of outer products of the 1-D spectra of its separable terms
-    (:func:`_separable_spectra`), summed element by element in compiled code (rows split between
-    threads) and multiplied by ``spec`` in the same pass: one pass over the full-size array, not
-    one per term.
-    """
-    a, b = _separable_spectra(kernel, fy, fx)
-    _row_threads(_k_spectrum, fy, np.conj(a), np.conj(b), spec, out)
-    return out
 
 
 def _window_stats(t: np.ndarray, ny: int, nx: int, rows: np.ndarray, cols: np.ndarray):
@@ -361,7 +322,7 @@ def tiled_correlation(image: np.ndarray, mean: np.float32, kernels: list[np.ndar
     Same-size float32 maps (the kernel's centre ``shape // 2`` on each pixel), by real FFTs of
     overlapping tiles (overlap-save: each tile's transform holds its output block and a halo of
     the largest kernel's half-size, so no wrap-around reaches the block). The kernel's spectrum
-    comes from its separable terms (:func:`_spectrum_product`). Tiles run on ``workers`` threads
+    comes from its separable terms (:func:`_k_kernel_spectrum`). Tiles run on ``workers`` threads
     (all by default, at most :func:`~atomds.core._threads.n_threads`), each transform on one, so the
     numbers do not depend on the thread count;
     an image that fits one tile (``tile`` px a side, before the halo) is transformed whole, with
@@ -375,7 +336,7 @@ def tiled_correlation(image: np.ndarray, mean: np.float32, kernels: list[np.ndar
     fx = sfft.next_fast_len(min(nx, tile) + 2 * hx, real=True)
     by, bx = fy - 2 * hy, fx - 2 * hx  # output block of one tile
     blocks = [(i0, j0) for i0 in range(0, ny, by) for j0 in range(0, nx, bx)]
-    # each kernel's spectrum once (the tiles share it), summed as :func:`_k_spectrum` sums it
+    # each kernel's spectrum once (the tiles share it)
     spectra = [_k_kernel_spectrum(np.conj(a), np.conj(b)) for a, b in (_separable_spectra(k, fy, fx) for k in kernels)]
     offsets = [(hy - k.shape[0] // 2, hx - k.shape[1] // 2) for k in kernels]
     out = [np.empty((ny, nx), dtype=np.float32) for _ in kernels]
@@ -503,7 +464,7 @@ def _k_row_counts(r0, r1, c, thr, counts):  # pragma: no cover - compiled
         counts[i] = n
 
 
-def row_offsets(c: np.ndarray, thr) -> np.ndarray:
+def rows_above(c: np.ndarray, thr) -> np.ndarray:
     """``offsets[i]``: the pixels above ``thr`` before row ``i`` in raster order (``offsets[-1]`` all of them)."""
     ny = c.shape[0]
     counts = np.zeros(ny, np.int64)
@@ -524,7 +485,7 @@ def sampled_maxima(c: np.ndarray, thr: float, n_sample: int) -> np.ndarray:
     if c.dtype not in (np.float32, np.float64):
         c = c.astype(np.float64)
     t = c.dtype.type(thr)
-    offsets = row_offsets(c, t)
+    offsets = rows_above(c, t)
     n = int(offsets[-1])
     step = n // n_sample if n > n_sample else 1
     out = np.full(-(-n // step), -1, np.int64)
