@@ -368,11 +368,17 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     templates, kinds = make_templates(flat.image, specs, samp, s, d)
     ncc, z, which = best_correlation(flat.image, templates, noise, workers=workers)
     z = flat.zscore(z, noise, templates)
+
+    def judged(zmap: np.ndarray, counts: dict[str, int]):
+        """Steps 4-7 on a z-score map: the significant blobs, their plausible sizes, the columns among them."""
+        stages = _significant_blobs(ncc, zmap, which, templates, d, threshold, z_min, lattice_check, counts,
+                                    flat.params["applied"])
+        sized = _plausible_size(stages[0], stages[1], min_area, max_area, stages[2], counts, flat.image, s)
+        return stages, sized, _columns(flat.image, sized[0], templates, s, d, min_contrast, sublattices,
+                                       lattice_check, counts)
+
     counts: dict[str, int] = {}
-    blobs, keep, thr, zmin, zmin_edge = _significant_blobs(ncc, z, which, templates, d, threshold, z_min,
-                                                           lattice_check, counts, flat.params["applied"])
-    blobs, lo, hi = _plausible_size(blobs, keep, min_area, max_area, thr, counts, flat.image, s)
-    ok, amp, cls, mode = _columns(flat.image, blobs, templates, s, d, min_contrast, sublattices, lattice_check, counts)
+    (_, keep, thr, zmin, zmin_edge), (blobs, lo, hi), (ok, amp, cls, mode) = judged(z, counts)
     if not np.any(ok):
         raise thr.no_atoms("every blob is too weak or too broad to be a column")
     # noise correlated between pixels (afterglow, interpolation, smoothing) is more noise at a
@@ -383,20 +389,15 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
         q = float(pixel_noise["variance_factor"])
         counts_q: dict[str, int] = {}
         try:
-            stages = _significant_blobs(ncc, z / np.float32(np.sqrt(q)), which, templates, d, threshold, z_min,
-                                        lattice_check, counts_q, flat.params["applied"])
-            sized = _plausible_size(stages[0], stages[1], min_area, max_area, stages[2], counts_q, flat.image, s)
-            cols_q = _columns(flat.image, sized[0], templates, s, d, min_contrast, sublattices, lattice_check, counts_q)
+            again = judged(z / np.float32(np.sqrt(q)), counts_q)
         except NoAtomsFoundError:
-            cols_q = None
-        if cols_q is None or not np.any(cols_q[0]):
+            again = None
+        if again is None or not np.any(again[2][0]):
             # nothing would stand the noise so scaled: the first judgement stands, and says so
             pixel_noise.update(applied=False, note="no column stood the noise scaled by it; not applied")
         else:
             noise = (noise[0] * q, noise[1] * q)
-            blobs, keep, thr, zmin, zmin_edge = stages
-            blobs, lo, hi = sized
-            ok, amp, cls, mode = cols_q
+            (_, keep, thr, zmin, zmin_edge), (blobs, lo, hi), (ok, amp, cls, mode) = again
             counts = counts_q
     blobs, amp, sub = blobs.take(ok), amp[ok], final_labels(cls[ok], mode)
     n_sub = int(sub.max()) + 1 if sub.size else 0
@@ -428,8 +429,6 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
     return result.in_units(k, own)
 
 
-#: Columns needed for that reading (the fits' own minimum of typical columns).
-NOISE_COLUMNS_MIN = 100
 #: Where the matched filter's noise variance is at least this many times what the model says, the
 #: model is scaled by it and the significance judged again ...
 NOISE_FACTOR_MIN = 1.2
@@ -457,10 +456,12 @@ def correlated_noise(img: np.ndarray, x: np.ndarray, y: np.ndarray, sigma: float
     """
     hint = pixel_correlation_hint(img)
     rec: dict[str, Any] = {"hint": list(hint), "variance_factor": 1.0, "applied": False}
-    if not correlation_suspected(hint) or np.size(x) < NOISE_COLUMNS_MIN:
-        return rec
     from ..refine import estimate_fit_settings
     from ..refine.correlation import filter_variance
+    from ..refine.settings import CORRELATION_MIN_COLUMNS  # the fits' own minimum of typical columns
+
+    if not correlation_suspected(hint) or np.size(x) < CORRELATION_MIN_COLUMNS:
+        return rec
 
     corr = estimate_fit_settings(img, x, y, sigma=sigma).get("noise_correlation") or {}
     rec["read"] = bool(corr.get("read"))

@@ -29,7 +29,7 @@ import warnings
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["residual_correlation", "estimator_rows", "error_factors", "lag_sums", "filter_variance", "MAX_LAG", "MIN_TEMPLATE_COLUMNS",
+__all__ = ["residual_correlation", "estimator_rows", "error_factors", "filter_variance", "MAX_LAG",
            "PARAMETERS"]
 
 #: Correlations are measured out to this many px each way (the afterglow of a detector and the
@@ -45,8 +45,6 @@ INTENSITY_CLASSES = 3
 MISFIT_SPREADS = 3.0
 #: A column enters the correlation with at least this many pairs of its own pixels at every lag.
 MIN_PAIRS = 5
-#: Room around a window for the lags (px).
-MAX_LAG_PAD = MAX_LAG
 #: The isotropic model's parameters, in the order of its fits.
 PARAMETERS = ("x", "y", "intensity", "sigma", "background")
 
@@ -206,7 +204,7 @@ def _transfer(sigma: float, radius: float, half: int, owned: np.ndarray, lags, v
     jg = _jacobian(sigma, radius, half)
     if variance is not None:
         jg = jg / np.sqrt(variance(jg[2], jg[4]))
-    pad = 2 * MAX_LAG_PAD
+    pad = 2 * MAX_LAG  # room around the window for the lags, px
     side = 2 * half + 1
     grid = np.zeros((5, side + 2 * pad, side + 2 * pad))
     grid[:, pad : pad + side, pad : pad + side] = jg

@@ -24,7 +24,7 @@ from .plan import Plan, auto_refits, info_radius, sample_indices
 from .residual import model_image
 
 __all__ = ["estimate_settings", "width_population", "overlap_width", "overlap_explained", "overlap_judging_width",
-           "settings_dict", "noise_correlation", "pixel_like", "CORRELATION_ATOMS"]
+           "settings_dict", "noise_correlation", "pixel_like"]
 
 
 def estimate_settings(
