@@ -31,7 +31,7 @@ from scipy.linalg import LinAlgError, cho_factor, cho_solve, lapack
 from scipy.sparse.linalg import splu
 
 from .constants import DIAG_FLOOR, LAM_DOWN, LAM_GIVE_UP, LAM_MIN, LAM_START, LAM_UP, MIN_SIGMA
-from .joint_kernels import pcg_csr
+from .joint_kernels import free_block, pcg_csr
 from .joint_model import (
     K_COL,
     GroupMap,
@@ -852,8 +852,8 @@ def _pcg(h: sp.csc_matrix, damp: np.ndarray, g: np.ndarray, free: np.ndarray) ->
     Each iteration is a product with the sparse matrix, linear in the group's size, where a sparse
     factorisation of a 2-D lattice's normal matrix grows faster (3-6x slower at 4,000 parameters,
     measured); the diagonal (every column's own curvature) makes the damped matrix well conditioned.
-    The free rows and columns are taken out once (CSR) and the iterations run in compiled code
-    (:func:`.joint_kernels.pcg_csr`): a sparse product and a few vector operations through NumPy
+    The free rows and columns are taken out once (:func:`.joint_kernels.free_block`) and the
+    iterations run in compiled code (:func:`.joint_kernels.pcg_csr`): a sparse product and a few vector operations through NumPy
     cost tens of microseconds of overhead each, some fifty times per step.
     """
     d = h.diagonal() + damp
@@ -865,12 +865,11 @@ def _pcg(h: sp.csc_matrix, damp: np.ndarray, g: np.ndarray, free: np.ndarray) ->
     b_norm = float(np.linalg.norm(b))
     if b_norm == 0.0:
         return step
-    hr = sp.csr_matrix(h)
-    a = (hr if idx.size == h.shape[0] else hr[idx][:, idx]) + sp.diags(damp[idx], format="csr")
-    a = sp.csr_matrix(a)
+    hc = sp.csc_matrix(h)  # symmetric: the CSC arrays are those of its rows
+    ptr, ind, val = free_block(hc.indptr.astype(np.int64), hc.indices.astype(np.int64),
+                               np.asarray(hc.data, dtype=np.float64), free, np.asarray(damp, dtype=np.float64))
     x = np.zeros(idx.size)
-    done = pcg_csr(a.indptr.astype(np.int64), a.indices.astype(np.int64), np.asarray(a.data, dtype=np.float64),
-                   1.0 / d[idx], np.asarray(b, dtype=np.float64), PCG_RTOL * b_norm, PCG_MAX_ITER, x)
+    done = pcg_csr(ptr, ind, val, 1.0 / d[idx], np.asarray(b, dtype=np.float64), PCG_RTOL * b_norm, PCG_MAX_ITER, x)
     if done <= 0 or not np.all(np.isfinite(x)):
         return None
     step[idx] = x

@@ -24,7 +24,10 @@ from numba import njit
 
 from .constants import INV_SQRT2PI, SQRT2
 
-__all__ = ["columns_model", "profile_table", "normal_blocks", "pcg_csr", "PAIR_REACH"]
+__all__ = [
+    "columns_model", "profile_table", "normal_blocks", "node_normal", "assemble_normal", "free_block", "pcg_csr",
+    "PAIR_REACH",
+]
 
 #: Column-column blocks of the normal matrix are summed over the pixels within this many widths
 #: of the pair's midpoint: the product of two columns' derivatives falls off as a Gaussian of
@@ -129,6 +132,9 @@ def normal_blocks(start, stop, p, prof, ox, oy, pmap, r0, c0, wt, r, ds, nbr, bg
         gx, dgx = prof[i, 0], prof[i, 1]
         gy, dgy = prof[i, 3], prof[i, 4]
         ni = p[i, 2]
+        # sums in local variables (kept in registers: stores to the output arrays each pixel were the bulk)
+        g0 = g1 = g2 = 0.0
+        s0 = s1 = s2 = 0.0
         for a in range(w):
             rr = syi + a - r0
             if rr < 0 or rr >= hy:
@@ -145,19 +151,25 @@ def normal_blocks(start, stop, p, prof, ox, oy, pmap, r0, c0, wt, r, ds, nbr, bg
                 j2 = gy[a] * gx[b]
                 wk = wt[k]
                 wr = wk * r[k]
-                gc[i, 0] += wr * j0
-                gc[i, 1] += wr * j1
-                gc[i, 2] += wr * j2
+                g0 += wr * j0
+                g1 += wr * j1
+                g2 += wr * j2
                 wd = wk * ds[k]
-                hcs[i, 0] += wd * j0
-                hcs[i, 1] += wd * j1
-                hcs[i, 2] += wd * j2
+                s0 += wd * j0
+                s1 += wd * j1
+                s2 += wd * j2
                 for q in range(bg_ptr[k], bg_ptr[k + 1]):
                     node = bg_idx[q]
                     v = wk * bg_w[q]
                     hcb[i, 0, node] += v * j0
                     hcb[i, 1, node] += v * j1
                     hcb[i, 2, node] += v * j2
+        gc[i, 0] += g0
+        gc[i, 1] += g1
+        gc[i, 2] += g2
+        hcs[i, 0] += s0
+        hcs[i, 1] += s1
+        hcs[i, 2] += s2
         for s in range(nbr.shape[1]):
             j = nbr[i, s]
             if j < 0:
@@ -174,6 +186,7 @@ def normal_blocks(start, stop, p, prof, ox, oy, pmap, r0, c0, wt, r, ds, nbr, bg
             hx_, dhx = prof[j, 0], prof[j, 1]
             hy_, dhy = prof[j, 3], prof[j, 4]
             nj = p[j, 2]
+            h00 = h01 = h02 = h10 = h11 = h12 = h20 = h21 = h22 = 0.0
             for yy in range(lo_y, hi_y):
                 rr = yy - r0
                 if rr < 0 or rr >= hy:
@@ -197,15 +210,24 @@ def normal_blocks(start, stop, p, prof, ox, oy, pmap, r0, c0, wt, r, ds, nbr, bg
                     v0 = wk * gyj * dhx[bj]
                     v1 = wk * dgyj * hx_[bj]
                     v2 = wk * gy1 * hx_[bj]
-                    hcc[i, s, 0, 0] += u0 * v0
-                    hcc[i, s, 0, 1] += u0 * v1
-                    hcc[i, s, 0, 2] += u0 * v2
-                    hcc[i, s, 1, 0] += u1 * v0
-                    hcc[i, s, 1, 1] += u1 * v1
-                    hcc[i, s, 1, 2] += u1 * v2
-                    hcc[i, s, 2, 0] += u2 * v0
-                    hcc[i, s, 2, 1] += u2 * v1
-                    hcc[i, s, 2, 2] += u2 * v2
+                    h00 += u0 * v0
+                    h01 += u0 * v1
+                    h02 += u0 * v2
+                    h10 += u1 * v0
+                    h11 += u1 * v1
+                    h12 += u1 * v2
+                    h20 += u2 * v0
+                    h21 += u2 * v1
+                    h22 += u2 * v2
+            hcc[i, s, 0, 0] += h00
+            hcc[i, s, 0, 1] += h01
+            hcc[i, s, 0, 2] += h02
+            hcc[i, s, 1, 0] += h10
+            hcc[i, s, 1, 1] += h11
+            hcc[i, s, 1, 2] += h12
+            hcc[i, s, 2, 0] += h20
+            hcc[i, s, 2, 1] += h21
+            hcc[i, s, 2, 2] += h22
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -251,3 +273,253 @@ def pcg_csr(indptr, indices, data, inv, b, stop, max_iter, x):  # pragma: no cov
             d[i] = z[i] + beta * d[i]
         rz = rz_new
     return 0
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _flush_nodes(nodes, n_cur, acc, acc_s, acc_g, bb_ptr, bb_idx, bb, h_sb, g_b):  # pragma: no cover - compiled
+    """Add one run's sums (``acc``: upper triangle over its ``n_cur`` nodes ``nodes``) to the node blocks."""
+    for a in range(n_cur):
+        na = nodes[a]
+        h_sb[na] += acc_s[a]
+        g_b[na] += acc_g[a]
+        for b in range(a, n_cur):
+            nb = nodes[b]
+            v = acc[a, b]
+            for e in range(bb_ptr[na], bb_ptr[na + 1]):
+                if bb_idx[e] == nb:
+                    bb[e] += v
+                    break
+            if nb != na:
+                for e in range(bb_ptr[nb], bb_ptr[nb + 1]):
+                    if bb_idx[e] == na:
+                        bb[e] += v
+                        break
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def node_normal(bg_ptr, bg_idx, bg_w, wt, ds, r, bb_ptr, bb_idx):  # pragma: no cover - compiled
+    """The background's parts of ``J^T W J`` and ``J^T W r``: node-node values on the pattern
+    ``bb_ptr, bb_idx`` (CSR, the pairs of nodes that share a pixel), node-width values ``h_sb`` and
+    the nodes' gradient ``g_b`` (each (n_nodes,)).
+
+    ``bg_ptr, bg_idx, bg_w``: CSR rows pixel -> nodes (bilinear weights: 4 per pixel at most);
+    ``wt, ds, r``: per pixel weights ``1 / var``, width derivative of the columns' sum and residuals.
+    Consecutive pixels of one background cell share their nodes: their sums are taken in local
+    variables and added to the blocks once per run of such pixels.
+    """
+    m = bb_ptr.size - 1
+    bb = np.zeros(bb_idx.size)
+    h_sb = np.zeros(m)
+    g_b = np.zeros(m)
+    widest = 0
+    for k in range(bg_ptr.size - 1):
+        widest = max(widest, bg_ptr[k + 1] - bg_ptr[k])
+    nodes = np.full(widest, -1, np.int64)
+    n_cur = 0
+    acc = np.zeros((widest, widest))
+    acc_s = np.zeros(widest)
+    acc_g = np.zeros(widest)
+    for k in range(bg_ptr.size - 1):
+        q0, q1 = bg_ptr[k], bg_ptr[k + 1]
+        length = q1 - q0
+        same = length == n_cur
+        if same:
+            for a in range(length):
+                if bg_idx[q0 + a] != nodes[a]:
+                    same = False
+                    break
+        if not same:
+            _flush_nodes(nodes, n_cur, acc, acc_s, acc_g, bb_ptr, bb_idx, bb, h_sb, g_b)
+            acc[:] = 0.0
+            acc_s[:] = 0.0
+            acc_g[:] = 0.0
+            n_cur = length
+            for a in range(length):
+                nodes[a] = bg_idx[q0 + a]
+        wk = wt[k]
+        wd = wk * ds[k]
+        wr = wk * r[k]
+        for a in range(length):
+            w1 = bg_w[q0 + a]
+            acc_s[a] += w1 * wd
+            acc_g[a] += w1 * wr
+            v1 = w1 * wk
+            for b in range(a, length):
+                acc[a, b] += v1 * bg_w[q0 + b]
+    _flush_nodes(nodes, n_cur, acc, acc_s, acc_g, bb_ptr, bb_idx, bb, h_sb, g_b)
+    return bb, h_sb, g_b
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def assemble_normal(nbr, hcc, hcs, hcb, h_ss, h_sb, bb_ptr, bb_idx, bb_val):  # pragma: no cover - compiled
+    """The symmetric normal matrix ``J^T W J`` of :func:`.joint_model.normal_equations` as CSR arrays
+    ``(indptr, indices, data)`` (sorted indices; for a symmetric matrix they are its CSC arrays too).
+
+    Parameters ``x_0, y_0, N_0, x_1, ...``, the shared width, the background nodes. ``nbr`` (n, k):
+    each column's own slot and the columns ``j > i`` coupled to it, ascending (-1 pads; as
+    :func:`.joint_model.neighbour_slots` gives them); ``hcc, hcs, hcb``: :func:`normal_blocks`'s
+    blocks; ``h_ss``: width-width; ``h_sb`` (m,): width-node; ``bb_ptr, bb_idx, bb_val``: node-node
+    (CSR pattern with sorted indices and values, :func:`node_normal`). A column's row holds every
+    node that any of its three parameters touches (an explicit zero where one does not). A column's
+    own 3 x 3 block is taken from its upper triangle, so that the matrix is exactly symmetric.
+    """
+    n, k_slots = nbr.shape[0], nbr.shape[1]
+    m = h_sb.size
+    # columns coupled to each column, both ways, ascending: (column, owner row, slot) of hcc
+    deg = np.zeros(n, np.int64)
+    for i in range(n):
+        for s in range(k_slots):
+            j = nbr[i, s]
+            if j < 0:
+                break
+            deg[i] += 1
+            if j != i:
+                deg[j] += 1
+    a_ptr = np.zeros(n + 1, np.int64)
+    for i in range(n):
+        a_ptr[i + 1] = a_ptr[i] + deg[i]
+    a_col = np.empty(a_ptr[n], np.int64)
+    a_own = np.empty(a_ptr[n], np.int64)
+    a_slot = np.empty(a_ptr[n], np.int64)
+    fill = a_ptr[:n].copy()
+    for i in range(n):  # row i's entries below i come from earlier rows, so each list is ascending
+        for s in range(k_slots):
+            j = nbr[i, s]
+            if j < 0:
+                break
+            e = fill[i]
+            a_col[e], a_own[e], a_slot[e] = j, i, s
+            fill[i] += 1
+            if j != i:
+                e = fill[j]
+                a_col[e], a_own[e], a_slot[e] = i, i, s
+                fill[j] += 1
+    # nodes each column touches, and (transposed) the columns each node touches, ascending
+    n_deg = np.zeros(n, np.int64)
+    c_deg = np.zeros(m, np.int64)
+    for i in range(n):
+        for node in range(m):
+            if hcb[i, 0, node] != 0.0 or hcb[i, 1, node] != 0.0 or hcb[i, 2, node] != 0.0:
+                n_deg[i] += 1
+                c_deg[node] += 1
+    n_ptr = np.zeros(n + 1, np.int64)
+    for i in range(n):
+        n_ptr[i + 1] = n_ptr[i] + n_deg[i]
+    c_ptr = np.zeros(m + 1, np.int64)
+    for node in range(m):
+        c_ptr[node + 1] = c_ptr[node] + c_deg[node]
+    n_idx = np.empty(n_ptr[n], np.int64)
+    c_idx = np.empty(c_ptr[m], np.int64)
+    c_fill = c_ptr[:m].copy()
+    for i in range(n):
+        e = n_ptr[i]
+        for node in range(m):
+            if hcb[i, 0, node] != 0.0 or hcb[i, 1, node] != 0.0 or hcb[i, 2, node] != 0.0:
+                n_idx[e] = node
+                e += 1
+                c_idx[c_fill[node]] = i
+                c_fill[node] += 1
+    s_idx = 3 * n
+    npar = s_idx + 1 + m
+    nnz = 0
+    for i in range(n):
+        nnz += 3 * (3 * deg[i] + 1 + n_deg[i])
+    nnz += s_idx + 1 + m
+    for node in range(m):
+        nnz += 3 * c_deg[node] + 1 + (bb_ptr[node + 1] - bb_ptr[node])
+    indptr = np.empty(npar + 1, np.int64)
+    indices = np.empty(nnz, np.int64)
+    data = np.empty(nnz)
+    e = 0
+    indptr[0] = 0
+    for i in range(n):
+        for a in range(3):
+            for t in range(a_ptr[i], a_ptr[i + 1]):
+                j, own, s = a_col[t], a_own[t], a_slot[t]
+                for b in range(3):
+                    indices[e] = 3 * j + b
+                    if j == i:  # a column's own block from its upper triangle: exactly symmetric
+                        data[e] = hcc[own, s, min(a, b), max(a, b)]
+                    else:
+                        data[e] = hcc[own, s, a, b] if own == i else hcc[own, s, b, a]
+                    e += 1
+            indices[e] = s_idx
+            data[e] = hcs[i, a]
+            e += 1
+            for t in range(n_ptr[i], n_ptr[i + 1]):
+                indices[e] = s_idx + 1 + n_idx[t]
+                data[e] = hcb[i, a, n_idx[t]]
+                e += 1
+            indptr[3 * i + a + 1] = e
+    for i in range(n):
+        for a in range(3):
+            indices[e] = 3 * i + a
+            data[e] = hcs[i, a]
+            e += 1
+    indices[e] = s_idx
+    data[e] = h_ss
+    e += 1
+    for node in range(m):
+        indices[e] = s_idx + 1 + node
+        data[e] = h_sb[node]
+        e += 1
+    indptr[s_idx + 1] = e
+    for node in range(m):
+        for t in range(c_ptr[node], c_ptr[node + 1]):
+            i = c_idx[t]
+            for a in range(3):
+                indices[e] = 3 * i + a
+                data[e] = hcb[i, a, node]
+                e += 1
+        indices[e] = s_idx
+        data[e] = h_sb[node]
+        e += 1
+        for t in range(bb_ptr[node], bb_ptr[node + 1]):
+            indices[e] = s_idx + 1 + bb_idx[t]
+            data[e] = bb_val[t]
+            e += 1
+        indptr[s_idx + 2 + node] = e
+    return indptr, indices, data
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def free_block(indptr, indices, data, free, damp):  # pragma: no cover - compiled
+    """The rows and columns ``free`` (bool) of a sparse matrix (CSR arrays) with ``damp`` added to its
+    diagonal, as CSR arrays over the free parameters in order (a diagonal entry the pattern lacks
+    is appended to its row)."""
+    n = indptr.size - 1
+    pos = np.full(n, -1, np.int64)
+    nf = 0
+    for r in range(n):
+        if free[r]:
+            pos[r] = nf
+            nf += 1
+    cap = 0
+    for r in range(n):
+        if free[r]:
+            cap += indptr[r + 1] - indptr[r] + 1
+    out_ptr = np.zeros(nf + 1, np.int64)
+    out_idx = np.empty(cap, np.int64)
+    out_val = np.empty(cap)
+    e = 0
+    for r in range(n):
+        if not free[r]:
+            continue
+        seen = False
+        for q in range(indptr[r], indptr[r + 1]):
+            c = indices[q]
+            if pos[c] < 0:
+                continue
+            v = data[q]
+            if c == r and not seen:
+                v = v + damp[r]
+                seen = True
+            out_idx[e] = pos[c]
+            out_val[e] = v
+            e += 1
+        if not seen:
+            out_idx[e] = pos[r]
+            out_val[e] = damp[r]
+            e += 1
+        out_ptr[pos[r] + 1] = e
+    return out_ptr, out_idx[:e], out_val[:e]

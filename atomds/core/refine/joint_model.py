@@ -27,7 +27,7 @@ import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
 from .constants import NB_REACH
-from .joint_kernels import columns_model, normal_blocks, profile_table
+from .joint_kernels import assemble_normal, columns_model, node_normal, normal_blocks, profile_table
 from .parallel import in_threads
 from .profiles import axis_profiles
 
@@ -207,7 +207,9 @@ def model_and_width_derivative(gm: GroupMap, p: np.ndarray, half: int) -> tuple[
 @dataclass(frozen=True)
 class GroupMap:
     """Where a group's pixels are: ``pmap`` (positions in the pixel set over its bounding box, -1 outside,
-    origin row ``r0``, column ``c0``) and the background weights as CSR rows (``bg_ptr``, ``bg_idx``, ``bg_w``)."""
+    origin row ``r0``, column ``c0``), the background weights as CSR rows (``bg_ptr``, ``bg_idx``, ``bg_w``)
+    and the pattern of the nodes' block of the normal matrix (``bb_ptr``, ``bb_idx``: CSR, sorted; the
+    pairs of nodes that share a pixel)."""
 
     pmap: np.ndarray
     r0: int
@@ -215,6 +217,8 @@ class GroupMap:
     bg_ptr: np.ndarray
     bg_idx: np.ndarray
     bg_w: np.ndarray
+    bb_ptr: np.ndarray
+    bb_idx: np.ndarray
 
 
 def group_map(ps: PixelSet, grid: BackgroundGrid | None = None) -> GroupMap:
@@ -226,10 +230,15 @@ def group_map(ps: PixelSet, grid: BackgroundGrid | None = None) -> GroupMap:
     pmap[rows - r0, cols - c0] = np.arange(ps.size)
     if grid is None:
         ptr, idx, wv = np.zeros(ps.size + 1, np.int64), np.zeros(0, np.int64), np.zeros(0)
+        bb_ptr, bb_idx = np.zeros(1, np.int64), np.zeros(0, np.int64)
     else:
         wgt = grid.weights.tocsr()
         ptr, idx, wv = wgt.indptr.astype(np.int64), wgt.indices.astype(np.int64), wgt.data.astype(float)
-    return GroupMap(pmap, r0, c0, ptr, idx, wv)
+        ones = sp.csr_matrix((np.ones(idx.size), idx, ptr), shape=wgt.shape)
+        bb = (ones.T @ ones).tocsr()  # structural: sums of ones never cancel
+        bb.sort_indices()
+        bb_ptr, bb_idx = bb.indptr.astype(np.int64), bb.indices.astype(np.int64)
+    return GroupMap(pmap, r0, c0, ptr, idx, wv, bb_ptr, bb_idx)
 
 
 #: Two columns farther apart than this many widths are not coupled in the normal matrix: the
@@ -280,28 +289,12 @@ def normal_equations(
     in_threads(normal_blocks, n, pc, prof, ox, oy, gm.pmap, gm.r0, gm.c0, wt, resid, ds, nbr, gm.bg_ptr, gm.bg_idx,
                gm.bg_w, hcc, hcs, hcb, gc)
     s_idx = K_COL * n
-    ii, ss = np.nonzero(nbr >= 0)
-    jj = nbr[ii, ss]
-    ab = np.arange(K_COL)
-    r_cc = (K_COL * ii[:, None, None] + ab[None, :, None]) + 0 * ab[None, None, :]
-    c_cc = (K_COL * jj[:, None, None] + ab[None, None, :]) + 0 * ab[None, :, None]
-    v_cc = hcc[ii, ss]
-    off = ii != jj
-    ci, ca = np.nonzero(np.ones((n, K_COL), bool))
-    r_cs, v_cs = K_COL * ci + ca, hcs[ci, ca]
-    nz_i, nz_a, nz_b = np.nonzero(hcb)
-    r_cb, c_cb, v_cb = K_COL * nz_i + nz_a, s_idx + 1 + nz_b, hcb[nz_i, nz_a, nz_b]
-    g_w = grid.weights
-    w_ds = wt * ds
-    h_ss = float(np.sum(w_ds * ds))
-    h_sb = np.asarray(g_w.T @ w_ds).ravel()
-    h_bb = (g_w.T @ sp.diags(wt) @ g_w).tocoo()
-    rows = np.concatenate([r_cc.ravel(), c_cc[off].ravel(), r_cs, np.full(n * K_COL, s_idx), [s_idx],
-                           r_cb, c_cb, np.full(m, s_idx), s_idx + 1 + np.arange(m), s_idx + 1 + h_bb.row])
-    cols = np.concatenate([c_cc.ravel(), r_cc[off].ravel(), np.full(n * K_COL, s_idx), r_cs, [s_idx],
-                           c_cb, r_cb, s_idx + 1 + np.arange(m), np.full(m, s_idx), s_idx + 1 + h_bb.col])
-    vals = np.concatenate([v_cc.ravel(), v_cc[off].ravel(), v_cs, v_cs, [h_ss], v_cb, v_cb, h_sb, h_sb, h_bb.data])
+    bb_val, h_sb, g_b = node_normal(gm.bg_ptr, gm.bg_idx, gm.bg_w, wt, ds, resid, gm.bb_ptr, gm.bb_idx)
+    h_ss = float(np.sum(wt * ds * ds))
+    indptr, indices, data = assemble_normal(nbr, hcc, hcs, hcb, h_ss, h_sb, gm.bb_ptr, gm.bb_idx, bb_val)
     npar = s_idx + 1 + m
-    h = sp.csc_matrix((vals, (rows, cols)), shape=(npar, npar))
-    g = np.concatenate([gc.ravel(), [float(np.sum(wt * resid * ds))], np.asarray(g_w.T @ (wt * resid)).ravel()])
+    # symmetric: its CSR arrays are its CSC arrays
+    h = sp.csc_matrix((data, indices, indptr), shape=(npar, npar))
+    h.has_sorted_indices = True
+    g = np.concatenate([gc.ravel(), [float(np.sum(wt * resid * ds))], g_b])
     return h, g

@@ -1,0 +1,83 @@
+"""The compiled assembly of the joint model's normal equations against the Jacobian written out, and the
+free block of a damped step against scipy's indexing."""
+
+import numpy as np
+import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from atomds.core.refine.joint_kernels import free_block
+from atomds.core.refine.joint_model import (
+    K_COL,
+    background_grid,
+    column_patches,
+    group_map,
+    model_and_width_derivative,
+    neighbour_slots,
+    normal_equations,
+    pixel_set,
+)
+
+
+def _explicit(p, ps, grid, half, wt, r):
+    """``J^T W J`` and ``J^T W r`` from the Jacobian written out densely."""
+    flat, _, jac = column_patches(p, half, ps.shape)
+    pos, hit = ps.locate(flat)
+    hit &= flat >= 0
+    n = p.shape[0]
+    dense = np.zeros((ps.size, K_COL * n + 1))
+    for i in range(n):
+        for k in range(K_COL):
+            np.add.at(dense[:, K_COL * i + k], pos[i][hit[i]], jac[i][..., k][hit[i]])
+        np.add.at(dense[:, K_COL * n], pos[i][hit[i]], jac[i][..., 3][hit[i]])
+    full = np.hstack([dense, grid.weights.toarray()])
+    return full.T @ (wt[:, None] * full), full.T @ (wt * r)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 14), pitch=st.floats(5.0, 30.0))
+def test_assembled_normal_matrix_is_the_explicit_one_symmetric_and_sorted(seed, n, pitch):
+    rng = np.random.default_rng(seed)
+    shape = (40, 52)
+    sigma = rng.uniform(1.2, 2.5)
+    p = np.column_stack([rng.uniform(3, 49, n), rng.uniform(3, 37, n), rng.uniform(100, 5000, n), np.full(n, sigma)])
+    valid = rng.random(shape) > 0.05  # some pixels missing
+    ps = pixel_set(shape, p[:, 0], p[:, 1], rng.uniform(4.0, 9.0), valid)
+    grid = background_grid(ps, pitch)
+    gm = group_map(ps, grid)
+    half = 8
+    _, ds = model_and_width_derivative(gm, p, half)
+    wt = rng.uniform(0.2, 3.0, ps.size)
+    r = rng.normal(size=ps.size)
+    h, g = normal_equations(gm, grid, p, half, wt, r, ds, neighbour_slots(p, half))
+    want_h, want_g = _explicit(p, ps, grid, half, wt, r)
+    dense = h.toarray()
+    # pairs beyond COUPLING_SIGMAS widths, and pixels beyond PAIR_REACH of a pair, are left out by
+    # design: a few 1e-6 of the columns' own information at most
+    scale = np.sqrt(np.outer(np.diag(want_h), np.diag(want_h)))
+    np.testing.assert_allclose(dense / scale, want_h / scale, atol=1e-5)
+    np.testing.assert_allclose(g, want_g, rtol=1e-9, atol=1e-9 * np.abs(want_g).max())
+    # exactly symmetric (its CSC arrays are read as rows), indices sorted, no duplicates
+    assert np.array_equal(dense, dense.T)
+    for a in range(h.shape[0]):
+        idx = h.indices[h.indptr[a]:h.indptr[a + 1]]
+        assert np.all(np.diff(idx) > 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 30), density=st.floats(0.05, 0.6))
+def test_free_block_is_scipys_submatrix_plus_the_damping(seed, n, density):
+    rng = np.random.default_rng(seed)
+    a = sp.random(n, n, density=density, random_state=rng, format="csr")
+    a = a + a.T
+    if rng.random() < 0.5:  # a diagonal left out of the pattern now and then
+        a = a + sp.diags(rng.uniform(1, 2, n))
+    a = sp.csr_matrix(a)
+    a.sort_indices()
+    free = rng.random(n) < 0.7
+    damp = rng.uniform(0.1, 1.0, n)
+    idx = np.flatnonzero(free)
+    ptr, ind, val = free_block(a.indptr.astype(np.int64), a.indices.astype(np.int64), a.data.astype(float), free, damp)
+    got = sp.csr_matrix((val, ind, ptr), shape=(idx.size, idx.size)).toarray()
+    want = (a[idx][:, idx] + sp.diags(damp[idx])).toarray()
+    np.testing.assert_array_equal(got, want)
