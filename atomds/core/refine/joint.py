@@ -30,6 +30,7 @@ import scipy.sparse as sp
 from scipy.linalg import LinAlgError, cho_factor, cho_solve, lapack
 from scipy.sparse.linalg import splu
 
+from .._threads import run_all
 from .constants import DIAG_FLOOR, LAM_DOWN, LAM_GIVE_UP, LAM_MIN, LAM_START, LAM_UP, MIN_SIGMA
 from .joint_kernels import free_block, pcg_csr
 from .joint_model import (
@@ -185,18 +186,23 @@ def fit_joint(
         fixed = np.flatnonzero(_within(xy, lo - reach, hi + reach) & ok_all & ~np.isin(np.arange(p_all.shape[0]), free))
         keep = np.isin(free, members[core])
         boxes.append((free, fixed, keep, _band_box(lo, hi, xy[fixed], img.shape)))
-    fits: list[tuple[dict[str, Any], float, float, tuple[float, float, float, float] | None]] = []
-    for free, fixed, keep, box in boxes:
+    fits: list[Any] = [None] * len(boxes)
+
+    def fit_tile(t: int) -> None:
+        free, fixed, keep, box = boxes[t]
         if not inside_band(p_all[free[keep], 0], p_all[free[keep], 1], img.shape, edge, box).any():
             # no column of the tile clear of the band (a tiny image, a row along a border): fitted
             # with every pixel, as before the band
             res = _best_background(img, valid, p_all[free, :4], p_all[fixed, :4], keep, max_move=max_move[free],
                                    fixed_width=fixed_width, **common)
-            fits.append((res, 0.0, 0.0, None))
-            continue
+            fits[t] = (res, 0.0, 0.0, None)
+            return
         res = _best_background(img, valid, p_all[free, :4], p_all[fixed, :4], keep, max_move=max_move[free],
                                edge=edge, box=box, fixed_width=fixed_width, **common)
-        fits.append((res, edge, radius, box))
+        fits[t] = (res, edge, radius, box)
+
+    # the tiles' fits are independent (each starts from the passes' fits): they run side by side
+    run_all([(fit_tile, (t,)) for t in range(len(boxes))])
     if len(fits) > 1 and not fixed_width:
         _pool_widths(img, valid, p_all, boxes, fits, max_move, common)
     for (free, _, keep, _), (res, t_edge, t_reach, t_box) in zip(boxes, fits):
@@ -236,13 +242,21 @@ def _pool_widths(img, valid, p_all, boxes, fits, max_move, common) -> None:
         if good.any():
             rel[t] = float(np.nanmedian(np.sqrt(res["var"][good, 2]) / np.abs(res["p"][good, 2])))
     near &= ~(2.0 * np.abs(w - pooled) / pooled <= WIDTH_POOL_NEGLIGIBLE * rel)
-    for i in np.flatnonzero(near):
+    redone: dict[int, dict[str, Any]] = {}
+
+    def refit(i: int) -> None:
         free, fixed, keep, _ = boxes[i]
-        res, t_edge, t_reach, t_box = fits[i]
+        res, t_edge, _, t_box = fits[i]
         again = solve_group(img, valid, p_all[free, :4], p_all[fixed, :4], max_move=max_move[free], fixed_width=True,
                             errors=False, edge=t_edge, box=t_box, pitch_nn=res["pitch_nn"],
                             **dict(common, prior=(pooled, 0.0)))
-        again = with_errors(again, keep)
+        redone[i] = with_errors(again, keep)
+
+    run_all([(refit, (int(i),)) for i in np.flatnonzero(near)])  # independent fits, side by side
+    for i in np.flatnonzero(near):
+        keep = boxes[i][2]
+        res, t_edge, t_reach, t_box = fits[i]
+        again = redone[int(i)]
         if np.count_nonzero(again["ok"][keep]) < np.count_nonzero(res["ok"][keep]):
             continue
         # (the width is held: its error is that of the tile's own fit, at least as large as the pooled one's)
@@ -385,11 +399,17 @@ def _best_background(
     it, which would excuse a poorer fit) is kept. A smooth background (a thin support, a gradient) then takes few nodes and
     leaves the counts their precision; a lumpy one keeps the finer grid. Standard errors (and
     ``ok``) only of the chosen fit's columns ``rows`` (bool (n,); None: all)."""
-    fine = solve_group(img, valid, p0, p_fixed, errors=False, **kw)
-    # from the same start (starting from the fine fit's columns moved the choice on STM topographs),
-    # with a quarter of the iterations: the grids are compared, the columns barely differ
+    # the coarse grid from the same start (starting from the fine fit's columns moved the choice on
+    # STM topographs), with a quarter of the iterations: the grids are compared, the columns barely
+    # differ; the two fits are independent and run side by side
     short = dict(kw, max_iter=max(COARSE_MIN_ITER, int(kw["max_iter"]) // 4))
-    coarse = solve_group(img, valid, p0, p_fixed, pitch_nn=BG_PITCH_COARSE, errors=False, **short)
+    both: dict[str, dict[str, Any]] = {}
+
+    def fit(name: str, pitch: float, options: dict) -> None:
+        both[name] = solve_group(img, valid, p0, p_fixed, pitch_nn=pitch, errors=False, **options)
+
+    run_all([(fit, ("fine", BG_PITCH_NN, kw)), (fit, ("coarse", BG_PITCH_COARSE, short))])
+    fine, coarse = both["fine"], both["coarse"]
     best = fine if coarse["n_bg"] >= fine["n_bg"] or not coarse["bic"] < fine["bic"] else coarse
     best["pitch_nn"] = BG_PITCH_NN if best is fine else BG_PITCH_COARSE
     return with_errors(best, rows)
