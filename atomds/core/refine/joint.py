@@ -568,6 +568,9 @@ class _GroupModel:
     ) -> None:
         self.gm, self.grid, self.data, self.half, self.nbr = gm, grid, data, half, nbr
         self.prior, self.half_max = prior, half_max
+        # the last residual and its (p, b): an accepted step's chi-square is followed by the normal
+        # equations at the same point
+        self._last: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def at(cls, gm: GroupMap, grid, data: np.ndarray, p: np.ndarray, half_max: int,
@@ -591,8 +594,15 @@ class _GroupModel:
         return _GroupModel.at(self.gm, self.grid, self.data, p, self.half_max, self.prior)
 
     def residual(self, p: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Data minus the model at ``(p, b)``, and the width derivative of the columns' sum (not to be
+        written to: the last pair is kept and handed out again for the same point)."""
+        last = self._last
+        if last is not None and np.array_equal(last[0], p) and np.array_equal(last[1], b):
+            return last[2], last[3]
         cols, ds = model_and_width_derivative(self.gm, p, self.half)
-        return self.data - cols - self.grid.weights @ b, ds
+        r = self.data - cols - self.grid.weights @ b
+        self._last = (p.copy(), np.array(b, copy=True), r, ds)
+        return r, ds
 
     def chi2(self, p: np.ndarray, b: np.ndarray, wt: np.ndarray) -> float:
         r, _ = self.residual(p, b)
