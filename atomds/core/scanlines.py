@@ -31,8 +31,6 @@ of its length or more is taken out whole; a bright line-shaped feature exactly a
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 from ..errors import InvalidParameterError
@@ -129,9 +127,9 @@ def _confirmed(lines: np.ndarray, bad: np.ndarray, m: np.ndarray) -> np.ndarray:
             while 0 <= o < n and not np.isfinite(np.asarray(lines[o], dtype=np.float64)).any():
                 o += step
             if 0 <= o < n:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    ex.append(float(np.nanmedian(line - np.asarray(lines[o], dtype=np.float64))))
+                diff = line - np.asarray(lines[o], dtype=np.float64)
+                diff = diff[~np.isnan(diff)]
+                ex.append(float(np.median(diff)) if diff.size else float("nan"))
         out[r] = bool(ex) and all(np.isfinite(e) and np.sign(e) == np.sign(m[r]) and abs(e) >= LINE_ALONG * abs(m[r])
                                   for e in ex)
     return out
@@ -257,14 +255,17 @@ LINE_STEP_Z = 8.0
 
 
 def _line_means(image: np.ndarray, axis: int) -> np.ndarray:
-    """Means of the rows (``axis=1``) or columns (``axis=0``), NaN pixels left out (all NaN: NaN)."""
+    """Means of the rows (``axis=1``) or columns (``axis=0``), non-finite pixels left out (none finite: NaN)."""
     img = np.asarray(image)
     m = img.mean(axis=axis, dtype=np.float64)
     bad = ~np.isfinite(m)
     if bad.any():  # lines with NaN pixels (spikes taken out, spoiled lines): their finite pixels
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN line has no mean
-            m[bad] = np.nanmean(np.compress(bad, img, axis=1 - axis), axis=axis, dtype=np.float64)
+        part = np.compress(bad, img, axis=1 - axis)
+        fin = np.isfinite(part)
+        total = np.where(fin, part, 0.0).sum(axis=axis, dtype=np.float64)
+        count = fin.sum(axis=axis)
+        # an all-NaN line has no mean (NaN), without a warning (warnings filters are not thread-safe)
+        m[bad] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     return m
 
 

@@ -81,3 +81,4 @@ def test_free_block_is_scipys_submatrix_plus_the_damping(seed, n, density):
     got = sp.csr_matrix((val, ind, ptr), shape=(idx.size, idx.size)).toarray()
     want = (a[idx][:, idx] + sp.diags(damp[idx])).toarray()
     np.testing.assert_array_equal(got, want)
+

@@ -770,3 +770,14 @@ def test_columns_whose_first_pass_width_reads_half_are_fitted_jointly():
         stated = np.concatenate([r["x_err"][m], r["y_err"][m]])
         assert 0.85 < np.std(err / stated) < 1.15
         assert np.sqrt(np.mean(err**2)) < 1.1 * np.sqrt(np.mean(stated**2))
+
+
+def test_nearest_neighbor_distance_skips_non_finite_positions():
+    from atomds.core.refine.grid import nearest_neighbor_distance
+
+    x = np.array([0.0, 3.0, np.nan, 10.0, np.inf])
+    y = np.array([0.0, 4.0, 1.0, 0.0, 2.0])
+    d = nearest_neighbor_distance(x, y)
+    np.testing.assert_allclose(d[[0, 1, 3]], [5.0, 5.0, np.hypot(7.0, 4.0)])
+    assert np.isnan(d[2]) and np.isnan(d[4])
+    assert np.isinf(nearest_neighbor_distance(np.array([1.0, np.nan]), np.array([1.0, 1.0]))[0])

@@ -18,6 +18,8 @@ __all__ = ["nearest_neighbor_distance", "neighbor_lists"]
 def nearest_neighbor_distance(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Distance from every atom to its nearest other atom, in pixels (``inf`` for a lone atom).
 
+    Atoms at a non-finite position get NaN and are nobody's neighbour.
+
     Parameters
     ----------
     x, y : array of float, shape (n,)
@@ -28,6 +30,11 @@ def nearest_neighbor_distance(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     ndarray of float64, shape (n,)
     """
     xy = np.column_stack([np.asarray(x, float).ravel(), np.asarray(y, float).ravel()])
+    fin = np.isfinite(xy).all(axis=1)
+    if not fin.all():  # the cell grid is built from the positions: a NaN or inf one would index outside it
+        out = np.full(xy.shape[0], np.nan)
+        out[fin] = nearest_neighbor_distance(xy[fin, 0], xy[fin, 1])
+        return out
     if xy.shape[0] < 2:
         return np.full(xy.shape[0], np.inf)
     out = np.empty(xy.shape[0])
