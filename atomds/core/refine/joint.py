@@ -991,10 +991,16 @@ def column_variances(h: sp.spmatrix, n: int, rows: np.ndarray | None = None) -> 
 
 
 def _dense_inverse_diagonal(h: sp.spmatrix) -> np.ndarray | None:
-    """The diagonal of ``h^-1`` from a dense Cholesky factorisation (None where ``h`` is not positive definite)."""
+    """The diagonal of ``h^-1`` from a dense Cholesky factorisation (None where ``h`` is not positive definite).
+
+    With ``h = U^T U``, ``h^-1 = U^-1 U^-T``: its diagonal is the squared norms of the rows of ``U^-1``
+    (a triangular inverse, a third of the work of the whole inverse saved)."""
     try:
-        c, _ = cho_factor(h.toarray(), lower=False, check_finite=False)
+        c, _ = cho_factor(h.toarray(), lower=False, overwrite_a=True, check_finite=False)
     except LinAlgError:
         return None
-    inv, info = lapack.dpotri(c, lower=0)
-    return np.diag(inv).copy() if info == 0 else None
+    u_inv, info = lapack.dtrtri(c, lower=0, overwrite_c=1)
+    if info != 0:
+        return None
+    u_inv = np.triu(u_inv)  # the other triangle holds what the factorisation left there
+    return np.einsum("ij,ij->i", u_inv, u_inv)

@@ -25,6 +25,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from scipy.stats import norm
 
+from .._threads import n_threads
 from .joint_model import column_patches, patch_half
 from .noise import Noise
 
@@ -59,7 +60,7 @@ def _background_map(shape, x, y, bg, pix_rows, pix_cols) -> np.ndarray:
     """Inverse-distance mean of the 4 nearest columns' backgrounds at the given pixels."""
     tree = cKDTree(np.column_stack([x, y]))
     k = min(4, x.size)
-    d, i = tree.query(np.column_stack([pix_cols, pix_rows]), k=k)
+    d, i = tree.query(np.column_stack([pix_cols, pix_rows]), k=k, workers=n_threads())
     d, i = d.reshape(-1, k), i.reshape(-1, k)
     w = 1.0 / np.maximum(d, 0.5)
     return (w * bg[i]).sum(axis=1) / w.sum(axis=1)
@@ -106,7 +107,8 @@ def missing_columns(
     nn_med = float(np.median(nn))
     ny, nx = img.shape
     rows, cols = np.mgrid[0:ny, 0:nx]
-    dist = tree.query(np.column_stack([cols.ravel(), rows.ravel()]), distance_upper_bound=SEARCH_NN * nn_med)[0]
+    dist = tree.query(np.column_stack([cols.ravel(), rows.ravel()]), distance_upper_bound=SEARCH_NN * nn_med,
+                      workers=n_threads())[0]
     area = np.isfinite(dist).reshape(img.shape) & np.isfinite(img)
     bg_vals = np.where(np.isfinite(fit["background"]), fit["background"], np.nanmedian(fit["background"][ok]))
     bg = np.zeros(img.shape)
