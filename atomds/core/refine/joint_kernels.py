@@ -191,10 +191,10 @@ def normal_blocks(start, stop, p, prof, ox, oy, pmap, r0, c0, wt, r, ds, nbr, bg
                 rr = yy - r0
                 if rr < 0 or rr >= hy:
                     continue
-                ai, aj = yy - syi, yy - syj
-                gyi, dgyi = ni * gy[ai], ni * dgy[ai]
-                gyj, dgyj = nj * hy_[aj], nj * dhy[aj]
-                gy0, gy1 = gy[ai], hy_[aj]
+                # each derivative is a y factor times one of two x profiles (the position's along x:
+                # dgx; the others: gx): a row's nine sums are products of the y factors with four sums
+                # over the row, s_pq = sum_x w p_i q_j
+                s11 = s12 = s21 = s22 = 0.0
                 for xx in range(lo_x, hi_x):
                     cc = xx - c0
                     if cc < 0 or cc >= hx:
@@ -203,22 +203,25 @@ def normal_blocks(start, stop, p, prof, ox, oy, pmap, r0, c0, wt, r, ds, nbr, bg
                     if k < 0:
                         continue
                     bi, bj = xx - sxi, xx - sxj
-                    u0 = gyi * dgx[bi]
-                    u1 = dgyi * gx[bi]
-                    u2 = gy0 * gx[bi]
                     wk = wt[k]
-                    v0 = wk * gyj * dhx[bj]
-                    v1 = wk * dgyj * hx_[bj]
-                    v2 = wk * gy1 * hx_[bj]
-                    h00 += u0 * v0
-                    h01 += u0 * v1
-                    h02 += u0 * v2
-                    h10 += u1 * v0
-                    h11 += u1 * v1
-                    h12 += u1 * v2
-                    h20 += u2 * v0
-                    h21 += u2 * v1
-                    h22 += u2 * v2
+                    wd = wk * dgx[bi]
+                    wg = wk * gx[bi]
+                    s11 += wd * dhx[bj]
+                    s12 += wd * hx_[bj]
+                    s21 += wg * dhx[bj]
+                    s22 += wg * hx_[bj]
+                ai, aj = yy - syi, yy - syj
+                fi0, fi1, fi2 = ni * gy[ai], ni * dgy[ai], gy[ai]
+                fj0, fj1, fj2 = nj * hy_[aj], nj * dhy[aj], hy_[aj]
+                h00 += fi0 * fj0 * s11
+                h01 += fi0 * fj1 * s12
+                h02 += fi0 * fj2 * s12
+                h10 += fi1 * fj0 * s21
+                h11 += fi1 * fj1 * s22
+                h12 += fi1 * fj2 * s22
+                h20 += fi2 * fj0 * s21
+                h21 += fi2 * fj1 * s22
+                h22 += fi2 * fj2 * s22
             hcc[i, s, 0, 0] += h00
             hcc[i, s, 0, 1] += h01
             hcc[i, s, 0, 2] += h02
