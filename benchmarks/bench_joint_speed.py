@@ -25,11 +25,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 SECTION = "## Refinement of overlapping columns: speed"
-CASES = {
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "tmd_512": ("tmd", {"shape": (512, 512), "seed": 6}),
     "tmd_1024": ("tmd", {"shape": (1024, 1024), "seed": 6}),
     "honeycomb_1024": ("honeycomb", {"shape": (1024, 1024), "dim_ratio": 0.3, "dose": 1500.0, "seed": 3}),
