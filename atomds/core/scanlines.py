@@ -270,7 +270,8 @@ def _line_means(image: np.ndarray, axis: int) -> np.ndarray:
 
 
 def line_means(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The means of the rows and of the columns of ``image`` (float64; NaN pixels left out, an all-NaN line NaN)."""
+    """The means of the rows and of the columns of ``image`` (float64; non-finite pixels left out, a line with none
+    finite NaN)."""
     return _line_means(image, 1), _line_means(image, 0)
 
 

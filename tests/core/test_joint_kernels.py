@@ -82,3 +82,86 @@ def test_free_block_is_scipys_submatrix_plus_the_damping(seed, n, density):
     want = (a[idx][:, idx] + sp.diags(damp[idx])).toarray()
     np.testing.assert_array_equal(got, want)
 
+
+
+def test_duplicate_background_weights_give_the_same_normal_matrix():
+    rng = np.random.default_rng(4)
+    p = np.array([[20.3, 21.1, 5000.0, 2.0], [27.6, 20.4, 900.0, 2.0]])
+    ps = pixel_set((48, 48), p[:, 0], p[:, 1], 8.0, np.ones((48, 48), bool))
+    grid = background_grid(ps, 6.0)
+    w = grid.weights.tocoo()
+    # each stored weight split into two halves: the same matrix, written with repeated entries
+    rows, cols, vals = np.r_[w.row, w.row], np.r_[w.col, w.col], np.r_[w.data, w.data] / 2.0
+    order = np.argsort(rows, kind="stable")
+    ptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=w.shape[0]))]
+    dup = sp.csr_matrix((vals[order], cols[order], ptr), shape=w.shape)
+    assert dup.nnz == 2 * w.nnz  # the repeated entries are stored
+    grid_dup = type(grid)(dup, grid.nodes_xy, grid.pitch)
+    half = 8
+    _, ds = model_and_width_derivative(group_map(ps, grid), p, half)
+    wt, r = rng.uniform(0.5, 2.0, ps.size), rng.normal(size=ps.size)
+    h, g = normal_equations(group_map(ps, grid), grid, p, half, wt, r, ds)
+    h2, g2 = normal_equations(group_map(ps, grid_dup), grid_dup, p, half, wt, r, ds)
+    np.testing.assert_allclose(h2.toarray(), h.toarray(), rtol=1e-12, atol=1e-12 * abs(h).max())
+    np.testing.assert_allclose(g2, g, rtol=1e-12, atol=1e-12 * np.abs(g).max())
+
+
+def test_normal_equations_refuse_a_misordered_neighbour_table_and_a_map_of_another_grid():
+    import pytest
+
+    p = np.array([[10.0, 10.0, 1000.0, 2.0], [14.0, 10.0, 1000.0, 2.0], [12.0, 13.5, 1000.0, 2.0]])
+    ps = pixel_set((30, 30), p[:, 0], p[:, 1], 6.0, np.ones((30, 30), bool))
+    grid = background_grid(ps, 8.0)
+    gm = group_map(ps, grid)
+    half = 8
+    _, ds = model_and_width_derivative(gm, p, half)
+    wt, r = np.ones(ps.size), np.zeros(ps.size)
+    good = neighbour_slots(p, half)
+    assert good.shape[1] == 3  # all three coupled
+    normal_equations(gm, grid, p, half, wt, r, ds, good)
+    with pytest.raises(ValueError, match="neighbour_slots"):
+        normal_equations(gm, grid, p, half, wt, r, ds, good[:, ::-1].copy())
+    with pytest.raises(ValueError, match="group_map"):
+        normal_equations(group_map(ps), grid, p, half, wt, r, ds, good)
+
+
+def test_dense_inverse_diagonal_is_that_of_the_inverse():
+    from atomds.core.refine.joint import _dense_inverse_diagonal
+
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(600, 600))  # more rows than one block of COV_BLOCK
+    h = a @ a.T + 50.0 * np.eye(600)
+    np.testing.assert_allclose(_dense_inverse_diagonal(sp.csc_matrix(h)), np.diag(np.linalg.inv(h)), rtol=1e-9)
+    assert _dense_inverse_diagonal(sp.csc_matrix(-np.eye(5))) is None
+
+
+def test_tiles_fitted_side_by_side_give_the_fits_of_one_at_a_time(monkeypatch):
+    import atomds.core.refine.joint as joint
+    from atomds.core import refine, samples
+    from atomds.core.find import find_atoms
+
+    s = samples.honeycomb_sample(shape=(128, 128), spacing=10.0, dose=2000, displacement=0.0, seed=3)
+    image = s.image.astype(float)
+    found = find_atoms(image)
+    st = refine.estimate_fit_settings(image, found.x, found.y)
+    monkeypatch.setattr(joint, "JOINT_TILE_ATOMS", 40)  # several tiles, pooled widths
+    sizes = []
+    run_all = joint.run_all
+
+    def counting(calls, *a, **k):
+        calls = list(calls)
+        sizes.append(len(calls))
+        return run_all(calls, *a, **k)
+
+    monkeypatch.setattr(joint, "run_all", counting)
+    side = refine.refine_gaussian(image, found.x, found.y, settings=st)
+    assert max(sizes) > 2 and np.count_nonzero(side["joint"]) > 100
+
+    def one_at_a_time(calls, threads=None):
+        for fn, args in calls:
+            fn(*args)
+
+    monkeypatch.setattr(joint, "run_all", one_at_a_time)
+    alone = refine.refine_gaussian(image, found.x, found.y, settings=st)
+    for k in ("x", "y", "intensity", "x_err", "intensity_err", "sigma"):
+        np.testing.assert_array_equal(np.asarray(side[k], float), np.asarray(alone[k], float))

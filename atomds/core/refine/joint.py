@@ -80,6 +80,9 @@ WIDTH_POOL_TOL = 0.05
 WIDTH_POOL_NEGLIGIBLE = 0.2
 #: Free columns around a tile, in nearest-neighbour distances (their results are not kept).
 JOINT_MARGIN_NN = 2.0
+#: Tiles fitted at once at most (each holds its normal matrix and, for its errors, a dense covariance of
+#: up to :data:`DENSE_MAX` parameters, about 130 MB): the memory of a joint fit stays bounded on many cores.
+JOINT_THREADS = 4
 #: Reweighting rounds (the weights from the previous round's model).
 IRLS_ROUNDS = 2
 #: Groups of at least this many pixels re-estimate the noise model from the joint model's
@@ -202,7 +205,7 @@ def fit_joint(
         fits[t] = (res, edge, radius, box)
 
     # the tiles' fits are independent (each starts from the passes' fits): they run side by side
-    run_all([(fit_tile, (t,)) for t in range(len(boxes))])
+    run_all([(fit_tile, (t,)) for t in range(len(boxes))], JOINT_THREADS)
     if len(fits) > 1 and not fixed_width:
         _pool_widths(img, valid, p_all, boxes, fits, max_move, common)
     for (free, _, keep, _), (res, t_edge, t_reach, t_box) in zip(boxes, fits):
@@ -252,7 +255,7 @@ def _pool_widths(img, valid, p_all, boxes, fits, max_move, common) -> None:
                             **dict(common, prior=(pooled, 0.0)))
         redone[i] = with_errors(again, keep)
 
-    run_all([(refit, (int(i),)) for i in np.flatnonzero(near)])  # independent fits, side by side
+    run_all([(refit, (int(i),)) for i in np.flatnonzero(near)], JOINT_THREADS)  # independent fits, side by side
     for i in np.flatnonzero(near):
         keep = boxes[i][2]
         res, t_edge, t_reach, t_box = fits[i]
@@ -1002,5 +1005,9 @@ def _dense_inverse_diagonal(h: sp.spmatrix) -> np.ndarray | None:
     u_inv, info = lapack.dtrtri(c, lower=0, overwrite_c=1)
     if info != 0:
         return None
-    u_inv = np.triu(u_inv)  # the other triangle holds what the factorisation left there
-    return np.einsum("ij,ij->i", u_inv, u_inv)
+    out = np.empty(u_inv.shape[0])
+    for i0 in range(0, u_inv.shape[0], COV_BLOCK):  # by blocks of rows: no second dense copy
+        # the other triangle holds what the factorisation left there
+        blk = np.triu(u_inv[i0:i0 + COV_BLOCK], k=i0)
+        out[i0:i0 + COV_BLOCK] = np.einsum("ij,ij->i", blk, blk)
+    return out

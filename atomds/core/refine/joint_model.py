@@ -232,7 +232,8 @@ def group_map(ps: PixelSet, grid: BackgroundGrid | None = None) -> GroupMap:
         ptr, idx, wv = np.zeros(ps.size + 1, np.int64), np.zeros(0, np.int64), np.zeros(0)
         bb_ptr, bb_idx = np.zeros(1, np.int64), np.zeros(0, np.int64)
     else:
-        wgt = grid.weights.tocsr()
+        wgt = sp.csr_matrix(grid.weights, copy=True)
+        wgt.sum_duplicates()  # the kernels take each node once per pixel
         ptr, idx, wv = wgt.indptr.astype(np.int64), wgt.indices.astype(np.int64), wgt.data.astype(float)
         ones = sp.csr_matrix((np.ones(idx.size), idx, ptr), shape=wgt.shape)
         bb = (ones.T @ ones).tocsr()  # structural: sums of ones never cancel
@@ -267,6 +268,24 @@ def neighbour_slots(p: np.ndarray, half: int) -> np.ndarray:
     return nbr
 
 
+def _checked_slots(nbr: np.ndarray, n: int) -> np.ndarray:
+    """``nbr`` as :func:`neighbour_slots` lays it out (each row: the column itself, then larger columns
+    ascending, then -1 pads), checked: the assembly relies on that order."""
+    nbr = np.asarray(nbr, dtype=np.int64)
+    if n == 0:
+        return nbr
+    ok = nbr.ndim == 2 and nbr.shape[0] == n
+    if ok:
+        pad = nbr < 0
+        later = ~pad[:, 1:]  # (pads only at the end: then the entry before a later one is no pad either)
+        ok = (np.array_equal(nbr[:, 0], np.arange(n)) and bool(np.all(pad[:, 1:] >= pad[:, :-1]))
+              and bool(np.all(np.diff(nbr, axis=1)[later] > 0)) and bool(np.all(nbr < n)))
+    if not ok:
+        raise ValueError("nbr must list, for each column i, i itself and then the coupled columns j > i in "
+                         "ascending order, padded with -1 (as neighbour_slots gives it)")
+    return nbr
+
+
 def normal_equations(
     gm: GroupMap, grid: BackgroundGrid, p: np.ndarray, half: int, wt: np.ndarray, resid: np.ndarray, ds: np.ndarray,
     nbr: np.ndarray | None = None,
@@ -279,8 +298,11 @@ def normal_equations(
     :func:`model_and_width_derivative`).
     """
     n, m = p.shape[0], grid.n
+    if gm.bb_ptr.size != m + 1 or gm.bg_ptr.size != grid.weights.shape[0] + 1:
+        raise ValueError(f"the group map was not made with this background grid ({m} nodes, "
+                         f"{grid.weights.shape[0]} pixels): make it with group_map(pixels, grid)")
     pc = np.ascontiguousarray(p, dtype=float)
-    nbr = neighbour_slots(pc, half) if nbr is None else nbr
+    nbr = neighbour_slots(pc, half) if nbr is None else _checked_slots(nbr, n)
     hcc = np.zeros((n, nbr.shape[1], K_COL, K_COL))
     hcs, gc = np.zeros((n, K_COL)), np.zeros((n, K_COL))
     hcb = np.zeros((n, K_COL, m))
