@@ -165,3 +165,39 @@ def test_tiles_fitted_side_by_side_give_the_fits_of_one_at_a_time(monkeypatch):
     alone = refine.refine_gaussian(image, found.x, found.y, settings=st)
     for k in ("x", "y", "intensity", "x_err", "intensity_err", "sigma"):
         np.testing.assert_array_equal(np.asarray(side[k], float), np.asarray(alone[k], float))
+
+
+def test_turned_pairs_are_the_triple_product_and_a_broken_pattern_falls_back():
+    from atomds.core.refine.joint import _turned
+    from atomds.core.refine.joint_kernels import rotate_pairs
+
+    rng = np.random.default_rng(1)
+    n = 12
+    p = np.column_stack([rng.uniform(5, 45, n), rng.uniform(5, 35, n), rng.uniform(100, 3000, n), np.full(n, 2.0)])
+    ps = pixel_set((40, 50), p[:, 0], p[:, 1], 6.0, np.ones((40, 50), bool))
+    grid = background_grid(ps, 10.0)
+    gm = group_map(ps, grid)
+    _, ds = model_and_width_derivative(gm, p, 8)
+    h, _ = normal_equations(gm, grid, p, 8, rng.uniform(0.5, 2, ps.size), rng.normal(size=ps.size), ds)
+    cols = np.array([1, 4, 7])
+    ang = rng.uniform(0, 2 * np.pi, cols.size)
+    er = np.column_stack([np.cos(ang), np.sin(ang)])
+    npar = h.shape[0]
+    q = sp.identity(npar, format="lil")
+    for k, c in enumerate(cols):
+        i = K_COL * c
+        q[i, i], q[i + 1, i], q[i, i + 1], q[i + 1, i + 1] = er[k, 0], er[k, 1], -er[k, 1], er[k, 0]
+    q = sp.csr_matrix(q)
+    want = (q.T @ h @ q).toarray()
+    got = _turned(h, K_COL * cols, er, q)
+    np.testing.assert_allclose(got.toarray(), want, rtol=0, atol=1e-12 * np.abs(want).max())
+    # a pattern that holds y without x in some row cannot be turned in place: the product is used
+    dense = h.toarray()
+    s_idx = K_COL * n  # the shared width couples to every column
+    dense[s_idx, K_COL * cols[0]] = dense[K_COL * cols[0], s_idx] = 0.0
+    broken = sp.csr_matrix(dense)  # (the zeros are not stored)
+    ok, _ = rotate_pairs(broken.indptr.astype(np.int64), broken.indices.astype(np.int64), broken.data,
+                         (K_COL * cols).astype(np.int64), er)
+    assert not ok
+    np.testing.assert_allclose(_turned(broken, K_COL * cols, er, q).toarray(), (q.T @ broken @ q).toarray(),
+                               rtol=0, atol=1e-12 * np.abs(want).max())

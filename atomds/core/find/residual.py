@@ -16,10 +16,12 @@ Positions in pixels; amplitudes in the image's units.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft as sfft
+from numba import njit
 from scipy import ndimage as ndi
 
 from ..image import parabola_offset
@@ -89,7 +91,7 @@ def gaussian_model(shape: tuple[int, int], x, y, amplitude, sigma, *, reach: flo
 
     With ``sigma_minor`` and ``theta`` (rad, the major axis from +x towards +y) the columns are
     elliptical: ``sigma`` is then the major axis's width. Each column is drawn within ``reach`` of
-    its (major) widths (vectorised over columns, one ``np.add.at``); non-finite columns are skipped.
+    its own (major) widths (in compiled code); non-finite columns are skipped.
     """
     ny, nx = shape
     x, y, a, s = (np.asarray(v, dtype=np.float64) for v in (x, y, amplitude, sigma))
@@ -102,29 +104,29 @@ def gaussian_model(shape: tuple[int, int], x, y, amplitude, sigma, *, reach: flo
     out = np.zeros(shape, dtype=np.float64)
     if x.size == 0:
         return out
-    h = int(np.ceil(reach * float(np.max(s))))
-    off = np.arange(-h, h + 1)
-    ix, iy = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
-    round_ = sigma_minor is None
-    for s0 in range(0, x.size, 8192):
-        sl = slice(s0, s0 + 8192)
-        dx = ix[sl, None] + off[None, :] - x[sl, None]
-        dy = iy[sl, None] + off[None, :] - y[sl, None]
-        if round_:
-            gx = np.exp(-(dx**2) / (2 * s[sl, None] ** 2))
-            gy = np.exp(-(dy**2) / (2 * s[sl, None] ** 2))
-            vals = a[sl, None, None] * gy[:, :, None] * gx[:, None, :]
-        else:
-            c, si = np.cos(th[sl])[:, None, None], np.sin(th[sl])[:, None, None]
-            ddx, ddy = dx[:, None, :], dy[:, :, None]
-            u, v = ddx * c + ddy * si, -ddx * si + ddy * c
-            vals = a[sl, None, None] * np.exp(-0.5 * (u**2 / s[sl, None, None] ** 2 + v**2 / s2[sl, None, None] ** 2))
-        yy = iy[sl, None, None] + off[None, :, None]
-        xx = ix[sl, None, None] + off[None, None, :]
-        inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-        yy, xx = np.broadcast_to(yy, vals.shape), np.broadcast_to(xx, vals.shape)
-        np.add.at(out, (yy[inside], xx[inside]), vals[inside])
+    _k_gaussians(out, x, y, a, s, s2, th, float(reach), sigma_minor is None)
     return out
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _k_gaussians(out, x, y, a, s, s2, th, reach, round_):  # pragma: no cover - compiled
+    """Add each column ``a exp(-r^2 / 2 s^2)`` (elliptical where not ``round_``: widths ``s`` along the
+    major axis at angle ``th``, ``s2`` across) to ``out`` on the pixels within ``reach`` of its own major width."""
+    ny, nx = out.shape
+    for i in range(x.size):
+        h = int(math.ceil(reach * s[i]))
+        ix, iy = int(round(x[i])), int(round(y[i]))
+        c, sn = math.cos(th[i]), math.sin(th[i])
+        inv1, inv2 = 1.0 / (2.0 * s[i] * s[i]), 1.0 / (2.0 * s2[i] * s2[i])
+        for yy in range(max(iy - h, 0), min(iy + h + 1, ny)):
+            dy = yy - y[i]
+            for xx in range(max(ix - h, 0), min(ix + h + 1, nx)):
+                dx = xx - x[i]
+                if round_:
+                    out[yy, xx] += a[i] * math.exp(-(dx * dx + dy * dy) * inv1)
+                else:
+                    u, v = dx * c + dy * sn, -dx * sn + dy * c
+                    out[yy, xx] += a[i] * math.exp(-(u * u * inv1 + v * v * inv2))
 
 
 def _matched_filter(residual: np.ndarray, image: np.ndarray, sigma: float,

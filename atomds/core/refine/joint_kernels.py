@@ -25,7 +25,7 @@ from numba import njit
 from .constants import INV_SQRT2PI, SQRT2
 
 __all__ = [
-    "columns_model", "profile_table", "normal_blocks", "node_normal", "assemble_normal", "free_block", "pcg_csr",
+    "columns_model", "profile_table", "normal_blocks", "node_normal", "assemble_normal", "free_block", "pcg_csr", "rotate_pairs",
     "PAIR_REACH",
 ]
 
@@ -526,3 +526,51 @@ def free_block(indptr, indices, data, free, damp):  # pragma: no cover - compile
             e += 1
         out_ptr[pos[r] + 1] = e
     return out_ptr, out_idx[:e], out_val[:e]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def rotate_pairs(indptr, indices, data, first, er):  # pragma: no cover - compiled
+    """``Q^T A Q`` for a symmetric sparse ``A`` (CSR arrays; its pattern kept) where ``Q`` turns the
+    parameter pairs ``(first[k], first[k] + 1)`` (a column's ``x, y``) to the unit vector ``er[k]`` and
+    its normal: new ``(u_r, u_t)`` with ``x = er_x u_r - er_y u_t``, ``y = er_y u_r + er_x u_t``.
+
+    Returns ``(ok, data)``: ``ok`` False (and the data unfinished) where the pattern does not hold each
+    pair as neighbours in every row that holds one of them, and the pair's two rows alike.
+    """
+    n = indptr.size - 1
+    out = data.copy()
+    which = np.full(n, -1, np.int64)
+    for k in range(first.size):
+        which[first[k]] = k
+    for r in range(n):  # A Q: each row's entries of a pair turned
+        e = indptr[r]
+        stop = indptr[r + 1]
+        while e < stop:
+            c = indices[e]
+            k = which[c] if c < n else -1
+            if k >= 0:
+                if e + 1 >= stop or indices[e + 1] != c + 1:
+                    return False, out
+                hx, hy = out[e], out[e + 1]
+                ex, ey = er[k, 0], er[k, 1]
+                out[e] = hx * ex + hy * ey
+                out[e + 1] = -hx * ey + hy * ex
+                e += 2
+            else:
+                if c >= 1 and which[c - 1] >= 0:  # the second of a pair without its first
+                    return False, out
+                e += 1
+    for k in range(first.size):  # Q^T (A Q): the pair's two rows turned
+        rx, ry = first[k], first[k] + 1
+        length = indptr[rx + 1] - indptr[rx]
+        if indptr[ry + 1] - indptr[ry] != length:
+            return False, out
+        ex, ey = er[k, 0], er[k, 1]
+        for t in range(length):
+            ax, ay = indptr[rx] + t, indptr[ry] + t
+            if indices[ax] != indices[ay]:
+                return False, out
+            a, b = out[ax], out[ay]
+            out[ax] = ex * a + ey * b
+            out[ay] = -ey * a + ex * b
+    return True, out
