@@ -34,6 +34,32 @@ def _explicit(p, ps, grid, half, wt, r):
     return full.T @ (wt[:, None] * full), full.T @ (wt * r)
 
 
+def _group(p, shape, radius, pitch, half, valid=None):
+    """A group's pixels (discs of ``radius`` around the columns ``p``), background grid, map and width derivative."""
+    ps = pixel_set(shape, p[:, 0], p[:, 1], radius, np.ones(shape, bool) if valid is None else valid)
+    grid = background_grid(ps, pitch)
+    gm = group_map(ps, grid)
+    return ps, grid, gm, model_and_width_derivative(gm, p, half)
+
+
+def test_joint_normal_equations_match_the_explicit_jacobian():
+    rng = np.random.default_rng(3)
+    p = np.array([[20.3, 21.1, 5000.0, 3.0], [27.6, 20.4, 900.0, 3.0], [23.9, 27.2, 2500.0, 3.0]])
+    half = 15
+    ps, grid, gm, (cols, ds) = _group(p, (48, 48), 9.0, 12.0, half)
+    wt = rng.uniform(0.5, 2.0, ps.size)
+    r = rng.normal(0.0, 1.0, ps.size)
+    h, g = normal_equations(gm, grid, p, half, wt, r, ds)
+    flat, val, _ = column_patches(p, half, ps.shape)
+    pos, hit = ps.locate(flat)
+    hit &= flat >= 0
+    np.testing.assert_allclose(cols, np.bincount(pos[hit], weights=val[hit], minlength=ps.size), rtol=1e-10)
+    want_h, want_g = _explicit(p, ps, grid, half, wt, r)
+    scale = np.sqrt(np.outer(np.diag(want_h), np.diag(want_h)))
+    np.testing.assert_allclose(sp.csc_matrix(h).toarray() / scale, want_h / scale, atol=1e-6)
+    np.testing.assert_allclose(g, want_g, rtol=1e-9, atol=1e-9 * np.abs(g).max())
+
+
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 14), pitch=st.floats(5.0, 30.0))
 def test_assembled_normal_matrix_is_the_explicit_one_symmetric_and_sorted(seed, n, pitch):
@@ -110,11 +136,8 @@ def test_normal_equations_refuse_a_misordered_neighbour_table_and_a_map_of_anoth
     import pytest
 
     p = np.array([[10.0, 10.0, 1000.0, 2.0], [14.0, 10.0, 1000.0, 2.0], [12.0, 13.5, 1000.0, 2.0]])
-    ps = pixel_set((30, 30), p[:, 0], p[:, 1], 6.0, np.ones((30, 30), bool))
-    grid = background_grid(ps, 8.0)
-    gm = group_map(ps, grid)
     half = 8
-    _, ds = model_and_width_derivative(gm, p, half)
+    ps, grid, gm, (_, ds) = _group(p, (30, 30), 6.0, 8.0, half)
     wt, r = np.ones(ps.size), np.zeros(ps.size)
     good = neighbour_slots(p, half)
     assert good.shape[1] == 3  # all three coupled
@@ -174,10 +197,7 @@ def test_turned_pairs_are_the_triple_product_and_a_broken_pattern_falls_back():
     rng = np.random.default_rng(1)
     n = 12
     p = np.column_stack([rng.uniform(5, 45, n), rng.uniform(5, 35, n), rng.uniform(100, 3000, n), np.full(n, 2.0)])
-    ps = pixel_set((40, 50), p[:, 0], p[:, 1], 6.0, np.ones((40, 50), bool))
-    grid = background_grid(ps, 10.0)
-    gm = group_map(ps, grid)
-    _, ds = model_and_width_derivative(gm, p, 8)
+    ps, grid, gm, (_, ds) = _group(p, (40, 50), 6.0, 10.0, 8)
     h, _ = normal_equations(gm, grid, p, 8, rng.uniform(0.5, 2, ps.size), rng.normal(size=ps.size), ds)
     cols = np.array([1, 4, 7])
     ang = rng.uniform(0, 2 * np.pi, cols.size)

@@ -362,47 +362,6 @@ def test_compiled_fit_runs_in_a_forked_process(hexa):
 # ---------------------------------------------------------------------------------------------- joint model
 
 
-def test_joint_normal_equations_match_the_explicit_jacobian():
-    import scipy.sparse as sp
-
-    from atomds.core.refine.joint_model import (
-        K_COL,
-        background_grid,
-        column_patches,
-        group_map,
-        model_and_width_derivative,
-        normal_equations,
-        pixel_set,
-    )
-
-    rng = np.random.default_rng(3)
-    p = np.array([[20.3, 21.1, 5000.0, 3.0], [27.6, 20.4, 900.0, 3.0], [23.9, 27.2, 2500.0, 3.0]])
-    ps = pixel_set((48, 48), p[:, 0], p[:, 1], 9.0, np.ones((48, 48), bool))
-    grid = background_grid(ps, 12.0)
-    gm = group_map(ps, grid)
-    half = 15
-    cols, ds = model_and_width_derivative(gm, p, half)
-    wt = rng.uniform(0.5, 2.0, ps.size)
-    r = rng.normal(0.0, 1.0, ps.size)
-    h, g = normal_equations(gm, grid, p, half, wt, r, ds)
-    # the Jacobian written out: columns' x, y, N, the shared width (summed), the background nodes
-    flat, val, jac = column_patches(p, half, ps.shape)
-    pos, hit = ps.locate(flat)
-    hit &= flat >= 0
-    n = p.shape[0]
-    dense = np.zeros((ps.size, K_COL * n + 1))
-    for i in range(n):
-        for k in range(K_COL):
-            np.add.at(dense[:, K_COL * i + k], pos[i][hit[i]], jac[i][..., k][hit[i]])
-        np.add.at(dense[:, K_COL * n], pos[i][hit[i]], jac[i][..., 3][hit[i]])
-    full = np.hstack([dense, grid.weights.toarray()])
-    np.testing.assert_allclose(cols, np.bincount(pos[hit], weights=val[hit], minlength=ps.size), rtol=1e-10)
-    want_h = full.T @ (wt[:, None] * full)
-    scale = np.sqrt(np.outer(np.diag(want_h), np.diag(want_h)))
-    np.testing.assert_allclose(sp.csc_matrix(h).toarray() / scale, want_h / scale, atol=1e-6)
-    np.testing.assert_allclose(g, full.T @ (wt * r), rtol=1e-9, atol=1e-9 * np.abs(g).max())
-
-
 def test_crb_joint_of_isolated_columns_is_the_single_column_bound_and_grows_with_overlap():
     from atomds.core.crb import crb_gaussian, crb_joint
 
