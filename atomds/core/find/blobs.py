@@ -92,10 +92,9 @@ def unresolved(x, y, area, score, radius: float) -> np.ndarray:
     if n < 2 or not radius > 0:
         return np.zeros(n, dtype=bool)
     y = np.asarray(y, dtype=np.float64)
-    # only points with another within the radius can be in a pair (a grid's nearest distances first,
-    # over the finite points: a point without a position is near none)
-    fin = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
-    near = fin[nearest_neighbor_distance(x[fin], y[fin]) <= radius]
+    # only points with another within the radius can be in a pair (a grid's nearest distances first;
+    # a point without a position has NaN there and is near none)
+    near = np.flatnonzero(nearest_neighbor_distance(x, y) <= radius)
     out = np.zeros(n, dtype=bool)
     if near.size < 2:
         return out

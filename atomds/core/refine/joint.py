@@ -843,14 +843,19 @@ def _turned(h: sp.spmatrix, first: np.ndarray, er: np.ndarray, q: sp.csr_matrix)
     (:func:`_along_rim`): in compiled code on ``h``'s own pattern (:func:`.joint_kernels.rotate_pairs`;
     a triple sparse product took a fifth of some joint fits), by the product where that pattern does
     not hold each pair together."""
-    hc = sp.csc_matrix(h)
-    ok, data = rotate_pairs(hc.indptr.astype(np.int64), hc.indices.astype(np.int64),
-                            np.asarray(hc.data, dtype=np.float64), np.asarray(first, np.int64),
-                            np.ascontiguousarray(er, dtype=np.float64))
+    indptr, indices, data = _row_arrays(h)
+    ok, data = rotate_pairs(indptr, indices, data, np.asarray(first, np.int64), np.ascontiguousarray(er, dtype=np.float64))
     if not ok:
         return (q.T @ h @ q).tocsc()
     # symmetric: the rows' arrays turned are the columns'
-    return sp.csc_matrix((data, hc.indices, hc.indptr), shape=hc.shape)
+    return sp.csc_matrix((data, indices, indptr), shape=h.shape)
+
+
+def _row_arrays(h: sp.spmatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CSR arrays (int64 ``indptr``, ``indices``; float64 ``data``) of the symmetric matrix ``h`` for the
+    compiled kernels: its CSC arrays, which for a symmetric matrix are those of its rows."""
+    hc = sp.csc_matrix(h)
+    return hc.indptr.astype(np.int64), hc.indices.astype(np.int64), np.asarray(hc.data, dtype=np.float64)
 
 
 def _leaving(p: np.ndarray, step: np.ndarray, start: np.ndarray, max_move: np.ndarray, held: np.ndarray) -> np.ndarray:
@@ -913,9 +918,7 @@ def _pcg(h: sp.csc_matrix, damp: np.ndarray, g: np.ndarray, free: np.ndarray) ->
     b_norm = float(np.linalg.norm(b))
     if b_norm == 0.0:
         return step
-    hc = sp.csc_matrix(h)  # symmetric: the CSC arrays are those of its rows
-    ptr, ind, val = free_block(hc.indptr.astype(np.int64), hc.indices.astype(np.int64),
-                               np.asarray(hc.data, dtype=np.float64), free, np.asarray(damp, dtype=np.float64))
+    ptr, ind, val = free_block(*_row_arrays(h), free, np.asarray(damp, dtype=np.float64))
     x = np.zeros(idx.size)
     done = pcg_csr(ptr, ind, val, 1.0 / d[idx], np.asarray(b, dtype=np.float64), PCG_RTOL * b_norm, PCG_MAX_ITER, x)
     if done <= 0 or not np.all(np.isfinite(x)):

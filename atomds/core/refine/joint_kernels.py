@@ -279,6 +279,15 @@ def pcg_csr(indptr, indices, data, inv, b, stop, max_iter, x):  # pragma: no cov
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def _add_entry(ptr, idx, val, row, col, v):  # pragma: no cover - compiled
+    """Add ``v`` to the entry ``(row, col)`` of a CSR pattern's values (none where the pattern lacks it)."""
+    for e in range(ptr[row], ptr[row + 1]):
+        if idx[e] == col:
+            val[e] += v
+            return
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def _flush_nodes(nodes, n_cur, acc, acc_s, acc_g, bb_ptr, bb_idx, bb, h_sb, g_b):  # pragma: no cover - compiled
     """Add one run's sums (``acc``: upper triangle over its ``n_cur`` nodes ``nodes``) to the node blocks."""
     for a in range(n_cur):
@@ -286,17 +295,9 @@ def _flush_nodes(nodes, n_cur, acc, acc_s, acc_g, bb_ptr, bb_idx, bb, h_sb, g_b)
         h_sb[na] += acc_s[a]
         g_b[na] += acc_g[a]
         for b in range(a, n_cur):
-            nb = nodes[b]
-            v = acc[a, b]
-            for e in range(bb_ptr[na], bb_ptr[na + 1]):
-                if bb_idx[e] == nb:
-                    bb[e] += v
-                    break
-            if nb != na:
-                for e in range(bb_ptr[nb], bb_ptr[nb + 1]):
-                    if bb_idx[e] == na:
-                        bb[e] += v
-                        break
+            _add_entry(bb_ptr, bb_idx, bb, na, nodes[b], acc[a, b])
+            if nodes[b] != na:
+                _add_entry(bb_ptr, bb_idx, bb, nodes[b], na, acc[a, b])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -354,6 +355,21 @@ def node_normal(bg_ptr, bg_idx, bg_w, wt, ds, r, bb_ptr, bb_idx):  # pragma: no 
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def _offsets(counts):  # pragma: no cover - compiled
+    """CSR row pointers of rows of ``counts`` entries: ``[0, c0, c0 + c1, ...]``."""
+    out = np.zeros(counts.size + 1, np.int64)
+    for i in range(counts.size):
+        out[i + 1] = out[i] + counts[i]
+    return out
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _touches(hcb, i, node):  # pragma: no cover - compiled
+    """Whether any of column ``i``'s three parameters couples to background ``node``."""
+    return hcb[i, 0, node] != 0.0 or hcb[i, 1, node] != 0.0 or hcb[i, 2, node] != 0.0
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def assemble_normal(nbr, hcc, hcs, hcb, h_ss, h_sb, bb_ptr, bb_idx, bb_val):  # pragma: no cover - compiled
     """The symmetric normal matrix ``J^T W J`` of :func:`.joint_model.normal_equations` as CSR arrays
     ``(indptr, indices, data)`` (sorted indices; for a symmetric matrix they are its CSC arrays too).
@@ -378,9 +394,7 @@ def assemble_normal(nbr, hcc, hcs, hcb, h_ss, h_sb, bb_ptr, bb_idx, bb_val):  # 
             deg[i] += 1
             if j != i:
                 deg[j] += 1
-    a_ptr = np.zeros(n + 1, np.int64)
-    for i in range(n):
-        a_ptr[i + 1] = a_ptr[i] + deg[i]
+    a_ptr = _offsets(deg)
     a_col = np.empty(a_ptr[n], np.int64)
     a_own = np.empty(a_ptr[n], np.int64)
     a_slot = np.empty(a_ptr[n], np.int64)
@@ -402,22 +416,17 @@ def assemble_normal(nbr, hcc, hcs, hcb, h_ss, h_sb, bb_ptr, bb_idx, bb_val):  # 
     c_deg = np.zeros(m, np.int64)
     for i in range(n):
         for node in range(m):
-            if hcb[i, 0, node] != 0.0 or hcb[i, 1, node] != 0.0 or hcb[i, 2, node] != 0.0:
+            if _touches(hcb, i, node):
                 n_deg[i] += 1
                 c_deg[node] += 1
-    n_ptr = np.zeros(n + 1, np.int64)
-    for i in range(n):
-        n_ptr[i + 1] = n_ptr[i] + n_deg[i]
-    c_ptr = np.zeros(m + 1, np.int64)
-    for node in range(m):
-        c_ptr[node + 1] = c_ptr[node] + c_deg[node]
+    n_ptr, c_ptr = _offsets(n_deg), _offsets(c_deg)
     n_idx = np.empty(n_ptr[n], np.int64)
     c_idx = np.empty(c_ptr[m], np.int64)
     c_fill = c_ptr[:m].copy()
     for i in range(n):
         e = n_ptr[i]
         for node in range(m):
-            if hcb[i, 0, node] != 0.0 or hcb[i, 1, node] != 0.0 or hcb[i, 2, node] != 0.0:
+            if _touches(hcb, i, node):
                 n_idx[e] = node
                 e += 1
                 c_idx[c_fill[node]] = i

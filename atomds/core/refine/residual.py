@@ -56,14 +56,15 @@ def model_image(shape: tuple[int, int], fit: dict[str, np.ndarray], ok: np.ndarr
     return out.reshape(shape)
 
 
-def _background_map(shape, x, y, bg, pix_rows, pix_cols) -> np.ndarray:
-    """Inverse-distance mean of the 4 nearest columns' backgrounds at the given pixels."""
-    tree = cKDTree(np.column_stack([x, y]))
-    k = min(4, x.size)
-    d, i = tree.query(np.column_stack([pix_cols, pix_rows]), k=k, workers=n_threads())
-    d, i = d.reshape(-1, k), i.reshape(-1, k)
+def _background_map(d: np.ndarray, i: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """Inverse-distance mean of the nearest columns' backgrounds ``bg``, given each pixel's distances ``d``
+    and indices ``i`` (k, px) of its nearest columns (:data:`BACKGROUND_COLUMNS`)."""
     w = 1.0 / np.maximum(d, 0.5)
     return (w * bg[i]).sum(axis=1) / w.sum(axis=1)
+
+
+#: The background under a pixel is the inverse-distance mean of this many nearest columns' backgrounds.
+BACKGROUND_COLUMNS = 4
 
 
 def missing_columns(
@@ -107,12 +108,15 @@ def missing_columns(
     nn_med = float(np.median(nn))
     ny, nx = img.shape
     rows, cols = np.mgrid[0:ny, 0:nx]
-    dist = tree.query(np.column_stack([cols.ravel(), rows.ravel()]), distance_upper_bound=SEARCH_NN * nn_med,
-                      workers=n_threads())[0]
-    area = np.isfinite(dist).reshape(img.shape) & np.isfinite(img)
+    # each pixel's nearest columns, once: the nearest decides the searched area, all set the background
+    k = min(BACKGROUND_COLUMNS, int(ok.sum()))
+    d, near = tree.query(np.column_stack([cols.ravel(), rows.ravel()]), k=k, workers=n_threads())
+    d, near = d.reshape(-1, k), near.reshape(-1, k)
+    area = (d[:, 0] < SEARCH_NN * nn_med).reshape(img.shape) & np.isfinite(img)
     bg_vals = np.where(np.isfinite(fit["background"]), fit["background"], np.nanmedian(fit["background"][ok]))
     bg = np.zeros(img.shape)
-    bg[area] = _background_map(img.shape, x[ok], y[ok], bg_vals[ok], rows[area], cols[area])
+    inside = area.ravel()
+    bg[area] = _background_map(d[inside], near[inside], bg_vals[ok])
     mu = model_image(img.shape, fit, ok) + bg
     resid = np.where(area, img - mu, 0.0)
     var = np.where(area, noise.variance(mu), 0.0)
