@@ -5,7 +5,8 @@ Run:  nice python benchmarks/bench_counting.py [--quick] [--no-write] [--skip-sp
 Samples: ``atomds.datasets.particle`` (square lattice, 16 px spacing, columns of 1-15 atoms,
 cross-section ``dose * n * (1 - 0.02 (n - 1))``, Poisson noise + read noise 1, smooth background 5 %
 of a one-atom peak), "random" thickness (thin beside thick) and "dome" thickness (a sphere's chord;
-thicknesses absent), plus an unlike sample: hexagonal lattice at 12 px spacing.
+thicknesses absent), plus an unlike sample: hexagonal lattice at 12 px spacing; and hexagonal lattices
+that fill the frame (section 3b).
 
 1. Joint fit precision: refinement (``refine_gaussian``, joint="auto") from the true positions
    jittered by 0.3 px, at column widths 0.14 / 0.22 / 0.28 / 0.30 of the spacing, 4000 counts per
@@ -19,6 +20,8 @@ thicknesses absent), plus an unlike sample: hexagonal lattice at 12 px spacing.
 3. Counting: the whole pipeline (``find_atoms().refine().cross_sections().count_atoms()``),
    fraction of ALL true columns counted exactly (a missed column counts as wrong), number of ICL
    components against the thicknesses present, at 1000 / 2000 / 4000 / 8000 counts per atom.
+3b. A lattice filling the frame (3.6 and 4.0 widths apart, no vacuum): median counts / truth, width,
+   z of the counts, position RMSE against the reported errors, through the public API.
 4. Speed: ``strain`` + ``polarization`` + ``cross_sections`` against ``find_atoms`` on a 4096^2
    polar image (:func:`bench_physics.speed_rows`, the same measurement as the physical maps').
 
@@ -147,6 +150,35 @@ def counting_rows(cases, doses, seeds, shape):
     return rows
 
 
+def filled_rows(cases, seeds, shape):
+    """Counts and width where a lattice fills the frame (no vacuum fixes the background): through the
+    public API, columns matched within a third of the spacing, those 20 px clear of the border and
+    fitted (``fit_ok``)."""
+    from atomds.core.samples import hexagonal_sample
+
+    rows = []
+    for spacing, dose in cases:
+        for seed in seeds:
+            s = hexagonal_sample(shape=(shape, shape), spacing=spacing, sigma=2.0, dose=dose, seed=seed)
+            ds = atomds.from_array(s.image.astype(np.float32), pixel_size=0.1, units="Å")
+            t0 = time.perf_counter()
+            r = ds.lcx.find_atoms().lcx.refine()
+            dt = time.perf_counter() - t0
+            x, y = r.atom_x.values / 0.1, r.atom_y.values / 0.1
+            it, ic = match_positions(np.column_stack([s.x, s.y]), np.column_stack([x, y]), spacing * MATCH_FRACTION)
+            inner = (s.x[it] > 20) & (s.x[it] < shape - 20) & (s.y[it] > 20) & (s.y[it] < shape - 20)
+            keep = inner & r.fit_ok.values[ic]
+            a, b = it[keep], ic[keep]
+            n, t = r.intensity.values[b], s.counts[a]
+            z = (n - t) / r.intensity_err.values[b]
+            err = np.hypot(x[b] - s.x[a], y[b] - s.y[a])
+            rep = np.hypot(r.x_err.values[b], r.y_err.values[b]) / 0.1
+            rows.append(f"| {spacing / 2.0:.1f} | {dose:.0f} | {seed} | {it.size / s.x.size:.3f} | {np.median(n / t):.3f} | "
+                        f"{np.nanmedian(r.sigma.values[b]) / 0.1:.3f} | {np.median(z):.2f} | {np.std(z):.2f} | "
+                        f"{np.sqrt(np.mean(err ** 2) / np.mean(rep ** 2)):.2f} | {dt:.1f} |")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one seed, small images")
@@ -183,6 +215,15 @@ def main(argv=None):
                  ("square, width 0.28, random", dict(width=0.28)),
                  ("hexagonal 12 px, width 0.25, dome (unlike)", dict(width=0.25, lattice="hexagonal", spacing=12.0,
                                                                       thickness="dome"))]
+    fill_cases = [(7.2, 20000.0), (7.2, 2000.0), (8.0, 2000.0)]
+    lines += ["", "### A lattice filling the frame: counts and width (public API, no vacuum)", "",
+              f"`hexagonal_sample(shape=({400 if not a.quick else 200}, ...), sigma=2.0 px, background 10 % of the "
+              "peak)`, `find_atoms().refine()`, the columns 20 px clear of the border. With no vacuum, the counts "
+              "rest on the lattice's modulation alone, and the shared width carries their common error.", "",
+              "| spacing / width | counts per column | seed | recall | counts / truth (median) | width (px, truth 2.0) | "
+              "median z of counts | std z of counts | RMS position error / RMS reported | find + refine (s) |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += filled_rows(fill_cases[:1] if a.quick else fill_cases, seeds, 200 if a.quick else 400)
     doses = [4000.0] if a.quick else [1000.0, 2000.0, 4000.0, 8000.0]
     lines += ["", "### Atom counting: all true columns counted exactly (a missed column is wrong)", "",
               "| sample | counts per atom | columns | exact | ICL components per seed | thicknesses present | "

@@ -114,7 +114,8 @@ def overlap_width(img: np.ndarray, plan: Plan, sig: float, max_iter: int) -> flo
     middle of the atoms, cut out of the image; every atom in the cut-out is fitted
     (:func:`.joint.solve_group`, unweighted, from its first-pass position and intensity) and
     pixels within :data:`~.joint.EDGE_SIGMAS` widths of its border, which hold light of columns
-    outside, are left out. Where the width comes out wider than it started, the fit is repeated
+    outside, are left out (the columns centred there are held where they start: ``hold_band``,
+    as this width's acceptance rule was measured). Where the width comes out wider than it started, the fit is repeated
     from it, with the border band that width asks for.
     """
     if np.count_nonzero(np.isfinite(plan.nn)) < 8 or not (sig > 0):
@@ -154,7 +155,7 @@ def overlap_width(img: np.ndarray, plan: Plan, sig: float, max_iter: int) -> flo
             radius=FINAL_REACH * width + 0.5,
             prior=(width, 0.0), sigma_max=sigma_max, max_move=plan.max_move[inside],
             half=patch_bound((width, 0.0), sigma_max), max_iter=max(max_iter, WIDTH_PATCH_ITER), tol=1e-3,
-            refit_noise=False, edge=edge,
+            refit_noise=False, edge=edge, hold_band=True,
         )
         new = float(res["p"][0, 3])
         if not (np.isfinite(new) and MIN_SIGMA < new < 0.99 * sigma_max) or np.mean(res["ok"][clear]) < 0.5:
