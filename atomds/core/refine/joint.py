@@ -430,9 +430,11 @@ def solve_group(
     The group's shared width starts at the prior's mean (else the median of ``p0``'s widths);
     the prior itself is not applied (one width is well determined by all columns together).
     Pixels within ``edge`` px of the image border (of ``box``, x0, y0, x1, y1 px, where given) are
-    left out; columns centred there have weak priors on their positions and intensities
-    (:func:`_band_columns`; none where every column is in the band; with ``hold_band`` their
-    positions are held) and are not ``ok``; with no pixel left, nothing is.
+    left out; columns that start there have priors on their positions and intensities
+    (:func:`_band_columns`: weak, the intensities' re-centred on the fit from the second round on
+    by :func:`_band_prior_again`; with ``hold_band`` the positions held and the intensities drawn
+    to the others' starts; none where every column is in the band or the others' median intensity
+    is not positive) and are not ``ok``, wherever they end; with no pixel left, nothing is.
     ``half`` bounds the patches (px); each round evaluates the columns out to
     :data:`~.constants.NB_REACH` of :data:`HALF_SIGMA_MARGIN` times the current width.
     With ``fixed_width`` the shared width is held at the prior's mean (and the standard errors are
@@ -485,7 +487,9 @@ def solve_group(
            "n_iter": np.full(n, n_iter, np.int64), "sigma_err": np.full(n, np.nan),
            "gain": np.full(n, np.nan if noise.gain is None else noise.gain), "variance_offset": np.full(n, noise.offset),
            "normal": _without_width(h, K_COL * n) if fixed_width else h, "width_fixed": fixed_width,
-           "usable": inside_band(p[:, 0], p[:, 1], img.shape, edge, box) & bool(np.isfinite(b).all())}
+           # a column that started in the band (fitted under its priors) stays out even where it moved in
+           "usable": (inside_band(p[:, 0], p[:, 1], img.shape, edge, box) & inside_band(p0[:, 0], p0[:, 1], img.shape, edge, box)
+                      & bool(np.isfinite(b).all()))}
     return with_errors(res) if errors else res
 
 
@@ -534,15 +538,18 @@ def _not_fitted(p0: np.ndarray) -> dict[str, Any]:
 #: positions, with the counts drawn to the passes' (which read overlapping columns narrow and
 #: faint: half the counts on a hexagonal lattice 3.6 widths apart), the band's columns left a
 #: misfit that the shared width took up, and every column of an image filled by such a lattice
-#: came out faint (noiseless, 120^2: counts 0.82 of the truth, width 1.90 px for 2.00, at a
-#: relative spread 0.5 with the positions held; 0.99 and 2.00 now; through the public API on 400^2
+#: came out faint (noiseless, 120^2, no columns beyond the border: counts 0.82 of the truth, width
+#: 1.90 px for 2.00, at a relative spread 0.5 with the positions held; 0.99 and 2.00 now; with the
+#: lattice running on beyond the border, 128^2: 0.70 and 1.82, now 0.99 and 1.99; through the public API on 400^2
 #: at 20,000 and 2000 counts per column, 0.88 and 0.72 before). A position prior of 1 px let the
 #: band's positions creep along flat valleys of chi-square (fits to the iteration cap, twice the
 #: time on that image); 0.3 px is about the error of their starts at a few thousand counts.
 BAND_PRIOR_REL = 10.0
 BAND_PRIOR_PX = 0.3
 #: With ``hold_band`` (:func:`solve_group`) the band's positions are held at the start and their
-#: intensities' prior has this relative spread: the patch fit that measures the image's width
+#: intensities' prior has this relative spread in every round (the positions and intensities are
+#: those of the code before the band was freed; their variances differ, as the position prior is
+#: now :data:`BAND_PRIOR_PX`, but only the width is read): the patch fit that measures the image's width
 #: (:func:`.settings.overlap_width`), whose acceptance rule (:func:`.settings.overlap_explained`)
 #: was measured so, and which only starts the joint fits (their tiles fit the width again). Free,
 #: the patch of a hexagonal lattice of the sweep at 408 counts per column read 2.83 px for 2.40
@@ -572,11 +579,12 @@ def _band_columns(
 
 #: From the second reweighting round on, the band's intensities have their prior at the median of
 #: the other columns' current fit with this relative spread (:func:`_band_prior_again`): the fit's
-#: counts, no longer the passes' (biased low where columns overlap), and a spread that keeps a band
-#: column with a few tail pixels from running to ten times the others or to the floor, which pulled
-#: the shared width (on 120^2 frames of a hexagonal lattice 4.0 widths apart at 2000 counts, counts
-#: 1.11-1.56 of the truth at the spread of :data:`BAND_PRIOR_REL`; see the table in
-#: :func:`_band_prior_again`).
+#: counts, no longer the passes' (biased low where columns overlap), and a spread that bounds the
+#: intensities of band columns with a few tail pixels, which at the spread of
+#: :data:`BAND_PRIOR_REL` ran to 10-21 times the others or to the floor and pulled the shared width
+#: (public API, 120^2 frames of a hexagonal lattice 4.0 widths apart at 2000 counts, three seeds:
+#: counts 1.11-1.56 of the truth; 1.10-1.38 with this prior; band intensities may still reach the
+#: floor or a few times the others). Figures over more frames in :func:`_band_prior_again`.
 BAND_PRIOR_REL_AGAIN = 2.0
 
 
