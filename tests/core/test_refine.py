@@ -450,6 +450,26 @@ def test_counts_of_a_lattice_filling_the_image_are_not_drawn_down_by_its_border_
     assert 0.93 < np.mean(ratios) < 1.15
 
 
+def test_a_column_that_starts_in_the_border_band_is_not_ok_where_it_moves_in():
+    # band columns move freely under weak priors: one seeded 2 px off its column, in the band, moves
+    # back inside; its fit rests on those priors, so it stays out of ok like the band's others
+    from atomds.core.refine.joint import inside_band, solve_group
+    from atomds.core.refine.noise import UNIFORM
+
+    image, x, y = _filled_lattice("hexagonal", 3.6, 900.0, 0.5, shape=128, noise=False)
+    p0 = np.column_stack([x, y, np.full(x.size, 900.0), np.full(x.size, 2.0)])
+    i = int(np.argmin(np.abs(y - 8.94) + np.abs(x - 64.0)))
+    assert y[i] > 7.5
+    p0[i, 1] = 6.95  # in the band of 7 px
+    kw = dict(nn_median=7.2, noise=UNIFORM, radius=5.0, prior=(2.0, 0.0), sigma_max=6.0,
+              max_move=np.full(x.size, 2.0), half=15, max_iter=100, tol=1e-4, refit_noise=False, edge=7.0)
+    res = solve_group(image, np.ones(image.shape, bool), p0, np.zeros((0, 4)), **kw)
+    assert inside_band(res["p"][i:i + 1, 0], res["p"][i:i + 1, 1], image.shape, 7.0)[0]  # it moved in
+    assert not res["ok"][i]
+    inner = inside_band(p0[:, 0], p0[:, 1], image.shape, 7.0)
+    assert res["ok"][inner].all()
+
+
 def test_a_joint_fit_that_stalls_ends_where_running_on_would(monkeypatch):
     # six seeds 2.5 px off their columns, allowed to move 1 px: they end on their discs' edges and
     # their neighbours creep on, lowering chi-square by hundredths per step; the fit ends there
