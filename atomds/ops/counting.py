@@ -53,17 +53,19 @@ def cross_sections(ds: xr.Dataset) -> xr.Dataset:
     -----
     Where a lattice of overlapping columns fills the frame, with no vacuum to fix the background,
     the cross-sections rest on the lattice's modulation alone: the shared column width and the
-    background trade against every column's intensity together. ``cross_section_err`` carries that
-    common error (not for the columns fitted at a held width: the ring along the image border and
-    the tiles refitted at a pooled width), so the errors of neighbouring columns are correlated
-    there. Columns within a few widths of the image border, where the light of columns beyond it
-    enters their pixels, have errors too small (on a particle cropped by the frame, columns 4.5 px
-    wide 16 px apart: RMS z 2.3-5.6 within 5 widths of the border, 12 for columns centred beyond
-    it, 1.1 farther in). On hexagonal lattices
-    3.6 widths apart at 2000 counts per column (400^2 px), the median came out at 0.90-1.00 of the
-    truth, with a median z between -2.8 and 0; at 20,000 counts, at 1.00-1.01. See the table "A
-    lattice filling the frame" in benchmarks/RESULTS.md. Particles with vacuum around them have no
-    such common error (the tables above it in that file).
+    background trade against every column's intensity together, and at a few thousand counts per
+    column the width, and with it every count of a tile, can be off by several of the errors that
+    ``cross_section_err`` gives. Those errors leave the width's share out where a tile was refitted
+    at the width pooled over tiles (images of more than about 500 columns) and along the image
+    border (fitted at a held width): they are right for comparing columns (counting), not for the
+    common scale. On hexagonal lattices 3.6 widths apart (``hexagonal_sample``, public API, 300^2
+    px), the median counts came out 1.41 and 0.96 of the truth for two noise seeds at 4000 counts
+    per column (median z +14.8 and -1.5), and 1.00 at 20,000; more in the table "A lattice filling
+    the frame" of benchmarks/RESULTS.md. Columns within a few widths of the border, where the light
+    of columns beyond it enters their pixels, have errors too small as well (a particle cropped by
+    the frame, columns 4.5 px wide 16 px apart: RMS z of the counts 2.3-3.8 within 5 widths of
+    the border, 12 for columns centred beyond it, 1.1 farther in). Particles with vacuum around them
+    fix the background (the tables above that one).
     """
     require_vars(ds, ["atom_x", "atom_y", "intensity", "background"], step="cross_sections()", hint="refine()")
     iunits = str(image_dataarray(ds).attrs.get("units", "1"))
