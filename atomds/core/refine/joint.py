@@ -595,11 +595,16 @@ def _band_prior_again(
     other columns' current intensities ``p[:, 2]`` and the spread :data:`BAND_PRIOR_REL_AGAIN` of it
     (``prior`` as it is where that median is not positive).
 
-    Public API on hexagonal lattices filling the frame (``hexagonal_sample``, 2000 counts per column,
-    120^2 and 192^2 at 3.6 and 4.0 widths apart, three seeds each, and 400^2 at 2000 and 20,000
-    counts): mean ``|log(counts / truth)|`` of the median counts and RMS of their median z, 0.198 and
-    5.5 with the band held at the passes' fits, 0.134 and 1.66 free with the first prior only, 0.096
-    and 1.69 with this one (0.087 and 1.91 at a spread of 1).
+    Public API on hexagonal lattices filling the frame (``hexagonal_sample``): 14 frames (2000
+    counts per column, 120^2 and 192^2 at 3.6 and 4.0 widths apart, three seeds each, and 400^2 at
+    2000 and 20,000 counts), mean ``|log(counts / truth)|`` of the median counts and RMS of their
+    median z: 0.198 and 5.5 with the band held at the passes' fits, 0.134 and 1.66 free with the
+    first prior only; at a spread of 2 (this one), 1 and 0.5, 0.096 / 1.69, 0.087 / 1.91 and 0.100
+    / 2.25. Six more (3.6 widths apart, 300^2 and 400^2 at 4000 counts, 300^2 at 20,000, two
+    seeds): 0.076 / 6.2, 0.058 / 4.4 and 0.055 / 3.3 (the worst, 300^2 at 4000 counts: 1.41, 1.28
+    and 1.19 of the truth). A spread of 1 did better over the twenty (0.078 / 2.9 against 0.090 /
+    3.7), but in the stall test's fit (tests/core/test_refine.py) it took 147 iterations for 58 and
+    ended 0.014 px from where running on would: not taken.
     """
     if prior is None:
         return None
