@@ -165,7 +165,7 @@ def filled_rows(cases, seeds, shape):
             r = ds.lcx.find_atoms().lcx.refine()
             dt = time.perf_counter() - t0
             x, y = r.atom_x.values / 0.1, r.atom_y.values / 0.1
-            it, ic = match_positions(np.column_stack([s.x, s.y]), np.column_stack([x, y]), spacing * MATCH_FRACTION)
+            it, ic = _matched(np.column_stack([s.x, s.y]), np.column_stack([x, y]), spacing)
             inner = (s.x[it] > 20) & (s.x[it] < shape - 20) & (s.y[it] > 20) & (s.y[it] < shape - 20)
             keep = inner & r.fit_ok.values[ic]
             a, b = it[keep], ic[keep]

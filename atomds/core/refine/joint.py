@@ -455,7 +455,7 @@ def solve_group(
     half_fixed = min(half, patch_half(float(np.max(p_fixed[:, 3])))) if p_fixed.shape[0] else half
     data = img.ravel()[ps.pix].astype(float) - model_values(ps, p_fixed, half_fixed, gm)
     fixed_mu = img.ravel()[ps.pix].astype(float) - data
-    col_prior, max_move = _band_columns(p0, img.shape, edge, max_move, box, hold=hold_band)
+    col_prior, max_move = _band_columns(p0, img.shape, edge, max_move, box, hold=hold_band, width=s0)
     p = p0.copy()
     p[:, 3] = np.clip(s0, MIN_SIGMA, sigma_max)
     h_cur = _half(p, half)
@@ -530,7 +530,7 @@ def _not_fitted(p0: np.ndarray) -> dict[str, Any]:
 
 
 #: Columns centred in a border band (``edge`` of :func:`solve_group`) have few pixels, their tails:
-#: their positions have a Gaussian prior of :data:`BAND_PRIOR_PX` around the start, and their
+#: their positions have a Gaussian prior of :data:`BAND_PRIOR_WIDTHS` around the start, and their
 #: intensities one at the median of the other columns' starts with this relative spread, in the
 #: first reweighting round (in later ones :data:`BAND_PRIOR_REL_AGAIN` about the fit's median).
 #: The priors keep the normal matrix regular where a column has no pixel left (without one, such
@@ -541,15 +541,18 @@ def _not_fitted(p0: np.ndarray) -> dict[str, Any]:
 #: came out faint (noiseless, 120^2, no columns beyond the border: counts 0.82 of the truth, width
 #: 1.90 px for 2.00, at a relative spread 0.5 with the positions held; 0.99 and 2.00 now; with the
 #: lattice running on beyond the border, 128^2: 0.70 and 1.82, now 0.99 and 1.99; through the public API on 400^2
-#: at 20,000 and 2000 counts per column, 0.88 and 0.72 before). A position prior of 1 px let the
-#: band's positions creep along flat valleys of chi-square (fits to the iteration cap, twice the
-#: time on that image); 0.3 px is about the error of their starts at a few thousand counts.
+#: at 20,000 and 2000 counts per column, 0.88 and 0.72 before).
 BAND_PRIOR_REL = 10.0
-BAND_PRIOR_PX = 0.3
+#: ... and the positions' prior, in widths (the group's starting width): at 0.5 widths (1 px on
+#: those lattices, 2 px wide) the band's positions crept along flat valleys of chi-square (fits to
+#: the iteration cap, twice the time on the 400^2 image); at 0.05, held nearly where the passes put
+#: them, the counts came out 0.92 of the truth at 2000 counts; 0.15 is about the error of their
+#: starts at a few thousand counts (in widths, so that it holds at any sampling).
+BAND_PRIOR_WIDTHS = 0.15
 #: With ``hold_band`` (:func:`solve_group`) the band's positions are held at the start and their
 #: intensities' prior has this relative spread in every round (the positions and intensities are
 #: those of the code before the band was freed; their variances differ, as the position prior is
-#: now :data:`BAND_PRIOR_PX`, but only the width is read): the patch fit that measures the image's width
+#: now :data:`BAND_PRIOR_WIDTHS`, but only the width is read): the patch fit that measures the image's width
 #: (:func:`.settings.overlap_width`), whose acceptance rule (:func:`.settings.overlap_explained`)
 #: was measured so, and which only starts the joint fits (their tiles fit the width again). Free,
 #: the patch of a hexagonal lattice of the sweep at 408 counts per column read 2.83 px for 2.40
@@ -559,22 +562,37 @@ HELD_BAND_PRIOR_REL = 0.5
 
 def _band_columns(
     p0: np.ndarray, shape: tuple[int, ...], edge: float, max_move: np.ndarray,
-    box: tuple[float, float, float, float] | None = None, hold: bool = False,
+    box: tuple[float, float, float, float] | None = None, *, width: float, hold: bool = False,
 ) -> tuple[tuple[np.ndarray, np.ndarray] | None, np.ndarray]:
     """The prior (mean, precision; (n, 3) for x, y, N) of the border band's columns and the moves allowed
     (``max_move``, as given: the band's columns move as freely as the others; with ``hold``, 0 for
-    them and the intensities' prior of :data:`HELD_BAND_PRIOR_REL`)."""
+    them and the intensities' prior of :data:`HELD_BAND_PRIOR_REL`); the positions' prior is
+    :data:`BAND_PRIOR_WIDTHS` of ``width`` (px, the group's starting width)."""
     band = ~inside_band(p0[:, 0], p0[:, 1], shape, edge, box)
     if not band.any() or band.all():
         return None, max_move
-    n_ref = float(np.nanmedian(p0[~band, 2]))
-    if not (np.isfinite(n_ref) and n_ref > 0):
-        return None, max_move
-    mean = np.column_stack([p0[:, 0], p0[:, 1], np.full(p0.shape[0], n_ref)])
+    mean = np.column_stack([p0[:, :2], np.zeros(p0.shape[0])])
     prec = np.zeros((p0.shape[0], K_COL))
-    rel = HELD_BAND_PRIOR_REL if hold else BAND_PRIOR_REL
-    prec[band] = [1.0 / BAND_PRIOR_PX**2, 1.0 / BAND_PRIOR_PX**2, 1.0 / (rel * n_ref) ** 2]
-    return (mean, prec), np.where(band, 0.0, max_move) if hold else max_move
+    prec[band, :2] = 1.0 / (BAND_PRIOR_WIDTHS * width) ** 2
+    prior = _with_intensity_prior(mean, prec, band, p0[:, 2], HELD_BAND_PRIOR_REL if hold else BAND_PRIOR_REL)
+    if prior is None:
+        return None, max_move
+    return prior, np.where(band, 0.0, max_move) if hold else max_move
+
+
+def _with_intensity_prior(
+    mean: np.ndarray, prec: np.ndarray, band: np.ndarray, intensities: np.ndarray, rel: float,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Copies of the prior's ``mean`` and ``prec`` (n, 3) with the ``band`` columns' intensities drawn to the
+    median of the other columns' ``intensities`` with the relative spread ``rel``; None where that median
+    is not positive."""
+    n_ref = float(np.nanmedian(intensities[~band]))
+    if not (np.isfinite(n_ref) and n_ref > 0):
+        return None
+    mean, prec = mean.copy(), prec.copy()
+    mean[:, 2] = n_ref
+    prec[band, 2] = 1.0 / (rel * n_ref) ** 2
+    return mean, prec
 
 
 #: From the second reweighting round on, the band's intensities have their prior at the median of
@@ -609,14 +627,8 @@ def _band_prior_again(
     if prior is None:
         return None
     mean, prec = prior
-    band = prec[:, 2] > 0
-    n_ref = float(np.nanmedian(p[~band, 2])) if (~band).any() else float("nan")
-    if not (np.isfinite(n_ref) and n_ref > 0):
-        return prior
-    mean, prec = mean.copy(), prec.copy()
-    mean[:, 2] = n_ref
-    prec[band, 2] = 1.0 / (BAND_PRIOR_REL_AGAIN * n_ref) ** 2
-    return mean, prec
+    again = _with_intensity_prior(mean, prec, prec[:, 0] > 0, p[:, 2], BAND_PRIOR_REL_AGAIN)
+    return prior if again is None else again
 
 
 #: Patches reach :data:`~.constants.NB_REACH` of this many times the group's current width
