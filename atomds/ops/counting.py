@@ -56,11 +56,12 @@ def cross_sections(ds: xr.Dataset) -> xr.Dataset:
     background trade against every column's intensity together, and at a few thousand counts per
     column the width, and with it every count of a tile, can be off by several of the errors that
     ``cross_section_err`` gives. Those errors leave the width's share out where a tile was refitted
-    at the width pooled over tiles (images of more than about 500 columns) and along the image
+    at the width pooled over tiles (images cut into more than one tile: a hexagonal lattice in a
+    square frame from about 1,400 columns, 1,306 giving one tile and 1,512 four) and along the image
     border (fitted at a held width): they are right for comparing columns (counting), not for the
     common scale. On hexagonal lattices 3.6 widths apart (``hexagonal_sample``, public API, 300^2
-    px), the median counts came out 1.41 and 0.96 of the truth for two noise seeds at 4000 counts
-    per column (median z +14.8 and -1.5), and 1.00 at 20,000; more in the table "A lattice filling
+    px), the median counts came out 1.41 and 0.95 of the truth for two noise seeds at 4000 counts
+    per column (median z +12.6 and -1.7), and 1.00 at 20,000; more in the table "A lattice filling
     the frame" of benchmarks/RESULTS.md. Columns within a few widths of the border, where the light
     of columns beyond it enters their pixels, have errors too small as well (a particle cropped by
     the frame, columns 4.5 px wide 16 px apart: RMS z of the counts 2.3-3.8 within 5 widths of
