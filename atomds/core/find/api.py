@@ -58,7 +58,7 @@ from .lattice import (
     supported_by_lattice,
 )
 from .polarity import Polarity, column_polarity
-from .residual import ResidualColumns, like_a_class, residual_passes, self_supported
+from .residual import ResidualColumns, interior, like_a_class, residual_passes, self_supported
 from .significance import auto_threshold, border_strip, lowered_z_thresholds, peak_sample, z_thresholds
 from .templates import check_template, class_templates, is_point, make_templates
 
@@ -881,6 +881,37 @@ def _second_pass(img: np.ndarray, first: FoundAtoms, kw: dict[str, Any]) -> Foun
     return second
 
 
+def _edge_like_a_class(img: np.ndarray, found: FoundAtoms, rc: ResidualColumns, p: dict,
+                       noise: tuple[float, float]) -> ResidualColumns:
+    """The residual columns of a sublattice of their own, less those at the lattice's edge that are no column.
+
+    On the rim of a hole or at a particle's edge, amorphous blobs sit on the sites that the
+    lattice's translations predict one row beyond its last columns. A new column there (not
+    :func:`~atomds.core.find.residual.interior`: columns at ``+T`` and ``-T`` for the lattice's two
+    shortest translations) is kept when it is as bright as a class
+    (:func:`~atomds.core.find.residual.like_a_class`), the new columns inside the lattice being
+    one class beside those found before: the dim sublattice's own rim columns are, broad dim
+    blobs are not (sweep image 501933535: four such blobs in its hole once its dim rows were
+    found, at z 3.3-5.1). The fits are in the order of the columns kept.
+    """
+    n0 = len(found)
+    ax, ay = np.r_[found.x, rc.x], np.r_[found.y, rc.y]
+    edge = ~interior(ax, ay, p["spacing"], img.shape)[n0:]
+    inner = ~edge
+    if not edge.any() or inner.sum() < MIN_LATTICE_ANCHORS:  # no class of their own to judge the edge's by
+        return rc
+    p["residual"]["edge"] = int(edge.sum())
+    label = np.r_[found.sublattice, np.full(int(inner.sum()), int(found.sublattice.max(initial=-1)) + 1)]
+    like, fit = like_a_class(img, np.r_[found.x, rc.x[inner]], np.r_[found.y, rc.y[inner]], label,
+                             rc.x[edge], rc.y[edge], sigma=p["sigma"], noise=noise)
+    p["residual"]["dropped"] = int((~like).sum())
+    keep = np.r_[np.ones(n0 + int(inner.sum()), dtype=bool), like]
+    order = np.r_[np.flatnonzero(inner), np.flatnonzero(edge)[like]]
+    p["residual"]["n_atoms"] = int(order.size)
+    return ResidualColumns(rc.x[order], rc.y[order], rc.zscore[order], rc.rounds,
+                           {k: np.asarray(v)[keep] for k, v in fit.items() if np.size(v) == keep.size})
+
+
 def _residual_stage(img: np.ndarray, found: FoundAtoms, noise: tuple[float, float], lattice_check: bool,
                     sublattices) -> FoundAtoms:
     """Step 9 of :func:`find_atoms`: dim columns found in the residual of the fitted columns, and the classes again.
@@ -920,6 +951,8 @@ def _residual_stage(img: np.ndarray, found: FoundAtoms, noise: tuple[float, floa
         p["residual"]["n_atoms"] = int(rc.x.size)
         if rc.x.size == 0:
             return found
+    else:
+        rc = _edge_like_a_class(img, found, rc, p, noise)
     ix = np.clip(np.rint(rc.x).astype(np.int64), 0, nx - 1)
     iy = np.clip(np.rint(rc.y).astype(np.int64), 0, ny - 1)
     x, y = np.r_[found.x, rc.x], np.r_[found.y, rc.y]

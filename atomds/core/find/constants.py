@@ -242,3 +242,14 @@ TRANSLATION_REACH = 3.2
 #: between two sublattices is made by one of them: half, or less).
 TRANSLATION_SHARE = 0.75
 RESIDUAL_BORDER_SIGNIFICANCE = 3.0
+#: Most offsets from the columns found tried as the sites of a dim sublattice
+#: (:func:`~atomds.core.find.residual.sublattice_sites`; a honeycomb's B has three, the dim rows of an
+#: ordered hexagonal lattice four, counting ties between two equidistant columns).
+SUBLATTICE_MODES = 8
+#: ... each taken further only where the residual's matched filter reads at least this much on average
+#: at its sites (noise sd) ...
+SUBLATTICE_MEAN_Z = 1.0
+#: ... and at least this many standard errors of that average (1 / sqrt(sites) for pure noise).
+SUBLATTICE_MEAN_Z_SD = 5.0
+#: ... each tried first on a patch of this many sites (of every offset), before all its sites are fitted.
+SUBLATTICE_PATCH = 96

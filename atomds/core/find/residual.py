@@ -51,6 +51,10 @@ from .constants import (
     SITE_TOL,
     SITE_TOL_MAX,
     SURROUND_SECTORS,
+    SUBLATTICE_MEAN_Z,
+    SUBLATTICE_MEAN_Z_SD,
+    SUBLATTICE_MODES,
+    SUBLATTICE_PATCH,
     SURROUND_SPACINGS,
     TRANSLATION_REACH,
     TRANSLATION_SHARE,
@@ -58,7 +62,7 @@ from .constants import (
 from .significance import noise_z_threshold
 
 __all__ = ["ResidualColumns", "border_columns", "gaussian_model", "lattice_translations", "like_a_class",
-           "near_border", "residual_candidates", "residual_passes", "self_supported", "translation_sites",
+           "interior", "near_border", "residual_candidates", "residual_passes", "self_supported", "sublattice_sites", "translation_sites",
            "translation_supported"]
 
 
@@ -405,15 +409,17 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
     done = 0
     fit: dict = {}
     shape_model = "gaussian"
+    tried_sites = False
 
     def search(ax: np.ndarray, ay: np.ndarray, shape_model: str):
         """The columns fitted, their positions (the seeds where a fit failed) and the residual's candidates."""
         fit, model = _fitted_model(image, ax, ay, sigma, noise, shape_model)
         good = np.asarray(fit["fit_ok"], dtype=bool)
         fx, fy = np.where(good, fit["x"], ax), np.where(good, fit["y"], ay)
-        cand = _round_candidates(np.asarray(image, dtype=np.float64) - model, image, fx, fy, sigma=sigma,
-                                 spacing=spacing, noise=noise, z_min=z_min, lattice_check=lattice_check, border=border)
-        return fit, fx, fy, cand
+        residual = np.asarray(image, dtype=np.float64) - model
+        cand = _round_candidates(residual, image, fx, fy, sigma=sigma, spacing=spacing, noise=noise, z_min=z_min,
+                                 lattice_check=lattice_check, border=border)
+        return fit, fx, fy, cand, residual
 
     for _ in range(rounds):
         # seeds of columns centred just outside the image are reported at its border
@@ -421,14 +427,26 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
         ay = np.clip(np.r_[y, new_y], 0.0, image.shape[0] - 1.0)
         # each column fitted in its window with its neighbours subtracted (the joint fit of
         # overlapping groups is for the final refinement)
-        fit, fx, fy, (cx, cy, cz) = search(ax, ay, shape_model)
+        fit, fx, fy, (cx, cy, cz), residual = search(ax, ay, shape_model)
         if (cx.size and shape_model == "gaussian" and _lobes(cx, cy, fx, fy, spacing, sigma)
                 and _shared(_ellipticity_terms(image, ax, ay, sigma, noise))[1] >= ELLIPTICITY_Z):
             # elliptical columns (astigmatism, drift) fitted round leave two lobes each: model them as they are
             shape_model = "elliptical"
-            fit, fx, fy, (cx, cy, cz) = search(ax, ay, shape_model)
+            fit, fx, fy, (cx, cy, cz), residual = search(ax, ay, shape_model)
         cx, cy, cz = _inside_at_border(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
         cx, cy, cz = _jointly_significant(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
+        if cx.size == 0 and lattice_check and not tried_sites and shape_model == "gaussian":
+            # a dense dim sublattice, too faint one column at a time for the matched filter: its
+            # sites, at the offsets its brightest maxima share, judged by a joint fit (once; not
+            # where the columns are elliptical: the round joint fit takes their lobes, which sit
+            # at two offsets from every column, for columns: 418 false on the hexagonal lattice
+            # of tests/core/test_elliptical_columns.py at 8000 counts)
+            tried_sites = True
+            floor = RESIDUAL_SITE_Z if z_min is None else float(z_min)
+            rx, ry, _, _ = residual_candidates(residual, image, fx, fy, sigma=sigma, noise=noise, z_min=z_min,
+                                               z_floor=floor, border=border)
+            cx, cy, cz = sublattice_sites(image, residual, fx, fy, rx, ry, sigma=sigma, spacing=spacing,
+                                          noise=noise, z_site=floor)
         if cx.size == 0:
             break
         done += 1
@@ -863,3 +881,228 @@ def self_supported(cx, cy, fx, fy, spacing: float) -> np.ndarray:
     sublattice (within ``SITE_TOL`` spacings); amorphous specks and noise sit at any offset.
     """
     return _offset_shared(cx, cy, cx, cy, fx, fy, spacing, need=SITE_MATCHES + 1)  # itself among them
+
+
+def _offset_modes(cx, cy, fx, fy, spacing: float, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets (px, x and y) that the points ``(cx, cy)`` share from their nearest column ``(fx, fy)``.
+
+    The points whose offset at least ``SITE_MATCHES`` others share within ``SITE_TOL`` spacings
+    (:func:`self_supported`) are grouped: from the most shared offset down, the offsets within
+    ``radius`` (px) of it are a mode, whose centre is moved to their mean until it settles, and
+    which takes them out of the rest (at most ``SUBLATTICE_MODES`` modes). The offsets of faint
+    maxima scatter by their position errors (about ``sqrt(2) sigma / z`` on each axis), so that
+    ``radius`` must be wider than ``SITE_TOL`` for one site to give one mode. A mode holds more than
+    ``SITE_MATCHES`` points. (Whether it is a sublattice's is for its sites' fits to say: where a
+    dense dim sublattice gives nearly every maximum, a count against chance cannot tell.)
+
+    Returns
+    -------
+    modes : (m, 2) array of offsets; middle : (m, 2) array, the median position of each mode's points.
+    """
+    from scipy.spatial import cKDTree
+
+    none = (np.zeros((0, 2)), np.zeros((0, 2)))
+    on = self_supported(cx, cy, fx, fy, spacing)
+    if not on.any():
+        return none
+    _, j = cKDTree(np.c_[fx, fy]).query(np.c_[cx[on], cy[on]])
+    v = np.c_[cx[on] - fx[j], cy[on] - fy[j]]
+    pos = np.c_[cx[on], cy[on]]
+    tree = cKDTree(v)
+    counts = np.array([len(nb) for nb in tree.query_ball_point(v, SITE_TOL * spacing)])
+    free = np.ones(v.shape[0], dtype=bool)
+    modes: list[np.ndarray] = []
+    middle: list[np.ndarray] = []
+    for i in np.argsort(-counts, kind="stable"):
+        if not free[i] or len(modes) == SUBLATTICE_MODES:
+            continue
+        centre = v[i]
+        for _ in range(10):  # mean shift within radius, over the offsets not yet taken
+            nb = np.asarray(tree.query_ball_point(centre, radius), dtype=np.int64)
+            nb = nb[free[nb]]
+            if nb.size == 0:
+                break
+            moved = v[nb].mean(axis=0)
+            settled = np.hypot(*(moved - centre)) < 0.01 * radius
+            centre = moved
+            if settled:
+                break
+        if nb.size <= SITE_MATCHES:
+            free[i] = False
+            continue
+        modes.append(centre)
+        middle.append(np.median(pos[nb], axis=0))
+        free[nb] = False
+    return np.asarray(modes).reshape(-1, 2), np.asarray(middle).reshape(-1, 2)
+
+
+def interior(fx, fy, spacing: float, shape: tuple[int, int]) -> np.ndarray:
+    """Whether each column ``(fx, fy)`` has columns at ``+T`` and ``-T`` for the lattice's two shortest
+    translations that are not parallel (:func:`lattice_translations`, each then set to the median of
+    the offsets near it), within ``SITE_TOL_MAX`` spacings, or the image's border there: inside the
+    lattice, not on its edge (a particle's rim, a hole's)."""
+    from scipy.spatial import cKDTree
+
+    fx, fy = np.asarray(fx, dtype=np.float64), np.asarray(fy, dtype=np.float64)
+    t = lattice_translations(fx, fy, spacing)
+    out = np.zeros(fx.size, dtype=bool)
+    if t.shape[0] < 2:
+        return out
+    length = np.hypot(t[:, 0], t[:, 1])
+    t1 = t[np.argmin(length)]
+    sine = np.abs(t[:, 0] * t1[1] - t[:, 1] * t1[0]) / np.maximum(length * length.min(), 1e-12)
+    if not np.any(sine > 0.3):
+        return out
+    t2 = t[np.flatnonzero(sine > 0.3)[np.argmin(length[sine > 0.3])]]
+    tree = cKDTree(np.c_[fx, fy])
+    tol = SITE_TOL_MAX * spacing
+    basis = []
+    for v in (t1, t2):  # the binned translation made exact: the median offset near it
+        d, j = tree.query(np.c_[fx + v[0], fy + v[1]])
+        near = d <= tol
+        basis.append(np.median(np.c_[fx[j[near]] - fx[near], fy[j[near]] - fy[near]], axis=0) if near.any() else v)
+    b = np.array([basis[0], -basis[0], basis[1], -basis[1]])
+    probe = np.c_[fx, fy][:, None, :] + b[None, :, :]
+    dist, _ = tree.query(probe.reshape(-1, 2))
+    there = (dist.reshape(fx.size, 4) <= tol) | ~_in_image(probe, shape)
+    return there.all(axis=1)
+
+
+def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *, sigma: float, spacing: float,
+                     noise: tuple[float, float], z_site: float = RESIDUAL_SITE_Z) -> tuple[np.ndarray, ...]:
+    """Columns of a sublattice too faint, one by one, for the residual's matched filter: its sites, fitted.
+
+    Where a dim sublattice is dense (its columns a few widths apart, as in the dim rows of an
+    ordered three-species lattice), the zero-mean template of :func:`residual_candidates` takes
+    the tails of a column's dim neighbours for background and reads it at a fraction of its
+    significance: the dim columns of sweep image 501933535 (hexagonal, 3.8 widths apart, peaks
+    0.36 and 0.27 of the bright one, matched-filter SNR 9) at 2.1 and 1.5 noise sd, noiseless,
+    so that no more than a quarter of them rose above ``RESIDUAL_SITE_Z`` and none passed the
+    lattice tests. Fitted jointly with their neighbours, the same columns stand at a median 8 sd.
+
+    Some of them still rise above ``RESIDUAL_SITE_Z`` (``cx, cy``: the residual's maxima from
+    there up, away from the columns found), enough to show the offsets the sublattice sits at
+    from the columns found (:func:`_offset_modes`). Every column found plus each such offset is a
+    site, where that column is the site's nearest, the site lies in the image, at least
+    ``RESIDUAL_EXCLUSION`` widths from every column, and within the lattice (columns around it
+    in every sector within ``SURROUND_SPACINGS`` spacings plus the offset's length, or the
+    image's border: not beyond a particle's edge or a hole's rim). The sites (merged where two
+    columns predict one) are fitted jointly with the columns near them, the width held at
+    ``sigma``. An offset is a sublattice's when the median intensity of its sites is at least
+    ``z_site`` standard errors (pure noise: about 0); each of its sites is a column when its
+    own intensity is, and its fit stays within ``SITE_TOL_MAX`` spacings of the site.
+
+    Returns
+    -------
+    x, y, z : arrays
+        The new columns (fitted positions, px) and their intensity over its standard error.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    empty = (np.zeros(0), np.zeros(0), np.zeros(0))
+    fx, fy = np.asarray(fx, dtype=np.float64), np.asarray(fy, dtype=np.float64)
+    if np.size(cx) <= SITE_MATCHES or fx.size < MIN_LATTICE_ANCHORS:
+        return empty
+    # two columns closer than RESIDUAL_EXCLUSION widths are not told apart here: sites (and offsets) that
+    # close are one
+    merge = RESIDUAL_EXCLUSION * sigma
+    ny, nx = image.shape
+    modes, middle = _offset_modes(np.asarray(cx, dtype=np.float64), np.asarray(cy, dtype=np.float64), fx, fy,
+                                  spacing, min(merge, SITE_TOL_MAX * spacing))
+    if modes.shape[0] == 0:
+        return empty
+    tree = cKDTree(np.c_[fx, fy])
+    sx = (fx[None, :] + modes[:, :1]).ravel()
+    sy = (fy[None, :] + modes[:, 1:]).ravel()
+    mode = np.repeat(np.arange(modes.shape[0]), fx.size)
+    src = np.tile(np.arange(fx.size), modes.shape[0])
+    d, j = tree.query(np.c_[sx, sy])
+    # the generating column is the site's nearest (a tie within the sites' tolerance is one)
+    keep = (d >= RESIDUAL_EXCLUSION * sigma) & (np.hypot(sx - fx[src], sy - fy[src]) <= d + SITE_TOL * spacing)
+    keep &= (sx >= 0.0) & (sx <= nx - 1.0) & (sy >= 0.0) & (sy <= ny - 1.0)
+    sx, sy, mode, src = sx[keep], sy[keep], mode[keep], src[keep]
+    if sx.size == 0:
+        return empty
+    # sites predicted by several columns (or by two offsets) are one
+    pairs = cKDTree(np.c_[sx, sy]).query_pairs(merge, output_type="ndarray")
+    n = sx.size
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n)) if len(pairs) else \
+        coo_matrix((n, n))
+    _, comp = connected_components(graph, directed=False)
+    size = np.bincount(comp)
+    sx = np.bincount(comp, weights=sx) / size
+    sy = np.bincount(comp, weights=sy) / size
+    first = np.full(size.size, n)
+    np.minimum.at(first, comp, np.arange(n))
+    mode = mode[first]
+    # within the lattice: one of the columns that predict the site has columns both ways along the
+    # lattice's translations (a site beside a hole's rim or beyond a particle's edge is predicted by
+    # the edge's columns only)
+    inside = np.bincount(comp, weights=interior(fx, fy, spacing, image.shape)[src].astype(np.float64)) > 0
+    sx, sy, mode = sx[inside], sy[inside], mode[inside]
+    if sx.size == 0:
+        return empty
+
+    def fitted(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The sites ``sel`` fitted jointly with the columns near them: intensity z and positions."""
+        near = np.unique(np.concatenate(tree.query_ball_point(np.c_[sx[sel], sy[sel]],
+                                                              JOINT_TEST_REACH * spacing)).astype(np.int64))
+        # the fits of columns centred just outside the image are held at its border
+        ax = np.clip(np.r_[fx[near], sx[sel]], 0.0, nx - 1.0)
+        ay = np.clip(np.r_[fy[near], sy[sel]], 0.0, ny - 1.0)
+        fit = _fit_columns(image, ax, ay, sigma, noise, joint=True, joint_width="given",
+                           subset=near.size + np.arange(sel.size))
+        inten = np.asarray(fit["intensity"], dtype=np.float64)
+        err = np.asarray(fit["intensity_err"], dtype=np.float64)
+        ok = np.asarray(fit["fit_ok"], dtype=bool) & np.isfinite(inten) & (err > 0)
+        return (np.where(ok, inten / np.where(err > 0, err, 1.0), -np.inf),
+                np.asarray(fit["x"], dtype=np.float64), np.asarray(fit["y"], dtype=np.float64))
+
+    # a first look, from the residual's matched filter at the sites (at least MIN_LATTICE_ANCHORS of
+    # them: fewer are no sublattice, and its strong columns are the other passes'): a dense sublattice reads low there
+    # (1.5-2 sd at the sites of the image above, noiseless) but positive at nearly every site; an
+    # offset that a few maxima of the noise share reads about 0 (1 / sqrt(n) sd over n sites)
+    zmap, _ = _matched_filter(residual, image, sigma, noise)
+    zs = ndi.map_coordinates(zmap, [sy, sx], order=1, mode="nearest")
+    hint = np.zeros(modes.shape[0], dtype=bool)
+    for m in np.unique(mode):
+        k = mode == m
+        hint[m] = k.sum() >= MIN_LATTICE_ANCHORS and float(np.mean(zs[k])) >= max(SUBLATTICE_MEAN_Z, SUBLATTICE_MEAN_Z_SD / math.sqrt(k.sum()))
+    sel = np.flatnonzero(hint[mode])
+    if sel.size == 0:
+        return empty
+    sx, sy, mode = sx[sel], sy[sel], mode[sel]
+    # each offset tried first on a patch of sites (those nearest the middle of the maxima that made
+    # it, every offset's, so that a site's neighbours are in its fit): where the offset is no
+    # sublattice's (noise, the same leftover of every column's fit), its sites there fall short of
+    # z_site and the others are not fitted
+    stands = np.zeros(modes.shape[0], dtype=bool)
+    site_tree = cKDTree(np.c_[sx, sy])
+    for m in np.unique(mode):
+        patch = np.sort(np.atleast_1d(site_tree.query(middle[m], k=min(SUBLATTICE_PATCH, sx.size))[1]))
+        zp = fitted(patch)[0]
+        own = mode[patch] == m
+        stands[m] = bool(own.any()) and float(np.median(zp[own])) >= z_site
+    sel = np.flatnonzero(stands[mode])
+    if sel.size == 0:
+        return empty
+    sx, sy, mode = sx[sel], sy[sel], mode[sel]
+    z, px, py = fitted(np.arange(sx.size))
+    real = np.ones(sx.size, dtype=bool)
+    for m in np.unique(mode):
+        k = mode == m
+        real[k] = np.median(z[k]) >= z_site
+    real &= (z >= z_site) & (np.hypot(px - sx, py - sy) <= SITE_TOL_MAX * spacing)
+    real &= (px >= -0.5) & (px <= nx - 0.5) & (py >= -0.5) & (py <= ny - 0.5)
+    if real.any():
+        real[real] = tree.query(np.c_[px[real], py[real]])[0] >= RESIDUAL_EXCLUSION * sigma
+    # two sites whose fits ran together are one column: the more significant stays
+    idx = np.flatnonzero(real)[np.argsort(-z[real], kind="stable")]
+    taken: list[int] = []
+    for i in idx:
+        if not taken or np.min(np.hypot(px[taken] - px[i], py[taken] - py[i])) >= RESIDUAL_EXCLUSION * sigma:
+            taken.append(int(i))
+    t = np.asarray(sorted(taken), dtype=np.int64)
+    return px[t], py[t], z[t]
