@@ -409,7 +409,7 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
     done = 0
     fit: dict = {}
     shape_model = "gaussian"
-    tried_sites = False
+    site_modes: np.ndarray | None = None  # the offsets of a dim sublattice once they stood
 
     def search(ax: np.ndarray, ay: np.ndarray, shape_model: str):
         """The columns fitted, their positions (the seeds where a fit failed) and the residual's candidates."""
@@ -435,18 +435,26 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
             fit, fx, fy, (cx, cy, cz), residual = search(ax, ay, shape_model)
         cx, cy, cz = _inside_at_border(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
         cx, cy, cz = _jointly_significant(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
-        if cx.size == 0 and lattice_check and not tried_sites and shape_model == "gaussian":
+        if lattice_check and shape_model == "gaussian":
             # a dense dim sublattice, too faint one column at a time for the matched filter: its
-            # sites, at the offsets its brightest maxima share, judged by a joint fit (once; not
-            # where the columns are elliptical: the round joint fit takes their lobes, which sit
-            # at two offsets from every column, for columns: 418 false on the hexagonal lattice
-            # of tests/core/test_elliptical_columns.py at 8000 counts)
-            tried_sites = True
+            # sites, at the offsets its brightest maxima share, judged by a joint fit (not where
+            # the columns are elliptical: the round joint fit takes their lobes, which sit at two
+            # offsets from every column, for columns: 418 false on the hexagonal lattice of
+            # tests/core/test_elliptical_columns.py at 8000 counts)
             floor = RESIDUAL_SITE_Z if z_min is None else float(z_min)
             rx, ry, _, _ = residual_candidates(residual, image, fx, fy, sigma=sigma, noise=noise, z_min=z_min,
                                                z_floor=floor, border=border)
-            cx, cy, cz = sublattice_sites(image, residual, fx, fy, rx, ry, sigma=sigma, spacing=spacing,
-                                          noise=noise, z_site=floor)
+            kw = dict(sigma=sigma, spacing=spacing, noise=noise, z_site=floor, anchors=n0)
+            if site_modes is not None:
+                # once offsets stood, the sites their first fit left are fitted again, with the
+                # neighbours found since in the model (sites of the columns found before the passes)
+                sx, sy, sz, _ = sublattice_sites(image, residual, fx, fy, rx, ry, taken=(cx, cy), modes=site_modes,
+                                                 **kw)
+                cx, cy, cz = np.r_[cx, sx], np.r_[cy, sy], np.r_[cz, sz]
+            sx, sy, sz, used = sublattice_sites(image, residual, fx, fy, rx, ry, taken=(cx, cy), **kw)
+            if used.shape[0]:
+                site_modes = used if site_modes is None else np.r_[site_modes, used]
+            cx, cy, cz = np.r_[cx, sx], np.r_[cy, sy], np.r_[cz, sz]
         if cx.size == 0:
             break
         done += 1
@@ -969,7 +977,9 @@ def interior(fx, fy, spacing: float, shape: tuple[int, int]) -> np.ndarray:
 
 
 def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *, sigma: float, spacing: float,
-                     noise: tuple[float, float], z_site: float = RESIDUAL_SITE_Z) -> tuple[np.ndarray, ...]:
+                     noise: tuple[float, float], z_site: float = RESIDUAL_SITE_Z,
+                     taken: tuple[np.ndarray, np.ndarray] | None = None, modes: np.ndarray | None = None,
+                     anchors: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Columns of a sublattice too faint, one by one, for the residual's matched filter: its sites, fitted.
 
     Where a dim sublattice is dense (its columns a few widths apart, as in the dim rows of an
@@ -984,44 +994,60 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
     there up, away from the columns found), enough to show the offsets the sublattice sits at
     from the columns found (:func:`_offset_modes`). Every column found plus each such offset is a
     site, where that column is the site's nearest, the site lies in the image, at least
-    ``RESIDUAL_EXCLUSION`` widths from every column, and within the lattice (columns around it
-    in every sector within ``SURROUND_SPACINGS`` spacings plus the offset's length, or the
-    image's border: not beyond a particle's edge or a hole's rim). The sites (merged where two
-    columns predict one) are fitted jointly with the columns near them, the width held at
-    ``sigma``. An offset is a sublattice's when the median intensity of its sites is at least
-    ``z_site`` standard errors (pure noise: about 0); each of its sites is a column when its
-    own intensity is, and its fit stays within ``SITE_TOL_MAX`` spacings of the site.
+    ``RESIDUAL_EXCLUSION`` widths from every column, and within the lattice (one of the columns
+    that predict it is :func:`interior`: not beyond a particle's edge or a hole's rim). The sites
+    (merged where two columns predict one) are fitted jointly with the columns near them, the
+    width held at ``sigma``. An offset is a sublattice's when its sites pass a first look
+    (:func:`_offsets_that_stand`) and the median intensity of its sites is at least ``z_site``
+    standard errors (pure noise: about 0); each of its sites is a column when its own intensity
+    is, and its fit stays within ``SITE_TOL_MAX`` spacings of the site.
+
+    Given ``modes`` (offsets that stood before), the sites are those of the first ``anchors``
+    columns at those offsets that no column (of ``fx, fy``, or ``taken``) holds yet, fitted with
+    every column near them: the sites a first fit left below ``z_site``, their neighbours now
+    in the model.
 
     Returns
     -------
     x, y, z : arrays
         The new columns (fitted positions, px) and their intensity over its standard error.
+    modes : (m, 2) array
+        The offsets that stood (px), or ``modes`` as given.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
     from scipy.spatial import cKDTree
 
-    empty = (np.zeros(0), np.zeros(0), np.zeros(0))
+    given = modes is not None
     fx, fy = np.asarray(fx, dtype=np.float64), np.asarray(fy, dtype=np.float64)
-    if np.size(cx) <= SITE_MATCHES or fx.size < MIN_LATTICE_ANCHORS:
+    na = fx.size if anchors is None else int(anchors)
+    empty = (np.zeros(0), np.zeros(0), np.zeros(0), np.zeros((0, 2)) if modes is None else modes)
+    if (not given and np.size(cx) <= SITE_MATCHES) or na < MIN_LATTICE_ANCHORS:
         return empty
     # two columns closer than RESIDUAL_EXCLUSION widths are not told apart here: sites (and offsets) that
     # close are one
     merge = RESIDUAL_EXCLUSION * sigma
     ny, nx = image.shape
-    modes, middle = _offset_modes(np.asarray(cx, dtype=np.float64), np.asarray(cy, dtype=np.float64), fx, fy,
-                                  spacing, min(merge, SITE_TOL_MAX * spacing))
+    ax_, ay_ = fx[:na], fy[:na]
+    if modes is None:
+        modes, middle = _offset_modes(np.asarray(cx, dtype=np.float64), np.asarray(cy, dtype=np.float64), ax_,
+                                      ay_, spacing, min(merge, SITE_TOL_MAX * spacing))
+    modes = np.asarray(modes, dtype=np.float64).reshape(-1, 2)
     if modes.shape[0] == 0:
         return empty
     tree = cKDTree(np.c_[fx, fy])
-    sx = (fx[None, :] + modes[:, :1]).ravel()
-    sy = (fy[None, :] + modes[:, 1:]).ravel()
-    mode = np.repeat(np.arange(modes.shape[0]), fx.size)
-    src = np.tile(np.arange(fx.size), modes.shape[0])
-    d, j = tree.query(np.c_[sx, sy])
-    # the generating column is the site's nearest (a tie within the sites' tolerance is one)
-    keep = (d >= RESIDUAL_EXCLUSION * sigma) & (np.hypot(sx - fx[src], sy - fy[src]) <= d + SITE_TOL * spacing)
+    sx = (ax_[None, :] + modes[:, :1]).ravel()
+    sy = (ay_[None, :] + modes[:, 1:]).ravel()
+    mode = np.repeat(np.arange(modes.shape[0]), na)
+    src = np.tile(np.arange(na), modes.shape[0])
+    d, j = cKDTree(np.c_[ax_, ay_]).query(np.c_[sx, sy])
+    # the generating column is the site's nearest (a tie within the sites' tolerance is one), and no
+    # column holds the site
+    keep = (d >= merge) & (np.hypot(sx - ax_[src], sy - ay_[src]) <= d + SITE_TOL * spacing)
+    keep &= tree.query(np.c_[sx, sy])[0] >= merge
     keep &= (sx >= 0.0) & (sx <= nx - 1.0) & (sy >= 0.0) & (sy <= ny - 1.0)
+    if taken is not None and np.size(taken[0]):  # columns this pass has found already
+        keep &= cKDTree(np.c_[taken[0], taken[1]]).query(np.c_[sx, sy])[0] >= merge
     sx, sy, mode, src = sx[keep], sy[keep], mode[keep], src[keep]
     if sx.size == 0:
         return empty
@@ -1040,7 +1066,7 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
     # within the lattice: one of the columns that predict the site has columns both ways along the
     # lattice's translations (a site beside a hole's rim or beyond a particle's edge is predicted by
     # the edge's columns only)
-    inside = np.bincount(comp, weights=interior(fx, fy, spacing, image.shape)[src].astype(np.float64)) > 0
+    inside = np.bincount(comp, weights=interior(ax_, ay_, spacing, image.shape)[src].astype(np.float64)) > 0
     sx, sy, mode = sx[inside], sy[inside], mode[inside]
     if sx.size == 0:
         return empty
@@ -1060,49 +1086,67 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
         return (np.where(ok, inten / np.where(err > 0, err, 1.0), -np.inf),
                 np.asarray(fit["x"], dtype=np.float64), np.asarray(fit["y"], dtype=np.float64))
 
-    # a first look, from the residual's matched filter at the sites (at least MIN_LATTICE_ANCHORS of
-    # them: fewer are no sublattice, and its strong columns are the other passes'): a dense sublattice reads low there
-    # (1.5-2 sd at the sites of the image above, noiseless) but positive at nearly every site; an
-    # offset that a few maxima of the noise share reads about 0 (1 / sqrt(n) sd over n sites)
-    zmap, _ = _matched_filter(residual, image, sigma, noise)
-    zs = ndi.map_coordinates(zmap, [sy, sx], order=1, mode="nearest")
-    hint = np.zeros(modes.shape[0], dtype=bool)
-    for m in np.unique(mode):
-        k = mode == m
-        hint[m] = k.sum() >= MIN_LATTICE_ANCHORS and float(np.mean(zs[k])) >= max(SUBLATTICE_MEAN_Z, SUBLATTICE_MEAN_Z_SD / math.sqrt(k.sum()))
-    sel = np.flatnonzero(hint[mode])
-    if sel.size == 0:
-        return empty
-    sx, sy, mode = sx[sel], sy[sel], mode[sel]
-    # each offset tried first on a patch of sites (those nearest the middle of the maxima that made
-    # it, every offset's, so that a site's neighbours are in its fit): where the offset is no
-    # sublattice's (noise, the same leftover of every column's fit), its sites there fall short of
-    # z_site and the others are not fitted
-    stands = np.zeros(modes.shape[0], dtype=bool)
-    site_tree = cKDTree(np.c_[sx, sy])
-    for m in np.unique(mode):
-        patch = np.sort(np.atleast_1d(site_tree.query(middle[m], k=min(SUBLATTICE_PATCH, sx.size))[1]))
-        zp = fitted(patch)[0]
-        own = mode[patch] == m
-        stands[m] = bool(own.any()) and float(np.median(zp[own])) >= z_site
-    sel = np.flatnonzero(stands[mode])
-    if sel.size == 0:
-        return empty
-    sx, sy, mode = sx[sel], sy[sel], mode[sel]
+    if not given:
+        stands = _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, sigma=sigma, noise=noise,
+                                     z_site=z_site)
+        sel = np.flatnonzero(stands[mode])
+        if sel.size == 0:
+            return empty
+        sx, sy, mode = sx[sel], sy[sel], mode[sel]
     z, px, py = fitted(np.arange(sx.size))
     real = np.ones(sx.size, dtype=bool)
-    for m in np.unique(mode):
-        k = mode == m
-        real[k] = np.median(z[k]) >= z_site
+    if not given:  # an offset stands where its sites' median does, in the fit of them all
+        for m in np.unique(mode):
+            k = mode == m
+            real[k] = np.median(z[k]) >= z_site
     real &= (z >= z_site) & (np.hypot(px - sx, py - sy) <= SITE_TOL_MAX * spacing)
     real &= (px >= -0.5) & (px <= nx - 0.5) & (py >= -0.5) & (py <= ny - 0.5)
     if real.any():
-        real[real] = tree.query(np.c_[px[real], py[real]])[0] >= RESIDUAL_EXCLUSION * sigma
+        real[real] = tree.query(np.c_[px[real], py[real]])[0] >= merge
+    if real.any() and taken is not None and np.size(taken[0]):
+        real[real] = cKDTree(np.c_[taken[0], taken[1]]).query(np.c_[px[real], py[real]])[0] >= merge
     # two sites whose fits ran together are one column: the more significant stays
     idx = np.flatnonzero(real)[np.argsort(-z[real], kind="stable")]
-    taken: list[int] = []
+    chosen: list[int] = []
     for i in idx:
-        if not taken or np.min(np.hypot(px[taken] - px[i], py[taken] - py[i])) >= RESIDUAL_EXCLUSION * sigma:
-            taken.append(int(i))
-    t = np.asarray(sorted(taken), dtype=np.int64)
-    return px[t], py[t], z[t]
+        if not chosen or np.min(np.hypot(px[chosen] - px[i], py[chosen] - py[i])) >= merge:
+            chosen.append(int(i))
+    t = np.asarray(sorted(chosen), dtype=np.int64)
+    used = modes if given else modes[np.unique(mode[real])] if real.any() else np.zeros((0, 2))
+    return px[t], py[t], z[t], used
+
+
+def _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, *, sigma: float, noise: tuple[float, float],
+                        z_site: float) -> np.ndarray:
+    """Which offsets (of the sites ``(sx, sy)``, by ``mode``) may be a sublattice's, before all its sites are fitted.
+
+    A first look, from the residual's matched filter at the sites (at least ``MIN_LATTICE_ANCHORS``
+    of them: fewer are no sublattice, and its strong columns are the other passes'): a dense
+    sublattice reads low there (1.5-2 sd at the sites of sweep image 501933535, noiseless) but
+    positive at nearly every site; an offset that a few maxima of the noise share reads about 0
+    (``1 / sqrt(n)`` sd over ``n`` sites). Then a patch of ``SUBLATTICE_PATCH`` sites, those
+    nearest the middle of the maxima that made the offset (every offset's, so that a site's
+    neighbours are in its fit), fitted by ``fitted``: where the offset is no sublattice's (noise,
+    the same leftover of every column's fit), its sites there fall short of ``z_site``.
+    """
+    from scipy.spatial import cKDTree
+
+    n_modes = int(middle.shape[0])
+    zmap, _ = _matched_filter(residual, image, sigma, noise)
+    zs = ndi.map_coordinates(zmap, [sy, sx], order=1, mode="nearest")
+    hint = np.zeros(n_modes, dtype=bool)
+    for m in np.unique(mode):
+        k = mode == m
+        hint[m] = k.sum() >= MIN_LATTICE_ANCHORS and float(np.mean(zs[k])) >= max(
+            SUBLATTICE_MEAN_Z, SUBLATTICE_MEAN_Z_SD / math.sqrt(k.sum()))
+    stands = np.zeros(n_modes, dtype=bool)
+    sel = np.flatnonzero(hint[mode])
+    if sel.size == 0:
+        return stands
+    site_tree = cKDTree(np.c_[sx[sel], sy[sel]])
+    for m in np.unique(mode[sel]):
+        patch = sel[np.sort(np.atleast_1d(site_tree.query(middle[m], k=min(SUBLATTICE_PATCH, sel.size))[1]))]
+        zp = fitted(patch)[0]
+        own = mode[patch] == m
+        stands[m] = bool(own.any()) and float(np.median(zp[own])) >= z_site
+    return stands
