@@ -246,10 +246,12 @@ RESIDUAL_BORDER_SIGNIFICANCE = 3.0
 #: (:func:`~atomds.core.find.residual.sublattice_sites`; a honeycomb's B has three, the dim rows of an
 #: ordered hexagonal lattice four, counting ties between two equidistant columns).
 SUBLATTICE_MODES = 8
-#: ... each taken further only where the residual's matched filter reads at least this much on average
-#: at its sites (noise sd) ...
+#: ... each taken further only where the residual's matched filter reads at least this much at its
+#: sites (median, noise sd) ...
 SUBLATTICE_MEAN_Z = 1.0
-#: ... and at least this many standard errors of that average (1 / sqrt(sites) for pure noise).
+#: ... and at least this many standard errors of it (1 / sqrt(sites) for pure noise) ...
 SUBLATTICE_MEAN_Z_SD = 5.0
+#: ... and is positive at this share of them (a column of noiseless z 0.7 reads positive at 0.76).
+SUBLATTICE_POSITIVE = 0.75
 #: ... each tried first on a patch of this many sites (of every offset), before all its sites are fitted.
 SUBLATTICE_PATCH = 96

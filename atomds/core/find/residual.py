@@ -54,6 +54,7 @@ from .constants import (
     SUBLATTICE_MEAN_Z_SD,
     SUBLATTICE_MODES,
     SUBLATTICE_PATCH,
+    SUBLATTICE_POSITIVE,
     SURROUND_SECTORS,
     SURROUND_SPACINGS,
     TRANSLATION_REACH,
@@ -900,7 +901,12 @@ def _offset_modes(cx, cy, fx, fy, spacing: float, radius: float) -> tuple[np.nda
     which takes them out of the rest (at most ``SUBLATTICE_MODES`` modes). The offsets of faint
     maxima scatter by their position errors (about ``sqrt(2) sigma / z`` on each axis), so that
     ``radius`` must be wider than ``SITE_TOL`` for one site to give one mode. A mode holds more than
-    ``SITE_MATCHES`` points. (Whether it is a sublattice's is for its sites' fits to say: where a
+    ``SITE_MATCHES`` points, at least ``JOINT_TEST_SPACINGS`` of the nearest-column distance from
+    its column: closer, the maxima are a dumbbell's partners, which the passes judge by a joint
+    fit of their own (:func:`_jointly_significant`), or what a fit leaves of a column it does not
+    model (the thick columns of a particle on a thickness ten times their contrast left maxima at
+    0.4 of it, which a joint fit of their sites read at up to 170 sd: 315 sites on a 1024^2 image,
+    27 s of fits). (Whether it is a sublattice's is for its sites' fits to say: where a
     dense dim sublattice gives nearly every maximum, a count against chance cannot tell.)
 
     Returns
@@ -935,7 +941,7 @@ def _offset_modes(cx, cy, fx, fy, spacing: float, radius: float) -> tuple[np.nda
             centre = moved
             if settled:
                 break
-        if nb.size <= SITE_MATCHES:
+        if nb.size <= SITE_MATCHES or math.hypot(*centre) < JOINT_TEST_SPACINGS * spacing:
             free[i] = False
             continue
         modes.append(centre)
@@ -1123,8 +1129,12 @@ def _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, *, sigma:
     A first look, from the residual's matched filter at the sites (at least ``MIN_LATTICE_ANCHORS``
     of them: fewer are no sublattice, and its strong columns are the other passes'): a dense
     sublattice reads low there (1.5-2 sd at the sites of sweep image 501933535, noiseless) but
-    positive at nearly every site; an offset that a few maxima of the noise share reads about 0
-    (``1 / sqrt(n)`` sd over ``n`` sites). Then a patch of ``SUBLATTICE_PATCH`` sites, those
+    positive at nearly every site (96-99 % of them there); an offset that a few maxima of the
+    noise share reads about 0 (``1 / sqrt(n)`` sd over ``n`` sites), and the leftovers of fits
+    that do not model their columns (thick columns on a steep thickness) are positive at some
+    sites and negative at others (48-60 % positive on a particle of bench_unlike.py's
+    au_on_carbon). The median must reach ``SUBLATTICE_MEAN_Z`` (and ``SUBLATTICE_MEAN_Z_SD``
+    standard errors), and ``SUBLATTICE_POSITIVE`` of the sites must be positive. Then a patch of ``SUBLATTICE_PATCH`` sites, those
     nearest the middle of the maxima that made the offset (every offset's, so that a site's
     neighbours are in its fit), fitted by ``fitted``: where the offset is no sublattice's (noise,
     the same leftover of every column's fit), its sites there fall short of ``z_site``.
@@ -1137,8 +1147,9 @@ def _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, *, sigma:
     hint = np.zeros(n_modes, dtype=bool)
     for m in np.unique(mode):
         k = mode == m
-        hint[m] = k.sum() >= MIN_LATTICE_ANCHORS and float(np.mean(zs[k])) >= max(
+        hint[m] = (k.sum() >= MIN_LATTICE_ANCHORS and float(np.median(zs[k])) >= max(
             SUBLATTICE_MEAN_Z, SUBLATTICE_MEAN_Z_SD / math.sqrt(k.sum()))
+            and float(np.mean(zs[k] > 0.0)) >= SUBLATTICE_POSITIVE)
     stands = np.zeros(n_modes, dtype=bool)
     sel = np.flatnonzero(hint[mode])
     if sel.size == 0:
