@@ -253,5 +253,9 @@ SUBLATTICE_MEAN_Z = 1.0
 SUBLATTICE_MEAN_Z_SD = 5.0
 #: ... and is positive at this share of them (a column of noiseless z 0.7 reads positive at 0.76).
 SUBLATTICE_POSITIVE = 0.75
+#: ... and its sites hold at least this share of the median integrated intensity of the columns found
+#: (the dim species of the sweep, 15-100 % of the brightest peak; the leftovers of fits a few percent
+#: narrow on a dense lattice at 13,000 counts, sweep image 1974161246: 5.8 %).
+SUBLATTICE_MIN_SHARE = 0.1
 #: ... each tried first on a patch of this many sites (of every offset), before all its sites are fitted.
 SUBLATTICE_PATCH = 96

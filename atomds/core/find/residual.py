@@ -52,6 +52,7 @@ from .constants import (
     SITE_TOL_MAX,
     SUBLATTICE_MEAN_Z,
     SUBLATTICE_MEAN_Z_SD,
+    SUBLATTICE_MIN_SHARE,
     SUBLATTICE_MODES,
     SUBLATTICE_PATCH,
     SUBLATTICE_POSITIVE,
@@ -445,7 +446,9 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
             floor = RESIDUAL_SITE_Z if z_min is None else float(z_min)
             rx, ry, _, _ = residual_candidates(residual, image, fx, fy, sigma=sigma, noise=noise, z_min=z_min,
                                                z_floor=floor, border=border)
-            kw = dict(sigma=sigma, spacing=spacing, noise=noise, z_site=floor, anchors=n0)
+            good = np.asarray(fit["fit_ok"], dtype=bool) & np.isfinite(fit["intensity"])
+            kw = dict(sigma=sigma, spacing=spacing, noise=noise, z_site=floor, anchors=n0,
+                      reference=float(np.median(np.asarray(fit["intensity"])[good])) if good.any() else None)
             if site_modes is not None:
                 # once offsets stood, the sites their first fit left are fitted again, with the
                 # neighbours found since in the model (sites of the columns found before the passes)
@@ -985,7 +988,8 @@ def interior(fx, fy, spacing: float, shape: tuple[int, int]) -> np.ndarray:
 def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *, sigma: float, spacing: float,
                      noise: tuple[float, float], z_site: float = RESIDUAL_SITE_Z,
                      taken: tuple[np.ndarray, np.ndarray] | None = None, modes: np.ndarray | None = None,
-                     anchors: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                     anchors: int | None = None, reference: float | None = None,
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Columns of a sublattice too faint, one by one, for the residual's matched filter: its sites, fitted.
 
     Where a dim sublattice is dense (its columns a few widths apart, as in the dim rows of an
@@ -1007,6 +1011,12 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
     (:func:`_offsets_that_stand`) and the median intensity of its sites is at least ``z_site``
     standard errors (pure noise: about 0); each of its sites is a column when its own intensity
     is, and its fit stays within ``SITE_TOL_MAX`` spacings of the site.
+
+    With ``reference`` (the median integrated intensity of the columns found), an offset also
+    needs its sites' median intensity to be at least ``SUBLATTICE_MIN_SHARE`` of it: what a fit
+    leaves of columns it models a little too narrow (a dense lattice of one species at 13,000
+    counts, sweep image 1974161246) repeats at the same offsets, reads positive at nearly every
+    site and is significant at high dose, but holds a few percent of a column (5.8 % there).
 
     Given ``modes`` (offsets that stood before), the sites are those of the first ``anchors``
     columns at those offsets that no column (of ``fx, fy``, or ``taken``) holds yet, fitted with
@@ -1077,8 +1087,8 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
     if sx.size == 0:
         return empty
 
-    def fitted(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The sites ``sel`` fitted jointly with the columns near them: intensity z and positions."""
+    def fitted(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The sites ``sel`` fitted jointly with the columns near them: intensity z, positions and intensity."""
         near = np.unique(np.concatenate(tree.query_ball_point(np.c_[sx[sel], sy[sel]],
                                                               JOINT_TEST_REACH * spacing)).astype(np.int64))
         # the fits of columns centred just outside the image are held at its border
@@ -1090,21 +1100,22 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
         err = np.asarray(fit["intensity_err"], dtype=np.float64)
         ok = np.asarray(fit["fit_ok"], dtype=bool) & np.isfinite(inten) & (err > 0)
         return (np.where(ok, inten / np.where(err > 0, err, 1.0), -np.inf),
-                np.asarray(fit["x"], dtype=np.float64), np.asarray(fit["y"], dtype=np.float64))
+                np.asarray(fit["x"], dtype=np.float64), np.asarray(fit["y"], dtype=np.float64),
+                np.where(ok, inten, np.nan))
 
     if not given:
         stands = _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, sigma=sigma, noise=noise,
-                                     z_site=z_site)
+                                     z_site=z_site, reference=reference)
         sel = np.flatnonzero(stands[mode])
         if sel.size == 0:
             return empty
         sx, sy, mode = sx[sel], sy[sel], mode[sel]
-    z, px, py = fitted(np.arange(sx.size))
+    z, px, py, inten = fitted(np.arange(sx.size))
     real = np.ones(sx.size, dtype=bool)
     if not given:  # an offset stands where its sites' median does, in the fit of them all
         for m in np.unique(mode):
             k = mode == m
-            real[k] = np.median(z[k]) >= z_site
+            real[k] = np.median(z[k]) >= z_site and _holds_columns(inten[k], reference)
     real &= (z >= z_site) & (np.hypot(px - sx, py - sy) <= SITE_TOL_MAX * spacing)
     real &= (px >= -0.5) & (px <= nx - 0.5) & (py >= -0.5) & (py <= ny - 0.5)
     if real.any():
@@ -1122,8 +1133,17 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
     return px[t], py[t], z[t], used
 
 
+def _holds_columns(inten: np.ndarray, reference: float | None) -> bool:
+    """Whether sites of fitted intensities ``inten`` hold columns: a median of at least ``SUBLATTICE_MIN_SHARE`` of
+    ``reference`` (none given: yes)."""
+    if reference is None or not np.isfinite(reference) or reference <= 0:
+        return True
+    fin = np.isfinite(inten)
+    return bool(fin.any()) and float(np.median(inten[fin])) >= SUBLATTICE_MIN_SHARE * reference
+
+
 def _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, *, sigma: float, noise: tuple[float, float],
-                        z_site: float) -> np.ndarray:
+                        z_site: float, reference: float | None = None) -> np.ndarray:
     """Which offsets (of the sites ``(sx, sy)``, by ``mode``) may be a sublattice's, before all its sites are fitted.
 
     A first look, from the residual's matched filter at the sites (at least ``MIN_LATTICE_ANCHORS``
@@ -1137,7 +1157,8 @@ def _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, *, sigma:
     standard errors), and ``SUBLATTICE_POSITIVE`` of the sites must be positive. Then a patch of ``SUBLATTICE_PATCH`` sites, those
     nearest the middle of the maxima that made the offset (every offset's, so that a site's
     neighbours are in its fit), fitted by ``fitted``: where the offset is no sublattice's (noise,
-    the same leftover of every column's fit), its sites there fall short of ``z_site``.
+    the same leftover of every column's fit), its sites there fall short of ``z_site`` (or of
+    :func:`_holds_columns`).
     """
     from scipy.spatial import cKDTree
 
@@ -1157,7 +1178,7 @@ def _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, *, sigma:
     site_tree = cKDTree(np.c_[sx[sel], sy[sel]])
     for m in np.unique(mode[sel]):
         patch = sel[np.sort(np.atleast_1d(site_tree.query(middle[m], k=min(SUBLATTICE_PATCH, sel.size))[1]))]
-        zp = fitted(patch)[0]
+        zp, _, _, ip = fitted(patch)
         own = mode[patch] == m
-        stands[m] = bool(own.any()) and float(np.median(zp[own])) >= z_site
+        stands[m] = bool(own.any()) and float(np.median(zp[own])) >= z_site and _holds_columns(ip[own], reference)
     return stands
