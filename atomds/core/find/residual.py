@@ -1036,7 +1036,7 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
 
     given = modes is not None
     fx, fy = np.asarray(fx, dtype=np.float64), np.asarray(fy, dtype=np.float64)
-    na = fx.size if anchors is None else int(anchors)
+    na = fx.size if anchors is None else min(int(anchors), fx.size)
     empty = (np.zeros(0), np.zeros(0), np.zeros(0), np.zeros((0, 2)) if modes is None else modes)
     if (not given and np.size(cx) <= SITE_MATCHES) or na < MIN_LATTICE_ANCHORS:
         return empty
