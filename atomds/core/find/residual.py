@@ -421,7 +421,7 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
         residual = np.asarray(image, dtype=np.float64) - model
         cand = _round_candidates(residual, image, fx, fy, sigma=sigma, spacing=spacing, noise=noise, z_min=z_min,
                                  lattice_check=lattice_check, border=border)
-        return fit, fx, fy, cand, residual
+        return fit, fx, fy, cand[0], cand[1], residual
 
     for _ in range(rounds):
         # seeds of columns centred just outside the image are reported at its border
@@ -429,12 +429,12 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
         ay = np.clip(np.r_[y, new_y], 0.0, image.shape[0] - 1.0)
         # each column fitted in its window with its neighbours subtracted (the joint fit of
         # overlapping groups is for the final refinement)
-        fit, fx, fy, (cx, cy, cz), residual = search(ax, ay, shape_model)
+        fit, fx, fy, (cx, cy, cz), (rx, ry), residual = search(ax, ay, shape_model)
         if (cx.size and shape_model == "gaussian" and _lobes(cx, cy, fx, fy, spacing, sigma)
                 and _shared(_ellipticity_terms(image, ax, ay, sigma, noise))[1] >= ELLIPTICITY_Z):
             # elliptical columns (astigmatism, drift) fitted round leave two lobes each: model them as they are
             shape_model = "elliptical"
-            fit, fx, fy, (cx, cy, cz), residual = search(ax, ay, shape_model)
+            fit, fx, fy, (cx, cy, cz), (rx, ry), residual = search(ax, ay, shape_model)
         cx, cy, cz = _inside_at_border(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
         cx, cy, cz = _jointly_significant(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
         if lattice_check and shape_model == "gaussian":
@@ -444,8 +444,6 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
             # offsets from every column, for columns: 418 false on the hexagonal lattice of
             # tests/core/test_elliptical_columns.py at 8000 counts)
             floor = RESIDUAL_SITE_Z if z_min is None else float(z_min)
-            rx, ry, _, _ = residual_candidates(residual, image, fx, fy, sigma=sigma, noise=noise, z_min=z_min,
-                                               z_floor=floor, border=border)
             good = np.asarray(fit["fit_ok"], dtype=bool) & np.isfinite(fit["intensity"])
             kw = dict(sigma=sigma, spacing=spacing, noise=noise, z_site=floor, anchors=n0,
                       reference=float(np.median(np.asarray(fit["intensity"])[good])) if good.any() else None)
@@ -484,14 +482,16 @@ def _round_candidates(residual: np.ndarray, image: np.ndarray, fx, fy, *, sigma:
     ``lattice_check`` and the automatic ``z_min``, also maxima down to ``RESIDUAL_SITE_Z`` on a
     site the columns around predict (``SITE_MATCHES`` of them at local lattice vectors): few
     places are tested there, so a lower level keeps the noise out, and a member of a sublattice
-    whose neighbours' fits took some of its signal is not lost.
+    whose neighbours' fits took some of its signal is not lost. Also returns every maximum
+    searched (``x, y``: from ``RESIDUAL_SITE_Z`` up where the lattice is judged), which
+    :func:`sublattice_sites` reads for shared offsets.
     """
     lattice = lattice_check and np.size(fx) >= MIN_LATTICE_ANCHORS
     floor = RESIDUAL_SITE_Z if lattice and z_min is None else z_min
     cx, cy, cz, zmin = residual_candidates(residual, image, fx, fy, sigma=sigma, noise=noise, z_min=z_min,
                                            z_floor=floor, border=border)
     if cx.size == 0 or not lattice:
-        return cx, cy, cz
+        return (cx, cy, cz), (cx, cy)
     sx, sy, sz = _on_lattice(cx, cy, cz, zmin, fx, fy, spacing, sigma=sigma, shape=residual.shape)
     # a column as bright and as sharp as the columns around it is one wherever it sits (an
     # interstitial, a column at a boundary): the lattice tests judge only the fainter maxima
@@ -502,7 +502,7 @@ def _round_candidates(residual: np.ndarray, image: np.ndarray, fx, fy, *, sigma:
         real = rest.copy()
         real[rest] = real_residual_columns(residual, image, cx[rest], cy[rest], fx, fy, sigma)
         sx, sy, sz = np.r_[sx, cx[real]], np.r_[sy, cy[real]], np.r_[sz, cz[real]]
-    return sx, sy, sz
+    return (sx, sy, sz), (cx, cy)
 
 
 def surrounded(cx, cy, fx, fy, radius: float, sectors: int = SURROUND_SECTORS) -> np.ndarray:
@@ -931,7 +931,9 @@ def _offset_modes(cx, cy, fx, fy, spacing: float, radius: float) -> tuple[np.nda
     modes: list[np.ndarray] = []
     middle: list[np.ndarray] = []
     for i in np.argsort(-counts, kind="stable"):
-        if not free[i] or len(modes) == SUBLATTICE_MODES:
+        if len(modes) == SUBLATTICE_MODES:
+            break
+        if not free[i]:
             continue
         centre = v[i]
         for _ in range(10):  # mean shift within radius, over the offsets not yet taken
@@ -1122,13 +1124,14 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
         real[real] = tree.query(np.c_[px[real], py[real]])[0] >= merge
     if real.any() and taken is not None and np.size(taken[0]):
         real[real] = cKDTree(np.c_[taken[0], taken[1]]).query(np.c_[px[real], py[real]])[0] >= merge
-    # two sites whose fits ran together are one column: the more significant stays
-    idx = np.flatnonzero(real)[np.argsort(-z[real], kind="stable")]
-    chosen: list[int] = []
-    for i in idx:
-        if not chosen or np.min(np.hypot(px[chosen] - px[i], py[chosen] - py[i])) >= merge:
-            chosen.append(int(i))
-    t = np.asarray(sorted(chosen), dtype=np.int64)
+    # two sites whose fits ran together are one column: of every such pair the less significant goes
+    # (the sites started at least ``merge`` apart, so that such pairs are few and seldom chained)
+    t = np.flatnonzero(real)
+    if t.size > 1:
+        pairs = cKDTree(np.c_[px[t], py[t]]).query_pairs(merge, output_type="ndarray")
+        if len(pairs):
+            lose = np.where(z[t[pairs[:, 0]]] >= z[t[pairs[:, 1]]], pairs[:, 1], pairs[:, 0])
+            t = np.delete(t, np.unique(lose))
     used = modes if given else modes[np.unique(mode[real])] if real.any() else np.zeros((0, 2))
     return px[t], py[t], z[t], used
 
