@@ -259,3 +259,12 @@ SUBLATTICE_POSITIVE = 0.75
 SUBLATTICE_MIN_SHARE = 0.1
 #: ... each tried first on a patch of this many sites (of every offset), before all its sites are fitted.
 SUBLATTICE_PATCH = 96
+#: Where an offset's sites fail those readings over the whole image, each site's this many nearest sites
+#: of its offset are read instead (a sublattice over part of the image: a thin crystal's dim rows, one
+#: domain's ordering); pure noise reads a median of 1 sd over 25 sites at 4 standard errors.
+SUBLATTICE_LOCAL = 25
+#: Offsets that stood are fitted again, in later passes, at the sites they left that have at least this
+#: many columns found by the passes ...
+REFIT_NEIGHBOURS = 2
+#: ... within this many spacings (the sites beside a sublattice's columns, not the empty part of the image).
+REFIT_REACH = 2.0

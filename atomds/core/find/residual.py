@@ -39,6 +39,8 @@ from .constants import (
     LOBE_SPACINGS,
     MIN_CLASS_COUNT,
     MIN_LATTICE_ANCHORS,
+    REFIT_NEIGHBOURS,
+    REFIT_REACH,
     RESIDUAL_BACKGROUND_WIDTHS,
     RESIDUAL_BORDER_SHIFT,
     RESIDUAL_BORDER_SIGNIFICANCE,
@@ -50,6 +52,7 @@ from .constants import (
     SITE_POSITION_SD,
     SITE_TOL,
     SITE_TOL_MAX,
+    SUBLATTICE_LOCAL,
     SUBLATTICE_MEAN_Z,
     SUBLATTICE_MEAN_Z_SD,
     SUBLATTICE_MIN_SHARE,
@@ -1021,9 +1024,10 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
     site and is significant at high dose, but holds a few percent of a column (5.8 % there).
 
     Given ``modes`` (offsets that stood before), the sites are those of the first ``anchors``
-    columns at those offsets that no column (of ``fx, fy``, or ``taken``) holds yet, fitted with
-    every column near them: the sites a first fit left below ``z_site``, their neighbours now
-    in the model.
+    columns at those offsets that no column (of ``fx, fy``, or ``taken``) holds yet and that have
+    ``REFIT_NEIGHBOURS`` columns found since the anchors within ``REFIT_REACH`` spacings, fitted
+    with every column near them: the sites a first fit left below ``z_site`` within a sublattice,
+    their neighbours now in the model.
 
     Returns
     -------
@@ -1085,6 +1089,15 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
     # lattice's translations (a site beside a hole's rim or beyond a particle's edge is predicted by
     # the edge's columns only)
     inside = np.bincount(comp, weights=interior(ax_, ay_, spacing, image.shape)[src].astype(np.float64)) > 0
+    if given:
+        # fitted again only beside columns found since (the passes' own, not the first ones): the sites the
+        # first fit left within a sublattice, not every empty site of the image (a sublattice over part of
+        # it) once more
+        later = np.c_[np.r_[fx[na:], np.asarray(taken[0] if taken is not None else (), dtype=np.float64)],
+                      np.r_[fy[na:], np.asarray(taken[1] if taken is not None else (), dtype=np.float64)]]
+        near = (cKDTree(later).query_ball_point(np.c_[sx, sy], REFIT_REACH * spacing, return_length=True)
+                if later.shape[0] else np.zeros(sx.size, dtype=np.int64))
+        inside &= np.asarray(near) >= REFIT_NEIGHBOURS
     sx, sy, mode = sx[inside], sy[inside], mode[inside]
     if sx.size == 0:
         return empty
@@ -1108,7 +1121,7 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
     if not given:
         stands = _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, sigma=sigma, noise=noise,
                                      z_site=z_site, reference=reference)
-        sel = np.flatnonzero(stands[mode])
+        sel = np.flatnonzero(stands)
         if sel.size == 0:
             return empty
         sx, sy, mode = sx[sel], sy[sel], mode[sel]
@@ -1145,9 +1158,39 @@ def _holds_columns(inten: np.ndarray, reference: float | None) -> bool:
     return bool(fin.any()) and float(np.median(inten[fin])) >= SUBLATTICE_MIN_SHARE * reference
 
 
+def _reads_like_columns(zs: np.ndarray) -> bool:
+    """Whether matched-filter readings ``zs`` at sites (noise sd) read like columns there: a median of at least
+    ``SUBLATTICE_MEAN_Z`` (and ``SUBLATTICE_MEAN_Z_SD`` standard errors) and ``SUBLATTICE_POSITIVE`` of them
+    positive."""
+    return bool(zs.size >= MIN_LATTICE_ANCHORS
+                and float(np.median(zs)) >= max(SUBLATTICE_MEAN_Z, SUBLATTICE_MEAN_Z_SD / math.sqrt(zs.size))
+                and float(np.mean(zs > 0.0)) >= SUBLATTICE_POSITIVE)
+
+
+def _local_reading(sx: np.ndarray, sy: np.ndarray, zs: np.ndarray) -> np.ndarray:
+    """The sites (of one offset) that read like columns among their ``SUBLATTICE_LOCAL`` nearest: the union of
+    every such neighbourhood whose readings pass :func:`_reads_like_columns`' tests (its count aside), where
+    at least ``SUBLATTICE_LOCAL`` of them pass (a part of the image, not one neighbourhood: the leftovers of
+    fits at 8000 counts, a median of 0.2-0.4 sd over a thousand sites, passed in one to three neighbourhoods
+    by chance)."""
+    from scipy.spatial import cKDTree
+
+    k = SUBLATTICE_LOCAL
+    out = np.zeros(sx.size, dtype=bool)
+    if sx.size < k:
+        return out
+    _, nb = cKDTree(np.c_[sx, sy]).query(np.c_[sx, sy], k=k)
+    local = zs[nb]
+    ok = (np.median(local, axis=1) >= max(SUBLATTICE_MEAN_Z, SUBLATTICE_MEAN_Z_SD / math.sqrt(k))) & (
+        np.mean(local > 0.0, axis=1) >= SUBLATTICE_POSITIVE)
+    if ok.sum() >= k:
+        out[nb[ok].ravel()] = True
+    return out
+
+
 def _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, *, sigma: float, noise: tuple[float, float],
                         z_site: float, reference: float | None = None) -> np.ndarray:
-    """Which offsets (of the sites ``(sx, sy)``, by ``mode``) may be a sublattice's, before all its sites are fitted.
+    """Which sites ``(sx, sy)`` (of the offsets ``mode``) may be a sublattice's, before they are all fitted.
 
     A first look, from the residual's matched filter at the sites (at least ``MIN_LATTICE_ANCHORS``
     of them: fewer are no sublattice, and its strong columns are the other passes'): a dense
@@ -1157,31 +1200,48 @@ def _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, *, sigma:
     that do not model their columns (thick columns on a steep thickness) are positive at some
     sites and negative at others (48-60 % positive on a particle of bench_unlike.py's
     au_on_carbon). The median must reach ``SUBLATTICE_MEAN_Z`` (and ``SUBLATTICE_MEAN_Z_SD``
-    standard errors), and ``SUBLATTICE_POSITIVE`` of the sites must be positive. Then a patch of ``SUBLATTICE_PATCH`` sites, those
-    nearest the middle of the maxima that made the offset (every offset's, so that a site's
-    neighbours are in its fit), fitted by ``fitted``: where the offset is no sublattice's (noise,
-    the same leftover of every column's fit), its sites there fall short of ``z_site`` (or of
-    :func:`_holds_columns`).
+    standard errors), and ``SUBLATTICE_POSITIVE`` of the sites must be positive
+    (:func:`_reads_like_columns`). Where an offset's sites fail that over the image, those of the
+    neighbourhoods of ``SUBLATTICE_LOCAL`` sites that pass it are taken (:func:`_local_reading`): a
+    sublattice over part of the image (dim columns centred in the left 44 % of a square lattice
+    read a median below 1 sd over all the sites and were all missed). Then a patch of
+    ``SUBLATTICE_PATCH`` sites, those of the offset nearest the middle of the maxima that made it
+    (with every other offset's sites there, so that a site's neighbours are in its fit), fitted by
+    ``fitted``: where the offset is no sublattice's (noise, the same leftover of every column's
+    fit), its sites there fall short of ``z_site`` (or of :func:`_holds_columns`).
+
+    Returns
+    -------
+    bool array along the sites: those of the offsets (or parts of them) that stood.
     """
     from scipy.spatial import cKDTree
 
-    n_modes = int(middle.shape[0])
     zmap, _ = _matched_filter(residual, image, sigma, noise)
     zs = ndi.map_coordinates(zmap, [sy, sx], order=1, mode="nearest")
-    hint = np.zeros(n_modes, dtype=bool)
+    hint = np.zeros(sx.size, dtype=bool)
     for m in np.unique(mode):
-        k = mode == m
-        hint[m] = (k.sum() >= MIN_LATTICE_ANCHORS and float(np.median(zs[k])) >= max(
-            SUBLATTICE_MEAN_Z, SUBLATTICE_MEAN_Z_SD / math.sqrt(k.sum()))
-            and float(np.mean(zs[k] > 0.0)) >= SUBLATTICE_POSITIVE)
-    stands = np.zeros(n_modes, dtype=bool)
-    sel = np.flatnonzero(hint[mode])
+        k = np.flatnonzero(mode == m)
+        if k.size < MIN_LATTICE_ANCHORS:
+            continue
+        if _reads_like_columns(zs[k]):
+            hint[k] = True
+        else:
+            part = k[_local_reading(sx[k], sy[k], zs[k])]
+            if part.size >= MIN_LATTICE_ANCHORS:
+                hint[part] = True
+    stands = np.zeros(sx.size, dtype=bool)
+    sel = np.flatnonzero(hint)
     if sel.size == 0:
         return stands
     site_tree = cKDTree(np.c_[sx[sel], sy[sel]])
     for m in np.unique(mode[sel]):
-        patch = sel[np.sort(np.atleast_1d(site_tree.query(middle[m], k=min(SUBLATTICE_PATCH, sel.size))[1]))]
+        own_sites = sel[mode[sel] == m]
+        # the patch around the offset's site nearest the middle of its maxima
+        centre = own_sites[np.argmin(np.hypot(sx[own_sites] - middle[m, 0], sy[own_sites] - middle[m, 1]))]
+        patch = sel[np.sort(np.atleast_1d(site_tree.query([sx[centre], sy[centre]],
+                                                          k=min(SUBLATTICE_PATCH, sel.size))[1]))]
         zp, _, _, ip = fitted(patch)
         own = mode[patch] == m
-        stands[m] = bool(own.any()) and float(np.median(zp[own])) >= z_site and _holds_columns(ip[own], reference)
+        if own.any() and float(np.median(zp[own])) >= z_site and _holds_columns(ip[own], reference):
+            stands[own_sites] = True
     return stands
