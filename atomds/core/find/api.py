@@ -231,7 +231,8 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
        the offsets from the columns found that many of the residual's maxima from 3 sd up share
        give sites, which are fitted jointly with the columns around them and kept from 3
        standard errors of intensity, where the offset's sites read positive in the matched
-       filter on average and a patch of them passes the same fit (not where the columns are
+       filter on average (over the image, or over neighbourhoods of 25 sites, for a sublattice
+       over part of it) and a patch of them passes the same fit (not where the columns are
        elliptical, whose lobes sit at two offsets from every column). Fit, subtraction and
        search repeat up to three times; a handful of new columns (under a tenth of those found)
        stay only when as bright as a class found (``KEEP_AMPLITUDE`` of the dimmest class's

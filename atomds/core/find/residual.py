@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import scipy.fft as sfft
@@ -415,6 +416,7 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
     fit: dict = {}
     shape_model = "gaussian"
     site_modes: np.ndarray | None = None  # the offsets of a dim sublattice once they stood
+    refused = np.zeros((0, 2))  # offsets whose sites a fit refused: not tried again
 
     def search(ax: np.ndarray, ay: np.ndarray, shape_model: str):
         """The columns fitted, their positions (the seeds where a fit failed) and the residual's candidates."""
@@ -453,10 +455,11 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
             if site_modes is not None:
                 # once offsets stood, the sites their first fit left are fitted again, with the
                 # neighbours found since in the model (sites of the columns found before the passes)
-                sx, sy, sz, _ = sublattice_sites(image, residual, fx, fy, rx, ry, taken=(cx, cy), modes=site_modes,
-                                                 **kw)
+                sx, sy, sz, _, _ = sublattice_sites(image, residual, fx, fy, rx, ry, taken=(cx, cy),
+                                                    modes=site_modes, **kw)
                 cx, cy, cz = np.r_[cx, sx], np.r_[cy, sy], np.r_[cz, sz]
-            sx, sy, sz, used = sublattice_sites(image, residual, fx, fy, rx, ry, taken=(cx, cy), **kw)
+            sx, sy, sz, used, refused = sublattice_sites(image, residual, fx, fy, rx, ry, taken=(cx, cy),
+                                                         refused=refused, **kw)
             if used.shape[0]:
                 site_modes = used if site_modes is None else np.r_[site_modes, used]
             cx, cy, cz = np.r_[cx, sx], np.r_[cy, sy], np.r_[cz, sz]
@@ -990,11 +993,21 @@ def interior(fx, fy, spacing: float, shape: tuple[int, int]) -> np.ndarray:
     return there.all(axis=1)
 
 
+class SiteColumns(NamedTuple):
+    """What :func:`sublattice_sites` returns."""
+
+    x: np.ndarray  #: new columns, px
+    y: np.ndarray
+    z: np.ndarray  #: their fitted intensity over its standard error
+    modes: np.ndarray  #: (m, 2) offsets that stood (px)
+    refused: np.ndarray  #: (k, 2) offsets fitted that did not stand (px), these calls' and the earlier ones'
+
+
 def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *, sigma: float, spacing: float,
                      noise: tuple[float, float], z_site: float = RESIDUAL_SITE_Z,
                      taken: tuple[np.ndarray, np.ndarray] | None = None, modes: np.ndarray | None = None,
                      anchors: int | None = None, reference: float | None = None,
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                     refused: np.ndarray | None = None) -> SiteColumns:
     """Columns of a sublattice too faint, one by one, for the residual's matched filter: its sites, fitted.
 
     Where a dim sublattice is dense (its columns a few widths apart, as in the dim rows of an
@@ -1017,6 +1030,11 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
     standard errors (pure noise: about 0); each of its sites is a column when its own intensity
     is, and its fit stays within ``SITE_TOL_MAX`` spacings of the site.
 
+    Offsets within the offsets' merging radius of ``refused`` ((k, 2) px: offsets whose patch or
+    sites a fit refused in an earlier pass) are not tried again: the passes change the residual
+    little, and each try costs a joint fit of a patch (sweep image 1310777253, 15,500 counts: the
+    same part of a leftover read like columns in every pass, 1.9 -> 4.0 s).
+
     With ``reference`` (the median integrated intensity of the columns found), an offset also
     needs its sites' median intensity to be at least ``SUBLATTICE_MIN_SHARE`` of it: what a fit
     leaves of columns it models a little too narrow (a dense lattice of one species at 13,000
@@ -1031,10 +1049,10 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
 
     Returns
     -------
-    x, y, z : arrays
-        The new columns (fitted positions, px) and their intensity over its standard error.
-    modes : (m, 2) array
-        The offsets that stood (px), or ``modes`` as given.
+    SiteColumns
+        ``x, y, z``: the new columns (fitted positions, px) and their intensity over its standard
+        error; ``modes``: the offsets that stood (px), or ``modes`` as given; ``refused``: the
+        offsets whose patch or sites were fitted and did not stand, with ``refused`` as given.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -1043,7 +1061,8 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
     given = modes is not None
     fx, fy = np.asarray(fx, dtype=np.float64), np.asarray(fy, dtype=np.float64)
     na = fx.size if anchors is None else min(int(anchors), fx.size)
-    empty = (np.zeros(0), np.zeros(0), np.zeros(0), np.zeros((0, 2)) if modes is None else modes)
+    refused = np.zeros((0, 2)) if refused is None else np.asarray(refused, dtype=np.float64).reshape(-1, 2)
+    empty = SiteColumns(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros((0, 2)) if modes is None else modes, refused)
     if (not given and np.size(cx) <= SITE_MATCHES) or na < MIN_LATTICE_ANCHORS:
         return empty
     # two columns closer than RESIDUAL_EXCLUSION widths are not told apart here: sites (and offsets) that
@@ -1052,8 +1071,12 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
     ny, nx = image.shape
     ax_, ay_ = fx[:na], fy[:na]
     if modes is None:
+        radius = min(merge, SITE_TOL_MAX * spacing)
         modes, middle = _offset_modes(np.asarray(cx, dtype=np.float64), np.asarray(cy, dtype=np.float64), ax_,
-                                      ay_, spacing, min(merge, SITE_TOL_MAX * spacing))
+                                      ay_, spacing, radius)
+        if refused.shape[0] and modes.shape[0]:
+            new = cKDTree(refused).query(modes)[0] > radius
+            modes, middle = modes[new], middle[new]
     modes = np.asarray(modes, dtype=np.float64).reshape(-1, 2)
     if modes.shape[0] == 0:
         return empty
@@ -1119,11 +1142,11 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
                 np.where(ok, inten, np.nan))
 
     if not given:
-        stands = _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, sigma=sigma, noise=noise,
-                                     z_site=z_site, reference=reference)
+        stands, tried = _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, sigma=sigma, noise=noise,
+                                            z_site=z_site, reference=reference)
         sel = np.flatnonzero(stands)
         if sel.size == 0:
-            return empty
+            return empty._replace(refused=np.r_[refused, modes[tried]])
         sx, sy, mode = sx[sel], sy[sel], mode[sel]
     z, px, py, inten = fitted(np.arange(sx.size))
     real = np.ones(sx.size, dtype=bool)
@@ -1145,8 +1168,11 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
         if len(pairs):
             lose = np.where(z[t[pairs[:, 0]]] >= z[t[pairs[:, 1]]], pairs[:, 1], pairs[:, 0])
             t = np.delete(t, np.unique(lose))
-    used = modes if given else modes[np.unique(mode[real])] if real.any() else np.zeros((0, 2))
-    return px[t], py[t], z[t], used
+    if given:
+        return SiteColumns(px[t], py[t], z[t], modes, refused)
+    stood = np.zeros(modes.shape[0], dtype=bool)
+    stood[np.unique(mode[real])] = True
+    return SiteColumns(px[t], py[t], z[t], modes[stood], np.r_[refused, modes[tried & ~stood]])
 
 
 def _holds_columns(inten: np.ndarray, reference: float | None) -> bool:
@@ -1189,7 +1215,7 @@ def _local_reading(sx: np.ndarray, sy: np.ndarray, zs: np.ndarray) -> np.ndarray
 
 
 def _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, *, sigma: float, noise: tuple[float, float],
-                        z_site: float, reference: float | None = None) -> np.ndarray:
+                        z_site: float, reference: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Which sites ``(sx, sy)`` (of the offsets ``mode``) may be a sublattice's, before they are all fitted.
 
     A first look, from the residual's matched filter at the sites (at least ``MIN_LATTICE_ANCHORS``
@@ -1212,7 +1238,8 @@ def _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, *, sigma:
 
     Returns
     -------
-    bool array along the sites: those of the offsets (or parts of them) that stood.
+    stands : bool array along the sites, those of the offsets (or parts of them) that stood;
+    tried : bool array along the offsets, those whose patch was fitted.
     """
     from scipy.spatial import cKDTree
 
@@ -1230,9 +1257,10 @@ def _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, *, sigma:
             if part.size >= MIN_LATTICE_ANCHORS:
                 hint[part] = True
     stands = np.zeros(sx.size, dtype=bool)
+    tried = np.zeros(int(middle.shape[0]), dtype=bool)
     sel = np.flatnonzero(hint)
     if sel.size == 0:
-        return stands
+        return stands, tried
     site_tree = cKDTree(np.c_[sx[sel], sy[sel]])
     for m in np.unique(mode[sel]):
         own_sites = sel[mode[sel] == m]
@@ -1241,7 +1269,8 @@ def _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, *, sigma:
         patch = sel[np.sort(np.atleast_1d(site_tree.query([sx[centre], sy[centre]],
                                                           k=min(SUBLATTICE_PATCH, sel.size))[1]))]
         zp, _, _, ip = fitted(patch)
+        tried[m] = True
         own = mode[patch] == m
         if own.any() and float(np.median(zp[own])) >= z_site and _holds_columns(ip[own], reference):
             stands[own_sites] = True
-    return stands
+    return stands, tried
