@@ -249,6 +249,34 @@ def test_dense_dim_rows_over_part_of_the_image_are_found(seed):
     assert sc["false_positive_rate"] <= 0.005
 
 
+def test_local_reading_takes_the_part_of_the_sites_that_reads_like_columns():
+    from atomds.core.find.residual import _local_reading
+
+    rng = np.random.default_rng(5)
+    gx, gy = np.meshgrid(np.arange(40.0), np.arange(30.0))
+    sx, sy = gx.ravel() * 8.0, gy.ravel() * 8.0
+    zs = rng.normal(0.0, 1.0, sx.size)
+    reach, core = _local_reading(sx, sy, zs)
+    assert not reach.any() and not core.any()  # noise: no part
+    part = sx < 80.0  # a tenth of the sites read 2 sd
+    zs[part] += 2.0
+    reach, core = _local_reading(sx, sy, zs)
+    assert core[part].mean() > 0.9 and not core[sx >= 120.0].any()
+    assert reach[part].all() and not reach[sx >= 160.0].any()  # the reach: a neighbourhood beyond the core
+    # a block of 16 sites at 4 sd: some neighbourhoods pass, fewer than a sublattice needs sites
+    from scipy.spatial import cKDTree
+
+    from atomds.core.find.constants import MIN_LATTICE_ANCHORS, SUBLATTICE_LOCAL
+
+    block = (sx >= 80.0) & (sx < 112.0) & (sy >= 80.0) & (sy < 112.0)
+    zs = rng.normal(0.0, 1.0, sx.size)
+    zs[block] += 4.0
+    _, nb = cKDTree(np.c_[sx, sy]).query(np.c_[sx, sy], k=SUBLATTICE_LOCAL)
+    passing = int(((np.median(zs[nb], axis=1) >= 1.0) & (np.mean(zs[nb] > 0, axis=1) >= 0.75)).sum())
+    assert 0 < passing < MIN_LATTICE_ANCHORS
+    assert not _local_reading(sx, sy, zs)[0].any()
+
+
 def test_offsets_that_noise_maxima_share_are_no_sublattice():
     # a lattice found whole: its residual holds noise only, and no sites are added, whatever offsets a few of
     # its maxima happen to share

@@ -1125,14 +1125,15 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
     if sx.size == 0:
         return empty
 
-    def fitted(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The sites ``sel`` fitted jointly with the columns near them: intensity z, positions and intensity."""
+    def fitted(sel: np.ndarray, width: str = "given") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The sites ``sel`` fitted jointly with the columns near them (the width ``sigma``, or fitted with
+        ``width="fitted"``): intensity z, positions and intensity."""
         near = np.unique(np.concatenate(tree.query_ball_point(np.c_[sx[sel], sy[sel]],
                                                               JOINT_TEST_REACH * spacing)).astype(np.int64))
         # the fits of columns centred just outside the image are held at its border
         ax = np.clip(np.r_[fx[near], sx[sel]], 0.0, nx - 1.0)
         ay = np.clip(np.r_[fy[near], sy[sel]], 0.0, ny - 1.0)
-        fit = _fit_columns(image, ax, ay, sigma, noise, joint=True, joint_width="given",
+        fit = _fit_columns(image, ax, ay, sigma, noise, joint=True, joint_width=width,
                            subset=near.size + np.arange(sel.size))
         inten = np.asarray(fit["intensity"], dtype=np.float64)
         err = np.asarray(fit["intensity_err"], dtype=np.float64)
@@ -1142,18 +1143,18 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
                 np.where(ok, inten, np.nan))
 
     if not given:
-        stands, tried = _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, sigma=sigma, noise=noise,
-                                            z_site=z_site, reference=reference)
+        stands, core, tried = _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, sigma=sigma,
+                                                  noise=noise, z_site=z_site, reference=reference)
         sel = np.flatnonzero(stands)
         if sel.size == 0:
             return empty._replace(refused=np.r_[refused, modes[tried]])
-        sx, sy, mode = sx[sel], sy[sel], mode[sel]
+        sx, sy, mode, core = sx[sel], sy[sel], mode[sel], core[sel]
     z, px, py, inten = fitted(np.arange(sx.size))
     real = np.ones(sx.size, dtype=bool)
-    if not given:  # an offset stands where its sites' median does, in the fit of them all
+    if not given:  # an offset stands where its core sites' median does, in the fit of them all
         for m in np.unique(mode):
             k = mode == m
-            real[k] = np.median(z[k]) >= z_site and _holds_columns(inten[k], reference)
+            real[k] = np.median(z[k & core]) >= z_site and _holds_columns(inten[k & core], reference)
     real &= (z >= z_site) & (np.hypot(px - sx, py - sy) <= SITE_TOL_MAX * spacing)
     real &= (px >= -0.5) & (px <= nx - 0.5) & (py >= -0.5) & (py <= ny - 0.5)
     if real.any():
@@ -1193,29 +1194,38 @@ def _reads_like_columns(zs: np.ndarray) -> bool:
                 and float(np.mean(zs > 0.0)) >= SUBLATTICE_POSITIVE)
 
 
-def _local_reading(sx: np.ndarray, sy: np.ndarray, zs: np.ndarray) -> np.ndarray:
-    """The sites (of one offset) that read like columns among their ``SUBLATTICE_LOCAL`` nearest: the union of
-    every such neighbourhood whose readings pass :func:`_reads_like_columns`' tests (its count aside), where
-    at least ``SUBLATTICE_LOCAL`` of them pass (a part of the image, not one neighbourhood: the leftovers of
-    fits at 8000 counts, a median of 0.2-0.4 sd over a thousand sites, passed in one to three neighbourhoods
-    by chance)."""
+def _local_reading(sx: np.ndarray, sy: np.ndarray, zs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sites (of one offset) that read like columns among their ``SUBLATTICE_LOCAL`` nearest.
+
+    A site's neighbourhood passes :func:`_reads_like_columns`' tests (its count aside); where at
+    least ``MIN_LATTICE_ANCHORS`` neighbourhoods pass (a part of the image, not one or two: the
+    leftovers of fits at 8000 counts, a median of 0.2-0.4 sd over a thousand sites, passed in one
+    to three neighbourhoods by chance), the sites whose own neighbourhood passes are the part's core,
+    and the sites of every neighbourhood that passes its reach (up to a neighbourhood beyond the
+    core: the part's edge, with empty sites beyond it).
+
+    Returns
+    -------
+    reach, core : bool arrays along the sites.
+    """
     from scipy.spatial import cKDTree
 
     k = SUBLATTICE_LOCAL
-    out = np.zeros(sx.size, dtype=bool)
+    reach = np.zeros(sx.size, dtype=bool)
     if sx.size < k:
-        return out
+        return reach, reach.copy()
     _, nb = cKDTree(np.c_[sx, sy]).query(np.c_[sx, sy], k=k)
     local = zs[nb]
     ok = (np.median(local, axis=1) >= max(SUBLATTICE_MEAN_Z, SUBLATTICE_MEAN_Z_SD / math.sqrt(k))) & (
         np.mean(local > 0.0, axis=1) >= SUBLATTICE_POSITIVE)
-    if ok.sum() >= k:
-        out[nb[ok].ravel()] = True
-    return out
+    if ok.sum() < MIN_LATTICE_ANCHORS:
+        return reach, np.zeros(sx.size, dtype=bool)
+    reach[nb[ok].ravel()] = True
+    return reach, ok
 
 
 def _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, *, sigma: float, noise: tuple[float, float],
-                        z_site: float, reference: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        z_site: float, reference: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Which sites ``(sx, sy)`` (of the offsets ``mode``) may be a sublattice's, before they are all fitted.
 
     A first look, from the residual's matched filter at the sites (at least ``MIN_LATTICE_ANCHORS``
@@ -1231,14 +1241,20 @@ def _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, *, sigma:
     neighbourhoods of ``SUBLATTICE_LOCAL`` sites that pass it are taken (:func:`_local_reading`): a
     sublattice over part of the image (dim columns centred in the left 44 % of a square lattice
     read a median below 1 sd over all the sites and were all missed). Then a patch of
-    ``SUBLATTICE_PATCH`` sites, those of the offset nearest the middle of the maxima that made it
-    (with every other offset's sites there, so that a site's neighbours are in its fit), fitted by
-    ``fitted``: where the offset is no sublattice's (noise, the same leftover of every column's
-    fit), its sites there fall short of ``z_site`` (or of :func:`_holds_columns`).
+    ``SUBLATTICE_PATCH`` sites around the offset's core site nearest the middle of the maxima that
+    made it (with every other offset's sites there, so that a site's neighbours are in its fit),
+    fitted by ``fitted``: where the offset is no sublattice's (noise, the same leftover of every
+    column's fit), its core sites there fall short of ``z_site`` (or of :func:`_holds_columns`).
+    The patch is fitted once more with the columns' width free (one for the patch): what a fit
+    leaves of columns wider than the width it was given (a lattice whose columns are wider in half
+    of the image, 20,000 counts) is a halo at every column, which reads like a sublattice at the
+    given width (200 false columns on a review's image) and vanishes at the columns' own.
 
     Returns
     -------
     stands : bool array along the sites, those of the offsets (or parts of them) that stood;
+    core : bool array along the sites, those of them whose offset read like columns over the image,
+        or whose own neighbourhood did (:func:`_local_reading`);
     tried : bool array along the offsets, those whose patch was fitted.
     """
     from scipy.spatial import cKDTree
@@ -1246,31 +1262,31 @@ def _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, *, sigma:
     zmap, _ = _matched_filter(residual, image, sigma, noise)
     zs = ndi.map_coordinates(zmap, [sy, sx], order=1, mode="nearest")
     hint = np.zeros(sx.size, dtype=bool)
+    core = np.zeros(sx.size, dtype=bool)
     for m in np.unique(mode):
         k = np.flatnonzero(mode == m)
         if k.size < MIN_LATTICE_ANCHORS:
             continue
         if _reads_like_columns(zs[k]):
-            hint[k] = True
+            hint[k] = core[k] = True
         else:
-            part = k[_local_reading(sx[k], sy[k], zs[k])]
-            if part.size >= MIN_LATTICE_ANCHORS:
-                hint[part] = True
+            hint[k], core[k] = _local_reading(sx[k], sy[k], zs[k])
     stands = np.zeros(sx.size, dtype=bool)
     tried = np.zeros(int(middle.shape[0]), dtype=bool)
     sel = np.flatnonzero(hint)
     if sel.size == 0:
-        return stands, tried
+        return stands, core, tried
     site_tree = cKDTree(np.c_[sx[sel], sy[sel]])
     for m in np.unique(mode[sel]):
         own_sites = sel[mode[sel] == m]
-        # the patch around the offset's site nearest the middle of its maxima
-        centre = own_sites[np.argmin(np.hypot(sx[own_sites] - middle[m, 0], sy[own_sites] - middle[m, 1]))]
+        own_core = own_sites[core[own_sites]]
+        # the patch around the offset's core site nearest the middle of its maxima
+        centre = own_core[np.argmin(np.hypot(sx[own_core] - middle[m, 0], sy[own_core] - middle[m, 1]))]
         patch = sel[np.sort(np.atleast_1d(site_tree.query([sx[centre], sy[centre]],
                                                           k=min(SUBLATTICE_PATCH, sel.size))[1]))]
-        zp, _, _, ip = fitted(patch)
+        own = (mode[patch] == m) & core[patch]
         tried[m] = True
-        own = mode[patch] == m
-        if own.any() and float(np.median(zp[own])) >= z_site and _holds_columns(ip[own], reference):
+        if all(float(np.median(zp[own])) >= z_site and _holds_columns(ip[own], reference)
+               for zp, _, _, ip in (fitted(patch, width) for width in ("given", "fitted"))):
             stands[own_sites] = True
-    return stands, tried
+    return stands, core, tried
