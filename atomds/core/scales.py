@@ -82,6 +82,14 @@ _SAME_RING = 0.1
 _SHELL = 1.25
 #: Clearest peaks averaged to estimate the column width (their mean patch is what is fitted).
 _SIGMA_PEAKS = 300
+#: A neighbour in the averaged patch rises at least this share of the central peak above its floor
+#: (the dim species of the sweep: 15 % of the brightest peak and up; an average of 300 patches of
+#: noise: well under 1 %).
+_NEIGHBOUR_RISE = 0.05
+#: ... and at least this many times the noise of the average (its high-pass spread) ...
+_NEIGHBOUR_SD = 5.0
+#: ... the strongest this many at most (16 columns within 1.25 spacings: a dense lattice of several species).
+_NEIGHBOURS_MAX = 16
 #: Median absolute deviation to standard deviation, for Gaussian noise.
 MAD_TO_STD = 1.4826
 # Immerkaer's kernel: the product of two 1-D second differences; it cancels planes and the
@@ -696,19 +704,33 @@ class PatchSampler:
         return out / x.size
 
 
-def _fit_with_neighbours(patch: np.ndarray, spacing: float) -> float:
+def _fit_with_neighbours(patch: np.ndarray, spacing: float, width: float | None = None) -> float:
     """Width ``s`` (px) of the central Gaussian of an averaged patch, fitted jointly with its neighbours.
 
     The averaged neighbourhood of a column shows its neighbours as peaks; their tails overlap
     the central column, so they are modelled too (a Gaussian of the same width and free height
     at each local maximum of the patch within 1.25 spacings) on a constant background; the fit
-    uses the pixels within 0.75 spacing of the centre.
+    uses the pixels within 0.75 spacing of the centre. The maxima are those of windows half a
+    spacing wide, or, given a first ``width`` (px), two widths wide and at least
+    ``_NEIGHBOUR_RISE`` of the central peak above the patch's floor: a dim column on the flank of
+    bright ones is no maximum half a spacing wide (a square lattice with dim columns at the
+    cells' centres, 3.5 widths from the bright ones, at a quarter of their peak: the width came out
+    20 % narrow, the dim columns taken for background).
     """
     h = patch.shape[0] // 2
     yy, xx = np.mgrid[-h : h + 1, -h : h + 1].astype(np.float64)
     rr = np.hypot(xx, yy)
-    mx = ndi.maximum_filter(patch, size=_odd(0.5 * spacing), mode="nearest")
+    size = _odd(0.5 * spacing) if width is None else min(_odd(2.0 * width), _odd(0.5 * spacing))
+    mx = ndi.maximum_filter(patch, size=size, mode="nearest")
     pk = (patch == mx) & (rr > 0.5 * spacing) & (rr < 1.25 * spacing)
+    if width is not None:
+        # risen above the floor by a share of the central peak and well above the average's own noise,
+        # the strongest few at most (a lattice's neighbours within 1.25 spacings)
+        floor = float(patch.min())
+        rise = patch - floor
+        pk &= rise >= max(_NEIGHBOUR_RISE * (float(patch[h, h]) - floor), _NEIGHBOUR_SD * _mad_sd(_hf_residual(patch)))
+        if pk.sum() > _NEIGHBOURS_MAX:
+            pk &= rise >= np.sort(rise[pk])[-_NEIGHBOURS_MAX]
     pk[[0, -1], :] = False
     pk[:, [0, -1]] = False
     ny_, nx_ = np.nonzero(pk)
@@ -773,7 +795,7 @@ def column_sigma(samp: PatchSampler, d: float) -> float:
         x2, y2, _ = clear_peaks(crop, d, n_max=_SIGMA_PEAKS, smooth=max(0.7, min(1.5 * s, 0.3 * d)))
         if x2.size < 3:
             break
-        s = _fit_with_neighbours(samp.patches_mean(x2, y2, half), d)
+        s = _fit_with_neighbours(samp.patches_mean(x2, y2, half), d, width=s)
     return float(np.sqrt(max(s * s - 1.0 / 12.0, 0.09)))
 
 
