@@ -88,7 +88,7 @@ _SIGMA_PEAKS = 300
 _NEIGHBOUR_RISE = 0.05
 #: ... and at least this many times the noise of the average (its high-pass spread) ...
 _NEIGHBOUR_SD = 5.0
-#: ... the strongest this many at most (16 columns within 1.25 spacings: a dense lattice of several species).
+#: ... the strongest this many at most, beside the maxima of windows half a spacing wide.
 _NEIGHBOURS_MAX = 16
 #: Median absolute deviation to standard deviation, for Gaussian noise.
 MAD_TO_STD = 1.4826
@@ -711,8 +711,9 @@ def _fit_with_neighbours(patch: np.ndarray, spacing: float, width: float | None 
     the central column, so they are modelled too (a Gaussian of the same width and free height
     at each local maximum of the patch within 1.25 spacings) on a constant background; the fit
     uses the pixels within 0.75 spacing of the centre. The maxima are those of windows half a
-    spacing wide, or, given a first ``width`` (px), two widths wide and at least
-    ``_NEIGHBOUR_RISE`` of the central peak above the patch's floor: a dim column on the flank of
+    spacing wide and, given a first ``width`` (px), those of windows two widths wide that rise at
+    least ``_NEIGHBOUR_RISE`` of the central peak above the patch's floor (and ``_NEIGHBOUR_SD``
+    of its high-pass noise; the ``_NEIGHBOURS_MAX`` strongest of them): a dim column on the flank of
     bright ones is no maximum half a spacing wide (a square lattice with dim columns at the
     cells' centres, 3.5 widths from the bright ones, at a quarter of their peak: the width came out
     20 % narrow, the dim columns taken for background).
@@ -720,17 +721,19 @@ def _fit_with_neighbours(patch: np.ndarray, spacing: float, width: float | None 
     h = patch.shape[0] // 2
     yy, xx = np.mgrid[-h : h + 1, -h : h + 1].astype(np.float64)
     rr = np.hypot(xx, yy)
-    size = _odd(0.5 * spacing) if width is None else min(_odd(2.0 * width), _odd(0.5 * spacing))
-    mx = ndi.maximum_filter(patch, size=size, mode="nearest")
-    pk = (patch == mx) & (rr > 0.5 * spacing) & (rr < 1.25 * spacing)
+    ring = (rr > 0.5 * spacing) & (rr < 1.25 * spacing)
+    pk = (patch == ndi.maximum_filter(patch, size=_odd(0.5 * spacing), mode="nearest")) & ring
     if width is not None:
-        # risen above the floor by a share of the central peak and well above the average's own noise,
-        # the strongest few at most (a lattice's neighbours within 1.25 spacings)
+        # more maxima, of windows two widths wide, risen above the floor by a share of the central peak and
+        # well above the average's own noise: the strongest few at most (a lattice's neighbours within 1.25
+        # spacings)
         floor = float(patch.min())
         rise = patch - floor
-        pk &= rise >= max(_NEIGHBOUR_RISE * (float(patch[h, h]) - floor), _NEIGHBOUR_SD * _mad_sd(_hf_residual(patch)))
-        if pk.sum() > _NEIGHBOURS_MAX:
-            pk &= rise >= np.sort(rise[pk])[-_NEIGHBOURS_MAX]
+        more = (patch == ndi.maximum_filter(patch, size=min(_odd(2.0 * width), _odd(0.5 * spacing)), mode="nearest"))
+        more &= ring & ~pk & (rise >= max(_NEIGHBOUR_RISE * (float(patch[h, h]) - floor),
+                                          _NEIGHBOUR_SD * _mad_sd(_hf_residual(patch))))
+        idx = np.flatnonzero(more)
+        pk.flat[idx[np.argsort(rise.flat[idx], kind="stable")[-_NEIGHBOURS_MAX:]]] = True
     pk[[0, -1], :] = False
     pk[:, [0, -1]] = False
     ny_, nx_ = np.nonzero(pk)
