@@ -730,7 +730,8 @@ def _fit_with_neighbours(patch: np.ndarray, spacing: float, width: float | None 
         floor = float(patch.min())
         rise = patch - floor
         more = (patch == ndi.maximum_filter(patch, size=min(_odd(2.0 * width), _odd(0.5 * spacing)), mode="nearest"))
-        more &= ring & ~pk & (rise >= max(_NEIGHBOUR_RISE * (float(patch[h, h]) - floor),
+        # (only where its tail reaches the pixels fitted: farther, its height is free and slows the fit)
+        more &= ring & ~pk & (rr <= 0.75 * spacing + 2.0 * width) & (rise >= max(_NEIGHBOUR_RISE * (float(patch[h, h]) - floor),
                                           _NEIGHBOUR_SD * _mad_sd(_hf_residual(patch))))
         idx = np.flatnonzero(more)
         pk.flat[idx[np.argsort(rise.flat[idx], kind="stable")[-_NEIGHBOURS_MAX:]]] = True
@@ -749,18 +750,28 @@ def _fit_with_neighbours(patch: np.ndarray, spacing: float, width: float | None 
     s0 = min(max(s0, 0.5), 0.3 * spacing)
     k = ox.size
 
-    def resid(p):
-        s, a, b, x0, y0 = p[:5]
+    r2n = (xs[None] - ox[:, None]) ** 2 + (ys[None] - oy[:, None]) ** 2  # neighbours' squared distances
+
+    def parts(p):
+        s, a, _, x0, y0 = p[:5]
         inv = 1.0 / (2 * s * s)
-        m = b + a * np.exp(-((xs - x0) ** 2 + (ys - y0) ** 2) * inv)
-        if k:
-            m = m + (p[5:, None] * np.exp(-((xs[None] - ox[:, None]) ** 2 + (ys[None] - oy[:, None]) ** 2) * inv)).sum(0)
-        return m - z
+        r20 = (xs - x0) ** 2 + (ys - y0) ** 2
+        return s, a, x0, y0, r20, np.exp(-r20 * inv), np.exp(-r2n * inv)
+
+    def resid(p):
+        _, a, x0, y0, _, g0, gn = parts(p)
+        return p[2] + a * g0 + p[5:] @ gn - z
+
+    def jac(p):  # analytic: a numerical one costs a model per parameter, and neighbours add many
+        s, a, x0, y0, r20, g0, gn = parts(p)
+        cn = p[5:, None] * gn
+        ds = (a * g0 * r20 + (cn * r2n).sum(axis=0)) / s**3
+        return np.column_stack([ds, g0, np.ones_like(g0), a * g0 * (xs - x0) / s**2, a * g0 * (ys - y0) / s**2, gn.T])
 
     p0 = np.r_[s0, a0, b0, 0.0, 0.0, np.clip(c - b0, 0, None)]
     lo = np.r_[0.3, 0.0, -np.inf, -1.5, -1.5, np.zeros(k)]
     hi = np.r_[max(0.5 * spacing, 0.6), np.inf, np.inf, 1.5, 1.5, np.full(k, np.inf)]
-    sol = optimize.least_squares(resid, np.clip(p0, lo + 1e-9, hi - 1e-9), bounds=(lo, hi))
+    sol = optimize.least_squares(resid, np.clip(p0, lo + 1e-9, hi - 1e-9), jac=jac, bounds=(lo, hi))
     return float(sol.x[0])
 
 
