@@ -1116,11 +1116,10 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
         # fitted again only beside columns found since (the passes' own, not the first ones): the sites the
         # first fit left within a sublattice, not every empty site of the image (a sublattice over part of
         # it) once more
-        later = np.c_[np.r_[fx[na:], np.asarray(taken[0] if taken is not None else (), dtype=np.float64)],
-                      np.r_[fy[na:], np.asarray(taken[1] if taken is not None else (), dtype=np.float64)]]
-        near = (cKDTree(later).query_ball_point(np.c_[sx, sy], REFIT_REACH * spacing, return_length=True)
-                if later.shape[0] else np.zeros(sx.size, dtype=np.int64))
-        inside &= np.asarray(near) >= REFIT_NEIGHBOURS
+        tx, ty = (np.zeros(0), np.zeros(0)) if taken is None else taken
+        later = np.c_[np.r_[fx[na:], tx], np.r_[fy[na:], ty]]
+        inside &= later.shape[0] > 0 and np.asarray(cKDTree(later).query_ball_point(
+            np.c_[sx, sy], REFIT_REACH * spacing, return_length=True)) >= REFIT_NEIGHBOURS
     sx, sy, mode = sx[inside], sy[inside], mode[inside]
     if sx.size == 0:
         return empty
@@ -1185,19 +1184,18 @@ def _holds_columns(inten: np.ndarray, reference: float | None) -> bool:
     return bool(fin.any()) and float(np.median(inten[fin])) >= SUBLATTICE_MIN_SHARE * reference
 
 
-def _reads_like_columns(zs: np.ndarray) -> bool:
-    """Whether matched-filter readings ``zs`` at sites (noise sd) read like columns there: a median of at least
-    ``SUBLATTICE_MEAN_Z`` (and ``SUBLATTICE_MEAN_Z_SD`` standard errors) and ``SUBLATTICE_POSITIVE`` of them
-    positive."""
-    return bool(zs.size >= MIN_LATTICE_ANCHORS
-                and float(np.median(zs)) >= max(SUBLATTICE_MEAN_Z, SUBLATTICE_MEAN_Z_SD / math.sqrt(zs.size))
-                and float(np.mean(zs > 0.0)) >= SUBLATTICE_POSITIVE)
+def _reads_like_columns(zs: np.ndarray) -> np.ndarray:
+    """Whether each row of matched-filter readings ``zs`` (n, k) at k sites (noise sd) reads like columns there: a
+    median of at least ``SUBLATTICE_MEAN_Z`` (and ``SUBLATTICE_MEAN_Z_SD`` standard errors, ``1 / sqrt(k)``) and
+    ``SUBLATTICE_POSITIVE`` of them positive."""
+    level = max(SUBLATTICE_MEAN_Z, SUBLATTICE_MEAN_Z_SD / math.sqrt(zs.shape[1]))
+    return (np.median(zs, axis=1) >= level) & (np.mean(zs > 0.0, axis=1) >= SUBLATTICE_POSITIVE)
 
 
 def _local_reading(sx: np.ndarray, sy: np.ndarray, zs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The sites (of one offset) that read like columns among their ``SUBLATTICE_LOCAL`` nearest.
 
-    A site's neighbourhood passes :func:`_reads_like_columns`' tests (its count aside); where at
+    A site's neighbourhood passes :func:`_reads_like_columns`' tests; where at
     least ``MIN_LATTICE_ANCHORS`` neighbourhoods pass (a part of the image, not one or two: the
     leftovers of fits at 8000 counts, a median of 0.2-0.4 sd over a thousand sites, passed in one
     to three neighbourhoods by chance), the sites whose own neighbourhood passes are the part's core,
@@ -1215,9 +1213,7 @@ def _local_reading(sx: np.ndarray, sy: np.ndarray, zs: np.ndarray) -> tuple[np.n
     if sx.size < k:
         return reach, reach.copy()
     _, nb = cKDTree(np.c_[sx, sy]).query(np.c_[sx, sy], k=k)
-    local = zs[nb]
-    ok = (np.median(local, axis=1) >= max(SUBLATTICE_MEAN_Z, SUBLATTICE_MEAN_Z_SD / math.sqrt(k))) & (
-        np.mean(local > 0.0, axis=1) >= SUBLATTICE_POSITIVE)
+    ok = _reads_like_columns(zs[nb])
     if ok.sum() < MIN_LATTICE_ANCHORS:
         return reach, np.zeros(sx.size, dtype=bool)
     reach[nb[ok].ravel()] = True
@@ -1265,14 +1261,13 @@ def _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, *, sigma:
     zs = ndi.map_coordinates(zmap, [sy, sx], order=1, mode="nearest")
     hint = np.zeros(sx.size, dtype=bool)
     core = np.zeros(sx.size, dtype=bool)
-    local: list[bool | None] = [None] * int(middle.shape[0])  # whether an offset was read over a part
+    local = np.zeros(int(middle.shape[0]), dtype=bool)  # whether an offset was read over a part of the image
     for m in np.unique(mode):
         k = np.flatnonzero(mode == m)
         if k.size < MIN_LATTICE_ANCHORS:
             continue
-        if _reads_like_columns(zs[k]):
+        if _reads_like_columns(zs[k][None])[0]:
             hint[k] = core[k] = True
-            local[m] = False
         else:
             hint[k], core[k] = _local_reading(sx[k], sy[k], zs[k])
             local[m] = True
@@ -1292,7 +1287,7 @@ def _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, *, sigma:
         own = (mode[patch] == m) & core[patch]
         tried[m] = True
         # a part of the image is asked more: a fit of its columns at their own width too
-        widths = ("given",) if local[m] is None or not local[m] else ("given", "fitted")
+        widths = ("given", "fitted") if local[m] else ("given",)
         if all(float(np.median(zp[own])) >= z_site and _holds_columns(ip[own], reference)
                for zp, _, _, ip in (fitted(patch, width) for width in widths)):
             stands[own_sites] = True

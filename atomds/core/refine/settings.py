@@ -192,12 +192,8 @@ def _first_pass_reproduced(crop: np.ndarray, fitted: np.ndarray, first: np.ndarr
     fin = use & real
     if np.count_nonzero(fin) < 8:
         return float("nan")
-    shape = crop.shape
     # every column of the patch rendered (those in its band are the others' neighbours)
-    flat, val, _ = column_patches(fitted[real], patch_half(float(np.max(fitted[real, 3]))), shape,
-                                  derivatives=False)
-    keep = flat >= 0
-    model = np.bincount(flat[keep], weights=val[keep], minlength=shape[0] * shape[1]).reshape(shape)
+    model = model_image(crop.shape, dict(zip(("x", "y", "intensity", "sigma"), fitted.T, strict=True)), real)
     sub = Plan(model, np.where(real, fitted[:, 0], first[:, 0]), np.where(real, fitted[:, 1], first[:, 1]),
                plan.window, True, plan.compiled)
     pm, okm, _, _ = first_pass(model, sub, np.flatnonzero(fin), max_iter)
