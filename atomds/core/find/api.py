@@ -236,7 +236,7 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
        elliptical, whose lobes sit at two offsets from every column). Fit, subtraction and
        search repeat up to three times; a handful of new columns (under a tenth of those found)
        stay only when as bright as a class found (``KEEP_AMPLITUDE`` of the dimmest class's
-       median), and more of them, a sublattice of their own, keep those at the lattice's edge
+       median) or when they are a sublattice's sites, and more of them, a sublattice of their own, keep those at the lattice's edge
        only when as bright as a class, the new columns inside the lattice being one (amorphous
        blobs on the rim of a hole sit on the sites one row beyond the lattice). Then every column is classed again by
        its fitted amplitude (``sublattices="auto"``), so that a species found in both passes
@@ -252,25 +252,30 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
        ==========  ===============  ===============  =============  ===========  ===========
        dim peak    dose 250         dose 500         dose 1000      dose 2000    dose 4000
        ==========  ===============  ===============  =============  ===========  ===========
-       0.15        0 / 48 (3.9)     85 / 92 (5.5)    98.5 / 100     100 / 100    100 / 100
-       0.20        77 / 81 (4.8)    98 / 98 (6.9)    99.9 / 100     100 / 100    100 / 100
-       0.30        95.7 / 99.5      99.6 / 100       100 / 100      100 / 100    100 / 100
+       0.15        0 / 48 (3.9)     96 / 98 (5.5)    98.7 / 100     100 / 100    100 / 100
+       0.20        77 / 81 (4.8)    99.6 / 98 (6.9)  99.9 / 100     100 / 100    100 / 100
+       0.30        95.2 / 99.5      99.6 / 100       100 / 100      100 / 100    100 / 100
        0.40        99.6 / 100       100 / 100        100 / 100      100 / 100    100 / 100
        0.60        100 / 100        100 / 100        100 / 100      100 / 100    100 / 100
        ==========  ===============  ===============  =============  ===========  ===========
 
-       (SNR of a dim column: 0.15: 3.9, 5.5, 7.7, 11, 15.5 across the doses; 0.2: 4.8 ... 19.4;
-       0.3: 6.5, 9.3, ...; 0.4: 8.0, 11.3, ...; 0.6: 10.4, ...). A dim species is found at
-       >= 99.5 % from an SNR of 8.0 beside brighter columns a few widths away (honeycomb) and
-       from 7.7 on a perovskite [001]; below, recall falls (SNR 6.9: 98 %, 5.5: 85-92 %, 3.9:
-       0-48 %). False positives: at most 0.07 % where the SNR is at least 8, up to 1.2 % below it
-       (noise maxima on empty sites). A dense dim sublattice, its columns 3.8 widths from each
-       other (a hexagonal lattice 8 px apart whose rows are in turn 1.0, 0.36 and 0.27 of the
-       peak, 500 counts, 224^2 px, four seeds: SNR 11.1 and 9.2), is found at 97.0-99.7 % and
-       95.5-97.7 % (there were 26-90 % and 0-18 % before the sites of
-       :func:`~atomds.core.find.residual.sublattice_sites`), short of 99.5 %: its sites one row
-       from the border or a hole's rim are not judged, and a joint fit reads these columns at
-       a median 5.6 standard errors, with some below 3.
+       (commit 38b035f; SNR of a dim column: 0.15: 3.9, 5.5, 7.7, 11, 15.5 across the doses;
+       0.2: 4.8 ... 19.4; 0.3: 6.5, 9.3, ...; 0.4: 8.0, 11.3, ...; 0.6: 10.4, ...). A dim
+       species is found at >= 99.5 % from an SNR of 8.0 beside brighter columns a few widths
+       away (honeycomb) and from 7.7 on a perovskite [001]; below, recall falls (SNR 6.9:
+       98.4-99.6 %, 5.5: 96-98 %, 3.9: 0-48 %). False positives: at most 0.07 % where the SNR
+       is at least 8, up to 0.86 % below it (noise maxima on empty sites). A dense dim
+       sublattice, its columns 3.8 widths from each other (a hexagonal lattice 8 px apart whose
+       rows are in turn 1.0, 0.36 and 0.27 of the peak, 500 counts, 224^2 px, four seeds: SNR
+       11.1 and 9.2), is found at 97.0-99.7 % and 95.5-97.7 % (there were 26-90 % and 0-18 %
+       before the sites of :func:`~atomds.core.find.residual.sublattice_sites`), short of
+       99.5 %: its sites one row from the border or a hole's rim are not judged, and a joint
+       fit reads these columns at a median 5.6 standard errors, with some below 3. The same
+       rows dim over the left 40 % of the image only: 98-100 % and 92-97.5 %; over a disc of
+       radius 70 px: 100 %. Dim columns (0.3, 1000 counts) at the cells' centres of a square
+       lattice 8 px apart, width 1.9 px, only within a disc: radius 40 px (78 sites beside about
+       1000 bright columns): 100 %; radius 70 px (about 240 sites): 76 %, the residual reading
+       like columns around only 28 of them, the others reached from there.
 
     Parameters
     ----------
@@ -926,7 +931,8 @@ def _edge_like_a_class(img: np.ndarray, found: FoundAtoms, rc: ResidualColumns, 
     order = np.r_[np.flatnonzero(inner), np.flatnonzero(edge)[like]]
     p["residual"]["n_atoms"] = int(order.size)
     return ResidualColumns(rc.x[order], rc.y[order], rc.zscore[order], rc.rounds,
-                           {k: np.asarray(v)[keep] for k, v in fit.items() if np.size(v) == keep.size})
+                           {k: np.asarray(v)[keep] for k, v in fit.items() if np.size(v) == keep.size},
+                           rc.at_sites[order])
 
 
 def _residual_stage(img: np.ndarray, found: FoundAtoms, noise: tuple[float, float], lattice_check: bool,
@@ -936,7 +942,8 @@ def _residual_stage(img: np.ndarray, found: FoundAtoms, noise: tuple[float, floa
     Fewer new columns than ``FAINT_MAX_FRACTION`` of those found are not a sublattice of their
     own: each is kept only when its fitted peak is not significantly below ``KEEP_AMPLITUDE`` of
     the median of the dimmest class found (:func:`~atomds.core.find.residual.like_a_class`: the
-    missed members of a class), the others are specks (counted under
+    missed members of a class), or when it is one of a sublattice's sites
+    (``ResidualColumns.at_sites``: a class of its own already), the others are specks (counted under
     ``params["residual"]["dropped"]``). The passes run on the whole image only when one pass over the central estimation crop
     (``SMALL_CROP`` px) finds columns there: an image whose columns were all found costs one
     small fit. New columns get ``area`` NaN (no blob) and the correlation map's value as score;
@@ -959,12 +966,17 @@ def _residual_stage(img: np.ndarray, found: FoundAtoms, noise: tuple[float, floa
     p["residual"] = {"rounds": int(rc.rounds), "n_atoms": int(rc.x.size), "screened_on_crop": (ny, nx) != crop.shape}
     if rc.x.size < FAINT_MAX_FRACTION * len(found):
         # a handful of residual columns are not a sublattice of their own: each is kept when it is
-        # as bright as a class already found (its missed members), else it is a speck (a hole's rim)
+        # as bright as a class already found (its missed members), else it is a speck (a hole's rim);
+        # the columns of a sublattice's sites are one already (its offset stood over at least
+        # MIN_LATTICE_ANCHORS sites' neighbourhoods and a joint fit): a dim sublattice over a small part
+        # of the image (78 sites of 0.3 in a disc, beside 1000 columns) is not a handful of specks
         like, fit = like_a_class(img, found.x, found.y, found.sublattice, rc.x, rc.y, sigma=p["sigma"], noise=noise)
+        like |= rc.at_sites
         p["residual"]["dropped"] = int((~like).sum())
         keep = np.r_[np.ones(len(found), dtype=bool), like]
         rc = ResidualColumns(rc.x[like], rc.y[like], rc.zscore[like], rc.rounds,
-                             {k: np.asarray(v)[keep] for k, v in fit.items() if np.size(v) == keep.size})
+                             {k: np.asarray(v)[keep] for k, v in fit.items() if np.size(v) == keep.size},
+                             rc.at_sites[like])
         p["residual"]["n_atoms"] = int(rc.x.size)
         if rc.x.size == 0:
             return found

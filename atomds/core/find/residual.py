@@ -17,7 +17,7 @@ Positions in pixels; amplitudes in the image's units.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -81,6 +81,8 @@ class ResidualColumns:
     zscore: np.ndarray  #: matched-filter amplitude over its noise at each new column
     rounds: int  #: passes that found columns
     fit: dict  #: refine_gaussian's result for every column (old then new), from the last fit
+    #: whether each new column is one of a sublattice's sites (:func:`sublattice_sites`), not a maximum of the residual
+    at_sites: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
 
 def _fit_columns(image: np.ndarray, x, y, sigma: float, noise: tuple[float, float], **kw) -> dict[str, np.ndarray]:
@@ -412,6 +414,7 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
     y = np.asarray(y, dtype=np.float64)
     n0 = x.size
     new_x, new_y, new_z = np.zeros(0), np.zeros(0), np.zeros(0)
+    new_site = np.zeros(0, dtype=bool)
     done = 0
     fit: dict = {}
     shape_model = "gaussian"
@@ -442,6 +445,7 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
             fit, fx, fy, (cx, cy, cz), (rx, ry), residual = search(ax, ay, shape_model)
         cx, cy, cz = _inside_at_border(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
         cx, cy, cz = _jointly_significant(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
+        n_maxima = cx.size
         if lattice_check and shape_model == "gaussian":
             # a dense dim sublattice, too faint one column at a time for the matched filter: its
             # sites, at the offsets its brightest maxima share, judged by a joint fit (not where
@@ -468,6 +472,7 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
         done += 1
         x, y = fx[:n0], fy[:n0]
         new_x, new_y, new_z = np.r_[fx[n0:], cx], np.r_[fy[n0:], cy], np.r_[new_z, cz]
+        new_site = np.r_[new_site, np.arange(cx.size) >= n_maxima]
     # a refit can carry a column found earlier out of the image (a tail at the border): not a column of it
     ny, nx = image.shape
     inside = (new_x >= -0.5) & (new_x <= nx - 0.5) & (new_y >= -0.5) & (new_y <= ny - 0.5)
@@ -475,7 +480,7 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
         n_fit = int(np.size(fit.get("x", ())))
         keep = np.r_[np.ones(n0, dtype=bool), inside[: max(n_fit - n0, 0)]]
         fit = {k: np.asarray(v)[keep] for k, v in fit.items() if np.size(v) == n_fit}
-    return ResidualColumns(new_x[inside], new_y[inside], new_z[inside], done, fit)
+    return ResidualColumns(new_x[inside], new_y[inside], new_z[inside], done, fit, new_site[inside])
 
 
 def _round_candidates(residual: np.ndarray, image: np.ndarray, fx, fy, *, sigma: float, spacing: float,
@@ -1280,8 +1285,16 @@ def _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, *, sigma:
     for m in np.unique(mode[sel]):
         own_sites = sel[mode[sel] == m]
         own_core = own_sites[core[own_sites]]
-        # the patch around the offset's core site nearest the middle of its maxima
-        centre = own_core[np.argmin(np.hypot(sx[own_core] - middle[m, 0], sy[own_core] - middle[m, 1]))]
+        # the patch around the offset's core site nearest the middle of its maxima; of a part of the image,
+        # around its core site farthest from the offset's sites outside the core, so that the width fitted
+        # there is the part's (a patch across the part's edge fitted one width to columns of two)
+        if local[m]:
+            rest = np.flatnonzero((mode == m) & ~core)
+            depth = cKDTree(np.c_[sx[rest], sy[rest]]).query(np.c_[sx[own_core], sy[own_core]])[0] if rest.size \
+                else np.zeros(own_core.size)
+            centre = own_core[np.argmax(depth)]
+        else:
+            centre = own_core[np.argmin(np.hypot(sx[own_core] - middle[m, 0], sy[own_core] - middle[m, 1]))]
         patch = sel[np.sort(np.atleast_1d(site_tree.query([sx[centre], sy[centre]],
                                                           k=min(SUBLATTICE_PATCH, sel.size))[1]))]
         own = (mode[patch] == m) & core[patch]
