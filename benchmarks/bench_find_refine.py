@@ -493,8 +493,8 @@ def api_speed_section(args) -> str:
     med_a, med_t = float(np.median(t_a)), float(np.median(t_t))
     lines = [
         API_SECTION, "",
-        f"`nice python benchmarks/bench_find_refine.py --api-speed` on {platform.machine()} with {os.cpu_count()} cores "
-        f"shared with other work, Python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}.",
+        f"`nice python benchmarks/bench_find_refine.py --api-speed` on {platform.machine()} with {os.cpu_count()} cores, "
+        f"Python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}.",
         "",
         f"{size} x {size} px hexagonal lattice, {s.x.size:,} columns (spacing 15 px, sigma 2 px, dose 2000); "
         f"`ds.lcx.find_atoms().lcx.refine()` (defaults: contrast auto, residual passes) against "
