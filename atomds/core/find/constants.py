@@ -257,13 +257,6 @@ SUBLATTICE_POSITIVE = 0.75
 #: (the dim species of the sweep, 15-100 % of the brightest peak; the leftovers of fits a few percent
 #: narrow on a dense lattice at 13,000 counts, sweep image 1974161246: 5.8 %).
 SUBLATTICE_MIN_SHARE = 0.1
-#: A residual maximum whose peak (a least-squares Gaussian on a flat background, fitted to the residual: cheap)
-#: is at least this share of the bright columns' fitted peaks around it holds its share plainly and is not
-#: fitted jointly to tell. The leftovers of columns with long tails read 2-4 % there (90th percentile 4.2 % on
-#: four lattices at 40,000-100,000 counts); a species at 0.27 of the peak 0.19-0.21 (sweep image 1608064904,
-#: whose 591 such columns, all fitted jointly at a screen of 0.3, took find_atoms from 2.3 to 14 s); B at half
-#: the peak of a honeycomb 0.43.
-SCREEN_SHARE = 0.15
 #: ... each tried first on a patch of this many sites (of every offset), before all its sites are fitted.
 SUBLATTICE_PATCH = 96
 #: Where an offset's sites fail those readings over the whole image, each site's this many nearest sites

@@ -27,7 +27,6 @@ from scipy import ndimage as ndi
 
 from ..image import parabola_offset
 from .constants import (
-    BRIGHT_QUANTILE,
     ELLIPTICITY_SAMPLE,
     ELLIPTICITY_Z,
     JOINT_TEST_REACH,
@@ -50,7 +49,6 @@ from .constants import (
     RESIDUAL_REACH,
     RESIDUAL_ROUNDS,
     RESIDUAL_SITE_Z,
-    SCREEN_SHARE,
     SITE_MATCHES,
     SITE_POSITION_SD,
     SITE_TOL,
@@ -411,7 +409,6 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
     -------
     ResidualColumns
     """
-    from scipy.spatial import cKDTree
 
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
@@ -423,7 +420,6 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
     shape_model = "gaussian"
     site_modes: np.ndarray | None = None  # the offsets of a dim sublattice once they stood
     refused = np.zeros((0, 2))  # offsets whose sites a fit refused: not tried again
-    refused_at = np.zeros((0, 2))  # maxima a joint fit refused: not tried again
 
     def search(ax: np.ndarray, ay: np.ndarray, shape_model: str):
         """The columns fitted, their positions (the seeds where a fit failed) and the residual's candidates."""
@@ -448,16 +444,7 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
             shape_model = "elliptical"
             fit, fx, fy, (cx, cy, cz), (rx, ry), residual = search(ax, ay, shape_model)
         cx, cy, cz = _inside_at_border(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
-        if refused_at.shape[0] and cx.size:
-            # the maxima a joint fit refused in an earlier pass are not fitted again (each pass's noise let
-            # a few of a thousand leftovers through)
-            again = cKDTree(refused_at).query(np.c_[cx, cy])[0] < RESIDUAL_EXCLUSION * sigma
-            cx, cy, cz = cx[~again], cy[~again], cz[~again]
-        amplitude = np.where(np.asarray(fit["fit_ok"], dtype=bool), np.asarray(fit["amplitude"], dtype=np.float64),
-                             np.nan)
-        cx, cy, cz, out = _jointly_significant(image, residual, fx, fy, amplitude, cx, cy, cz, sigma=sigma,
-                                               spacing=spacing, noise=noise)
-        refused_at = np.r_[refused_at, out]
+        cx, cy, cz = _jointly_significant(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
         n_maxima = cx.size
         if lattice_check and shape_model == "gaussian":
             # a dense dim sublattice, too faint one column at a time for the matched filter: its
@@ -825,90 +812,43 @@ def like_a_class(image: np.ndarray, x, y, label, new_x, new_y, *, sigma: float,
     return like[n0:], fit
 
 
-def _jointly_significant(image, residual, fx, fy, amplitude, cx, cy, cz, *, sigma: float, spacing: float,
-                         noise: tuple[float, float]):
-    """The candidates less those a joint fit with the columns around them does not bear out.
+def _jointly_significant(image, fx, fy, cx, cy, cz, *, sigma: float, spacing: float, noise: tuple[float, float]):
+    """The candidates less those hugging a column that a joint fit with it does not bear out.
 
-    Every candidate is fitted jointly with the columns found within ``JOINT_TEST_REACH`` spacings
-    (:func:`atomds.core.refine.refine_gaussian`, ``joint=True`` with the width held at ``sigma``).
-
-    - It must hold ``SUBLATTICE_MIN_SHARE`` of the median integrated intensity of those columns
-      (within ``KEEP_ERRORS`` standard errors), as a dim sublattice's sites must
-      (:func:`sublattice_sites`): what the fits leave of columns whose profile is no Gaussian
-      (a probe's long tails, a Moffat profile of beta 2.5) piles up between neighbours at the same
-      offsets from every column, passes the site tests and, from about 40,000 counts per column,
-      the matched filter's threshold; it holds 2-5 % of a column (1230 false columns at the edges'
-      middles of a square lattice at 40,000 counts, 60 % of the finds).
-    - A maximum closer to a found column than ``JOINT_TEST_SPACINGS`` of the nearest-column
-      distance and ``JOINT_TEST_WIDTHS`` widths is either a column of its own (the other half of
-      a dumbbell) or what a single Gaussian leaves of a distorted column (the shoulders of scan
-      jitter, a column's asymmetric tail), which repeats at one offset and so passes the site
-      tests. It stays when its intensity keeps ``MIN_INTENSITY_Z`` (5) standard errors: the rule by
-      which refinement keeps the columns it adds from the residual.
+    A maximum closer to a found column than ``JOINT_TEST_SPACINGS`` of the nearest-column
+    distance and ``JOINT_TEST_WIDTHS`` widths is either a column of its own (the other half of
+    a dumbbell) or what a single Gaussian leaves of a distorted column (the shoulders of scan
+    jitter, a column's asymmetric tail), which repeats at one offset and so passes the site
+    tests. It stays when, fitted jointly with its neighbours (:func:`atomds.core.refine.refine_gaussian`,
+    ``joint=True`` with the width held at ``sigma``), its intensity keeps ``MIN_INTENSITY_Z`` (5) standard errors: the rule by
+    which refinement keeps the columns it adds from the residual.
     """
     from scipy.spatial import cKDTree
 
     if cx.size == 0 or np.size(fx) == 0:
-        return cx, cy, cz, np.zeros((0, 2))
+        return cx, cy, cz
+    d, _ = cKDTree(np.c_[fx, fy]).query(np.c_[cx, cy])
+    close = np.flatnonzero((d < JOINT_TEST_SPACINGS * spacing) & (d < JOINT_TEST_WIDTHS * sigma))
+    if close.size == 0:
+        return cx, cy, cz
     from ..refine.residual import MIN_INTENSITY_Z
 
-    fx, fy = np.asarray(fx, dtype=np.float64), np.asarray(fy, dtype=np.float64)
-    tree = cKDTree(np.c_[fx, fy])
-    d, _ = tree.query(np.c_[cx, cy])
-    close = (d < JOINT_TEST_SPACINGS * spacing) & (d < JOINT_TEST_WIDTHS * sigma)
-    # the candidates that may hold less than their share: those whose peak in the residual (a least-squares
-    # Gaussian of width sigma, cheap) is under SCREEN_SHARE of the bright columns' fitted peaks around them
-    around = tree.query_ball_point(np.c_[cx, cy], JOINT_TEST_REACH * spacing)
-    bright = np.asarray(amplitude, dtype=np.float64)
-    peak_ref = np.array([np.nanquantile(bright[k], BRIGHT_QUANTILE) if len(k) and np.isfinite(bright[k]).any()
-                         else np.nan for k in around])
-    with np.errstate(invalid="ignore"):
-        test = close | ~(_residual_peak(residual, cx, cy, sigma) >= SCREEN_SHARE * peak_ref)
-    t = np.flatnonzero(test)
-    keep = np.ones(cx.size, dtype=bool)
-    if t.size == 0:
-        return cx, cy, cz, np.zeros((0, 2))
     ny, nx = image.shape
-    # the columns around the candidates tested only (their joint groups lie well within JOINT_TEST_REACH spacings)
-    near = np.unique(np.concatenate([around[i] for i in t]).astype(np.int64))
-    ax = np.clip(np.r_[fx[near], cx[t]], 0.0, nx - 1.0)
-    ay = np.clip(np.r_[fy[near], cy[t]], 0.0, ny - 1.0)
+    # the columns around the candidates only (their joint groups lie well within JOINT_TEST_REACH spacings)
+    near = np.unique(np.concatenate(cKDTree(np.c_[fx, fy]).query_ball_point(np.c_[cx[close], cy[close]],
+                                                                          JOINT_TEST_REACH * spacing)).astype(np.int64))
+    ax = np.clip(np.r_[np.asarray(fx)[near], cx[close]], 0.0, nx - 1.0)
+    ay = np.clip(np.r_[np.asarray(fy)[near], cy[close]], 0.0, ny - 1.0)
     # the width held at the columns' (a free shared width absorbed a steep background and grew to twice
     # the columns' at a particle's rim, every fit at its iteration limit: 18 of 23 s of a 1024^2 image)
-    fit = _fit_columns(image, ax, ay, sigma, noise, joint=True, joint_width="given")
+    fit = _fit_columns(image, ax, ay, sigma, noise, joint=True, joint_width="given",
+                       subset=near.size + np.arange(close.size))
     inten, err = np.asarray(fit["intensity"], float), np.asarray(fit["intensity_err"], float)
-    ok = np.asarray(fit["fit_ok"], bool) & np.isfinite(inten) & np.isfinite(err)
-    # each candidate's reference: the BRIGHT_QUANTILE of the intensities of the columns fitted around it
-    pos = np.full(fx.size, -1, dtype=np.int64)
-    pos[near] = np.arange(near.size)
-    own = np.where(ok[: near.size], inten[: near.size], np.nan)
-    ref = np.array([np.nanquantile(own[pos[np.asarray(around[i], dtype=np.int64)]], BRIGHT_QUANTILE)
-                    if len(around[i]) and np.isfinite(own[pos[np.asarray(around[i], dtype=np.int64)]]).any()
-                    else np.nan for i in t])
-    new, okc, errc = inten[near.size :], ok[near.size :], err[near.size :]
     with np.errstate(invalid="ignore", divide="ignore"):
-        share = ~np.isfinite(ref) | (new + KEEP_ERRORS * errc >= SUBLATTICE_MIN_SHARE * ref)
-        bear = okc & (new >= MIN_INTENSITY_Z * errc)
-    keep[t] = np.where(close[t], bear, True) & np.where(okc, share, True)
-    return cx[keep], cy[keep], cz[keep], np.c_[cx[~keep], cy[~keep]]
-
-
-def _residual_peak(residual: np.ndarray, cx, cy, sigma: float) -> np.ndarray:
-    """The peak height of a Gaussian of width ``sigma`` (px) on a flat background fitted by least squares to
-    the residual's pixels within ``2.5 sigma`` of each point ``(cx, cy)`` (nearest pixel; those inside the
-    image)."""
-    h = max(2, int(np.ceil(2.5 * sigma)))
-    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
-    t = np.exp(-(xx**2 + yy**2) / (2.0 * sigma * sigma)).ravel()
-    ny, nx = residual.shape
-    ix, iy = np.rint(np.asarray(cx)).astype(np.int64), np.rint(np.asarray(cy)).astype(np.int64)
-    rows, cols = iy[:, None] + yy.ravel()[None, :], ix[:, None] + xx.ravel()[None, :]
-    inside = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
-    r = np.where(inside, residual[np.clip(rows, 0, ny - 1), np.clip(cols, 0, nx - 1)], 0.0)
-    w = inside.astype(np.float64)
-    tz = (t[None, :] - (w @ t / np.maximum(w.sum(axis=1), 1.0))[:, None]) * w
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (r * tz).sum(axis=1) / (tz * t[None, :]).sum(axis=1)
+        bear = np.asarray(fit["fit_ok"], bool) & (inten >= MIN_INTENSITY_Z * err)
+    ok = np.ones(cx.size, dtype=bool)
+    ok[close[~bear]] = False
+    return cx[ok], cy[ok], cz[ok]
 
 
 def _inside_at_border(image, fx, fy, cx, cy, cz, *, sigma: float, spacing: float, noise: tuple[float, float]):
@@ -1189,25 +1129,16 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
     if sx.size == 0:
         return empty
 
-    taken_x, taken_y = (np.zeros(0), np.zeros(0)) if taken is None else (np.asarray(taken[0], dtype=np.float64),
-                                                                         np.asarray(taken[1], dtype=np.float64))
-    taken_tree = cKDTree(np.c_[taken_x, taken_y]) if taken_x.size else None
-
     def fitted(sel: np.ndarray, width: str = "given") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The sites ``sel`` fitted jointly with the columns near them (the width ``sigma``, or fitted with
         ``width="fitted"``): intensity z, positions and intensity."""
         near = np.unique(np.concatenate(tree.query_ball_point(np.c_[sx[sel], sy[sel]],
                                                               JOINT_TEST_REACH * spacing)).astype(np.int64))
-        # with the columns this pass found already (else a site beside one of them takes its light: a honeycomb's
-        # B columns, all found by the same pass, stood as sites half way to them)
-        also = np.unique(np.concatenate(taken_tree.query_ball_point(np.c_[sx[sel], sy[sel]], JOINT_TEST_REACH
-                                                                    * spacing)).astype(np.int64)) \
-            if taken_tree is not None else np.zeros(0, dtype=np.int64)
         # the fits of columns centred just outside the image are held at its border
-        ax = np.clip(np.r_[fx[near], taken_x[also], sx[sel]], 0.0, nx - 1.0)
-        ay = np.clip(np.r_[fy[near], taken_y[also], sy[sel]], 0.0, ny - 1.0)
+        ax = np.clip(np.r_[fx[near], sx[sel]], 0.0, nx - 1.0)
+        ay = np.clip(np.r_[fy[near], sy[sel]], 0.0, ny - 1.0)
         fit = _fit_columns(image, ax, ay, sigma, noise, joint=True, joint_width=width,
-                           subset=near.size + also.size + np.arange(sel.size))
+                           subset=near.size + np.arange(sel.size))
         inten = np.asarray(fit["intensity"], dtype=np.float64)
         err = np.asarray(fit["intensity_err"], dtype=np.float64)
         ok = np.asarray(fit["fit_ok"], dtype=bool) & np.isfinite(inten) & (err > 0)
@@ -1229,13 +1160,6 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
             k = mode == m
             real[k] = np.median(z[k & core]) >= z_site and _holds_columns(inten[k & core], reference)
     real &= (z >= z_site) & (np.hypot(px - sx, py - sy) <= SITE_TOL_MAX * spacing)
-    if given and reference is not None and np.isfinite(reference):
-        # a site fitted again holds the share of a column its offset's sites held (within KEEP_ERRORS standard
-        # errors): not what the fits leave between columns whose profile is no Gaussian, which is significant
-        # at high dose (a Moffat profile at 100,000 counts: 200 false columns half way between a honeycomb's A
-        # and B columns)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            real &= inten * (1.0 + KEEP_ERRORS / z) >= SUBLATTICE_MIN_SHARE * reference
     real &= (px >= -0.5) & (px <= nx - 0.5) & (py >= -0.5) & (py <= ny - 0.5)
     if real.any():
         real[real] = tree.query(np.c_[px[real], py[real]])[0] >= merge
@@ -1319,9 +1243,11 @@ def _offsets_that_stand(image, residual, sx, sy, mode, middle, fitted, *, sigma:
     sublattice over part of the image (dim columns centred in the left 44 % of a square lattice
     read a median below 1 sd over all the sites and were all missed). Then a patch of
     ``SUBLATTICE_PATCH`` sites around the offset's core site nearest the middle of the maxima that
-    made it (with every other offset's sites there, so that a site's neighbours are in its fit),
-    fitted by ``fitted``: where the offset is no sublattice's (noise, the same leftover of every
-    column's fit), its core sites there fall short of ``z_site`` (or of :func:`_holds_columns`).
+    made it (of an offset read over a part of the image: around its core site farthest from the
+    offset's sites outside the core, so that a width fitted there is the part's), with every other
+    offset's sites there, so that a site's neighbours are in its fit, fitted by ``fitted``: where
+    the offset is no sublattice's (noise, the same leftover of every column's fit), its core sites
+    there fall short of ``z_site`` (or of :func:`_holds_columns`).
     An offset read over a part of the image has its patch fitted once more with the columns' width
     free (one for the patch): what a fit leaves of columns wider than the width it was given (a
     lattice whose columns are wider in half of the image, 20,000 counts) reads like a sublattice
