@@ -17,7 +17,7 @@ Positions in pixels; amplitudes in the image's units.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -82,7 +82,7 @@ class ResidualColumns:
     rounds: int  #: passes that found columns
     fit: dict  #: refine_gaussian's result for every column (old then new), from the last fit
     #: whether each new column is one of a sublattice's sites (:func:`sublattice_sites`), not a maximum of the residual
-    at_sites: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    at_sites: np.ndarray
 
 
 def _fit_columns(image: np.ndarray, x, y, sigma: float, noise: tuple[float, float], **kw) -> dict[str, np.ndarray]:
@@ -1123,8 +1123,11 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
         # it) once more
         tx, ty = (np.zeros(0), np.zeros(0)) if taken is None else taken
         later = np.c_[np.r_[fx[na:], tx], np.r_[fy[na:], ty]]
-        inside &= later.shape[0] > 0 and np.asarray(cKDTree(later).query_ball_point(
-            np.c_[sx, sy], REFIT_REACH * spacing, return_length=True)) >= REFIT_NEIGHBOURS
+        if later.shape[0]:
+            inside &= np.asarray(cKDTree(later).query_ball_point(np.c_[sx, sy], REFIT_REACH * spacing,
+                                                                 return_length=True)) >= REFIT_NEIGHBOURS
+        else:
+            inside[:] = False
     sx, sy, mode = sx[inside], sy[inside], mode[inside]
     if sx.size == 0:
         return empty
