@@ -204,6 +204,35 @@ LOBE_PAIRED = 0.5
 #: elliptical model there took in 56 of 306 dim dumbbell partners (tests/core/test_elliptical_columns.py
 #: at 76d2407) and 0.6 % of a dense two-species lattice's dim columns (sweep image 1207974997).
 LOBE_MIN = 8
+#: A probe's long tails (:func:`~.residual.profile_tails`). Fitted one Gaussian each, Moffat columns
+#: (beta 2.5) leave 2-5 % of a column between neighbours, at the same offsets from every column, which
+#: passed for a sublattice: 1230 false finds on a square lattice of 10 px at 40,000 counts, 435 on a
+#: perovskite at 100,000 (benchmarks/RESULTS.md, "Columns with a probe's long tails"). The image's
+#: column profile is fitted as a mixture of centred Gaussians of these widths (column widths) with
+#: positive weights, times each column's fitted intensity. Broader widths fitted the step of the
+#: background at a hole's rim or a support's edge (weights of 7-12 on 4 widths, and 63-668 false finds
+#: on three images of the randomized sweep).
+TAIL_WIDTHS = (0.7, 1.0, 1.4, 2.0)
+#: ... the Gaussian nearest that profile out to this many widths is what a column's own fit takes; the
+#: rest is the tails
+TAIL_CORE_WIDTHS = 2.5
+#: ... fitted over a window of at most this many px a side, centred on the columns (the profile is the
+#: image's: a window of a few thousand columns sets it) ...
+TAIL_WINDOW = 512
+#: ... leaving out, within this many widths, the residual's maxima whose peak is at least this share of
+#: the columns' (columns not found yet: with none left out, a honeycomb's B at 0.5 of A drew the profile
+#: back to one Gaussian, and 437 false finds stayed). Fainter maxima stay in, the tails' own piles among them: a mixture
+#: that falls from its centre cannot draw a faint sublattice (O at 0.08 and 0.15 of the A columns kept
+#: their recall), and with the piles left out too the profile was read from the columns' cores alone,
+#: which do not hold the tails (a perovskite at 100,000 counts kept 211 false finds).
+TAIL_MASK_WIDTHS = 2.5
+TAIL_MASK_SHARE = 0.1
+#: ... over the pixels within this many spacings of a column (beyond the lattice the background steps)
+TAIL_WITHIN = 1.0
+#: The tails are taken off the image the passes search only where they could make a maximum: where the
+#: matched filter of their map reaches this many noise sd somewhere (below RESIDUAL_SITE_Z, the lowest
+#: level a residual maximum is taken at). Gaussian columns stay below it and are searched as before.
+TAIL_Z = 2.0
 #: Width of the blur (matched-filter half-widths) whose smooth background is removed from the
 #: residual before its matched filter: much wider than a column, so the columns stay.
 RESIDUAL_BACKGROUND_WIDTHS = 4.0

@@ -17,13 +17,14 @@ Positions in pixels; amplitudes in the image's units.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.fft as sfft
 from numba import njit
 from scipy import ndimage as ndi
+from scipy.optimize import lsq_linear
 
 from ..image import parabola_offset
 from .constants import (
@@ -62,6 +63,13 @@ from .constants import (
     SUBLATTICE_POSITIVE,
     SURROUND_SECTORS,
     SURROUND_SPACINGS,
+    TAIL_CORE_WIDTHS,
+    TAIL_MASK_SHARE,
+    TAIL_MASK_WIDTHS,
+    TAIL_WIDTHS,
+    TAIL_WINDOW,
+    TAIL_WITHIN,
+    TAIL_Z,
     TRANSLATION_REACH,
     TRANSLATION_SHARE,
 )
@@ -83,6 +91,11 @@ class ResidualColumns:
     fit: dict  #: refine_gaussian's result for every column (old then new), from the last fit
     #: whether each new column is one of a sublattice's sites (:func:`sublattice_sites`), not a maximum of the residual
     at_sites: np.ndarray
+    #: the columns' long tails (:func:`profile_tails`), subtracted from the image before the passes
+    #: searched it (the fits in ``fit`` are of the image without them); None where they were not
+    tails: np.ndarray | None = None
+    #: :func:`profile_tails`'s record, where the tails were fitted
+    tails_record: dict = field(default_factory=dict)
 
 
 def _fit_columns(image: np.ndarray, x, y, sigma: float, noise: tuple[float, float], **kw) -> dict[str, np.ndarray]:
@@ -320,6 +333,140 @@ def _fitted_model(image: np.ndarray, x: np.ndarray, y: np.ndarray, sigma: float,
     return fit, model
 
 
+def profile_tails(image: np.ndarray, residual: np.ndarray, x, y, intensity, *, sigma: float, spacing: float,
+                  noise: tuple[float, float]) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """What one Gaussian per column leaves of the image's column profile (a probe's long tails), as a map.
+
+    The image is modelled as ``sum_j intensity_j P(|p - p_j|)`` over the columns fitted at
+    ``(x, y)``: one radial profile ``P`` for the image, a mixture of centred unit-volume Gaussians
+    of ``TAIL_WIDTHS`` column widths with positive weights (a Moffat profile is such a mixture; a
+    mixture falls from its centre, so it cannot draw a column at an offset from every column),
+    fitted by weighted least squares over a window of at most ``TAIL_WINDOW`` px centred on the
+    columns, on the pixels within ``TAIL_WITHIN`` spacings of a column (beyond the lattice the
+    background steps where the columns stop). Both sides are high-passed (the blur of
+    :func:`_matched_filter`), so that a smooth background is not read as a profile. The
+    residual's bright maxima (matched filter from ``RESIDUAL_SITE_Z``, a peak of at least
+    ``TAIL_MASK_SHARE`` of the columns', farther than ``RESIDUAL_EXCLUSION`` widths from a column:
+    columns not found yet) are left out within ``TAIL_MASK_WIDTHS`` widths; the fainter maxima,
+    the piles of the tails among them, stay in. The tails are ``P`` less the Gaussian nearest it
+    over ``TAIL_CORE_WIDTHS`` widths (what a column's own fit takes).
+
+    Parameters
+    ----------
+    image, residual : 2-D arrays
+        The image and the image less the fitted Gaussians of the columns (whose maxima are left out).
+    x, y, intensity : arrays
+        The fitted columns, px, and their integrated intensities (image units x px^2); columns with
+        a non-finite or non-positive value are left out.
+    sigma, spacing : float
+        Column width and nearest-column distance, px.
+    noise : (a, b)
+        Noise model ``variance = a + b * intensity``.
+
+    Returns
+    -------
+    tails : 2-D array or None
+        The tails of all the columns, image units; None where the matched filter of the tails over
+        the window stays below ``TAIL_Z`` noise sd (they could not make a maximum the passes
+        take), where fewer than ``MIN_LATTICE_ANCHORS`` columns were given, or where the fit is
+        not defined.
+    record : dict
+        ``share`` (the weight of each width, a share of a column's fitted intensity),
+        ``core_width`` (the Gaussian a column's fit takes, column widths), ``z`` (the largest
+        matched-filter value of the tails, noise sd) and ``left_out`` (the share of the pixels
+        within the lattice left out as maxima), where the fit was made.
+    """
+    x, y, inten = (np.asarray(v, dtype=np.float64).ravel() for v in (x, y, intensity))
+    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(inten) & (inten > 0)
+    x, y, inten = x[ok], y[ok], inten[ok]
+    ny, nx = image.shape
+    if x.size < MIN_LATTICE_ANCHORS:
+        return None, {}
+    hy, hx = min(ny, TAIL_WINDOW), min(nx, TAIL_WINDOW)
+    y0 = int(np.clip(round(float(np.median(y)) - hy / 2), 0, ny - hy))
+    x0 = int(np.clip(round(float(np.median(x)) - hx / 2), 0, nx - hx))
+    img = np.asarray(image[y0 : y0 + hy, x0 : x0 + hx], dtype=np.float64)
+    res = np.asarray(residual[y0 : y0 + hy, x0 : x0 + hx], dtype=np.float64)
+    widths = np.asarray(TAIL_WIDTHS, dtype=np.float64) * sigma
+    reach = RESIDUAL_REACH * float(widths.max())
+    near = (x >= x0 - reach) & (x <= x0 + hx - 1 + reach) & (y >= y0 - reach) & (y <= y0 + hy - 1 + reach)
+    maps = [gaussian_model((hy, hx), x[near] - x0, y[near] - y0, inten[near] / (2.0 * np.pi * w * w), w)
+            for w in widths]
+    blur = RESIDUAL_BACKGROUND_WIDTHS * max(2, int(np.ceil(2.5 * sigma)))
+
+    def high_pass(a: np.ndarray) -> np.ndarray:
+        return a - ndi.gaussian_filter(a, blur, mode="nearest")
+
+    design = [high_pass(m) for m in maps]
+    target = high_pass(img)
+    a, b = noise
+    weight = 1.0 / np.maximum(a + b * ndi.uniform_filter(img, 3, mode="nearest"), 1e-12 + 1e-6 * abs(a))
+    # columns beyond the image's border are not in the model: their tails are no column's
+    m = int(np.ceil(RESIDUAL_REACH * sigma))
+    rows, cols = np.arange(y0, y0 + hy), np.arange(x0, x0 + hx)
+    inner = ((rows >= m) & (rows < ny - m))[:, None] & ((cols >= m) & (cols < nx - m))[None, :]
+    r = int(np.ceil(TAIL_MASK_WIDTHS * sigma))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disc = np.hypot(yy, xx) <= TAIL_MASK_WIDTHS * sigma
+    if not (np.isfinite(target).all() and all(np.isfinite(d).all() for d in design)):
+        return None, {}
+    # a maximum beside a column is that column's misfit (its fitted intensity, not its profile)
+    seeds = np.ones((hy, hx), dtype=bool)
+    iy, ix = np.rint(y[near] - y0).astype(np.int64), np.rint(x[near] - x0).astype(np.int64)
+    inw = (iy >= 0) & (iy < hy) & (ix >= 0) & (ix < hx)
+    seeds[iy[inw], ix[inw]] = False
+    gap = ndi.distance_transform_edt(seeds)
+    apart = inner & (gap > RESIDUAL_EXCLUSION * sigma)
+    # columns not found yet that are bright (a share TAIL_MASK_SHARE of the columns' peak or more) are
+    # left out; the fainter maxima stay in, the piles of the tails among them: a profile that falls
+    # from its centre cannot draw a faint column at an offset, but it must draw the piles
+    z = _matched_filter(res, img, sigma, noise)[0]
+    peak = 2.0 * ndi.gaussian_filter(high_pass(res), sigma, mode="nearest")  # a Gaussian's peak, for one of width sigma
+    ref = float(np.median(inten[near])) / (2.0 * np.pi * sigma * sigma)
+    bright = ((z >= RESIDUAL_SITE_Z) & (z == ndi.maximum_filter(z, size=2 * int(sigma) + 1, mode="nearest")) & apart
+              & (peak >= TAIL_MASK_SHARE * ref))
+    # only pixels within the lattice: beyond it (a hole, vacuum, a support) the background changes
+    # where the columns stop, and a broad profile would be fitted to that step
+    use = inner & (gap <= TAIL_WITHIN * spacing) & ~ndi.binary_dilation(bright, structure=disc)
+    if use.sum() < 10 * widths.size:
+        return None, {}
+    sw = np.sqrt(weight[use])
+    # a probe's profile is a mixture of Gaussians of positive weights (a Moffat profile is one): it
+    # falls from its centre
+    share = lsq_linear(np.stack([d[use] for d in design], axis=1) * sw[:, None], target[use] * sw,
+                       bounds=(0.0, np.inf)).x
+    # the Gaussian a column's own fit takes of that profile, over its core: the rest is the tails
+    rr = np.linspace(0.0, TAIL_CORE_WIDTHS * sigma, 64)
+    prof = sum(c * np.exp(-rr**2 / (2 * w * w)) / (2 * np.pi * w * w) for c, w in zip(share, widths))
+    core_w, core_a = _gaussian_core(rr, prof, sigma)
+    tails_w = sum(c * mp for c, mp in zip(share, maps))
+    tails_w -= gaussian_model((hy, hx), x[near] - x0, y[near] - y0, core_a * inten[near], core_w)
+    zt = _matched_filter(tails_w, img, sigma, noise)[0]
+    z_tails = float(np.max(np.abs(zt[inner]))) if inner.any() else 0.0
+    record = {"share": [round(float(c), 4) for c in share], "core_width": round(core_w / sigma, 3),
+              "z": round(z_tails, 2), "left_out": round(float(1.0 - use.sum() / max(int(inner.sum()), 1)), 3)}
+    if not np.isfinite(z_tails) or z_tails < TAIL_Z:
+        return None, record
+    out = np.zeros(image.shape, dtype=np.float64)
+    for c, w in [*zip(share, widths), (-core_a * 2.0 * np.pi * core_w**2, core_w)]:
+        amp = c * inten / (2.0 * np.pi * w * w)
+        _k_gaussians(out, x, y, amp, np.full(x.size, w), np.full(x.size, w), np.zeros(x.size),
+                     float(RESIDUAL_REACH), True)
+    return out, record
+
+
+def _gaussian_core(r: np.ndarray, profile: np.ndarray, sigma: float) -> tuple[float, float]:
+    """The Gaussian ``a exp(-r^2 / 2 w^2)`` nearest a radial ``profile`` (least squares over the disc of radius ``r[-1]``): ``(w, a)``."""
+    best = (np.inf, sigma, 0.0)
+    for w in sigma * np.linspace(0.5, 2.0, 61):
+        g = np.exp(-r**2 / (2 * w * w))
+        a = float(np.sum(r * g * profile) / max(float(np.sum(r * g * g)), 1e-300))
+        cost = float(np.sum(r * (profile - a * g) ** 2))
+        if cost < best[0]:
+            best = (cost, float(w), a)
+    return best[1], best[2]
+
+
 def _lobes(cx: np.ndarray, cy: np.ndarray, fx: np.ndarray, fy: np.ndarray, spacing: float, sigma: float) -> bool:
     """Whether the candidates look like the lobes a round model leaves of elliptical columns.
 
@@ -420,8 +567,10 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
     shape_model = "gaussian"
     site_modes: np.ndarray | None = None  # the offsets of a dim sublattice once they stood
     refused = np.zeros((0, 2))  # offsets whose sites a fit refused: not tried again
+    tails: np.ndarray | None = None
+    tails_record: dict = {}
 
-    def search(ax: np.ndarray, ay: np.ndarray, shape_model: str):
+    def search(image: np.ndarray, ax: np.ndarray, ay: np.ndarray, shape_model: str):
         """The columns fitted, their positions (the seeds where a fit failed) and the residual's candidates."""
         fit, model = _fitted_model(image, ax, ay, sigma, noise, shape_model)
         good = np.asarray(fit["fit_ok"], dtype=bool)
@@ -437,12 +586,32 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
         ay = np.clip(np.r_[y, new_y], 0.0, image.shape[0] - 1.0)
         # each column fitted in its window with its neighbours subtracted (the joint fit of
         # overlapping groups is for the final refinement)
-        fit, fx, fy, (cx, cy, cz), (rx, ry), residual = search(ax, ay, shape_model)
+        fit, fx, fy, (cx, cy, cz), (rx, ry), residual = search(image, ax, ay, shape_model)
+        if cx.size and done == 0 and not tails_record:
+            # columns with a probe's long tails, fitted one Gaussian each, leave what the fits miss
+            # piled up between neighbours, at the same offsets from every column: the tails are
+            # modelled from this first residual and taken off the image the passes search
+            good = np.asarray(fit["fit_ok"], dtype=bool)
+            tails, tails_record = profile_tails(image, residual, fx[good], fy[good],
+                                                np.asarray(fit["intensity"])[good], sigma=sigma, spacing=spacing,
+                                                noise=noise)
+            tails_record = tails_record or {"z": None}
+            if tails is not None:
+                # the tails are taken off only when that leaves fewer candidates: a profile read
+                # from a background that follows the columns (a thickness dome under two species)
+                # is no probe's, and its subtraction made maxima (160 false finds)
+                trial = search(image - tails, ax, ay, shape_model)
+                tails_record["candidates"] = [int(cx.size), int(trial[3][0].size)]
+                if trial[3][0].size < cx.size:
+                    image = image - tails
+                    fit, fx, fy, (cx, cy, cz), (rx, ry), residual = trial
+                else:
+                    tails = None
         if (cx.size and shape_model == "gaussian" and _lobes(cx, cy, fx, fy, spacing, sigma)
                 and _shared(_ellipticity_terms(image, ax, ay, sigma, noise))[1] >= ELLIPTICITY_Z):
             # elliptical columns (astigmatism, drift) fitted round leave two lobes each: model them as they are
             shape_model = "elliptical"
-            fit, fx, fy, (cx, cy, cz), (rx, ry), residual = search(ax, ay, shape_model)
+            fit, fx, fy, (cx, cy, cz), (rx, ry), residual = search(image, ax, ay, shape_model)
         cx, cy, cz = _inside_at_border(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
         cx, cy, cz = _jointly_significant(image, fx, fy, cx, cy, cz, sigma=sigma, spacing=spacing, noise=noise)
         n_maxima = cx.size
@@ -480,7 +649,8 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
         n_fit = int(np.size(fit.get("x", ())))
         keep = np.r_[np.ones(n0, dtype=bool), inside[: max(n_fit - n0, 0)]]
         fit = {k: np.asarray(v)[keep] for k, v in fit.items() if np.size(v) == n_fit}
-    return ResidualColumns(new_x[inside], new_y[inside], new_z[inside], done, fit, new_site[inside])
+    return ResidualColumns(new_x[inside], new_y[inside], new_z[inside], done, fit, new_site[inside], tails,
+                           tails_record)
 
 
 def _round_candidates(residual: np.ndarray, image: np.ndarray, fx, fy, *, sigma: float, spacing: float,
