@@ -229,9 +229,11 @@ TAIL_MASK_WIDTHS = 2.5
 TAIL_MASK_SHARE = 0.1
 #: ... over the pixels within this many spacings of a column (beyond the lattice the background steps)
 TAIL_WITHIN = 1.0
-#: The tails are taken off the image the passes search only where they could make a maximum: where the
-#: matched filter of their map reaches this many noise sd somewhere (below RESIDUAL_SITE_Z, the lowest
-#: level a residual maximum is taken at). Gaussian columns stay below it and are searched as before.
+#: The tails are taken off the image the passes search only where they could make or hide a maximum:
+#: where the matched filter of their map reaches this many noise sd (either sign) somewhere (below
+#: RESIDUAL_SITE_Z, the lowest level a residual maximum is taken at), and where that does not give the
+#: first pass MIN_LATTICE_ANCHORS more candidates. Gaussian columns mostly stay below it; where they do not (two widths,
+#: high doses), the profile's tails are small and what they change is within the model's misfit.
 TAIL_Z = 2.0
 #: Width of the blur (matched-filter half-widths) whose smooth background is removed from the
 #: residual before its matched filter: much wider than a column, so the columns stay.

@@ -367,8 +367,8 @@ def profile_tails(image: np.ndarray, residual: np.ndarray, x, y, intensity, *, s
     -------
     tails : 2-D array or None
         The tails of all the columns, image units; None where the matched filter of the tails over
-        the window stays below ``TAIL_Z`` noise sd (they could not make a maximum the passes
-        take), where fewer than ``MIN_LATTICE_ANCHORS`` columns were given, or where the fit is
+        the window stays within ``TAIL_Z`` noise sd of zero (they could neither make a maximum the
+        passes take nor hide one), where fewer than ``MIN_LATTICE_ANCHORS`` columns were given, or where the fit is
         not defined.
     record : dict
         ``share`` (the weight of each width, a share of a column's fitted intensity),
@@ -400,7 +400,8 @@ def profile_tails(image: np.ndarray, residual: np.ndarray, x, y, intensity, *, s
     design = [high_pass(m) for m in maps]
     target = high_pass(img)
     a, b = noise
-    weight = 1.0 / np.maximum(a + b * ndi.uniform_filter(img, 3, mode="nearest"), 1e-12 + 1e-6 * abs(a))
+    # no pixel's variance below one count's (or the read noise's): an empty pixel is not exact
+    weight = 1.0 / np.maximum(a + b * ndi.uniform_filter(img, 3, mode="nearest"), max(abs(a), abs(b), 1e-12))
     # columns beyond the image's border are not in the model: their tails are no column's
     m = int(np.ceil(RESIDUAL_REACH * sigma))
     rows, cols = np.arange(y0, y0 + hy), np.arange(x0, x0 + hx)
@@ -597,12 +598,15 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
                                                 noise=noise)
             tails_record = tails_record or {"z": None}
             if tails is not None:
-                # the tails are taken off only when that leaves fewer candidates: a profile read
-                # from a background that follows the columns (a thickness dome under two species)
-                # is no probe's, and its subtraction made maxima (160 false finds)
+                # the tails are taken off unless that leaves a sublattice's worth more candidates
+                # (MIN_LATTICE_ANCHORS): a profile read from a background that follows the columns
+                # (a thickness dome under two species) is no probe's, and its subtraction made
+                # maxima (2 -> 171 candidates, 160 false finds). Fewer is not asked for: where a
+                # dim sublattice is found in this pass, its columns are the candidates either way
+                # (374 -> 375 on a honeycomb of long-tailed columns), and the piles come later
                 trial = search(image - tails, ax, ay, shape_model)
                 tails_record["candidates"] = [int(cx.size), int(trial[3][0].size)]
-                if trial[3][0].size < cx.size:
+                if trial[3][0].size < cx.size + MIN_LATTICE_ANCHORS:
                     image = image - tails
                     fit, fx, fy, (cx, cy, cz), (rx, ry), residual = trial
                 else:
