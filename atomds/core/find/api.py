@@ -239,7 +239,8 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
        weights, times each column's fitted intensity, with the bright maxima not found yet left out),
        and where what one Gaussian per column leaves of that profile (a probe's long tails) could
        make or hide a maximum (2 noise sd in the matched filter) and taking it off does not give the
-       first pass ``MIN_LATTICE_ANCHORS`` more candidates, it is taken off the image the passes search: long-tailed columns fitted one Gaussian each leave 2-5 % of a column piled between
+       first pass more candidates than the square root of their count, it is taken off the image
+       the passes search: long-tailed columns fitted one Gaussian each leave 2-5 % of a column piled between
        neighbours, at the same offsets from every column, which passed for a sublattice (a
        perovskite of Moffat columns at 100,000 counts: 218 false columns, now 0). A profile that
        falls from its centre cannot draw a faint sublattice, which stays in the residual. The

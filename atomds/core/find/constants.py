@@ -217,8 +217,8 @@ TAIL_WIDTHS = (0.7, 1.0, 1.4, 2.0)
 #: rest is the tails
 TAIL_CORE_WIDTHS = 2.5
 #: ... fitted over a window of at most this many px a side, centred on the columns (the profile is the
-#: image's: a window of a few thousand columns sets it) ...
-TAIL_WINDOW = 512
+#: image's: a window of hundreds of columns sets its four weights; 512 px took 0.3-0.4 s an image) ...
+TAIL_WINDOW = 256
 #: ... leaving out, within this many widths, the residual's maxima whose peak is at least this share of
 #: the columns' (columns not found yet: with none left out, a honeycomb's B at 0.5 of A drew the profile
 #: back to one Gaussian, and 437 false finds stayed). Fainter maxima stay in, the tails' own piles among them: a mixture
@@ -232,7 +232,7 @@ TAIL_WITHIN = 1.0
 #: The tails are taken off the image the passes search only where they could make or hide a maximum:
 #: where the matched filter of their map reaches this many noise sd (either sign) somewhere (below
 #: RESIDUAL_SITE_Z, the lowest level a residual maximum is taken at), and where that does not give the
-#: first pass MIN_LATTICE_ANCHORS more candidates. Gaussian columns mostly stay below it; where they do not (two widths,
+#: first pass more candidates than the square root of their count. Gaussian columns mostly stay below it; where they do not (two widths,
 #: high doses), the profile's tails are small and what they change is within the model's misfit.
 TAIL_Z = 2.0
 #: Width of the blur (matched-filter half-widths) whose smooth background is removed from the

@@ -24,7 +24,7 @@ import numpy as np
 import scipy.fft as sfft
 from numba import njit
 from scipy import ndimage as ndi
-from scipy.optimize import lsq_linear
+from scipy.optimize import nnls
 
 from ..image import parabola_offset
 from .constants import (
@@ -395,7 +395,7 @@ def profile_tails(image: np.ndarray, residual: np.ndarray, x, y, intensity, *, s
     blur = RESIDUAL_BACKGROUND_WIDTHS * max(2, int(np.ceil(2.5 * sigma)))
 
     def high_pass(a: np.ndarray) -> np.ndarray:
-        return a - ndi.gaussian_filter(a, blur, mode="nearest")
+        return a - ndi.gaussian_filter(a, blur, mode="nearest", truncate=2.0)
 
     design = [high_pass(m) for m in maps]
     target = high_pass(img)
@@ -431,11 +431,18 @@ def profile_tails(image: np.ndarray, residual: np.ndarray, x, y, intensity, *, s
     use = inner & (gap <= TAIL_WITHIN * spacing) & ~ndi.binary_dilation(bright, structure=disc)
     if use.sum() < 10 * widths.size:
         return None, {}
-    sw = np.sqrt(weight[use])
     # a probe's profile is a mixture of Gaussians of positive weights (a Moffat profile is one): it
-    # falls from its centre
-    share = lsq_linear(np.stack([d[use] for d in design], axis=1) * sw[:, None], target[use] * sw,
-                       bounds=(0.0, np.inf)).x
+    # falls from its centre. Non-negative least squares on the normal equations (a few weights):
+    # |A w - b|^2 = |R w - d|^2 + const with A'A = R'R and R'd = A'b
+    wu = weight[use]
+    cols = np.stack([d[use] for d in design], axis=1)
+    gram = cols.T @ (cols * wu[:, None])
+    rhs = cols.T @ (target[use] * wu)
+    try:
+        chol = np.linalg.cholesky(gram + 1e-12 * np.trace(gram) * np.eye(gram.shape[0]))
+    except np.linalg.LinAlgError:
+        return None, {}
+    share = nnls(chol.T, np.linalg.solve(chol, rhs))[0]
     # the Gaussian a column's own fit takes of that profile, over its core: the rest is the tails
     rr = np.linspace(0.0, TAIL_CORE_WIDTHS * sigma, 64)
     prof = sum(c * np.exp(-rr**2 / (2 * w * w)) / (2 * np.pi * w * w) for c, w in zip(share, widths))
@@ -598,15 +605,17 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
                                                 noise=noise)
             tails_record = tails_record or {"z": None}
             if tails is not None:
-                # the tails are taken off unless that leaves a sublattice's worth more candidates
-                # (MIN_LATTICE_ANCHORS): a profile read from a background that follows the columns
-                # (a thickness dome under two species) is no probe's, and its subtraction made
-                # maxima (2 -> 171 candidates, 160 false finds). Fewer is not asked for: where a
-                # dim sublattice is found in this pass, its columns are the candidates either way
-                # (374 -> 375 on a honeycomb of long-tailed columns), and the piles come later
+                # the tails are taken off unless that leaves more candidates than the count's own
+                # scatter (its square root) allows: a profile read from a background that follows
+                # the columns (a thickness dome under two species, an amorphous support's blobs
+                # beside a particle's columns) is no probe's, and its subtraction made maxima (2 ->
+                # 171 candidates and 160 false finds; 32 -> 42 and 8 finds in the support). Fewer is
+                # not asked for: where a dim sublattice is found in this pass, its columns are the
+                # candidates either way (374 -> 375 on a honeycomb of long-tailed columns), and the
+                # piles come later
                 trial = search(image - tails, ax, ay, shape_model)
                 tails_record["candidates"] = [int(cx.size), int(trial[3][0].size)]
-                if trial[3][0].size < cx.size + MIN_LATTICE_ANCHORS:
+                if trial[3][0].size <= cx.size + np.sqrt(cx.size):
                     image = image - tails
                     fit, fx, fy, (cx, cy, cz), (rx, ry), residual = trial
                 else:
