@@ -341,7 +341,7 @@ def profile_tails(image: np.ndarray, residual: np.ndarray, x, y, intensity, *, s
     ``(x, y)``: one radial profile ``P`` for the image, a mixture of centred unit-volume Gaussians
     of ``TAIL_WIDTHS`` column widths with positive weights (a Moffat profile is such a mixture; a
     mixture falls from its centre, so it cannot draw a column at an offset from every column),
-    fitted by weighted least squares over a window of at most ``TAIL_WINDOW`` px centred on the
+    fitted by weighted non-negative least squares over a window of at most ``TAIL_WINDOW`` px centred on the
     columns, on the pixels within ``TAIL_WITHIN`` spacings of a column (beyond the lattice the
     background steps where the columns stop). Both sides are high-passed (the blur of
     :func:`_matched_filter`), so that a smooth background is not read as a profile. The
