@@ -27,20 +27,20 @@ def _moffat(shape, x, y, counts, fwhm: float, beta: float = 2.5) -> np.ndarray:
     return out
 
 
-def _perovskite(seed: int, dose: float, *, profile: str, o_share: float = 0.0, a: float = 16.0,
-                shape: tuple[int, int] = (224, 256)):
-    """A perovskite [001] turned at random: A columns, B (0.4 of A) at the cells' centres and, with
-    ``o_share``, O columns at the edges' middles; each column ``profile`` "moffat" (beta 2.5, full width
-    at half maximum of a Gaussian of 1.8 px) or "gaussian" (1.8 px); a background of 8 % of a column's counts
-    per column area; Poisson noise."""
+def _lattice(seed: int, dose: float, cell: np.ndarray, basis: np.ndarray, label: np.ndarray, shares, *,
+             profile: str, shape: tuple[int, int]):
+    """A lattice (``cell`` rows the two vectors, px; ``basis`` fractional, each site of class ``label``) turned
+    at random, columns of ``shares`` of ``dose`` counts by class; each column ``profile`` "moffat" (beta 2.5,
+    full width at half maximum of a Gaussian of 1.8 px) or "gaussian" (1.8 px); a background of 8 % of a
+    column's counts per column area; Poisson noise. Returns the columns inside the image, their classes, the
+    image."""
     rng = np.random.default_rng(seed)
     th = rng.uniform(0.0, np.pi)
     rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
-    basis = np.array([[0.0, 0.0], [0.5, 0.5], [0.5, 0.0], [0.0, 0.5]])[: 4 if o_share else 2]
-    xy, _, b = samples.lattice_sites(np.array([[a, 0.0], [0.0, a]]) @ rot.T, shape, origin=rng.uniform(0, a, 2),
-                                     basis=basis, margin=24.0)
-    label = np.minimum(b, 2)
-    counts = dose * np.array([1.0, 0.4, o_share])[label]
+    xy, _, b = samples.lattice_sites(cell @ rot.T, shape, origin=rng.uniform(0, cell[0, 0], 2), basis=basis,
+                                     margin=24.0)
+    label = label[b]
+    counts = dose * np.asarray(shares, dtype=float)[label]
     sigma = 1.8
     if profile == "moffat":
         img = _moffat(shape, xy[:, 0], xy[:, 1], counts, 2.355 * sigma)
@@ -49,6 +49,22 @@ def _perovskite(seed: int, dose: float, *, profile: str, o_share: float = 0.0, a
     img = add_noise(img + 0.08 * dose / (2 * np.pi * sigma**2), seed=rng)
     inside = (xy[:, 0] >= 0) & (xy[:, 0] <= shape[1] - 1) & (xy[:, 1] >= 0) & (xy[:, 1] <= shape[0] - 1)
     return xy[inside], label[inside], img
+
+
+def _perovskite(seed: int, dose: float, *, profile: str, o_share: float = 0.0, a: float = 16.0,
+                shape: tuple[int, int] = (224, 256)):
+    """A perovskite [001] (:func:`_lattice`): A columns, B (0.4 of A) at the cells' centres and, with
+    ``o_share``, O columns at the edges' middles."""
+    basis = np.array([[0.0, 0.0], [0.5, 0.5], [0.5, 0.0], [0.0, 0.5]])[: 4 if o_share else 2]
+    return _lattice(seed, dose, np.array([[a, 0.0], [0.0, a]]), basis, np.array([0, 1, 2, 2]),
+                    (1.0, 0.4, o_share), profile=profile, shape=shape)
+
+
+def _honeycomb(seed: int, dose: float, b_share: float, a: float = 16.0, shape: tuple[int, int] = (256, 320)):
+    """A honeycomb of Moffat columns (:func:`_lattice`), A-A ``a`` px, B at ``b_share`` of A."""
+    return _lattice(seed, dose, np.array([[a, 0.0], [a / 2, a * np.sqrt(3) / 2]]),
+                    np.array([[0.0, 0.0], [1 / 3, 1 / 3]]), np.array([0, 1]), (1.0, b_share), profile="moffat",
+                    shape=shape)
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -61,20 +77,6 @@ def test_long_tailed_columns_leave_no_false_columns(seed):
     assert min(sc["recall_by_label"].values()) == 1.0
     assert sc["false_positive_rate"] <= 0.002, sc
     assert res.params["residual"]["tails"]["subtracted"]
-
-
-def _honeycomb(seed: int, dose: float, b_share: float, a: float = 16.0, shape: tuple[int, int] = (256, 320)):
-    """A honeycomb of Moffat columns (beta 2.5, as in :func:`_perovskite`), A-A ``a`` px, B at ``b_share`` of A."""
-    rng = np.random.default_rng(seed)
-    th = rng.uniform(0.0, np.pi)
-    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
-    xy, _, label = samples.lattice_sites(np.array([[a, 0.0], [a / 2, a * np.sqrt(3) / 2]]) @ rot.T, shape,
-                                         origin=rng.uniform(0, a, 2), basis=np.array([[0.0, 0.0], [1 / 3, 1 / 3]]),
-                                         margin=24.0)
-    img = _moffat(shape, xy[:, 0], xy[:, 1], dose * np.array([1.0, b_share])[label], 2.355 * 1.8)
-    img = add_noise(img + 0.08 * dose / (2 * np.pi * 1.8**2), seed=rng)
-    inside = (xy[:, 0] >= 0) & (xy[:, 0] <= shape[1] - 1) & (xy[:, 1] >= 0) & (xy[:, 1] <= shape[0] - 1)
-    return xy[inside], label[inside], img
 
 
 @pytest.mark.parametrize("seed", [2, 3])

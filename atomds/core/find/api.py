@@ -15,7 +15,7 @@ Everything is vectorised over pixels and blobs. Positions are in pixels (``x`` =
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -942,9 +942,8 @@ def _edge_like_a_class(img: np.ndarray, found: FoundAtoms, rc: ResidualColumns, 
     keep = np.r_[np.ones(n0 + int(inner.sum()), dtype=bool), like]
     order = np.r_[np.flatnonzero(inner), np.flatnonzero(edge)[like]]
     p["residual"]["n_atoms"] = int(order.size)
-    return ResidualColumns(rc.x[order], rc.y[order], rc.zscore[order], rc.rounds,
-                           {k: np.asarray(v)[keep] for k, v in fit.items() if np.size(v) == keep.size},
-                           rc.at_sites[order])
+    return replace(rc, x=rc.x[order], y=rc.y[order], zscore=rc.zscore[order], at_sites=rc.at_sites[order],
+                   fit={k: np.asarray(v)[keep] for k, v in fit.items() if np.size(v) == keep.size})
 
 
 def _residual_stage(img: np.ndarray, found: FoundAtoms, noise: tuple[float, float], lattice_check: bool,
@@ -973,13 +972,13 @@ def _residual_stage(img: np.ndarray, found: FoundAtoms, noise: tuple[float, floa
         probe = residual_passes(crop, found.x[inside] - x0, found.y[inside] - y0, rounds=1, border=False, **kw)
         if probe.x.size == 0:
             p["residual"] = {"rounds": 0, "n_atoms": 0, "screened_on_crop": True}
-            if probe.tails_record.get("z") is not None:
-                p["residual"]["tails"] = {**probe.tails_record, "subtracted": probe.tails is not None}
+            if probe.tails_record:
+                p["residual"]["tails"] = probe.tails_record
             return found
     rc = residual_passes(img, found.x, found.y, **kw)
     p["residual"] = {"rounds": int(rc.rounds), "n_atoms": int(rc.x.size), "screened_on_crop": (ny, nx) != crop.shape}
-    if rc.tails_record.get("z") is not None:
-        p["residual"]["tails"] = {**rc.tails_record, "subtracted": rc.tails is not None}
+    if rc.tails_record:
+        p["residual"]["tails"] = rc.tails_record
     if rc.tails is not None:  # the new columns are judged on the image the passes searched
         img = img - rc.tails
     if rc.x.size < FAINT_MAX_FRACTION * len(found):
@@ -992,9 +991,8 @@ def _residual_stage(img: np.ndarray, found: FoundAtoms, noise: tuple[float, floa
         like |= rc.at_sites
         p["residual"]["dropped"] = int((~like).sum())
         keep = np.r_[np.ones(len(found), dtype=bool), like]
-        rc = ResidualColumns(rc.x[like], rc.y[like], rc.zscore[like], rc.rounds,
-                             {k: np.asarray(v)[keep] for k, v in fit.items() if np.size(v) == keep.size},
-                             rc.at_sites[like])
+        rc = replace(rc, x=rc.x[like], y=rc.y[like], zscore=rc.zscore[like], at_sites=rc.at_sites[like],
+                     fit={k: np.asarray(v)[keep] for k, v in fit.items() if np.size(v) == keep.size})
         p["residual"]["n_atoms"] = int(rc.x.size)
         if rc.x.size == 0:
             return found

@@ -210,7 +210,7 @@ LOBE_MIN = 8
 #: perovskite at 100,000 (benchmarks/RESULTS.md, "Columns with a probe's long tails"). The image's
 #: column profile is fitted as a mixture of centred Gaussians of these widths (column widths) with
 #: positive weights, times each column's fitted intensity. Broader widths fitted the step of the
-#: background at a hole's rim or a support's edge (weights of 7-12 on 4 widths, and 63-668 false finds
+#: background at a hole's rim or a support's edge (weights of 7-12 on 4 widths, and 63-134 false finds
 #: on three images of the randomized sweep).
 TAIL_WIDTHS = (0.7, 1.0, 1.4, 2.0)
 #: ... the Gaussian nearest that profile out to this many widths is what a column's own fit takes; the

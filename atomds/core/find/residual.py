@@ -94,7 +94,8 @@ class ResidualColumns:
     #: the columns' long tails (:func:`profile_tails`), subtracted from the image before the passes
     #: searched it (the fits in ``fit`` are of the image without them); None where they were not
     tails: np.ndarray | None = None
-    #: :func:`profile_tails`'s record, where the tails were fitted
+    #: :func:`profile_tails`'s record with ``candidates`` (the first pass's, without and with the tails
+    #: taken off) and ``subtracted``, where the profile was fitted; empty where it was not
     tails_record: dict = field(default_factory=dict)
 
 
@@ -154,10 +155,16 @@ def _k_gaussians(out, x, y, a, s, s2, th, reach, round_):  # pragma: no cover - 
                     out[yy, xx] += a[i] * math.exp(-(u * u * inv1 + v * v * inv2))
 
 
+def _template_half_width(sigma: float) -> int:
+    """Half-width (px) of the matched filter's template; its smooth background is a blur of
+    ``RESIDUAL_BACKGROUND_WIDTHS`` of these."""
+    return max(2, int(np.ceil(2.5 * sigma)))
+
+
 def _matched_filter(residual: np.ndarray, image: np.ndarray, sigma: float,
                     noise: tuple[float, float]) -> tuple[np.ndarray, list[np.ndarray]]:
     """z-map of the residual's zero-mean Gaussian-template amplitude against the image's noise, and the template."""
-    h = max(2, int(np.ceil(2.5 * sigma)))
+    h = _template_half_width(sigma)
     yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
     t = np.exp(-(xx**2 + yy**2) / (2.0 * sigma * sigma))
     tz = t - t.mean()
@@ -392,7 +399,7 @@ def profile_tails(image: np.ndarray, residual: np.ndarray, x, y, intensity, *, s
     near = (x >= x0 - reach) & (x <= x0 + hx - 1 + reach) & (y >= y0 - reach) & (y <= y0 + hy - 1 + reach)
     maps = [gaussian_model((hy, hx), x[near] - x0, y[near] - y0, inten[near] / (2.0 * np.pi * w * w), w)
             for w in widths]
-    blur = RESIDUAL_BACKGROUND_WIDTHS * max(2, int(np.ceil(2.5 * sigma)))
+    blur = RESIDUAL_BACKGROUND_WIDTHS * _template_half_width(sigma)
 
     def high_pass(a: np.ndarray) -> np.ndarray:
         return a - ndi.gaussian_filter(a, blur, mode="nearest", truncate=2.0)
@@ -428,7 +435,8 @@ def profile_tails(image: np.ndarray, residual: np.ndarray, x, y, intensity, *, s
               & (peak >= TAIL_MASK_SHARE * ref))
     # only pixels within the lattice: beyond it (a hole, vacuum, a support) the background changes
     # where the columns stop, and a broad profile would be fitted to that step
-    use = inner & (gap <= TAIL_WITHIN * spacing) & ~ndi.binary_dilation(bright, structure=disc)
+    lattice = inner & (gap <= TAIL_WITHIN * spacing)
+    use = lattice & ~ndi.binary_dilation(bright, structure=disc)
     if use.sum() < 10 * widths.size:
         return None, {}
     # a probe's profile is a mixture of Gaussians of positive weights (a Moffat profile is one): it
@@ -452,13 +460,14 @@ def profile_tails(image: np.ndarray, residual: np.ndarray, x, y, intensity, *, s
     zt = _matched_filter(tails_w, img, sigma, noise)[0]
     z_tails = float(np.max(np.abs(zt[inner]))) if inner.any() else 0.0
     record = {"share": [round(float(c), 4) for c in share], "core_width": round(core_w / sigma, 3),
-              "z": round(z_tails, 2), "left_out": round(float(1.0 - use.sum() / max(int(inner.sum()), 1)), 3)}
+              "z": round(z_tails, 2), "left_out": round(float(1.0 - use.sum() / max(int(lattice.sum()), 1)), 3)}
     if not np.isfinite(z_tails) or z_tails < TAIL_Z:
         return None, record
+    # the profile's Gaussians (peak per unit intensity, width) less the core, added in place
+    terms = [*((c / (2.0 * np.pi * w * w), w) for c, w in zip(share, widths)), (-core_a, core_w)]
     out = np.zeros(image.shape, dtype=np.float64)
-    for c, w in [*zip(share, widths), (-core_a * 2.0 * np.pi * core_w**2, core_w)]:
-        amp = c * inten / (2.0 * np.pi * w * w)
-        _k_gaussians(out, x, y, amp, np.full(x.size, w), np.full(x.size, w), np.zeros(x.size),
+    for peak_share, w in terms:
+        _k_gaussians(out, x, y, peak_share * inten, np.full(x.size, w), np.full(x.size, w), np.zeros(x.size),
                      float(RESIDUAL_REACH), True)
     return out, record
 
@@ -595,7 +604,7 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
         # each column fitted in its window with its neighbours subtracted (the joint fit of
         # overlapping groups is for the final refinement)
         fit, fx, fy, (cx, cy, cz), (rx, ry), residual = search(image, ax, ay, shape_model)
-        if cx.size and done == 0 and not tails_record:
+        if cx.size and done == 0:
             # columns with a probe's long tails, fitted one Gaussian each, leave what the fits miss
             # piled up between neighbours, at the same offsets from every column: the tails are
             # modelled from this first residual and taken off the image the passes search
@@ -603,7 +612,6 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
             tails, tails_record = profile_tails(image, residual, fx[good], fy[good],
                                                 np.asarray(fit["intensity"])[good], sigma=sigma, spacing=spacing,
                                                 noise=noise)
-            tails_record = tails_record or {"z": None}
             if tails is not None:
                 # the tails are taken off unless that leaves more candidates than the count's own
                 # scatter (its square root) allows: a profile read from a background that follows
@@ -613,13 +621,17 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
                 # not asked for: where a dim sublattice is found in this pass, its columns are the
                 # candidates either way (374 -> 375 on a honeycomb of long-tailed columns), and the
                 # piles come later
-                trial = search(image - tails, ax, ay, shape_model)
-                tails_record["candidates"] = [int(cx.size), int(trial[3][0].size)]
-                if trial[3][0].size <= cx.size + np.sqrt(cx.size):
-                    image = image - tails
+                cleaned = image - tails
+                trial = search(cleaned, ax, ay, shape_model)
+                n_trial = trial[3][0].size  # the trial's candidates (cx)
+                tails_record["candidates"] = [int(cx.size), int(n_trial)]
+                if n_trial <= cx.size + np.sqrt(cx.size):
+                    image = cleaned
                     fit, fx, fy, (cx, cy, cz), (rx, ry), residual = trial
                 else:
                     tails = None
+            if tails_record:
+                tails_record["subtracted"] = tails is not None
         if (cx.size and shape_model == "gaussian" and _lobes(cx, cy, fx, fy, spacing, sigma)
                 and _shared(_ellipticity_terms(image, ax, ay, sigma, noise))[1] >= ELLIPTICITY_Z):
             # elliptical columns (astigmatism, drift) fitted round leave two lobes each: model them as they are
