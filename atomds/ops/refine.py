@@ -27,6 +27,7 @@ from ..core.neighbors import nearest_spacing
 from ..core.preprocess import CONTRASTS, turn_over
 from ..core.refine.background import BACKGROUND_BEYOND_COLUMNS, background_beyond_columns, sample_at
 from ..core.refine.joint import overlapping
+from ..core.refine.outside import without_outside_columns
 from ..core.refine.residual import refine_and_complete
 from ..core.refine.settings import overlap_judging_width
 from ..errors import InvalidParameterError
@@ -73,6 +74,12 @@ def _settings_task(image, x, y, kw):
         noise=kw["noise"], model=kw["model"], neighbor_subtraction=kw["neighbor_subtraction"], max_iter=kw["max_iter"],
         engine=kw["engine"],
     )  # joint does not change the settings
+
+
+def _outside_task(image, x, y, settings, kw) -> np.ndarray:
+    """The image less the columns centred just outside it (:func:`~atomds.core.refine.outside.without_outside_columns`)."""
+    return without_outside_columns(np.asarray(image), np.asarray(x, float), np.asarray(y, float), settings=settings,
+                                   **kw)[0]
 
 
 def _refine_block(image, x, y, settings, sl, kw) -> np.ndarray:
@@ -343,6 +350,7 @@ def refine(
     tiling: dict[str, Any] | None = None
     despike: dict[str, Any] = {}
     add_x, add_y, missing, no_column = np.zeros(0), np.zeros(0), None, None
+    outside: dict[str, Any] | None = None
     if n == 0:
         packed = np.zeros((0, len(_fields(model))))
     elif is_dask(img) and not (is_dask(sx) or is_dask(sy)) and is_tiled(img.data):
@@ -375,6 +383,9 @@ def refine(
         prep = dask.delayed(_prepared_flat_lazy, pure=True, nout=2)(img.data, con, fparams, xp_all, yp_all)
         image_d, bg_d = prep[0], prep[1]
         settings_d = dask.delayed(_settings_task, pure=True)(image_d, xp_all, yp_all, kw)
+        # the tails of the columns centred just outside the image, taken off before the fits
+        image_d = dask.delayed(_outside_task, pure=True)(image_d, xp_all, yp_all, settings_d, fit_kw)
+        outside = {"n_outside": None, "note": "subtracted in the lazy task: not counted here"}
 
         def _chunk(xb, image, bg, x_all, y_all, settings, block_info=None):
             lo, hi = block_info[0]["array-location"][0]
@@ -400,6 +411,8 @@ def refine(
         bg_info = _background_info(step_params(ds, "find_atoms") or {})
         image, local_bg = _without_local_background(image, bg_info, xp, yp)
         settings = _settings_task(image, xp, yp, kw)
+        # the tails of the columns centred just outside the image, taken off before the fits
+        image, outside = without_outside_columns(image, xp, yp, settings=settings, **fit_kw)
         if _search_missing(find_missing, model, bool(neighbor_subtraction), xp, yp, settings):
             res, add_x, add_y, missing = refine_and_complete(image, xp, yp, settings=settings, **fit_kw)
             no_column = res["no_column"]
@@ -435,6 +448,8 @@ def refine(
         params["tiled"] = tiling
     if bg_info is not None:
         params["local_background"] = bg_info
+    if outside is not None:
+        params["outside"] = outside
     if missing is not None:
         params["missing"] = missing
     elif find_missing is True and (lazy or model != "gaussian" or not neighbor_subtraction):

@@ -273,6 +273,13 @@ TRANSLATION_REACH = 3.2
 #: between two sublattices is made by one of them: half, or less).
 TRANSLATION_SHARE = 0.75
 RESIDUAL_BORDER_SIGNIFICANCE = 3.0
+#: Columns centred just outside the image (:func:`~atomds.core.find.residual.outside_columns`) are
+#: predicted by the translations that map each column onto one of its own kind: those whose pairs
+#: of columns differ in peak by at most this many times the least such difference (a median, in
+#: shares of the median peak; plus a hundredth). Twice: noise alone spreads the medians of the
+#: translations that keep the species by much less, and a translation between species differs by
+#: their contrast.
+OUTSIDE_PEAK_SPREAD = 2.0
 #: Most offsets from the columns found tried as the sites of a dim sublattice
 #: (:func:`~atomds.core.find.residual.sublattice_sites`; a honeycomb's B has three, the dim rows of an
 #: ordered hexagonal lattice four, counting ties between two equidistant columns).
