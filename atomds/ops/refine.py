@@ -224,7 +224,11 @@ def refine(
     radius) is taken off before fitting, so that no column's constant background sits on a
     slope, and is added back to ``background``; not where the columns' tails explain the
     finder's background (overlapping columns on vacuum); recorded under
-    ``refine_params["local_background"]`` (tile by tile for a tiled image). The fits' noise model is
+    ``refine_params["local_background"]`` (tile by tile for a tiled image). The tails of the
+    columns centred just outside the image, which no fit models, are predicted from the lattice
+    of the columns near the border (:func:`atomds.core.refine.outside.outside_model`) and taken
+    off before fitting (counted under ``refine_params["outside"]["n_outside"]``; not for a tiled
+    image). The fits' noise model is
     then recorded as ``fit_gain``, ``fit_variance_offset`` and ``gain``, ``variance_offset`` are
     the recorded image's (``find_atoms_params["noise_variance"]``). Lazy over chunks of ``atom`` when the image is Dask-backed: nothing
     computes until the results are asked for.

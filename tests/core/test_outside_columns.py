@@ -71,6 +71,42 @@ def test_outside_columns_are_the_lattice_beyond_the_border():
     np.testing.assert_allclose(gw, 1.5)
 
 
+def test_a_thickness_gradient_along_a_lattice_axis_is_followed():
+    # peaks rising fivefold along x, noiseless: the translations along x step in peak but keep the
+    # species, and the columns beyond the left and right borders take the peaks that continue the rise
+    shape, a = (120, 150), 10.0
+    xy, _, _ = samples.lattice_sites(np.array([[a, 0.0], [0.0, a]]), shape, origin=np.array([3.3, 4.1]), margin=30)
+    peak = 100.0 * (1.0 + 4.0 * xy[:, 0] / shape[1])
+    inside = (xy[:, 0] >= -0.5) & (xy[:, 0] <= shape[1] - 0.5) & (xy[:, 1] >= -0.5) & (xy[:, 1] <= shape[0] - 0.5)
+    gx, gy, ga, _ = outside_columns(xy[inside, 0], xy[inside, 1], peak[inside], np.full(inside.sum(), 1.6), shape,
+                                    sigma=1.6, spacing=a)
+    for side in (gx < -0.5, gx > shape[1] - 0.5):
+        assert side.sum() >= 12  # 14 within reach on each side
+        i, j = samples.match_positions(xy[~inside], np.c_[gx[side], gy[side]], 0.5)
+        np.testing.assert_allclose(ga[side][j], peak[~inside][i], rtol=0.02)
+
+
+def test_no_columns_outside_where_the_crystal_ends_before_the_border():
+    # the lattice stops 6 px short of the left border (vacuum there) and runs on beyond the right
+    # one: the columns predicted over the vacuum are not in the image's pixels and are dropped
+    shape, a, sigma = (100, 124), 8.0, 1.6
+    xy, _, _ = samples.lattice_sites(np.array([[a, 0.0], [0.0, a]]), shape, origin=np.array([6.0, 2.0]), margin=30)
+    xy = xy[xy[:, 0] >= 5.0]  # the first column at x = 6: none at x = -2
+    img = render_columns(shape, xy[:, 0], xy[:, 1], np.full(len(xy), 3000.0), sigma) + 20.0
+    img = add_noise(img, seed=np.random.default_rng(4))
+    inside = (xy[:, 0] <= shape[1] - 0.5) & (xy[:, 1] >= -0.5) & (xy[:, 1] <= shape[0] - 0.5)
+    from atomds.core.find.residual import gaussian_model
+
+    peak = 3000.0 / (2 * np.pi * sigma**2)
+    residual = img - gaussian_model(shape, xy[inside, 0], xy[inside, 1], peak, sigma)
+    gx, gy, _, _ = outside_columns(xy[inside, 0], xy[inside, 1], np.full(inside.sum(), peak), np.full(inside.sum(), sigma),
+                                   shape, sigma=sigma, spacing=a, residual=residual)
+    # none over the vacuum beside the left border, within 2 widths of it (14 without the residual) ...
+    assert not np.any((gx < -0.5) & (gx > -0.5 - 2 * sigma) & (gy >= -0.5) & (gy <= shape[0] - 0.5))
+    # ... while those beyond the right border, where the lattice runs on, stay
+    assert np.sum(gx > shape[1] - 0.5) >= 10
+
+
 def test_no_columns_outside_where_none_reach_the_border():
     # a particle in the middle of the frame: nothing near the border, nothing predicted
     xy, _, _ = samples.lattice_sites(np.array([[8.0, 0.0], [0.0, 8.0]]), (200, 200), origin=np.array([2.0, 2.0]))

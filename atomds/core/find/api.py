@@ -221,7 +221,10 @@ def find_atoms(image, *, template=None, threshold: float | None = None, min_area
        suffice (few places are tested). Near the border a maximum may be the tail of a column
        outside the image: it stays when its own fit puts the centre inside the image with an
        intensity above 3 standard errors, or when it sits on a translation site inside the
-       image. A maximum closer than 0.4 of the nearest-column
+       image. The columns centred just outside the image are in the model subtracted: the
+       lattice of the columns near the border predicts them
+       (:func:`~atomds.core.find.residual.outside_columns`), so that their tails neither make
+       maxima nor hide the dim columns along the border. A maximum closer than 0.4 of the nearest-column
        distance to a column stays only when a joint fit with the columns around keeps its
        intensity above 5 standard errors (the shoulders that scan jitter leaves beside every
        column are not a sublattice). Near the border the matched filter's noise counts only the

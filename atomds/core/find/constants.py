@@ -280,6 +280,19 @@ RESIDUAL_BORDER_SIGNIFICANCE = 3.0
 #: translations that keep the species by much less, and a translation between species differs by
 #: their contrast.
 OUTSIDE_PEAK_SPREAD = 2.0
+#: ... and each is kept only where the border's pixels hold at least this share of its predicted
+#: peak (fitted there with a constant): where the crystal ends before the border, the lattice
+#: predicts columns over vacuum, which read near 0.
+OUTSIDE_SEEN = 0.5
+#: ... above the local level, the median of the pixels around where the column's Gaussian is below
+#: this share of its peak (beyond 2.4 widths) ...
+OUTSIDE_SEEN_LEVEL = 0.05
+#: ... and only where at least this share of the Gaussian's square sum falls on the image (its
+#: centre within 2.2 widths of it): the tail of a column farther out puts under a tenth of its peak
+#: on the border's pixels, and its fit is noise. (At 0.05, the columns 1.5-2.5 widths outside
+#: were not tested: over vacuum, their model put 40-54 counts on the border's pixels, columns of
+#: 190 at their peak.)
+OUTSIDE_SEEN_PART = 0.001
 #: Most offsets from the columns found tried as the sites of a dim sublattice
 #: (:func:`~atomds.core.find.residual.sublattice_sites`; a honeycomb's B has three, the dim rows of an
 #: ordered hexagonal lattice four, counting ties between two equidistant columns).

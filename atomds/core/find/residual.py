@@ -42,6 +42,9 @@ from .constants import (
     MIN_CLASS_COUNT,
     MIN_LATTICE_ANCHORS,
     OUTSIDE_PEAK_SPREAD,
+    OUTSIDE_SEEN,
+    OUTSIDE_SEEN_LEVEL,
+    OUTSIDE_SEEN_PART,
     REFIT_NEIGHBOURS,
     REFIT_REACH,
     RESIDUAL_BACKGROUND_WIDTHS,
@@ -280,8 +283,8 @@ def near_border(x, y, shape: tuple[int, int], sigma: float) -> np.ndarray:
     return (x < b) | (x > nx - 1 - b) | (y < b) | (y > ny - 1 - b)
 
 
-def outside_columns(x, y, amplitude, width, shape: tuple[int, int], *, sigma: float,
-                    spacing: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def outside_columns(x, y, amplitude, width, shape: tuple[int, int], *, sigma: float, spacing: float,
+                    residual: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The columns centred just outside the image, as the lattice of the columns inside predicts them (px).
 
     The tails of columns centred beyond the border reach into the image. No fit finds them (their
@@ -294,10 +297,14 @@ def outside_columns(x, y, amplitude, width, shape: tuple[int, int], *, sigma: fl
     outside the image (beyond ``-0.5`` or ``n - 0.5``) and within ``RESIDUAL_REACH`` widths of it,
     made by at least two columns (within ``SITE_TOL`` spacings) and not within half a spacing of a
     column found (one held on the border pixel), are such columns. Each takes the mean position of
-    its predictions and the mean ``amplitude`` and ``width`` of the columns that predicted it; the
-    translations reach a few spacings, so a thickness gradient is followed. Where the crystal ends
-    at the border, columns are predicted that are not there: their model takes signal off the
-    border's pixels, which makes no maxima.
+    its predictions, the mean ``width`` of the columns that predicted it and their mean
+    ``amplitude`` plus the median step in peak along each translation (a thickness gradient is
+    followed). With the ``residual`` (the image less the columns found), each is kept only where
+    the border's pixels hold it: its peak fitted there (with a constant) is at least
+    ``OUTSIDE_SEEN`` of the one predicted. Where the crystal ends before the border, the lattice
+    predicts columns that are not there (about half of those predicted, with the peaks of the
+    brightest, on a perovskite stopping 5 px short of two borders), and their model moved the
+    columns along the border by 0.1-0.2 px.
 
     Parameters
     ----------
@@ -309,6 +316,8 @@ def outside_columns(x, y, amplitude, width, shape: tuple[int, int], *, sigma: fl
         The image's shape.
     sigma, spacing : float
         Column width and nearest-column distance, px.
+    residual : 2-D array, optional
+        The image less the model of the columns ``(x, y)``, to test each column outside against.
 
     Returns
     -------
@@ -325,11 +334,12 @@ def outside_columns(x, y, amplitude, width, shape: tuple[int, int], *, sigma: fl
     rim = ((x < far) | (x > nx - 1 - far) | (y < far) | (y > ny - 1 - far)) & np.isfinite(a) & np.isfinite(w)
     if rim.sum() < MIN_LATTICE_ANCHORS:
         return empty, empty, empty, empty
-    t = _species_translations(x[rim], y[rim], a[rim], lattice_translations(x[rim], y[rim], spacing), spacing,
-                              np.c_[x, y])
+    t, step = _species_translations(x[rim], y[rim], a[rim], lattice_translations(x[rim], y[rim], spacing), spacing,
+                                    np.c_[x, y])
     if t.shape[0] == 0:
         return empty, empty, empty, empty
     src = np.repeat(np.flatnonzero(rim), t.shape[0])
+    peak = (a[rim][:, None] + step[None, :]).reshape(-1)
     p = (np.c_[x[rim], y[rim]][:, None, :] + t[None, :, :]).reshape(-1, 2)
     lo, hi_x, hi_y = -0.5, nx - 0.5, ny - 0.5
     out = (p[:, 0] < lo) | (p[:, 0] > hi_x) | (p[:, 1] < lo) | (p[:, 1] > hi_y)
@@ -345,17 +355,49 @@ def outside_columns(x, y, amplitude, width, shape: tuple[int, int], *, sigma: fl
     for k in (1.0, 2.0):
         back = (np.c_[x[rim], y[rim]][:, None, :] - k * t[None, :, :]).reshape(-1, 2)[sel]
         there &= tree.query(back)[0] <= SITE_TOL * spacing
-    p, src = p[sel][there], src[sel][there]
+    p, src, peak = p[sel][there], src[sel][there], peak[sel][there]
+    if p.shape[0] == 0:
+        return empty, empty, empty, empty
     centre, site, count = _merged(p, SITE_TOL * spacing)
     gx, gy = centre[:, 0], centre[:, 1]
-    ga, gw = (np.bincount(site, weights=v) / count for v in (a[src], w[src]))
+    ga, gw = (np.bincount(site, weights=v) / count for v in (peak, w[src]))
     # a column found on the border pixel (its centre just outside, held at the border) is one of them
     d, _ = cKDTree(np.c_[x, y]).query(np.c_[gx, gy])
-    keep = (count >= 2) & (d > 0.5 * spacing)
+    keep = (count >= 2) & (d > 0.5 * spacing) & (ga > 0)
+    if residual is not None and keep.any():
+        keep[keep] = _seen_outside(residual, gx[keep], gy[keep], gw[keep]) >= OUTSIDE_SEEN * ga[keep]
     return gx[keep], gy[keep], ga[keep], gw[keep]
 
 
-def _species_translations(x, y, amplitude, t: np.ndarray, spacing: float, everyone: np.ndarray) -> np.ndarray:
+def _seen_outside(residual: np.ndarray, x, y, width) -> np.ndarray:
+    """The peak of a Gaussian of ``width`` (px) centred at each ``(x, y)`` (px, outside the image) that the
+    ``residual``'s pixels within ``RESIDUAL_REACH`` widths of it hold (NaN pixels left out), by least
+    squares above the median of the pixels there beyond ``OUTSIDE_SEEN_LEVEL`` of its peak (the
+    local level). Where less than ``OUTSIDE_SEEN_PART`` of its square sum falls on the image (a
+    column far outside, whose tail hardly reaches in), nothing is tested: +inf."""
+    ny, nx = residual.shape
+    out = np.full(np.size(x), np.inf)
+    for i, (cx, cy, s) in enumerate(zip(x, y, width)):
+        h = RESIDUAL_REACH * s
+        x0, x1 = max(int(np.floor(cx - h)), 0), min(int(np.ceil(cx + h)), nx - 1)
+        y0, y1 = max(int(np.floor(cy - h)), 0), min(int(np.ceil(cy + h)), ny - 1)
+        if x1 < x0 or y1 < y0:
+            continue
+        yy, xx = np.mgrid[y0:y1 + 1, x0:x1 + 1]
+        r = residual[y0:y1 + 1, x0:x1 + 1]
+        g = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2.0 * s * s))
+        ok = np.isfinite(r) & ((xx - cx) ** 2 + (yy - cy) ** 2 <= h * h)
+        energy = float(np.sum(g[ok] ** 2))
+        if energy < OUTSIDE_SEEN_PART * np.pi * s * s:  # the square sum of the whole Gaussian is pi s^2
+            continue
+        far = ok & (g < OUTSIDE_SEEN_LEVEL)
+        level = float(np.median(r[far])) if far.sum() >= 4 else 0.0
+        out[i] = float(np.sum(g[ok] * (r[ok] - level))) / energy
+    return out
+
+
+def _species_translations(x, y, amplitude, t: np.ndarray, spacing: float,
+                          everyone: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The translations ``t`` (k, 2; px, :func:`lattice_translations`) that keep the species, each as the
     mean of the offsets between the columns ``(x, y)`` within its bin, and their sums that map the
     columns ``everyone`` (n, 2; px) onto themselves.
@@ -368,9 +410,11 @@ def _species_translations(x, y, amplitude, t: np.ndarray, spacing: float, everyo
     - Its translations map the positions onto themselves, not always the species: on a perovskite
       [001] with its O columns found, the half-diagonal maps A onto B, and the columns outside took
       0.81-0.83 (A) and 1.11-1.20 (B) of their true peaks; 0.94-0.97 and 0.90-0.94 with the
-      translations that keep the species. Each translation's pairs of columns differ in peak by a
-      median share of the median peak; the translations kept are those within
-      ``OUTSIDE_PEAK_SPREAD`` times the least such share (plus a hundredth, for noiseless images).
+      translations that keep the species. Along each translation the pairs of columns step in peak
+      by a median step (a thickness gradient) and scatter about it by a median absolute deviation,
+      in shares of the median peak; the translations kept are those within ``OUTSIDE_PEAK_SPREAD``
+      times the least such scatter (plus a hundredth, for noiseless images). Their median steps are
+      returned with them (k,).
     - Where those are few (the perovskite's cell edges), their sums within ``TRANSLATION_REACH``
       spacings are added that carry ``TRANSLATION_SHARE`` of the columns onto columns, so that each
       site outside is predicted by more than one column.
@@ -378,29 +422,36 @@ def _species_translations(x, y, amplitude, t: np.ndarray, spacing: float, everyo
     from scipy.spatial import cKDTree
 
     if t.shape[0] == 0:
-        return t
+        return t, np.zeros(0)
     xy = np.c_[x, y]
     pairs = cKDTree(xy).query_pairs(TRANSLATION_REACH * spacing, output_type="ndarray")
     if pairs.shape[0] == 0:
-        return t[:0]
+        return t[:0], np.zeros(0)
     v = xy[pairs[:, 1]] - xy[pairs[:, 0]]
-    gap = np.abs(amplitude[pairs[:, 1]] - amplitude[pairs[:, 0]])
-    v, gap = np.r_[v, -v], np.r_[gap, gap]
+    gap = amplitude[pairs[:, 1]] - amplitude[pairs[:, 0]]  # the step in peak along v
+    v, gap = np.r_[v, -v], np.r_[gap, -gap]
     d, j = cKDTree(t).query(v, distance_upper_bound=0.1 * spacing)
     hit = np.isfinite(d)
     j, v, gap = j[hit], v[hit], gap[hit]
     n = np.bincount(j, minlength=t.shape[0]).astype(np.float64)
     mean = np.c_[np.bincount(j, v[:, 0], t.shape[0]), np.bincount(j, v[:, 1], t.shape[0])] / np.maximum(n, 1.0)[:, None]
+    step = np.zeros(t.shape[0])
     spread = np.full(t.shape[0], np.inf)
     for k in np.flatnonzero(n > 0):
-        spread[k] = np.median(gap[j == k])
+        step[k] = np.median(gap[j == k])
+        spread[k] = np.median(np.abs(gap[j == k] - step[k]))
     spread = spread / max(float(np.median(np.abs(amplitude))), 1e-300)
-    kept = mean[spread <= OUTSIDE_PEAK_SPREAD * spread.min() + 0.01]
+    if not np.isfinite(spread.min()):
+        return t[:0], np.zeros(0)
+    keep = spread <= OUTSIDE_PEAK_SPREAD * spread.min() + 0.01
+    kept, kept_step = mean[keep], step[keep]
     # and their sums within reach: where the species' own translations are few (a perovskite's A, B
     # and O: the cell's two edges), each site outside is predicted by more than one column
     both = (kept[:, None, :] + kept[None, :, :]).reshape(-1, 2)
-    both = both[(np.hypot(both[:, 0], both[:, 1]) <= TRANSLATION_REACH * spacing)
-                & (np.hypot(both[:, 0], both[:, 1]) > 0.5 * spacing)]
+    both_step = (kept_step[:, None] + kept_step[None, :]).reshape(-1)
+    length = np.hypot(both[:, 0], both[:, 1])
+    near = (length <= TRANSLATION_REACH * spacing) & (length > 0.5 * spacing)
+    both, both_step = both[near], both_step[near]
     if both.shape[0]:
         # ... that map the columns onto columns (TRANSLATION_SHARE of those whose image lies among
         # them; on a perovskite [110] some sums do not, and the columns outside they predicted moved
@@ -411,9 +462,10 @@ def _species_translations(x, y, amplitude, t: np.ndarray, spacing: float, everyo
         dist, _ = cKDTree(everyone).query(probe.reshape(-1, 2))
         hit = (dist.reshape(within.shape) <= SITE_TOL * spacing) & within
         share = hit.sum(axis=0) / np.maximum(within.sum(axis=0), 1)
-        both = both[share >= TRANSLATION_SHARE]
+        both, both_step = both[share >= TRANSLATION_SHARE], both_step[share >= TRANSLATION_SHARE]
     # one of each (a sum can repeat a translation kept, or another sum)
-    return _merged(np.r_[kept, both], 0.1 * spacing)[0]
+    merged, group, count = _merged(np.r_[kept, both], 0.1 * spacing)
+    return merged, np.bincount(group, np.r_[kept_step, both_step]) / count
 
 
 def _merged(p: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -749,10 +801,10 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
         width = (fit["sigma"] if shape_model == "gaussian"
                  else np.sqrt(np.asarray(fit["sigma_major"]) * np.asarray(fit["sigma_minor"])))
         ok = good & np.isfinite(fit["amplitude"]) & np.isfinite(width)
-        model = model + gaussian_model(image.shape, *outside_columns(fx[ok], fy[ok], np.asarray(fit["amplitude"])[ok],
-                                                                     np.asarray(width)[ok], image.shape,
-                                                                     sigma=sigma, spacing=spacing))
         residual = np.asarray(image, dtype=np.float64) - model
+        outside = outside_columns(fx[ok], fy[ok], np.asarray(fit["amplitude"])[ok], np.asarray(width)[ok], image.shape,
+                                  sigma=sigma, spacing=spacing, residual=residual)
+        residual -= gaussian_model(image.shape, *outside)
         cand = _round_candidates(residual, image, fx, fy, sigma=sigma, spacing=spacing, noise=noise, z_min=z_min,
                                  lattice_check=lattice_check, border=border)
         return fit, fx, fy, cand[0], cand[1], residual

@@ -21,10 +21,16 @@ def outside_model(image: np.ndarray, x: np.ndarray, y: np.ndarray, *, settings: 
                   **kw) -> tuple[np.ndarray | None, dict]:
     """The model of the columns centred just outside the image, predicted from a fit of those near its border.
 
-    The columns within reach of the border (``TRANSLATION_REACH`` nearest-neighbour distances and
-    ``RESIDUAL_REACH`` widths, the ones :func:`~atomds.core.find.residual.outside_columns` reads)
-    are fitted one by one with their neighbours subtracted (no joint fit: only their peak and
-    width enter the prediction), and the lattice they form predicts the columns beyond the border.
+    The columns within twice the translations' reach of the border (``2 TRANSLATION_REACH``
+    nearest-neighbour distances and ``RESIDUAL_REACH`` widths: those that predict, and those one
+    and two translations inwards of them, which must be there) are fitted one by one with their
+    neighbours subtracted (no joint fit: only their peak and width enter the prediction). Those
+    fitted with an intensity of ``MIN_INTENSITY_Z`` standard errors (:func:`.residual.no_columns`'
+    level) form the lattice that predicts the columns beyond the border
+    (:func:`~atomds.core.find.residual.outside_columns`); a finder's seeds between overlapping
+    tails, which refine drops later, predicted columns on no site (a perovskite [110] 3.9 widths
+    apart: 828 such seeds of 3456, and its border's columns moved by 0.2-0.3 px). Each column
+    outside is kept where the border's pixels, less the fitted columns, hold it.
 
     Parameters
     ----------
@@ -75,9 +81,13 @@ def outside_model(image: np.ndarray, x: np.ndarray, y: np.ndarray, *, settings: 
         z = np.asarray(fit["intensity"], float) / np.asarray(fit["intensity_err"], float)
     # only seeds on a column: a finder's seeds between overlapping tails (828 of 3456 on a
     # perovskite [110] 3.9 widths apart, which refine drops) predicted columns on no site
-    ok = (np.asarray(fit["fit_ok"], bool) & np.isfinite(fx) & np.isfinite(fy) & np.isfinite(amp) & np.isfinite(width)
-          & (z >= MIN_INTENSITY_Z))
-    gx, gy, ga, gw = outside_columns(fx[ok], fy[ok], amp[ok], width[ok], (ny, nx), sigma=sigma, spacing=spacing)
+    fitted = np.asarray(fit["fit_ok"], bool) & np.isfinite(fx) & np.isfinite(fy) & np.isfinite(amp) & np.isfinite(width)
+    # the border's pixels less the rim's columns, against which each column outside is tested
+    residual = np.asarray(image, dtype=np.float64) - gaussian_model((ny, nx), fx[fitted], fy[fitted], amp[fitted],
+                                                                    width[fitted])
+    ok = fitted & (z >= MIN_INTENSITY_Z)
+    gx, gy, ga, gw = outside_columns(fx[ok], fy[ok], amp[ok], width[ok], (ny, nx), sigma=sigma, spacing=spacing,
+                                     residual=residual)
     if gx.size == 0:
         return none
     return gaussian_model((ny, nx), gx, gy, ga, gw), {"n_outside": int(gx.size)}
