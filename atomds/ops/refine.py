@@ -415,8 +415,10 @@ def refine(
         bg_info = _background_info(step_params(ds, "find_atoms") or {})
         image, local_bg = _without_local_background(image, bg_info, xp, yp)
         settings = _settings_task(image, xp, yp, kw)
-        # the tails of the columns centred just outside the image, taken off before the fits
-        image, outside = without_outside_columns(image, xp, yp, settings=settings, **fit_kw)
+        # the tails of the columns centred just outside the image, taken off before the fits (in
+        # place where the prepared image is refine's own, not the Dataset's array)
+        image, outside = without_outside_columns(image, xp, yp, settings=settings,
+                                                 copy=bool(np.may_share_memory(image, img.values)), **fit_kw)
         if _search_missing(find_missing, model, bool(neighbor_subtraction), xp, yp, settings):
             res, add_x, add_y, missing = refine_and_complete(image, xp, yp, settings=settings, **fit_kw)
             no_column = res["no_column"]

@@ -134,7 +134,9 @@ def test_refine_keeps_the_dim_columns_along_the_border(seed):
     # refine dropped them as seeds on no column (cd9d424: 95.6 / 96.4 % of the O columns after find
     # + refine, 58 / 54 % of those 1-2 widths from the border)
     img, xy, species = _perovskite(seed)
-    out = atomds.from_array(img).lcx.find_atoms().lcx.refine()
+    found = atomds.from_array(img).lcx.find_atoms()
+    out = found.lcx.refine()
+    np.testing.assert_array_equal(found["image"].values, img)  # taken off refine's own copy
     fx, fy = out["atom_x"].values, out["atom_y"].values
     o = species == 2
     assert _recall(xy[o], fx, fy) >= 0.985

@@ -42,6 +42,7 @@ from .constants import (
     MIN_CLASS_COUNT,
     MIN_LATTICE_ANCHORS,
     OUTSIDE_PEAK_SPREAD,
+    OUTSIDE_SAMPLE,
     OUTSIDE_SEEN,
     OUTSIDE_SEEN_LEVEL,
     OUTSIDE_SEEN_PART,
@@ -116,12 +117,14 @@ def _fit_columns(image: np.ndarray, x, y, sigma: float, noise: tuple[float, floa
 
 
 def gaussian_model(shape: tuple[int, int], x, y, amplitude, sigma, *, reach: float = RESIDUAL_REACH,
-                   sigma_minor=None, theta=None) -> np.ndarray:
+                   sigma_minor=None, theta=None, out: np.ndarray | None = None) -> np.ndarray:
     """Sum of Gaussians ``amplitude exp(-r^2 / 2 sigma^2)`` (peak heights) on a zero background.
 
     With ``sigma_minor`` and ``theta`` (rad, the major axis from +x towards +y) the columns are
     elliptical: ``sigma`` is then the major axis's width. Each column is drawn within ``reach`` of
-    its own (major) widths (in compiled code); non-finite columns are skipped.
+    its own (major) widths (in compiled code); non-finite columns are skipped. With ``out`` (a
+    float64 array of ``shape``), the columns are added to it in place and it is returned (no
+    image-sized array is made).
     """
     ny, nx = shape
     x, y, a, s = (np.asarray(v, dtype=np.float64) for v in (x, y, amplitude, sigma))
@@ -131,7 +134,10 @@ def gaussian_model(shape: tuple[int, int], x, y, amplitude, sigma, *, reach: flo
     ok = (np.isfinite(x) & np.isfinite(y) & np.isfinite(a) & np.isfinite(s) & (s > 0) & np.isfinite(s2) & (s2 > 0)
           & np.isfinite(th))
     x, y, a, s, s2, th = x[ok], y[ok], a[ok], s[ok], s2[ok], th[ok]
-    out = np.zeros(shape, dtype=np.float64)
+    if out is None:
+        out = np.zeros(shape, dtype=np.float64)
+    elif out.dtype != np.float64 or out.shape != tuple(shape):
+        raise ValueError(f"out must be a float64 array of shape {tuple(shape)}")
     if x.size == 0:
         return out
     _k_gaussians(out, x, y, a, s, s2, th, float(reach), sigma_minor is None)
@@ -284,7 +290,8 @@ def near_border(x, y, shape: tuple[int, int], sigma: float) -> np.ndarray:
 
 
 def outside_columns(x, y, amplitude, width, shape: tuple[int, int], *, sigma: float, spacing: float,
-                    residual: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                    residual: np.ndarray | None = None,
+                    columns: tuple | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The columns centred just outside the image, as the lattice of the columns inside predicts them (px).
 
     The tails of columns centred beyond the border reach into the image. No fit finds them (their
@@ -318,6 +325,9 @@ def outside_columns(x, y, amplitude, width, shape: tuple[int, int], *, sigma: fl
         Column width and nearest-column distance, px.
     residual : 2-D array, optional
         The image less the model of the columns ``(x, y)``, to test each column outside against.
+    columns : (x, y, amplitude, width) arrays, optional
+        Columns whose model is still in ``residual`` (then the image itself): subtracted where a
+        column outside is tested, so that no image-sized model is drawn.
 
     Returns
     -------
@@ -365,18 +375,24 @@ def outside_columns(x, y, amplitude, width, shape: tuple[int, int], *, sigma: fl
     d, _ = cKDTree(np.c_[x, y]).query(np.c_[gx, gy])
     keep = (count >= 2) & (d > 0.5 * spacing) & (ga > 0)
     if residual is not None and keep.any():
-        keep[keep] = _seen_outside(residual, gx[keep], gy[keep], gw[keep]) >= OUTSIDE_SEEN * ga[keep]
+        keep[keep] = _seen_outside(residual, gx[keep], gy[keep], gw[keep], columns) >= OUTSIDE_SEEN * ga[keep]
     return gx[keep], gy[keep], ga[keep], gw[keep]
 
 
-def _seen_outside(residual: np.ndarray, x, y, width) -> np.ndarray:
+def _seen_outside(residual: np.ndarray, x, y, width, columns: tuple | None = None) -> np.ndarray:
     """The peak of a Gaussian of ``width`` (px) centred at each ``(x, y)`` (px, outside the image) that the
     ``residual``'s pixels within ``RESIDUAL_REACH`` widths of it hold (NaN pixels left out), by least
     squares above the median of the pixels there beyond ``OUTSIDE_SEEN_LEVEL`` of its peak (the
-    local level). Where less than ``OUTSIDE_SEEN_PART`` of its square sum falls on the image (a
-    column far outside, whose tail hardly reaches in), nothing is tested: +inf."""
+    local level); with ``columns`` (x, y, peak, width arrays), less their Gaussians there. Where
+    less than ``OUTSIDE_SEEN_PART`` of its square sum falls on the image (a column far outside,
+    whose tail hardly reaches in), nothing is tested: +inf."""
+    from scipy.spatial import cKDTree
+
     ny, nx = residual.shape
     out = np.full(np.size(x), np.inf)
+    if columns is not None:
+        cxs, cys, cas, cws = (np.asarray(v, dtype=np.float64) for v in columns)
+        tree = cKDTree(np.c_[cxs, cys]) if cxs.size else None
     for i, (cx, cy, s) in enumerate(zip(x, y, width)):
         h = RESIDUAL_REACH * s
         x0, x1 = max(int(np.floor(cx - h)), 0), min(int(np.ceil(cx + h)), nx - 1)
@@ -384,7 +400,11 @@ def _seen_outside(residual: np.ndarray, x, y, width) -> np.ndarray:
         if x1 < x0 or y1 < y0:
             continue
         yy, xx = np.mgrid[y0:y1 + 1, x0:x1 + 1]
-        r = residual[y0:y1 + 1, x0:x1 + 1]
+        r = np.asarray(residual[y0:y1 + 1, x0:x1 + 1], dtype=np.float64)
+        if columns is not None and tree is not None:
+            near = tree.query_ball_point([cx, cy], h + RESIDUAL_REACH * float(np.max(cws)))
+            for k in near:
+                r = r - cas[k] * np.exp(-((xx - cxs[k]) ** 2 + (yy - cys[k]) ** 2) / (2.0 * cws[k] ** 2))
         g = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2.0 * s * s))
         ok = np.isfinite(r) & ((xx - cx) ** 2 + (yy - cy) ** 2 <= h * h)
         energy = float(np.sum(g[ok] ** 2))
@@ -424,12 +444,16 @@ def _species_translations(x, y, amplitude, t: np.ndarray, spacing: float,
     if t.shape[0] == 0:
         return t, np.zeros(0)
     xy = np.c_[x, y]
-    pairs = cKDTree(xy).query_pairs(TRANSLATION_REACH * spacing, output_type="ndarray")
-    if pairs.shape[0] == 0:
+    # the offsets from a sample of the columns (at most OUTSIDE_SAMPLE) to their neighbours within reach
+    first = np.arange(0, xy.shape[0], max(1, xy.shape[0] // OUTSIDE_SAMPLE))
+    dist, nb = cKDTree(xy).query(xy[first], k=min(64, xy.shape[0]), distance_upper_bound=TRANSLATION_REACH * spacing)
+    dist, nb = np.atleast_2d(dist.T).T, np.atleast_2d(nb.T).T
+    pair = np.isfinite(dist) & (dist > 0)
+    src, nb = np.broadcast_to(first[:, None], nb.shape)[pair], nb[pair]
+    if src.size == 0:
         return t[:0], np.zeros(0)
-    v = xy[pairs[:, 1]] - xy[pairs[:, 0]]
-    gap = amplitude[pairs[:, 1]] - amplitude[pairs[:, 0]]  # the step in peak along v
-    v, gap = np.r_[v, -v], np.r_[gap, -gap]
+    v = xy[nb] - xy[src]
+    gap = amplitude[nb] - amplitude[src]  # the step in peak along v
     d, j = cKDTree(t).query(v, distance_upper_bound=0.1 * spacing)
     hit = np.isfinite(d)
     j, v, gap = j[hit], v[hit], gap[hit]
@@ -437,9 +461,12 @@ def _species_translations(x, y, amplitude, t: np.ndarray, spacing: float,
     mean = np.c_[np.bincount(j, v[:, 0], t.shape[0]), np.bincount(j, v[:, 1], t.shape[0])] / np.maximum(n, 1.0)[:, None]
     step = np.zeros(t.shape[0])
     spread = np.full(t.shape[0], np.inf)
+    order = np.argsort(j, kind="stable")  # each translation's steps in one slice (no mask per translation)
+    bounds = np.r_[0, np.cumsum(n).astype(np.int64)]
     for k in np.flatnonzero(n > 0):
-        step[k] = np.median(gap[j == k])
-        spread[k] = np.median(np.abs(gap[j == k] - step[k]))
+        g = gap[order[bounds[k]:bounds[k + 1]]]
+        step[k] = np.median(g)
+        spread[k] = np.median(np.abs(g - step[k]))
     spread = spread / max(float(np.median(np.abs(amplitude))), 1e-300)
     if not np.isfinite(spread.min()):
         return t[:0], np.zeros(0)
@@ -453,11 +480,15 @@ def _species_translations(x, y, amplitude, t: np.ndarray, spacing: float,
     near = (length <= TRANSLATION_REACH * spacing) & (length > 0.5 * spacing)
     both, both_step = both[near], both_step[near]
     if both.shape[0]:
+        # one of each sum (t_i + t_j is t_j + t_i, and collinear sums coincide) ...
+        both, group, count = _merged(both, 0.1 * spacing)
+        both_step = np.bincount(group, both_step) / count
         # ... that map the columns onto columns (TRANSLATION_SHARE of those whose image lies among
-        # them; on a perovskite [110] some sums do not, and the columns outside they predicted moved
-        # the border's columns by 0.2-0.3 px)
+        # them, read on a fifth of the sample; on a perovskite [110] some sums do not, and the
+        # columns outside they predicted moved the border's columns by 0.2-0.3 px)
         lo, hi = everyone.min(axis=0), everyone.max(axis=0)
-        probe = xy[:, None, :] + both[None, :, :]
+        sample = xy[first[::5]]
+        probe = sample[:, None, :] + both[None, :, :]
         within = np.all((probe >= lo) & (probe <= hi), axis=2)
         dist, _ = cKDTree(everyone).query(probe.reshape(-1, 2))
         hit = (dist.reshape(within.shape) <= SITE_TOL * spacing) & within

@@ -18,8 +18,8 @@ __all__ = ["outside_model", "without_outside_columns"]
 
 
 def outside_model(image: np.ndarray, x: np.ndarray, y: np.ndarray, *, settings: dict,
-                  **kw) -> tuple[np.ndarray | None, dict]:
-    """The model of the columns centred just outside the image, predicted from a fit of those near its border.
+                  **kw) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None, dict]:
+    """The columns centred just outside the image, predicted from a fit of those near its border.
 
     The columns within twice the translations' reach of the border (``2 TRANSLATION_REACH``
     nearest-neighbour distances and ``RESIDUAL_REACH`` widths: those that predict, and those one
@@ -45,14 +45,14 @@ def outside_model(image: np.ndarray, x: np.ndarray, y: np.ndarray, *, settings: 
 
     Returns
     -------
-    model : 2-D array or None
-        The columns outside, drawn on the image's pixels (peak heights above a zero background);
-        None where none is predicted.
+    columns : (x, y, peak, width) arrays, or None
+        The columns outside (px; peak height above the background; Gaussian width, px); None
+        where none is predicted.
     info : dict
         ``n_outside``: the columns predicted outside.
     """
     from ..find.constants import MIN_LATTICE_ANCHORS, RESIDUAL_REACH, TRANSLATION_REACH
-    from ..find.residual import gaussian_model, outside_columns
+    from ..find.residual import outside_columns
     from .api import refine_gaussian
     from .grid import nearest_neighbor_distance
     from .residual import MIN_INTENSITY_Z
@@ -82,25 +82,30 @@ def outside_model(image: np.ndarray, x: np.ndarray, y: np.ndarray, *, settings: 
     # only seeds on a column: a finder's seeds between overlapping tails (828 of 3456 on a
     # perovskite [110] 3.9 widths apart, which refine drops) predicted columns on no site
     fitted = np.asarray(fit["fit_ok"], bool) & np.isfinite(fx) & np.isfinite(fy) & np.isfinite(amp) & np.isfinite(width)
-    # the border's pixels less the rim's columns, against which each column outside is tested
-    residual = np.asarray(image, dtype=np.float64) - gaussian_model((ny, nx), fx[fitted], fy[fitted], amp[fitted],
-                                                                    width[fitted])
     ok = fitted & (z >= MIN_INTENSITY_Z)
+    # each column outside is tested against the border's pixels less the rim's columns
     gx, gy, ga, gw = outside_columns(fx[ok], fy[ok], amp[ok], width[ok], (ny, nx), sigma=sigma, spacing=spacing,
-                                     residual=residual)
+                                     residual=np.asarray(image),
+                                     columns=(fx[fitted], fy[fitted], amp[fitted], width[fitted]))
     if gx.size == 0:
         return none
-    return gaussian_model((ny, nx), gx, gy, ga, gw), {"n_outside": int(gx.size)}
+    return (gx, gy, ga, gw), {"n_outside": int(gx.size)}
 
 
-def without_outside_columns(image: np.ndarray, x: np.ndarray, y: np.ndarray, *, settings: dict,
+def without_outside_columns(image: np.ndarray, x: np.ndarray, y: np.ndarray, *, settings: dict, copy: bool = True,
                             **kw) -> tuple[np.ndarray, dict]:
     """The image less the columns centred just outside it (:func:`outside_model`; the image itself where none).
 
-    Returns the image (a new float64 array where anything was subtracted) and ``info``
-    (``n_outside``).
+    Returns the image (a new float64 array where anything was subtracted; with ``copy`` False and a
+    float64 ``image``, that array, changed in place: an image-sized copy is 0.02-0.16 s at 4096^2)
+    and ``info`` (``n_outside``).
     """
-    model, info = outside_model(image, x, y, settings=settings, **kw)
-    if model is None:
+    from ..find.residual import gaussian_model
+
+    columns, info = outside_model(image, x, y, settings=settings, **kw)
+    if columns is None:
         return image, info
-    return np.asarray(image, dtype=np.float64) - model, info
+    cleaned = np.array(image, dtype=np.float64, copy=copy or None)
+    gx, gy, ga, gw = columns
+    gaussian_model(cleaned.shape, gx, gy, -ga, gw, out=cleaned)
+    return cleaned, info
