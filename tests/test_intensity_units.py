@@ -82,7 +82,12 @@ def test_counting_in_any_units(honeycomb):
 
 
 def test_lazy_refine_in_any_units(honeycomb):
-    image, ref = honeycomb
+    # against the lazy refinement in the image's own units: the lazy path fits the atoms chunk by
+    # chunk (each chunk's joint groups its own) and does not look for missing columns, so on this
+    # overlapping honeycomb it differs from the eager one by more than the units do (1 in 10 atoms
+    # beyond 0.05 px, most along the border)
+    image, _ = honeycomb
+    ref = atomds.from_array(image).lcx.find_atoms().chunk({"atom": 150}).lcx.refine().compute()
     k = 1e-10
     found = atomds.from_array(image * k).lcx.find_atoms()
     lazy = found.chunk({"atom": 150}).lcx.refine()
