@@ -105,7 +105,7 @@ def without_outside_columns(image: np.ndarray, x: np.ndarray, y: np.ndarray, *, 
     columns, info = outside_model(image, x, y, settings=settings, **kw)
     if columns is None:
         return image, info
-    cleaned = np.array(image, dtype=np.float64, copy=copy or None)
+    cleaned = np.array(image, dtype=np.float64) if copy else np.asarray(image, dtype=np.float64)
     gx, gy, ga, gw = columns
     gaussian_model(cleaned.shape, gx, gy, -ga, gw, out=cleaned)
     return cleaned, info
