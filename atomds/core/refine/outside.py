@@ -86,7 +86,8 @@ def outside_model(image: np.ndarray, x: np.ndarray, y: np.ndarray, *, settings: 
     # each column outside is tested against the border's pixels less the rim's columns
     gx, gy, ga, gw = outside_columns(fx[ok], fy[ok], amp[ok], width[ok], (ny, nx), sigma=sigma, spacing=spacing,
                                      residual=np.asarray(image),
-                                     columns=(fx[fitted], fy[fitted], amp[fitted], width[fitted]))
+                                     columns=(fx[fitted], fy[fitted], amp[fitted], width[fitted]),
+                                     found=np.c_[x, y])
     if gx.size == 0:
         return none
     return (gx, gy, ga, gw), {"n_outside": int(gx.size)}
