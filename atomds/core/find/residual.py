@@ -283,10 +283,14 @@ def residual_candidates(residual: np.ndarray, image: np.ndarray, x, y, *, sigma:
 
 def near_border(x, y, shape: tuple[int, int], sigma: float) -> np.ndarray:
     """Positions (px) within ``RESIDUAL_EXCLUSION`` column widths of the image border."""
+    return within_of_border(x, y, shape, RESIDUAL_EXCLUSION * sigma)
+
+
+def within_of_border(x, y, shape: tuple[int, int], distance: float) -> np.ndarray:
+    """Positions (px) closer than ``distance`` (px) to the image's outermost pixel centres."""
     ny, nx = shape
-    b = RESIDUAL_EXCLUSION * sigma
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    return (x < b) | (x > nx - 1 - b) | (y < b) | (y > ny - 1 - b)
+    return (x < distance) | (x > nx - 1 - distance) | (y < distance) | (y > ny - 1 - distance)
 
 
 def outside_columns(x, y, amplitude, width, shape: tuple[int, int], *, sigma: float, spacing: float,
@@ -344,27 +348,24 @@ def outside_columns(x, y, amplitude, width, shape: tuple[int, int], *, sigma: fl
     ny, nx = shape
     reach = RESIDUAL_REACH * sigma
     # only the columns within a few spacings of the border can predict one within reach of it
-    far = TRANSLATION_REACH * spacing + reach
-    rim = ((x < far) | (x > nx - 1 - far) | (y < far) | (y > ny - 1 - far)) & np.isfinite(a) & np.isfinite(w)
+    rim = within_of_border(x, y, shape, TRANSLATION_REACH * spacing + reach) & np.isfinite(a) & np.isfinite(w)
     if rim.sum() < MIN_LATTICE_ANCHORS:
         return empty, empty, empty, empty
+    tree = cKDTree(np.c_[x, y])
     t, step = _species_translations(x[rim], y[rim], a[rim], lattice_translations(x[rim], y[rim], spacing), spacing,
-                                    np.c_[x, y])
+                                    tree)
     if t.shape[0] == 0:
         return empty, empty, empty, empty
     src = np.repeat(np.flatnonzero(rim), t.shape[0])
     peak = (a[rim][:, None] + step[None, :]).reshape(-1)
     p = (np.c_[x[rim], y[rim]][:, None, :] + t[None, :, :]).reshape(-1, 2)
-    lo, hi_x, hi_y = -0.5, nx - 0.5, ny - 0.5
-    out = (p[:, 0] < lo) | (p[:, 0] > hi_x) | (p[:, 1] < lo) | (p[:, 1] > hi_y)
-    near = (p[:, 0] > lo - reach) & (p[:, 0] < hi_x + reach) & (p[:, 1] > lo - reach) & (p[:, 1] < hi_y + reach)
-    sel = out & near
+    # outside the image's pixels, but on those of the image grown by ``reach`` on every side
+    sel = ~_in_image(p, shape) & _in_image(p + reach, (ny + 2 * reach, nx + 2 * reach))
     # a translation that maps most columns onto columns need not map this one's kind (the offset
     # from a honeycomb's A to its B is no translation of B): the columns one and two translations
     # back from the source must be there too, a period through it (on a perovskite [110], 45 of 155
     # columns outside were predicted on no site without this, 4-6 px from the nearest and as bright
     # as the brightest, and the border's columns moved by up to 0.3 px)
-    tree = cKDTree(np.c_[x, y])
     there = np.ones(sel.sum(), dtype=bool)
     for k in (1.0, 2.0):
         back = (np.c_[x[rim], y[rim]][:, None, :] - k * t[None, :, :]).reshape(-1, 2)[sel]
@@ -438,9 +439,8 @@ def _seen_outside(residual: np.ndarray, x, y, width, columns: tuple | None = Non
         yy, xx = np.mgrid[y0:y1 + 1, x0:x1 + 1]
         r = np.asarray(residual[y0:y1 + 1, x0:x1 + 1], dtype=np.float64)
         if columns is not None and tree is not None:
-            near = tree.query_ball_point([cx, cy], h + RESIDUAL_REACH * float(np.max(cws)))
-            for k in near:
-                r = r - cas[k] * np.exp(-((xx - cxs[k]) ** 2 + (yy - cys[k]) ** 2) / (2.0 * cws[k] ** 2))
+            k = np.asarray(tree.query_ball_point([cx, cy], h + RESIDUAL_REACH * float(np.max(cws))), dtype=np.int64)
+            r = r - gaussian_model(r.shape, cxs[k] - x0, cys[k] - y0, cas[k], cws[k])
         g = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2.0 * s * s))
         ok = np.isfinite(r) & ((xx - cx) ** 2 + (yy - cy) ** 2 <= h * h)
         energy = float(np.sum(g[ok] ** 2))
@@ -452,21 +452,21 @@ def _seen_outside(residual: np.ndarray, x, y, width, columns: tuple | None = Non
     return out
 
 
-def _species_translations(x, y, amplitude, t: np.ndarray, spacing: float,
-                          everyone: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _species_translations(x, y, amplitude, t: np.ndarray, spacing: float, everyone) -> tuple[np.ndarray, np.ndarray]:
     """The translations ``t`` (k, 2; px, :func:`lattice_translations`) that keep the species, each as the
     mean of the offsets between the columns ``(x, y)`` within its bin, and their sums that map the
-    columns ``everyone`` (n, 2; px) onto themselves.
+    columns of the KD-tree ``everyone`` (``scipy.spatial.cKDTree``, px) onto themselves.
 
     - :func:`lattice_translations` reads them on bins of a tenth of a spacing: one translation
       away, a prediction was up to half a bin off, and on sweep image 501933535 (hexagonal, 7.5 px)
       the positions' error came out 1.73 / 2.07 / 2.14 times the Cramer-Rao bound for 1.24 / 1.18 /
       1.20 without the columns outside. The mean of the offsets is as exact as the columns (1.24 /
-      1.15 / 1.16).
+      1.17 / 1.20). (:func:`interior` makes its two translations exact the same way, by the median
+      offset near each.)
     - Its translations map the positions onto themselves, not always the species: on a perovskite
       [001] with its O columns found, the half-diagonal maps A onto B, and the columns outside took
-      0.81-0.83 (A) and 1.11-1.20 (B) of their true peaks; 0.94-0.97 and 0.90-0.94 with the
-      translations that keep the species. Along each translation the pairs of columns step in peak
+      0.80-0.93 (A) and 0.95-1.23 (B) of their true peaks (medians over three seeds); 0.94-0.97 and
+      0.89-0.94 with the translations that keep the species. Along each translation the pairs of columns step in peak
       by a median step (a thickness gradient) and scatter about it by a median absolute deviation,
       in shares of the median peak; the translations kept are those within ``OUTSIDE_PEAK_SPREAD``
       times the least such scatter (plus a hundredth, for noiseless images). Their median steps are
@@ -522,11 +522,10 @@ def _species_translations(x, y, amplitude, t: np.ndarray, spacing: float,
         # ... that map the columns onto columns (TRANSLATION_SHARE of those whose image lies among
         # them, read on a fifth of the sample; on a perovskite [110] some sums do not, and the
         # columns outside they predicted moved the border's columns by 0.2-0.3 px)
-        lo, hi = everyone.min(axis=0), everyone.max(axis=0)
         sample = xy[first[::5]]
         probe = sample[:, None, :] + both[None, :, :]
-        within = np.all((probe >= lo) & (probe <= hi), axis=2)
-        dist, _ = cKDTree(everyone).query(probe.reshape(-1, 2))
+        within = np.all((probe >= everyone.mins) & (probe <= everyone.maxes), axis=2)
+        dist, _ = everyone.query(probe.reshape(-1, 2))
         hit = (dist.reshape(within.shape) <= SITE_TOL * spacing) & within
         share = hit.sum(axis=0) / np.maximum(within.sum(axis=0), 1)
         both, both_step = both[share >= TRANSLATION_SHARE], both_step[share >= TRANSLATION_SHARE]
@@ -1121,7 +1120,7 @@ def _on_lattice(cx, cy, cz, zmin: float, fx, fy, spacing: float, *, sigma: float
     return np.r_[sx, cx[weak][on_w]], np.r_[sy, cy[weak][on_w]], np.r_[sz, cz[weak][on_w]]
 
 
-def _in_image(xy: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def _in_image(xy: np.ndarray, shape: tuple[float, float]) -> np.ndarray:
     """Whether the points ``xy`` (..., 2: x, y; px) fall on a pixel of an image of ``shape``."""
     ny, nx = shape
     return (xy[..., 0] >= -0.5) & (xy[..., 0] <= nx - 0.5) & (xy[..., 1] >= -0.5) & (xy[..., 1] <= ny - 0.5)
@@ -1534,8 +1533,6 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
         error; ``modes``: the offsets that stood (px), or ``modes`` as given; ``refused``: the
         offsets whose patch or sites were fitted and did not stand, with ``refused`` as given.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
     from scipy.spatial import cKDTree
 
     given = modes is not None
@@ -1577,14 +1574,9 @@ def sublattice_sites(image: np.ndarray, residual: np.ndarray, fx, fy, cx, cy, *,
     if sx.size == 0:
         return empty
     # sites predicted by several columns (or by two offsets) are one
-    pairs = cKDTree(np.c_[sx, sy]).query_pairs(merge, output_type="ndarray")
     n = sx.size
-    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n)) if len(pairs) else \
-        coo_matrix((n, n))
-    _, comp = connected_components(graph, directed=False)
-    size = np.bincount(comp)
-    sx = np.bincount(comp, weights=sx) / size
-    sy = np.bincount(comp, weights=sy) / size
+    centre, comp, size = _merged(np.c_[sx, sy], merge)
+    sx, sy = centre[:, 0], centre[:, 1]
     first = np.full(size.size, n)
     np.minimum.at(first, comp, np.arange(n))
     mode = mode[first]

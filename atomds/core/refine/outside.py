@@ -52,7 +52,7 @@ def outside_model(image: np.ndarray, x: np.ndarray, y: np.ndarray, *, settings: 
         ``n_outside``: the columns predicted outside.
     """
     from ..find.constants import MIN_LATTICE_ANCHORS, RESIDUAL_REACH, TRANSLATION_REACH
-    from ..find.residual import outside_columns
+    from ..find.residual import outside_columns, within_of_border
     from .api import refine_gaussian
     from .grid import nearest_neighbor_distance
     from .residual import MIN_INTENSITY_Z
@@ -67,8 +67,7 @@ def outside_model(image: np.ndarray, x: np.ndarray, y: np.ndarray, *, settings: 
     spacing = float(np.median(nn))
     ny, nx = np.shape(image)
     # the columns that can predict one outside, and those one and two translations inwards of them
-    far = 2.0 * TRANSLATION_REACH * spacing + RESIDUAL_REACH * sigma
-    rim = np.flatnonzero((x < far) | (x > nx - 1 - far) | (y < far) | (y > ny - 1 - far))
+    rim = np.flatnonzero(within_of_border(x, y, (ny, nx), 2.0 * TRANSLATION_REACH * spacing + RESIDUAL_REACH * sigma))
     if rim.size < MIN_LATTICE_ANCHORS:
         return none
     fit = refine_gaussian(image, x, y, settings=settings, subset=rim, **{**kw, "joint": False})
