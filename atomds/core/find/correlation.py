@@ -174,82 +174,65 @@ def _k_ncc(r0, r1, num, var, s1, floor, tnorm, use_z, zb, za, zfloor, ncc, z):  
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _k_rowsum(img, r, mean, tw, rs1, rs2):  # pragma: no cover - compiled
-    """Sums of (img[r] - mean) and its square over the windows of ``tw`` columns (zero outside)."""
-    nx = img.shape[1]
-    hx = tw // 2
-    a1 = 0.0
-    a2 = 0.0
-    for c in range(0, min(nx, tw - hx)):
-        d = img[r, c] - mean
-        a1 += d
-        a2 += d * d
-    rs1[0] = a1
-    rs2[0] = a2
-    for j in range(1, nx):
-        c = j - hx + tw - 1
-        if c < nx:
-            d = img[r, c] - mean
-            a1 += d
-            a2 += d * d
-        c = j - hx - 1
-        if c >= 0:
-            d = img[r, c] - mean
-            a1 -= d
-            a2 -= d * d
-        rs1[j] = a1
-        rs2[j] = a2
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
 def _k_boxstats(r0, r1, img, mean, th, tw, s1, var, smax):  # pragma: no cover - compiled
     """Window sums of ``img - mean`` (zero outside the image) and ``n`` times the local variance.
 
     For output rows r0:r1, the (th, tw) window with its centre (th // 2, tw // 2) on the pixel:
-    ``s1 = sum (p - mean)``, ``var = sum (p - mean)^2 - s1^2 / n`` (float64 running sums, stored
-    float32); the largest ``sum (p - mean)^2`` of these rows goes to ``smax[r0]``.
+    ``s1 = sum (p - mean)``, ``var = sum (p - mean)^2 - s1^2 / n`` (float64 sums, stored float32);
+    the largest ``sum (p - mean)^2`` of these rows goes to ``smax[r0]``. The sums down each
+    column of the window's rows are kept running (a row entering added, the row leaving taken off:
+    loops over whole rows, which the compiler runs several pixels at a time), and the sums across
+    are differences of their prefix sums along the row (one running sum per output row, where a
+    running window sum along every image row took two dependent steps per pixel: 0.15 s against
+    0.09 s on one thread at 4096^2).
     """
     ny, nx = img.shape
     hy = th // 2
+    hx = tw // 2
     n = float(th * tw)
-    acc1 = np.zeros(nx)
-    acc2 = np.zeros(nx)
-    rs1 = np.empty(nx)
-    rs2 = np.empty(nx)
-    # the row sums of the window's rows, kept until the row leaves (row r in slot r % th): each
-    # image row is summed once, not once entering and once leaving
-    ring1 = np.empty((th, nx))
-    ring2 = np.empty((th, nx))
+    c1 = np.zeros(nx)
+    c2 = np.zeros(nx)
+    p1 = np.zeros(nx + 1)
+    p2 = np.zeros(nx + 1)
+    lo = np.empty(nx, dtype=np.int64)  # each output column's window, clipped to the image
+    hi = np.empty(nx, dtype=np.int64)
+    for j in range(nx):
+        lo[j] = max(j - hx, 0)
+        hi[j] = min(j - hx + tw, nx)
+    for r in range(max(0, r0 - hy), min(ny, r0 - hy + th)):
+        for j in range(nx):
+            d = np.float64(img[r, j]) - mean
+            c1[j] += d
+            c2[j] += d * d
     top = 0.0
     for i in range(r0, r1):
-        if i == r0:
-            for r in range(max(0, i - hy), min(ny, i - hy + th)):
-                _k_rowsum(img, r, mean, tw, ring1[r % th], ring2[r % th])
-                for j in range(nx):
-                    acc1[j] += ring1[r % th, j]
-                    acc2[j] += ring2[r % th, j]
-        else:
-            r = i - hy + th - 1
+        if i > r0:
+            r = i - hy + th - 1  # the row entering
             if r < ny:
-                _k_rowsum(img, r, mean, tw, rs1, rs2)
                 for j in range(nx):
-                    acc1[j] += rs1[j]
-                    acc2[j] += rs2[j]
-            q = i - hy - 1  # the row leaving, in the slot of the row entering
+                    d = np.float64(img[r, j]) - mean
+                    c1[j] += d
+                    c2[j] += d * d
+            q = i - hy - 1  # the row leaving
             if q >= 0:
                 for j in range(nx):
-                    acc1[j] -= ring1[q % th, j]
-                    acc2[j] -= ring2[q % th, j]
-            if r < ny:
-                ring1[r % th] = rs1
-                ring2[r % th] = rs2
+                    d = np.float64(img[q, j]) - mean
+                    c1[j] -= d
+                    c2[j] -= d * d
+        a = 0.0
+        b = 0.0
         for j in range(nx):
-            a1 = acc1[j]
-            a2 = acc2[j]
+            a += c1[j]
+            b += c2[j]
+            p1[j + 1] = a
+            p2[j + 1] = b
+        for j in range(nx):
+            a1 = p1[hi[j]] - p1[lo[j]]
             s1[i, j] = a1
-            var[i, j] = a2 - a1 * a1 / n
-            if a2 > top:
-                top = a2
+            var[i, j] = p2[hi[j]] - p2[lo[j]] - a1 * a1 / n
+        for j in range(nx):
+            a2 = p2[hi[j]] - p2[lo[j]]
+            top = a2 if a2 > top else top
     smax[r0] = top
 
 
