@@ -384,7 +384,8 @@ def outside_columns(x, y, amplitude, width, shape: tuple[int, int], *, sigma: fl
 
 
 def _already_held(gx, gy, found, shape: tuple[int, int], *, sigma: float, spacing: float) -> np.ndarray:
-    """Whether each predicted column outside ``(gx, gy)`` (px) is a column held already (``found``, (m, 2) px).
+    """Whether each predicted column outside ``(gx, gy)`` (px; outside the image: only the columns held
+    within reach of its border are searched) is a column held already (``found``, (m, 2) px).
 
     It is where one lies within ``SITE_TOL`` spacings (1 px at least) of it (a fit that carried a
     column out of the image), or where one held on the border pixel (exactly on it: the finder
@@ -405,7 +406,8 @@ def _already_held(gx, gy, found, shape: tuple[int, int], *, sigma: float, spacin
     # only the columns held near the border can be one (a tree of all 86,000 of a 4096^2 image took 15 ms)
     gx, gy = np.asarray(gx, dtype=np.float64), np.asarray(gy, dtype=np.float64)
     beyond = np.maximum.reduce([-gx, gx - (nx - 1), -gy, gy - (ny - 1), np.zeros(gx.size)])
-    f = f[within_of_border(f[:, 0], f[:, 1], shape, float(np.max(beyond)) + r + RESIDUAL_EXCLUSION * sigma)]
+    far = float(np.max(beyond[np.isfinite(beyond)])) if np.isfinite(beyond).any() else 0.0
+    f = f[within_of_border(f[:, 0], f[:, 1], shape, far + r + RESIDUAL_EXCLUSION * sigma)]
     if f.shape[0] == 0:
         return np.zeros(gx.size, dtype=bool)
     tree = cKDTree(f)

@@ -188,7 +188,7 @@ def significant_new(fit: dict[str, np.ndarray], n_old: int, *, min_z: float = MI
 
 
 def on_lattice_sites(fit: dict[str, np.ndarray], n_old: int, rows: np.ndarray, spacing: float,
-                     shape: tuple[int, int]) -> np.ndarray:
+                     shape: tuple[int, int], *, rows_support: bool = True, no_lattice: bool = True) -> np.ndarray:
     """Whether the added columns ``rows`` of ``fit`` sit on sites of the lattice of the fitted columns around them.
 
     A site: columns lie at ``p + T`` for at least ``SITE_MATCHES`` of the local lattice's
@@ -202,14 +202,16 @@ def on_lattice_sites(fit: dict[str, np.ndarray], n_old: int, rows: np.ndarray, s
     contamination on top of a crystal sits anywhere, and passes only where it falls within the
     tolerance of a site (about a tenth of random points on a honeycomb). Where the columns around
     show no lattice (fewer than ``MIN_LATTICE_ANCHORS``, or no offset shared by most of them: a
-    grain boundary, an amorphous region), the column passes.
+    grain boundary, an amorphous region), the column passes (``no_lattice``: the answer there).
+    With ``rows_support`` False the columns in ``rows`` are judged by the given ones alone (seeds in
+    doubt at every equivalent place, a honeycomb's hexagon centres, would vouch for each other).
     """
     from ..find.constants import SITE_POSITION_SD, SITE_TOL, SITE_TOL_MAX
     from ..find.residual import lattice_translations, translation_supported
 
     x, y = np.asarray(fit["x"], float), np.asarray(fit["y"], float)
     rows = np.asarray(rows, dtype=np.int64)
-    out = np.ones(rows.size, bool)
+    out = np.full(rows.size, bool(no_lattice))
     ok = np.asarray(fit["fit_ok"], bool) & np.isfinite(x) & np.isfinite(y)
     old = np.flatnonzero(ok[:n_old])
     if rows.size == 0 or old.size == 0 or not spacing > 0:
@@ -217,7 +219,7 @@ def on_lattice_sites(fit: dict[str, np.ndarray], n_old: int, rows: np.ndarray, s
     err = np.hypot(np.asarray(fit.get("x_err", np.zeros(x.size)), float)[rows],
                    np.asarray(fit.get("y_err", np.zeros(x.size)), float)[rows]) / math.sqrt(2.0)
     tol = np.clip(SITE_POSITION_SD * np.nan_to_num(err, nan=0.0) / spacing, SITE_TOL, SITE_TOL_MAX)
-    anchors = np.r_[old, rows[ok[rows]]]
+    anchors = np.r_[old, rows[ok[rows]]] if rows_support else old
     ax, ay = x[anchors], y[anchors]
     old_tree = cKDTree(np.column_stack([x[old], y[old]]))
     cell = LOCAL_CELL_NN * spacing
@@ -258,9 +260,10 @@ def no_columns(fit: dict[str, np.ndarray], n: int, *, min_z: float = MIN_INTENSI
     neighbours, their intensity is below ``min_z`` of its standard error. Where ``shape`` (the
     image's) and ``sigma`` (the column width, px) are given, a seed within ``BORDER_REACH_SIGMAS``
     widths of the border is kept from ``BORDER_INTENSITY_Z`` standard errors where it sits on a site
-    of the lattice of the columns around it (:func:`on_lattice_sites`): at 3-5 standard errors a
-    seed between columns there was kept too (a honeycomb's border, B at 0.35 of A: a speck of a
-    tenth of the median peak, 4.4 px from any column, at 3.7).
+    of the lattice of the seeds not in doubt around it (:func:`on_lattice_sites`, by them alone;
+    none where they show no lattice): at 3-5 standard errors a seed between columns there was kept
+    too (a honeycomb's border, B at 0.35 of A: a speck of a tenth of the median peak, 4.4 px from
+    any column, at 3.7).
 
     Where tails overlap, the sum of a few neighbours' tails can look like a column to a finder
     (a template with its surroundings matches between them); the joint fit gives that light back
@@ -281,11 +284,19 @@ def no_columns(fit: dict[str, np.ndarray], n: int, *, min_z: float = MIN_INTENSI
         x, y = np.asarray(fit["x"], float)[:n], np.asarray(fit["y"], float)[:n]
         doubt = np.flatnonzero(dead & (z >= BORDER_INTENSITY_Z)
                                & within_of_border(x, y, shape, BORDER_REACH_SIGMAS * float(sigma)))
-        if doubt.size:
-            nn = nearest_neighbor_distance(x, y)
+        live = np.flatnonzero(~dead)
+        if doubt.size and live.size >= 2:
+            # the lattice is that of the seeds not in doubt: the seeds on no column at every equivalent
+            # place (a honeycomb's hexagon centres, a dumbbell's midpoints) would vouch for each other
+            # along the border; and no lattice around, no seed kept (specks beside an amorphous patch)
+            keys = ("x", "y", "fit_ok", "x_err", "y_err")
+            sub = {k: np.r_[np.asarray(fit[k])[:n][live], np.asarray(fit[k])[:n][doubt]] for k in keys if k in fit}
+            nn = nearest_neighbor_distance(x[live], y[live])
             nn = nn[np.isfinite(nn)]
             if nn.size:
-                dead[doubt[on_lattice_sites(fit, n, doubt, float(np.median(nn)), shape)]] = False
+                on = on_lattice_sites(sub, live.size, np.arange(live.size, live.size + doubt.size),
+                                      float(np.median(nn)), shape, rows_support=False, no_lattice=False)
+                dead[doubt[on]] = False
     return dead
 
 
