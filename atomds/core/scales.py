@@ -28,7 +28,7 @@ from scipy import optimize
 from scipy.spatial import cKDTree
 
 from ..errors import InvalidImageError
-from .image import central_crop, check_image, checked_crop, parabola_offset, tukey_window
+from .image import blur_nearest, central_crop, check_image, checked_crop, parabola_offset, tukey_window
 
 __all__ = [
     "MAD_TO_STD",
@@ -268,7 +268,7 @@ def central_peak_width(image, *, highpass: float | None = None) -> float:
         sigma, px (at least 0.7).
     """
     img = np.asarray(image, dtype=np.float64)
-    img = img - (ndi.gaussian_filter(img, highpass, mode="nearest") if highpass else img.mean())
+    img = img - (blur_nearest(img, highpass) if highpass else img.mean())
     ny, nx = img.shape
     rmax = min(ny, nx) / 4.0
     h = int(np.ceil(rmax)) + 1

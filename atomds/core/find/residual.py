@@ -26,7 +26,7 @@ from numba import njit
 from scipy import ndimage as ndi
 from scipy.optimize import nnls
 
-from ..image import parabola_offset
+from ..image import blur_nearest, parabola_offset
 from .constants import (
     ELLIPTICITY_SAMPLE,
     ELLIPTICITY_Z,
@@ -182,7 +182,7 @@ def _matched_filter(residual: np.ndarray, image: np.ndarray, sigma: float,
     # beyond the border would otherwise leave it uncancelled in the border strip and shift the
     # maxima of the columns there (a mirror image would merge a column with its reflection)
     res = np.asarray(residual, dtype=np.float64)
-    res = res - ndi.gaussian_filter(res, RESIDUAL_BACKGROUND_WIDTHS * h, mode="nearest")
+    res = res - blur_nearest(res, RESIDUAL_BACKGROUND_WIDTHS * h)
     shape = [res.shape[0] + 2 * h, res.shape[1] + 2 * h]
     fshape = [sfft.next_fast_len(n, real=True) for n in shape]
     num = sfft.irfft2(sfft.rfft2(res, fshape) * sfft.rfft2(tz[::-1, ::-1], fshape), fshape)
