@@ -272,7 +272,8 @@ def refine(
         overlap as a rule (most nearest neighbours closer than 5 column widths); True: always; False:
         never. Added atoms come last, with ``found_in_residual`` True, their residual position as
         ``seed_x``, ``seed_y`` and the finder's other per-atom variables padded (NaN, -1, False).
-        Seeds that the joint fit leaves without a significant intensity (5 standard errors) are
+        Seeds that the joint fit leaves without a significant intensity (5 standard errors; 3 for a
+        seed on a lattice site within 4 widths of the border, where a column has fewer pixels) are
         seeds on no column and are removed (counted under ``refine_params["missing"]["n_no_column"]``).
         Eager images with the isotropic model only (else recorded as a fallback).
     sublattices : {"auto", None}

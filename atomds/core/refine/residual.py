@@ -244,9 +244,10 @@ LOCAL_CELL_NN = 3.0
 
 
 #: Within this many column widths of the image's border (the reach of the tails of the columns
-#: centred outside it) a seed is on no column only below ``BORDER_INTENSITY_Z`` standard errors:
-#: there a column has fewer pixels, shares its group with half-columns along the edge and sits on
-#: the model of the columns outside, and its intensity is known less well. On a perovskite [001]
+#: centred outside it) a seed on a site of the lattice around it is on no column only below
+#: ``BORDER_INTENSITY_Z`` standard errors (:func:`no_columns`): there a column has fewer pixels,
+#: shares its group with half-columns along the edge and sits on the model of the columns outside,
+#: and its intensity is known less well. On a perovskite [001]
 #: with O columns at 0.2 of A's counts (12 px cell, width 1.8 px, 4,000 counts) the O columns
 #: within 3.6 px of the border had a median z of 6.1-6.2 (13.3-13.4 inside) and 5-8 of 38-40 fell
 #: below 5, the seeds on no column there below 1.5 (two images).
