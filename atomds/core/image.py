@@ -274,7 +274,9 @@ def blur_nearest(image, sigma: float) -> np.ndarray:
 
     img = np.asarray(image, dtype=np.float64)
     r = int(4.0 * float(sigma) + 0.5)
-    if img.ndim != 2 or r < BLUR_FFT_RADIUS or not np.all(np.isfinite(img)):
+    if (img.ndim != 2 or r < BLUR_FFT_RADIUS or not np.all(np.isfinite(img))
+            or (img.shape[0] + 2 * r) * (img.shape[1] + 2 * r) > 4 * img.size):
+        # (padding that more than doubles each side costs more memory than the direct pass saves time)
         return ndi.gaussian_filter(img, sigma, mode="nearest")
     t = np.arange(-r, r + 1, dtype=np.float64)
     k = np.exp(-0.5 * t * t / (float(sigma) ** 2))
@@ -285,10 +287,11 @@ def blur_nearest(image, sigma: float) -> np.ndarray:
     # columns kept (r .. r + n - 1 of the padded image)
     fy, fx = sfft.next_fast_len(ny + 2 * r, real=True), sfft.next_fast_len(nx + 2 * r, real=True)
     spec = sfft.rfft2(pad, s=(fy, fx), workers=-1)
+    del pad
     ky = sfft.fft(k, fy)  # the kernel centred at 0: tap j at offset j - r
     kx = sfft.rfft(k, fx)
     shift_y = np.exp(2j * np.pi * r * np.arange(fy) / fy)
     shift_x = np.exp(2j * np.pi * r * np.arange(kx.size) / fx)
     spec *= (ky * shift_y)[:, None] * (kx * shift_x)[None, :]
-    out = sfft.irfft2(spec, s=(fy, fx), workers=-1)
+    out = sfft.irfft2(spec, s=(fy, fx), workers=-1, overwrite_x=True)
     return np.ascontiguousarray(out[r : r + ny, r : r + nx])

@@ -216,6 +216,28 @@ def test_seeds_in_doubt_on_the_border_do_not_vouch_for_each_other():
     assert len(seeds) > 10 and dead[: len(seeds)].all() and not dead[len(seeds):].any()
 
 
+def test_the_columns_outside_are_drawn_on_the_border_strips_as_the_whole_model_draws_them():
+    from atomds.core.find.residual import gaussian_model
+    from atomds.core.refine.outside import _subtract_on_strips
+
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        ny, nx = (int(v) for v in rng.integers(1, 60, 2))
+        n = int(rng.integers(1, 6))
+        side = rng.integers(0, 4, n)
+        along = rng.uniform(-8.0, max(ny, nx) + 8.0, n)
+        depth = rng.uniform(0.0, 6.0, n)
+        gx = np.select([side == 0, side == 1], [-0.5 - depth, nx - 0.5 + depth], along)
+        gy = np.select([side == 2, side == 3], [-0.5 - depth, ny - 0.5 + depth], along)
+        half = rng.random(n) < 0.5  # centres on half pixels, where rounding picks the drawn square
+        gx[half], gy[half] = np.floor(gx[half]) + 0.5, np.floor(gy[half]) + 0.5
+        cols = (gx, gy, rng.uniform(1.0, 10.0, n), rng.uniform(0.3, 4.0, n))
+        want = -gaussian_model((ny, nx), *cols)
+        got = np.zeros((ny, nx))
+        _subtract_on_strips(got, cols)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
 def test_a_column_held_on_the_border_pixel_is_not_modelled_twice():
     # columns centred 2 px outside the left border are found as seeds held on its pixel; their own
     # single fits fail, and the lattice predicts them outside too: modelled twice, refine moved them
