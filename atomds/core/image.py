@@ -288,10 +288,12 @@ def blur_nearest(image, sigma: float) -> np.ndarray:
     fy, fx = sfft.next_fast_len(ny + 2 * r, real=True), sfft.next_fast_len(nx + 2 * r, real=True)
     spec = sfft.rfft2(pad, s=(fy, fx), workers=-1)
     del pad
-    ky = sfft.fft(k, fy)  # the kernel centred at 0: tap j at offset j - r
-    kx = sfft.rfft(k, fx)
-    shift_y = np.exp(2j * np.pi * r * np.arange(fy) / fy)
-    shift_x = np.exp(2j * np.pi * r * np.arange(kx.size) / fx)
-    spec *= (ky * shift_y)[:, None] * (kx * shift_x)[None, :]
+
+    def centred(n: int) -> np.ndarray:  # the kernel with its centre tap at index 0, wrapped round
+        c = np.zeros(n)
+        c[: r + 1], c[n - r :] = k[r:], k[:r]
+        return c
+
+    spec *= sfft.fft(centred(fy))[:, None] * sfft.rfft(centred(fx))[None, :]
     out = sfft.irfft2(spec, s=(fy, fx), workers=-1, overwrite_x=True)
     return np.ascontiguousarray(out[r : r + ny, r : r + nx])

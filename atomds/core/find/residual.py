@@ -403,7 +403,8 @@ def _already_held(gx, gy, found, shape: tuple[int, int], *, sigma: float, spacin
         return np.zeros(np.size(gx), dtype=bool)
     ny, nx = shape
     r = max(1.0, SITE_TOL * spacing)
-    # only the columns held near the border can be one (a tree of all 86,000 of a 4096^2 image took 15 ms)
+    # only the columns held near the border can be one (with a tree of all 86,268 seeds of a 4096^2 image
+    # this took 19.8 ms for 301 predictions; 0.6 ms)
     gx, gy = np.asarray(gx, dtype=np.float64), np.asarray(gy, dtype=np.float64)
     beyond = np.maximum.reduce([-gx, gx - (nx - 1), -gy, gy - (ny - 1), np.zeros(gx.size)])
     far = float(np.max(beyond[np.isfinite(beyond)])) if np.isfinite(beyond).any() else 0.0
@@ -478,7 +479,10 @@ def _k_seen_outside(residual, gx, gy, gw, cx, cy, ca, cw, start, near, reach, pa
             _k_gaussians(r, cx[k] - x0, cy[k] - y0, -ca[k], cw[k], cw[k], zero, reach, True)
         inv = 1.0 / (2.0 * s * s)
         energy = 0.0
+        n_in = 0
         n_far = 0
+        gs = np.empty(r.size)  # the Gaussian and the residual at the window's pixels that count
+        vs = np.empty(r.size)
         far = np.empty(r.size)
         for yy in range(y0, y1 + 1):
             for xx in range(x0, x1 + 1):
@@ -487,6 +491,9 @@ def _k_seen_outside(residual, gx, gy, gw, cx, cy, ca, cw, start, near, reach, pa
                 if d2 <= h * h and math.isfinite(v):
                     g = math.exp(-d2 * inv)
                     energy += g * g
+                    gs[n_in] = g
+                    vs[n_in] = v
+                    n_in += 1
                     if g < level_share:
                         far[n_far] = v
                         n_far += 1
@@ -494,12 +501,8 @@ def _k_seen_outside(residual, gx, gy, gw, cx, cy, ca, cw, start, near, reach, pa
             continue
         level = np.median(far[:n_far]) if n_far >= 4 else 0.0
         top = 0.0
-        for yy in range(y0, y1 + 1):
-            for xx in range(x0, x1 + 1):
-                d2 = (xx - gx[i]) ** 2 + (yy - gy[i]) ** 2
-                v = r[yy - y0, xx - x0]
-                if d2 <= h * h and math.isfinite(v):
-                    top += math.exp(-d2 * inv) * (v - level)
+        for q in range(n_in):
+            top += gs[q] * (vs[q] - level)
         out[i] = top / energy
 
 
@@ -922,7 +925,8 @@ def residual_passes(image: np.ndarray, x, y, *, sigma: float, spacing: float, no
         residual = np.asarray(image, dtype=np.float64) - model
         outside = outside_columns(fx[ok], fy[ok], np.asarray(fit["amplitude"])[ok], np.asarray(width)[ok], image.shape,
                                   sigma=sigma, spacing=spacing, residual=residual)
-        residual -= gaussian_model(image.shape, *outside)
+        ox, oy, oa, ow = outside
+        gaussian_model(image.shape, ox, oy, -oa, ow, out=residual)  # taken off in place
         cand = _round_candidates(residual, image, fx, fy, sigma=sigma, spacing=spacing, noise=noise, z_min=z_min,
                                  lattice_check=lattice_check, border=border)
         return fit, fx, fy, cand[0], cand[1], residual

@@ -243,15 +243,14 @@ LOCAL_LATTICE_NN = 6.0
 LOCAL_CELL_NN = 3.0
 
 
-#: Within this many column widths of the image's border (the reach of the tails of the columns
-#: centred outside it) a seed on a site of the lattice around it is on no column only below
-#: ``BORDER_INTENSITY_Z`` standard errors (:func:`no_columns`): there a column has fewer pixels,
+#: Within ``RESIDUAL_REACH`` column widths of the image's border (the reach of the tails of the
+#: columns centred outside it, as they are modelled) a seed on a site of the lattice around it is on
+#: no column only below this many standard errors (:func:`no_columns`): there a column has fewer pixels,
 #: shares its group with half-columns along the edge and sits on the model of the columns outside,
 #: and its intensity is known less well. On a perovskite [001]
 #: with O columns at 0.2 of A's counts (12 px cell, width 1.8 px, 4,000 counts) the O columns
 #: within 3.6 px of the border had a median z of 6.1-6.2 (13.3-13.4 inside) and 5-8 of 38-40 fell
 #: below 5, the seeds on no column there below 1.5 (two images).
-BORDER_REACH_SIGMAS = 4.0
 BORDER_INTENSITY_Z = 3.0
 
 
@@ -259,7 +258,7 @@ def no_columns(fit: dict[str, np.ndarray], n: int, *, min_z: float = MIN_INTENSI
                shape: tuple[int, int] | None = None, sigma: float | None = None) -> np.ndarray:
     """Which of the first ``n`` atoms of ``fit`` are seeds on no column: fitted jointly with their overlapping
     neighbours, their intensity is below ``min_z`` of its standard error. Where ``shape`` (the
-    image's) and ``sigma`` (the column width, px) are given, a seed within ``BORDER_REACH_SIGMAS``
+    image's) and ``sigma`` (the column width, px) are given, a seed within ``RESIDUAL_REACH``
     widths of the border is kept from ``BORDER_INTENSITY_Z`` standard errors where it sits on a site
     of the lattice of the seeds not in doubt around it (:func:`on_lattice_sites`, by them alone;
     none where they show no lattice): at 3-5 standard errors a seed between columns there was kept
@@ -271,6 +270,7 @@ def no_columns(fit: dict[str, np.ndarray], n: int, *, min_z: float = MIN_INTENSI
     to the columns, and the seed keeps an intensity indistinguishable from zero. Only joint fits
     are judged (a single-column fit with its neighbours subtracted can leave a real column faint).
     """
+    from ..find.constants import RESIDUAL_REACH
     from ..find.residual import within_of_border
     from .grid import nearest_neighbor_distance
 
@@ -284,7 +284,7 @@ def no_columns(fit: dict[str, np.ndarray], n: int, *, min_z: float = MIN_INTENSI
     if shape is not None and sigma is not None and np.isfinite(sigma) and sigma > 0:
         x, y = np.asarray(fit["x"], float)[:n], np.asarray(fit["y"], float)[:n]
         doubt = np.flatnonzero(dead & (z >= BORDER_INTENSITY_Z)
-                               & within_of_border(x, y, shape, BORDER_REACH_SIGMAS * float(sigma)))
+                               & within_of_border(x, y, shape, RESIDUAL_REACH * float(sigma)))
         live = np.flatnonzero(~dead)
         if doubt.size and live.size >= 2:
             # the lattice is that of the seeds not in doubt: the seeds on no column at every equivalent
