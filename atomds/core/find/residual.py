@@ -123,8 +123,8 @@ def gaussian_model(shape: tuple[int, int], x, y, amplitude, sigma, *, reach: flo
     With ``sigma_minor`` and ``theta`` (rad, the major axis from +x towards +y) the columns are
     elliptical: ``sigma`` is then the major axis's width. Each column is drawn within ``reach`` of
     its own (major) widths (in compiled code); non-finite columns are skipped. With ``out`` (a
-    float64 array of ``shape``), the columns are added to it in place and it is returned (no
-    image-sized array is made).
+    float64 or float32 array of ``shape``), the columns are added to it in place and it is returned
+    (no image-sized array is made; in float32 each column's values are rounded as they are added).
     """
     ny, nx = shape
     x, y, a, s = (np.asarray(v, dtype=np.float64) for v in (x, y, amplitude, sigma))
@@ -136,8 +136,8 @@ def gaussian_model(shape: tuple[int, int], x, y, amplitude, sigma, *, reach: flo
     x, y, a, s, s2, th = x[ok], y[ok], a[ok], s[ok], s2[ok], th[ok]
     if out is None:
         out = np.zeros(shape, dtype=np.float64)
-    elif out.dtype != np.float64 or out.shape != tuple(shape):
-        raise ValueError(f"out must be a float64 array of shape {tuple(shape)}")
+    elif out.dtype not in (np.float64, np.float32) or out.shape != tuple(shape):
+        raise ValueError(f"out must be a float64 or float32 array of shape {tuple(shape)}")
     if x.size == 0:
         return out
     _k_gaussians(out, x, y, a, s, s2, th, float(reach), sigma_minor is None)
