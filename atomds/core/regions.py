@@ -13,15 +13,19 @@ __all__ = [
     "contact_matrix",
     "merge_sites",
     "GRADUAL_STEP",
+    "GRADUAL_MIN_SHARE",
     "gradual_contacts",
     "transition_clusters",
     "dissolve_transitions",
     "MIN_INTERNAL_CONTACT",
+    "MIN_MATERIAL_CONTACT",
     "thin_clusters",
+    "join_touching",
     "MAX_STRIP_INTERIOR",
     "MIN_ENCLOSING_CONTACT",
     "enclosed_strips",
     "dissolve_thin",
+    "off_the_crystal",
     "vote_labels",
     "fill_labels",
 ]
@@ -94,10 +98,17 @@ GRADUAL_STEP = 0.4
 #: ... judged on at least this many neighbour pairs across the contact (the neighbour table lists a
 #: pair from both sides where each is among the other's neighbours: about half as many contacts).
 GRADUAL_MIN_PAIRS = 10
+#: ... and where the two touch along a border of their own: at least this share of the outside
+#: neighbour pairs of one of them go to the other. One lattice cut by a gradient into clusters has
+#: each touching the next along its whole border (a share near 1, or 1/2 for a cluster between two);
+#: a matrix and a grain of another phase held apart by a band touch only through its gaps (0.09 and
+#: 0.15 of their outside pairs on a generated image, two_phase seed 429), where the atoms on both
+#: sides are distorted alike and the step across looks gradual.
+GRADUAL_MIN_SHARE = 0.4
 
 
 def gradual_contacts(X, labels, index, n_labels: int | None = None, *, max_step: float = GRADUAL_STEP,
-                     min_pairs: int = GRADUAL_MIN_PAIRS) -> np.ndarray:
+                     min_pairs: int = GRADUAL_MIN_PAIRS, min_share: float = GRADUAL_MIN_SHARE) -> np.ndarray:
     """Pairs of clusters across whose contacts the descriptor changes only gradually.
 
     For clusters a and b, the neighbour pairs (i in a, j in b) are projected on the line from a's
@@ -106,7 +117,9 @@ def gradual_contacts(X, labels, index, n_labels: int | None = None, *, max_step:
     is distorted smoothly (a strain gradient, a scan distortion) the descriptor runs from one mean
     to the other over many columns, and a step is a fraction of it. The pair is gradual when the
     median step is below ``max_step`` of that distance (on at least ``min_pairs`` pairs). Sites of
-    one phase are neighbours with distinct descriptors: a step of the whole distance.
+    one phase are neighbours with distinct descriptors: a step of the whole distance. Only clusters
+    that touch along a border of their own are judged: at least ``min_share`` of the outside
+    neighbour pairs of one of them go to the other (:func:`contact_matrix`).
 
     Parameters
     ----------
@@ -135,6 +148,11 @@ def gradual_contacts(X, labels, index, n_labels: int | None = None, *, max_step:
     for k in range(L):
         if np.any(fin & (labels == k)):
             means[k] = X[fin & (labels == k)].mean(axis=0)
+    Cc = contact_matrix(labels, index, L)
+    np.fill_diagonal(Cc, 0.0)
+    outside = Cc.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.nan_to_num(np.maximum(Cc / outside[:, None], Cc / outside[None, :]))
     i = np.broadcast_to(np.arange(labels.size)[:, None], index.shape).ravel()
     j = index.ravel()
     ok = j >= 0
@@ -149,7 +167,7 @@ def gradual_contacts(X, labels, index, n_labels: int | None = None, *, max_step:
             continue
         # each pair oriented from ka to kb (the neighbour table lists it from either side)
         m = ((a == ka) & (b == kb)) | ((a == kb) & (b == ka))
-        if np.count_nonzero(m) < min_pairs:
+        if np.count_nonzero(m) < min_pairs or share[ka, kb] < min_share:
             continue
         step = (X[j[m]] - X[i[m]]) @ (d / sep)
         step = np.where(a[m] == ka, step, -step)
@@ -248,6 +266,10 @@ def dissolve_transitions(X, labels, centers, index, **kw):
 #: defect sites. A line of columns keeps about 1/3 of its pairs inside, a band two columns wide
 #: about 0.55-0.6 (disordered ones a little less): the threshold lies between.
 MIN_INTERNAL_CONTACT = 0.42
+#: A disordered cluster is material (amorphous, a disordered band) however narrow, but not when its
+#: atoms are scattered: fewer than one in six of their neighbour pairs inside it (a line of columns
+#: keeps a third).
+MIN_MATERIAL_CONTACT = 1.0 / 6.0
 
 
 def thin_clusters(labels, index, n_labels: int | None = None, *, min_internal: float = MIN_INTERNAL_CONTACT):
@@ -266,6 +288,42 @@ def thin_clusters(labels, index, n_labels: int | None = None, *, min_internal: f
     with np.errstate(invalid="ignore", divide="ignore"):
         internal = np.where(tot > 0, np.diag(C) / tot, 1.0)
     return internal < float(min_internal)
+
+
+def join_touching(labels, index, which, n_labels: int | None = None, *, min_share: float = GRADUAL_MIN_SHARE):
+    """Join the labels flagged in ``which`` that touch each other along a border of their own.
+
+    Two labels touch along a border of their own when at least ``min_share`` of the outside
+    neighbour pairs of one of them go to the other (:func:`contact_matrix`). For disordered
+    regions: k-means can split a band of disordered columns in two along its length (the half by
+    one phase and the half by the other differ in density), but disorder has no lattice by which
+    two such halves would be two phases.
+
+    Returns
+    -------
+    ndarray of int64 (n_labels,)
+        For each label, the label it joins (the smallest of its group; itself when not joined).
+    """
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    labels = np.asarray(labels, dtype=np.int64)
+    L = int(labels.max(initial=-1)) + 1 if n_labels is None else int(n_labels)
+    which = np.asarray(which, dtype=bool)
+    out = np.arange(L, dtype=np.int64)
+    if np.count_nonzero(which) < 2:
+        return out
+    C = contact_matrix(labels, index, L)
+    np.fill_diagonal(C, 0.0)
+    outside = C.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.nan_to_num(np.maximum(C / outside[:, None], C / outside[None, :]))
+    join = (share >= float(min_share)) & which[:, None] & which[None, :]
+    _, comp = connected_components(csr_matrix(join), directed=False)
+    for c in np.unique(comp):
+        members = np.flatnonzero(comp == c)
+        out[members] = members.min()
+    return out
 
 
 #: A region with fewer than this share of interior atoms (all labelled neighbours inside it) is a
@@ -342,10 +400,16 @@ def _strip_surroundings(C: np.ndarray, strip: np.ndarray) -> np.ndarray:
 #: generated images only: 0.94 for a grain boundary's strip, 0.29 for a disordered band two spacings
 #: wide; one grain boundary of ten gave 0.49 and stays a phase.
 ON_LATTICE_SHARE = 0.7
+#: Rounds of :func:`atomds.core.find.lattice.supported_by_lattice` in :func:`strips_on_lattice`: the
+#: strip's atoms found on the lattice stand for the next row, so that the second row from the
+#: boundary is judged on the first (generated grains of one phase, 28 strips: 0.28-0.88 of their
+#: atoms on the lattice after one round, 0.83-0.98 after five; disordered bands 0.07-0.27 and
+#: 0.09-0.29).
+STRIP_LATTICE_ROUNDS = 5
 
 
 def strips_on_lattice(x, y, labels, index, n_labels: int | None = None, *,
-                      min_share: float = ON_LATTICE_SHARE) -> np.ndarray:
+                      min_share: float = ON_LATTICE_SHARE, rounds: int = STRIP_LATTICE_ROUNDS) -> np.ndarray:
     """Per label: is it a strip enclosed by one other label (:func:`enclosed_strips`) whose atoms
     mostly (``min_share``) sit on the lattice of that label
     (:func:`atomds.core.find.lattice.supported_by_lattice`, at the enclosing atoms' median
@@ -376,7 +440,7 @@ def strips_on_lattice(x, y, labels, index, n_labels: int | None = None, *,
         d = median_nn_distance(x[anchor], y[anchor])
         if not np.isfinite(d):
             continue
-        on = supported_by_lattice(x, y, anchor, d, candidates=mine, max_rounds=1)
+        on = supported_by_lattice(x, y, anchor, d, candidates=mine, max_rounds=int(rounds))
         out[r] = float(np.mean(on[mine])) >= min_share
     return out
 
@@ -466,19 +530,52 @@ def _dissolve_thin_once(labels, index, n_labels: int | None = None, *, min_inter
     return lab, dissolved
 
 
-def vote_labels(labels, index, *, passes: int = 1) -> np.ndarray:
+def off_the_crystal(x, y, labels, disordered) -> np.ndarray:
+    """Atoms of the ``disordered`` labels (bool, one per label) that sit on no site of the lattice of
+    the other labelled atoms (the crystals).
+
+    Along the edge of a disordered band two columns wide many of its atoms have only one or two of
+    their six nearest neighbours inside it, and a plurality vote (:func:`vote_labels`) hands them to
+    the crystal around; the crystal's own atoms given to the band sit on its lattice. Judged by
+    :func:`atomds.core.find.lattice.supported_by_lattice`, one round, at the crystal atoms' median
+    nearest-neighbour distance; ``x``, ``y`` in any one length unit.
+
+    Returns
+    -------
+    ndarray of bool (n,)
+    """
+    from .find.lattice import supported_by_lattice
+    from .spectra import median_nn_distance
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    labels = np.asarray(labels, dtype=np.int64)
+    disordered = np.asarray(disordered, dtype=bool)
+    lab = labels >= 0
+    mine = lab & disordered[np.maximum(labels, 0)]
+    crystal = lab & ~mine & np.isfinite(x) & np.isfinite(y)
+    d = median_nn_distance(x[crystal], y[crystal]) if np.count_nonzero(crystal) >= 5 else np.nan
+    if not np.isfinite(d):
+        return mine
+    return mine & ~supported_by_lattice(x, y, crystal, d, candidates=mine, max_rounds=1)
+
+
+def vote_labels(labels, index, *, passes: int = 1, fixed=None) -> np.ndarray:
     """Plurality vote of each labelled atom with its neighbours (a mode filter on the atom graph).
 
     Each atom with a label >= 0 takes the label most frequent among itself and its labelled
     neighbours; ties keep its own label. Removes isolated misassignments along borders
     between regions while keeping regions one atom thick (their atoms outvote in a line).
-    Unlabelled atoms (-1) neither vote nor change.
+    Unlabelled atoms (-1) neither vote nor change; atoms flagged in ``fixed`` (bool, one per atom)
+    vote but keep their label.
     """
     lab = np.asarray(labels, dtype=np.int64).copy()
     index = np.asarray(index, dtype=np.int64)
     L = int(lab.max(initial=-1)) + 1
     if L == 0:
         return lab
+    hold = np.zeros(len(lab), dtype=bool) if fixed is None else np.asarray(fixed, dtype=bool)
+    if hold.shape != lab.shape:
+        raise ValueError(f"fixed has shape {hold.shape}; one flag per atom {lab.shape} is needed")
     rows = np.arange(len(lab))
     for _ in range(int(passes)):
         lj = np.where(index >= 0, lab[np.maximum(index, 0)], -1)
@@ -487,7 +584,7 @@ def vote_labels(labels, index, *, passes: int = 1) -> np.ndarray:
         np.add.at(votes, (np.broadcast_to(rows[:, None], lj.shape)[ok], lj[ok]), 1.0)
         own = lab >= 0
         votes[rows[own], lab[own]] += 1.5  # itself, plus a half vote that breaks ties in its favour
-        new = votes.argmax(axis=1)
+        new = np.where(hold, lab, votes.argmax(axis=1))
         lab = np.where(own, new, -1)
     return lab
 

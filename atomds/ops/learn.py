@@ -342,9 +342,13 @@ def regions(
        ``disorder`` feature at least :data:`DISORDERED_REGION`), unless it is a strip enclosed by one
        region whose atoms mostly sit on that region's lattice
        (:func:`atomds.core.regions.strips_on_lattice`): the
-       columns along a grain boundary within one phase.
+       columns along a grain boundary within one phase, or its atoms are scattered sites (fewer
+       than :data:`atomds.core.regions.MIN_MATERIAL_CONTACT` of their neighbour pairs inside it).
+       Disordered regions that touch along a border of their own are one band
+       (:func:`atomds.core.regions.join_touching`).
     4. ``passes`` rounds of a plurality vote of each atom with its neighbours
-       (:func:`atomds.core.regions.vote_labels`) remove isolated misassignments on borders.
+       (:func:`atomds.core.regions.vote_labels`) remove isolated misassignments on borders; the
+       atoms of a disordered region that sit on no site of the crystals' lattice keep their label.
     5. ``fill``: atoms without a cluster (edge atoms) take the region of their nearest labelled
        atom, so that every atom has one.
 
@@ -388,6 +392,7 @@ def regions(
         mapping[dissolved] = -1
     reg = np.where(lab >= 0, mapping[np.maximum(lab, 0)], -1)
     thin: list[int] = []
+    held = None
     if dissolve and mapping.max(initial=-1) >= 1:
         # interfaces one column wide and scattered defect sites are lines, not phases; a disordered
         # region (amorphous material) is kept however narrow
@@ -395,10 +400,18 @@ def regions(
         keep = _disordered(ds, reg, n_reg)
         if keep is not None and keep.any():
             keep &= ~cregions.strips_on_lattice(ds["atom_x"].values, ds["atom_y"].values, reg, idx, n_reg)
+            # scattered sites are no material, however disordered their neighbourhoods
+            keep &= ~cregions.thin_clusters(reg, idx, n_reg, min_internal=cregions.MIN_MATERIAL_CONTACT)
+            # disordered regions touching along a border of their own are one band of material
+            joined = cregions.join_touching(reg, idx, keep, n_reg)
+            reg = np.where(reg >= 0, joined[np.maximum(reg, 0)], -1)
+            mapping = np.where(mapping >= 0, joined[np.maximum(mapping, 0)], -1)
         reg, thin = cregions.dissolve_thin(reg, idx, n_reg, keep=keep)
         mapping = np.where(np.isin(mapping, thin), -1, mapping)
+        if keep is not None and keep.any():
+            held = cregions.off_the_crystal(ds["atom_x"].values, ds["atom_y"].values, reg, keep)
     if passes:
-        reg = cregions.vote_labels(reg, idx, passes=int(passes))
+        reg = cregions.vote_labels(reg, idx, passes=int(passes), fixed=held)
     if fill:
         reg = cregions.fill_labels(np.asarray(ds["atom_x"].values, float), np.asarray(ds["atom_y"].values, float), reg)
     # number regions by decreasing size
