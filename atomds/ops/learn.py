@@ -329,8 +329,9 @@ def regions(
        neighbours more often than their own) are joined (:func:`atomds.core.regions.merge_sites`),
        and so are clusters across whose contacts the descriptor changes only gradually, over more
        than two or three columns (:func:`atomds.core.regions.gradual_contacts`: one lattice under
-       a strain gradient or a scan distortion); clusters of separate regions, which touch only
-       along a border where the lattice changes, stay apart.
+       a strain gradient or a scan distortion), unless they meet only through the gaps of a
+       disordered cluster between them; clusters of separate regions, which touch only along a
+       border where the lattice changes, stay apart.
     3. ``dissolve``: a region that is a line rather than an area - an interface one column wide
        (antiphase or grain boundary) or scattered defect sites, with fewer than 42 % of its
        neighbour pairs inside it - is given to the regions around it
@@ -339,16 +340,17 @@ def regions(
        :func:`atomds.core.regions.enclosed_strips`), in rounds until none is left (the rows on the
        two sides of a grain boundary can be a line and a strip). A band two or more columns wide
        between two regions stays a region, and so does a disordered region however narrow (median
-       ``disorder`` feature at least :data:`DISORDERED_REGION`), unless it is a strip enclosed by one
-       region whose atoms mostly sit on that region's lattice
-       (:func:`atomds.core.regions.strips_on_lattice`): the
-       columns along a grain boundary within one phase, or its atoms are scattered sites (fewer
-       than :data:`atomds.core.regions.MIN_MATERIAL_CONTACT` of their neighbour pairs inside it).
-       Disordered regions that touch along a border of their own are one band
-       (:func:`atomds.core.regions.join_touching`).
+       ``disorder`` feature at least :data:`DISORDERED_REGION`), with two exceptions: a strip
+       enclosed by one region whose atoms mostly sit on that region's lattice (the columns along a
+       grain boundary within one phase, :func:`atomds.core.regions.strips_on_lattice`), and
+       scattered sites (fewer than :data:`atomds.core.regions.MIN_MATERIAL_CONTACT` of their
+       neighbour pairs inside the region). Before that, a strip of disorder joins the disordered
+       region it shares most of its border with (:func:`atomds.core.regions.join_touching`: a band
+       split along its length by k-means); two disordered areas with interiors stay apart.
     4. ``passes`` rounds of a plurality vote of each atom with its neighbours
        (:func:`atomds.core.regions.vote_labels`) remove isolated misassignments on borders; the
-       atoms of a disordered region that sit on no site of the crystals' lattice keep their label.
+       atoms of a disordered region that sit on no site of a crystal's lattice
+       (:func:`atomds.core.regions.off_the_crystal`) move only to another disordered region.
     5. ``fill``: atoms without a cluster (edge atoms) take the region of their nearest labelled
        atom, so that every atom has one.
 
@@ -384,7 +386,8 @@ def regions(
         compact[alive] = np.arange(alive.size)
         sub = np.where(lab >= 0, compact[np.maximum(lab, 0)], -1)
         desc = np.asarray(ds["descriptor"].values, float) if "descriptor" in ds.variables else None
-        m = cregions.merge_sites(sub, idx, alive.size, descriptor=desc if desc is not None and desc.ndim == 2 else None)
+        m = cregions.merge_sites(sub, idx, alive.size, descriptor=desc if desc is not None and desc.ndim == 2 else None,
+                                 disordered=_disordered(ds, sub, alive.size))
         mapping = np.full(L, -1, dtype=np.int64)
         mapping[alive] = m
     else:
@@ -392,7 +395,8 @@ def regions(
         mapping[dissolved] = -1
     reg = np.where(lab >= 0, mapping[np.maximum(lab, 0)], -1)
     thin: list[int] = []
-    held = None
+    held = open_to = None  # atoms of disordered regions off the crystals' lattice, and the labels they may take
+    n_joined = 0
     if dissolve and mapping.max(initial=-1) >= 1:
         # interfaces one column wide and scattered defect sites are lines, not phases; a disordered
         # region (amorphous material) is kept however narrow
@@ -400,18 +404,20 @@ def regions(
         keep = _disordered(ds, reg, n_reg)
         if keep is not None and keep.any():
             keep &= ~cregions.strips_on_lattice(ds["atom_x"].values, ds["atom_y"].values, reg, idx, n_reg)
-            # scattered sites are no material, however disordered their neighbourhoods
-            keep &= ~cregions.thin_clusters(reg, idx, n_reg, min_internal=cregions.MIN_MATERIAL_CONTACT)
-            # disordered regions touching along a border of their own are one band of material
+            # a disordered band split along its length is one band of material
             joined = cregions.join_touching(reg, idx, keep, n_reg)
+            n_joined = int(np.count_nonzero(joined != np.arange(n_reg)))
             reg = np.where(reg >= 0, joined[np.maximum(reg, 0)], -1)
             mapping = np.where(mapping >= 0, joined[np.maximum(mapping, 0)], -1)
+            # scattered sites are no material, however disordered their neighbourhoods
+            keep &= ~cregions.thin_clusters(reg, idx, n_reg, min_internal=cregions.MIN_MATERIAL_CONTACT)
         reg, thin = cregions.dissolve_thin(reg, idx, n_reg, keep=keep)
         mapping = np.where(np.isin(mapping, thin), -1, mapping)
         if keep is not None and keep.any():
             held = cregions.off_the_crystal(ds["atom_x"].values, ds["atom_y"].values, reg, keep)
+            open_to = keep
     if passes:
-        reg = cregions.vote_labels(reg, idx, passes=int(passes), fixed=held)
+        reg = cregions.vote_labels(reg, idx, passes=int(passes), fixed=held, open_to=open_to)
     if fill:
         reg = cregions.fill_labels(np.asarray(ds["atom_x"].values, float), np.asarray(ds["atom_y"].values, float), reg)
     # number regions by decreasing size
@@ -435,7 +441,8 @@ def regions(
         out, "regions",
         dict(by=by, dissolve=bool(dissolve), merge=bool(merge), passes=int(passes), fill=bool(fill), n_regions=R,
              dissolved=[int(d) for d in dissolved], thin_dissolved=[int(t) for t in thin],
-             min_internal_contact=cregions.MIN_INTERNAL_CONTACT),
+             min_internal_contact=cregions.MIN_INTERNAL_CONTACT, disordered_joined=n_joined,
+             held_off_the_crystal=0 if held is None else int(np.count_nonzero(held))),
     )
 
 
