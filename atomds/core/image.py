@@ -31,6 +31,7 @@ __all__ = [
     "value_spread",
     "image_digest",
     "constant_border",
+    "beyond_image",
 ]
 
 #: Column contrasts: brighter than the surroundings (HAADF, STM topography) or darker (ABF, BF).
@@ -297,3 +298,11 @@ def blur_nearest(image, sigma: float) -> np.ndarray:
     spec *= sfft.fft(centred(fy))[:, None] * sfft.rfft(centred(fx))[None, :]
     out = sfft.irfft2(spec, s=(fy, fx), workers=-1, overwrite_x=True)
     return np.ascontiguousarray(out[r : r + ny, r : r + nx])
+
+
+def beyond_image(x, y, shape: tuple[int, int]) -> np.ndarray:
+    """Positions (px) beyond the image's pixels: more than half a pixel outside the outer pixel centres.
+    NaN positions are not beyond."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ny, nx = int(shape[0]), int(shape[1])
+    return (x < -0.5) | (x > nx - 0.5) | (y < -0.5) | (y > ny - 0.5)

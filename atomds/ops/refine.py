@@ -22,7 +22,7 @@ import xarray as xr
 
 from ..core import refine as cr
 from ..core.find.classes import fitted_classes, labels_digest
-from ..core.image import image_digest
+from ..core.image import beyond_image, image_digest
 from ..core.neighbors import nearest_spacing
 from ..core.preprocess import CONTRASTS, turn_over
 from ..core.refine.background import BACKGROUND_BEYOND_COLUMNS, background_beyond_columns, sample_at
@@ -228,7 +228,10 @@ def refine(
     columns centred just outside the image, which no fit models, are predicted from the lattice
     of the columns near the border (:func:`atomds.core.refine.outside.outside_model`) and taken
     off before fitting (counted under ``refine_params["outside"]["n_outside"]``; not for a tiled
-    image). The fits' noise model is
+    image). Atoms fitted to a centre beyond the image's pixels (more than half a pixel outside the
+    outer pixel centres, :func:`atomds.core.image.beyond_image`: a seed on the outermost pixels held by the tail of a
+    column centred outside) are dropped and counted under ``refine_params["beyond_image"]``
+    (eager atoms only). The fits' noise model is
     then recorded as ``fit_gain``, ``fit_variance_offset`` and ``gain``, ``variance_offset`` are
     the recorded image's (``find_atoms_params["noise_variance"]``). Lazy over chunks of ``atom`` when the image is Dask-backed: nothing
     computes until the results are asked for.
@@ -443,6 +446,14 @@ def refine(
     out = out.assign(new)
     if no_column is not None and no_column.any():  # seeds on no column (refine_and_complete) are not atoms
         out = out.isel(atom=np.flatnonzero(~no_column))
+    n_beyond = None
+    if not lazy and out.sizes["atom"]:
+        # a seed held on the outermost pixels can be fitted to a centre beyond the image (a column
+        # centred outside, its tail in the image): the image holds the columns centred on its pixels
+        beyond = beyond_image(out["atom_x"].values / ps, out["atom_y"].values / ps, (img.sizes["y"], img.sizes["x"]))
+        n_beyond = int(np.count_nonzero(beyond))
+        if n_beyond:
+            out = out.isel(atom=np.flatnonzero(~beyond))
     params: dict[str, Any] = dict(
         model=model, window=window, noise=noise, sigma=sigma, max_iter=max_iter,
         neighbor_subtraction=bool(neighbor_subtraction), n_refits=n_refits, width_prior=width_prior,
@@ -457,6 +468,8 @@ def refine(
         params["local_background"] = bg_info
     if outside is not None:
         params["outside"] = outside
+    if n_beyond is not None:
+        params["beyond_image"] = n_beyond
     if missing is not None:
         params["missing"] = missing
     elif find_missing is True and (lazy or model != "gaussian" or not neighbor_subtraction):
@@ -681,11 +694,11 @@ def with_atoms(ds: xr.Dataset, x: Any, y: Any, *, units: str | None = None) -> x
         if "x" in ds.sizes and "y" in ds.sizes:
             nx, ny = int(ds.sizes["x"]), int(ds.sizes["y"])
             xpx, ypx = xa * scale / ps, ya * scale / ps
-            out = (xpx < -0.5) | (xpx > nx - 0.5) | (ypx < -0.5) | (ypx > ny - 0.5)
-            if out.any():
-                i = int(np.argmax(out))
+            beyond = beyond_image(xpx, ypx, (ny, nx))
+            if beyond.any():
+                i = int(np.argmax(beyond))
                 raise InvalidParameterError(
-                    f"{int(out.sum())} position(s) lie outside the image (first: index {i} at x={xa[i]:.4g}, "
+                    f"{int(beyond.sum())} position(s) lie outside the image (first: index {i} at x={xa[i]:.4g}, "
                     f"y={ya[i]:.4g} {u}); check the units (the Dataset's are {dunits!r}, or pass units='px')."
                 )
     xs = xa * scale if scale != 1.0 else xa

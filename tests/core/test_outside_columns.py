@@ -241,15 +241,36 @@ def test_the_columns_outside_are_taken_off_in_place_as_the_whole_model_draws_the
 def test_a_column_held_on_the_border_pixel_is_not_modelled_twice():
     # columns centred 2 px outside the left border are found as seeds held on its pixel; their own
     # single fits fail, and the lattice predicts them outside too: modelled twice, refine moved them
-    # by 1.4-2.1 px with 2-14 % of their counts (found by a cold review)
+    # by 1.4-2.1 px with 2-14 % of their counts (found by a cold review). Fitted as one column each,
+    # they go to their centres outside, and go as columns beyond the image
     v = np.array([[10.0, 0.0], [5.0, 10.0 * np.sqrt(3) / 2]])
     xy = samples.lattice_sites(v, (128, 128), origin=(3, 4), margin=12)[0]
     img = add_noise(render_columns((128, 128), xy[:, 0], xy[:, 1], np.full(len(xy), 2000.0), 2.0) + 20.0, seed=1)
     found = atomds.from_array(img).lcx.find_atoms()
     held = found["atom_x"].values < 1.0
     assert held.sum() >= 2
-    out = found.lcx.refine()
-    fx, fy = out["atom_x"].values[held], out["atom_y"].values[held]
+    out = found.lcx.refine(find_missing=False)
+    assert json.loads(out.attrs["refine_params"])["beyond_image"] >= held.sum()  # (and some along the other sides)
+    fx, fy = out["atom_x"].values, out["atom_y"].values
     d, j = cKDTree(xy).query(np.c_[fx, fy])
-    assert np.all(d < 0.5)
-    assert np.all(out["intensity"].values[held] > 0.7 * 2000.0)
+    assert np.all(d < 0.5)  # no atom left between a column outside and one inside
+    on = (xy[:, 0] >= -0.5) & (xy[:, 0] <= 127.5) & (xy[:, 1] >= -0.5) & (xy[:, 1] <= 127.5)
+    assert np.isin(np.flatnonzero(on), j).all()
+    assert np.all(out["intensity"].values > 0.7 * 2000.0)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_refine_drops_atoms_fitted_beyond_the_image(seed):
+    # a seed held on the outermost pixels by the tail of a column centred outside can be fitted out to
+    # that centre: 9 and 11 atoms on these images lay more than half a pixel beyond the outer pixel
+    # centres, which with_atoms refuses. The image holds the columns centred on its pixels.
+    img, xy, species = _perovskite(seed)
+    out = atomds.from_array(img).lcx.find_atoms().lcx.refine()
+    fx, fy = out["atom_x"].values, out["atom_y"].values
+    ny, nx = img.shape
+    assert ((fx >= -0.5) & (fx <= nx - 0.5) & (fy >= -0.5) & (fy <= ny - 0.5)).all()
+    params = json.loads(out.attrs["refine_params"])
+    assert params["beyond_image"] >= 1
+    assert out.lcx.with_atoms(fx, fy).sizes["atom"] == fx.size  # the table can be handed on as it is
+    assert _recall(xy[species == 2], fx, fy) >= 0.995  # every column centred on the pixel centres stays
+    assert _recall(xy[species < 2], fx, fy) == 1.0
