@@ -641,6 +641,10 @@ def test_gradual_contacts_not_through_the_gaps_of_a_disordered_band():
     assert gradual_contacts(ramp, lab, idx, min_pairs=1, through=band)[0, 2]
     whole = np.where(X < 20, 0, np.where(X < 22, 2, 1))  # A | C C | B: A and B never touch; A-C judged
     assert gradual_contacts(ramp, whole, idx, min_pairs=1, through=band)[0, 2]
+    # a film over a disordered substrate, split by the gradient into a left and a right cluster: their
+    # border runs up from the substrate, most of its pairs away from it (a review's case)
+    film = np.where(Y < 10, 2, np.where(X < 20, 0, 1))
+    assert gradual_contacts(ramp, film, idx, min_pairs=1, through=band)[0, 1]
 
 
 def test_join_touching_joins_strips_of_one_band_not_two_materials():
@@ -658,6 +662,10 @@ def test_join_touching_joins_strips_of_one_band_not_two_materials():
     three = np.where(Y < 10, 0, np.where(X < 19, 1, np.where(X < 21, 2, 3)))  # areas 1 and 3, strip 2 between
     got = join_touching(three, idx, np.array([False, True, True, True]))
     assert got[1] != got[3] and got[2] in (got[1], got[3])
+    # a strip of disorder along a grain boundary whose end touches an amorphous area: its border is the
+    # crystal's, all but a few pairs (the share counts every outside pair, not only the disordered ones)
+    end = np.where((X >= 18) & (X < 20) & (Y < 25), 1, np.where((Y >= 25) & (X >= 17), 2, 0))
+    assert join_touching(end, idx, np.array([False, True, True])).tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="which"):
         join_touching(three, idx, np.array([True, False]))
 

@@ -112,11 +112,13 @@ def gradual_contacts(X, labels, index, n_labels: int | None = None, *, max_step:
     median step is below ``max_step`` of that distance (on at least ``min_pairs`` pairs). Sites of
     one phase are neighbours with distinct descriptors: a step of the whole distance.
 
-    Clusters that each touch one of the ``through`` clusters (bool per cluster: disordered ones)
-    more than they touch each other meet through its gaps, not along a border of their own: a grain
-    of another phase behind a disordered band, whose columns next to the band's gaps are distorted
-    like the matrix's there, so that the step across looks gradual (two_phase images with a
-    honeycomb or square grain: ARI 0.27-0.49 where they were joined). Such pairs are not judged.
+    Clusters that meet through the gaps of a disordered cluster (``through``, bool per cluster) are
+    not judged: where most of their contact pairs have an atom beside that cluster. A grain of
+    another phase behind a disordered band touches the matrix only there, and the columns beside the
+    band's gaps are distorted alike on both sides, so that the step across looks gradual (two_phase
+    images with a honeycomb or square grain: ARI 0.27-0.49 where they were joined). A film split by a
+    gradient over an amorphous substrate touches itself along a border that runs up from the
+    substrate, most of its pairs away from it.
 
     Parameters
     ----------
@@ -145,12 +147,10 @@ def gradual_contacts(X, labels, index, n_labels: int | None = None, *, max_step:
     for k in range(L):
         if np.any(fin & (labels == k)):
             means[k] = X[fin & (labels == k)].mean(axis=0)
-    apart = np.zeros((L, L), dtype=bool)  # pairs that meet through a disordered cluster
-    if through is not None and np.any(through):
-        Cc = contact_matrix(labels, index, L)
-        for c in np.flatnonzero(np.asarray(through, dtype=bool)[:L]):  # a few clusters
-            more = Cc[:, c][:, None] > Cc
-            apart |= more & more.T
+    dis = np.zeros(L + 1, dtype=bool)  # the disordered clusters (the last entry stands for no label)
+    if through is not None:
+        dis[:L] = np.asarray(through, dtype=bool)[:L]
+    beside = (dis[np.where(index >= 0, labels[np.maximum(index, 0)], L)] & (index >= 0)).any(axis=1)
     i = np.broadcast_to(np.arange(labels.size)[:, None], index.shape).ravel()
     j = index.ravel()
     ok = j >= 0
@@ -165,8 +165,10 @@ def gradual_contacts(X, labels, index, n_labels: int | None = None, *, max_step:
             continue
         # each pair oriented from ka to kb (the neighbour table lists it from either side)
         m = ((a == ka) & (b == kb)) | ((a == kb) & (b == ka))
-        if np.count_nonzero(m) < min_pairs or apart[ka, kb]:
+        if np.count_nonzero(m) < min_pairs:
             continue
+        if not (dis[ka] or dis[kb]) and np.mean(beside[i[m]] | beside[j[m]]) > 0.5:
+            continue  # they meet through a disordered cluster's gaps
         step = (X[j[m]] - X[i[m]]) @ (d / sep)
         step = np.where(a[m] == ka, step, -step)
         if float(np.median(step)) < max_step * sep:
@@ -328,8 +330,8 @@ def join_touching(labels, index, which, n_labels: int | None = None, *, min_shar
     strip = interior_fraction(labels, index, L) < (MAX_STRIP_INTERIOR if max_interior is None else float(max_interior))
     C = contact_matrix(labels, index, L)
     np.fill_diagonal(C, 0.0)
+    outside = C.sum(axis=1)  # all its outside neighbour pairs
     C[:, ~which] = 0.0
-    outside = C.sum(axis=1)
     join = np.zeros((L, L), dtype=bool)
     for a in np.flatnonzero(which & strip):  # a few regions
         b = int(np.argmax(C[a]))
