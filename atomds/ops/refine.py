@@ -231,7 +231,7 @@ def refine(
     image). Atoms fitted to a centre beyond the image's pixels (more than half a pixel outside the
     outer pixel centres, :func:`atomds.core.image.beyond_image`: a seed on the outermost pixels held by the tail of a
     column centred outside) are dropped and counted under ``refine_params["beyond_image"]``
-    (eager atoms only). The fits' noise model is
+    (eager atoms only); ``seed_row`` holds each atom's row in ``ds``. The fits' noise model is
     then recorded as ``fit_gain``, ``fit_variance_offset`` and ``gain``, ``variance_offset`` are
     the recorded image's (``find_atoms_params["noise_variance"]``). Lazy over chunks of ``atom`` when the image is Dask-backed: nothing
     computes until the results are asked for.
@@ -441,6 +441,10 @@ def refine(
             seed_x=annotate(sx.copy(), units, "seed position x"),
             seed_y=annotate(sy.copy(), units, "seed position y"),
         )
+    # the row each atom had in the Dataset given: refine drops seeds on no column and atoms fitted
+    # beyond the image, and appends the columns found in the residual (-1)
+    out = out.assign(seed_row=annotate(xr.DataArray(np.arange(n, dtype=np.int64), dims=("atom",)), "1",
+                                       "row of the atom in the Dataset refine() was given (-1: found in the residual)"))
     if missing is not None:
         out = _with_added_atoms(out, add_x * ps, add_y * ps)
     out = out.assign(new)

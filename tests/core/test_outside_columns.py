@@ -265,12 +265,18 @@ def test_refine_drops_atoms_fitted_beyond_the_image(seed):
     # that centre: 9 and 11 atoms on these images lay more than half a pixel beyond the outer pixel
     # centres, which with_atoms refuses. The image holds the columns centred on its pixels.
     img, xy, species = _perovskite(seed)
-    out = atomds.from_array(img).lcx.find_atoms().lcx.refine()
+    found = atomds.from_array(img).lcx.find_atoms()
+    out = found.lcx.refine()
     fx, fy = out["atom_x"].values, out["atom_y"].values
     ny, nx = img.shape
     assert ((fx >= -0.5) & (fx <= nx - 0.5) & (fy >= -0.5) & (fy <= ny - 0.5)).all()
     params = json.loads(out.attrs["refine_params"])
     assert params["beyond_image"] >= 1
+    # each atom's row in the Dataset refine was given, so that a user's own per-atom arrays follow
+    row = out["seed_row"].values
+    kept = row >= 0
+    assert np.all(np.diff(row[kept]) > 0) and found.sizes["atom"] - kept.sum() >= params["beyond_image"]
+    np.testing.assert_array_equal(out["seed_x"].values[kept], found["atom_x"].values[row[kept]])
     assert out.lcx.with_atoms(fx, fy).sizes["atom"] == fx.size  # the table can be handed on as it is
     assert _recall(xy[species == 2], fx, fy) >= 0.995  # every column centred on the pixel centres stays
     assert _recall(xy[species < 2], fx, fy) == 1.0
