@@ -255,7 +255,9 @@ def neighbour_slots(p: np.ndarray, half: int) -> np.ndarray:
     widths ``p[:, 3]``.
     """
     n = p.shape[0]
-    reach = min(2.0 * half + 2.0, COUPLING_SIGMAS * float(np.max(p[:, 3]))) if n else 0.0
+    # square patches overlap out to their diagonal, 2 half sqrt 2 px apart (a circle of 2 half + 2 px
+    # left out a pair 7.3 widths apart whose patches overlapped: 2e-5 of the columns' own information)
+    reach = min(2.0 * np.sqrt(2.0) * half + 2.0, COUPLING_SIGMAS * float(np.max(p[:, 3]))) if n else 0.0
     pairs = cKDTree(p[:, :2]).query_pairs(r=reach, output_type="ndarray") if n > 1 else np.zeros((0, 2), int)
     i = np.r_[np.arange(n), np.minimum(pairs[:, 0], pairs[:, 1])]
     j = np.r_[np.arange(n), np.maximum(pairs[:, 0], pairs[:, 1])]
