@@ -722,13 +722,7 @@ def test_a_layer_between_two_phases_split_into_two_strips_stays():
     stay; the rows along a grain boundary within one phase are two strips enclosed together by it."""
     from atomds.core import regions as cregions
 
-    nx, ny = 40, 30
-    X, Y = (a.ravel() for a in np.meshgrid(np.arange(nx), np.arange(ny)))
-    pos = {(int(x), int(y)): i for i, (x, y) in enumerate(zip(X, Y))}
-    idx = np.full((X.size, 8), -1)
-    for i, (x, y) in enumerate(zip(X, Y)):
-        nbs = [pos.get((int(x) + dx, int(y) + dy), -1) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if dx or dy]
-        idx[i] = nbs
+    X, Y, idx = _grid(40, 30)
     layer = np.where(X < 18, 0, np.where(X < 20, 2, np.where(X < 22, 3, 1)))  # A | S S | T T | B
     assert not cregions.enclosed_strips(layer, idx, 4).any()
     assert cregions.dissolve_thin(layer, idx, 4)[1] == []

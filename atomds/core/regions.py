@@ -13,6 +13,7 @@ __all__ = [
     "contact_matrix",
     "merge_sites",
     "GRADUAL_STEP",
+    "THROUGH_GAPS_SHARE",
     "gradual_contacts",
     "transition_clusters",
     "dissolve_transitions",
@@ -100,6 +101,13 @@ GRADUAL_STEP = 0.4
 #: ... judged on at least this many neighbour pairs across the contact (the neighbour table lists a
 #: pair from both sides where each is among the other's neighbours: about half as many contacts).
 GRADUAL_MIN_PAIRS = 10
+#: ... and not judged where more than this share of the contact pairs have an atom beside a disordered
+#: cluster (:func:`gradual_contacts`'s ``through``): the two meet through its gaps. Set on generated
+#: images only: a grain behind a band (nearly all its contacts beside the band) and a review's film
+#: over an amorphous substrate (one row of its border of 12-40 beside it).
+THROUGH_GAPS_SHARE = 0.5
+
+
 def gradual_contacts(X, labels, index, n_labels: int | None = None, *, max_step: float = GRADUAL_STEP,
                      min_pairs: int = GRADUAL_MIN_PAIRS, through=None) -> np.ndarray:
     """Pairs of clusters across whose contacts the descriptor changes only gradually.
@@ -167,7 +175,7 @@ def gradual_contacts(X, labels, index, n_labels: int | None = None, *, max_step:
         m = ((a == ka) & (b == kb)) | ((a == kb) & (b == ka))
         if np.count_nonzero(m) < min_pairs:
             continue
-        if not (dis[ka] or dis[kb]) and np.mean(beside[i[m]] | beside[j[m]]) > 0.5:
+        if not (dis[ka] or dis[kb]) and np.mean(beside[i[m]] | beside[j[m]]) > THROUGH_GAPS_SHARE:
             continue  # they meet through a disordered cluster's gaps
         step = (X[j[m]] - X[i[m]]) @ (d / sep)
         step = np.where(a[m] == ka, step, -step)
@@ -341,16 +349,6 @@ def join_touching(labels, index, which, n_labels: int | None = None, *, min_shar
     first = np.full(comp.max() + 1, L, dtype=np.int64)
     np.minimum.at(first, comp, np.arange(L))
     return first[comp]
-
-
-def _border_share(C: np.ndarray) -> np.ndarray:
-    """Per pair of labels, the larger of the shares of their outside neighbour pairs that go to the
-    other (``C`` from :func:`contact_matrix`)."""
-    C = np.array(C, dtype=float)
-    np.fill_diagonal(C, 0.0)
-    outside = C.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.nan_to_num(np.maximum(C / outside[:, None], C / outside[None, :]))
 
 
 def interior_fraction(labels, index, n_labels: int | None = None) -> np.ndarray:

@@ -448,16 +448,17 @@ def refine(
     if missing is not None:
         out = _with_added_atoms(out, add_x * ps, add_y * ps)
     out = out.assign(new)
-    if no_column is not None and no_column.any():  # seeds on no column (refine_and_complete) are not atoms
-        out = out.isel(atom=np.flatnonzero(~no_column))
+    # seeds on no column (refine_and_complete) are not atoms; nor, eager, is an atom fitted beyond the
+    # image (a seed held on the outermost pixels by the tail of a column centred outside, fitted to
+    # that centre): the image holds the columns centred on its pixels. One selection for both.
+    drop = np.zeros(out.sizes["atom"], dtype=bool) if no_column is None else np.asarray(no_column, dtype=bool)
     n_beyond = None
     if not lazy and out.sizes["atom"]:
-        # a seed held on the outermost pixels can be fitted to a centre beyond the image (a column
-        # centred outside, its tail in the image): the image holds the columns centred on its pixels
         beyond = beyond_image(out["atom_x"].values / ps, out["atom_y"].values / ps, (img.sizes["y"], img.sizes["x"]))
-        n_beyond = int(np.count_nonzero(beyond))
-        if n_beyond:
-            out = out.isel(atom=np.flatnonzero(~beyond))
+        n_beyond = int(np.count_nonzero(beyond & ~drop))
+        drop = drop | beyond
+    if drop.any():
+        out = out.isel(atom=np.flatnonzero(~drop))
     params: dict[str, Any] = dict(
         model=model, window=window, noise=noise, sigma=sigma, max_iter=max_iter,
         neighbor_subtraction=bool(neighbor_subtraction), n_refits=n_refits, width_prior=width_prior,

@@ -114,4 +114,3 @@ def without_outside_columns(image: np.ndarray, x: np.ndarray, y: np.ndarray, *, 
     gx, gy, ga, gw = columns
     gaussian_model(cleaned.shape, gx, gy, -ga, gw, out=cleaned)  # only the pixels their tails reach
     return cleaned, info
-
