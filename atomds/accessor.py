@@ -90,6 +90,7 @@ class LcxAccessor:
 
     # physical maps with errors
     strain = _Forward("ops.physics")
+    scan_distortion = _Forward("ops.physics")
     polarization = _Forward("ops.physics")
     cross_sections = _Forward("ops.counting")
     count_atoms = _Forward("ops.counting")

@@ -66,6 +66,7 @@ __all__ = [
     "spectrum_image",
     "frames",
     "stm",
+    "scan_distorted",
     "list_samples",
     "load",
     "score_positions",
@@ -703,6 +704,47 @@ _SAMPLES: dict[str, Callable[..., xr.Dataset]] = {
     "perovskite110": perovskite110,
     "tmd": tmd,
 }
+
+
+#: The samples :func:`scan_distorted` can scan, by name.
+_SCANNABLE = {
+    "hexagonal": "hexagonal_sample", "honeycomb": "honeycomb_sample", "perovskite": "perovskite_sample",
+    "polar": "polar_sample", "two_phase": "two_phase_sample", "perovskite110": "perovskite110_sample",
+    "tmd": "tmd_sample", "grain_boundary": "grain_boundary_sample",
+}
+
+
+def scan_distorted(
+    sample: str = "honeycomb",
+    *,
+    shear: float = 0.02,
+    amplitude: float = 1.0,
+    period: float = 150.0,
+    phase: float = 0.0,
+    jitter: float = 0.1,
+    pixel_size: float = _DEFAULT_PIXEL_SIZE,
+    seed: int = 0,
+    **kwargs: Any,
+) -> xr.Dataset:
+    """A sample recorded with a slow-scan distortion: every scan line (row) shifted along x.
+
+    Line ``y`` is shifted by ``shear * (y - centre) + amplitude * sin(2 pi y / period + phase)``
+    px plus random jitter of std ``jitter`` px (:func:`atomds.core.samples.scan_distorted`), as drift,
+    mains pick-up and scan-coil settling do; ``true_x`` is where each column is seen. ``sample``
+    names the crystal (one of ``hexagonal``, ``honeycomb``, ``perovskite``, ``polar``,
+    ``two_phase``, ``perovskite110``, ``tmd``, ``grain_boundary``) and ``kwargs`` go to its
+    generator in :mod:`atomds.core.samples` (lengths in pixels), with ``seed``.
+    """
+    ps = _pixel_size(pixel_size)
+    if sample not in _SCANNABLE:
+        raise InvalidParameterError(f"unknown sample {sample!r} to scan: choose one of {sorted(_SCANNABLE)}.")
+    try:
+        s = getattr(_core, _SCANNABLE[sample])(seed=seed, **kwargs)
+    except TypeError as exc:  # unknown keyword
+        raise InvalidParameterError(f"scan_distorted({sample!r}): {exc}") from exc
+    s = _core.scan_distorted(s, shear=shear, amplitude=amplitude, period=period, phase=phase, jitter=jitter,
+                             read_noise=float(s.params.get("read_noise", 1.0)), seed=seed + 1)
+    return to_dataset(s, pixel_size=ps)
 
 
 def list_samples() -> list[str]:

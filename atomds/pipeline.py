@@ -189,12 +189,13 @@ def refine(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
 
 
 def maps(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
-    """Physical maps with errors: local strain against the image's median lattice, and, on images
+    """Physical maps with errors: local strain against the image's median lattice, the slow-scan
+    distortion (``scan_shift_x``/``scan_shift_y``, which the phases stage removes), and, on images
     of two or more sublattices, the polarisation of the displaced one (skipped, with the reason
     recorded in ``polarization_params``, when no sublattice pair forms cages)."""
     if ds.sizes.get("atom", 0) < 3:
         return record_params(ds, "strain", {"skipped": "fewer than 3 atoms"})
-    ds = ds.lcx.strain()
+    ds = ds.lcx.strain().lcx.scan_distortion()
     n_sub = int(len(set(ds["sublattice"].values.tolist()) - {-1})) if "sublattice" in ds.variables else 0
     if n_sub < 2:
         return record_params(ds, "polarization", {"skipped": f"{n_sub} sublattice(s): no cage to measure from"})
@@ -228,14 +229,18 @@ def phases(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
     (``neighborhoods`` drops every earlier neighbour-derived result), so this stage gives the same
     result wherever it runs after ``refine``.
 
-    Where the columns of one sublattice are polar (and refined: the decision needs their
-    position errors), the table is built with those columns at their cage centres
+    Where the maps stage measured a slow-scan distortion (``scan_shift_x``/``scan_shift_y``,
+    :func:`atomds.ops.physics.scan_distortion`), the table is built from the positions with it
+    removed: scanned with a wobble, one crystal's rows are sheared by a few per cent in turn and
+    its neighbourhoods fall into stripes along the scan lines (5 of 60 generated single-phase
+    images with drawn scan distortions gave two regions). Where the columns of one sublattice are
+    polar (and refined: the decision needs their position errors), the table is built with those columns at their cage centres
     (:func:`atomds.core.polarization.parent_positions`): polar domains are one phase even where
     no rotation or mirror of the image relates them. What was done is recorded in the
     ``phase_parent_params`` attribute. On an image of too few centre atoms for the merge tree the
     clustering is skipped, with the reason in ``kmeans_params``.
     """
-    source = _parent_structure(ds)
+    source = _unscanned(_parent_structure(ds))
     table = source.lcx.neighborhoods(k=params.k, descriptor="phase")
     parent = {"phase_parent_params": source.attrs["phase_parent_params"]}
     if params.phases == "descriptor":
@@ -290,6 +295,15 @@ def _parent_structure(ds: xr.Dataset) -> xr.Dataset:
     if info["moved"]:
         out = out.assign(atom_x=ds["atom_x"].copy(data=x), atom_y=ds["atom_y"].copy(data=y))
     return out
+
+
+def _unscanned(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with the scan distortion the maps stage measured subtracted from its positions (as it
+    is where none was: ``scan_distortion_params`` says ``corrected``)."""
+    rec = step_params(ds, "scan_distortion") or {}
+    if not rec.get("corrected") or not {"scan_shift_x", "scan_shift_y"} <= set(ds.variables):
+        return ds
+    return ds.assign(atom_x=ds["atom_x"] - ds["scan_shift_x"], atom_y=ds["atom_y"] - ds["scan_shift_y"])
 
 
 def _polarization_of(ds: xr.Dataset) -> dict[str, Any] | None:

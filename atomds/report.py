@@ -28,7 +28,7 @@ import xarray as xr
 
 from .errors import AtomdsError, InvalidParameterError
 from .io import atomic_write
-from .params import all_step_params
+from .params import all_step_params, step_params
 
 __all__ = ["write_report", "report_figures"]
 
@@ -186,6 +186,12 @@ def _summary_rows(ds: xr.Dataset, source: str | None) -> list[tuple[str, str]]:
         err = {n: float(np.nanmedian(np.asarray(ds[f"{n}_err"].values, float))) for n in ("exx", "eyy", "exy")}
         rows.append(("strain precision (median standard error per atom)",
                      ", ".join(f"{n} {100 * e:.2g} %" for n, e in err.items())))
+    rec = step_params(ds, "scan_distortion") or {}
+    if rec.get("corrected"):
+        rows.append(("scan distortion (removed for the phases, kept in the strain maps)",
+                     f"shear along the scan lines up to {100 * float(rec.get('shear', 0.0)):.2g} %, stretch across them "
+                     f"up to {100 * float(rec.get('stretch', 0.0)):.2g} %, line shifts up to "
+                     f"{float(rec.get('max_shift_x', 0.0)):.3g} {rec.get('units', '')} along x"))
     if "polarization_x" in ds.variables:
         px, py = np.asarray(ds["polarization_x"].values, float), np.asarray(ds["polarization_y"].values, float)
         mag = np.hypot(px, py)

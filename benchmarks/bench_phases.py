@@ -11,14 +11,18 @@ A neighbour on one side of an antiphase boundary at a drawn angle and away from 
 which no rotation or mirror relates; 512 or 1024 px), and ``--n // 6`` pairs of grains of one
 lattice (``atomds.datasets.grain_boundary`` with ``second`` the same lattice, hexagonal or square,
 misoriented by 10-45 degrees, meeting along a sharp boundary at a drawn angle; 512 px), each group
-drawn after the ones before so that their draws stay as they were. Each is analysed with the defaults
+drawn after the ones before so that their draws stay as they were; then ``--n // 4`` single crystals
+(hexagonal, perovskite, polar or honeycomb) recorded with a slow-scan distortion
+(``atomds.datasets.scan_distorted``: drift shear +-3 %, a wobble of 0-1.5 px with a period of
+100-600 lines, line jitter 0-0.3 px). Each is analysed with the defaults
 (``atomds.analyze``, pixel size given), and the number of regions (phases) is reported: the target
 is 1 on every image.
 
 Two-phase images (``atomds.datasets.two_phase``: a hexagonal matrix, a rotated grain of another
 lattice (square; honeycomb or kagome: the matrix with an ordered third or quarter of its sites empty;
 or the matrix's own lattice rotated, which is the matrix's phase: its labels are merged), a disordered
-band between them of width 2-4 spacings), drawn the same way: adjusted Rand index of ``region``
+band between them of width 2-4 spacings), drawn the same way, the last ``max(3, n_two // 2)`` of them
+recorded with a scan distortion drawn as above: adjusted Rand index of ``region``
 against the true phases (target >= 0.9) and F1 of the best region against the band's atoms (target
 >= 0.8).
 
@@ -28,6 +32,7 @@ The "Phases: one when there is one" section of benchmarks/RESULTS.md is replaced
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -75,7 +80,33 @@ def draw_cases(n: int, master: int = MASTER_SEED) -> list[dict]:
             lattice=str(rng.choice(["hexagonal", "square"])), misorientation=float(rng.uniform(10, 45)),
             seed=int(rng.integers(2**31)), index=n + n_two + n // 4 + i,
         ))
+    start = n + n_two + n // 4 + n // 6
+    for i in range(n // 4):  # single crystals recorded with a slow-scan distortion
+        cases.append(dict(
+            group="single", kind="scanned", lattice=str(rng.choice(["hexagonal", "perovskite", "polar", "honeycomb"])),
+            dose=float(np.exp(rng.uniform(np.log(500), np.log(16000)))), angle=float(rng.uniform(0, 90)),
+            shape=1024 if rng.uniform() < 0.2 else 512, sigma=float(rng.uniform(1.6, 2.6)), **_scan_draw(rng),
+            seed=int(rng.integers(2**31)), index=start + i,
+        ))
+    for i in range(max(3, n_two // 2)):  # two-phase images so recorded
+        cases.append(dict(
+            group="two_phase", kind="two_phase", dose=float(np.exp(rng.uniform(np.log(1000), np.log(8000)))),
+            angle=float(rng.uniform(0, 60)), boundary_width=float(rng.choice([2.0, 3.0, 4.0])),
+            grain=str(rng.choice(["square", "hexagonal", "sqrt3", "2x2"])), **_scan_draw(rng),
+            seed=int(rng.integers(2**31)), index=start + n // 4 + i,
+        ))
     return cases
+
+
+def _scan_draw(rng) -> dict:
+    """A slow-scan distortion: drift shear +-3 %, a wobble of 0-1.5 px with a period of 100-600
+    lines, line jitter 0-0.3 px (:func:`atomds.datasets.scan_distorted`)."""
+    return dict(shear=float(rng.uniform(-0.03, 0.03)), amplitude=float(rng.uniform(0.0, 1.5)),
+                period=float(rng.uniform(100, 600)), phase=float(rng.uniform(0, 2 * np.pi)),
+                jitter=float(rng.uniform(0.0, 0.3)))
+
+
+_SCAN_KEYS = ("shear", "amplitude", "period", "phase", "jitter")
 
 
 def run_case(case: dict) -> dict:
@@ -90,6 +121,9 @@ def run_case(case: dict) -> dict:
                   second=case["lattice"], misorientation=case["misorientation"], boundary_angle=case["angle"],
                   boundary_width=0.0)
         make = atomds.datasets.grain_boundary
+    elif case["kind"] == "scanned":
+        kw.update(shape=case["shape"], sigma=case["sigma"], **{k: case[k] for k in _SCAN_KEYS})
+        make = functools.partial(atomds.datasets.scan_distorted, case["lattice"])
     elif case["group"] == "single":
         kw.update(shape=case["shape"], sigma=case["sigma"])
         if case["kind"] == "honeycomb":
@@ -103,6 +137,9 @@ def run_case(case: dict) -> dict:
         else:  # the matrix lattice with an ordered third (honeycomb) or quarter (kagome) of its sites empty
             kw.update(vacancy_grain=True, vacancy_pattern=case["grain"])
         make = atomds.datasets.two_phase
+        if "shear" in case:
+            kw.update({k: case[k] for k in _SCAN_KEYS})
+            make = functools.partial(atomds.datasets.scan_distorted, "two_phase")
     ds = make(**kw)
     t0 = time.perf_counter()
     try:
@@ -141,7 +178,7 @@ def report(results: list[dict], args) -> str:
     lines.append("")
     lines.append("| kind | images | 1 phase | clusters (median, max) | sizes |")
     lines.append("| --- | --- | --- | --- | --- |")
-    for kind in ("hexagonal", "perovskite", "polar", "honeycomb", "grains"):
+    for kind in ("hexagonal", "perovskite", "polar", "honeycomb", "grains", "scanned"):
         rs = [r for r in ok if r["kind"] == kind]
         if not rs:
             continue
@@ -154,18 +191,19 @@ def report(results: list[dict], args) -> str:
         lines += ["", "Images not analysed as one phase:", ""]
         for r in bad:
             what = r.get("error") or f"{r['regions']} regions"
-            lines.append(f"- {r['kind']} {r['shape']} px, dose {r['dose']:.0f}, angle {r['angle']:.1f}, "
+            kind = f"{r['kind']} ({r['lattice']}, {_scan_text(r)})" if r["kind"] == "scanned" else r["kind"]
+            lines.append(f"- {kind} {r['shape']} px, dose {r['dose']:.0f}, angle {r['angle']:.1f}, "
                          f"sigma {r['sigma']:.2f}, seed {r['seed']}: {what}")
     lines += ["", "Two-phase images (matrix, rotated grain, disordered band):", "",
-              "| band width (spacings) | grain | dose | seed | regions | ARI | band F1 |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              "| band width (spacings) | grain | dose | scan | seed | regions | ARI | band F1 |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in two:
+        head = (f"| {r['boundary_width']:.0f} | {r['grain']} | {r['dose']:.0f} | "
+                f"{_scan_text(r) if 'shear' in r else '-'} | {r['seed']} | ")
         if "error" in r:
-            lines.append(f"| {r['boundary_width']:.0f} | {r['grain']} | {r['dose']:.0f} | {r['seed']} | "
-                         f"error: {r['error']} | | |")
+            lines.append(head + f"error: {r['error']} | | |")
         else:
-            lines.append(f"| {r['boundary_width']:.0f} | {r['grain']} | {r['dose']:.0f} | {r['seed']} | "
-                         f"{r['regions']} | {r['ari']:.3f} | {r['band_f1']:.2f} |")
+            lines.append(head + f"{r['regions']} | {r['ari']:.3f} | {r['band_f1']:.2f} |")
     good = [r for r in two if "error" not in r]
     if good:
         lines.append("")
@@ -175,6 +213,12 @@ def report(results: list[dict], args) -> str:
     lines += ["", "Single-phase seeds (kind, size, seed): " + "; ".join(
         f"{r['kind']} {r['shape']} {r['seed']}" for r in single), ""]
     return "\n".join(lines)
+
+
+def _scan_text(r: dict) -> str:
+    slope = abs(r["shear"]) + 2 * np.pi * r["amplitude"] / r["period"]
+    return (f"shear {100 * r['shear']:+.1f} %, wobble {r['amplitude']:.2f} px / {r['period']:.0f} lines, jitter "
+            f"{r['jitter']:.2f} px, max shear {100 * slope:.1f} %")
 
 
 def main(argv=None):

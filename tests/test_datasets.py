@@ -698,3 +698,36 @@ def test_species_samples_and_their_dark_counterparts(name):
         datasets.load(name, contrast="grey", **SMALL[name])
     if name == "tmd":
         assert "true_vacuum" in bright and bool(bright.true_vacuum.any())
+
+
+def test_scan_distorted_moves_the_image_and_its_truth_alike():
+    """The scanned sample is the plain one with each row resampled: the columns sit where true_x says
+    (a peak at every true column), and the truth moved by the rows' shifts."""
+    plain = datasets.hexagonal(shape=256, seed=4)
+    ds = datasets.scan_distorted("hexagonal", shape=256, seed=4, shear=0.0, amplitude=2.0, period=100.0, jitter=0.0)
+    assert ds.sizes["true_atom"] > 100
+    assert ds.attrs["sample_params"] and "scan" in json.loads(ds.attrs["sample_params"])
+    ps = float(ds.attrs["pixel_size"])
+    # same rows of truth, x moved by up to the amplitude
+    it, jf = datasets.match_positions(np.c_[plain.true_x.values, plain.true_y.values],
+                                      np.c_[ds.true_x.values, ds.true_y.values], 3 * ps)
+    dx = (ds.true_x.values[jf] - plain.true_x.values[it]) / ps
+    assert np.allclose(ds.true_y.values[jf], plain.true_y.values[it]) and 1.5 < np.abs(dx).max() <= 2.0
+    # each true column is the brightest pixel within a pixel of itself in the noise-free sense: the
+    # smoothed image peaks there
+    from scipy.ndimage import gaussian_filter
+
+    img = gaussian_filter(ds.image.values.astype(float), 1.5)
+    ix, iy = np.rint(ds.true_x.values / ps).astype(int), np.rint(ds.true_y.values / ps).astype(int)
+    inner = (ix > 3) & (iy > 3) & (ix < 252) & (iy < 252)
+    local = np.array([img[y - 2:y + 3, x - 2:x + 3].argmax() for x, y in zip(ix[inner], iy[inner])])
+    assert np.mean(np.abs(local // 5 - 2) + np.abs(local % 5 - 2) <= 1) > 0.95
+
+
+def test_scan_distorted_refuses_what_it_cannot_scan():
+    with pytest.raises(InvalidParameterError, match="unknown sample"):
+        datasets.scan_distorted("nanoparticle")
+    with pytest.raises(InvalidParameterError, match="scan_distorted"):
+        datasets.scan_distorted("hexagonal", bogus=1)
+    with pytest.raises(InvalidParameterError, match="period"):
+        datasets.scan_distorted("hexagonal", shape=64, period=0.0)

@@ -499,6 +499,37 @@ def test_a_lattice_distorted_by_the_scan_is_one_phase(seed, lattice, shear, wobb
     assert out.sizes["region_id"] == 1, json.loads(out.attrs["regions_params"])
 
 
+@pytest.mark.parametrize("sample, seed, dose, angle, period", [("hexagonal", 0, 5821.77, 16.1872, 92.0487),
+                                                              ("perovskite", 1, 5070.93, 57.0278, 97.208)])
+def test_analyze_takes_the_scan_distortion_out_of_the_phases(sample, seed, dose, angle, period):
+    """A crystal scanned with a drift shear and a mains wobble (1 px, a period of 7-8 rows of
+    columns, jitter): its rows are sheared by up to 5 % in turn, and the neighbourhoods of the atoms
+    as found fall into stripes along the scan lines, two regions. analyze measures the lines'
+    shifts from the atoms (scan_distortion) and builds the phase table without them: one phase.
+    The shifts are those the image was scanned with."""
+    import atomds
+    from atomds.pipeline import _parent_structure
+
+    ds = datasets.scan_distorted(sample, shape=384, dose=dose, sigma=1.8, angle=angle, shear=0.02, amplitude=1.0,
+                                 period=period, jitter=0.15, seed=seed)
+    out = atomds.analyze(ds)
+    rec = json.loads(out.attrs["scan_distortion_params"])
+    assert rec["corrected"] and 0.03 < rec["shear"] < 0.08, rec
+    assert out.sizes["region_id"] == 1, json.loads(out.attrs["regions_params"])
+    # the same atoms without the correction: two phases (the image is a hard one)
+    table = _parent_structure(out).lcx.neighborhoods(k=6, descriptor="phase").lcx.linkage()
+    assert table.lcx.kmeans(table.lcx.suggest_k()).lcx.regions().sizes["region_id"] == 2, "no longer a hard image"
+    # the measured shifts against the true ones (true_dx: the shift each column is seen with), less
+    # a straight line (a constant shear is the median lattice's own)
+    ps = float(ds.attrs["pixel_size"])
+    it, jf = datasets.match_positions(np.c_[ds.true_x.values, ds.true_y.values], np.c_[out.atom_x.values, out.atom_y.values],
+                                      2 * ps)
+    y, d = ds.true_y.values[it], out.scan_shift_x.values[jf] - ds.true_dx.values[it]
+    A = np.c_[np.ones_like(y), y]
+    resid = d - A @ np.linalg.lstsq(A, d, rcond=None)[0]
+    assert np.sqrt(np.mean(resid**2)) / ps < 0.15  # px, of a 1 px wobble
+
+
 def test_gradual_contacts_tell_a_gradient_from_an_interface():
     from atomds.core.regions import gradual_contacts
 

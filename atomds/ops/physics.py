@@ -14,12 +14,13 @@ import numpy as np
 import xarray as xr
 
 from ..core import polarization as cpol
+from ..core import scan_distortion as cscan
 from ..core import strain as cstrain
 from ..errors import InvalidParameterError
 from ..params import record_params
 from ._common import annotate, length_units, pixel_size, require_vars
 
-__all__ = ["strain", "polarization", "usable_atoms"]
+__all__ = ["strain", "scan_distortion", "polarization", "usable_atoms"]
 
 #: Atoms closer to the image border than this many column widths (sigma) are not used: their
 #: Gaussian is cut by the border and their fitted position is biased beyond its error.
@@ -151,6 +152,51 @@ def strain(ds: xr.Dataset, reference: Any = None, radius: float | None = None) -
              pixel_size=ps, atoms_used=int(use.sum()), border_sigmas=BORDER_SIGMAS,
              errors="propagated from x_err, y_err" if xe is not None else "none (refine() first)"),
     )
+
+
+def scan_distortion(ds: xr.Dataset) -> xr.Dataset:
+    """The slow-scan distortion of the image, measured from its atoms: each atom's scan-line shift.
+
+    Every scan line (row of pixels) of a STEM or STM image is recorded displaced by its own
+    amount, by drift, mains pick-up or the settling of the scan coils; a crystal then shows a
+    shear along the lines and a stretch across them that change from line to line. They are
+    read from the local lattice of the atoms (:func:`atomds.core.scan_distortion.scan_shifts`:
+    the median over each line of the shear ``H_xy`` and stretch ``H_yy`` of the atoms that agree
+    with most of the image in ``H_xx`` and ``H_yx``), used only where they stand out of the
+    noise, and integrated along ``y``.
+
+    Subtract the shifts to see the atoms as the specimen holds them:
+    ``ds.assign(atom_x=ds.atom_x - ds.scan_shift_x, atom_y=ds.atom_y - ds.scan_shift_y)``.
+    :func:`atomds.analyze` does so for its phases (a crystal scanned with a wobble is one phase,
+    not stripes of two). Strain maps keep what the image shows.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``ds`` with ``scan_shift_x`` and ``scan_shift_y`` along ``atom`` (length units; zero where
+        no distortion was significant) and ``scan_distortion_params``: ``shear`` and ``stretch``
+        (the largest line-to-line shear ``|f'(y)|`` and stretch ``|g'(y)|`` removed in the first
+        round), their ``significance`` (mean square z of lines apart) and the threshold, the
+        ``rounds`` used and ``corrected`` (whether anything moved).
+    """
+    require_vars(ds, ["atom_x", "atom_y"], step="scan_distortion()", hint="find_atoms()")
+    xe, ye = _errors(ds)
+    sub = np.asarray(ds["sublattice"].values) if "sublattice" in ds.variables else None
+    res = cscan.scan_shifts(ds["atom_x"].values, ds["atom_y"].values, xe, ye, sublattice=sub,
+                            usable=usable_atoms(ds))
+    units = length_units(ds)
+    out = ds.assign(
+        scan_shift_x=annotate(xr.DataArray(res["shift_x"], dims=("atom",)), units, "x shift of the atom's scan line"),
+        scan_shift_y=annotate(xr.DataArray(res["shift_y"], dims=("atom",)), units, "y shift of the atom's scan line"),
+    )
+    info = {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+            for k, v in res.items() if not k.startswith("shift_")}
+    return record_params(out, "scan_distortion", dict(
+        info, min_significance=cscan.MIN_SIGNIFICANCE, corrected=bool(res["rounds"] > 0),
+        max_shift_x=float(np.nanmax(np.abs(res["shift_x"]))) if np.isfinite(res["shift_x"]).any() else 0.0,
+        max_shift_y=float(np.nanmax(np.abs(res["shift_y"]))) if np.isfinite(res["shift_y"]).any() else 0.0,
+        units=units,
+    ))
 
 
 def _strain_names() -> list[str]:

@@ -55,6 +55,7 @@ from .nanoparticle import nanoparticle_sample
 from .particle import THICKNESS_PROFILES, cross_section_law, particle_sample
 from .perovskite import perovskite_sample, polar_sample
 from .render import add_noise, render_columns, smooth_background
+from .scan import scan_distorted, scan_line_shifts
 from .scoring import default_max_distance, match_positions, score_positions
 from .species import dark_sample, honeycomb_sample, perovskite110_sample, tmd_sample
 from .spectra import energy_axis, phase_spectra, spectrum_cube, spectrum_grid
@@ -106,6 +107,8 @@ __all__ = [
     "score_sweep",
     "sweep_sample",
     "sweep_seeds",
+    "scan_distorted",
+    "scan_line_shifts",
 ]
 
 #: The samples of :mod:`atomds.datasets` (``datasets.load(name)``), in the order listed.

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.ndimage import map_coordinates
 
 from ...errors import InvalidParameterError
 from ..crb import crb_gaussian
@@ -41,6 +40,7 @@ from .base import Sample, replace
 from .compose import render_sample
 from .lattice import atom_table, inside_image, lattice_sites
 from .render import RENDER_REACH, add_noise, smooth_background
+from .scan import row_shifted, seen_shift
 from .scoring import match_positions
 
 __all__ = [
@@ -339,20 +339,6 @@ def _hole_px(shape: tuple[int, int], hole: list) -> tuple[float, float, float]:
     return fx * (nx - 1), fy * (ny - 1), r * min(nx, ny)
 
 
-def _row_shift(expected: np.ndarray, shifts: np.ndarray) -> np.ndarray:
-    """Each row ``i`` of ``expected`` as scanned ``shifts[i]`` px further along +x (cubic spline)."""
-    ny, nx = expected.shape
-    yy, xx = np.mgrid[0:ny, 0:nx].astype(float)
-    return map_coordinates(expected, [yy, xx - shifts[:, None]], order=3, mode="nearest")
-
-
-def _seen_shift(y: np.ndarray, sigma: np.ndarray, shifts: np.ndarray) -> np.ndarray:
-    """The x shift a column at row ``y`` of width ``sigma`` appears with: its rows' shifts, weighted by its profile."""
-    rows = np.arange(shifts.size, dtype=float)
-    w = np.exp(-0.5 * ((rows[None, :] - y[:, None]) / sigma[:, None]) ** 2)
-    return (w * shifts[None, :]).sum(axis=1) / np.maximum(w.sum(axis=1), 1e-300)
-
-
 def _atoms(p: dict[str, Any], geom: np.random.Generator) -> dict[str, np.ndarray]:
     """The atom table of the drawn lattice (columns within the render reach outside the image too)."""
     shape = tuple(p["shape"])
@@ -416,13 +402,13 @@ def render_sweep(params: dict[str, Any]) -> SweepSample:
     ny = shape[0]
     shifts = extra.normal(0.0, p["jitter"], ny) if p["jitter"] > 0 else np.zeros(ny)
     if p["jitter"] > 0:
-        expected = _row_shift(expected, shifts)
+        expected = row_shifted(expected, shifts)
     image = add_noise(expected, read_noise=p["read_noise"], seed=noise)
     n_hot = int(round(p["hot_density"] * image.size))
     if n_hot:
         idx = extra.choice(image.size, n_hot, replace=False)
         image.flat[idx] = p["hot_level"] * image.max()
-    seen = _seen_shift(base.y, base.sigma, shifts)
+    seen = seen_shift(base.y, base.sigma, shifts)
     x = base.x + seen
     keep = inside_image(x, base.y, shape)
     iy = np.clip(np.rint(base.y[keep]).astype(int), 0, shape[0] - 1)
