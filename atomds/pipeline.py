@@ -190,7 +190,7 @@ def refine(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
 
 def maps(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
     """Physical maps with errors: local strain against the image's median lattice, the slow-scan
-    distortion (``scan_shift_x``/``scan_shift_y``, which the phases stage removes), and, on images
+    distortion (``scan_shift_x``, which the phases stage removes), and, on images
     of two or more sublattices, the polarisation of the displaced one (skipped, with the reason
     recorded in ``polarization_params``, when no sublattice pair forms cages)."""
     if ds.sizes.get("atom", 0) < 3:
@@ -229,7 +229,7 @@ def phases(ds: xr.Dataset, params: AnalysisParams) -> xr.Dataset:
     (``neighborhoods`` drops every earlier neighbour-derived result), so this stage gives the same
     result wherever it runs after ``refine``.
 
-    Where the maps stage measured a slow-scan distortion (``scan_shift_x``/``scan_shift_y``,
+    Where the maps stage measured a slow-scan distortion (``scan_shift_x``,
     :func:`atomds.ops.physics.scan_distortion`), the table is built from the positions with it
     removed: scanned with a wobble, one crystal's rows are sheared by a few per cent in turn and
     its neighbourhoods fall into stripes along the scan lines (5 of 60 generated single-phase
@@ -301,9 +301,9 @@ def _unscanned(ds: xr.Dataset) -> xr.Dataset:
     """``ds`` with the scan distortion the maps stage measured subtracted from its positions (as it
     is where none was: ``scan_distortion_params`` says ``corrected``)."""
     rec = step_params(ds, "scan_distortion") or {}
-    if not rec.get("corrected") or not {"scan_shift_x", "scan_shift_y"} <= set(ds.variables):
+    if not rec.get("corrected") or "scan_shift_x" not in ds.variables:
         return ds
-    return ds.assign(atom_x=ds["atom_x"] - ds["scan_shift_x"], atom_y=ds["atom_y"] - ds["scan_shift_y"])
+    return ds.assign(atom_x=ds["atom_x"] - ds["scan_shift_x"])
 
 
 def _polarization_of(ds: xr.Dataset) -> dict[str, Any] | None:

@@ -189,9 +189,8 @@ def _summary_rows(ds: xr.Dataset, source: str | None) -> list[tuple[str, str]]:
     rec = step_params(ds, "scan_distortion") or {}
     if rec.get("corrected"):
         rows.append(("scan distortion (removed for the phases, kept in the strain maps)",
-                     f"shear along the scan lines up to {100 * float(rec.get('shear', 0.0)):.2g} %, stretch across them "
-                     f"up to {100 * float(rec.get('stretch', 0.0)):.2g} %, line shifts up to "
-                     f"{float(rec.get('max_shift_x', 0.0)):.3g} {rec.get('units', '')} along x"))
+                     f"shear along the scan lines up to {100 * float(rec.get('shear', 0.0)):.2g} %, line shifts up to "
+                     f"{float(rec.get('max_shift_x', 0.0)):.3g} {rec.get('units', '')}"))
     if "polarization_x" in ds.variables:
         px, py = np.asarray(ds["polarization_x"].values, float), np.asarray(ds["polarization_y"].values, float)
         mag = np.hypot(px, py)

@@ -1,23 +1,24 @@
-"""Slow-scan distortion measured from the atoms: the shifts each scan line was recorded with.
+"""Slow-scan distortion measured from the atoms: the shift each scan line was recorded with.
 
 A STEM or STM image is scanned line by line: x along a line (fast), y from line to line (slow).
 Drift, mains pick-up and the settling of the scan coils move the probe between lines, so that
-every line ``y`` of the image is displaced by its own ``(f(y), g(y))`` against the specimen. In
+every line ``y`` of the image is displaced along it by its own ``f(y)`` against the specimen. In
 the atoms this is a local deformation that depends on ``y`` alone: the deformation gradient of a
-column's neighbourhood is ``F = [[1, f'(y)], [0, 1 + g'(y)]]``, a shear along the scan lines and a
-stretch across them. Everything else that deforms a lattice (strain, rotation, a second phase)
-shows in ``F_xx`` or ``F_yx`` too, or varies along ``x``.
+column's neighbourhood is ``F = [[1, f'(y)], [0, 1]]``, a shear along the scan lines. Everything
+else that deforms a lattice (strain, rotation, a second phase) shows in ``F_xx`` or ``F_yx`` too,
+or varies along ``x``.
 
-So the profiles ``f'(y)`` and ``g'(y)`` are read from the local strain of every atom
-(:func:`atomds.core.strain.local_strain`, against the lattice of the atoms that agree with most
-of the image, below; a second pass against them where the image's median lattice was none of its grains'): ``H = F - I`` with ``H_xy = exy - rotation`` and
-``H_yy = eyy``, as the median over the atoms within one nearest-column distance of each line,
-among the atoms whose ``H_xx`` and ``H_yx`` are those of most of the image (within 3 standard
-deviations of their noise, measured between nearest neighbours, of their most common value: a
-grain of another phase or orientation is left out). Integrated along ``y``, they
-give the shift of each atom's line; the shifts are re-measured on the corrected positions for a
-few rounds (:data:`ROUNDS`), because a median over a window of two rows of atoms flattens a
-wobble of a few rows' period.
+So ``f'(y)`` is read from the local strain of every atom
+(:func:`atomds.core.strain.local_strain`): ``H = F - I``, ``H_xy = exy - rotation``, as the median
+over the atoms within one nearest-column distance of each line, among the atoms whose ``H_xx``
+and ``H_yx`` are those of most of the image (within 3 standard deviations of their noise,
+measured between nearest neighbours, of their most common value: a grain of another phase or
+orientation is left out; the strain is measured a second time against those atoms, because the
+median lattice of an image of two grains can be neither's). Integrated along ``y``, it gives the
+shift of each atom's line; the shifts are measured again on the corrected positions for a few
+rounds (:data:`ROUNDS`), because a median over a window of two rows of atoms flattens a wobble
+of a few rows' period. Lines with too few such atoms get the profile interpolated between
+measured ones and none beyond them (the shift stays that of the last measured line).
 
 A profile is used only where it stands out of its noise (:func:`row_profile`'s significance):
 lines far apart (two nearest-column distances) are compared with the scatter of medians taken
@@ -27,9 +28,13 @@ image with no scan distortion the positions are left as they are.
 
 This is what the phase statistics need (:func:`atomds.pipeline.phases`): a crystal scanned with a
 wobble is one lattice whose rows are sheared by a few per cent in turn, and its neighbourhoods,
-clustered as they are, form stripes along the scan lines that look like two phases. A real
-interface that runs exactly along a scan line between two phases related by a pure shear along
-it would be taken for a scan distortion; no other interface is.
+clustered as they are, form stripes along the scan lines that look like two phases.
+
+Limits. The scan lines are the image's rows. A change of the line spacing (the stretch ``g'(y)``
+across the lines that a varying drift along ``y`` gives) is not corrected: an epitaxial film on
+a substrate, imaged as usual with the interface along the rows, differs from it in just that
+(its ``c/a``), and would be made the substrate's phase. An interface along a scan line between
+two phases related by a pure shear along it (as twin variants are) is taken for the scan.
 
 Lengths are in the unit of the positions. Pure NumPy; the xarray layer is
 :func:`atomds.ops.physics.scan_distortion`.
@@ -44,10 +49,10 @@ from .strain import _groups, _nearest_distance, local_strain
 
 __all__ = ["ROUNDS", "MIN_SIGNIFICANCE", "row_profile", "scan_shifts"]
 
-#: Rounds of measuring the profiles and correcting the positions (each round measures what the
+#: Rounds of measuring the profile and correcting the positions (each round measures what the
 #: last left; a wobble of period eight rows of atoms keeps a third of its shear after one round).
 ROUNDS = 3
-#: A profile is used where the mean square of its lines' deviations, in units of their standard
+#: The profile is used where the mean square of its lines' deviations, in units of their standard
 #: errors, is at least this: about 1 for noise (Student's t with 7 degrees of freedom: 1.4), tens
 #: to thousands for the scan distortions of generated images (shears of 1-8 %).
 MIN_SIGNIFICANCE = 25.0
@@ -168,7 +173,7 @@ def _integral(grid: np.ndarray, slope: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def scan_shifts(x, y, x_err=None, y_err=None, *, sublattice=None, usable=None, rounds: int = ROUNDS,
                 min_significance: float = MIN_SIGNIFICANCE) -> dict:
-    """The displacement of each atom's scan line, measured from the atoms' local lattices.
+    """The displacement along x of each atom's scan line, measured from the atoms' local lattices.
 
     Parameters
     ----------
@@ -183,39 +188,38 @@ def scan_shifts(x, y, x_err=None, y_err=None, *, sublattice=None, usable=None, r
     rounds : int
         Rounds of measuring and correcting (:data:`ROUNDS`).
     min_significance : float
-        A profile is used where its significance reaches this (:data:`MIN_SIGNIFICANCE`).
+        The profile is used where its significance reaches this (:data:`MIN_SIGNIFICANCE`).
 
     Returns
     -------
     dict
-        ``shift_x``, ``shift_y`` (n,): the displacement of each atom by the scan (subtract it to
-        undo the distortion; zero where none was significant; NaN at NaN positions);
-        ``shear`` and ``stretch``: the largest ``|f'(y)|`` and ``|g'(y)|`` corrected;
-        ``significance_shear`` and ``significance_stretch`` of the first round; ``rounds`` used.
+        ``shift_x`` (n,): the displacement of each atom along x by the scan (subtract it to undo
+        the distortion; zero where none was significant; NaN at NaN positions); ``shear``: the
+        largest ``|f'(y)|`` (against the image's median) corrected in the first round;
+        ``significance`` of the first round (NaN where too few lines could be judged); ``rounds``
+        used.
     """
     x = np.asarray(x, dtype=np.float64).ravel()
     y = np.asarray(y, dtype=np.float64).ravel()
     n = x.size
     sx = np.zeros(n)
-    sy = np.zeros(n)
-    info: dict = {"shear": 0.0, "stretch": 0.0, "significance_shear": float("nan"),
-                  "significance_stretch": float("nan"), "rounds": 0}
+    info: dict = {"shear": 0.0, "significance": float("nan"), "rounds": 0}
     pos = np.column_stack([x, y])
     finite = np.isfinite(pos).all(axis=1)
     # fewer atoms than a profile needs: nothing to measure
     spacing = _nearest_distance(pos, _groups(None, n)) if finite.sum() >= 2 * _STRETCHES * _MIN_PER_STRETCH else np.nan
     if not np.isfinite(spacing):
-        return {"shift_x": np.where(np.isfinite(x), sx, np.nan), "shift_y": np.where(np.isfinite(y), sy, np.nan), **info}
+        return {"shift_x": np.where(np.isfinite(x), sx, np.nan), **info}
     nearest = np.full(n, -1, dtype=np.int64)
     idx = np.flatnonzero(finite)
     nearest[idx] = idx[cKDTree(pos[idx]).query(pos[idx], k=2)[1][:, 1]]
     reference = None
     for r in range(int(rounds)):
         for _ in range(2 if reference is None else 1):
-            s = local_strain(x - sx, y - sy, x_err, y_err, sublattice=sublattice, usable=usable, reference=reference)
+            s = local_strain(x - sx, y, x_err, y_err, sublattice=sublattice, usable=usable, reference=reference)
             hxy = s["exy"] - s["lattice_rotation"]
             hyx = s["exy"] + s["lattice_rotation"]
-            fin = np.isfinite(hxy) & np.isfinite(s["eyy"]) & np.isfinite(s["exx"])
+            fin = np.isfinite(hxy) & np.isfinite(s["exx"])
             # the reference's own atoms set the value (once measured against it, the mode can be
             # another grain's of about as many atoms)
             use = _dominant(s["exx"], fin, nearest, reference) & _dominant(hyx, fin, nearest, reference)
@@ -223,18 +227,13 @@ def scan_shifts(x, y, x_err=None, y_err=None, *, sublattice=None, usable=None, r
                 # the image's median lattice can be none of its grains' (two grains misoriented by 8
                 # degrees: bonds of both in one reference): measured again against the atoms that agree
                 reference = use if use.sum() >= 2 * _STRETCHES * _MIN_PER_STRETCH else np.ones(n, dtype=bool)
-        yc = y - sy
-        moved = False
-        for name, h, shift in (("shear", hxy, sx), ("stretch", s["eyy"], sy)):
-            p = row_profile(x - sx, yc, h, spacing, use=use)
-            if r == 0:
-                info[f"significance_{name}"] = p["significance"]
-            if not (p["lines"] and p["significance"] >= min_significance):
-                continue
-            shift += _integral(p["grid"], p["profile"], yc)
-            info[name] = max(info[name], float(np.max(np.abs(p["profile"]))))
-            moved = True
-        if not moved:
+        p = row_profile(x - sx, y, hxy, spacing, use=use)
+        if r == 0:
+            info["significance"] = p["significance"]
+        if not (p["lines"] and p["significance"] >= min_significance):
             break
+        sx += _integral(p["grid"], p["profile"], y)
+        if r == 0:
+            info["shear"] = float(np.max(np.abs(p["profile"])))
         info["rounds"] = r + 1
-    return {"shift_x": np.where(np.isfinite(x), sx, np.nan), "shift_y": np.where(np.isfinite(y), sy, np.nan), **info}
+    return {"shift_x": np.where(np.isfinite(x), sx, np.nan), **info}

@@ -157,27 +157,27 @@ def strain(ds: xr.Dataset, reference: Any = None, radius: float | None = None) -
 def scan_distortion(ds: xr.Dataset) -> xr.Dataset:
     """The slow-scan distortion of the image, measured from its atoms: each atom's scan-line shift.
 
-    Every scan line (row of pixels) of a STEM or STM image is recorded displaced by its own
-    amount, by drift, mains pick-up or the settling of the scan coils; a crystal then shows a
-    shear along the lines and a stretch across them that change from line to line. They are
-    read from the local lattice of the atoms (:func:`atomds.core.scan_distortion.scan_shifts`:
-    the median over each line of the shear ``H_xy`` and stretch ``H_yy`` of the atoms that agree
-    with most of the image in ``H_xx`` and ``H_yx``), used only where they stand out of the
-    noise, and integrated along ``y``.
+    Every scan line (row of pixels) of a STEM or STM image is recorded displaced along it by its
+    own amount, by drift, mains pick-up or the settling of the scan coils; a crystal then shows a
+    shear along the lines that changes from line to line. It is read from the local lattice of
+    the atoms (:func:`atomds.core.scan_distortion.scan_shifts`: the median over each line of the
+    shear ``H_xy`` of the atoms that agree with most of the image in ``H_xx`` and ``H_yx``), used
+    only where it stands out of the noise, and integrated along ``y``. A change of the line
+    spacing is not corrected (it would make an epitaxial film its substrate's phase).
 
     Subtract the shifts to see the atoms as the specimen holds them:
-    ``ds.assign(atom_x=ds.atom_x - ds.scan_shift_x, atom_y=ds.atom_y - ds.scan_shift_y)``.
-    :func:`atomds.analyze` does so for its phases (a crystal scanned with a wobble is one phase,
-    not stripes of two). Strain maps keep what the image shows.
+    ``ds.assign(atom_x=ds.atom_x - ds.scan_shift_x)``. :func:`atomds.analyze` does so for its
+    phases (a crystal scanned with a wobble is one phase, not stripes of two). Strain maps keep
+    what the image shows.
 
     Returns
     -------
     xarray.Dataset
-        ``ds`` with ``scan_shift_x`` and ``scan_shift_y`` along ``atom`` (length units; zero where
-        no distortion was significant) and ``scan_distortion_params``: ``shear`` and ``stretch``
-        (the largest line-to-line shear ``|f'(y)|`` and stretch ``|g'(y)|`` removed in the first
-        round), their ``significance`` (mean square z of lines apart) and the threshold, the
-        ``rounds`` used and ``corrected`` (whether anything moved).
+        ``ds`` with ``scan_shift_x`` along ``atom`` (length units; zero where no distortion was
+        significant) and ``scan_distortion_params``: ``shear`` (the largest line-to-line shear
+        ``|f'(y)|`` against the image's median, first round), its ``significance`` (mean square
+        z of lines apart) and the threshold, the ``rounds`` used, ``corrected`` (whether anything
+        moved) and ``max_shift_x``.
     """
     require_vars(ds, ["atom_x", "atom_y"], step="scan_distortion()", hint="find_atoms()")
     xe, ye = _errors(ds)
@@ -185,17 +185,13 @@ def scan_distortion(ds: xr.Dataset) -> xr.Dataset:
     res = cscan.scan_shifts(ds["atom_x"].values, ds["atom_y"].values, xe, ye, sublattice=sub,
                             usable=usable_atoms(ds))
     units = length_units(ds)
-    out = ds.assign(
-        scan_shift_x=annotate(xr.DataArray(res["shift_x"], dims=("atom",)), units, "x shift of the atom's scan line"),
-        scan_shift_y=annotate(xr.DataArray(res["shift_y"], dims=("atom",)), units, "y shift of the atom's scan line"),
-    )
-    info = {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
-            for k, v in res.items() if not k.startswith("shift_")}
+    shift = res["shift_x"]
+    out = ds.assign(scan_shift_x=annotate(xr.DataArray(shift, dims=("atom",)), units, "x shift of the atom's scan line"))
+    sig = res["significance"]
     return record_params(out, "scan_distortion", dict(
-        info, min_significance=cscan.MIN_SIGNIFICANCE, corrected=bool(res["rounds"] > 0),
-        max_shift_x=float(np.nanmax(np.abs(res["shift_x"]))) if np.isfinite(res["shift_x"]).any() else 0.0,
-        max_shift_y=float(np.nanmax(np.abs(res["shift_y"]))) if np.isfinite(res["shift_y"]).any() else 0.0,
-        units=units,
+        shear=res["shear"], significance=sig if np.isfinite(sig) else None, rounds=res["rounds"],
+        min_significance=cscan.MIN_SIGNIFICANCE, corrected=bool(res["rounds"] > 0),
+        max_shift_x=float(np.nanmax(np.abs(shift))) if np.isfinite(shift).any() else 0.0, units=units,
     ))
 
 
