@@ -56,6 +56,9 @@ ROUNDS = 3
 #: errors, is at least this: about 1 for noise (Student's t with 7 degrees of freedom: 1.4), tens
 #: to thousands for the scan distortions of generated images (shears of 1-8 %).
 MIN_SIGNIFICANCE = 25.0
+#: Where this share of the atoms agrees with the image's median lattice, it is theirs (no second
+#: measurement against them).
+_ONE_LATTICE = 0.9
 #: The stretches of each line whose medians give the line's standard error.
 _STRETCHES = 8
 #: Fewest atoms in a stretch of a line (a line with fewer is not judged).
@@ -225,8 +228,11 @@ def scan_shifts(x, y, x_err=None, y_err=None, *, sublattice=None, usable=None, r
             use = _dominant(s["exx"], fin, nearest, reference) & _dominant(hyx, fin, nearest, reference)
             if reference is None:
                 # the image's median lattice can be none of its grains' (two grains misoriented by 8
-                # degrees: bonds of both in one reference): measured again against the atoms that agree
+                # degrees: bonds of both in one reference): measured again against the atoms that
+                # agree, unless nearly all do
                 reference = use if use.sum() >= 2 * _STRETCHES * _MIN_PER_STRETCH else np.ones(n, dtype=bool)
+                if use.sum() >= _ONE_LATTICE * fin.sum():
+                    break
         p = row_profile(x - sx, y, hxy, spacing, use=use)
         if r == 0:
             info["significance"] = p["significance"]
