@@ -20,11 +20,15 @@ rounds (:data:`ROUNDS`), because a median over a window of two rows of atoms fla
 of a few rows' period. Lines with too few such atoms get the profile interpolated between
 measured ones and none beyond them (the shift stays that of the last measured line).
 
-A profile is used only where it stands out of its noise (:func:`row_profile`'s significance):
-lines far apart (two nearest-column distances) are compared with the scatter of medians taken
-over separate stretches of the same lines (eight, ordered along ``x``). A real scan distortion
-moves a whole line alike; noise, and a grain or a strain field in part of a line, do not. On an
-image with no scan distortion the positions are left as they are.
+The profile is used only where it stands out of its noise and moves whole lines alike
+(:func:`row_profile`): lines far apart (two nearest-column distances) are compared with the
+scatter of medians taken over separate stretches of the same lines (eight, ordered along ``x``),
+and at least :data:`MIN_CONSISTENT` of the lines must have stretches that agree within
+:data:`CONSISTENT_SCATTER` standard errors of the atoms' noise. A real scan distortion moves a
+whole line alike; noise does not stand out, and a grain or a second phase that fills part of
+some lines (a sheared grain over 70 % of the width of half the lines, a film whose interface runs
+25-60 degrees off the rows, as a cold review built) makes their stretches disagree. On an image
+with no scan distortion the positions are left as they are.
 
 This is what the phase statistics need (:func:`atomds.pipeline.phases`): a crystal scanned with a
 wobble is one lattice whose rows are sheared by a few per cent in turn, and its neighbourhoods,
@@ -34,7 +38,8 @@ Limits. The scan lines are the image's rows. A change of the line spacing (the s
 across the lines that a varying drift along ``y`` gives) is not corrected: an epitaxial film on
 a substrate, imaged as usual with the interface along the rows, differs from it in just that
 (its ``c/a``), and would be made the substrate's phase. An interface along a scan line between
-two phases related by a pure shear along it (as twin variants are) is taken for the scan.
+two phases related by a pure shear along it (as twin variants are), filling whole lines on each
+side, is taken for the scan: the two are then one phase.
 
 Lengths are in the unit of the positions. Pure NumPy; the xarray layer is
 :func:`atomds.ops.physics.scan_distortion`.
@@ -44,10 +49,11 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.spatial import cKDTree
+from scipy.stats import trim_mean
 
 from .strain import _groups, _nearest_distance, local_strain
 
-__all__ = ["ROUNDS", "MIN_SIGNIFICANCE", "row_profile", "scan_shifts"]
+__all__ = ["ROUNDS", "MIN_SIGNIFICANCE", "CONSISTENT_SCATTER", "MIN_CONSISTENT", "row_profile", "scan_shifts"]
 
 #: Rounds of measuring the profile and correcting the positions (each round measures what the
 #: last left; a wobble of period eight rows of atoms keeps a third of its shear after one round).
@@ -56,6 +62,15 @@ ROUNDS = 3
 #: errors, is at least this: about 1 for noise (Student's t with 7 degrees of freedom: 1.4), tens
 #: to thousands for the scan distortions of generated images (shears of 1-8 %).
 MIN_SIGNIFICANCE = 25.0
+#: A line's stretches agree where the scatter of their 25 %-trimmed means is at most this many of
+#: their standard errors from the atoms' noise (measured between nearest neighbours; noise alone:
+#: a median of 0.9-1.2 and a 90th percentile of 1.4-1.7 on the unit tests' lattices, scan wobbles
+#: 0.3-0.5, where the gradient between rows raises the noise measured) ...
+CONSISTENT_SCATTER = 3.0
+#: ... and the profile is used only where this share of the lines agree.
+MIN_CONSISTENT = 0.8
+#: Efficiency of a 25 %-trimmed mean against the mean (normal noise).
+_TRIM_EFFICIENCY = 0.83
 #: Where this share of the atoms agrees with the image's median lattice, it is theirs (no second
 #: measurement against them).
 _ONE_LATTICE = 0.9
@@ -99,7 +114,7 @@ def _dominant(v: np.ndarray, fin: np.ndarray, nearest: np.ndarray, among=None) -
     return fin & (np.abs(v - m) <= 3.0 * s)
 
 
-def row_profile(x, y, values, spacing: float, *, use=None) -> dict:
+def row_profile(x, y, values, spacing: float, *, use=None, noise: float | None = None) -> dict:
     """The median of ``values`` along each line ``y``, smooth, and how far it stands out of noise.
 
     Parameters
@@ -113,14 +128,20 @@ def row_profile(x, y, values, spacing: float, *, use=None) -> dict:
         over the atoms within one ``spacing`` of the line.
     use : bool array (n,), optional
         Atoms that may enter (default: all with finite values).
+    noise : float, optional
+        Standard deviation of one atom's value from noise: a line's stretches then agree where
+        their scatter is at most :data:`CONSISTENT_SCATTER` standard errors (else: times that of
+        the quietest quarter of the lines).
 
     Returns
     -------
     dict
         ``grid`` (lines, increasing ``y``), ``profile`` (median minus the image's median, NaN-free:
-        lines with too few atoms are interpolated between measured ones and zero beyond them), ``significance`` (mean square of the deviations of
-        lines two ``spacing`` apart in units of their standard errors; NaN where fewer than four lines
-        could be judged) and ``lines`` (how many were judged).
+        lines with too few atoms are interpolated between measured ones and zero beyond them),
+        ``significance`` (mean square of the deviations of lines two ``spacing`` apart in units of
+        their standard errors; NaN where fewer than four lines could be judged), ``lines`` (how
+        many were judged), ``scatter`` (of each judged line's stretches) and ``consistent`` (the
+        share of the judged lines whose stretches agree).
     """
     x = np.asarray(x, dtype=np.float64).ravel()
     y = np.asarray(y, dtype=np.float64).ravel()
@@ -149,7 +170,7 @@ def row_profile(x, y, values, spacing: float, *, use=None) -> dict:
     prof = np.interp(grid, grid[good], prof[good], left=0.0, right=0.0)
     # significance: lines two spacings apart (windows that share no atom), each against the scatter
     # of the medians of its stretches along x
-    z2 = []
+    z2, scatter = [], []
     for k in range(0, grid.size, 4):
         sl = slice(lo[k], hi[k])
         if hi[k] - lo[k] < _STRETCHES * _MIN_PER_STRETCH:
@@ -160,9 +181,29 @@ def row_profile(x, y, values, spacing: float, *, use=None) -> dict:
         se = float(np.std(med, ddof=1)) / np.sqrt(_STRETCHES)
         if se > 0:
             z2.append(((float(np.median(vs[sl])) - center) / se) ** 2)
+        # trimmed means: stable where a window holds two rows of atoms sheared differently; in
+        # units of their standard error from the atoms' noise where it is known
+        sd = float(np.std([trim_mean(p, 0.25) for p in parts], ddof=1))
+        if noise is not None and noise > 0:
+            sd /= noise / np.sqrt(_TRIM_EFFICIENCY * min(len(p) for p in parts))
+        scatter.append(sd)
     out.update(grid=grid, profile=prof, lines=len(z2),
-               significance=float(np.mean(z2)) if len(z2) >= 4 else float("nan"))
+               significance=float(np.mean(z2)) if len(z2) >= 4 else float("nan"),
+               consistent=_consistent_share(np.asarray(scatter), noise is not None and noise > 0),
+               scatter=np.asarray(scatter))
     return out
+
+
+def _consistent_share(scatter: np.ndarray, absolute: bool = False) -> float:
+    """Share of the lines whose stretches agree: their scatter at most :data:`CONSISTENT_SCATTER`
+    times that of the quietest quarter of the lines (where a phase or grain fills part of some
+    lines, their stretches disagree; a scan moves each line alike)."""
+    if scatter.size < 4:
+        return float("nan")
+    ref = float(np.percentile(scatter, 25)) if not absolute else 1.0
+    if ref <= 0:
+        return float(np.mean(scatter <= 0))
+    return float(np.mean(scatter <= CONSISTENT_SCATTER * ref))
 
 
 def _integral(grid: np.ndarray, slope: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -199,22 +240,24 @@ def scan_shifts(x, y, x_err=None, y_err=None, *, sublattice=None, usable=None, r
         ``shift_x`` (n,): the displacement of each atom along x by the scan (subtract it to undo
         the distortion; zero where none was significant; NaN at NaN positions); ``shear``: the
         largest ``|f'(y)|`` (against the image's median) corrected in the first round;
-        ``significance`` of the first round (NaN where too few lines could be judged); ``rounds``
-        used.
+        ``significance`` and ``consistent`` of the first round (NaN where too few lines could be
+        judged); ``rounds`` used.
     """
     x = np.asarray(x, dtype=np.float64).ravel()
     y = np.asarray(y, dtype=np.float64).ravel()
     n = x.size
     sx = np.zeros(n)
-    info: dict = {"shear": 0.0, "significance": float("nan"), "rounds": 0}
+    info: dict = {"shear": 0.0, "significance": float("nan"), "consistent": float("nan"), "rounds": 0}
     pos = np.column_stack([x, y])
     finite = np.isfinite(pos).all(axis=1)
+    if usable is not None and np.asarray(usable, dtype=bool).ravel().size == n:
+        finite = finite & np.asarray(usable, dtype=bool).ravel()
     # fewer atoms than a profile needs: nothing to measure
     spacing = _nearest_distance(pos, _groups(None, n)) if finite.sum() >= 2 * _STRETCHES * _MIN_PER_STRETCH else np.nan
     if not np.isfinite(spacing):
         return {"shift_x": np.where(np.isfinite(x), sx, np.nan), **info}
     nearest = np.full(n, -1, dtype=np.int64)
-    idx = np.flatnonzero(finite)
+    idx = np.flatnonzero(np.isfinite(pos).all(axis=1))
     nearest[idx] = idx[cKDTree(pos[idx]).query(pos[idx], k=2)[1][:, 1]]
     reference = None
     for r in range(int(rounds)):
@@ -233,10 +276,10 @@ def scan_shifts(x, y, x_err=None, y_err=None, *, sublattice=None, usable=None, r
                 reference = use if use.sum() >= 2 * _STRETCHES * _MIN_PER_STRETCH else np.ones(n, dtype=bool)
                 if use.sum() >= _ONE_LATTICE * fin.sum():
                     break
-        p = row_profile(x - sx, y, hxy, spacing, use=use)
+        p = row_profile(x - sx, y, hxy, spacing, use=use, noise=_noise_scale(hxy, use, nearest))
         if r == 0:
-            info["significance"] = p["significance"]
-        if not (p["lines"] and p["significance"] >= min_significance):
+            info["significance"], info["consistent"] = p["significance"], p["consistent"]
+        if not (p["lines"] and p["significance"] >= min_significance and p["consistent"] >= MIN_CONSISTENT):
             break
         sx += _integral(p["grid"], p["profile"], y)
         if r == 0:

@@ -176,8 +176,9 @@ def scan_distortion(ds: xr.Dataset) -> xr.Dataset:
         ``ds`` with ``scan_shift_x`` along ``atom`` (length units; zero where no distortion was
         significant) and ``scan_distortion_params``: ``shear`` (the largest line-to-line shear
         ``|f'(y)|`` against the image's median, first round), its ``significance`` (mean square
-        z of lines apart) and the threshold, the ``rounds`` used, ``corrected`` (whether anything
-        moved) and ``max_shift_x``.
+        z of lines apart) and ``consistent`` (the share of lines whose stretches along x agree) with
+        their thresholds, the ``rounds`` used, ``corrected`` (whether anything moved) and
+        ``max_shift_x``.
     """
     require_vars(ds, ["atom_x", "atom_y"], step="scan_distortion()", hint="find_atoms()")
     xe, ye = _errors(ds)
@@ -190,7 +191,8 @@ def scan_distortion(ds: xr.Dataset) -> xr.Dataset:
     sig = res["significance"]
     return record_params(out, "scan_distortion", dict(
         shear=res["shear"], significance=sig if np.isfinite(sig) else None, rounds=res["rounds"],
-        min_significance=cscan.MIN_SIGNIFICANCE, corrected=bool(res["rounds"] > 0),
+        consistent=res["consistent"] if np.isfinite(res["consistent"]) else None,
+        min_significance=cscan.MIN_SIGNIFICANCE, min_consistent=cscan.MIN_CONSISTENT, corrected=bool(res["rounds"] > 0),
         max_shift_x=float(np.nanmax(np.abs(shift))) if np.isfinite(shift).any() else 0.0, units=units,
     ))
 

@@ -130,3 +130,41 @@ def test_two_grains_of_one_lattice_are_no_scan(misorientation):
     untouched = {g: np.sqrt(np.mean(_detrended(f[m], pos[m, 1]) ** 2)) for g, m in (("first", first), ("second", ~first))}
     assert min(rms.values()) < 0.2, rms  # of a 1 px wobble; its last lines hold too few atoms to measure
     assert all(rms[g] <= untouched[g] for g in rms), (rms, untouched)
+
+
+def _sheared_part(region, shear: float = 0.1, seed: int = 0, n: float = 384.0):
+    """A hexagonal lattice (12 px) with the atoms inside ``region(x, y)`` replaced by those of the same
+    lattice sheared by ``shear`` along x (a phase related to it by a pure shear along the rows)."""
+    p, _ = _lattice("hexagonal", seed=seed, size=n, angle=0.0, noise=0.1)
+    q, _ = _lattice("hexagonal", seed=seed + 1, size=n, angle=0.0, noise=0.1)
+    q[:, 0] += shear * q[:, 1]
+    q = q[(q[:, 0] >= 0) & (q[:, 0] < n)]
+    return np.r_[p[~region(p[:, 0], p[:, 1])], q[region(q[:, 0], q[:, 1])]]
+
+
+@pytest.mark.parametrize("name, region", [
+    ("grain over 70 % of the width of the upper half", lambda x, y: (y > 192) & (x < 0.7 * 384)),
+    ("round grain", lambda x, y: np.hypot(x - 192, y - 192) < 0.35 * 384),
+    ("film whose interface runs 35 degrees off the rows", lambda x, y: y - 192 > np.tan(np.deg2rad(35)) * (x - 192)),
+    ("film 45 degrees off the rows", lambda x, y: y - 192 > x - 192),
+])
+def test_a_phase_in_part_of_the_lines_is_no_scan(name, region):
+    """A cold review's images: a second phase related to the first by a pure shear along the rows
+    (it passes the H_xx, H_yx filter) filling part of many lines. Their stretches along x disagree,
+    so the lines are not moved (they were, and the phases merged or the regions scrambled)."""
+    pos = _sheared_part(region)
+    r = scan_shifts(pos[:, 0], pos[:, 1])
+    assert r["rounds"] == 0 and r["consistent"] < 0.8, (name, r["consistent"], r["significance"])
+
+
+def test_a_phase_filling_whole_lines_is_taken_for_the_scan():
+    """The stated limit: the same phase filling whole lines (a band along the rows) cannot be told
+    from a scan that sheared those lines."""
+    pos = _sheared_part(lambda x, y: (y > 130) & (y < 250))
+    assert scan_shifts(pos[:, 0], pos[:, 1])["rounds"] >= 1
+
+
+def test_scan_shifts_of_no_usable_atom_are_zero():
+    p, _ = _lattice("hexagonal", seed=0)
+    r = scan_shifts(p[:, 0], p[:, 1], usable=np.zeros(len(p), bool))
+    assert r["rounds"] == 0 and np.all(r["shift_x"] == 0)
