@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.spatial import cKDTree
-from scipy.stats import trim_mean
 
 from .strain import _groups, _nearest_distance, local_strain
 
@@ -183,7 +182,7 @@ def row_profile(x, y, values, spacing: float, *, use=None, noise: float | None =
             z2.append(((float(np.median(vs[sl])) - center) / se) ** 2)
         # trimmed means: stable where a window holds two rows of atoms sheared differently; in
         # units of their standard error from the atoms' noise where it is known
-        sd = float(np.std([trim_mean(p, 0.25) for p in parts], ddof=1))
+        sd = float(np.std([_trimmed_mean(p) for p in parts], ddof=1))
         if noise is not None and noise > 0:
             sd /= noise / np.sqrt(_TRIM_EFFICIENCY * min(len(p) for p in parts))
         scatter.append(sd)
@@ -192,6 +191,14 @@ def row_profile(x, y, values, spacing: float, *, use=None, noise: float | None =
                consistent=_consistent_share(np.asarray(scatter), noise is not None and noise > 0),
                scatter=np.asarray(scatter))
     return out
+
+
+def _trimmed_mean(a: np.ndarray, cut: float = 0.25) -> float:
+    """Mean of ``a`` without its lowest and highest ``cut`` (as ``scipy.stats.trim_mean``, without its
+    per-call overhead: 0.35 ms, a quarter of a second over the lines of a 4096^2 image)."""
+    a = np.sort(a)
+    k = int(cut * a.size)
+    return float(a[k:a.size - k].mean())
 
 
 def _consistent_share(scatter: np.ndarray, absolute: bool = False) -> float:
