@@ -148,7 +148,8 @@ def row_profile(x, y, values, spacing: float, *, use=None, noise: float | None =
     ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(v)
     if use is not None:
         ok &= np.asarray(use, dtype=bool).ravel()
-    out: dict = {"grid": np.zeros(0), "profile": np.zeros(0), "significance": float("nan"), "lines": 0}
+    out: dict = {"grid": np.zeros(0), "profile": np.zeros(0), "significance": float("nan"), "lines": 0,
+                 "scatter": np.zeros(0), "consistent": float("nan")}
     if ok.sum() < 2 * _STRETCHES * _MIN_PER_STRETCH or not (np.isfinite(spacing) and spacing > 0):
         return out
     xs, ys, vs = x[ok], y[ok], v[ok]

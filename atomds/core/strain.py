@@ -86,6 +86,32 @@ def _nearest_distance(pos, groups) -> float:
     return float(np.median(np.concatenate(d_all)))
 
 
+def _first_shell(pos, groups) -> float:
+    """Radius of the first shell: :data:`FIRST_SHELL` times the nearest-neighbour distance, or, where
+    the nearest neighbour in a second direction (more than 30 degrees from the nearest bond) lies
+    beyond that, 1.1 times its distance. A shell of one direction's bonds fits no deformation
+    gradient: the A, B and O sublattices of a perovskite seen along [110] are rectangular (a by
+    a sqrt 2), and a shell of 1.2 a left 8 of 1,086 atoms with a strain."""
+    nn = _nearest_distance(pos, groups)
+    d2_all = []
+    for g in np.unique(groups):
+        p = pos[(groups == g) & np.isfinite(pos).all(axis=1)]
+        if len(p) < 4:
+            continue
+        k = min(8, len(p))
+        d, j = cKDTree(p).query(p, k=k)
+        v = p[j[:, 1:]] - p[:, None, :]
+        v1 = v[:, :1, :]
+        cross = np.abs(v1[..., 0] * v[..., 1] - v1[..., 1] * v[..., 0])
+        other = cross > 0.5 * d[:, 1:2] * d[:, 1:]  # sin > 0.5: more than 30 degrees apart
+        has = other.any(axis=1)
+        d2_all.append(d[:, 1:][has, np.argmax(other[has], axis=1)])
+    if not d2_all:
+        return FIRST_SHELL * nn
+    d2 = float(np.median(np.concatenate(d2_all)))
+    return FIRST_SHELL * nn if d2 < FIRST_SHELL * nn else 1.1 * d2
+
+
 def reference_bonds(dx, dy, *, tolerance: float = MATCH_TOLERANCE, min_share: float = 0.02) -> np.ndarray:
     """The distinct bond vectors of a lattice, from many observed bonds (the median lattice).
 
@@ -209,8 +235,7 @@ def local_strain(
         raise InvalidParameterError("the reference selects no atom")
     sx = np.full(n, np.nan) if x_err is None else np.asarray(x_err, dtype=float).ravel()
     sy = np.full(n, np.nan) if y_err is None else np.asarray(y_err, dtype=float).ravel()
-    nn = _nearest_distance(pos, groups)
-    r = FIRST_SHELL * nn if radius is None else float(radius)
+    r = _first_shell(pos, groups) if radius is None else float(radius)
     if not (np.isfinite(r) and r > 0):
         raise InvalidParameterError(f"radius must be a positive length, got {radius!r}")
     # reference bonds: per sublattice, from the reference atoms' bonds

@@ -244,3 +244,24 @@ def test_a_dumbbell_partner_is_a_bond_not_a_cage():
 
     d, _ = cKDTree(A).query(A + np.array([1.5, 0.0]), k=9)
     assert cpol.cage_size(d) == 1
+
+
+def test_strain_of_a_rectangular_sublattice_reaches_its_second_direction():
+    """A perovskite seen along [110]: each sublattice is rectangular (a by a sqrt 2), and a first shell
+    of 1.2 a holds bonds of one direction only, which fit no deformation gradient (8 of 1,086 atoms
+    got a strain). The shell reaches the second direction; a strain of 1 % along y is read."""
+    from atomds.core.strain import local_strain
+
+    a = 10.0
+    i, j = (v.ravel() for v in np.meshgrid(np.arange(30), np.arange(22)))
+    base = np.c_[i * a, j * a * np.sqrt(2)]
+    pos = np.r_[base, base + [a / 2, a * np.sqrt(2) / 2], base + [0.0, a * np.sqrt(2) / 2]]
+    sub = np.repeat([0, 1, 2], len(base))
+    rng = np.random.default_rng(0)
+    pos = pos + rng.normal(0, 0.02, pos.shape)
+    y = pos[:, 1] * np.where(pos[:, 1] > 150, 1.01, 1.0) + np.where(pos[:, 1] > 150, -1.5, 0.0)
+    r = local_strain(pos[:, 0], y, sublattice=sub)
+    inner = (pos[:, 0] > 2 * a) & (pos[:, 0] < 27 * a) & (np.abs(pos[:, 1] - 150) > 3 * a) & (pos[:, 1] > 2 * a) & (pos[:, 1] < 28 * a)
+    assert np.isfinite(r["exx"][inner]).all()
+    d = np.median(r["eyy"][inner & (pos[:, 1] > 150)]) - np.median(r["eyy"][inner & (pos[:, 1] < 150)])
+    assert abs(d - 0.01) < 0.001
