@@ -760,3 +760,15 @@ def test_a_layer_between_two_phases_split_into_two_strips_stays():
     boundary = np.where(X < 18, 0, np.where(X < 20, 2, np.where(X < 22, 3, 0)))  # A | S S | T T | A
     assert cregions.enclosed_strips(boundary, idx, 4)[[2, 3]].all()
     assert set(np.unique(cregions.dissolve_thin(boundary, idx, 4)[0])) == {0}
+
+
+@pytest.mark.parametrize("make", [lambda: datasets.hexagonal(shape=96, seed=1), lambda: datasets.perovskite110(seed=3)])
+def test_analyze_of_a_crop_and_of_a_rectangular_lattice_measures_the_scan_or_says_why_not(make):
+    """A second review: both raised KeyError in the maps stage (too few lines to judge; a strain of
+    no atom on the [110] perovskite's rectangular sublattices)."""
+    import atomds
+
+    out = atomds.analyze(make())
+    rec = json.loads(out.attrs["scan_distortion_params"])
+    assert rec["corrected"] is False and out.sizes["region_id"] == 1
+    assert np.all(out["scan_shift_x"].values[np.isfinite(out["atom_x"].values)] == 0)

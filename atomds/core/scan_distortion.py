@@ -181,9 +181,13 @@ def row_profile(x, y, values, spacing: float, *, use=None, noise: float | None =
         se = float(np.std(med, ddof=1)) / np.sqrt(_STRETCHES)
         if se > 0:
             z2.append(((float(np.median(vs[sl])) - center) / se) ** 2)
-        # trimmed means: stable where a window holds two rows of atoms sheared differently; in
-        # units of their standard error from the atoms' noise where it is known
-        sd = float(np.std([_trimmed_mean(p) for p in parts], ddof=1))
+        # the stretches' trimmed means, less the window's own trend in y (a window holds two rows
+        # of atoms sheared differently, and a stretch of a lattice aligned with the rows can hold
+        # more of one than of the other), in units of their standard error from the atoms' noise
+        # where it is known
+        yy = ys[sl] - grid[k]
+        dv = vs[sl] - _slope(yy, vs[sl]) * yy
+        sd = float(np.std([_trimmed_mean(p) for p in np.array_split(dv[by_x], _STRETCHES)], ddof=1))
         if noise is not None and noise > 0:
             sd /= noise / np.sqrt(_TRIM_EFFICIENCY * min(len(p) for p in parts))
         scatter.append(sd)
@@ -192,6 +196,13 @@ def row_profile(x, y, values, spacing: float, *, use=None, noise: float | None =
                consistent=_consistent_share(np.asarray(scatter), noise is not None and noise > 0),
                scatter=np.asarray(scatter))
     return out
+
+
+def _slope(t: np.ndarray, v: np.ndarray) -> float:
+    """Least-squares slope of ``v`` against ``t`` (0 where ``t`` does not vary)."""
+    t = t - t.mean()
+    den = float(np.dot(t, t))
+    return float(np.dot(t, v - v.mean()) / den) if den > 0 else 0.0
 
 
 def _trimmed_mean(a: np.ndarray, cut: float = 0.25) -> float:
