@@ -24,7 +24,9 @@ The profile is used only where it stands out of its noise and moves whole lines 
 (:func:`row_profile`): lines far apart (two nearest-column distances) are compared with the
 scatter of medians taken over separate stretches of the same lines (eight, ordered along ``x``),
 and at least :data:`MIN_CONSISTENT` of the lines must have stretches that agree within
-:data:`CONSISTENT_SCATTER` standard errors of the atoms' noise. A real scan distortion moves a
+:data:`CONSISTENT_SCATTER` standard errors of the atoms' noise (their trimmed means, less the
+window's own trend in y: a window holds two rows of atoms sheared differently, and on a lattice
+aligned with the rows a stretch can hold more of one than of the other). A real scan distortion moves a
 whole line alike; noise does not stand out, and a grain or a second phase that fills part of
 some lines (a sheared grain over 70 % of the width of half the lines, a film whose interface runs
 25-60 degrees off the rows, as a cold review built) makes their stretches disagree. On an image
