@@ -52,7 +52,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .strain import _groups, _nearest_distance, local_strain
+from .strain import local_strain
 
 __all__ = ["ROUNDS", "MIN_SIGNIFICANCE", "CONSISTENT_SCATTER", "MIN_CONSISTENT", "row_profile", "scan_shifts"]
 
@@ -60,13 +60,15 @@ __all__ = ["ROUNDS", "MIN_SIGNIFICANCE", "CONSISTENT_SCATTER", "MIN_CONSISTENT",
 #: last left; a wobble of period eight rows of atoms keeps a third of its shear after one round).
 ROUNDS = 3
 #: The profile is used where the mean square of its lines' deviations, in units of their standard
-#: errors, is at least this: about 1 for noise (Student's t with 7 degrees of freedom: 1.4), tens
-#: to thousands for the scan distortions of generated images (shears of 1-8 %).
+#: errors, is at least this: about 1 for noise (Student's t with 7 degrees of freedom: 1.4; 0.76-2.4
+#: on the unit tests' 12 noise-only lattices), 215-21,000 for the scan distortions of generated
+#: images (shears of 1-8 %). Set on generated images only.
 MIN_SIGNIFICANCE = 25.0
 #: A line's stretches agree where the scatter of their 25 %-trimmed means is at most this many of
-#: their standard errors from the atoms' noise (measured between nearest neighbours; noise alone:
-#: a median of 0.9-1.2 and a 90th percentile of 1.4-1.7 on the unit tests' lattices, scan wobbles
-#: 0.3-0.5, where the gradient between rows raises the noise measured) ...
+#: their standard errors from the atoms' noise (measured between nearest neighbours; on the unit
+#: tests' hexagonal, square and honeycomb lattices, noise alone: a median of 0.94-1.2 and a 90th
+#: percentile of 1.4-1.7; with wobbles of 1-1.2 px over 70-180 lines, 0.16-0.36 and 0.24-0.51, where
+#: the gradient between rows raises the noise measured). Set on generated lattices only ...
 CONSISTENT_SCATTER = 3.0
 #: ... and the profile is used only where this share of the lines agree.
 MIN_CONSISTENT = 0.8
@@ -273,13 +275,14 @@ def scan_shifts(x, y, x_err=None, y_err=None, *, sublattice=None, usable=None, r
     finite = np.isfinite(pos).all(axis=1)
     if usable is not None and np.asarray(usable, dtype=bool).ravel().size == n:
         finite = finite & np.asarray(usable, dtype=bool).ravel()
-    # fewer atoms than a profile needs: nothing to measure
-    spacing = _nearest_distance(pos, _groups(None, n)) if finite.sum() >= 2 * _STRETCHES * _MIN_PER_STRETCH else np.nan
-    if not np.isfinite(spacing):
+    if finite.sum() < 2 * _STRETCHES * _MIN_PER_STRETCH:  # fewer atoms than a profile needs
         return {"shift_x": np.where(np.isfinite(x), sx, np.nan), **info}
+    # each atom's nearest neighbour (for the noise) and their median distance (the lines' spacing)
     nearest = np.full(n, -1, dtype=np.int64)
     idx = np.flatnonzero(np.isfinite(pos).all(axis=1))
-    nearest[idx] = idx[cKDTree(pos[idx]).query(pos[idx], k=2)[1][:, 1]]
+    dist, j = cKDTree(pos[idx]).query(pos[idx], k=2)
+    nearest[idx] = idx[j[:, 1]]
+    spacing = float(np.median(dist[:, 1]))
     reference = None
     for r in range(int(rounds)):
         for _ in range(2 if reference is None else 1):

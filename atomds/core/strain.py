@@ -75,41 +75,33 @@ def _bonds(pos, groups, centers, radius):
     return np.concatenate(ci), np.concatenate(nj)
 
 
-def _nearest_distance(pos, groups) -> float:
-    d_all = []
-    for g in np.unique(groups):
-        p = pos[(groups == g) & np.isfinite(pos).all(axis=1)]
-        if len(p) >= 2:
-            d_all.append(cKDTree(p).query(p, k=2)[0][:, 1])
-    if not d_all:
-        raise InvalidParameterError("strain needs at least 2 atoms with finite positions in one sublattice")
-    return float(np.median(np.concatenate(d_all)))
-
-
 def _first_shell(pos, groups) -> float:
-    """Radius of the first shell: :data:`FIRST_SHELL` times the nearest-neighbour distance, or, where
-    the nearest neighbour in a second direction (more than 30 degrees from the nearest bond) lies
-    beyond that, 1.1 times its distance. A shell of one direction's bonds fits no deformation
-    gradient: the A, B and O sublattices of a perovskite seen along [110] are rectangular (a by
-    a sqrt 2), and a shell of 1.2 a left 8 of 1,086 atoms with a strain."""
-    nn = _nearest_distance(pos, groups)
-    d2_all = []
+    """Radius of the first shell: :data:`FIRST_SHELL` times the median nearest-neighbour distance,
+    or, where the nearest neighbour in a second direction (more than 30 degrees from the nearest
+    bond) lies beyond that, 1.1 times its distance. A shell of one direction's bonds fits no
+    deformation gradient: the A, B and O sublattices of a perovskite seen along [110] are
+    rectangular (a by a sqrt 2), and a shell of 1.2 a left 8 of 1,086 atoms with a strain.
+    One neighbour query per sublattice gives both distances."""
+    d1_all, d2_all = [], []
     for g in np.unique(groups):
         p = pos[(groups == g) & np.isfinite(pos).all(axis=1)]
-        if len(p) < 4:
+        if len(p) < 2:
             continue
-        k = min(8, len(p))
-        d, j = cKDTree(p).query(p, k=k)
+        d, j = cKDTree(p).query(p, k=min(8, len(p)))
+        d1_all.append(d[:, 1])
         v = p[j[:, 1:]] - p[:, None, :]
-        v1 = v[:, :1, :]
-        cross = np.abs(v1[..., 0] * v[..., 1] - v1[..., 1] * v[..., 0])
+        cross = np.abs(v[:, :1, 0] * v[..., 1] - v[:, :1, 1] * v[..., 0])
         other = cross > 0.5 * d[:, 1:2] * d[:, 1:]  # sin > 0.5: more than 30 degrees apart
         has = other.any(axis=1)
         d2_all.append(d[:, 1:][has, np.argmax(other[has], axis=1)])
-    if not d2_all:
+    if not d1_all:
+        raise InvalidParameterError("strain needs at least 2 atoms with finite positions in one sublattice")
+    nn = float(np.median(np.concatenate(d1_all)))
+    d2 = np.concatenate(d2_all)
+    if d2.size == 0:
         return FIRST_SHELL * nn
-    d2 = float(np.median(np.concatenate(d2_all)))
-    return FIRST_SHELL * nn if d2 < FIRST_SHELL * nn else 1.1 * d2
+    d2m = float(np.median(d2))
+    return FIRST_SHELL * nn if d2m < FIRST_SHELL * nn else 1.1 * d2m
 
 
 def reference_bonds(dx, dy, *, tolerance: float = MATCH_TOLERANCE, min_share: float = 0.02) -> np.ndarray:
