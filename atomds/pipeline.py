@@ -298,10 +298,9 @@ def _parent_structure(ds: xr.Dataset) -> xr.Dataset:
 
 
 def _unscanned(ds: xr.Dataset) -> xr.Dataset:
-    """``ds`` with the scan distortion the maps stage measured subtracted from its positions (as it
-    is where none was: ``scan_distortion_params`` says ``corrected``)."""
-    rec = step_params(ds, "scan_distortion") or {}
-    if not rec.get("corrected") or "scan_shift_x" not in ds.variables:
+    """``ds`` with the scan distortion the maps stage measured subtracted from its positions (zero
+    where none was significant, so the positions are then exactly as they were)."""
+    if "scan_shift_x" not in ds.variables:
         return ds
     return ds.assign(atom_x=ds["atom_x"] - ds["scan_shift_x"])
 
