@@ -107,6 +107,22 @@ def _test(img, i, j, a, b, k, c, buf):  # pragma: no cover - compiled
         pair_up = v - hi2 > k * _sd(a, b, hi2)
         pair_down = lo2 - v > k * _sd(a, b, lo2)
         return 2 if (pair_up or pair_down) else 0
+    if n == 9:
+        # the neighbourhood's spread less its linear gradient (the least-squares plane through the
+        # eight neighbours, which leaves the centre's level as it is): on the flank of a broad column
+        # the gradient alone spreads the neighbours by much of the column's peak, and a hot pixel
+        # there stood far above every neighbour but within SPIKE_CONTRAST of that spread (4 of 63 in
+        # sweep image 1811243250, each pulling its column's fit 8-14 standard errors); a narrow
+        # column's peak keeps its spread, which is its curvature, not a gradient
+        gx = (buf[2] + buf[5] + buf[8] - buf[0] - buf[3] - buf[6]) / 6.0
+        gy = (buf[6] + buf[7] + buf[8] - buf[0] - buf[1] - buf[2]) / 6.0
+        hi = -np.inf
+        lo = np.inf
+        for q in range(9):
+            buf[q] -= gx * (q % 3 - 1) + gy * (q // 3 - 1)
+            if q != 4:
+                hi = max(hi, buf[q])
+                lo = min(lo, buf[q])
     srt = np.sort(buf[:n])
     med = srt[n // 2]
     if up and v - med > c * (med - lo):

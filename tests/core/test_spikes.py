@@ -76,6 +76,32 @@ def test_the_two_brightest_pixels_of_narrow_columns_are_no_pair_of_spikes(sigma)
                 assert n == 0 or np.bincount(lab.ravel())[1:].max() == 1, (dose, spacing, seed)
 
 
+@pytest.mark.parametrize(("dose", "level"), [(500.0, 3.0), (16000.0, 1.5)])
+@pytest.mark.parametrize("sigma", [1.4, 2.5])
+def test_hot_pixels_on_the_flanks_of_broad_columns_are_found(dose, level, sigma):
+    # a hot pixel at 1.5-3x the image's maximum (at 500 counts 1.5x is within the noise test's 8
+    # sd), 1-2 widths from a column's centre: the column's
+    # gradient spread its 3 x 3 neighbourhood by much of the peak, and the spike stood within
+    # SPIKE_CONTRAST of that spread (4 of 63 left in sweep image 1811243250, each pulling its
+    # column's fit by 8-14 standard errors)
+    s = samples.hexagonal_sample(shape=(256, 256), dose=dose, sigma=sigma, spacing=6 * sigma, seed=2, background=0.3)
+    img = s.image.astype(float).copy()
+    r = np.random.default_rng(7)
+    inner = np.flatnonzero((s.x > 8) & (s.x < 247) & (s.y > 8) & (s.y < 247))
+    cols = r.choice(inner, 30, replace=False)
+    ang = r.uniform(0, 2 * np.pi, cols.size)
+    rad = r.uniform(1.0, 2.0, cols.size) * sigma
+    iy = np.rint(s.y[cols] + rad * np.sin(ang)).astype(int)
+    ix = np.rint(s.x[cols] + rad * np.cos(ang)).astype(int)
+    top = img.max()
+    img[iy, ix] = level * top
+    truth = np.zeros(img.shape, bool)
+    truth[iy, ix] = True
+    m = spikes.spike_mask(img)
+    assert m[truth].all(), int((~m[truth]).sum())
+    assert not (m & ~truth).any()
+
+
 def test_remove_spikes_fills_with_the_neighbours_median():
     s = samples.hexagonal_sample(shape=(128, 128), dose=2000.0, seed=2)
     img, iy, ix = _hot(s.image, 10, seed=0, border=True)
