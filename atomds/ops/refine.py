@@ -283,8 +283,11 @@ def refine(
         "auto": where ``find_atoms`` chose the classes itself (its ``sublattices="auto"``), the
         columns are classed again from their fitted peak heights and volumes relative to the
         bright columns around them (:func:`atomds.core.find.classes.fitted_classes`), which are
-        free of the sub-pixel sampling that blurs the finder's template amplitudes; a class
-        forced by the user (a number of classes, several templates) is kept, as are labels
+        free of the sub-pixel sampling that blurs the finder's template amplitudes, and where
+        species a few percent apart overlap column by column but are ordered on the lattice, from
+        those features averaged over the columns that the lattice's translations keeping the
+        species map each one onto (:func:`atomds.core.find.classes.pooled_classes`; recorded under
+        ``refine_params["sublattice"]["pooled"]``); a class forced by the user (a number of classes, several templates) is kept, as are labels
         changed after ``find_atoms`` and every label of a lazy (Dask-backed or tiled) refinement
         (the classes are one fit over all atoms; refine an eager Dataset to class them). The
         finder's labels are kept as ``find_sublattice``; what was done is recorded under

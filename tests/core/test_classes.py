@@ -6,7 +6,7 @@ import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
 from atomds.core.find.blobs import local_reference
-from atomds.core.find.classes import class_features, fitted_classes
+from atomds.core.find.classes import class_features, classify_columns, fitted_classes, pooled_classes
 
 
 def _grid(n=24, d=10.0, seed=0):
@@ -136,3 +136,72 @@ def test_posteriors_come_with_the_classes():
     assert np.median(prob[:1200]) > 0.999 and prob[-1] < 0.99  # a column between the classes is doubtful
     one, p1 = classify_columns(rng.normal(0.0, 0.05, 500)[:, None], return_probability=True)
     assert np.all(one == 0) and np.all(p1 == 1.0)
+
+
+def _pooled_case(kind: str, seed: int = 0):
+    """Columns on a 30 x 30 square grid (10 px) with 5 % noise on the peak: ``checker`` two species 1 : 0.93
+    on a checkerboard; ``rows`` three species 1 : 0.40 : 0.34 in turn along x; ``alloy`` the two of
+    ``checker`` at random on the sites; ``region`` one species, 6 % brighter in the left half."""
+    x, y, species, shape = _grid(30, seed=seed)
+    rng = np.random.default_rng(seed + 10)
+    i = np.rint(x / 10.0).astype(int)
+    if kind == "rows":
+        species = i % 3
+        peak = np.array([1.0, 0.40, 0.34])[species]
+    elif kind == "alloy":
+        species = rng.integers(0, 2, x.size)
+        peak = np.where(species == 0, 1.0, 0.93)
+    elif kind == "region":
+        species = np.zeros(x.size, int)
+        peak = np.where(x < shape[1] / 2, 1.06, 1.0)
+    else:
+        peak = np.where(species == 0, 1.0, 0.93)
+    amp = peak * (1 + 0.05 * rng.standard_normal(x.size))
+    width = 1.2 * (1 + 0.02 * rng.standard_normal(x.size))
+    return x, y, species, shape, amp, width, np.ones(x.size, bool)
+
+
+def test_species_a_few_percent_apart_are_classed_over_their_sublattices():
+    """Two species 7 % apart with 5 % noise per column overlap column by column (one class of their own
+    features), and three whose two dim ones are 15 % apart come out as two; averaged over the columns
+    the translations that keep the species map each onto, every species is a class."""
+    for kind, k in (("checker", 2), ("rows", 3)):
+        x, y, species, shape, amp, width, ok = _pooled_case(kind)
+        f, inner, _ = class_features(x, y, amp, width, ok, shape, 10.0)
+        assert classify_columns(f, fit_mask=inner).max() + 1 == k - 1, kind  # the hard case it is
+        cls, info = fitted_classes(x, y, amp, width, ok, shape, 10.0)
+        assert info["pooled"]["applied"] and info["n_classes"] == k, (kind, info)
+        assert adjusted_rand_score(species, cls) >= 0.95, kind
+        assert np.mean(cls[species == 0] == 0) >= 0.95  # 0 = the brightest
+
+
+def test_nothing_is_pooled_in_an_alloy_or_across_a_brighter_region():
+    """Species at random on the sites have no translation that keeps them; one species that reads 6 %
+    brighter over half the image is a region, not a sublattice: one class either way (relative to the
+    bright columns around, the region hardly shows; given as features, pooling splits it in two
+    classes that lie apart)."""
+    for kind in ("alloy", "region"):
+        x, y, species, shape, amp, width, ok = _pooled_case(kind)
+        cls, info = fitted_classes(x, y, amp, width, ok, shape, 10.0)
+        assert not info["pooled"]["applied"], kind
+        assert cls.max() == 0, kind
+    x, y, _, shape, _, _, _ = _pooled_case("region")
+    rng = np.random.default_rng(5)
+    f = np.c_[np.where(x < shape[1] / 2, 0.06, 0.0), np.zeros(x.size)] + 0.02 * rng.standard_normal((x.size, 2))
+    lab, info = pooled_classes(x, y, f, np.ones(x.size, bool), 10.0, np.zeros(x.size, int))
+    assert lab is None and info["reason"] == "classes apart" and info["translations"] > 0
+
+
+def test_a_dopant_keeps_the_class_of_its_own_intensity():
+    """Eight columns of the dim species of the checkerboard at 1.6 times the bright one: pooled with
+    their sublattice they would read dim, their own features put them in the bright class."""
+    x, y, species, shape, amp, width, ok = _pooled_case("checker", seed=3)
+    inner = (x > 40) & (x < shape[1] - 40) & (y > 40) & (y < shape[0] - 40)
+    dop = np.flatnonzero((species == 1) & inner)[::40][:8]
+    amp = amp.copy()
+    amp[dop] = 1.6
+    cls, info = fitted_classes(x, y, amp, width, ok, shape, 10.0)
+    assert info["pooled"]["applied"]
+    assert np.all(cls[dop] == 0)
+    rest = np.setdiff1d(np.arange(x.size), dop)
+    assert adjusted_rand_score(species[rest], cls[rest]) >= 0.95

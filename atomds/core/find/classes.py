@@ -23,6 +23,17 @@ from .constants import (
     CLASS_KEEP,
     CLASS_OUTLIER,
     MIN_FITTED,
+    MIN_LATTICE_ANCHORS,
+    POOL_MAX_SHARE,
+    POOL_MEDIAN_VAR,
+    POOL_MIX_REACH,
+    POOL_MIXED,
+    POOL_NESTED,
+    POOL_OWN,
+    POOL_REACH,
+    POOL_SAMPLE,
+    POOL_TOL,
+    POOL_Z,
     SITE_CHECK_MAX,
     SITE_CONSISTENT,
     SITE_MATCHES,
@@ -31,7 +42,7 @@ from .constants import (
 )
 
 __all__ = ["classify_columns", "kmeans_labels", "column_classes", "final_labels", "fitted_classes", "class_features",
-           "fisher_separation", "labels_digest", "site_vote"]
+           "fisher_separation", "labels_digest", "site_vote", "pooled_classes"]
 
 
 def classify_columns(features, *, fit_mask=None, max_classes: int = 3, min_separation: float = 2.5,
@@ -288,7 +299,7 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
                 # (the template also sees their surroundings): the earlier classes stand
                 cls = np.where(voted >= 0, voted, np.where(mapped >= 0, mapped, cls))
                 info.update(border="earlier classes", earlier_kept=True, n_doubtful=0)
-                return cls, info
+                return _with_pooled(cls, info, xa, ya, f, inner, spacing)
             if same:
                 # the same classes as wholes: the earlier class (e.g. the template's, which sees the
                 # column's surroundings) also decides the columns the fit classes doubtfully, those
@@ -301,6 +312,17 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
             cls = np.where(voted >= 0, voted, cls)
             info["border"] = "earlier classes"
             info["n_doubtful"] = int(np.count_nonzero(doubt & ~outer))
+    return _with_pooled(cls, info, xa, ya, f, inner, spacing)
+
+
+def _with_pooled(cls: np.ndarray, info: dict[str, Any], x, y, f, use, spacing: float) -> tuple[np.ndarray, dict[str, Any]]:
+    """``cls`` split further where the classes pooled over the sublattices hold more (:func:`pooled_classes`;
+    ``info["pooled"]`` records it)."""
+    pooled, record = pooled_classes(x, y, f, use, spacing, cls)
+    info["pooled"] = record
+    if pooled is not None:
+        cls = pooled
+        info["n_classes"] = int(cls.max()) + 1
     return cls, info
 
 
@@ -382,6 +404,204 @@ def site_vote(x, y, cls: np.ndarray, alt: np.ndarray, ok: np.ndarray, spacing: f
         known[todo[sure]] = out[todo[sure]]
     return out
 
+
+def pooled_classes(x, y, f, use, spacing: float, cls: np.ndarray) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """Classes of columns from their features averaged over the columns a translation maps them onto,
+    where those hold more classes than ``cls``; None where they do not.
+
+    Two species a few percent apart in peak and volume overlap column by column, and a mixture of
+    the columns' own features reads them as one class (sweep images with species at 0.79-0.93 of
+    the brightest: ARI 0). Where the species are ordered on the lattice, some of its translations
+    ``t`` map every column onto a column of its own species: over the pairs ``(p, p + t)`` the
+    features then differ by less than over unrelated pairs (their mean squared difference over twice
+    the features' variance, 1 for noise alone, is at most ``POOL_MAX_SHARE`` and ``POOL_Z`` sampling
+    errors below 1; medians, over the pairs and over random pairs of the columns, so that a few odd
+    columns do not set it). Candidates are the lattice's translations
+    (:func:`~atomds.core.find.residual.lattice_translations`) and the sums of two of them, up to
+    ``POOL_REACH`` spacings (so that species ordered along rows, whose cells are several of the
+    lattice's, are reached); a partner lies within ``POOL_TOL`` spacings of ``p + t``. Each
+    column's features are averaged with those of its partners over every translation that keeps
+    the species (and its opposite), which divides the noise by the square root of their number,
+    and classed by :func:`classify_columns`.
+
+    The pooled classes stand only where they are more than ``cls``'s, each lies within one class of
+    ``cls`` (``POOL_NESTED``), and the classes split from one lie among each other
+    (``POOL_MIXED`` of each class's columns have one of the other within ``POOL_MIX_REACH``
+    spacings): species ordered on sites are intermixed, a region that reads a little brighter is
+    not. A column whose own features place it in another pooled class with a posterior of at least
+    ``POOL_OWN`` (a Gaussian per class, from the own features of its columns), or that is an outlier
+    of every class (``CLASS_OUTLIER``) beyond the brightest or dimmest, takes that class: a dopant
+    is not voted into the species of its site. An alloy (no order) has no translation that
+    keeps its species, and nothing is pooled.
+
+    The translations, and whether a split stands, are judged on the ``POOL_SAMPLE`` usable columns
+    nearest the middle of them; the pooled features of every column only where it does.
+
+    Parameters
+    ----------
+    x, y : arrays (n,)
+        Column centres, px.
+    f : array (n, m)
+        The columns' features (:func:`class_features`).
+    use : bool array (n,)
+        Columns whose features count (fitted, away from the border).
+    spacing : float
+        Nearest-column distance, px.
+    cls : int array (n,)
+        The classes of the columns' own features (0 = brightest).
+
+    Returns
+    -------
+    classes : int array (n,) or None
+        0 = the brightest class; None where the pooled classes do not stand.
+    info : dict
+        ``applied``; ``translations`` (how many keep the classes, both ways) where some do;
+        ``partners`` (their mean number per column) and ``n_classes`` where the pooled classes
+        stand; else ``reason``: "too few columns", "no lattice", "no translation keeps the
+        classes", "no more classes", "across the classes" (not nested) or "classes apart" (not
+        intermixed).
+    """
+    from scipy.spatial import cKDTree
+
+    from .residual import lattice_translations
+
+    info: dict[str, Any] = {"applied": False}
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    f = np.asarray(f, dtype=np.float64)
+    use = np.asarray(use, dtype=bool) & np.all(np.isfinite(f), axis=1) & np.isfinite(x) & np.isfinite(y)
+    idx = np.flatnonzero(use)
+    if idx.size < max(MIN_FITTED, MIN_LATTICE_ANCHORS) or f.shape[0] != x.size:
+        return None, {**info, "reason": "too few columns"}
+    # a compact patch of the usable columns (pairs need both ends in it)
+    if idx.size > POOL_SAMPLE:
+        d = np.hypot(x[idx] - np.median(x[idx]), y[idx] - np.median(y[idx]))
+        idx = idx[np.sort(np.argpartition(d, POOL_SAMPLE - 1)[:POOL_SAMPLE])]
+    t_lat = lattice_translations(x[idx], y[idx], spacing)
+    if t_lat.shape[0] == 0:
+        return None, {**info, "reason": "no lattice"}
+    cand = np.r_[t_lat, (t_lat[:, None, :] + t_lat[None, :, :]).reshape(-1, 2)]
+    length = np.hypot(cand[:, 0], cand[:, 1])
+    cand = cand[(length > 0.5 * spacing) & (length <= POOL_REACH * spacing)]
+    key = np.unique(np.rint(cand / (0.2 * spacing)).astype(np.int64), axis=0, return_index=True)[1]
+    cand = cand[np.sort(key)]
+    # robust scales: a few odd columns (dopants, contamination) would otherwise set the variance that
+    # the species' share of it is judged against
+    centre = np.median(f[idx], axis=0)
+    sd = 1.4826 * np.median(np.abs(f[idx] - centre), axis=0)
+    if cand.shape[0] == 0 or not np.all(sd > 0):
+        return None, {**info, "reason": "no lattice"}
+    fs = (f - centre) / sd
+    shuffled = np.random.default_rng(0).permuted(np.tile(idx, (4, 1)), axis=1).ravel()
+    total = float(np.median(np.sum((fs[np.tile(idx, 4)] - fs[shuffled]) ** 2, axis=1)))
+    tree = cKDTree(np.c_[x[idx], y[idx]])
+
+    def partners(t, rows, tree_, pool):  # the columns of ``pool`` at p + t of the columns ``rows``, or -1
+        d, j = tree_.query(np.c_[x[rows] + t[0], y[rows] + t[1]], distance_upper_bound=POOL_TOL * spacing)
+        return np.where(np.isfinite(d), pool[np.minimum(j, pool.size - 1)], -1)
+
+    keep = []
+    for t in cand:
+        j = partners(t, idx, tree, idx)
+        hit = j >= 0
+        n = int(hit.sum())
+        if n < MIN_LATTICE_ANCHORS:
+            continue
+        share = float(np.median(np.sum((fs[idx[hit]] - fs[j[hit]]) ** 2, axis=1))) / total
+        if share <= POOL_MAX_SHARE and (1.0 - share) * np.sqrt(n / POOL_MEDIAN_VAR) >= POOL_Z:
+            keep.append(t)
+    if not keep:
+        return None, {**info, "reason": "no translation keeps the classes"}
+    kept = np.array(keep)
+    kept = np.r_[kept, -kept]  # both ways, once each
+    kept = kept[np.sort(np.unique(np.rint(kept / (0.2 * spacing)).astype(np.int64), axis=0, return_index=True)[1])]
+
+    def pooled_features(rows, tree_, pool):
+        acc = np.where(use[rows, None], fs[rows], 0.0)
+        cnt = use[rows].astype(np.float64)
+        for t in kept:
+            j = partners(t, rows, tree_, pool)
+            hit = j >= 0
+            acc[hit] += fs[j[hit]]
+            cnt[hit] += 1.0
+        return acc / np.maximum(cnt, 1.0)[:, None], cnt
+
+    g, _ = pooled_features(idx, tree, idx)
+    lab = classify_columns(g)
+    k_old = int(cls[cls >= 0].max()) + 1 if np.any(cls >= 0) else 0
+    k_new = int(lab.max()) + 1
+    info["translations"] = int(kept.shape[0])
+    if k_new <= k_old:
+        return None, {**info, "reason": "no more classes"}
+    old = cls[idx]
+    home = np.full(k_new, -1, dtype=np.int64)  # the class of ``cls`` each pooled class lies within
+    for c in range(k_new):
+        m = lab == c
+        counts = np.bincount(old[m & (old >= 0)], minlength=max(k_old, 1))
+        if counts.sum() == 0 or counts.max() < POOL_NESTED * m.sum():
+            return None, {**info, "reason": "across the classes"}
+        home[c] = int(counts.argmax())
+    for a in range(k_new):
+        for b in range(k_new):
+            if a == b or home[a] != home[b]:
+                continue
+            other = cKDTree(np.c_[x[idx[lab == b]], y[idx[lab == b]]])
+            near = other.query(np.c_[x[idx[lab == a]], y[idx[lab == a]]], distance_upper_bound=POOL_MIX_REACH * spacing)[0]
+            if np.mean(np.isfinite(near)) < POOL_MIXED:
+                return None, {**info, "reason": "classes apart"}
+    # every column: its pooled features (partners among all usable columns), classed by the same mixture
+    rows = np.arange(x.size)[np.isfinite(x) & np.isfinite(y)]
+    pool_all = np.flatnonzero(use)
+    g_all = np.zeros((x.size, f.shape[1]))
+    cnt_all = np.zeros(x.size)
+    g_all[rows], cnt_all[rows] = pooled_features(rows, cKDTree(np.c_[x[pool_all], y[pool_all]]), pool_all)
+    fit_mask = np.zeros(x.size, dtype=bool)
+    fit_mask[idx] = True
+    out = classify_columns(g_all, fit_mask=fit_mask)
+    if int(out.max()) + 1 != k_new:
+        return None, {**info, "reason": "no more classes"}
+    # a column with no usable partner and no usable features of its own keeps its class, mapped
+    new_of_old = np.zeros(max(k_old, 1), dtype=np.int64)
+    for c in range(k_old):
+        m = (cls == c) & (cnt_all > 0)
+        new_of_old[c] = int(np.bincount(out[m], minlength=k_new).argmax()) if m.any() else 0
+    out = np.where(cnt_all > 0, out, np.where(cls >= 0, new_of_old[np.maximum(cls, 0)], out))
+    out = _own_where_sure(f, use, out, k_new)
+    info.update(applied=True, partners=float(np.mean(cnt_all[use]) - 1.0), n_classes=k_new)
+    return out, info
+
+
+def _own_where_sure(f: np.ndarray, use: np.ndarray, lab: np.ndarray, k: int) -> np.ndarray:
+    """``lab`` with each usable column moved to the class its own features ``f`` give (a Gaussian per class
+    from its usable columns' own features, less those beyond ``CLASS_OUTLIER`` of it, priors their
+    shares) where that class's posterior is at least ``POOL_OWN``; a column beyond ``CLASS_OUTLIER``
+    of every class and brighter (dimmer) in peak than the brightest (dimmest) class's median takes
+    that class (a dopant far brighter than every class; an odd fit between two classes stays with
+    its site's)."""
+    m = f.shape[1]
+    logp = np.full((f.shape[0], k), -np.inf)
+    far = np.full((f.shape[0], k), np.inf)
+    for c in range(k):
+        fc = f[use & (lab == c)]
+        for _ in range(2):  # the class's centre and spread without its outliers (the dopants themselves)
+            if fc.shape[0] <= m + 1:
+                return lab
+            centre = fc.mean(axis=0)
+            cov = np.atleast_2d(np.cov(fc.T)) + 1e-9 * np.eye(m)
+            d = fc - centre
+            fc = fc[np.einsum("ij,ij->i", d, np.linalg.solve(cov, d.T).T) <= CLASS_OUTLIER]
+        d = f - centre
+        far[:, c] = maha = np.einsum("ij,ij->i", d, np.linalg.solve(cov, d.T).T)
+        logp[:, c] = -0.5 * maha - 0.5 * np.linalg.slogdet(cov)[1] + np.log(fc.shape[0])
+    logp -= logp.max(axis=1, keepdims=True)
+    post = np.exp(logp) / np.exp(logp).sum(axis=1, keepdims=True)
+    best = post.argmax(axis=1)
+    # beyond every class, and beyond the brightest (dimmest) class's centre in peak: that class
+    first = np.array([np.median(f[use & (lab == c), 0]) for c in range(k)])
+    outlier = far.min(axis=1) > CLASS_OUTLIER
+    beyond = np.where(f[:, 0] > first.max(), np.argmax(first), np.where(f[:, 0] < first.min(), np.argmin(first), -1))
+    best = np.where(outlier & (beyond >= 0), beyond, best)
+    sure = use & ((post.max(axis=1) >= POOL_OWN) | (outlier & (beyond >= 0))) & (best != lab)
+    return np.where(sure, best, lab)
 
 def _outlying(f: np.ndarray, cls: np.ndarray, inner: np.ndarray) -> np.ndarray:
     """Whether each row lies farther than ``CLASS_OUTLIER`` (squared Mahalanobis distance) from the centre of

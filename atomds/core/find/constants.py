@@ -167,6 +167,39 @@ SITE_CHECK_MAX = 5000
 #: simple lattices share 0.95 and more, the adatoms of a Si(111) 7x7 STM image (a dozen offsets per
 #: cell) about 0.5, a class of amorphous rim blobs none.
 CLASS_ON_SITES = 0.25
+#: Classes pooled over a sublattice (:func:`~atomds.core.find.classes.pooled_classes`): two species a
+#: few percent apart in intensity overlap column by column (sweep images of master seed 2026: 14 of 83
+#: multi-species images gave one class or merged two, ARI 0-0.58), but a translation of their ordered
+#: lattice maps each column onto its own species. Translations up to this many spacings are tried
+#: (the lattice's own and sums of two, which reach the cells of species ordered along rows) ...
+POOL_REACH = 3.6
+#: ... a partner lies within this many spacings of ``p + t`` ...
+POOL_TOL = 0.25
+#: ... and a translation keeps the species where its pairs' features differ by at most this share of
+#: what random pairs of columns differ by (the median squared difference of the robustly
+#: standardised features: about 1 for noise alone, less where part of the spread is the species'),
+#: by at least ``POOL_Z`` of its sampling error (``sqrt(POOL_MEDIAN_VAR / pairs)``: the relative
+#: variance of the median of a chi-square with two degrees of freedom, 1 / (n ln(2)^2) for an
+#: exponential, about twice the mean's), over at least ``MIN_LATTICE_ANCHORS`` pairs
+POOL_MAX_SHARE = 0.9
+POOL_Z = 4.0
+POOL_MEDIAN_VAR = 2.08
+#: These are judged on the usable columns nearest the middle of the columns, at most this many (a
+#: compact patch: pairs need both ends); the pooled features of every column only where a split stands
+POOL_SAMPLE = 3000
+#: A pooled class is new only within one class of the columns' own (at least this share of it there),
+#: and its columns lie among those of the others it was split from: at least ``POOL_MIXED`` of each
+#: have one of the other within ``POOL_MIX_REACH`` spacings (species ordered on sites are intermixed
+#: at that range, 0.91-1.0 on the sweep's images; a part of the image that reads a few percent
+#: brighter is not: 0.28-0.69 on sweep image 1844663748, one species on two kinds of site split by
+#: region)
+POOL_NESTED = 0.9
+POOL_MIXED = 0.8
+POOL_MIX_REACH = 2.0
+#: A column whose own features place it in another pooled class with at least this posterior keeps
+#: that class (a dopant on a site of a dimmer species): about a 5-sigma excursion between classes
+#: 1.6 sigma apart
+POOL_OWN = 0.999
 
 # --- local contrast ----------------------------------------------------------------------------
 #: The background under the columns is removed before finding when its standard deviation over
