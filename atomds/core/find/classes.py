@@ -24,6 +24,7 @@ from .constants import (
     CLASS_OUTLIER,
     MIN_FITTED,
     MIN_LATTICE_ANCHORS,
+    POOL_CONSISTENT,
     POOL_MAX_SHARE,
     POOL_MEDIAN_VAR,
     POOL_MIX_REACH,
@@ -275,6 +276,7 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
                 and fisher_separation(fg[inner], cg[inner]) > fisher_separation(f[inner], cls[inner])):
             f, cls, prob, info["reference"] = fg, cg, pg, "image-wide"
     info.update(applied=True, n_classes=int(cls.max()) + 1, border="mixture")
+    mixture, sure_mix = cls.copy(), prob >= CLASS_CONFIDENT
     ny, nx = shape
     xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     # columns the fit could not class: invalid fits and centres beyond the image's edge
@@ -299,7 +301,7 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
                 # (the template also sees their surroundings): the earlier classes stand
                 cls = np.where(voted >= 0, voted, np.where(mapped >= 0, mapped, cls))
                 info.update(border="earlier classes", earlier_kept=True, n_doubtful=0)
-                return _with_pooled(cls, info, xa, ya, f, inner, spacing)
+                return _with_pooled(cls, info, xa, ya, f, inner, spacing, sure_mix & (cls == mixture))
             if same:
                 # the same classes as wholes: the earlier class (e.g. the template's, which sees the
                 # column's surroundings) also decides the columns the fit classes doubtfully, those
@@ -312,13 +314,14 @@ def fitted_classes(x, y, amplitude, width, fit_ok, shape: tuple[int, int], spaci
             cls = np.where(voted >= 0, voted, cls)
             info["border"] = "earlier classes"
             info["n_doubtful"] = int(np.count_nonzero(doubt & ~outer))
-    return _with_pooled(cls, info, xa, ya, f, inner, spacing)
+    return _with_pooled(cls, info, xa, ya, f, inner, spacing, sure_mix & (cls == mixture))
 
 
-def _with_pooled(cls: np.ndarray, info: dict[str, Any], x, y, f, use, spacing: float) -> tuple[np.ndarray, dict[str, Any]]:
-    """``cls`` split further where the classes pooled over the sublattices hold more (:func:`pooled_classes`;
-    ``info["pooled"]`` records it)."""
-    pooled, record = pooled_classes(x, y, f, use, spacing, cls)
+def _with_pooled(cls: np.ndarray, info: dict[str, Any], x, y, f, use, spacing: float,
+                 sure: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """``cls`` split further, or settled where the columns' own features leave it unsure (``sure`` False), by
+    the classes pooled over the sublattices (:func:`pooled_classes`; ``info["pooled"]`` records it)."""
+    pooled, record = pooled_classes(x, y, f, use, spacing, cls, sure=sure)
     info["pooled"] = record
     if pooled is not None:
         cls = pooled
@@ -405,9 +408,10 @@ def site_vote(x, y, cls: np.ndarray, alt: np.ndarray, ok: np.ndarray, spacing: f
     return out
 
 
-def pooled_classes(x, y, f, use, spacing: float, cls: np.ndarray) -> tuple[np.ndarray | None, dict[str, Any]]:
+def pooled_classes(x, y, f, use, spacing: float, cls: np.ndarray,
+                   sure: np.ndarray | None = None) -> tuple[np.ndarray | None, dict[str, Any]]:
     """Classes of columns from their features averaged over the columns a translation maps them onto,
-    where those hold more classes than ``cls``; None where they do not.
+    where those hold more classes than ``cls``, or as many, one for one; None where they do not.
 
     Two species a few percent apart in peak and volume overlap column by column, and a mixture of
     the columns' own features reads them as one class (sweep images with species at 0.79-0.93 of
@@ -424,11 +428,17 @@ def pooled_classes(x, y, f, use, spacing: float, cls: np.ndarray) -> tuple[np.nd
     the species (and its opposite), which divides the noise by the square root of their number,
     and classed by :func:`classify_columns`.
 
-    The pooled classes stand only where they are more than ``cls``'s, each lies within one class of
-    ``cls`` (``POOL_NESTED``), and the classes split from one lie among each other
+    The mixture is fitted to the columns with at least half the median number of partners (a
+    column with few keeps much of its own noise). The pooled classes stand only where each lies
+    within one class of ``cls`` (``POOL_NESTED``), each is a sublattice (``POOL_CONSISTENT`` of
+    its columns' partners are of its class), and classes split from one lie among each other
     (``POOL_MIXED`` of each class's columns have one of the other within ``POOL_MIX_REACH``
     spacings): species ordered on sites are intermixed, a region that reads a little brighter is
-    not. A column whose own features place it in another pooled class with a posterior of at least
+    not. Where they are more classes than ``cls``'s, every column takes its pooled class; where as
+    many, one for one, only the columns whose own class is not ``sure`` (the own mixture's
+    posterior below ``CLASS_CONFIDENT``) do, so that a column its own intensity settles (on either
+    side of an antiphase boundary, where a translation maps one species onto the other) keeps its
+    class. A column whose own features place it in another pooled class with a posterior of at least
     ``POOL_OWN`` (a Gaussian per class, from the own features of its columns), or that is an outlier
     of every class (``CLASS_OUTLIER``) beyond the brightest or dimmest, takes that class: a dopant
     is not voted into the species of its site. An alloy (no order) has no translation that
@@ -449,6 +459,9 @@ def pooled_classes(x, y, f, use, spacing: float, cls: np.ndarray) -> tuple[np.nd
         Nearest-column distance, px.
     cls : int array (n,)
         The classes of the columns' own features (0 = brightest).
+    sure : bool array (n,), optional
+        Columns whose own class is sure (where the pooled classes are as many as ``cls``'s, only
+        the others take theirs); None: none is.
 
     Returns
     -------
@@ -459,7 +472,7 @@ def pooled_classes(x, y, f, use, spacing: float, cls: np.ndarray) -> tuple[np.nd
         ``partners`` (their mean number per column) and ``n_classes`` where the pooled classes
         stand; else ``reason``: "too few columns", "no lattice", "no translation keeps the
         classes", "no more classes", "across the classes" (not nested) or "classes apart" (not
-        intermixed).
+        intermixed) or "not sublattices" (``POOL_CONSISTENT``).
     """
     from scipy.spatial import cKDTree
 
@@ -518,28 +531,44 @@ def pooled_classes(x, y, f, use, spacing: float, cls: np.ndarray) -> tuple[np.nd
     def pooled_features(rows, tree_, pool):
         acc = np.where(use[rows, None], fs[rows], 0.0)
         cnt = use[rows].astype(np.float64)
-        for t in kept:
+        mates = np.full((rows.size, kept.shape[0]), -1, dtype=np.int64)
+        for q, t in enumerate(kept):
             j = partners(t, rows, tree_, pool)
             hit = j >= 0
             acc[hit] += fs[j[hit]]
             cnt[hit] += 1.0
-        return acc / np.maximum(cnt, 1.0)[:, None], cnt
+            mates[:, q] = j
+        return acc / np.maximum(cnt, 1.0)[:, None], cnt, mates
 
-    g, _ = pooled_features(idx, tree, idx)
-    lab = classify_columns(g)
+    g, cnt_s, mates_s = pooled_features(idx, tree, idx)
+    rich = cnt_s >= 0.5 * np.median(cnt_s)  # columns with few partners keep much of their own noise
+    lab = classify_columns(g, fit_mask=rich)
     k_old = int(cls[cls >= 0].max()) + 1 if np.any(cls >= 0) else 0
     k_new = int(lab.max()) + 1
     info["translations"] = int(kept.shape[0])
-    if k_new <= k_old:
+    if k_new < k_old or k_new == 1:
         return None, {**info, "reason": "no more classes"}
     old = cls[idx]
     home = np.full(k_new, -1, dtype=np.int64)  # the class of ``cls`` each pooled class lies within
     for c in range(k_new):
-        m = lab == c
+        m = (lab == c) & rich
         counts = np.bincount(old[m & (old >= 0)], minlength=max(k_old, 1))
         if counts.sum() == 0 or counts.max() < POOL_NESTED * m.sum():
             return None, {**info, "reason": "across the classes"}
         home[c] = int(counts.argmax())
+    if k_new == k_old and np.unique(home).size < k_new:
+        return None, {**info, "reason": "across the classes"}
+    # each class a sublattice: its columns' partners are of its class
+    pos = {int(i): q for q, i in enumerate(idx)}
+    for c in range(k_new):
+        m = np.flatnonzero((lab == c) & rich)
+        mt = mates_s[m]
+        hit = mt >= 0
+        if hit.sum() == 0:
+            return None, {**info, "reason": "not sublattices"}
+        same = lab[np.array([pos[int(j)] for j in mt[hit]])] == c
+        if same.mean() < POOL_CONSISTENT:
+            return None, {**info, "reason": "not sublattices"}
     for a in range(k_new):
         for b in range(k_new):
             if a == b or home[a] != home[b]:
@@ -553,9 +582,9 @@ def pooled_classes(x, y, f, use, spacing: float, cls: np.ndarray) -> tuple[np.nd
     pool_all = np.flatnonzero(use)
     g_all = np.zeros((x.size, f.shape[1]))
     cnt_all = np.zeros(x.size)
-    g_all[rows], cnt_all[rows] = pooled_features(rows, cKDTree(np.c_[x[pool_all], y[pool_all]]), pool_all)
+    g_all[rows], cnt_all[rows], _ = pooled_features(rows, cKDTree(np.c_[x[pool_all], y[pool_all]]), pool_all)
     fit_mask = np.zeros(x.size, dtype=bool)
-    fit_mask[idx] = True
+    fit_mask[idx[rich]] = True
     out = classify_columns(g_all, fit_mask=fit_mask)
     if int(out.max()) + 1 != k_new:
         return None, {**info, "reason": "no more classes"}
@@ -566,6 +595,14 @@ def pooled_classes(x, y, f, use, spacing: float, cls: np.ndarray) -> tuple[np.nd
         new_of_old[c] = int(np.bincount(out[m], minlength=k_new).argmax()) if m.any() else 0
     out = np.where(cnt_all > 0, out, np.where(cls >= 0, new_of_old[np.maximum(cls, 0)], out))
     out = _own_where_sure(f, use, out, k_new)
+    if k_new == k_old:  # as many classes: the pooled class only where the column's own is unsure
+        inverse = np.empty(k_new, dtype=np.int64)
+        inverse[home] = np.arange(k_new)
+        keep_own = (np.zeros(x.size, dtype=bool) if sure is None else np.asarray(sure, dtype=bool)) & (cls >= 0)
+        out = np.where(keep_own, inverse[np.maximum(cls, 0)], out)
+        # numbered as ``cls`` (0 = brightest by the columns' own features)
+        out = home[out]
+        info["n_settled"] = int(np.count_nonzero(out != cls))
     info.update(applied=True, partners=float(np.mean(cnt_all[use]) - 1.0), n_classes=k_new)
     return out, info
 

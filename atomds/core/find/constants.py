@@ -195,6 +195,10 @@ POOL_SAMPLE = 3000
 #: region)
 POOL_NESTED = 0.9
 POOL_MIXED = 0.8
+#: ... and each pooled class is a sublattice: at least this share of its columns' partners (at the
+#: translations that keep the classes) are of its class (a class of odd columns scattered over the
+#: sites, e.g. dumbbells found merged among resolved ones, is not)
+POOL_CONSISTENT = 0.8
 POOL_MIX_REACH = 2.0
 #: A column whose own features place it in another pooled class with at least this posterior keeps
 #: that class (a dopant on a site of a dimmer species): about a 5-sigma excursion between classes
