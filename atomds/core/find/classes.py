@@ -333,6 +333,20 @@ def _with_pooled(cls: np.ndarray, info: dict[str, Any], x, y, f, use, spacing: f
     return cls, info
 
 
+def _at_translations(tree, pool: np.ndarray, x, y, rows: np.ndarray, t: np.ndarray, tol: float) -> np.ndarray:
+    """The columns of ``pool`` (the indices ``tree`` was built on) within ``tol`` px of ``p + t`` for the columns
+    ``rows`` and each translation of ``t`` (k, 2) px, in one query: (len(rows), k) indices, -1 where none."""
+    t = np.atleast_2d(np.asarray(t, dtype=np.float64))
+    probe = np.c_[x[rows], y[rows]][:, None, :] + t[None, :, :]
+    d, j = tree.query(probe.reshape(-1, 2), distance_upper_bound=tol)
+    return np.where(np.isfinite(d), pool[np.minimum(j, pool.size - 1)], -1).reshape(rows.size, t.shape[0])
+
+
+def _mahalanobis(d: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distances of the rows of ``d`` (n, m) under ``cov`` (m, m)."""
+    return np.einsum("ij,ij->i", d, np.linalg.solve(cov, d.T).T)
+
+
 def site_vote(x, y, cls: np.ndarray, alt: np.ndarray, ok: np.ndarray, spacing: float) -> np.ndarray:
     """The class of the columns on which ``cls`` and ``alt`` (two classings, one label set) disagree, as their
     own sublattice holds it; -1 where it cannot say (and on the columns they agree on).
@@ -379,10 +393,8 @@ def site_vote(x, y, cls: np.ndarray, alt: np.ndarray, ok: np.ndarray, spacing: f
     known = np.where((cls == alt) & (cls >= 0) & ok, cls, -1)
 
     def partners(rows):  # the columns at p + T of the columns ``rows``: (len(rows), k) indices, hit mask
-        probe = np.c_[x[rows], y[rows]][:, None, :] + t[None, :, :]
-        d, jj = tree.query(probe.reshape(-1, 2), distance_upper_bound=SITE_TOL * spacing)
-        hit_ = np.isfinite(d).reshape(rows.size, t.shape[0])
-        return np.where(hit_, idx[np.minimum(jj, idx.size - 1)].reshape(rows.size, t.shape[0]), 0), hit_
+        jj = _at_translations(tree, idx, x, y, rows, t, SITE_TOL * spacing)
+        return np.maximum(jj, 0), jj >= 0
 
     # only where the classes are sublattices: the columns both classings agree on have their own class at
     # p + T (an alloy or a dopant on one site, or thickness classes, would be voted into the majority)
@@ -485,9 +497,11 @@ def pooled_classes(x, y, f, use, spacing: float, cls: np.ndarray,
     info: dict[str, Any] = {"applied": False}
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     f = np.asarray(f, dtype=np.float64)
+    if f.shape[0] != x.size:
+        raise ValueError(f"pooled_classes: {f.shape[0]} rows of features for {x.size} columns")
     use = np.asarray(use, dtype=bool) & np.all(np.isfinite(f), axis=1) & np.isfinite(x) & np.isfinite(y)
     idx = np.flatnonzero(use)
-    if idx.size < max(MIN_FITTED, MIN_LATTICE_ANCHORS) or f.shape[0] != x.size:
+    if idx.size < max(MIN_FITTED, MIN_LATTICE_ANCHORS):
         return None, {**info, "reason": "too few columns"}
     # a compact patch of the usable columns (pairs need both ends in it)
     if idx.size > POOL_SAMPLE:
@@ -511,14 +525,9 @@ def pooled_classes(x, y, f, use, spacing: float, cls: np.ndarray,
     shuffled = np.random.default_rng(0).permuted(np.tile(idx, (4, 1)), axis=1).ravel()
     total = float(np.median(np.sum((fs[np.tile(idx, 4)] - fs[shuffled]) ** 2, axis=1)))
     tree = cKDTree(np.c_[x[idx], y[idx]])
-
-    def partners(t, rows, tree_, pool):  # the columns of ``pool`` at p + t of the columns ``rows``, or -1
-        d, j = tree_.query(np.c_[x[rows] + t[0], y[rows] + t[1]], distance_upper_bound=POOL_TOL * spacing)
-        return np.where(np.isfinite(d), pool[np.minimum(j, pool.size - 1)], -1)
-
+    tol = POOL_TOL * spacing
     keep = []
-    for t in cand:
-        j = partners(t, idx, tree, idx)
+    for t, j in zip(cand, _at_translations(tree, idx, x, y, idx, cand, tol).T):
         hit = j >= 0
         n = int(hit.sum())
         if n < MIN_LATTICE_ANCHORS:
@@ -532,16 +541,13 @@ def pooled_classes(x, y, f, use, spacing: float, cls: np.ndarray,
     kept = np.r_[kept, -kept]  # both ways, once each
     kept = kept[np.sort(np.unique(np.rint(kept / (0.2 * spacing)).astype(np.int64), axis=0, return_index=True)[1])]
 
-    def pooled_features(rows, tree_, pool):
+    def pooled_features(rows, tree_, pool):  # mean features over each column and its partners, their count
+        mates = _at_translations(tree_, pool, x, y, rows, kept, tol)
         acc = np.where(use[rows, None], fs[rows], 0.0)
-        cnt = use[rows].astype(np.float64)
-        mates = np.full((rows.size, kept.shape[0]), -1, dtype=np.int64)
-        for q, t in enumerate(kept):
-            j = partners(t, rows, tree_, pool)
+        cnt = use[rows] + (mates >= 0).sum(axis=1).astype(np.float64)
+        for j in mates.T:  # a few dozen translations
             hit = j >= 0
             acc[hit] += fs[j[hit]]
-            cnt[hit] += 1.0
-            mates[:, q] = j
         return acc / np.maximum(cnt, 1.0)[:, None], cnt, mates
 
     g, cnt_s, mates_s = pooled_features(idx, tree, idx)
@@ -563,15 +569,13 @@ def pooled_classes(x, y, f, use, spacing: float, cls: np.ndarray,
     if k_new == k_old and np.unique(home).size < k_new:
         return None, {**info, "reason": "across the classes"}
     # each class a sublattice: its columns' partners are of its class
-    pos = {int(i): q for q, i in enumerate(idx)}
+    row_of = np.full(x.size, -1, dtype=np.int64)
+    row_of[idx] = np.arange(idx.size)
+    mate_lab = np.where(mates_s >= 0, lab[row_of[np.maximum(mates_s, 0)]], -1)
     for c in range(k_new):
-        m = np.flatnonzero((lab == c) & rich)
-        mt = mates_s[m]
-        hit = mt >= 0
-        if hit.sum() == 0:
-            return None, {**info, "reason": "not sublattices"}
-        same = lab[np.array([pos[int(j)] for j in mt[hit]])] == c
-        if same.mean() < POOL_CONSISTENT:
+        ml = mate_lab[(lab == c) & rich]
+        hit = ml >= 0
+        if hit.sum() == 0 or np.mean(ml[hit] == c) < POOL_CONSISTENT:
             return None, {**info, "reason": "not sublattices"}
     for a in range(k_new):
         for b in range(k_new):
@@ -628,10 +632,8 @@ def _own_where_sure(f: np.ndarray, use: np.ndarray, lab: np.ndarray, k: int) -> 
                 return lab
             centre = fc.mean(axis=0)
             cov = np.atleast_2d(np.cov(fc.T)) + 1e-9 * np.eye(m)
-            d = fc - centre
-            fc = fc[np.einsum("ij,ij->i", d, np.linalg.solve(cov, d.T).T) <= CLASS_OUTLIER]
-        d = f - centre
-        far[:, c] = maha = np.einsum("ij,ij->i", d, np.linalg.solve(cov, d.T).T)
+            fc = fc[_mahalanobis(fc - centre, cov) <= CLASS_OUTLIER]
+        far[:, c] = maha = _mahalanobis(f - centre, cov)
         logp[:, c] = -0.5 * maha - 0.5 * np.linalg.slogdet(cov)[1] + np.log(fc.shape[0])
     logp -= logp.max(axis=1, keepdims=True)
     post = np.exp(logp) / np.exp(logp).sum(axis=1, keepdims=True)
@@ -654,8 +656,7 @@ def _outlying(f: np.ndarray, cls: np.ndarray, inner: np.ndarray) -> np.ndarray:
         if len(fc) <= f.shape[1] + 1:
             continue
         cov = np.atleast_2d(np.cov(fc.T)) + 1e-12 * np.eye(f.shape[1])
-        d = f[m] - fc.mean(0)
-        out[m] = np.einsum("ij,ij->i", d, np.linalg.solve(cov, d.T).T) > CLASS_OUTLIER
+        out[m] = _mahalanobis(f[m] - fc.mean(0), cov) > CLASS_OUTLIER
     return out
 
 

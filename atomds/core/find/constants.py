@@ -171,35 +171,41 @@ CLASS_ON_SITES = 0.25
 #: few percent apart in intensity overlap column by column (sweep images of master seed 2026: 14 of 83
 #: multi-species images gave one class or merged two, ARI 0-0.58), but a translation of their ordered
 #: lattice maps each column onto its own species. Translations up to this many spacings are tried
-#: (the lattice's own and sums of two, which reach the cells of species ordered along rows) ...
+#: (the lattice's own and sums of two, which reach the cells of species ordered along rows: three
+#: species in turn need translations of three spacings; a choice, not a measurement) ...
 POOL_REACH = 3.6
-#: ... a partner lies within this many spacings of ``p + t`` ...
+#: ... a partner lies within this many spacings of ``p + t`` (a choice: room for scan jitter and
+#: strain; SITE_TOL, 0.15, is for a lattice's own translations over shorter reach) ...
 POOL_TOL = 0.25
 #: ... and a translation keeps the species where its pairs' features differ by at most this share of
 #: what random pairs of columns differ by (the median squared difference of the robustly
 #: standardised features: about 1 for noise alone, less where part of the spread is the species'),
 #: by at least ``POOL_Z`` of its sampling error (``sqrt(POOL_MEDIAN_VAR / pairs)``: the relative
 #: variance of the median of a chi-square with two degrees of freedom, 1 / (n ln(2)^2) for an
-#: exponential, about twice the mean's), over at least ``MIN_LATTICE_ANCHORS`` pairs
+#: exponential, about twice the mean's), over at least ``MIN_LATTICE_ANCHORS`` pairs. POOL_MAX_SHARE
+#: was 0.7 first and raised to 0.9 for the unit test's checkerboard of 1 : 0.93 at 5 % noise (shares
+#: about 0.75): set on generated images; the significance test (POOL_Z) is what refuses noise
 POOL_MAX_SHARE = 0.9
 POOL_Z = 4.0
 POOL_MEDIAN_VAR = 2.08
 #: These are judged on the usable columns nearest the middle of the columns, at most this many (a
 #: compact patch: pairs need both ends); the pooled features of every column only where a split stands
+#: (a choice for speed: about 80 ms on 86,800 columns where nothing is pooled)
 POOL_SAMPLE = 3000
 #: A pooled class is new only within one class of the columns' own (at least this share of it there),
 #: and its columns lie among those of the others it was split from: at least ``POOL_MIXED`` of each
 #: have one of the other within ``POOL_MIX_REACH`` spacings (species ordered on sites are intermixed
 #: at that range, 0.91-1.0 on the sweep's images; a part of the image that reads a few percent
 #: brighter is not: 0.28-0.69 on sweep image 1844663748, one species on two kinds of site split by
-#: region)
+#: region). Both from the sweep's generated images.
 POOL_NESTED = 0.9
 POOL_MIXED = 0.8
+POOL_MIX_REACH = 2.0
 #: ... and each pooled class is a sublattice: at least this share of its columns' partners (at the
 #: translations that keep the classes) are of its class (a class of odd columns scattered over the
-#: sites, e.g. dumbbells found merged among resolved ones, is not)
+#: sites, e.g. a review's dumbbells found merged among resolved ones, is not). Set at 0.8 like
+#: POOL_MIXED, not measured over many images
 POOL_CONSISTENT = 0.8
-POOL_MIX_REACH = 2.0
 #: A column whose own features place it in another pooled class with at least this posterior keeps
 #: that class (a dopant on a site of a dimmer species): about a 5-sigma excursion between classes
 #: 1.6 sigma apart
